@@ -1,0 +1,96 @@
+"""Server configuration: a dataclass read from a TOML file, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration file or flag is wrong; the message names the key and the file."""
+
+
+@dataclass
+class ServerConfig:
+    """Everything `featureserve serve` needs; defaults are the embedded single-machine setup."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: Path = Path("data")
+    model_repo: Path = Path("models")
+    metrics_port: int = 0
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+    max_concurrent_rpcs: int = 0
+    lmdb_map_bytes: int = 1 << 30
+    max_entities_per_request: int = 100_000
+    max_clock_skew_seconds: int = 300
+    watch_model_repo: bool = True
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        """host:port to bind."""
+        return f"{self.host}:{self.port}"
+
+
+_PATH_KEYS = {"data_dir", "model_repo"}
+_SECTIONS = ("store", "models", "auth", "tls", "pipeline")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Convert a TOML or flag value to the field's type, naming the key on failure."""
+    template = ServerConfig.__dataclass_fields__[name].default
+    if name in _PATH_KEYS:
+        return Path(value)
+    expected = type(template)
+    if expected is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{source}: key '{name}' must be {expected.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:
+    """Read `path` (a TOML file whose top-level keys are ServerConfig fields) and apply overrides.
+
+    Unknown keys are an error naming the key and the file, so a typo never silently
+    falls back to a default.
+    """
+    values: dict[str, Any] = {}
+    extra: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        server_keys = raw.pop("server", {})
+        if not isinstance(server_keys, dict):
+            raise ConfigError(f"{source}: [server] must be a table")
+        for section in _SECTIONS:
+            if section in raw:
+                extra[section] = raw.pop(section)
+        for key in raw:
+            if key not in ServerConfig.__dataclass_fields__ or key == "extra":
+                raise ConfigError(f"{source}: unknown key '{key}'")
+        raw.update(server_keys)
+        for key, value in raw.items():
+            if key not in ServerConfig.__dataclass_fields__ or key == "extra":
+                raise ConfigError(f"{source}: unknown key '{key}'")
+            values[key] = _coerce(key, value, source)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value, "command line")
+    config = dataclasses.replace(ServerConfig(), **values)
+    config.extra = extra
+    return config

@@ -15,27 +15,26 @@ from pathlib import Path
 
 from grpc_tools import protoc
 
-PROTOS = Path(__file__).resolve().parent
-ROOT = PROTOS.parent
+ROOT = Path(__file__).resolve().parent.parent
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
-def proto_files() -> list[Path]:
-    """Every .proto file of the project, sorted for a deterministic run."""
-    return sorted(PROTOS.rglob("*.proto"))
+def proto_files(root: Path = ROOT) -> list[Path]:
+    """Every .proto file under root/protos, sorted for a deterministic run."""
+    return sorted((root / "protos").rglob("*.proto"))
 
 
-def generate(out_dir: Path) -> None:
-    """Compile every .proto into out_dir, mirroring the protos/ tree."""
+def generate(out_dir: Path, root: Path = ROOT) -> None:
+    """Compile every .proto under root/protos into out_dir, mirroring the protos/ tree."""
     include = str(Path(protoc.__file__).resolve().parent / "_proto")
     args = [
         "grpc_tools.protoc",
-        f"-I{ROOT}",
+        f"-I{root}",
         f"-I{include}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        *(str(p.relative_to(ROOT)) for p in proto_files()),
+        *(str(p.relative_to(root)) for p in proto_files(root)),
     ]
     code = protoc.main(args)
     if code != 0:
@@ -51,17 +50,19 @@ def generated_files(base: Path) -> dict[str, Path]:
     return found
 
 
-def stale_files() -> list[str]:
-    """Paths whose committed generated code differs from a fresh generation."""
+def stale_files(root: Path = ROOT) -> list[str]:
+    """Paths whose committed generated code under root differs from a fresh generation."""
     with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp))
+        generate(Path(tmp), root)
         fresh = generated_files(Path(tmp))
-        committed = generated_files(ROOT)
+        committed = generated_files(root)
         names = sorted(set(fresh) | set(committed))
         return [
             n
             for n in names
-            if n not in fresh or n not in committed or not filecmp.cmp(fresh[n], committed[n], False)
+            if n not in fresh
+            or n not in committed
+            or not filecmp.cmp(fresh[n], committed[n], False)
         ]
 
 

@@ -1,1 +1,1 @@
-"""The featureserve gRPC server: composes the feature store, the model repository and the batcher."""
+"""The featureserve gRPC server: composes the feature store, models and batcher."""

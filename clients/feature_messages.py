@@ -1,0 +1,139 @@
+"""Build FeatureStore requests from NumPy and read responses back into NumPy.
+
+The sync and asyncio clients differ only in how they send; everything else is here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protos import arrays
+from protos.featureserve.v1 import feature_store_pb2 as pb
+from protos.featureserve.v1 import types_pb2
+
+POLICIES = {"reject_batch": pb.REJECT_BATCH, "skip_bad_rows": pb.SKIP_BAD_ROWS}
+
+
+@dataclass
+class OnlineFeatures:
+    """Features of many entities: columns keyed "view:feature", in request order of entities."""
+
+    rows: int
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    statuses: dict[str, np.ndarray] = field(default_factory=dict)
+    event_timestamps: dict[str, np.ndarray] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.values[name]
+
+    def matrix(self, names: list[str], dtype: type = np.float32) -> np.ndarray:
+        """The named columns side by side as one rows x len(names) array."""
+        return np.column_stack([self.values[n].astype(dtype, copy=False) for n in names])
+
+
+@dataclass
+class WriteSummary:
+    """Counts of a write: rows written, stale (an equal or newer event was stored), rejected."""
+
+    written: int
+    stale: int
+    rejected: int
+    errors: list[types_pb2.RowError] = field(default_factory=list)
+
+    def __add__(self, other: WriteSummary) -> WriteSummary:
+        return WriteSummary(
+            self.written + other.written,
+            self.stale + other.stale,
+            self.rejected + other.rejected,
+            self.errors + other.errors,
+        )
+
+
+def _column(values: object) -> np.ndarray:
+    arr = values if isinstance(values, np.ndarray) else np.asarray(values)
+    if arr.dtype.kind == "U":
+        arr = arr.astype(object)
+    return arr
+
+
+def key_columns(keys: Mapping[str, object]) -> list[types_pb2.NamedArray]:
+    """Entity key columns as NamedArrays (int64 or string)."""
+    return [
+        types_pb2.NamedArray(name=name, values=arrays.to_array(_column(values)))
+        for name, values in keys.items()
+    ]
+
+
+def event_times_us(event_time: object, rows: int) -> np.ndarray:
+    """Event times as int64 µs since the epoch from ints (µs), datetime64 or one scalar."""
+    arr = np.asarray(event_time)
+    if arr.dtype.kind == "M":
+        arr = arr.astype("datetime64[us]").astype(np.int64)
+    if arr.ndim == 0:
+        arr = np.full(rows, int(arr), dtype=np.int64)
+    return arr.astype("<i8", copy=False)
+
+
+def get_request(features: list[str], keys: Mapping[str, object]) -> pb.GetOnlineFeaturesRequest:
+    """A GetOnlineFeatures request."""
+    return pb.GetOnlineFeaturesRequest(entity_keys=key_columns(keys), features=list(features))
+
+
+def online_features(response: pb.GetOnlineFeaturesResponse) -> OnlineFeatures:
+    """Read a GetOnlineFeatures response into NumPy columns."""
+    out = OnlineFeatures(rows=response.rows)
+    for view in response.views:
+        out.event_timestamps[view.view] = np.frombuffer(view.event_timestamps, dtype="<i8")
+        out.versions[view.view] = view.version
+        for block in view.blocks:
+            values = arrays.from_array(block.values, f"{view.view} block")
+            statuses = np.frombuffer(block.statuses, dtype=np.uint8).reshape(
+                response.rows, len(block.features)
+            )
+            for j, name in enumerate(block.features):
+                key = f"{view.view}:{name}"
+                out.values[key] = values[:, j]
+                out.statuses[key] = statuses[:, j]
+    return out
+
+
+def _block(name: str, values: object, null_mask: object | None) -> types_pb2.FeatureBlock:
+    arr = _column(values)
+    dtype = types_pb2.FLOAT32_VECTOR if arr.ndim == 2 and arr.dtype.kind == "f" else None
+    nulls = None if null_mask is None else np.asarray(null_mask, dtype=bool)
+    return types_pb2.FeatureBlock(features=[name], values=arrays.to_array(arr, dtype, nulls=nulls))
+
+
+def write_request(
+    view: str,
+    keys: Mapping[str, object],
+    event_time: object,
+    features: Mapping[str, object],
+    nulls: Mapping[str, object] | None = None,
+    version: int = 0,
+    policy: str = "reject_batch",
+) -> pb.WriteFeaturesRequest:
+    """A WriteFeatures request: one block per feature column (2-D float arrays are vectors)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+    rows = len(next(iter(keys.values()))) if keys else 0
+    nulls = nulls or {}
+    return pb.WriteFeaturesRequest(
+        view=view,
+        version=version,
+        entity_keys=key_columns(keys),
+        event_timestamps=event_times_us(event_time, rows).tobytes(),
+        blocks=[_block(name, values, nulls.get(name)) for name, values in features.items()],
+        policy=POLICIES[policy],
+    )
+
+
+def write_summary(response: pb.WriteFeaturesResponse) -> WriteSummary:
+    """A WriteSummary from a WriteFeatures response."""
+    return WriteSummary(
+        response.rows_written, response.rows_stale, response.rows_rejected, list(response.errors)
+    )

@@ -1,0 +1,123 @@
+"""Convert registry definitions (featurestore.registry dataclasses) to and from protobuf.
+
+Both the server's registry RPCs and the client's `apply` use this, so a definition reads
+the same on both sides of the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from featurestore.dtypes import DType
+from featurestore.errors import InvalidArgumentError
+from featurestore.registry import ApplyResult, Entity, Feature, FeatureView, JoinKey
+from protos.featureserve.v1 import feature_store_pb2 as pb
+
+ACTIONS = {
+    "created": pb.ApplyResult.CREATED,
+    "updated": pb.ApplyResult.UPDATED,
+    "unchanged": pb.ApplyResult.UNCHANGED,
+}
+ACTION_NAMES = {number: name for name, number in ACTIONS.items()}
+
+
+def _dtype(number: int, field: str) -> DType:
+    """A featurestore DType from a wire number; 0 or unknown is an error naming the field."""
+    try:
+        return DType(number)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"{field}: dtype {number} is not one of " + ", ".join(d.name for d in DType)
+        ) from None
+
+
+def entity_to_proto(entity: Entity) -> pb.Entity:
+    """Entity -> featureserve.v1.Entity."""
+    return pb.Entity(
+        name=entity.name,
+        join_keys=[pb.JoinKey(name=k.name, dtype=int(k.dtype)) for k in entity.join_keys],
+        description=entity.description,
+    )
+
+
+def entity_from_proto(msg: pb.Entity, field: str = "entity") -> Entity:
+    """featureserve.v1.Entity -> Entity."""
+    return Entity(
+        name=msg.name,
+        join_keys=tuple(
+            JoinKey(k.name, _dtype(k.dtype, f"{field}.join_keys[{i}]"))
+            for i, k in enumerate(msg.join_keys)
+        ),
+        description=msg.description,
+    )
+
+
+def view_to_proto(view: FeatureView) -> pb.FeatureView:
+    """FeatureView -> featureserve.v1.FeatureView."""
+    return pb.FeatureView(
+        name=view.name,
+        version=view.version,
+        entity=view.entity,
+        features=[
+            pb.FeatureSpec(
+                name=f.name,
+                dtype=int(f.dtype),
+                vector_length=f.vector_length,
+                description=f.description,
+                allow_nan=f.allow_nan,
+            )
+            for f in view.features
+        ],
+        ttl_seconds=view.ttl_seconds,
+        description=view.description,
+        owner=view.owner,
+        tags=dict(view.tags),
+        created_us=view.created_us,
+        updated_us=view.updated_us,
+    )
+
+
+def view_from_proto(msg: pb.FeatureView, field: str = "view") -> FeatureView:
+    """featureserve.v1.FeatureView -> FeatureView."""
+    return FeatureView(
+        name=msg.name,
+        entity=msg.entity,
+        features=tuple(
+            Feature(
+                name=f.name,
+                dtype=_dtype(f.dtype, f"{field}.features[{i}]"),
+                vector_length=f.vector_length,
+                description=f.description,
+                allow_nan=f.allow_nan,
+            )
+            for i, f in enumerate(msg.features)
+        ),
+        version=msg.version,
+        ttl_seconds=msg.ttl_seconds,
+        description=msg.description,
+        owner=msg.owner,
+        tags=dict(msg.tags),
+        created_us=msg.created_us,
+        updated_us=msg.updated_us,
+    )
+
+
+def apply_result_to_proto(result: ApplyResult) -> pb.ApplyResult:
+    """ApplyResult -> featureserve.v1.ApplyResult."""
+    return pb.ApplyResult(view=result.view, version=result.version, action=ACTIONS[result.action])
+
+
+def apply_result_from_proto(msg: pb.ApplyResult) -> ApplyResult:
+    """featureserve.v1.ApplyResult -> ApplyResult."""
+    return ApplyResult(view=msg.view, version=msg.version, action=ACTION_NAMES[msg.action])
+
+
+def apply_request(
+    entities: Sequence[Entity], views: Sequence[FeatureView], dry_run: bool = False
+) -> pb.ApplyFeatureViewsRequest:
+    """An ApplyFeatureViews request."""
+    return pb.ApplyFeatureViewsRequest(
+        entities=[entity_to_proto(e) for e in entities],
+        views=[view_to_proto(v) for v in views],
+        dry_run=dry_run,
+    )

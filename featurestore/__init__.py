@@ -1,0 +1,1 @@
+"""Registry, LMDB online store, history log and Numba kernels; knows nothing of gRPC."""

@@ -1,0 +1,25 @@
+"""The feature store's errors: values a caller can act on, mapped to gRPC statuses by server/."""
+
+
+class FeatureStoreError(Exception):
+    """Base of every feature store error."""
+
+
+class NotFoundError(FeatureStoreError):
+    """A view, feature, entity or version that is not registered."""
+
+
+class InvalidArgumentError(FeatureStoreError):
+    """Input that can never succeed as sent: the message names the field and the first bad row."""
+
+
+class ResourceExhaustedError(FeatureStoreError):
+    """A request over a configured limit; the message names the limit."""
+
+
+class ConflictError(FeatureStoreError):
+    """A change incompatible with what is stored (for example retyping a feature in place)."""
+
+
+class UnavailableError(FeatureStoreError):
+    """The store cannot serve right now (closed, shutting down); retrying later may work."""

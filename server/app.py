@@ -1,0 +1,165 @@
+"""The featureserve server: builds the grpc.aio server, its services and their lifecycles."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from featurestore.group_commit import GroupCommitter
+from featurestore.online_store import OnlineStore, StoreConfig
+from protos.featureserve.v1 import (
+    feature_store_pb2,
+    feature_store_pb2_grpc,
+    prediction_pb2,
+    prediction_pb2_grpc,
+)
+from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from server.config import ConfigError, ServerConfig
+from server.feature_servicer import FeatureStoreServicer
+from server.health import Health
+from server.unimplemented import unimplemented_servicer
+
+log = logging.getLogger("featureserve.server")
+
+FEATURE_STORE = feature_store_pb2.DESCRIPTOR.services_by_name["FeatureStore"].full_name
+PREDICTION = prediction_pb2.DESCRIPTOR.services_by_name["Prediction"].full_name
+INFERENCE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVICES = [FEATURE_STORE, PREDICTION, INFERENCE]
+
+
+class StartupError(Exception):
+    """The server cannot start (port in use, unwritable data dir); the message says which."""
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments every featureserve server uses (the benchmark baseline uses them too)."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def ensure_writable_dir(path: Path, what: str) -> Path:
+    """Create `path` if needed and check it is a writable directory."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"{what} {path} cannot be created: {exc.strerror}") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise StartupError(f"{what} {path} is not a writable directory")
+    return path
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail with one clear line when the port is taken, before gRPC logs its own noise."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+class FeatureServer:
+    """One featureserve server process: start(), then wait_closed(); stop() drains it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.port: int = 0
+        self.health = Health(SERVICES)
+        self._server: grpc.aio.Server | None = None
+        self.store: OnlineStore | None = None
+        self.committer: GroupCommitter | None = None
+
+    async def start(self) -> int:
+        """Open the stores, bind the port and start serving; returns the bound port."""
+        ensure_writable_dir(self.config.data_dir, "data dir")
+        check_port_free(self.config.host, self.config.port)
+        self.store = OnlineStore(
+            StoreConfig(
+                path=self.config.data_dir,
+                map_size=self.config.lmdb_map_bytes,
+                max_clock_skew_seconds=self.config.max_clock_skew_seconds,
+                max_entities_per_read=self.config.max_entities_per_request,
+            )
+        )
+        self.committer = GroupCommitter(self.store)
+        kwargs = {}
+        if self.config.max_concurrent_rpcs > 0:
+            kwargs["maximum_concurrent_rpcs"] = self.config.max_concurrent_rpcs
+        server = grpc.aio.server(options=grpc_options(self.config), **kwargs)
+        self._register(server)
+        try:
+            self.port = server.add_insecure_port(self.config.address)
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:
+            raise StartupError(f"cannot listen on {self.config.address}: address in use or invalid")
+        await server.start()
+        self._server = server
+        await self.health.set_all(True)
+        log.info("serving", extra={"address": f"{self.config.host}:{self.port}"})
+        return self.port
+
+    def _register(self, server: grpc.aio.Server) -> None:
+        """Add every service, health and reflection to the server."""
+        feature_store_pb2_grpc.add_FeatureStoreServicer_to_server(
+            FeatureStoreServicer(self.store, self.committer, self.config.max_entities_per_request),
+            server,
+        )
+        prediction_pb2_grpc.add_PredictionServicer_to_server(
+            unimplemented_servicer(
+                prediction_pb2_grpc.PredictionServicer,
+                "one-hop predictions have not landed yet",
+            ),
+            server,
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            unimplemented_servicer(
+                grpc_service_pb2_grpc.GRPCInferenceServiceServicer,
+                "the inference service has not landed yet",
+            ),
+            server,
+        )
+        self.health.register(server)
+        reflection.enable_server_reflection(
+            [*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, let in-flight ones finish within the grace period, close stores."""
+        if self._server is None:
+            return
+        await self.health.shutdown()
+        grace = self.config.grace_seconds if grace is None else grace
+        log.info("stopping", extra={"grace_seconds": grace})
+        await self._server.stop(grace)
+        self._close_stores()
+        log.info("stopped")
+
+    def _close_stores(self) -> None:
+        """Flush pending writes and close the LMDB environment."""
+        if self.committer is not None:
+            self.committer.close()
+        if self.store is not None:
+            self.store.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the server has stopped."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+__all__ = ["ConfigError", "FeatureServer", "StartupError", "grpc_options"]

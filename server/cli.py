@@ -1,0 +1,90 @@
+"""The `featureserve` command: serve here; client, benchmark and pipeline commands registered
+from their own packages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from server.config import ConfigError, load_config
+
+SERVE_FLAGS = ("host", "port", "data_dir", "model_repo", "metrics_port")
+
+
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    """The `serve` subcommand."""
+    p = subparsers.add_parser(
+        "serve",
+        help="run the featureserve gRPC server",
+        description="Run the featureserve gRPC server. Flags override the config file.",
+    )
+    p.add_argument("--config", type=Path, help="TOML config file (default: embedded defaults)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one)")
+    p.add_argument("--data-dir", type=Path, help="LMDB and history directory (default ./data)")
+    p.add_argument("--model-repo", type=Path, help="model repository (default ./models)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = off)")
+    p.add_argument("--log-format", choices=["json", "text"], help="log format (default json)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the config, then run the server until a stop signal."""
+    from server.app import StartupError
+    from server.logs import configure_logging
+    from server.runner import run
+
+    overrides = {name: getattr(args, name) for name in SERVE_FLAGS}
+    overrides["log_format"] = args.log_format
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"featureserve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    try:
+        run(config)
+    except StartupError as exc:
+        print(f"featureserve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommand registrars of every package, in help order."""
+    from benchmarks.cli import register as bench
+    from clients.cli import register as client_commands
+    from clients.feature_cli import register as feature_commands
+
+    return [add_serve, client_commands, feature_commands, bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="featureserve",
+        description="Serve ML features and batched ONNX predictions over gRPC.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in _registrars():
+        register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `featureserve` console script."""
+    from clients.channel import ClientError
+    from featurestore.errors import FeatureStoreError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ClientError, FeatureStoreError) as exc:
+        print(f"featureserve: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

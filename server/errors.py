@@ -1,0 +1,99 @@
+"""The server's own errors, and the one place where every domain error becomes a gRPC status."""
+
+from __future__ import annotations
+
+import functools
+
+import grpc
+
+from featurestore import errors as fs
+from protos.arrays import ArrayError
+
+
+class ServerError(Exception):
+    """Base of the server's own errors."""
+
+
+class ModelNotFoundError(ServerError):
+    """No such model, or no such version of it."""
+
+
+class InvalidRequestError(ServerError):
+    """A request that can never succeed as sent; the message names the field and the fix."""
+
+
+class QueueFullError(ServerError):
+    """The model's queue (or the server's concurrency cap) is full: retry later."""
+
+
+class RequestTimeoutError(ServerError):
+    """The request's timeout or the caller's deadline passed before it ran."""
+
+
+class ModelUnavailableError(ServerError):
+    """The model exists but is not ready (loading, unloading or failed to load)."""
+
+
+class InferenceFailedError(ServerError):
+    """ONNX Runtime failed on this request's rows."""
+
+
+class PermissionDeniedError(ServerError):
+    """The caller's token lacks the scope the RPC needs."""
+
+
+class UnauthenticatedError(ServerError):
+    """No token, or a token the server does not know."""
+
+
+_STATUS: dict[type[Exception], grpc.StatusCode] = {
+    fs.NotFoundError: grpc.StatusCode.NOT_FOUND,
+    fs.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    fs.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    fs.ConflictError: grpc.StatusCode.FAILED_PRECONDITION,
+    fs.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    ArrayError: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RequestTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    InferenceFailedError: grpc.StatusCode.INTERNAL,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status for a domain error (its nearest mapped base class), INTERNAL otherwise."""
+    for cls in type(exc).__mro__:
+        code = _STATUS.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def is_domain_error(exc: BaseException) -> bool:
+    """Whether exc is one of the errors that map to a specific status."""
+    return status_for(exc) is not grpc.StatusCode.INTERNAL or isinstance(exc, InferenceFailedError)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the RPC with the status and message of a domain error."""
+    await context.abort(status_for(exc), str(exc))
+
+
+def maps_errors(handler):
+    """Decorate an async unary-response RPC handler so domain errors end the call with their
+    mapped status and message; anything else propagates (gRPC answers INTERNAL)."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:
+            if is_domain_error(exc):
+                await abort(context, exc)
+            raise
+
+    return wrapper

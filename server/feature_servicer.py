@@ -1,0 +1,194 @@
+"""featureserve.v1.FeatureStore: lookups on the event loop, writes through group commit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import numpy as np
+
+from clients import registry_messages as rm
+from featurestore.errors import InvalidArgumentError, ResourceExhaustedError
+from featurestore.group_commit import GroupCommitter
+from featurestore.online_store import OnlineStore, WriteBatch, WriteResult
+from protos import arrays
+from protos.featureserve.v1 import feature_store_pb2 as pb
+from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+from protos.featureserve.v1 import types_pb2
+from server.errors import is_domain_error, maps_errors, status_for
+from server.feature_refs import parse_feature_refs
+
+MAX_ROW_ERRORS = 1000
+MAX_STREAM_BATCHES_IN_FLIGHT = 8
+
+
+def decode_keys(columns, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
+    """Entity key columns as 1-D arrays of equal length, checked against the entity limit."""
+    keys: dict[str, np.ndarray] = {}
+    rows = None
+    for i, column in enumerate(columns):
+        field = f"entity_keys[{i}] ({column.name or 'unnamed'})"
+        if not column.name:
+            raise InvalidArgumentError(f"{field}: name is empty; set it to the join key's name")
+        if column.name in keys:
+            raise InvalidArgumentError(f"{field}: join key {column.name!r} appears twice")
+        values = arrays.from_array(column.values, field)
+        if values.ndim != 2 or values.shape[1] != 1:
+            raise InvalidArgumentError(f"{field}: keys must be one column (width 1)")
+        if rows is not None and values.shape[0] != rows:
+            raise InvalidArgumentError(
+                f"{field}: {values.shape[0]} keys, but entity_keys[0] has {rows}; "
+                "every key column needs one value per entity"
+            )
+        rows = values.shape[0]
+        keys[column.name] = values[:, 0]
+    rows = rows or 0
+    if rows > max_rows:
+        raise ResourceExhaustedError(
+            f"entity_keys: {rows} entities exceed the limit of {max_rows} per request "
+            "(max_entities_per_request); split the request"
+        )
+    return keys, rows
+
+
+def write_batch(request: pb.WriteFeaturesRequest, max_rows: int) -> WriteBatch:
+    """A store WriteBatch from a WriteFeatures message, checking shapes before the store does."""
+    keys, rows = decode_keys(request.entity_keys, max_rows)
+    if len(request.event_timestamps) != rows * 8:
+        raise InvalidArgumentError(
+            f"event_timestamps: {len(request.event_timestamps)} bytes, expected {rows * 8} "
+            f"({rows} little-endian int64 microsecond timestamps)"
+        )
+    columns: dict[str, np.ndarray] = {}
+    nulls: dict[str, np.ndarray] = {}
+    for i, block in enumerate(request.blocks):
+        field = f"blocks[{i}]"
+        values = arrays.from_array(block.values, field)
+        mask = arrays.nulls_of(block.values, field)
+        if values.shape[0] != rows:
+            raise InvalidArgumentError(f"{field}: {values.shape[0]} rows, expected {rows}")
+        if values.shape[1] != len(block.features):
+            raise InvalidArgumentError(
+                f"{field}: values are {values.shape[1]} wide but {len(block.features)} "
+                "features are named; name one feature per column"
+            )
+        for j, name in enumerate(block.features):
+            if name in columns:
+                raise InvalidArgumentError(f"{field}: feature {name!r} appears in two blocks")
+            columns[name] = values[:, j]
+            if mask is not None:
+                nulls[name] = mask[:, j]
+    return WriteBatch(
+        view=request.view,
+        keys=keys,
+        event_us=np.frombuffer(request.event_timestamps, dtype="<i8"),
+        columns=columns,
+        nulls=nulls,
+        version=request.version,
+        skip_bad_rows=request.policy == pb.SKIP_BAD_ROWS,
+    )
+
+
+def add_result(response: pb.WriteFeaturesResponse, result: WriteResult, batch: int = 0) -> None:
+    """Add one batch's outcome to a (possibly summed) response."""
+    response.rows_written += result.written
+    response.rows_stale += result.stale
+    response.rows_rejected += result.rejected
+    room = MAX_ROW_ERRORS - len(response.errors)
+    for err in result.errors[: max(room, 0)]:
+        response.errors.append(
+            types_pb2.RowError(row=err.row, column=err.column, reason=err.reason, batch=batch)
+        )
+
+
+class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
+    """Serves lookups, writes and the registry of one OnlineStore."""
+
+    def __init__(
+        self, store: OnlineStore, committer: GroupCommitter, max_entities_per_request: int
+    ) -> None:
+        self.store = store
+        self.committer = committer
+        self.max_rows = max_entities_per_request
+
+    def lookup(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
+        """Read every referenced view for the request's entities (the hot path)."""
+        keys, rows = decode_keys(request.entity_keys, self.max_rows)
+        response = pb.GetOnlineFeaturesResponse(rows=rows)
+        for (view, version), features in parse_feature_refs(list(request.features)).items():
+            result = self.store.read(view, keys, features, version=version)
+            out = response.views.add(
+                view=view,
+                version=result.view.version,
+                event_timestamps=result.event_us.astype("<i8", copy=False).tobytes(),
+            )
+            for block in result.blocks:
+                msg = out.blocks.add(features=block.features, statuses=block.statuses.tobytes())
+                arrays.to_array(block.values, int(block.dtype), out=msg.values)
+        return response
+
+    @maps_errors
+    async def GetOnlineFeatures(self, request, context):
+        return self.lookup(request)
+
+    async def _write(self, request: pb.WriteFeaturesRequest) -> WriteResult:
+        prepared = self.store.prepare(write_batch(request, self.max_rows))
+        return await asyncio.wrap_future(self.committer.submit(prepared))
+
+    @maps_errors
+    async def WriteFeatures(self, request, context):
+        response = pb.WriteFeaturesResponse()
+        add_result(response, await self._write(request))
+        return response
+
+    async def StreamWriteFeatures(self, request_iterator, context):
+        response = pb.WriteFeaturesResponse()
+        pending: deque[tuple[int, asyncio.Future]] = deque()
+
+        async def settle(limit: int) -> None:
+            while len(pending) > limit:
+                index, future = pending.popleft()
+                add_result(response, await future, index)
+
+        index = 0
+        try:
+            async for request in request_iterator:
+                prepared = self.store.prepare(write_batch(request, self.max_rows))
+                pending.append((index, asyncio.wrap_future(self.committer.submit(prepared))))
+                await settle(MAX_STREAM_BATCHES_IN_FLIGHT)
+                index += 1
+            await settle(0)
+        except Exception as exc:
+            if not is_domain_error(exc):
+                raise
+            await settle(0)
+            done = f"batches 0..{index - 1} were written" if index else "nothing was written"
+            await context.abort(
+                status_for(exc),
+                f"batch {index}: {exc}; {done} (writes are idempotent: resending is safe)",
+            )
+        return response
+
+    @maps_errors
+    async def ListFeatureViews(self, request, context):
+        registry = self.store.registry
+        views = registry.list_views(request.name_prefix, request.all_versions)
+        return pb.ListFeatureViewsResponse(
+            views=[rm.view_to_proto(v) for v in views],
+            entities=[rm.entity_to_proto(e) for e in registry.list_entities()],
+        )
+
+    @maps_errors
+    async def GetFeatureView(self, request, context):
+        return rm.view_to_proto(self.store.registry.get_view(request.name, request.version))
+
+    @maps_errors
+    async def ApplyFeatureViews(self, request, context):
+        entities = [
+            rm.entity_from_proto(e, f"entities[{i}]") for i, e in enumerate(request.entities)
+        ]
+        views = [rm.view_from_proto(v, f"views[{i}]") for i, v in enumerate(request.views)]
+        results = await asyncio.to_thread(
+            self.store.registry.apply, entities, views, request.dry_run
+        )
+        return pb.ApplyFeatureViewsResponse(results=[rm.apply_result_to_proto(r) for r in results])

@@ -1,0 +1,107 @@
+"""Fixtures shared by the whole suite: a real featureserve server process on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+class ServerProcess:
+    """`featureserve serve` in a subprocess; start() returns once it logs that it serves."""
+
+    def __init__(self, data_dir: Path, model_repo: Path, *extra: str) -> None:
+        self.data_dir = data_dir
+        self.model_repo = model_repo
+        self.extra = list(extra)
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log_lines: list[str] = []
+        self._ready = threading.Event()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        cmd = [
+            sys.executable, "-m", "server.cli", "serve", "--port", "0",
+            "--data-dir", str(self.data_dir), "--model-repo", str(self.model_repo), *self.extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=os.environ
+        )
+        threading.Thread(target=self._read_logs, daemon=True).start()
+        if not self._ready.wait(STARTUP_TIMEOUT_S):
+            self.kill()
+            raise AssertionError("server did not start:\n" + "\n".join(self.log_lines))
+        if self.port == 0:
+            raise AssertionError("server exited:\n" + "\n".join(self.log_lines))
+        return self
+
+    def _read_logs(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log_lines.append(line.rstrip())
+            if not self._ready.is_set() and '"msg": "serving"' in line:
+                self.port = int(json.loads(line)["address"].rsplit(":", 1)[1])
+                self._ready.set()
+        self._ready.set()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait for the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def logs(self) -> list[dict]:
+        return [json.loads(line) for line in self.log_lines if line.startswith("{")]
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll predicate until it is true or timeout passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator:
+    """Start featureserve processes on free ports; all are killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(*extra: str, data_dir: Path | None = None, model_repo: Path | None = None):
+        server = ServerProcess(
+            data_dir or tmp_path / "data", model_repo or tmp_path / "models", *extra
+        )
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def server(server_factory) -> ServerProcess:
+    """One running featureserve server with an empty store and model repository."""
+    return server_factory()

@@ -1,0 +1,84 @@
+"""Acknowledged writes survive SIGKILL; SIGTERM lets an in-flight stream finish."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+
+from clients.channel import ClientConfig, ClientError
+from clients.feature_client import AsyncFeatureStoreClient, FeatureStoreClient
+from featurestore.dtypes import DType, FeatureStatus
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+
+USER = Entity("user", (JoinKey("user_id", DType.INT64),))
+WIDE = FeatureView("wide", "user", tuple(Feature(f"f{i}", DType.FLOAT32) for i in range(32)))
+BATCH = 500
+
+
+def batch(start: int) -> tuple[dict, dict]:
+    ids = np.arange(start, start + BATCH)
+    values = {f"f{i}": (ids * 32 + i).astype(np.float32) for i in range(32)}
+    return {"user_id": ids}, values
+
+
+def test_sigkill_loses_no_acknowledged_row(tmp_path, server_factory) -> None:
+    server = server_factory(data_dir=tmp_path / "data")
+    acked: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with FeatureStoreClient(ClientConfig(target=server.target, max_attempts=1)) as client:
+            client.apply([USER], [WIDE])
+            now = int(time.time() * 1e6)
+            start = 0
+            try:
+                with client.stream_writer("wide", batch_rows=BATCH, ack_every=1000) as writer:
+                    while not stop.is_set():
+                        for _ in range(4):
+                            keys, values = batch(start)
+                            writer.write(keys, now, values)
+                            start += BATCH
+                        writer.flush()
+                        acked.append(start)
+            except ClientError:
+                pass
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    deadline = time.monotonic() + 20
+    while (not acked or acked[-1] < 20 * BATCH) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    server.kill()
+    stop.set()
+    worker.join(30)
+    assert acked, "no write was acknowledged before the kill"
+    durable = acked[-1]
+
+    restarted = server_factory(data_dir=tmp_path / "data")
+    with FeatureStoreClient(restarted.target) as client:
+        ids = np.arange(durable)
+        got = client.get_online_features(["wide:f0", "wide:f31"], {"user_id": ids})
+    assert (got.statuses["wide:f0"] == FeatureStatus.PRESENT).all()
+    np.testing.assert_array_equal(got["wide:f31"], (ids * 32 + 31).astype(np.float32))
+
+
+def test_sigterm_lets_an_in_flight_stream_finish(server) -> None:
+    async def run() -> int:
+        async with AsyncFeatureStoreClient(server.target) as client:
+            await client.apply([USER], [WIDE])
+            now = int(time.time() * 1e6)
+            writer = client.stream_writer("wide", batch_rows=BATCH)
+            keys, values = batch(0)
+            await writer.write(keys, now, values)
+            server.proc.send_signal(15)
+            await asyncio.sleep(0.3)
+            keys, values = batch(BATCH)
+            await writer.write(keys, now, values)
+            summary = await writer.flush()
+            return summary.written
+
+    assert asyncio.run(run()) == 2 * BATCH
+    assert server.proc.wait(30) == 0

@@ -1,0 +1,231 @@
+"""FeatureStore over a real server process: round trips, ordering, TTL and every bad input."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from clients.channel import ClientConfig, ClientError
+from clients.feature_client import FeatureStoreClient
+from featurestore.dtypes import DType, FeatureStatus
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from protos.featureserve.v1 import feature_store_pb2 as pb
+from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+
+USER = Entity("user", (JoinKey("user_id", DType.INT64),))
+ALL_TYPES = FeatureView(
+    name="profile",
+    entity="user",
+    features=(
+        Feature("f32", DType.FLOAT32),
+        Feature("f64", DType.FLOAT64, allow_nan=True),
+        Feature("i64", DType.INT64),
+        Feature("flag", DType.BOOL),
+        Feature("city", DType.STRING),
+        Feature("emb", DType.FLOAT32_VECTOR, vector_length=4),
+    ),
+)
+NOW_US = int(time.time() * 1e6)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from tests.conftest import ServerProcess
+
+    base = tmp_path_factory.mktemp("featurestore")
+    server = ServerProcess(base / "data", base / "models").start()
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as c:
+        c.apply([USER], [ALL_TYPES])
+        yield c
+    server.kill()
+
+
+def columns(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "f32": rng.random(n, dtype=np.float32),
+        "f64": rng.random(n),
+        "i64": rng.integers(-(2**62), 2**62, n),
+        "flag": rng.random(n) > 0.5,
+        "city": np.array([f"city-{i}-é" for i in range(n)], dtype=object),
+        "emb": rng.random((n, 4), dtype=np.float32),
+    }
+
+
+def test_every_dtype_round_trips_with_nulls(client) -> None:
+    ids = np.arange(100, 150)
+    cols = columns(len(ids))
+    nulls = {"f64": np.arange(len(ids)) % 7 == 0}
+    summary = client.write_features("profile", {"user_id": ids}, NOW_US, cols, nulls)
+    assert (summary.written, summary.stale, summary.rejected) == (50, 0, 0)
+    got = client.get_online_features(["profile"], {"user_id": np.append(ids, 999_999)})
+    assert got.rows == 51
+    for name, expected in cols.items():
+        values = got[f"profile:{name}"][:50]
+        if name == "city":
+            assert values.tolist() == expected.tolist()
+        else:
+            mask = ~nulls.get(name, np.zeros(50, bool))
+            np.testing.assert_array_equal(values[mask], expected[mask])
+    f64 = got.statuses["profile:f64"]
+    assert (f64[:50][nulls["f64"]] == FeatureStatus.NULL_VALUE).all()
+    assert (f64[:50][~nulls["f64"]] == FeatureStatus.PRESENT).all()
+    assert got.statuses["profile:f32"][50] == FeatureStatus.NOT_FOUND
+    assert got.event_timestamps["profile"][:50].tolist() == [NOW_US] * 50
+    assert got.event_timestamps["profile"][50] == 0
+
+
+def test_selected_features_and_string_keys(client) -> None:
+    merchant = Entity("merchant", (JoinKey("merchant_id", DType.STRING),))
+    view = FeatureView("merchant_stats", "merchant", (Feature("score", DType.FLOAT32),))
+    client.apply([merchant], [view])
+    keys = np.array(["m-1", "m-\x00-2", "ü" * 300], dtype=object)
+    client.write_features(
+        "merchant_stats", {"merchant_id": keys}, NOW_US, {"score": np.float32([1, 2, 3])}
+    )
+    got = client.get_online_features(["merchant_stats:score"], {"merchant_id": keys[::-1]})
+    assert got["merchant_stats:score"].tolist() == [3.0, 2.0, 1.0]
+
+
+def test_older_event_is_stale_and_newest_wins(client) -> None:
+    ids = np.array([1, 2])
+    new = columns(2, seed=1)
+    old = columns(2, seed=2)
+    client.write_features("profile", {"user_id": ids}, NOW_US, new)
+    summary = client.write_features("profile", {"user_id": ids}, NOW_US - 1_000_000, old)
+    assert (summary.written, summary.stale) == (0, 2)
+    got = client.get_online_features(["profile:i64"], {"user_id": ids})
+    assert got["profile:i64"].tolist() == new["i64"].tolist()
+
+
+def test_expired_rows_are_withheld(client) -> None:
+    view = FeatureView("fresh", "user", (Feature("x", DType.FLOAT32),), ttl_seconds=60)
+    client.apply([], [view])
+    ids = np.array([1, 2])
+    times = np.array([NOW_US - 3_600_000_000, NOW_US])
+    client.write_features("fresh", {"user_id": ids}, times, {"x": np.float32([5, 6])})
+    got = client.get_online_features(["fresh:x"], {"user_id": ids})
+    assert got.statuses["fresh:x"].tolist() == [
+        FeatureStatus.OUTSIDE_MAX_AGE,
+        FeatureStatus.PRESENT,
+    ]
+    assert got["fresh:x"].tolist() == [0.0, 6.0]
+
+
+def test_stream_writer_sums_counts(client) -> None:
+    ids = np.arange(10_000, 15_000)
+    with client.stream_writer("profile", batch_rows=700, ack_every=3) as writer:
+        writer.write({"user_id": ids}, NOW_US, columns(len(ids), seed=3))
+    assert (writer.summary.written, writer.summary.rejected) == (5000, 0)
+    got = client.get_online_features(["profile:f32"], {"user_id": ids})
+    np.testing.assert_array_equal(got["profile:f32"], columns(len(ids), seed=3)["f32"])
+
+
+def test_registry_rpcs(client) -> None:
+    entities, views = client.list_feature_views()
+    assert {e.name for e in entities} >= {"user"}
+    assert {v.name for v in views} >= {"profile"}
+    assert client.get_feature_view("profile").features == ALL_TYPES.features
+
+
+def expect_error(code: grpc.StatusCode, *fragments: str):
+    class Check:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, exc_type, exc, tb):
+            assert isinstance(exc, ClientError), f"expected {code.name}, got {exc!r}"
+            assert exc.code == code, exc
+            for fragment in fragments:
+                assert fragment in exc.message, exc.message
+            return True
+
+    return Check()
+
+
+def test_unknown_view_and_feature_are_not_found(client) -> None:
+    with expect_error(grpc.StatusCode.NOT_FOUND, "nope"):
+        client.get_online_features(["nope:x"], {"user_id": [1]})
+    with expect_error(grpc.StatusCode.NOT_FOUND, "missing_feature"):
+        client.get_online_features(["profile:missing_feature"], {"user_id": [1]})
+    with expect_error(grpc.StatusCode.NOT_FOUND, "nope"):
+        client.write_features("nope", {"user_id": [1]}, NOW_US, {"x": [1.0]})
+
+
+def test_bad_reference_and_key_type_are_invalid(client) -> None:
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "features[0]", "view:feature"):
+        client.get_online_features(["profile@x:f32"], {"user_id": [1]})
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "user_id"):
+        client.get_online_features(["profile"], {"user_id": np.array(["a"], dtype=object)})
+
+
+def test_bad_batch_is_rejected_whole_by_default(client) -> None:
+    ids = np.array([500, 501, 502])
+    cols = columns(3)
+    cols["f32"] = np.float32([1.0, np.nan, 2.0])
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "f32", "row 1"):
+        client.write_features("profile", {"user_id": ids}, NOW_US, cols)
+    got = client.get_online_features(["profile:f32"], {"user_id": ids})
+    assert (got.statuses["profile:f32"] == FeatureStatus.NOT_FOUND).all()
+
+
+def test_skip_bad_rows_writes_the_good_ones(client) -> None:
+    ids = np.array([600, 601, 602])
+    cols = columns(3)
+    cols["f32"] = np.float32([1.0, np.nan, 2.0])
+    summary = client.write_features(
+        "profile", {"user_id": ids}, NOW_US, cols, policy="skip_bad_rows"
+    )
+    assert (summary.written, summary.rejected) == (2, 1)
+    assert (summary.errors[0].row, summary.errors[0].column) == (1, "f32")
+    got = client.get_online_features(["profile:f32"], {"user_id": ids})
+    assert got.statuses["profile:f32"].tolist() == [
+        FeatureStatus.PRESENT, FeatureStatus.NOT_FOUND, FeatureStatus.PRESENT
+    ]  # fmt: skip
+
+
+def test_future_event_time_is_rejected(client) -> None:
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "event"):
+        client.write_features("profile", {"user_id": [1]}, NOW_US + 3_600_000_000, columns(1))
+
+
+def test_unequal_lengths_and_wrong_dtype_name_the_column(client) -> None:
+    cols = columns(3)
+    cols["i64"] = cols["i64"][:2]
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "blocks[2]", "rows"):
+        client.write_features("profile", {"user_id": [1, 2, 3]}, NOW_US, cols)
+    cols = columns(3)
+    cols["i64"] = np.array(["a", "b", "c"], dtype=object)
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "i64"):
+        client.write_features("profile", {"user_id": [1, 2, 3]}, NOW_US, cols)
+
+
+def test_raw_bytes_that_do_not_match_are_invalid(client) -> None:
+    stub = pb_grpc.FeatureStoreStub(client._channel)
+    request = pb.GetOnlineFeaturesRequest(features=["profile"])
+    key = request.entity_keys.add(name="user_id")
+    key.values.dtype, key.values.rows, key.values.data = 3, 4, b"\x00" * 10
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetOnlineFeatures(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "entity_keys[0]" in err.value.details() and "expected 32" in err.value.details()
+
+
+def test_empty_request_is_an_empty_answer(client) -> None:
+    got = client.get_online_features([], {"user_id": np.array([], dtype=np.int64)})
+    assert got.rows == 0 and got.values == {}
+    got = client.get_online_features(["profile"], {"user_id": np.array([], dtype=np.int64)})
+    assert got.rows == 0 and got["profile:f32"].shape == (0,)
+
+
+def test_too_many_entities_is_resource_exhausted(tmp_path, server_factory) -> None:
+    config = tmp_path / "small.toml"
+    config.write_text("max_entities_per_request = 10\n")
+    server = server_factory("--config", str(config))
+    with FeatureStoreClient(server.target) as small:
+        small.apply([USER], [ALL_TYPES])
+        with expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "10", "max_entities_per_request"):
+            small.get_online_features(["profile"], {"user_id": np.arange(11)})

@@ -1,0 +1,105 @@
+"""`featureserve serve` as a real process: startup, health, reflection, shutdown, bad input."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from clients.channel import ClientConfig
+from clients.health import check_health
+
+SERVICES = {"featureserve.v1.FeatureStore", "featureserve.v1.Prediction",
+            "inference.GRPCInferenceService"}  # fmt: skip
+
+
+def featureserve(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        capture_output=True, text=True, timeout=60, cwd=cwd,
+    )  # fmt: skip
+
+
+def test_every_service_reports_serving(server) -> None:
+    statuses = check_health(ClientConfig(target=server.target))
+    assert statuses == {"": "SERVING", **{name: "SERVING" for name in SERVICES}}
+
+
+def test_reflection_lists_the_three_services(server) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert services >= SERVICES | {"grpc.health.v1.Health"}
+
+
+def test_sigterm_exits_zero_and_logs_the_drain(server) -> None:
+    assert server.terminate() == 0
+    messages = [entry["msg"] for entry in server.logs()]
+    assert messages[-2:] == ["stopping", "stopped"]
+
+
+def test_health_command_prints_each_service(server) -> None:
+    result = featureserve("health", "--target", server.target)
+    assert result.returncode == 0, result.stderr
+    for name in SERVICES:
+        assert f"{name}" in result.stdout and "SERVING" in result.stdout
+
+
+def test_health_command_fails_when_nothing_listens() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = featureserve("health", "--target", f"127.0.0.1:{port}", "--timeout", "1")
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stdout or "DEADLINE_EXCEEDED" in result.stdout
+
+
+def test_unknown_config_key_names_the_key_and_file(tmp_path: Path) -> None:
+    config = tmp_path / "featureserve.toml"
+    config.write_text("port = 0\nmax_batch = 3\n")
+    result = featureserve("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert f"{config}: unknown key 'max_batch'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wrongly_typed_config_value_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "featureserve.toml"
+    config.write_text('[server]\nport = "fifty"\n')
+    result = featureserve("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "key 'port' must be int, got str" in result.stderr
+
+
+def test_port_in_use_is_one_line_and_non_zero(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = featureserve("serve", "--port", str(port), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"featureserve: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+def test_data_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    result = featureserve("serve", "--port", "0", "--data-dir", str(not_a_dir))
+    assert result.returncode == 1
+    assert f"data dir {not_a_dir}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["health"], ["bench"]])
+def test_help_on_every_command(command: list[str]) -> None:
+    result = featureserve(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: featureserve" in result.stdout

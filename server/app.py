@@ -22,6 +22,8 @@ from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.config import ConfigError, ServerConfig
 from server.feature_servicer import FeatureStoreServicer
 from server.health import Health
+from server.inference_servicer import InferenceServicer
+from server.model_repository import ModelRepository
 from server.unimplemented import unimplemented_servicer
 
 log = logging.getLogger("featureserve.server")
@@ -82,6 +84,7 @@ class FeatureServer:
         self._server: grpc.aio.Server | None = None
         self.store: OnlineStore | None = None
         self.committer: GroupCommitter | None = None
+        self.models: ModelRepository | None = None
 
     async def start(self) -> int:
         """Open the stores, bind the port and start serving; returns the bound port."""
@@ -96,6 +99,12 @@ class FeatureServer:
             )
         )
         self.committer = GroupCommitter(self.store)
+        self.models = ModelRepository(
+            ensure_writable_dir(self.config.model_repo, "model repository"),
+            watch=self.config.watch_model_repo,
+            poll_interval_s=self.config.model_poll_interval_s,
+        )
+        await self.models.start()
         kwargs = {}
         if self.config.max_concurrent_rpcs > 0:
             kwargs["maximum_concurrent_rpcs"] = self.config.max_concurrent_rpcs
@@ -127,11 +136,7 @@ class FeatureServer:
             server,
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            unimplemented_servicer(
-                grpc_service_pb2_grpc.GRPCInferenceServiceServicer,
-                "the inference service has not landed yet",
-            ),
-            server,
+            InferenceServicer(self.models), server
         )
         self.health.register(server)
         reflection.enable_server_reflection(
@@ -146,6 +151,8 @@ class FeatureServer:
         grace = self.config.grace_seconds if grace is None else grace
         log.info("stopping", extra={"grace_seconds": grace})
         await self._server.stop(grace)
+        if self.models is not None:
+            await self.models.stop()
         self._close_stores()
         log.info("stopped")
 

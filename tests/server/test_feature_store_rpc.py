@@ -82,12 +82,17 @@ def test_selected_features_and_string_keys(client) -> None:
     merchant = Entity("merchant", (JoinKey("merchant_id", DType.STRING),))
     view = FeatureView("merchant_stats", "merchant", (Feature("score", DType.FLOAT32),))
     client.apply([merchant], [view])
-    keys = np.array(["m-1", "m-\x00-2", "ü" * 300], dtype=object)
+    keys = np.array(["m-1", "m-\x00-2", "ü" * 200], dtype=object)
     client.write_features(
         "merchant_stats", {"merchant_id": keys}, NOW_US, {"score": np.float32([1, 2, 3])}
     )
     got = client.get_online_features(["merchant_stats:score"], {"merchant_id": keys[::-1]})
     assert got["merchant_stats:score"].tolist() == [3.0, 2.0, 1.0]
+    too_long = np.array(["ok", "x" * 600], dtype=object)
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "merchant_id", "row 1", "key limit"):
+        client.write_features(
+            "merchant_stats", {"merchant_id": too_long}, NOW_US, {"score": np.float32([1, 2])}
+        )
 
 
 def test_older_event_is_stale_and_newest_wins(client) -> None:

@@ -1,0 +1,357 @@
+"""KServe ModelInfer benchmark: batching on/off x small/medium model x concurrency, echo baseline.
+
+python -m benchmarks.infer_bench [--duration S] [--concurrency 1,8,32,64,128] [--json out.json]
+The server runs in a subprocess (its CPU is read from /proc/<pid>/stat); async clients send
+pre-serialized requests so the client's own protobuf cost stays out of the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from benchmarks.model_zoo import MEDIUM_WIDTH, medium_model, mlp_model, write_model
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from server.inference_servicer import InferenceServicer
+from server.model_repository import ModelRepository
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+ECHO_METHOD = "/bench.Echo/Echo"
+MEDIUM_DELAY_US = 1000
+SMALL_DELAY_US = 0
+
+# name -> (model builder, input width, config.toml)
+BENCH_MODELS: dict[str, tuple[Callable, int, str]] = {
+    "small_on": (mlp_model, 32, f"[dynamic_batching]\nmax_queue_delay_us = {SMALL_DELAY_US}\n"),
+    "small_off": (mlp_model, 32, "[dynamic_batching]\nenabled = false\n"),
+    "medium_on": (
+        medium_model,
+        MEDIUM_WIDTH,
+        f"max_batch_size = 64\n[dynamic_batching]\nmax_queue_delay_us = {MEDIUM_DELAY_US}\n",
+    ),
+    "medium_off": (medium_model, MEDIUM_WIDTH, "[dynamic_batching]\nenabled = false\n"),
+}
+
+
+@dataclass
+class PointResult:
+    """One measured point of the sweep."""
+
+    target: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    avg_batch: float = 0.0
+    server_cpu_us_per_req: float = 0.0
+    client_cpu_us_per_req: float = 0.0
+
+
+def write_bench_repository(path: Path) -> Path:
+    """The benchmark's model repository (small and medium, batching on and off)."""
+    for name, (build, _, config) in BENCH_MODELS.items():
+        write_model(path, name, build(), config_toml=config)
+    return path
+
+
+def infer_request_bytes(model: str, width: int, rows: int = 1, seed: int = 0) -> bytes:
+    """A serialized ModelInferRequest with one FP32 input 'x' of [rows, width] as raw contents."""
+    x = np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="x", datatype="FP32", shape=[rows, width])
+    request.raw_input_contents.append(x.tobytes())
+    return request.SerializeToString()
+
+
+async def closed_loop(
+    call: Callable[[], Awaitable[object]], concurrency: int, duration_s: float, warmup_s: float
+) -> tuple[list[float], int, int]:
+    """Run `concurrency` workers calling back to back.
+
+    Returns latencies (s) of calls started after warmup, their errors, and all calls completed.
+    """
+    latencies: list[float] = []
+    errors = 0
+    completed = 0
+    start = time.perf_counter()
+    measure_from = start + warmup_s
+    stop_at = measure_from + duration_s
+
+    async def worker() -> None:
+        nonlocal errors, completed
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            try:
+                await call()
+            except grpc.aio.AioRpcError:
+                if t0 >= measure_from:
+                    errors += 1
+                continue
+            completed += 1
+            if t0 >= measure_from:
+                latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors, completed
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summarize(
+    target: str, concurrency: int, latencies: list[float], errors: int, span: float
+) -> PointResult:
+    """Throughput and percentiles of one point."""
+    ms = np.array(latencies) * 1e3 if latencies else np.zeros(1)
+    return PointResult(
+        target=target,
+        concurrency=concurrency,
+        requests=len(latencies),
+        errors=errors,
+        seconds=span,
+        throughput=len(latencies) / span,
+        p50_ms=float(np.percentile(ms, 50)),
+        p99_ms=float(np.percentile(ms, 99)),
+    )
+
+
+async def model_counters(
+    stub: pb_grpc.GRPCInferenceServiceStub, model: str
+) -> tuple[int, int, int]:
+    """(inference_count, execution_count, compute_infer ns) of a model from ModelStatistics."""
+    stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name=model))).model_stats[0]
+    return stats.inference_count, stats.execution_count, stats.inference_stats.compute_infer.ns
+
+
+async def measure_point(
+    channel: grpc.aio.Channel,
+    server_pid: int,
+    target: str,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+) -> PointResult:
+    """One point: ModelInfer on a bench model, or 'echo' of the small model's request bytes."""
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    if target == "echo":
+        payload = infer_request_bytes("small_on", 32)
+        method = channel.unary_unary(ECHO_METHOD)
+    else:
+        payload = infer_request_bytes(target, BENCH_MODELS[target][1])
+        method = channel.unary_unary(INFER_METHOD)
+        before = await model_counters(stub, target)
+
+    async def call() -> object:
+        return await method(payload)
+
+    cpu0, client0 = proc_cpu_seconds(server_pid), time.process_time()
+    latencies, errors, completed = await closed_loop(call, concurrency, duration_s, warmup_s)
+    cpu1, client1 = proc_cpu_seconds(server_pid), time.process_time()
+    result = summarize(target, concurrency, latencies, errors, duration_s)
+    result.server_cpu_us_per_req = (cpu1 - cpu0) / max(completed, 1) * 1e6
+    result.client_cpu_us_per_req = (client1 - client0) / max(completed, 1) * 1e6
+    if target != "echo":
+        after = await model_counters(stub, target)
+        executions = after[1] - before[1]
+        result.avg_batch = (after[0] - before[0]) / executions if executions else 0.0
+    return result
+
+
+def handoff_figures(iterations: int = 3000) -> dict[str, float]:
+    """µs per round trip: run_in_executor vs a dedicated thread fed by SimpleQueue answering with
+    call_soon_threadsafe (the batcher's hand-off)."""
+
+    async def main() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            await loop.run_in_executor(None, int)
+        executor_us = (time.perf_counter() - t0) / iterations * 1e6
+        jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+        def worker() -> None:
+            while (future := jobs.get()) is not None:
+                loop.call_soon_threadsafe(future.set_result, None)
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            future = loop.create_future()
+            jobs.put(future)
+            await future
+        dedicated_us = (time.perf_counter() - t0) / iterations * 1e6
+        jobs.put(None)
+        thread.join()
+        return {"run_in_executor_us": executor_us, "dedicated_thread_us": dedicated_us}
+
+    return asyncio.run(main())
+
+
+async def serve(repo_path: Path, port_file: Path) -> None:
+    """Server-process body: the inference service plus a bare bytes echo on one grpc.aio server."""
+    repo = ModelRepository(repo_path, watch=False)
+    await repo.start()
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repo), server)
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    port_file.write_text(str(port))
+    await server.wait_for_termination()
+
+
+def start_server_process(repo_path: Path, workdir: Path) -> tuple[subprocess.Popen, int]:
+    """Start `serve` in a subprocess and wait for its port."""
+    port_file = workdir / "port"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.infer_bench",
+            "--serve",
+            str(repo_path),
+            "--port-file",
+            str(port_file),
+        ],
+    )
+    for _ in range(600):
+        if port_file.exists() and port_file.read_text():
+            return proc, int(port_file.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError("benchmark server exited during start")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("benchmark server did not start within 60 s")
+
+
+async def sweep(
+    port: int, server_pid: int, concurrencies: list[int], duration_s: float, warmup_s: float
+) -> list[PointResult]:
+    """Every target at every concurrency, in one run."""
+    results = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for target in ["echo", *BENCH_MODELS]:
+            for concurrency in concurrencies:
+                point = await measure_point(
+                    channel, server_pid, target, concurrency, duration_s, warmup_s
+                )
+                print(_row(point), flush=True)
+                results.append(point)
+    return results
+
+
+async def batch_execution_ms(port: int, model: str) -> float:
+    """Mean execution time of the model's largest executed batch size, in ms."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name=model))).model_stats[0]
+    largest = max(stats.batch_stats, key=lambda b: b.batch_size)
+    return largest.compute_infer.ns / largest.compute_infer.count / 1e6
+
+
+HEADER = (
+    "| target | conc | req/s | p50 ms | p99 ms | avg batch | server CPU µs/req "
+    "| client CPU µs/req | errors |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _row(p: PointResult) -> str:
+    return (
+        f"| {p.target} | {p.concurrency} | {p.throughput:.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} | "
+        f"{p.avg_batch:.1f} | {p.server_cpu_us_per_req:.0f} | {p.client_cpu_us_per_req:.0f} | "
+        f"{p.errors} |"
+    )
+
+
+def check_targets(results: list[PointResult], medium_batch_ms: float) -> list[str]:
+    """The two targets of the issue, as lines saying met or missed."""
+    by = {(r.target, r.concurrency): r for r in results}
+    lines = []
+    on, off = by.get(("medium_on", 64)), by.get(("medium_off", 64))
+    if on and off:
+        ratio = on.throughput / max(off.throughput, 1e-9)
+        bound = 2 * (MEDIUM_DELAY_US / 1e3 + medium_batch_ms)
+        lines.append(
+            f"medium c=64: batching on/off = {ratio:.1f}x (target >= 5x) "
+            f"{'MET' if ratio >= 5 else 'MISSED'}; p99 {on.p99_ms:.1f} ms <= 2 x "
+            f"({MEDIUM_DELAY_US / 1e3:.1f} + {medium_batch_ms:.1f}) = {bound:.1f} ms "
+            f"{'MET' if on.p99_ms <= bound else 'MISSED'}"
+        )
+    for (target, conc), r in sorted(by.items()):
+        echo = by.get(("echo", conc))
+        if target == "small_on" and echo:
+            share = r.throughput / max(echo.throughput, 1e-9)
+            lines.append(
+                f"small c={conc}: ModelInfer {r.throughput:.0f}/s = {share:.0%} of echo "
+                f"{echo.throughput:.0f}/s (target >= 70%) {'MET' if share >= 0.7 else 'MISSED'}"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags; either run the server process or the whole sweep."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=2.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=0.3, help="unmeasured seconds per point")
+    parser.add_argument("--concurrency", default="1,8,32,64,128")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        asyncio.run(serve(args.serve, args.port_file))
+        return
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    print("hand-off round trip:", json.dumps(handoff_figures()), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = write_bench_repository(Path(tmp) / "models")
+        proc, port = start_server_process(repo, Path(tmp))
+        try:
+            print(HEADER, flush=True)
+            results = asyncio.run(sweep(port, proc.pid, concurrencies, args.duration, args.warmup))
+            medium_ms = asyncio.run(batch_execution_ms(port, "medium_on"))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    for line in check_targets(results, medium_ms):
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()

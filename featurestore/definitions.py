@@ -1,0 +1,191 @@
+"""Load entities and feature views from a features.toml file.
+
+Format::
+
+    [[entity]]
+    name = "user"
+    join_keys = [{ name = "user_id", dtype = "int64" }]
+    description = "a signed-up user"          # optional
+
+    [[feature_view]]
+    name = "user_stats"
+    entity = "user"
+    ttl = "1d"               # or ttl_seconds = 86400; units s, m, h, d, w (e.g. "1h30m")
+    version = 0              # optional: 0 lets the registry decide, N+1 makes a new version
+    owner = "growth"         # optional, as are description and tags
+    tags = { tier = "gold" }
+
+    [[feature_view.feature]]
+    name = "clicks_7d"
+    dtype = "float32"        # float32, float64, int64, bool, string, float32_vector
+    vector_length = 0        # > 0 only for float32_vector
+    allow_nan = false
+    description = ""
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from featurestore.dtypes import DType
+from featurestore.errors import FeatureStoreError, InvalidArgumentError
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey, validate_entity
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_TOP = {"entity", "feature_view"}
+_ENTITY = {"name", "join_keys", "description"}
+_JOIN_KEY = {"name", "dtype"}
+_VIEW = {
+    "name",
+    "entity",
+    "ttl",
+    "ttl_seconds",
+    "version",
+    "owner",
+    "description",
+    "tags",
+    "feature",
+}
+_FEATURE = {"name", "dtype", "vector_length", "allow_nan", "description"}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration such as "90s", "15m", "1h30m", "7d"; ValueError if malformed."""
+    text = text.strip().replace(" ", "")
+    parts = _DURATION.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"bad duration {text!r}: use e.g. 90s, 15m, 1h30m, 7d, 2w")
+    return sum(int(n) * _UNITS[u] for n, u in parts)
+
+
+class _Where:
+    """Builds error messages naming the file and the key path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def error(self, key: str, problem: str) -> InvalidArgumentError:
+        return InvalidArgumentError(f"{self.path}: {key}: {problem}")
+
+    def table(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {type(value).__name__}")
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise self.error(key, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        return value
+
+    def get(self, table: dict[str, Any], key: str, where: str, kind: type, default: Any = None):
+        if key not in table:
+            if default is None:
+                raise self.error(f"{where}.{key}", "is required")
+            return default
+        value = table[key]
+        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+            raise self.error(
+                f"{where}.{key}", f"expected {kind.__name__}, got {type(value).__name__}"
+            )
+        return value
+
+    def dtype(self, table: dict[str, Any], where: str) -> DType:
+        name = self.get(table, "dtype", where, str)
+        try:
+            return DType[name.upper()]
+        except KeyError:
+            choices = ", ".join(d.name.lower() for d in DType)
+            raise self.error(
+                f"{where}.dtype", f"unknown dtype {name!r}; use one of {choices}"
+            ) from None
+
+
+def load_definitions(path: str | Path) -> tuple[list[Entity], list[FeatureView]]:
+    """Parse features.toml into entities and feature views, ready for Registry.apply.
+
+    Errors are InvalidArgumentError naming the file and key (for example
+    "features.toml: feature_view[0].feature[2].dtype: ...").
+    """
+    path = Path(path)
+    w = _Where(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidArgumentError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgumentError(f"{path}: not valid TOML: {exc}") from exc
+    w.table(doc, "top level", _TOP)
+    entities = [_entity(w, raw, f"entity[{i}]") for i, raw in enumerate(_array(w, doc, "entity"))]
+    views = [
+        _view(w, raw, f"feature_view[{i}]") for i, raw in enumerate(_array(w, doc, "feature_view"))
+    ]
+    return entities, views
+
+
+def _array(w: _Where, table: dict[str, Any], key: str) -> list[Any]:
+    value = table.get(key, [])
+    if not isinstance(value, list):
+        raise w.error(key, f"expected an array of tables ([[{key}]]), got {type(value).__name__}")
+    return value
+
+
+def _entity(w: _Where, raw: Any, where: str) -> Entity:
+    table = w.table(raw, where, _ENTITY)
+    keys = []
+    for j, key in enumerate(_array(w, table, "join_keys")):
+        at = f"{where}.join_keys[{j}]"
+        key = w.table(key, at, _JOIN_KEY)
+        keys.append(JoinKey(w.get(key, "name", at, str), w.dtype(key, at)))
+    entity = Entity(
+        w.get(table, "name", where, str), tuple(keys), w.get(table, "description", where, str, "")
+    )
+    try:
+        validate_entity(entity)
+    except FeatureStoreError as exc:
+        raise w.error(where, str(exc)) from None
+    return entity
+
+
+def _view(w: _Where, raw: Any, where: str) -> FeatureView:
+    table = w.table(raw, where, _VIEW)
+    name = w.get(table, "name", where, str)
+    where = f"{where} ({name})"
+    if "ttl" in table and "ttl_seconds" in table:
+        raise w.error(where, "set ttl or ttl_seconds, not both")
+    ttl = w.get(table, "ttl_seconds", where, int, 0)
+    if "ttl" in table:
+        try:
+            ttl = parse_duration(w.get(table, "ttl", where, str))
+        except ValueError as exc:
+            raise w.error(f"{where}.ttl", str(exc)) from None
+    tags = w.get(table, "tags", where, dict, {})
+    for key, value in tags.items():
+        if not isinstance(value, str):
+            raise w.error(f"{where}.tags.{key}", f"expected str, got {type(value).__name__}")
+    features = []
+    for j, raw_feature in enumerate(_array(w, table, "feature")):
+        at = f"{where}.feature[{j}]"
+        feat = w.table(raw_feature, at, _FEATURE)
+        features.append(
+            Feature(
+                name=w.get(feat, "name", at, str),
+                dtype=w.dtype(feat, at),
+                vector_length=w.get(feat, "vector_length", at, int, 0),
+                description=w.get(feat, "description", at, str, ""),
+                allow_nan=w.get(feat, "allow_nan", at, bool, False),
+            )
+        )
+    if not features:
+        raise w.error(where, "needs at least one [[feature_view.feature]]")
+    return FeatureView(
+        name=name,
+        entity=w.get(table, "entity", where, str),
+        features=tuple(features),
+        version=w.get(table, "version", where, int, 0),
+        ttl_seconds=ttl,
+        description=w.get(table, "description", where, str, ""),
+        owner=w.get(table, "owner", where, str, ""),
+        tags=dict(tags),
+    )

@@ -1,0 +1,170 @@
+"""Deterministic, unambiguous LMDB key encoding of entity keys (int64, string, composite).
+
+INT64 parts are 8 bytes big-endian with the sign bit flipped (byte order = numeric order);
+STRING parts are a 4-byte big-endian length then the UTF-8 (or raw bytes) value. Every part is
+self-delimiting, so composite keys never collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from featurestore.dtypes import DType
+from featurestore.errors import InvalidArgumentError
+from featurestore.registry import Entity
+
+MAX_KEY_BYTES = 511
+INVALID_KEY = b"\xff"
+"""Stands in for a row whose key is invalid: one byte, shorter than any real encoding."""
+
+_SIGN = np.uint64(1 << 63)
+
+
+@dataclass
+class EncodedKeys:
+    """The LMDB keys of a batch; rows in `errors` (row, column, reason) hold INVALID_KEY."""
+
+    keys: list[bytes]
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+def key_rows(entity: Entity, keys: dict[str, np.ndarray]) -> int:
+    """Check the key columns (present, known, 1-D, equal length, right kind); return the rows."""
+    expected = [k.name for k in entity.join_keys]
+    for name in keys:
+        if name not in expected:
+            raise InvalidArgumentError(
+                f"key column {name!r} is not a join key of entity {entity.name!r}; "
+                f"join keys: {', '.join(expected)}"
+            )
+    n = -1
+    for key in entity.join_keys:
+        if key.name not in keys:
+            raise InvalidArgumentError(
+                f"key column {key.name!r} of entity {entity.name!r} is missing; "
+                f"send every join key: {', '.join(expected)}"
+            )
+        col = np.asarray(keys[key.name])
+        if col.ndim != 1:
+            raise InvalidArgumentError(
+                f"key column {key.name!r} must be 1-D, got shape {col.shape}"
+            )
+        if n == -1:
+            n = len(col)
+        elif len(col) != n:
+            raise InvalidArgumentError(
+                f"key column {key.name!r} has {len(col)} rows, the first key column has {n}"
+            )
+        kind = col.dtype.kind
+        if key.dtype is DType.INT64 and kind not in "iu" and not (kind == "O" and len(col) == 0):
+            raise InvalidArgumentError(
+                f"key column {key.name!r} must hold integers (INT64), got dtype {col.dtype}"
+            )
+        if key.dtype is DType.STRING and kind not in "OUS":
+            raise InvalidArgumentError(
+                f"key column {key.name!r} must hold str or bytes (STRING), got dtype {col.dtype}"
+            )
+    return max(n, 0)
+
+
+def _int_part(col: np.ndarray, name: str, errors: list[tuple[int, str, str]]) -> np.ndarray:
+    """n x 8 uint8 big-endian sign-flipped encoding of an integer column."""
+    if len(col) == 0:
+        return np.zeros((0, 8), np.uint8)
+    if col.dtype == np.uint64:
+        bad = np.flatnonzero(col > np.uint64(np.iinfo(np.int64).max))
+        errors.extend((int(r), name, "value exceeds the int64 range") for r in bad)
+    as_u = col.astype(np.int64).view(np.uint64) ^ _SIGN
+    return as_u.astype(">u8").view(np.uint8).reshape(-1, 8)
+
+
+def _str_part(col: np.ndarray, name: str, errors: list[tuple[int, str, str]]) -> list[bytes]:
+    """Length-prefixed bytes of a string column; bad values become b"" and an error."""
+    out: list[bytes] = []
+    for row, value in enumerate(col.tolist()):
+        if isinstance(value, str):
+            try:
+                raw = value.encode()
+            except UnicodeEncodeError:
+                errors.append((row, name, "string is not valid Unicode (lone surrogate)"))
+                raw = b""
+        elif isinstance(value, bytes):
+            raw = value
+        else:
+            errors.append((row, name, f"expected str or bytes, got {type(value).__name__}"))
+            raw = b""
+        out.append(len(raw).to_bytes(4, "big") + raw)
+    return out
+
+
+def encode_keys(entity: Entity, keys: dict[str, np.ndarray]) -> EncodedKeys:
+    """Encode a batch of key columns to one LMDB key per row (checks them with key_rows)."""
+    if len(keys) == 1 and len(entity.join_keys) == 1 and entity.join_keys[0].dtype is DType.INT64:
+        col = keys.get(entity.join_keys[0].name)
+        if isinstance(col, np.ndarray) and col.dtype == np.int64 and col.ndim == 1:
+            return EncodedKeys((col.view(np.uint64) ^ _SIGN).astype(">u8").view("V8").tolist())
+    n = key_rows(entity, keys)
+    errors: list[tuple[int, str, str]] = []
+    parts: list[np.ndarray | list[bytes]] = []
+    for key in entity.join_keys:
+        col = np.asarray(keys[key.name])
+        if key.dtype is DType.INT64:
+            parts.append(_int_part(col, key.name, errors))
+        else:
+            parts.append(_str_part(col, key.name, errors))
+    if all(isinstance(p, np.ndarray) for p in parts):
+        mat = np.ascontiguousarray(np.hstack(parts)) if len(parts) > 1 else parts[0]
+        out = mat.view(f"V{mat.shape[1]}").ravel().tolist() if n else []
+    else:
+        cols = [p if isinstance(p, list) else p.view("V8").ravel().tolist() for p in parts]
+        out = [b"".join(row) for row in zip(*cols, strict=True)] if len(cols) > 1 else cols[0]
+        for row, k in enumerate(out):
+            if len(k) > MAX_KEY_BYTES:
+                errors.append(
+                    (
+                        row,
+                        entity.join_keys[-1].name,
+                        f"key is {len(k)} bytes, over the {MAX_KEY_BYTES}-byte LMDB key limit",
+                    )
+                )
+    if errors:
+        errors.sort()
+        first: dict[int, tuple[int, str, str]] = {}
+        for err in errors:
+            first.setdefault(err[0], err)
+        errors = list(first.values())
+        for row, _, _ in errors:
+            out[row] = INVALID_KEY
+    return EncodedKeys(out, errors)
+
+
+def decode_keys(entity: Entity, encoded: list[bytes]) -> dict[str, np.ndarray]:
+    """Inverse of encode_keys: key columns (int64 arrays; object arrays of str, or bytes when
+    the stored value is not UTF-8)."""
+    cols: dict[str, list] = {k.name: [] for k in entity.join_keys}
+    for raw in encoded:
+        pos = 0
+        for key in entity.join_keys:
+            if key.dtype is DType.INT64:
+                value = int.from_bytes(raw[pos : pos + 8], "big") ^ (1 << 63)
+                cols[key.name].append(value - (1 << 64) if value >= 1 << 63 else value)
+                pos += 8
+            else:
+                size = int.from_bytes(raw[pos : pos + 4], "big")
+                text = raw[pos + 4 : pos + 4 + size]
+                try:
+                    cols[key.name].append(text.decode())
+                except UnicodeDecodeError:
+                    cols[key.name].append(text)
+                pos += 4 + size
+    out: dict[str, np.ndarray] = {}
+    for key in entity.join_keys:
+        if key.dtype is DType.INT64:
+            out[key.name] = np.array(cols[key.name], dtype=np.int64)
+        else:
+            arr = np.empty(len(cols[key.name]), dtype=object)
+            arr[:] = cols[key.name]
+            out[key.name] = arr
+    return out

@@ -1,0 +1,713 @@
+"""LMDB online store: validated columnar writes (last-write-wins by event time) and batched reads.
+
+One LMDB environment holds the registry, one named database of packed rows per view version and
+the history log. Writes are prepared (validated, encoded) outside the write transaction, then
+many prepared batches commit in one synced transaction.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+import numpy as np
+
+from featurestore.dtypes import DType, is_float
+from featurestore.errors import (
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from featurestore.history import pack_batch
+from featurestore.keys import EncodedKeys, encode_keys, key_rows
+from featurestore.registry import (
+    REGISTRY_DB,
+    Entity,
+    FeatureView,
+    Registry,
+    history_db_name,
+    view_db_name,
+)
+from featurestore.row_codec import (
+    MISSING_ROW,
+    NO_CUTOFF,
+    Block,
+    DecodePlan,
+    RowLayout,
+    decode_rows,
+    encode_rows,
+)
+
+T = TypeVar("T")
+_MIN_EVENT = np.iinfo(np.int64).min
+_MIN_EVENT_BYTES = int(_MIN_EVENT).to_bytes(8, "little", signed=True)
+_PLAN_CACHE_LIMIT = 1024
+
+__all__ = [
+    "Block",
+    "OnlineStore",
+    "PreparedBatch",
+    "ReadResult",
+    "RowError",
+    "StoreConfig",
+    "WriteBatch",
+    "WriteResult",
+]
+
+
+@dataclass
+class StoreConfig:
+    """Where the LMDB environment lives and the store's limits."""
+
+    path: Path
+    map_size: int = 1 << 30
+    max_readers: int = 1024
+    sync: bool = True
+    max_clock_skew_seconds: int = 300
+    max_rows_per_write: int = 100_000
+    max_entities_per_read: int = 100_000
+    max_dbs: int = 4096
+
+
+@dataclass
+class WriteBatch:
+    """Columnar rows for one view: key columns, event times (µs), feature columns, null masks.
+
+    FLOAT32_VECTOR columns are 2-D (rows x vector_length); STRING columns hold str (or UTF-8
+    bytes; None is null).
+    """
+
+    view: str
+    keys: dict[str, np.ndarray]
+    event_us: np.ndarray
+    columns: dict[str, np.ndarray]
+    nulls: dict[str, np.ndarray] = field(default_factory=dict)
+    version: int = 0
+    skip_bad_rows: bool = False
+
+
+@dataclass
+class RowError:
+    """A row dropped by skip_bad_rows: its index in the batch, the column and why."""
+
+    row: int
+    column: str
+    reason: str
+
+
+@dataclass
+class PreparedBatch:
+    """A validated, encoded batch ready for write_prepared (LMDB keys and packed rows)."""
+
+    view: FeatureView
+    keys: list[bytes]
+    rows: list[bytes]
+    event_us: np.ndarray
+    history: bytes
+    rejected: int
+    errors: list[RowError]
+
+
+@dataclass
+class WriteResult:
+    """Counts of one batch: rows written, rows stale (older than stored), rows rejected."""
+
+    written: int
+    stale: int
+    rejected: int
+    errors: list[RowError]
+
+
+@dataclass
+class ReadResult:
+    """One read: per-row event time (0 where not found) and status, and one block per dtype."""
+
+    view: FeatureView
+    event_us: np.ndarray
+    row_status: np.ndarray
+    blocks: list[Block]
+
+
+class _ResizeGate:
+    """Transactions hold it shared; remapping (set_mapsize) holds it exclusively.
+
+    LMDB unmaps the old map on resize, so no transaction of this process may be open then.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+
+    def enter(self) -> None:
+        with self._cond:
+            self._active += 1
+
+    def exit(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0:
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._active:
+                self._cond.wait()
+            yield
+
+
+class LmdbEnv:
+    """The LMDB environment with map growth, resize handling and named-database handles."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        Path(config.path).mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(config.path),
+            map_size=config.map_size,
+            max_readers=config.max_readers,
+            max_dbs=config.max_dbs,
+            sync=config.sync,
+            metasync=config.sync,
+            lock=True,
+            readahead=False,
+        )
+        self.gate = _ResizeGate()
+        self._write_lock = threading.Lock()
+        self._open_lock = threading.RLock()
+        self._dbs: dict[bytes, lmdb._Database] = {}
+        self._registry_db = self._ensure_db(REGISTRY_DB)
+
+    def _ensure_db(self, name: bytes) -> lmdb._Database:
+        db = self.existing_db(name)
+        if db is None:
+            db = self.run_write(lambda txn: self.db_in_write(name, txn))
+            self._dbs[name] = db
+        return db
+
+    def grow(self, size: int) -> None:
+        """Remap to `size` bytes (0 = adopt the size another process set)."""
+        with self.gate.exclusive():
+            if size == 0 or size > self.env.info()["map_size"]:
+                self.env.set_mapsize(size)
+
+    def begin_read(self) -> lmdb.Transaction:
+        """A read transaction; the caller must call gate.exit() after ending it."""
+        while True:
+            self.gate.enter()
+            try:
+                return self.env.begin()
+            except lmdb.MapResizedError:
+                self.gate.exit()
+                self.grow(0)
+
+    @contextmanager
+    def read_txn(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction that sees everything committed before it began."""
+        txn = self.begin_read()
+        try:
+            yield txn
+        finally:
+            txn.abort()
+            self.gate.exit()
+
+    def run_write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run fn in a write transaction and commit; on MapFullError double the map and rerun."""
+        with self._write_lock:
+            while True:
+                self.gate.enter()
+                try:
+                    txn = self.env.begin(write=True)
+                except lmdb.MapResizedError:
+                    self.gate.exit()
+                    self.grow(0)
+                    continue
+                try:
+                    result = fn(txn)
+                    txn.commit()
+                    return result
+                except lmdb.MapFullError:
+                    txn.abort()
+                finally:
+                    self.gate.exit()
+                self.grow(self.env.info()["map_size"] * 2)
+
+    def registry_db(self) -> lmdb._Database:
+        """The named database holding the registry."""
+        return self._registry_db
+
+    def db_in_write(self, name: bytes, txn: lmdb.Transaction) -> lmdb._Database:
+        """Open (creating if needed) a named database inside a write transaction."""
+        db = self._dbs.get(name)
+        if db is not None:
+            return db
+        with self._open_lock:
+            db = self.env.open_db(name, txn=txn, create=True)
+        return db
+
+    def view_db(self, name: str, version: int, txn: lmdb.Transaction) -> lmdb._Database:
+        """The online rows database of a view version, created if needed (write txn)."""
+        return self.db_in_write(view_db_name(name, version), txn)
+
+    def existing_db(self, name: bytes) -> lmdb._Database | None:
+        """A handle to a named database that exists, or None; cached once found.
+
+        LMDB keeps a handle opened in a read-only transaction only for that transaction, so
+        this briefly takes the write lock (first use of a database in this process only).
+        """
+        db = self._dbs.get(name)
+        if db is not None:
+            return db
+        while True:
+            with self._write_lock, self._open_lock:
+                self.gate.enter()
+                try:
+                    db = self.env.open_db(name, create=False)
+                except lmdb.NotFoundError:
+                    return None
+                except lmdb.MapResizedError:
+                    db = None
+                finally:
+                    self.gate.exit()
+            if db is not None:
+                self._dbs[name] = db
+                return db
+            self.grow(0)
+
+    def cached_db(self, name: bytes) -> lmdb._Database | None:
+        """A handle this process already holds, without touching LMDB."""
+        return self._dbs.get(name)
+
+    def remember(self, name: bytes, db: lmdb._Database) -> None:
+        """Cache a handle opened in a write transaction that has committed."""
+        self._dbs[name] = db
+
+    def close(self) -> None:
+        with self._write_lock, self.gate.exclusive():
+            self.env.close()
+
+
+@dataclass
+class _Plan:
+    entity: Entity
+    decode: DecodePlan
+    db_name: bytes
+
+
+class OnlineStore:
+    """Latest feature values per entity and view version, in one LMDB environment."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self._lmdb = LmdbEnv(config)
+        self.registry = Registry(self._lmdb)
+        self._plans: dict[tuple, _Plan] = {}
+        self._layouts: dict[tuple[str, int, int], RowLayout] = {}
+        self._closed = False
+
+    def __enter__(self) -> OnlineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the environment; later calls raise UnavailableError."""
+        if not self._closed:
+            self._closed = True
+            self._lmdb.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UnavailableError("the online store is closed")
+
+    @property
+    def map_size(self) -> int:
+        """The current LMDB map size in bytes (it doubles when full)."""
+        return self._lmdb.env.info()["map_size"]
+
+    def _layout(self, view: FeatureView) -> RowLayout:
+        key = (view.name, view.version, len(view.features))
+        layout = self._layouts.get(key)
+        if layout is None or layout.view != view:
+            layout = RowLayout(view)
+            self._layouts[key] = layout
+        return layout
+
+    def prepare(self, batch: WriteBatch, now_us: int | None = None) -> PreparedBatch:
+        """Validate and encode a batch outside any transaction.
+
+        Raises InvalidArgumentError naming the column and first bad row (or drops bad rows into
+        RowErrors when skip_bad_rows), NotFoundError for unknown views or features,
+        ResourceExhaustedError over max_rows_per_write.
+        """
+        self._check_open()
+        now_us = time.time_ns() // 1000 if now_us is None else int(now_us)
+        view = self.registry.get_view(batch.view, batch.version)
+        entity = self.registry.get_entity(view.entity)
+        event_us = np.asarray(batch.event_us)
+        if event_us.ndim != 1 or (event_us.dtype.kind not in "iu" and len(event_us)):
+            raise InvalidArgumentError(
+                f"event_us must be a 1-D integer array of µs since the epoch, got dtype "
+                f"{event_us.dtype} shape {event_us.shape}"
+            )
+        n = len(event_us)
+        if n > self.config.max_rows_per_write:
+            raise ResourceExhaustedError(
+                f"batch has {n} rows, over max_rows_per_write={self.config.max_rows_per_write}; "
+                "split it"
+            )
+        event_us = event_us.astype(np.int64)
+        if key_rows(entity, batch.keys) != n:
+            raise InvalidArgumentError(
+                f"key columns have {key_rows(entity, batch.keys)} rows, event_us has {n}"
+            )
+        columns, nulls = self._check_columns(view, batch, n)
+        bad: list[tuple[int, str, str]] = []
+        limit = now_us + self.config.max_clock_skew_seconds * 1_000_000
+        for row in np.flatnonzero(event_us > limit).tolist():
+            bad.append((row, "event_us", f"event time is after now + {self._skew()}"))
+        for row in np.flatnonzero(event_us <= 0).tolist():
+            bad.append((row, "event_us", "event time must be > 0 µs since the epoch"))
+        encoded: EncodedKeys = encode_keys(entity, batch.keys)
+        bad.extend(encoded.errors)
+        strings = self._check_values(view, columns, nulls, bad)
+        errors = _first_per_row(bad)
+        if errors and not batch.skip_bad_rows:
+            first = errors[0]
+            raise InvalidArgumentError(
+                f"column {first.column!r} row {first.row}: {first.reason}; fix the row, or set "
+                f"skip_bad_rows to drop bad rows ({len(errors)} bad rows)"
+            )
+        keys = encoded.keys
+        if errors:
+            keep = np.ones(n, np.bool_)
+            keep[[e.row for e in errors]] = False
+            idx = np.flatnonzero(keep)
+            keys = [keys[i] for i in idx]
+            event_us = event_us[idx]
+            columns = {k: v[idx] for k, v in columns.items()}
+            nulls = {k: v[idx] for k, v in nulls.items()}
+            strings = {k: [v[i] for i in idx] for k, v in strings.items()}
+        rows = encode_rows(self._layout(view), event_us, now_us, {**columns, **strings}, nulls)
+        return PreparedBatch(
+            view, keys, rows, event_us, pack_batch(keys, rows), len(errors), errors
+        )
+
+    def _skew(self) -> str:
+        return f"max_clock_skew_seconds={self.config.max_clock_skew_seconds}"
+
+    def _check_columns(
+        self, view: FeatureView, batch: WriteBatch, n: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        for name in batch.columns:
+            view.feature(name)
+        for name in batch.nulls:
+            view.feature(name)
+        columns: dict[str, np.ndarray] = {}
+        nulls: dict[str, np.ndarray] = {}
+        for feat in view.features:
+            if feat.name not in batch.columns:
+                raise InvalidArgumentError(
+                    f"feature column {feat.name!r} of view {view.name!r} is missing; send every "
+                    "feature and mark absent values in nulls"
+                )
+            col = np.asarray(batch.columns[feat.name])
+            want_ndim = 2 if feat.dtype is DType.FLOAT32_VECTOR else 1
+            if col.ndim != want_ndim or len(col) != n:
+                shape = f"({n}, {feat.vector_length})" if want_ndim == 2 else f"({n},)"
+                raise InvalidArgumentError(
+                    f"feature column {feat.name!r} has shape {col.shape}, expected {shape}"
+                )
+            if want_ndim == 2 and col.shape[1] != feat.vector_length:
+                raise InvalidArgumentError(
+                    f"feature column {feat.name!r} has vectors of length {col.shape[1]}, the "
+                    f"view declares vector_length={feat.vector_length}"
+                )
+            kinds = _KINDS[feat.dtype]
+            if col.dtype.kind not in kinds and not (n == 0 and col.dtype.kind in "fO"):
+                raise InvalidArgumentError(
+                    f"feature column {feat.name!r} is {feat.dtype.name}; got NumPy dtype "
+                    f"{col.dtype}"
+                )
+            columns[feat.name] = col
+            if feat.name in batch.nulls:
+                mask = np.asarray(batch.nulls[feat.name])
+                if mask.dtype != np.bool_ or mask.shape != (n,):
+                    raise InvalidArgumentError(
+                        f"nulls[{feat.name!r}] must be a bool array of shape ({n},), got "
+                        f"{mask.dtype} {mask.shape}"
+                    )
+                nulls[feat.name] = mask
+        return columns, nulls
+
+    def _check_values(
+        self,
+        view: FeatureView,
+        columns: dict[str, np.ndarray],
+        nulls: dict[str, np.ndarray],
+        bad: list[tuple[int, str, str]],
+    ) -> dict[str, list[bytes]]:
+        """Row-level value checks (NaN, int range, string type and UTF-8); returns the string
+        columns encoded to UTF-8 bytes and converts numeric columns in place."""
+        strings: dict[str, list[bytes]] = {}
+        for feat in view.features:
+            col = columns[feat.name]
+            null = nulls.get(feat.name)
+            if feat.dtype is DType.STRING:
+                strings[feat.name] = _encode_strings(col, feat.name, null, bad, nulls)
+                continue
+            if is_float(feat.dtype) and not feat.allow_nan and col.dtype.kind == "f":
+                nan = np.isnan(col)
+                if nan.ndim == 2:
+                    nan = nan.any(axis=1)
+                if null is not None:
+                    nan &= ~null
+                bad.extend(
+                    (int(r), feat.name, "NaN but allow_nan is false") for r in nan.nonzero()[0]
+                )
+            if feat.dtype is DType.INT64 and col.dtype == np.uint64:
+                over = col > np.uint64(np.iinfo(np.int64).max)
+                bad.extend(
+                    (int(r), feat.name, "value exceeds the int64 range") for r in over.nonzero()[0]
+                )
+                col = np.where(over, 0, col)
+            columns[feat.name] = col
+        return strings
+
+    def write_prepared(self, batches: Sequence[PreparedBatch]) -> list[WriteResult]:
+        """Write many prepared batches in ONE synced transaction (durable on return).
+
+        Last-write-wins by event time, compared inside the transaction: a row older than the
+        stored one counts as stale; an equal event time lets the later write win.
+        """
+        self._check_open()
+        if not batches:
+            return []
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, batch in enumerate(batches):
+            groups.setdefault((batch.view.name, batch.view.version), []).append(i)
+
+        def work(txn: lmdb.Transaction) -> tuple[list[int], list[int], list[tuple[bytes, object]]]:
+            written = [0] * len(batches)
+            stale = [0] * len(batches)
+            opened = []
+            for (name, version), members in groups.items():
+                db_name = view_db_name(name, version)
+                db = self._lmdb.db_in_write(db_name, txn)
+                hist_name = history_db_name(name, version)
+                hist = self._lmdb.db_in_write(hist_name, txn)
+                opened += [(db_name, db), (hist_name, hist)]
+                accepted = _apply_group(txn, db, [batches[i] for i in members])
+                for i, (w, s) in zip(members, accepted, strict=True):
+                    written[i], stale[i] = w, s
+                cur = txn.cursor(db=hist)
+                seq = int.from_bytes(cur.key(), "big") + 1 if cur.last() else 1
+                for i in members:
+                    if batches[i].keys:
+                        cur.put(seq.to_bytes(8, "big"), batches[i].history, append=True)
+                        seq += 1
+            return written, stale, opened
+
+        written, stale, opened = self._lmdb.run_write(work)
+        for name, db in opened:
+            self._lmdb.remember(name, db)
+        return [
+            WriteResult(w, s, b.rejected, b.errors)
+            for w, s, b in zip(written, stale, batches, strict=True)
+        ]
+
+    def write(self, batch: WriteBatch, now_us: int | None = None) -> WriteResult:
+        """prepare + write_prepared for one batch."""
+        return self.write_prepared([self.prepare(batch, now_us)])[0]
+
+    def _plan(self, view: FeatureView, features: Sequence[str] | None) -> _Plan:
+        key = (
+            view.name,
+            view.version,
+            view.updated_us,
+            None if features is None else tuple(features),
+        )
+        plan = self._plans.get(key)
+        if plan is None:
+            names = [f.name for f in view.features] if features is None else list(features)
+            plan = _Plan(
+                self.registry.get_entity(view.entity),
+                DecodePlan(self._layout(view), names),
+                view_db_name(view.name, view.version),
+            )
+            if len(self._plans) >= _PLAN_CACHE_LIMIT:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def read(
+        self,
+        view: str,
+        keys: dict[str, np.ndarray],
+        features: Sequence[str] | None = None,
+        version: int = 0,
+        now_us: int | None = None,
+    ) -> ReadResult:
+        """Latest values of `features` (default all) for each entity row, in one read txn.
+
+        Rows older than the view's ttl_seconds are withheld as OUTSIDE_MAX_AGE.
+        """
+        self._check_open()
+        lmdb_env = self._lmdb
+        fv, plan, rows = None, None, None
+        while rows is None:
+            txn = lmdb_env.begin_read()
+            try:
+                fv = self.registry.get_view(view, version, txn)
+                plan = self._plan(fv, features)
+                encoded = encode_keys(plan.entity, keys)
+                n = len(encoded.keys)
+                if n > self.config.max_entities_per_read:
+                    raise ResourceExhaustedError(
+                        f"read of {n} entities is over max_entities_per_read="
+                        f"{self.config.max_entities_per_read}; split it"
+                    )
+                db = lmdb_env.cached_db(plan.db_name)
+                if db is not None:
+                    get = txn.cursor(db=db).get
+                    rows = [get(k, MISSING_ROW) for k in encoded.keys]
+            finally:
+                txn.abort()
+                lmdb_env.gate.exit()
+            if rows is None and lmdb_env.existing_db(plan.db_name) is None:
+                rows = [MISSING_ROW] * n
+        cutoff = NO_CUTOFF
+        if fv.ttl_seconds:
+            now = time.time_ns() // 1000 if now_us is None else int(now_us)
+            cutoff = now - fv.ttl_seconds * 1_000_000
+        decoded = decode_rows(plan.decode, rows, np.full(n, cutoff, np.int64))
+        return ReadResult(fv, decoded.event_us, decoded.row_status, decoded.blocks)
+
+    def history_blobs(self, name: str, version: int) -> list[bytes]:
+        """Every history record of a view version, in write order."""
+        self._check_open()
+        db = self._lmdb.existing_db(history_db_name(name, version))
+        if db is None:
+            return []
+        with self._lmdb.read_txn() as txn:
+            return [bytes(v) for _, v in txn.cursor(db=db)]
+
+    def replace_online_rows(
+        self, name: str, version: int, pairs: Sequence[tuple[bytes, bytes]]
+    ) -> None:
+        """Empty a view version's online rows and store `pairs` (key, row) in one transaction."""
+        self._check_open()
+
+        def work(txn: lmdb.Transaction) -> None:
+            db = self._lmdb.view_db(name, version, txn)
+            txn.drop(db, delete=False)
+            txn.cursor(db=db).putmulti(pairs)
+
+        self._lmdb.run_write(work)
+
+
+_KINDS = {
+    DType.FLOAT32: "fiu",
+    DType.FLOAT64: "fiu",
+    DType.INT64: "iu",
+    DType.BOOL: "b",
+    DType.STRING: "OUS",
+    DType.FLOAT32_VECTOR: "fiu",
+}
+
+
+def _encode_strings(
+    col: np.ndarray,
+    name: str,
+    null: np.ndarray | None,
+    bad: list[tuple[int, str, str]],
+    nulls: dict[str, np.ndarray],
+) -> list[bytes]:
+    out: list[bytes] = []
+    none_rows: list[int] = []
+    for row, value in enumerate(col.tolist()):
+        if isinstance(value, str):
+            try:
+                out.append(value.encode())
+            except UnicodeEncodeError:
+                bad.append((row, name, "string is not valid Unicode (lone surrogate)"))
+                out.append(b"")
+        elif isinstance(value, bytes):
+            try:
+                value.decode()
+            except UnicodeDecodeError:
+                bad.append((row, name, "bytes are not valid UTF-8"))
+            out.append(value)
+        elif value is None:
+            none_rows.append(row)
+            out.append(b"")
+        else:
+            bad.append((row, name, f"expected str, got {type(value).__name__}"))
+            out.append(b"")
+    if none_rows:
+        mask = np.zeros(len(out), np.bool_) if null is None else null.copy()
+        mask[none_rows] = True
+        nulls[name] = mask
+    return out
+
+
+def _first_per_row(bad: list[tuple[int, str, str]]) -> list[RowError]:
+    first: dict[int, RowError] = {}
+    for row, column, reason in sorted(bad, key=lambda e: e[0]):
+        first.setdefault(row, RowError(row, column, reason))
+    return list(first.values())
+
+
+def _apply_group(
+    txn: lmdb.Transaction, db: lmdb._Database, batches: list[PreparedBatch]
+) -> list[tuple[int, int]]:
+    """Last-write-wins put of the batches' rows into db; (written, stale) per batch."""
+    keys = [k for b in batches for k in b.keys]
+    rows = [r for b in batches for r in b.rows]
+    events = np.concatenate([b.event_us for b in batches]) if keys else np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(len(batches)), [len(b.keys) for b in batches])
+    cur = txn.cursor(db=db)
+    get = cur.get
+    stored = b"".join([(o[8:16] if o else _MIN_EVENT_BYTES) for o in [get(k) for k in keys]])
+    old = np.frombuffer(stored, "<i8")
+    if len(set(keys)) == len(keys):
+        applied = events >= old
+        final = applied
+    else:
+        applied, final = _resolve_duplicates(keys, events, old)
+    idx = np.flatnonzero(final).tolist()
+    cur.putmulti([(keys[i], rows[i]) for i in idx])
+    written = np.bincount(owner[applied], minlength=len(batches))
+    total = np.array([len(b.keys) for b in batches])
+    return [(int(w), int(t - w)) for w, t in zip(written, total, strict=True)]
+
+
+def _resolve_duplicates(
+    keys: list[bytes], events: np.ndarray, old: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sequential last-write-wins for keys repeated within one commit.
+
+    Returns (applied: row beat the value before it, final: row is the one left stored).
+    """
+    applied = np.zeros(len(keys), np.bool_)
+    current: dict[bytes, tuple[int, int]] = {}
+    ev = events.tolist()
+    before = old.tolist()
+    for i, key in enumerate(keys):
+        prev = current.get(key)
+        base = before[i] if prev is None else prev[0]
+        if ev[i] >= base:
+            applied[i] = True
+            current[key] = (ev[i], i)
+        elif prev is None:
+            current[key] = (base, -1)
+    final = np.zeros(len(keys), np.bool_)
+    winners = [i for _, i in current.values() if i >= 0]
+    final[winners] = True
+    return applied, final

@@ -1,0 +1,474 @@
+"""Entities and versioned feature views, stored in the online store's LMDB environment.
+
+Definitions live in their own named database; a generation counter bumped by every apply lets
+each process keep a parsed in-memory cache and refresh it with one cheap `get`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from typing import Protocol, TypeVar
+
+import lmdb
+
+from featurestore.dtypes import DType
+from featurestore.errors import ConflictError, InvalidArgumentError, NotFoundError
+
+T = TypeVar("T")
+
+REGISTRY_DB = b"__registry__"
+_GENERATION = b"gen"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_KEY_DTYPES = (DType.INT64, DType.STRING)
+
+
+@dataclass(frozen=True)
+class JoinKey:
+    """One column of an entity's key; dtype is INT64 or STRING."""
+
+    name: str
+    dtype: DType
+
+
+@dataclass(frozen=True)
+class Entity:
+    """What features describe (a user, a driver); composite keys have several join keys."""
+
+    name: str
+    join_keys: tuple[JoinKey, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One feature of a view; vector_length > 0 only for FLOAT32_VECTOR."""
+
+    name: str
+    dtype: DType
+    vector_length: int = 0
+    description: str = ""
+    allow_nan: bool = False
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    """A versioned group of features of one entity, written and read together.
+
+    tags is a plain dict (not hashed or compared by identity; treat it as read-only).
+    version 0 in `Registry.apply` means "the registry decides"; stored views have version >= 1.
+    """
+
+    name: str
+    entity: str
+    features: tuple[Feature, ...]
+    version: int = 0
+    ttl_seconds: int = 0
+    description: str = ""
+    owner: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    created_us: int = 0
+    updated_us: int = 0
+
+    def feature(self, name: str) -> Feature:
+        """The feature called `name`, or NotFoundError listing the view's features."""
+        for feat in self.features:
+            if feat.name == name:
+                return feat
+        known = ", ".join(f.name for f in self.features)
+        raise NotFoundError(
+            f"feature {name!r} is not in view {self.name!r} v{self.version}; features: {known}"
+        )
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What apply did to one view: action is "created", "updated" or "unchanged"."""
+
+    view: str
+    version: int
+    action: str
+
+
+class TxnSource(Protocol):
+    """The slice of the LMDB environment wrapper the registry needs (see online_store.LmdbEnv)."""
+
+    def read_txn(self) -> AbstractContextManager[lmdb.Transaction]: ...
+
+    def run_write(self, fn: Callable[[lmdb.Transaction], T]) -> T: ...
+
+    def registry_db(self) -> lmdb._Database: ...
+
+    def db_in_write(self, name: bytes, txn: lmdb.Transaction) -> lmdb._Database: ...
+
+
+def view_db_name(name: str, version: int) -> bytes:
+    """The named LMDB database that holds the online rows of one view version."""
+    return f"v:{name}@{version}".encode()
+
+
+def history_db_name(name: str, version: int) -> bytes:
+    """The named LMDB database holding the history log of one view version."""
+    return f"h:{name}@{version}".encode()
+
+
+def _entity_key(name: str) -> bytes:
+    return b"e\x00" + name.encode()
+
+
+def _view_key(name: str, version: int) -> bytes:
+    return b"v\x00" + name.encode() + b"\x00" + version.to_bytes(4, "big")
+
+
+def _entity_to_json(entity: Entity) -> bytes:
+    return json.dumps(
+        {
+            "name": entity.name,
+            "join_keys": [[k.name, int(k.dtype)] for k in entity.join_keys],
+            "description": entity.description,
+        }
+    ).encode()
+
+
+def _entity_from_json(raw: bytes) -> Entity:
+    d = json.loads(raw)
+    keys = tuple(JoinKey(name, DType(dtype)) for name, dtype in d["join_keys"])
+    return Entity(d["name"], keys, d["description"])
+
+
+def _view_to_json(view: FeatureView) -> bytes:
+    d = {
+        "name": view.name,
+        "entity": view.entity,
+        "version": view.version,
+        "ttl_seconds": view.ttl_seconds,
+        "description": view.description,
+        "owner": view.owner,
+        "tags": dict(view.tags),
+        "created_us": view.created_us,
+        "updated_us": view.updated_us,
+        "features": [
+            [f.name, int(f.dtype), f.vector_length, f.description, f.allow_nan]
+            for f in view.features
+        ],
+    }
+    return json.dumps(d).encode()
+
+
+def _view_from_json(raw: bytes) -> FeatureView:
+    d = json.loads(raw)
+    feats = tuple(Feature(n, DType(t), vl, desc, nan) for n, t, vl, desc, nan in d.pop("features"))
+    return FeatureView(features=feats, **d)
+
+
+def _check_name(kind: str, name: object) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidArgumentError(
+            f"{kind} {name!r} is not a valid name: use letters, digits and _, not starting "
+            "with a digit"
+        )
+
+
+def validate_entity(entity: Entity) -> None:
+    """Raise InvalidArgumentError naming the bad field of an entity definition."""
+    _check_name("entity name", entity.name)
+    if not entity.join_keys:
+        raise InvalidArgumentError(f"entity {entity.name!r}: join_keys must not be empty")
+    seen: set[str] = set()
+    for key in entity.join_keys:
+        _check_name(f"entity {entity.name!r} join key", key.name)
+        if key.name in seen:
+            raise InvalidArgumentError(f"entity {entity.name!r}: join key {key.name!r} repeated")
+        seen.add(key.name)
+        if key.dtype not in _KEY_DTYPES:
+            raise InvalidArgumentError(
+                f"entity {entity.name!r} join key {key.name!r}: dtype must be INT64 or STRING, "
+                f"got {key.dtype!r}"
+            )
+
+
+def validate_view(view: FeatureView, entity: Entity | None) -> None:
+    """Raise InvalidArgumentError naming the bad field of a view definition."""
+    _check_name("feature view name", view.name)
+    where = f"feature view {view.name!r}"
+    if entity is None:
+        raise InvalidArgumentError(
+            f"{where}: entity {view.entity!r} is not registered; apply it with the view"
+        )
+    if not isinstance(view.version, int) or view.version < 0:
+        raise InvalidArgumentError(f"{where}: version must be >= 0, got {view.version!r}")
+    if not isinstance(view.ttl_seconds, int) or view.ttl_seconds < 0:
+        raise InvalidArgumentError(f"{where}: ttl_seconds must be >= 0, got {view.ttl_seconds!r}")
+    if not view.features:
+        raise InvalidArgumentError(f"{where}: features must not be empty")
+    key_names = {k.name for k in entity.join_keys}
+    seen: set[str] = set()
+    for feat in view.features:
+        _check_name(f"{where} feature", feat.name)
+        if feat.name in seen:
+            raise InvalidArgumentError(f"{where}: feature {feat.name!r} repeated")
+        if feat.name in key_names:
+            raise InvalidArgumentError(
+                f"{where}: feature {feat.name!r} has the name of a join key of {entity.name!r}"
+            )
+        seen.add(feat.name)
+        try:
+            dtype = DType(feat.dtype)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"{where} feature {feat.name!r}: unknown dtype {feat.dtype!r}"
+            ) from None
+        if dtype is DType.FLOAT32_VECTOR and feat.vector_length <= 0:
+            raise InvalidArgumentError(
+                f"{where} feature {feat.name!r}: FLOAT32_VECTOR needs vector_length > 0"
+            )
+        if dtype is not DType.FLOAT32_VECTOR and feat.vector_length != 0:
+            raise InvalidArgumentError(
+                f"{where} feature {feat.name!r}: vector_length is only for FLOAT32_VECTOR"
+            )
+    for key, value in view.tags.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgumentError(f"{where}: tags must map str to str, got {key!r}")
+
+
+def _normalise(view: FeatureView) -> FeatureView:
+    feats = tuple(replace(f, dtype=DType(f.dtype)) for f in view.features)
+    return replace(view, features=feats, tags=dict(view.tags))
+
+
+def _merge(old: FeatureView, new: FeatureView, latest: int) -> FeatureView | None:
+    """The in-place update of `old` by `new`, or None when they define the same view.
+
+    Raises ConflictError when the change drops or retypes a feature (or changes the entity).
+    """
+    fix = f"needs a new version (apply with version={latest + 1})"
+    if new.entity != old.entity:
+        raise ConflictError(
+            f"feature view {old.name!r} v{old.version}: changing entity {old.entity!r} to "
+            f"{new.entity!r} {fix}"
+        )
+    new_by_name = {f.name: f for f in new.features}
+    for feat in old.features:
+        now = new_by_name.get(feat.name)
+        if now is None:
+            raise ConflictError(
+                f"feature view {old.name!r} v{old.version}: dropping feature {feat.name!r} {fix}"
+            )
+        if (now.dtype, now.vector_length) != (feat.dtype, feat.vector_length):
+            raise ConflictError(
+                f"feature view {old.name!r} v{old.version}: retyping feature {feat.name!r} from "
+                f"{feat.dtype.name}[{feat.vector_length}] to {now.dtype.name}[{now.vector_length}] "
+                f"{fix}"
+            )
+    old_names = {f.name for f in old.features}
+    kept = tuple(new_by_name[f.name] for f in old.features)
+    added = tuple(f for f in new.features if f.name not in old_names)
+    merged = replace(
+        old,
+        features=kept + added,
+        ttl_seconds=new.ttl_seconds,
+        description=new.description,
+        owner=new.owner,
+        tags=dict(new.tags),
+    )
+    if merged == old:
+        return None
+    return merged
+
+
+@dataclass
+class _Snapshot:
+    entities: dict[str, Entity]
+    views: dict[str, dict[int, FeatureView]]
+
+
+class Registry:
+    """Entities and versioned feature views with a per-process cache refreshed by generation."""
+
+    def __init__(self, env: TxnSource) -> None:
+        self._env = env
+        self._generation = -1
+        self._snap = _Snapshot({}, {})
+
+    def refresh(self, txn: lmdb.Transaction) -> None:
+        """Reload the cache if another apply committed since it was filled (one `get` if not)."""
+        db = self._env.registry_db()
+        raw = txn.get(_GENERATION, db=db)
+        generation = int.from_bytes(raw, "little") if raw else 0
+        if generation != self._generation:
+            self._snap = self._load(txn, db)
+            self._generation = generation
+
+    def _load(self, txn: lmdb.Transaction, db: lmdb._Database) -> _Snapshot:
+        snap = _Snapshot({}, {})
+        for key, raw in txn.cursor(db=db):
+            if key.startswith(b"e\x00"):
+                entity = _entity_from_json(raw)
+                snap.entities[entity.name] = entity
+            elif key.startswith(b"v\x00"):
+                view = _view_from_json(raw)
+                snap.views.setdefault(view.name, {})[view.version] = view
+        return snap
+
+    def _current(self) -> _Snapshot:
+        with self._env.read_txn() as txn:
+            self.refresh(txn)
+        return self._snap
+
+    def get_view(
+        self, name: str, version: int = 0, txn: lmdb.Transaction | None = None
+    ) -> FeatureView:
+        """The view `name` at `version` (0 = latest); NotFoundError lists what exists."""
+        if txn is None:
+            snap = self._current()
+        else:
+            self.refresh(txn)
+            snap = self._snap
+        versions = snap.views.get(name)
+        if not versions:
+            known = ", ".join(sorted(snap.views)) or "none"
+            raise NotFoundError(f"feature view {name!r} is not registered; registered: {known}")
+        if version == 0:
+            return versions[max(versions)]
+        view = versions.get(version)
+        if view is None:
+            known = ", ".join(str(v) for v in sorted(versions))
+            raise NotFoundError(
+                f"feature view {name!r} has no version {version}; versions: {known}"
+            )
+        return view
+
+    def list_views(self, name_prefix: str = "", all_versions: bool = False) -> list[FeatureView]:
+        """Views whose name starts with name_prefix, by name; latest version only unless asked."""
+        snap = self._current()
+        out: list[FeatureView] = []
+        for name in sorted(snap.views):
+            if not name.startswith(name_prefix):
+                continue
+            versions = snap.views[name]
+            if all_versions:
+                out.extend(versions[v] for v in sorted(versions))
+            else:
+                out.append(versions[max(versions)])
+        return out
+
+    def get_entity(self, name: str, txn: lmdb.Transaction | None = None) -> Entity:
+        """The entity `name`; NotFoundError lists the registered entities."""
+        if txn is None:
+            snap = self._current()
+        else:
+            self.refresh(txn)
+            snap = self._snap
+        entity = snap.entities.get(name)
+        if entity is None:
+            known = ", ".join(sorted(snap.entities)) or "none"
+            raise NotFoundError(f"entity {name!r} is not registered; registered: {known}")
+        return entity
+
+    def list_entities(self) -> list[Entity]:
+        """All registered entities, by name."""
+        snap = self._current()
+        return [snap.entities[n] for n in sorted(snap.entities)]
+
+    def apply(
+        self, entities: Iterable[Entity], views: Iterable[FeatureView], dry_run: bool = False
+    ) -> list[ApplyResult]:
+        """Register entities and views atomically, following the versioning rules.
+
+        Per view, version 0 lets the registry decide: same definition -> "unchanged"; only added
+        features or metadata changes -> "updated" in place; dropped or retyped features ->
+        ConflictError. version = latest+1 creates a new version; older versions stay readable.
+        """
+        entities = list(entities)
+        views = [_normalise(v) for v in views]
+        for entity in entities:
+            validate_entity(replace(entity, join_keys=tuple(entity.join_keys)))
+
+        def work(txn: lmdb.Transaction) -> list[ApplyResult]:
+            db = self._env.registry_db()
+            snap = self._load(txn, db)
+            now = time.time_ns() // 1000
+            puts: list[tuple[bytes, bytes]] = []
+            new_views: list[FeatureView] = []
+            for entity in entities:
+                entity = replace(
+                    entity,
+                    join_keys=tuple(JoinKey(k.name, DType(k.dtype)) for k in entity.join_keys),
+                )
+                old = snap.entities.get(entity.name)
+                if old is not None and old.join_keys != entity.join_keys:
+                    raise ConflictError(
+                        f"entity {entity.name!r}: join keys cannot change (stored: "
+                        f"{[(k.name, k.dtype.name) for k in old.join_keys]}); register a new "
+                        "entity name"
+                    )
+                if old != entity:
+                    puts.append((_entity_key(entity.name), _entity_to_json(entity)))
+                snap.entities[entity.name] = entity
+            results = [self._plan_view(snap, view, now, puts, new_views) for view in views]
+            if dry_run:
+                return results
+            for key, value in puts:
+                txn.put(key, value, db=db)
+            if puts:
+                raw = txn.get(_GENERATION, db=db)
+                generation = (int.from_bytes(raw, "little") if raw else 0) + 1
+                txn.put(_GENERATION, generation.to_bytes(8, "little"), db=db)
+            for view in new_views:
+                self._env.db_in_write(view_db_name(view.name, view.version), txn)
+            return results
+
+        return self._env.run_write(work)
+
+    def _plan_view(
+        self,
+        snap: _Snapshot,
+        view: FeatureView,
+        now: int,
+        puts: list[tuple[bytes, bytes]],
+        new_views: list[FeatureView],
+    ) -> ApplyResult:
+        validate_view(view, snap.entities.get(view.entity))
+        versions = snap.views.setdefault(view.name, {})
+        latest = max(versions, default=0)
+        target = view.version or latest
+        if target == 0 or (target == latest + 1 and target not in versions):
+            stored = replace(view, version=target or 1, created_us=now, updated_us=now)
+            versions[stored.version] = stored
+            puts.append((_view_key(stored.name, stored.version), _view_to_json(stored)))
+            new_views.append(stored)
+            return ApplyResult(stored.name, stored.version, "created")
+        old = versions.get(target)
+        if old is None:
+            raise InvalidArgumentError(
+                f"feature view {view.name!r}: version {view.version} does not exist; existing: "
+                f"{sorted(versions)}; the next new version is {latest + 1}"
+            )
+        merged = _merge(old, view, latest)
+        if merged is None:
+            return ApplyResult(old.name, old.version, "unchanged")
+        merged = replace(merged, updated_us=now)
+        versions[target] = merged
+        puts.append((_view_key(merged.name, merged.version), _view_to_json(merged)))
+        return ApplyResult(merged.name, merged.version, "updated")
+
+    def delete_view(self, name: str, version: int) -> None:
+        """Remove one version of a view and empty its online rows; NotFoundError if absent."""
+
+        def work(txn: lmdb.Transaction) -> None:
+            db = self._env.registry_db()
+            if version == 0:
+                raise InvalidArgumentError(f"delete_view {name!r}: name the version to delete")
+            self.get_view(name, version, txn)
+            txn.delete(_view_key(name, version), db=db)
+            raw = txn.get(_GENERATION, db=db)
+            generation = (int.from_bytes(raw, "little") if raw else 0) + 1
+            txn.put(_GENERATION, generation.to_bytes(8, "little"), db=db)
+            txn.drop(self._env.db_in_write(view_db_name(name, version), txn), delete=False)
+            txn.drop(self._env.db_in_write(history_db_name(name, version), txn), delete=False)
+
+        self._env.run_write(work)

@@ -1,0 +1,315 @@
+"""The window job: Flink SQL window TVFs per entity, written to featureserve by a vectorised sink.
+
+Flink's own operators parse, watermark and window the events; Python runs only pandas UDFs
+over Arrow batches: the derived columns (shared Numba kernels), the sink and the dead-letter
+writer. The same statements run in streaming mode (a watched folder or Kafka) and in batch
+mode (backfill.py).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyflink.table import DataTypes, EnvironmentSettings, TableEnvironment
+from pyflink.table.udf import FunctionContext, ScalarFunction, udf
+
+from featurestore.errors import FeatureStoreError, InvalidArgumentError, UnavailableError
+from pipelines.config import COLUMN_TYPES, Pipeline, Window, load_pipelines
+from pipelines.dead_letter import DeadLetterWriter, count_by_reason
+from pipelines.sink import FeatureSink, SinkConfig, SinkCounters, read_stats
+
+ROWTIME = "event_rowtime"
+PACKAGES = ("pipelines", "clients", "protos", "featurestore")
+_SQL_AGG = {"count": "COUNT(*)", "count_distinct": "COUNT(DISTINCT {c})", "sum": "SUM({c})",
+            "mean": "AVG({c})", "min": "MIN({c})", "max": "MAX({c})"}  # fmt: skip
+
+
+@dataclass
+class JobOptions:
+    """Where a job reads, where it writes, and how it runs."""
+
+    source: Path
+    target: str
+    definitions: Path
+    bounded: bool = False
+    parallelism: int = 1
+    monitor_interval_s: float = 1.0
+    dead_letter: Path | None = None
+    stats_dir: Path | None = None
+    jobmanager: str | None = None
+    kafka_jar: Path | None = None
+    kafka_topic: str | None = None
+    bootstrap_servers: str | None = None
+    retry_bound_s: float = 30.0
+    arrow_batch_rows: int = 10_000
+    bundle_time_ms: int = 200
+    check_views: bool = True
+
+    def dead_letter_path(self) -> Path:
+        """The dead-letter file: beside the source folder unless given."""
+        if self.dead_letter is not None:
+            return Path(self.dead_letter)
+        source = Path(self.source)
+        return source.parent / f"{source.name}.dead-letter.jsonl"
+
+
+@dataclass
+class JobReport:
+    """What a finished (or stopped) job did."""
+
+    mode: str
+    seconds: float
+    sinks: dict[str, SinkCounters] = field(default_factory=dict)
+    dead_letters: dict[str, int] = field(default_factory=dict)
+
+
+def _interval(seconds: float) -> str:
+    """A DAY TO SECOND(3) literal (up to 99 days; the form Flink's code generator accepts)."""
+    ms = round(seconds * 1000)
+    days, ms = divmod(ms, 86_400_000)
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    return f"INTERVAL '{days} {hours:02d}:{minutes:02d}:{ms / 1000:06.3f}' DAY TO SECOND(3)"
+
+
+class WindowSink(ScalarFunction):
+    """Pandas UDF: writes a batch of window rows to one view and returns once it is durable."""
+
+    def __init__(self, config: SinkConfig, features: list[str]) -> None:
+        self.config, self.features = config, features
+        self.sink: FeatureSink | None = None
+
+    def open(self, function_context: FunctionContext) -> None:
+        self.sink = FeatureSink(self.config)
+
+    def eval(self, keys: pd.Series, window_end: pd.Series, *values: pd.Series) -> pd.Series:
+        end_us = window_end.to_numpy().astype("datetime64[us]").astype(np.int64)
+        cols = {n: v.to_numpy() for n, v in zip(self.features, values, strict=True)}
+        self.sink.write(keys.to_numpy(np.int64), end_us, cols)
+        return pd.Series(np.ones(len(keys), dtype=np.int8))
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+
+class DeadLetterSink(ScalarFunction):
+    """Pandas UDF: appends rejected events and their reasons to the dead-letter file."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path, self.columns = path, columns
+        self.writer: DeadLetterWriter | None = None
+
+    def open(self, function_context: FunctionContext) -> None:
+        self.writer = DeadLetterWriter(self.path)
+
+    def eval(self, reason: pd.Series, *values: pd.Series) -> pd.Series:
+        records = {n: v.tolist() for n, v in zip(self.columns, values, strict=True)}
+        self.writer.write(reason.tolist(), records)
+        return pd.Series(np.ones(len(reason), dtype=np.int8))
+
+
+class DistanceToPoint(ScalarFunction):
+    """Pandas UDF: haversine km from each event to a fixed point, by the shared Numba kernel."""
+
+    def __init__(self, point: tuple[float, float]) -> None:
+        self.point = point
+
+    def eval(self, lat: pd.Series, lon: pd.Series) -> pd.Series:
+        from featurestore.kernels.spatial import distance_to_point_km
+
+        lat_a, lon_a = lat.to_numpy(np.float64), lon.to_numpy(np.float64)
+        return pd.Series(distance_to_point_km(lat_a, lon_a, self.point[0], self.point[1]))
+
+
+def create_table_env(options: JobOptions, streaming: bool) -> TableEnvironment:
+    """A table environment: local mini-cluster, or a remote cluster with --jobmanager."""
+    mode = EnvironmentSettings.in_streaming_mode() if streaming else EnvironmentSettings.in_batch_mode()
+    t_env = TableEnvironment.create(mode)
+    conf = t_env.get_config()
+    conf.set("python.executable", sys.executable)
+    conf.set("python.client.executable", sys.executable)
+    conf.set("table.local-time-zone", "UTC")
+    conf.set("parallelism.default", str(options.parallelism))
+    conf.set("python.fn-execution.arrow.batch.size", str(options.arrow_batch_rows))
+    conf.set("python.fn-execution.bundle.size", str(options.arrow_batch_rows * 10))
+    conf.set("python.fn-execution.bundle.time", str(options.bundle_time_ms))
+    conf.set("pipeline.name", f"featureserve-{'streaming' if streaming else 'backfill'}")
+    if options.jobmanager:
+        host, _, port = options.jobmanager.rpartition(":")
+        conf.set("execution.target", "remote")
+        conf.set("rest.address", host)
+        conf.set("rest.port", port)
+        root = Path(__file__).resolve().parent.parent
+        conf.set("python.files", ",".join(str(root / p) for p in PACKAGES))
+    if options.kafka_jar:
+        conf.set("pipeline.jars", Path(options.kafka_jar).resolve().as_uri())
+    return t_env
+
+
+def _connector(pipeline: Pipeline, options: JobOptions, streaming: bool) -> str:
+    fmt = pipeline.format
+    opts = {f"{fmt}.ignore-parse-errors": "true"}
+    if options.kafka_topic:
+        opts.update({
+            "connector": "kafka", "topic": options.kafka_topic, "format": fmt,
+            "properties.bootstrap.servers": options.bootstrap_servers or "localhost:9092",
+            "properties.group.id": f"featureserve-{pipeline.name}",
+            "scan.startup.mode": "group-offsets",
+            "properties.auto.offset.reset": "earliest",
+        })  # fmt: skip
+    else:
+        opts.update({"connector": "filesystem", "path": str(Path(options.source).resolve())})
+        opts["format"] = fmt
+        if streaming and not options.bounded:
+            opts["source.monitor-interval"] = f"{int(options.monitor_interval_s * 1000)} ms"
+    return ", ".join(f"'{k}' = '{v}'" for k, v in opts.items())
+
+
+def _reason_sql(pipeline: Pipeline) -> str:
+    """First problem of a raw (all-STRING) row, or NULL when the row is well formed."""
+    cases = []
+    for col, typ in pipeline.columns.items():
+        if typ == "string":
+            cases.append(f"WHEN `{col}` IS NULL THEN 'malformed: {col} is missing'")
+        else:
+            sql_type = COLUMN_TYPES[typ]
+            cases.append(
+                f"WHEN TRY_CAST(`{col}` AS {sql_type}) IS NULL "
+                f"THEN 'malformed: {col} is missing or not a {typ}'"
+            )
+    return "CASE " + " ".join(cases) + " ELSE CAST(NULL AS STRING) END"
+
+
+def _window_sql(pipeline: Pipeline, window: Window, events: str) -> tuple[str, list[str]]:
+    if window.kind == "hop":
+        tvf = f"HOP(TABLE {events}, DESCRIPTOR({ROWTIME}), {_interval(window.slide_s)}, "
+        tvf += f"{_interval(window.size_s)})"
+    else:
+        tvf = f"TUMBLE(TABLE {events}, DESCRIPTOR({ROWTIME}), {_interval(window.size_s)})"
+    aggs = []
+    for agg in window.aggregates:
+        expr = _SQL_AGG[agg.fn].format(c=f"`{agg.column}`")
+        sql_type = "BIGINT" if agg.dtype.name == "INT64" else "DOUBLE"
+        aggs.append(f"CAST({expr} AS {sql_type}) AS `{agg.name}`")
+    entity = f"`{pipeline.entity_column}`"
+    select = f"SELECT {entity}, window_end, {', '.join(aggs)} FROM TABLE({tvf}) "
+    select += f"GROUP BY {entity}, window_start, window_end"
+    return select, [a.name for a in window.aggregates]
+
+
+def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, options: JobOptions,
+                 streaming: bool, stats_dir: Path) -> None:  # fmt: skip
+    """Declare the source, parsed and event views, and add the window and dead-letter inserts."""
+    p = pipeline.name
+    raw_cols = ", ".join(f"`{c}` STRING" for c in pipeline.columns)
+    event_ms = f"COALESCE(TRY_CAST(`{pipeline.event_time_column}` AS BIGINT), 0)"
+    t_env.execute_sql(
+        f"CREATE TEMPORARY TABLE {p}_src ({raw_cols}, "
+        f"{ROWTIME} AS TO_TIMESTAMP_LTZ({event_ms}, 3), "
+        f"WATERMARK FOR {ROWTIME} AS {ROWTIME} - {_interval(pipeline.watermark_delay_s)}) "
+        f"WITH ({_connector(pipeline, options, streaming)})"
+    )
+    typed = ", ".join(
+        f"TRY_CAST(`{c}` AS {COLUMN_TYPES[t]}) AS `{c}`" if t != "string" else f"`{c}`"
+        for c, t in pipeline.columns.items()
+    )
+    reason = _reason_sql(pipeline)
+    t_env.execute_sql(
+        f"CREATE TEMPORARY VIEW {p}_parsed AS SELECT {typed}, {ROWTIME}, {reason} AS reason "
+        f"FROM {p}_src"
+    )
+    derived = []
+    for d in pipeline.derived:
+        fn = f"{p}_{d.name}_udf"
+        t_env.create_temporary_function(
+            fn, udf(DistanceToPoint(d.point), result_type=DataTypes.DOUBLE(), func_type="pandas")
+        )
+        derived.append(f"{fn}(`{d.lat}`, `{d.lon}`) AS `{d.name}`")
+    cols = ", ".join([f"`{c}`" for c in pipeline.columns] + derived + [ROWTIME])
+    t_env.execute_sql(
+        f"CREATE TEMPORARY VIEW {p}_events AS SELECT {cols} FROM {p}_parsed WHERE reason IS NULL"
+    )
+    t_env.execute_sql(f"CREATE TEMPORARY TABLE {p}_done (ok TINYINT) WITH ('connector' = 'blackhole')")
+    for window in pipeline.windows:
+        select, names = _window_sql(pipeline, window, f"{p}_events")
+        config = SinkConfig(
+            target=options.target, view=window.view, key_column=pipeline.entity_column,
+            retry_bound_s=options.retry_bound_s, stats_dir=stats_dir,
+        )  # fmt: skip
+        fn = f"{p}_{window.view}_sink"
+        sink = udf(WindowSink(config, names), result_type=DataTypes.TINYINT(), func_type="pandas")
+        t_env.create_temporary_function(fn, sink)
+        cols = ", ".join([f"`{pipeline.entity_column}`", "window_end"] + [f"`{n}`" for n in names])
+        statements.add_insert_sql(f"INSERT INTO {p}_done SELECT {fn}({cols}) FROM ({select})")
+    columns = list(pipeline.columns)
+    dead = DeadLetterSink(options.dead_letter_path(), columns)
+    t_env.create_temporary_function(
+        f"{p}_dead_letter", udf(dead, result_type=DataTypes.TINYINT(), func_type="pandas")
+    )
+    raw = ", ".join(f"`{c}`" for c in columns)
+    as_text = ", ".join(f"CAST(`{c}` AS STRING)" for c in columns)
+    lateness = pipeline.watermark_delay_s
+    late = (
+        f"CONCAT('late: event time ', CAST({ROWTIME} AS STRING), ' is more than {lateness:g} s "
+        f"behind the newest event (watermark ', CAST(CURRENT_WATERMARK({ROWTIME}) AS STRING), ')')"
+    )
+    rejected = f"SELECT {reason} AS reason, {raw} FROM {p}_src WHERE ({reason}) IS NOT NULL"
+    if streaming:
+        rejected += (
+            f" UNION ALL SELECT {late}, {as_text} FROM {p}_events "
+            f"WHERE {ROWTIME} < CURRENT_WATERMARK({ROWTIME})"
+        )
+    statements.add_insert_sql(
+        f"INSERT INTO {p}_done SELECT {p}_dead_letter(reason, {raw}) FROM ({rejected})"
+    )
+
+
+def _job_error(exc: Exception) -> FeatureStoreError:
+    """The sink's own message out of a Flink job failure, else the first Java cause."""
+    text = str(exc)
+    for kind in ("UnavailableError", "InvalidArgumentError"):
+        match = re.search(rf"{kind}: (.+)", text)
+        if match:
+            cls = UnavailableError if kind == "UnavailableError" else InvalidArgumentError
+            return cls(match.group(1).strip())
+    causes = re.findall(r"Caused by: (.+)", text)
+    return UnavailableError(f"pipeline job failed: {causes[-1] if causes else text[:2000]}")
+
+
+def run_job(options: JobOptions, streaming: bool, pipelines: list[Pipeline] | None = None) -> JobReport:
+    """Build every pipeline of the definitions file into one Flink job and run it to the end."""
+    from pipelines.checks import check_views
+
+    pipelines = pipelines if pipelines is not None else load_pipelines(options.definitions)
+    if options.check_views:
+        check_views(options.target, pipelines)
+    stats_dir = Path(options.stats_dir or tempfile.mkdtemp(prefix="featureserve-sink-"))
+    started = time.monotonic()
+    t_env = create_table_env(options, streaming)
+    statements = t_env.create_statement_set()
+    for pipeline in pipelines:
+        add_pipeline(t_env, statements, pipeline, options, streaming, stats_dir)
+    try:
+        statements.execute().wait()
+    except Exception as exc:
+        raise _job_error(exc) from None
+    views = [w.view for p in pipelines for w in p.windows]
+    return JobReport(
+        mode="streaming" if streaming else "backfill",
+        seconds=time.monotonic() - started,
+        sinks={v: read_stats(stats_dir, v) for v in views},
+        dead_letters=count_by_reason(options.dead_letter_path()),
+    )
+
+
+def run_streaming(options: JobOptions) -> JobReport:
+    """The streaming job; with options.bounded it reads the folder once and fires every window."""
+    return run_job(options, streaming=True)

@@ -1,0 +1,132 @@
+"""Audit log: one JSON line per write batch, registry apply, and model load or unload, naming
+the principal (the token's name, never the token), the target and the outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from server.auth import current_principal
+from server.config import ConfigError
+from server.errors import status_for
+
+DEFAULT_FILE = "audit.jsonl"
+ANONYMOUS = "anonymous"
+MAX_MESSAGE_CHARS = 500
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The [audit] table: on by default, writing to data_dir/audit.jsonl unless `path` is set."""
+
+    enabled: bool = True
+    path: Path | None = None
+
+
+def parse_audit(raw: dict[str, Any] | None, source: str = "config") -> AuditConfig:
+    """The [audit] table (ServerConfig.extra["audit"]); absent means enabled at the default path."""
+    if raw is None:
+        return AuditConfig()
+    unknown = set(raw) - {"enabled", "path"}
+    if unknown:
+        raise ConfigError(f"{source}: [audit] has unknown key '{sorted(unknown)[0]}'")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{source}: [audit] enabled must be true or false")
+    path = raw.get("path")
+    if path is not None and (not isinstance(path, str) or not path):
+        raise ConfigError(f"{source}: [audit] path must be a file path string")
+    return AuditConfig(enabled, Path(path) if path else None)
+
+
+def _timestamp() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+class AuditLog:
+    """Appends audit records to a file; each record is one write() of one line to an O_APPEND
+    descriptor, so lines from several worker processes never interleave. path None: disabled."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._fd: int | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            self._fd = os.open(path, flags, 0o640)
+
+    @classmethod
+    def from_config(cls, config: AuditConfig, data_dir: Path) -> AuditLog:
+        """The log a server with this config and data dir writes (relative paths: in data_dir)."""
+        if not config.enabled:
+            return cls(None)
+        path = config.path or Path(DEFAULT_FILE)
+        return cls(path if path.is_absolute() else data_dir / path)
+
+    def record(
+        self,
+        action: str,
+        target: str,
+        outcome: str = "OK",
+        principal: str | None = None,
+        **fields: Any,
+    ) -> None:
+        """Write one record; principal defaults to the current caller's token name."""
+        if self._fd is None:
+            return
+        if principal is None:
+            caller = current_principal()
+            principal = caller.name if caller is not None else ANONYMOUS
+        entry = {
+            "ts": _timestamp(),
+            "principal": principal,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+            **fields,
+        }
+        os.write(self._fd, (json.dumps(entry, default=str) + "\n").encode())
+
+    @contextmanager
+    def action(
+        self,
+        action: str,
+        target: str,
+        context: grpc.aio.ServicerContext | None = None,
+        **fields: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """Record `action` on `target` when the block ends: OK, or the status the error maps to
+        with its message. Keys put in the yielded dict (e.g. rows) join the record."""
+        details: dict[str, Any] = dict(fields)
+        if context is not None:
+            details["peer"] = context.peer()
+        try:
+            yield details
+        except BaseException as exc:
+            code = context.code() if context is not None else None
+            if isinstance(code, grpc.StatusCode):
+                outcome = code.name
+            elif isinstance(exc, asyncio.CancelledError):
+                outcome = "CANCELLED"
+            else:
+                outcome = status_for(exc).name
+            message = str(exc)[:MAX_MESSAGE_CHARS]
+            self.record(action, target, outcome, error=message, **details)
+            raise
+        self.record(action, target, "OK", **details)
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

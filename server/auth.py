@@ -1,0 +1,316 @@
+"""Bearer-token authentication with scopes (`read:<view>`, `write:<view>`, `infer:<model>`,
+`admin`; `*` globs in the name): the [auth] config, an interceptor that authenticates every call
+and checks its method's scope class, and the per-view / per-model check servicers call."""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+import grpc
+
+from server.config import ConfigError
+from server.errors import PermissionDeniedError, UnauthenticatedError
+from server.metrics_interceptor import rewrap
+
+ADMIN = "admin"
+READ, WRITE, INFER = "read", "write", "infer"
+AUTHENTICATED = ""
+KINDS = (READ, WRITE, INFER)
+DEFAULT_OPEN_METHODS = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+_FS = "/featureserve.v1.FeatureStore/"
+_PRED = "/featureserve.v1.Prediction/"
+_KS = "/inference.GRPCInferenceService/"
+METHOD_SCOPES: dict[str, str] = {
+    _FS + "GetOnlineFeatures": READ,
+    _FS + "WriteFeatures": WRITE,
+    _FS + "StreamWriteFeatures": WRITE,
+    _FS + "ListFeatureViews": READ,
+    _FS + "GetFeatureView": READ,
+    _FS + "ApplyFeatureViews": ADMIN,
+    _PRED + "Predict": INFER,
+    _PRED + "StreamPredict": INFER,
+    _KS + "ServerLive": AUTHENTICATED,
+    _KS + "ServerReady": AUTHENTICATED,
+    _KS + "ServerMetadata": AUTHENTICATED,
+    _KS + "ModelReady": INFER,
+    _KS + "ModelMetadata": INFER,
+    _KS + "ModelConfig": INFER,
+    _KS + "ModelStatistics": INFER,
+    _KS + "RepositoryIndex": INFER,
+    _KS + "ModelInfer": INFER,
+    _KS + "ModelStreamInfer": INFER,
+    _KS + "RepositoryModelLoad": ADMIN,
+    _KS + "RepositoryModelUnload": ADMIN,
+}
+"""Scope class each method needs before the servicer's per-name check; unlisted methods need
+admin, so a method added later is closed until someone classifies it."""
+
+_SCOPE = re.compile(r"^(admin|(read|write|infer):[A-Za-z0-9_.\-*]+)$")
+_TOKEN_KEYS = {"name", "token", "token_sha256", "token_env", "scopes"}
+_AUTH_KEYS = {"enabled", "open_methods", "tokens"}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: the token's name (never the token) and its scopes."""
+
+    name: str
+    scopes: frozenset[str]
+    admin: bool = field(init=False)
+    kinds: frozenset[str] = field(init=False)
+    patterns: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        admin = ADMIN in self.scopes
+        kinds = set(KINDS) if admin else {s.partition(":")[0] for s in self.scopes}
+        object.__setattr__(self, "admin", admin)
+        object.__setattr__(self, "kinds", frozenset(kinds | {AUTHENTICATED}))
+        object.__setattr__(self, "patterns", tuple(s for s in self.scopes if "*" in s))
+
+    def may(self, kind: str) -> bool:
+        """Whether the principal holds any scope of this class (admin holds every class)."""
+        return self.admin or kind in self.kinds
+
+    def grants(self, scope: str) -> bool:
+        """Whether the principal holds `scope` exactly, through a glob, or through admin."""
+        if self.admin or scope in self.scopes:
+            return True
+        return any(fnmatchcase(scope, pattern) for pattern in self.patterns)
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """One configured token: its name, the SHA-256 digest of the secret, and its scopes."""
+
+    name: str
+    digest: bytes = field(repr=False)
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """The parsed [auth] table."""
+
+    enabled: bool = False
+    open_methods: tuple[str, ...] = DEFAULT_OPEN_METHODS
+    tokens: tuple[TokenSpec, ...] = ()
+
+
+def token_digest(token: str) -> bytes:
+    """SHA-256 of a token: what the server stores and compares."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _parse_token(raw: Any, where: str) -> TokenSpec:
+    """One [[auth.tokens]] entry; exactly one of token, token_sha256, token_env holds the secret."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table with name, token_sha256 and scopes")
+    unknown = set(raw) - _TOKEN_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: 'name' must be a non-empty string (it names the caller)")
+    where = f"{where} ({name})"
+    sources = [key for key in ("token", "token_sha256", "token_env") if key in raw]
+    if len(sources) != 1:
+        raise ConfigError(f"{where}: set exactly one of token, token_sha256, token_env")
+    secret = raw[sources[0]]
+    if not isinstance(secret, str) or not secret:
+        raise ConfigError(f"{where}: '{sources[0]}' must be a non-empty string")
+    if sources[0] == "token_sha256":
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", secret):
+            raise ConfigError(f"{where}: 'token_sha256' must be 64 hex digits (sha256sum of it)")
+        digest = bytes.fromhex(secret)
+    elif sources[0] == "token_env":
+        value = os.environ.get(secret)
+        if not value:
+            raise ConfigError(f"{where}: environment variable {secret} is unset or empty")
+        digest = token_digest(value)
+    else:
+        digest = token_digest(secret)
+    scopes = raw.get("scopes")
+    if not isinstance(scopes, list) or not scopes:
+        raise ConfigError(f"{where}: 'scopes' must be a non-empty list such as ['read:*']")
+    for scope in scopes:
+        if not isinstance(scope, str) or not _SCOPE.match(scope):
+            raise ConfigError(
+                f"{where}: scope {scope!r} is not admin, read:<view>, write:<view> or "
+                "infer:<model> (names may use * globs)"
+            )
+    return TokenSpec(name, digest, frozenset(scopes))
+
+
+def parse_auth(raw: dict[str, Any] | None, source: str = "config") -> AuthConfig:
+    """The [auth] table (ServerConfig.extra["auth"]) as an AuthConfig; absent means disabled."""
+    if raw is None:
+        return AuthConfig()
+    unknown = set(raw) - _AUTH_KEYS
+    if unknown:
+        raise ConfigError(f"{source}: [auth] has unknown key '{sorted(unknown)[0]}'")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{source}: [auth] enabled must be true or false")
+    open_methods = raw.get("open_methods", list(DEFAULT_OPEN_METHODS))
+    if not isinstance(open_methods, list) or not all(isinstance(m, str) for m in open_methods):
+        raise ConfigError(
+            f"{source}: [auth] open_methods must be a list of service or method names"
+        )
+    entries = raw.get("tokens", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: [[auth.tokens]] must be an array of tables")
+    tokens = tuple(
+        _parse_token(t, f"{source}: [[auth.tokens]] #{i}") for i, t in enumerate(entries)
+    )
+    if enabled and not tokens:
+        raise ConfigError(f"{source}: [auth] is enabled but has no [[auth.tokens]]; add one")
+    for kind, values in (("name", [t.name for t in tokens]), ("token", [t.digest for t in tokens])):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{source}: two [[auth.tokens]] entries share the same {kind}")
+    return AuthConfig(enabled, tuple(m.strip("/") for m in open_methods), tokens)
+
+
+PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "featureserve_principal", default=None
+)
+
+
+def current_principal() -> Principal | None:
+    """The caller of the RPC being handled, when auth is on and the call was authenticated."""
+    return PRINCIPAL.get()
+
+
+class Authorizer:
+    """Authenticates bearer tokens and answers scope checks; disabled, every check passes."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+        self.enabled = config.enabled
+        self._tokens = [(t.digest, Principal(t.name, t.scopes)) for t in config.tokens]
+
+    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Principal | None:
+        """The principal whose token the metadata carries, or None. Every configured digest is
+        compared in constant time, so the time taken does not depend on which one matched."""
+        token = bearer_token(metadata)
+        if token is None:
+            return None
+        digest = token_digest(token)
+        found = None
+        for stored, principal in self._tokens:
+            if hmac.compare_digest(stored, digest):
+                found = principal
+        return found
+
+    def allows(self, scope: str) -> bool:
+        """Whether the current caller holds `scope` (True when auth is off)."""
+        if not self.enabled:
+            return True
+        principal = PRINCIPAL.get()
+        return principal is not None and principal.grants(scope)
+
+    def require(self, *scopes: str) -> None:
+        """Raise UnauthenticatedError / PermissionDeniedError unless the current caller holds
+        every scope, e.g. require(f"read:{view}"); servicers call it with the concrete names."""
+        if not self.enabled:
+            return
+        principal = PRINCIPAL.get()
+        if principal is None:
+            raise UnauthenticatedError(
+                "this call is not authenticated; send 'authorization: Bearer <token>' metadata"
+            )
+        for scope in scopes:
+            if not principal.grants(scope):
+                raise PermissionDeniedError(
+                    f"token '{principal.name}' lacks scope '{scope}'; add it to that token's "
+                    "scopes in [[auth.tokens]]"
+                )
+
+    def interceptor(self) -> AuthInterceptor | None:
+        """The interceptor enforcing this config, or None when auth is disabled."""
+        return AuthInterceptor(self) if self.enabled else None
+
+
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    """The token of an `authorization: Bearer <token>` entry, if any."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call except open methods and checks its method's scope class;
+    the principal is left in PRINCIPAL for the servicer's per-view / per-model require()."""
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self._authorizer = authorizer
+        names = authorizer.config.open_methods
+        self._open_exact = frozenset(f"/{m}" for m in names if "/" in m)
+        self._open_prefix = tuple(f"/{m}/" for m in names if "/" not in m)
+        self._denials: dict[tuple[str, grpc.StatusCode, str], grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if method in self._open_exact or method.startswith(self._open_prefix):
+            return await continuation(handler_call_details)
+        principal = self._authorizer.authenticate(handler_call_details.invocation_metadata)
+        if principal is None:
+            return await self._deny(
+                continuation,
+                handler_call_details,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or unknown bearer token; send 'authorization: Bearer <token>' metadata "
+                "with a token listed in the server's [[auth.tokens]]",
+            )
+        kind = METHOD_SCOPES.get(method, ADMIN)
+        if not principal.may(kind):
+            return await self._deny(
+                continuation,
+                handler_call_details,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"token '{principal.name}' has no {kind} scope, which {method} needs",
+            )
+        PRINCIPAL.set(principal)
+        return await continuation(handler_call_details)
+
+    async def _deny(self, continuation, details, code: grpc.StatusCode, message: str):
+        """A handler of the method's own shape that ends the call with code and message."""
+        key = (details.method, code, message)
+        denial = self._denials.get(key)
+        if denial is None:
+            denial = self._denials[key] = denial_handler(await continuation(details), code, message)
+        return denial
+
+
+def denial_handler(
+    handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler with the same streaming shape and serializers as `handler` that aborts."""
+
+    async def deny(request, context):
+        await context.abort(code, message)
+
+    if handler is None:
+        return grpc.unary_unary_rpc_method_handler(deny)
+    return rewrap(handler, lambda behavior, streaming: deny)

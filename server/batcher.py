@@ -1,0 +1,452 @@
+"""Triton-style dynamic batcher: one per model version, N instance threads running ONNX Runtime.
+
+Requests queue on the event loop (per priority level); a batch is formed when an instance is
+idle and the batch is full, a preferred size is reached, or the oldest request waited
+max_queue_delay_us. Batches go to dedicated instance threads through a SimpleQueue and come
+back with call_soon_threadsafe, so ONNX Runtime (which releases the GIL) never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import (
+    InferenceFailedError,
+    InvalidRequestError,
+    ModelUnavailableError,
+    QueueFullError,
+    RequestTimeoutError,
+)
+from server.model_config import ModelConfig
+
+RunFn = Callable[[int, dict[str, np.ndarray], list[str] | None], dict[str, np.ndarray]]
+
+
+@dataclass
+class Duration:
+    """A cumulative count and nanoseconds, as in Triton's StatisticDuration."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        """Record count occurrences lasting ns in total."""
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class BatchSizeStats:
+    """Executions of one batch size (rows)."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
+class BatcherStats:
+    """Triton's per-model-version statistics, cumulative since load."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batch_sizes: dict[int, BatchSizeStats] = field(default_factory=dict)
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    """One queued request: its rows, where its result goes, and its scheduling facts."""
+
+    inputs: dict[str, np.ndarray]
+    rows: int
+    outputs: list[str] | None
+    deadline: float | None
+    future: asyncio.Future
+    enqueued: float
+    key: tuple
+    dispatched: float = 0.0
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What an instance thread hands back for one batch."""
+
+    results: list[dict[str, np.ndarray] | BaseException]
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+def _batch_key(inputs: dict[str, np.ndarray]) -> tuple:
+    """Requests batch together only when their inputs have the same names and per-row shapes."""
+    return tuple((name, a.shape[1:]) for name, a in inputs.items())
+
+
+class DynamicBatcher:
+    """Queues requests, forms batches under Triton's rules, and runs them on N instance threads."""
+
+    def __init__(self, config: ModelConfig, run: RunFn, *, name: str = "") -> None:
+        self.config = config
+        self.name = name or config.name
+        self._run = run
+        policy = config.dynamic_batching
+        self._batching = config.batching
+        self._max_rows = config.max_batch_size or 0
+        self._delay_s = policy.max_queue_delay_us / 1e6 if self._batching else 0.0
+        self._preferred = sorted(policy.preferred_batch_sizes) if self._batching else []
+        self._max_queue = policy.max_queue_size
+        self._default_timeout_s = policy.default_timeout_us / 1e6
+        self._levels = policy.priority_levels
+        self._default_level = (policy.default_priority_level or 1) if self._levels else 1
+        self._queues: list[deque[_Request]] = [deque() for _ in range(max(self._levels, 1))]
+        self._queued = 0
+        self._queued_rows = 0
+        self._instances = config.instance_group.count
+        self._idle = self._instances
+        self._in_flight = 0
+        self._closed = False
+        self._drained: asyncio.Event | None = None
+        self._kicked = False
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self.stats = BatcherStats()
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting in the queue."""
+        return self._queued
+
+    @property
+    def busy_instances(self) -> int:
+        """Instances executing a batch right now."""
+        return self._instances - self._idle
+
+    def start(self) -> None:
+        """Bind to the running loop and start the instance threads."""
+        self._loop = asyncio.get_running_loop()
+        for instance in range(self._instances):
+            thread = threading.Thread(
+                target=self._worker, args=(instance,), name=f"{self.name}-i{instance}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    async def submit(
+        self,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        *,
+        priority: int | None = None,
+        deadline: float | None = None,
+        outputs: list[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Queue rows for batched execution and return exactly this request's output rows.
+
+        priority: 1 = highest, up to priority_levels; None or 0 = the default level.
+        deadline: loop.time() after which the request is dropped unexecuted.
+        Raises QueueFullError, RequestTimeoutError, InferenceFailedError, ModelUnavailableError.
+        """
+        if self._closed or self._loop is None:
+            raise ModelUnavailableError(f"model '{self.name}' is unloading; retry")
+        if self._max_queue and self._queued >= self._max_queue:
+            self.stats.fail.add(0)
+            raise QueueFullError(
+                f"model '{self.name}': queue holds max_queue_size={self._max_queue} requests"
+            )
+        if self._max_rows and rows > self._max_rows:
+            raise InvalidRequestError(
+                f"model '{self.name}': request has {rows} rows, max_batch_size is {self._max_rows}"
+            )
+        level = self._level(priority)
+        now = self._loop.time()
+        if self._default_timeout_s:
+            default = now + self._default_timeout_s
+            deadline = default if deadline is None else min(deadline, default)
+        future = self._loop.create_future()
+        request = _Request(inputs, rows, outputs, deadline, future, now, _batch_key(inputs))
+        self._queues[level].append(request)
+        self._queued += 1
+        self._queued_rows += rows
+        if deadline is not None:
+            self._arm_expiry(deadline)
+        if not self._kicked:
+            self._kicked = True
+            self._loop.call_soon(self._dispatch)
+        return await future
+
+    def _level(self, priority: int | None) -> int:
+        """Queue index of a priority (levels start at 1; 0 or None = default)."""
+        if not self._levels:
+            return 0
+        if not priority:
+            return self._default_level - 1
+        if not 1 <= priority <= self._levels:
+            raise InvalidRequestError(
+                f"model '{self.name}': priority {priority} outside [1, {self._levels}]"
+            )
+        return priority - 1
+
+    def _dispatch(self) -> None:
+        """Hand batches to idle instances while the batching rules allow."""
+        self._kicked = False
+        loop = self._loop
+        while self._idle and self._queued:
+            now = loop.time()
+            limit = self._ready_rows(now)
+            if limit == 0:
+                return
+            batch = self._form(limit, now)
+            if not batch:
+                continue
+            self._idle -= 1
+            self._in_flight += 1
+            self._jobs.put(batch)
+
+    def _ready_rows(self, now: float) -> int:
+        """Rows to dispatch now, or 0 to wait (a timer is armed for the queue delay)."""
+        if not self._batching:
+            return self._max_rows or self._queued_rows
+        if self._queued_rows >= self._max_rows:
+            return self._max_rows
+        fitting = [p for p in self._preferred if p <= self._queued_rows]
+        if fitting:
+            return fitting[-1]
+        oldest = min(q[0].enqueued for q in self._queues if q)
+        due = oldest + self._delay_s
+        if now >= due or self._closed:
+            return self._max_rows
+        if self._delay_timer is None or self._delay_timer.when() > due:
+            if self._delay_timer is not None:
+                self._delay_timer.cancel()
+            self._delay_timer = self._loop.call_at(due, self._on_delay)
+        return 0
+
+    def _on_delay(self) -> None:
+        """The oldest request waited max_queue_delay: dispatch what is there."""
+        self._delay_timer = None
+        self._dispatch()
+
+    def _form(self, limit: int, now: float) -> list[_Request]:
+        """Take requests in priority then arrival order while they fit in limit rows."""
+        batch: list[_Request] = []
+        rows = 0
+        key = None
+        for q in self._queues:
+            while q:
+                request = q[0]
+                if request.future.done() or (
+                    request.deadline is not None and request.deadline <= now
+                ):
+                    q.popleft()
+                    self._unqueue(request)
+                    self._expire(request, now)
+                    continue
+                if batch and (rows + request.rows > limit or request.key != key):
+                    return batch
+                q.popleft()
+                self._unqueue(request)
+                request.dispatched = now
+                batch.append(request)
+                rows += request.rows
+                key = request.key
+                if not self._batching or rows >= limit:
+                    return batch
+        return batch
+
+    def _unqueue(self, request: _Request) -> None:
+        """Account for a request leaving the queue."""
+        self._queued -= 1
+        self._queued_rows -= request.rows
+
+    def _expire(self, request: _Request, now: float) -> None:
+        """Fail a request whose deadline passed before it ran (or drop a cancelled one)."""
+        self.stats.fail.add(int((now - request.enqueued) * 1e9))
+        if not request.future.done():
+            request.future.set_exception(
+                RequestTimeoutError(
+                    f"model '{self.name}': request timed out after "
+                    f"{(now - request.enqueued) * 1e3:.3f} ms in the queue, before it ran"
+                )
+            )
+        self._maybe_drained()
+
+    def _arm_expiry(self, deadline: float) -> None:
+        """Make sure a timer fires by this deadline to drop expired queued requests."""
+        timer = self._expiry_timer
+        if timer is not None and timer.when() <= deadline:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._expiry_timer = self._loop.call_at(deadline, self._on_expiry)
+
+    def _on_expiry(self) -> None:
+        """Drop every queued request whose deadline passed; re-arm for the next one."""
+        self._expiry_timer = None
+        now = self._loop.time()
+        upcoming: float | None = None
+        for index, q in enumerate(self._queues):
+            kept: deque[_Request] = deque()
+            for request in q:
+                if request.deadline is not None and request.deadline <= now:
+                    self._unqueue(request)
+                    self._expire(request, now)
+                    continue
+                if request.deadline is not None:
+                    upcoming = (
+                        request.deadline if upcoming is None else min(upcoming, request.deadline)
+                    )
+                kept.append(request)
+            self._queues[index] = kept
+        if upcoming is not None:
+            self._arm_expiry(upcoming)
+
+    def _worker(self, instance: int) -> None:
+        """Instance thread: execute batches until the sentinel None arrives."""
+        while True:
+            batch = self._jobs.get()
+            if batch is None:
+                return
+            outcome = self._execute(instance, batch)
+            self._loop.call_soon_threadsafe(self._complete, batch, outcome)
+
+    def _execute(self, instance: int, batch: list[_Request]) -> _Outcome:
+        """Concatenate, run, split; if the batch fails, run its requests one by one."""
+        t0 = time.perf_counter_ns()
+        wanted = _union_outputs(batch)
+        if len(batch) == 1:
+            feed = batch[0].inputs
+        else:
+            feed = {
+                name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs
+            }
+        t1 = time.perf_counter_ns()
+        results: list[dict[str, np.ndarray] | BaseException]
+        try:
+            merged = self._run(instance, feed, wanted)
+        except Exception as exc:
+            merged = None
+            if len(batch) == 1:
+                results = [self._failure(exc)]
+            else:
+                results = [self._run_alone(instance, r) for r in batch]
+        t2 = time.perf_counter_ns()
+        if merged is not None:
+            if len(batch) == 1:
+                results = [_select(merged, batch[0].outputs)]
+            else:
+                results = []
+                start = 0
+                for r in batch:
+                    stop = start + r.rows
+                    results.append(
+                        _select({k: v[start:stop] for k, v in merged.items()}, r.outputs)
+                    )
+                    start = stop
+        t3 = time.perf_counter_ns()
+        return _Outcome(results, t1 - t0, t2 - t1, t3 - t2)
+
+    def _run_alone(self, instance: int, request: _Request) -> dict[str, np.ndarray] | BaseException:
+        """Retry one request of a failed batch on its own."""
+        try:
+            return self._run(instance, request.inputs, request.outputs)
+        except Exception as exc:
+            return self._failure(exc)
+
+    def _failure(self, exc: Exception) -> InferenceFailedError:
+        """ONNX Runtime's error as this request's InferenceFailedError."""
+        return InferenceFailedError(f"model '{self.name}': ONNX Runtime failed: {exc}")
+
+    def _complete(self, batch: list[_Request], outcome: _Outcome) -> None:
+        """On the loop: deliver each request's result, record statistics, free the instance."""
+        now = self._loop.time()
+        stats = self.stats
+        rows = sum(r.rows for r in batch)
+        ok = 0
+        for request, result in zip(batch, outcome.results, strict=True):
+            total_ns = int((now - request.enqueued) * 1e9)
+            if isinstance(result, BaseException):
+                stats.fail.add(total_ns)
+                if not request.future.done():
+                    request.future.set_exception(result)
+                continue
+            ok += 1
+            stats.success.add(total_ns)
+            stats.queue.add(int((request.dispatched - request.enqueued) * 1e9))
+            stats.inference_count += request.rows
+            if not request.future.done():
+                request.future.set_result(result)
+        if ok:
+            stats.compute_input.add(outcome.input_ns * ok, ok)
+            stats.compute_infer.add(outcome.infer_ns * ok, ok)
+            stats.compute_output.add(outcome.output_ns * ok, ok)
+        stats.execution_count += 1
+        stats.last_inference_ms = int(time.time() * 1000)
+        size = stats.batch_sizes.get(rows)
+        if size is None:
+            size = stats.batch_sizes[rows] = BatchSizeStats()
+        size.compute_input.add(outcome.input_ns)
+        size.compute_infer.add(outcome.infer_ns)
+        size.compute_output.add(outcome.output_ns)
+        self._idle += 1
+        self._in_flight -= 1
+        if self._queued:
+            self._dispatch()
+        self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        """Signal close() once nothing is queued or running."""
+        if self._drained is not None and not self._queued and not self._in_flight:
+            self._drained.set()
+
+    async def close(self) -> None:
+        """Stop taking requests, let queued and running ones finish, then stop the threads."""
+        if self._loop is None:
+            return
+        self._closed = True
+        self._drained = asyncio.Event()
+        self._maybe_drained()
+        if self._queued:
+            self._dispatch()
+        await self._drained.wait()
+        for timer in (self._delay_timer, self._expiry_timer):
+            if timer is not None:
+                timer.cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+        threads, self._threads = self._threads, []
+        await asyncio.to_thread(lambda: [t.join() for t in threads])
+
+
+def _union_outputs(batch: list[_Request]) -> list[str] | None:
+    """The outputs any request of the batch wants (None = all)."""
+    wanted: list[str] = []
+    for request in batch:
+        if request.outputs is None:
+            return None
+        wanted.extend(o for o in request.outputs if o not in wanted)
+    return wanted
+
+
+def _select(results: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+    """Only the outputs a request asked for."""
+    if outputs is None:
+        return results
+    return {name: results[name] for name in outputs}

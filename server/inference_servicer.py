@@ -1,0 +1,396 @@
+"""inference.GRPCInferenceService (KServe v2 / Open Inference Protocol) over a ModelRepository.
+
+Requests are validated completely before they join a batch; responses carry raw contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from importlib import metadata
+
+import grpc
+import numpy as np
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.inference import model_config_pb2 as mc
+from server.batcher import BatcherStats, Duration
+from server.errors import InvalidRequestError, ServerError, abort
+from server.model_config import MODEL_FILENAME, ModelConfig
+from server.model_repository import LoadedModel, ModelRepository
+from server.tensors import TRITON_TYPE_NAMES, decode_contents, decode_raw, encode_raw
+
+SERVER_NAME = "featureserve"
+EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
+PLATFORM = "onnxruntime_onnx"
+
+
+def _server_version() -> str:
+    """The installed featureserve version."""
+    try:
+        return metadata.version("featureserve")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def decode_inputs(
+    config: ModelConfig, request: pb.ModelInferRequest
+) -> tuple[dict[str, np.ndarray], int]:
+    """Validated input arrays and the request's row count (1 for a model that does not batch)."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidRequestError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "send one per input, in order"
+        )
+    batching = bool(config.max_batch_size)
+    arrays: dict[str, np.ndarray] = {}
+    rows = -1
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        spec = config.input(name)
+        if spec is None:
+            known = ", ".join(t.name for t in config.inputs)
+            raise InvalidRequestError(
+                f"unknown input '{name}'; model '{config.name}' takes {known}"
+            )
+        if name in arrays:
+            raise InvalidRequestError(f"input '{name}' appears twice")
+        if tensor.datatype != spec.datatype:
+            raise InvalidRequestError(
+                f"input '{name}': datatype {tensor.datatype or '(empty)'}, expected {spec.datatype}"
+            )
+        shape = tuple(tensor.shape)
+        if (
+            len(shape) != len(spec.shape)
+            or any(s != -1 and d != s for d, s in zip(shape, spec.shape, strict=True))
+            or any(d < 0 for d in shape)
+        ):
+            raise InvalidRequestError(
+                f"input '{name}': shape {list(shape)} does not match {list(spec.shape)} "
+                "(-1 = any size)"
+            )
+        if batching:
+            if rows == -1:
+                rows = shape[0]
+            elif shape[0] != rows:
+                raise InvalidRequestError(
+                    f"input '{name}': batch dimension {shape[0]}, but earlier inputs have {rows}"
+                )
+        if raw:
+            if tensor.contents.ListFields():
+                raise InvalidRequestError(
+                    f"input '{name}': both raw_input_contents and typed contents are set; send one"
+                )
+            arrays[name] = decode_raw(name, spec.datatype, shape, raw[index])
+        else:
+            arrays[name] = decode_contents(name, spec.datatype, shape, tensor.contents)
+    for spec in config.inputs:
+        if spec.name not in arrays and not spec.optional:
+            raise InvalidRequestError(f"input '{spec.name}' ({spec.datatype}) is missing")
+    if not batching:
+        return arrays, 1
+    if not 1 <= rows <= config.max_batch_size:
+        raise InvalidRequestError(
+            f"request has {rows} rows; model '{config.name}' takes 1 to "
+            f"max_batch_size={config.max_batch_size} rows per request"
+        )
+    return arrays, rows
+
+
+def requested_outputs(model: LoadedModel, request: pb.ModelInferRequest) -> list[str]:
+    """The outputs to return: the requested ones (validated), or all of the model's."""
+    if not request.outputs:
+        return model.output_names
+    names = []
+    for output in request.outputs:
+        if model.config.output(output.name) is None:
+            raise InvalidRequestError(
+                f"unknown output '{output.name}'; model '{model.name}' has "
+                f"{', '.join(model.output_names)}"
+            )
+        names.append(output.name)
+    return names
+
+
+def _int_parameter(request: pb.ModelInferRequest, key: str) -> int | None:
+    """An integer request parameter (int64_param or uint64_param), if present."""
+    if key not in request.parameters:
+        return None
+    param = request.parameters[key]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidRequestError(f"parameter '{key}' must be int64_param or uint64_param")
+    value = getattr(param, kind)
+    if value < 0:
+        raise InvalidRequestError(f"parameter '{key}' must be >= 0, got {value}")
+    return value
+
+
+def schedule_of(
+    request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None
+) -> tuple[int | None, float | None]:
+    """(priority, loop.time() deadline) from the "priority"/"timeout" (µs) parameters and the
+    caller's gRPC deadline."""
+    priority = _int_parameter(request, "priority")
+    timeout_us = _int_parameter(request, "timeout")
+    remaining = context.time_remaining() if context is not None else None
+    now = asyncio.get_running_loop().time()
+    deadline = None if remaining is None else now + remaining
+    if timeout_us:
+        own = now + timeout_us / 1e6
+        deadline = own if deadline is None else min(deadline, own)
+    return priority, deadline
+
+
+def build_response(
+    model: LoadedModel, request_id: str, outputs: dict[str, np.ndarray]
+) -> pb.ModelInferResponse:
+    """A ModelInferResponse with raw_output_contents in the order of outputs."""
+    response = pb.ModelInferResponse(
+        model_name=model.name, model_version=model.version, id=request_id
+    )
+    config = model.config
+    for name, array in outputs.items():
+        datatype = config.output(name).datatype
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(encode_raw(datatype, array))
+    return response
+
+
+def _duration(target: pb.StatisticDuration, source: Duration) -> None:
+    """Copy a Duration into its proto."""
+    target.count = source.count
+    target.ns = source.ns
+
+
+def statistics_proto(model: LoadedModel) -> pb.ModelStatistics:
+    """A version's BatcherStats as Triton's ModelStatistics."""
+    stats: BatcherStats = model.batcher.stats
+    message = pb.ModelStatistics(
+        name=model.name,
+        version=model.version,
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+    )
+    infer = message.inference_stats
+    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        _duration(getattr(infer, field), getattr(stats, field))
+    for size in sorted(stats.batch_sizes):
+        entry = stats.batch_sizes[size]
+        batch = message.batch_stats.add(batch_size=size)
+        _duration(batch.compute_input, entry.compute_input)
+        _duration(batch.compute_infer, entry.compute_infer)
+        _duration(batch.compute_output, entry.compute_output)
+    return message
+
+
+def config_proto(config: ModelConfig) -> mc.ModelConfig:
+    """A ModelConfig as Triton's proto (dims exclude the batch dimension when batching)."""
+    skip = 1 if config.max_batch_size else 0
+    message = mc.ModelConfig(
+        name=config.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=config.max_batch_size or 0,
+        default_model_filename=MODEL_FILENAME,
+    )
+    for spec in config.inputs:
+        message.input.add(
+            name=spec.name,
+            data_type=mc.DataType.Value(TRITON_TYPE_NAMES[spec.datatype]),
+            dims=spec.shape[skip:],
+            optional=spec.optional,
+        )
+    for spec in config.outputs:
+        message.output.add(
+            name=spec.name,
+            data_type=mc.DataType.Value(TRITON_TYPE_NAMES[spec.datatype]),
+            dims=spec.shape[skip:],
+        )
+    message.instance_group.add(
+        name=f"{config.name}_0",
+        count=config.instance_group.count,
+        kind=mc.ModelInstanceGroup.KIND_CPU,
+    )
+    policy = config.version_policy
+    if policy.all:
+        message.version_policy.all.SetInParent()
+    elif policy.specific:
+        message.version_policy.specific.versions.extend(policy.specific)
+    else:
+        message.version_policy.latest.num_versions = policy.latest or 1
+    if config.batching:
+        batching = config.dynamic_batching
+        message.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+        message.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+        message.dynamic_batching.preserve_ordering = True
+        message.dynamic_batching.priority_levels = batching.priority_levels
+        message.dynamic_batching.default_priority_level = batching.default_priority_level
+    return message
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The KServe v2 gRPC endpoints; inference goes through each model version's batcher."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+        self._version = _server_version()
+
+    async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
+        """Live whenever the process answers."""
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
+        """Ready once the repository has started."""
+        return pb.ServerReadyResponse(ready=self.repository.ready)
+
+    async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
+        """Whether the model (version) can take requests now."""
+        return pb.ModelReadyResponse(ready=self.repository.is_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
+        """Name, version and the protocol extensions implemented here."""
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self._version, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
+        """A model version's tensors (full shapes, -1 = variable) and served versions."""
+        try:
+            model = self.repository.get(request.name, request.version)
+        except ServerError as exc:
+            await abort(context, exc)
+        response = pb.ModelMetadataResponse(
+            name=model.name, versions=self.repository.versions(model.name), platform=PLATFORM
+        )
+        for spec in model.config.inputs:
+            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        for spec in model.config.outputs:
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        return response
+
+    async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
+        """A model version's configuration in Triton's form."""
+        try:
+            model = self.repository.get(request.name, request.version)
+        except ServerError as exc:
+            await abort(context, exc)
+        return pb.ModelConfigResponse(config=config_proto(model.config))
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None
+    ) -> pb.ModelInferResponse:
+        """Validate, batch, and answer one request; domain errors propagate."""
+        model = self.repository.get(request.model_name, request.model_version)
+        inputs, rows = decode_inputs(model.config, request)
+        outputs = requested_outputs(model, request)
+        priority, deadline = schedule_of(request, context)
+        result = await model.batcher.submit(
+            inputs, rows, priority=priority, deadline=deadline, outputs=outputs
+        )
+        return build_response(model, request.id, result)
+
+    async def ModelInfer(self, request, context) -> pb.ModelInferResponse:
+        """One inference, dynamically batched with others."""
+        try:
+            return await self._infer(request, context)
+        except ServerError as exc:
+            await abort(context, exc)
+
+    async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        """One stream request's response; an error becomes error_message, not a stream failure."""
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+        except Exception as exc:
+            return pb.ModelStreamInferResponse(
+                error_message=f"{type(exc).__name__}: {exc}",
+                infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name,
+                    model_version=request.model_version,
+                    id=request.id,
+                ),
+            )
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator:
+        """Bidirectional stream: requests run concurrently (and batch); responses keep order."""
+        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    pending.put_nowait(asyncio.ensure_future(self._stream_one(request)))
+            finally:
+                pending.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader
+            while not pending.empty():
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()
+
+    async def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
+        """Cumulative statistics per served version (all models when name is empty)."""
+        try:
+            if request.name:
+                models = (
+                    [self.repository.get(request.name, request.version)]
+                    if request.version
+                    else [m for m in self.repository.loaded() if m.name == request.name]
+                )
+                if not models:
+                    self.repository.get(request.name)
+            else:
+                models = self.repository.loaded()
+        except ServerError as exc:
+            await abort(context, exc)
+        return pb.ModelStatisticsResponse(model_stats=[statistics_proto(m) for m in models])
+
+    async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
+        """Every model version the repository knows, with state and reason."""
+        response = pb.RepositoryIndexResponse()
+        for status in self.repository.index():
+            if request.ready and status.state != "READY":
+                continue
+            response.models.add(
+                name=status.name, version=status.version, state=status.state, reason=status.reason
+            )
+        return response
+
+    async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
+        """Load or reload a model from the repository folder."""
+        try:
+            await self.repository.load(request.model_name)
+        except ServerError as exc:
+            await abort(context, exc)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
+        """Unload a model; its in-flight requests finish first."""
+        try:
+            await self.repository.unload(request.model_name)
+        except ServerError as exc:
+            await abort(context, exc)
+        return pb.RepositoryModelUnloadResponse()
+
+
+async def start_server(
+    repository: ModelRepository, address: str = "127.0.0.1:0"
+) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with only the inference service (tests, benchmarks); returns it and its
+    port. The caller starts and stops the repository."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository), server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    return server, port

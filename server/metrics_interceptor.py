@@ -1,0 +1,150 @@
+"""Server interceptor counting every RPC by method and status code and timing it, for unary and
+streaming methods alike; wrapped handlers are cached per method so a call pays no set-up."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from time import perf_counter
+
+import grpc
+
+from server.metrics import RPC_DURATION, RPC_REQUESTS
+
+OK = "OK"
+CANCELLED = "CANCELLED"
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+UNKNOWN = "UNKNOWN"
+
+
+class MethodRecorder:
+    """Pre-bound counter and histogram children of one method; rarer codes bound on first use."""
+
+    __slots__ = ("by_code", "duration", "method", "ok", "owner")
+
+    def __init__(self, method: str, owner: MetricsInterceptor) -> None:
+        self.method = method
+        self.owner = owner
+        self.duration = RPC_DURATION.labels(method)
+        self.ok = RPC_REQUESTS.labels(method, OK)
+        self.by_code: dict[str, object] = {OK: self.ok}
+
+    def finish(self, start: float, context: grpc.aio.ServicerContext, exc: BaseException | None):
+        """Record one finished call: its duration and its status code."""
+        self.duration.observe(perf_counter() - start)
+        self.owner.count += 1
+        code = context.code()
+        if code is None and exc is None:
+            self.ok.inc()
+            return
+        if code is not None:
+            name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            remaining = context.time_remaining()
+            name = DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else CANCELLED
+        else:
+            name = UNKNOWN
+        child = self.by_code.get(name)
+        if child is None:
+            child = self.by_code[name] = RPC_REQUESTS.labels(self.method, name)
+        child.inc()
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Records featureserve_rpc_requests_total{method,code} and featureserve_rpc_duration_seconds.
+
+    Put it first in the interceptor list so calls refused by later interceptors (auth) count too.
+    `count` is the number of RPCs this process finished, for the per-process gauge.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap_handler(handler, MethodRecorder(method.lstrip("/"), self))
+        self._cache[method] = (handler, wrapped)
+        return wrapped
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]
+) -> grpc.RpcMethodHandler:
+    """The same kind of handler, same serializers, with its behavior replaced by
+    wrap(behavior, response_streaming)."""
+    serde = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), **serde)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, False), **serde)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, True), **serde)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), **serde)
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, rec: MethodRecorder) -> grpc.RpcMethodHandler:
+    """The same handler with its behavior timed and its status recorded."""
+    return rewrap(handler, lambda b, streaming: _streaming(b, rec) if streaming else _unary(b, rec))
+
+
+def _unary(behavior, rec: MethodRecorder):
+    """Wrap a unary-response behavior (request or request iterator in, one response out)."""
+
+    async def timed(request, context):
+        start = perf_counter()
+        try:
+            response = behavior(request, context)
+            if inspect.isawaitable(response):
+                response = await response
+        except BaseException as exc:
+            rec.finish(start, context, exc)
+            raise
+        rec.finish(start, context, None)
+        return response
+
+    return timed
+
+
+def _streaming(behavior, rec: MethodRecorder):
+    """Wrap a streaming-response behavior: an async generator, or a coroutine that writes."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def timed_generator(request, context):
+            start = perf_counter()
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as exc:
+                rec.finish(start, context, exc)
+                raise
+            rec.finish(start, context, None)
+
+        return timed_generator
+
+    async def timed_writer(request, context):
+        start = perf_counter()
+        try:
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                await result
+        except BaseException as exc:
+            rec.finish(start, context, exc)
+            raise
+        rec.finish(start, context, None)
+
+    return timed_writer

@@ -1,0 +1,354 @@
+"""A model's config.toml as dataclasses: parsing, validation, completion from the ONNX signature.
+
+`shape` in config.toml is the full tensor shape as the model sees it, -1 for a variable
+dimension; when max_batch_size > 0 the first dimension is the batch and must be -1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.tensors import NUMPY_DTYPES
+
+CONFIG_FILENAME = "config.toml"
+MODEL_FILENAME = "model.onnx"
+DEFAULT_MAX_BATCH_SIZE = 64
+
+# Top-level tables that other parts of the server own (Predict's feature bindings and transforms);
+# they are kept raw in ModelConfig.extensions for those parts to parse.
+MODEL_CONFIG_EXTENSIONS: frozenset[str] = frozenset({"features", "transforms", "request_values"})
+
+GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+class ModelConfigError(Exception):
+    """A config.toml that cannot be served; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: name, KServe datatype and full shape (-1 = variable)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class DynamicBatchingConfig:
+    """[dynamic_batching]: Triton's dynamic batcher settings."""
+
+    enabled: bool = True
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 0
+    default_timeout_us: int = 0
+    priority_levels: int = 0
+    default_priority_level: int = 0
+
+
+@dataclass(frozen=True)
+class InstanceGroupConfig:
+    """[instance_group]: how many ONNX Runtime sessions execute batches concurrently."""
+
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeConfig:
+    """[onnxruntime]: session options (0 threads = ONNX Runtime's own default)."""
+
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    graph_optimization_level: str = "all"
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """[version_policy]: serve the latest N versions, the listed ones, or all."""
+
+    latest: int | None = 1
+    specific: tuple[int, ...] = ()
+    all: bool = False
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve among those on disk, ascending."""
+        ordered = sorted(available)
+        if self.all:
+            return ordered
+        if self.specific:
+            return [v for v in ordered if v in self.specific]
+        return ordered[-(self.latest or 1) :]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides how a model is served."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    max_batch_size: int | None = None
+    dynamic_batching: DynamicBatchingConfig = field(default_factory=DynamicBatchingConfig)
+    instance_group: InstanceGroupConfig = field(default_factory=InstanceGroupConfig)
+    onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def batching(self) -> bool:
+        """Whether requests may be merged into batches."""
+        return bool(self.max_batch_size) and self.dynamic_batching.enabled
+
+    def input(self, name: str) -> TensorSpec | None:
+        """The input called name, if any."""
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        """The output called name, if any."""
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+_TOP_KEYS = {"name", "max_batch_size", "inputs", "outputs"}
+_TENSOR_KEYS = {"name", "dtype", "shape", "optional"}
+
+
+def _check_keys(source: str, table: str, raw: dict[str, Any], allowed: set[str]) -> None:
+    """Reject keys the table does not define, naming the first unknown key."""
+    for key in raw:
+        if key not in allowed:
+            where = f"[{table}] " if table else ""
+            raise ModelConfigError(
+                f"{source}: unknown key {where}'{key}'; allowed: {', '.join(sorted(allowed))}"
+            )
+
+
+def _typed(source: str, key: str, value: Any, kind: type) -> Any:
+    """value if it has the expected TOML type (bool is not an int here)."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ModelConfigError(
+            f"{source}: key '{key}' must be {kind.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _non_negative(source: str, key: str, value: Any) -> int:
+    """An int >= 0."""
+    if _typed(source, key, value, int) < 0:
+        raise ModelConfigError(f"{source}: key '{key}' must be >= 0, got {value}")
+    return value
+
+
+def _int_list(source: str, key: str, value: Any) -> tuple[int, ...]:
+    """A list of ints."""
+    return tuple(_typed(source, key, v, int) for v in _typed(source, key, value, list))
+
+
+def _dataclass_from(source: str, table: str, raw: Any, cls: type) -> Any:
+    """Build a flat dataclass from a TOML table whose keys are its fields."""
+    raw = _typed(source, table, raw, dict)
+    names = {f.name for f in dataclasses.fields(cls)}
+    _check_keys(source, table, raw, names)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        value = raw[f.name]
+        key = f"{table}.{f.name}"
+        if f.type in ("int", "int | None"):
+            values[f.name] = _non_negative(source, key, value)
+        elif f.type == "bool":
+            values[f.name] = _typed(source, key, value, bool)
+        elif f.type == "str":
+            values[f.name] = _typed(source, key, value, str)
+        else:
+            values[f.name] = _int_list(source, key, value)
+    return cls(**values)
+
+
+def _tensor(source: str, key: str, raw: Any) -> TensorSpec:
+    """One [[inputs]] / [[outputs]] entry."""
+    raw = _typed(source, key, raw, dict)
+    _check_keys(source, key, raw, _TENSOR_KEYS)
+    for required in ("name", "dtype", "shape"):
+        if required not in raw:
+            raise ModelConfigError(f"{source}: {key} entry lacks '{required}'")
+    name = _typed(source, f"{key}.name", raw["name"], str)
+    datatype = _typed(source, f"{key}.dtype", raw["dtype"], str)
+    if datatype not in NUMPY_DTYPES:
+        raise ModelConfigError(
+            f"{source}: {key} '{name}' has dtype '{datatype}'; use one of {', '.join(NUMPY_DTYPES)}"
+        )
+    shape = _int_list(source, f"{key}.shape", raw["shape"])
+    if any(d < -1 for d in shape):
+        raise ModelConfigError(f"{source}: {key} '{name}' shape {list(shape)}: dims are -1 or >= 0")
+    optional = _typed(source, f"{key}.optional", raw.get("optional", False), bool)
+    return TensorSpec(name, datatype, shape, optional)
+
+
+def parse_model_config(text: str, *, source: str, default_name: str) -> ModelConfig:
+    """Parse config.toml text; unknown keys fail, naming the key and the source file."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelConfigError(f"{source}: not valid TOML: {exc}") from None
+    sections = {
+        "dynamic_batching": DynamicBatchingConfig,
+        "instance_group": InstanceGroupConfig,
+        "onnxruntime": OnnxRuntimeConfig,
+    }
+    _check_keys(
+        source, "", raw, _TOP_KEYS | set(sections) | {"version_policy"} | MODEL_CONFIG_EXTENSIONS
+    )
+    name = _typed(source, "name", raw.get("name", default_name), str)
+    if name != default_name:
+        raise ModelConfigError(
+            f"{source}: name '{name}' differs from its folder '{default_name}'; make them equal"
+        )
+    values: dict[str, Any] = {"name": name}
+    if "max_batch_size" in raw:
+        values["max_batch_size"] = _non_negative(source, "max_batch_size", raw["max_batch_size"])
+    for key in ("inputs", "outputs"):
+        if key in raw:
+            entries = _typed(source, key, raw[key], list)
+            values[key] = tuple(_tensor(source, key, e) for e in entries)
+    for key, cls in sections.items():
+        if key in raw:
+            values[key] = _dataclass_from(source, key, raw[key], cls)
+    if "version_policy" in raw:
+        values["version_policy"] = _version_policy(source, raw["version_policy"])
+    values["extensions"] = {
+        key: _typed(source, key, raw[key], dict) for key in MODEL_CONFIG_EXTENSIONS if key in raw
+    }
+    config = ModelConfig(**values)
+    _check_semantics(source, config)
+    return config
+
+
+def _version_policy(source: str, raw: Any) -> VersionPolicy:
+    """[version_policy]: exactly one of latest = N, specific = [..], all = true."""
+    raw = _typed(source, "version_policy", raw, dict)
+    _check_keys(source, "version_policy", raw, {"latest", "specific", "all"})
+    if len(raw) != 1:
+        raise ModelConfigError(
+            f"{source}: [version_policy] needs exactly one of latest, specific, all"
+        )
+    if "latest" in raw:
+        latest = _non_negative(source, "version_policy.latest", raw["latest"])
+        if latest < 1:
+            raise ModelConfigError(f"{source}: version_policy.latest must be >= 1")
+        return VersionPolicy(latest=latest)
+    if "specific" in raw:
+        specific = _int_list(source, "version_policy.specific", raw["specific"])
+        if not specific:
+            raise ModelConfigError(f"{source}: version_policy.specific lists no version")
+        return VersionPolicy(latest=None, specific=specific)
+    return VersionPolicy(latest=None, all=_typed(source, "version_policy.all", raw["all"], bool))
+
+
+def _check_semantics(source: str, config: ModelConfig) -> None:
+    """Cross-field rules: thread counts, optimization level, priorities, batch shapes."""
+    batching = config.dynamic_batching
+    level = config.onnxruntime.graph_optimization_level
+    if level not in GRAPH_OPTIMIZATION_LEVELS:
+        raise ModelConfigError(
+            f"{source}: onnxruntime.graph_optimization_level '{level}'; use one of "
+            f"{', '.join(GRAPH_OPTIMIZATION_LEVELS)}"
+        )
+    if config.instance_group.count < 1:
+        raise ModelConfigError(f"{source}: instance_group.count must be >= 1")
+    if batching.priority_levels and not (
+        1 <= batching.default_priority_level <= batching.priority_levels
+    ):
+        raise ModelConfigError(
+            f"{source}: dynamic_batching.default_priority_level must be in "
+            f"[1, {batching.priority_levels}] (priority_levels)"
+        )
+    if config.max_batch_size:
+        for size in batching.preferred_batch_sizes:
+            if not 1 <= size <= config.max_batch_size:
+                raise ModelConfigError(
+                    f"{source}: dynamic_batching.preferred_batch_sizes has {size}, outside "
+                    f"[1, max_batch_size={config.max_batch_size}]"
+                )
+        for tensor in (*config.inputs, *config.outputs):
+            if not tensor.shape or tensor.shape[0] != -1:
+                raise ModelConfigError(
+                    f"{source}: tensor '{tensor.name}' shape {list(tensor.shape)} must start "
+                    f"with -1 (the batch dimension) because max_batch_size > 0"
+                )
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """Read <model_dir>/config.toml, or defaults when the file is absent."""
+    path = model_dir / CONFIG_FILENAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    return parse_model_config(text, source=str(path), default_name=model_dir.name)
+
+
+def complete_config(
+    config: ModelConfig,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    *,
+    source: str,
+) -> ModelConfig:
+    """Fill missing inputs, outputs and max_batch_size from the ONNX signature, and check the rest.
+
+    Declared tensors must exist in the model with the same datatype and rank. An absent
+    max_batch_size becomes DEFAULT_MAX_BATCH_SIZE when every tensor's first dim is variable.
+    """
+    declared_in = config.inputs or tuple(inputs)
+    declared_out = config.outputs or tuple(outputs)
+    _match(source, "input", declared_in, inputs, every=bool(config.inputs))
+    _match(source, "output", declared_out, outputs, every=False)
+    max_batch = config.max_batch_size
+    if max_batch is None:
+        variable = all(t.shape and t.shape[0] == -1 for t in (*declared_in, *declared_out))
+        max_batch = DEFAULT_MAX_BATCH_SIZE if variable else 0
+    completed = dataclasses.replace(
+        config, inputs=tuple(declared_in), outputs=tuple(declared_out), max_batch_size=max_batch
+    )
+    _check_semantics(source, completed)
+    return completed
+
+
+def _match(
+    source: str, kind: str, declared: tuple[TensorSpec, ...], model: list[TensorSpec], every: bool
+) -> None:
+    """Each declared tensor must match the model's; with every, each model input is declared."""
+    by_name = {t.name: t for t in model}
+    for tensor in declared:
+        actual = by_name.get(tensor.name)
+        if actual is None:
+            raise ModelConfigError(
+                f"{source}: {kind} '{tensor.name}' is not in the model; it has "
+                f"{', '.join(by_name) or 'none'}"
+            )
+        if actual.datatype != tensor.datatype:
+            raise ModelConfigError(
+                f"{source}: {kind} '{tensor.name}' is {tensor.datatype} in the config but "
+                f"{actual.datatype} in the model"
+            )
+        if len(actual.shape) != len(tensor.shape) or any(
+            a != -1 and d != -1 and a != d for a, d in zip(actual.shape, tensor.shape, strict=True)
+        ):
+            raise ModelConfigError(
+                f"{source}: {kind} '{tensor.name}' shape {list(tensor.shape)} does not fit the "
+                f"model's {list(actual.shape)}"
+            )
+    if every:
+        names = {t.name for t in declared}
+        for tensor in model:
+            if tensor.name not in names and not tensor.optional:
+                raise ModelConfigError(
+                    f"{source}: the model's input '{tensor.name}' is missing from [[inputs]]"
+                )

@@ -1,0 +1,299 @@
+"""Triton-style model repository: models/<name>/config.toml + <version>/model.onnx, hot (un)loading.
+
+A stat-based watcher loads new or changed versions and unloads removed ones without a restart.
+An unloading version stops taking requests and finishes its queued and running ones first.
+A model that fails to load is reported (index, ModelReady false, log) and touches no other model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.batcher import DynamicBatcher
+from server.errors import ModelNotFoundError, ModelUnavailableError
+from server.model_config import (
+    CONFIG_FILENAME,
+    MODEL_FILENAME,
+    ModelConfig,
+    complete_config,
+    load_model_config,
+)
+from server.onnx_runner import OnnxRunner
+
+log = logging.getLogger("featureserve.models")
+
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+LOADING = "LOADING"
+UNLOADING = "UNLOADING"
+
+_Stat = tuple[int, int] | None
+
+
+@dataclass
+class LoadedModel:
+    """One served model version: its completed config, its sessions and its batcher."""
+
+    name: str
+    version: str
+    config: ModelConfig
+    runner: OnnxRunner
+    batcher: DynamicBatcher
+    path: Path
+    output_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VersionStatus:
+    """A repository index entry; version "" describes the model as a whole (a config error)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+@dataclass
+class _Fingerprint:
+    """What the watcher compares between polls: file sizes and modification times."""
+
+    config: _Stat
+    versions: dict[int, _Stat] = field(default_factory=dict)
+
+
+def _stat(path: Path) -> _Stat:
+    """(mtime_ns, size) of a file, or None when it is absent."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _fingerprint(model_dir: Path) -> _Fingerprint:
+    """The stat of config.toml and of every <digits>/model.onnx under a model folder."""
+    fp = _Fingerprint(_stat(model_dir / CONFIG_FILENAME))
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for child in model_dir.iterdir():
+            if child.name.isdigit():
+                stat = _stat(child / MODEL_FILENAME)
+                if stat is not None:
+                    fp.versions[int(child.name)] = stat
+    return fp
+
+
+class ModelRepository:
+    """The models under one folder, loaded per their version policy and kept in sync with it."""
+
+    def __init__(self, path: Path, *, watch: bool = True, poll_interval_s: float = 1.0) -> None:
+        self.path = Path(path)
+        self.watch = watch
+        self.poll_interval_s = poll_interval_s
+        self._served: dict[str, dict[int, LoadedModel]] = {}
+        self._status: dict[tuple[str, str], VersionStatus] = {}
+        self._fingerprints: dict[str, _Fingerprint] = {}
+        self._unloaded: set[str] = set()
+        self._lock = asyncio.Lock()
+        self._watcher: asyncio.Task | None = None
+        self.ready = False
+
+    async def start(self) -> None:
+        """Load every model in the folder, then start the watcher (when watch is on)."""
+        if not self.path.is_dir():
+            raise ModelNotFoundError(f"model repository {self.path} is not a folder")
+        await self.poll()
+        self.ready = True
+        if self.watch:
+            self._watcher = asyncio.create_task(self._watch(), name="model-repository-watcher")
+
+    async def stop(self) -> None:
+        """Stop the watcher and unload everything, letting in-flight requests finish."""
+        self.ready = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        async with self._lock:
+            for name in list(self._served):
+                for version in list(self._served[name]):
+                    await self._unload_version(name, version, "server stopping")
+
+    async def _watch(self) -> None:
+        """Poll the folder every poll_interval_s; a failing pass is logged, never fatal."""
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.poll()
+            except Exception:
+                log.exception("model repository poll failed")
+
+    async def poll(self) -> None:
+        """One watcher pass: bring every model folder's served versions in line with the disk."""
+        async with self._lock:
+            on_disk = {p.name for p in self.path.iterdir() if p.is_dir()}
+            for name in sorted(on_disk | set(self._served) | set(self._fingerprints)):
+                if name in self._unloaded:
+                    continue
+                await self._sync(name, force=False)
+
+    async def load(self, name: str) -> None:
+        """Load or reload a model from disk (RepositoryModelLoad); the watcher follows it again."""
+        async with self._lock:
+            if not (self.path / name).is_dir():
+                raise ModelNotFoundError(f"no model folder '{name}' in {self.path}")
+            self._unloaded.discard(name)
+            await self._sync(name, force=True)
+            failures = [s for s in self.index() if s.name == name and s.state == UNAVAILABLE]
+            if not self._served.get(name):
+                reason = "; ".join(f"v{s.version or '*'}: {s.reason}" for s in failures)
+                raise ModelUnavailableError(f"model '{name}' failed to load: {reason}")
+
+    async def unload(self, name: str) -> None:
+        """Unload every version of a model (RepositoryModelUnload); the watcher leaves it alone."""
+        async with self._lock:
+            if name not in self._served and not any(k[0] == name for k in self._status):
+                raise ModelNotFoundError(f"no model '{name}' in the repository")
+            self._unloaded.add(name)
+            self._fingerprints.pop(name, None)
+            for version in list(self._served.get(name, {})):
+                await self._unload_version(name, version, "unloaded by request")
+            self._status.pop((name, ""), None)
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        """The served version (highest when version is ""); NOT_FOUND or UNAVAILABLE otherwise."""
+        versions = self._served.get(name)
+        if versions:
+            if not version:
+                return versions[max(versions)]
+            if version.isdigit() and int(version) in versions:
+                return versions[int(version)]
+        if version:
+            failed = [s for s in [self._status.get((name, version))] if s and s.state != READY]
+        else:
+            failed = [s for k, s in self._status.items() if k[0] == name and s.state != READY]
+        if failed:
+            what = f"model '{name}'" + (f" version {version}" if version else "")
+            reasons = "; ".join(f"{s.state} {s.reason}".strip() for s in failed)
+            raise ModelUnavailableError(f"{what} is not ready: {reasons}")
+        if versions or any(key[0] == name for key in self._status):
+            raise ModelNotFoundError(
+                f"model '{name}' has no version '{version}'; served: "
+                f"{', '.join(str(v) for v in sorted(versions or {})) or 'none'}"
+            )
+        raise ModelNotFoundError(f"no model '{name}' in the repository")
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        """Whether get(name, version) would succeed."""
+        try:
+            self.get(name, version)
+        except (ModelNotFoundError, ModelUnavailableError):
+            return False
+        return True
+
+    def versions(self, name: str) -> list[str]:
+        """Served versions of a model, ascending."""
+        return [str(v) for v in sorted(self._served.get(name, {}))]
+
+    def loaded(self) -> list[LoadedModel]:
+        """Every served model version, by name then version."""
+        return [self._served[n][v] for n in sorted(self._served) for v in sorted(self._served[n])]
+
+    def index(self) -> list[VersionStatus]:
+        """Every known model version and its state, by name then version."""
+        return [self._status[k] for k in sorted(self._status, key=lambda k: (k[0], k[1].zfill(20)))]
+
+    async def _sync(self, name: str, *, force: bool) -> None:
+        """Load new or changed target versions of one model, then unload the ones off policy."""
+        model_dir = self.path / name
+        fp = _fingerprint(model_dir)
+        old = self._fingerprints.get(name)
+        if not force and old is not None and fp == old:
+            return
+        self._fingerprints[name] = fp
+        served = self._served.setdefault(name, {})
+        if not model_dir.is_dir():
+            for version in list(served):
+                await self._unload_version(name, version, "model folder removed")
+            self._forget(name)
+            return
+        try:
+            config = load_model_config(model_dir)
+        except Exception as exc:
+            self._fail(name, "", str(exc))
+            return
+        self._status.pop((name, ""), None)
+        config_changed = force or old is None or old.config != fp.config
+        targets = config.version_policy.select(list(fp.versions))
+        for version in targets:
+            changed = old is None or old.versions.get(version) != fp.versions[version]
+            if version not in served or config_changed or changed:
+                await self._load_version(name, version, config)
+        for key in [k for k in self._status if k[0] == name and k[1]]:
+            if key[1].isdigit() and int(key[1]) not in fp.versions and int(key[1]) not in served:
+                del self._status[key]
+        any_target_ready = any(v in served for v in targets)
+        for version in list(served):
+            gone = version not in fp.versions
+            if gone or (version not in targets and any_target_ready):
+                reason = "version removed" if gone else "outside the version policy"
+                await self._unload_version(name, version, reason)
+
+    async def _load_version(self, name: str, version: int, config: ModelConfig) -> None:
+        """Create sessions and a batcher for one version; on success it replaces the old one."""
+        key = (name, str(version))
+        previous = self._status.get(key)
+        if previous is None or previous.state != READY:
+            self._status[key] = VersionStatus(name, str(version), LOADING)
+        path = self.path / name / str(version) / MODEL_FILENAME
+        try:
+            runner = await asyncio.to_thread(
+                OnnxRunner, path, config.onnxruntime, config.instance_group.count
+            )
+            completed = complete_config(config, runner.inputs, runner.outputs, source=str(path))
+        except Exception as exc:
+            self._fail(name, str(version), f"{type(exc).__name__}: {exc}")
+            return
+        batcher = DynamicBatcher(completed, runner.run, name=f"{name}:{version}")
+        batcher.start()
+        served = self._served.setdefault(name, {})
+        replaced = served.get(version)
+        outputs = [o.name for o in completed.outputs]
+        served[version] = LoadedModel(name, str(version), completed, runner, batcher, path, outputs)
+        self._status[key] = VersionStatus(name, str(version), READY)
+        log.info("loaded model %s version %s", name, version)
+        if replaced is not None:
+            await self._drain(replaced)
+
+    async def _unload_version(self, name: str, version: int, reason: str) -> None:
+        """Stop routing to a version, let its requests finish, then free it."""
+        model = self._served.get(name, {}).pop(version, None)
+        if model is None:
+            return
+        key = (name, str(version))
+        self._status[key] = VersionStatus(name, str(version), UNLOADING, reason)
+        await self._drain(model)
+        self._status[key] = VersionStatus(name, str(version), UNAVAILABLE, reason)
+        log.info("unloaded model %s version %s: %s", name, version, reason)
+
+    async def _drain(self, model: LoadedModel) -> None:
+        """Finish a version's queued and running requests, then close its sessions."""
+        await model.batcher.close()
+        model.runner.close()
+
+    def _fail(self, name: str, version: str, reason: str) -> None:
+        """Record and log a load failure; other models and versions are untouched."""
+        self._status[(name, version)] = VersionStatus(name, version, UNAVAILABLE, reason)
+        what = f"{name} version {version}" if version else name
+        log.error("model %s failed to load: %s", what, reason)
+
+    def _forget(self, name: str) -> None:
+        """Drop every trace of a model whose folder is gone."""
+        self._served.pop(name, None)
+        self._fingerprints.pop(name, None)
+        for key in [k for k in self._status if k[0] == name]:
+            del self._status[key]

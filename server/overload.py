@@ -1,0 +1,79 @@
+"""A cap on concurrent RPCs that answers RESOURCE_EXHAUSTED at once, replacing grpc.aio's
+maximum_concurrent_rpcs, whose counter underflows after the first rejections in grpcio 1.65
+(grpc/grpc#41531, fixed upstream after the version apache-flink lets us pin), lifting the cap."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from server.metrics_interceptor import rewrap
+
+EXEMPT = ("/grpc.health.v1.Health/",)
+
+
+class OverloadInterceptor(grpc.aio.ServerInterceptor):
+    """Admits at most `limit` RPCs of this process at a time; the next ones end at once with
+    RESOURCE_EXHAUSTED (clients back off and retry) instead of queueing. Health checks are
+    exempt so a busy server is not mistaken for a dead one."""
+
+    def __init__(self, limit: int, exempt: tuple[str, ...] = EXEMPT) -> None:
+        self.limit = limit
+        self.active = 0
+        self.rejected = 0
+        self._exempt = exempt
+        self._message = (
+            f"server is at its limit of {limit} concurrent RPCs (max_concurrent_rpcs); "
+            "retry with backoff"
+        )
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(self._exempt):
+            return handler
+        cached = self._cache.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = rewrap(handler, self._guard)
+        self._cache[method] = (handler, guarded)
+        return guarded
+
+    def _guard(self, behavior: Callable, streaming: bool) -> Callable:
+        """The behavior, run only when a slot is free, holding the slot until it ends."""
+        if streaming and inspect.isasyncgenfunction(behavior):
+
+            async def guarded_generator(request, context):
+                if self.active >= self.limit:
+                    self.rejected += 1
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._message)
+                self.active += 1
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    self.active -= 1
+
+            return guarded_generator
+
+        async def guarded(request, context):
+            if self.active >= self.limit:
+                self.rejected += 1
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._message)
+            self.active += 1
+            try:
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            finally:
+                self.active -= 1
+
+        return guarded

@@ -1,0 +1,187 @@
+"""KServe v2 tensors <-> NumPy: datatype tables, raw and typed contents decoding and encoding."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from protos.inference import grpc_service_pb2 as pb
+from server.errors import InvalidRequestError
+
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+
+ONNX_TO_KSERVE: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+# Triton's DataType enum names (model_config.proto) for each KServe datatype.
+TRITON_TYPE_NAMES: dict[str, str] = {
+    name: "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}" for name in NUMPY_DTYPES
+}
+
+# Which InferTensorContents field carries each datatype; FP16 has none (raw only).
+_CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_LENGTH = struct.Struct("<I")
+
+
+def element_count(shape: tuple[int, ...] | list[int]) -> int:
+    """Number of elements of a tensor of this shape."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+    """A raw_input_contents entry as an array; the byte length must match shape x dtype."""
+    count = element_count(shape)
+    if datatype == "BYTES":
+        return _decode_bytes_raw(name, shape, count, raw)
+    dtype = NUMPY_DTYPES[datatype]
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidRequestError(
+            f"input '{name}': raw contents hold {len(raw)} bytes, but shape {list(shape)} of "
+            f"{datatype} needs {expected} bytes ({count} x {dtype.itemsize})"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _decode_bytes_raw(name: str, shape: tuple[int, ...], count: int, raw: bytes) -> np.ndarray:
+    """BYTES raw contents: each element is a 4-byte little-endian length and its bytes."""
+    items: list[str] = []
+    view = memoryview(raw)
+    offset = 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidRequestError(
+                f"input '{name}': BYTES raw contents end inside the length of element "
+                f"{len(items)}; each element needs a 4-byte little-endian length prefix"
+            )
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidRequestError(
+                f"input '{name}': BYTES element {len(items)} declares {length} bytes but only "
+                f"{len(raw) - offset} remain"
+            )
+        items.append(_to_text(name, bytes(view[offset : offset + length]), len(items)))
+        offset += length
+    if len(items) != count:
+        raise InvalidRequestError(
+            f"input '{name}': raw contents hold {len(items)} BYTES elements, "
+            f"shape {list(shape)} needs {count}"
+        )
+    return _object_array(items, shape)
+
+
+def _to_text(name: str, value: bytes, index: int) -> str:
+    """ONNX Runtime string tensors hold text: BYTES elements must be UTF-8."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequestError(
+            f"input '{name}': BYTES element {index} is not UTF-8; ONNX string tensors hold text"
+        ) from None
+
+
+def _object_array(items: list, shape: tuple[int, ...]) -> np.ndarray:
+    """An object array of exactly this shape (np.array would split nested sequences)."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
+def decode_contents(
+    name: str, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents
+) -> np.ndarray:
+    """Typed InferTensorContents as an array; the field must be the datatype's and fully filled."""
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidRequestError(
+            f"input '{name}': {datatype} has no typed contents field; send it in raw_input_contents"
+        )
+    for other in set(_CONTENTS_FIELD.values()) - {field}:
+        if len(getattr(contents, other)):
+            raise InvalidRequestError(
+                f"input '{name}': datatype {datatype} goes in contents.{field}, "
+                f"but contents.{other} is set"
+            )
+    values = getattr(contents, field)
+    count = element_count(shape)
+    if len(values) != count:
+        raise InvalidRequestError(
+            f"input '{name}': contents.{field} holds {len(values)} values, "
+            f"shape {list(shape)} needs {count}"
+        )
+    if datatype == "BYTES":
+        return _object_array([_to_text(name, v, i) for i, v in enumerate(values)], shape)
+    dtype = NUMPY_DTYPES[datatype]
+    array = np.array(values, dtype=np.float64 if dtype.kind == "f" else None)
+    if (
+        dtype.kind in "iu"
+        and count
+        and (array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max)
+    ):
+        raise InvalidRequestError(
+            f"input '{name}': contents.{field} has a value outside the range of {datatype}"
+        )
+    return array.astype(dtype, copy=False).reshape(shape)
+
+
+def encode_raw(datatype: str, array: np.ndarray) -> bytes:
+    """An output array as raw little-endian bytes (BYTES: length-prefixed UTF-8 elements)."""
+    if datatype == "BYTES":
+        parts: list[bytes] = []
+        for item in array.reshape(-1):
+            data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+            parts.append(_LENGTH.pack(len(data)))
+            parts.append(data)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype]).tobytes()
+
+
+def encode_bytes_elements(values: list[bytes]) -> bytes:
+    """Length-prefixed BYTES raw contents from a list of byte strings (for clients and tests)."""
+    return b"".join(_LENGTH.pack(len(v)) + v for v in values)

@@ -1,0 +1,164 @@
+"""The load harness against a real bare gRPC server on loopback: figures, JSON, histogram, stops."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from benchmarks import cli, h2load, report
+from benchmarks.baseline import BaselineScenario
+from benchmarks.histogram import Histogram, bucket_index, bucket_indices
+from benchmarks.load import CANCELLED_ERROR, LoadError, LoadSpec, run_load
+from benchmarks.scenarios import RequestFn, ScenarioError, get_scenario, register_scenario
+
+REQUIRED_KEYS = {
+    "scenario",
+    "mode",
+    "throughput_rps",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "p999_ms",
+    "errors",
+    "server_cpu_us_per_req",
+    "client_cpu_us_per_req",
+    "payload_bytes",
+}
+
+
+class EchoScenario(BaselineScenario):
+    """The baseline under another name, so --with-baseline has something to compare."""
+
+    name = "test-echo"
+
+
+class StuckScenario(BaselineScenario):
+    """Requests that never return: awaiting (cancellable) or blocking the loop (killable)."""
+
+    name = "test-stuck"
+
+    def make_request_fn(self, args: argparse.Namespace, channel: grpc.aio.Channel) -> RequestFn:
+        blocking = args.blocking
+
+        async def request() -> None:
+            if blocking:
+                time.sleep(60)
+            await asyncio.sleep(60)
+
+        return request
+
+
+register_scenario(EchoScenario())
+register_scenario(StuckScenario())
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_histogram_percentiles_match_numpy_within_precision() -> None:
+    rng = np.random.default_rng(7)
+    values = rng.lognormal(mean=13.0, sigma=1.0, size=200_000).astype(np.int64)
+    hist = Histogram()
+    hist.record_many(values)
+    for q in (50, 90, 99, 99.9):
+        assert hist.percentile(q) == pytest.approx(np.percentile(values, q), rel=0.01)
+    assert hist.count == values.size
+    assert hist.mean() == pytest.approx(values.mean())
+
+
+def test_histogram_merge_scalar_and_round_trip_agree() -> None:
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 10**9, size=5_000)
+    whole, left, right = Histogram(), Histogram(), Histogram()
+    whole.record_many(values)
+    for v in values[:2_500].tolist():
+        left.record(v)
+    right.record_many(values[2_500:])
+    left.merge(right)
+    assert np.array_equal(left.counts, whole.counts)
+    assert (left.min, left.max) == (int(values.min()), int(values.max()))
+    assert np.array_equal(bucket_indices(values), [bucket_index(v) for v in values.tolist()])
+    copy = Histogram.from_dict(json.loads(json.dumps(whole.to_dict())))
+    assert copy.percentiles([50, 99]) == whole.percentiles([50, 99])
+
+
+def test_baseline_closed_and_open_loop_with_json(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["baseline", "--concurrency", "4", "--rate", "200", "--processes", "1"]
+    argv += ["--warmup", "0.5", "--duration", "2", "--json", str(out)]
+    assert cli.main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    closed, opened = runs
+    for run in runs:
+        assert run.keys() >= REQUIRED_KEYS
+        assert run["errors"] == {}
+        assert run["p50_ms"] <= run["p90_ms"] <= run["p99_ms"] <= run["p999_ms"]
+        assert run["server_cpu_us_per_req"] > 0
+        assert run["payload_bytes"] == 12800
+    assert (closed["mode"], closed["concurrency"]) == ("closed", 4)
+    assert closed["throughput_rps"] > 0
+    assert (opened["mode"], opened["rate"]) == ("open", 200.0)
+    assert opened["throughput_rps"] == pytest.approx(200, rel=0.1)
+    table = capsys.readouterr().out
+    assert table.startswith("| scenario |")
+    assert len(table.strip().splitlines()) == 4
+
+
+def test_with_baseline_adds_ratio_columns() -> None:
+    args = _parse("test-echo", "--concurrency", "2", "--processes", "1", "--payload-bytes", "1024")
+    args.warmup, args.duration = 0.2, 1.0
+    runs = cli.run_with_baseline(get_scenario("test-echo"), args)
+    assert [r["scenario"] for r in runs] == ["test-echo", "baseline"]
+    echo, floor = runs
+    assert floor["payload_bytes"] == 1024
+    assert echo["baseline_throughput_rps"] == floor["throughput_rps"]
+    assert echo["throughput_vs_baseline"] == pytest.approx(
+        echo["throughput_rps"] / floor["throughput_rps"], rel=0.01
+    )
+    assert "req/s vs baseline" in report.format_table(runs)
+
+
+@pytest.mark.parametrize(("blocking", "killed"), [(False, 0), (True, 1)])
+def test_stuck_requests_are_stopped(blocking: bool, killed: int) -> None:
+    scenario = get_scenario("test-stuck")
+    args = _parse("test-stuck", "--processes", "1")
+    args.blocking = blocking
+    run = scenario.setup(args)
+    try:
+        spec = LoadSpec(concurrency=2, processes=1, warmup_s=0.0, duration_s=0.5, grace_s=1.0)
+        started = time.monotonic()
+        result = run_load(scenario, args, run.target, spec, run.server_pid)
+        assert time.monotonic() - started < 30
+    finally:
+        scenario.teardown(run)
+    assert result.completed == 0
+    assert result.processes_killed == killed
+    if not blocking:
+        assert result.errors == {CANCELLED_ERROR: 2}
+
+
+def test_refuses_non_loopback_targets_and_unknown_scenarios() -> None:
+    args = _parse("baseline")
+    with pytest.raises(LoadError, match="loopback"):
+        run_load(get_scenario("baseline"), args, "10.1.2.3:50051", LoadSpec())
+    with pytest.raises(ScenarioError, match=r"known: .*baseline"):
+        get_scenario("no-such-scenario")
+
+
+def test_h2load_framing_and_log_parsing() -> None:
+    assert h2load.frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
+    latencies, failed = h2load.parse_log("1\t200\t250\n2\t-1\t9\n3\t200\t1000\n")
+    assert latencies.tolist() == [250_000, 1_000_000]
+    assert failed == 1
+    argv = h2load.command("127.0.0.1:1", "/s/M", "b", "l", LoadSpec(concurrency=8, processes=2))
+    assert argv[argv.index("-m") + 1] == "4"
+    assert argv[-1] == "http://127.0.0.1:1/s/M"

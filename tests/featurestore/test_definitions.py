@@ -1,0 +1,103 @@
+"""features.toml loading: the format, durations and errors that name the file and key."""
+
+from pathlib import Path
+
+import pytest
+
+from featurestore.definitions import load_definitions, parse_duration
+from featurestore.dtypes import DType
+from featurestore.errors import InvalidArgumentError
+
+GOOD = """
+[[entity]]
+name = "trip"
+join_keys = [{ name = "city", dtype = "string" }, { name = "driver_id", dtype = "INT64" }]
+description = "a driver in a city"
+
+[[feature_view]]
+name = "driver_stats"
+entity = "trip"
+ttl = "1h30m"
+owner = "ops"
+tags = { tier = "gold" }
+
+[[feature_view.feature]]
+name = "rating"
+dtype = "float64"
+allow_nan = true
+
+[[feature_view.feature]]
+name = "embedding"
+dtype = "float32_vector"
+vector_length = 8
+
+[[feature_view]]
+name = "driver_flags"
+entity = "trip"
+ttl_seconds = 30
+version = 2
+
+[[feature_view.feature]]
+name = "active"
+dtype = "bool"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "features.toml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_entities_and_views(tmp_path: Path):
+    entities, views = load_definitions(write(tmp_path, GOOD))
+    assert [(k.name, k.dtype) for k in entities[0].join_keys] == [
+        ("city", DType.STRING),
+        ("driver_id", DType.INT64),
+    ]
+    stats, flags = views
+    assert stats.ttl_seconds == 5400 and stats.owner == "ops" and stats.tags == {"tier": "gold"}
+    assert stats.features[0].allow_nan and stats.features[1].vector_length == 8
+    assert stats.features[1].dtype is DType.FLOAT32_VECTOR
+    assert (flags.ttl_seconds, flags.version, flags.features[0].dtype) == (30, 2, DType.BOOL)
+
+
+def test_parse_duration():
+    assert parse_duration("90s") == 90
+    assert parse_duration("2w1d") == 15 * 86400
+    with pytest.raises(ValueError, match="bad duration"):
+        parse_duration("1 fortnight")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ('dtype = "bool"', 'dtype = "boolean"'),
+            r"feature_view\[1\] \(driver_flags\)\.feature\[0\]\.dtype: unknown dtype 'boolean'",
+        ),
+        (
+            ('ttl = "1h30m"', 'ttl = "soon"'),
+            r"feature_view\[0\] \(driver_stats\)\.ttl: bad duration",
+        ),
+        (('owner = "ops"', 'ownr = "ops"'), r"unknown key\(s\) \['ownr'\]"),
+        (("version = 2", 'version = "2"'), r"\.version: expected int, got str"),
+        (('name = "trip"', 'name = "trip-1"'), r"entity\[0\]: entity name 'trip-1' is not a valid"),
+        (("ttl_seconds = 30", 'ttl_seconds = 30\nttl = "1m"'), "set ttl or ttl_seconds, not both"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, edit, message):
+    path = write(tmp_path, GOOD.replace(*edit))
+    with pytest.raises(InvalidArgumentError, match=message) as info:
+        load_definitions(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_required_and_bad_toml(tmp_path: Path):
+    path = write(tmp_path, '[[feature_view]]\nentity = "x"\n')
+    with pytest.raises(InvalidArgumentError, match=r"feature_view\[0\]\.name: is required"):
+        load_definitions(path)
+    with pytest.raises(InvalidArgumentError, match="not valid TOML"):
+        load_definitions(write(tmp_path, "[[entity]\n"))
+    with pytest.raises(InvalidArgumentError, match="cannot read"):
+        load_definitions(tmp_path / "absent.toml")

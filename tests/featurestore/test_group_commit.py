@@ -1,0 +1,81 @@
+"""Group commit: concurrent submitters share commits and each gets its own result."""
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurestore.dtypes import DType
+from featurestore.errors import NotFoundError, UnavailableError
+from featurestore.group_commit import GroupCommitter
+from featurestore.online_store import OnlineStore, PreparedBatch, StoreConfig, WriteBatch
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+
+NOW = 1_800_000_000_000_000
+USER = Entity("user", (JoinKey("user_id", DType.INT64),))
+SCORE = FeatureView("score", "user", (Feature("score", DType.FLOAT32),))
+
+
+def batch(ids, event, value) -> WriteBatch:
+    n = len(ids)
+    return WriteBatch(
+        "score",
+        {"user_id": np.asarray(ids, np.int64)},
+        np.full(n, event, np.int64),
+        {"score": np.full(n, value, np.float32)},
+    )
+
+
+def test_concurrent_submitters_get_their_own_counts(tmp_path: Path):
+    with OnlineStore(StoreConfig(tmp_path / "db")) as store:
+        store.registry.apply([USER], [SCORE])
+        store.write(batch(range(0, 800, 2), NOW, -1.0), now_us=NOW)
+        committer = GroupCommitter(store, max_delay_s=0.005)
+        results: dict[int, list] = {}
+
+        def submitter(t: int) -> None:
+            futures = []
+            for i in range(5):
+                ids = np.arange(t * 100 + i * 20, t * 100 + i * 20 + 20)
+                event = NOW + 1 if t % 2 else NOW - 1
+                futures.append(committer.submit(store.prepare(batch(ids, event, t), now_us=NOW)))
+            results[t] = [f.result(timeout=30) for f in futures]
+
+        threads = [threading.Thread(target=submitter, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        committer.close()
+        for t in range(8):
+            for res in results[t]:
+                if t % 2:
+                    assert (res.written, res.stale) == (20, 0)
+                else:
+                    assert (res.written, res.stale) == (10, 10)
+        assert 1 <= committer.commits < 40
+        read = store.read("score", {"user_id": np.arange(800)}).blocks[0].values[:, 0]
+        owner = np.arange(800) // 100
+        expected = np.where((owner % 2 == 1) | (np.arange(800) % 2 == 1), owner, -1)
+        assert read.tolist() == expected.tolist()
+
+
+def test_failure_resolves_only_the_bad_batch(tmp_path: Path):
+    with OnlineStore(StoreConfig(tmp_path / "db")) as store:
+        store.registry.apply([USER], [SCORE, FeatureView("gone", "user", SCORE.features)])
+        good = store.prepare(batch([1], NOW, 1.0), now_us=NOW)
+        doomed = store.prepare(
+            WriteBatch("gone", {"user_id": np.array([1])}, np.array([NOW]), {"score": np.ones(1)}),
+            now_us=NOW,
+        )
+        broken = PreparedBatch(doomed.view, [b""], doomed.rows, doomed.event_us, b"", 0, [])
+        committer = GroupCommitter(store, max_delay_s=0.05)
+        futures = [committer.submit(good), committer.submit(broken)]
+        committer.close()
+        assert futures[0].result().written == 1
+        assert futures[1].exception() is not None
+        with pytest.raises(UnavailableError):
+            committer.submit(good)
+        with pytest.raises(NotFoundError):
+            store.prepare(batch([1], NOW, 1.0).__class__("nope", {}, np.zeros(0), {}))

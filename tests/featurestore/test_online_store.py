@@ -1,0 +1,331 @@
+"""Online store on real LMDB files: round trips, last-write-wins, TTL, validation, map growth."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurestore.dtypes import DType, FeatureStatus
+from featurestore.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+
+NOW = 1_800_000_000_000_000
+USER = Entity("user", (JoinKey("user_id", DType.INT64),))
+NAMED = Entity("named", (JoinKey("name", DType.STRING),))
+TRIP = Entity("trip", (JoinKey("city", DType.STRING), JoinKey("driver", DType.INT64)))
+ALL = FeatureView(
+    "all_types",
+    "user",
+    (
+        Feature("f32", DType.FLOAT32),
+        Feature("s", DType.STRING),
+        Feature("f64", DType.FLOAT64, allow_nan=True),
+        Feature("i64", DType.INT64),
+        Feature("flag", DType.BOOL),
+        Feature("vec", DType.FLOAT32_VECTOR, vector_length=3),
+        Feature("t", DType.STRING),
+        Feature("g32", DType.FLOAT32),
+    ),
+)
+SCORE = FeatureView("score", "user", (Feature("score", DType.FLOAT32),), ttl_seconds=60)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with OnlineStore(StoreConfig(tmp_path / "db", map_size=1 << 20)) as s:
+        s.registry.apply([USER, NAMED, TRIP], [ALL, SCORE])
+        yield s
+
+
+def all_batch(ids, event, **kw) -> WriteBatch:
+    n = len(ids)
+    cols = {
+        "f32": np.arange(n, dtype=np.float32) + 0.5,
+        "s": np.array([f"s{i}é" for i in range(n)], dtype=object),
+        "f64": np.array([np.nan] + [1e300] * (n - 1)),
+        "i64": np.array([-(2**63)] + [2**62] * (n - 1), dtype=np.int64),
+        "flag": np.arange(n) % 2 == 0,
+        "vec": np.arange(3 * n, dtype=np.float32).reshape(n, 3),
+        "t": np.array([""] * n, dtype=object),
+        "g32": np.full(n, 7, np.float32),
+    }
+    return WriteBatch("all_types", {"user_id": np.asarray(ids)}, np.full(n, event), cols, **kw)
+
+
+def score_batch(ids, events, scores, **kw) -> WriteBatch:
+    return WriteBatch(
+        "score",
+        {"user_id": np.asarray(ids, np.int64)},
+        np.asarray(events, np.int64),
+        {"score": np.asarray(scores, np.float32)},
+        **kw,
+    )
+
+
+def column(result, name):
+    for block in result.blocks:
+        if name in block.features:
+            j = block.features.index(name)
+            return block.values[:, j], block.statuses[:, j]
+    raise KeyError(name)
+
+
+def test_round_trip_every_dtype_with_nulls(store):
+    batch = all_batch([10, 11, 12], NOW, nulls={"i64": np.array([False, True, False])})
+    assert store.write(batch, now_us=NOW).written == 3
+    res = store.read("all_types", {"user_id": np.array([12, 99, 10, 11])}, now_us=NOW)
+    assert res.row_status.tolist() == [1, 2, 1, 1]
+    assert res.event_us.tolist() == [NOW, 0, NOW, NOW]
+    assert [(b.dtype, b.features) for b in res.blocks] == [
+        (DType.FLOAT32, ["f32", "g32"]),
+        (DType.STRING, ["s", "t"]),
+        (DType.FLOAT64, ["f64"]),
+        (DType.INT64, ["i64"]),
+        (DType.BOOL, ["flag"]),
+        (DType.FLOAT32_VECTOR, ["vec"]),
+    ]
+    values, statuses = column(res, "f32")
+    assert values.tolist() == [2.5, 0.0, 0.5, 1.5] and statuses.tolist() == [1, 2, 1, 1]
+    assert column(res, "s")[0].tolist() == ["s2é", "", "s0é", "s1é"]
+    assert column(res, "t")[0].tolist() == ["", "", "", ""]
+    f64 = column(res, "f64")[0]
+    assert np.isnan(f64[2]) and f64[0] == 1e300
+    values, statuses = column(res, "i64")
+    assert values.tolist() == [2**62, 0, -(2**63), 0] and statuses.tolist() == [1, 2, 1, 3]
+    assert column(res, "flag")[0].tolist() == [True, False, True, False]
+    assert column(res, "vec")[0].tolist() == [[6, 7, 8], [0, 0, 0], [0, 1, 2], [3, 4, 5]]
+
+
+def test_read_subset_in_requested_order(store):
+    store.write(all_batch([1], NOW), now_us=NOW)
+    res = store.read("all_types", {"user_id": np.array([1])}, ["g32", "i64", "f32"])
+    assert [(b.features, b.values.tolist()) for b in res.blocks] == [
+        (["g32", "f32"], [[7.0, 0.5]]),
+        (["i64"], [[-(2**63)]]),
+    ]
+    with pytest.raises(NotFoundError, match="'nope' is not in view 'all_types'"):
+        store.read("all_types", {"user_id": np.array([1])}, ["nope"])
+
+
+def test_last_write_wins_by_event_time(store):
+    first = store.write(score_batch([1, 2, 3], [NOW, NOW, NOW], [1, 2, 3]), now_us=NOW)
+    assert (first.written, first.stale) == (3, 0)
+    older = store.write(score_batch([1, 2], [NOW - 5, NOW + 5], [10, 20]), now_us=NOW)
+    assert (older.written, older.stale) == (1, 1)
+    tie = store.write(score_batch([3], [NOW], [30]), now_us=NOW)
+    assert (tie.written, tie.stale) == (1, 0)
+    res = store.read("score", {"user_id": np.array([1, 2, 3])}, now_us=NOW)
+    assert res.blocks[0].values[:, 0].tolist() == [1, 20, 30]
+    assert res.event_us.tolist() == [NOW, NOW + 5, NOW]
+
+
+def test_out_of_order_batches_in_one_commit_keep_the_newest(store):
+    batches = [
+        store.prepare(score_batch([1, 1, 2], [NOW, NOW - 9, NOW], [1, 0, 2]), now_us=NOW),
+        store.prepare(score_batch([1, 2, 2], [NOW - 1, NOW + 1, NOW + 1], [9, 5, 6]), now_us=NOW),
+    ]
+    results = store.write_prepared(batches)
+    assert [(r.written, r.stale) for r in results] == [(2, 1), (2, 1)]
+    res = store.read("score", {"user_id": np.array([1, 2])}, now_us=NOW)
+    assert res.blocks[0].values[:, 0].tolist() == [1, 6]
+
+
+def test_ttl_withholds_old_rows(store):
+    store.write(score_batch([1, 2], [NOW - 61_000_000, NOW - 59_000_000], [1, 2]), now_us=NOW)
+    res = store.read("score", {"user_id": np.array([1, 2, 3])}, now_us=NOW)
+    assert res.row_status.tolist() == [
+        FeatureStatus.OUTSIDE_MAX_AGE,
+        FeatureStatus.PRESENT,
+        FeatureStatus.NOT_FOUND,
+    ]
+    assert res.blocks[0].values[:, 0].tolist() == [0, 2, 0]
+    assert res.blocks[0].statuses[:, 0].tolist() == [4, 1, 2]
+    later = store.read("score", {"user_id": np.array([2])}, now_us=NOW + 2_000_000)
+    assert later.row_status.tolist() == [FeatureStatus.OUTSIDE_MAX_AGE]
+
+
+def test_schema_evolution_across_versions(store):
+    store.write(score_batch([1], [NOW], [1.5]), now_us=NOW)
+    added = FeatureView(
+        "score",
+        "user",
+        (Feature("score", DType.FLOAT32), Feature("label", DType.STRING)),
+        ttl_seconds=60,
+    )
+    assert store.registry.apply([], [added])[0].action == "updated"
+    res = store.read("score", {"user_id": np.array([1])}, now_us=NOW)
+    assert column(res, "score")[0].tolist() == [1.5]
+    assert column(res, "label")[1].tolist() == [FeatureStatus.NULL_VALUE]
+    batch = score_batch([2], [NOW], [2.5])
+    batch.columns["label"] = np.array(["new"], dtype=object)
+    store.write(batch, now_us=NOW)
+    assert column(store.read("score", {"user_id": np.array([2])}, now_us=NOW), "label")[0] == "new"
+    v2 = FeatureView("score", "user", (Feature("score", DType.INT64),), version=2)
+    assert store.registry.apply([], [v2])[0].action == "created"
+    store.write(
+        WriteBatch("score", {"user_id": np.array([1])}, np.array([NOW]), {"score": np.array([7])}),
+        now_us=NOW,
+    )
+    assert store.read("score", {"user_id": np.array([1])}).blocks[0].values.tolist() == [[7]]
+    old = store.read("score", {"user_id": np.array([1, 2])}, version=1, now_us=NOW)
+    assert column(old, "score")[0].tolist() == [1.5, 2.5]
+
+
+def test_reject_batch_names_first_bad_row(store):
+    batch = score_batch([1, 2, 3, 4], [NOW] * 4, [1, np.nan, 3, np.nan])
+    with pytest.raises(InvalidArgumentError, match=r"column 'score' row 1: NaN"):
+        store.write(batch, now_us=NOW)
+    assert store.read("score", {"user_id": np.array([1])}, now_us=NOW).row_status.tolist() == [2]
+
+
+def test_skip_bad_rows_drops_and_reports(store):
+    batch = score_batch(
+        [1, 2, 3, 4], [NOW, NOW, NOW + 10**12, NOW], [1, np.nan, 3, 4], skip_bad_rows=True
+    )
+    result = store.write(batch, now_us=NOW)
+    assert (result.written, result.rejected) == (2, 2)
+    assert [(e.row, e.column) for e in result.errors] == [(1, "score"), (2, "event_us")]
+    assert "max_clock_skew_seconds=300" in result.errors[1].reason
+    res = store.read("score", {"user_id": np.array([1, 2, 3, 4])}, now_us=NOW)
+    assert res.row_status.tolist() == [1, 2, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "message"),
+    [
+        (lambda b: b.columns.update(extra=np.zeros(2)), NotFoundError, "'extra' is not in view"),
+        (lambda b: b.columns.pop("score"), InvalidArgumentError, "'score' .* is missing"),
+        (
+            lambda b: b.columns.update(score=np.array(["a", "b"])),
+            InvalidArgumentError,
+            "FLOAT32; got NumPy dtype <U1",
+        ),
+        (
+            lambda b: b.columns.update(score=np.zeros(3)),
+            InvalidArgumentError,
+            r"shape \(3,\), expected \(2,\)",
+        ),
+        (
+            lambda b: b.keys.update(user_id=np.array(["a", "b"])),
+            InvalidArgumentError,
+            "'user_id' must hold integers",
+        ),
+        (
+            lambda b: b.keys.update(user_id=np.array([1])),
+            InvalidArgumentError,
+            "key columns have 1 rows",
+        ),
+        (
+            lambda b: b.keys.update(other=np.array([1, 2])),
+            InvalidArgumentError,
+            "'other' is not a join key",
+        ),
+        (
+            lambda b: b.keys.pop("user_id"),
+            InvalidArgumentError,
+            "'user_id' of entity 'user' is missing",
+        ),
+        (
+            lambda b: b.nulls.update(score=np.array([1, 0])),
+            InvalidArgumentError,
+            r"nulls\['score'\] must be a bool",
+        ),
+    ],
+)
+def test_batch_level_errors(store, mutate, error, message):
+    batch = score_batch([1, 2], [NOW, NOW], [1, 2], skip_bad_rows=True)
+    mutate(batch)
+    with pytest.raises(error, match=message):
+        store.prepare(batch, now_us=NOW)
+
+
+def test_limits(tmp_path: Path):
+    config = StoreConfig(tmp_path / "db", max_rows_per_write=3, max_entities_per_read=2)
+    with OnlineStore(config) as store:
+        store.registry.apply([USER], [SCORE])
+        with pytest.raises(ResourceExhaustedError, match="max_rows_per_write=3"):
+            store.write(score_batch([1, 2, 3, 4], [NOW] * 4, [0] * 4), now_us=NOW)
+        with pytest.raises(ResourceExhaustedError, match="max_entities_per_read=2"):
+            store.read("score", {"user_id": np.array([1, 2, 3])})
+
+
+def test_map_grows_from_a_tiny_map(tmp_path: Path):
+    with OnlineStore(StoreConfig(tmp_path / "db", map_size=64 * 1024)) as store:
+        store.registry.apply([USER], [SCORE])
+        start = store.map_size
+        for chunk in range(5):
+            ids = np.arange(chunk * 5000, (chunk + 1) * 5000)
+            assert (
+                store.write(score_batch(ids, np.full(5000, NOW), ids), now_us=NOW).written == 5000
+            )
+        assert store.map_size > start
+        res = store.read("score", {"user_id": np.array([0, 12_345, 24_999])}, now_us=NOW)
+        assert res.blocks[0].values[:, 0].tolist() == [0, 12_345, 24_999]
+
+
+def test_garbage_string_keys_never_touch_neighbours(store):
+    view = FeatureView("tag", "named", (Feature("n", DType.INT64),))
+    store.registry.apply([], [view])
+    keys = np.array(
+        ["a", b"\x00\xff", "a\x00", "", "\x00", "x" * 400, "é", b"\xc3\xa9x"], dtype=object
+    )
+    n = len(keys)
+    batch = WriteBatch("tag", {"name": keys}, np.full(n, NOW), {"n": np.arange(n)})
+    assert store.write(batch, now_us=NOW).written == n
+    res = store.read("tag", {"name": keys[::-1].copy()}, now_us=NOW)
+    assert res.blocks[0].values[:, 0].tolist() == list(range(n))[::-1]
+    long_key = np.array(["y" * 600, 5, "ok"], dtype=object)
+    bad = WriteBatch("tag", {"name": long_key}, np.full(3, NOW), {"n": np.arange(3)})
+    with pytest.raises(InvalidArgumentError, match=r"column 'name' row 0: key is 604 bytes"):
+        store.write(bad, now_us=NOW)
+    bad.skip_bad_rows = True
+    result = store.write(bad, now_us=NOW)
+    assert (result.written, [e.row for e in result.errors]) == (1, [0, 1])
+    res = store.read("tag", {"name": long_key}, now_us=NOW)
+    assert res.row_status.tolist() == [2, 2, 1]
+    again = store.read("tag", {"name": keys}, now_us=NOW)
+    assert again.blocks[0].values[:, 0].tolist() == list(range(n))
+
+
+def test_composite_keys(store):
+    view = FeatureView("trip_stats", "trip", (Feature("n", DType.INT64),))
+    store.registry.apply([], [view])
+    cities = np.array(["ab", "a", "a"], dtype=object)
+    drivers = np.array([1, -1, 2**40])
+    batch = WriteBatch(
+        "trip_stats", {"city": cities, "driver": drivers}, np.full(3, NOW), {"n": np.arange(3)}
+    )
+    store.write(batch, now_us=NOW)
+    res = store.read(
+        "trip_stats",
+        {
+            "city": np.array(["a", "a", "ab", "b"], dtype=object),
+            "driver": np.array([2**40, -1, 1, 1]),
+        },
+    )
+    assert res.blocks[0].values[:, 0].tolist() == [2, 1, 0, 0]
+    assert res.row_status.tolist() == [1, 1, 1, 2]
+
+
+def test_empty_reads_and_writes(store):
+    result = store.write(score_batch([], [], []), now_us=NOW)
+    assert (result.written, result.stale, result.rejected) == (0, 0, 0)
+    res = store.read("score", {"user_id": np.zeros(0, np.int64)})
+    assert res.row_status.shape == (0,) and res.blocks[0].values.shape == (0, 1)
+    fresh = store.read("all_types", {"user_id": np.array([5])})
+    assert fresh.row_status.tolist() == [FeatureStatus.NOT_FOUND]
+    assert store.write_prepared([]) == []
+
+
+def test_closed_store_is_unavailable(tmp_path: Path):
+    store = OnlineStore(StoreConfig(tmp_path / "db"))
+    store.registry.apply([USER], [SCORE])
+    store.close()
+    with pytest.raises(UnavailableError):
+        store.read("score", {"user_id": np.array([1])})

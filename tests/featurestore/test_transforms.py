@@ -1,0 +1,218 @@
+"""Transforms: fit, serialise (JSON and TOML), apply on kernels vs references, config errors,
+and compiled (fused) chains against the reference chain."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import numpy as np
+import pytest
+
+from featurestore.errors import InvalidArgumentError
+from featurestore.kernels.encoding import pack_strings
+from featurestore.transforms import (
+    TRANSFORMS,
+    Transform,
+    apply,
+    apply_chain,
+    apply_reference,
+    compile_chain,
+    fit,
+    transforms_from_config,
+    transforms_to_config,
+)
+
+ROWS = 300
+NAMES = [f"f{i}" for i in range(32)]
+
+
+@pytest.fixture
+def data() -> dict:
+    rng = np.random.default_rng(7)
+    block = (rng.standard_normal((ROWS, 32)) * 4 + 1).astype(np.float32)
+    block[rng.random(block.shape) < 0.05] = np.nan
+    block[0, :4] = [np.finfo(np.float32).max, -np.finfo(np.float32).max, 0.0, -1.0]
+    cols = {n: block[:, i] for i, n in enumerate(NAMES)}
+    cols["ts"] = rng.integers(0, 2**51, ROWS)
+    cols["now"] = cols["ts"] + rng.integers(0, 10**10, ROWS)
+    cols["country"] = np.array(rng.choice(["de", "fr", "jp", "br", "zz"], ROWS), dtype=object)
+    cols["user"] = rng.integers(0, 10**12, ROWS)
+    cols["lat"], cols["lon"] = rng.uniform(-80, 80, ROWS), rng.uniform(-170, 170, ROWS)
+    cols["block"] = block
+    return cols
+
+
+def every_op(cols: dict) -> list[Transform]:
+    """One configured transform per registered op, fitted on the data where it needs fitting."""
+    block = cols["block"]
+    return [
+        Transform("standardize", ["f0", "f1"], ["s0", "s1"], fit("standardize", block[:, :2])),
+        Transform("min_max_scale", ["f2"], "m2", fit("min_max_scale", block[:, 2])),
+        Transform("log1p", ["f3", "f4"], ["l3", "l4"], {}),
+        Transform("clip", ["f5"], "c5", fit("clip", block[:, 5], lower_quantile=0.05)),
+        Transform("bucketize_width", ["f6"], "bw6", fit("bucketize_width", block[:, 6], buckets=5)),
+        Transform("bucketize", ["f7", "f8"], ["b7", "b8"], fit("bucketize", block[:, 7:9])),
+        Transform("hash_bucket", ["country", "user"], ["hc", "hu"], fit("hash_bucket", buckets=64)),
+        Transform("one_hot", ["country"], "country", fit("one_hot", cols["country"], max_size=3)),
+        Transform("one_hot", ["user"], "u", fit("one_hot", cols["user"][:5])),
+        Transform("hour_of_day", ["ts"], "hour", {}),
+        Transform("day_of_week", ["ts"], "dow", {}),
+        Transform("is_weekend", ["ts"], "weekend", {}),
+        Transform("hour_cyclical", ["ts"], "hc_", {}),
+        Transform("dow_cyclical", ["ts"], "dc_", {}),
+        Transform("age_seconds", ["ts"], "age", {"now_us": 2**52}),
+        Transform("age_seconds", ["ts", "now"], "age2", {}),
+        Transform("ratio", ["f9", "f10"], "r", fit("ratio", fill=0.0)),
+        Transform("difference", ["f9", "f10"], "d", {}),
+        Transform("haversine_km", ["lat", "lon", "lon", "lat"], "hv", {}),
+        Transform("distance_to_point_km", ["lat", "lon"], "dp", {"lat0": 52.5, "lon0": 13.4}),
+    ]
+
+
+def test_every_registered_op_is_covered(data):
+    assert {t.op for t in every_op(data)} == set(TRANSFORMS)
+
+
+def test_apply_matches_reference_for_every_op(data):
+    for t in every_op(data):
+        out, expected = apply(t, data), apply_reference(t, data)
+        assert list(out) == t.outputs == list(expected)
+        for name in out:
+            np.testing.assert_allclose(out[name], expected[name], rtol=5e-16, atol=1e-15)
+            assert len(out[name]) == ROWS
+
+
+def test_one_hot_vocabulary_by_frequency_and_output_names(data):
+    params = fit("one_hot", ["b", "a", "b", "c", "b", "a"], max_size=2)
+    assert params == {"vocabulary": ["b", "a"]}
+    t = Transform("one_hot", ["x"], "x", params)
+    assert t.outputs == ["x_b", "x_a", "x_oov"]
+    out = apply(t, {"x": pack_strings(["a", "c", "b"])})
+    np.testing.assert_array_equal(np.stack([out[n] for n in t.outputs], 1), np.eye(3)[[1, 2, 0]])
+
+
+def test_fit_serialise_apply_round_trip_json_and_toml(data):
+    transforms = every_op(data)
+    config = transforms_to_config(transforms)
+    from_json = transforms_from_config(json.loads(json.dumps(config)))
+    assert from_json == transforms
+    toml_text = "\n".join(
+        f"[[transforms]]\nop = {json.dumps(c['op'])}\ninputs = {json.dumps(c['inputs'])}\n"
+        f"output = {json.dumps(c['output'])}\nparams = {toml_inline(c['params'])}"
+        for c in config
+    )
+    from_toml = transforms_from_config(tomllib.loads(toml_text)["transforms"])
+    assert from_toml == transforms
+    for before, after in zip(transforms, from_toml, strict=True):
+        for name, col in apply(before, data).items():
+            np.testing.assert_array_equal(apply(after, data)[name], col)
+
+
+def toml_inline(params: dict) -> str:
+    return "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in params.items()) + "}"
+
+
+def test_non_finite_params_serialise_as_strings():
+    t = Transform("ratio", ["a", "b"], "r", {"fill": float("nan")})
+    assert t.to_dict()["params"] == {"fill": "nan"}
+    again = Transform.from_dict(json.loads(json.dumps(t.to_dict())))
+    out = apply(again, {"a": np.array([1.0, 2.0]), "b": np.array([0.0, 4.0])})["r"]
+    np.testing.assert_array_equal(out, [np.nan, 0.5])
+
+
+def test_config_defaults_inputs_in_place():
+    (t,) = transforms_from_config([{"op": "log1p", "columns": ["f1", "f2"]}])
+    assert t.inputs == ["f1", "f2"] and t.outputs == ["f1", "f2"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ({"op": "standardise", "inputs": ["f1"]}, "op 'standardise' is unknown"),
+        ({"op": "standardize", "inputs": ["f1"], "params": {"mean": [0.0]}}, "params.std"),
+        (
+            {"op": "standardize", "inputs": ["a", "b"], "params": {"mean": [0.0], "std": [1, 2]}},
+            "params.mean needs 2 values",
+        ),
+        ({"op": "log1p", "inputs": ["a"], "params": {"base": 10}}, "params.base is not a param"),
+        ({"op": "bucketize", "inputs": ["a"], "params": {"boundaries": [3, 1]}}, "sorted"),
+        ({"op": "hash_bucket", "inputs": ["a"], "params": {"buckets": 0}}, "params.buckets"),
+        ({"op": "ratio", "inputs": ["a"], "output": "r"}, "inputs has 1 columns"),
+        ({"op": "ratio", "inputs": ["a", "b"]}, "field 'output' is required"),
+        ({"op": "log1p", "inputs": ["a"], "colour": 1}, "field 'colour' is unknown"),
+        ({"op": "one_hot", "inputs": ["a"], "output": "o", "params": {"vocabulary": ["x", 1]}},
+         "mixes types"),
+        ({"op": "clip", "inputs": ["a"], "params": {"lo": "low", "hi": 1}}, "params.lo must be"),
+    ],
+)  # fmt: skip
+def test_bad_config_fails_at_load_naming_entry_and_field(entry, fragment):
+    with pytest.raises(InvalidArgumentError, match="transforms\\[1\\]") as err:
+        transforms_from_config([{"op": "log1p", "inputs": ["x"]}, entry])
+    assert fragment in str(err.value)
+
+
+def test_bad_inputs_name_the_transform_and_column(data):
+    t = Transform("standardize", ["missing"], "m", {"mean": 0, "std": 1})
+    with pytest.raises(InvalidArgumentError, match="'missing' is missing"):
+        apply(t, data)
+    with pytest.raises(InvalidArgumentError, match="'country' has dtype object"):
+        apply(Transform("log1p", ["country"], "c", {}), data)
+    with pytest.raises(InvalidArgumentError, match="no non-NaN values"):
+        fit("standardize", np.full(4, np.nan))
+
+
+def hot_chain(block: np.ndarray) -> list[Transform]:
+    return [
+        Transform("standardize", NAMES[:16], NAMES[:16], fit("standardize", block[:, :16])),
+        Transform("bucketize", NAMES[16:24], NAMES[16:24], fit("bucketize", block[:, 16:24])),
+        Transform("log1p", NAMES[24:], NAMES[24:], {}),
+        Transform("standardize", NAMES[24:], NAMES[24:], {"mean": 1.0, "std": 2.0}),
+    ]
+
+
+def test_fused_chain_equals_reference_chain(data):
+    block = data["block"]
+    transforms = hot_chain(block)
+    chain = compile_chain(transforms)
+    assert chain.fused and chain.outputs == NAMES and chain.width == 32
+    expected = apply_chain(transforms, data, use_reference=True)
+    out = chain(data)
+    assert out.dtype == np.float32 and out.shape == (ROWS, 32)
+    np.testing.assert_allclose(out, expected, rtol=1.2e-7, atol=0)
+    np.testing.assert_array_equal(out[:, 16:24], expected[:, 16:24])
+    shuffled = NAMES[::-1]
+    bound = chain.bind(shuffled)
+    np.testing.assert_array_equal(bound(np.ascontiguousarray(block[:, ::-1])), out)
+    np.testing.assert_array_equal(bound(np.ascontiguousarray(block[:0, ::-1])).shape, (0, 32))
+
+
+def test_mixed_chain_equals_reference_chain(data):
+    transforms = [
+        Transform("ratio", ["f1", "f2"], "r", {"fill": -1.0}),
+        Transform("standardize", ["r"], "r", {"mean": 0.5, "std": 3.0}),
+        Transform("hour_cyclical", ["ts"], "h", {}),
+        Transform("age_seconds", ["ts", "now"], "age", {}),
+        Transform("log1p", ["age"], "age", {}),
+        Transform("bucketize", ["r"], "rb", {"boundaries": [-1.0, 0.0, 1.0]}),
+        Transform("one_hot", ["country"], "c", {"vocabulary": ["de", "fr"]}),
+        Transform("haversine_km", ["lat", "lon", "lat", "f3"], "dist", {}),
+        Transform("distance_to_point_km", ["lat", "lon"], "dp", {"lat0": 1.0, "lon0": 2.0}),
+        Transform("difference", ["dist", "dp"], "dd", {}),
+    ]
+    outputs = ["f0", "r", "h_sin", "h_cos", "age", "rb", "c_de", "c_oov", "dd"]
+    chain = compile_chain(transforms, outputs)
+    assert not chain.fused
+    assert set(chain.inputs) == {"f0", "f1", "f2", "f3", "ts", "now", "country", "lat", "lon"}
+    expected = apply_chain(transforms, data, outputs, use_reference=True)
+    np.testing.assert_allclose(chain(data), expected, rtol=1.2e-7, atol=1e-6)
+    default = compile_chain(transforms)
+    assert default.outputs == ["h_sin", "h_cos", "age", "rb", "c_de", "c_fr", "c_oov", "dd"]
+
+
+def test_chain_reports_missing_input(data):
+    chain = compile_chain(hot_chain(data["block"]))
+    with pytest.raises(InvalidArgumentError, match="'f0' is missing"):
+        chain({"f1": data["f1"]})
+    with pytest.raises(InvalidArgumentError, match="'f0' is not among"):
+        chain.bind(NAMES[1:])

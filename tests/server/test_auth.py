@@ -1,0 +1,344 @@
+"""Bearer tokens and scopes: config parsing, scope semantics, the interceptor and require()
+over an in-test grpc.aio server, and the full matrix over every RPC of the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.featureserve.v1 import feature_store_pb2 as pb
+from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+from protos.featureserve.v1 import prediction_pb2, prediction_pb2_grpc
+from protos.inference import grpc_service_pb2 as ks
+from protos.inference import grpc_service_pb2_grpc as ks_grpc
+from server.auth import AuthInterceptor, Authorizer, Principal, bearer_token, parse_auth
+from server.config import ConfigError
+from server.errors import maps_errors
+from server.health import Health
+
+TOKENS = {
+    "reader": ("r-secret", ["read:profile"]),
+    "writer": ("w-secret", ["write:profile"]),
+    "inferer": ("i-secret", ["infer:m1"]),
+    "admin": ("a-secret", ["admin"]),
+    "other": ("o-secret", ["read:other", "write:other", "infer:other"]),
+}
+
+
+def token_toml(name: str, secret: str, scopes: list[str]) -> str:
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    quoted = ", ".join(f'"{scope}"' for scope in scopes)
+    return f'[[auth.tokens]]\nname = "{name}"\ntoken_sha256 = "{digest}"\nscopes = [{quoted}]\n'
+
+
+AUTH_TOML = "[auth]\nenabled = true\n" + "".join(
+    token_toml(name, secret, scopes) for name, (secret, scopes) in TOKENS.items()
+)
+UNAUTH = grpc.StatusCode.UNAUTHENTICATED
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+def auth_config(**overrides):
+    raw = {"tokens": [{"name": "t", "token": "s", "scopes": ["read:*"]}], **overrides}
+    return parse_auth(raw, "featureserve.toml")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"tokens": []}, "has no [[auth.tokens]]"),
+        ({"token": []}, "unknown key 'token'"),
+        ({"tokens": [{"name": "t", "scopes": ["admin"]}]}, "exactly one of token"),
+        (
+            {"tokens": [{"name": "t", "token": "s", "token_sha256": "ab", "scopes": ["admin"]}]},
+            "exactly one of token",
+        ),
+        ({"tokens": [{"name": "t", "token_sha256": "xyz", "scopes": ["admin"]}]}, "64 hex digits"),
+        ({"tokens": [{"name": "t", "token": "s", "scopes": ["read"]}]}, "scope 'read' is not"),
+        ({"tokens": [{"name": "t", "token": "s", "scopes": ["delete:x"]}]}, "is not admin"),
+        ({"tokens": [{"name": "t", "token": "s", "scopes": []}]}, "non-empty list"),
+        (
+            {"tokens": [{"name": "t", "token_env": "FS_TEST_UNSET_TOKEN", "scopes": ["admin"]}]},
+            "FS_TEST_UNSET_TOKEN is unset",
+        ),
+        (
+            {
+                "tokens": [
+                    {"name": "a", "token": "s", "scopes": ["admin"]},
+                    {"name": "b", "token": "s", "scopes": ["admin"]},
+                ]
+            },
+            "same token",
+        ),
+    ],
+)
+def test_bad_auth_config_names_the_key(raw, message) -> None:
+    with pytest.raises(ConfigError, match=r"featureserve\.toml") as info:
+        parse_auth(raw, "featureserve.toml")
+    assert message in str(info.value)
+
+
+def test_config_keeps_digests_only_and_defaults_open_methods(monkeypatch) -> None:
+    """Plain, hashed and environment tokens all become SHA-256 digests; health stays open."""
+    monkeypatch.setenv("FS_TEST_TOKEN", "from-env")
+    config = parse_auth(
+        {
+            "tokens": [
+                {"name": "plain", "token": "plain-secret-123", "scopes": ["read:*"]},
+                {
+                    "name": "hashed",
+                    "token_sha256": hashlib.sha256(b"h").hexdigest(),
+                    "scopes": ["admin"],
+                },
+                {"name": "env", "token_env": "FS_TEST_TOKEN", "scopes": ["infer:m"]},
+            ]
+        }
+    )
+    assert config.enabled
+    assert [t.digest for t in config.tokens] == [
+        hashlib.sha256(s).digest() for s in (b"plain-secret-123", b"h", b"from-env")
+    ]
+    assert "plain-secret" not in repr(config) and "grpc.health.v1.Health" in config.open_methods
+    authorizer = Authorizer(config)
+    assert authorizer.authenticate([("authorization", "Bearer from-env")]).name == "env"
+    assert authorizer.authenticate([("authorization", "bearer h")]).name == "hashed"
+    assert authorizer.authenticate([("authorization", "Bearer nope")]) is None
+    assert authorizer.authenticate([("x-other", "Bearer p")]) is None
+    assert parse_auth(None).enabled is False
+
+
+def test_scope_semantics() -> None:
+    """Exact scopes, kind wildcards, name globs, and admin over everything."""
+    p = Principal("p", frozenset({"read:*", "write:fraud_*", "infer:m1"}))
+    assert p.grants("read:anything") and p.grants("write:fraud_v2") and p.grants("infer:m1")
+    assert not p.grants("write:profile") and not p.grants("infer:m2") and not p.grants("admin")
+    assert p.may("read") and p.may("write") and p.may("infer") and not p.may("admin")
+    admin = Principal("a", frozenset({"admin"}))
+    assert admin.grants("write:x") and admin.may("infer") and admin.may("admin")
+    assert bearer_token([("authorization", "Basic abc")]) is None
+    assert bearer_token([("authorization", "Bearer  tok ")]) == "tok"
+
+
+class Store(pb_grpc.FeatureStoreServicer):
+    """A FeatureStore whose handlers do only the servicer's share of authorization."""
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self.auth = authorizer
+
+    @maps_errors
+    async def WriteFeatures(self, request, context):
+        self.auth.require(f"write:{request.view}")
+        return pb.WriteFeaturesResponse(rows_written=1)
+
+    @maps_errors
+    async def StreamWriteFeatures(self, request_iterator, context):
+        rows = 0
+        async for request in request_iterator:
+            self.auth.require(f"write:{request.view}")
+            rows += 1
+        return pb.WriteFeaturesResponse(rows_written=rows)
+
+    @maps_errors
+    async def ApplyFeatureViews(self, request, context):
+        self.auth.require("admin")
+        return pb.ApplyFeatureViewsResponse()
+
+
+async def in_process_matrix() -> dict[tuple[str, str], grpc.StatusCode]:
+    config = parse_auth(
+        {
+            "tokens": [
+                {"name": "w", "token": "w-tok", "scopes": ["write:profile"]},
+                {"name": "r", "token": "r-tok", "scopes": ["read:*"]},
+                {"name": "a", "token": "a-tok", "scopes": ["admin"]},
+            ]
+        }
+    )
+    authorizer = Authorizer(config)
+    server = grpc.aio.server(interceptors=[AuthInterceptor(authorizer)])
+    pb_grpc.add_FeatureStoreServicer_to_server(Store(authorizer), server)
+    health = Health([])
+    health.register(server)
+    await health.set_all(True)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    outcomes = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.FeatureStoreStub(channel)
+        calls = {
+            "write profile": lambda md: stub.WriteFeatures(
+                pb.WriteFeaturesRequest(view="profile"), metadata=md
+            ),
+            "write other": lambda md: stub.WriteFeatures(
+                pb.WriteFeaturesRequest(view="other"), metadata=md
+            ),
+            "stream profile": lambda md: stub.StreamWriteFeatures(
+                iter([pb.WriteFeaturesRequest(view="profile")] * 2), metadata=md
+            ),
+            "stream mixed": lambda md: stub.StreamWriteFeatures(
+                iter([pb.WriteFeaturesRequest(view="profile"), pb.WriteFeaturesRequest(view="x")]),
+                metadata=md,
+            ),
+            "apply": lambda md: stub.ApplyFeatureViews(pb.ApplyFeatureViewsRequest(), metadata=md),
+            "health": lambda md: health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), metadata=md
+            ),
+        }
+        for call, make in calls.items():
+            for who in ("none", "bad", "w", "r", "a"):
+                md = () if who == "none" else (("authorization", f"Bearer {who}-tok"),)
+                try:
+                    await make(md)
+                    outcomes[call, who] = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    outcomes[call, who] = exc.code()
+    await server.stop(0)
+    return outcomes
+
+
+def test_interceptor_and_require_over_a_real_aio_server() -> None:
+    """Missing or unknown tokens: UNAUTHENTICATED; wrong class (interceptor) or wrong view
+    (servicer's require): PERMISSION_DENIED; the right scope or admin: OK; health: open."""
+    got = asyncio.run(in_process_matrix())
+    ok = grpc.StatusCode.OK
+    for call in ("write profile", "write other", "stream profile", "stream mixed", "apply"):
+        assert got[call, "none"] == UNAUTH and got[call, "bad"] == UNAUTH, call
+        assert got[call, "a"] == ok, call
+    assert got["write profile", "w"] == ok and got["stream profile", "w"] == ok
+    assert got["write other", "w"] == DENIED and got["stream mixed", "w"] == DENIED
+    assert got["write profile", "r"] == DENIED and got["stream profile", "r"] == DENIED
+    assert got["apply", "w"] == DENIED and got["apply", "r"] == DENIED
+    assert all(got["health", who] == ok for who in ("none", "bad", "w", "r", "a"))
+
+
+def request_of(rpc: str):
+    """One request (or request iterator) per RPC, naming view 'profile' or model 'm1'."""
+    return {
+        "GetOnlineFeatures": pb.GetOnlineFeaturesRequest(features=["profile:f"]),
+        "WriteFeatures": pb.WriteFeaturesRequest(view="profile"),
+        "StreamWriteFeatures": iter([pb.WriteFeaturesRequest(view="profile")]),
+        "ListFeatureViews": pb.ListFeatureViewsRequest(),
+        "GetFeatureView": pb.GetFeatureViewRequest(name="profile"),
+        "ApplyFeatureViews": pb.ApplyFeatureViewsRequest(),
+        "Predict": prediction_pb2.PredictRequest(model="m1"),
+        "StreamPredict": iter([prediction_pb2.PredictRequest(model="m1")]),
+        "ServerLive": ks.ServerLiveRequest(),
+        "ServerReady": ks.ServerReadyRequest(),
+        "ServerMetadata": ks.ServerMetadataRequest(),
+        "ModelReady": ks.ModelReadyRequest(name="m1"),
+        "ModelMetadata": ks.ModelMetadataRequest(name="m1"),
+        "ModelConfig": ks.ModelConfigRequest(name="m1"),
+        "ModelStatistics": ks.ModelStatisticsRequest(name="m1"),
+        "RepositoryIndex": ks.RepositoryIndexRequest(),
+        "ModelInfer": ks.ModelInferRequest(model_name="m1"),
+        "ModelStreamInfer": iter([ks.ModelInferRequest(model_name="m1")]),
+        "RepositoryModelLoad": ks.RepositoryModelLoadRequest(model_name="m1"),
+        "RepositoryModelUnload": ks.RepositoryModelUnloadRequest(model_name="m1"),
+    }[rpc]
+
+
+# rpc -> (token with the right scope, token lacking the scope class, token with the class
+# but for another view/model: the servicer's require() must refuse it)
+MATRIX: dict[str, tuple[str, str | None, str | None]] = {
+    "GetOnlineFeatures": ("reader", "writer", "other"),
+    "WriteFeatures": ("writer", "reader", "other"),
+    "StreamWriteFeatures": ("writer", "reader", "other"),
+    "ListFeatureViews": ("reader", "inferer", None),
+    "GetFeatureView": ("reader", "writer", "other"),
+    "ApplyFeatureViews": ("admin", "writer", None),
+    "Predict": ("inferer", "reader", "other"),
+    "StreamPredict": ("inferer", "reader", "other"),
+    "ServerLive": ("reader", None, None),
+    "ServerReady": ("writer", None, None),
+    "ServerMetadata": ("inferer", None, None),
+    "ModelReady": ("inferer", "reader", "other"),
+    "ModelMetadata": ("inferer", "reader", "other"),
+    "ModelConfig": ("inferer", "reader", "other"),
+    "ModelStatistics": ("inferer", "reader", "other"),
+    "RepositoryIndex": ("inferer", "reader", None),
+    "ModelInfer": ("inferer", "reader", "other"),
+    "ModelStreamInfer": ("inferer", "reader", "other"),
+    "RepositoryModelLoad": ("admin", "inferer", None),
+    "RepositoryModelUnload": ("admin", "inferer", None),
+}
+STUBS = {
+    **dict.fromkeys(list(MATRIX)[:6], pb_grpc.FeatureStoreStub),
+    **dict.fromkeys(list(MATRIX)[6:8], prediction_pb2_grpc.PredictionStub),
+    **dict.fromkeys(list(MATRIX)[8:], ks_grpc.GRPCInferenceServiceStub),
+}
+CASES = [
+    (rpc, case)
+    for rpc, (_, wrong_kind, wrong_name) in MATRIX.items()
+    for case in ("no token", "unknown token", "right scope", "admin")
+    + (("wrong scope class",) if wrong_kind else ())
+    + (("scope for another name",) if wrong_name else ())
+]
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    from tests.conftest import ServerProcess
+
+    base = tmp_path_factory.mktemp("auth")
+    config = base / "featureserve.toml"
+    config.write_text(AUTH_TOML)
+    server = ServerProcess(base / "data", base / "models", "--config", str(config)).start()
+    channel = grpc.insecure_channel(server.target)
+    yield channel
+    channel.close()
+    server.kill()
+
+
+def call(channel: grpc.Channel, rpc: str, token: str | None) -> grpc.StatusCode:
+    """The status of one call of `rpc` with `token` (streams are read to the end)."""
+    stub = STUBS[rpc](channel)
+    metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+    method: Callable = getattr(stub, rpc)
+    try:
+        result = method(request_of(rpc), metadata=metadata, timeout=20)
+        if rpc in ("StreamPredict", "ModelStreamInfer"):
+            list(result)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(("rpc", "case"), CASES, ids=[f"{r}-{c}" for r, c in CASES])
+def test_every_rpc_of_the_real_server_enforces_its_scope(secured, rpc: str, case: str) -> None:
+    right, wrong_kind, wrong_name = MATRIX[rpc]
+    token = {
+        "no token": None,
+        "unknown token": "not-a-configured-token",
+        "right scope": TOKENS[right][0],
+        "admin": TOKENS["admin"][0],
+        "wrong scope class": TOKENS[wrong_kind][0] if wrong_kind else None,
+        "scope for another name": TOKENS[wrong_name][0] if wrong_name else None,
+    }[case]
+    code = call(secured, rpc, token)
+    if case in ("no token", "unknown token"):
+        assert code == UNAUTH
+    elif case in ("right scope", "admin"):
+        assert code not in (UNAUTH, DENIED)
+    else:
+        assert code == DENIED
+
+
+def test_health_and_reflection_stay_open(secured) -> None:
+    reply = health_pb2_grpc.HealthStub(secured).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_bad_auth_section_stops_the_server_with_the_key_named(tmp_path: Path) -> None:
+    from tests.conftest import ServerProcess
+
+    config = tmp_path / "bad.toml"
+    config.write_text('[auth]\n[[auth.tokens]]\nname = "x"\ntoken = "t"\nscopes = ["root"]\n')
+    server = ServerProcess(tmp_path / "d", tmp_path / "m", "--config", str(config))
+    with pytest.raises(AssertionError, match="scope 'root' is not admin"):
+        server.start()

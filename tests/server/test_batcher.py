@@ -1,0 +1,246 @@
+"""The dynamic batcher over real ONNX Runtime sessions: routing, batching rules, queue policy."""
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from benchmarks.model_zoo import add_sub_model, gather_model, medium_model, mlp_model
+from server.batcher import DynamicBatcher
+from server.errors import InferenceFailedError, QueueFullError, RequestTimeoutError
+from server.model_config import (
+    DynamicBatchingConfig,
+    InstanceGroupConfig,
+    ModelConfig,
+    complete_config,
+)
+from server.onnx_runner import OnnxRunner
+
+SLOW_ROWS = 256
+
+
+def make_batcher(
+    tmp_path: Path,
+    model: onnx.ModelProto,
+    *,
+    max_batch_size: int = 64,
+    instances: int = 1,
+    **batching,
+) -> DynamicBatcher:
+    path = tmp_path / f"model-{id(model)}.onnx"
+    path.write_bytes(model.SerializeToString())
+    config = ModelConfig(
+        name="m",
+        max_batch_size=max_batch_size,
+        dynamic_batching=DynamicBatchingConfig(**batching),
+        instance_group=InstanceGroupConfig(count=instances),
+    )
+    runner = OnnxRunner(path, config.onnxruntime, instances)
+    config = complete_config(config, runner.inputs, runner.outputs, source=str(path))
+    return DynamicBatcher(config, runner.run)
+
+
+def slow_model() -> onnx.ModelProto:
+    """Wide enough that SLOW_ROWS rows keep the single instance busy for a long while."""
+    return medium_model(width=2048, layers=4)
+
+
+async def occupy(batcher: DynamicBatcher) -> asyncio.Task:
+    """Start a long batch and return once it is executing."""
+    x = np.ones((SLOW_ROWS, 2048), np.float32)
+    task = asyncio.create_task(batcher.submit({"x": x}, SLOW_ROWS))
+    while batcher.busy_instances == 0:
+        await asyncio.sleep(0.001)
+    return task
+
+
+def test_500_concurrent_requests_get_exactly_their_rows(tmp_path: Path) -> None:
+    model = mlp_model()
+    reference = ort.InferenceSession(model.SerializeToString())
+    rng = np.random.default_rng(7)
+    requests = [
+        rng.standard_normal((int(rng.integers(1, 5)), 32)).astype(np.float32) for _ in range(500)
+    ]
+
+    async def main() -> tuple[list, DynamicBatcher]:
+        batcher = make_batcher(tmp_path, model, instances=2, max_queue_delay_us=2000)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit({"x": x}, len(x)) for x in requests))
+        await batcher.close()
+        return results, batcher
+
+    results, batcher = asyncio.run(main())
+    for x, result in zip(requests, results, strict=True):
+        np.testing.assert_allclose(result["y"], reference.run(None, {"x": x})[0], rtol=1e-5)
+    stats = batcher.stats
+    assert stats.success.count == 500
+    assert stats.inference_count == sum(len(x) for x in requests)
+    assert stats.execution_count < 500
+    assert sum(stats.batch_sizes) > 1 and max(stats.batch_sizes) <= 64
+
+
+def test_preferred_batch_size_dispatches_without_waiting_for_the_delay(tmp_path: Path) -> None:
+    async def main() -> DynamicBatcher:
+        batcher = make_batcher(
+            tmp_path,
+            mlp_model(),
+            max_batch_size=16,
+            max_queue_delay_us=60_000_000,
+            preferred_batch_sizes=(4,),
+        )
+        batcher.start()
+        xs = [np.full((1, 32), i, np.float32) for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*(batcher.submit({"x": x}, 1) for x in xs)), 30)
+        await batcher.close()
+        return batcher
+
+    batcher = asyncio.run(main())
+    assert set(batcher.stats.batch_sizes) == {4}
+    assert batcher.stats.execution_count == 1
+
+
+def test_full_queue_rejects_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        batcher = make_batcher(tmp_path, slow_model(), max_batch_size=SLOW_ROWS, max_queue_size=2)
+        batcher.start()
+        blocker = await occupy(batcher)
+        x = np.ones((1, 2048), np.float32)
+        queued = [asyncio.create_task(batcher.submit({"x": x}, 1)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="max_queue_size=2"):
+            await batcher.submit({"x": x}, 1)
+        await asyncio.gather(blocker, *queued)
+        await batcher.close()
+        assert batcher.stats.success.count == 3
+        assert batcher.stats.fail.count == 1
+
+    asyncio.run(main())
+
+
+def test_expired_requests_are_dropped_before_they_run(tmp_path: Path) -> None:
+    async def main() -> None:
+        batcher = make_batcher(
+            tmp_path, slow_model(), max_batch_size=SLOW_ROWS, default_timeout_us=10_000
+        )
+        batcher.start()
+        blocker = await occupy(batcher)
+        x = np.ones((3, 2048), np.float32)
+        loop = asyncio.get_running_loop()
+        with pytest.raises(RequestTimeoutError, match="before it ran"):
+            await batcher.submit({"x": x}, 3)
+        with pytest.raises(RequestTimeoutError):
+            await batcher.submit({"x": x}, 3, deadline=loop.time() + 0.005)
+        await blocker
+        await batcher.close()
+        stats = batcher.stats
+        assert stats.execution_count == 1
+        assert stats.inference_count == SLOW_ROWS
+        assert stats.fail.count == 2
+
+    asyncio.run(main())
+
+
+def test_higher_priority_runs_first(tmp_path: Path) -> None:
+    async def main() -> list[str]:
+        batcher = make_batcher(
+            tmp_path,
+            slow_model(),
+            max_batch_size=SLOW_ROWS,
+            priority_levels=2,
+            default_priority_level=2,
+            enabled=False,
+        )
+        batcher.start()
+        blocker = await occupy(batcher)
+        order: list[str] = []
+        x = np.ones((1, 2048), np.float32)
+
+        async def run(label: str, priority: int | None) -> None:
+            await batcher.submit({"x": x}, 1, priority=priority)
+            order.append(label)
+
+        low = asyncio.create_task(run("default", None))
+        await asyncio.sleep(0)
+        high = asyncio.create_task(run("high", 1))
+        await asyncio.gather(blocker, low, high)
+        await batcher.close()
+        assert set(batcher.stats.batch_sizes) == {SLOW_ROWS, 1}
+        return order
+
+    assert asyncio.run(main()) == ["high", "default"]
+
+
+def test_failed_batch_is_retried_one_by_one(tmp_path: Path) -> None:
+    async def main() -> list:
+        batcher = make_batcher(
+            tmp_path, gather_model(), max_queue_delay_us=200_000, preferred_batch_sizes=(3,)
+        )
+        batcher.start()
+        idx = [np.array([[1]]), np.array([[99]]), np.array([[2]])]
+        results = await asyncio.gather(
+            *(batcher.submit({"idx": i}, 1) for i in idx), return_exceptions=True
+        )
+        await batcher.close()
+        assert batcher.stats.success.count == 2 and batcher.stats.fail.count == 1
+        return results
+
+    good1, bad, good2 = asyncio.run(main())
+    np.testing.assert_array_equal(good1["y"], [[4, 5, 6, 7]])
+    np.testing.assert_array_equal(good2["y"], [[8, 9, 10, 11]])
+    assert isinstance(bad, InferenceFailedError)
+
+
+@pytest.mark.parametrize("settings", [{"max_batch_size": 0}, {"enabled": False}])
+def test_batching_off_runs_each_request_alone(tmp_path: Path, settings: dict) -> None:
+    async def main() -> DynamicBatcher:
+        batcher = make_batcher(tmp_path, mlp_model(), **settings)
+        if not batcher.config.max_batch_size:
+            assert not batcher.config.batching
+        batcher.start()
+        xs = [np.full((1, 32), i, np.float32) for i in range(20)]
+        await asyncio.gather(*(batcher.submit({"x": x}, 1) for x in xs))
+        await batcher.close()
+        return batcher
+
+    batcher = asyncio.run(main())
+    assert set(batcher.stats.batch_sizes) == {1}
+    assert batcher.stats.execution_count == 20
+
+
+def test_requested_outputs_only(tmp_path: Path) -> None:
+    async def main() -> list:
+        batcher = make_batcher(tmp_path, add_sub_model(4), max_queue_delay_us=1000)
+        batcher.start()
+        a = np.ones((2, 4), np.float32)
+        results = await asyncio.gather(
+            batcher.submit({"INPUT0": a, "INPUT1": a}, 2, outputs=["OUTPUT1"]),
+            batcher.submit({"INPUT0": a, "INPUT1": 2 * a}, 2, outputs=["OUTPUT0"]),
+        )
+        await batcher.close()
+        return results
+
+    first, second = asyncio.run(main())
+    assert list(first) == ["OUTPUT1"] and list(second) == ["OUTPUT0"]
+    np.testing.assert_array_equal(first["OUTPUT1"], np.zeros((2, 4)))
+    np.testing.assert_array_equal(second["OUTPUT0"], np.full((2, 4), 3))
+
+
+def test_close_lets_queued_requests_finish(tmp_path: Path) -> None:
+    async def main() -> tuple[list, DynamicBatcher]:
+        batcher = make_batcher(tmp_path, mlp_model(), max_queue_delay_us=100_000)
+        batcher.start()
+        tasks = [
+            asyncio.create_task(batcher.submit({"x": np.ones((1, 32), np.float32)}, 1))
+            for _ in range(10)
+        ]
+        await asyncio.sleep(0)
+        await batcher.close()
+        return await asyncio.gather(*tasks), batcher
+
+    results, batcher = asyncio.run(main())
+    assert len(results) == 10 and all(r["y"].shape == (1, 1) for r in results)
+    assert dataclasses.asdict(batcher.stats)["success"]["count"] == 10

@@ -1,0 +1,379 @@
+"""KServe v2 conformance of InferenceServicer over a real grpc.aio server on the loopback."""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from benchmarks.model_zoo import (
+    add_sub_model,
+    gather_model,
+    identity_model,
+    medium_model,
+    mlp_model,
+    write_model,
+)
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.inference import model_config_pb2 as mc
+from server.inference_servicer import start_server
+from server.model_repository import ModelRepository
+from server.tensors import NUMPY_DTYPES, encode_bytes_elements
+
+Body = Callable[[pb_grpc.GRPCInferenceServiceStub, ModelRepository], Awaitable[None]]
+TYPED = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def serve(tmp_path: Path, body: Body) -> None:
+    """Run body against a fresh server over the models already written under tmp_path."""
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, watch=False)
+        await repo.start()
+        server, port = await start_server(repo)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await body(pb_grpc.GRPCInferenceServiceStub(channel), repo)
+        finally:
+            await server.stop(None)
+            await repo.stop()
+
+    asyncio.run(main())
+
+
+def infer_request(model: str, arrays: dict[str, np.ndarray], **kwargs) -> pb.ModelInferRequest:
+    """A raw-contents FP32-or-other request."""
+    request = pb.ModelInferRequest(model_name=model, **kwargs)
+    for name, array in arrays.items():
+        datatype = next(k for k, v in NUMPY_DTYPES.items() if v == array.dtype and k != "BYTES")
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(array.tobytes())
+    return request
+
+
+def output(response: pb.ModelInferResponse, name: str) -> np.ndarray:
+    index = [o.name for o in response.outputs].index(name)
+    meta = response.outputs[index]
+    dtype = NUMPY_DTYPES[meta.datatype]
+    return np.frombuffer(response.raw_output_contents[index], dtype).reshape(meta.shape)
+
+
+def sample(datatype: str, rows: int = 2) -> np.ndarray:
+    if datatype == "BOOL":
+        return np.array([[True, False, True]] * rows)
+    if datatype == "BYTES":
+        return np.array([["a", "bé", ""]] * rows, dtype=object)
+    dtype = NUMPY_DTYPES[datatype]
+    return (np.arange(rows * 3).reshape(rows, 3) + 1).astype(dtype)
+
+
+def test_server_and_model_metadata_rpcs(tmp_path: Path) -> None:
+    write_model(
+        tmp_path,
+        "simple",
+        add_sub_model(16),
+        config_toml="[dynamic_batching]\nmax_queue_delay_us = 100\n",
+    )
+
+    async def body(stub, repo) -> None:
+        assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+        assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
+        meta = await stub.ServerMetadata(pb.ServerMetadataRequest())
+        assert meta.name == "featureserve" and "statistics" in meta.extensions
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name="simple"))).ready
+        assert not (await stub.ModelReady(pb.ModelReadyRequest(name="simple", version="7"))).ready
+        model = await stub.ModelMetadata(pb.ModelMetadataRequest(name="simple"))
+        assert list(model.versions) == ["1"] and model.platform == "onnxruntime_onnx"
+        assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
+            ("INPUT0", "FP32", [-1, 16]),
+            ("INPUT1", "FP32", [-1, 16]),
+        ]
+        config = (await stub.ModelConfig(pb.ModelConfigRequest(name="simple"))).config
+        assert config.max_batch_size == 64
+        assert config.input[0].data_type == mc.TYPE_FP32 and list(config.input[0].dims) == [16]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 100
+        assert config.instance_group[0].count == 1
+        index = await stub.RepositoryIndex(pb.RepositoryIndexRequest())
+        assert [(m.name, m.version, m.state) for m in index.models] == [("simple", "1", "READY")]
+        for rpc, request in [
+            (stub.ModelMetadata, pb.ModelMetadataRequest(name="nope")),
+            (stub.ModelConfig, pb.ModelConfigRequest(name="simple", version="2")),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await rpc(request)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    serve(tmp_path, body)
+
+
+def test_every_datatype_raw_and_typed(tmp_path: Path) -> None:
+    for datatype in NUMPY_DTYPES:
+        write_model(tmp_path, f"id_{datatype}", identity_model([datatype]))
+
+    async def body(stub, repo) -> None:
+        for datatype in NUMPY_DTYPES:
+            array = sample(datatype)
+            raw = pb.ModelInferRequest(model_name=f"id_{datatype}")
+            raw.inputs.add(name=f"INPUT_{datatype}", datatype=datatype, shape=array.shape)
+            if datatype == "BYTES":
+                data = encode_bytes_elements([s.encode() for s in array.reshape(-1)])
+            else:
+                data = array.tobytes()
+            raw.raw_input_contents.append(data)
+            raw.outputs.add(name=f"OUTPUT_{datatype}")
+            requests = [raw]
+            if datatype in TYPED:
+                typed = pb.ModelInferRequest(model_name=f"id_{datatype}")
+                tensor = typed.inputs.add(
+                    name=f"INPUT_{datatype}", datatype=datatype, shape=array.shape
+                )
+                values = array.reshape(-1).tolist()
+                if datatype == "BYTES":
+                    values = [v.encode() for v in values]
+                getattr(tensor.contents, TYPED[datatype]).extend(values)
+                typed.outputs.add(name=f"OUTPUT_{datatype}")
+                requests.append(typed)
+            for request in requests:
+                response = await stub.ModelInfer(request)
+                assert [o.name for o in response.outputs] == [f"OUTPUT_{datatype}"]
+                assert response.outputs[0].datatype == datatype
+                assert list(response.outputs[0].shape) == [2, 3]
+                assert response.raw_output_contents[0] == data
+
+    serve(tmp_path, body)
+
+
+def test_validation_errors_name_the_tensor(tmp_path: Path) -> None:
+    write_model(tmp_path, "simple", add_sub_model(4), config_toml="max_batch_size = 8\n")
+    write_model(tmp_path, "identity", identity_model(["FP16", "INT32"]))
+    a = np.ones((2, 4), np.float32)
+
+    def with_typed_too() -> pb.ModelInferRequest:
+        request = infer_request("simple", {"INPUT0": a, "INPUT1": a})
+        request.inputs[0].contents.fp32_contents.extend([1.0] * 8)
+        return request
+
+    def short_raw() -> pb.ModelInferRequest:
+        request = infer_request("simple", {"INPUT0": a, "INPUT1": a})
+        request.raw_input_contents[1] = request.raw_input_contents[1][:-4]
+        return request
+
+    fp16_typed = pb.ModelInferRequest(model_name="identity")
+    fp16_typed.inputs.add(name="INPUT_FP16", datatype="FP16", shape=[1, 3])
+    cases = [
+        (infer_request("nope", {"INPUT0": a}), grpc.StatusCode.NOT_FOUND, "nope"),
+        (
+            infer_request("simple", {"INPUT0": a, "INPUT1": a}, model_version="3"),
+            grpc.StatusCode.NOT_FOUND,
+            "version",
+        ),
+        (
+            infer_request("simple", {"INPUT0": a, "INPUTX": a}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown input 'INPUTX'",
+        ),
+        (
+            infer_request("simple", {"INPUT0": a, "INPUT1": a.astype(np.float64)}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "'INPUT1': datatype FP64, expected FP32",
+        ),
+        (
+            infer_request("simple", {"INPUT0": a, "INPUT1": np.ones((2, 5), np.float32)}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "'INPUT1': shape [2, 5]",
+        ),
+        (
+            infer_request("simple", {"INPUT0": a}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "'INPUT1' (FP32) is missing",
+        ),
+        (short_raw(), grpc.StatusCode.INVALID_ARGUMENT, "'INPUT1': raw contents hold 28 bytes"),
+        (with_typed_too(), grpc.StatusCode.INVALID_ARGUMENT, "both raw_input_contents"),
+        (
+            infer_request(
+                "simple",
+                {"INPUT0": np.ones((9, 4), np.float32), "INPUT1": np.ones((9, 4), np.float32)},
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_batch_size=8",
+        ),
+        (
+            infer_request("simple", {"INPUT0": a, "INPUT1": np.ones((3, 4), np.float32)}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "batch dimension 3",
+        ),
+        (fp16_typed, grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents"),
+    ]
+    unknown_output = infer_request("simple", {"INPUT0": a, "INPUT1": a})
+    unknown_output.outputs.add(name="OUTPUT9")
+    cases.append((unknown_output, grpc.StatusCode.INVALID_ARGUMENT, "unknown output 'OUTPUT9'"))
+
+    async def body(stub, repo) -> None:
+        for request, code, needle in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelInfer(request)
+            assert info.value.code() == code, info.value.details()
+            assert needle in info.value.details()
+        assert repo.get("simple").batcher.stats.execution_count == 0
+
+    serve(tmp_path, body)
+
+
+def test_500_concurrent_rpcs_each_get_their_own_rows(tmp_path: Path) -> None:
+    model = mlp_model()
+    write_model(
+        tmp_path,
+        "mlp",
+        model,
+        config_toml=(
+            "[dynamic_batching]\nmax_queue_delay_us = 1000\n[instance_group]\ncount = 2\n"
+        ),
+    )
+    reference = ort.InferenceSession(model.SerializeToString())
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((int(rng.integers(1, 4)), 32)).astype(np.float32) for _ in range(500)]
+
+    async def body(stub, repo) -> None:
+        responses = await asyncio.gather(
+            *(stub.ModelInfer(infer_request("mlp", {"x": x}, id=str(i))) for i, x in enumerate(xs))
+        )
+        for i, (x, response) in enumerate(zip(xs, responses, strict=True)):
+            assert response.id == str(i) and response.model_version == "1"
+            np.testing.assert_allclose(
+                output(response, "y"), reference.run(None, {"x": x})[0], rtol=1e-5
+            )
+        stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))).model_stats
+        assert stats[0].inference_count == sum(len(x) for x in xs)
+        assert stats[0].inference_stats.success.count == 500
+        assert stats[0].execution_count < 500
+        assert sum(b.compute_infer.count for b in stats[0].batch_stats) == stats[0].execution_count
+
+    serve(tmp_path, body)
+
+
+SLOW = "max_batch_size = 256\n[dynamic_batching]\nmax_queue_size = 1\n"
+
+
+async def occupy(stub, repo) -> asyncio.Task:
+    x = np.ones((256, 2048), np.float32)
+    task = asyncio.ensure_future(stub.ModelInfer(infer_request("slow", {"x": x})))
+    while repo.get("slow").batcher.busy_instances == 0:
+        await asyncio.sleep(0.001)
+    return task
+
+
+def test_full_queue_is_resource_exhausted_and_timeouts_deadline_exceeded(tmp_path: Path) -> None:
+    write_model(tmp_path, "slow", medium_model(width=2048, layers=4), config_toml=SLOW)
+    x = np.ones((1, 2048), np.float32)
+
+    async def body(stub, repo) -> None:
+        blocker = await occupy(stub, repo)
+        timeout = infer_request("slow", {"x": x})
+        timeout.parameters["timeout"].int64_param = 5000
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(timeout)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "before it ran" in info.value.details()
+        queued = asyncio.ensure_future(stub.ModelInfer(infer_request("slow", {"x": x})))
+        while repo.get("slow").batcher.queued == 0:
+            await asyncio.sleep(0.001)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(infer_request("slow", {"x": x}))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await asyncio.gather(blocker, queued)
+        blocker = await occupy(stub, repo)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(infer_request("slow", {"x": x}), timeout=0.01)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await blocker
+        while repo.get("slow").batcher.queued:
+            await asyncio.sleep(0.001)
+        stats = repo.get("slow").batcher.stats
+        assert stats.execution_count == 3
+        assert stats.inference_count == 256 * 2 + 1
+
+    serve(tmp_path, body)
+
+
+def test_stream_survives_errors_and_keeps_order(tmp_path: Path) -> None:
+    write_model(
+        tmp_path,
+        "gather",
+        gather_model(),
+        config_toml="[dynamic_batching]\nmax_queue_delay_us = 20000\n",
+    )
+
+    def request(i: int, index: int) -> pb.ModelInferRequest:
+        return infer_request("gather", {"idx": np.array([[index]], np.int64)}, id=f"r{i}")
+
+    indices = [1, 2, 99, 3, -50, 4]
+
+    async def body(stub, repo) -> None:
+        async def requests():
+            for i, index in enumerate(indices):
+                yield request(i, index)
+            yield infer_request("nope", {"idx": np.array([[1]], np.int64)}, id="r6")
+            yield request(7, 5)
+
+        responses = [r async for r in stub.ModelStreamInfer(requests())]
+        assert [r.infer_response.id for r in responses] == [f"r{i}" for i in range(8)]
+        errors = [i for i, r in enumerate(responses) if r.error_message]
+        assert errors == [2, 4, 6]
+        assert "ONNX Runtime failed" in responses[2].error_message
+        assert "ModelNotFoundError" in responses[6].error_message
+        for i in (0, 1, 3, 5, 7):
+            index = indices[i] if i < len(indices) else 5
+            np.testing.assert_array_equal(
+                output(responses[i].infer_response, "y"), [np.arange(4) + 4 * index]
+            )
+        bad = infer_request("gather", {"idx": np.array([[99]], np.int64)})
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(bad)
+        assert info.value.code() == grpc.StatusCode.INTERNAL
+
+    serve(tmp_path, body)
+
+
+def test_repository_rpcs_load_unload_and_report_failures(tmp_path: Path) -> None:
+    write_model(tmp_path, "mlp", mlp_model())
+    write_model(tmp_path, "broken", b"garbage")
+
+    async def body(stub, repo) -> None:
+        index = await stub.RepositoryIndex(pb.RepositoryIndexRequest())
+        states = {m.name: (m.state, m.reason) for m in index.models}
+        assert states["mlp"][0] == "READY" and states["broken"][0] == "UNAVAILABLE"
+        assert states["broken"][1]
+        ready = await stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
+        assert [m.name for m in ready.models] == ["mlp"]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(infer_request("broken", {"x": np.ones((1, 32), np.float32)}))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="mlp"))
+        assert not (await stub.ModelReady(pb.ModelReadyRequest(name="mlp"))).ready
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="broken"))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mlp"))
+        response = await stub.ModelInfer(infer_request("mlp", {"x": np.ones((1, 32), np.float32)}))
+        assert output(response, "y").shape == (1, 1)
+        stats = await stub.ModelStatistics(pb.ModelStatisticsRequest())
+        assert [(s.name, s.inference_count) for s in stats.model_stats] == [("mlp", 1)]
+
+    serve(tmp_path, body)

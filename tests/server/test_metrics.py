@@ -1,0 +1,214 @@
+"""Metrics: the interceptor over a real grpc.aio server (unary and streaming, every outcome), the
+hot-path recorders, the vectorised histogram, and a real server's /metrics scraped over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+
+import grpc
+import numpy as np
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+from prometheus_client.parser import text_string_to_metric_families
+
+from clients.channel import ClientConfig, ClientError
+from clients.feature_client import FeatureStoreClient
+from protos.featureserve.v1 import feature_store_pb2 as pb
+from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+from protos.featureserve.v1 import prediction_pb2, prediction_pb2_grpc
+from server.metrics import (
+    AGE_BUCKETS,
+    ModelMetrics,
+    ViewMetrics,
+    add_to_histogram,
+    serve_metrics,
+)
+from server.metrics_interceptor import MetricsInterceptor
+from tests.conftest import wait_until
+
+FS = "featureserve.v1.FeatureStore/"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics page, keyed by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def key(name: str, **labels: str) -> tuple[str, frozenset]:
+    return name, frozenset(labels.items())
+
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Views(pb_grpc.FeatureStoreServicer):
+    """GetFeatureView answers by name: ok, missing (NOT_FOUND), crash (unhandled error)."""
+
+    async def GetFeatureView(self, request, context):
+        if request.name == "missing":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such view")
+        if request.name == "crash":
+            raise RuntimeError("bug")
+        if request.name == "slow":
+            await asyncio.sleep(5)
+        return pb.FeatureView(name=request.name)
+
+    async def StreamWriteFeatures(self, request_iterator, context):
+        rows = 0
+        async for _ in request_iterator:
+            rows += 1
+        return pb.WriteFeaturesResponse(rows_written=rows)
+
+
+class Echo(prediction_pb2_grpc.PredictionServicer):
+    async def StreamPredict(self, request_iterator, context):
+        async for request in request_iterator:
+            yield prediction_pb2.PredictResponse(request_id=request.request_id)
+
+
+async def exercise_interceptor() -> int:
+    interceptor = MetricsInterceptor()
+    server = grpc.aio.server(interceptors=[interceptor])
+    pb_grpc.add_FeatureStoreServicer_to_server(Views(), server)
+    prediction_pb2_grpc.add_PredictionServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        views = pb_grpc.FeatureStoreStub(channel)
+        for name, code in [("a", None), ("missing", "NOT_FOUND"), ("crash", "UNKNOWN")]:
+            try:
+                await views.GetFeatureView(pb.GetFeatureViewRequest(name=name))
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code().name == code
+        try:
+            await views.GetFeatureView(pb.GetFeatureViewRequest(name="slow"), timeout=0.2)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        reply = await views.StreamWriteFeatures(iter([pb.WriteFeaturesRequest()] * 3))
+        assert reply.rows_written == 3
+        predictions = prediction_pb2_grpc.PredictionStub(channel)
+        requests = [prediction_pb2.PredictRequest(request_id=str(i)) for i in range(4)]
+        ids = [r.request_id async for r in predictions.StreamPredict(iter(requests))]
+        assert ids == ["0", "1", "2", "3"]
+    await asyncio.sleep(0.1)
+    await server.stop(0)
+    return interceptor.count
+
+
+def test_interceptor_counts_every_method_and_status_code() -> None:
+    """Unary OK / abort / crash / deadline, client-streaming and bidi calls all land in the
+    counters with their status, and in the duration histogram of their method."""
+    get = FS + "GetFeatureView"
+    codes = ["OK", "NOT_FOUND", "UNKNOWN", "DEADLINE_EXCEEDED"]
+    before = {c: value("featureserve_rpc_requests_total", method=get, code=c) for c in codes}
+    calls = asyncio.run(exercise_interceptor())
+    assert calls == 6
+    for code in codes:
+        after = value("featureserve_rpc_requests_total", method=get, code=code)
+        assert after - before[code] == 1, code
+    stream = value("featureserve_rpc_requests_total", method=FS + "StreamWriteFeatures", code="OK")
+    bidi = value(
+        "featureserve_rpc_requests_total",
+        method="featureserve.v1.Prediction/StreamPredict",
+        code="OK",
+    )
+    assert stream >= 1 and bidi >= 1
+    assert value("featureserve_rpc_duration_seconds_count", method=get) >= 4
+    assert value("featureserve_rpc_duration_seconds_sum", method=get) > 0.2
+
+
+def test_vectorised_histogram_equals_one_observe_per_value() -> None:
+    """add_to_histogram fills the same buckets and sum as observe() in a loop, bounds included."""
+    registry = CollectorRegistry()
+    fast = Histogram("fast", "x", buckets=AGE_BUCKETS, registry=registry)
+    slow = Histogram("slow", "x", buckets=AGE_BUCKETS, registry=registry)
+    rng = np.random.default_rng(3)
+    ages = np.concatenate([rng.exponential(2000.0, 5000), np.array(AGE_BUCKETS, float), [0.0]])
+    add_to_histogram(fast, ages)
+    for age in ages:
+        slow.observe(age)
+    for bound in [*AGE_BUCKETS, float("inf")]:
+        le = str(float(bound)) if bound != float("inf") else "+Inf"
+        got = registry.get_sample_value("fast_bucket", {"le": le})
+        assert got == registry.get_sample_value("slow_bucket", {"le": le}), le
+    assert np.isclose(registry.get_sample_value("fast_sum"), registry.get_sample_value("slow_sum"))
+    assert registry.get_sample_value("fast_count") == len(ages)
+
+
+def test_model_and_view_recorders_move_their_families() -> None:
+    """The pre-bound recorders the batcher and the store servicer call."""
+    model = ModelMetrics("recorder_model", 3)
+    model.observe_batch(requests=5, rows=40, queue_s=0.002, compute_s=0.0005)
+    model.fail("rejected", 2)
+    model.fail("timed_out")
+    model.queue_depth(7)
+    labels = {"model": "recorder_model", "version": "3"}
+    assert value("featureserve_model_requests_total", **labels) == 5
+    assert value("featureserve_model_rows_total", **labels) == 40
+    assert value("featureserve_model_batch_rows_bucket", le="64.0", **labels) == 1
+    assert value("featureserve_model_batch_rows_bucket", le="32.0", **labels) == 0
+    assert value("featureserve_model_queue_duration_seconds_sum", **labels) == 0.002
+    assert value("featureserve_model_failures_total", reason="rejected", **labels) == 2
+    assert value("featureserve_model_failures_total", reason="timed_out", **labels) == 1
+    assert value("featureserve_model_queue_depth", **labels) == 7
+
+    view = ViewMetrics("recorder_view")
+    view.observe_write(written=10, stale=2, rejected=1)
+    view.observe_lookup(hits=8, misses=3, expired=1)
+    view.observe_ages(np.array([0.5, 30.0, 7200.0]))
+    view.store_bytes(4096)
+    assert value("featureserve_view_rows_written_total", view="recorder_view") == 10
+    assert value("featureserve_view_rows_stale_total", view="recorder_view") == 2
+    assert value("featureserve_view_lookup_rows_total", view="recorder_view", result="miss") == 3
+    assert value("featureserve_view_value_age_seconds_bucket", view="recorder_view", le="60.0") == 2
+    assert value("featureserve_view_value_age_seconds_count", view="recorder_view") == 3
+    assert value("featureserve_view_store_bytes", view="recorder_view") == 4096
+
+
+def test_metrics_endpoint_serves_this_process_registry() -> None:
+    """serve_metrics answers GET /metrics with the text format, including process metrics."""
+    ModelMetrics("http_model", 1).observe_batch(1, 4, 0.001, 0.001)
+    samples = scrape(serve_metrics("127.0.0.1", 0))
+    assert samples[key("featureserve_model_rows_total", model="http_model", version="1")] == 4
+    assert samples[key("process_cpu_seconds_total")] > 0
+
+
+def test_real_server_metrics_scrape_moves_with_traffic(server_factory) -> None:
+    """A `featureserve serve --metrics-port` process: its scrape shows RPC counts by method and
+    code, latency, and the per-process gauges, and they move with traffic."""
+    port = free_port()
+    server = server_factory("--metrics-port", str(port))
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=10)) as client:
+        for _ in range(3):
+            client.list_feature_views()
+        try:
+            client.get_feature_view("no_such_view")
+        except ClientError as exc:
+            assert exc.code == grpc.StatusCode.NOT_FOUND
+    listed = key("featureserve_rpc_requests_total", method=FS + "ListFeatureViews", code="OK")
+    missing = key("featureserve_rpc_requests_total", method=FS + "GetFeatureView", code="NOT_FOUND")
+    assert wait_until(lambda: scrape(port).get(listed) == 3)
+    samples = scrape(port)
+    assert samples[missing] == 1
+    assert (
+        samples[key("featureserve_rpc_duration_seconds_count", method=FS + "ListFeatureViews")] == 3
+    )
+    assert wait_until(lambda: scrape(port).get(key("featureserve_process_rpcs"), 0) >= 4)
+    assert samples[key("featureserve_process_resident_memory_bytes")] > 10e6
+    assert samples[key("featureserve_process_cpu_seconds")] > 0
+    assert samples[key("process_cpu_seconds_total")] > 0

@@ -1,0 +1,206 @@
+"""TLS and mTLS with certificates generated here: config parsing, an in-test grpc.aio server on
+server_credentials(), and the real server started with a [tls] section."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.channel import ClientConfig, ClientError
+from clients.feature_client import FeatureStoreClient
+from server.config import ConfigError
+from server.health import Health
+from server.tls import TlsConfig, parse_tls, server_credentials
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_pem(path: Path, key, cert: x509.Certificate) -> None:
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def make_ca(folder: Path, cn: str):
+    """A self-signed CA, written to folder/cn.crt and folder/cn.key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    _write_pem(folder / cn, key, cert)
+    return key, cert
+
+
+def issue(folder: Path, cn: str, ca, server: bool) -> None:
+    """A leaf certificate signed by `ca` (for 127.0.0.1 / localhost when server)."""
+    ca_key, ca_cert = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if server:
+        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    _write_pem(folder / cn, key, builder.sign(ca_key, hashes.SHA256()))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """ca.crt, server.{crt,key}, client.{crt,key} from ca; rogue.{crt,key} from another CA."""
+    folder = tmp_path_factory.mktemp("pki")
+    ca = make_ca(folder, "ca")
+    issue(folder, "server", ca, server=True)
+    issue(folder, "client", ca, server=False)
+    issue(folder, "rogue", make_ca(folder, "other-ca"), server=False)
+    return folder
+
+
+def test_parse_tls_defaults_and_errors(tmp_path: Path) -> None:
+    assert parse_tls(None) is None
+    plain = parse_tls({"cert_file": "s.crt", "key_file": "s.key"}, base=tmp_path)
+    assert plain.cert_file == tmp_path / "s.crt" and not plain.mutual
+    mutual = parse_tls({"cert_file": "a", "key_file": "b", "client_ca_file": "/ca.crt"})
+    assert mutual.mutual and mutual.client_ca_file == Path("/ca.crt")
+    optional = parse_tls(
+        {"cert_file": "a", "key_file": "b", "client_ca_file": "c", "require_client_auth": False}
+    )
+    assert not optional.mutual
+    with pytest.raises(ConfigError, match="needs 'key_file'"):
+        parse_tls({"cert_file": "a"})
+    with pytest.raises(ConfigError, match="needs client_ca_file"):
+        parse_tls({"cert_file": "a", "key_file": "b", "require_client_auth": True})
+    with pytest.raises(ConfigError, match="unknown key 'ca'"):
+        parse_tls({"cert_file": "a", "key_file": "b", "ca": "c"})
+    (tmp_path / "junk.crt").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="not a PEM file"):
+        server_credentials(TlsConfig(tmp_path / "junk.crt", tmp_path / "junk.crt"))
+    with pytest.raises(ConfigError, match=r"missing\.key"):
+        server_credentials(TlsConfig(tmp_path / "junk.crt", tmp_path / "missing.key"))
+
+
+async def handshake_outcomes(pki: Path, config: TlsConfig) -> dict[str, grpc.StatusCode]:
+    """Health checks over TLS from clients with no, a trusted, and an untrusted certificate."""
+    server = grpc.aio.server()
+    health = Health([])
+    health.register(server)
+    await health.set_all(True)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(config))
+    await server.start()
+    ca = (pki / "ca.crt").read_bytes()
+    clients = {
+        "no client cert": grpc.ssl_channel_credentials(ca),
+        "trusted client cert": grpc.ssl_channel_credentials(
+            ca, (pki / "client.key").read_bytes(), (pki / "client.crt").read_bytes()
+        ),
+        "untrusted client cert": grpc.ssl_channel_credentials(
+            ca, (pki / "rogue.key").read_bytes(), (pki / "rogue.crt").read_bytes()
+        ),
+        "client not trusting the server": grpc.ssl_channel_credentials(
+            (pki / "other-ca.crt").read_bytes()
+        ),
+    }
+    outcomes = {}
+    for name, credentials in clients.items():
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+            try:
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+                outcomes[name] = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                outcomes[name] = exc.code()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+            outcomes["plaintext"] = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            outcomes["plaintext"] = exc.code()
+    await server.stop(0)
+    return outcomes
+
+
+def test_tls_serves_clients_that_trust_the_ca_only(pki: Path) -> None:
+    got = asyncio.run(handshake_outcomes(pki, TlsConfig(pki / "server.crt", pki / "server.key")))
+    assert got["no client cert"] == grpc.StatusCode.OK
+    assert got["trusted client cert"] == grpc.StatusCode.OK
+    assert got["client not trusting the server"] == grpc.StatusCode.UNAVAILABLE
+    assert got["plaintext"] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_requires_a_client_certificate_signed_by_the_client_ca(pki: Path) -> None:
+    config = TlsConfig(pki / "server.crt", pki / "server.key", client_ca_file=pki / "ca.crt")
+    got = asyncio.run(handshake_outcomes(pki, config))
+    assert got["trusted client cert"] == grpc.StatusCode.OK
+    assert got["no client cert"] == grpc.StatusCode.UNAVAILABLE
+    assert got["untrusted client cert"] == grpc.StatusCode.UNAVAILABLE
+    assert got["plaintext"] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_real_server_with_mtls_section(pki: Path, server_factory, tmp_path: Path) -> None:
+    """`featureserve serve --config` with [tls]: the client library gets through with its
+    certificate and is refused without one."""
+    config = tmp_path / "featureserve.toml"
+    config.write_text(
+        "[tls]\n"
+        f'cert_file = "{pki / "server.crt"}"\nkey_file = "{pki / "server.key"}"\n'
+        f'client_ca_file = "{pki / "ca.crt"}"\n'
+    )
+    server = server_factory("--config", str(config))
+    good = ClientConfig(
+        target=server.target,
+        tls=True,
+        root_certificates=pki / "ca.crt",
+        client_certificate=pki / "client.crt",
+        client_key=pki / "client.key",
+        timeout_s=10,
+        max_attempts=1,
+    )
+    with FeatureStoreClient(good) as client:
+        assert client.list_feature_views() == ([], [])
+    anonymous = ClientConfig(
+        target=server.target,
+        tls=True,
+        root_certificates=pki / "ca.crt",
+        timeout_s=5,
+        max_attempts=1,
+    )
+    with FeatureStoreClient(anonymous) as client, pytest.raises(ClientError) as info:
+        client.list_feature_views()
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE

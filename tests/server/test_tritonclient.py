@@ -1,0 +1,167 @@
+"""NVIDIA's tritonclient (in its own cached venv: it needs newer grpcio, protobuf) against us."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks.model_zoo import add_sub_model, mlp_model, write_model
+from server.inference_servicer import start_server
+from server.model_repository import ModelRepository
+
+TRITONCLIENT = "tritonclient[grpc]==2.73.0"
+VENV = Path(os.environ.get("FEATURESERVE_CACHE", Path.home() / ".cache" / "featureserve"))
+VENV = VENV / "tritonclient-venv"
+INSTALL_TIMEOUT_S = 900
+
+CLIENT_SCRIPT = r"""
+import asyncio, json, queue, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+
+url, x_path = sys.argv[1], sys.argv[2]
+x = np.load(x_path)
+out = {}
+client = grpcclient.InferenceServerClient(url)
+out["live"] = client.is_server_live()
+out["ready"] = client.is_server_ready() and client.is_model_ready("mlp")
+out["server"] = client.get_server_metadata(as_json=True)
+out["metadata"] = client.get_model_metadata("mlp", as_json=True)
+out["config"] = client.get_model_config("simple", as_json=True)["config"]
+
+def mlp_inputs(rows):
+    i = grpcclient.InferInput("x", list(rows.shape), "FP32")
+    i.set_data_from_numpy(rows)
+    return [i]
+
+result = client.infer("mlp", mlp_inputs(x), outputs=[grpcclient.InferRequestedOutput("y")])
+out["sync"] = result.as_numpy("y").tolist()
+
+a = np.arange(32, dtype=np.float32).reshape(2, 16)
+ins = [grpcclient.InferInput(n, [2, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+ins[0].set_data_from_numpy(a)
+ins[1].set_data_from_numpy(np.ones_like(a))
+simple = client.infer("simple", ins)
+out["simple"] = [simple.as_numpy("OUTPUT0").tolist(), simple.as_numpy("OUTPUT1").tolist()]
+
+async def async_infer():
+    async with aioclient.InferenceServerClient(url) as aclient:
+        inp = aioclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        results = await asyncio.gather(*(aclient.infer("mlp", [inp]) for _ in range(4)))
+        return [r.as_numpy("y").tolist() for r in results]
+out["async"] = asyncio.run(async_infer())
+
+responses = queue.Queue()
+client.start_stream(callback=lambda result, error: responses.put((result, error)))
+for i in range(len(x)):
+    client.async_stream_infer("mlp", mlp_inputs(x[i : i + 1]), request_id=str(i))
+client.async_stream_infer("nope", mlp_inputs(x[:1]), request_id="bad")
+stream = []
+for _ in range(len(x) + 1):
+    result, error = responses.get(timeout=30)
+    if error is not None:
+        stream.append(["error", str(error)])
+    else:
+        stream.append([result.get_response().id, result.as_numpy("y").tolist()])
+client.stop_stream()
+out["stream"] = stream
+out["stats"] = client.get_inference_statistics("mlp", as_json=True)
+print(json.dumps(out))
+"""
+
+
+def ensure_venv() -> Path:
+    """The cached venv with tritonclient (created once, reused after)."""
+    python = VENV / "bin" / "python"
+    if python.exists():
+        return python
+    staging = VENV.with_name(VENV.name + f".building-{os.getpid()}")
+    subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True, timeout=120)
+    subprocess.run(
+        [str(staging / "bin" / "python"), "-m", "pip", "install", "-q", TRITONCLIENT, "numpy"],
+        check=True,
+        timeout=INSTALL_TIMEOUT_S,
+    )
+    staging.rename(VENV)
+    return python
+
+
+class BackgroundServer:
+    """Our repository and inference server on a private event loop in a thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.port = 0
+        self._started = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
+
+    async def _run(self) -> None:
+        self._stop = asyncio.Event()
+        repo = ModelRepository(self.path, watch=False)
+        await repo.start()
+        server, self.port = await start_server(repo)
+        self._started.set()
+        await self._stop.wait()
+        await server.stop(None)
+        await repo.stop()
+
+    def __enter__(self) -> "BackgroundServer":
+        self._thread.start()
+        assert self._started.wait(60), "server did not start"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(60)
+        self._loop.close()
+
+
+def test_tritonclient_sync_async_and_stream(tmp_path: Path) -> None:
+    python = ensure_venv()
+    models = tmp_path / "models"
+    mlp = mlp_model()
+    write_model(models, "mlp", mlp, config_toml="[dynamic_batching]\nmax_queue_delay_us = 500\n")
+    write_model(models, "simple", add_sub_model(16))
+    x = np.random.default_rng(5).standard_normal((3, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_SCRIPT)
+    expected = ort.InferenceSession(mlp.SerializeToString()).run(None, {"x": x})[0]
+
+    with BackgroundServer(models) as server:
+        done = subprocess.run(
+            [str(python), str(script), f"127.0.0.1:{server.port}", str(tmp_path / "x.npy")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["live"] and out["ready"]
+    assert out["server"]["name"] == "featureserve"
+    assert out["metadata"]["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "32"]}]
+    assert out["config"]["max_batch_size"] == 64
+    assert out["config"]["input"][0]["data_type"] == "TYPE_FP32"
+    np.testing.assert_allclose(out["sync"], expected, rtol=1e-5)
+    for result in out["async"]:
+        np.testing.assert_allclose(result, expected, rtol=1e-5)
+    a = np.arange(32, dtype=np.float32).reshape(2, 16)
+    np.testing.assert_array_equal(out["simple"][0], a + 1)
+    np.testing.assert_array_equal(out["simple"][1], a - 1)
+    stream = out["stream"]
+    assert [s[0] for s in stream[:3]] == ["0", "1", "2"]
+    for i in range(3):
+        np.testing.assert_allclose(stream[i][1], expected[i : i + 1], rtol=1e-5)
+    assert stream[3][0] == "error" and "nope" in stream[3][1]
+    stats = out["stats"]["model_stats"][0]
+    assert int(stats["inference_count"]) == 3 + 4 * 3 + 3

@@ -1,0 +1,129 @@
+"""`featureserve serve --workers 2`: two processes on one port both serve traffic, the parent's
+/metrics merges them (per-pid gauges), writes through one share the LMDB environment with the
+other, and SIGTERM to the parent drains every worker and exits 0."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from clients.channel import ClientConfig
+from clients.feature_client import FeatureStoreClient
+from featurestore.dtypes import DType
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from protos.featureserve.v1 import feature_store_pb2 as pb
+from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+from tests.conftest import wait_until
+
+CHANNELS = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def per_pid(port: int, name: str) -> dict[str, float]:
+    """The per-process samples of one gauge on the parent's merged /metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        s.labels["pid"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def total(port: int, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_two_workers_share_port_store_and_metrics_and_drain_on_sigterm(server_factory) -> None:
+    metrics_port = free_port()
+    server = server_factory("--workers", "2", "--metrics-port", str(metrics_port))
+    assert wait_until(lambda: sum('"msg": "serving"' in line for line in server.log_lines) == 2)
+    worker_pids = {
+        int(entry["pid"]) for entry in server.logs() if entry.get("msg") == "worker started"
+    }
+    assert len(worker_pids) == 2 and server.proc.pid not in worker_pids
+
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    view = FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([user], [view])
+        client.write_features(
+            "profile",
+            {"user_id": np.arange(10)},
+            np.full(10, int(time.time() * 1e6)),
+            {"score": np.arange(10, dtype=np.float32)},
+        )
+
+    # Separate connections (no shared subchannel pool) so the kernel spreads them over workers;
+    # every one must see the registry and rows written through whichever worker took the write.
+    channels = [
+        grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(CHANNELS)
+    ]
+    try:
+        for channel in channels:
+            stub = pb_grpc.FeatureStoreStub(channel)
+            reply = stub.GetFeatureView(pb.GetFeatureViewRequest(name="profile"), timeout=20)
+            assert reply.name == "profile"
+    finally:
+        for channel in channels:
+            channel.close()
+
+    def both_served() -> bool:
+        rpcs = per_pid(metrics_port, "featureserve_process_rpcs")
+        return {int(pid) for pid, n in rpcs.items() if n > 0} == worker_pids
+
+    assert wait_until(both_served, timeout=15)
+    method = "featureserve.v1.FeatureStore/GetFeatureView"
+    requests = total(metrics_port, "featureserve_rpc_requests_total", method=method, code="OK")
+    assert requests == CHANNELS
+    assert set(per_pid(metrics_port, "featureserve_process_cpu_seconds")) == {
+        str(pid) for pid in worker_pids
+    }
+
+    assert server.terminate(timeout=60) == 0
+    assert not any(alive(pid) for pid in worker_pids)
+    assert sum('"msg": "stopped"' in line for line in server.log_lines) == 2
+
+
+def test_parent_refuses_a_port_in_use(server_factory, tmp_path: Path) -> None:
+    """A worker group cannot start on a port another program listens on."""
+    from tests.conftest import ServerProcess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServerProcess(tmp_path / "d", tmp_path / "m", "--workers", "2")
+        server.extra += ["--port", str(port)]
+        try:
+            server.start()
+        except AssertionError as exc:
+            assert f"cannot listen on 127.0.0.1:{port}" in str(exc)
+        else:
+            raise AssertionError("the worker group started on a port in use")
+        finally:
+            server.kill()

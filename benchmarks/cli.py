@@ -187,12 +187,22 @@ def run_with_baseline(scenario: Scenario, args: argparse.Namespace) -> list[dict
     return records + floor
 
 
+def variants_of(scenario: Scenario, args: argparse.Namespace) -> list[argparse.Namespace]:
+    """The scenario's argument variants (e.g. lookup's entities per request), else [args]."""
+    variants = getattr(scenario, "variants", None)
+    return [args] if variants is None else variants(args)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the parsed `bench` command: 0 when every point ran, 2 on a setup or load error."""
     try:
         scenario = get_scenario(args.scenario)
         runner = run_with_baseline if args.with_baseline else run_scenario
-        runs = runner(scenario, args)
+        runs = [
+            record
+            for variant in variants_of(scenario, args)
+            for record in runner(scenario, variant)
+        ]
     except (LoadError, ScenarioError, h2load.H2LoadError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2

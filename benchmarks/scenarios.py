@@ -83,6 +83,10 @@ class ScenarioBase:
         """Not available to native generators unless overridden."""
         return None
 
+    def variants(self, args: argparse.Namespace) -> list[argparse.Namespace]:
+        """The argument sets swept besides load (each set up and reported on its own); [args]."""
+        return [args]
+
     def teardown(self, run: ScenarioRun) -> None:
         """Stop the server subprocess setup() started, if any."""
         if run.server is not None:

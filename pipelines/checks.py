@@ -1,4 +1,4 @@
-"""Pre-flight checks: every view a pipeline writes exists on the server with the schema it writes."""
+"""Pre-flight checks: every view a pipeline writes exists on the server with its schema."""
 
 from __future__ import annotations
 

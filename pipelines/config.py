@@ -7,10 +7,16 @@ Layout (next to the entities and views that definitions.py reads):
     format = "csv"                       # csv | json
     entity_column = "card_id"            # BIGINT; also the view's join key
     event_time_column = "event_time"     # epoch milliseconds
-    columns = { card_id = "bigint", amount = "double", merchant = "string",
-                lat = "double", lon = "double", event_time = "bigint" }
-    out_of_orderness_s = 2.0
+    out_of_orderness_s = 2.0             # watermark = newest event time - this - lateness
     allowed_lateness_s = 3.0
+
+    [pipeline.columns]                   # in file order for CSV; bigint | double | string
+    card_id = "bigint"
+    amount = "double"
+    merchant = "string"
+    lat = "double"
+    lon = "double"
+    event_time = "bigint"
 
     [[pipeline.derived]]                 # computed by a Numba kernel in a pandas UDF
     name = "distance_km"
@@ -24,8 +30,11 @@ Layout (next to the entities and views that definitions.py reads):
     kind = "hop"                         # hop | tumble
     size_s = 300
     slide_s = 60                         # hop only
-    features = { txn_count = "count", amount_sum = "sum(amount)",
-                 amount_max = "max(amount)", distance_mean = "mean(distance_km)" }
+
+    [pipeline.window.features]           # count | count_distinct(c) | sum | mean | min | max
+    txn_count = "count"
+    amount_sum = "sum(amount)"
+    distance_mean = "mean(distance_km)"
 """
 
 from __future__ import annotations
@@ -156,7 +165,9 @@ def _window(section: dict, columns: list[str], strings: list[str], where: str) -
     if slide <= 0 or slide > size or (size / slide) != int(size / slide):
         raise _fail(where, f"slide_s {slide} must divide size_s {size}")
     view = _name(section.get("view"), f"{where}.view")
-    return Window(view, kind, size, slide, _aggregates(section.get("features"), columns, strings, where))
+    return Window(
+        view, kind, size, slide, _aggregates(section.get("features"), columns, strings, where)
+    )
 
 
 def _derived(section: dict, columns: dict[str, str], where: str) -> Derived:

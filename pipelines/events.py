@@ -141,9 +141,17 @@ name = "card_txn"
 format = "csv"
 entity_column = "card_id"
 event_time_column = "event_time"
-columns = { card_id = "bigint", amount = "double", merchant = "string", category = "string", lat = "double", lon = "double", event_time = "bigint" }
 out_of_orderness_s = 2.0
 allowed_lateness_s = 1.0
+
+[pipeline.columns]
+card_id = "bigint"
+amount = "double"
+merchant = "string"
+category = "string"
+lat = "double"
+lon = "double"
+event_time = "bigint"
 
 [[pipeline.derived]]
 name = "distance_km"
@@ -157,11 +165,22 @@ view = "card_txn_5m"
 kind = "hop"
 size_s = 300
 slide_s = 60
-features = { txn_count = "count", amount_sum = "sum(amount)", amount_mean = "mean(amount)", amount_max = "max(amount)", distance_max = "max(distance_km)", merchants = "count_distinct(merchant)" }
+
+[pipeline.window.features]
+txn_count = "count"
+amount_sum = "sum(amount)"
+amount_mean = "mean(amount)"
+amount_max = "max(amount)"
+distance_max = "max(distance_km)"
+merchants = "count_distinct(merchant)"
 
 [[pipeline.window]]
 view = "card_txn_1h"
 kind = "tumble"
 size_s = 3600
-features = { txn_count = "count", amount_sum = "sum(amount)", distance_mean = "mean(distance_km)" }
+
+[pipeline.window.features]
+txn_count = "count"
+amount_sum = "sum(amount)"
+distance_mean = "mean(distance_km)"
 """

@@ -134,7 +134,9 @@ class FeatureSink:
         self.counters.written += summary.written
         self.counters.stale += summary.stale
         self.counters.rejected += summary.rejected
-        self.counters.errors = (self.counters.errors + [str(e).strip() for e in summary.errors])[:20]
+        self.counters.errors = (self.counters.errors + [str(e).strip() for e in summary.errors])[
+            :20
+        ]
 
     def _save_stats(self) -> None:
         if self._stats_path is None:

@@ -131,7 +131,11 @@ class DistanceToPoint(ScalarFunction):
 
 def create_table_env(options: JobOptions, streaming: bool) -> TableEnvironment:
     """A table environment: local mini-cluster, or a remote cluster with --jobmanager."""
-    mode = EnvironmentSettings.in_streaming_mode() if streaming else EnvironmentSettings.in_batch_mode()
+    mode = (
+        EnvironmentSettings.in_streaming_mode()
+        if streaming
+        else EnvironmentSettings.in_batch_mode()
+    )
     t_env = TableEnvironment.create(mode)
     conf = t_env.get_config()
     conf.set("python.executable", sys.executable)
@@ -237,7 +241,9 @@ def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, option
     t_env.execute_sql(
         f"CREATE TEMPORARY VIEW {p}_events AS SELECT {cols} FROM {p}_parsed WHERE reason IS NULL"
     )
-    t_env.execute_sql(f"CREATE TEMPORARY TABLE {p}_done (ok TINYINT) WITH ('connector' = 'blackhole')")
+    t_env.execute_sql(
+        f"CREATE TEMPORARY TABLE {p}_done (ok TINYINT) WITH ('connector' = 'blackhole')"
+    )
     for window in pipeline.windows:
         select, names = _window_sql(pipeline, window, f"{p}_events")
         config = SinkConfig(
@@ -284,7 +290,9 @@ def _job_error(exc: Exception) -> FeatureStoreError:
     return UnavailableError(f"pipeline job failed: {causes[-1] if causes else text[:2000]}")
 
 
-def run_job(options: JobOptions, streaming: bool, pipelines: list[Pipeline] | None = None) -> JobReport:
+def run_job(
+    options: JobOptions, streaming: bool, pipelines: list[Pipeline] | None = None
+) -> JobReport:
     """Build every pipeline of the definitions file into one Flink job and run it to the end."""
     from pipelines.checks import check_views
 

@@ -24,7 +24,7 @@ from server.feature_servicer import FeatureStoreServicer
 from server.health import Health
 from server.inference_servicer import InferenceServicer
 from server.model_repository import ModelRepository
-from server.unimplemented import unimplemented_servicer
+from server.prediction_servicer import PredictionServicer
 
 log = logging.getLogger("featureserve.server")
 
@@ -129,10 +129,7 @@ class FeatureServer:
             server,
         )
         prediction_pb2_grpc.add_PredictionServicer_to_server(
-            unimplemented_servicer(
-                prediction_pb2_grpc.PredictionServicer,
-                "one-hop predictions have not landed yet",
-            ),
+            PredictionServicer(self.store, self.models, self.config.max_entities_per_request),
             server,
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(

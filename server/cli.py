@@ -57,8 +57,9 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     from benchmarks.cli import register as bench
     from clients.cli import register as client_commands
     from clients.feature_cli import register as feature_commands
+    from clients.prediction_cli import register as prediction_commands
 
-    return [add_serve, client_commands, feature_commands, bench]
+    return [add_serve, client_commands, feature_commands, prediction_commands, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,8 @@ DEFAULT_MAX_BATCH_SIZE = 64
 # Top-level tables that other parts of the server own (Predict's feature bindings and transforms);
 # they are kept raw in ModelConfig.extensions for those parts to parse.
 MODEL_CONFIG_EXTENSIONS: frozenset[str] = frozenset({"features", "transforms", "request_values"})
+# Extensions written as arrays of tables ([[transforms]]); the others are tables.
+_LIST_EXTENSIONS = frozenset({"transforms"})
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -98,7 +100,7 @@ class ModelConfig:
     instance_group: InstanceGroupConfig = field(default_factory=InstanceGroupConfig)
     onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
-    extensions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extensions: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batching(self) -> bool:
@@ -223,7 +225,9 @@ def parse_model_config(text: str, *, source: str, default_name: str) -> ModelCon
     if "version_policy" in raw:
         values["version_policy"] = _version_policy(source, raw["version_policy"])
     values["extensions"] = {
-        key: _typed(source, key, raw[key], dict) for key in MODEL_CONFIG_EXTENSIONS if key in raw
+        key: _typed(source, key, raw[key], list if key in _LIST_EXTENSIONS else dict)
+        for key in MODEL_CONFIG_EXTENSIONS
+        if key in raw
     }
     config = ModelConfig(**values)
     _check_semantics(source, config)

@@ -23,6 +23,7 @@ from server.model_config import (
     load_model_config,
 )
 from server.onnx_runner import OnnxRunner
+from server.prediction_binding import PredictionBinding, compile_binding
 
 log = logging.getLogger("featureserve.models")
 
@@ -36,7 +37,8 @@ _Stat = tuple[int, int] | None
 
 @dataclass
 class LoadedModel:
-    """One served model version: its completed config, its sessions and its batcher."""
+    """One served model version: its completed config, its sessions, its batcher and, when the
+    config binds features for Predict, its compiled binding."""
 
     name: str
     version: str
@@ -45,6 +47,7 @@ class LoadedModel:
     batcher: DynamicBatcher
     path: Path
     output_names: list[str] = field(default_factory=list)
+    binding: PredictionBinding | None = None
 
 
 @dataclass
@@ -255,6 +258,9 @@ class ModelRepository:
                 OnnxRunner, path, config.onnxruntime, config.instance_group.count
             )
             completed = complete_config(config, runner.inputs, runner.outputs, source=str(path))
+            binding = await asyncio.to_thread(
+                compile_binding, completed, str(self.path / name / CONFIG_FILENAME)
+            )
         except Exception as exc:
             self._fail(name, str(version), f"{type(exc).__name__}: {exc}")
             return
@@ -263,7 +269,9 @@ class ModelRepository:
         served = self._served.setdefault(name, {})
         replaced = served.get(version)
         outputs = [o.name for o in completed.outputs]
-        served[version] = LoadedModel(name, str(version), completed, runner, batcher, path, outputs)
+        served[version] = LoadedModel(
+            name, str(version), completed, runner, batcher, path, outputs, binding
+        )
         self._status[key] = VersionStatus(name, str(version), READY)
         log.info("loaded model %s version %s", name, version)
         if replaced is not None:

@@ -78,4 +78,4 @@ def test_failure_resolves_only_the_bad_batch(tmp_path: Path):
         with pytest.raises(UnavailableError):
             committer.submit(good)
         with pytest.raises(NotFoundError):
-            store.prepare(batch([1], NOW, 1.0).__class__("nope", {}, np.zeros(0), {}))
+            store.prepare(WriteBatch("nope", {}, np.zeros(0, np.int64), {}))

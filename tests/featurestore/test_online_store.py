@@ -12,6 +12,7 @@ from featurestore.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from featurestore.keys import decode_keys, encode_keys
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 
@@ -329,3 +330,17 @@ def test_closed_store_is_unavailable(tmp_path: Path):
     store.close()
     with pytest.raises(UnavailableError):
         store.read("score", {"user_id": np.array([1])})
+
+
+def test_key_encoding_orders_ints_and_separates_composites():
+    ints = np.array([-(2**63), -5, -1, 0, 1, 7, 2**63 - 1])
+    encoded = encode_keys(USER, {"user_id": ints[::-1].copy()}).keys[::-1]
+    assert encoded == sorted(encoded) and len(set(encoded)) == len(ints)
+    pair = Entity("pair", (JoinKey("a", DType.STRING), JoinKey("b", DType.STRING)))
+    left = np.array(["ab", "a", "", "a\x00\x00\x00\x01b"], dtype=object)
+    right = np.array(["", "b", "ab", ""], dtype=object)
+    keys = encode_keys(pair, {"a": left, "b": right}).keys
+    assert len(set(keys)) == 4
+    decoded = decode_keys(pair, keys)
+    assert decoded["a"].tolist() == left.tolist() and decoded["b"].tolist() == right.tolist()
+    assert decode_keys(USER, encoded)["user_id"].tolist() == ints.tolist()

@@ -38,7 +38,7 @@ def test_backfill_then_streaming_equals_reference(server, tmp_path):
     write_events(events, recent, files=1)
     options = JobOptions(source=history, target=server.target, definitions=definitions)
 
-    with pytest.raises(NotFoundError, match="card_txn_5m.*not registered"):
+    with pytest.raises(NotFoundError, match=r"card_txn_5m.*not registered"):
         run_backfill(options)
     apply_views(server.target, [pipeline], "card")
     report = run_backfill(options)
@@ -57,4 +57,5 @@ def test_backfill_then_streaming_equals_reference(server, tmp_path):
     run_streaming(options)
     after_stream = snapshot(server.target, pipeline, keys)
     for name, values in after_backfill.items():
-        np.testing.assert_array_equal(after_stream[name], values, err_msg=name)
+        # Batch and streaming sum doubles in different orders: equal up to the last bits.
+        np.testing.assert_allclose(after_stream[name], values, rtol=1e-12, err_msg=name)

@@ -60,7 +60,9 @@ def test_dead_letters_are_appended_and_counted(tmp_path):
     path = tmp_path / "dl" / "dead.jsonl"
     first, second = DeadLetterWriter(path), DeadLetterWriter(path)
     first.write(["malformed: amount is missing"], {"amount": [None], "card_id": ["1"]})
-    second.write(["late: 5 s behind", "malformed: x"], {"amount": ["1", "2"], "card_id": ["a", "b"]})
+    second.write(
+        ["late: 5 s behind", "malformed: x"], {"amount": ["1", "2"], "card_id": ["a", "b"]}
+    )
     entries = read_dead_letters(path)
     assert [e["event"]["card_id"] for e in entries] == ["1", "a", "b"]
     assert count_by_reason(path) == {"malformed": 2, "late": 1}

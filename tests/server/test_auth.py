@@ -296,16 +296,24 @@ def secured(tmp_path_factory):
 
 
 def call(channel: grpc.Channel, rpc: str, token: str | None) -> grpc.StatusCode:
-    """The status of one call of `rpc` with `token` (streams are read to the end)."""
+    """The status of one call of `rpc` with `token`. Streams are read to the end, and an
+    in-band error counts as the call's status: StreamPredict's error_code, and
+    ModelStreamInfer's error_message (KServe streams report failures per response)."""
     stub = STUBS[rpc](channel)
     metadata = () if token is None else (("authorization", f"Bearer {token}"),)
     method: Callable = getattr(stub, rpc)
     try:
         result = method(request_of(rpc), metadata=metadata, timeout=20)
-        if rpc in ("StreamPredict", "ModelStreamInfer"):
-            list(result)
+        responses = list(result) if rpc in ("StreamPredict", "ModelStreamInfer") else []
     except grpc.RpcError as exc:
         return exc.code()
+    for response in responses:
+        if rpc == "StreamPredict" and response.error_code:
+            return next(c for c in grpc.StatusCode if c.value[0] == response.error_code)
+        if rpc == "ModelStreamInfer" and response.error_message:
+            for code, error in ((DENIED, "PermissionDenied"), (UNAUTH, "Unauthenticated")):
+                if response.error_message.startswith(error):
+                    return code
     return grpc.StatusCode.OK
 
 

@@ -4,6 +4,8 @@ other, and SIGTERM to the parent drains every worker and exits 0."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 import urllib.request
@@ -19,6 +21,7 @@ from featurestore.dtypes import DType
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+from server.workers import MIN_UPTIME_S
 from tests.conftest import wait_until
 
 CHANNELS = 16
@@ -127,3 +130,25 @@ def test_parent_refuses_a_port_in_use(server_factory, tmp_path: Path) -> None:
             raise AssertionError("the worker group started on a port in use")
         finally:
             server.kill()
+
+
+def test_a_crashed_worker_is_replaced(server_factory) -> None:
+    """A worker killed after its start-up window is respawned; the group keeps serving."""
+    server = server_factory("--workers", "2")
+    assert wait_until(lambda: sum('"msg": "serving"' in line for line in server.log_lines) == 2)
+    first = [e for e in server.logs() if e.get("msg") == "worker started"]
+    victim = int(first[0]["pid"])
+    time.sleep(MIN_UPTIME_S + 0.5)
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> bool:
+        started = [e for e in server.logs() if e.get("msg") == "worker started"]
+        return len(started) == 3 and started[-1]["worker"] == first[0]["worker"]
+
+    assert wait_until(replaced, timeout=30)
+    assert wait_until(lambda: sum('"msg": "serving"' in line for line in server.log_lines) == 3)
+    exited = [e for e in server.logs() if e.get("msg") == "worker exited"]
+    assert [(int(e["pid"]), e["code"]) for e in exited] == [(victim, -signal.SIGKILL)]
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        assert client.list_feature_views() == ([], [])
+    assert server.terminate(timeout=60) == 0

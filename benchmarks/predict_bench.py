@@ -1,0 +1,284 @@
+"""Predict / StreamPredict benchmark beside the in-process floor (lookup + transforms + ORT).
+
+python -m benchmarks.predict_bench [--duration S] [--concurrency 32] [--processes 2] [--json F]
+Starts a server subprocess (`python -m benchmarks.predict_bench serve ...`: the real server with
+the PredictionServicer), loads 10k entities, then drives it through the load harness from
+several client processes sending pre-serialized requests as raw bytes; the stream scenario
+shares one StreamPredict per channel and matches responses to callers in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from benchmarks import report
+from benchmarks.load import CLOSED, LoadSpec, run_load
+from benchmarks.model_zoo import mlp_model, write_model
+from benchmarks.scenarios import (
+    RequestFn,
+    ScenarioBase,
+    ScenarioRun,
+    ServerProcess,
+    python_module_argv,
+    register_scenario,
+)
+from clients.prediction_messages import predict_request
+
+MODEL = "scorer"
+ENTITIES = 10_000
+PREDICT = "/featureserve.v1.Prediction/Predict"
+STREAM = "/featureserve.v1.Prediction/StreamPredict"
+N_STATS = 29
+CONFIG = f"""max_batch_size = 1024
+[dynamic_batching]
+max_queue_delay_us = 200
+[features]
+entity = "user"
+input = "x"
+[[features.columns]]
+features = {json.dumps([f"user_stats:f{i}" for i in range(N_STATS)])}
+default = 0.0
+[[features.columns]]
+feature = "user_stats:n_tx"
+default = 0
+[[features.columns]]
+feature = "risk:score"
+[[features.columns]]
+request = "amount"
+[request_values]
+amount = "float64"
+[[transforms]]
+op = "standardize"
+inputs = {json.dumps([f"user_stats:f{i}" for i in range(N_STATS)])}
+params = {{mean = 0.0, std = 1.0}}
+[[transforms]]
+op = "clip"
+inputs = ["user_stats:n_tx", "risk:score", "amount"]
+params = {{lo = 0.0, hi = 100.0}}
+"""
+
+
+def request_bytes(entities: int, count: int, seed: int) -> list[bytes]:
+    """Serialized PredictRequests for random entity ids with random amounts."""
+    rng = np.random.default_rng(seed)
+    return [
+        predict_request(
+            MODEL,
+            {"user_id": rng.integers(1, ENTITIES + 1, entities)},
+            {"amount": rng.random(entities) * 100},
+        ).SerializeToString()
+        for _ in range(count)
+    ]
+
+
+class _Predict(ScenarioBase):
+    """Unary Predict of --entities entities per request."""
+
+    name = "predict"
+    help = "unary Predict, pre-serialized requests"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--entities", type=int, default=100)
+
+    def setup(self, args: argparse.Namespace) -> ScenarioRun:
+        params = {"entities": args.entities}
+        return ScenarioRun(args.target, args.server_pid, params, rows_per_request=args.entities)
+
+    def make_request_fn(self, args: argparse.Namespace, channel: grpc.aio.Channel) -> RequestFn:
+        call = channel.unary_unary(PREDICT)
+        bodies = request_bytes(args.entities, 64, id(channel) % 1000)
+        counter = iter(range(1 << 62))
+
+        async def request() -> bytes:
+            return await call(bodies[next(counter) % 64], timeout=args.timeout)
+
+        return request
+
+
+class _StreamPredict(_Predict):
+    """StreamPredict: callers of a channel share one stream; responses arrive in order."""
+
+    name = "stream-predict"
+    help = "StreamPredict, one stream per channel shared by its callers"
+
+    def make_request_fn(self, args: argparse.Namespace, channel: grpc.aio.Channel) -> RequestFn:
+        bodies = request_bytes(args.entities, 64, id(channel) % 1000)
+        counter = iter(range(1 << 62))
+        waiting: collections.deque[asyncio.Future] = collections.deque()
+        state: dict[str, object] = {}
+        lock = asyncio.Lock()
+
+        async def read(call) -> None:
+            async for response in call:
+                waiting.popleft().set_result(response)
+
+        async def request() -> bytes:
+            if "call" not in state:
+                state["call"] = channel.stream_stream(STREAM)()
+                state["reader"] = asyncio.create_task(read(state["call"]))
+            future = asyncio.get_running_loop().create_future()
+            async with lock:
+                waiting.append(future)
+                await state["call"].write(bodies[next(counter) % 64])
+            return await future
+
+        return request
+
+
+PREDICT_SCENARIO = register_scenario(_Predict())
+STREAM_SCENARIO = register_scenario(_StreamPredict())
+
+
+async def serve(data_dir: Path, model_repo: Path) -> None:
+    """The real server with the PredictionServicer registered; prints READY <port>."""
+    from protos.featureserve.v1 import feature_store_pb2_grpc, prediction_pb2_grpc
+    from server.app import FeatureServer
+    from server.config import ServerConfig
+    from server.feature_servicer import FeatureStoreServicer
+    from server.prediction_servicer import PredictionServicer
+
+    class BenchServer(FeatureServer):
+        def _register(self, server: grpc.aio.Server) -> None:
+            limit = self.config.max_entities_per_request
+            feature_store_pb2_grpc.add_FeatureStoreServicer_to_server(
+                FeatureStoreServicer(self.store, self.committer, limit), server
+            )
+            prediction_pb2_grpc.add_PredictionServicer_to_server(
+                PredictionServicer(self.store, self.models, limit), server
+            )
+
+    server = BenchServer(ServerConfig(port=0, data_dir=data_dir, model_repo=model_repo))
+    port = await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    print(f"READY {port}", flush=True)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+def populate(target: str) -> None:
+    """ENTITIES users with 30 stats features and a risk score."""
+    from clients.channel import ClientConfig
+    from clients.feature_client import FeatureStoreClient
+    from featurestore.dtypes import DType
+    from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+
+    feats = (*(Feature(f"f{i}", DType.FLOAT32) for i in range(N_STATS)),
+             Feature("n_tx", DType.INT64))  # fmt: skip
+    rng = np.random.default_rng(0)
+    ids = np.arange(1, ENTITIES + 1)
+    now = int(time.time() * 1e6)
+    with FeatureStoreClient(ClientConfig(target=target, timeout_s=60)) as client:
+        client.apply(
+            [Entity("user", (JoinKey("user_id", DType.INT64),))],
+            [FeatureView("user_stats", "user", feats),
+             FeatureView("risk", "user", (Feature("score", DType.FLOAT64),))],
+        )  # fmt: skip
+        cols = {f"f{i}": rng.normal(size=ENTITIES).astype(np.float32) for i in range(N_STATS)}
+        cols["n_tx"] = rng.integers(0, 100, ENTITIES)
+        client.write_features("user_stats", {"user_id": ids}, now, cols)
+        client.write_features("risk", {"user_id": ids}, now, {"score": rng.random(ENTITIES)})
+
+
+def in_process_floor(data_dir: Path, model_repo: Path, entities: int, seconds: float) -> dict:
+    """Lookup + assemble + transforms + ORT (batch = one request) with no gRPC, one thread."""
+    import onnxruntime as ort
+
+    from featurestore.online_store import OnlineStore, StoreConfig
+    from server.model_config import complete_config, load_model_config
+    from server.onnx_runner import OnnxRunner
+    from server.prediction_binding import compile_binding
+
+    config = load_model_config(model_repo / MODEL)
+    runner = OnnxRunner(model_repo / MODEL / "1" / "model.onnx", config.onnxruntime, 1)
+    config = complete_config(config, runner.inputs, runner.outputs, source="bench")
+    binding = compile_binding(config, "bench")
+    session: ort.InferenceSession = runner.sessions[0]
+    store = OnlineStore(StoreConfig(path=data_dir))
+    rng = np.random.default_rng(1)
+    keysets = [{"user_id": rng.integers(1, ENTITIES + 1, entities)} for _ in range(64)]
+    amounts = rng.random(entities) * 100
+    count = 0
+    t_end = time.perf_counter() + seconds
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    while time.perf_counter() < t_end:
+        keys = keysets[count % 64]
+        results = [store.read(r.view, keys, r.features, r.version) for r in binding.reads]
+        assembled = binding.assemble(results, {"amount": amounts}, entities)
+        session.run(None, {"x": binding.transform(assembled.block)})
+        count += 1
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    store.close()
+    return {
+        "requests_per_s_one_core": round(count / cpu),
+        "cpu_us_per_req": round(cpu / count * 1e6, 1),
+        "wall_us_per_req": round(wall / count * 1e6, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.predict_bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    serve_p = sub.add_parser("serve")
+    serve_p.add_argument("--data-dir", type=Path, required=True)
+    serve_p.add_argument("--model-repo", type=Path, required=True)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--channels", type=int, default=2)
+    parser.add_argument("--entities", type=int, default=100)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        asyncio.run(serve(args.data_dir, args.model_repo))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="predict_bench") as tmp:
+        data, repo = Path(tmp) / "data", Path(tmp) / "models"
+        write_model(repo, MODEL, mlp_model(), config_toml=CONFIG)
+        server = ServerProcess(python_module_argv(
+            "benchmarks.predict_bench", "serve", "--data-dir", str(data), "--model-repo", str(repo)
+        ), ready_timeout_s=60)  # fmt: skip
+        try:
+            populate(server.target)
+            floor = in_process_floor(data, repo, args.entities, 2.0)
+            client_args = argparse.Namespace(
+                target=server.target, server_pid=server.pid, entities=args.entities, timeout=10.0
+            )
+            spec = LoadSpec(mode=CLOSED, concurrency=args.concurrency, processes=args.processes,
+                            warmup_s=args.warmup, duration_s=args.duration,
+                            channels_per_process=args.channels)  # fmt: skip
+            runs = []
+            for scenario in (PREDICT_SCENARIO, STREAM_SCENARIO):
+                run = scenario.setup(client_args)
+                result = run_load(scenario, client_args, server.target, spec, server.pid)
+                record = report.make_run(scenario.name, spec, run, result)
+                record["floor_requests_per_s_one_core"] = floor["requests_per_s_one_core"]
+                record["floor_cpu_us_per_req"] = floor["cpu_us_per_req"]
+                runs.append(record)
+        finally:
+            server.stop()
+    print(report.format_table(runs))
+    print(f"in-process floor (lookup + transforms + ORT, {args.entities} entities): {floor}")
+    unary, stream = runs[0]["throughput_rps"], runs[1]["throughput_rps"]
+    print(f"predict {unary:.0f} req/s (target >= 2500); stream-predict {stream:.0f} req/s "
+          f"= {stream / max(unary, 1):.2f}x unary (target >= 1.5x)")  # fmt: skip
+    if args.json:
+        report.write_json(runs, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

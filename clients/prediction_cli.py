@@ -1,0 +1,90 @@
+"""`featureserve predict`: score a few entities with a model that binds features."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from clients.cli import add_connection_flags, client_config
+from clients.feature_cli import _key_values
+from clients.prediction_client import PredictionClient
+from featurestore.dtypes import FeatureStatus
+
+_VALUE_DTYPES = {"float64": np.float64, "float32": np.float32, "int64": np.int64, "bool": np.bool_}
+
+
+def _request_value(name: str, text: str) -> tuple[str, np.ndarray]:
+    """NAME[:DTYPE] and comma-separated values (float64 unless a dtype is given)."""
+    name, _, dtype = name.partition(":")
+    kind = _VALUE_DTYPES.get(dtype or "float64")
+    if kind is None:
+        raise SystemExit(f"featureserve predict: --value {name}:{dtype}: use {list(_VALUE_DTYPES)}")
+    parts = text.split(",")
+    if kind is np.bool_:
+        return name, np.array([p.strip().lower() in ("1", "true") for p in parts])
+    return name, np.array(parts, dtype=np.float64).astype(kind)
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"featureserve predict: {flag} {item!r}: use NAME=V1,V2")
+        out[name] = values
+    return out
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Print each entity's scores, status, oldest feature time and fills."""
+    keys = {k: _key_values(v) for k, v in _pairs(args.entity, "--entity").items()}
+    if args.keys is not None:
+        keys[args.join_key] = _key_values(args.keys)
+    values = dict(_request_value(k, v) for k, v in _pairs(args.value, "--value").items())
+    with PredictionClient(client_config(args)) as client:
+        result = client.predict(args.model, keys, values, version=args.version)
+    lineage = result.lineage
+    print(f"model {result.model} version {lineage.model_version}; views {lineage.feature_views}")
+    errors = {e.row: e.reason for e in result.row_errors}
+    for row in range(result.rows):
+        key_text = ", ".join(f"{k}={v[row]}" for k, v in keys.items())
+        scores = " ".join(f"{n}={s[row].tolist()}" for n, s in result.scores.items())
+        status = "OK" if result.ok[row] else f"FAILED ({errors.get(row, '')})"
+        print(f"[{key_text}] {status} {scores} oldest_event_us={lineage.oldest_event_us[row]}")
+    for fill in lineage.fills:
+        counts = {
+            FeatureStatus(int(s)).name: int(n)
+            for s, n in zip(*np.unique(fill.statuses, return_counts=True), strict=True)
+        }
+        print(f"  fill {fill.feature}: {counts} -> {fill.filled_with}")
+    return 0 if result.ok.all() else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `predict`."""
+    p = subparsers.add_parser(
+        "predict",
+        help="score entities with a feature-bound model",
+        description="One-hop prediction: the server reads features, transforms them and scores.",
+    )
+    p.add_argument("--model", required=True, help="model name")
+    p.add_argument("--version", default="", help="model version (default: latest)")
+    p.add_argument("--keys", help="comma-separated keys of --join-key")
+    p.add_argument("--join-key", default="user_id", help="join key that --keys fills")
+    p.add_argument(
+        "--entity",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="keys of one join key (repeat for composite keys)",
+    )
+    p.add_argument(
+        "--value",
+        action="append",
+        default=[],
+        metavar="NAME[:DTYPE]=V1,V2",
+        help="request-time values, one per entity; DTYPE float64 (default), float32, int64, bool",
+    )
+    add_connection_flags(p)
+    p.set_defaults(func=cmd_predict)

@@ -1,0 +1,1 @@
+"""PyFlink feature pipelines: Flink SQL windows per entity, written to featureserve over gRPC."""

@@ -1,0 +1,385 @@
+"""A model's Predict binding: which features and request-time values fill which input columns,
+with which defaults and transforms, parsed and compiled once when the model loads.
+
+config.toml:
+    [features]
+    entity = "user"              # optional: every bound view must belong to this entity
+    input = "x"                  # model input to fill (default: the model's only input)
+    outputs = ["a", "b"]         # optional: input column order (default: the chain's outputs,
+                                 # or the columns when there are no transforms)
+    [[features.columns]]
+    feature = "user_stats:amount_mean"   # or features = [...]; "view@2:f" pins a version
+    default = 0.0                        # absent: required (rows without it fail, unscored)
+    name = "amount_mean"                 # optional column name (default: the reference)
+    [[features.columns]]
+    request = "amount"                   # a request-time value, declared in [request_values]
+    [request_values]
+    amount = "float64"                   # float32 | float64 | int64 | bool
+    [[transforms]]                       # featurestore.transforms entries, fitted params inline
+    op = "standardize"  inputs = ["user_stats:amount_mean"]  params = {mean = 3.1, std = 2.0}
+
+Views and features are resolved against the registry at request time (the registry may change
+after the model loads); everything else is checked here so a bad config never serves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from featurestore.dtypes import DType, FeatureStatus
+from featurestore.errors import ConflictError, InvalidArgumentError
+from featurestore.online_store import ReadResult
+from featurestore.registry import FeatureView
+from featurestore.transforms import compile_chain, transforms_from_config
+from server.feature_refs import parse_feature_refs
+from server.model_config import ModelConfig, ModelConfigError
+
+REQUEST_DTYPES: dict[str, DType] = {
+    "float32": DType.FLOAT32,
+    "float64": DType.FLOAT64,
+    "int64": DType.INT64,
+    "bool": DType.BOOL,
+}
+_NUMERIC = (DType.FLOAT32, DType.FLOAT64, DType.INT64, DType.BOOL)
+_FEATURES_KEYS = {"entity", "input", "outputs", "columns"}
+_COLUMN_KEYS = {"feature", "features", "request", "default", "name"}
+_NO_EVENT = np.iinfo(np.int64).max
+_PRESENT = np.uint8(FeatureStatus.PRESENT)
+
+
+@dataclass(frozen=True)
+class FeatureColumn:
+    """One input column read from the store."""
+
+    ref: str
+    view: str
+    version: int
+    feature: str
+    name: str
+    default: float | None
+
+
+@dataclass(frozen=True)
+class RequestColumn:
+    """One input column sent by the caller with the request."""
+
+    name: str
+    dtype: DType
+
+
+@dataclass
+class ViewRead:
+    """One store read per request: a view (version 0 = latest) and the features it fills."""
+
+    view: str
+    version: int
+    features: list[str]
+    columns: list[int]
+
+
+@dataclass
+class _BlockMap:
+    """Where one store block's columns go: block column order -> binding column indexes."""
+
+    dst: np.ndarray
+    defaults: np.ndarray
+    required: np.ndarray
+    refs: list[str]
+    fills: list[str]
+
+
+@dataclass
+class Fill:
+    """A bound feature that was not present in some rows: per-row statuses and what replaced it."""
+
+    feature: str
+    statuses: np.ndarray
+    filled_with: str
+
+
+@dataclass
+class Assembled:
+    """The raw input block of one request and what the reads said about its rows."""
+
+    block: np.ndarray
+    failed: np.ndarray
+    first_bad: np.ndarray
+    failed_status: np.ndarray
+    oldest_event_us: np.ndarray
+    failed_features: list[str] = field(default_factory=list)
+    fills: list[Fill] = field(default_factory=list)
+    views: list[str] = field(default_factory=list)
+
+
+def _error(source: str, message: str) -> ModelConfigError:
+    return ModelConfigError(f"{source}: {message}")
+
+
+def _default(source: str, where: str, raw: Any) -> float | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise _error(source, f"{where}.default must be a number, got {raw!r}")
+    return float(raw)
+
+
+def _parse_columns(
+    source: str, raw: Any, request_dtypes: dict[str, DType]
+) -> list[FeatureColumn | RequestColumn]:
+    if not isinstance(raw, list) or not raw:
+        raise _error(source, "[[features.columns]] is required: list the input columns in order")
+    columns: list[FeatureColumn | RequestColumn] = []
+    for i, entry in enumerate(raw):
+        where = f"features.columns[{i}]"
+        if not isinstance(entry, dict):
+            raise _error(source, f"{where} must be a table")
+        unknown = sorted(set(entry) - _COLUMN_KEYS)
+        if unknown:
+            raise _error(
+                source, f"{where}: unknown key '{unknown[0]}'; allowed: {sorted(_COLUMN_KEYS)}"
+            )
+        kinds = [k for k in ("feature", "features", "request") if k in entry]
+        if len(kinds) != 1:
+            raise _error(source, f"{where} needs exactly one of feature, features, request")
+        if kinds[0] == "request":
+            name = entry["request"]
+            if not isinstance(name, str) or name not in request_dtypes:
+                raise _error(
+                    source,
+                    f"{where}.request {name!r} is not declared in [request_values]; add "
+                    f'{name} = "float64" (or float32, int64, bool) there',
+                )
+            if "default" in entry or "name" in entry:
+                raise _error(source, f"{where}: a request column takes no default or name")
+            columns.append(RequestColumn(name, request_dtypes[name]))
+            continue
+        refs = entry[kinds[0]]
+        refs = [refs] if kinds[0] == "feature" else refs
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs) or not refs:
+            raise _error(source, f"{where}.{kinds[0]} must name 'view:feature' references")
+        if "name" in entry and len(refs) != 1:
+            raise _error(source, f"{where}.name needs a single feature")
+        default = _default(source, where, entry.get("default"))
+        for ref in refs:
+            try:
+                groups = parse_feature_refs([ref])
+            except InvalidArgumentError as exc:
+                raise _error(source, f"{where}: {exc}") from None
+            (view, version), features = next(iter(groups.items()))
+            if features is None:
+                raise _error(source, f"{where}: {ref!r} names a view; name one feature per column")
+            name = entry.get("name", ref)
+            if not isinstance(name, str) or not name:
+                raise _error(source, f"{where}.name must be a non-empty string")
+            columns.append(FeatureColumn(ref, view, version, features[0], name, default))
+    return columns
+
+
+def _request_dtypes(source: str, raw: Any) -> dict[str, DType]:
+    out: dict[str, DType] = {}
+    for name, dtype in (raw or {}).items():
+        if dtype not in REQUEST_DTYPES:
+            raise _error(
+                source,
+                f"request_values.{name} = {dtype!r}; use one of {', '.join(REQUEST_DTYPES)}",
+            )
+        out[name] = REQUEST_DTYPES[dtype]
+    return out
+
+
+class PredictionBinding:
+    """A compiled binding: parse with compile_binding(), then per request read each of `reads`,
+    assemble() the raw block and transform() it into the model input."""
+
+    def __init__(
+        self,
+        columns: Sequence[FeatureColumn | RequestColumn],
+        transforms: list[dict],
+        outputs: list[str] | None,
+        input_name: str,
+        entity: str | None,
+        source: str,
+    ) -> None:
+        self.columns = list(columns)
+        self.input_name = input_name
+        self.entity = entity
+        self.names = [c.name for c in self.columns]
+        dupes = sorted({n for n in self.names if self.names.count(n) > 1})
+        if dupes:
+            raise _error(source, f"column {dupes[0]!r} is bound twice; give each a unique name")
+        self.requests = [(k, c) for k, c in enumerate(self.columns) if isinstance(c, RequestColumn)]
+        self.reads: list[ViewRead] = []
+        by_view: dict[tuple[str, int], ViewRead] = {}
+        for k, c in enumerate(self.columns):
+            if isinstance(c, FeatureColumn):
+                read = by_view.get((c.view, c.version))
+                if read is None:
+                    read = by_view[(c.view, c.version)] = ViewRead(c.view, c.version, [], [])
+                    self.reads.append(read)
+                if c.feature in read.features:
+                    raise _error(source, f"feature {c.ref!r} is bound twice")
+                read.features.append(c.feature)
+                read.columns.append(k)
+        try:
+            chain = (
+                compile_chain(transforms_from_config(transforms), outputs) if transforms else None
+            )
+        except InvalidArgumentError as exc:
+            raise _error(source, str(exc)) from None
+        if chain is None:
+            out = outputs or self.names
+            missing = [n for n in out if n not in self.names]
+            if missing:
+                raise _error(source, f"features.outputs names {missing[0]!r}, which is no column")
+            index = np.array([self.names.index(n) for n in out], np.int64)
+            self.outputs = list(out)
+            self._run: Callable[[np.ndarray], np.ndarray] = lambda b: b[:, index].astype(np.float32)
+        else:
+            self.outputs = chain.outputs
+            try:
+                self._run = chain.bind(self.names)
+            except InvalidArgumentError as exc:
+                raise _error(
+                    source, f"[[transforms]]: {exc}; bind it in [[features.columns]]"
+                ) from None
+        self.width = len(self.outputs)
+        self._maps: dict[tuple, list[_BlockMap]] = {}
+
+    def transform(self, block: np.ndarray) -> np.ndarray:
+        """The model input (float32 rows x width) from an assembled float64 block."""
+        return self._run(block)
+
+    def _block_maps(self, read: ViewRead, result: ReadResult) -> list[_BlockMap]:
+        """How a view's blocks map to columns; built once per view version and definition."""
+        fv: FeatureView = result.view
+        key = (read.view, read.version, fv.version, fv.updated_us)
+        maps = self._maps.get(key)
+        if maps is not None:
+            return maps
+        if self.entity is not None and fv.entity != self.entity:
+            raise ConflictError(
+                f"view {fv.name!r} belongs to entity {fv.entity!r}, but the model binds entity "
+                f"{self.entity!r}; fix [features] or the view"
+            )
+        column_of = dict(zip(read.features, read.columns, strict=True))
+        maps = []
+        for block in result.blocks:
+            if block.dtype not in _NUMERIC:
+                raise ConflictError(
+                    f"feature {block.features[0]!r} of view {fv.name!r} is {block.dtype.name}; "
+                    "only numeric scalar features can fill model input columns"
+                )
+            cols = [self.columns[column_of[f]] for f in block.features]
+            defaults = [math.nan if c.default is None else c.default for c in cols]
+            maps.append(
+                _BlockMap(
+                    np.array([column_of[f] for f in block.features], np.int64),
+                    np.array(defaults, np.float64),
+                    np.array([c.default is None for c in cols], np.bool_),
+                    [c.ref for c in cols],
+                    [
+                        "required: row not scored" if c.default is None else f"default={c.default}"
+                        for c in cols
+                    ],
+                )
+            )
+        if len(self._maps) > 64:
+            self._maps.clear()
+        self._maps[key] = maps
+        return maps
+
+    def assemble(
+        self, results: Sequence[ReadResult], request_values: dict[str, np.ndarray], rows: int
+    ) -> Assembled:
+        """The float64 rows x columns block from one ReadResult per read (in `reads` order) and
+        the decoded request values; non-present values take their default, and rows missing a
+        required feature are marked failed (first_bad indexes failed_features, with its status)."""
+        block = np.empty((rows, len(self.columns)), np.float64)
+        failed = np.zeros(rows, np.bool_)
+        first_bad = np.full(rows, -1, np.int64)
+        failed_status = np.zeros(rows, np.uint8)
+        oldest = np.full(rows, _NO_EVENT, np.int64)
+        out = Assembled(block, failed, first_bad, failed_status, oldest)
+        refs = out.failed_features
+        for read, result in zip(self.reads, results, strict=True):
+            out.views.append(f"{result.view.name}@{result.view.version}")
+            found = result.row_status == _PRESENT
+            np.minimum(oldest, np.where(found, result.event_us, _NO_EVENT), out=oldest)
+            for bmap, data in zip(self._block_maps(read, result), result.blocks, strict=True):
+                values = data.values
+                statuses = data.statuses
+                missing = statuses != _PRESENT
+                if missing.any():
+                    values = np.where(missing, bmap.defaults, values)
+                    for j in np.flatnonzero(missing.any(axis=0)):
+                        out.fills.append(Fill(bmap.refs[j], statuses[:, j].copy(), bmap.fills[j]))
+                        if bmap.required[j]:
+                            new = missing[:, j] & (first_bad < 0)
+                            first_bad[new] = len(refs)
+                            failed_status[new] = statuses[new, j]
+                            refs.append(bmap.refs[j])
+                block[:, bmap.dst] = values
+        np.greater_equal(first_bad, 0, out=failed)
+        oldest[oldest == _NO_EVENT] = 0
+        for k, column in self.requests:
+            block[:, k] = request_values[column.name]
+        return out
+
+
+def compile_binding(config: ModelConfig, source: str) -> PredictionBinding | None:
+    """The model's binding, checked against its input tensor and warmed up (JIT compiled), or
+    None when the config has no [features] table; ModelConfigError names the bad field."""
+    ext = config.extensions
+    if "features" not in ext:
+        extra = sorted(k for k in ("transforms", "request_values") if k in ext)
+        if extra:
+            raise _error(source, f"[{extra[0]}] needs a [features] table that binds the inputs")
+        return None
+    raw = ext["features"]
+    unknown = sorted(set(raw) - _FEATURES_KEYS)
+    if unknown:
+        raise _error(
+            source, f"unknown key [features] '{unknown[0]}'; allowed: {sorted(_FEATURES_KEYS)}"
+        )
+    entity = raw.get("entity")
+    if entity is not None and (not isinstance(entity, str) or not entity):
+        raise _error(source, "features.entity must be an entity name")
+    outputs = raw.get("outputs")
+    if outputs is not None and (
+        not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs)
+    ):
+        raise _error(source, "features.outputs must be a list of column names")
+    transforms = ext.get("transforms", [])
+    columns = _parse_columns(
+        source, raw.get("columns"), _request_dtypes(source, ext.get("request_values"))
+    )
+    input_name = raw.get("input")
+    if input_name is None:
+        if len(config.inputs) != 1:
+            names = ", ".join(t.name for t in config.inputs)
+            raise _error(source, f"features.input is required: the model has inputs {names}")
+        input_name = config.inputs[0].name
+    spec = config.input(input_name)
+    if spec is None:
+        names = ", ".join(t.name for t in config.inputs)
+        raise _error(source, f"features.input {input_name!r} is not a model input ({names})")
+    binding = PredictionBinding(columns, transforms, outputs, input_name, entity, source)
+    if spec.datatype != "FP32" or len(spec.shape) != 2 or spec.shape[0] != -1:
+        raise _error(
+            source,
+            f"input {input_name!r} is {spec.datatype} {list(spec.shape)}; Predict fills FP32 "
+            "[-1, width] inputs",
+        )
+    if spec.shape[1] != -1 and spec.shape[1] != binding.width:
+        raise _error(
+            source,
+            f"the binding yields {binding.width} columns ({', '.join(binding.outputs)}), but "
+            f"input {input_name!r} is {spec.shape[1]} wide",
+        )
+    binding.transform(np.zeros((1, len(binding.columns)), np.float64))
+    return binding

@@ -1,0 +1,263 @@
+"""featureserve.v1.Prediction: entity keys in, scores out, in one hop.
+
+Per request: decode keys and request values, one store read per bound view, assemble and
+transform the input block (the model's compiled binding), submit the scorable rows to the same
+dynamic batcher ModelInfer uses, answer with scores, row statuses and lineage.
+StreamPredict runs up to `stream_window` requests of a stream concurrently (so they batch
+together) and answers them in order; it stops reading while the window is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import numpy as np
+
+from featurestore.dtypes import FeatureStatus
+from featurestore.errors import ConflictError, InvalidArgumentError
+from featurestore.online_store import OnlineStore
+from protos import arrays
+from protos.featureserve.v1 import prediction_pb2 as pb
+from protos.featureserve.v1 import prediction_pb2_grpc as pb_grpc
+from protos.featureserve.v1 import types_pb2
+from server.errors import InvalidRequestError, is_domain_error, maps_errors, status_for
+from server.feature_servicer import decode_keys
+from server.model_repository import LoadedModel, ModelRepository
+from server.prediction_binding import Assembled, PredictionBinding
+from server.tensors import NUMPY_DTYPES
+
+log = logging.getLogger("featureserve.prediction")
+
+MAX_ROW_ERRORS = 1000
+STREAM_WINDOW = 32
+_OK = np.uint8(pb.OK)
+_FAILED = np.uint8(pb.FAILED)
+
+
+def decode_request_values(binding: PredictionBinding, columns, rows: int) -> dict[str, np.ndarray]:
+    """The request-time values the binding declares, one per entity, checked for name, dtype,
+    length and nulls; unknown names are rejected so a typo never goes unnoticed."""
+    given: dict[str, tuple[str, types_pb2.NamedArray]] = {}
+    for i, column in enumerate(columns):
+        field = f"request_values[{i}] ({column.name or 'unnamed'})"
+        if column.name in given:
+            raise InvalidArgumentError(f"{field}: {column.name!r} appears twice")
+        given[column.name] = (field, column)
+    out: dict[str, np.ndarray] = {}
+    for _, spec in binding.requests:
+        dtype = types_pb2.DType.Name(int(spec.dtype))
+        item = given.pop(spec.name, None)
+        if item is None:
+            raise InvalidArgumentError(
+                f"request_values: {spec.name!r} is missing; the model binds it as {dtype}, "
+                "one value per entity"
+            )
+        field, column = item
+        if column.values.dtype != spec.dtype:
+            sent = types_pb2.DType.Name(column.values.dtype)
+            raise InvalidArgumentError(f"{field}: dtype {sent}, the model binds {dtype}")
+        if column.values.nulls:
+            raise InvalidArgumentError(f"{field}: null values are not accepted; send a value")
+        values = arrays.from_array(column.values, field)
+        if values.shape != (rows, 1):
+            raise InvalidArgumentError(
+                f"{field}: shape {list(values.shape)}, expected [{rows}, 1] (one per entity)"
+            )
+        out[spec.name] = values[:, 0]
+    if given:
+        field, _ = next(iter(given.values()))
+        known = ", ".join(s.name for _, s in binding.requests) or "none"
+        raise InvalidArgumentError(
+            f"{field}: the model binds no such request value; it takes {known}"
+        )
+    return out
+
+
+def _zeros(model: LoadedModel, name: str, rows: int) -> np.ndarray:
+    """An all-zero output for rows that were not scored, shaped like the model's output."""
+    spec = model.config.output(name)
+    shape = tuple(max(d, 1) for d in spec.shape[1:]) if spec is not None else (1,)
+    dtype = NUMPY_DTYPES.get(spec.datatype, np.float32) if spec is not None else np.float32
+    return np.zeros((rows, *shape), dtype)
+
+
+class PredictionServicer(pb_grpc.PredictionServicer):
+    """Serves Predict and StreamPredict for the models whose config binds features."""
+
+    def __init__(
+        self,
+        store: OnlineStore,
+        models: ModelRepository,
+        max_entities_per_request: int,
+        stream_window: int = STREAM_WINDOW,
+    ) -> None:
+        self.store = store
+        self.models = models
+        self.max_rows = max_entities_per_request
+        self.stream_window = stream_window
+
+    def _outputs(self, model: LoadedModel, request: pb.PredictRequest) -> list[str] | None:
+        """The requested outputs (validated), or None for all of them."""
+        if not request.outputs:
+            return None
+        for name in request.outputs:
+            if name not in model.output_names:
+                raise InvalidRequestError(
+                    f"outputs: {name!r} is not an output of model {model.name!r}; it has "
+                    f"{', '.join(model.output_names)}"
+                )
+        return list(request.outputs)
+
+    async def predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext | None
+    ) -> pb.PredictResponse:
+        """One Predict: read, assemble, transform, score the scorable rows, answer."""
+        model = self.models.get(request.model, request.model_version)
+        binding = model.binding
+        if binding is None:
+            raise ConflictError(
+                f"model {model.name!r} binds no features; add [features] to its config.toml, "
+                "or call ModelInfer with tensors"
+            )
+        if not request.entity_keys:
+            raise InvalidArgumentError("entity_keys: empty; send one column per join key")
+        keys, rows = decode_keys(request.entity_keys, self.max_rows)
+        values = decode_request_values(binding, request.request_values, rows)
+        outputs = self._outputs(model, request)
+        store = self.store
+        results = [store.read(r.view, keys, r.features, r.version) for r in binding.reads]
+        assembled = binding.assemble(results, values, rows)
+        tensor = binding.transform(assembled.block)
+        scores = await self._score(model, tensor, assembled.failed, outputs, context)
+        return self._response(request, model, rows, scores, assembled)
+
+    async def _score(
+        self,
+        model: LoadedModel,
+        tensor: np.ndarray,
+        failed: np.ndarray,
+        outputs: list[str] | None,
+        context: grpc.aio.ServicerContext | None,
+    ) -> dict[str, np.ndarray]:
+        """Model outputs for every row (zeros where failed); only scorable rows are submitted,
+        in chunks of max_batch_size, with the caller's deadline."""
+        any_failed = bool(failed.any())
+        x = tensor[~failed] if any_failed else tensor
+        n = x.shape[0]
+        names = outputs or model.output_names
+        if n == 0:
+            return {name: _zeros(model, name, len(failed)) for name in names}
+        remaining = context.time_remaining() if context is not None else None
+        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        step = model.config.max_batch_size or n
+        submit = model.batcher.submit
+        input_name = model.binding.input_name
+        if n <= step:
+            merged = await submit({input_name: x}, n, deadline=deadline, outputs=outputs)
+        else:
+            parts = await asyncio.gather(
+                *(
+                    submit({input_name: x[i : i + step]}, len(x[i : i + step]),
+                           deadline=deadline, outputs=outputs)
+                    for i in range(0, n, step)
+                )
+            )  # fmt: skip
+            merged = {name: np.concatenate([p[name] for p in parts]) for name in names}
+        if not any_failed:
+            return merged
+        full = {}
+        for name in names:
+            values = merged[name]
+            out = np.zeros((len(failed), *values.shape[1:]), values.dtype)
+            out[~failed] = values
+            full[name] = out
+        return full
+
+    def _response(
+        self,
+        request: pb.PredictRequest,
+        model: LoadedModel,
+        rows: int,
+        scores: dict[str, np.ndarray],
+        assembled: Assembled,
+    ) -> pb.PredictResponse:
+        failed = assembled.failed
+        response = pb.PredictResponse(
+            request_id=request.request_id,
+            model=model.name,
+            rows=rows,
+            row_statuses=np.where(failed, _FAILED, _OK).astype(np.uint8).tobytes(),
+        )
+        for name, values in scores.items():
+            arrays.to_array(values.reshape(rows, -1), out=response.outputs.add(name=name).values)
+        lineage = response.lineage
+        lineage.model_version = model.version
+        lineage.feature_views.extend(assembled.views)
+        lineage.oldest_event_timestamps = assembled.oldest_event_us.astype("<i8").tobytes()
+        for fill in assembled.fills:
+            lineage.fills.add(
+                feature=fill.feature, statuses=fill.statuses.tobytes(), filled_with=fill.filled_with
+            )
+        if assembled.failed_features:
+            refs = assembled.failed_features
+            for row in np.flatnonzero(failed)[:MAX_ROW_ERRORS].tolist():
+                ref = refs[assembled.first_bad[row]]
+                status = FeatureStatus(int(assembled.failed_status[row])).name
+                response.row_errors.add(
+                    row=row,
+                    column=ref,
+                    reason=f"required feature {ref} is {status} and has no default; not scored",
+                )
+        return response
+
+    @maps_errors
+    async def Predict(self, request, context):
+        return await self.predict(request, context)
+
+    async def _answer(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        """One stream request's response; a failure becomes error_code/error_message."""
+        try:
+            return await self.predict(request, context)
+        except Exception as exc:
+            if not is_domain_error(exc):
+                log.exception("StreamPredict request %r failed", request.request_id)
+            return pb.PredictResponse(
+                request_id=request.request_id,
+                model=request.model,
+                error_code=status_for(exc).value[0],
+                error_message=str(exc),
+            )
+
+    async def StreamPredict(self, request_iterator, context):
+        window = asyncio.Semaphore(self.stream_window)
+        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
+
+        async def read() -> None:
+            iterator = request_iterator.__aiter__()
+            try:
+                while True:
+                    await window.acquire()
+                    try:
+                        request = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    pending.put_nowait(asyncio.create_task(self._answer(request, context)))
+            finally:
+                pending.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+                window.release()
+            await reader
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()

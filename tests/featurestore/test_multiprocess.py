@@ -1,0 +1,104 @@
+"""Two reader processes read consistent snapshots while a third process writes and grows the map."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from featurestore.dtypes import DType
+from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+
+NOW = 1_800_000_000_000_000
+KEYS = 300
+GENERATIONS = 15
+USER = Entity("user", (JoinKey("user_id", DType.INT64),))
+VIEW = FeatureView(
+    "gen",
+    "user",
+    (
+        Feature("gen", DType.INT64),
+        Feature("check", DType.INT64),
+        Feature("pad", DType.STRING),
+    ),
+)
+
+COMMON = f"""
+import sys
+from pathlib import Path
+import numpy as np
+from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
+NOW, KEYS, GENERATIONS = {NOW}, {KEYS}, {GENERATIONS}
+path = Path(sys.argv[1])
+ids = np.arange(KEYS)
+"""
+
+WRITER = (
+    COMMON
+    + """
+with OnlineStore(StoreConfig(path / "db", map_size=128 * 1024)) as store:
+    for gen in range(2, GENERATIONS + 1):
+        pad = np.array(["x" * 600] * KEYS, dtype=object)
+        cols = {"gen": np.full(KEYS, gen), "check": gen * 7 + ids, "pad": pad}
+        batch = WriteBatch("gen", {"user_id": ids}, np.full(KEYS, NOW + gen), cols)
+        assert store.write(batch, now_us=NOW + gen).written == KEYS
+    print(store.map_size)
+(path / "done").touch()
+"""
+)
+
+READER = (
+    COMMON
+    + """
+import time
+deadline = time.monotonic() + 60
+seen = []
+with OnlineStore(StoreConfig(path / "db", map_size=128 * 1024)) as store:
+    while True:
+        finished = (path / "done").exists()
+        res = store.read("gen", {"user_id": ids}, ["gen", "check"], now_us=NOW)
+        values = res.blocks[0].values
+        gens = values[:, 0]
+        assert (res.row_status == 1).all()
+        assert (gens == gens[0]).all(), "a read saw two commits"
+        assert (values[:, 1] == gens * 7 + ids).all(), "a row mixes two writes"
+        assert (res.event_us == NOW + gens).all()
+        assert not seen or gens[0] >= seen[-1], "went back in time"
+        seen.append(int(gens[0]))
+        if finished or time.monotonic() > deadline:
+            break
+        time.sleep(0.002)
+    print(len(seen), len(set(seen)), seen[-1], store.map_size)
+"""
+)
+
+
+def test_two_readers_while_a_third_process_writes(tmp_path: Path):
+    config = StoreConfig(tmp_path / "db", map_size=128 * 1024)
+    with OnlineStore(config) as store:
+        store.registry.apply([USER], [VIEW])
+        ids = np.arange(KEYS)
+        cols = {"gen": np.ones(KEYS, np.int64), "check": 7 + ids, "pad": np.array([""] * KEYS)}
+        store.write(WriteBatch("gen", {"user_id": ids}, np.full(KEYS, NOW + 1), cols), now_us=NOW)
+        start_size = store.map_size
+
+    def spawn(script: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    readers = [spawn(READER), spawn(READER)]
+    writer = spawn(WRITER)
+    out, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err
+    assert int(out) > start_size
+    for reader in readers:
+        out, err = reader.communicate(timeout=60)
+        assert reader.returncode == 0, err
+        reads, distinct, last, map_size = map(int, out.split())
+        assert last == GENERATIONS and reads >= distinct >= 1
+        assert map_size > start_size, "the reader did not adopt the grown map"

@@ -1,0 +1,405 @@
+"""Prediction over a real grpc.aio server (real LMDB, real ONNX Runtime): one-hop scores equal the
+reference path, defaults and lineage, failed rows, errors, concurrency and StreamPredict."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from benchmarks.model_zoo import mlp_model, write_model
+from clients.channel import ClientConfig, ClientError
+from clients.feature_client import FeatureStoreClient
+from clients.prediction_client import AsyncPredictionClient, PredictionClient
+from clients.prediction_messages import predict_request
+from featurestore.dtypes import DType, FeatureStatus
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from featurestore.transforms import apply_chain, transforms_from_config
+from protos.featureserve.v1 import feature_store_pb2_grpc, prediction_pb2_grpc
+from protos.inference import grpc_service_pb2 as ipb
+from protos.inference import grpc_service_pb2_grpc
+from server.app import FeatureServer
+from server.config import ServerConfig
+from server.feature_servicer import FeatureStoreServicer
+from server.inference_servicer import InferenceServicer
+from server.prediction_servicer import PredictionServicer
+
+N_STATS = 29
+USER = Entity("user", (JoinKey("user_id", DType.INT64),))
+STATS = FeatureView(
+    "user_stats",
+    "user",
+    (*(Feature(f"f{i}", DType.FLOAT32) for i in range(N_STATS)), Feature("n_tx", DType.INT64)),
+    ttl_seconds=3600,
+)
+RISK = FeatureView("risk", "user", (Feature("score", DType.FLOAT64),))
+STATS_REFS = [f"user_stats:f{i}" for i in range(N_STATS)]
+NOW_US = int(time.time() * 1e6)
+RNG = np.random.default_rng(7)
+MEANS = RNG.normal(size=N_STATS).round(3).tolist()
+STDS = (RNG.random(N_STATS) + 0.5).round(3).tolist()
+STATS_DEFAULT = 0.25
+TRANSFORMS = [
+    {"op": "standardize", "inputs": STATS_REFS, "params": {"mean": MEANS, "std": STDS}},
+    {"op": "clip", "inputs": ["user_stats:n_tx"], "params": {"lo": 0, "hi": 50}},
+    {"op": "min_max_scale", "inputs": ["amount"], "params": {"lo": 0, "hi": 500}},
+]
+OUTPUTS = [*STATS_REFS, "user_stats:n_tx", "risk:score", "amount"]
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
+def scorer_config(transforms: list[dict] = TRANSFORMS, extra: str = "") -> str:
+    """The test model's config: 29 + 1 stats features (defaults), a required risk score and a
+    request-time amount, standardized/clipped/scaled to the MLP's 32 inputs."""
+    lines = [
+        "max_batch_size = 256",
+        "[dynamic_batching]",
+        "max_queue_delay_us = 500",
+        "[features]",
+        'entity = "user"',
+        'input = "x"',
+        f"outputs = {_toml_value(OUTPUTS)}",
+        "[[features.columns]]",
+        f"features = {_toml_value(STATS_REFS)}",
+        f"default = {STATS_DEFAULT}",
+        "[[features.columns]]",
+        'feature = "user_stats:n_tx"',
+        "default = 3",
+        "[[features.columns]]",
+        'feature = "risk:score"',
+        "[[features.columns]]",
+        'request = "amount"',
+        "[request_values]",
+        'amount = "float64"',
+    ]
+    for t in transforms:
+        lines += ["[[transforms]]", *(f"{k} = {_toml_value(v)}" for k, v in t.items())]
+    return "\n".join(lines) + "\n" + extra
+
+
+class PredictServer(FeatureServer):
+    """The real server on its own event loop in a thread, so tests can reach its internals."""
+
+    def run_in_thread(self) -> str:
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        assert ready.wait(60), "server did not start"
+        return f"127.0.0.1:{self.port}"
+
+    def shutdown(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.stop(0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def start_server(base: Path, cls: type[PredictServer] = PredictServer) -> tuple[PredictServer, str]:
+    config = ServerConfig(
+        port=0, data_dir=base / "data", model_repo=base / "models", watch_model_repo=False
+    )
+    server = cls(config)
+    return server, server.run_in_thread()
+
+
+def populate(target: str, ids: np.ndarray) -> dict:
+    """Write random features for most ids: some rows expired, some missing in either view."""
+    n = len(ids)
+    rng = np.random.default_rng(11)
+    stats = {f"f{i}": rng.normal(size=n).astype(np.float32) for i in range(N_STATS)}
+    stats["n_tx"] = rng.integers(0, 100, n)
+    nulls = {"f3": rng.random(n) < 0.1}
+    has_stats = rng.random(n) < 0.8
+    expired = has_stats & (rng.random(n) < 0.15)
+    has_risk = rng.random(n) < 0.9
+    times = np.where(expired, NOW_US - 2 * 3600 * 1_000_000, NOW_US - rng.integers(1, 10**8, n))
+    with FeatureStoreClient(ClientConfig(target=target, timeout_s=30)) as client:
+        client.apply([USER], [STATS, RISK])
+        client.write_features(
+            "user_stats",
+            {"user_id": ids[has_stats]},
+            times[has_stats],
+            {k: v[has_stats] for k, v in stats.items()},
+            {k: v[has_stats] for k, v in nulls.items()},
+        )
+        client.write_features(
+            "risk", {"user_id": ids[has_risk]}, NOW_US, {"score": rng.random(n)[has_risk]}
+        )
+    return {"has_stats": has_stats, "expired": expired, "has_risk": has_risk, "times": times}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    base = tmp_path_factory.mktemp("predict")
+    write_model(base / "models", "scorer", mlp_model(seed=3), config_toml=scorer_config())
+    bad = [{"op": "no_such_op", "inputs": ["amount"]}]
+    write_model(base / "models", "broken", mlp_model(), config_toml=scorer_config(bad))
+    write_model(base / "models", "plain", mlp_model())
+    server, target = start_server(base)
+    ids = np.arange(1, 401, dtype=np.int64)
+    facts = populate(target, ids)
+    yield {"target": target, "ids": ids, "base": base, **facts}
+    server.shutdown()
+
+
+def reference(target: str, base: Path, ids: np.ndarray, amount: np.ndarray):
+    """GetOnlineFeatures + NumPy reference transforms + ONNX Runtime run directly."""
+    refs = [*STATS_REFS, "user_stats:n_tx", "risk:score"]
+    with FeatureStoreClient(ClientConfig(target=target)) as client:
+        got = client.get_online_features(refs, {"user_id": ids})
+    columns = {}
+    for ref in refs:
+        present = got.statuses[ref] == FeatureStatus.PRESENT
+        default = 3.0 if ref.endswith("n_tx") else STATS_DEFAULT
+        columns[ref] = np.where(present, got[ref].astype(np.float64), default)
+    ok = got.statuses["risk:score"] == FeatureStatus.PRESENT
+    columns = {k: v[ok] for k, v in columns.items()}
+    columns["amount"] = amount[ok]
+    x = apply_chain(transforms_from_config(TRANSFORMS), columns, OUTPUTS, use_reference=True)
+    session = ort.InferenceSession(
+        (base / "models" / "scorer" / "1" / "model.onnx").read_bytes(),
+        providers=["CPUExecutionProvider"],
+    )
+    scores = np.zeros((len(ids), 1), np.float32)
+    scores[ok] = session.run(["y"], {"x": x})[0]
+    return scores, ok, got
+
+
+def test_predict_equals_lookup_plus_reference_transforms_plus_ort(served) -> None:
+    ids = np.concatenate([served["ids"][:150], [10_000, 10_001]])
+    amount = np.random.default_rng(1).random(len(ids)) * 600
+    with PredictionClient(ClientConfig(target=served["target"])) as client:
+        result = client.predict("scorer", {"user_id": ids}, {"amount": amount}, request_id="r1")
+    expected, ok, got = reference(served["target"], served["base"], ids, amount)
+    assert result.request_id == "r1" and result.rows == len(ids)
+    np.testing.assert_array_equal(result.ok, ok)
+    assert 0 < ok.sum() < len(ids)
+    np.testing.assert_array_equal(result.scores["y"], expected)
+    assert result.lineage.model_version == "1"
+    assert result.lineage.feature_views == ["user_stats@1", "risk@1"]
+    found = [got.event_timestamps[v] for v in ("user_stats", "risk")]
+    present = [
+        got.statuses[f"{v}:{f}"] != FeatureStatus.NOT_FOUND
+        for v, f in (("user_stats", "f0"), ("risk", "score"))
+    ]
+    stats_ok = got.statuses["user_stats:f0"] == FeatureStatus.PRESENT
+    oldest = np.where(stats_ok, found[0], np.iinfo(np.int64).max)
+    oldest = np.minimum(oldest, np.where(present[1], found[1], np.iinfo(np.int64).max))
+    oldest[oldest == np.iinfo(np.int64).max] = 0
+    np.testing.assert_array_equal(result.lineage.oldest_event_us, oldest)
+
+
+def test_missing_and_expired_features_take_defaults_and_are_reported(served) -> None:
+    ids = served["ids"]
+    expired = served["expired"]
+    missing = ~served["has_stats"]
+    pick = np.concatenate([np.flatnonzero(expired & served["has_risk"])[:5],
+                           np.flatnonzero(missing & served["has_risk"])[:5]])  # fmt: skip
+    with PredictionClient(ClientConfig(target=served["target"])) as client:
+        result = client.predict("scorer", {"user_id": ids[pick]}, {"amount": np.ones(len(pick))})
+    assert result.ok.all()
+    fills = {f.feature: f for f in result.lineage.fills}
+    f0 = fills["user_stats:f0"]
+    assert f0.filled_with == f"default={STATS_DEFAULT}"
+    assert f0.statuses[:5].tolist() == [FeatureStatus.OUTSIDE_MAX_AGE] * 5
+    assert f0.statuses[5:].tolist() == [FeatureStatus.NOT_FOUND] * 5
+    assert fills["user_stats:n_tx"].filled_with == "default=3.0"
+    assert "risk:score" not in fills
+    assert (result.lineage.oldest_event_us == NOW_US).all()
+
+
+def test_required_feature_missing_fails_only_that_row(served) -> None:
+    ids = served["ids"]
+    no_risk = np.flatnonzero(~served["has_risk"])[:3]
+    with_risk = np.flatnonzero(served["has_risk"] & served["has_stats"] & ~served["expired"])[:4]
+    pick = np.concatenate([with_risk[:2], no_risk, with_risk[2:]])
+    with PredictionClient(ClientConfig(target=served["target"])) as client:
+        result = client.predict("scorer", {"user_id": ids[pick]}, {"amount": np.ones(len(pick))})
+    assert result.row_status.tolist() == [1, 1, 2, 2, 2, 1, 1]
+    assert [e.row for e in result.row_errors] == [2, 3, 4]
+    assert all(e.column == "risk:score" and "NOT_FOUND" in e.reason for e in result.row_errors)
+    assert (result.scores["y"][2:5] == 0).all() and (result.scores["y"][result.ok] != 0).all()
+    fills = {f.feature: f for f in result.lineage.fills}
+    assert fills["risk:score"].filled_with == "required: row not scored"
+
+
+def test_errors_name_the_problem(served) -> None:
+    with PredictionClient(ClientConfig(target=served["target"])) as client:
+        keys = {"user_id": np.array([1, 2])}
+        cases = [
+            (("nope", keys, {"amount": np.ones(2)}), grpc.StatusCode.NOT_FOUND, "nope"),
+            (("scorer", keys, None), grpc.StatusCode.INVALID_ARGUMENT, "'amount' is missing"),
+            (("scorer", keys, {"amount": np.ones(2, np.float32)}),
+             grpc.StatusCode.INVALID_ARGUMENT, "FLOAT32"),
+            (("scorer", keys, {"amount": np.ones(3)}), grpc.StatusCode.INVALID_ARGUMENT, "[2, 1]"),
+            (("scorer", keys, {"amount": np.ones(2), "amt": np.ones(2)}),
+             grpc.StatusCode.INVALID_ARGUMENT, "amt"),
+            (("scorer", {"user_id": np.array(["a", "b"], object)}, {"amount": np.ones(2)}),
+             grpc.StatusCode.INVALID_ARGUMENT, "user_id"),
+            (("plain", keys, None), grpc.StatusCode.FAILED_PRECONDITION, "binds no features"),
+            (("broken", keys, {"amount": np.ones(2)}), grpc.StatusCode.UNAVAILABLE, "no_such_op"),
+        ]  # fmt: skip
+        for args, code, text in cases:
+            with pytest.raises(ClientError) as info:
+                client.predict(*args)
+            assert info.value.code == code, (args[0], info.value)
+            assert text in info.value.message, info.value.message
+
+
+def test_unknown_transform_keeps_the_model_out_of_service(served) -> None:
+    channel = grpc.insecure_channel(served["target"])
+    stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    assert not stub.ModelReady(ipb.ModelReadyRequest(name="broken")).ready
+    assert stub.ModelReady(ipb.ModelReadyRequest(name="scorer")).ready
+    index = stub.RepositoryIndex(ipb.RepositoryIndexRequest()).models
+    reason = next(m.reason for m in index if m.name == "broken")
+    assert "transforms[0]" in reason and "no_such_op" in reason
+    channel.close()
+
+
+def test_1000_concurrent_predicts_each_get_their_own_scores(served) -> None:
+    ids = served["ids"]
+    amounts = np.random.default_rng(5).random((1000, 20)) * 500
+    picks = np.random.default_rng(6).integers(0, len(ids), (1000, 20))
+    expected, ok, _ = reference(
+        served["target"], served["base"], ids[picks.ravel()], amounts.ravel()
+    )
+    expected = expected.reshape(1000, 20)
+    ok = ok.reshape(1000, 20)
+
+    async def main() -> list:
+        clients = [AsyncPredictionClient(ClientConfig(target=served["target"])) for _ in range(4)]
+        try:
+            return await asyncio.gather(
+                *(
+                    clients[i % 4].predict(
+                        "scorer", {"user_id": ids[picks[i]]}, {"amount": amounts[i]}
+                    )
+                    for i in range(1000)
+                )
+            )
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+
+    results = asyncio.run(main())
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result.ok, ok[i])
+        np.testing.assert_allclose(result.scores["y"][:, 0], expected[i], rtol=1e-5, atol=1e-6)
+
+
+def _stream_requests(ids: np.ndarray, n: int, bad: set[int] = frozenset()) -> list:
+    rng = np.random.default_rng(9)
+    out = []
+    for k in range(n):
+        pick = ids[rng.integers(0, len(ids), 10)]
+        model = "nope" if k in bad else "scorer"
+        out.append(predict_request(model, {"user_id": pick}, {"amount": rng.random(10)},
+                                   request_id=f"q{k}"))  # fmt: skip
+    return out
+
+
+def test_stream_keeps_order_and_survives_a_bad_request(served) -> None:
+    requests = _stream_requests(served["ids"], 120, bad={7, 50})
+    with PredictionClient(ClientConfig(target=served["target"])) as client:
+        results = list(client.stream(requests, timeout_s=60))
+        unary = [
+            client.predict(
+                "scorer",
+                {"user_id": np.frombuffer(r.entity_keys[0].values.data, "<i8")},
+                {"amount": np.frombuffer(r.request_values[0].values.data, "<f8")},
+            )
+            for r in requests[:5]
+        ]
+    assert [r.request_id for r in results] == [f"q{k}" for k in range(120)]
+    for k in (7, 50):
+        assert results[k].error is not None and results[k].error.code == grpc.StatusCode.NOT_FOUND
+    assert all(r.error is None for k, r in enumerate(results) if k not in (7, 50))
+    for a, b in zip(results[:5], unary, strict=True):
+        np.testing.assert_allclose(a.scores["y"], b.scores["y"], rtol=1e-5, atol=1e-6)
+
+
+class CountingServer(PredictServer):
+    """Counts the stream requests the servicer has consumed (to observe flow control)."""
+
+    consumed = 0
+
+    def _register(self, server: grpc.aio.Server) -> None:
+        feature_store_pb2_grpc.add_FeatureStoreServicer_to_server(
+            FeatureStoreServicer(self.store, self.committer, self.config.max_entities_per_request),
+            server,
+        )
+        prediction_pb2_grpc.add_PredictionServicer_to_server(self.prediction_servicer(), server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.models), server
+        )
+
+    def prediction_servicer(self) -> PredictionServicer:
+        owner = self
+        base = PredictionServicer(self.store, self.models, self.config.max_entities_per_request)
+
+        class Counting(type(base)):
+            async def StreamPredict(self, request_iterator, context):
+                async def counted():
+                    async for request in request_iterator:
+                        owner.consumed += 1
+                        yield request
+
+                async for response in super().StreamPredict(counted(), context):
+                    yield response
+
+        base.__class__ = Counting
+        return base
+
+
+def test_stream_flow_control_bounds_what_the_server_runs_ahead(tmp_path) -> None:
+    write_model(tmp_path / "models", "scorer", mlp_model(seed=3), config_toml=scorer_config())
+    server, target = start_server(tmp_path, CountingServer)
+    try:
+        ids = np.arange(1, 200)
+        populate(target, ids)
+        total = 2000
+        rng = np.random.default_rng(2)
+        requests = [
+            predict_request("scorer", {"user_id": ids}, {"amount": rng.random(len(ids))},
+                            request_id=f"q{k}")
+            for k in range(total)
+        ]  # fmt: skip
+        # A fixed 64 KiB HTTP/2 receive window (no BDP growth) bounds what the transport buffers.
+        options = [("grpc.http2.bdp_probe", 0)]
+        with grpc.insecure_channel(target, options=options) as channel:
+            stub = prediction_pb2_grpc.PredictionStub(channel)
+            responses = stub.StreamPredict(iter(requests), timeout=60)
+            previous = -1
+            while server.consumed != previous:
+                previous = server.consumed
+                time.sleep(0.5)
+            stalled = server.consumed
+            read = [r for r in responses]
+    finally:
+        server.shutdown()
+    size = read[0].ByteSize()
+    assert stalled <= 32 + 2 * 65536 // size + 2, (stalled, size)
+    assert server.consumed == total
+    assert [r.request_id for r in read] == [f"q{k}" for k in range(total)]

@@ -141,24 +141,11 @@ STREAM_SCENARIO = register_scenario(_StreamPredict())
 
 
 async def serve(data_dir: Path, model_repo: Path) -> None:
-    """The real server with the PredictionServicer registered; prints READY <port>."""
-    from protos.featureserve.v1 import feature_store_pb2_grpc, prediction_pb2_grpc
+    """The real featureserve server; prints READY <port> once it serves."""
     from server.app import FeatureServer
     from server.config import ServerConfig
-    from server.feature_servicer import FeatureStoreServicer
-    from server.prediction_servicer import PredictionServicer
 
-    class BenchServer(FeatureServer):
-        def _register(self, server: grpc.aio.Server) -> None:
-            limit = self.config.max_entities_per_request
-            feature_store_pb2_grpc.add_FeatureStoreServicer_to_server(
-                FeatureStoreServicer(self.store, self.committer, limit), server
-            )
-            prediction_pb2_grpc.add_PredictionServicer_to_server(
-                PredictionServicer(self.store, self.models, limit), server
-            )
-
-    server = BenchServer(ServerConfig(port=0, data_dir=data_dir, model_repo=model_repo))
+    server = FeatureServer(ServerConfig(port=0, data_dir=data_dir, model_repo=model_repo))
     port = await server.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

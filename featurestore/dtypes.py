@@ -46,7 +46,7 @@ _WIDTH = {
 
 def numpy_dtype(dtype: DType) -> np.dtype:
     """The NumPy element dtype that holds values of `dtype` (object for STRING)."""
-    return _NUMPY[DType(dtype)]
+    return _NUMPY[dtype]
 
 
 def fixed_width(dtype: DType, vector_length: int = 0) -> int:

@@ -1,8 +1,9 @@
 """Offline history: every accepted write batch, appended in the online write's transaction.
 
 Each view version has a named database b"h:<name>@<version>" keyed by a big-endian sequence
-number; a value packs one batch's LMDB keys and packed rows. Replaying it rebuilds the online
-store, and it answers point-in-time-correct training queries.
+number; a value packs one batch's LMDB keys and packed rows. Every row that passed validation
+is logged, including rows that were stale online (late data still matters to training).
+Replaying it rebuilds the online store, and it answers point-in-time-correct training queries.
 """
 
 from __future__ import annotations

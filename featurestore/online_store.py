@@ -141,24 +141,30 @@ class _ResizeGate:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._active = 0
+        self._waiting = 0
 
     def enter(self) -> None:
-        with self._cond:
+        with self._lock:
             self._active += 1
 
     def exit(self) -> None:
-        with self._cond:
+        with self._lock:
             self._active -= 1
-            if self._active == 0:
-                self._cond.notify_all()
+            if self._waiting and self._active == 0:
+                self._idle.notify_all()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            while self._active:
-                self._cond.wait()
+        with self._lock:
+            self._waiting += 1
+            try:
+                while self._active:
+                    self._idle.wait()
+            finally:
+                self._waiting -= 1
             yield
 
 
@@ -291,6 +297,7 @@ class LmdbEnv:
         self._dbs[name] = db
 
     def close(self) -> None:
+        """Close the environment once no transaction of this process is open."""
         with self._write_lock, self.gate.exclusive():
             self.env.close()
 
@@ -366,15 +373,17 @@ class OnlineStore:
                 "split it"
             )
         event_us = event_us.astype(np.int64)
-        if key_rows(entity, batch.keys) != n:
-            raise InvalidArgumentError(
-                f"key columns have {key_rows(entity, batch.keys)} rows, event_us has {n}"
-            )
+        key_count = key_rows(entity, batch.keys)
+        if key_count != n:
+            raise InvalidArgumentError(f"key columns have {key_count} rows, event_us has {n}")
         columns, nulls = self._check_columns(view, batch, n)
         bad: list[tuple[int, str, str]] = []
-        limit = now_us + self.config.max_clock_skew_seconds * 1_000_000
+        skew = self.config.max_clock_skew_seconds
+        limit = now_us + skew * 1_000_000
         for row in np.flatnonzero(event_us > limit).tolist():
-            bad.append((row, "event_us", f"event time is after now + {self._skew()}"))
+            bad.append(
+                (row, "event_us", f"event time is after now + max_clock_skew_seconds={skew}")
+            )
         for row in np.flatnonzero(event_us <= 0).tolist():
             bad.append((row, "event_us", "event time must be > 0 µs since the epoch"))
         encoded: EncodedKeys = encode_keys(entity, batch.keys)
@@ -401,9 +410,6 @@ class OnlineStore:
         return PreparedBatch(
             view, keys, rows, event_us, pack_batch(keys, rows), len(errors), errors
         )
-
-    def _skew(self) -> str:
-        return f"max_clock_skew_seconds={self.config.max_clock_skew_seconds}"
 
     def _check_columns(
         self, view: FeatureView, batch: WriteBatch, n: int

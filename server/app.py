@@ -19,12 +19,19 @@ from protos.featureserve.v1 import (
     prediction_pb2_grpc,
 )
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from server.audit import AuditLog, parse_audit
+from server.auth import Authorizer, parse_auth
 from server.config import ConfigError, ServerConfig
 from server.feature_servicer import FeatureStoreServicer
 from server.health import Health
 from server.inference_servicer import InferenceServicer
+from server.metrics import MetricsRuntime, start_metrics
+from server.metrics_interceptor import MetricsInterceptor
 from server.model_repository import ModelRepository
+from server.overload import OverloadInterceptor
 from server.prediction_servicer import PredictionServicer
+from server.tls import parse_tls, server_credentials
+from server.workers import worker_index
 
 log = logging.getLogger("featureserve.server")
 
@@ -43,7 +50,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 0 if worker_index() is None else 1),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -84,12 +91,23 @@ class FeatureServer:
         self._server: grpc.aio.Server | None = None
         self.store: OnlineStore | None = None
         self.committer: GroupCommitter | None = None
+        self.metrics_interceptor = MetricsInterceptor()
+        self.metrics: MetricsRuntime | None = None
+        self.audit = AuditLog(None)
+        try:
+            self.authorizer = Authorizer(parse_auth(config.extra.get("auth")))
+            self.tls = parse_tls(config.extra.get("tls"))
+            self.audit_config = parse_audit(config.extra.get("audit"))
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
         self.models: ModelRepository | None = None
 
     async def start(self) -> int:
         """Open the stores, bind the port and start serving; returns the bound port."""
         ensure_writable_dir(self.config.data_dir, "data dir")
-        check_port_free(self.config.host, self.config.port)
+        if worker_index() is None:
+            check_port_free(self.config.host, self.config.port)
+        self.audit = AuditLog.from_config(self.audit_config, self.config.data_dir)
         self.store = OnlineStore(
             StoreConfig(
                 path=self.config.data_dir,
@@ -105,13 +123,21 @@ class FeatureServer:
             poll_interval_s=self.config.model_poll_interval_s,
         )
         await self.models.start()
-        kwargs = {}
+        interceptors = [self.metrics_interceptor]
         if self.config.max_concurrent_rpcs > 0:
-            kwargs["maximum_concurrent_rpcs"] = self.config.max_concurrent_rpcs
-        server = grpc.aio.server(options=grpc_options(self.config), **kwargs)
+            interceptors.append(OverloadInterceptor(self.config.max_concurrent_rpcs))
+        auth = self.authorizer.interceptor()
+        if auth is not None:
+            interceptors.append(auth)
+        server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
         self._register(server)
         try:
-            self.port = server.add_insecure_port(self.config.address)
+            if self.tls is not None:
+                self.port = server.add_secure_port(
+                    self.config.address, server_credentials(self.tls)
+                )
+            else:
+                self.port = server.add_insecure_port(self.config.address)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -119,21 +145,42 @@ class FeatureServer:
         await server.start()
         self._server = server
         await self.health.set_all(True)
-        log.info("serving", extra={"address": f"{self.config.host}:{self.port}"})
+        self.metrics = start_metrics(
+            self.config.host, self.config.metrics_port, lambda: self.metrics_interceptor.count
+        )
+        log.info(
+            "serving",
+            extra={
+                "address": f"{self.config.host}:{self.port}",
+                "pid": os.getpid(),
+                "worker": worker_index(),
+                "tls": self.tls is not None,
+                "auth": self.authorizer.enabled,
+                "metrics_port": self.metrics.port,
+            },
+        )
         return self.port
 
     def _register(self, server: grpc.aio.Server) -> None:
         """Add every service, health and reflection to the server."""
         feature_store_pb2_grpc.add_FeatureStoreServicer_to_server(
-            FeatureStoreServicer(self.store, self.committer, self.config.max_entities_per_request),
+            FeatureStoreServicer(
+                self.store,
+                self.committer,
+                self.config.max_entities_per_request,
+                self.authorizer,
+                self.audit,
+            ),
             server,
         )
         prediction_pb2_grpc.add_PredictionServicer_to_server(
-            PredictionServicer(self.store, self.models, self.config.max_entities_per_request),
+            PredictionServicer(
+                self.store, self.models, self.config.max_entities_per_request, self.authorizer
+            ),
             server,
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.models), server
+            InferenceServicer(self.models, self.authorizer, self.audit), server
         )
         self.health.register(server)
         reflection.enable_server_reflection(
@@ -151,6 +198,9 @@ class FeatureServer:
         if self.models is not None:
             await self.models.stop()
         self._close_stores()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.audit.close()
         log.info("stopped")
 
     def _close_stores(self) -> None:

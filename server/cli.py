@@ -27,6 +27,12 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-repo", type=Path, help="model repository (default ./models)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--log-format", choices=["json", "text"], help="log format (default json)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port with SO_REUSEPORT (default 1)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -44,7 +50,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
+    if args.workers < 1:
+        print("featureserve: --workers must be at least 1", file=sys.stderr)
+        return 2
     try:
+        if args.workers > 1:
+            from server.workers import run_workers
+
+            return run_workers(config, args.workers)
         run(config)
     except StartupError as exc:
         print(f"featureserve: {exc}", file=sys.stderr)

@@ -41,7 +41,7 @@ class ServerConfig:
 
 
 _PATH_KEYS = {"data_dir", "model_repo"}
-_SECTIONS = ("store", "models", "auth", "tls", "pipeline")
+_SECTIONS = ("store", "models", "auth", "tls", "audit", "pipeline")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:

@@ -15,6 +15,8 @@ from protos import arrays
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import types_pb2
+from server.audit import AuditLog
+from server.auth import AuthConfig, Authorizer
 from server.errors import is_domain_error, maps_errors, status_for
 from server.feature_refs import parse_feature_refs
 
@@ -105,17 +107,27 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     """Serves lookups, writes and the registry of one OnlineStore."""
 
     def __init__(
-        self, store: OnlineStore, committer: GroupCommitter, max_entities_per_request: int
+        self,
+        store: OnlineStore,
+        committer: GroupCommitter,
+        max_entities_per_request: int,
+        authorizer: Authorizer | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        self.auth = authorizer or Authorizer(AuthConfig())
+        self.audit = audit or AuditLog(None)
         self.store = store
         self.committer = committer
         self.max_rows = max_entities_per_request
 
     def lookup(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
         """Read every referenced view for the request's entities (the hot path)."""
+        refs = parse_feature_refs(list(request.features))
+        if self.auth.enabled:
+            self.auth.require(*{f"read:{view}" for view, _ in refs})
         keys, rows = decode_keys(request.entity_keys, self.max_rows)
         response = pb.GetOnlineFeaturesResponse(rows=rows)
-        for (view, version), features in parse_feature_refs(list(request.features)).items():
+        for (view, version), features in refs.items():
             result = self.store.read(view, keys, features, version=version)
             out = response.views.add(
                 view=view,
@@ -137,8 +149,12 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
     @maps_errors
     async def WriteFeatures(self, request, context):
+        self.auth.require(f"write:{request.view}")
         response = pb.WriteFeaturesResponse()
-        add_result(response, await self._write(request))
+        with self.audit.action("write_features", request.view, context) as record:
+            result = await self._write(request)
+            record.update(written=result.written, stale=result.stale, rejected=result.rejected)
+        add_result(response, result)
         return response
 
     async def StreamWriteFeatures(self, request_iterator, context):
@@ -153,6 +169,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         index = 0
         try:
             async for request in request_iterator:
+                self.auth.require(f"write:{request.view}")
                 prepared = self.store.prepare(write_batch(request, self.max_rows))
                 pending.append((index, asyncio.wrap_future(self.committer.submit(prepared))))
                 await settle(MAX_STREAM_BATCHES_IN_FLIGHT)
@@ -172,7 +189,11 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     @maps_errors
     async def ListFeatureViews(self, request, context):
         registry = self.store.registry
-        views = registry.list_views(request.name_prefix, request.all_versions)
+        views = [
+            v
+            for v in registry.list_views(request.name_prefix, request.all_versions)
+            if self.auth.allows(f"read:{v.name}")
+        ]
         return pb.ListFeatureViewsResponse(
             views=[rm.view_to_proto(v) for v in views],
             entities=[rm.entity_to_proto(e) for e in registry.list_entities()],
@@ -180,6 +201,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
     @maps_errors
     async def GetFeatureView(self, request, context):
+        self.auth.require(f"read:{request.name}")
         return rm.view_to_proto(self.store.registry.get_view(request.name, request.version))
 
     @maps_errors
@@ -187,8 +209,11 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         entities = [
             rm.entity_from_proto(e, f"entities[{i}]") for i, e in enumerate(request.entities)
         ]
+        self.auth.require("admin")
         views = [rm.view_from_proto(v, f"views[{i}]") for i, v in enumerate(request.views)]
-        results = await asyncio.to_thread(
-            self.store.registry.apply, entities, views, request.dry_run
-        )
+        target = ",".join(v.name for v in views)
+        with self.audit.action("apply_feature_views", target, context, dry_run=request.dry_run):
+            results = await asyncio.to_thread(
+                self.store.registry.apply, entities, views, request.dry_run
+            )
         return pb.ApplyFeatureViewsResponse(results=[rm.apply_result_to_proto(r) for r in results])

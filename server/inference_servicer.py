@@ -16,6 +16,8 @@ import numpy as np
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
+from server.audit import AuditLog
+from server.auth import AuthConfig, Authorizer
 from server.batcher import BatcherStats, Duration
 from server.errors import InvalidRequestError, ServerError, abort
 from server.model_config import MODEL_FILENAME, ModelConfig
@@ -236,8 +238,15 @@ def config_proto(config: ModelConfig) -> mc.ModelConfig:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 gRPC endpoints; inference goes through each model version's batcher."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        authorizer: Authorizer | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.repository = repository
+        self.auth = authorizer or Authorizer(AuthConfig())
+        self.audit = audit or AuditLog(None)
         self._version = _server_version()
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
@@ -250,6 +259,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
         """Whether the model (version) can take requests now."""
+        try:
+            self.auth.require(f"infer:{request.name}")
+        except ServerError as exc:
+            await abort(context, exc)
         return pb.ModelReadyResponse(ready=self.repository.is_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
@@ -261,6 +274,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         """A model version's tensors (full shapes, -1 = variable) and served versions."""
         try:
+            self.auth.require(f"infer:{request.name}")
             model = self.repository.get(request.name, request.version)
         except ServerError as exc:
             await abort(context, exc)
@@ -276,6 +290,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
         """A model version's configuration in Triton's form."""
         try:
+            self.auth.require(f"infer:{request.name}")
             model = self.repository.get(request.name, request.version)
         except ServerError as exc:
             await abort(context, exc)
@@ -285,6 +300,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None
     ) -> pb.ModelInferResponse:
         """Validate, batch, and answer one request; domain errors propagate."""
+        self.auth.require(f"infer:{request.model_name}")
         model = self.repository.get(request.model_name, request.model_version)
         inputs, rows = decode_inputs(model.config, request)
         outputs = requested_outputs(model, request)
@@ -343,6 +359,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Cumulative statistics per served version (all models when name is empty)."""
         try:
             if request.name:
+                self.auth.require(f"infer:{request.name}")
                 models = (
                     [self.repository.get(request.name, request.version)]
                     if request.version
@@ -370,7 +387,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
         """Load or reload a model from the repository folder."""
         try:
-            await self.repository.load(request.model_name)
+            self.auth.require("admin")
+            with self.audit.action("model_load", request.model_name, context):
+                await self.repository.load(request.model_name)
         except ServerError as exc:
             await abort(context, exc)
         return pb.RepositoryModelLoadResponse()
@@ -378,7 +397,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
         """Unload a model; its in-flight requests finish first."""
         try:
-            await self.repository.unload(request.model_name)
+            self.auth.require("admin")
+            with self.audit.action("model_unload", request.model_name, context):
+                await self.repository.unload(request.model_name)
         except ServerError as exc:
             await abort(context, exc)
         return pb.RepositoryModelUnloadResponse()

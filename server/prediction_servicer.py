@@ -22,6 +22,7 @@ from protos import arrays
 from protos.featureserve.v1 import prediction_pb2 as pb
 from protos.featureserve.v1 import prediction_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import types_pb2
+from server.auth import AuthConfig, Authorizer
 from server.errors import InvalidRequestError, is_domain_error, maps_errors, status_for
 from server.feature_servicer import decode_keys
 from server.model_repository import LoadedModel, ModelRepository
@@ -91,8 +92,10 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         store: OnlineStore,
         models: ModelRepository,
         max_entities_per_request: int,
+        authorizer: Authorizer | None = None,
         stream_window: int = STREAM_WINDOW,
     ) -> None:
+        self.auth = authorizer or Authorizer(AuthConfig())
         self.store = store
         self.models = models
         self.max_rows = max_entities_per_request
@@ -114,8 +117,12 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext | None
     ) -> pb.PredictResponse:
         """One Predict: read, assemble, transform, score the scorable rows, answer."""
+        if self.auth.enabled:
+            self.auth.require(f"infer:{request.model}")
         model = self.models.get(request.model, request.model_version)
         binding = model.binding
+        if self.auth.enabled and binding is not None:
+            self.auth.require(*{f"read:{r.view}" for r in binding.reads})
         if binding is None:
             raise ConflictError(
                 f"model {model.name!r} binds no features; add [features] to its config.toml, "

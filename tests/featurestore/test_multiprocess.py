@@ -1,7 +1,8 @@
-"""Two reader processes read consistent snapshots while a third process writes and grows the map."""
+"""Two reader processes see consistent snapshots while the test process writes and grows the map."""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +35,6 @@ path = Path(sys.argv[1])
 ids = np.arange(KEYS)
 """
 
-WRITER = (
-    COMMON
-    + """
-with OnlineStore(StoreConfig(path / "db", map_size=128 * 1024)) as store:
-    for gen in range(2, GENERATIONS + 1):
-        pad = np.array(["x" * 600] * KEYS, dtype=object)
-        cols = {"gen": np.full(KEYS, gen), "check": gen * 7 + ids, "pad": pad}
-        batch = WriteBatch("gen", {"user_id": ids}, np.full(KEYS, NOW + gen), cols)
-        assert store.write(batch, now_us=NOW + gen).written == KEYS
-    print(store.map_size)
-(path / "done").touch()
-"""
-)
-
 READER = (
     COMMON
     + """
@@ -66,6 +53,7 @@ with OnlineStore(StoreConfig(path / "db", map_size=128 * 1024)) as store:
         assert (res.event_us == NOW + gens).all()
         assert not seen or gens[0] >= seen[-1], "went back in time"
         seen.append(int(gens[0]))
+        (path / f"ready-{sys.argv[2]}").touch()
         if finished or time.monotonic() > deadline:
             break
         time.sleep(0.002)
@@ -76,29 +64,37 @@ with OnlineStore(StoreConfig(path / "db", map_size=128 * 1024)) as store:
 
 def test_two_readers_while_a_third_process_writes(tmp_path: Path):
     config = StoreConfig(tmp_path / "db", map_size=128 * 1024)
+    readers = []
     with OnlineStore(config) as store:
         store.registry.apply([USER], [VIEW])
         ids = np.arange(KEYS)
         cols = {"gen": np.ones(KEYS, np.int64), "check": 7 + ids, "pad": np.array([""] * KEYS)}
         store.write(WriteBatch("gen", {"user_id": ids}, np.full(KEYS, NOW + 1), cols), now_us=NOW)
         start_size = store.map_size
-
-    def spawn(script: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-c", script, str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    readers = [spawn(READER), spawn(READER)]
-    writer = spawn(WRITER)
-    out, err = writer.communicate(timeout=60)
-    assert writer.returncode == 0, err
-    assert int(out) > start_size
-    for reader in readers:
-        out, err = reader.communicate(timeout=60)
-        assert reader.returncode == 0, err
-        reads, distinct, last, map_size = map(int, out.split())
-        assert last == GENERATIONS and reads >= distinct >= 1
-        assert map_size > start_size, "the reader did not adopt the grown map"
+        readers = [
+            subprocess.Popen(
+                [sys.executable, "-c", READER, str(tmp_path), str(i)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{i}").exists() for i in range(2)):
+            assert time.monotonic() < deadline and all(r.poll() is None for r in readers)
+            time.sleep(0.01)
+        for gen in range(2, GENERATIONS + 1):
+            pad = np.array(["x" * 600] * KEYS, dtype=object)
+            cols = {"gen": np.full(KEYS, gen), "check": gen * 7 + ids, "pad": pad}
+            batch = WriteBatch("gen", {"user_id": ids}, np.full(KEYS, NOW + gen), cols)
+            assert store.write(batch, now_us=NOW + gen).written == KEYS
+            time.sleep(0.01)
+        assert store.map_size > start_size
+        (tmp_path / "done").touch()
+        for reader in readers:
+            out, err = reader.communicate(timeout=60)
+            assert reader.returncode == 0, err
+            reads, distinct, last, map_size = map(int, out.split())
+            assert last == GENERATIONS and reads >= distinct >= 1
+            assert map_size > start_size, "the reader did not adopt the grown map"

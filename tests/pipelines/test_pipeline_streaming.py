@@ -85,7 +85,9 @@ def test_bounded_stream_matches_reference_and_replay_changes_nothing(server, tmp
     again = run_streaming(options)
     second = store_snapshot(server.target, pipeline, keys)
     for name, values in first.items():
-        np.testing.assert_array_equal(second[name], values, err_msg=name)
+        # Event times, counts and statuses are equal; Flink may sum doubles in another order
+        # and the server overwrites on an equal event time, so sums agree to the last bits.
+        np.testing.assert_allclose(second[name], values, rtol=1e-12, err_msg=name)
     replay = again.sinks["card_txn_5m"]
     assert replay.rows == sink.rows and replay.rejected == 0
     assert replay.stale >= sink.rows - len(keys)

@@ -348,5 +348,8 @@ def test_bad_auth_section_stops_the_server_with_the_key_named(tmp_path: Path) ->
     config = tmp_path / "bad.toml"
     config.write_text('[auth]\n[[auth.tokens]]\nname = "x"\ntoken = "t"\nscopes = ["root"]\n')
     server = ServerProcess(tmp_path / "d", tmp_path / "m", "--config", str(config))
-    with pytest.raises(AssertionError, match="scope 'root' is not admin"):
-        server.start()
+    try:
+        with pytest.raises(AssertionError, match="scope 'root' is not admin"):
+            server.start()
+    finally:
+        server.kill()

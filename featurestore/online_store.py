@@ -598,6 +598,18 @@ class OnlineStore:
         decoded = decode_rows(plan.decode, rows, np.full(n, cutoff, np.int64))
         return ReadResult(fv, decoded.event_us, decoded.row_status, decoded.blocks)
 
+    def view_bytes(self, view: str, version: int = 0) -> int:
+        """Bytes of LMDB pages holding a view version's online rows (0 before its first write)."""
+        self._check_open()
+        fv = self.registry.get_view(view, version)
+        db = self._lmdb.existing_db(view_db_name(fv.name, fv.version))
+        if db is None:
+            return 0
+        with self._lmdb.read_txn() as txn:
+            stat = txn.stat(db)
+        pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+        return pages * stat["psize"]
+
     def history_blobs(self, name: str, version: int) -> list[bytes]:
         """Every history record of a view version, in write order."""
         self._check_open()

@@ -25,6 +25,7 @@ from server.errors import (
     QueueFullError,
     RequestTimeoutError,
 )
+from server.metrics import ModelMetrics
 from server.model_config import ModelConfig
 
 RunFn = Callable[[int, dict[str, np.ndarray], list[str] | None], dict[str, np.ndarray]]
@@ -100,9 +101,17 @@ def _batch_key(inputs: dict[str, np.ndarray]) -> tuple:
 class DynamicBatcher:
     """Queues requests, forms batches under Triton's rules, and runs them on N instance threads."""
 
-    def __init__(self, config: ModelConfig, run: RunFn, *, name: str = "") -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        run: RunFn,
+        *,
+        name: str = "",
+        metrics: ModelMetrics | None = None,
+    ) -> None:
         self.config = config
         self.name = name or config.name
+        self.metrics = metrics or ModelMetrics(config.name, "")
         self._run = run
         policy = config.dynamic_batching
         self._batching = config.batching
@@ -168,6 +177,7 @@ class DynamicBatcher:
             raise ModelUnavailableError(f"model '{self.name}' is unloading; retry")
         if self._max_queue and self._queued >= self._max_queue:
             self.stats.fail.add(0)
+            self.metrics.fail("rejected")
             raise QueueFullError(
                 f"model '{self.name}': queue holds max_queue_size={self._max_queue} requests"
             )
@@ -185,6 +195,7 @@ class DynamicBatcher:
         self._queues[level].append(request)
         self._queued += 1
         self._queued_rows += rows
+        self.metrics.queue_depth(self._queued)
         if deadline is not None:
             self._arm_expiry(deadline)
         if not self._kicked:
@@ -279,6 +290,7 @@ class DynamicBatcher:
     def _expire(self, request: _Request, now: float) -> None:
         """Fail a request whose deadline passed before it ran (or drop a cancelled one)."""
         self.stats.fail.add(int((now - request.enqueued) * 1e9))
+        self.metrics.fail("timed_out")
         if not request.future.done():
             request.future.set_exception(
                 RequestTimeoutError(
@@ -393,6 +405,12 @@ class DynamicBatcher:
             stats.inference_count += request.rows
             if not request.future.done():
                 request.future.set_result(result)
+        if ok < len(batch):
+            self.metrics.fail("error", len(batch) - ok)
+        queue_s = max(r.dispatched - r.enqueued for r in batch)
+        compute_s = (outcome.input_ns + outcome.infer_ns + outcome.output_ns) / 1e9
+        self.metrics.observe_batch(ok, rows, queue_s, compute_s)
+        self.metrics.queue_depth(self._queued)
         if ok:
             stats.compute_input.add(outcome.input_ns * ok, ok)
             stats.compute_infer.add(outcome.infer_ns * ok, ok)

@@ -3,25 +3,70 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 import numpy as np
 
 from clients import registry_messages as rm
+from featurestore.dtypes import FeatureStatus
 from featurestore.errors import InvalidArgumentError, ResourceExhaustedError
 from featurestore.group_commit import GroupCommitter
-from featurestore.online_store import OnlineStore, WriteBatch, WriteResult
+from featurestore.online_store import OnlineStore, ReadResult, WriteBatch, WriteResult
 from protos import arrays
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import types_pb2
 from server.audit import AuditLog
 from server.auth import AuthConfig, Authorizer
+from server.drift import DriftMonitor
 from server.errors import is_domain_error, maps_errors, status_for
 from server.feature_refs import parse_feature_refs
+from server.metrics import ViewMetrics
 
 MAX_ROW_ERRORS = 1000
 MAX_STREAM_BATCHES_IN_FLIGHT = 8
+SAMPLE_EVERY = 16
+
+
+class ViewObserver:
+    """Metrics and drift of one feature view; value ages and drift are sampled every
+    SAMPLE_EVERY-th block so the lookup path pays for them rarely."""
+
+    def __init__(self, view: str) -> None:
+        self.metrics = ViewMetrics(view)
+        self.drift = DriftMonitor(view, sample_every=1)
+        self._blocks = 0
+
+    def _sampled(self) -> bool:
+        self._blocks += 1
+        return self._blocks % SAMPLE_EVERY == 0
+
+    def lookup(self, result: ReadResult, now_us: int) -> None:
+        """Count hits, misses and expired rows; sample ages and values."""
+        counts = np.bincount(result.row_status, minlength=len(FeatureStatus) + 1)
+        self.metrics.observe_lookup(
+            int(counts[FeatureStatus.PRESENT]),
+            int(counts[FeatureStatus.NOT_FOUND]),
+            int(counts[FeatureStatus.OUTSIDE_MAX_AGE]),
+        )
+        if counts[FeatureStatus.PRESENT] and self._sampled():
+            present = result.row_status == FeatureStatus.PRESENT
+            self.metrics.observe_ages((now_us - result.event_us[present]) / 1e6)
+            self.drift.observe(
+                {
+                    name: block.values[present, j]
+                    for block in result.blocks
+                    for j, name in enumerate(block.features)
+                }
+            )
+
+    def write(self, store: OnlineStore, batch: WriteBatch, result: WriteResult) -> None:
+        """Count written, stale and rejected rows; sample ingested values and the store size."""
+        self.metrics.observe_write(result.written, result.stale, result.rejected)
+        if result.written and self._sampled():
+            self.drift.observe(batch.columns)
+            self.metrics.store_bytes(store.view_bytes(batch.view, batch.version))
 
 
 def decode_keys(columns, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
@@ -119,6 +164,14 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         self.store = store
         self.committer = committer
         self.max_rows = max_entities_per_request
+        self._observers: dict[str, ViewObserver] = {}
+
+    def observer(self, view: str) -> ViewObserver:
+        """The metrics and drift observer of a view, created on first use."""
+        found = self._observers.get(view)
+        if found is None:
+            found = self._observers[view] = ViewObserver(view)
+        return found
 
     def lookup(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
         """Read every referenced view for the request's entities (the hot path)."""
@@ -127,8 +180,10 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             self.auth.require(*{f"read:{view}" for view, _ in refs})
         keys, rows = decode_keys(request.entity_keys, self.max_rows)
         response = pb.GetOnlineFeaturesResponse(rows=rows)
+        now_us = time.time_ns() // 1000
         for (view, version), features in refs.items():
-            result = self.store.read(view, keys, features, version=version)
+            result = self.store.read(view, keys, features, version=version, now_us=now_us)
+            self.observer(view).lookup(result, now_us)
             out = response.views.add(
                 view=view,
                 version=result.view.version,
@@ -144,8 +199,11 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         return self.lookup(request)
 
     async def _write(self, request: pb.WriteFeaturesRequest) -> WriteResult:
-        prepared = self.store.prepare(write_batch(request, self.max_rows))
-        return await asyncio.wrap_future(self.committer.submit(prepared))
+        batch = write_batch(request, self.max_rows)
+        prepared = self.store.prepare(batch)
+        result = await asyncio.wrap_future(self.committer.submit(prepared))
+        self.observer(batch.view).write(self.store, batch, result)
+        return result
 
     @maps_errors
     async def WriteFeatures(self, request, context):

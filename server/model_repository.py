@@ -15,6 +15,7 @@ from pathlib import Path
 
 from server.batcher import DynamicBatcher
 from server.errors import ModelNotFoundError, ModelUnavailableError
+from server.metrics import ModelMetrics
 from server.model_config import (
     CONFIG_FILENAME,
     MODEL_FILENAME,
@@ -264,7 +265,9 @@ class ModelRepository:
         except Exception as exc:
             self._fail(name, str(version), f"{type(exc).__name__}: {exc}")
             return
-        batcher = DynamicBatcher(completed, runner.run, name=f"{name}:{version}")
+        batcher = DynamicBatcher(
+            completed, runner.run, name=f"{name}:{version}", metrics=ModelMetrics(name, version)
+        )
         batcher.start()
         served = self._served.setdefault(name, {})
         replaced = served.get(version)

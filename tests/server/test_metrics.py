@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import urllib.request
 
 import grpc
@@ -14,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients.channel import ClientConfig, ClientError
 from clients.feature_client import FeatureStoreClient
+from featurestore.dtypes import DType
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import prediction_pb2, prediction_pb2_grpc
@@ -212,3 +215,42 @@ def test_real_server_metrics_scrape_moves_with_traffic(server_factory) -> None:
     assert samples[key("featureserve_process_resident_memory_bytes")] > 10e6
     assert samples[key("featureserve_process_cpu_seconds")] > 0
     assert samples[key("process_cpu_seconds_total")] > 0
+
+
+def test_view_model_and_drift_families_move_with_real_traffic(tmp_path, server_factory) -> None:
+    """Writes, lookups and inferences on a real server move the per-view, per-model and drift
+    families (ages and drift are sampled every 16th block, so send more than that)."""
+    from benchmarks.model_zoo import mlp_model, write_model
+    from protos.inference import grpc_service_pb2 as ipb
+    from protos.inference import grpc_service_pb2_grpc as ipb_grpc
+
+    write_model(tmp_path / "models", "mlp", mlp_model())
+    port = free_port()
+    server = server_factory("--metrics-port", str(port), model_repo=tmp_path / "models")
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    view = FeatureView("stats", "user", (Feature("x", DType.FLOAT32),))
+    now = int(time.time() * 1e6)
+    rng = np.random.default_rng(0)
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=10)) as client:
+        client.apply([user], [view])
+        for i in range(20):
+            ids = np.arange(i * 100, i * 100 + 100)
+            client.write_features("stats", {"user_id": ids}, now, {"x": rng.normal(size=100)})
+        for _ in range(40):
+            client.get_online_features(["stats:x"], {"user_id": rng.integers(0, 2500, 100)})
+    with grpc.insecure_channel(server.target) as channel:
+        stub = ipb_grpc.GRPCInferenceServiceStub(channel)
+        x = np.ones((3, 32), np.float32)
+        request = ipb.ModelInferRequest(model_name="mlp", raw_input_contents=[x.tobytes()])
+        request.inputs.add(name="x", datatype="FP32", shape=[3, 32])
+        stub.ModelInfer(request)
+    samples = scrape(port)
+    assert samples[key("featureserve_view_rows_written_total", view="stats")] == 2000
+    hits = samples[key("featureserve_view_lookup_rows_total", view="stats", result="hit")]
+    misses = samples[key("featureserve_view_lookup_rows_total", view="stats", result="miss")]
+    assert hits + misses == 4000 and hits > 0 and misses > 0
+    assert samples[key("featureserve_view_value_age_seconds_count", view="stats")] > 0
+    assert samples[key("featureserve_view_store_bytes", view="stats")] >= 4096
+    assert key("featureserve_feature_psi", view="stats", feature="x") in samples
+    assert samples[key("featureserve_model_rows_total", model="mlp", version="1")] == 3
+    assert samples[key("featureserve_model_batch_rows_count", model="mlp", version="1")] == 1

@@ -41,7 +41,7 @@ class ServerConfig:
 
 
 _PATH_KEYS = {"data_dir", "model_repo"}
-_SECTIONS = ("store", "models", "auth", "tls", "audit", "pipeline")
+_SECTIONS = ("auth", "tls", "audit")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -81,9 +81,6 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         for section in _SECTIONS:
             if section in raw:
                 extra[section] = raw.pop(section)
-        for key in raw:
-            if key not in ServerConfig.__dataclass_fields__ or key == "extra":
-                raise ConfigError(f"{source}: unknown key '{key}'")
         raw.update(server_keys)
         for key, value in raw.items():
             if key not in ServerConfig.__dataclass_fields__ or key == "extra":

@@ -1,0 +1,60 @@
+"""Config loading: TOML keys at the top level or under [server], sections, flags, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, ServerConfig, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "featureserve.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_embedded_single_machine_setup() -> None:
+    config = load_config()
+    assert (config.data_dir, config.model_repo, config.port) == (
+        Path("data"),
+        Path("models"),
+        50051,
+    )
+    assert config.extra == {}
+
+
+def test_top_level_server_table_sections_and_flag_overrides(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'port = 7000\ndata_dir = "/srv/d"\n[server]\ngrace_seconds = 3\n'
+        '[auth]\nenabled = false\n[tls]\ncert_file = "c.pem"\n',
+    )
+    config = load_config(path, {"port": 7001, "host": None})
+    assert config.port == 7001 and config.host == ServerConfig.host
+    assert config.data_dir == Path("/srv/d") and config.grace_seconds == 3.0
+    assert config.extra == {"auth": {"enabled": False}, "tls": {"cert_file": "c.pem"}}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prot = 1\n", "unknown key 'prot'"),
+        ("[server]\nextra = 1\n", "unknown key 'extra'"),
+        ("[store]\nx = 1\n", "unknown key 'store'"),
+        ("port = true\n", "key 'port' must be int, got bool"),
+        ("server = 3\n", "[server] must be a table"),
+        ("port = \n", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_key_and_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.toml")

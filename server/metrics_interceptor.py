@@ -60,7 +60,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         self.count = 0
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._cache = HandlerCache()
 
     async def intercept_service(
         self,
@@ -71,11 +71,30 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        cached = self._cache.get(method)
+        return self._cache.get(
+            method, handler, lambda: wrap_handler(handler, MethodRecorder(method.lstrip("/"), self))
+        )
+
+
+class HandlerCache:
+    """Wrapped handlers per method, so interceptors build a wrapper once, not per call; an entry
+    is rebuilt when the server hands over a different handler for the method."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(
+        self,
+        method: str,
+        handler: grpc.RpcMethodHandler,
+        build: Callable[[], grpc.RpcMethodHandler],
+    ) -> grpc.RpcMethodHandler:
+        """The wrapper of `handler`, built with `build` on first use."""
+        cached = self._entries.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = wrap_handler(handler, MethodRecorder(method.lstrip("/"), self))
-        self._cache[method] = (handler, wrapped)
+        wrapped = build()
+        self._entries[method] = (handler, wrapped)
         return wrapped
 
 

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from server.metrics_interceptor import rewrap
+from server.metrics_interceptor import HandlerCache, rewrap
 
 EXEMPT = ("/grpc.health.v1.Health/",)
 
@@ -28,7 +28,7 @@ class OverloadInterceptor(grpc.aio.ServerInterceptor):
             f"server is at its limit of {limit} concurrent RPCs (max_concurrent_rpcs); "
             "retry with backoff"
         )
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._cache = HandlerCache()
 
     async def intercept_service(
         self,
@@ -39,12 +39,7 @@ class OverloadInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(self._exempt):
             return handler
-        cached = self._cache.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        guarded = rewrap(handler, self._guard)
-        self._cache[method] = (handler, guarded)
-        return guarded
+        return self._cache.get(method, handler, lambda: rewrap(handler, self._guard))
 
     def _guard(self, behavior: Callable, streaming: bool) -> Callable:
         """The behavior, run only when a slot is free, holding the slot until it ends."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -101,7 +102,9 @@ def freshness(root: Path, target: str, seconds: float, slide: float, period: flo
         f"definitions=Path({str(definitions)!r}), monitor_interval_s=0.5))"
     )
     log = open(root / "job.log", "w")  # noqa: SIM115
-    job = subprocess.Popen([sys.executable, "-c", code], stderr=log, stdout=log)
+    # An in-process PyFlink job leaves PYFLINK_GATEWAY_DISABLED set; a child must start its own.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYFLINK", "_PYFLINK"))}
+    job = subprocess.Popen([sys.executable, "-c", code], stderr=log, stdout=log, env=env)
     keys = np.arange(50, dtype=np.int64)
     pending: dict[int, list[int]] = {int(k): [] for k in keys}
     samples: list[float] = []

@@ -22,10 +22,10 @@ from server.logs import configure_logging
 DEFAULT_LOG_LEVEL = "WARNING"
 
 
-async def serve(argv_config: Path | None, overrides: dict[str, object]) -> None:
+async def serve(config_path: Path | None, overrides: dict[str, object]) -> None:
     """Start FeatureServer with the config file and flag overrides, print READY, serve until
     SIGTERM or SIGINT, then stop it gracefully (pending writes are committed)."""
-    config = load_config(argv_config, overrides)
+    config = load_config(config_path, overrides)
     configure_logging(config.log_level, config.log_format)
     server = FeatureServer(config)
     stop = asyncio.Event()

@@ -584,8 +584,8 @@ class OnlineStore:
                     )
                 db = lmdb_env.cached_db(plan.db_name)
                 if db is not None:
-                    get = txn.cursor(db=db).get
-                    rows = [get(k, MISSING_ROW) for k in encoded.keys]
+                    get = txn.get
+                    rows = [get(k, MISSING_ROW, db) for k in encoded.keys]
             finally:
                 txn.abort()
                 lmdb_env.gate.exit()

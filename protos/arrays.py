@@ -6,6 +6,8 @@ lives in exactly one place.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from protos.featureserve.v1 import types_pb2
@@ -111,7 +113,7 @@ def from_array(msg: types_pb2.Array, field: str = "array") -> np.ndarray:
         if msg.vector_length == 0:
             raise ArrayError(f"{field}: FLOAT32_VECTOR needs vector_length > 0")
         shape = (msg.rows, width, msg.vector_length)
-    expected = int(np.prod(shape)) * np_dtype.itemsize
+    expected = math.prod(shape) * np_dtype.itemsize
     if len(msg.data) != expected:
         raise ArrayError(
             f"{field}: {len(msg.data)} bytes of data, expected {expected} "

@@ -3,8 +3,9 @@
 A client stream does not fit one-request-one-response load, so one "request" here is one whole
 stream: --messages-per-stream pre-serialized messages of --rows-per-message rows, then the
 server's acknowledgement (sent once every row is committed with sync). rows_per_s = streams/s x
-rows per stream. All messages carry one event time fixed at setup, so every row is written
-(an equal event time lets the later write win) and none counts as stale.
+rows per stream. Each stream re-stamps its pre-built messages with newer event times and shifts
+their random keys, so rows are real last-write-wins updates; a row whose key a concurrent stream
+wrote with a newer time counts as stale (it was still compared inside a durable transaction).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class IngestScenario(ScenarioBase):
         )
 
     def make_request_fn(self, args: argparse.Namespace, channel: grpc.aio.Channel) -> RequestFn:
-        """One whole stream of pre-serialized messages; raises if any row was not written."""
+        """One whole stream of pre-built, newly stamped messages; raises if a row is not written."""
         rng = np.random.default_rng(os.getpid())
         messages = [
             message_bytes(args.rows_per_message, args.features, args.key_space, args.event_us, rng)
@@ -118,11 +119,26 @@ class IngestScenario(ScenarioBase):
         call = channel.stream_unary(METHOD)
         timeout = args.timeout
 
+        requests = [pb.WriteFeaturesRequest.FromString(m) for m in messages]
+        clock = [args.event_us]
+
+        base_ids = [np.frombuffer(m.entity_keys[0].values.data, "<i8") for m in requests]
+
+        def stamped() -> list[bytes]:
+            clock[0] = max(clock[0] + len(requests), time.time_ns() // 1000)
+            shift = int(rng.integers(args.key_space))
+            for k, message in enumerate(requests):
+                ids = (base_ids[k] + shift) % args.key_space
+                message.entity_keys[0].values.data = ids.astype("<i8").tobytes()
+                stamp = clock[0] + k
+                message.event_timestamps = np.full(args.rows_per_message, stamp, "<i8").tobytes()
+            return [m.SerializeToString() for m in requests]
+
         async def request() -> None:
-            raw = await call(iter(messages), timeout=timeout)
-            written = pb.WriteFeaturesResponse.FromString(raw).rows_written
-            if written != rows:
-                raise IngestRowsError(f"server wrote {written} of {rows} rows")
+            raw = await call(iter(stamped()), timeout=timeout)
+            answer = pb.WriteFeaturesResponse.FromString(raw)
+            if answer.rows_written + answer.rows_stale != rows or answer.rows_rejected:
+                raise IngestRowsError(f"server applied {answer.rows_written} of {rows} rows")
 
         return request
 

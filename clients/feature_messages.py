@@ -37,7 +37,8 @@ class OnlineFeatures:
 
 @dataclass
 class WriteSummary:
-    """Counts of a write: rows written, stale (an equal or newer event was stored), rejected."""
+    """Counts of a write: rows written, stale (an equal or newer event was stored: not applied),
+    rejected."""
 
     written: int
     stale: int

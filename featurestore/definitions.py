@@ -1,6 +1,6 @@
 """Load entities and feature views from a features.toml file.
 
-Format::
+Format (a `[[pipeline]]` table may sit beside these; pipelines.config reads it)::
 
     [[entity]]
     name = "user"
@@ -36,7 +36,7 @@ from featurestore.registry import Entity, Feature, FeatureView, JoinKey, validat
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+)([smhdw])")
-_TOP = {"entity", "feature_view"}
+_TOP = {"entity", "feature_view", "pipeline"}
 _ENTITY = {"name", "join_keys", "description"}
 _JOIN_KEY = {"name", "dtype"}
 _VIEW = {

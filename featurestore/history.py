@@ -82,7 +82,7 @@ def rebuild_online(store: OnlineStore, view: str, version: int = 0) -> int:
     latest: dict[bytes, int] = {}
     for i, key in enumerate(log.keys):
         prev = latest.get(key)
-        if prev is None or events[i] >= events[prev]:
+        if prev is None or events[i] > events[prev]:
             latest[key] = i
     pairs = [(log.keys[i], log.rows[i]) for i in sorted(latest.values())]
     store.replace_online_rows(fv.name, fv.version, pairs)
@@ -109,7 +109,7 @@ def point_in_time(
     """For each (entity, timestamp): the latest logged row with event time <= timestamp.
 
     Rows older than timestamp - ttl_seconds are withheld as OUTSIDE_MAX_AGE; among rows with the
-    same event time the later write wins, as in the online store.
+    same event time the earlier write wins, as in the online store.
     """
     fv = store.registry.get_view(view, version)
     entity = store.registry.get_entity(fv.entity)
@@ -121,7 +121,7 @@ def point_in_time(
     query_id = np.fromiter(
         (ids.get(k, -1) if k != INVALID_KEY else -1 for k in query_keys), np.int64, len(ts)
     )
-    order = np.lexsort((np.arange(len(log_id)), log.event_us, log_id))
+    order = np.lexsort((-np.arange(len(log_id)), log.event_us, log_id))
     sorted_id = log_id[order]
     sorted_ev = log.event_us[order]
     times = np.concatenate([sorted_ev, ts])

@@ -493,7 +493,7 @@ class OnlineStore:
         """Write many prepared batches in ONE synced transaction (durable on return).
 
         Last-write-wins by event time, compared inside the transaction: a row older than the
-        stored one counts as stale; an equal event time lets the later write win.
+        stored one counts as stale, and so does an equal one (a replay changes nothing).
         """
         self._check_open()
         if not batches:
@@ -703,7 +703,7 @@ def _apply_group(
     old = np.empty(len(keys), np.int64)
     old[order] = np.frombuffer(stored, "<i8")
     if len(set(keys)) == len(keys):
-        applied = events >= old
+        applied = events > old
         final = applied
     else:
         applied, final = _resolve_duplicates(keys, events, old)
@@ -728,7 +728,7 @@ def _resolve_duplicates(
     for i, key in enumerate(keys):
         prev = current.get(key)
         base = before[i] if prev is None else prev[0]
-        if ev[i] >= base:
+        if ev[i] > base:
             applied[i] = True
             current[key] = (ev[i], i)
         elif prev is None:

@@ -71,8 +71,16 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     from clients.cli import register as client_commands
     from clients.feature_cli import register as feature_commands
     from clients.prediction_cli import register as prediction_commands
+    from pipelines.cli import register as pipeline_commands
 
-    return [add_serve, client_commands, feature_commands, prediction_commands, bench]
+    return [
+        add_serve,
+        client_commands,
+        feature_commands,
+        prediction_commands,
+        pipeline_commands,
+        bench,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -62,14 +62,14 @@ def test_rebuild_online_restores_latest_values(store):
     assert emptied.row_status.tolist() == [FeatureStatus.NOT_FOUND]
     assert rebuild_online(store, "spend", 1) == 4
     after = store.read("spend", {"user_id": np.array(["a", "b"], dtype=object)}, now_us=NOW)
-    assert after.blocks[0].values[:, 0].tolist() == before.blocks[0].values[:, 0].tolist() == [1, 4]
+    assert after.blocks[0].values[:, 0].tolist() == before.blocks[0].values[:, 0].tolist() == [1, 2]
     assert after.event_us.tolist() == before.event_us.tolist()
 
 
 def brute_force(log, key, ts, ttl):
     best = None
     for i, (k, e, _) in enumerate(log):
-        if k == key and e <= ts and (best is None or e >= log[best][1]):
+        if k == key and e <= ts and (best is None or e > log[best][1]):
             best = i
     if best is None:
         return FeatureStatus.NOT_FOUND, 0.0
@@ -99,9 +99,9 @@ def test_point_in_time_matches_brute_force(store):
     assert {int(s) for s in result.row_status} == {1, 2, 4}
 
 
-def test_point_in_time_equal_event_times_later_write_wins(store):
+def test_point_in_time_equal_event_times_first_write_wins(store):
     store.write(batch(["a"], [NOW], [1]), now_us=NOW)
     store.write(batch(["a"], [NOW], [2]), now_us=NOW)
     result = point_in_time(store, "spend", {"user_id": np.array(["a"], dtype=object)}, [NOW])
-    assert result.blocks[0].values.tolist() == [[2.0]]
-    assert result.blocks[1].values.tolist() == [["n2"]]
+    assert result.blocks[0].values.tolist() == [[1.0]]
+    assert result.blocks[1].values.tolist() == [["n1"]]

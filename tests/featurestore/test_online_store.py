@@ -119,10 +119,10 @@ def test_last_write_wins_by_event_time(store):
     assert (first.written, first.stale) == (3, 0)
     older = store.write(score_batch([1, 2], [NOW - 5, NOW + 5], [10, 20]), now_us=NOW)
     assert (older.written, older.stale) == (1, 1)
-    tie = store.write(score_batch([3], [NOW], [30]), now_us=NOW)
-    assert (tie.written, tie.stale) == (1, 0)
+    replay = store.write(score_batch([3], [NOW], [30]), now_us=NOW)
+    assert (replay.written, replay.stale) == (0, 1)
     res = store.read("score", {"user_id": np.array([1, 2, 3])}, now_us=NOW)
-    assert res.blocks[0].values[:, 0].tolist() == [1, 20, 30]
+    assert res.blocks[0].values[:, 0].tolist() == [1, 20, 3]
     assert res.event_us.tolist() == [NOW, NOW + 5, NOW]
 
 
@@ -132,9 +132,9 @@ def test_out_of_order_batches_in_one_commit_keep_the_newest(store):
         store.prepare(score_batch([1, 2, 2], [NOW - 1, NOW + 1, NOW + 1], [9, 5, 6]), now_us=NOW),
     ]
     results = store.write_prepared(batches)
-    assert [(r.written, r.stale) for r in results] == [(2, 1), (2, 1)]
+    assert [(r.written, r.stale) for r in results] == [(2, 1), (1, 2)]
     res = store.read("score", {"user_id": np.array([1, 2])}, now_us=NOW)
-    assert res.blocks[0].values[:, 0].tolist() == [1, 6]
+    assert res.blocks[0].values[:, 0].tolist() == [1, 5]
 
 
 def test_ttl_withholds_old_rows(store):

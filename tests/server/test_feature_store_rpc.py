@@ -107,10 +107,11 @@ def test_older_event_is_stale_and_newest_wins(client) -> None:
 
 
 def test_expired_rows_are_withheld(client) -> None:
-    view = FeatureView("fresh", "user", (Feature("x", DType.FLOAT32),), ttl_seconds=60)
+    view = FeatureView("fresh", "user", (Feature("x", DType.FLOAT32),), ttl_seconds=600)
     client.apply([], [view])
     ids = np.array([1, 2])
-    times = np.array([NOW_US - 3_600_000_000, NOW_US])
+    now = int(time.time() * 1e6)
+    times = np.array([now - 3_600_000_000, now])
     client.write_features("fresh", {"user_id": ids}, times, {"x": np.float32([5, 6])})
     got = client.get_online_features(["fresh:x"], {"user_id": ids})
     assert got.statuses["fresh:x"].tolist() == [

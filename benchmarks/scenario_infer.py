@@ -21,26 +21,14 @@ from benchmarks.scenarios import (
     ScenarioBase,
     ScenarioError,
     ScenarioRun,
+    comma_choices,
     register_scenario,
 )
-from benchmarks.server_launch import launch
+from benchmarks.server_launch import add_ops_argument, launch_for, ops_metadata
 from protos.inference import grpc_service_pb2 as pb
 
 MODELS = ("small", "medium")
 BATCHING = ("on", "off")
-
-
-def _choices(allowed: tuple[str, ...]):
-    """argparse type for a comma-separated subset of `allowed`."""
-
-    def parse(text: str) -> list[str]:
-        values = [part.strip() for part in text.split(",") if part.strip()]
-        bad = [v for v in values if v not in allowed]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"expected a comma list of {allowed}, got '{text}'")
-        return values
-
-    return parse
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -48,10 +36,12 @@ def model_name(args: argparse.Namespace) -> str:
     return f"{args.model[0]}_{args.batching[0]}"
 
 
-def check_response(target: str, model: str, body: bytes, rows: int, timeout_s: float) -> int:
+def check_response(
+    target: str, model: str, body: bytes, rows: int, timeout_s: float, metadata: tuple = ()
+) -> int:
     """Send one ModelInfer; check the output has `rows` rows; returns the response size."""
     with grpc.insecure_channel(target) as channel:
-        raw = channel.unary_unary(INFER_METHOD)(body, timeout=timeout_s)
+        raw = channel.unary_unary(INFER_METHOD)(body, timeout=timeout_s, metadata=metadata)
     response = pb.ModelInferResponse.FromString(raw)
     if not response.outputs or response.outputs[0].shape[0] != rows:
         raise ScenarioError(f"ModelInfer on {model} did not return {rows} rows: {response}")
@@ -68,24 +58,26 @@ class InferScenario(ScenarioBase):
         """--model, --batching (comma lists: one variant per pair) and --rows."""
         parser.add_argument(
             "--model",
-            type=_choices(MODELS),
+            type=comma_choices(MODELS),
             default=["small"],
             help="small (MLP 32-64-64-1) and/or medium (4 x 1536 dense); default small",
         )
         parser.add_argument(
             "--batching",
-            type=_choices(BATCHING),
+            type=comma_choices(BATCHING),
             default=list(BATCHING),
             help="dynamic batching on and/or off (default on,off)",
         )
         parser.add_argument("--rows", type=int, default=1, help="rows per request (default 1)")
+        add_ops_argument(parser)
 
     def variants(self, args: argparse.Namespace) -> list[argparse.Namespace]:
-        """One namespace per (model, batching) pair."""
+        """One namespace per (model, batching, ops) triple."""
         return [
-            argparse.Namespace(**{**vars(args), "model": [m], "batching": [b]})
+            argparse.Namespace(**{**vars(args), "model": [m], "batching": [b], "ops": [o]})
             for m in args.model
             for b in args.batching
+            for o in args.ops
         ]
 
     def _body(self, args: argparse.Namespace) -> bytes:
@@ -95,17 +87,19 @@ class InferScenario(ScenarioBase):
     def setup(self, args: argparse.Namespace) -> ScenarioRun:
         """Write a repository with the one model and start a server on it (unless --target)."""
         model = model_name(args)
-        params = {"model": model, "rows": args.rows}
+        params = {"model": model, "rows": args.rows, "ops": args.ops[0]}
         server = None
         target = args.target
         if target is None:
             workdir = Path(tempfile.mkdtemp(prefix="featureserve-infer-"))
             build, _, config = BENCH_MODELS[model]
             write_model(workdir / "models", model, build(), config_toml=config)
-            server = launch(workdir / "data", workdir / "models", scratch=workdir)
+            server = launch_for(args.ops[0], workdir / "data", workdir / "models", workdir)
             target = server.target
         try:
-            size = check_response(target, model, self._body(args), args.rows, args.timeout)
+            size = check_response(
+                target, model, self._body(args), args.rows, args.timeout, ops_metadata(args.ops[0])
+            )
         except (grpc.RpcError, ScenarioError):
             if server is not None:
                 server.stop()
@@ -124,9 +118,10 @@ class InferScenario(ScenarioBase):
         call = channel.unary_unary(INFER_METHOD)
         body = self._body(args)
         timeout = args.timeout
+        metadata = ops_metadata(args.ops[0])
 
         async def request() -> bytes:
-            return await call(body, timeout=timeout)
+            return await call(body, timeout=timeout, metadata=metadata)
 
         return request
 

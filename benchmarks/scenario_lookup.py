@@ -27,7 +27,7 @@ from benchmarks.scenarios import (
     ScenarioRun,
     register_scenario,
 )
-from benchmarks.server_launch import launch
+from benchmarks.server_launch import add_ops_argument, launch_for, ops_metadata
 from clients.feature_messages import get_request, online_features
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
@@ -112,11 +112,13 @@ def request_bytes(entities: int, entities_total: int, rng: np.random.Generator) 
     return get_request([VIEW], {JOIN_KEY: ids}).SerializeToString()
 
 
-def check_response(target: str, entities: int, entities_total: int, timeout_s: float) -> int:
+def check_response(
+    target: str, entities: int, entities_total: int, timeout_s: float, metadata: tuple = ()
+) -> int:
     """Send one lookup, check every value came back PRESENT; returns the response size in bytes."""
     body = request_bytes(entities, entities_total, np.random.default_rng(1))
     with grpc.insecure_channel(target) as channel:
-        raw = channel.unary_unary(METHOD)(body, timeout=timeout_s)
+        raw = channel.unary_unary(METHOD)(body, timeout=timeout_s, metadata=metadata)
     features = online_features(pb.GetOnlineFeaturesResponse.FromString(raw))
     missing = [k for k, s in features.statuses.items() if (s != FeatureStatus.PRESENT).any()]
     if features.rows != entities or missing:
@@ -159,10 +161,15 @@ class LookupScenario(ScenarioBase):
             default=None,
             help="store directory, loaded once and reused (default: a cache dir under $TMPDIR)",
         )
+        add_ops_argument(parser)
 
     def variants(self, args: argparse.Namespace) -> list[argparse.Namespace]:
-        """One namespace per --entities value."""
-        return [argparse.Namespace(**{**vars(args), "entities": [n]}) for n in args.entities]
+        """One namespace per (--entities value, --ops value)."""
+        return [
+            argparse.Namespace(**{**vars(args), "entities": [n], "ops": [o]})
+            for n in args.entities
+            for o in args.ops
+        ]
 
     def setup(self, args: argparse.Namespace) -> ScenarioRun:
         """Load the store (unless cached), start a server unless --target, measure one response."""
@@ -171,6 +178,7 @@ class LookupScenario(ScenarioBase):
             "entities": entities,
             "features": args.features,
             "entities_total": args.entities_total,
+            "ops": args.ops[0],
         }
         server = None
         target = args.target
@@ -179,10 +187,12 @@ class LookupScenario(ScenarioBase):
             params["load_s"] = round(load_store(data_dir, args.entities_total, args.features), 1)
             models = data_dir / "bench-models"
             models.mkdir(exist_ok=True)
-            server = launch(data_dir, models)
+            server = launch_for(args.ops[0], data_dir, models)
             target = server.target
         try:
-            response_bytes = check_response(target, entities, args.entities_total, args.timeout)
+            response_bytes = check_response(
+                target, entities, args.entities_total, args.timeout, ops_metadata(args.ops[0])
+            )
         except (grpc.RpcError, ScenarioError):
             if server is not None:
                 server.stop()
@@ -205,9 +215,10 @@ class LookupScenario(ScenarioBase):
         nxt = itertools.cycle(bodies).__next__
         call = channel.unary_unary(METHOD)
         timeout = args.timeout
+        metadata = ops_metadata(args.ops[0])
 
         async def request() -> bytes:
-            return await call(nxt(), timeout=timeout)
+            return await call(nxt(), timeout=timeout, metadata=metadata)
 
         return request
 

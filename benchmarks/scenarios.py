@@ -203,3 +203,16 @@ class ServerProcess:
 def python_module_argv(module: str, *args: str) -> list[str]:
     """argv running `python -m module args...` with this interpreter."""
     return [sys.executable, "-m", module, *args]
+
+
+def comma_choices(allowed: tuple[str, ...]):
+    """argparse type for a comma-separated subset of `allowed`."""
+
+    def parse(text: str) -> list[str]:
+        values = [part.strip() for part in text.split(",") if part.strip()]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {allowed}, got '{text}'")
+        return values
+
+    return parse

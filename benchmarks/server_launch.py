@@ -10,34 +10,66 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import signal
+import socket
 from pathlib import Path
 
-from benchmarks.scenarios import ScenarioError, ServerProcess, python_module_argv
-from server.app import FeatureServer
+from benchmarks.scenarios import ScenarioError, ServerProcess, comma_choices, python_module_argv
 from server.cli import SERVE_FLAGS
 from server.config import load_config
 from server.logs import configure_logging
+from server.runner import serve
 
 DEFAULT_LOG_LEVEL = "WARNING"
 
 
-async def serve(config_path: Path | None, overrides: dict[str, object]) -> None:
-    """Start FeatureServer with the config file and flag overrides, print READY, serve until
-    SIGTERM or SIGINT, then stop it gracefully (pending writes are committed)."""
-    config = load_config(config_path, overrides)
-    configure_logging(config.log_level, config.log_format)
-    server = FeatureServer(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        port = await server.start()
-        print(f"READY {port}", flush=True)
-        await stop.wait()
-    finally:
-        await server.stop(grace=1.0)
+def announce(port: int) -> None:
+    """Tell the harness's ServerProcess that the server serves."""
+    print(f"READY {port}", flush=True)
+
+
+OPS_TOKEN = "featureserve-bench-token"
+OPS_MODES = ("off", "on")
+
+
+def ops_config(directory: Path, metrics_port: int) -> Path:
+    """A server config with the operations layer on (metrics endpoint, bearer-token auth, audit
+    log), for measuring its overhead; clients send `ops_metadata()`."""
+    path = directory / "ops.toml"
+    path.write_text(
+        f"metrics_port = {metrics_port}\n"
+        "[auth]\nenabled = true\n"
+        f'[[auth.tokens]]\nname = "bench"\ntoken = "{OPS_TOKEN}"\n'
+        'scopes = ["read:*", "write:*", "infer:*"]\n'
+    )
+    return path
+
+
+def ops_metadata(ops: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata for a server launched with ops on ("on") or off."""
+    return (("authorization", f"Bearer {OPS_TOKEN}"),) if ops == "on" else ()
+
+
+def add_ops_argument(parser: argparse.ArgumentParser) -> None:
+    """--ops off,on: run each point against a plain server and one with metrics, auth and audit."""
+    parser.add_argument(
+        "--ops",
+        type=comma_choices(OPS_MODES),
+        default=["off"],
+        help="operations layer (metrics endpoint, token auth, audit log): off and/or on; "
+        "a comma list runs one variant each, side by side (default off)",
+    )
+
+
+def launch_for(ops: str, data_dir: Path, model_repo: Path, scratch: Path | None = None):
+    """Launch a server with the operations layer off or on (config written beside the data)."""
+    if ops != "on":
+        return launch(data_dir, model_repo, scratch=scratch)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    config = ops_config(data_dir, metrics_port)
+    return launch(data_dir, model_repo, "--config", str(config), scratch=scratch)
 
 
 class LaunchedServer(ServerProcess):
@@ -90,12 +122,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--model-repo", type=Path, required=True)
-    parser.add_argument("--metrics-port", type=int, default=0)
+    parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--log-level", default=DEFAULT_LOG_LEVEL)
     args = parser.parse_args(argv)
     overrides: dict[str, object] = {name: getattr(args, name) for name in SERVE_FLAGS}
     overrides["log_level"] = args.log_level
-    asyncio.run(serve(args.config, overrides))
+    config = load_config(args.config, overrides)
+    configure_logging(config.log_level, config.log_format)
+    asyncio.run(serve(config, announce))
 
 
 if __name__ == "__main__":

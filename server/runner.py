@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 
 from server.app import FeatureServer
 from server.config import ServerConfig
 
 
-async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
-    """Start the server, wait for a stop signal, then shut down gracefully."""
+async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:
+    """Start the server, call on_ready(port), wait for a stop signal, then shut down gracefully
+    (in-flight calls finish within the grace period; pending writes are committed)."""
     server = FeatureServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await server.start()
-        if ready is not None:
-            ready.set()
+        port = await server.start()
+        if on_ready is not None:
+            on_ready(port)
         await stop.wait()
     finally:
         await server.stop()

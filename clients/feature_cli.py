@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import grpc
@@ -27,11 +28,50 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _read_table(path: Path):
-    import pandas as pd
-
+    """The file as an Arrow table; only empty CSV cells are null, so "NaN" stays a NaN value."""
     if path.suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path)
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path)
+    import pyarrow.csv as pcsv
+
+    options = pcsv.ConvertOptions(null_values=[""], strings_can_be_null=True)
+    return pcsv.read_csv(path, convert_options=options)
+
+
+def _event_times(column) -> np.ndarray:
+    """Event times as datetime64 (ISO 8601 text or timestamps) or int µs since the epoch."""
+    import pyarrow as pa
+
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        import pandas as pd
+
+        # "mixed": pandas 2.2's "ISO8601" gives wrong instants when offsets and naive times mix.
+        parsed = pd.to_datetime(column.to_pandas(), utc=True, format="mixed")
+        return parsed.dt.tz_localize(None).to_numpy()
+    return column.to_numpy()
+
+
+def _vectors(column, length: int) -> np.ndarray:
+    """A rows x length float32 array from list cells or "[0.1, 0.2]" text; nulls become zeros."""
+    rows = []
+    for cell in column.to_pylist():
+        if cell is None:
+            cell = [0.0] * length
+        elif isinstance(cell, str):
+            cell = [float(x) for x in cell.strip("[] ").replace(",", " ").split()]
+        rows.append(np.asarray(cell, dtype=np.float32))
+    return np.stack(rows) if rows else np.zeros((0, length), dtype=np.float32)
+
+
+def _feature_values(column, dtype: DType, length: int) -> np.ndarray:
+    """Values of one feature column with nulls filled by a placeholder the null mask hides."""
+    if dtype == DType.FLOAT32_VECTOR:
+        return _vectors(column, length)
+    if dtype == DType.STRING:
+        return column.cast("string").fill_null("").to_numpy(zero_copy_only=False)
+    filler = False if dtype == DType.BOOL else 0
+    return column.fill_null(filler).to_numpy(zero_copy_only=False)
 
 
 def _entity_keys(client: FeatureStoreClient, view) -> list:
@@ -50,34 +90,29 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     with FeatureStoreClient(client_config(args)) as client:
         view = client.get_feature_view(args.view, args.version)
         join_keys = _entity_keys(client, view)
-        missing = [k.name for k in join_keys if k.name not in table.columns]
-        missing += [args.event_time_column] if args.event_time_column not in table.columns else []
+        wanted = [k.name for k in join_keys] + [args.event_time_column]
+        missing = [name for name in wanted if name not in table.column_names]
         if missing:
-            print(f"featureserve: {args.file}: missing columns {missing}")
+            print(f"featureserve: {args.file}: missing columns {missing}", file=sys.stderr)
             return 2
-        times = table[args.event_time_column]
-        if times.dtype.kind in "OM":
-            import pandas as pd
-
-            times = pd.to_datetime(times, utc=True).dt.tz_localize(None)
-        keys = {k.name: table[k.name].to_numpy() for k in join_keys}
+        try:
+            times = _event_times(table[args.event_time_column])
+        except ValueError as exc:
+            print(f"featureserve: {args.file}: {args.event_time_column}: {exc}", file=sys.stderr)
+            return 2
+        keys = {k.name: _feature_values(table[k.name], k.dtype, 0) for k in join_keys}
         features = {}
         nulls = {}
         for feature in view.features:
-            if feature.name not in table.columns:
+            if feature.name not in table.column_names:
                 continue
             column = table[feature.name]
-            nulls[feature.name] = column.isna().to_numpy()
-            if feature.dtype == DType.STRING:
-                features[feature.name] = column.fillna("").astype(str).to_numpy(dtype=object)
-            elif feature.dtype == DType.FLOAT32_VECTOR:
-                features[feature.name] = np.stack([np.asarray(v, dtype=np.float32) for v in column])
-            else:
-                features[feature.name] = column.fillna(0).to_numpy()
+            nulls[feature.name] = column.is_null().to_numpy(zero_copy_only=False)
+            features[feature.name] = _feature_values(column, feature.dtype, feature.vector_length)
         with client.stream_writer(
             args.view, batch_rows=args.batch_rows, version=view.version, policy=args.policy
         ) as writer:
-            writer.write(keys, times.to_numpy(), features, nulls)
+            writer.write(keys, times, features, nulls)
         summary = writer.summary
     print(f"written={summary.written} stale={summary.stale} rejected={summary.rejected}")
     for err in summary.errors[:20]:

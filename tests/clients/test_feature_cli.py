@@ -1,0 +1,293 @@
+"""`featureserve apply`, `ingest` and `get` run as real subprocesses against a real server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clients.channel import ClientConfig
+from clients.feature_client import FeatureStoreClient
+from featurestore.definitions import load_definitions
+from featurestore.dtypes import FeatureStatus
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def features_toml(view: str, allow_nan: bool = False, extra: str = "") -> str:
+    """An int64 `user` entity and a view with float32, int64, string and float32_vector features."""
+    return f"""
+[[entity]]
+name = "user"
+join_keys = [{{ name = "user_id", dtype = "int64" }}]
+
+[[feature_view]]
+name = "{view}"
+entity = "user"
+owner = "tests"
+{extra}
+
+[[feature_view.feature]]
+name = "score"
+dtype = "float32"
+allow_nan = {str(allow_nan).lower()}
+
+[[feature_view.feature]]
+name = "clicks"
+dtype = "int64"
+
+[[feature_view.feature]]
+name = "city"
+dtype = "string"
+
+[[feature_view.feature]]
+name = "emb"
+dtype = "float32_vector"
+vector_length = 3
+"""
+
+
+def us(text: str) -> int:
+    """µs since the epoch of an ISO 8601 time (naive means UTC)."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp()) * 1_000_000
+
+
+class Cli:
+    """Runs `python -m server.cli` against one server."""
+
+    def __init__(self, target: str, base: Path) -> None:
+        self.target, self.base = target, base
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "server.cli", *args, "--target", self.target]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    def file(self, name: str, text: str) -> Path:
+        path = self.base / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from tests.conftest import ServerProcess
+
+    base = tmp_path_factory.mktemp("feature_cli")
+    server = ServerProcess(base / "data", base / "models").start()
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        yield Cli(server.target, base), client
+    server.kill()
+
+
+def register(served, view: str, allow_nan: bool = False) -> None:
+    """Register a view through the client (the apply command has its own tests)."""
+    cli, client = served
+    entities, views = load_definitions(cli.file(f"{view}.toml", features_toml(view, allow_nan)))
+    assert [r.action for r in client.apply(entities, views)] == ["created"]
+
+
+def test_apply_creates_then_reports_unchanged(served) -> None:
+    cli, client = served
+    path = cli.file("applied.toml", features_toml("applied"))
+    first = cli.run("apply", str(path))
+    assert (first.returncode, first.stdout.strip()) == (0, "applied@1: created")
+    again = cli.run("apply", str(path))
+    assert (again.returncode, again.stdout.strip()) == (0, "applied@1: unchanged")
+    view = client.get_feature_view("applied")
+    assert [f.name for f in view.features] == ["score", "clicks", "city", "emb"]
+
+
+def test_dry_run_changes_nothing(served) -> None:
+    cli, _ = served
+    path = cli.file("dry.toml", features_toml("dry"))
+    dry = cli.run("apply", str(path), "--dry-run")
+    assert (dry.returncode, dry.stdout.strip()) == (0, "dry@1: created")
+    got = cli.run("get", "--view", "dry", "--keys", "1")
+    assert got.returncode != 0
+    lines = got.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("featureserve: NOT_FOUND: "), got.stderr
+    assert "'dry'" in lines[0]
+
+
+def test_apply_unknown_key_names_key_and_file(served) -> None:
+    cli, _ = served
+    path = cli.file("typo.toml", features_toml("typo", extra='colour = "red"'))
+    result = cli.run("apply", str(path))
+    assert result.returncode == 1
+    assert "colour" in result.stderr and str(path) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+CSV_ISO = """user_id,event_timestamp,score,clicks,city,emb
+1,2024-05-01T10:00:00Z,0.5,3,Paris,"[0.1, 0.2, 0.3]"
+2,2024-05-01T11:00:00+02:00,1.25,7,Oslo,"[1, 2, 3]"
+3,2024-05-01 12:00:00,-2.0,0,Lima,"[-1.5, 0, 4.25]"
+"""
+
+
+def read_back(client: FeatureStoreClient, view: str, ids: list[int]):
+    return client.get_online_features([view], {"user_id": np.array(ids, dtype=np.int64)})
+
+
+def test_ingest_csv_with_iso_times_round_trips_and_replay_is_stale(served) -> None:
+    cli, client = served
+    register(served, "csv_iso")
+    path = cli.file("iso.csv", CSV_ISO)
+    first = cli.run("ingest", str(path), "--view", "csv_iso")
+    assert (first.returncode, first.stdout.strip()) == (0, "written=3 stale=0 rejected=0")
+    got = read_back(client, "csv_iso", [1, 2, 3])
+    np.testing.assert_array_equal(got["csv_iso:score"], np.float32([0.5, 1.25, -2.0]))
+    assert got["csv_iso:clicks"].tolist() == [3, 7, 0]
+    assert got["csv_iso:city"].tolist() == ["Paris", "Oslo", "Lima"]
+    np.testing.assert_array_equal(
+        got["csv_iso:emb"], np.float32([[0.1, 0.2, 0.3], [1, 2, 3], [-1.5, 0, 4.25]])
+    )
+    times = [us("2024-05-01T10:00:00Z"), us("2024-05-01T09:00:00"), us("2024-05-01T12:00:00")]
+    assert got.event_timestamps["csv_iso"].tolist() == times
+    assert (got.statuses["csv_iso:city"] == FeatureStatus.PRESENT).all()
+    replay = cli.run("ingest", str(path), "--view", "csv_iso")
+    assert (replay.returncode, replay.stdout.strip()) == (0, "written=0 stale=3 rejected=0")
+
+
+def test_ingest_csv_with_int_microseconds_and_empty_cells_as_nulls(served) -> None:
+    cli, client = served
+    register(served, "csv_us")
+    t0 = 1_714_557_600_000_000
+    path = cli.file(
+        "us.csv",
+        f'user_id,ts,score,clicks,city,emb\n10,{t0},0.5,3,Rome,"[1, 1, 1]"\n11,{t0 + 1},,4,,\n',
+    )
+    result = cli.run("ingest", str(path), "--view", "csv_us", "--event-time-column", "ts")
+    assert (result.returncode, result.stdout.strip()) == (0, "written=2 stale=0 rejected=0")
+    got = read_back(client, "csv_us", [10, 11])
+    assert got.event_timestamps["csv_us"].tolist() == [t0, t0 + 1]
+    assert got["csv_us:clicks"].tolist() == [3, 4]
+    assert got["csv_us:city"][0] == "Rome"
+    for name in ("score", "city", "emb"):
+        statuses = got.statuses[f"csv_us:{name}"].tolist()
+        assert statuses == [FeatureStatus.PRESENT, FeatureStatus.NULL_VALUE], name
+
+
+def test_ingest_parquet_round_trips_and_replay_is_stale(served) -> None:
+    cli, client = served
+    register(served, "pq_view")
+    frame = pd.DataFrame(
+        {
+            "user_id": np.array([21, 22, 23, 24], dtype=np.int64),
+            "event_timestamp": pd.to_datetime(
+                ["2024-06-01T00:00:00", "2024-06-01T00:00:01", "2024-06-02", "2024-06-03"],
+                format="ISO8601",
+            ),
+            "score": np.float32([0.25, -1.0, 3.5, 1e-3]),
+            "clicks": np.array([1, 2, 2**40, -5], dtype=np.int64),
+            "city": ["Kyiv", "Quito", "Zürich", ""],
+            "emb": [np.float32([i, i + 0.5, -i]) for i in range(4)],
+        }
+    )
+    path = cli.base / "rows.parquet"
+    frame.to_parquet(path, engine="pyarrow")
+    first = cli.run("ingest", str(path), "--view", "pq_view")
+    assert (first.returncode, first.stdout.strip()) == (0, "written=4 stale=0 rejected=0")
+    got = read_back(client, "pq_view", frame["user_id"].tolist())
+    np.testing.assert_array_equal(got["pq_view:score"], frame["score"].to_numpy())
+    assert got["pq_view:clicks"].tolist() == frame["clicks"].tolist()
+    assert got["pq_view:city"].tolist() == frame["city"].tolist()
+    np.testing.assert_array_equal(got["pq_view:emb"], np.stack(frame["emb"]))
+    expected_us = frame["event_timestamp"].to_numpy().astype("datetime64[us]").astype(np.int64)
+    assert got.event_timestamps["pq_view"].tolist() == expected_us.tolist()
+    replay = cli.run("ingest", str(path), "--view", "pq_view")
+    assert (replay.returncode, replay.stdout.strip()) == (0, "written=0 stale=4 rejected=0")
+
+
+CSV_NAN = """user_id,event_timestamp,score,clicks,city,emb
+31,2024-05-01T10:00:00Z,0.5,3,Paris,"[0, 0, 0]"
+32,2024-05-01T10:00:00Z,NaN,7,Oslo,"[0, 0, 0]"
+33,2024-05-01T10:00:00Z,2.0,0,Lima,"[0, 0, 0]"
+"""
+
+
+def test_nan_under_skip_bad_rows_rejects_that_row_only(served) -> None:
+    cli, client = served
+    register(served, "nan_skip")
+    path = cli.file("nan_skip.csv", CSV_NAN)
+    result = cli.run("ingest", str(path), "--view", "nan_skip", "--policy", "skip_bad_rows")
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "written=2 stale=0 rejected=1"
+    assert "row 1 score" in lines[1] and "NaN" in lines[1], result.stdout
+    got = read_back(client, "nan_skip", [31, 32, 33])
+    assert got.statuses["nan_skip:score"].tolist() == [
+        FeatureStatus.PRESENT,
+        FeatureStatus.NOT_FOUND,
+        FeatureStatus.PRESENT,
+    ]
+    np.testing.assert_array_equal(got["nan_skip:score"][[0, 2]], np.float32([0.5, 2.0]))
+
+
+def test_nan_under_reject_batch_writes_nothing(served) -> None:
+    cli, client = served
+    register(served, "nan_reject")
+    path = cli.file("nan_reject.csv", CSV_NAN)
+    result = cli.run("ingest", str(path), "--view", "nan_reject")
+    assert result.returncode != 0
+    assert "score" in result.stderr and "row 1" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    got = read_back(client, "nan_reject", [31, 32, 33])
+    assert (got.statuses["nan_reject:score"] == FeatureStatus.NOT_FOUND).all()
+
+
+def test_nan_is_stored_where_the_feature_allows_it(served) -> None:
+    cli, client = served
+    register(served, "nan_ok", allow_nan=True)
+    path = cli.file("nan_ok.csv", CSV_NAN)
+    result = cli.run("ingest", str(path), "--view", "nan_ok")
+    assert (result.returncode, result.stdout.strip()) == (0, "written=3 stale=0 rejected=0")
+    got = read_back(client, "nan_ok", [32])
+    assert got.statuses["nan_ok:score"][0] == FeatureStatus.PRESENT
+    assert np.isnan(got["nan_ok:score"][0])
+
+
+def test_missing_join_key_column_exits_2_naming_it(served) -> None:
+    cli, _ = served
+    register(served, "nokey")
+    path = cli.file("nokey.csv", "uid,event_timestamp,score\n1,1714557600000000,0.5\n")
+    result = cli.run("ingest", str(path), "--view", "nokey")
+    assert result.returncode == 2
+    assert "missing columns ['user_id']" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_get_prints_features_and_statuses(served) -> None:
+    cli, _ = served
+    register(served, "shown")
+    path = cli.file("shown.csv", CSV_ISO)
+    assert cli.run("ingest", str(path), "--view", "shown").returncode == 0
+    result = cli.run("get", "--view", "shown", "--keys", "2,999")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"[user_id=2] event_time_us={us('2024-05-01T09:00:00')}",
+        "  shown:score = 1.25 (PRESENT)",
+        "  shown:clicks = 7 (PRESENT)",
+        "  shown:city = Oslo (PRESENT)",
+        "  shown:emb = [1. 2. 3.] (PRESENT)",
+        "[user_id=999] event_time_us=0",
+        "  shown:score = - (NOT_FOUND)",
+        "  shown:clicks = - (NOT_FOUND)",
+        "  shown:city = - (NOT_FOUND)",
+        "  shown:emb = - (NOT_FOUND)",
+    ]
+    subset = cli.run("get", "--view", "shown", "--entity", "user_id=3", "--features", "city,clicks")
+    assert subset.returncode == 0, subset.stderr
+    assert subset.stdout.splitlines() == [
+        f"[user_id=3] event_time_us={us('2024-05-01T12:00:00')}",
+        "  shown:city = Lima (PRESENT)",
+        "  shown:clicks = 0 (PRESENT)",
+    ]

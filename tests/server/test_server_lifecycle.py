@@ -98,7 +98,12 @@ def test_data_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["health"], ["bench"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["serve"], ["health"], ["apply"], ["ingest"], ["get"], ["predict"], ["pipeline"],
+     ["pipeline", "run"], ["bench"], ["bench", "baseline"], ["bench", "lookup"],
+     ["bench", "ingest"], ["bench", "infer"]],
+)  # fmt: skip
 def test_help_on_every_command(command: list[str]) -> None:
     result = featureserve(*command, "--help")
     assert result.returncode == 0

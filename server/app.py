@@ -122,7 +122,15 @@ class FeatureServer:
             watch=self.config.watch_model_repo,
             poll_interval_s=self.config.model_poll_interval_s,
         )
-        await self.models.start()
+        try:
+            await self.models.start()
+            return await self._listen()
+        except BaseException:
+            await self._release()
+            raise
+
+    async def _listen(self) -> int:
+        """Build the gRPC server with its interceptors and services, bind and start it."""
         interceptors = [self.metrics_interceptor]
         if self.config.max_concurrent_rpcs > 0:
             interceptors.append(OverloadInterceptor(self.config.max_concurrent_rpcs))
@@ -195,25 +203,22 @@ class FeatureServer:
         grace = self.config.grace_seconds if grace is None else grace
         log.info("stopping", extra={"grace_seconds": grace})
         await self._server.stop(grace)
-        if self.models is not None:
-            await self.models.stop()
-        self._close_stores()
-        if self.metrics is not None:
-            self.metrics.close()
-        self.audit.close()
+        await self._release()
         log.info("stopped")
 
-    def _close_stores(self) -> None:
-        """Flush pending writes and close the LMDB environment."""
+    async def _release(self) -> None:
+        """Unload models, flush pending writes, close the store, the metrics endpoint and audit."""
+        if self.models is not None:
+            await self.models.stop()
         if self.committer is not None:
             self.committer.close()
         if self.store is not None:
             self.store.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.audit.close()
 
     async def wait_closed(self) -> None:
         """Wait until the server has stopped."""
         if self._server is not None:
             await self._server.wait_for_termination()
-
-
-__all__ = ["ConfigError", "FeatureServer", "StartupError", "grpc_options"]

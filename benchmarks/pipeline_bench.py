@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run both measurements against a fresh server and print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--parallelism", type=int, default=1)
+    parser.add_argument(
+        "--parallelism", type=int, default=2, help="Flink parallelism (default 2: one per core)"
+    )
     parser.add_argument("--freshness-seconds", type=float, default=30.0)
     parser.add_argument("--slide", type=float, default=2.0)
     parser.add_argument("--file-period", type=float, default=0.25)

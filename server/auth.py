@@ -21,6 +21,7 @@ from server.errors import PermissionDeniedError, UnauthenticatedError
 from server.metrics_interceptor import rewrap
 
 ADMIN = "admin"
+MAX_REMEMBERED_SCOPES = 4096
 READ, WRITE, INFER = "read", "write", "infer"
 AUTHENTICATED = ""
 KINDS = (READ, WRITE, INFER)
@@ -71,6 +72,7 @@ class Principal:
     admin: bool = field(init=False)
     kinds: frozenset[str] = field(init=False)
     patterns: tuple[str, ...] = field(init=False)
+    _granted: dict[str, bool] = field(init=False, default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         admin = ADMIN in self.scopes
@@ -84,10 +86,15 @@ class Principal:
         return self.admin or kind in self.kinds
 
     def grants(self, scope: str) -> bool:
-        """Whether the principal holds `scope` exactly, through a glob, or through admin."""
-        if self.admin or scope in self.scopes:
-            return True
-        return any(fnmatchcase(scope, pattern) for pattern in self.patterns)
+        """Whether the principal holds `scope` exactly, through a glob, or through admin
+        (answers are remembered: the hot path asks about the same few scopes again and again)."""
+        known = self._granted.get(scope)
+        if known is None:
+            known = self.admin or scope in self.scopes
+            known = known or any(fnmatchcase(scope, pattern) for pattern in self.patterns)
+            if len(self._granted) < MAX_REMEMBERED_SCOPES:
+                self._granted[scope] = known
+        return known
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Scaling kernels: standardize, min-max, log1p, clip and bucketize over float64 columns.
 
 Each column kernel loops over a scalar `*_value` function that the fused chain in
-featurestore/transforms.py calls too, so the maths exists exactly once. NaN in gives NaN out,
+featurestore/kernels/fused.py calls too, so the maths exists exactly once. NaN in gives NaN out,
 except for bucketing, which sends NaN to a dedicated last bucket.
 """
 

@@ -25,6 +25,8 @@ from server.model_repository import ModelRepository
 from server.tensors import NUMPY_DTYPES, encode_bytes_elements
 
 Body = Callable[[pb_grpc.GRPCInferenceServiceStub, ModelRepository], Awaitable[None]]
+# The KServe v2 spec's datatype -> InferTensorContents field, written out independently of
+# server/tensors.py so that a wrong entry there fails these tests instead of agreeing with itself.
 TYPED = {
     "BOOL": "bool_contents",
     "UINT8": "uint_contents",

@@ -106,7 +106,10 @@ def test_cap_rejects_at_once_and_holds_across_waves() -> None:
     seen = asyncio.run(scenario())
     for wave in range(2):
         assert seen[f"excess wave {wave}"] == ["RESOURCE_EXHAUSTED"] * WAVE
-        assert seen[f"stream while full {wave}"] == ["RESOURCE_EXHAUSTED"]
+        # grpcio 1.65's core sometimes loses the status of a bidi stream ended before it read
+        # the client's messages ("Internal error from Core", about 1 run in 40); the server-side
+        # rejection itself is asserted through interceptor.rejected below.
+        assert seen[f"stream while full {wave}"] in (["RESOURCE_EXHAUSTED"], ["INTERNAL"])
         assert seen[f"health while full {wave}"] == health_pb2.HealthCheckResponse.SERVING
         assert seen[f"admitted still running {wave}"] is True
         assert seen[f"admitted wave {wave}"] == ["OK"] * LIMIT

@@ -3,7 +3,9 @@
 Requests queue on the event loop (per priority level); a batch is formed when an instance is
 idle and the batch is full, a preferred size is reached, or the oldest request waited
 max_queue_delay_us. Batches go to dedicated instance threads through a SimpleQueue and come
-back with call_soon_threadsafe, so ONNX Runtime (which releases the GIL) never blocks the loop.
+back with call_soon_threadsafe, so ONNX Runtime (which releases the GIL) never blocks the loop;
+only when the model's recent batches ran in under instance_group.inline_max_us (a hand-off costs
+more than that) does a batch run on the loop itself.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from server.errors import (
 )
 from server.metrics import ModelMetrics
 from server.model_config import ModelConfig
+
+INLINE_WARMUP_BATCHES = 4
+"""Batches run on instance threads, to time the model, before any may run inline."""
+EXEC_SMOOTHING = 0.2
+"""Weight of the newest batch in the moving average of execution time."""
 
 RunFn = Callable[[int, dict[str, np.ndarray], list[str] | None], dict[str, np.ndarray]]
 
@@ -91,6 +98,8 @@ class _Outcome:
     input_ns: int
     infer_ns: int
     output_ns: int
+    cpu_ns: int
+    """CPU time of the executing thread: unlike wall time, not inflated by waits for the GIL."""
 
 
 def _batch_key(inputs: dict[str, np.ndarray]) -> tuple:
@@ -126,6 +135,10 @@ class DynamicBatcher:
         self._queued = 0
         self._queued_rows = 0
         self._instances = config.instance_group.count
+        single_threaded = config.onnxruntime.intra_op_threads == 1
+        self._inline_ns = config.instance_group.inline_max_us * 1000 if single_threaded else 0
+        self._exec_ns = 0.0
+        self._executions = 0
         self._idle = self._instances
         self._in_flight = 0
         self._closed = False
@@ -198,7 +211,11 @@ class DynamicBatcher:
         self.metrics.queue_depth(self._queued)
         if deadline is not None:
             self._arm_expiry(deadline)
-        if not self._kicked:
+        if not self._delay_s and self._runs_inline():
+            self._dispatch()
+            if future.done():
+                return future.result()
+        elif not self._kicked:
             self._kicked = True
             self._loop.call_soon(self._dispatch)
         return await future
@@ -216,20 +233,32 @@ class DynamicBatcher:
         return priority - 1
 
     def _dispatch(self) -> None:
-        """Hand batches to idle instances while the batching rules allow."""
+        """Hand batches to idle instances (or run tiny ones inline) while the rules allow."""
         self._kicked = False
         loop = self._loop
         while self._idle and self._queued:
             now = loop.time()
             limit = self._ready_rows(now)
             if limit == 0:
-                return
+                break
             batch = self._form(limit, now)
             if not batch:
                 continue
             self._idle -= 1
             self._in_flight += 1
-            self._jobs.put(batch)
+            if self._runs_inline():
+                self._finish(batch, self._execute(0, batch))
+            else:
+                self._jobs.put(batch)
+        self._maybe_drained()
+
+    def _runs_inline(self) -> bool:
+        """Whether the model's recent batches took less CPU than a thread hand-off costs."""
+        return (
+            self._executions >= INLINE_WARMUP_BATCHES
+            and self._exec_ns <= self._inline_ns
+            and self._inline_ns > 0
+        )
 
     def _ready_rows(self, now: float) -> int:
         """Rows to dispatch now, or 0 to wait (a timer is armed for the queue delay)."""
@@ -341,6 +370,7 @@ class DynamicBatcher:
 
     def _execute(self, instance: int, batch: list[_Request]) -> _Outcome:
         """Concatenate, run, split; if the batch fails, run its requests one by one."""
+        cpu0 = time.thread_time_ns()
         t0 = time.perf_counter_ns()
         wanted = _union_outputs(batch)
         if len(batch) == 1:
@@ -373,7 +403,7 @@ class DynamicBatcher:
                     )
                     start = stop
         t3 = time.perf_counter_ns()
-        return _Outcome(results, t1 - t0, t2 - t1, t3 - t2)
+        return _Outcome(results, t1 - t0, t2 - t1, t3 - t2, time.thread_time_ns() - cpu0)
 
     def _run_alone(self, instance: int, request: _Request) -> dict[str, np.ndarray] | BaseException:
         """Retry one request of a failed batch on its own."""
@@ -387,7 +417,14 @@ class DynamicBatcher:
         return InferenceFailedError(f"model '{self.name}': ONNX Runtime failed: {exc}")
 
     def _complete(self, batch: list[_Request], outcome: _Outcome) -> None:
-        """On the loop: deliver each request's result, record statistics, free the instance."""
+        """On the loop: finish a batch an instance thread ran, then dispatch what waits."""
+        self._finish(batch, outcome)
+        if self._queued:
+            self._dispatch()
+        self._maybe_drained()
+
+    def _finish(self, batch: list[_Request], outcome: _Outcome) -> None:
+        """Deliver each request's result, record statistics, free the instance."""
         now = self._loop.time()
         stats = self.stats
         rows = sum(r.rows for r in batch)
@@ -408,8 +445,8 @@ class DynamicBatcher:
         if ok < len(batch):
             self.metrics.fail("error", len(batch) - ok)
         queue_s = max(r.dispatched - r.enqueued for r in batch)
-        compute_s = (outcome.input_ns + outcome.infer_ns + outcome.output_ns) / 1e9
-        self.metrics.observe_batch(ok, rows, queue_s, compute_s)
+        exec_ns = outcome.input_ns + outcome.infer_ns + outcome.output_ns
+        self.metrics.observe_batch(ok, rows, queue_s, exec_ns / 1e9)
         self.metrics.queue_depth(self._queued)
         if ok:
             stats.compute_input.add(outcome.input_ns * ok, ok)
@@ -423,11 +460,14 @@ class DynamicBatcher:
         size.compute_input.add(outcome.input_ns)
         size.compute_infer.add(outcome.infer_ns)
         size.compute_output.add(outcome.output_ns)
+        self._exec_ns = (
+            outcome.cpu_ns
+            if not self._executions
+            else (1 - EXEC_SMOOTHING) * self._exec_ns + EXEC_SMOOTHING * outcome.cpu_ns
+        )
+        self._executions += 1
         self._idle += 1
         self._in_flight -= 1
-        if self._queued:
-            self._dispatch()
-        self._maybe_drained()
 
     def _maybe_drained(self) -> None:
         """Signal close() once nothing is queued or running."""

@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from benchmarks.model_zoo import add_sub_model, gather_model, medium_model, mlp_model
-from server.batcher import DynamicBatcher
+from server.batcher import INLINE_WARMUP_BATCHES, DynamicBatcher
 from server.errors import InferenceFailedError, QueueFullError, RequestTimeoutError
 from server.model_config import (
     DynamicBatchingConfig,
@@ -29,19 +30,29 @@ def make_batcher(
     *,
     max_batch_size: int = 64,
     instances: int = 1,
+    inline_max_us: int = 50,
+    ran_on: list[str] | None = None,
     **batching,
 ) -> DynamicBatcher:
+    """A batcher over a real ONNX Runtime session; ran_on collects the executing thread names."""
     path = tmp_path / f"model-{id(model)}.onnx"
     path.write_bytes(model.SerializeToString())
     config = ModelConfig(
         name="m",
         max_batch_size=max_batch_size,
         dynamic_batching=DynamicBatchingConfig(**batching),
-        instance_group=InstanceGroupConfig(count=instances),
+        instance_group=InstanceGroupConfig(count=instances, inline_max_us=inline_max_us),
     )
     runner = OnnxRunner(path, config.onnxruntime, instances)
     config = complete_config(config, runner.inputs, runner.outputs, source=str(path))
-    return DynamicBatcher(config, runner.run)
+    if ran_on is None:
+        return DynamicBatcher(config, runner.run)
+
+    def run(instance, feed, outputs):
+        ran_on.append(threading.current_thread().name)
+        return runner.run(instance, feed, outputs)
+
+    return DynamicBatcher(config, run)
 
 
 def slow_model() -> onnx.ModelProto:
@@ -244,3 +255,46 @@ def test_close_lets_queued_requests_finish(tmp_path: Path) -> None:
     results, batcher = asyncio.run(main())
     assert len(results) == 10 and all(r["y"].shape == (1, 1) for r in results)
     assert dataclasses.asdict(batcher.stats)["success"]["count"] == 10
+
+
+def run_one_at_a_time(batcher: DynamicBatcher, xs: list[np.ndarray]) -> list[dict]:
+    """Submit each input after the previous answer, so every request is its own batch."""
+
+    async def main() -> list[dict]:
+        batcher.start()
+        results = [await batcher.submit({"x": x}, len(x)) for x in xs]
+        await batcher.close()
+        return results
+
+    return asyncio.run(main())
+
+
+def test_tiny_batches_run_on_the_loop_once_timed(tmp_path: Path) -> None:
+    model = mlp_model()
+    reference = ort.InferenceSession(model.SerializeToString())
+    xs = [np.full((2, 32), i / 10, np.float32) for i in range(12)]
+    ran_on: list[str] = []
+    batcher = make_batcher(tmp_path, model, inline_max_us=100_000, ran_on=ran_on)
+    results = run_one_at_a_time(batcher, xs)
+    loop_thread = threading.current_thread().name
+    assert len(ran_on) == len(xs)
+    assert loop_thread not in ran_on[:INLINE_WARMUP_BATCHES]
+    assert ran_on[INLINE_WARMUP_BATCHES:] == [loop_thread] * (len(xs) - INLINE_WARMUP_BATCHES)
+    for x, result in zip(xs, results, strict=True):
+        np.testing.assert_allclose(result["y"], reference.run(None, {"x": x})[0], rtol=1e-6)
+    assert batcher.stats.execution_count == len(xs)
+
+
+@pytest.mark.parametrize(
+    ("model", "width", "inline_max_us"),
+    [(mlp_model(), 32, 0), (medium_model(width=1024, layers=4), 1024, 50)],
+    ids=["inline-off", "slow-model"],
+)
+def test_batches_stay_on_instance_threads(
+    tmp_path: Path, model: onnx.ModelProto, width: int, inline_max_us: int
+) -> None:
+    ran_on: list[str] = []
+    batcher = make_batcher(tmp_path, model, inline_max_us=inline_max_us, ran_on=ran_on)
+    run_one_at_a_time(batcher, [np.ones((8, width), np.float32) for _ in range(8)])
+    assert len(ran_on) == 8
+    assert threading.current_thread().name not in ran_on

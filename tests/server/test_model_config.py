@@ -41,6 +41,7 @@ default_priority_level = 2
 
 [instance_group]
 count = 2
+inline_max_us = 0
 
 [onnxruntime]
 intra_op_threads = 2
@@ -64,6 +65,7 @@ def test_full_config_parses_every_section() -> None:
     assert config.dynamic_batching.default_timeout_us == 2000
     assert config.dynamic_batching.default_priority_level == 2
     assert config.instance_group.count == 2
+    assert config.instance_group.inline_max_us == 0
     assert config.onnxruntime.graph_optimization_level == "basic"
     assert config.version_policy.select([1, 2, 3, 4]) == [1, 3]
     assert config.extensions == {"features": {"view": "users", "columns": ["age", "spend"]}}
@@ -97,6 +99,7 @@ def test_unknown_keys_fail_naming_key_and_file(text: str, needle: str) -> None:
         ('max_batch_size = 8\n[[inputs]]\nname="x"\ndtype="FP32"\nshape=[4]', "must start"),
         ('[[inputs]]\nname="x"\ndtype="FLOAT"\nshape=[4]', "FLOAT"),
         ("[dynamic_batching]\npriority_levels = 2", "default_priority_level"),
+        ("[instance_group]\ninline_max_us = -1", "inline_max_us"),
         ("[version_policy]\nlatest = 1\nall = true", "exactly one"),
         ('name = "other"', "differs"),
     ],

@@ -1,0 +1,40 @@
+"""The inference benchmark's open-loop driver and its target report."""
+
+import asyncio
+
+from benchmarks.infer_bench import PointResult, check_targets, open_loop
+
+
+def test_open_loop_sends_at_the_rate_and_times_from_the_intended_send() -> None:
+    started: list[float] = []
+
+    async def call() -> None:
+        started.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.002)
+
+    latencies, errors, completed = asyncio.run(open_loop(call, 500, 0.4, 0.1))
+    assert completed == len(started) == 250
+    assert errors == 0
+    assert 195 <= len(latencies) <= 205
+    assert min(latencies) >= 0.002
+    assert started[-1] - started[0] >= 0.49
+
+
+def point(target: str, concurrency: int, throughput: float, p99_ms: float, rate: float = 0.0):
+    return PointResult(target, concurrency, 100, 0, 1.0, throughput, 1.0, p99_ms, rate=rate)
+
+
+def test_targets_check_the_p99_bound_on_open_loop_points_only() -> None:
+    results = [
+        point("medium_on", 64, 2500, 80.0),
+        point("medium_off", 64, 400, 150.0),
+        point("medium_on", 0, 1250, 12.0, rate=1250),
+        point("medium_on", 0, 2000, 45.0, rate=2000),
+        point("echo", 8, 5000, 2.0),
+        point("small_on", 8, 3600, 3.0),
+    ]
+    lines = check_targets(results, medium_batch_ms=14.0)
+    assert lines[0].startswith("medium c=64: batching on/off = 6.2x") and "MET" in lines[0]
+    assert "1250/s" in lines[1] and lines[1].endswith("30.0 ms MET")
+    assert "2000/s" in lines[2] and lines[2].endswith("30.0 ms MISSED")
+    assert lines[3].startswith("small c=8") and "72%" in lines[3] and lines[3].endswith("MET")

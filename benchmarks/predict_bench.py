@@ -1,10 +1,13 @@
 """Predict / StreamPredict benchmark beside the in-process floor (lookup + transforms + ORT).
 
-python -m benchmarks.predict_bench [--duration S] [--concurrency 32] [--processes 2] [--json F]
-Starts a server subprocess (`python -m benchmarks.predict_bench serve ...`: the real server with
-the PredictionServicer), loads 10k entities, then drives it through the load harness from
-several client processes sending pre-serialized requests as raw bytes; the stream scenario
-shares one StreamPredict per channel and matches responses to callers in order.
+python -m benchmarks.predict_bench [--duration S] [--concurrency 32] [--workers 1,2]
+    [--generator python|h2load] [--json F]
+For each --workers count, starts a server (`python -m benchmarks.predict_bench serve ...`: the
+real server, or `featureserve serve --workers N` on one SO_REUSEPORT port), loads 10k entities,
+then drives it through the load harness from several client processes sending pre-serialized
+requests as raw bytes; the stream scenario shares one StreamPredict per channel and matches
+responses to callers in order. With --generator h2load the unary point is driven natively (one
+fixed request), leaving the server the CPU a Python client would take.
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ import asyncio
 import collections
 import json
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from benchmarks import report
+from benchmarks import h2load, report
 from benchmarks.load import CLOSED, LoadSpec, run_load
 from benchmarks.model_zoo import mlp_model, write_model
 from benchmarks.scenarios import (
@@ -140,6 +145,31 @@ PREDICT_SCENARIO = register_scenario(_Predict())
 STREAM_SCENARIO = register_scenario(_StreamPredict())
 
 
+def serve_workers(data_dir: Path, model_repo: Path, workers: int) -> int:
+    """`featureserve serve --workers N` on a free port; prints READY <port> once all serve."""
+    from clients.channel import ClientConfig
+    from clients.health import check_health
+    from server.config import ServerConfig
+    from server.workers import run_workers
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = ServerConfig(port=port, data_dir=data_dir, model_repo=model_repo, log_level="WARNING")
+
+    def announce() -> None:
+        client = ClientConfig(target=f"127.0.0.1:{port}", timeout_s=1.0)
+        serving = 0
+        while serving < 4 * workers:
+            healthy = all(s == "SERVING" for s in check_health(client).values())
+            serving = serving + 1 if healthy else 0
+            time.sleep(0 if healthy else 0.1)
+        print(f"READY {port}", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    return run_workers(config, workers)
+
+
 async def serve(data_dir: Path, model_repo: Path) -> None:
     """The real featureserve server; prints READY <port> once it serves."""
     from server.app import FeatureServer
@@ -215,29 +245,15 @@ def in_process_floor(data_dir: Path, model_repo: Path, entities: int, seconds: f
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.predict_bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    serve_p = sub.add_parser("serve")
-    serve_p.add_argument("--data-dir", type=Path, required=True)
-    serve_p.add_argument("--model-repo", type=Path, required=True)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--channels", type=int, default=2)
-    parser.add_argument("--entities", type=int, default=100)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        asyncio.run(serve(args.data_dir, args.model_repo))
-        return 0
+def measure(args: argparse.Namespace, workers: int) -> tuple[list[dict], dict]:
+    """Both scenarios against a fresh server of `workers` processes, and the in-process floor."""
     with tempfile.TemporaryDirectory(prefix="predict_bench") as tmp:
         data, repo = Path(tmp) / "data", Path(tmp) / "models"
         write_model(repo, MODEL, mlp_model(), config_toml=CONFIG)
-        server = ServerProcess(python_module_argv(
-            "benchmarks.predict_bench", "serve", "--data-dir", str(data), "--model-repo", str(repo)
-        ), ready_timeout_s=60)  # fmt: skip
+        serve_args = ["serve", "--data-dir", str(data), "--model-repo", str(repo)]
+        serve_args += ["--workers", str(workers)]
+        server = ServerProcess(python_module_argv("benchmarks.predict_bench", *serve_args),
+                               ready_timeout_s=60)  # fmt: skip
         try:
             populate(server.target)
             floor = in_process_floor(data, repo, args.entities, 2.0)
@@ -250,18 +266,61 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for scenario in (PREDICT_SCENARIO, STREAM_SCENARIO):
                 run = scenario.setup(client_args)
-                result = run_load(scenario, client_args, server.target, spec, server.pid)
-                record = report.make_run(scenario.name, spec, run, result)
-                record["floor_requests_per_s_one_core"] = floor["requests_per_s_one_core"]
+                native = args.generator == "h2load" and scenario is PREDICT_SCENARIO
+                if native:
+                    method, body = PREDICT, request_bytes(args.entities, 1, 5)[0]
+                    result = h2load.run_h2load(server.target, method, body, spec, server.pid)
+                else:
+                    result = run_load(scenario, client_args, server.target, spec, server.pid)
+                generator = "h2load" if native else "python"
+                record = report.make_run(scenario.name, spec, run, result, generator)
+                record["workers"] = workers
                 record["floor_cpu_us_per_req"] = floor["cpu_us_per_req"]
                 runs.append(record)
         finally:
             server.stop()
+    return runs, floor
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.predict_bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    serve_p = sub.add_parser("serve")
+    serve_p.add_argument("--data-dir", type=Path, required=True)
+    serve_p.add_argument("--model-repo", type=Path, required=True)
+    serve_p.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--channels", type=int, default=2)
+    parser.add_argument("--entities", type=int, default=100)
+    parser.add_argument("--workers", default="1", help="server processes to sweep, e.g. 1,2")
+    parser.add_argument("--generator", choices=("python", "h2load"), default="python",
+                        help="load generator of the unary Predict point")  # fmt: skip
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        if args.workers > 1:
+            return serve_workers(args.data_dir, args.model_repo, args.workers)
+        asyncio.run(serve(args.data_dir, args.model_repo))
+        return 0
+    runs, unary = [], {}
+    for workers in [int(w) for w in args.workers.split(",")]:
+        measured, floor = measure(args, workers)
+        runs += measured
+        unary[workers] = measured[0]["throughput_rps"]
+        stream = measured[1]["throughput_rps"]
+        print(f"workers={workers}: in-process floor ({args.entities} entities): {floor}")
+        print(f"workers={workers}: predict {unary[workers]:.0f} req/s (target >= 2500); "
+              f"stream-predict {stream:.0f} req/s = {stream / max(unary[workers], 1):.2f}x "
+              "unary (target >= 1.5x)", flush=True)  # fmt: skip
     print(report.format_table(runs))
-    print(f"in-process floor (lookup + transforms + ORT, {args.entities} entities): {floor}")
-    unary, stream = runs[0]["throughput_rps"], runs[1]["throughput_rps"]
-    print(f"predict {unary:.0f} req/s (target >= 2500); stream-predict {stream:.0f} req/s "
-          f"= {stream / max(unary, 1):.2f}x unary (target >= 1.5x)")  # fmt: skip
+    if 1 in unary:
+        for workers, rate in unary.items():
+            if workers > 1:
+                print(f"predict with --workers {workers}: {rate / max(unary[1], 1):.2f}x one "
+                      "process (target >= 1.7x for 2)")  # fmt: skip
     if args.json:
         report.write_json(runs, args.json)
     return 0

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -372,7 +372,7 @@ class DynamicBatcher:
         """Concatenate, run, split; if the batch fails, run its requests one by one."""
         cpu0 = time.thread_time_ns()
         t0 = time.perf_counter_ns()
-        wanted = _union_outputs(batch)
+        wanted = union_outputs(r.outputs for r in batch)
         if len(batch) == 1:
             feed = batch[0].inputs
         else:
@@ -392,14 +392,14 @@ class DynamicBatcher:
         t2 = time.perf_counter_ns()
         if merged is not None:
             if len(batch) == 1:
-                results = [_select(merged, batch[0].outputs)]
+                results = [select_outputs(merged, batch[0].outputs)]
             else:
                 results = []
                 start = 0
                 for r in batch:
                     stop = start + r.rows
                     results.append(
-                        _select({k: v[start:stop] for k, v in merged.items()}, r.outputs)
+                        select_outputs({k: v[start:stop] for k, v in merged.items()}, r.outputs)
                     )
                     start = stop
         t3 = time.perf_counter_ns()
@@ -493,17 +493,19 @@ class DynamicBatcher:
         await asyncio.to_thread(lambda: [t.join() for t in threads])
 
 
-def _union_outputs(batch: list[_Request]) -> list[str] | None:
-    """The outputs any request of the batch wants (None = all)."""
+def union_outputs(requested: Iterable[list[str] | None]) -> list[str] | None:
+    """The outputs any of several requests wants (None = all), each named once."""
     wanted: list[str] = []
-    for request in batch:
-        if request.outputs is None:
+    for outputs in requested:
+        if outputs is None:
             return None
-        wanted.extend(o for o in request.outputs if o not in wanted)
+        wanted.extend(o for o in outputs if o not in wanted)
     return wanted
 
 
-def _select(results: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+def select_outputs(
+    results: dict[str, np.ndarray], outputs: list[str] | None
+) -> dict[str, np.ndarray]:
     """Only the outputs a request asked for."""
     if outputs is None:
         return results

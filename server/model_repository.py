@@ -36,7 +36,7 @@ UNLOADING = "UNLOADING"
 _Stat = tuple[int, int] | None
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
     """One served model version: its completed config, its sessions, its batcher and, when the
     config binds features for Predict, its compiled binding."""

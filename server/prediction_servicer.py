@@ -1,8 +1,9 @@
 """featureserve.v1.Prediction: entity keys in, scores out, in one hop.
 
-Per request: decode keys and request values, one store read per bound view, assemble and
-transform the input block (the model's compiled binding), submit the scorable rows to the same
-dynamic batcher ModelInfer uses, answer with scores, row statuses and lineage.
+Per request: decode and check keys and request values; then, together with the requests of the
+same model that arrived in the same loop turn (predict_coalescer), one store read per bound view,
+assembly and transforms (the model's compiled binding), and the scorable rows submitted to the
+same dynamic batcher ModelInfer uses; answer with scores, row statuses and lineage.
 StreamPredict runs up to `stream_window` requests of a stream concurrently (so they batch
 together) and answers them in order; it stops reading while the window is full.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 
 import grpc
 import numpy as np
@@ -26,8 +28,8 @@ from server.auth import AuthConfig, Authorizer
 from server.errors import InvalidRequestError, is_domain_error, maps_errors, status_for
 from server.feature_servicer import decode_keys
 from server.model_repository import LoadedModel, ModelRepository
+from server.predict_coalescer import PredictCoalescer
 from server.prediction_binding import Assembled, PredictionBinding
-from server.tensors import NUMPY_DTYPES
 
 log = logging.getLogger("featureserve.prediction")
 
@@ -76,14 +78,6 @@ def decode_request_values(binding: PredictionBinding, columns, rows: int) -> dic
     return out
 
 
-def _zeros(model: LoadedModel, name: str, rows: int) -> np.ndarray:
-    """An all-zero output for rows that were not scored, shaped like the model's output."""
-    spec = model.config.output(name)
-    shape = tuple(max(d, 1) for d in spec.shape[1:]) if spec is not None else (1,)
-    dtype = NUMPY_DTYPES.get(spec.datatype, np.float32) if spec is not None else np.float32
-    return np.zeros((rows, *shape), dtype)
-
-
 class PredictionServicer(pb_grpc.PredictionServicer):
     """Serves Predict and StreamPredict for the models whose config binds features."""
 
@@ -100,6 +94,9 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         self.models = models
         self.max_rows = max_entities_per_request
         self.stream_window = stream_window
+        self._coalescers: weakref.WeakKeyDictionary[LoadedModel, PredictCoalescer] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _outputs(self, model: LoadedModel, request: pb.PredictRequest) -> list[str] | None:
         """The requested outputs (validated), or None for all of them."""
@@ -133,54 +130,17 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         keys, rows = decode_keys(request.entity_keys, self.max_rows)
         values = decode_request_values(binding, request.request_values, rows)
         outputs = self._outputs(model, request)
-        store = self.store
-        results = [store.read(r.view, keys, r.features, r.version) for r in binding.reads]
-        assembled = binding.assemble(results, values, rows)
-        tensor = binding.transform(assembled.block)
-        scores = await self._score(model, tensor, assembled.failed, outputs, context)
-        return self._response(request, model, rows, scores, assembled)
-
-    async def _score(
-        self,
-        model: LoadedModel,
-        tensor: np.ndarray,
-        failed: np.ndarray,
-        outputs: list[str] | None,
-        context: grpc.aio.ServicerContext | None,
-    ) -> dict[str, np.ndarray]:
-        """Model outputs for every row (zeros where failed); only scorable rows are submitted,
-        in chunks of max_batch_size, with the caller's deadline."""
-        any_failed = bool(failed.any())
-        x = tensor[~failed] if any_failed else tensor
-        n = x.shape[0]
-        names = outputs or model.output_names
-        if n == 0:
-            return {name: _zeros(model, name, len(failed)) for name in names}
         remaining = context.time_remaining() if context is not None else None
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        step = model.config.max_batch_size or n
-        submit = model.batcher.submit
-        input_name = model.binding.input_name
-        if n <= step:
-            merged = await submit({input_name: x}, n, deadline=deadline, outputs=outputs)
-        else:
-            parts = await asyncio.gather(
-                *(
-                    submit({input_name: x[i : i + step]}, len(x[i : i + step]),
-                           deadline=deadline, outputs=outputs)
-                    for i in range(0, n, step)
-                )
-            )  # fmt: skip
-            merged = {name: np.concatenate([p[name] for p in parts]) for name in names}
-        if not any_failed:
-            return merged
-        full = {}
-        for name in names:
-            values = merged[name]
-            out = np.zeros((len(failed), *values.shape[1:]), values.dtype)
-            out[~failed] = values
-            full[name] = out
-        return full
+        scored = await self._coalescer(model).predict(keys, values, rows, outputs, deadline)
+        return self._response(request, model, rows, scored.scores, scored.assembled)
+
+    def _coalescer(self, model: LoadedModel) -> PredictCoalescer:
+        """The model version's coalescer (dropped with the version when it unloads)."""
+        coalescer = self._coalescers.get(model)
+        if coalescer is None:
+            coalescer = self._coalescers[model] = PredictCoalescer(self.store, model, self.max_rows)
+        return coalescer
 
     def _response(
         self,

@@ -1,0 +1,148 @@
+"""Coalesced Predict runs on a real store and real ONNX Runtime: requests of one loop turn run
+as one group, and each gets exactly what it gets when it runs alone."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.model_zoo import mlp_model, write_model
+from featurestore.dtypes import DType, FeatureStatus
+from featurestore.errors import InvalidArgumentError
+from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from server.model_repository import ModelRepository
+from server.predict_coalescer import PredictCoalescer, Scored
+
+WIDTH = 32
+FEATURES = [f"f{i}" for i in range(WIDTH - 2)]
+CONFIG = f"""max_batch_size = 64
+[features]
+entity = "user"
+input = "x"
+outputs = {[*(f"stats:{f}" for f in FEATURES), "risk:r", "amount"]!r}
+[[features.columns]]
+features = {[f"stats:{f}" for f in FEATURES]!r}
+default = 0.5
+[[features.columns]]
+feature = "risk:r"
+[[features.columns]]
+request = "amount"
+[request_values]
+amount = "float64"
+[[transforms]]
+op = "clip"
+inputs = ["amount"]
+params = {{lo = 0.0, hi = 10.0}}
+""".replace("'", '"')
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    """A store where ids 1-40 have stats (21-25 null in f0), ids 1-30 and 36-40 a risk score."""
+    store = OnlineStore(StoreConfig(path=tmp_path / "data", sync=False))
+    store.registry.apply(
+        [Entity("user", (JoinKey("id", DType.INT64),))],
+        [
+            FeatureView("stats", "user", tuple(Feature(f, DType.FLOAT32) for f in FEATURES)),
+            FeatureView("risk", "user", (Feature("r", DType.FLOAT64),)),
+        ],
+    )
+    rng = np.random.default_rng(3)
+    ids = np.arange(1, 41)
+    columns = {f: rng.normal(size=40).astype(np.float32) for f in FEATURES}
+    store.write(WriteBatch("stats", {"id": ids}, np.full(40, 1000), columns,
+                           {"f0": (ids >= 21) & (ids <= 25)}))  # fmt: skip
+    risky = np.concatenate([ids[:30], ids[35:]])
+    store.write(WriteBatch("risk", {"id": risky}, np.arange(len(risky)) + 500,
+                           {"r": rng.random(len(risky))}))  # fmt: skip
+    write_model(tmp_path / "models", "scorer", mlp_model(seed=2), config_toml=CONFIG)
+    yield store, tmp_path / "models"
+    store.close()
+
+
+def run(store: OnlineStore, repo: Path, requests: list[tuple], together: bool) -> tuple:
+    """Each request's Scored (or exception), run in one gather or one after another."""
+
+    async def main() -> tuple[list, PredictCoalescer]:
+        models = ModelRepository(repo, watch=False)
+        await models.start()
+        coalescer = PredictCoalescer(store, models.get("scorer", ""), max_rows=1000)
+        calls = [coalescer.predict(keys, {"amount": amount}, len(amount), None, None)
+                 for keys, amount in requests]  # fmt: skip
+        if together:
+            out = await asyncio.gather(*calls, return_exceptions=True)
+        else:
+            out = [await call for call in calls]
+        await models.stop()
+        return out, coalescer
+
+    return asyncio.run(main())
+
+
+def requests_of(*id_lists: list[int]) -> list[tuple]:
+    return [
+        ({"id": np.array(ids, np.int64)}, np.arange(len(ids), dtype=np.float64)) for ids in id_lists
+    ]
+
+
+def assert_same(a: Scored, b: Scored) -> None:
+    np.testing.assert_allclose(a.scores["y"], b.scores["y"], rtol=1e-5, atol=1e-6)
+    for field in ("failed", "first_bad", "failed_status", "oldest_event_us"):
+        np.testing.assert_array_equal(getattr(a.assembled, field), getattr(b.assembled, field))
+    assert a.assembled.views == b.assembled.views
+    fills_a = [(f.feature, f.statuses.tolist(), f.filled_with) for f in a.assembled.fills]
+    fills_b = [(f.feature, f.statuses.tolist(), f.filled_with) for f in b.assembled.fills]
+    assert fills_a == fills_b
+    refs_a = [a.assembled.failed_features[i] for i in a.assembled.first_bad if i >= 0]
+    refs_b = [b.assembled.failed_features[i] for i in b.assembled.first_bad if i >= 0]
+    assert refs_a == refs_b
+
+
+def test_one_turn_runs_as_one_group_and_each_gets_its_own_rows(setup) -> None:
+    store, repo = setup
+    requests = requests_of([1, 2, 3], [21, 22, 4, 50], [31, 32, 5], [], [36, 23, 40, 7, 8])
+    together, coalescer = run(store, repo, requests, together=True)
+    alone, single = run(store, repo, requests, together=False)
+    assert (coalescer.groups, coalescer.requests) == (1, 5)
+    assert (single.groups, single.requests) == (5, 5)
+    for a, b in zip(together, alone, strict=True):
+        assert_same(a, b)
+    assert together[0].assembled.fills == []
+    fills = {f.feature: f.statuses.tolist() for f in together[1].assembled.fills}
+    assert fills["stats:f0"] == [FeatureStatus.NULL_VALUE] * 2 + [1, FeatureStatus.NOT_FOUND]
+    assert together[2].assembled.failed.tolist() == [True, True, False]
+    assert together[3].scores["y"].shape == (0, 1)
+    assert (together[2].scores["y"][:2] == 0).all() and (together[4].scores["y"] != 0).all()
+
+
+def test_a_request_with_wrong_keys_fails_alone(setup) -> None:
+    store, repo = setup
+    requests = requests_of([1, 2], [3, 4])
+    requests.insert(1, ({"id": np.array(["a", "b"], object)}, np.ones(2)))
+    out, coalescer = run(store, repo, requests, together=True)
+    assert isinstance(out[1], InvalidArgumentError) and "id" in str(out[1])
+    assert isinstance(out[0], Scored) and isinstance(out[2], Scored)
+    assert (coalescer.groups, coalescer.requests) == (2, 3)
+
+
+def test_groups_hold_at_most_max_rows(setup) -> None:
+    store, repo = setup
+
+    async def main() -> tuple[list, PredictCoalescer]:
+        models = ModelRepository(repo, watch=False)
+        await models.start()
+        coalescer = PredictCoalescer(store, models.get("scorer", ""), max_rows=5)
+        out = await asyncio.gather(
+            *(coalescer.predict({"id": np.array([1, 2, 3])}, {"amount": np.ones(3)}, 3, None, None)
+              for _ in range(4))
+        )  # fmt: skip
+        await models.stop()
+        return out, coalescer
+
+    out, coalescer = asyncio.run(main())
+    assert (coalescer.groups, coalescer.requests) == (4, 4)
+    assert all(s.scores["y"].shape == (3, 1) for s in out)

@@ -1,6 +1,6 @@
 """Predict / StreamPredict benchmark beside the in-process floor (lookup + transforms + ORT).
 
-python -m benchmarks.predict_bench [--duration S] [--concurrency 32] [--workers 1,2]
+python -m benchmarks.predict_bench [--duration S] [--concurrency 32,64] [--workers 1,2]
     [--generator python|h2load] [--json F]
 For each --workers count, starts a server (`python -m benchmarks.predict_bench serve ...`: the
 real server, or `featureserve serve --workers N` on one SO_REUSEPORT port), loads 10k entities,
@@ -245,6 +245,31 @@ def in_process_floor(data_dir: Path, model_repo: Path, entities: int, seconds: f
     }
 
 
+def run_point(
+    args: argparse.Namespace,
+    scenario: ScenarioBase,
+    spec: LoadSpec,
+    server: ServerProcess,
+    workers: int,
+    floor: dict,
+) -> dict:
+    """One scenario at one load point; the unary one through h2load when asked."""
+    client_args = argparse.Namespace(
+        target=server.target, server_pid=server.pid, entities=args.entities, timeout=10.0
+    )
+    run = scenario.setup(client_args)
+    native = args.generator == "h2load" and scenario is PREDICT_SCENARIO
+    if native:
+        body = request_bytes(args.entities, 1, 5)[0]
+        result = h2load.run_h2load(server.target, PREDICT, body, spec, server.pid)
+    else:
+        result = run_load(scenario, client_args, server.target, spec, server.pid)
+    record = report.make_run(scenario.name, spec, run, result, "h2load" if native else "python")
+    record["workers"] = workers
+    record["floor_cpu_us_per_req"] = floor["cpu_us_per_req"]
+    return record
+
+
 def measure(args: argparse.Namespace, workers: int) -> tuple[list[dict], dict]:
     """Both scenarios against a fresh server of `workers` processes, and the in-process floor."""
     with tempfile.TemporaryDirectory(prefix="predict_bench") as tmp:
@@ -257,29 +282,39 @@ def measure(args: argparse.Namespace, workers: int) -> tuple[list[dict], dict]:
         try:
             populate(server.target)
             floor = in_process_floor(data, repo, args.entities, 2.0)
-            client_args = argparse.Namespace(
-                target=server.target, server_pid=server.pid, entities=args.entities, timeout=10.0
-            )
-            spec = LoadSpec(mode=CLOSED, concurrency=args.concurrency, processes=args.processes,
-                            warmup_s=args.warmup, duration_s=args.duration,
-                            channels_per_process=args.channels)  # fmt: skip
             runs = []
-            for scenario in (PREDICT_SCENARIO, STREAM_SCENARIO):
-                run = scenario.setup(client_args)
-                native = args.generator == "h2load" and scenario is PREDICT_SCENARIO
-                if native:
-                    method, body = PREDICT, request_bytes(args.entities, 1, 5)[0]
-                    result = h2load.run_h2load(server.target, method, body, spec, server.pid)
-                else:
-                    result = run_load(scenario, client_args, server.target, spec, server.pid)
-                generator = "h2load" if native else "python"
-                record = report.make_run(scenario.name, spec, run, result, generator)
-                record["workers"] = workers
-                record["floor_cpu_us_per_req"] = floor["cpu_us_per_req"]
-                runs.append(record)
+            for concurrency in args.concurrency:
+                spec = LoadSpec(mode=CLOSED, concurrency=concurrency, processes=args.processes,
+                                warmup_s=args.warmup, duration_s=args.duration,
+                                channels_per_process=args.channels)  # fmt: skip
+                for scenario in (PREDICT_SCENARIO, STREAM_SCENARIO):
+                    runs.append(run_point(args, scenario, spec, server, workers, floor))
         finally:
             server.stop()
     return runs, floor
+
+
+def summary(runs: list[dict]) -> list[str]:
+    """The issue's targets against the measured points, as lines saying met or missed."""
+    rate = {(r["workers"], r["concurrency"], r["scenario"]): r["throughput_rps"] for r in runs}
+    lines = []
+    for (workers, concurrency, scenario), unary in sorted(rate.items()):
+        if scenario != "predict":
+            continue
+        stream = rate.get((workers, concurrency, "stream-predict"), 0.0)
+        ratio = stream / max(unary, 1.0)
+        lines.append(
+            f"workers={workers} c={concurrency}: predict {unary:.0f} req/s (target >= 2500) "
+            f"{'MET' if unary >= 2500 else 'MISSED'}; stream-predict {stream:.0f} req/s = "
+            f"{ratio:.2f}x unary (target >= 1.5x) {'MET' if ratio >= 1.5 else 'MISSED'}"
+        )
+        one = rate.get((1, concurrency, "predict"))
+        if workers > 1 and one:
+            lines.append(
+                f"workers={workers} c={concurrency}: predict {unary / one:.2f}x one process "
+                f"(target >= 1.7x for 2) {'MET' if unary / one >= 1.7 else 'MISSED'}"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--workers", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")],
+                        default=[32], help="in-flight requests to sweep, e.g. 32,64")  # fmt: skip
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--channels", type=int, default=2)
     parser.add_argument("--entities", type=int, default=100)
@@ -305,22 +341,14 @@ def main(argv: list[str] | None = None) -> int:
             return serve_workers(args.data_dir, args.model_repo, args.workers)
         asyncio.run(serve(args.data_dir, args.model_repo))
         return 0
-    runs, unary = [], {}
+    runs = []
     for workers in [int(w) for w in args.workers.split(",")]:
         measured, floor = measure(args, workers)
         runs += measured
-        unary[workers] = measured[0]["throughput_rps"]
-        stream = measured[1]["throughput_rps"]
         print(f"workers={workers}: in-process floor ({args.entities} entities): {floor}")
-        print(f"workers={workers}: predict {unary[workers]:.0f} req/s (target >= 2500); "
-              f"stream-predict {stream:.0f} req/s = {stream / max(unary[workers], 1):.2f}x "
-              "unary (target >= 1.5x)", flush=True)  # fmt: skip
     print(report.format_table(runs))
-    if 1 in unary:
-        for workers, rate in unary.items():
-            if workers > 1:
-                print(f"predict with --workers {workers}: {rate / max(unary[1], 1):.2f}x one "
-                      "process (target >= 1.7x for 2)")  # fmt: skip
+    for line in summary(runs):
+        print(line)
     if args.json:
         report.write_json(runs, args.json)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Callable
 
@@ -12,7 +13,11 @@ from server.config import ServerConfig
 
 async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:
     """Start the server, call on_ready(port), wait for a stop signal, then shut down gracefully
-    (in-flight calls finish within the grace period; pending writes are committed)."""
+    (in-flight calls finish within the grace period; pending writes are committed).
+
+    Once started, everything loaded so far (modules, JIT-compiled kernels, sessions) is moved out
+    of the garbage collector's view (gc.freeze), so its full collections stop rescanning it:
+    measured here, p99.9 of 100-entity lookups at one in flight fell from ~2.0 to ~1.6 ms."""
     server = FeatureServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -20,6 +25,7 @@ async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = N
         loop.add_signal_handler(sig, stop.set)
     try:
         port = await server.start()
+        gc.freeze()
         if on_ready is not None:
             on_ready(port)
         await stop.wait()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +19,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from clients.channel import ClientConfig
 from clients.health import check_health
+from server.config import ServerConfig
+from server.runner import serve
 
 SERVICES = {"featureserve.v1.FeatureStore", "featureserve.v1.Prediction",
             "inference.GRPCInferenceService"}  # fmt: skip
@@ -108,3 +114,18 @@ def test_help_on_every_command(command: list[str]) -> None:
     result = featureserve(*command, "--help")
     assert result.returncode == 0
     assert "usage: featureserve" in result.stdout
+
+
+def test_serve_freezes_what_start_up_loaded_and_drains_on_sigterm(tmp_path: Path) -> None:
+    frozen: list[int] = []
+
+    def on_ready(port: int) -> None:
+        frozen.append(gc.get_freeze_count())
+        asyncio.get_running_loop().call_later(0.2, os.kill, os.getpid(), signal.SIGTERM)
+
+    config = ServerConfig(port=0, data_dir=tmp_path / "data", model_repo=tmp_path / "models")
+    try:
+        asyncio.run(asyncio.wait_for(serve(config, on_ready), 60))
+    finally:
+        gc.unfreeze()
+    assert frozen and frozen[0] > 10_000

@@ -3,9 +3,10 @@
 Requests queue on the event loop (per priority level); a batch is formed when an instance is
 idle and the batch is full, a preferred size is reached, or the oldest request waited
 max_queue_delay_us. Batches go to dedicated instance threads through a SimpleQueue and come
-back with call_soon_threadsafe, so ONNX Runtime (which releases the GIL) never blocks the loop;
-only when the model's recent batches ran in under instance_group.inline_max_us (a hand-off costs
-more than that) does a batch run on the loop itself.
+back with call_soon_threadsafe, so ONNX Runtime (which releases the GIL) never blocks the loop
+for long: only a batch that the version's load-time calibration expects to run within
+instance_group.inline_max_us runs on the loop itself, where it costs no thread hand-off and no
+contention for the GIL.
 """
 
 from __future__ import annotations
@@ -29,11 +30,7 @@ from server.errors import (
 )
 from server.metrics import ModelMetrics
 from server.model_config import ModelConfig
-
-INLINE_WARMUP_BATCHES = 4
-"""Batches run on instance threads, to time the model, before any may run inline."""
-EXEC_SMOOTHING = 0.2
-"""Weight of the newest batch in the moving average of execution time."""
+from server.onnx_runner import RunCost
 
 RunFn = Callable[[int, dict[str, np.ndarray], list[str] | None], dict[str, np.ndarray]]
 
@@ -98,8 +95,6 @@ class _Outcome:
     input_ns: int
     infer_ns: int
     output_ns: int
-    cpu_ns: int
-    """CPU time of the executing thread: unlike wall time, not inflated by waits for the GIL."""
 
 
 def _batch_key(inputs: dict[str, np.ndarray]) -> tuple:
@@ -117,6 +112,7 @@ class DynamicBatcher:
         *,
         name: str = "",
         metrics: ModelMetrics | None = None,
+        cost: RunCost | None = None,
     ) -> None:
         self.config = config
         self.name = name or config.name
@@ -135,10 +131,8 @@ class DynamicBatcher:
         self._queued = 0
         self._queued_rows = 0
         self._instances = config.instance_group.count
-        single_threaded = config.onnxruntime.intra_op_threads == 1
-        self._inline_ns = config.instance_group.inline_max_us * 1000 if single_threaded else 0
-        self._exec_ns = 0.0
-        self._executions = 0
+        self._cost = cost if config.instance_group.inline_max_us else None
+        self._inline_us = config.instance_group.inline_max_us
         self._idle = self._instances
         self._in_flight = 0
         self._closed = False
@@ -209,13 +203,13 @@ class DynamicBatcher:
         self._queued += 1
         self._queued_rows += rows
         self.metrics.queue_depth(self._queued)
-        if deadline is not None:
-            self._arm_expiry(deadline)
-        if not self._delay_s and self._runs_inline():
+        if not self._delay_s and self._runs_inline(self._queued_rows):
             self._dispatch()
             if future.done():
                 return future.result()
-        elif not self._kicked:
+        if deadline is not None:
+            self._arm_expiry(deadline)
+        if not self._kicked:
             self._kicked = True
             self._loop.call_soon(self._dispatch)
         return await future
@@ -246,19 +240,15 @@ class DynamicBatcher:
                 continue
             self._idle -= 1
             self._in_flight += 1
-            if self._runs_inline():
+            if self._runs_inline(sum(r.rows for r in batch)):
                 self._finish(batch, self._execute(0, batch))
             else:
                 self._jobs.put(batch)
         self._maybe_drained()
 
-    def _runs_inline(self) -> bool:
-        """Whether the model's recent batches took less CPU than a thread hand-off costs."""
-        return (
-            self._executions >= INLINE_WARMUP_BATCHES
-            and self._exec_ns <= self._inline_ns
-            and self._inline_ns > 0
-        )
+    def _runs_inline(self, rows: int) -> bool:
+        """Whether a batch of `rows` rows is expected to run within inline_max_us."""
+        return self._cost is not None and self._cost.predict_us(rows) <= self._inline_us
 
     def _ready_rows(self, now: float) -> int:
         """Rows to dispatch now, or 0 to wait (a timer is armed for the queue delay)."""
@@ -370,7 +360,6 @@ class DynamicBatcher:
 
     def _execute(self, instance: int, batch: list[_Request]) -> _Outcome:
         """Concatenate, run, split; if the batch fails, run its requests one by one."""
-        cpu0 = time.thread_time_ns()
         t0 = time.perf_counter_ns()
         wanted = union_outputs(r.outputs for r in batch)
         if len(batch) == 1:
@@ -403,7 +392,7 @@ class DynamicBatcher:
                     )
                     start = stop
         t3 = time.perf_counter_ns()
-        return _Outcome(results, t1 - t0, t2 - t1, t3 - t2, time.thread_time_ns() - cpu0)
+        return _Outcome(results, t1 - t0, t2 - t1, t3 - t2)
 
     def _run_alone(self, instance: int, request: _Request) -> dict[str, np.ndarray] | BaseException:
         """Retry one request of a failed batch on its own."""
@@ -460,12 +449,6 @@ class DynamicBatcher:
         size.compute_input.add(outcome.input_ns)
         size.compute_infer.add(outcome.infer_ns)
         size.compute_output.add(outcome.output_ns)
-        self._exec_ns = (
-            outcome.cpu_ns
-            if not self._executions
-            else (1 - EXEC_SMOOTHING) * self._exec_ns + EXEC_SMOOTHING * outcome.cpu_ns
-        )
-        self._executions += 1
         self._idle += 1
         self._in_flight -= 1
 

@@ -262,11 +262,16 @@ class ModelRepository:
             binding = await asyncio.to_thread(
                 compile_binding, completed, str(self.path / name / CONFIG_FILENAME)
             )
+            cost = await asyncio.to_thread(runner.calibrate, completed)
         except Exception as exc:
             self._fail(name, str(version), f"{type(exc).__name__}: {exc}")
             return
         batcher = DynamicBatcher(
-            completed, runner.run, name=f"{name}:{version}", metrics=ModelMetrics(name, version)
+            completed,
+            runner.run,
+            name=f"{name}:{version}",
+            metrics=ModelMetrics(name, version),
+            cost=cost,
         )
         batcher.start()
         served = self._served.setdefault(name, {})
@@ -276,7 +281,12 @@ class ModelRepository:
             name, str(version), completed, runner, batcher, path, outputs, binding
         )
         self._status[key] = VersionStatus(name, str(version), READY)
-        log.info("loaded model %s version %s", name, version)
+        log.info(
+            "loaded model %s version %s (%s)",
+            name,
+            version,
+            f"{cost.fixed_us:.0f} µs + {cost.per_row_us:.1f} µs/row" if cost else "not timed",
+        )
         if replaced is not None:
             await self._drain(replaced)
 

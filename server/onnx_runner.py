@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from server.model_config import ModelConfigError, OnnxRuntimeConfig, TensorSpec
-from server.tensors import ONNX_TO_KSERVE
+from server.model_config import ModelConfig, ModelConfigError, OnnxRuntimeConfig, TensorSpec
+from server.tensors import NUMPY_DTYPES, ONNX_TO_KSERVE
+
+CALIBRATION_RUNS = 5
+CALIBRATION_ROWS = 64
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -39,6 +44,32 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape)
 
 
+@dataclass(frozen=True)
+class RunCost:
+    """A version's measured execution time, fixed plus per row, in microseconds."""
+
+    fixed_us: float
+    per_row_us: float
+
+    def predict_us(self, rows: int) -> float:
+        """Expected wall time of one run of `rows` rows."""
+        return self.fixed_us + self.per_row_us * rows
+
+
+def zero_inputs(specs: list[TensorSpec], rows: int) -> dict[str, np.ndarray] | None:
+    """Zero-filled inputs of `rows` rows for the given specs, or None when a non-batch dimension
+    is variable or an input holds strings (no stand-in data can be made up for those)."""
+    feed = {}
+    for spec in specs:
+        dims = spec.shape[1:] if spec.shape and spec.shape[0] == -1 else spec.shape
+        dtype = NUMPY_DTYPES.get(spec.datatype)
+        if any(d < 0 for d in dims) or dtype is None or dtype.kind in "OSU":
+            return None
+        batch = (rows,) if spec.shape and spec.shape[0] == -1 else ()
+        feed[spec.name] = np.zeros(batch + tuple(dims), dtype)
+    return feed
+
+
 class OnnxRunner:
     """N InferenceSessions over one model file; run(instance, ...) is safe from N threads."""
 
@@ -52,14 +83,38 @@ class OnnxRunner:
         first = self.sessions[0]
         self.inputs = [_spec(a) for a in first.get_inputs()]
         self.outputs = [_spec(a) for a in first.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
 
     def run(
         self, instance: int, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Execute one batch on one instance; returns the requested outputs by name."""
-        names = outputs or [o.name for o in self.outputs]
+        names = outputs or self._output_names
         results = self.sessions[instance].run(names, inputs)
         return dict(zip(names, results, strict=True))
+
+    def calibrate(self, config: ModelConfig) -> RunCost | None:
+        """Time runs on zero inputs of 1 row and of up to CALIBRATION_ROWS rows (the best of
+        CALIBRATION_RUNS each, after one warm-up run that also pays ONNX Runtime's first-run
+        set-up before any request does); None when the model takes no made-up input or fails."""
+        big = min(config.max_batch_size or 1, CALIBRATION_ROWS)
+        times = []
+        for rows in (1, big):
+            feed = zero_inputs(list(config.inputs), rows)
+            if feed is None:
+                return None
+            try:
+                self.run(0, feed)
+                best = float("inf")
+                for _ in range(CALIBRATION_RUNS):
+                    start = time.perf_counter()
+                    self.run(0, feed)
+                    best = min(best, time.perf_counter() - start)
+            except Exception:
+                return None
+            times.append(best * 1e6)
+        per_row = max(0.0, (times[1] - times[0]) / (big - 1)) if big > 1 else 0.0
+        return RunCost(max(0.0, times[0] - per_row), per_row)
 
     def close(self) -> None:
         """Drop the sessions (ONNX Runtime frees them when unreferenced)."""

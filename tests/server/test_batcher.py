@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from benchmarks.model_zoo import add_sub_model, gather_model, medium_model, mlp_model
-from server.batcher import INLINE_WARMUP_BATCHES, DynamicBatcher
+from server.batcher import DynamicBatcher
 from server.errors import InferenceFailedError, QueueFullError, RequestTimeoutError
 from server.model_config import (
     DynamicBatchingConfig,
@@ -30,7 +30,7 @@ def make_batcher(
     *,
     max_batch_size: int = 64,
     instances: int = 1,
-    inline_max_us: int = 50,
+    inline_max_us: int = 0,
     ran_on: list[str] | None = None,
     **batching,
 ) -> DynamicBatcher:
@@ -45,14 +45,15 @@ def make_batcher(
     )
     runner = OnnxRunner(path, config.onnxruntime, instances)
     config = complete_config(config, runner.inputs, runner.outputs, source=str(path))
+    cost = runner.calibrate(config)
     if ran_on is None:
-        return DynamicBatcher(config, runner.run)
+        return DynamicBatcher(config, runner.run, cost=cost)
 
     def run(instance, feed, outputs):
         ran_on.append(threading.current_thread().name)
         return runner.run(instance, feed, outputs)
 
-    return DynamicBatcher(config, run)
+    return DynamicBatcher(config, run, cost=cost)
 
 
 def slow_model() -> onnx.ModelProto:
@@ -269,17 +270,14 @@ def run_one_at_a_time(batcher: DynamicBatcher, xs: list[np.ndarray]) -> list[dic
     return asyncio.run(main())
 
 
-def test_tiny_batches_run_on_the_loop_once_timed(tmp_path: Path) -> None:
+def test_batches_expected_within_inline_max_us_run_on_the_loop(tmp_path: Path) -> None:
     model = mlp_model()
     reference = ort.InferenceSession(model.SerializeToString())
     xs = [np.full((2, 32), i / 10, np.float32) for i in range(12)]
     ran_on: list[str] = []
     batcher = make_batcher(tmp_path, model, inline_max_us=100_000, ran_on=ran_on)
     results = run_one_at_a_time(batcher, xs)
-    loop_thread = threading.current_thread().name
-    assert len(ran_on) == len(xs)
-    assert loop_thread not in ran_on[:INLINE_WARMUP_BATCHES]
-    assert ran_on[INLINE_WARMUP_BATCHES:] == [loop_thread] * (len(xs) - INLINE_WARMUP_BATCHES)
+    assert ran_on == [threading.current_thread().name] * len(xs)
     for x, result in zip(xs, results, strict=True):
         np.testing.assert_allclose(result["y"], reference.run(None, {"x": x})[0], rtol=1e-6)
     assert batcher.stats.execution_count == len(xs)

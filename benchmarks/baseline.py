@@ -19,6 +19,7 @@ from benchmarks.scenarios import (
     ScenarioBase,
     ScenarioRun,
     ServerProcess,
+    UnaryRequest,
     python_module_argv,
     register_scenario,
 )
@@ -113,9 +114,9 @@ class BaselineScenario(ScenarioBase):
 
         return request
 
-    def unary_request(self, args: argparse.Namespace) -> tuple[str, bytes] | None:
+    def unary_request(self, args: argparse.Namespace) -> UnaryRequest | None:
         """The Echo method and its raw body, for h2load."""
-        return METHOD, bytes(args.request_bytes)
+        return METHOD, bytes(args.request_bytes), ()
 
 
 BASELINE = register_scenario(BaselineScenario())

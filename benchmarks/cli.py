@@ -140,7 +140,8 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace) -> list[dict[str,
                 unary = scenario.unary_request(client_args)
                 if unary is None:
                     raise ScenarioError(f"scenario '{scenario.name}' is not unary; use python")
-                result = h2load.run_h2load(run.target, *unary, spec, server_pid)
+                method, body, metadata = unary
+                result = h2load.run_h2load(run.target, method, body, spec, server_pid, metadata)
                 latency_from = "send"
             else:
                 result = run_load(scenario, client_args, run.target, spec, server_pid)

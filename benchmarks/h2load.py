@@ -41,7 +41,14 @@ def frame(message: bytes) -> bytes:
     return struct.pack(">BI", 0, len(message)) + message
 
 
-def command(target: str, method: str, body_path: Path, log_path: Path, spec: LoadSpec) -> list[str]:
+def command(
+    target: str,
+    method: str,
+    body_path: Path,
+    log_path: Path,
+    spec: LoadSpec,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> list[str]:
     """The h2load argv for one load point: clients = min(processes, concurrency)."""
     argv = [
         EXECUTABLE,
@@ -58,6 +65,8 @@ def command(target: str, method: str, body_path: Path, log_path: Path, spec: Loa
         "--log-file",
         str(log_path),
     ]
+    for key, value in metadata:
+        argv += ["-H", f"{key}: {value}"]
     if spec.mode == CLOSED:
         clients = min(spec.processes, spec.concurrency)
         streams = math.ceil(spec.concurrency / clients)
@@ -82,9 +91,15 @@ def parse_log(text: str) -> tuple[np.ndarray, int]:
 
 
 def run_h2load(
-    target: str, method: str, message: bytes, spec: LoadSpec, server_pid: int | None
+    target: str,
+    method: str,
+    message: bytes,
+    spec: LoadSpec,
+    server_pid: int | None,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> LoadResult:
-    """Run h2load for one load point and return the same figures as the Python generator."""
+    """Run h2load for one load point and return the same figures as the Python generator;
+    metadata is sent as headers on every stream (e.g. the bearer token)."""
     if not available():
         raise H2LoadError(
             "h2load not found: apt-get install -y nghttp2-client, or use --generator python"
@@ -95,7 +110,7 @@ def run_h2load(
         body_path = Path(tmp) / "body.bin"
         log_path = Path(tmp) / "requests.log"
         body_path.write_bytes(frame(message))
-        argv = command(target, method, body_path, log_path, spec)
+        argv = command(target, method, body_path, log_path, spec, metadata)
         process = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )

@@ -21,6 +21,7 @@ from benchmarks.scenarios import (
     ScenarioBase,
     ScenarioError,
     ScenarioRun,
+    UnaryRequest,
     comma_choices,
     register_scenario,
 )
@@ -125,9 +126,9 @@ class InferScenario(ScenarioBase):
 
         return request
 
-    def unary_request(self, args: argparse.Namespace) -> tuple[str, bytes] | None:
-        """ModelInfer and its raw body, for h2load."""
-        return INFER_METHOD, self._body(args)
+    def unary_request(self, args: argparse.Namespace) -> UnaryRequest | None:
+        """ModelInfer, its raw body and the token of an ops-on server, for h2load."""
+        return INFER_METHOD, self._body(args), ops_metadata(args.ops[0])
 
 
 INFER = register_scenario(InferScenario())

@@ -25,6 +25,7 @@ from benchmarks.scenarios import (
     ScenarioBase,
     ScenarioError,
     ScenarioRun,
+    UnaryRequest,
     register_scenario,
 )
 from benchmarks.server_launch import add_ops_argument, launch_for, ops_metadata
@@ -222,11 +223,11 @@ class LookupScenario(ScenarioBase):
 
         return request
 
-    def unary_request(self, args: argparse.Namespace) -> tuple[str, bytes] | None:
-        """One fixed request (the same keys every time), for h2load."""
-        return METHOD, request_bytes(
-            args.entities[0], args.entities_total, np.random.default_rng(2)
-        )
+    def unary_request(self, args: argparse.Namespace) -> UnaryRequest | None:
+        """One fixed request (the same keys every time) and the token of an ops-on server,
+        for h2load."""
+        body = request_bytes(args.entities[0], args.entities_total, np.random.default_rng(2))
+        return METHOD, body, ops_metadata(args.ops[0])
 
 
 LOOKUP = register_scenario(LookupScenario())

@@ -47,6 +47,10 @@ class ScenarioRun:
     client_args: argparse.Namespace | None = None
 
 
+UnaryRequest = tuple[str, bytes, tuple[tuple[str, str], ...]]
+"""A unary call for native generators: method path, serialized request, metadata to send."""
+
+
 @runtime_checkable
 class Scenario(Protocol):
     """A named load shape: its flags, its setup and teardown, and its request."""
@@ -63,8 +67,9 @@ class Scenario(Protocol):
     def make_request_fn(self, args: argparse.Namespace, channel: grpc.aio.Channel) -> RequestFn:
         """Build, inside a client process, the coroutine function that sends one request."""
 
-    def unary_request(self, args: argparse.Namespace) -> tuple[str, bytes] | None:
-        """(method path, serialized request) for native generators, or None if not unary."""
+    def unary_request(self, args: argparse.Namespace) -> UnaryRequest | None:
+        """(method path, serialized request, call metadata) for native generators, or None if
+        not unary."""
 
     def teardown(self, run: ScenarioRun) -> None:
         """Stop what setup started."""
@@ -79,7 +84,7 @@ class ScenarioBase:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """No scenario-specific flags."""
 
-    def unary_request(self, args: argparse.Namespace) -> tuple[str, bytes] | None:
+    def unary_request(self, args: argparse.Namespace) -> UnaryRequest | None:
         """Not available to native generators unless overridden."""
         return None
 

@@ -7,6 +7,7 @@ entities cost about half of eight separate calls."""
 from __future__ import annotations
 
 import asyncio
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from featurestore.dtypes import FeatureStatus
 from featurestore.online_store import OnlineStore
 from server.batcher import select_outputs, union_outputs
+from server.errors import ModelUnavailableError
 from server.model_repository import LoadedModel
 from server.prediction_binding import Assembled
 from server.tensors import NUMPY_DTYPES
@@ -50,12 +52,13 @@ class PredictCoalescer:
 
     Requests group only with requests whose entity key columns have the same names and dtypes,
     so a request with wrong keys fails alone, with the store's message. `requests` and `groups`
-    count what ran; their ratio is the mean group size.
+    count what ran; their ratio is the mean group size. The model is held weakly, so a coalescer
+    kept per version never keeps an unloaded version alive.
     """
 
     def __init__(self, store: OnlineStore, model: LoadedModel, max_rows: int) -> None:
         self.store = store
-        self.model = model
+        self._model = weakref.ref(model)
         self.max_rows = max_rows
         self._waiting: dict[tuple, list[_Pending]] = {}
         self._kicked = False
@@ -122,7 +125,9 @@ class PredictCoalescer:
                 request.future.set_result(share)
 
     async def _score_group(self, group: list[_Pending]) -> list[Scored]:
-        model = self.model
+        model = self._model()
+        if model is None:
+            raise ModelUnavailableError("the model version was unloaded; retry")
         binding = model.binding
         if len(group) == 1:
             keys, values, rows = group[0].keys, group[0].values, group[0].rows

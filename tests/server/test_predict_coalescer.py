@@ -4,6 +4,8 @@ as one group, and each gets exactly what it gets when it runs alone."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +148,22 @@ def test_groups_hold_at_most_max_rows(setup) -> None:
     out, coalescer = asyncio.run(main())
     assert (coalescer.groups, coalescer.requests) == (4, 4)
     assert all(s.scores["y"].shape == (3, 1) for s in out)
+
+
+def test_the_coalescer_does_not_keep_an_unloaded_version_alive(setup) -> None:
+    store, repo = setup
+
+    async def main() -> tuple[weakref.ref, PredictCoalescer]:
+        models = ModelRepository(repo, watch=False)
+        await models.start()
+        model = models.get("scorer", "")
+        coalescer = PredictCoalescer(store, model, max_rows=100)
+        await coalescer.predict({"id": np.array([1, 2])}, {"amount": np.ones(2)}, 2, None, None)
+        ref = weakref.ref(model)
+        del model
+        await models.stop()
+        return ref, coalescer
+
+    ref, coalescer = asyncio.run(main())
+    gc.collect()
+    assert ref() is None and coalescer.groups == 1

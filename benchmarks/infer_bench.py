@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import queue
@@ -260,7 +261,8 @@ def handoff_figures(iterations: int = 3000) -> dict[str, float]:
 
 
 async def serve(repo_path: Path, port_file: Path) -> None:
-    """Server-process body: the inference service plus a bare bytes echo on one grpc.aio server."""
+    """Server-process body: the inference service plus a bare bytes echo on one grpc.aio server,
+    with start-up objects frozen out of the collector's view as `featureserve serve` does."""
     repo = ModelRepository(repo_path, watch=False)
     await repo.start()
     server = grpc.aio.server()
@@ -278,6 +280,7 @@ async def serve(repo_path: Path, port_file: Path) -> None:
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    gc.freeze()
     port_file.write_text(str(port))
     await server.wait_for_termination()
 

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import collections
 import json
-import signal
 import socket
 import sys
 import tempfile
@@ -171,18 +170,12 @@ def serve_workers(data_dir: Path, model_repo: Path, workers: int) -> int:
 
 
 async def serve(data_dir: Path, model_repo: Path) -> None:
-    """The real featureserve server; prints READY <port> once it serves."""
-    from server.app import FeatureServer
+    """The real featureserve server, run as `featureserve serve` runs it; prints READY <port>."""
     from server.config import ServerConfig
+    from server.runner import serve as run_server
 
-    server = FeatureServer(ServerConfig(port=0, data_dir=data_dir, model_repo=model_repo))
-    port = await server.start()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    print(f"READY {port}", flush=True)
-    await stop.wait()
-    await server.stop(1.0)
+    config = ServerConfig(port=0, data_dir=data_dir, model_repo=model_repo)
+    await run_server(config, lambda port: print(f"READY {port}", flush=True))
 
 
 def populate(target: str) -> None:

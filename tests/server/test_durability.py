@@ -65,6 +65,18 @@ def test_sigkill_loses_no_acknowledged_row(tmp_path, server_factory) -> None:
     np.testing.assert_array_equal(got["wide:f31"], (ids * 32 + 31).astype(np.float32))
 
 
+async def until_readable(client: AsyncFeatureStoreClient, user_id: int) -> None:
+    """Wait until the server has committed the stream's first batch, so the stream is surely in
+    flight (a write returns once the client queued it, maybe before the server saw the call)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        got = await client.get_online_features(["wide:f0"], {"user_id": np.array([user_id])})
+        if got.statuses["wide:f0"][0] == FeatureStatus.PRESENT:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the stream's first batch never became readable")
+
+
 def test_sigterm_lets_an_in_flight_stream_finish(server) -> None:
     async def run() -> int:
         async with AsyncFeatureStoreClient(server.target) as client:
@@ -73,6 +85,7 @@ def test_sigterm_lets_an_in_flight_stream_finish(server) -> None:
             writer = client.stream_writer("wide", batch_rows=BATCH)
             keys, values = batch(0)
             await writer.write(keys, now, values)
+            await until_readable(client, keys["user_id"][-1])
             server.proc.send_signal(15)
             await asyncio.sleep(0.3)
             keys, values = batch(BATCH)

@@ -410,7 +410,8 @@ class DynamicBatcher:
         self._finish(batch, outcome)
         if self._queued:
             self._dispatch()
-        self._maybe_drained()
+        else:
+            self._maybe_drained()
 
     def _finish(self, batch: list[_Request], outcome: _Outcome) -> None:
         """Deliver each request's result, record statistics, free the instance."""
@@ -434,8 +435,8 @@ class DynamicBatcher:
         if ok < len(batch):
             self.metrics.fail("error", len(batch) - ok)
         queue_s = max(r.dispatched - r.enqueued for r in batch)
-        exec_ns = outcome.input_ns + outcome.infer_ns + outcome.output_ns
-        self.metrics.observe_batch(ok, rows, queue_s, exec_ns / 1e9)
+        compute_s = (outcome.input_ns + outcome.infer_ns + outcome.output_ns) / 1e9
+        self.metrics.observe_batch(ok, rows, queue_s, compute_s)
         self.metrics.queue_depth(self._queued)
         if ok:
             stats.compute_input.add(outcome.input_ns * ok, ok)

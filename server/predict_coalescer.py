@@ -125,6 +125,7 @@ class PredictCoalescer:
                 request.future.set_result(share)
 
     async def _score_group(self, group: list[_Pending]) -> list[Scored]:
+        """Each request's Scored share of one run over the group's concatenated rows."""
         model = self._model()
         if model is None:
             raise ModelUnavailableError("the model version was unloaded; retry")

@@ -33,6 +33,7 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from server.inference_servicer import InferenceServicer
 from server.model_repository import ModelRepository
+from server.runner import GC_THRESHOLDS
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 ECHO_METHOD = "/bench.Echo/Echo"
@@ -262,7 +263,8 @@ def handoff_figures(iterations: int = 3000) -> dict[str, float]:
 
 async def serve(repo_path: Path, port_file: Path) -> None:
     """Server-process body: the inference service plus a bare bytes echo on one grpc.aio server,
-    with start-up objects frozen out of the collector's view as `featureserve serve` does."""
+    with start-up objects frozen and the collector's thresholds raised as `featureserve serve`
+    does."""
     repo = ModelRepository(repo_path, watch=False)
     await repo.start()
     server = grpc.aio.server()
@@ -281,6 +283,7 @@ async def serve(repo_path: Path, port_file: Path) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     port_file.write_text(str(port))
     await server.wait_for_termination()
 

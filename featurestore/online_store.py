@@ -26,6 +26,7 @@ from featurestore.errors import (
 )
 from featurestore.history import pack_batch
 from featurestore.keys import EncodedKeys, encode_keys, key_rows
+from featurestore.last_write_wins import key_order, resolve, stored_events
 from featurestore.registry import (
     REGISTRY_DB,
     Entity,
@@ -45,8 +46,6 @@ from featurestore.row_codec import (
 )
 
 T = TypeVar("T")
-_MIN_EVENT = np.iinfo(np.int64).min
-_MIN_EVENT_BYTES = int(_MIN_EVENT).to_bytes(8, "little", signed=True)
 _PLAN_CACHE_LIMIT = 1024
 
 __all__ = [
@@ -690,50 +689,21 @@ def _apply_group(
 ) -> list[tuple[int, int]]:
     """Last-write-wins put of the batches' rows into db; (written, stale) per batch.
 
-    Keys are visited in sorted order: neighbouring B-tree pages stay hot in the CPU cache.
+    Keys are visited in byte order: neighbouring B-tree pages stay hot in the CPU cache, and
+    repeated keys sit together for the sequential resolution.
     """
     keys = [k for b in batches for k in b.keys]
     rows = [r for b in batches for r in b.rows]
-    events = np.concatenate([b.event_us for b in batches]) if keys else np.zeros(0, np.int64)
-    owner = np.repeat(np.arange(len(batches)), [len(b.keys) for b in batches])
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    cur = txn.cursor(db=db)
-    get = cur.get
-    stored = b"".join([(o[8:16] if o else _MIN_EVENT_BYTES) for o in [get(keys[i]) for i in order]])
-    old = np.empty(len(keys), np.int64)
-    old[order] = np.frombuffer(stored, "<i8")
-    if len(set(keys)) == len(keys):
-        applied = events > old
-        final = applied
-    else:
-        applied, final = _resolve_duplicates(keys, events, old)
-    keep = final.tolist()
-    cur.putmulti([(keys[i], rows[i]) for i in order if keep[i]])
-    written = np.bincount(owner[applied], minlength=len(batches))
     total = np.array([len(b.keys) for b in batches])
+    events = np.concatenate([b.event_us for b in batches]) if keys else np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(len(batches)), total)
+    order, starts = key_order(keys)
+    cur = txn.cursor(db=db)
+    stored = stored_events(list(map(cur.get, map(keys.__getitem__, order.tolist()))))
+    applied_in_order, final_in_order = resolve(events[order], stored, starts)
+    applied = np.empty(len(keys), np.bool_)
+    applied[order] = applied_in_order
+    keep = order[final_in_order].tolist()
+    cur.putmulti(zip(map(keys.__getitem__, keep), map(rows.__getitem__, keep), strict=True))
+    written = np.bincount(owner[applied], minlength=len(batches))
     return [(int(w), int(t - w)) for w, t in zip(written, total, strict=True)]
-
-
-def _resolve_duplicates(
-    keys: list[bytes], events: np.ndarray, old: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sequential last-write-wins for keys repeated within one commit.
-
-    Returns (applied: row beat the value before it, final: row is the one left stored).
-    """
-    applied = np.zeros(len(keys), np.bool_)
-    current: dict[bytes, tuple[int, int]] = {}
-    ev = events.tolist()
-    before = old.tolist()
-    for i, key in enumerate(keys):
-        prev = current.get(key)
-        base = before[i] if prev is None else prev[0]
-        if ev[i] > base:
-            applied[i] = True
-            current[key] = (ev[i], i)
-        elif prev is None:
-            current[key] = (base, -1)
-    final = np.zeros(len(keys), np.bool_)
-    winners = [i for _, i in current.values() if i >= 0]
-    final[winners] = True
-    return applied, final

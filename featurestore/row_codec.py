@@ -76,6 +76,40 @@ class RowLayout:
             [i for i, f in enumerate(view.features) if f.dtype is DType.STRING], np.int64
         )
         self.index = {f.name: i for i, f in enumerate(view.features)}
+        self.runs = _fixed_runs(view, self.widths)
+
+
+@dataclass(frozen=True)
+class _FixedRun:
+    """Consecutive fixed-width features of one dtype, encoded with one copy (BOOL: one each,
+    its 1-byte value in a 4-byte cell)."""
+
+    lo: int
+    hi: int
+    names: list[str]
+    dtype: np.dtype
+    value_bytes: int
+
+
+def _fixed_runs(view: FeatureView, widths: np.ndarray) -> list[_FixedRun]:
+    runs: list[_FixedRun] = []
+    for i, feat in enumerate(view.features):
+        if widths[i] == 0:
+            continue
+        dtype = np.dtype(numpy_dtype(feat.dtype))
+        value_bytes = dtype.itemsize * (feat.vector_length or 1)
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and last.hi == i
+            and feat.dtype is not DType.BOOL
+            and view.features[last.lo].dtype is feat.dtype
+            and last.value_bytes == value_bytes
+        ):
+            runs[-1] = _FixedRun(last.lo, i + 1, [*last.names, feat.name], dtype, value_bytes)
+        else:
+            runs.append(_FixedRun(i, i + 1, [feat.name], dtype, value_bytes))
+    return runs
 
 
 def encode_rows(
@@ -102,15 +136,14 @@ def encode_rows(
         if mask is not None:
             null_mat[:, i] = mask
     mat[:, HEADER_BYTES:start] = np.packbits(null_mat, axis=1, bitorder="little")
-    for i, feat in enumerate(feats):
-        width = int(layout.widths[i])
-        if width == 0:
-            continue
-        col = np.array(columns[feat.name], dtype=numpy_dtype(feat.dtype), copy=True, order="C")
-        col[null_mat[:, i]] = 0
-        off = start + 4 * int(layout.fixed_prefix[i])
-        size = col.dtype.itemsize * (feat.vector_length or 1)
-        mat[:, off : off + size] = col.view(np.uint8).reshape(n, size)
+    for run in layout.runs:
+        block = np.stack(
+            [columns[name] for name in run.names], axis=1, dtype=run.dtype, casting="unsafe"
+        )
+        block[null_mat[:, run.lo : run.hi]] = 0
+        off = start + 4 * int(layout.fixed_prefix[run.lo])
+        size = run.value_bytes * (run.hi - run.lo)
+        mat[:, off : off + size] = block.view(np.uint8).reshape(n, size)
     if len(layout.string_index) == 0:
         mat[:, 0:4] = np.frombuffer(fixed_len.to_bytes(4, "little"), np.uint8)
         return mat.view(f"V{fixed_len}").ravel().tolist() if n else []

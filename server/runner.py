@@ -10,6 +10,9 @@ from collections.abc import Callable
 from server.app import FeatureServer
 from server.config import ServerConfig
 
+GC_THRESHOLDS = (10_000, 50, 50)
+"""Collections of generation 0, 1 and 2 run after 10k allocations, 50 and 50 younger runs."""
+
 
 async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:
     """Start the server, call on_ready(port), wait for a stop signal, then shut down gracefully
@@ -17,8 +20,13 @@ async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = N
 
     Once started, everything loaded so far (modules, JIT-compiled kernels, sessions) is moved out
     of the garbage collector's view (gc.freeze), so its full collections stop rescanning it:
-    measured here, p99.9 of 100-entity lookups at one in flight fell from ~2.0 to ~1.6 ms."""
+    measured here, p99.9 of 100-entity lookups at one in flight fell from ~2.0 to ~1.6 ms.
+
+    The collector's thresholds are raised to GC_THRESHOLDS while serving: a full collection walks
+    every in-flight write batch (lists of a thousand rows each), and with the default thresholds
+    it took ~15% of the event loop under durable ingest (measured: +12-14% rows/s)."""
     server = FeatureServer(config)
+    defaults = gc.get_threshold()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -26,10 +34,12 @@ async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = N
     try:
         port = await server.start()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         if on_ready is not None:
             on_ready(port)
         await stop.wait()
     finally:
+        gc.set_threshold(*defaults)
         await server.stop()
 
 

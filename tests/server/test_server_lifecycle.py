@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from clients.channel import ClientConfig
 from clients.health import check_health
 from server.config import ServerConfig
-from server.runner import serve
+from server.runner import GC_THRESHOLDS, serve
 
 SERVICES = {"featureserve.v1.FeatureStore", "featureserve.v1.Prediction",
             "inference.GRPCInferenceService"}  # fmt: skip
@@ -116,11 +116,16 @@ def test_help_on_every_command(command: list[str]) -> None:
     assert "usage: featureserve" in result.stdout
 
 
-def test_serve_freezes_what_start_up_loaded_and_drains_on_sigterm(tmp_path: Path) -> None:
+def test_serve_freezes_start_up_objects_raises_gc_thresholds_and_drains_on_sigterm(
+    tmp_path: Path,
+) -> None:
     frozen: list[int] = []
+    thresholds: list[tuple[int, int, int]] = []
+    defaults = gc.get_threshold()
 
     def on_ready(port: int) -> None:
         frozen.append(gc.get_freeze_count())
+        thresholds.append(gc.get_threshold())
         asyncio.get_running_loop().call_later(0.2, os.kill, os.getpid(), signal.SIGTERM)
 
     config = ServerConfig(port=0, data_dir=tmp_path / "data", model_repo=tmp_path / "models")
@@ -129,3 +134,5 @@ def test_serve_freezes_what_start_up_loaded_and_drains_on_sigterm(tmp_path: Path
     finally:
         gc.unfreeze()
     assert frozen and frozen[0] > 10_000
+    assert thresholds == [GC_THRESHOLDS]
+    assert gc.get_threshold() == defaults

@@ -1,0 +1,121 @@
+"""Last-write-wins by event time for one commit's rows: key order, stored event times and the
+sequential resolution of repeated keys, as array passes instead of per-row Python.
+
+A commit of random updates touches one B-tree leaf per row, so durable ingest throughput comes
+from large commits; at 64k-200k rows a commit, per-row Python here would cost as much as LMDB.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import numpy as np
+from numba import njit
+
+MIN_EVENT = np.iinfo(np.int64).min
+EVENT_OFFSET = 8
+"""Byte offset of the little-endian int64 event time in a packed row (see row_codec)."""
+
+
+def key_order(keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices that visit `keys` in byte order (stable: equal keys keep arrival order), and for
+    each visited position whether it starts a run of equal keys."""
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.bool_)
+    lengths = np.fromiter(map(len, keys), np.int64, n)
+    width = int(lengths[0])
+    if width and (lengths == width).all():
+        return _fixed_width_order(b"".join(keys), n, width)
+    order = np.array(sorted(range(n), key=keys.__getitem__), np.int64)
+    ordered = [keys[i] for i in order.tolist()]
+    starts = np.ones(n, np.bool_)
+    starts[1:] = [a != b for a, b in pairwise(ordered)]
+    return order, starts
+
+
+def _fixed_width_order(joined: bytes, n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """key_order for keys of one width: compare them as big-endian 64-bit words."""
+    words = -(-width // 8)
+    padded = np.zeros((n, words * 8), np.uint8)
+    padded[:, :width] = np.frombuffer(joined, np.uint8).reshape(n, width)
+    columns = padded.view(">u8").astype(np.uint64)
+    order = np.lexsort(columns.T[::-1]) if words > 1 else np.argsort(columns[:, 0], kind="stable")
+    ordered = columns[order]
+    starts = np.ones(n, np.bool_)
+    starts[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
+    return order.astype(np.int64), starts
+
+
+def stored_events(values: list[bytes | None]) -> np.ndarray:
+    """Event time of each stored row (MIN_EVENT where there is none)."""
+    present = [v or b"" for v in values]
+    lengths = np.fromiter(map(len, present), np.int64, len(present))
+    blob = np.frombuffer(b"".join(present), np.uint8)
+    return _events_kernel(blob, lengths)
+
+
+@njit(nogil=True, cache=True)
+def _events_kernel(blob: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    out = np.empty(len(lengths), np.int64)
+    pos = 0
+    for i in range(len(lengths)):
+        if lengths[i] >= EVENT_OFFSET + 8:
+            value = np.int64(0)
+            for b in range(8):
+                value |= np.int64(blob[pos + EVENT_OFFSET + b]) << np.int64(8 * b)
+            out[i] = value
+        else:
+            out[i] = MIN_EVENT
+        pos += lengths[i]
+    return out
+
+
+@njit(nogil=True, cache=True)
+def resolve(
+    events: np.ndarray, stored: np.ndarray, starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sequential last-write-wins over rows in key order (equal keys adjacent, arrival order
+    within a key). A row is applied when its event is newer than everything before it for its
+    key (the stored row, then earlier rows of the commit); an equal event is stale. Returns
+    (applied, final): final marks the one applied row per key that ends up stored."""
+    n = len(events)
+    applied = np.zeros(n, np.bool_)
+    final = np.zeros(n, np.bool_)
+    current = MIN_EVENT
+    last = -1
+    for i in range(n):
+        if starts[i]:
+            if last >= 0:
+                final[last] = True
+            current = stored[i]
+            last = -1
+        if events[i] > current:
+            applied[i] = True
+            current = events[i]
+            last = i
+    if last >= 0:
+        final[last] = True
+    return applied, final
+
+
+def resolve_reference(
+    keys: list[bytes], events: np.ndarray, stored: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Plain-Python last-write-wins in arrival order, the reference `resolve` is tested against.
+
+    stored[i] is the event time stored for keys[i] before the commit. Returns (applied, final)
+    in arrival order.
+    """
+    applied = np.zeros(len(keys), np.bool_)
+    current: dict[bytes, tuple[int, int]] = {}
+    for i, key in enumerate(keys):
+        base, _ = current.get(key, (int(stored[i]), -1))
+        if int(events[i]) > base:
+            applied[i] = True
+            current[key] = (int(events[i]), i)
+        else:
+            current.setdefault(key, (base, -1))
+    final = np.zeros(len(keys), np.bool_)
+    final[[i for _, i in current.values() if i >= 0]] = True
+    return applied, final

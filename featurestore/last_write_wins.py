@@ -72,6 +72,21 @@ def _events_kernel(blob: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
+def newest_per_key(events: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """For rows in key order, the position of each key's newest row (the first of equal newest
+    ones): the only row of the key that can end up stored."""
+    out = np.empty(int(starts.sum()), np.int64)
+    k = -1
+    for i in range(len(events)):
+        if starts[i]:
+            k += 1
+            out[k] = i
+        elif events[i] > events[out[k]]:
+            out[k] = i
+    return out
+
+
+@njit(nogil=True, cache=True)
 def resolve(
     events: np.ndarray, stored: np.ndarray, starts: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ from featurestore.errors import (
 )
 from featurestore.history import pack_batch
 from featurestore.keys import EncodedKeys, encode_keys, key_rows
-from featurestore.last_write_wins import key_order, resolve, stored_events
+from featurestore.last_write_wins import key_order, newest_per_key, resolve, stored_events
 from featurestore.registry import (
     REGISTRY_DB,
     Entity,
@@ -689,8 +689,9 @@ def _apply_group(
 ) -> list[tuple[int, int]]:
     """Last-write-wins put of the batches' rows into db; (written, stale) per batch.
 
-    Keys are visited in byte order: neighbouring B-tree pages stay hot in the CPU cache, and
-    repeated keys sit together for the sequential resolution.
+    Keys are visited in byte order (neighbouring B-tree pages stay hot in the CPU cache). Each
+    key's newest row replaces the stored one in a single LMDB operation that returns the old
+    row; where the old row was as new or newer, it is put back (rare: a replay or late data).
     """
     keys = [k for b in batches for k in b.keys]
     rows = [r for b in batches for r in b.rows]
@@ -698,12 +699,15 @@ def _apply_group(
     events = np.concatenate([b.event_us for b in batches]) if keys else np.zeros(0, np.int64)
     owner = np.repeat(np.arange(len(batches)), total)
     order, starts = key_order(keys)
+    events_in_order = events[order]
+    newest = order[newest_per_key(events_in_order, starts)].tolist()
     cur = txn.cursor(db=db)
-    stored = stored_events(list(map(cur.get, map(keys.__getitem__, order.tolist()))))
-    applied_in_order, final_in_order = resolve(events[order], stored, starts)
+    old = list(map(cur.replace, map(keys.__getitem__, newest), map(rows.__getitem__, newest)))
+    stored = stored_events(old)
+    for i in np.flatnonzero(stored >= events[newest]).tolist():
+        cur.put(keys[newest[i]], old[i])
+    applied_in_order, _ = resolve(events_in_order, stored[np.cumsum(starts) - 1], starts)
     applied = np.empty(len(keys), np.bool_)
     applied[order] = applied_in_order
-    keep = order[final_in_order].tolist()
-    cur.putmulti(zip(map(keys.__getitem__, keep), map(rows.__getitem__, keep), strict=True))
     written = np.bincount(owner[applied], minlength=len(batches))
     return [(int(w), int(t - w)) for w, t in zip(written, total, strict=True)]

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from featurestore.last_write_wins import (
     MIN_EVENT,
     key_order,
+    newest_per_key,
     resolve,
     resolve_reference,
     stored_events,
@@ -88,3 +89,10 @@ def test_resolve_matches_the_sequential_reference(rows):
     want_applied, want_final = resolve_reference(keys, events, stored)
     assert applied.tolist() == want_applied.tolist()
     assert final.tolist() == want_final.tolist()
+    order, starts = key_order(keys)
+    newest = order[newest_per_key(events[order], starts)]
+    assert sorted(keys[i] for i in newest) == sorted(set(keys))
+    assert all(
+        events[i] == max(events[j] for j in range(len(keys)) if keys[j] == keys[i]) for i in newest
+    )
+    assert set(np.flatnonzero(final).tolist()) <= set(newest.tolist())

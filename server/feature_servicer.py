@@ -26,21 +26,33 @@ from server.metrics import ViewMetrics
 
 MAX_ROW_ERRORS = 1000
 MAX_STREAM_BATCHES_IN_FLIGHT = 8
-SAMPLE_EVERY = 16
+LOOKUP_SAMPLE_EVERY = 256
+WRITE_SAMPLE_EVERY = 16
+
+
+class _Sampler:
+    """Says yes to the first offer and then to every `every`-th."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._offers = 0
+
+    def __call__(self) -> bool:
+        self._offers += 1
+        return (self._offers - 1) % self.every == 0
 
 
 class ViewObserver:
-    """Metrics and drift of one feature view; value ages and drift are sampled every
-    SAMPLE_EVERY-th block so the lookup path pays for them rarely."""
+    """Metrics and drift of one feature view. Value ages and drift are sampled: a sampled lookup
+    block costs ~0.3 ms (32 histograms and gauges), which at every 16th lookup was the p99 of a
+    lookup at one in flight; every 256th still feeds drift ~800 rows/s at 2k lookups/s of 100
+    entities. Writes carry 1000-row blocks, so every 16th of them is sampled."""
 
     def __init__(self, view: str) -> None:
         self.metrics = ViewMetrics(view)
         self.drift = DriftMonitor(view, sample_every=1)
-        self._blocks = 0
-
-    def _sampled(self) -> bool:
-        self._blocks += 1
-        return self._blocks % SAMPLE_EVERY == 0
+        self._sample_lookup = _Sampler(LOOKUP_SAMPLE_EVERY)
+        self._sample_write = _Sampler(WRITE_SAMPLE_EVERY)
 
     def lookup(self, result: ReadResult, now_us: int) -> None:
         """Count hits, misses and expired rows; sample ages and values."""
@@ -50,21 +62,19 @@ class ViewObserver:
             int(counts[FeatureStatus.NOT_FOUND]),
             int(counts[FeatureStatus.OUTSIDE_MAX_AGE]),
         )
-        if counts[FeatureStatus.PRESENT] and self._sampled():
+        if counts[FeatureStatus.PRESENT] and self._sample_lookup():
             present = result.row_status == FeatureStatus.PRESENT
             self.metrics.observe_ages((now_us - result.event_us[present]) / 1e6)
-            self.drift.observe(
-                {
-                    name: block.values[present, j]
-                    for block in result.blocks
-                    for j, name in enumerate(block.features)
-                }
-            )
+            columns = {}
+            for block in result.blocks:
+                values = block.values[present]
+                columns.update((name, values[:, j]) for j, name in enumerate(block.features))
+            self.drift.observe(columns)
 
     def write(self, store: OnlineStore, batch: WriteBatch, result: WriteResult) -> None:
         """Count written, stale and rejected rows; sample ingested values and the store size."""
         self.metrics.observe_write(result.written, result.stale, result.rejected)
-        if result.written and self._sampled():
+        if result.written and self._sample_write():
             self.drift.observe(batch.columns)
             self.metrics.store_bytes(store.view_bytes(batch.view, batch.version))
 

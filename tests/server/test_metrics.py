@@ -219,7 +219,7 @@ def test_real_server_metrics_scrape_moves_with_traffic(server_factory) -> None:
 
 def test_view_model_and_drift_families_move_with_real_traffic(tmp_path, server_factory) -> None:
     """Writes, lookups and inferences on a real server move the per-view, per-model and drift
-    families (ages and drift are sampled every 16th block, so send more than that)."""
+    families (ages and drift are sampled from the first block of a view on)."""
     from benchmarks.model_zoo import mlp_model, write_model
     from protos.inference import grpc_service_pb2 as ipb
     from protos.inference import grpc_service_pb2_grpc as ipb_grpc
@@ -254,3 +254,30 @@ def test_view_model_and_drift_families_move_with_real_traffic(tmp_path, server_f
     assert key("featureserve_feature_psi", view="stats", feature="x") in samples
     assert samples[key("featureserve_model_rows_total", model="mlp", version="1")] == 3
     assert samples[key("featureserve_model_batch_rows_count", model="mlp", version="1")] == 1
+
+
+def test_view_observer_samples_the_first_lookup_block_then_every_256th(tmp_path) -> None:
+    """Ages (and drift) come from the first lookup block and every LOOKUP_SAMPLE_EVERY-th after
+    it, so a sampled block's cost stays out of the lookup p99."""
+    from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
+    from server.feature_servicer import LOOKUP_SAMPLE_EVERY, ViewObserver
+
+    view = FeatureView("sampled_view", "user", (Feature("x", DType.FLOAT32),))
+    now = int(time.time() * 1e6)
+    with OnlineStore(StoreConfig(tmp_path / "data")) as store:
+        store.registry.apply([Entity("user", (JoinKey("user_id", DType.INT64),))], [view])
+        ids = np.array([1, 2])
+        store.write(WriteBatch("sampled_view", {"user_id": ids}, np.full(2, now), {"x": ids}))
+        result = store.read("sampled_view", {"user_id": np.array([1, 2, 3])}, now_us=now)
+    observer = ViewObserver("sampled_view")
+    ages = "featureserve_view_value_age_seconds_count"
+    observer.lookup(result, now)
+    assert value(ages, view="sampled_view") == 2
+    for _ in range(LOOKUP_SAMPLE_EVERY - 1):
+        observer.lookup(result, now)
+    assert value(ages, view="sampled_view") == 2
+    observer.lookup(result, now)
+    assert value(ages, view="sampled_view") == 4
+    assert value("featureserve_view_lookup_rows_total", view="sampled_view", result="hit") == (
+        2 * (LOOKUP_SAMPLE_EVERY + 1)
+    )

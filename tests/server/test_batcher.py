@@ -296,3 +296,24 @@ def test_batches_stay_on_instance_threads(
     run_one_at_a_time(batcher, [np.ones((8, width), np.float32) for _ in range(8)])
     assert len(ran_on) == 8
     assert threading.current_thread().name not in ran_on
+
+
+def test_a_sub_millisecond_queue_delay_is_checked_every_loop_turn(tmp_path):
+    """asyncio's epoll timers fire in whole milliseconds, so a 200 µs delay is not left to one:
+    the partial batch is re-checked on each loop turn and still waits the full delay."""
+
+    async def main():
+        batcher = make_batcher(tmp_path, mlp_model(), max_queue_delay_us=200)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 32), np.float32)}, 1))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        armed = batcher._delay_timer
+        assert armed is not None and armed.when() <= loop.time()
+        await task
+        queued_ns = batcher.stats.queue.ns
+        await batcher.close()
+        return queued_ns
+
+    assert asyncio.run(main()) >= 200_000

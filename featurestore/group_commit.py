@@ -20,14 +20,30 @@ class GroupCommitter:
 
     max_batch_rows caps the rows of one commit; max_delay_s lets the thread wait that long for
     more batches before committing (0: commit whatever is queued as soon as the last commit ends).
+
+    Under load it lingers: after a commit of at least linger_min_rows rows, the next one waits up
+    to linger_fraction x that commit's duration (at most linger_max_s) for max_batch_rows rows. A
+    random update dirties a whole B-tree page, so a bigger commit writes fewer pages per row:
+    measured with 32 durable streams into 1M keys, 192-202k rows/s with 0.5 against 174-178k
+    without (1.0 was no better). After a quiet spell a lone write commits at once.
     """
 
     def __init__(
-        self, store: OnlineStore, max_batch_rows: int = 200_000, max_delay_s: float = 0.0
+        self,
+        store: OnlineStore,
+        max_batch_rows: int = 200_000,
+        max_delay_s: float = 0.0,
+        linger_fraction: float = 0.5,
+        linger_min_rows: int = 20_000,
+        linger_max_s: float = 0.5,
     ) -> None:
         self._store = store
         self._max_rows = max_batch_rows
         self._delay = max_delay_s
+        self._linger_fraction = linger_fraction
+        self._linger_min_rows = linger_min_rows
+        self._linger_max_s = linger_max_s
+        self._linger = 0.0
         self._queue: deque[tuple[PreparedBatch, Future[WriteResult]]] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -56,8 +72,9 @@ class GroupCommitter:
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
-            if self._delay and not self._closed:
-                deadline = time.monotonic() + self._delay
+            wait = max(self._delay, self._linger)
+            if wait and not self._closed:
+                deadline = time.monotonic() + wait
                 while not self._closed and _rows(self._queue) < self._max_rows:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -83,6 +100,7 @@ class GroupCommitter:
                 self._commit(live)
 
     def _commit(self, items: list[tuple[PreparedBatch, Future[WriteResult]]]) -> None:
+        started = time.monotonic()
         try:
             results = self._store.write_prepared([b for b, _ in items])
         except Exception as exc:
@@ -93,6 +111,10 @@ class GroupCommitter:
                 self._commit([item])
             return
         self.commits += 1
+        self._linger = 0.0
+        if sum(len(b.keys) for b, _ in items) >= self._linger_min_rows:
+            took = time.monotonic() - started
+            self._linger = min(self._linger_fraction * took, self._linger_max_s)
         for (_, future), result in zip(items, results, strict=True):
             future.set_result(result)
 

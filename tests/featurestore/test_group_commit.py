@@ -79,3 +79,31 @@ def test_failure_resolves_only_the_bad_batch(tmp_path: Path):
             committer.submit(good)
         with pytest.raises(NotFoundError):
             store.prepare(WriteBatch("nope", {}, np.zeros(0, np.int64), {}))
+
+
+def test_after_a_large_commit_the_next_one_lingers_for_more_rows(tmp_path: Path):
+    with OnlineStore(StoreConfig(tmp_path / "db")) as store:
+        store.registry.apply([USER], [SCORE])
+        committer = GroupCommitter(
+            store, linger_fraction=1000.0, linger_min_rows=1000, linger_max_s=1.0
+        )
+        large = committer.submit(store.prepare(batch(range(1000), NOW, 1.0), now_us=NOW))
+        large.result(timeout=30)
+        first = committer.submit(store.prepare(batch([5000], NOW, 2.0), now_us=NOW))
+        threading.Event().wait(0.05)
+        second = committer.submit(store.prepare(batch([5001], NOW, 3.0), now_us=NOW))
+        assert (first.result(timeout=30).written, second.result(timeout=30).written) == (1, 1)
+        assert committer.commits == 2
+        committer.close()
+
+
+def test_a_lone_write_after_small_commits_does_not_linger(tmp_path: Path):
+    with OnlineStore(StoreConfig(tmp_path / "db")) as store:
+        store.registry.apply([USER], [SCORE])
+        committer = GroupCommitter(
+            store, linger_fraction=1000.0, linger_min_rows=1000, linger_max_s=1.0
+        )
+        for i in range(3):
+            committer.submit(store.prepare(batch([i], NOW, 1.0), now_us=NOW)).result(timeout=3)
+        assert committer.commits == 3
+        committer.close()

@@ -87,31 +87,20 @@ def newest_per_key(events: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
-def resolve(
-    events: np.ndarray, stored: np.ndarray, starts: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def resolve(events: np.ndarray, stored: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Sequential last-write-wins over rows in key order (equal keys adjacent, arrival order
-    within a key). A row is applied when its event is newer than everything before it for its
-    key (the stored row, then earlier rows of the commit); an equal event is stale. Returns
-    (applied, final): final marks the one applied row per key that ends up stored."""
-    n = len(events)
-    applied = np.zeros(n, np.bool_)
-    final = np.zeros(n, np.bool_)
+    within a key): whether each row is applied, i.e. its event is newer than everything before
+    it for its key (the stored row, then earlier rows of the commit); an equal event is stale.
+    The row that ends up stored is the key's newest (newest_per_key) when it is applied."""
+    applied = np.zeros(len(events), np.bool_)
     current = MIN_EVENT
-    last = -1
-    for i in range(n):
+    for i in range(len(events)):
         if starts[i]:
-            if last >= 0:
-                final[last] = True
             current = stored[i]
-            last = -1
         if events[i] > current:
             applied[i] = True
             current = events[i]
-            last = i
-    if last >= 0:
-        final[last] = True
-    return applied, final
+    return applied
 
 
 def resolve_reference(

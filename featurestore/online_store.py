@@ -706,7 +706,7 @@ def _apply_group(
     stored = stored_events(old)
     for i in np.flatnonzero(stored >= events[newest]).tolist():
         cur.put(keys[newest[i]], old[i])
-    applied_in_order, _ = resolve(events_in_order, stored[np.cumsum(starts) - 1], starts)
+    applied_in_order = resolve(events_in_order, stored[np.cumsum(starts) - 1], starts)
     applied = np.empty(len(keys), np.bool_)
     applied[order] = applied_in_order
     written = np.bincount(owner[applied], minlength=len(batches))

@@ -1,5 +1,6 @@
 """Feature drift: a reference histogram per feature (fitted on the first ingested values, or
-supplied) and the featureserve_feature_psi gauge, updated from every Nth block of live values."""
+supplied) and the featureserve_feature_psi gauge, updated from the blocks of live values the
+caller samples."""
 
 from __future__ import annotations
 
@@ -84,24 +85,21 @@ class FeatureDrift:
 
 
 class DriftMonitor:
-    """Drift of one feature view's numeric features, sampled from every `sample_every`-th
-    block of values (lookup results or writes), at most `max_rows` rows of each."""
+    """Drift of one feature view's numeric features, from the blocks of values (lookup results
+    or writes) its caller chooses to offer, at most `max_rows` rows of each."""
 
     def __init__(
         self,
         view: str,
-        sample_every: int = 16,
         max_rows: int = 1024,
         fit_rows: int = 10_000,
         decay: float = 0.95,
     ) -> None:
         self.view = view
-        self.sample_every = sample_every
         self.max_rows = max_rows
         self.fit_rows = fit_rows
         self.decay = decay
         self.features: dict[str, FeatureDrift] = {}
-        self._blocks = 0
 
     def feature(self, name: str) -> FeatureDrift:
         """The drift state of one feature, created on first use."""
@@ -110,14 +108,10 @@ class DriftMonitor:
             state = self.features[name] = FeatureDrift(self.view, name, self.fit_rows, self.decay)
         return state
 
-    def observe(self, columns: Mapping[str, np.ndarray]) -> bool:
-        """Offer a block of columns (feature name -> 1-D values); returns whether it was sampled.
+    def observe(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Fold a block of columns (feature name -> 1-D values) into each feature's drift.
         Non-numeric and vector features are skipped."""
-        self._blocks += 1
-        if self._blocks % self.sample_every:
-            return False
         for name, values in columns.items():
             if values.ndim == 1 and values.dtype.kind in "fiub":
                 sample = values[: self.max_rows].astype(np.float64, copy=False)
                 self.feature(name).update(sample)
-        return True

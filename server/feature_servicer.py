@@ -50,7 +50,7 @@ class ViewObserver:
 
     def __init__(self, view: str) -> None:
         self.metrics = ViewMetrics(view)
-        self.drift = DriftMonitor(view, sample_every=1)
+        self.drift = DriftMonitor(view)
         self._sample_lookup = _Sampler(LOOKUP_SAMPLE_EVERY)
         self._sample_write = _Sampler(WRITE_SAMPLE_EVERY)
 

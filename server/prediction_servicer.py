@@ -1,7 +1,7 @@
 """featureserve.v1.Prediction: entity keys in, scores out, in one hop.
 
 Per request: decode and check keys and request values; then, together with the requests of the
-same model that arrived in the same loop turn (predict_coalescer), one store read per bound view,
+same model that arrive within a few loop turns (predict_coalescer), one store read per bound view,
 assembly and transforms (the model's compiled binding), and the scorable rows submitted to the
 same dynamic batcher ModelInfer uses; answer with scores, row statuses and lineage.
 StreamPredict runs up to `stream_window` requests of a stream concurrently (so they batch

@@ -2,9 +2,7 @@
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -14,11 +12,9 @@ import onnxruntime as ort
 from benchmarks.model_zoo import add_sub_model, mlp_model, write_model
 from server.inference_servicer import start_server
 from server.model_repository import ModelRepository
+from tests.server.cached_venv import cached_venv
 
-TRITONCLIENT = "tritonclient[grpc]==2.73.0"
-VENV = Path(os.environ.get("FEATURESERVE_CACHE", Path.home() / ".cache" / "featureserve"))
-VENV = VENV / "tritonclient-venv"
-INSTALL_TIMEOUT_S = 900
+TRITONCLIENT = ["tritonclient[grpc]==2.73.0", "numpy"]
 
 CLIENT_SCRIPT = r"""
 import asyncio, json, queue, sys
@@ -78,22 +74,6 @@ print(json.dumps(out))
 """
 
 
-def ensure_venv() -> Path:
-    """The cached venv with tritonclient (created once, reused after)."""
-    python = VENV / "bin" / "python"
-    if python.exists():
-        return python
-    staging = VENV.with_name(VENV.name + f".building-{os.getpid()}")
-    subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True, timeout=120)
-    subprocess.run(
-        [str(staging / "bin" / "python"), "-m", "pip", "install", "-q", TRITONCLIENT, "numpy"],
-        check=True,
-        timeout=INSTALL_TIMEOUT_S,
-    )
-    staging.rename(VENV)
-    return python
-
-
 class BackgroundServer:
     """Our repository and inference server on a private event loop in a thread."""
 
@@ -127,7 +107,7 @@ class BackgroundServer:
 
 
 def test_tritonclient_sync_async_and_stream(tmp_path: Path) -> None:
-    python = ensure_venv()
+    python = cached_venv("tritonclient-venv", TRITONCLIENT) / "bin" / "python"
     models = tmp_path / "models"
     mlp = mlp_model()
     write_model(models, "mlp", mlp, config_toml="[dynamic_batching]\nmax_queue_delay_us = 500\n")

@@ -227,7 +227,7 @@ def in_process_floor(data_dir: Path, model_repo: Path, entities: int, seconds: f
         keys = keysets[count % 64]
         results = [store.read(r.view, keys, r.features, r.version) for r in binding.reads]
         assembled = binding.assemble(results, {"amount": amounts}, entities)
-        session.run(None, {"x": binding.transform(assembled.block)})
+        session.run(None, {"x": binding.transform(assembled.block, assembled.typed)})
         count += 1
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     store.close()

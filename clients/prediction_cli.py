@@ -11,19 +11,38 @@ from clients.feature_cli import _key_values
 from clients.prediction_client import PredictionClient
 from featurestore.dtypes import FeatureStatus
 
-_VALUE_DTYPES = {"float64": np.float64, "float32": np.float32, "int64": np.int64, "bool": np.bool_}
+_VALUE_DTYPES = {
+    "float64": np.float64,
+    "float32": np.float32,
+    "int64": np.int64,
+    "bool": np.bool_,
+    "string": np.object_,
+}
+_BOOLS = {"1": True, "true": True, "0": False, "false": False}
 
 
 def _request_value(name: str, text: str) -> tuple[str, np.ndarray]:
-    """NAME[:DTYPE] and comma-separated values (float64 unless a dtype is given)."""
+    """NAME[:DTYPE] and comma-separated values (float64 unless a dtype is given); int64 values
+    are parsed exactly, not through float."""
     name, _, dtype = name.partition(":")
-    kind = _VALUE_DTYPES.get(dtype or "float64")
+    dtype = dtype or "float64"
+    kind = _VALUE_DTYPES.get(dtype)
     if kind is None:
         raise SystemExit(f"featureserve predict: --value {name}:{dtype}: use {list(_VALUE_DTYPES)}")
-    parts = text.split(",")
-    if kind is np.bool_:
-        return name, np.array([p.strip().lower() in ("1", "true") for p in parts])
-    return name, np.array(parts, dtype=np.float64).astype(kind)
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if kind is np.bool_:
+            return name, np.array([_BOOLS[p.lower()] for p in parts])
+        if kind is np.int64:
+            return name, np.array([int(p) for p in parts], np.int64)
+        if kind is np.object_:
+            return name, np.array(parts, object)
+        return name, np.array(parts, np.float64).astype(kind)
+    except (KeyError, ValueError):
+        raise SystemExit(
+            f"featureserve predict: --value {name}:{dtype}={text}: not comma-separated {dtype} "
+            "values (bool takes true/false/1/0)"
+        ) from None
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -84,7 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME[:DTYPE]=V1,V2",
-        help="request-time values, one per entity; DTYPE float64 (default), float32, int64, bool",
+        help="request-time values, one per entity; DTYPE float64 (default), float32, int64, "
+        "bool, string",
     )
     add_connection_flags(p)
     p.set_defaults(func=cmd_predict)

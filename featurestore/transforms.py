@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.errors import InvalidArgumentError
-from featurestore.kernels.encoding import StringColumn
+from featurestore.kernels.encoding import StringColumn, StringVocab
 from featurestore.kernels.fused import Program, run_fused
 from featurestore.transform_inputs import CONVERTERS
 from featurestore.transform_ops import TRANSFORMS, OpSpec, fit
@@ -90,6 +90,11 @@ class Transform:
     def spec(self) -> OpSpec:
         """The registry entry of this op."""
         return TRANSFORMS[self.op]
+
+    @property
+    def reads_strings(self) -> bool:
+        """Whether the op reads its inputs as strings (a one_hot over a string vocabulary)."""
+        return isinstance(self.checked.get("vocab"), StringVocab)
 
     @property
     def width(self) -> int:

@@ -142,7 +142,7 @@ class PredictCoalescer:
             rows = sum(r.rows for r in group)
         results = [self.store.read(r.view, keys, r.features, r.version) for r in binding.reads]
         assembled = binding.assemble(results, values, rows)
-        tensor = binding.transform(assembled.block)
+        tensor = binding.transform(assembled.block, assembled.typed)
         outputs = union_outputs(r.outputs for r in group)
         deadlines = [r.deadline for r in group]
         deadline = None if None in deadlines else max(deadlines)
@@ -224,4 +224,5 @@ def _rows_of(assembled: Assembled, start: int, stop: int) -> Assembled:
         failed_features=assembled.failed_features,
         fills=fills,
         views=assembled.views,
+        typed={name: column[start:stop] for name, column in assembled.typed.items()},
     )

@@ -14,10 +14,13 @@ config.toml:
     [[features.columns]]
     request = "amount"                   # a request-time value, declared in [request_values]
     [request_values]
-    amount = "float64"                   # float32 | float64 | int64 | bool
+    amount = "float64"                   # float32 | float64 | int64 | bool | string
     [[transforms]]                       # featurestore.transforms entries, fitted params inline
     op = "standardize"  inputs = ["user_stats:amount_mean"]  params = {mean = 3.1, std = 2.0}
 
+Columns reach float ops as float64. Columns that a time op (int64 µs since the epoch) or a key
+op (hash_bucket, one_hot: int64 or strings) reads also travel with their own dtype, so times and
+ids stay exact and string features and request values can be hashed or one-hot encoded.
 Views and features are resolved against the registry at request time (the registry may change
 after the model loads); everything else is checked here so a bad config never serves.
 """
@@ -35,7 +38,7 @@ from featurestore.dtypes import DType, FeatureStatus
 from featurestore.errors import ConflictError, InvalidArgumentError
 from featurestore.online_store import ReadResult
 from featurestore.registry import FeatureView
-from featurestore.transforms import compile_chain, transforms_from_config
+from featurestore.transforms import Transform, compile_chain, transforms_from_config
 from server.feature_refs import parse_feature_refs
 from server.model_config import ModelConfig, ModelConfigError
 
@@ -44,8 +47,10 @@ REQUEST_DTYPES: dict[str, DType] = {
     "float64": DType.FLOAT64,
     "int64": DType.INT64,
     "bool": DType.BOOL,
+    "string": DType.STRING,
 }
 _NUMERIC = (DType.FLOAT32, DType.FLOAT64, DType.INT64, DType.BOOL)
+_INTEGER = (DType.INT64, DType.BOOL)
 _FEATURES_KEYS = {"entity", "input", "outputs", "columns"}
 _COLUMN_KEYS = {"feature", "features", "request", "default", "name"}
 _NO_EVENT = np.iinfo(np.int64).max
@@ -61,7 +66,7 @@ class FeatureColumn:
     version: int
     feature: str
     name: str
-    default: float | None
+    default: float | int | str | None
 
 
 @dataclass(frozen=True)
@@ -84,13 +89,16 @@ class ViewRead:
 
 @dataclass
 class _BlockMap:
-    """Where one store block's columns go: block column order -> binding column indexes."""
+    """Where one store block's columns go: block column order -> binding column indexes (into
+    the float64 block, unless the block holds strings), and which of them also travel typed."""
 
     dst: np.ndarray
     defaults: np.ndarray
     required: np.ndarray
     refs: list[str]
     fills: list[str]
+    numeric: bool
+    typed: list[tuple[int, str, Any]]
 
 
 @dataclass
@@ -114,18 +122,19 @@ class Assembled:
     failed_features: list[str] = field(default_factory=list)
     fills: list[Fill] = field(default_factory=list)
     views: list[str] = field(default_factory=list)
+    typed: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _error(source: str, message: str) -> ModelConfigError:
     return ModelConfigError(f"{source}: {message}")
 
 
-def _default(source: str, where: str, raw: Any) -> float | None:
-    if raw is None:
-        return None
+def _default(source: str, where: str, raw: Any) -> float | int | str | None:
+    if raw is None or isinstance(raw, str):
+        return raw
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise _error(source, f"{where}.default must be a number, got {raw!r}")
-    return float(raw)
+    return raw
 
 
 def _parse_columns(
@@ -152,7 +161,7 @@ def _parse_columns(
                 raise _error(
                     source,
                     f"{where}.request {name!r} is not declared in [request_values]; add "
-                    f'{name} = "float64" (or float32, int64, bool) there',
+                    f'{name} = "float64" (or float32, int64, bool, string) there',
                 )
             if "default" in entry or "name" in entry:
                 raise _error(source, f"{where}: a request column takes no default or name")
@@ -226,9 +235,8 @@ class PredictionBinding:
                 read.features.append(c.feature)
                 read.columns.append(k)
         try:
-            chain = (
-                compile_chain(transforms_from_config(transforms), outputs) if transforms else None
-            )
+            steps = transforms_from_config(transforms)
+            chain = compile_chain(steps, outputs) if steps else None
         except InvalidArgumentError as exc:
             raise _error(source, str(exc)) from None
         if chain is None:
@@ -248,10 +256,82 @@ class PredictionBinding:
                     source, f"[[transforms]]: {exc}; bind it in [[features.columns]]"
                 ) from None
         self.width = len(self.outputs)
+        kinds = _input_kinds(steps, set(self.names))
+        self.typed = {n for n, k in kinds.items() if k - {"float"}}
+        self._time = {n for n, k in kinds.items() if "time" in k}
+        produced = {name for step in steps for name in step.outputs}
+        passed_through = set(self.outputs) - produced
+        self._key_only = {n for n, k in kinds.items() if k == {"key"}} - passed_through
+        self._strings = {n for step in steps if step.reads_strings for n in step.inputs}
+        self._check_typed(source)
+        if self.typed:
+            position = {n: k for k, n in enumerate(self.names)}
+            numeric = [n for n in chain.inputs if n not in self.typed]
+            self._run_typed = lambda block, typed: chain(
+                {**{n: block[:, position[n]] for n in numeric}, **typed}
+            )
         self._maps: dict[tuple, list[_BlockMap]] = {}
 
-    def transform(self, block: np.ndarray) -> np.ndarray:
-        """The model input (float32 rows x width) from an assembled float64 block."""
+    def _check_typed(self, source: str) -> None:
+        """Dtypes and defaults of the columns that time and key ops read, as far as the config
+        alone tells (feature dtypes are checked when a view is first read)."""
+        for c in self.columns:
+            name = c.name
+            if isinstance(c, RequestColumn):
+                if name in self._time and c.dtype != DType.INT64:
+                    raise _error(
+                        source,
+                        f"request_values.{name} is {c.dtype.name.lower()}, but a time op reads "
+                        f'it as µs since the epoch; declare {name} = "int64"',
+                    )
+                if name in self.typed and c.dtype not in (*_INTEGER, DType.STRING):
+                    raise _error(
+                        source,
+                        f"request_values.{name} is {c.dtype.name.lower()}, but hash_bucket / "
+                        'one_hot read it as a key; declare it "int64" or "string"',
+                    )
+                if c.dtype == DType.STRING and name not in self._key_only:
+                    raise _error(
+                        source,
+                        f"request_values.{name} is a string: only hash_bucket / one_hot can read "
+                        "it, and it cannot be a model input column itself",
+                    )
+                continue
+            if isinstance(c.default, str) and name not in self._key_only:
+                raise _error(
+                    source,
+                    f"column {name!r}: default must be a number, got {c.default!r} (a string "
+                    "default suits only a column that only hash_bucket / one_hot read)",
+                )
+            if name in self._strings and not isinstance(c.default, str | None):
+                raise _error(
+                    source,
+                    f"column {name!r}: default {c.default!r} must be a string: one_hot reads it "
+                    "against a vocabulary of strings",
+                )
+            if name in self.typed and isinstance(c.default, float):
+                raise _error(
+                    source,
+                    f"column {name!r}: default {c.default!r} must be an integer"
+                    + (" (µs since the epoch)" if name in self._time else " or a string")
+                    + ": a time or key op reads this column",
+                )
+
+    def warmup_typed(self) -> dict[str, np.ndarray]:
+        """One-row typed inputs that JIT-compile the typed ops at load: strings where a string
+        request value or a string vocabulary says so, else int64."""
+        strings = {c.name for _, c in self.requests if c.dtype == DType.STRING} | self._strings
+        return {
+            n: np.array([""], object) if n in strings else np.zeros(1, np.int64) for n in self.typed
+        }
+
+    def transform(
+        self, block: np.ndarray, typed: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """The model input (float32 rows x width) from an assembled float64 block and the
+        typed columns that time and key ops read."""
+        if self.typed:
+            return self._run_typed(block, typed)
         return self._run(block)
 
     def _block_maps(self, read: ViewRead, result: ReadResult) -> list[_BlockMap]:
@@ -269,13 +349,35 @@ class PredictionBinding:
         column_of = dict(zip(read.features, read.columns, strict=True))
         maps = []
         for block in result.blocks:
-            if block.dtype not in _NUMERIC:
+            cols = [self.columns[column_of[f]] for f in block.features]
+            numeric = block.dtype in _NUMERIC
+            if not numeric and not (
+                block.dtype == DType.STRING and all(c.name in self._key_only for c in cols)
+            ):
                 raise ConflictError(
                     f"feature {block.features[0]!r} of view {fv.name!r} is {block.dtype.name}; "
-                    "only numeric scalar features can fill model input columns"
+                    "only numeric scalar features can fill model input columns (strings only "
+                    "through hash_bucket / one_hot)"
                 )
-            cols = [self.columns[column_of[f]] for f in block.features]
-            defaults = [math.nan if c.default is None else c.default for c in cols]
+            typed = []
+            for j, c in enumerate(cols):
+                if c.name not in self.typed:
+                    continue
+                if numeric and block.dtype not in _INTEGER:
+                    raise ConflictError(
+                        f"feature {c.ref!r} is {block.dtype.name}, but a time or key op reads "
+                        "it: time ops need int64 µs since the epoch, hash_bucket / one_hot "
+                        "int64 or strings; bind such a feature"
+                    )
+                if c.default is not None and numeric == isinstance(c.default, str):
+                    raise ConflictError(
+                        f"feature {c.ref!r} is {block.dtype.name}, but its default "
+                        f"{c.default!r} is not; fix the default in [[features.columns]]"
+                    )
+                typed.append(
+                    (j, c.name, c.default if c.default is not None else (0 if numeric else ""))
+                )
+            defaults = [math.nan if c.default is None or not numeric else c.default for c in cols]
             maps.append(
                 _BlockMap(
                     np.array([column_of[f] for f in block.features], np.int64),
@@ -286,6 +388,8 @@ class PredictionBinding:
                         "required: row not scored" if c.default is None else f"default={c.default}"
                         for c in cols
                     ],
+                    numeric,
+                    typed,
                 )
             )
         if len(self._maps) > 64:
@@ -315,7 +419,8 @@ class PredictionBinding:
                 statuses = data.statuses
                 missing = statuses != _PRESENT
                 if missing.any():
-                    values = np.where(missing, bmap.defaults, values)
+                    if bmap.numeric:
+                        values = np.where(missing, bmap.defaults, values)
                     for j in np.flatnonzero(missing.any(axis=0)):
                         out.fills.append(Fill(bmap.refs[j], statuses[:, j].copy(), bmap.fills[j]))
                         if bmap.required[j]:
@@ -323,12 +428,31 @@ class PredictionBinding:
                             first_bad[new] = len(refs)
                             failed_status[new] = statuses[new, j]
                             refs.append(bmap.refs[j])
-                block[:, bmap.dst] = values
+                block[:, bmap.dst] = values if bmap.numeric else math.nan
+                for j, name, default in bmap.typed:
+                    column = np.where(missing[:, j], default, data.values[:, j])
+                    out.typed[name] = column.astype(np.int64) if bmap.numeric else column
         np.greater_equal(first_bad, 0, out=failed)
         oldest[oldest == _NO_EVENT] = 0
         for k, column in self.requests:
-            block[:, k] = request_values[column.name]
+            values = request_values[column.name]
+            block[:, k] = math.nan if column.dtype == DType.STRING else values
+            if column.name in self.typed:
+                out.typed[column.name] = values
         return out
+
+
+def _input_kinds(steps: Sequence[Transform], columns: set[str]) -> dict[str, set[str]]:
+    """For each bound column that transforms read before any transform overwrites it, the kinds
+    of the ops reading it: float, time (int64 µs) or key (int64 or strings)."""
+    kinds: dict[str, set[str]] = {}
+    produced: set[str] = set()
+    for step in steps:
+        for name in step.inputs:
+            if name in columns and name not in produced:
+                kinds.setdefault(name, set()).add(step.spec.kind)
+        produced.update(step.outputs)
+    return kinds
 
 
 def compile_binding(config: ModelConfig, source: str) -> PredictionBinding | None:
@@ -381,5 +505,5 @@ def compile_binding(config: ModelConfig, source: str) -> PredictionBinding | Non
             f"the binding yields {binding.width} columns ({', '.join(binding.outputs)}), but "
             f"input {input_name!r} is {spec.shape[1]} wide",
         )
-    binding.transform(np.zeros((1, len(binding.columns)), np.float64))
+    binding.transform(np.zeros((1, len(binding.columns)), np.float64), binding.warmup_typed())
     return binding

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from featurestore.dtypes import DType, FeatureStatus
+from featurestore.errors import ConflictError
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from featurestore.transforms import apply_chain, transforms_from_config
 from server.model_config import ModelConfigError, TensorSpec, parse_model_config
 from server.prediction_binding import compile_binding
 
@@ -108,3 +110,137 @@ def test_assemble_fills_defaults_fails_required_rows_and_tracks_event_times(tmp_
     )
     assert fills["risk:r"].filled_with == "required: row not scored"
     store.close()
+
+
+TYPED_HEAD = """
+[features]
+entity = "user"
+[[features.columns]]
+feature = "stats:a"
+default = 0.5
+[[features.columns]]
+feature = "profile:merchant"
+default = 7
+[[features.columns]]
+feature = "profile:city"
+default = "unknown"
+[[features.columns]]
+request = "ts"
+[[features.columns]]
+request = "channel"
+[request_values]
+ts = "int64"
+channel = "string"
+"""
+TYPED_CHAIN = [
+    {"op": "standardize", "inputs": ["stats:a"], "params": {"mean": 0.25, "std": 2.0}},
+    {"op": "hash_bucket", "inputs": ["profile:merchant", "channel"],
+     "params": {"buckets": [97, 5]}},
+    {"op": "one_hot", "inputs": ["profile:city"], "output": "city",
+     "params": {"vocabulary": ["oslo", "lima"]}},
+    {"op": "hour_cyclical", "inputs": ["ts"], "output": "hour"},
+    {"op": "is_weekend", "inputs": ["ts"], "output": "weekend"},
+]  # fmt: skip
+TYPED_WIDTH = 1 + 2 + 3 + 2 + 1
+
+
+def _toml(entry: dict) -> str:
+    def value(v) -> str:
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return f'"{v}"' if isinstance(v, str) else repr(v)
+
+    return "[[transforms]]\n" + "".join(f"{k} = {value(v)}\n" for k, v in entry.items())
+
+
+def typed_binding(head: str = TYPED_HEAD, chain: list[dict] = TYPED_CHAIN):
+    return binding(head + "".join(_toml(t) for t in chain), width=TYPED_WIDTH)
+
+
+def test_time_and_key_ops_read_exact_int64_and_string_columns(tmp_path) -> None:
+    store = OnlineStore(StoreConfig(path=tmp_path, sync=False))
+    profile = (Feature("merchant", DType.INT64), Feature("city", DType.STRING))
+    store.registry.apply(
+        [Entity("user", (JoinKey("id", DType.INT64),))],
+        [
+            FeatureView("stats", "user", (Feature("a", DType.FLOAT32),)),
+            FeatureView("profile", "user", profile),
+        ],
+    )
+    big = 2**53 + 1
+    store.write(WriteBatch("stats", {"id": np.array([1, 2, 3])}, np.array([5, 5, 5]),
+                           {"a": np.array([1.0, 2.0, 3.0], np.float32)}))  # fmt: skip
+    store.write(WriteBatch("profile", {"id": np.array([1, 2])}, np.array([5, 5]),
+                           {"merchant": np.array([big, 42]),
+                            "city": np.array(["lima", "paris"], object)}))  # fmt: skip
+    b = typed_binding()
+    assert b.typed == {"profile:merchant", "profile:city", "ts", "channel"}
+    ts = np.array([1_700_000_000_000_000, 1_700_400_000_000_000, 0], np.int64)
+    channel = np.array(["web", "app", "web"], object)
+    keys = {"id": np.array([1, 2, 3])}
+    results = [store.read(r.view, keys, r.features, r.version) for r in b.reads]
+    out = b.assemble(results, {"ts": ts, "channel": channel}, 3)
+    assert out.typed["profile:merchant"].tolist() == [big, 42, 7]
+    assert out.typed["profile:city"].tolist() == ["lima", "paris", "unknown"]
+    got = b.transform(out.block, out.typed)
+
+    columns = {
+        "stats:a": np.array([1.0, 2.0, 3.0]),
+        "profile:merchant": np.array([big, 42, 7], np.int64),
+        "profile:city": np.array(["lima", "paris", "unknown"], object),
+        "ts": ts,
+        "channel": channel,
+    }
+    steps = transforms_from_config(TYPED_CHAIN)
+    expected = apply_chain(steps, columns, b.outputs, use_reference=True)
+    assert got.shape == (3, TYPED_WIDTH)
+    np.testing.assert_array_equal(got, expected)
+    required = typed_binding(TYPED_HEAD.replace('default = "unknown"\n', ""))
+    results = [store.read(r.view, keys, r.features, r.version) for r in required.reads]
+    out = required.assemble(results, {"ts": ts, "channel": channel}, 3)
+    assert out.failed.tolist() == [False, False, True]
+    assert out.failed_features[out.first_bad[2]] == "profile:city"
+    np.testing.assert_array_equal(required.transform(out.block, out.typed)[:2], expected[:2])
+
+    rounded = {**columns, "profile:merchant": np.array([2**53, 42, 7], np.int64)}
+    rounded = apply_chain(steps, rounded, b.outputs, use_reference=True)
+    assert (rounded[0] != expected[0]).any(), "2**53 + 1 must not pass through float64"
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (TYPED_HEAD.replace('ts = "int64"', 'ts = "float64"'), 'declare ts = "int64"'),
+        (TYPED_HEAD.replace('channel = "string"', 'channel = "float64"'), '"int64" or "string"'),
+        (TYPED_HEAD.replace("default = 7", "default = 7.5"), "must be an integer or a string"),
+        (TYPED_HEAD.replace("default = 0.5", 'default = "x"'), "default must be a number"),
+    ],
+)
+def test_typed_columns_with_wrong_dtypes_or_defaults_fail_at_load(head: str, message: str) -> None:
+    with pytest.raises(ModelConfigError) as info:
+        typed_binding(head)
+    assert message in str(info.value)
+
+
+def test_a_string_request_value_cannot_reach_the_model_untransformed() -> None:
+    chain = [t for t in TYPED_CHAIN if t["op"] != "hash_bucket"]
+    chain.append({"op": "hash_bucket", "inputs": ["profile:merchant"], "params": {"buckets": 97}})
+    with pytest.raises(ModelConfigError, match=r"request_values\.channel is a string"):
+        binding(TYPED_HEAD + "".join(_toml(t) for t in chain), width=TYPED_WIDTH)
+
+
+def test_a_float_feature_read_by_a_time_op_is_refused_when_read(tmp_path) -> None:
+    store = OnlineStore(StoreConfig(path=tmp_path, sync=False))
+    store.registry.apply(
+        [Entity("user", (JoinKey("id", DType.INT64),))],
+        [FeatureView("stats", "user", (Feature("a", DType.FLOAT32), Feature("t", DType.FLOAT64)))],
+    )
+    head = '[features]\n[[features.columns]]\nfeatures = ["stats:a", "stats:t"]\ndefault = 0\n'
+    chain = [{"op": "hour_of_day", "inputs": ["stats:t"], "output": "hour"}]
+    b = binding(head + "".join(_toml(t) for t in chain), width=1)
+    keys = {"id": np.array([1])}
+    results = [store.read(r.view, keys, r.features, r.version) for r in b.reads]
+    with pytest.raises(ConflictError, match=r"'stats:t' is FLOAT64, but a time or key op"):
+        b.assemble(results, {}, 1)

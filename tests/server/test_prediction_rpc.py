@@ -51,6 +51,27 @@ TRANSFORMS = [
     {"op": "min_max_scale", "inputs": ["amount"], "params": {"lo": 0, "hi": 500}},
 ]
 OUTPUTS = [*STATS_REFS, "user_stats:n_tx", "risk:score", "amount"]
+PROFILE = FeatureView(
+    "profile", "user", (Feature("city", DType.STRING), Feature("signup_us", DType.INT64))
+)
+CITIES = ["oslo", "lima", "pune"]
+TYPED_TRANSFORMS = [
+    {"op": "standardize", "inputs": STATS_REFS[:20],
+     "params": {"mean": MEANS[:20], "std": STDS[:20]}},
+    {"op": "hash_bucket", "inputs": ["user_stats:n_tx", "channel"], "params": {"buckets": [64, 8]}},
+    {"op": "one_hot", "inputs": ["profile:city"], "output": "city",
+     "params": {"vocabulary": CITIES}},
+    {"op": "hour_cyclical", "inputs": ["ts"], "output": "hour"},
+    {"op": "hour_of_day", "inputs": ["ts"], "output": "hour_of_day"},
+    {"op": "day_of_week", "inputs": ["ts"], "output": "dow"},
+    {"op": "is_weekend", "inputs": ["ts"], "output": "weekend"},
+    {"op": "age_seconds", "inputs": ["profile:signup_us", "ts"], "output": "account_age"},
+]  # fmt: skip
+TYPED_OUTPUTS = [
+    *STATS_REFS[:20], "user_stats:n_tx", "channel", *(f"city_{c}" for c in [*CITIES, "oov"]),
+    "hour_sin", "hour_cos", "hour_of_day", "dow", "weekend", "account_age",
+]  # fmt: skip
+TYPED_DEFAULTS = {"user_stats:n_tx": 3, "profile:city": "unknown", "profile:signup_us": 0}
 
 
 def _toml_value(v) -> str:
@@ -90,6 +111,39 @@ def scorer_config(transforms: list[dict] = TRANSFORMS, extra: str = "") -> str:
     for t in transforms:
         lines += ["[[transforms]]", *(f"{k} = {_toml_value(v)}" for k, v in t.items())]
     return "\n".join(lines) + "\n" + extra
+
+
+def typed_config() -> str:
+    """A model whose chain reads int64 times and ids and string categories exactly: hashing,
+    one-hot, calendar and age ops over features and request values, 32 columns."""
+    lines = [
+        "max_batch_size = 256",
+        "[features]",
+        'entity = "user"',
+        f"outputs = {_toml_value(TYPED_OUTPUTS)}",
+        "[[features.columns]]",
+        f"features = {_toml_value(STATS_REFS[:20])}",
+        f"default = {STATS_DEFAULT}",
+        *(
+            line
+            for ref, default in TYPED_DEFAULTS.items()
+            for line in (
+                "[[features.columns]]",
+                f'feature = "{ref}"',
+                f"default = {_toml_value(default)}",
+            )
+        ),
+        "[[features.columns]]",
+        'request = "ts"',
+        "[[features.columns]]",
+        'request = "channel"',
+        "[request_values]",
+        'ts = "int64"',
+        'channel = "string"',
+    ]
+    for t in TYPED_TRANSFORMS:
+        lines += ["[[transforms]]", *(f"{k} = {_toml_value(v)}" for k, v in t.items())]
+    return "\n".join(lines) + "\n"
 
 
 class PredictServer(FeatureServer):
@@ -157,6 +211,7 @@ def served(tmp_path_factory):
     bad = [{"op": "no_such_op", "inputs": ["amount"]}]
     write_model(base / "models", "broken", mlp_model(), config_toml=scorer_config(bad))
     write_model(base / "models", "plain", mlp_model())
+    write_model(base / "models", "typed", mlp_model(seed=5), config_toml=typed_config())
     server, target = start_server(base)
     ids = np.arange(1, 401, dtype=np.int64)
     facts = populate(target, ids)
@@ -211,6 +266,57 @@ def test_predict_equals_lookup_plus_reference_transforms_plus_ort(served) -> Non
     np.testing.assert_array_equal(result.lineage.oldest_event_us, oldest)
 
 
+def test_time_and_categorical_transforms_equal_the_reference_exactly(served) -> None:
+    target, ids = served["target"], served["ids"][:120]
+    rng = np.random.default_rng(3)
+    known = ids[:90]
+    cities = np.array([*CITIES, "paris"], object)[rng.integers(0, 4, len(known))]
+    signup = NOW_US - rng.integers(0, 10**13, len(known))
+    with FeatureStoreClient(ClientConfig(target=target)) as client:
+        client.apply([USER], [PROFILE])
+        client.write_features(
+            "profile", {"user_id": known}, NOW_US, {"city": cities, "signup_us": signup}
+        )
+    ts = NOW_US + rng.integers(-(10**12), 10**12, len(ids))
+    channel = np.array(["web", "app", "store"], object)[rng.integers(0, 3, len(ids))]
+    with PredictionClient(ClientConfig(target=target)) as client:
+        result = client.predict("typed", {"user_id": ids}, {"ts": ts, "channel": channel})
+
+    refs = [*STATS_REFS[:20], *TYPED_DEFAULTS]
+    with FeatureStoreClient(ClientConfig(target=target)) as client:
+        got = client.get_online_features(refs, {"user_id": ids})
+    columns: dict = {"ts": ts, "channel": channel}
+    for ref in refs:
+        present = got.statuses[ref] == FeatureStatus.PRESENT
+        default = TYPED_DEFAULTS.get(ref, STATS_DEFAULT)
+        values = got[ref] if ref in TYPED_DEFAULTS else got[ref].astype(np.float64)
+        columns[ref] = np.where(present, values, default)
+    assert set(columns["profile:city"][90:]) == {"unknown"}
+    steps = transforms_from_config(TYPED_TRANSFORMS)
+    x = apply_chain(steps, columns, TYPED_OUTPUTS, use_reference=True)
+    session = ort.InferenceSession(
+        (served["base"] / "models" / "typed" / "1" / "model.onnx").read_bytes(),
+        providers=["CPUExecutionProvider"],
+    )
+    assert result.ok.all()
+    np.testing.assert_array_equal(result.scores["y"], session.run(["y"], {"x": x})[0])
+    fills = {f.feature: f.filled_with for f in result.lineage.fills}
+    assert fills["profile:city"] == "default=unknown"
+
+    async def in_parts() -> list:
+        async with AsyncPredictionClient(ClientConfig(target=target)) as client:
+            return await asyncio.gather(
+                *(
+                    client.predict("typed", {"user_id": ids[k::12]},
+                                   {"ts": ts[k::12], "channel": channel[k::12]})
+                    for k in range(12)
+                )
+            )  # fmt: skip
+
+    for k, part in enumerate(asyncio.run(in_parts())):
+        np.testing.assert_allclose(part.scores["y"], result.scores["y"][k::12], rtol=1e-5)
+
+
 def test_missing_and_expired_features_take_defaults_and_are_reported(served) -> None:
     ids = served["ids"]
     expired = served["expired"]
@@ -225,7 +331,7 @@ def test_missing_and_expired_features_take_defaults_and_are_reported(served) -> 
     assert f0.filled_with == f"default={STATS_DEFAULT}"
     assert f0.statuses[:5].tolist() == [FeatureStatus.OUTSIDE_MAX_AGE] * 5
     assert f0.statuses[5:].tolist() == [FeatureStatus.NOT_FOUND] * 5
-    assert fills["user_stats:n_tx"].filled_with == "default=3.0"
+    assert fills["user_stats:n_tx"].filled_with == "default=3"
     assert "risk:score" not in fills
     assert (result.lineage.oldest_event_us == NOW_US).all()
 

@@ -3,6 +3,14 @@
 A stat-based watcher loads new or changed versions and unloads removed ones without a restart.
 An unloading version stops taking requests and finishes its queued and running ones first.
 A model that fails to load is reported (index, ModelReady false, log) and touches no other model.
+
+A failed reload follows Triton: the version loaded before keeps serving and stays READY in the
+index (Triton keeps the serving ModelInfo and drops the failed one), RepositoryModelLoad fails,
+and the failure is logged. Unlike Triton, whose READY entry carries no reason, ours says
+"serving the previously loaded version; reload failed: <reason>" so the index shows why the
+files on disk are not what serves. A model or version that never loaded is UNAVAILABLE with the
+reason, and so is a model with no version to serve (no <version>/model.onnx, or a version
+policy that selects none of those on disk).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from server.model_config import (
     CONFIG_FILENAME,
     MODEL_FILENAME,
     ModelConfig,
+    VersionPolicy,
     complete_config,
     load_model_config,
 )
@@ -32,6 +41,7 @@ READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
 UNLOADING = "UNLOADING"
+RELOAD_FAILED = "serving the previously loaded version; reload failed: "
 
 _Stat = tuple[int, int] | None
 
@@ -53,7 +63,8 @@ class LoadedModel:
 
 @dataclass
 class VersionStatus:
-    """A repository index entry; version "" describes the model as a whole (a config error)."""
+    """A repository index entry; version "" describes the model as a whole (a config error, or
+    no version to serve) while none of its versions serves."""
 
     name: str
     version: str
@@ -78,6 +89,23 @@ def _stat(path: Path) -> _Stat:
     return st.st_mtime_ns, st.st_size
 
 
+def _no_servable_version(model_dir: Path, policy: VersionPolicy, found: list[int]) -> str:
+    """Why a model has nothing to serve, and the fix. Only `specific` can select none of the
+    versions on disk: latest and all select at least one whenever there is one."""
+    if not found:
+        return (
+            f"no version directory (1/, 2/, ...) holding {MODEL_FILENAME} in {model_dir}; "
+            f"add {model_dir / '1' / MODEL_FILENAME}"
+        )
+    wanted = ", ".join(str(v) for v in policy.specific)
+    have = ", ".join(str(v) for v in sorted(found))
+    return (
+        f"version_policy specific = [{wanted}] in {model_dir / CONFIG_FILENAME} selects no "
+        f"existing version; found {have}: list one of them in specific, or add "
+        f"{model_dir / str(policy.specific[0]) / MODEL_FILENAME}"
+    )
+
+
 def _fingerprint(model_dir: Path) -> _Fingerprint:
     """The stat of config.toml and of every <digits>/model.onnx under a model folder."""
     fp = _Fingerprint(_stat(model_dir / CONFIG_FILENAME))
@@ -99,6 +127,7 @@ class ModelRepository:
         self.poll_interval_s = poll_interval_s
         self._served: dict[str, dict[int, LoadedModel]] = {}
         self._status: dict[tuple[str, str], VersionStatus] = {}
+        self._model_errors: dict[str, str] = {}
         self._fingerprints: dict[str, _Fingerprint] = {}
         self._unloaded: set[str] = set()
         self._lock = asyncio.Lock()
@@ -146,27 +175,33 @@ class ModelRepository:
                 await self._sync(name, force=False)
 
     async def load(self, name: str) -> None:
-        """Load or reload a model from disk (RepositoryModelLoad); the watcher follows it again."""
+        """Load or reload a model from disk (RepositoryModelLoad); the watcher follows it again.
+
+        Raises when anything the policy selects failed, as Triton's load does, even while the
+        versions loaded before keep serving: the caller learns its new files are not served.
+        """
         async with self._lock:
             if not (self.path / name).is_dir():
                 raise ModelNotFoundError(f"no model folder '{name}' in {self.path}")
             self._unloaded.discard(name)
-            await self._sync(name, force=True)
-            failures = [s for s in self.index() if s.name == name and s.state == UNAVAILABLE]
-            if not self._served.get(name):
-                reason = "; ".join(f"v{s.version or '*'}: {s.reason}" for s in failures)
-                raise ModelUnavailableError(f"model '{name}' failed to load: {reason}")
+            failures = await self._sync(name, force=True)
+            if failures:
+                serving = self.versions(name)
+                still = f", still serving version {', '.join(serving)}" if serving else ""
+                raise ModelUnavailableError(
+                    f"model '{name}' failed to load{still}: {'; '.join(failures)}"
+                )
 
     async def unload(self, name: str) -> None:
         """Unload every version of a model (RepositoryModelUnload); the watcher leaves it alone."""
         async with self._lock:
-            if name not in self._served and not any(k[0] == name for k in self._status):
+            if not self._served.get(name) and not self._entries(name):
                 raise ModelNotFoundError(f"no model '{name}' in the repository")
             self._unloaded.add(name)
             self._fingerprints.pop(name, None)
+            self._model_errors.pop(name, None)
             for version in list(self._served.get(name, {})):
                 await self._unload_version(name, version, "unloaded by request")
-            self._status.pop((name, ""), None)
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The served version (highest when version is ""); NOT_FOUND or UNAVAILABLE otherwise."""
@@ -176,15 +211,15 @@ class ModelRepository:
                 return versions[max(versions)]
             if version.isdigit() and int(version) in versions:
                 return versions[int(version)]
-        if version:
-            failed = [s for s in [self._status.get((name, version))] if s and s.state != READY]
-        else:
-            failed = [s for k, s in self._status.items() if k[0] == name and s.state != READY]
+        entries = self._entries(name)
+        failed = [
+            s for s in entries if s.state != READY and (not version or s.version in ("", version))
+        ]
         if failed:
             what = f"model '{name}'" + (f" version {version}" if version else "")
             reasons = "; ".join(f"{s.state} {s.reason}".strip() for s in failed)
             raise ModelUnavailableError(f"{what} is not ready: {reasons}")
-        if versions or any(key[0] == name for key in self._status):
+        if versions or entries:
             raise ModelNotFoundError(
                 f"model '{name}' has no version '{version}'; served: "
                 f"{', '.join(str(v) for v in sorted(versions or {})) or 'none'}"
@@ -208,37 +243,64 @@ class ModelRepository:
         return [self._served[n][v] for n in sorted(self._served) for v in sorted(self._served[n])]
 
     def index(self) -> list[VersionStatus]:
-        """Every known model version and its state, by name then version."""
-        return [self._status[k] for k in sorted(self._status, key=lambda k: (k[0], k[1].zfill(20)))]
+        """Every known model version and its state, by name then version.
 
-    async def _sync(self, name: str, *, force: bool) -> None:
-        """Load new or changed target versions of one model, then unload the ones off policy."""
+        A model-wide failure (config, no version to serve) is one UNAVAILABLE entry with version
+        "" while nothing serves; while versions loaded before still serve, it is their reason.
+        """
+        entries = dict(self._status)
+        for name, reason in self._model_errors.items():
+            served = self._served.get(name)
+            if not served:
+                entries[(name, "")] = VersionStatus(name, "", UNAVAILABLE, reason)
+            for version in served or {}:
+                key = (name, str(version))
+                entries[key] = VersionStatus(name, key[1], READY, RELOAD_FAILED + reason)
+        return [entries[k] for k in sorted(entries, key=lambda k: (k[0], k[1].zfill(20)))]
+
+    def _entries(self, name: str) -> list[VersionStatus]:
+        """The index entries of one model."""
+        return [s for s in self.index() if s.name == name]
+
+    async def _sync(self, name: str, *, force: bool) -> list[str]:
+        """Load new or changed target versions of one model, then unload the ones off policy.
+
+        Returns what failed in this pass (empty when nothing did or nothing changed on disk).
+        """
         model_dir = self.path / name
         fp = _fingerprint(model_dir)
         old = self._fingerprints.get(name)
         if not force and old is not None and fp == old:
-            return
+            return []
         self._fingerprints[name] = fp
         served = self._served.setdefault(name, {})
         if not model_dir.is_dir():
             for version in list(served):
                 await self._unload_version(name, version, "model folder removed")
             self._forget(name)
-            return
+            return []
         try:
             config = load_model_config(model_dir)
         except Exception as exc:
-            self._fail(name, "", str(exc))
-            return
-        self._status.pop((name, ""), None)
+            self._model_error(name, str(exc), logging.ERROR)
+            return [str(exc)]
+        failures: list[str] = []
         config_changed = force or old is None or old.config != fp.config
         targets = config.version_policy.select(list(fp.versions))
+        if targets:
+            self._model_errors.pop(name, None)
+        else:
+            reason = _no_servable_version(model_dir, config.version_policy, list(fp.versions))
+            self._model_error(name, reason, logging.WARNING)
+            failures.append(reason)
         for version in targets:
             changed = old is None or old.versions.get(version) != fp.versions[version]
             if version not in served or config_changed or changed:
-                await self._load_version(name, version, config)
-        for key in [k for k in self._status if k[0] == name and k[1]]:
-            if key[1].isdigit() and int(key[1]) not in fp.versions and int(key[1]) not in served:
+                failure = await self._load_version(name, version, config)
+                if failure:
+                    failures.append(f"version {version}: {failure}")
+        for key in [k for k in self._status if k[0] == name]:
+            if int(key[1]) not in fp.versions and int(key[1]) not in served:
                 del self._status[key]
         any_target_ready = any(v in served for v in targets)
         for version in list(served):
@@ -246,9 +308,13 @@ class ModelRepository:
             if gone or (version not in targets and any_target_ready):
                 reason = "version removed" if gone else "outside the version policy"
                 await self._unload_version(name, version, reason)
+        return failures
 
-    async def _load_version(self, name: str, version: int, config: ModelConfig) -> None:
-        """Create sessions and a batcher for one version; on success it replaces the old one."""
+    async def _load_version(self, name: str, version: int, config: ModelConfig) -> str | None:
+        """Create sessions and a batcher for one version; on success it replaces the old one.
+
+        Returns the failure, if any; the version loaded before (if any) then keeps serving.
+        """
         key = (name, str(version))
         previous = self._status.get(key)
         if previous is None or previous.state != READY:
@@ -264,8 +330,11 @@ class ModelRepository:
             )
             cost = await asyncio.to_thread(runner.calibrate, completed)
         except Exception as exc:
-            self._fail(name, str(version), f"{type(exc).__name__}: {exc}")
-            return
+            reason = f"{type(exc).__name__}: {exc}"
+            if str(self.path / name) not in reason:
+                reason = f"{path}: {reason}"
+            self._version_failed(name, version, reason, previous)
+            return reason
         batcher = DynamicBatcher(
             completed,
             runner.run,
@@ -289,6 +358,7 @@ class ModelRepository:
         )
         if replaced is not None:
             await self._drain(replaced)
+        return None
 
     async def _unload_version(self, name: str, version: int, reason: str) -> None:
         """Stop routing to a version, let its requests finish, then free it."""
@@ -306,15 +376,39 @@ class ModelRepository:
         await model.batcher.close()
         model.runner.close()
 
-    def _fail(self, name: str, version: str, reason: str) -> None:
-        """Record and log a load failure; other models and versions are untouched."""
-        self._status[(name, version)] = VersionStatus(name, version, UNAVAILABLE, reason)
-        what = f"{name} version {version}" if version else name
-        log.error("model %s failed to load: %s", what, reason)
+    def _version_failed(
+        self, name: str, version: int, reason: str, previous: VersionStatus | None
+    ) -> None:
+        """Record a version's load failure, logged unless `previous` (its entry before this
+        attempt) had the same reason. A served version stays READY (its previous load keeps
+        serving) with the failure as reason; other versions are untouched."""
+        key = (name, str(version))
+        if version in self._served.get(name, {}):
+            status = VersionStatus(name, key[1], READY, RELOAD_FAILED + reason)
+        else:
+            status = VersionStatus(name, key[1], UNAVAILABLE, reason)
+        self._status[key] = status
+        if previous is not None and previous.reason == status.reason:
+            return
+        if status.state == READY:
+            log.error("model %s version %s: %s%s", name, version, RELOAD_FAILED, reason)
+        else:
+            log.error("model %s version %s failed to load: %s", name, version, reason)
+
+    def _model_error(self, name: str, reason: str, level: int) -> None:
+        """Record a model-wide failure (config, no version to serve), logged when it is new."""
+        if self._model_errors.get(name) == reason:
+            return
+        self._model_errors[name] = reason
+        if self._served.get(name):
+            log.log(level, "model %s: %s%s", name, RELOAD_FAILED, reason)
+        else:
+            log.log(level, "model %s failed to load: %s", name, reason)
 
     def _forget(self, name: str) -> None:
         """Drop every trace of a model whose folder is gone."""
         self._served.pop(name, None)
         self._fingerprints.pop(name, None)
+        self._model_errors.pop(name, None)
         for key in [k for k in self._status if k[0] == name]:
             del self._status[key]

@@ -1,10 +1,13 @@
 """The model repository: version policy, hot load/unload under traffic, failure isolation."""
 
 import asyncio
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from benchmarks.model_zoo import add_sub_model, mlp_model, write_model
@@ -12,6 +15,18 @@ from server.errors import ModelNotFoundError, ModelUnavailableError
 from server.model_repository import READY, UNAVAILABLE, ModelRepository
 
 X = np.ones((2, 32), np.float32)
+RELOAD_FAILED = "serving the previously loaded version; reload failed: "
+
+
+def reference(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """Output y of ONNX Runtime run directly on x, to compare served results with."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["y"], {"x": x})[0]
+
+
+def repository_logs(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    """The repository's log records whose message contains text."""
+    return [r for r in caplog.records if r.name == "featureserve.models" and text in r.getMessage()]
 
 
 def test_latest_policy_serves_highest_version_and_specific_lists(tmp_path: Path) -> None:
@@ -48,8 +63,12 @@ def test_corrupt_version_is_reported_and_others_serve(tmp_path: Path) -> None:
         index = {(s.name, s.version): s for s in repo.index()}
         assert index[("good", "1")].state == READY
         assert index[("bad", "1")].state == UNAVAILABLE
-        assert "model.onnx" in index[("bad", "1")].reason or "Invalid" in index[("bad", "1")].reason
-        assert "'batch'" in index[("badconfig", "")].reason
+        assert index[("bad", "1")].reason.startswith(str(tmp_path / "bad" / "1" / "model.onnx"))
+        assert "INVALID_PROTOBUF" in index[("bad", "1")].reason
+        assert index[("badconfig", "")].reason.startswith(
+            str(tmp_path / "badconfig" / "config.toml")
+        )
+        assert "unknown key 'batch'" in index[("badconfig", "")].reason
         assert not repo.is_ready("bad") and not repo.is_ready("badconfig")
         with pytest.raises(ModelUnavailableError, match="not ready"):
             repo.get("bad")
@@ -89,49 +108,171 @@ def test_watcher_loads_new_versions_and_unloads_removed_ones(tmp_path: Path) -> 
     asyncio.run(main())
 
 
-def test_load_and_unload_under_traffic_fail_no_request_on_the_staying_model(
+def test_model_without_a_servable_version_is_reported_logged_once_and_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="featureserve.models")
+    (tmp_path / "empty" / "1").mkdir(parents=True)
+    pinned = "[version_policy]\nspecific = [5]\n"
+    write_model(tmp_path, "pinned", mlp_model(), version=1, config_toml=pinned)
+    write_model(tmp_path, "pinned", mlp_model(), version=2)
+    write_model(tmp_path, "good", mlp_model())
+    write_model(tmp_path, "gone", mlp_model())
+    no_version = f"no version directory (1/, 2/, ...) holding model.onnx in {tmp_path / 'empty'}"
+    no_match = (
+        f"version_policy specific = [5] in {tmp_path / 'pinned' / 'config.toml'} "
+        "selects no existing version; found 1, 2"
+    )
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, watch=False)
+        await repo.start()
+        index = {(s.name, s.version): s for s in repo.index()}
+        assert index[("empty", "")].state == UNAVAILABLE
+        assert index[("empty", "")].reason.startswith(no_version)
+        assert index[("pinned", "")].state == UNAVAILABLE
+        assert index[("pinned", "")].reason.startswith(no_match)
+        assert [k for k in index if k[0] == "pinned"] == [("pinned", "")]
+        assert not repo.is_ready("empty") and not repo.is_ready("pinned")
+        with pytest.raises(ModelUnavailableError, match="no version directory"):
+            repo.get("empty")
+        with pytest.raises(ModelUnavailableError, match=r"failed to load: no version directory"):
+            await repo.load("empty")
+        with pytest.raises(ModelUnavailableError, match=r"specific = \[5\] .* found 1, 2"):
+            await repo.load("pinned")
+        await repo.poll()
+        for text in (no_version, no_match):
+            [record] = repository_logs(caplog, text)
+            assert record.levelno == logging.WARNING
+        assert repo.is_ready("good")
+
+        shutil.rmtree(tmp_path / "gone" / "1")
+        await repo.poll()
+        gone = next(s for s in repo.index() if (s.name, s.version) == ("gone", ""))
+        assert gone.state == UNAVAILABLE and gone.reason.startswith("no version directory")
+        assert not repo.is_ready("gone")
+
+        write_model(tmp_path, "empty", mlp_model())
+        write_model(tmp_path, "pinned", mlp_model(), version=5)
+        await repo.poll()
+        assert repo.versions("empty") == ["1"] and repo.versions("pinned") == ["5"]
+        assert {s.state for s in repo.index() if s.name in ("empty", "pinned")} == {READY}
+        await repo.stop()
+
+    asyncio.run(main())
+
+
+def test_failed_reload_keeps_serving_ready_with_the_reason_and_fails_the_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="featureserve.models")
+    first, fixed = mlp_model(seed=1), mlp_model(seed=2)
+    write_model(tmp_path, "m", first)
+    onnx_path = tmp_path / "m" / "1" / "model.onnx"
+    config_path = tmp_path / "m" / "config.toml"
+
+    async def serves(repo: ModelRepository, model: onnx.ModelProto) -> None:
+        assert repo.is_ready("m")
+        result = await repo.get("m").batcher.submit({"x": X}, 2)
+        np.testing.assert_allclose(result["y"], reference(model, X), rtol=1e-6)
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, watch=False)
+        await repo.start()
+        await serves(repo, first)
+
+        write_model(tmp_path, "m", b"this is not an onnx model")
+        await repo.poll()
+        [entry] = [s for s in repo.index() if s.name == "m"]
+        assert (entry.version, entry.state) == ("1", READY)
+        assert entry.reason.startswith(f"{RELOAD_FAILED}{onnx_path}: InvalidProtobuf")
+        await serves(repo, first)
+        with pytest.raises(ModelUnavailableError, match="failed to load, still serving version 1"):
+            await repo.load("m")
+        [record] = repository_logs(caplog, f"{RELOAD_FAILED}{onnx_path}")
+        assert record.levelno == logging.ERROR
+
+        config_path.write_text("batch = 4\n")
+        await repo.poll()
+        [entry] = [s for s in repo.index() if s.name == "m"]
+        assert (entry.version, entry.state) == ("1", READY)
+        assert entry.reason.startswith(f"{RELOAD_FAILED}{config_path}: unknown key 'batch'")
+        await serves(repo, first)
+        assert repository_logs(caplog, f"{RELOAD_FAILED}{config_path}: unknown key 'batch'")
+
+        config_path.unlink()
+        write_model(tmp_path, "m", b"not a model either", version=2)
+        await repo.poll()
+        index = {s.version: s for s in repo.index() if s.name == "m"}
+        assert index["1"].state == READY and index["1"].reason.startswith(RELOAD_FAILED)
+        assert index["2"].state == UNAVAILABLE
+        assert index["2"].reason.startswith(str(tmp_path / "m" / "2" / "model.onnx"))
+        with pytest.raises(ModelUnavailableError, match="version 2 is not ready"):
+            repo.get("m", "2")
+        await serves(repo, first)
+
+        shutil.rmtree(tmp_path / "m" / "2")
+        write_model(tmp_path, "m", fixed)
+        await repo.poll()
+        assert [(s.version, s.state, s.reason) for s in repo.index()] == [("1", READY, "")]
+        await serves(repo, fixed)
+        await repo.stop()
+
+    asyncio.run(main())
+
+
+def test_load_and_unload_under_traffic_finish_in_flight_requests_and_spare_the_staying_model(
     tmp_path: Path,
 ) -> None:
-    write_model(
-        tmp_path,
-        "stay",
-        mlp_model(),
-        config_toml="[version_policy]\nlatest = 2\n[dynamic_batching]\nmax_queue_delay_us = 500\n",
+    stay_config = "[version_policy]\nlatest = 2\n[dynamic_batching]\nmax_queue_delay_us = 500\n"
+    write_model(tmp_path, "stay", mlp_model(), config_toml=stay_config)
+    churn_config = (
+        "[dynamic_batching]\nmax_queue_delay_us = 60000000\n[instance_group]\ninline_max_us = 0\n"
     )
-    write_model(tmp_path, "churn", mlp_model())
+    churn_model = mlp_model(seed=7)
+    write_model(tmp_path, "churn", churn_model, config_toml=churn_config)
+    stay_models = {"1": mlp_model(), **{str(2 + r): mlp_model(seed=r) for r in range(3)}}
+    rng = np.random.default_rng(3)
 
     async def main() -> None:
         repo = ModelRepository(tmp_path, watch=False)
         await repo.start()
         stop = asyncio.Event()
-        served: list[str] = []
+        served: list[tuple[str, np.ndarray]] = []
 
         async def traffic() -> None:
             while not stop.is_set():
                 model = repo.get("stay")
                 result = await model.batcher.submit({"x": X}, 2)
-                served.append(model.version)
-                assert result["y"].shape == (2, 1)
+                served.append((model.version, result["y"]))
 
         clients = [asyncio.create_task(traffic()) for _ in range(8)]
-        churn = repo.get("churn")
-        in_flight = [asyncio.create_task(churn.batcher.submit({"x": X}, 2)) for _ in range(20)]
-        await asyncio.sleep(0)
         for round_ in range(3):
+            churn = repo.get("churn")
+            inputs = [rng.standard_normal((2, 32)).astype(np.float32) for _ in range(20)]
+            in_flight = [asyncio.create_task(churn.batcher.submit({"x": x}, 2)) for x in inputs]
+            await asyncio.sleep(0.05)
+            assert churn.batcher.queued == 20 and not any(t.done() for t in in_flight)
             await repo.unload("churn")
-            assert not repo.is_ready("churn")
+            for task, x in zip(in_flight, inputs, strict=True):
+                np.testing.assert_allclose(task.result()["y"], reference(churn_model, x), rtol=1e-5)
+            with pytest.raises(ModelUnavailableError, match="unloaded by request"):
+                repo.get("churn")
+            with pytest.raises(ModelUnavailableError, match="unloading"):
+                await churn.batcher.submit({"x": X}, 2)
             await repo.poll()
             assert not repo.is_ready("churn")
             await repo.load("churn")
-            write_model(tmp_path, "stay", mlp_model(seed=round_), version=2 + round_)
+            write_model(tmp_path, "stay", stay_models[str(2 + round_)], version=2 + round_)
             await repo.poll()
         assert repo.versions("stay") == ["3", "4"]
+        await asyncio.sleep(0.05)
         stop.set()
         clients_done = await asyncio.gather(*clients, return_exceptions=True)
         await repo.stop()
         assert [r for r in clients_done if r is not None] == []
-        results = await asyncio.gather(*in_flight)
-        assert all(r["y"].shape == (2, 1) for r in results)
-        assert served
+        assert {version for version, _ in served} >= {"1", "4"}
+        for version, y in served:
+            np.testing.assert_allclose(y, reference(stay_models[version], X), rtol=1e-5)
 
     asyncio.run(main())

@@ -1,12 +1,12 @@
 """Triton-style dynamic batcher: one per model version, N instance threads running ONNX Runtime.
 
-Requests queue on the event loop (per priority level); a batch is formed when an instance is
-idle and the batch is full, a preferred size is reached, or the oldest request waited
-max_queue_delay_us. Batches go to dedicated instance threads through a SimpleQueue and come
-back with call_soon_threadsafe, so ONNX Runtime (which releases the GIL) never blocks the loop
-for long: only a batch that the version's load-time calibration expects to run within
-instance_group.inline_max_us runs on the loop itself, where it costs no thread hand-off and no
-contention for the GIL.
+Requests queue on the event loop (per priority level); when an instance is idle, a batch is
+formed at once if the queued requests make up a preferred size or the batch cannot grow, and
+otherwise once the oldest request waited max_queue_delay_us (see _next_batch). Batches go to
+dedicated instance threads through a SimpleQueue and come back with call_soon_threadsafe, so ONNX
+Runtime (which releases the GIL) never blocks the loop for long: only a batch that the version's
+load-time calibration expects to run within instance_group.inline_max_us runs on the loop itself,
+where it costs no thread hand-off and no contention for the GIL.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,7 +127,8 @@ class DynamicBatcher:
         self._batching = config.batching
         self._max_rows = config.max_batch_size or 0
         self._delay_s = policy.max_queue_delay_us / 1e6 if self._batching else 0.0
-        self._preferred = sorted(policy.preferred_batch_sizes) if self._batching else []
+        self._preferred = frozenset(policy.preferred_batch_sizes) if self._batching else frozenset()
+        self._max_preferred = max(self._preferred, default=0)
         self._max_queue = policy.max_queue_size
         self._default_timeout_s = policy.default_timeout_us / 1e6
         self._levels = policy.priority_levels
@@ -194,9 +195,7 @@ class DynamicBatcher:
                 f"model '{self.name}': queue holds max_queue_size={self._max_queue} requests"
             )
         if self._max_rows and rows > self._max_rows:
-            raise InvalidRequestError(
-                f"model '{self.name}': request has {rows} rows, max_batch_size is {self._max_rows}"
-            )
+            raise oversized_request(self.name, list(inputs), rows, self._max_rows)
         level = self._level(priority)
         now = self._loop.time()
         if self._default_timeout_s:
@@ -236,13 +235,9 @@ class DynamicBatcher:
         self._kicked = False
         loop = self._loop
         while self._idle and self._queued:
-            now = loop.time()
-            limit = self._ready_rows(now)
-            if limit == 0:
-                break
-            batch = self._form(limit, now)
+            batch = self._next_batch(loop.time())
             if not batch:
-                continue
+                break
             self._idle -= 1
             self._in_flight += 1
             if self._runs_inline(sum(r.rows for r in batch)):
@@ -255,58 +250,94 @@ class DynamicBatcher:
         """Whether a batch of `rows` rows is expected to run within inline_max_us."""
         return self._cost is not None and self._cost.predict_us(rows) <= self._inline_us
 
-    def _ready_rows(self, now: float) -> int:
-        """Rows to dispatch now, or 0 to wait (a timer is armed for the queue delay)."""
-        if not self._batching:
-            return self._max_rows or self._queued_rows
-        if self._queued_rows >= self._max_rows:
-            return self._max_rows
-        fitting = [p for p in self._preferred if p <= self._queued_rows]
-        if fitting:
-            return fitting[-1]
-        oldest = min(q[0].enqueued for q in self._queues if q)
-        due = oldest + self._delay_s
-        if now >= due or self._closed:
-            return self._max_rows
-        if self._delay_timer is None or self._delay_timer.when() > due:
-            if self._delay_timer is not None:
-                self._delay_timer.cancel()
-            if due - now < TIMER_RESOLUTION_S:
-                due = now
-            self._delay_timer = self._loop.call_at(due, self._on_delay)
-        return 0
+    def _next_batch(self, now: float) -> list[_Request]:
+        """Take the batch to run now under Triton's rules, or [] to wait for the queue delay.
+
+        Requests join in priority then arrival order and are never split. The head batch goes
+        at once when its first k requests add up to a preferred size (the largest such k), when
+        it cannot grow (it holds max_batch_size rows, the next request would overflow it or the
+        largest preferred size, or has other per-row shapes), when there is no queue delay, or
+        when the oldest request has waited max_queue_delay_us; otherwise a timer is armed for
+        that moment. As in Triton's GetDynamicBatch, a batch that the next request would push
+        past the largest preferred size leaves as it is rather than wait for the delay.
+        """
+        head, preferred, closed = self._scan(now)
+        if not head:
+            return []
+        due = min(q[0].enqueued for q in self._queues if q) + self._delay_s
+        if preferred and not (self._delay_s and now >= due):
+            batch = head[:preferred]
+        elif closed or now >= due or self._closed:
+            batch = head
+        else:
+            self._arm_delay(due, now)
+            return []
+        taken = 0
+        for q in self._queues:
+            while q and taken < len(batch):
+                request = q.popleft()
+                self._unqueue(request)
+                request.dispatched = now
+                taken += 1
+        return batch
+
+    def _scan(self, now: float) -> tuple[list[_Request], int, bool]:
+        """The longest run of queued requests that can form one batch, without dequeuing it.
+
+        Returns (head, preferred, closed): head in priority then arrival order; preferred = how
+        many of its first requests make the largest preferred batch size (0 = none); closed =
+        the head cannot grow. Expired or cancelled requests met on the way are failed and
+        removed, so the head is exactly the front of the queues.
+        """
+        head: list[_Request] = []
+        rows = 0
+        preferred = 0
+        closed = False
+        dead: list[tuple[deque[_Request], _Request]] = []
+        for q, request in self._in_order():
+            if request.future.done() or (request.deadline is not None and request.deadline <= now):
+                dead.append((q, request))
+                continue
+            if head and (
+                not self._batching
+                or rows + request.rows > self._max_rows
+                or (self._max_preferred and rows + request.rows > self._max_preferred)
+                or request.key != head[0].key
+            ):
+                closed = True
+                break
+            head.append(request)
+            rows += request.rows
+            if rows in self._preferred:
+                preferred = len(head)
+        for q, request in dead:
+            q.remove(request)
+            self._unqueue(request)
+            self._expire(request, now)
+        full = rows >= self._max_rows or (self._max_preferred and rows > self._max_preferred)
+        return head, preferred, closed or not self._batching or bool(full)
+
+    def _in_order(self) -> Iterator[tuple[deque[_Request], _Request]]:
+        """Every queued request with its queue, highest priority first, oldest first."""
+        for q in self._queues:
+            for request in q:
+                yield q, request
+
+    def _arm_delay(self, due: float, now: float) -> None:
+        """Make sure _on_delay runs by `due`; a wait shorter than the timer resolution is
+        re-checked on the next loop turn instead."""
+        if self._delay_timer is not None and self._delay_timer.when() <= due:
+            return
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
+        if due - now < TIMER_RESOLUTION_S:
+            due = now
+        self._delay_timer = self._loop.call_at(due, self._on_delay)
 
     def _on_delay(self) -> None:
         """The oldest request waited max_queue_delay: dispatch what is there."""
         self._delay_timer = None
         self._dispatch()
-
-    def _form(self, limit: int, now: float) -> list[_Request]:
-        """Take requests in priority then arrival order while they fit in limit rows."""
-        batch: list[_Request] = []
-        rows = 0
-        key = None
-        for q in self._queues:
-            while q:
-                request = q[0]
-                if request.future.done() or (
-                    request.deadline is not None and request.deadline <= now
-                ):
-                    q.popleft()
-                    self._unqueue(request)
-                    self._expire(request, now)
-                    continue
-                if batch and (rows + request.rows > limit or request.key != key):
-                    return batch
-                q.popleft()
-                self._unqueue(request)
-                request.dispatched = now
-                batch.append(request)
-                rows += request.rows
-                key = request.key
-                if not self._batching or rows >= limit:
-                    return batch
-        return batch
 
     def _unqueue(self, request: _Request) -> None:
         """Account for a request leaving the queue."""
@@ -482,6 +513,19 @@ class DynamicBatcher:
             self._jobs.put(None)
         threads, self._threads = self._threads, []
         await asyncio.to_thread(lambda: [t.join() for t in threads])
+
+
+def oversized_request(
+    model: str, tensors: list[str], rows: int, max_batch_size: int
+) -> InvalidRequestError:
+    """The INVALID_ARGUMENT for inputs whose batch (first) dimension exceeds max_batch_size,
+    naming each such tensor, the limit, and the fix."""
+    names = ", ".join(f"'{name}'" for name in tensors)
+    label = "input" if len(tensors) == 1 else "inputs"
+    return InvalidRequestError(
+        f"{label} {names}: batch dimension {rows} exceeds max_batch_size={max_batch_size} of "
+        f"model '{model}'; split the request into parts of at most {max_batch_size} rows"
+    )
 
 
 def union_outputs(requested: Iterable[list[str] | None]) -> list[str] | None:

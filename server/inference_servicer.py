@@ -18,7 +18,7 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from server.audit import AuditLog
 from server.auth import AuthConfig, Authorizer
-from server.batcher import BatcherStats, Duration
+from server.batcher import BatcherStats, Duration, oversized_request
 from server.errors import InvalidRequestError, ServerError, abort
 from server.model_config import MODEL_FILENAME, ModelConfig
 from server.model_repository import LoadedModel, ModelRepository
@@ -75,6 +75,8 @@ def decode_inputs(
                 "(-1 = any size)"
             )
         if batching:
+            if shape[0] > config.max_batch_size:
+                raise oversized_request(config.name, [name], shape[0], config.max_batch_size)
             if rows == -1:
                 rows = shape[0]
             elif shape[0] != rows:
@@ -94,9 +96,13 @@ def decode_inputs(
             raise InvalidRequestError(f"input '{spec.name}' ({spec.datatype}) is missing")
     if not batching:
         return arrays, 1
-    if not 1 <= rows <= config.max_batch_size:
+    if not arrays:
         raise InvalidRequestError(
-            f"request has {rows} rows; model '{config.name}' takes 1 to "
+            f"no input sent; model '{config.name}' takes {', '.join(t.name for t in config.inputs)}"
+        )
+    if rows == 0:
+        raise InvalidRequestError(
+            f"input '{next(iter(arrays))}': batch dimension 0; model '{config.name}' takes 1 to "
             f"max_batch_size={config.max_batch_size} rows per request"
         )
     return arrays, rows
@@ -227,11 +233,21 @@ def config_proto(config: ModelConfig) -> mc.ModelConfig:
         message.version_policy.latest.num_versions = policy.latest or 1
     if config.batching:
         batching = config.dynamic_batching
-        message.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
-        message.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
-        message.dynamic_batching.preserve_ordering = True
-        message.dynamic_batching.priority_levels = batching.priority_levels
-        message.dynamic_batching.default_priority_level = batching.default_priority_level
+        dynamic = message.dynamic_batching
+        dynamic.preferred_batch_size.extend(batching.preferred_batch_sizes)
+        dynamic.max_queue_delay_microseconds = batching.max_queue_delay_us
+        # preserve_ordering stays false: batches run concurrently on instance_group.count
+        # sessions, higher priorities overtake, and a request can expire in the queue, so
+        # responses may finish out of arrival order (ModelStreamInfer still answers each stream
+        # in its own request order).
+        if batching.priority_levels:
+            dynamic.priority_levels = batching.priority_levels
+            dynamic.default_priority_level = batching.default_priority_level
+        queue = dynamic.default_queue_policy
+        queue.timeout_action = mc.ModelQueuePolicy.REJECT
+        queue.default_timeout_microseconds = batching.default_timeout_us
+        queue.allow_timeout_override = True
+        queue.max_queue_size = batching.max_queue_size
     return message
 
 

@@ -12,7 +12,12 @@ import pytest
 
 from benchmarks.model_zoo import add_sub_model, gather_model, medium_model, mlp_model
 from server.batcher import DynamicBatcher
-from server.errors import InferenceFailedError, QueueFullError, RequestTimeoutError
+from server.errors import (
+    InferenceFailedError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestTimeoutError,
+)
 from server.model_config import (
     DynamicBatchingConfig,
     InstanceGroupConfig,
@@ -113,6 +118,81 @@ def test_preferred_batch_size_dispatches_without_waiting_for_the_delay(tmp_path:
     batcher = asyncio.run(main())
     assert set(batcher.stats.batch_sizes) == {4}
     assert batcher.stats.execution_count == 1
+
+
+def test_a_request_that_would_pass_the_largest_preferred_size_closes_the_batch(
+    tmp_path: Path,
+) -> None:
+    """Triton's GetDynamicBatch: two 3-row requests with preferred size 4 cannot make 4 without
+    splitting one, and together they pass 4, so the first leaves at once as a batch of 3 (not
+    after the 60 s queue delay) while the second waits for batch-mates or the delay."""
+
+    async def main() -> DynamicBatcher:
+        batcher = make_batcher(
+            tmp_path,
+            mlp_model(),
+            max_batch_size=16,
+            max_queue_delay_us=60_000_000,
+            preferred_batch_sizes=(4,),
+        )
+        batcher.start()
+        first, second = [
+            asyncio.ensure_future(batcher.submit({"x": np.full((3, 32), i, np.float32)}, 3))
+            for i in range(2)
+        ]
+        assert (await asyncio.wait_for(first, 30))["y"].shape == (3, 1)
+        assert batcher.queued == 1 and not second.done()
+        await batcher.close()
+        assert (await second)["y"].shape == (3, 1)
+        return batcher
+
+    batcher = asyncio.run(main())
+    assert batcher.stats.batch_sizes.keys() == {3}
+    assert batcher.stats.execution_count == 2
+
+
+def test_multi_row_requests_forming_a_preferred_size_dispatch_at_once(tmp_path: Path) -> None:
+    """Rows 1 + 3 make the preferred size 4 without splitting a request: that batch leaves at
+    once despite a 60 s queue delay, while the 2-row request behind it keeps waiting."""
+
+    async def main() -> DynamicBatcher:
+        batcher = make_batcher(
+            tmp_path,
+            mlp_model(),
+            max_batch_size=16,
+            max_queue_delay_us=60_000_000,
+            preferred_batch_sizes=(4, 8),
+        )
+        batcher.start()
+        *first, rest = [
+            asyncio.ensure_future(batcher.submit({"x": np.ones((n, 32), np.float32)}, n))
+            for n in (1, 3, 2)
+        ]
+        await asyncio.wait_for(asyncio.gather(*first), 30)
+        assert batcher.stats.batch_sizes.keys() == {4}
+        assert batcher.queued == 1 and not rest.done()
+        await batcher.close()
+        assert (await rest)["y"].shape == (2, 1)
+        return batcher
+
+    batcher = asyncio.run(main())
+    assert batcher.stats.batch_sizes.keys() == {4, 2}
+
+
+def test_a_request_over_max_batch_size_names_its_inputs(tmp_path: Path) -> None:
+    async def main() -> None:
+        batcher = make_batcher(tmp_path, add_sub_model(4), max_batch_size=8)
+        batcher.start()
+        a = np.ones((9, 4), np.float32)
+        with pytest.raises(InvalidRequestError) as info:
+            await batcher.submit({"INPUT0": a, "INPUT1": a}, 9)
+        await batcher.close()
+        assert str(info.value) == (
+            "inputs 'INPUT0', 'INPUT1': batch dimension 9 exceeds max_batch_size=8 of model "
+            "'m'; split the request into parts of at most 8 rows"
+        )
+
+    asyncio.run(main())
 
 
 def test_full_queue_rejects_at_once(tmp_path: Path) -> None:

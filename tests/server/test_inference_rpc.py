@@ -125,6 +125,57 @@ def test_server_and_model_metadata_rpcs(tmp_path: Path) -> None:
     serve(tmp_path, body)
 
 
+def test_model_config_reports_the_batching_policy_it_applies(tmp_path: Path) -> None:
+    write_model(
+        tmp_path,
+        "ranked",
+        mlp_model(),
+        config_toml=(
+            "max_batch_size = 16\n"
+            "[dynamic_batching]\n"
+            "max_queue_delay_us = 500\n"
+            "preferred_batch_sizes = [4, 8]\n"
+            "max_queue_size = 7\n"
+            "default_timeout_us = 5000\n"
+            "priority_levels = 3\n"
+            "default_priority_level = 2\n"
+            "[instance_group]\n"
+            "count = 2\n"
+        ),
+    )
+    write_model(tmp_path, "plain", mlp_model())
+    write_model(
+        tmp_path, "unbatched", mlp_model(), config_toml="[dynamic_batching]\nenabled = false\n"
+    )
+
+    async def body(stub, repo) -> None:
+        async def config(name: str) -> mc.ModelConfig:
+            return (await stub.ModelConfig(pb.ModelConfigRequest(name=name))).config
+
+        ranked = await config("ranked")
+        assert ranked.max_batch_size == 16 and ranked.instance_group[0].count == 2
+        dynamic = ranked.dynamic_batching
+        assert list(dynamic.preferred_batch_size) == [4, 8]
+        assert dynamic.max_queue_delay_microseconds == 500
+        assert (dynamic.priority_levels, dynamic.default_priority_level) == (3, 2)
+        # Two instances run batches concurrently, so responses are not kept in request order.
+        assert not dynamic.preserve_ordering
+        queue = dynamic.default_queue_policy
+        assert queue.max_queue_size == 7 and queue.default_timeout_microseconds == 5000
+        assert queue.timeout_action == mc.ModelQueuePolicy.REJECT and queue.allow_timeout_override
+        plain = await config("plain")
+        assert plain.HasField("dynamic_batching")
+        assert (
+            plain.dynamic_batching.priority_levels,
+            plain.dynamic_batching.default_priority_level,
+        ) == (0, 0)
+        assert not plain.dynamic_batching.preserve_ordering
+        unbatched = await config("unbatched")
+        assert unbatched.max_batch_size == 64 and not unbatched.HasField("dynamic_batching")
+
+    serve(tmp_path, body)
+
+
 def test_every_datatype_raw_and_typed(tmp_path: Path) -> None:
     for datatype in NUMPY_DTYPES:
         write_model(tmp_path, f"id_{datatype}", identity_model([datatype]))
@@ -214,7 +265,21 @@ def test_validation_errors_name_the_tensor(tmp_path: Path) -> None:
                 {"INPUT0": np.ones((9, 4), np.float32), "INPUT1": np.ones((9, 4), np.float32)},
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "max_batch_size=8",
+            "input 'INPUT0': batch dimension 9 exceeds max_batch_size=8 of model 'simple'; "
+            "split the request",
+        ),
+        (
+            infer_request("simple", {"INPUT0": a, "INPUT1": np.ones((9, 4), np.float32)}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input 'INPUT1': batch dimension 9 exceeds max_batch_size=8",
+        ),
+        (
+            infer_request(
+                "simple",
+                {"INPUT0": np.ones((0, 4), np.float32), "INPUT1": np.ones((0, 4), np.float32)},
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input 'INPUT0': batch dimension 0",
         ),
         (
             infer_request("simple", {"INPUT0": a, "INPUT1": np.ones((3, 4), np.float32)}),

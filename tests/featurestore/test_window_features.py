@@ -1,0 +1,101 @@
+"""Offline window features: any row order and key type in, kernel results in the same order out,
+equal to the NumPy references run on the (entity, time)-sorted events; never a later event."""
+
+import numpy as np
+import pytest
+
+from featurestore.errors import InvalidArgumentError
+from featurestore.kernels import reference as ref
+from featurestore.window_features import WindowSpec, window_features
+
+SPECS = [
+    WindowSpec("amt_10m", "window", "amount", 600),
+    WindowSpec("amt_decay", "ewma", "amount", 300),
+    WindowSpec("rfm_1h", "rfm", "amount", 3600),
+]
+
+
+def events(n: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    entity = np.array([f"user-{k}" for k in rng.integers(0, 12, n)], object)
+    ts = 1_700_000_000_000_000 + rng.integers(0, 4 * 3600, n) * 1_000_000
+    ts[: n // 10] = ts[n // 10 : 2 * (n // 10)]  # ties in time
+    amount = rng.gamma(2.0, 30.0, n)
+    amount[rng.random(n) < 0.05] = np.nan
+    return entity, ts, {"amount": amount}
+
+
+def expected(entity, ts, amount) -> dict[str, np.ndarray]:
+    """The references on stably sorted events, put back in row order."""
+    _, codes = np.unique(entity, return_inverse=True)
+    order = np.lexsort((ts, codes))
+    e, t, v = codes[order], ts[order], amount[order]
+    sorted_out = {}
+    for spec in SPECS:
+        span = spec.seconds * 1_000_000
+        if spec.kind == "window":
+            result = ref.window_aggregates(e, t, v, span)
+        elif spec.kind == "ewma":
+            result = (ref.ewma(e, t, v, span),)
+        else:
+            result = ref.rfm(e, t, v, span)
+        sorted_out.update(zip(spec.outputs(), result, strict=True))
+    out = {}
+    for name, column in sorted_out.items():
+        out[name] = np.empty_like(column)
+        out[name][order] = column
+    return out
+
+
+def test_features_equal_the_references_in_the_callers_row_order() -> None:
+    entity, ts, columns = events(3000)
+    got = window_features(entity, ts, columns, SPECS)
+    want = expected(entity, ts, columns["amount"])
+    assert list(got) == [name for spec in SPECS for name in spec.outputs()]
+    for name, column in want.items():
+        if column.dtype.kind == "i":
+            np.testing.assert_array_equal(got[name], column, err_msg=name)
+        else:
+            np.testing.assert_allclose(got[name], column, rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+def test_an_event_never_sees_a_later_one() -> None:
+    entity, ts, columns = events(2000, seed=2)
+    cut = np.quantile(ts, 0.6)
+    early = ts < cut
+    full = window_features(entity, ts, columns, SPECS)
+    prefix = window_features(entity[early], ts[early], {"amount": columns["amount"][early]}, SPECS)
+    for name in full:
+        np.testing.assert_array_equal(full[name][early], prefix[name], err_msg=name)
+
+
+def test_int_keys_and_empty_input() -> None:
+    got = window_features(np.array([3, 3, 1]), np.array([2, 1, 5]), {"amount": [1.0, 2.0, 4.0]},
+                          [WindowSpec("w", "window", "amount", 10)])  # fmt: skip
+    assert got["w_count"].tolist() == [2, 1, 1] and got["w_sum"].tolist() == [3.0, 2.0, 4.0]
+    empty = window_features(np.array([], np.int64), np.array([], np.int64),
+                            {"amount": np.array([])}, SPECS)  # fmt: skip
+    assert all(len(v) == 0 for v in empty.values())
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (WindowSpec("w", "median", "amount", 60), "kind 'median' is unknown"),
+        (WindowSpec("w", "window", "amount", 0), "seconds must be > 0"),
+        (WindowSpec("w", "ewma", "price", 60), "column 'price' is missing"),
+        (WindowSpec("amt_10m", "window", "amount", 60), "output 'amt_10m_count' repeats"),
+    ],
+)
+def test_bad_specs_name_the_problem(spec: WindowSpec, message: str) -> None:
+    entity, ts, columns = events(10)
+    with pytest.raises(InvalidArgumentError, match=message):
+        window_features(entity, ts, columns, [SPECS[0], spec])
+
+
+def test_columns_of_the_wrong_length_are_refused() -> None:
+    entity, ts, columns = events(10)
+    with pytest.raises(InvalidArgumentError, match="must be 10 numbers"):
+        window_features(entity, ts, {"amount": columns["amount"][:9]}, SPECS)
+    with pytest.raises(InvalidArgumentError, match=r"expected \(10,\)"):
+        window_features(entity[:9], ts, columns, SPECS)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from benchmarks.model_zoo import identity_model, medium_model, mlp_model
 from server.model_config import ModelConfig, OnnxRuntimeConfig, TensorSpec, complete_config
@@ -40,3 +41,20 @@ def test_zero_inputs_fill_the_batch_dimension_only() -> None:
     assert feed["k"].shape == (2,) and feed["k"].dtype == np.int64
     assert zero_inputs([TensorSpec("x", "FP32", (-1, -1))], 5) is None
     assert zero_inputs([TensorSpec("s", "BYTES", (-1, 1))], 5) is None
+
+
+def test_onnxruntime_config_reaches_every_instance_session(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(mlp_model().SerializeToString())
+    config = OnnxRuntimeConfig(
+        intra_op_threads=2, inter_op_threads=3, graph_optimization_level="basic"
+    )
+    runner = OnnxRunner(path, config, 2)
+    assert len(runner.sessions) == 2
+    for session in runner.sessions:
+        options = session.get_session_options()
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 3)
+        assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    x = np.ones((3, 32), np.float32)
+    np.testing.assert_array_equal(runner.run(0, {"x": x})["y"], runner.run(1, {"x": x})["y"])

@@ -351,6 +351,16 @@ def test_required_feature_missing_fails_only_that_row(served) -> None:
     assert fills["risk:score"].filled_with == "required: row not scored"
 
 
+def test_a_requested_output_subset_is_checked_and_answered(served) -> None:
+    keys, values = {"user_id": served["ids"][:4]}, {"amount": np.ones(4)}
+    with PredictionClient(ClientConfig(target=served["target"])) as client:
+        assert list(client.predict("scorer", keys, values, outputs=["y"]).scores) == ["y"]
+        with pytest.raises(ClientError) as info:
+            client.predict("scorer", keys, values, outputs=["z"])
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'z' is not an output of model 'scorer'" in info.value.message
+
+
 def test_errors_name_the_problem(served) -> None:
     with PredictionClient(ClientConfig(target=served["target"])) as client:
         keys = {"user_id": np.array([1, 2])}
@@ -415,19 +425,24 @@ def test_1000_concurrent_predicts_each_get_their_own_scores(served) -> None:
         np.testing.assert_allclose(result.scores["y"][:, 0], expected[i], rtol=1e-5, atol=1e-6)
 
 
-def _stream_requests(ids: np.ndarray, n: int, bad: set[int] = frozenset()) -> list:
+def _stream_requests(
+    ids: np.ndarray, n: int, bad: set[int] = frozenset(), invalid: set[int] = frozenset()
+) -> list:
+    """n Predict requests of 10 entities; `bad` name an unknown model, `invalid` send the
+    amount as float32 where the model binds float64."""
     rng = np.random.default_rng(9)
     out = []
     for k in range(n):
         pick = ids[rng.integers(0, len(ids), 10)]
         model = "nope" if k in bad else "scorer"
-        out.append(predict_request(model, {"user_id": pick}, {"amount": rng.random(10)},
+        amount = rng.random(10).astype(np.float32 if k in invalid else np.float64)
+        out.append(predict_request(model, {"user_id": pick}, {"amount": amount},
                                    request_id=f"q{k}"))  # fmt: skip
     return out
 
 
 def test_stream_keeps_order_and_survives_a_bad_request(served) -> None:
-    requests = _stream_requests(served["ids"], 120, bad={7, 50})
+    requests = _stream_requests(served["ids"], 120, bad={7, 50}, invalid={30})
     with PredictionClient(ClientConfig(target=served["target"])) as client:
         results = list(client.stream(requests, timeout_s=60))
         unary = [
@@ -441,7 +456,10 @@ def test_stream_keeps_order_and_survives_a_bad_request(served) -> None:
     assert [r.request_id for r in results] == [f"q{k}" for k in range(120)]
     for k in (7, 50):
         assert results[k].error is not None and results[k].error.code == grpc.StatusCode.NOT_FOUND
-    assert all(r.error is None for k, r in enumerate(results) if k not in (7, 50))
+    invalid = results[30].error
+    assert invalid is not None and invalid.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "amount" in invalid.message and "FLOAT32" in invalid.message
+    assert all(r.error is None for k, r in enumerate(results) if k not in (7, 30, 50))
     for a, b in zip(results[:5], unary, strict=True):
         np.testing.assert_allclose(a.scores["y"], b.scores["y"], rtol=1e-5, atol=1e-6)
 

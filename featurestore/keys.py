@@ -30,8 +30,10 @@ class EncodedKeys:
     errors: list[tuple[int, str, str]] = field(default_factory=list)
 
 
-def key_rows(entity: Entity, keys: dict[str, np.ndarray]) -> int:
-    """Check the key columns (present, known, 1-D, equal length, right kind); return the rows."""
+def key_rows(entity: Entity, keys: dict[str, np.ndarray], rows: int | None = None) -> int:
+    """Check the key columns (known, 1-D, equal length, right kind, every join key present);
+    return the rows. An empty request (no key rows, and `rows`, if given, 0) may leave join keys
+    out: it is a valid request for nothing."""
     expected = [k.name for k in entity.join_keys]
     for name in keys:
         if name not in expected:
@@ -42,10 +44,7 @@ def key_rows(entity: Entity, keys: dict[str, np.ndarray]) -> int:
     n = -1
     for key in entity.join_keys:
         if key.name not in keys:
-            raise InvalidArgumentError(
-                f"key column {key.name!r} of entity {entity.name!r} is missing; "
-                f"send every join key: {', '.join(expected)}"
-            )
+            continue
         col = np.asarray(keys[key.name])
         if col.ndim != 1:
             raise InvalidArgumentError(
@@ -66,13 +65,18 @@ def key_rows(entity: Entity, keys: dict[str, np.ndarray]) -> int:
             raise InvalidArgumentError(
                 f"key column {key.name!r} must hold str or bytes (STRING), got dtype {col.dtype}"
             )
-    return max(n, 0)
+    n = max(n, 0)
+    missing = [name for name in expected if name not in keys]
+    if missing and (n or rows):
+        raise InvalidArgumentError(
+            f"key column {missing[0]!r} of entity {entity.name!r} is missing; "
+            f"send every join key: {', '.join(expected)}"
+        )
+    return n
 
 
 def _int_part(col: np.ndarray, name: str, errors: list[tuple[int, str, str]]) -> np.ndarray:
     """n x 8 uint8 big-endian sign-flipped encoding of an integer column."""
-    if len(col) == 0:
-        return np.zeros((0, 8), np.uint8)
     if col.dtype == np.uint64:
         bad = np.flatnonzero(col > np.uint64(np.iinfo(np.int64).max))
         errors.extend((int(r), name, "value exceeds the int64 range") for r in bad)
@@ -106,6 +110,8 @@ def encode_keys(entity: Entity, keys: dict[str, np.ndarray]) -> EncodedKeys:
         if isinstance(col, np.ndarray) and col.dtype == np.int64 and col.ndim == 1:
             return EncodedKeys((col.view(np.uint64) ^ _SIGN).astype(">u8").view("V8").tolist())
     n = key_rows(entity, keys)
+    if n == 0:
+        return EncodedKeys([])
     errors: list[tuple[int, str, str]] = []
     parts: list[np.ndarray | list[bytes]] = []
     for key in entity.join_keys:
@@ -116,7 +122,7 @@ def encode_keys(entity: Entity, keys: dict[str, np.ndarray]) -> EncodedKeys:
             parts.append(_str_part(col, key.name, errors))
     if all(isinstance(p, np.ndarray) for p in parts):
         mat = np.ascontiguousarray(np.hstack(parts)) if len(parts) > 1 else parts[0]
-        out = mat.view(f"V{mat.shape[1]}").ravel().tolist() if n else []
+        out = mat.view(f"V{mat.shape[1]}").ravel().tolist()
     else:
         cols = [p if isinstance(p, list) else p.view("V8").ravel().tolist() for p in parts]
         out = [b"".join(row) for row in zip(*cols, strict=True)] if len(cols) > 1 else cols[0]

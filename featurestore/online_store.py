@@ -18,7 +18,7 @@ from typing import TypeVar
 import lmdb
 import numpy as np
 
-from featurestore.dtypes import DType, is_float
+from featurestore.dtypes import DType, is_float, numpy_dtype
 from featurestore.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
@@ -30,6 +30,7 @@ from featurestore.last_write_wins import key_order, newest_per_key, resolve, sto
 from featurestore.registry import (
     REGISTRY_DB,
     Entity,
+    Feature,
     FeatureView,
     Registry,
     history_db_name,
@@ -75,11 +76,23 @@ class StoreConfig:
 
 
 @dataclass
+class RowError:
+    """A bad row (dropped under skip_bad_rows): its index in the batch, the column and why."""
+
+    row: int
+    column: str
+    reason: str
+
+
+@dataclass
 class WriteBatch:
     """Columnar rows for one view: key columns, event times (µs), feature columns, null masks.
 
     FLOAT32_VECTOR columns are 2-D (rows x vector_length); STRING columns hold str (or UTF-8
-    bytes; None is null).
+    bytes; None is null). A null mask on a join key marks rows that are rejected (keys cannot be
+    null). row_errors are rows the caller already found bad (a wire value that did not decode);
+    they are rejected like the store's own. event_column is the event times' name in errors (the
+    RPC names its field event_timestamps).
     """
 
     view: str
@@ -89,15 +102,8 @@ class WriteBatch:
     nulls: dict[str, np.ndarray] = field(default_factory=dict)
     version: int = 0
     skip_bad_rows: bool = False
-
-
-@dataclass
-class RowError:
-    """A row dropped by skip_bad_rows: its index in the batch, the column and why."""
-
-    row: int
-    column: str
-    reason: str
+    row_errors: list[RowError] = field(default_factory=list)
+    event_column: str = "event_us"
 
 
 @dataclass
@@ -353,16 +359,18 @@ class OnlineStore:
 
         Raises InvalidArgumentError naming the column and first bad row (or drops bad rows into
         RowErrors when skip_bad_rows), NotFoundError for unknown views or features,
-        ResourceExhaustedError over max_rows_per_write.
+        ResourceExhaustedError over max_rows_per_write. A batch of zero rows is valid and may
+        leave out key and feature columns.
         """
         self._check_open()
         now_us = time.time_ns() // 1000 if now_us is None else int(now_us)
         view = self.registry.get_view(batch.view, batch.version)
         entity = self.registry.get_entity(view.entity)
+        ev = batch.event_column
         event_us = np.asarray(batch.event_us)
         if event_us.ndim != 1 or (event_us.dtype.kind not in "iu" and len(event_us)):
             raise InvalidArgumentError(
-                f"event_us must be a 1-D integer array of µs since the epoch, got dtype "
+                f"{ev} must be a 1-D integer array of µs since the epoch, got dtype "
                 f"{event_us.dtype} shape {event_us.shape}"
             )
         n = len(event_us)
@@ -372,19 +380,26 @@ class OnlineStore:
                 "split it"
             )
         event_us = event_us.astype(np.int64)
-        key_count = key_rows(entity, batch.keys)
+        key_count = key_rows(entity, batch.keys, n)
         if key_count != n:
-            raise InvalidArgumentError(f"key columns have {key_count} rows, event_us has {n}")
-        columns, nulls = self._check_columns(view, batch, n)
-        bad: list[tuple[int, str, str]] = []
+            raise InvalidArgumentError(f"key columns have {key_count} rows, {ev} has {n}")
+        columns, nulls = self._check_columns(view, entity, batch, n)
+        if n == 0:
+            return PreparedBatch(view, [], [], event_us, pack_batch([], []), 0, [])
+        bad = [(e.row, e.column, e.reason) for e in batch.row_errors]
+        for key in entity.join_keys:
+            if key.name in batch.nulls:
+                null = _null_mask(batch.nulls, key.name, n)
+                bad.extend(
+                    (row, key.name, "join key is null; keys cannot be null: send a value")
+                    for row in np.flatnonzero(null).tolist()
+                )
         skew = self.config.max_clock_skew_seconds
         limit = now_us + skew * 1_000_000
         for row in np.flatnonzero(event_us > limit).tolist():
-            bad.append(
-                (row, "event_us", f"event time is after now + max_clock_skew_seconds={skew}")
-            )
+            bad.append((row, ev, f"event time is after now + max_clock_skew_seconds={skew}"))
         for row in np.flatnonzero(event_us <= 0).tolist():
-            bad.append((row, "event_us", "event time must be > 0 µs since the epoch"))
+            bad.append((row, ev, "event time must be > 0 µs since the epoch"))
         encoded: EncodedKeys = encode_keys(entity, batch.keys)
         bad.extend(encoded.errors)
         strings = self._check_values(view, columns, nulls, bad)
@@ -411,16 +426,20 @@ class OnlineStore:
         )
 
     def _check_columns(
-        self, view: FeatureView, batch: WriteBatch, n: int
+        self, view: FeatureView, entity: Entity, batch: WriteBatch, n: int
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         for name in batch.columns:
             view.feature(name)
+        key_names = {k.name for k in entity.join_keys}
         for name in batch.nulls:
-            view.feature(name)
+            if name not in key_names:
+                view.feature(name)
         columns: dict[str, np.ndarray] = {}
         nulls: dict[str, np.ndarray] = {}
         for feat in view.features:
             if feat.name not in batch.columns:
+                if n == 0:
+                    continue
                 raise InvalidArgumentError(
                     f"feature column {feat.name!r} of view {view.name!r} is missing; send every "
                     "feature and mark absent values in nulls"
@@ -445,13 +464,7 @@ class OnlineStore:
                 )
             columns[feat.name] = col
             if feat.name in batch.nulls:
-                mask = np.asarray(batch.nulls[feat.name])
-                if mask.dtype != np.bool_ or mask.shape != (n,):
-                    raise InvalidArgumentError(
-                        f"nulls[{feat.name!r}] must be a bool array of shape ({n},), got "
-                        f"{mask.dtype} {mask.shape}"
-                    )
-                nulls[feat.name] = mask
+                nulls[feat.name] = _null_mask(batch.nulls, feat.name, n)
         return columns, nulls
 
     def _check_values(
@@ -461,8 +474,9 @@ class OnlineStore:
         nulls: dict[str, np.ndarray],
         bad: list[tuple[int, str, str]],
     ) -> dict[str, list[bytes]]:
-        """Row-level value checks (NaN, int range, string type and UTF-8); returns the string
-        columns encoded to UTF-8 bytes and converts numeric columns in place."""
+        """Row-level value checks (NaN, values the feature's dtype cannot hold exactly, string
+        type and UTF-8); returns the string columns encoded to UTF-8 bytes and converts numeric
+        columns in place to the feature's NumPy dtype."""
         strings: dict[str, list[bytes]] = {}
         for feat in view.features:
             col = columns[feat.name]
@@ -479,24 +493,19 @@ class OnlineStore:
                 bad.extend(
                     (int(r), feat.name, "NaN but allow_nan is false") for r in nan.nonzero()[0]
                 )
-            if feat.dtype is DType.INT64 and col.dtype == np.uint64:
-                over = col > np.uint64(np.iinfo(np.int64).max)
-                bad.extend(
-                    (int(r), feat.name, "value exceeds the int64 range") for r in over.nonzero()[0]
-                )
-                col = np.where(over, 0, col)
-            columns[feat.name] = col
+            columns[feat.name] = _convert(col, feat, null, bad)
         return strings
 
     def write_prepared(self, batches: Sequence[PreparedBatch]) -> list[WriteResult]:
         """Write many prepared batches in ONE synced transaction (durable on return).
 
         Last-write-wins by event time, compared inside the transaction: a row older than the
-        stored one counts as stale, and so does an equal one (a replay changes nothing).
+        stored one counts as stale, and so does an equal one (a replay changes nothing). Batches
+        without rows (empty, or every row rejected) need no transaction and get none.
         """
         self._check_open()
-        if not batches:
-            return []
+        if not any(b.keys for b in batches):
+            return [WriteResult(0, 0, b.rejected, b.errors) for b in batches]
         groups: dict[tuple[str, int], list[int]] = {}
         for i, batch in enumerate(batches):
             groups.setdefault((batch.view.name, batch.view.version), []).append(i)
@@ -640,6 +649,60 @@ _KINDS = {
     DType.STRING: "OUS",
     DType.FLOAT32_VECTOR: "fiu",
 }
+
+
+def _null_mask(nulls: dict[str, np.ndarray], name: str, n: int) -> np.ndarray:
+    """nulls[name], checked to be a bool array of one value per row."""
+    mask = np.asarray(nulls[name])
+    if mask.dtype != np.bool_ or mask.shape != (n,):
+        raise InvalidArgumentError(
+            f"nulls[{name!r}] must be a bool array of shape ({n},), got {mask.dtype} {mask.shape}"
+        )
+    return mask
+
+
+def _convert(
+    col: np.ndarray, feat: Feature, null: np.ndarray | None, bad: list[tuple[int, str, str]]
+) -> np.ndarray:
+    """col as the feature's NumPy dtype. A value the conversion would change beyond rounding
+    (a finite float overflowing to inf, an integer a float dtype cannot hold exactly, an unsigned
+    integer over the int64 range) rejects its row, unless the row is null there."""
+    target = numpy_dtype(feat.dtype)
+    if col.dtype == target:
+        return col
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = col.astype(target)
+    scalar = feat.dtype is not DType.FLOAT32_VECTOR
+    if target.kind == "f" and col.dtype.kind == "f":
+        lost = np.isinf(out) & np.isfinite(col)
+        why = (
+            f"overflows {feat.dtype.name} (largest finite {np.finfo(target).max:.8g}); send a "
+            "smaller value" + (" or declare the feature FLOAT64" if scalar else "")
+        )
+    elif target.kind == "f":
+        info = np.iinfo(col.dtype)
+        fits = (out >= float(info.min)) & (out < float(info.max) + 1.0)
+        lost = ~fits | (np.where(fits, out, 0).astype(col.dtype) != col)
+        why = (
+            f"is not exactly representable as {feat.dtype.name} (it holds every integer up "
+            f"to 2**{np.finfo(target).nmant + 1}); send it as a float"
+            + (" or declare the feature INT64" if scalar else "")
+        )
+    elif col.dtype.kind == "u":
+        lost = col > np.iinfo(np.int64).max
+        why = "exceeds the int64 range"
+    else:
+        return out
+    if lost.ndim == 2:
+        lost = lost.any(axis=1)
+    if null is not None:
+        lost &= ~null
+    rows = np.flatnonzero(lost).tolist()
+    if scalar:
+        bad.extend((row, feat.name, f"{col[row].item()!r} {why}") for row in rows)
+    else:
+        bad.extend((row, feat.name, f"a vector element {why}") for row in rows)
+    return out
 
 
 def _encode_strings(

@@ -120,7 +120,10 @@ def encode_rows(
     nulls: dict[str, np.ndarray],
 ) -> list[bytes]:
     """Pack one row per entity from validated columns (fixed features as arrays of the feature's
-    NumPy dtype, strings as lists of UTF-8 bytes); null values are stored as zeros/empty."""
+    NumPy dtype, strings as lists of UTF-8 bytes); null values are stored as zeros/empty.
+
+    Columns of another dtype raise TypeError rather than being cast: converting is the store's
+    job, which checks that no value changes (OnlineStore.prepare)."""
     feats = layout.view.features
     n = len(event_us)
     nfeat = len(feats)
@@ -138,7 +141,7 @@ def encode_rows(
     mat[:, HEADER_BYTES:start] = np.packbits(null_mat, axis=1, bitorder="little")
     for run in layout.runs:
         block = np.stack(
-            [columns[name] for name in run.names], axis=1, dtype=run.dtype, casting="unsafe"
+            [columns[name] for name in run.names], axis=1, dtype=run.dtype, casting="equiv"
         )
         block[null_mat[:, run.lo : run.hi]] = 0
         off = start + 4 * int(layout.fixed_prefix[run.lo])

@@ -7,6 +7,7 @@ lives in exactly one place.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 
@@ -50,18 +51,39 @@ def encode_strings(values: np.ndarray | list) -> tuple[bytes, bytes]:
 
 def decode_strings(data: bytes, offsets: bytes, count: int, field: str) -> np.ndarray:
     """An object array of str from UTF-8 data and int64 offsets."""
+    out, bad = decode_strings_lenient(data, offsets, count, field)
+    if bad:
+        raise ArrayError(f"{field}: element {bad[0][0]} {bad[0][1]}")
+    return out
+
+
+def decode_strings_lenient(
+    data: bytes, offsets: bytes, count: int, field: str
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Like decode_strings, but an element that is not valid UTF-8 reads as "" and is listed as
+    (index, reason), so a caller can reject it alone; the offsets must still be well formed."""
     offs = np.frombuffer(offsets, dtype="<i8")
     if len(offs) != count + 1:
         raise ArrayError(f"{field}: expected {count + 1} string offsets, got {len(offs)}")
     if count and (offs[0] != 0 or offs[-1] != len(data) or np.any(np.diff(offs) < 0)):
         raise ArrayError(f"{field}: string offsets must rise from 0 to len(data)={len(data)}")
+    bounds = offs.tolist()
+    spans = list(pairwise(bounds))
     out = np.empty(count, dtype=object)
     try:
-        for i in range(count):
-            out[i] = data[offs[i] : offs[i + 1]].decode()
-    except UnicodeDecodeError as exc:
-        raise ArrayError(f"{field}: element {i} is not valid UTF-8 ({exc.reason})") from None
-    return out
+        out[:] = [data[a:b].decode() for a, b in spans]
+        return out, []
+    except UnicodeDecodeError:
+        pass
+    bad: list[tuple[int, str]] = []
+    for i, (a, b) in enumerate(spans):
+        try:
+            out[i] = data[a:b].decode()
+        except UnicodeDecodeError as exc:
+            out[i] = ""
+            why = f"is not valid UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 text"
+            bad.append((i, why))
+    return out, bad
 
 
 def to_array(
@@ -99,12 +121,26 @@ def to_array(
 def from_array(msg: types_pb2.Array, field: str = "array") -> np.ndarray:
     """A NumPy view (rows x width [x vector_length]) of an Array message; strings as objects.
 
-    Raises ArrayError naming `field` when the bytes do not match the declared shape.
+    Raises ArrayError naming `field` when the bytes do not match the declared shape, or an
+    element is bad (a STRING not valid UTF-8, a BOOL byte other than 0 or 1).
     """
+    values, bad = from_array_lenient(msg, field)
+    if bad:
+        raise ArrayError(f"{field}: element {bad[0][0]} {bad[0][1]}")
+    return values
+
+
+def from_array_lenient(
+    msg: types_pb2.Array, field: str = "array"
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Like from_array, but bad elements (a STRING not valid UTF-8, a BOOL byte other than 0
+    or 1) read as ""/False and come back as (flat row-major index, reason), so a write can
+    reject those rows alone. A message whose shape or offsets are wrong still raises."""
     width = msg.width or 1
     count = msg.rows * width
     if msg.dtype == types_pb2.STRING:
-        return decode_strings(msg.data, msg.offsets, count, field).reshape(msg.rows, width)
+        values, bad = decode_strings_lenient(msg.data, msg.offsets, count, field)
+        return values.reshape(msg.rows, width), bad
     np_dtype = DTYPE_TO_NUMPY.get(msg.dtype)
     if np_dtype is None:
         raise ArrayError(f"{field}: dtype {msg.dtype} is not a known featureserve.v1.DType")
@@ -120,7 +156,11 @@ def from_array(msg: types_pb2.Array, field: str = "array") -> np.ndarray:
             f"for shape {shape} of {types_pb2.DType.Name(msg.dtype)}"
         )
     arr = np.frombuffer(msg.data, dtype=np_dtype).reshape(shape)
-    return arr.astype(bool) if msg.dtype == types_pb2.BOOL else arr
+    if msg.dtype != types_pb2.BOOL:
+        return arr, []
+    over = np.flatnonzero(arr > 1)
+    bad = [(i, f"is BOOL byte {arr.flat[i]}; send 0 (false) or 1 (true)") for i in over.tolist()]
+    return arr == 1, bad
 
 
 def nulls_of(msg: types_pb2.Array, field: str = "array") -> np.ndarray | None:

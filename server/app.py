@@ -25,6 +25,7 @@ from server.config import ConfigError, ServerConfig
 from server.feature_servicer import FeatureStoreServicer
 from server.health import Health
 from server.inference_servicer import InferenceServicer
+from server.message_size import MessageSizeInterceptor
 from server.metrics import MetricsRuntime, start_metrics
 from server.metrics_interceptor import MetricsInterceptor
 from server.model_repository import ModelRepository
@@ -45,10 +46,17 @@ class StartupError(Exception):
     """The server cannot start (port in use, unwritable data dir); the message says which."""
 
 
+def grpc_receive_limit(config: ServerConfig) -> int:
+    """The size gRPC itself lets a request reach: twice max_message_bytes plus 16 MiB (gRPC's
+    ceiling at most), so MessageSizeInterceptor, not gRPC, rejects most oversized requests and
+    names max_message_bytes; only beyond this does gRPC answer with its own text."""
+    return min(2 * config.max_message_bytes + (16 << 20), 2**31 - 1)
+
+
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """Channel arguments every featureserve server uses (the benchmark baseline uses them too)."""
     return [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", grpc_receive_limit(config)),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0 if worker_index() is None else 1),
         ("grpc.keepalive_time_ms", 60_000),
@@ -114,6 +122,7 @@ class FeatureServer:
                 map_size=self.config.lmdb_map_bytes,
                 max_clock_skew_seconds=self.config.max_clock_skew_seconds,
                 max_entities_per_read=self.config.max_entities_per_request,
+                max_rows_per_write=self.config.max_rows_per_write,
             )
         )
         self.committer = GroupCommitter(self.store)
@@ -137,6 +146,11 @@ class FeatureServer:
         auth = self.authorizer.interceptor()
         if auth is not None:
             interceptors.append(auth)
+        interceptors.append(
+            MessageSizeInterceptor(
+                self.config.max_message_bytes, self.config.max_entities_per_request
+            )
+        )
         server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
         self._register(server)
         try:

@@ -29,6 +29,7 @@ class ServerConfig:
     max_concurrent_rpcs: int = 0
     lmdb_map_bytes: int = 1 << 30
     max_entities_per_request: int = 100_000
+    max_rows_per_write: int = 100_000
     max_clock_skew_seconds: int = 300
     watch_model_repo: bool = True
     model_poll_interval_s: float = 1.0

@@ -12,7 +12,13 @@ from clients import registry_messages as rm
 from featurestore.dtypes import FeatureStatus
 from featurestore.errors import InvalidArgumentError, ResourceExhaustedError
 from featurestore.group_commit import GroupCommitter
-from featurestore.online_store import OnlineStore, ReadResult, WriteBatch, WriteResult
+from featurestore.online_store import (
+    OnlineStore,
+    ReadResult,
+    RowError,
+    WriteBatch,
+    WriteResult,
+)
 from protos import arrays
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
@@ -25,6 +31,8 @@ from server.feature_refs import parse_feature_refs
 from server.metrics import ViewMetrics
 
 MAX_ROW_ERRORS = 1000
+"""Row errors listed per WriteFeatures response (a stream's whole answer included), so a batch
+of bad rows cannot make the answer too large to send; rows_rejected still counts every one."""
 MAX_STREAM_BATCHES_IN_FLIGHT = 8
 LOOKUP_SAMPLE_EVERY = 256
 WRITE_SAMPLE_EVERY = 16
@@ -80,8 +88,20 @@ class ViewObserver:
 
 
 def decode_keys(columns, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
-    """Entity key columns as 1-D arrays of equal length, checked against the entity limit."""
+    """Entity key columns of a lookup as 1-D arrays of equal length, checked against the entity
+    limit; a key that does not decode, or is null, fails the request naming its column and row."""
+    keys, rows, _ = _decode_keys(columns, max_rows, None)
+    return keys, rows
+
+
+def _decode_keys(
+    columns, max_rows: int, row_errors: list[RowError] | None
+) -> tuple[dict[str, np.ndarray], int, dict[str, np.ndarray]]:
+    """Key columns, their rows and null masks. With row_errors (a write), a key that does not
+    decode is listed there and null masks are returned for the store to reject those rows alone;
+    without, either fails the request."""
     keys: dict[str, np.ndarray] = {}
+    nulls: dict[str, np.ndarray] = {}
     rows = None
     for i, column in enumerate(columns):
         field = f"entity_keys[{i}] ({column.name or 'unnamed'})"
@@ -89,7 +109,10 @@ def decode_keys(columns, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
             raise InvalidArgumentError(f"{field}: name is empty; set it to the join key's name")
         if column.name in keys:
             raise InvalidArgumentError(f"{field}: join key {column.name!r} appears twice")
-        values = arrays.from_array(column.values, field)
+        if row_errors is None:
+            values, bad = arrays.from_array(column.values, field), []
+        else:
+            values, bad = arrays.from_array_lenient(column.values, field)
         if values.ndim != 2 or values.shape[1] != 1:
             raise InvalidArgumentError(f"{field}: keys must be one column (width 1)")
         if rows is not None and values.shape[0] != rows:
@@ -99,34 +122,53 @@ def decode_keys(columns, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
             )
         rows = values.shape[0]
         keys[column.name] = values[:, 0]
+        mask = arrays.nulls_of(column.values, field)
+        if mask is not None and mask.any():
+            if row_errors is None:
+                raise InvalidArgumentError(
+                    f"{field}: key row {int(np.argmax(mask))} is null; join keys cannot be "
+                    "null: send a key for every entity"
+                )
+            nulls[column.name] = mask[:, 0]
+        if row_errors is not None:
+            row_errors.extend(RowError(row, column.name, f"key {why}") for row, why in bad)
     rows = rows or 0
     if rows > max_rows:
         raise ResourceExhaustedError(
             f"entity_keys: {rows} entities exceed the limit of {max_rows} per request "
             "(max_entities_per_request); split the request"
         )
-    return keys, rows
+    return keys, rows, nulls
 
 
 def write_batch(request: pb.WriteFeaturesRequest, max_rows: int) -> WriteBatch:
-    """A store WriteBatch from a WriteFeatures message, checking shapes before the store does."""
-    keys, rows = decode_keys(request.entity_keys, max_rows)
+    """A store WriteBatch from a WriteFeatures message, checking shapes before the store does.
+
+    Values and keys that do not decode (invalid UTF-8, a BOOL byte other than 0 or 1) and null
+    keys become row errors, so skip_bad_rows drops only their rows; the store reports them and
+    its own under the wire's field names (event_timestamps)."""
+    row_errors: list[RowError] = []
+    keys, rows, nulls = _decode_keys(request.entity_keys, max_rows, row_errors)
+    if not keys and len(request.event_timestamps) % 8 == 0:
+        # no key columns: rows come from the events, so a non-empty batch fails in the store
+        # naming the missing join key, and an empty one is a valid write of nothing
+        rows = len(request.event_timestamps) // 8
     if len(request.event_timestamps) != rows * 8:
         raise InvalidArgumentError(
             f"event_timestamps: {len(request.event_timestamps)} bytes, expected {rows * 8} "
             f"({rows} little-endian int64 microsecond timestamps)"
         )
     columns: dict[str, np.ndarray] = {}
-    nulls: dict[str, np.ndarray] = {}
     for i, block in enumerate(request.blocks):
         field = f"blocks[{i}]"
-        values = arrays.from_array(block.values, field)
+        values, bad = arrays.from_array_lenient(block.values, field)
         mask = arrays.nulls_of(block.values, field)
         if values.shape[0] != rows:
             raise InvalidArgumentError(f"{field}: {values.shape[0]} rows, expected {rows}")
-        if values.shape[1] != len(block.features):
+        width = len(block.features)
+        if values.shape[1] != width:
             raise InvalidArgumentError(
-                f"{field}: values are {values.shape[1]} wide but {len(block.features)} "
+                f"{field}: values are {values.shape[1]} wide but {width} "
                 "features are named; name one feature per column"
             )
         for j, name in enumerate(block.features):
@@ -135,6 +177,9 @@ def write_batch(request: pb.WriteFeaturesRequest, max_rows: int) -> WriteBatch:
             columns[name] = values[:, j]
             if mask is not None:
                 nulls[name] = mask[:, j]
+        row_errors.extend(
+            RowError(k // width, block.features[k % width], f"value {why}") for k, why in bad
+        )
     return WriteBatch(
         view=request.view,
         keys=keys,
@@ -143,11 +188,14 @@ def write_batch(request: pb.WriteFeaturesRequest, max_rows: int) -> WriteBatch:
         nulls=nulls,
         version=request.version,
         skip_bad_rows=request.policy == pb.SKIP_BAD_ROWS,
+        row_errors=row_errors,
+        event_column="event_timestamps",
     )
 
 
 def add_result(response: pb.WriteFeaturesResponse, result: WriteResult, batch: int = 0) -> None:
-    """Add one batch's outcome to a (possibly summed) response."""
+    """Add one batch's outcome to a (possibly summed) response: every count, and row errors up
+    to MAX_ROW_ERRORS per response."""
     response.rows_written += result.written
     response.rows_stale += result.stale
     response.rows_rejected += result.rejected

@@ -98,12 +98,30 @@ def test_after_a_large_commit_the_next_one_lingers_for_more_rows(tmp_path: Path)
 
 
 def test_a_lone_write_after_small_commits_does_not_linger(tmp_path: Path):
+    """A large commit sets a 30 s linger; the small commits after it must clear it, so a lone
+    write then commits at once. Ordering, not timing, drives the commits: the batch after the
+    large commit stops lingering as soon as a second one fills max_batch_rows. A linger that
+    survived would hold the lone write for 30 s, far past the 10 s wait below."""
+    linger_s = 30.0
     with OnlineStore(StoreConfig(tmp_path / "db")) as store:
         store.registry.apply([USER], [SCORE])
         committer = GroupCommitter(
-            store, linger_fraction=1000.0, linger_min_rows=1000, linger_max_s=1.0
+            store,
+            max_batch_rows=1000,
+            linger_fraction=1e9,
+            linger_min_rows=1000,
+            linger_max_s=linger_s,
         )
-        for i in range(3):
-            committer.submit(store.prepare(batch([i], NOW, 1.0), now_us=NOW)).result(timeout=3)
-        assert committer.commits == 3
-        committer.close()
+        try:
+            large = committer.submit(store.prepare(batch(range(1000), NOW, 1.0), now_us=NOW))
+            assert large.result(timeout=linger_s / 3).written == 1000
+            small = [
+                committer.submit(store.prepare(batch(range(lo, lo + 600), NOW, 2.0), now_us=NOW))
+                for lo in (1000, 2000)
+            ]
+            assert [f.result(timeout=linger_s / 3).written for f in small] == [600, 600]
+            lone = committer.submit(store.prepare(batch([5000], NOW, 3.0), now_us=NOW))
+            assert lone.result(timeout=linger_s / 3).written == 1
+            assert committer.commits == 4
+        finally:
+            committer.close()

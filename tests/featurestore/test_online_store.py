@@ -13,7 +13,7 @@ from featurestore.errors import (
     UnavailableError,
 )
 from featurestore.keys import decode_keys, encode_keys
-from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
+from featurestore.online_store import OnlineStore, RowError, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 
 NOW = 1_800_000_000_000_000
@@ -344,3 +344,83 @@ def test_key_encoding_orders_ints_and_separates_composites():
     decoded = decode_keys(pair, keys)
     assert decoded["a"].tolist() == left.tolist() and decoded["b"].tolist() == right.tolist()
     assert decode_keys(USER, encoded)["user_id"].tolist() == ints.tolist()
+
+
+def test_values_a_feature_dtype_cannot_hold_are_rejected_per_row(store):
+    n = 6
+    batch = all_batch(range(20, 20 + n), NOW, skip_bad_rows=True)
+    batch.columns["f32"] = np.array([0.1, 1e300, -np.inf, 3.5e38, 2.0, 1e-50])
+    batch.columns["g32"] = np.array([2**24, 3, 2**24 + 1, 4, 5, 6], np.int64)
+    batch.columns["f64"] = np.array([1, 2, 3, 4, 2**53 + 1, 6], np.uint64)
+    batch.columns["vec"] = np.array([[0, 0, 0]] * 5 + [[0, -1e39, 0]])
+    batch.nulls["f32"] = np.array([False, False, False, True, False, False])
+    result = store.write(batch, now_us=NOW)
+    assert [(e.row, e.column) for e in result.errors] == [
+        (1, "f32"), (2, "g32"), (4, "f64"), (5, "vec")
+    ]  # fmt: skip
+    assert "1e+300 overflows FLOAT32" in result.errors[0].reason
+    assert "16777217 is not exactly representable as FLOAT32" in result.errors[1].reason
+    assert "9007199254740993 is not exactly representable as FLOAT64" in result.errors[2].reason
+    assert "vector element overflows FLOAT32" in result.errors[3].reason
+    assert (result.written, result.rejected) == (2, 4)
+    res = store.read("all_types", {"user_id": np.arange(20, 20 + n)}, now_us=NOW)
+    assert res.row_status.tolist() == [1, 2, 2, 1, 2, 2]
+    values, statuses = column(res, "f32")
+    assert values[0] == np.float32(0.1) and statuses[3] == FeatureStatus.NULL_VALUE
+    assert column(res, "g32")[0][0] == 2**24
+    batch = all_batch([30, 31], NOW)
+    batch.columns["f32"] = np.array([np.inf, 1e39])
+    with pytest.raises(InvalidArgumentError, match=r"column 'f32' row 1: 1e\+39 overflows FLOAT32"):
+        store.write(batch, now_us=NOW)
+    batch.columns["f32"] = np.array([np.inf, -(2.0**24)])
+    batch.columns["i64"] = np.array([2**64 - 1, 5], np.uint64)
+    with pytest.raises(InvalidArgumentError, match=r"'i64' row 0: 18446744073709551615 exceeds"):
+        store.write(batch, now_us=NOW)
+    batch.columns["i64"] = np.array([2**63 - 1, 5], np.uint64)
+    assert store.write(batch, now_us=NOW).written == 2
+    res = store.read("all_types", {"user_id": np.array([30, 31])}, ["f32", "i64"], now_us=NOW)
+    assert [b.values[:, 0].tolist() for b in res.blocks] == [[np.inf, -(2.0**24)], [2**63 - 1, 5]]
+
+
+def test_a_zero_row_write_or_read_may_leave_out_every_column(store):
+    empty = WriteBatch("all_types", {}, np.zeros(0, np.int64), {})
+    result = store.write(empty, now_us=NOW)
+    assert (result.written, result.stale, result.rejected) == (0, 0, 0)
+    res = store.read("all_types", {}, ["f32", "s"])
+    assert res.row_status.shape == (0,)
+    assert [(b.features, b.values.shape) for b in res.blocks] == [
+        (["f32"], (0, 1)),
+        (["s"], (0, 1)),
+    ]
+    pair = FeatureView("pair_stats", "trip", (Feature("n", DType.INT64),))
+    store.registry.apply([], [pair])
+    assert store.read("pair_stats", {"city": np.array([], object)}).row_status.shape == (0,)
+    with pytest.raises(
+        InvalidArgumentError, match="key column 'driver' of entity 'trip' is missing"
+    ):
+        store.read("pair_stats", {"city": np.array(["a"], object)})
+    with pytest.raises(
+        InvalidArgumentError, match="key column 'user_id' of entity 'user' is missing"
+    ):
+        store.write(WriteBatch("score", {}, np.array([NOW]), {"score": np.ones(1)}), now_us=NOW)
+    with pytest.raises(InvalidArgumentError, match=r"'score' has shape \(1,\), expected \(0,\)"):
+        store.write(WriteBatch("score", {}, np.zeros(0, np.int64), {"score": np.ones(1)}))
+
+
+def test_null_keys_and_caller_found_bad_rows_are_rejected(store):
+    batch = score_batch([1, 2, 3, 4], [NOW] * 4, [1, 2, 3, 4], skip_bad_rows=True)
+    batch.nulls["user_id"] = np.array([False, True, False, False])
+    batch.row_errors = [RowError(2, "score", "value is not valid UTF-8")]
+    batch.event_column = "event_timestamps"
+    batch.event_us[3] = NOW + 10**12
+    result = store.write(batch, now_us=NOW)
+    assert [(e.row, e.column) for e in result.errors] == [
+        (1, "user_id"), (2, "score"), (3, "event_timestamps")
+    ]  # fmt: skip
+    assert "keys cannot be null" in result.errors[0].reason
+    assert store.read("score", {"user_id": np.arange(1, 5)}, now_us=NOW).row_status.tolist() == [
+        1, 2, 2, 2
+    ]  # fmt: skip
+    batch.skip_bad_rows = False
+    with pytest.raises(InvalidArgumentError, match="column 'user_id' row 1: join key is null"):
+        store.write(batch, now_us=NOW)

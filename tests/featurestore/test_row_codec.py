@@ -1,6 +1,7 @@
 """Row codec: the Numba decoder and the plain-Python reference agree with the encoded input."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -150,3 +151,13 @@ def test_empty_batch_decodes_to_empty_blocks():
     decoded = decode_rows(DecodePlan(RowLayout(view), ["a", "s"]), [], np.zeros(0, np.int64))
     assert decoded.event_us.shape == (0,)
     assert [b.values.shape for b in decoded.blocks] == [(0, 1), (0, 1)]
+
+
+def test_encoding_refuses_a_column_not_of_the_feature_dtype():
+    layout = RowLayout(FeatureView("v", "e", (Feature("a", DType.FLOAT32),)))
+    with pytest.raises(TypeError, match="equiv"):
+        encode_rows(layout, np.array([1]), 9, {"a": np.array([1e300])}, {})
+    big_endian = np.array([1.5], ">f4")
+    rows = encode_rows(layout, np.array([1]), 9, {"a": big_endian}, {})
+    decoded = decode_rows(DecodePlan(layout, ["a"]), rows, np.full(1, NO_CUTOFF, np.int64))
+    assert decoded.blocks[0].values.tolist() == [[1.5]]

@@ -60,3 +60,25 @@ def test_bad_string_offsets_and_utf8_are_rejected() -> None:
     bad.data = b"\xff\xfe"
     with pytest.raises(arrays.ArrayError, match="element 0 is not valid UTF-8"):
         arrays.from_array(bad, "name")
+
+
+def test_lenient_decoding_lists_bad_elements_and_keeps_their_neighbours() -> None:
+    msg = arrays.to_array(np.array([["ok", b"\xff"], [b"\xc3", "é"]], dtype=object))
+    values, bad = arrays.from_array_lenient(msg, "name")
+    assert values.tolist() == [["ok", ""], ["", "é"]]
+    assert [i for i, _ in bad] == [1, 2]
+    assert "not valid UTF-8 (invalid start byte at byte 0)" in bad[0][1]
+    with pytest.raises(arrays.ArrayError, match="name: element 1 is not valid UTF-8"):
+        arrays.from_array(msg, "name")
+    msg.offsets = np.array([0, 2, 9, 4, 6], dtype="<i8").tobytes()
+    with pytest.raises(arrays.ArrayError, match="offsets must rise"):
+        arrays.from_array_lenient(msg, "name")
+
+
+def test_bool_bytes_other_than_0_or_1_are_bad_elements() -> None:
+    msg = types_pb2.Array(dtype=types_pb2.BOOL, rows=3, width=1, data=b"\x01\x02\x00")
+    values, bad = arrays.from_array_lenient(msg, "flag")
+    assert values.ravel().tolist() == [True, False, False]
+    assert [i for i, _ in bad] == [1] and "BOOL byte 2" in bad[0][1]
+    with pytest.raises(arrays.ArrayError, match="flag: element 1 is BOOL byte 2"):
+        arrays.from_array(msg, "flag")

@@ -8,12 +8,14 @@ import grpc
 import numpy as np
 import pytest
 
+from clients import feature_messages as fm
 from clients.channel import ClientConfig, ClientError
 from clients.feature_client import FeatureStoreClient
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+from server.feature_servicer import MAX_ROW_ERRORS
 
 USER = Entity("user", (JoinKey("user_id", DType.INT64),))
 ALL_TYPES = FeatureView(
@@ -193,9 +195,14 @@ def test_skip_bad_rows_writes_the_good_ones(client) -> None:
     ]  # fmt: skip
 
 
-def test_future_event_time_is_rejected(client) -> None:
-    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "event"):
-        client.write_features("profile", {"user_id": [1]}, NOW_US + 3_600_000_000, columns(1))
+def test_event_time_errors_name_the_wire_field(client) -> None:
+    future = NOW_US + 3_600_000_000
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "'event_timestamps' row 0"):
+        client.write_features("profile", {"user_id": [1]}, future, columns(1))
+    summary = client.write_features(
+        "profile", {"user_id": [1, 2]}, [NOW_US, future], columns(2), policy="skip_bad_rows"
+    )
+    assert [(e.row, e.column) for e in summary.errors] == [(1, "event_timestamps")]
 
 
 def test_unequal_lengths_and_wrong_dtype_name_the_column(client) -> None:
@@ -235,3 +242,116 @@ def test_too_many_entities_is_resource_exhausted(tmp_path, server_factory) -> No
         small.apply([USER], [ALL_TYPES])
         with expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "10", "max_entities_per_request"):
             small.get_online_features(["profile"], {"user_id": np.arange(11)})
+
+
+def test_values_the_feature_dtype_cannot_hold_are_invalid(client) -> None:
+    ids = np.array([700, 701, 702, 703])
+    cols = columns(4)
+    cols["f32"] = np.array([0.5, 1e300, 2.0, 3.0])
+    cols["f64"] = np.array([1, 2, 2**53 + 1, 4])
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "'f32' row 1", "overflows FLOAT32"):
+        client.write_features("profile", {"user_id": ids}, NOW_US, cols)
+    summary = client.write_features(
+        "profile", {"user_id": ids}, NOW_US, cols, policy="skip_bad_rows"
+    )
+    assert (summary.written, summary.rejected) == (2, 2)
+    assert [(e.row, e.column) for e in summary.errors] == [(1, "f32"), (2, "f64")]
+    got = client.get_online_features(["profile:f32", "profile:f64"], {"user_id": ids})
+    assert got["profile:f32"].tolist() == [0.5, 0.0, 0.0, 3.0]
+    assert got["profile:f64"].tolist() == [1.0, 0.0, 0.0, 4.0]
+
+
+def test_garbage_strings_reject_only_their_rows(client) -> None:
+    tag = Entity("tag", (JoinKey("name", DType.STRING),))
+    view = FeatureView("labels", "tag", (Feature("label", DType.STRING), Feature("n", DType.INT64)))
+    client.apply([tag], [view])
+    keys = np.array(["k0", b"\xff\xfe", "k2", "k3", "k4"], dtype=object)
+    cols = {"label": np.array(["a", "b", b"c\xc3", "dé", "e"], dtype=object), "n": np.arange(5)}
+    good = ["k0", "k2", "k3", "k4"]
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "'name' row 1", "not valid UTF-8"):
+        client.write_features("labels", {"name": keys}, NOW_US, cols)
+    got = client.get_online_features(["labels"], {"name": good})
+    assert (got.statuses["labels:n"] == FeatureStatus.NOT_FOUND).all()
+    summary = client.write_features("labels", {"name": keys}, NOW_US, cols, policy="skip_bad_rows")
+    assert (summary.written, summary.rejected) == (3, 2)
+    assert [(e.row, e.column) for e in summary.errors] == [(1, "name"), (2, "label")]
+    assert "not valid UTF-8" in summary.errors[1].reason
+    got = client.get_online_features(["labels"], {"name": good})
+    assert got["labels:label"].tolist() == ["a", "", "dé", "e"]
+    assert got["labels:n"].tolist() == [0, 0, 3, 4]
+    assert got.statuses["labels:n"].tolist() == [1, 2, 1, 1]
+
+
+def test_zero_row_requests_get_empty_answers(client) -> None:
+    stub = pb_grpc.FeatureStoreStub(client._channel)
+    answer = stub.WriteFeatures(pb.WriteFeaturesRequest(view="profile"))
+    assert (answer.rows_written, answer.rows_stale, answer.rows_rejected) == (0, 0, 0)
+    got = client.get_online_features(["profile:f32", "profile:city"], {})
+    assert got.rows == 0
+    assert got["profile:f32"].shape == (0,) and got["profile:city"].shape == (0,)
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "key column 'user_id'", "missing"):
+        client.write_features("profile", {}, np.array([NOW_US]), columns(1))
+    with expect_error(grpc.StatusCode.NOT_FOUND, "nope"):
+        client.write_features("nope", {}, np.zeros(0, np.int64), {})
+
+
+def test_null_keys_are_rejected(client) -> None:
+    stub = pb_grpc.FeatureStoreStub(client._channel)
+    lookup = fm.get_request(["profile:f32"], {"user_id": [1, 2]})
+    lookup.entity_keys[0].values.nulls = b"\x00\x01"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetOnlineFeatures(lookup)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "(user_id): key row 1 is null" in err.value.details()
+    ids = np.array([800, 801, 802])
+    write = fm.write_request("profile", {"user_id": ids}, NOW_US, columns(3))
+    write.entity_keys[0].values.nulls = b"\x00\x01\x00"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.WriteFeatures(write)
+    assert "column 'user_id' row 1: join key is null" in err.value.details()
+    write.policy = pb.SKIP_BAD_ROWS
+    answer = stub.WriteFeatures(write)
+    assert answer.rows_written == 2
+    assert [(e.row, e.column) for e in answer.errors] == [(1, "user_id")]
+    got = client.get_online_features(["profile:f32"], {"user_id": ids})
+    assert got.statuses["profile:f32"].tolist() == [1, 2, 1]
+
+
+def test_row_errors_are_capped_but_every_rejected_row_is_counted(client) -> None:
+    n = MAX_ROW_ERRORS + 500
+    cols = columns(n)
+    cols["f32"] = np.full(n, np.nan, np.float32)
+    summary = client.write_features(
+        "profile", {"user_id": np.arange(n)}, NOW_US, cols, policy="skip_bad_rows"
+    )
+    assert (summary.written, summary.rejected) == (0, n)
+    assert [e.row for e in summary.errors] == list(range(MAX_ROW_ERRORS))
+
+
+def test_oversized_messages_and_batches_name_their_limit(tmp_path, server_factory) -> None:
+    config = tmp_path / "small.toml"
+    config.write_text("max_message_bytes = 100000\nmax_rows_per_write = 2500\n")
+    server = server_factory("--config", str(config))
+    roomy = ClientConfig(target=server.target, timeout_s=20, max_message_bytes=1 << 26)
+    with FeatureStoreClient(roomy) as small:
+        narrow = FeatureView("narrow", "user", (Feature("flag", DType.BOOL),))
+        small.apply([USER], [ALL_TYPES, narrow])
+        ids = np.arange(2000)
+        request = fm.write_request("profile", {"user_id": ids}, NOW_US, columns(len(ids)))
+        assert request.ByteSize() > 100_000
+        fix = ("max_message_bytes=100000", "raise max_message_bytes in the server config")
+        with expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "request is", "split", *fix):
+            small.write_features("profile", {"user_id": ids}, NOW_US, columns(len(ids)))
+        stub = pb_grpc.FeatureStoreStub(small._channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.StreamWriteFeatures(iter([request]))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "batch 0:" in err.value.details() and fix[0] in err.value.details()
+        with expect_error(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "response is", "max_entities_per_request", *fix
+        ):
+            small.get_online_features(["profile"], {"user_id": ids})
+        assert small.get_online_features(["profile"], {"user_id": ids[:100]}).rows == 100
+        many = np.arange(2501)
+        with expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "max_rows_per_write=2500"):
+            small.write_features("narrow", {"user_id": many}, NOW_US, {"flag": many % 2 == 0})

@@ -1,0 +1,142 @@
+"""Request and response size limits that answer RESOURCE_EXHAUSTED naming max_message_bytes.
+
+gRPC's own limit answers "Received message larger than max (N vs. M)", which names neither the
+server option nor the fix, so gRPC is given a higher ceiling (app.grpc_receive_limit) and this
+interceptor applies the configured one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from featurestore.errors import ResourceExhaustedError
+from server.errors import abort
+from server.metrics_interceptor import HandlerCache
+
+
+class _Oversized:
+    """What MessageSizeInterceptor's deserializer hands on for a request over the limit."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _passthrough(raw: bytes) -> bytes:
+    return raw
+
+
+_HANDLER_KINDS = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
+    """Ends a call whose request message, or unary response, is over max_message_bytes with
+    RESOURCE_EXHAUSTED naming the limit and the fix (gRPC's own check names neither).
+
+    A request is measured as raw bytes before it is parsed (an oversized one never is); a unary
+    response is serialized here instead of by gRPC, once, so each check costs a len(). Streamed
+    responses are left to gRPC's own limit. Put it last, so it wraps the servicers directly.
+    """
+
+    def __init__(self, limit: int, max_entities: int) -> None:
+        self.limit = limit
+        self._max_entities = max_entities
+        self._cache = HandlerCache()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        return self._cache.get(method, handler, lambda: self._wrap(handler, method))
+
+    def _too_big(self, method: str, what: str, size: int) -> ResourceExhaustedError:
+        if what == "request":
+            fix = "split it into smaller requests (fewer rows or entities per message)"
+        else:
+            fix = (
+                "ask for fewer entities or features per call (max_entities_per_request="
+                f"{self._max_entities} caps entities, not bytes)"
+            )
+        return ResourceExhaustedError(
+            f"{method.lstrip('/')}: the {what} is {size} bytes, over the server's limit of "
+            f"max_message_bytes={self.limit}; {fix}, or raise max_message_bytes in the server "
+            "config"
+        )
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler with its requests measured and, for a unary response, its response."""
+        limit = self.limit
+        parse = handler.request_deserializer
+        serialize = handler.response_serializer
+        attr, make = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+        behavior = getattr(handler, attr)
+
+        def deserialize(raw: bytes) -> object:
+            if len(raw) > limit:
+                return _Oversized(len(raw))
+            return parse(raw) if parse is not None else raw
+
+        def check(request: object) -> object:
+            if type(request) is _Oversized:
+                raise self._too_big(method, "request", request.size)
+            return request
+
+        async def checked(requests: AsyncIterator) -> AsyncIterator:
+            async for request in requests:
+                yield check(request)
+
+        def adapt(request: object) -> object:
+            return checked(request) if handler.request_streaming else check(request)
+
+        if not handler.response_streaming:
+
+            async def unary(request, context):
+                try:
+                    response = behavior(adapt(request), context)
+                    if inspect.isawaitable(response):
+                        response = await response
+                    raw = serialize(response) if serialize is not None else response
+                    if len(raw) > limit:
+                        raise self._too_big(method, "response", len(raw))
+                except ResourceExhaustedError as exc:
+                    await abort(context, exc)
+                return raw
+
+            return make(unary, request_deserializer=deserialize, response_serializer=_passthrough)
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def generator(request, context):
+                try:
+                    async for response in behavior(adapt(request), context):
+                        yield response
+                except ResourceExhaustedError as exc:
+                    await abort(context, exc)
+
+            wrapped = generator
+        else:
+
+            async def writer(request, context):
+                try:
+                    result = behavior(adapt(request), context)
+                    if inspect.isawaitable(result):
+                        await result
+                except ResourceExhaustedError as exc:
+                    await abort(context, exc)
+
+            wrapped = writer
+        return make(wrapped, request_deserializer=deserialize, response_serializer=serialize)

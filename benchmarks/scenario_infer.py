@@ -101,7 +101,7 @@ class InferScenario(ScenarioBase):
             size = check_response(
                 target, model, self._body(args), args.rows, args.timeout, ops_metadata(args.ops[0])
             )
-        except (grpc.RpcError, ScenarioError):
+        except BaseException:
             if server is not None:
                 server.stop()
             raise

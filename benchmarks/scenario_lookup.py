@@ -120,7 +120,7 @@ def check_response(
     body = request_bytes(entities, entities_total, np.random.default_rng(1))
     with grpc.insecure_channel(target) as channel:
         raw = channel.unary_unary(METHOD)(body, timeout=timeout_s, metadata=metadata)
-    features = online_features(pb.GetOnlineFeaturesResponse.FromString(raw))
+    features = online_features(pb.GetOnlineFeaturesResponse.FromString(raw), [VIEW])
     missing = [k for k, s in features.statuses.items() if (s != FeatureStatus.PRESENT).any()]
     if features.rows != entities or missing:
         raise ScenarioError(
@@ -194,7 +194,7 @@ class LookupScenario(ScenarioBase):
             response_bytes = check_response(
                 target, entities, args.entities_total, args.timeout, ops_metadata(args.ops[0])
             )
-        except (grpc.RpcError, ScenarioError):
+        except BaseException:
             if server is not None:
                 server.stop()
             raise

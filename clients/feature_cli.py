@@ -13,6 +13,7 @@ from clients.channel import ClientError
 from clients.cli import add_connection_flags, client_config
 from clients.feature_client import FeatureStoreClient
 from featurestore.dtypes import DType, FeatureStatus
+from featurestore.registry import JoinKey
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -27,15 +28,26 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_table(path: Path):
-    """The file as an Arrow table; only empty CSV cells are null, so "NaN" stays a NaN value."""
+class _InputError(Exception):
+    """Input (a file or a flag) that cannot be used as given; printed as `featureserve: ...`."""
+
+
+def _read_table(path: Path, text_columns: list[str]):
+    """The file as an Arrow table. In a CSV, `text_columns` (the keys and features) are read as
+    text for _convert to parse by the view's types; only empty cells are null, so "NaN" stays
+    a NaN value."""
     if path.suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
         return pq.read_table(path)
+    import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    options = pcsv.ConvertOptions(null_values=[""], strings_can_be_null=True)
+    options = pcsv.ConvertOptions(
+        null_values=[""],
+        strings_can_be_null=True,
+        column_types={name: pa.string() for name in text_columns},
+    )
     return pcsv.read_csv(path, convert_options=options)
 
 
@@ -52,29 +64,79 @@ def _event_times(column) -> np.ndarray:
     return column.to_numpy()
 
 
-def _vectors(column, length: int) -> np.ndarray:
-    """A rows x length float32 array from list cells or "[0.1, 0.2]" text; nulls become zeros."""
-    rows = []
-    for cell in column.to_pylist():
-        if cell is None:
-            cell = [0.0] * length
-        elif isinstance(cell, str):
-            cell = [float(x) for x in cell.strip("[] ").replace(",", " ").split()]
-        rows.append(np.asarray(cell, dtype=np.float32))
-    return np.stack(rows) if rows else np.zeros((0, length), dtype=np.float32)
+def _arrow_type(dtype: DType):
+    import pyarrow as pa
+
+    return {
+        DType.FLOAT32: pa.float32(),
+        DType.FLOAT64: pa.float64(),
+        DType.INT64: pa.int64(),
+        DType.BOOL: pa.bool_(),
+        DType.STRING: pa.string(),
+    }[dtype]
 
 
-def _feature_values(column, dtype: DType, length: int) -> np.ndarray:
-    """Values of one feature column with nulls filled by a placeholder the null mask hides."""
+def _convert(column, name: str, dtype: DType):
+    """The column as the view's `dtype` (text is trimmed unless dtype is STRING); cells that do
+    not convert become null and come back as {row: reason}."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    target = _arrow_type(dtype)
+    text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    source = pc.utf8_trim_whitespace(column) if text and dtype != DType.STRING else column
+    try:
+        return source.cast(target), {}
+    except pa.ArrowNotImplementedError:
+        raise _InputError(
+            f"column {name!r} holds {column.type}, which cannot be read as {dtype.name} (its "
+            "type in the view); fix the file or the view"
+        ) from None
+    except pa.ArrowInvalid:
+        pass
+    cells, bad = [], {}
+    for row, cell in enumerate(source.to_pylist()):
+        try:
+            cells.append(
+                None if cell is None else pa.scalar(cell, source.type).cast(target).as_py()
+            )
+        except pa.ArrowInvalid:
+            cells.append(None)
+            bad[row] = f"{cell!r} is not {dtype.name}"
+    return pa.chunked_array([pa.array(cells, target)]), bad
+
+
+def _vectors(column, length: int) -> tuple[np.ndarray, dict[int, str]]:
+    """A rows x length float32 array from list cells or "[0.1, 0.2]" text (nulls become zeros),
+    and {row: reason} of the cells that are not `length` numbers."""
+    rows, bad = [], {}
+    for row, cell in enumerate(column.to_pylist()):
+        try:
+            if cell is None:
+                cell = [0.0] * length
+            elif isinstance(cell, str):
+                cell = [float(x) for x in cell.strip("[] ").replace(",", " ").split()]
+            vector = np.asarray(cell, dtype=np.float32)
+        except (TypeError, ValueError):
+            vector = None
+        if vector is None or vector.shape != (length,):
+            bad[row] = f"{cell!r} is not a vector of {length} numbers"
+            vector = np.zeros(length, dtype=np.float32)
+        rows.append(vector)
+    return (np.stack(rows) if rows else np.zeros((0, length), dtype=np.float32)), bad
+
+
+def _feature_values(column, name: str, dtype: DType, length: int):
+    """Values of one column typed as the view declares them, with nulls filled by a placeholder
+    the null mask hides; also {row: reason} of the cells that do not convert."""
     if dtype == DType.FLOAT32_VECTOR:
         return _vectors(column, length)
-    if dtype == DType.STRING:
-        return column.cast("string").fill_null("").to_numpy(zero_copy_only=False)
-    filler = False if dtype == DType.BOOL else 0
-    return column.fill_null(filler).to_numpy(zero_copy_only=False)
+    typed, bad = _convert(column, name, dtype)
+    filler = {DType.STRING: "", DType.BOOL: False}.get(dtype, 0)
+    return typed.fill_null(filler).to_numpy(zero_copy_only=False), bad
 
 
-def _entity_keys(client: FeatureStoreClient, view) -> list:
+def _join_keys(client: FeatureStoreClient, view) -> list[JoinKey]:
     entities, _ = client.list_feature_views(view.name)
     for entity in entities:
         if entity.name == view.entity:
@@ -84,43 +146,98 @@ def _entity_keys(client: FeatureStoreClient, view) -> list:
     )
 
 
-def cmd_ingest(args: argparse.Namespace) -> int:
-    """Stream a CSV or Parquet file into a view; columns are named like the view's features."""
-    table = _read_table(args.file)
-    with FeatureStoreClient(client_config(args)) as client:
-        view = client.get_feature_view(args.view, args.version)
-        join_keys = _entity_keys(client, view)
-        wanted = [k.name for k in join_keys] + [args.event_time_column]
-        missing = [name for name in wanted if name not in table.column_names]
-        if missing:
-            print(f"featureserve: {args.file}: missing columns {missing}", file=sys.stderr)
-            return 2
-        try:
-            times = _event_times(table[args.event_time_column])
-        except ValueError as exc:
-            print(f"featureserve: {args.file}: {args.event_time_column}: {exc}", file=sys.stderr)
-            return 2
-        keys = {k.name: _feature_values(table[k.name], k.dtype, 0) for k in join_keys}
-        features = {}
-        nulls = {}
+class _Rows:
+    """The rows of a file the CLI writes: columns typed by the view, and the bad rows found
+    before sending (the first problem of each row, by its 0-based row in the file)."""
+
+    def __init__(self, table, view, join_keys: list[JoinKey]) -> None:
+        self.bad: dict[int, tuple[str, str]] = {}
+        self.keys: dict[str, np.ndarray] = {}
+        for key in join_keys:
+            column = table[key.name]
+            self.keys[key.name], bad = _feature_values(column, key.name, key.dtype, 0)
+            self._note(key.name, bad)
+            empty = column.is_null().to_numpy(zero_copy_only=False).nonzero()[0]
+            self._note(key.name, {int(r): "the join key is empty" for r in empty})
+        self.features: dict[str, np.ndarray] = {}
+        self.nulls: dict[str, np.ndarray] = {}
         for feature in view.features:
             if feature.name not in table.column_names:
                 continue
             column = table[feature.name]
-            nulls[feature.name] = column.is_null().to_numpy(zero_copy_only=False)
-            features[feature.name] = _feature_values(column, feature.dtype, feature.vector_length)
+            self.nulls[feature.name] = column.is_null().to_numpy(zero_copy_only=False)
+            self.features[feature.name], bad = _feature_values(
+                column, feature.name, feature.dtype, feature.vector_length
+            )
+            self._note(feature.name, bad)
+        self.kept = np.arange(table.num_rows)
+
+    def _note(self, column: str, bad: dict[int, str]) -> None:
+        for row, reason in bad.items():
+            self.bad.setdefault(row, (column, reason))
+
+    def first_bad(self) -> str:
+        row = min(self.bad)
+        column, reason = self.bad[row]
+        return (
+            f"column {column!r} row {row}: {reason}; fix the file, or pass --policy "
+            f"skip_bad_rows to skip bad rows ({len(self.bad)} bad rows; rows count from 0 "
+            "after the header)"
+        )
+
+    def drop_bad(self, times: np.ndarray) -> np.ndarray:
+        """Keep only the good rows (of the columns and of `times`)."""
+        self.kept = np.setdiff1d(self.kept, np.fromiter(self.bad, dtype=np.int64))
+        self.keys = {k: v[self.kept] for k, v in self.keys.items()}
+        self.features = {k: v[self.kept] for k, v in self.features.items()}
+        self.nulls = {k: v[self.kept] for k, v in self.nulls.items()}
+        return times[self.kept]
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Stream a CSV or Parquet file into a view; columns are named like the view's features
+    and parsed by the types the view and its entity declare."""
+    with FeatureStoreClient(client_config(args)) as client:
+        view = client.get_feature_view(args.view, args.version)
+        join_keys = _join_keys(client, view)
+        declared = [k.name for k in join_keys] + [f.name for f in view.features]
+        try:
+            table = _read_table(args.file, declared)
+            wanted = [k.name for k in join_keys] + [args.event_time_column]
+            missing = [name for name in wanted if name not in table.column_names]
+            if missing:
+                raise _InputError(f"missing columns {missing}")
+            try:
+                times = _event_times(table[args.event_time_column])
+            except ValueError as exc:
+                raise _InputError(f"{args.event_time_column}: {exc}") from None
+            rows = _Rows(table, view, join_keys)
+            if rows.bad and args.policy == "reject_batch":
+                raise _InputError(rows.first_bad())
+        except _InputError as exc:
+            print(f"featureserve: {args.file}: {exc}", file=sys.stderr)
+            return 2
+        times = rows.drop_bad(times)
         with client.stream_writer(
             args.view, batch_rows=args.batch_rows, version=view.version, policy=args.policy
         ) as writer:
-            writer.write(keys, times, features, nulls)
+            writer.write(rows.keys, times, rows.features, rows.nulls)
         summary = writer.summary
-    print(f"written={summary.written} stale={summary.stale} rejected={summary.rejected}")
-    for err in summary.errors[:20]:
-        print(f"  batch {err.batch} row {err.row} {err.column}: {err.reason}")
-    return 0 if summary.rejected == 0 else 1
+    rejected = dict(rows.bad)
+    for err in summary.errors:
+        row = int(rows.kept[err.batch * args.batch_rows + err.row])
+        rejected.setdefault(row, (err.column, err.reason))
+    total = summary.rejected + len(rows.bad)
+    print(f"written={summary.written} stale={summary.stale} rejected={total}")
+    for row in sorted(rejected)[:20]:
+        column, reason = rejected[row]
+        print(f"  row {row} {column}: {reason}")
+    return 0 if total == 0 else 1
 
 
 def _key_values(text: str) -> np.ndarray:
+    """Comma-separated keys typed by guessing (all digits: int64, else strings), for callers
+    that do not know the entity's key types (`featureserve predict`)."""
     parts = text.split(",")
     try:
         return np.array([int(p) for p in parts], dtype=np.int64)
@@ -128,21 +245,51 @@ def _key_values(text: str) -> np.ndarray:
         return np.array(parts, dtype=object)
 
 
+def _typed_keys(text: str, key: JoinKey, flag: str) -> np.ndarray:
+    """Comma-separated keys parsed as the join key's declared type (so "007" stays a string)."""
+    parts = text.split(",")
+    if key.dtype == DType.STRING:
+        return np.array(parts, dtype=object)
+    try:
+        return np.array([int(p) for p in parts], dtype=np.int64)
+    except ValueError:
+        raise _InputError(
+            f"{flag}: {text!r}: join key {key.name!r} is int64; give comma-separated integers"
+        ) from None
+
+
+def _keys_of(args: argparse.Namespace, join_keys: list[JoinKey]) -> dict[str, np.ndarray]:
+    """The entities named by --keys and --entity, typed by the entity's join keys."""
+    by_name = {k.name: k for k in join_keys}
+    keys = {}
+    for item in args.entity:
+        name, sep, text = item.partition("=")
+        if not sep or name not in by_name:
+            raise _InputError(
+                f"--entity {item!r}: use NAME=V1,V2 where NAME is a join key of the view's "
+                f"entity ({', '.join(by_name)})"
+            )
+        keys[name] = _typed_keys(text, by_name[name], "--entity")
+    if args.keys is not None:
+        keys[join_keys[0].name] = _typed_keys(args.keys, join_keys[0], "--keys")
+    return keys
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     """Print features of a few entities."""
     with FeatureStoreClient(client_config(args)) as client:
         view = client.get_feature_view(args.view, args.version)
-        keys = dict(kv.split("=", 1) for kv in args.entity)
-        if args.keys is not None:
-            join_keys = _entity_keys(client, view)
-            keys[join_keys[0].name] = args.keys
+        try:
+            keys = _keys_of(args, _join_keys(client, view))
+        except _InputError as exc:
+            print(f"featureserve: {exc}", file=sys.stderr)
+            return 2
         ref = f"{args.view}@{view.version}" if args.version else args.view
         refs = [f"{ref}:{f}" for f in args.features.split(",")] if args.features else [ref]
-        result = client.get_online_features(refs, {k: _key_values(v) for k, v in keys.items()})
-    first_keys = {k: _key_values(v) for k, v in keys.items()}
-    stamps = result.event_timestamps.get(args.view, np.zeros(result.rows, dtype=np.int64))
+        result = client.get_online_features(refs, keys)
+    stamps = result.event_timestamps.get(ref, np.zeros(result.rows, dtype=np.int64))
     for row in range(result.rows):
-        key_text = ", ".join(f"{k}={v[row]}" for k, v in first_keys.items())
+        key_text = ", ".join(f"{k}={v[row]}" for k, v in keys.items())
         print(f"[{key_text}] event_time_us={int(stamps[row])}")
         for name, values in result.values.items():
             status = FeatureStatus(int(result.statuses[name][row])).name
@@ -166,7 +313,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "ingest",
         help="write a CSV or Parquet file into a view",
-        description="Stream a CSV/Parquet file into a feature view.",
+        description="Stream a CSV/Parquet file into a feature view; columns are read as the "
+        "types the view and its entity declare.",
     )
     p.add_argument("file", type=Path, help="CSV or Parquet file")
     p.add_argument("--view", required=True, help="target feature view")
@@ -181,7 +329,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--policy",
         choices=["reject_batch", "skip_bad_rows"],
         default="reject_batch",
-        help="what to do with bad rows",
+        help="bad rows (0-based after the header): reject_batch stops at the first, "
+        "skip_bad_rows writes the others and lists them",
     )
     add_connection_flags(p)
     p.set_defaults(func=cmd_ingest)
@@ -191,7 +340,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--view", required=True, help="feature view")
     p.add_argument("--version", type=int, default=0, help="view version (default latest)")
-    p.add_argument("--keys", help="comma-separated keys of the view's (first) join key")
+    p.add_argument(
+        "--keys", help="comma-separated keys of the view's (first) join key, read as its type"
+    )
     p.add_argument(
         "--entity",
         action="append",

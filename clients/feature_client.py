@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import queue
-from collections.abc import Mapping, Sequence
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -12,6 +15,7 @@ from clients import feature_messages as fm
 from clients import registry_messages as rm
 from clients.channel import (
     ClientConfig,
+    ClientError,
     call_metadata,
     client_error,
     create_aio_channel,
@@ -65,19 +69,115 @@ class _Buffer:
         return out
 
 
+class _Outbox:
+    """Messages waiting for gRPC's sending thread, at most `size` of them.
+
+    A plain bounded queue hangs its writer once the call has ended (gRPC stops reading);
+    close(), run when the call ends, wakes both the writer and gRPC's reader instead.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._items: deque = deque()
+        self._size = size
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def put(self, item: object, timeout: float | None) -> bool:
+        """Queue item; False if the call has ended; TimeoutError if no room came in time."""
+        with self._cond:
+            room = self._cond.wait_for(
+                lambda: self._closed or len(self._items) < self._size, timeout
+            )
+            if self._closed:
+                return False
+            if not room:
+                raise TimeoutError
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def close(self) -> None:
+        """The call has ended: wake everyone and queue nothing more."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[pb.WriteFeaturesRequest]:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._items)
+                if self._closed:
+                    return
+                item = self._items.popleft()
+                self._cond.notify_all()
+            if item is _END:
+                return
+            yield item
+
+
+def _stalled(view: str, timeout: float | None, waiting_for: str) -> ClientError:
+    """DEADLINE_EXCEEDED for a stream whose server gave no `waiting_for` within timeout."""
+    return ClientError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"stream_writer({view!r}): no {waiting_for} from the server within {timeout:g} s "
+        "(ClientConfig.timeout_s); the stream was cancelled and unacknowledged rows may not be "
+        "written; check the server's load or raise timeout_s",
+    )
+
+
+def _stream_error(error: ClientError, first: int) -> ClientError:
+    """The error that ended a stream whose first message was message `first` of its writer
+    (the server numbers batches from the stream's start)."""
+    if first == 0:
+        return error
+    return ClientError(
+        error.code, f"{error.message} (batches count from message {first} of this writer)"
+    )
+
+
 class StreamWriter:
     """Sends batches over StreamWriteFeatures; flush() closes the stream and waits for the ack.
 
     Rows are durable once flush() (or leaving the `with` block) returns; a stream is also
-    flushed every `ack_every` messages so unacknowledged data stays bounded.
+    flushed every `ack_every` messages so unacknowledged data stays bounded. If the server ends
+    the stream (a bad batch), the next write, flush or exit raises its error; no single wait
+    for the server lasts longer than the client's timeout_s. Leaving the block by an exception
+    cancels the stream.
     """
 
     def __init__(self, client: FeatureStoreClient, buffer: _Buffer, ack_every: int) -> None:
         self._client, self._buffer, self._ack_every = client, buffer, ack_every
-        self._queue: queue.Queue | None = None
+        self._outbox: _Outbox | None = None
         self._future: grpc.Future | None = None
-        self._sent = 0
+        self._first = 0  # the current stream's first message, counted over the writer's life
+        self._sent = 0  # messages of the current stream
         self.summary = fm.WriteSummary(0, 0, 0)
+
+    def _open(self) -> None:
+        outbox = _Outbox(64)
+        self._future = self._client._stub.StreamWriteFeatures.future(
+            iter(outbox), metadata=self._client._metadata
+        )
+        self._future.add_done_callback(lambda _: outbox.close())
+        self._outbox = outbox
+
+    def _end(self) -> tuple[grpc.Future, int]:
+        """Forget the current stream; its call and first message."""
+        future, first = self._future, self._first
+        self._outbox, self._future, self._first, self._sent = None, None, first + self._sent, 0
+        return future, first
+
+    def _put(self, item: object, waiting_for: str) -> None:
+        """Queue item, or raise the error that ended the call (or DEADLINE_EXCEEDED)."""
+        timeout = self._client.config.timeout_s
+        try:
+            accepted = self._outbox.put(item, timeout)
+        except TimeoutError:
+            self._end()[0].cancel()
+            raise _stalled(self._buffer.view, timeout, waiting_for) from None
+        if not accepted:
+            future, first = self._end()
+            raise _stream_error(client_error(future.exception()), first) from None
 
     def write(
         self,
@@ -88,35 +188,37 @@ class StreamWriter:
     ) -> None:
         """Queue rows; they are sent in messages of batch_rows."""
         for request in self._buffer.requests(keys, event_time, features, nulls):
-            if self._queue is None:
-                self._queue = queue.Queue(maxsize=64)
-                self._future = self._client._stub.StreamWriteFeatures.future(
-                    iter(self._queue.get, _END), metadata=self._client._metadata
-                )
-            self._queue.put(request)
+            if self._outbox is None:
+                self._open()
+            self._put(request, "room for a message")
             self._sent += 1
             if self._sent >= self._ack_every:
                 self.flush()
 
     def flush(self) -> fm.WriteSummary:
         """End the current stream, wait until the server has made it durable; total so far."""
-        if self._queue is not None and self._future is not None:
-            self._queue.put(_END)
-            future, self._queue, self._future, self._sent = self._future, None, None, 0
-            try:
-                self.summary += fm.write_summary(future.result())
-            except grpc.RpcError as exc:
-                raise client_error(exc) from None
+        if self._outbox is None:
+            return self.summary
+        self._put(_END, "room for the end of the stream")
+        future, first = self._end()
+        timeout = self._client.config.timeout_s
+        try:
+            self.summary += fm.write_summary(future.result(timeout), first)
+        except grpc.FutureTimeoutError:
+            future.cancel()
+            raise _stalled(self._buffer.view, timeout, "acknowledgement") from None
+        except grpc.RpcError as exc:
+            raise _stream_error(client_error(exc), first) from None
         return self.summary
 
     def __enter__(self) -> StreamWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type | None, exc: object, tb: object) -> None:
         if exc_type is None:
             self.flush()
-        elif self._queue is not None:
-            self._queue.put(_END)
+        elif self._future is not None:
+            self._end()[0].cancel()
 
 
 class FeatureStoreClient:
@@ -139,7 +241,8 @@ class FeatureStoreClient:
     ) -> fm.OnlineFeatures:
         """Look up `features` ("view:feature", "view", "view@2:feature") for entity `keys`."""
         request = fm.get_request(list(features), keys)
-        return fm.online_features(self._call(self._stub.GetOnlineFeatures, request))
+        response = self._call(self._stub.GetOnlineFeatures, request)
+        return fm.online_features(response, request.features)
 
     def write_features(
         self,
@@ -191,6 +294,7 @@ class FeatureStoreClient:
         return rm.view_from_proto(self._call(self._stub.GetFeatureView, request))
 
     def close(self) -> None:
+        """Close the channel."""
         self._channel.close()
 
     def __enter__(self) -> FeatureStoreClient:
@@ -200,14 +304,61 @@ class FeatureStoreClient:
         self.close()
 
 
+_CORE_SEND_FAILED = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+
+def _result_now(coroutine: Coroutine) -> object:
+    """Run a coroutine that returns without suspending (a finished call's code() or details())."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("grpc.aio: the status of a finished call was not available at once")
+
+
 class AsyncStreamWriter:
-    """The asyncio twin of StreamWriter."""
+    """The asyncio twin of StreamWriter.
+
+    When the server ends the stream while a write is in flight, grpc.aio replaces the server's
+    status with INTERNAL "Internal error from Core"; the writer records each status the call
+    is given and raises the server's.
+    """
 
     def __init__(self, client: AsyncFeatureStoreClient, buffer: _Buffer, ack_every: int) -> None:
         self._client, self._buffer, self._ack_every = client, buffer, ack_every
         self._call: grpc.aio.StreamUnaryCall | None = None
-        self._sent = 0
+        self._statuses: list[ClientError] = []  # every status the current call was given
+        self._first = 0  # the current stream's first message, counted over the writer's life
+        self._sent = 0  # messages of the current stream
         self.summary = fm.WriteSummary(0, 0, 0)
+
+    def _open(self) -> grpc.aio.StreamUnaryCall:
+        statuses: list[ClientError] = []
+        call = self._client._stub.StreamWriteFeatures(metadata=self._client._metadata)
+        call.add_done_callback(
+            lambda c: statuses.append(ClientError(_result_now(c.code()), _result_now(c.details())))
+        )
+        self._call, self._statuses = call, statuses
+        return call
+
+    def _end(self) -> tuple[grpc.aio.StreamUnaryCall, int]:
+        """Forget the current stream; its call and first message."""
+        call, first = self._call, self._first
+        self._call, self._first, self._sent = None, first + self._sent, 0
+        return call, first
+
+    async def _failed(self) -> ClientError:
+        """End the current stream, whose call has failed: its status, preferring the server's
+        over a failed send's."""
+        statuses = self._statuses
+        call, first = self._end()
+        with contextlib.suppress(grpc.RpcError, TimeoutError):
+            await asyncio.wait_for(call, self._client.config.timeout_s)
+        for error in statuses:
+            if (error.code, error.message) != _CORE_SEND_FAILED:
+                return _stream_error(error, first)
+        return _stream_error(statuses[-1], first)
 
     async def write(
         self,
@@ -217,38 +368,47 @@ class AsyncStreamWriter:
         nulls: Mapping[str, object] | None = None,
     ) -> None:
         """Send rows in messages of batch_rows."""
-        try:
-            for request in self._buffer.requests(keys, event_time, features, nulls):
-                if self._call is None:
-                    self._call = self._client._stub.StreamWriteFeatures(
-                        metadata=self._client._metadata
-                    )
-                await self._call.write(request)
-                self._sent += 1
-                if self._sent >= self._ack_every:
-                    await self.flush()
-        except grpc.RpcError as exc:
-            raise client_error(exc) from None
+        timeout = self._client.config.timeout_s
+        for request in self._buffer.requests(keys, event_time, features, nulls):
+            call = self._call or self._open()
+            try:
+                await asyncio.wait_for(call.write(request), timeout)
+            except TimeoutError:
+                self._end()[0].cancel()
+                raise _stalled(self._buffer.view, timeout, "room for a message") from None
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                raise await self._failed() from None
+            self._sent += 1
+            if self._sent >= self._ack_every:
+                await self.flush()
 
     async def flush(self) -> fm.WriteSummary:
         """End the current stream and wait until it is durable; total so far."""
-        if self._call is not None:
-            call, self._call, self._sent = self._call, None, 0
-            try:
-                await call.done_writing()
-                self.summary += fm.write_summary(await call)
-            except grpc.RpcError as exc:
-                raise client_error(exc) from None
+        if self._call is None:
+            return self.summary
+        call, first = self._call, self._first
+        timeout = self._client.config.timeout_s
+        try:
+            await call.done_writing()
+            response = await asyncio.wait_for(call, timeout)
+        except TimeoutError:
+            self._end()
+            call.cancel()
+            raise _stalled(self._buffer.view, timeout, "acknowledgement") from None
+        except grpc.RpcError:
+            raise await self._failed() from None
+        self._end()
+        self.summary += fm.write_summary(response, first)
         return self.summary
 
     async def __aenter__(self) -> AsyncStreamWriter:
         return self
 
-    async def __aexit__(self, exc_type, exc, tb) -> None:
+    async def __aexit__(self, exc_type: type | None, exc: object, tb: object) -> None:
         if exc_type is None:
             await self.flush()
         elif self._call is not None:
-            self._call.cancel()
+            self._end()[0].cancel()
 
 
 class AsyncFeatureStoreClient:
@@ -269,9 +429,10 @@ class AsyncFeatureStoreClient:
     async def get_online_features(
         self, features: Sequence[str], keys: Mapping[str, object]
     ) -> fm.OnlineFeatures:
-        """Look up `features` for entity `keys`."""
+        """Look up `features` ("view:feature", "view", "view@2:feature") for entity `keys`."""
         request = fm.get_request(list(features), keys)
-        return fm.online_features(await self._call(self._stub.GetOnlineFeatures, request))
+        response = await self._call(self._stub.GetOnlineFeatures, request)
+        return fm.online_features(response, request.features)
 
     async def write_features(
         self,
@@ -306,12 +467,24 @@ class AsyncFeatureStoreClient:
         response = await self._call(self._stub.ApplyFeatureViews, request)
         return [rm.apply_result_from_proto(r) for r in response.results]
 
+    async def list_feature_views(
+        self, name_prefix: str = "", all_versions: bool = False
+    ) -> tuple[list[Entity], list[FeatureView]]:
+        """Registered entities and views."""
+        request = pb.ListFeatureViewsRequest(name_prefix=name_prefix, all_versions=all_versions)
+        response = await self._call(self._stub.ListFeatureViews, request)
+        return (
+            [rm.entity_from_proto(e) for e in response.entities],
+            [rm.view_from_proto(v) for v in response.views],
+        )
+
     async def get_feature_view(self, name: str, version: int = 0) -> FeatureView:
-        """One view definition."""
+        """One view definition (latest version unless one is named)."""
         request = pb.GetFeatureViewRequest(name=name, version=version)
         return rm.view_from_proto(await self._call(self._stub.GetFeatureView, request))
 
     async def close(self) -> None:
+        """Close the channel."""
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncFeatureStoreClient:

@@ -5,11 +5,12 @@ The sync and asyncio clients differ only in how they send; everything else is he
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from featurestore.feature_refs import written_view_parts
 from protos import arrays
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import types_pb2
@@ -19,7 +20,11 @@ POLICIES = {"reject_batch": pb.REJECT_BATCH, "skip_bad_rows": pb.SKIP_BAD_ROWS}
 
 @dataclass
 class OnlineFeatures:
-    """Features of many entities: columns keyed "view:feature", in request order of entities."""
+    """Features of many entities, in request order of entities.
+
+    Columns are keyed "view:feature", or "view@N:feature" when the reference named version N;
+    event_timestamps and versions (the version read) are keyed "view" or "view@N" likewise.
+    """
 
     rows: int
     values: dict[str, np.ndarray] = field(default_factory=dict)
@@ -38,7 +43,8 @@ class OnlineFeatures:
 @dataclass
 class WriteSummary:
     """Counts of a write: rows written, stale (an equal or newer event was stored: not applied),
-    rejected."""
+    rejected; errors name each rejected row by its message (`batch`, counted over the stream
+    writer's life) and its row in that message."""
 
     written: int
     stale: int
@@ -84,21 +90,31 @@ def get_request(features: list[str], keys: Mapping[str, object]) -> pb.GetOnline
     return pb.GetOnlineFeaturesRequest(entity_keys=key_columns(keys), features=list(features))
 
 
-def online_features(response: pb.GetOnlineFeaturesResponse) -> OnlineFeatures:
-    """Read a GetOnlineFeatures response into NumPy columns."""
+def online_features(
+    response: pb.GetOnlineFeaturesResponse, features: Sequence[str]
+) -> OnlineFeatures:
+    """Read a GetOnlineFeatures response to the references `features` into NumPy columns.
+
+    Columns are keyed by the view part as the caller wrote it, so "v@1:x" and "v@2:x" stay
+    apart while "v:x" keeps its plain key.
+    """
     out = OnlineFeatures(rows=response.rows)
-    for view in response.views:
-        out.event_timestamps[view.view] = np.frombuffer(view.event_timestamps, dtype="<i8")
-        out.versions[view.view] = view.version
+    for parts, view in zip(written_view_parts(list(features)), response.views, strict=True):
+        stamps = np.frombuffer(view.event_timestamps, dtype="<i8")
+        columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for block in view.blocks:
             values = arrays.from_array(block.values, f"{view.view} block")
             statuses = np.frombuffer(block.statuses, dtype=np.uint8).reshape(
                 response.rows, len(block.features)
             )
             for j, name in enumerate(block.features):
-                key = f"{view.view}:{name}"
-                out.values[key] = values[:, j]
-                out.statuses[key] = statuses[:, j]
+                columns[name] = values[:, j], statuses[:, j]
+        for part in parts:
+            out.event_timestamps[part] = stamps
+            out.versions[part] = view.version
+            for name, (values, statuses) in columns.items():
+                out.values[f"{part}:{name}"] = values
+                out.statuses[f"{part}:{name}"] = statuses
     return out
 
 
@@ -133,8 +149,11 @@ def write_request(
     )
 
 
-def write_summary(response: pb.WriteFeaturesResponse) -> WriteSummary:
-    """A WriteSummary from a WriteFeatures response."""
-    return WriteSummary(
-        response.rows_written, response.rows_stale, response.rows_rejected, list(response.errors)
-    )
+def write_summary(response: pb.WriteFeaturesResponse, first_batch: int = 0) -> WriteSummary:
+    """A WriteSummary from a WriteFeatures response; a stream's errors count their batch from
+    `first_batch` (the messages its writer sent before the stream)."""
+    errors = [
+        types_pb2.RowError(row=e.row, column=e.column, reason=e.reason, batch=e.batch + first_batch)
+        for e in response.errors
+    ]
+    return WriteSummary(response.rows_written, response.rows_stale, response.rows_rejected, errors)

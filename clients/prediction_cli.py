@@ -55,11 +55,28 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+def _keys(text: str, key_type: str, flag: str) -> np.ndarray:
+    """Comma-separated keys: int64 or strings as --key-type says (auto: all digits is int64)."""
+    if key_type == "auto":
+        return _key_values(text)
+    parts = text.split(",")
+    if key_type == "string":
+        return np.array(parts, dtype=object)
+    try:
+        return np.array([int(p) for p in parts], dtype=np.int64)
+    except ValueError:
+        raise SystemExit(
+            f"featureserve predict: {flag} {text!r}: --key-type int64 needs integers"
+        ) from None
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Print each entity's scores, status, oldest feature time and fills."""
-    keys = {k: _key_values(v) for k, v in _pairs(args.entity, "--entity").items()}
+    keys = {
+        k: _keys(v, args.key_type, "--entity") for k, v in _pairs(args.entity, "--entity").items()
+    }
     if args.keys is not None:
-        keys[args.join_key] = _key_values(args.keys)
+        keys[args.join_key] = _keys(args.keys, args.key_type, "--keys")
     values = dict(_request_value(k, v) for k, v in _pairs(args.value, "--value").items())
     with PredictionClient(client_config(args)) as client:
         result = client.predict(args.model, keys, values, version=args.version)
@@ -91,6 +108,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--version", default="", help="model version (default: latest)")
     p.add_argument("--keys", help="comma-separated keys of --join-key")
     p.add_argument("--join-key", default="user_id", help="join key that --keys fills")
+    p.add_argument(
+        "--key-type",
+        choices=["auto", "int64", "string"],
+        default="auto",
+        help="type of the key values (auto: all digits is int64; string keeps '007')",
+    )
     p.add_argument(
         "--entity",
         action="append",

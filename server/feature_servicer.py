@@ -11,6 +11,7 @@ import numpy as np
 from clients import registry_messages as rm
 from featurestore.dtypes import FeatureStatus
 from featurestore.errors import InvalidArgumentError, ResourceExhaustedError
+from featurestore.feature_refs import parse_feature_refs
 from featurestore.group_commit import GroupCommitter
 from featurestore.online_store import (
     OnlineStore,
@@ -27,7 +28,6 @@ from server.audit import AuditLog
 from server.auth import AuthConfig, Authorizer
 from server.drift import DriftMonitor
 from server.errors import is_domain_error, maps_errors, status_for
-from server.feature_refs import parse_feature_refs
 from server.metrics import ViewMetrics
 
 MAX_ROW_ERRORS = 1000

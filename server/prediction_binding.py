@@ -36,10 +36,10 @@ import numpy as np
 
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.errors import ConflictError, InvalidArgumentError
+from featurestore.feature_refs import parse_feature_refs
 from featurestore.online_store import ReadResult
 from featurestore.registry import FeatureView
 from featurestore.transforms import Transform, compile_chain, transforms_from_config
-from server.feature_refs import parse_feature_refs
 from server.model_config import ModelConfig, ModelConfigError
 
 REQUEST_DTYPES: dict[str, DType] = {

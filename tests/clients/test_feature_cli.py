@@ -291,3 +291,154 @@ def test_get_prints_features_and_statuses(served) -> None:
         "  shown:city = Lima (PRESENT)",
         "  shown:clicks = 0 (PRESENT)",
     ]
+
+
+def sku_toml(view: str) -> str:
+    """A string-keyed `sku` entity and a view with a string and an int64 feature."""
+    return f"""
+[[entity]]
+name = "sku"
+join_keys = [{{ name = "sku_id", dtype = "string" }}]
+
+[[feature_view]]
+name = "{view}"
+entity = "sku"
+
+[[feature_view.feature]]
+name = "code"
+dtype = "string"
+
+[[feature_view.feature]]
+name = "qty"
+dtype = "int64"
+"""
+
+
+def test_numeric_looking_strings_stay_text_in_ingest_and_get(served) -> None:
+    cli, client = served
+    entities, views = load_definitions(cli.file("skus.toml", sku_toml("skus")))
+    client.apply(entities, views)
+    path = cli.file(
+        "skus.csv",
+        "sku_id,event_timestamp,code,qty\n"
+        "0042,2024-05-01T10:00:00Z,007,1\n"
+        "42,2024-05-01T10:00:00Z,1e3, 2 \n",
+    )
+    result = cli.run("ingest", str(path), "--view", "skus")
+    assert (result.returncode, result.stdout.strip()) == (0, "written=2 stale=0 rejected=0")
+    got = client.get_online_features(["skus"], {"sku_id": np.array(["0042", "42"], object)})
+    assert got["skus:code"].tolist() == ["007", "1e3"]
+    assert got["skus:qty"].tolist() == [1, 2]
+    frame = pd.DataFrame(
+        {
+            "sku_id": ["0099"],
+            "event_timestamp": pd.to_datetime(["2024-05-01T10:00:00"]),
+            "code": ["0100"],
+            "qty": np.array([5], dtype=np.int64),
+        }
+    )
+    frame.to_parquet(cli.base / "skus.parquet", engine="pyarrow")
+    result = cli.run("ingest", str(cli.base / "skus.parquet"), "--view", "skus")
+    assert (result.returncode, result.stdout.strip()) == (0, "written=1 stale=0 rejected=0")
+    shown = cli.run("get", "--view", "skus", "--keys", "0099,007")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [
+        f"[sku_id=0099] event_time_us={us('2024-05-01T10:00:00')}",
+        "  skus:code = 0100 (PRESENT)",
+        "  skus:qty = 5 (PRESENT)",
+        "[sku_id=007] event_time_us=0",
+        "  skus:code = - (NOT_FOUND)",
+        "  skus:qty = - (NOT_FOUND)",
+    ]
+
+
+def test_get_rejects_keys_that_are_not_the_join_keys_type(served) -> None:
+    cli, _ = served
+    register(served, "typed_get")
+    result = cli.run("get", "--view", "typed_get", "--keys", "1,abc")
+    assert result.returncode == 2
+    assert "--keys" in result.stderr and "'user_id' is int64" in result.stderr, result.stderr
+    result = cli.run("get", "--view", "typed_get", "--entity", "uid=1")
+    assert result.returncode == 2 and "user_id" in result.stderr, result.stderr
+
+
+CSV_EMPTY_KEY = """user_id,event_timestamp,score,clicks,city,emb
+5,2024-05-01T10:00:00Z,0.5,3,Paris,"[0, 0, 0]"
+,2024-05-02T10:00:00Z,9.5,9,Intruder,"[9, 9, 9]"
+6,2024-05-01T10:00:00Z,1.5,4,Oslo,"[0, 0, 0]"
+"""
+
+
+def test_empty_join_key_is_an_error_and_never_written_to_entity_0(served) -> None:
+    cli, client = served
+    register(served, "nullkey")
+    original = {
+        "score": np.float32([1]),
+        "clicks": np.array([1]),
+        "city": np.array(["Original"], dtype=object),
+        "emb": np.float32([[1, 1, 1]]),
+    }
+    client.write_features("nullkey", {"user_id": [0]}, us("2024-04-01T00:00:00"), original)
+    path = cli.file("nullkey.csv", CSV_EMPTY_KEY)
+    rejected = cli.run("ingest", str(path), "--view", "nullkey")
+    assert rejected.returncode == 2
+    assert "column 'user_id' row 1: the join key is empty" in rejected.stderr, rejected.stderr
+    assert "--policy skip_bad_rows" in rejected.stderr
+    got = read_back(client, "nullkey", [0, 5, 6])
+    assert got["nullkey:city"][0] == "Original"
+    assert (got.statuses["nullkey:city"][1:] == FeatureStatus.NOT_FOUND).all()
+
+    skipped = cli.run("ingest", str(path), "--view", "nullkey", "--policy", "skip_bad_rows")
+    assert skipped.returncode == 1
+    assert skipped.stdout.splitlines() == [
+        "written=2 stale=0 rejected=1",
+        "  row 1 user_id: the join key is empty",
+    ]
+    got = read_back(client, "nullkey", [0, 5, 6])
+    assert got["nullkey:city"].tolist() == ["Original", "Paris", "Oslo"]
+
+    frame = pd.DataFrame(
+        {
+            "user_id": pd.array([7, None], dtype="Int64"),
+            "event_timestamp": pd.to_datetime(["2024-05-03", "2024-05-03"]),
+            "city": ["Rome", "Intruder"],
+        }
+    )
+    frame.to_parquet(cli.base / "nullkey.parquet", engine="pyarrow")
+    result = cli.run("ingest", str(cli.base / "nullkey.parquet"), "--view", "nullkey")
+    assert result.returncode == 2
+    assert "column 'user_id' row 1: the join key is empty" in result.stderr, result.stderr
+    assert read_back(client, "nullkey", [0])["nullkey:city"][0] == "Original"
+
+
+def test_bad_rows_are_reported_by_their_row_in_the_file(served) -> None:
+    cli, client = served
+    register(served, "file_rows")
+    lines = ["user_id,event_timestamp,score,clicks,city,emb"]
+    for row in range(70):
+        user = "" if row == 3 else str(100 + row)
+        clicks = "x" if row == 10 else "1"
+        score = "NaN" if row == 66 else "0.5"
+        lines.append(f'{user},2024-05-01T10:00:00Z,{score},{clicks},c{row},"[0, 0, 0]"')
+    path = cli.file("file_rows.csv", "\n".join(lines) + "\n")
+    rejected = cli.run("ingest", str(path), "--view", "file_rows", "--batch-rows", "1")
+    assert rejected.returncode == 2
+    assert "column 'user_id' row 3: the join key is empty" in rejected.stderr, rejected.stderr
+    assert "(2 bad rows" in rejected.stderr
+    nothing = read_back(client, "file_rows", [100])
+    assert nothing.statuses["file_rows:city"][0] == FeatureStatus.NOT_FOUND
+
+    # 1-row messages: the writer starts a new stream every 64 messages, and row 3 is not sent.
+    skipped = cli.run(
+        "ingest", str(path), "--view", "file_rows", "--batch-rows", "1", "--policy", "skip_bad_rows"
+    )
+    assert skipped.returncode == 1
+    assert skipped.stdout.splitlines() == [
+        "written=67 stale=0 rejected=3",
+        "  row 3 user_id: the join key is empty",
+        "  row 10 clicks: 'x' is not INT64",
+        "  row 66 score: NaN but allow_nan is false",
+    ]
+    got = read_back(client, "file_rows", [165, 166, 167])
+    assert got["file_rows:city"][[0, 2]].tolist() == ["c65", "c67"]
+    assert got.statuses["file_rows:city"][1] == FeatureStatus.NOT_FOUND

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clients.prediction_cli import _request_value
+from clients.prediction_cli import _keys, _request_value
 
 
 def test_request_values_parse_exactly_by_dtype() -> None:
@@ -22,3 +22,11 @@ def test_bad_request_values_are_usage_errors_naming_the_value(spec: str, text: s
     with pytest.raises(SystemExit) as info:
         _request_value(spec, text)
     assert spec.partition(":")[0] in str(info.value)
+
+
+def test_key_type_keeps_numeric_looking_string_keys() -> None:
+    assert _keys("007,8", "string", "--keys").tolist() == ["007", "8"]
+    assert _keys("007,8", "auto", "--keys").tolist() == [7, 8]
+    assert _keys("7,8", "int64", "--keys").dtype == np.int64
+    with pytest.raises(SystemExit, match="--key-type int64 needs integers"):
+        _keys("a7", "int64", "--keys")

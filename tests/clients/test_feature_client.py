@@ -1,0 +1,267 @@
+"""FeatureStoreClient and AsyncFeatureStoreClient against a real server: streams the server
+rejects mid-way, versioned references, and the async twin's methods."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from clients.channel import ClientConfig, ClientError
+from clients.feature_client import (
+    AsyncFeatureStoreClient,
+    AsyncStreamWriter,
+    FeatureStoreClient,
+    StreamWriter,
+)
+from featurestore.dtypes import DType, FeatureStatus
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from protos.featureserve.v1 import feature_store_pb2 as pb
+from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+
+USER = Entity("user", (JoinKey("user_id", DType.INT64),))
+WIDTH = 16
+ROWS = 2000  # rows per message: 200 messages are far more than the writer and gRPC buffer
+MESSAGES = 200
+BAD_BATCH, BAD_ROW = 3, 7
+NOW_US = int(time.time() * 1e6)
+
+
+def strict_view(name: str) -> FeatureView:
+    """float32 features f0..f15 that forbid NaN."""
+    return FeatureView(name, "user", tuple(Feature(f"f{i}", DType.FLOAT32) for i in range(WIDTH)))
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    from tests.conftest import ServerProcess
+
+    base = tmp_path_factory.mktemp("feature_client")
+    server = ServerProcess(base / "data", base / "models").start()
+    yield server.target
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def client(target):
+    with FeatureStoreClient(ClientConfig(target=target, timeout_s=20)) as c:
+        yield c
+
+
+def rows_with_nan() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """MESSAGES x ROWS rows whose values are their user id; f3 is NaN in one row of BAD_BATCH."""
+    ids = np.arange(MESSAGES * ROWS, dtype=np.int64)
+    features = {f"f{i}": ids.astype(np.float32) for i in range(WIDTH)}
+    features["f3"][BAD_BATCH * ROWS + BAD_ROW] = np.nan
+    return ids, features
+
+
+def assert_rejected_midway(client: FeatureStoreClient, view: str, error: ClientError) -> None:
+    """The server's error names the column, row and batch; batches before it are readable and
+    nothing from the bad batch on was written."""
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert f"batch {BAD_BATCH}:" in error.message and "'f3'" in error.message, error
+    assert f"row {BAD_ROW}:" in error.message and "NaN" in error.message, error
+    acked = np.arange(BAD_BATCH * ROWS)
+    got = client.get_online_features([f"{view}:f15"], {"user_id": acked})
+    assert (got.statuses[f"{view}:f15"] == FeatureStatus.PRESENT).all()
+    np.testing.assert_array_equal(got[f"{view}:f15"], acked.astype(np.float32))
+    later = np.array([BAD_BATCH * ROWS, BAD_BATCH * ROWS + BAD_ROW, (BAD_BATCH + 1) * ROWS])
+    got = client.get_online_features([f"{view}:f15"], {"user_id": later})
+    assert (got.statuses[f"{view}:f15"] == FeatureStatus.NOT_FOUND).all()
+
+
+def in_thread(work, timeout: float = 120) -> BaseException | None:
+    """Run work() in a daemon thread; what it raised (None if nothing). A writer that hangs
+    fails the test instead of hanging it."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            work()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert outcome, f"the stream writer still blocked after {timeout} s"
+    return outcome[0]
+
+
+def test_sync_stream_rejected_midway_raises_the_servers_error(client) -> None:
+    client.apply([USER], [strict_view("sync_strict")])
+    ids, features = rows_with_nan()
+
+    def stream() -> None:
+        with client.stream_writer("sync_strict", batch_rows=ROWS, ack_every=1000) as writer:
+            writer.write({"user_id": ids}, NOW_US, features)
+
+    error = in_thread(stream)
+    assert isinstance(error, ClientError), error
+    assert_rejected_midway(client, "sync_strict", error)
+
+
+def test_async_stream_rejected_midway_raises_the_servers_error(target, client) -> None:
+    client.apply([USER], [strict_view("async_strict")])
+    ids, features = rows_with_nan()
+
+    async def stream() -> None:
+        config = ClientConfig(target=target, timeout_s=20)
+        async with (
+            AsyncFeatureStoreClient(config) as aclient,
+            aclient.stream_writer("async_strict", batch_rows=ROWS, ack_every=1000) as writer,
+        ):
+            await writer.write({"user_id": ids}, NOW_US, features)
+
+    with pytest.raises(ClientError) as caught:
+        asyncio.run(asyncio.wait_for(stream(), 120))
+    assert_rejected_midway(client, "async_strict", caught.value)
+
+
+def test_batch_numbers_in_errors_count_over_the_writers_life(client) -> None:
+    client.apply([USER], [strict_view("numbered")])
+    ids = np.arange(10, dtype=np.int64)
+    features = {f"f{i}": ids.astype(np.float32) for i in range(WIDTH)}
+    features["f0"][8] = np.nan
+    with client.stream_writer("numbered", batch_rows=2, ack_every=3, policy="skip_bad_rows") as w:
+        w.write({"user_id": ids}, NOW_US, features)
+    assert (w.summary.written, w.summary.rejected) == (9, 1)
+    [error] = w.summary.errors
+    assert (error.batch, error.row, error.column) == (4, 0, "f0")
+    features["f0"][8] = 0.0
+    features["f1"][9] = np.nan
+    with (
+        pytest.raises(ClientError) as caught,
+        client.stream_writer("numbered", batch_rows=2, ack_every=3) as w,
+    ):
+        w.write({"user_id": ids + 100}, NOW_US, features)
+    assert "batch 1:" in caught.value.message, caught.value
+    assert "message 3 of this writer" in caught.value.message, caught.value
+
+
+class SilentServer(pb_grpc.FeatureStoreServicer):
+    """A server that takes a stream but never reads it ("deaf") or never answers ("mute"):
+    the real server cannot be made to stall on purpose."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.release = threading.Event()
+
+    def StreamWriteFeatures(self, request_iterator, context):
+        if self.mode == "mute":
+            for _ in request_iterator:
+                pass
+        self.release.wait()
+        return pb.WriteFeaturesResponse()
+
+
+@pytest.fixture(params=["deaf", "mute"])
+def silent(request):
+    servicer = SilentServer(request.param)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_FeatureStoreServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    servicer.release.set()
+    server.stop(0)
+
+
+def test_sync_stream_gives_up_after_timeout_when_the_server_stalls(silent) -> None:
+    ids, features = rows_with_nan()
+
+    def stream() -> None:
+        config = ClientConfig(target=silent, timeout_s=1, max_attempts=1)
+        with (
+            FeatureStoreClient(config) as c,
+            c.stream_writer("any", batch_rows=ROWS, ack_every=1000) as writer,
+        ):
+            writer.write({"user_id": ids}, NOW_US, features)
+
+    error = in_thread(stream)
+    assert isinstance(error, ClientError), error
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "timeout_s" in error.message and "'any'" in error.message
+
+
+def test_async_stream_gives_up_after_timeout_when_the_server_stalls(silent) -> None:
+    ids, features = rows_with_nan()
+
+    async def stream() -> None:
+        config = ClientConfig(target=silent, timeout_s=1, max_attempts=1)
+        async with (
+            AsyncFeatureStoreClient(config) as c,
+            c.stream_writer("any", batch_rows=ROWS, ack_every=1000) as writer,
+        ):
+            await writer.write({"user_id": ids}, NOW_US, features)
+
+    with pytest.raises(ClientError) as caught:
+        asyncio.run(asyncio.wait_for(stream(), 120))
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "timeout_s" in caught.value.message
+
+
+def test_versioned_references_keep_each_version(client) -> None:
+    v1 = FeatureView("scores", "user", (Feature("x", DType.FLOAT32),), version=1)
+    v2 = FeatureView("scores", "user", (Feature("x", DType.FLOAT64),), version=2)
+    client.apply([USER], [v1])
+    client.apply([USER], [v2])
+    ids = np.array([1, 2], dtype=np.int64)
+    client.write_features("scores", {"user_id": ids}, NOW_US, {"x": np.float32([1, 2])}, version=1)
+    client.write_features(
+        "scores", {"user_id": ids}, NOW_US + 5, {"x": np.float64([10, 20])}, version=2
+    )
+    got = client.get_online_features(["scores@1:x", "scores@2:x", "scores:x"], {"user_id": ids})
+    assert sorted(got.values) == ["scores:x", "scores@1:x", "scores@2:x"]
+    assert got["scores@1:x"].tolist() == [1.0, 2.0] and got["scores@1:x"].dtype == np.float32
+    assert got["scores@2:x"].tolist() == [10.0, 20.0] and got["scores@2:x"].dtype == np.float64
+    assert got["scores:x"].tolist() == [10.0, 20.0]
+    assert got.event_timestamps["scores@1"].tolist() == [NOW_US, NOW_US]
+    assert got.event_timestamps["scores@2"].tolist() == [NOW_US + 5] * 2
+    assert got.event_timestamps["scores"].tolist() == [NOW_US + 5] * 2
+    assert got.versions == {"scores@1": 1, "scores@2": 2, "scores": 2}
+    for name in got.values:
+        assert (got.statuses[name] == FeatureStatus.PRESENT).all(), name
+    whole = client.get_online_features(["scores@1"], {"user_id": ids})
+    assert list(whole.values) == ["scores@1:x"] and list(whole.event_timestamps) == ["scores@1"]
+
+
+def public_methods(cls: type) -> set[str]:
+    return {name for name, _ in inspect.getmembers(cls, inspect.isfunction) if name[0] != "_"}
+
+
+def test_sync_and_async_twins_have_the_same_methods() -> None:
+    assert public_methods(FeatureStoreClient) == public_methods(AsyncFeatureStoreClient)
+    assert public_methods(StreamWriter) == public_methods(AsyncStreamWriter)
+    for name in public_methods(AsyncFeatureStoreClient) - {"stream_writer"}:
+        assert inspect.iscoroutinefunction(getattr(AsyncFeatureStoreClient, name)), name
+
+
+def test_async_client_writes_lists_and_gets_views(target) -> None:
+    view = FeatureView("async_view", "user", (Feature("a", DType.INT64),), owner="tests")
+
+    async def run():
+        async with AsyncFeatureStoreClient(ClientConfig(target=target, timeout_s=20)) as c:
+            await c.apply([USER], [view])
+            summary = await c.write_features(
+                "async_view", {"user_id": [7, 8]}, NOW_US, {"a": np.array([70, 80])}
+            )
+            got = await c.get_online_features(["async_view:a"], {"user_id": [8, 7, 9]})
+            entities, views = await c.list_feature_views("async_view")
+            return summary, got, entities, views, await c.get_feature_view("async_view")
+
+    summary, got, entities, views, fetched = asyncio.run(run())
+    assert (summary.written, summary.stale, summary.rejected) == (2, 0, 0)
+    assert got["async_view:a"][:2].tolist() == [80, 70]
+    assert got.statuses["async_view:a"][2] == FeatureStatus.NOT_FOUND
+    assert [v.name for v in views] == ["async_view"] and USER in entities
+    assert (fetched.name, fetched.version, fetched.owner) == ("async_view", 1, "tests")
+    assert [(f.name, f.dtype) for f in fetched.features] == [("a", DType.INT64)]

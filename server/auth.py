@@ -18,7 +18,7 @@ import grpc
 
 from server.config import ConfigError
 from server.errors import PermissionDeniedError, UnauthenticatedError
-from server.metrics_interceptor import rewrap
+from server.handler_wrapping import rewrap
 
 ADMIN = "admin"
 MAX_REMEMBERED_SCOPES = 4096

@@ -8,13 +8,13 @@ interceptor applies the configured one.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from featurestore.errors import ResourceExhaustedError
 from server.errors import abort
-from server.metrics_interceptor import HandlerCache
+from server.handler_wrapping import WrappingInterceptor, rewrap
 
 
 class _Oversized:
@@ -30,15 +30,7 @@ def _passthrough(raw: bytes) -> bytes:
     return raw
 
 
-_HANDLER_KINDS = {
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
-
-
-class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
+class MessageSizeInterceptor(WrappingInterceptor):
     """Ends a call whose request message, or unary response, is over max_message_bytes with
     RESOURCE_EXHAUSTED naming the limit and the fix (gRPC's own check names neither).
 
@@ -48,20 +40,9 @@ class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, limit: int, max_entities: int) -> None:
+        super().__init__()
         self.limit = limit
         self._max_entities = max_entities
-        self._cache = HandlerCache()
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        return self._cache.get(method, handler, lambda: self._wrap(handler, method))
 
     def _too_big(self, method: str, what: str, size: int) -> ResourceExhaustedError:
         if what == "request":
@@ -77,13 +58,11 @@ class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
             "config"
         )
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The handler with its requests measured and, for a unary response, its response."""
         limit = self.limit
         parse = handler.request_deserializer
         serialize = handler.response_serializer
-        attr, make = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
-        behavior = getattr(handler, attr)
 
         def deserialize(raw: bytes) -> object:
             if len(raw) > limit:
@@ -102,33 +81,32 @@ class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
         def adapt(request: object) -> object:
             return checked(request) if handler.request_streaming else check(request)
 
-        if not handler.response_streaming:
+        def measured(behavior: Callable, streaming: bool) -> Callable:
+            if not streaming:
 
-            async def unary(request, context):
-                try:
-                    response = behavior(adapt(request), context)
-                    if inspect.isawaitable(response):
-                        response = await response
-                    raw = serialize(response) if serialize is not None else response
-                    if len(raw) > limit:
-                        raise self._too_big(method, "response", len(raw))
-                except ResourceExhaustedError as exc:
-                    await abort(context, exc)
-                return raw
+                async def unary(request, context):
+                    try:
+                        response = behavior(adapt(request), context)
+                        if inspect.isawaitable(response):
+                            response = await response
+                        raw = serialize(response) if serialize is not None else response
+                        if len(raw) > limit:
+                            raise self._too_big(method, "response", len(raw))
+                    except ResourceExhaustedError as exc:
+                        await abort(context, exc)
+                    return raw
 
-            return make(unary, request_deserializer=deserialize, response_serializer=_passthrough)
+                return unary
+            if inspect.isasyncgenfunction(behavior):
 
-        if inspect.isasyncgenfunction(behavior):
+                async def generator(request, context):
+                    try:
+                        async for response in behavior(adapt(request), context):
+                            yield response
+                    except ResourceExhaustedError as exc:
+                        await abort(context, exc)
 
-            async def generator(request, context):
-                try:
-                    async for response in behavior(adapt(request), context):
-                        yield response
-                except ResourceExhaustedError as exc:
-                    await abort(context, exc)
-
-            wrapped = generator
-        else:
+                return generator
 
             async def writer(request, context):
                 try:
@@ -138,5 +116,12 @@ class MessageSizeInterceptor(grpc.aio.ServerInterceptor):
                 except ResourceExhaustedError as exc:
                     await abort(context, exc)
 
-            wrapped = writer
-        return make(wrapped, request_deserializer=deserialize, response_serializer=serialize)
+            return writer
+
+        unary_response = not handler.response_streaming
+        return rewrap(
+            handler,
+            measured,
+            request_deserializer=deserialize,
+            response_serializer=_passthrough if unary_response else None,
+        )

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
 from time import perf_counter
 
 import grpc
 
+from server.handler_wrapping import WrappingInterceptor, rewrap
 from server.metrics import RPC_DURATION, RPC_REQUESTS
 
 OK = "OK"
@@ -51,7 +51,7 @@ class MethodRecorder:
         child.inc()
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(WrappingInterceptor):
     """Records featureserve_rpc_requests_total{method,code} and featureserve_rpc_duration_seconds.
 
     Put it first in the interceptor list so calls refused by later interceptors (auth) count too.
@@ -59,61 +59,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.count = 0
-        self._cache = HandlerCache()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        return self._cache.get(
-            method, handler, lambda: wrap_handler(handler, MethodRecorder(method.lstrip("/"), self))
-        )
-
-
-class HandlerCache:
-    """Wrapped handlers per method, so interceptors build a wrapper once, not per call; an entry
-    is rebuilt when the server hands over a different handler for the method."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    def get(
-        self,
-        method: str,
-        handler: grpc.RpcMethodHandler,
-        build: Callable[[], grpc.RpcMethodHandler],
-    ) -> grpc.RpcMethodHandler:
-        """The wrapper of `handler`, built with `build` on first use."""
-        cached = self._entries.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = build()
-        self._entries[method] = (handler, wrapped)
-        return wrapped
-
-
-def rewrap(
-    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]
-) -> grpc.RpcMethodHandler:
-    """The same kind of handler, same serializers, with its behavior replaced by
-    wrap(behavior, response_streaming)."""
-    serde = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), **serde)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, False), **serde)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, True), **serde)
-    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), **serde)
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler timed and its status counted."""
+        return wrap_handler(handler, MethodRecorder(method.lstrip("/"), self))
 
 
 def wrap_handler(handler: grpc.RpcMethodHandler, rec: MethodRecorder) -> grpc.RpcMethodHandler:

@@ -5,41 +5,34 @@ maximum_concurrent_rpcs, whose counter underflows after the first rejections in 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import grpc
 
-from server.metrics_interceptor import HandlerCache, rewrap
+from server.handler_wrapping import WrappingInterceptor, rewrap
 
 EXEMPT = ("/grpc.health.v1.Health/",)
 
 
-class OverloadInterceptor(grpc.aio.ServerInterceptor):
+class OverloadInterceptor(WrappingInterceptor):
     """Admits at most `limit` RPCs of this process at a time; the next ones end at once with
     RESOURCE_EXHAUSTED (clients back off and retry) instead of queueing. Health checks are
     exempt so a busy server is not mistaken for a dead one."""
 
     def __init__(self, limit: int, exempt: tuple[str, ...] = EXEMPT) -> None:
+        super().__init__()
         self.limit = limit
         self.active = 0
         self.rejected = 0
-        self._exempt = exempt
+        self.exempt = exempt
         self._message = (
             f"server is at its limit of {limit} concurrent RPCs (max_concurrent_rpcs); "
             "retry with backoff"
         )
-        self._cache = HandlerCache()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(self._exempt):
-            return handler
-        return self._cache.get(method, handler, lambda: rewrap(handler, self._guard))
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler, run only while a slot is free."""
+        return rewrap(handler, self._guard)
 
     def _guard(self, behavior: Callable, streaming: bool) -> Callable:
         """The behavior, run only when a slot is free, holding the slot until it ends."""

@@ -7,9 +7,10 @@ import argparse
 import numpy as np
 
 from clients.cli import add_connection_flags, client_config
-from clients.feature_cli import _key_values
+from clients.feature_cli import _InputError, _key_values, _typed_keys
 from clients.prediction_client import PredictionClient
-from featurestore.dtypes import FeatureStatus
+from featurestore.dtypes import DType, FeatureStatus
+from featurestore.registry import JoinKey
 
 _VALUE_DTYPES = {
     "float64": np.float64,
@@ -55,28 +56,23 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def _keys(text: str, key_type: str, flag: str) -> np.ndarray:
+def _keys(text: str, key_type: str, flag: str, name: str) -> np.ndarray:
     """Comma-separated keys: int64 or strings as --key-type says (auto: all digits is int64)."""
     if key_type == "auto":
         return _key_values(text)
-    parts = text.split(",")
-    if key_type == "string":
-        return np.array(parts, dtype=object)
+    dtype = DType.STRING if key_type == "string" else DType.INT64
     try:
-        return np.array([int(p) for p in parts], dtype=np.int64)
-    except ValueError:
-        raise SystemExit(
-            f"featureserve predict: {flag} {text!r}: --key-type int64 needs integers"
-        ) from None
+        return _typed_keys(text, JoinKey(name, dtype), flag)
+    except _InputError as exc:
+        raise SystemExit(f"featureserve predict: {exc}") from None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Print each entity's scores, status, oldest feature time and fills."""
-    keys = {
-        k: _keys(v, args.key_type, "--entity") for k, v in _pairs(args.entity, "--entity").items()
-    }
+    entities = _pairs(args.entity, "--entity")
+    keys = {k: _keys(v, args.key_type, "--entity", k) for k, v in entities.items()}
     if args.keys is not None:
-        keys[args.join_key] = _keys(args.keys, args.key_type, "--keys")
+        keys[args.join_key] = _keys(args.keys, args.key_type, "--keys", args.join_key)
     values = dict(_request_value(k, v) for k, v in _pairs(args.value, "--value").items())
     with PredictionClient(client_config(args)) as client:
         result = client.predict(args.model, keys, values, version=args.version)

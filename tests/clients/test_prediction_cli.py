@@ -25,8 +25,8 @@ def test_bad_request_values_are_usage_errors_naming_the_value(spec: str, text: s
 
 
 def test_key_type_keeps_numeric_looking_string_keys() -> None:
-    assert _keys("007,8", "string", "--keys").tolist() == ["007", "8"]
-    assert _keys("007,8", "auto", "--keys").tolist() == [7, 8]
-    assert _keys("7,8", "int64", "--keys").dtype == np.int64
-    with pytest.raises(SystemExit, match="--key-type int64 needs integers"):
-        _keys("a7", "int64", "--keys")
+    assert _keys("007,8", "string", "--keys", "id").tolist() == ["007", "8"]
+    assert _keys("007,8", "auto", "--keys", "id").tolist() == [7, 8]
+    assert _keys("7,8", "int64", "--keys", "id").dtype == np.int64
+    with pytest.raises(SystemExit, match="--keys: 'a7': join key 'id' is int64"):
+        _keys("a7", "int64", "--keys", "id")

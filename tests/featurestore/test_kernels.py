@@ -344,3 +344,25 @@ def test_histogram_and_psi_match_reference(rng):
     assert drift.psi(hist, hist, 1e-4) == 0.0
     assert np.isnan(drift.psi(hist, np.zeros_like(hist), 1e-4))
     assert drift.histogram(x[:0], edges).sum() == 0
+
+
+def test_spatial_kernels_take_empty_columns():
+    empty = np.zeros(0)
+    assert spatial.haversine_km(empty, empty, empty, empty).shape == (0,)
+    assert ref.haversine_km(empty, empty, empty, empty).shape == (0,)
+    assert spatial.distance_to_point_km(empty, empty, 10.0, 20.0).shape == (0,)
+
+
+def test_ewma_and_rfm_with_extreme_values_match_reference(rng):
+    entity, ts, values = events(rng, 800)
+    values[::53] = 1e308
+    values[7::97] = np.inf
+    values[11::211] = -np.inf
+    with np.errstate(invalid="ignore"):  # inf - inf in the reference's sums: NaN, as intended
+        expected_ewma = ref.ewma(entity, ts, values, 3e8)
+    np.testing.assert_allclose(windows.ewma(entity, ts, values, 3e8), expected_ewma, rtol=1e-9)
+    out = windows.rfm(entity, ts, np.abs(values), 10**9)
+    expected = ref.rfm(entity, ts, np.abs(values), 10**9)
+    assert_same(out[0], expected[0])
+    assert_same(out[1], expected[1])
+    np.testing.assert_allclose(out[2], expected[2], rtol=1e-12)

@@ -216,3 +216,14 @@ def test_chain_reports_missing_input(data):
         chain({"f1": data["f1"]})
     with pytest.raises(InvalidArgumentError, match="'f0' is not among"):
         chain.bind(NAMES[1:])
+
+
+def test_equal_frequency_bucketize_fills_its_buckets_evenly():
+    rng = np.random.default_rng(4)
+    train = rng.standard_normal(10_000)
+    t = Transform("bucketize", ["x"], "b", fit("bucketize", train, buckets=4))
+    for run in (apply, apply_reference):
+        counts = np.bincount(run(t, {"x": train})["b"].astype(np.int64), minlength=4)
+        assert counts.tolist() == [2500] * 4
+    shifted = apply(t, {"x": train + 10.0})["b"]
+    assert (shifted == 3).all(), "values past the fitted range land in the last bucket"

@@ -3,6 +3,7 @@ a handler rebuilt around a new behavior with the same streaming shape."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -74,3 +75,12 @@ def rewrap(
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, True), **serde)
     return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), **serde)
+
+
+async def call_behavior(behavior: Callable, request: object, context: object) -> object:
+    """Run a handler's behavior, which may be a plain function or a coroutine function (a
+    response-writing one returns None)."""
+    result = behavior(request, context)
+    if inspect.isawaitable(result):
+        result = await result
+    return result

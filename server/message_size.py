@@ -14,7 +14,7 @@ import grpc
 
 from featurestore.errors import ResourceExhaustedError
 from server.errors import abort
-from server.handler_wrapping import WrappingInterceptor, rewrap
+from server.handler_wrapping import WrappingInterceptor, call_behavior, rewrap
 
 
 class _Oversized:
@@ -86,9 +86,7 @@ class MessageSizeInterceptor(WrappingInterceptor):
 
                 async def unary(request, context):
                     try:
-                        response = behavior(adapt(request), context)
-                        if inspect.isawaitable(response):
-                            response = await response
+                        response = await call_behavior(behavior, adapt(request), context)
                         raw = serialize(response) if serialize is not None else response
                         if len(raw) > limit:
                             raise self._too_big(method, "response", len(raw))
@@ -110,9 +108,7 @@ class MessageSizeInterceptor(WrappingInterceptor):
 
             async def writer(request, context):
                 try:
-                    result = behavior(adapt(request), context)
-                    if inspect.isawaitable(result):
-                        await result
+                    await call_behavior(behavior, adapt(request), context)
                 except ResourceExhaustedError as exc:
                     await abort(context, exc)
 

@@ -9,7 +9,7 @@ from time import perf_counter
 
 import grpc
 
-from server.handler_wrapping import WrappingInterceptor, rewrap
+from server.handler_wrapping import WrappingInterceptor, call_behavior, rewrap
 from server.metrics import RPC_DURATION, RPC_REQUESTS
 
 OK = "OK"
@@ -78,9 +78,7 @@ def _unary(behavior, rec: MethodRecorder):
     async def timed(request, context):
         start = perf_counter()
         try:
-            response = behavior(request, context)
-            if inspect.isawaitable(response):
-                response = await response
+            response = await call_behavior(behavior, request, context)
         except BaseException as exc:
             rec.finish(start, context, exc)
             raise
@@ -109,9 +107,7 @@ def _streaming(behavior, rec: MethodRecorder):
     async def timed_writer(request, context):
         start = perf_counter()
         try:
-            result = behavior(request, context)
-            if inspect.isawaitable(result):
-                await result
+            await call_behavior(behavior, request, context)
         except BaseException as exc:
             rec.finish(start, context, exc)
             raise

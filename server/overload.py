@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
-from server.handler_wrapping import WrappingInterceptor, rewrap
+from server.handler_wrapping import WrappingInterceptor, call_behavior, rewrap
 
 EXEMPT = ("/grpc.health.v1.Health/",)
 
@@ -57,10 +57,7 @@ class OverloadInterceptor(WrappingInterceptor):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._message)
             self.active += 1
             try:
-                result = behavior(request, context)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
+                return await call_behavior(behavior, request, context)
             finally:
                 self.active -= 1
 

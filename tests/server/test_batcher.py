@@ -100,16 +100,23 @@ def test_500_concurrent_requests_get_exactly_their_rows(tmp_path: Path) -> None:
     assert sum(stats.batch_sizes) > 1 and max(stats.batch_sizes) <= 64
 
 
+def preferred_batcher(tmp_path: Path, sizes: tuple[int, ...]) -> DynamicBatcher:
+    """A started MLP batcher of max_batch_size 16 whose queue delay (60 s) never fires in a
+    test: only its preferred sizes, or a batch that cannot grow, make it dispatch."""
+    batcher = make_batcher(
+        tmp_path,
+        mlp_model(),
+        max_batch_size=16,
+        max_queue_delay_us=60_000_000,
+        preferred_batch_sizes=sizes,
+    )
+    batcher.start()
+    return batcher
+
+
 def test_preferred_batch_size_dispatches_without_waiting_for_the_delay(tmp_path: Path) -> None:
     async def main() -> DynamicBatcher:
-        batcher = make_batcher(
-            tmp_path,
-            mlp_model(),
-            max_batch_size=16,
-            max_queue_delay_us=60_000_000,
-            preferred_batch_sizes=(4,),
-        )
-        batcher.start()
+        batcher = preferred_batcher(tmp_path, (4,))
         xs = [np.full((1, 32), i, np.float32) for i in range(4)]
         await asyncio.wait_for(asyncio.gather(*(batcher.submit({"x": x}, 1) for x in xs)), 30)
         await batcher.close()
@@ -128,14 +135,7 @@ def test_a_request_that_would_pass_the_largest_preferred_size_closes_the_batch(
     after the 60 s queue delay) while the second waits for batch-mates or the delay."""
 
     async def main() -> DynamicBatcher:
-        batcher = make_batcher(
-            tmp_path,
-            mlp_model(),
-            max_batch_size=16,
-            max_queue_delay_us=60_000_000,
-            preferred_batch_sizes=(4,),
-        )
-        batcher.start()
+        batcher = preferred_batcher(tmp_path, (4,))
         first, second = [
             asyncio.ensure_future(batcher.submit({"x": np.full((3, 32), i, np.float32)}, 3))
             for i in range(2)
@@ -156,14 +156,7 @@ def test_multi_row_requests_forming_a_preferred_size_dispatch_at_once(tmp_path: 
     once despite a 60 s queue delay, while the 2-row request behind it keeps waiting."""
 
     async def main() -> DynamicBatcher:
-        batcher = make_batcher(
-            tmp_path,
-            mlp_model(),
-            max_batch_size=16,
-            max_queue_delay_us=60_000_000,
-            preferred_batch_sizes=(4, 8),
-        )
-        batcher.start()
+        batcher = preferred_batcher(tmp_path, (4, 8))
         *first, rest = [
             asyncio.ensure_future(batcher.submit({"x": np.ones((n, 32), np.float32)}, n))
             for n in (1, 3, 2)

@@ -41,6 +41,11 @@ def frame(message: bytes) -> bytes:
     return struct.pack(">BI", 0, len(message)) + message
 
 
+def _duration(seconds: float) -> str:
+    """h2load's <DURATION>: an integer with a unit ("0.3" is refused, "300ms" is not)."""
+    return f"{round(seconds * 1000)}ms"
+
+
 def command(
     target: str,
     method: str,
@@ -53,9 +58,9 @@ def command(
     argv = [
         EXECUTABLE,
         "-D",
-        f"{spec.duration_s:g}",
+        _duration(spec.duration_s),
         "--warm-up-time",
-        f"{spec.warmup_s:g}",
+        _duration(spec.warmup_s),
         "-d",
         str(body_path),
         "-H",

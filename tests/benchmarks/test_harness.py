@@ -159,8 +159,12 @@ def test_h2load_framing_and_log_parsing() -> None:
     latencies, failed = h2load.parse_log("1\t200\t250\n2\t-1\t9\n3\t200\t1000\n")
     assert latencies.tolist() == [250_000, 1_000_000]
     assert failed == 1
-    spec = LoadSpec(concurrency=8, processes=2)
+    spec = LoadSpec(concurrency=8, processes=2, warmup_s=0.3, duration_s=2.0)
     argv = h2load.command("127.0.0.1:1", "/s/M", "b", "l", spec, (("authorization", "Bearer t"),))
     assert argv[argv.index("-m") + 1] == "4"
+    assert (argv[argv.index("-D") + 1], argv[argv.index("--warm-up-time") + 1]) == (
+        "2000ms",
+        "300ms",
+    )
     assert argv[argv.index("authorization: Bearer t") - 1] == "-H"
     assert argv[-1] == "http://127.0.0.1:1/s/M"

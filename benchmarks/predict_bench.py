@@ -258,6 +258,7 @@ def run_point(
     else:
         result = run_load(scenario, client_args, server.target, spec, server.pid)
     record = report.make_run(scenario.name, spec, run, result, "h2load" if native else "python")
+    record["keys"] = "fixed" if native else "random"
     record["workers"] = workers
     record["floor_cpu_us_per_req"] = floor["cpu_us_per_req"]
     return record

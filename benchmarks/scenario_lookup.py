@@ -173,12 +173,16 @@ class LookupScenario(ScenarioBase):
         ]
 
     def setup(self, args: argparse.Namespace) -> ScenarioRun:
-        """Load the store (unless cached), start a server unless --target, measure one response."""
+        """Load the store (unless cached), start a server unless --target, measure one response.
+
+        params name the keys: h2load sends one body, so the same keys (hot in the CPU caches)
+        every time; the Python generator draws random keys per request."""
         entities = args.entities[0]
         params = {
             "entities": entities,
             "features": args.features,
             "entities_total": args.entities_total,
+            "keys": "fixed" if args.generator == "h2load" else "random",
             "ops": args.ops[0],
         }
         server = None

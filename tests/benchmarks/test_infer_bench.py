@@ -2,7 +2,16 @@
 
 import asyncio
 
-from benchmarks.infer_bench import PointResult, check_targets, open_loop
+import grpc
+
+from benchmarks.infer_bench import (
+    PointResult,
+    check_targets,
+    measure_point,
+    open_loop,
+    start_server_process,
+    write_bench_repository,
+)
 
 
 def test_open_loop_sends_at_the_rate_and_times_from_the_intended_send() -> None:
@@ -38,3 +47,23 @@ def test_targets_check_the_p99_bound_on_open_loop_points_only() -> None:
     assert "1250/s" in lines[1] and lines[1].endswith("30.0 ms MET")
     assert "2000/s" in lines[2] and lines[2].endswith("30.0 ms MISSED")
     assert lines[3].startswith("small c=8") and "72%" in lines[3] and lines[3].endswith("MET")
+
+
+def test_h2load_drives_closed_loop_points_against_the_bench_server(tmp_path) -> None:
+    repo = write_bench_repository(tmp_path / "models")
+    proc, port = start_server_process(repo, tmp_path)
+    address = f"127.0.0.1:{port}"
+
+    async def measure(target: str) -> PointResult:
+        async with grpc.aio.insecure_channel(address) as channel:
+            return await measure_point(channel, proc.pid, target, 4, 0.5, 0.2, 0.0, address)
+
+    try:
+        echo, small = asyncio.run(measure("echo")), asyncio.run(measure("small_on"))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    for p in (echo, small):
+        assert p.requests > 0 and p.errors == 0 and p.throughput > 0
+        assert 0 < p.p50_ms <= p.p99_ms and p.server_cpu_us_per_req > 0
+    assert small.avg_batch >= 1.0

@@ -45,12 +45,28 @@ def test_lookup_runs_one_variant_per_entity_count_beside_the_baseline(tmp_path) 
     lookups = [r for r in runs if r["scenario"] == "lookup"]
     floors = [r for r in runs if r["scenario"] == "baseline"]
     assert [r["entities"] for r in lookups] == [1, 50]
+    assert [r["keys"] for r in lookups] == ["random", "random"]
     assert lookups[0]["response_bytes"] < lookups[1]["response_bytes"]
     assert [r["payload_bytes"] for r in floors] == [r["response_bytes"] for r in lookups]
     for record in runs:
         _assert_clean(record)
     assert all(r["server_cpu_vs_baseline"] is not None for r in lookups)
     assert json.loads((data / MARKER).read_text())["entities_total"] == 2000
+
+
+def test_lookup_through_h2load_names_its_one_fixed_request(tmp_path) -> None:
+    runs = _bench(
+        tmp_path,
+        "lookup",
+        "--entities", "20",
+        "--entities-total", "2000",
+        "--data-dir", str(tmp_path / "data"),
+        "--concurrency", "2",
+        "--generator", "h2load",
+    )  # fmt: skip
+    (record,) = runs
+    _assert_clean(record)
+    assert (record["generator"], record["keys"]) == ("h2load", "fixed")
 
 
 def test_lookup_refuses_a_data_dir_loaded_with_another_data_set(tmp_path) -> None:

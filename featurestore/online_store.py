@@ -27,6 +27,7 @@ from featurestore.errors import (
 from featurestore.history import pack_batch
 from featurestore.keys import EncodedKeys, encode_keys, key_rows
 from featurestore.last_write_wins import key_order, newest_per_key, resolve, stored_events
+from featurestore.page_cache import Warmed, half_of_free_memory, read_into_page_cache
 from featurestore.registry import (
     REGISTRY_DB,
     Entity,
@@ -48,6 +49,8 @@ from featurestore.row_codec import (
 
 T = TypeVar("T")
 _PLAN_CACHE_LIMIT = 1024
+DATA_FILE = "data.mdb"
+"""LMDB's data file inside the environment directory."""
 
 __all__ = [
     "Block",
@@ -345,6 +348,13 @@ class OnlineStore:
     def map_size(self) -> int:
         """The current LMDB map size in bytes (it doubles when full)."""
         return self._lmdb.env.info()["map_size"]
+
+    def warm_page_cache(self, budget_s: float = float("inf")) -> Warmed:
+        """Read the environment's data file into the OS page cache, for at most budget_s and
+        at most half the free memory."""
+        self._check_open()
+        path = Path(self.config.path) / DATA_FILE
+        return read_into_page_cache(path, budget_s, half_of_free_memory())
 
     def _layout(self, view: FeatureView) -> RowLayout:
         key = (view.name, view.version, len(view.features))

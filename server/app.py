@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -132,6 +133,8 @@ class FeatureServer:
             poll_interval_s=self.config.model_poll_interval_s,
         )
         try:
+            if self.config.warm_store_seconds > 0:
+                await asyncio.to_thread(self._warm_store)
             await self.models.start()
             return await self._listen()
         except BaseException:
@@ -182,6 +185,24 @@ class FeatureServer:
             },
         )
         return self.port
+
+    def _warm_store(self) -> None:
+        """Read the store's file into the page cache before serving, for at most
+        warm_store_seconds: until then a lookup may wait for the disk on the event loop."""
+        try:
+            warmed = self.store.warm_page_cache(self.config.warm_store_seconds)
+        except OSError as exc:
+            log.warning("could not read the store into the page cache", extra={"error": str(exc)})
+            return
+        log.info(
+            "store read into the page cache",
+            extra={
+                "mb": round(warmed.bytes_read / 2**20, 1),
+                "of_mb": round(warmed.file_bytes / 2**20, 1),
+                "seconds": round(warmed.seconds, 2),
+                "complete": warmed.complete,
+            },
+        )
 
     def _register(self, server: grpc.aio.Server) -> None:
         """Add every service, health and reflection to the server."""

@@ -31,6 +31,7 @@ class ServerConfig:
     max_entities_per_request: int = 100_000
     max_rows_per_write: int = 100_000
     max_clock_skew_seconds: int = 300
+    warm_store_seconds: float = 30.0
     watch_model_repo: bool = True
     model_poll_interval_s: float = 1.0
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -21,6 +21,7 @@ from clients.channel import ClientConfig
 from clients.health import check_health
 from server.config import ServerConfig
 from server.runner import GC_THRESHOLDS, serve
+from tests.page_residency import evict, resident_fraction
 
 SERVICES = {"featureserve.v1.FeatureStore", "featureserve.v1.Prediction",
             "inference.GRPCInferenceService"}  # fmt: skip
@@ -136,3 +137,41 @@ def test_serve_freezes_start_up_objects_raises_gc_thresholds_and_drains_on_sigte
     assert frozen and frozen[0] > 10_000
     assert thresholds == [GC_THRESHOLDS]
     assert gc.get_threshold() == defaults
+
+
+def _evicted_store(data_dir: Path) -> Path:
+    """A store of 20k rows x 32 float32 written, closed and dropped from the page cache."""
+    import numpy as np
+
+    from featurestore.dtypes import DType
+    from featurestore.online_store import DATA_FILE, OnlineStore, StoreConfig, WriteBatch
+    from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+
+    features = tuple(Feature(f"f{i}", DType.FLOAT32) for i in range(32))
+    with OnlineStore(StoreConfig(data_dir)) as store:
+        store.registry.apply(
+            [Entity("user", (JoinKey("user_id", DType.INT64),))],
+            [FeatureView("stats", "user", features)],
+        )
+        ids = np.arange(20_000, dtype=np.int64)
+        columns = {f.name: np.full(len(ids), 0.5, np.float32) for f in features}
+        store.write(WriteBatch("stats", {"user_id": ids}, np.full(len(ids), 1_000_000), columns))
+    assert evict(data_dir / DATA_FILE) < 0.2
+    return data_dir / DATA_FILE
+
+
+def test_the_store_is_read_into_the_page_cache_before_serving(server_factory, tmp_path) -> None:
+    data_file = _evicted_store(tmp_path / "data")
+    server = server_factory(data_dir=tmp_path / "data")
+    assert resident_fraction(data_file) > 0.99
+    (warmed,) = [e for e in server.logs() if e["msg"] == "store read into the page cache"]
+    assert warmed["complete"] is True and warmed["of_mb"] > 3
+
+
+def test_warm_store_seconds_0_leaves_the_cache_alone(server_factory, tmp_path) -> None:
+    data_file = _evicted_store(tmp_path / "data")
+    config = tmp_path / "featureserve.toml"
+    config.write_text("warm_store_seconds = 0\n")
+    server = server_factory("--config", str(config), data_dir=tmp_path / "data")
+    assert resident_fraction(data_file) < 0.2
+    assert not [e for e in server.logs() if e["msg"] == "store read into the page cache"]

@@ -222,27 +222,42 @@ async def measure_point(
             duration_s, warmup_s,
         )  # fmt: skip
     else:
-        method = channel.unary_unary(path)
-
-        async def call() -> object:
-            return await method(payload)
-
-        cpu0, client0 = proc_cpu_seconds(server_pid), time.process_time()
-        if rate > 0:
-            latencies, errors, completed = await open_loop(call, rate, duration_s, warmup_s)
-        else:
-            latencies, errors, completed = await closed_loop(
-                call, concurrency, duration_s, warmup_s
-            )
-        cpu1, client1 = proc_cpu_seconds(server_pid), time.process_time()
-        result = summarize(target, concurrency, latencies, errors, duration_s)
-        result.rate = rate
-        result.server_cpu_us_per_req = (cpu1 - cpu0) / max(completed, 1) * 1e6
-        result.client_cpu_us_per_req = (client1 - client0) / max(completed, 1) * 1e6
+        result = await python_point(
+            channel.unary_unary(path), payload, server_pid, target, concurrency, duration_s,
+            warmup_s, rate,
+        )  # fmt: skip
     if target != "echo":
         after = await model_counters(stub, target)
         executions = after[1] - before[1]
         result.avg_batch = (after[0] - before[0]) / executions if executions else 0.0
+    return result
+
+
+async def python_point(
+    method: grpc.aio.UnaryUnaryMultiCallable,
+    payload: bytes,
+    server_pid: int,
+    target: str,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    rate: float,
+) -> PointResult:
+    """One point driven by this process's grpc.aio calls: closed loop, or open loop at rate."""
+
+    async def call() -> object:
+        return await method(payload)
+
+    cpu0, client0 = proc_cpu_seconds(server_pid), time.process_time()
+    if rate > 0:
+        latencies, errors, completed = await open_loop(call, rate, duration_s, warmup_s)
+    else:
+        latencies, errors, completed = await closed_loop(call, concurrency, duration_s, warmup_s)
+    cpu1, client1 = proc_cpu_seconds(server_pid), time.process_time()
+    result = summarize(target, concurrency, latencies, errors, duration_s)
+    result.rate = rate
+    result.server_cpu_us_per_req = (cpu1 - cpu0) / max(completed, 1) * 1e6
+    result.client_cpu_us_per_req = (client1 - client0) / max(completed, 1) * 1e6
     return result
 
 

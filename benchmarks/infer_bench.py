@@ -195,6 +195,21 @@ async def model_counters(
     return stats.inference_count, stats.execution_count, stats.inference_stats.compute_infer.ns
 
 
+@dataclass(frozen=True)
+class Load:
+    """One point's load: which target, the serialized request and its method path, how many in
+    flight (or the open-loop rate), for how long, against which server process."""
+
+    target: str
+    path: str
+    payload: bytes
+    server_pid: int
+    concurrency: int
+    duration_s: float
+    warmup_s: float
+    rate: float = 0.0
+
+
 async def measure_point(
     channel: grpc.aio.Channel,
     server_pid: int,
@@ -216,16 +231,11 @@ async def measure_point(
         payload = infer_request_bytes(target, BENCH_MODELS[target][1])
         path = INFER_METHOD
         before = await model_counters(stub, target)
+    load = Load(target, path, payload, server_pid, concurrency, duration_s, warmup_s, rate)
     if h2load_address and not rate:
-        result = await asyncio.to_thread(
-            h2load_point, h2load_address, path, payload, server_pid, target, concurrency,
-            duration_s, warmup_s,
-        )  # fmt: skip
+        result = await asyncio.to_thread(h2load_point, h2load_address, load)
     else:
-        result = await python_point(
-            channel.unary_unary(path), payload, server_pid, target, concurrency, duration_s,
-            warmup_s, rate,
-        )  # fmt: skip
+        result = await python_point(channel.unary_unary(path), load)
     if target != "echo":
         after = await model_counters(stub, target)
         executions = after[1] - before[1]
@@ -233,54 +243,45 @@ async def measure_point(
     return result
 
 
-async def python_point(
-    method: grpc.aio.UnaryUnaryMultiCallable,
-    payload: bytes,
-    server_pid: int,
-    target: str,
-    concurrency: int,
-    duration_s: float,
-    warmup_s: float,
-    rate: float,
-) -> PointResult:
-    """One point driven by this process's grpc.aio calls: closed loop, or open loop at rate."""
+async def python_point(method: grpc.aio.UnaryUnaryMultiCallable, load: Load) -> PointResult:
+    """A point driven by this process's grpc.aio calls: closed loop, or open loop at load.rate."""
 
     async def call() -> object:
-        return await method(payload)
+        return await method(load.payload)
 
-    cpu0, client0 = proc_cpu_seconds(server_pid), time.process_time()
-    if rate > 0:
-        latencies, errors, completed = await open_loop(call, rate, duration_s, warmup_s)
+    cpu0, client0 = proc_cpu_seconds(load.server_pid), time.process_time()
+    if load.rate > 0:
+        latencies, errors, completed = await open_loop(
+            call, load.rate, load.duration_s, load.warmup_s
+        )
     else:
-        latencies, errors, completed = await closed_loop(call, concurrency, duration_s, warmup_s)
-    cpu1, client1 = proc_cpu_seconds(server_pid), time.process_time()
-    result = summarize(target, concurrency, latencies, errors, duration_s)
-    result.rate = rate
+        latencies, errors, completed = await closed_loop(
+            call, load.concurrency, load.duration_s, load.warmup_s
+        )
+    cpu1, client1 = proc_cpu_seconds(load.server_pid), time.process_time()
+    result = summarize(load.target, load.concurrency, latencies, errors, load.duration_s)
+    result.rate = load.rate
     result.server_cpu_us_per_req = (cpu1 - cpu0) / max(completed, 1) * 1e6
     result.client_cpu_us_per_req = (client1 - client0) / max(completed, 1) * 1e6
     return result
 
 
-def h2load_point(
-    address: str,
-    path: str,
-    payload: bytes,
-    server_pid: int,
-    target: str,
-    concurrency: int,
-    duration_s: float,
-    warmup_s: float,
-) -> PointResult:
-    """One closed-loop point driven by h2load (one connection, `concurrency` streams)."""
-    spec = LoadSpec(concurrency=concurrency, processes=1, warmup_s=warmup_s, duration_s=duration_s)
-    loaded = h2load.run_h2load(address, path, payload, spec, server_pid)
+def h2load_point(address: str, load: Load) -> PointResult:
+    """A closed-loop point driven by h2load (one connection, load.concurrency streams)."""
+    spec = LoadSpec(
+        concurrency=load.concurrency,
+        processes=1,
+        warmup_s=load.warmup_s,
+        duration_s=load.duration_s,
+    )
+    loaded = h2load.run_h2load(address, load.path, load.payload, spec, load.server_pid)
     p50, p99 = (v / 1e6 for v in loaded.histogram.percentiles([50.0, 99.0]))
     return PointResult(
-        target=target,
-        concurrency=concurrency,
+        target=load.target,
+        concurrency=load.concurrency,
         requests=loaded.completed,
         errors=sum(loaded.errors.values()),
-        seconds=duration_s,
+        seconds=load.duration_s,
         throughput=loaded.throughput_rps,
         p50_ms=p50,
         p99_ms=p99,

@@ -109,21 +109,26 @@ def test_sync_stream_rejected_midway_raises_the_servers_error(client) -> None:
     assert_rejected_midway(client, "sync_strict", error)
 
 
-def test_async_stream_rejected_midway_raises_the_servers_error(target, client) -> None:
-    client.apply([USER], [strict_view("async_strict")])
+def async_stream_error(config: ClientConfig, view: str) -> ClientError:
+    """Stream rows_with_nan() to `view` with the async client's stream_writer; the error raised."""
     ids, features = rows_with_nan()
 
     async def stream() -> None:
-        config = ClientConfig(target=target, timeout_s=20)
         async with (
             AsyncFeatureStoreClient(config) as aclient,
-            aclient.stream_writer("async_strict", batch_rows=ROWS, ack_every=1000) as writer,
+            aclient.stream_writer(view, batch_rows=ROWS, ack_every=1000) as writer,
         ):
             await writer.write({"user_id": ids}, NOW_US, features)
 
     with pytest.raises(ClientError) as caught:
         asyncio.run(asyncio.wait_for(stream(), 120))
-    assert_rejected_midway(client, "async_strict", caught.value)
+    return caught.value
+
+
+def test_async_stream_rejected_midway_raises_the_servers_error(target, client) -> None:
+    client.apply([USER], [strict_view("async_strict")])
+    error = async_stream_error(ClientConfig(target=target, timeout_s=20), "async_strict")
+    assert_rejected_midway(client, "async_strict", error)
 
 
 def test_batch_numbers_in_errors_count_over_the_writers_life(client) -> None:
@@ -193,20 +198,9 @@ def test_sync_stream_gives_up_after_timeout_when_the_server_stalls(silent) -> No
 
 
 def test_async_stream_gives_up_after_timeout_when_the_server_stalls(silent) -> None:
-    ids, features = rows_with_nan()
-
-    async def stream() -> None:
-        config = ClientConfig(target=silent, timeout_s=1, max_attempts=1)
-        async with (
-            AsyncFeatureStoreClient(config) as c,
-            c.stream_writer("any", batch_rows=ROWS, ack_every=1000) as writer,
-        ):
-            await writer.write({"user_id": ids}, NOW_US, features)
-
-    with pytest.raises(ClientError) as caught:
-        asyncio.run(asyncio.wait_for(stream(), 120))
-    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert "timeout_s" in caught.value.message
+    error = async_stream_error(ClientConfig(target=silent, timeout_s=1, max_attempts=1), "any")
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "timeout_s" in error.message
 
 
 def test_versioned_references_keep_each_version(client) -> None:

@@ -317,6 +317,34 @@ class _Plan:
     db_name: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class ViewRead:
+    """One view of a multi-view read: its name, version (0 = latest) and features (None = all)."""
+
+    view: str
+    features: Sequence[str] | None = None
+    version: int = 0
+
+
+@dataclass(slots=True)
+class _Fetched:
+    """One view's stored rows from a read txn (None: no rows stored yet), before decoding."""
+
+    view: FeatureView
+    plan: _Plan
+    n: int
+    rows: list[bytes] | None
+
+    def decode(self, now_us: int) -> ReadResult:
+        """Decoded columns; rows older than the view's ttl_seconds are OUTSIDE_MAX_AGE."""
+        cutoff = NO_CUTOFF
+        if self.view.ttl_seconds:
+            cutoff = now_us - self.view.ttl_seconds * 1_000_000
+        rows = [MISSING_ROW] * self.n if self.rows is None else self.rows
+        decoded = decode_rows(self.plan.decode, rows, np.full(self.n, cutoff, np.int64))
+        return ReadResult(self.view, decoded.event_us, decoded.row_status, decoded.blocks)
+
+
 class OnlineStore:
     """Latest feature values per entity and view version, in one LMDB environment."""
 
@@ -585,36 +613,57 @@ class OnlineStore:
 
         Rows older than the view's ttl_seconds are withheld as OUTSIDE_MAX_AGE.
         """
+        return self.read_many([ViewRead(view, features, version)], keys, now_us)[0]
+
+    def read_many(
+        self,
+        reads: Sequence[ViewRead],
+        keys: dict[str, np.ndarray],
+        now_us: int | None = None,
+    ) -> list[ReadResult]:
+        """One ReadResult per view read, all for the same entity rows and from one snapshot:
+        one read txn, so a write committed between two views' reads cannot show in one only,
+        and the keys of each entity are encoded once."""
         self._check_open()
         lmdb_env = self._lmdb
-        fv, plan, rows = None, None, None
-        while rows is None:
+        while True:
             txn = lmdb_env.begin_read()
             try:
-                fv = self.registry.get_view(view, version, txn)
-                plan = self._plan(fv, features)
-                encoded = encode_keys(plan.entity, keys)
-                n = len(encoded.keys)
-                if n > self.config.max_entities_per_read:
-                    raise ResourceExhaustedError(
-                        f"read of {n} entities is over max_entities_per_read="
-                        f"{self.config.max_entities_per_read}; split it"
-                    )
-                db = lmdb_env.cached_db(plan.db_name)
-                if db is not None:
-                    get = txn.get
-                    rows = [get(k, MISSING_ROW, db) for k in encoded.keys]
+                fetched = self._fetch(txn, reads, keys)
             finally:
                 txn.abort()
                 lmdb_env.gate.exit()
-            if rows is None and lmdb_env.existing_db(plan.db_name) is None:
-                rows = [MISSING_ROW] * n
-        cutoff = NO_CUTOFF
-        if fv.ttl_seconds:
-            now = time.time_ns() // 1000 if now_us is None else int(now_us)
-            cutoff = now - fv.ttl_seconds * 1_000_000
-        decoded = decode_rows(plan.decode, rows, np.full(n, cutoff, np.int64))
-        return ReadResult(fv, decoded.event_us, decoded.row_status, decoded.blocks)
+            unopened = {f.plan.db_name for f in fetched if f.rows is None}
+            if not any(lmdb_env.existing_db(name) is not None for name in unopened):
+                break
+        now = time.time_ns() // 1000 if now_us is None else int(now_us)
+        return [f.decode(now) for f in fetched]
+
+    def _fetch(
+        self, txn: lmdb.Transaction, reads: Sequence[ViewRead], keys: dict[str, np.ndarray]
+    ) -> list[_Fetched]:
+        """The stored rows of each read in txn; rows None where this process holds no handle
+        to the view's database yet."""
+        encoded: dict[str, list[bytes]] = {}
+        fetched = []
+        for read in reads:
+            fv = self.registry.get_view(read.view, read.version, txn)
+            plan = self._plan(fv, read.features)
+            entity_keys = encoded.get(fv.entity)
+            if entity_keys is None:
+                entity_keys = encoded[fv.entity] = encode_keys(plan.entity, keys).keys
+                if len(entity_keys) > self.config.max_entities_per_read:
+                    raise ResourceExhaustedError(
+                        f"read of {len(entity_keys)} entities is over max_entities_per_read="
+                        f"{self.config.max_entities_per_read}; split it"
+                    )
+            db = self._lmdb.cached_db(plan.db_name)
+            rows = None
+            if db is not None:
+                get = txn.get
+                rows = [get(k, MISSING_ROW, db) for k in entity_keys]
+            fetched.append(_Fetched(fv, plan, len(entity_keys), rows))
+        return fetched
 
     def view_bytes(self, view: str, version: int = 0) -> int:
         """Bytes of LMDB pages holding a view version's online rows (0 before its first write)."""

@@ -17,6 +17,7 @@ from featurestore.online_store import (
     OnlineStore,
     ReadResult,
     RowError,
+    ViewRead,
     WriteBatch,
     WriteResult,
 )
@@ -239,11 +240,11 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         keys, rows = decode_keys(request.entity_keys, self.max_rows)
         response = pb.GetOnlineFeaturesResponse(rows=rows)
         now_us = time.time_ns() // 1000
-        for (view, version), features in refs.items():
-            result = self.store.read(view, keys, features, version=version, now_us=now_us)
-            self.observer(view).lookup(result, now_us)
+        reads = [ViewRead(view, features, version) for (view, version), features in refs.items()]
+        for result in self.store.read_many(reads, keys, now_us):
+            self.observer(result.view.name).lookup(result, now_us)
             out = response.views.add(
-                view=view,
+                view=result.view.name,
                 version=result.view.version,
                 event_timestamps=result.event_us.astype("<i8", copy=False).tobytes(),
             )

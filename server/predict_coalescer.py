@@ -140,7 +140,7 @@ class PredictCoalescer:
                 name: np.concatenate([r.values[name] for r in group]) for name in group[0].values
             }
             rows = sum(r.rows for r in group)
-        results = [self.store.read(r.view, keys, r.features, r.version) for r in binding.reads]
+        results = self.store.read_many(binding.store_reads, keys)
         assembled = binding.assemble(results, values, rows)
         tensor = binding.transform(assembled.block, assembled.typed)
         outputs = union_outputs(r.outputs for r in group)

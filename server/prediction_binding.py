@@ -37,7 +37,7 @@ import numpy as np
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.errors import ConflictError, InvalidArgumentError
 from featurestore.feature_refs import parse_feature_refs
-from featurestore.online_store import ReadResult
+from featurestore.online_store import ReadResult, ViewRead
 from featurestore.registry import FeatureView
 from featurestore.transforms import Transform, compile_chain, transforms_from_config
 from server.model_config import ModelConfig, ModelConfigError
@@ -78,7 +78,7 @@ class RequestColumn:
 
 
 @dataclass
-class ViewRead:
+class BoundRead:
     """One store read per request: a view (version 0 = latest) and the features it fills."""
 
     view: str
@@ -222,18 +222,19 @@ class PredictionBinding:
         if dupes:
             raise _error(source, f"column {dupes[0]!r} is bound twice; give each a unique name")
         self.requests = [(k, c) for k, c in enumerate(self.columns) if isinstance(c, RequestColumn)]
-        self.reads: list[ViewRead] = []
-        by_view: dict[tuple[str, int], ViewRead] = {}
+        self.reads: list[BoundRead] = []
+        by_view: dict[tuple[str, int], BoundRead] = {}
         for k, c in enumerate(self.columns):
             if isinstance(c, FeatureColumn):
                 read = by_view.get((c.view, c.version))
                 if read is None:
-                    read = by_view[(c.view, c.version)] = ViewRead(c.view, c.version, [], [])
+                    read = by_view[(c.view, c.version)] = BoundRead(c.view, c.version, [], [])
                     self.reads.append(read)
                 if c.feature in read.features:
                     raise _error(source, f"feature {c.ref!r} is bound twice")
                 read.features.append(c.feature)
                 read.columns.append(k)
+        self.store_reads = [ViewRead(r.view, tuple(r.features), r.version) for r in self.reads]
         try:
             steps = transforms_from_config(transforms)
             chain = compile_chain(steps, outputs) if steps else None
@@ -334,7 +335,7 @@ class PredictionBinding:
             return self._run_typed(block, typed)
         return self._run(block)
 
-    def _block_maps(self, read: ViewRead, result: ReadResult) -> list[_BlockMap]:
+    def _block_maps(self, read: BoundRead, result: ReadResult) -> list[_BlockMap]:
         """How a view's blocks map to columns; built once per view version and definition."""
         fv: FeatureView = result.view
         key = (read.view, read.version, fv.version, fv.updated_us)

@@ -1,5 +1,6 @@
 """Online store on real LMDB files: round trips, last-write-wins, TTL, validation, map growth."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from featurestore.errors import (
     UnavailableError,
 )
 from featurestore.keys import decode_keys, encode_keys
-from featurestore.online_store import OnlineStore, RowError, StoreConfig, WriteBatch
+from featurestore.online_store import OnlineStore, RowError, StoreConfig, ViewRead, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 
 NOW = 1_800_000_000_000_000
@@ -424,3 +425,44 @@ def test_null_keys_and_caller_found_bad_rows_are_rejected(store):
     batch.skip_bad_rows = False
     with pytest.raises(InvalidArgumentError, match="column 'user_id' row 1: join key is null"):
         store.write(batch, now_us=NOW)
+
+
+def test_read_many_answers_each_view_as_a_single_read_would(store):
+    store.write(all_batch([1, 2], NOW), now_us=NOW)
+    keys = {"user_id": np.array([2, 9, 1])}
+    reads = [ViewRead("all_types", ["vec", "f32"]), ViewRead("score")]
+    subset, score = store.read_many(reads, keys)
+    alone = store.read("all_types", keys, ["vec", "f32"])
+    assert subset.view.name == "all_types" and score.view.name == "score"
+    np.testing.assert_array_equal(subset.event_us, alone.event_us)
+    np.testing.assert_array_equal(subset.row_status, alone.row_status)
+    for got, want in zip(subset.blocks, alone.blocks, strict=True):
+        assert got.features == want.features
+        np.testing.assert_array_equal(got.values, want.values)
+    assert (score.row_status == FeatureStatus.NOT_FOUND).all()
+    assert store.read_many([], keys) == []
+
+
+def test_read_many_reads_every_view_from_one_snapshot(tmp_path: Path):
+    views = [FeatureView(name, "user", (Feature("n", DType.INT64),)) for name in ("a", "b")]
+    with OnlineStore(StoreConfig(tmp_path / "db", sync=False)) as store:
+        store.registry.apply([USER], views)
+        ids = {"user_id": np.arange(50, dtype=np.int64)}
+
+        def batch(view: str, i: int) -> WriteBatch:
+            return WriteBatch(view, ids, np.full(50, NOW + i), {"n": np.full(50, i, np.int64)})
+
+        def write() -> None:
+            for i in range(1, 300):
+                store.write_prepared([store.prepare(batch(v, i), NOW) for v in ("a", "b")])
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        reads = [ViewRead("a"), ViewRead("b")]
+        mismatches = checked = 0
+        while writer.is_alive() or not checked:
+            a, b = store.read_many(reads, ids, now_us=NOW)
+            mismatches += int((a.blocks[0].values != b.blocks[0].values).any())
+            checked += 1
+        writer.join()
+    assert checked > 10 and mismatches == 0

@@ -3,7 +3,10 @@
 The request is pre-framed once (gRPC's 5-byte prefix + serialized message) into a file that h2load
 posts on every stream. h2load sees HTTP status only, never the grpc-status trailer, so its errors
 are failed streams; check a scenario with the Python generator before trusting h2load's error
-count. Its latency runs from the actual send (its --rps mode is not coordinated-omission-free).
+count. Open loop runs one h2load client at --rps: it sends on a timer and, when every stream is
+busy, later, so its own timings omit the wait. Its log lists each request's send time, so the k-th
+request sent is the k-th of the schedule, and its latency is counted from that intended time
+(as wrk2 does): no coordinated omission.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ import numpy as np
 
 from benchmarks import proc_stats
 from benchmarks.histogram import Histogram
-from benchmarks.load import CLOSED, LoadResult, LoadSpec, check_loopback
+from benchmarks.load import CLOSED, OPEN, LoadResult, LoadSpec, check_loopback
 
 EXECUTABLE = "h2load"
 STREAM_FAILED = "H2_STREAM_FAILED"
+MAX_OPEN_STREAMS = 1024
+"""Streams one open-loop client keeps in flight; past that, requests wait in h2load, and the
+intended-time latencies count the wait."""
 
 
 class H2LoadError(Exception):
@@ -77,20 +83,30 @@ def command(
         streams = math.ceil(spec.concurrency / clients)
         argv += ["-c", str(clients), "-t", str(clients), "-m", str(streams)]
     else:
-        clients = spec.processes
-        streams = max(spec.max_outstanding // clients, 1)
-        rps = max(round(spec.rate / clients), 1)
-        argv += ["-c", str(clients), "-t", str(clients), "-m", str(streams), "--rps", str(rps)]
+        streams = min(spec.max_outstanding, MAX_OPEN_STREAMS)
+        rps = max(round(spec.rate), 1)
+        argv += ["-c", "1", "-t", "1", "-m", str(streams), "--rps", str(rps)]
     return [*argv, f"http://{target}{method}"]
 
 
-def parse_log(text: str) -> tuple[np.ndarray, int]:
-    """Latencies (ns) of HTTP-200 streams, and the count of other streams, from --log-file."""
+def parse_log(text: str, rate: float = 0.0) -> tuple[np.ndarray, int]:
+    """Latencies (ns) of HTTP-200 streams, and the count of other streams, from --log-file.
+
+    With rate (one open-loop client), each latency runs from the request's intended send time:
+    the schedule is anchored where the requests ran least late, and request k (in send order)
+    was due k / rate after that.
+    """
     rows = [line.split("\t") for line in text.splitlines() if line.strip()]
     if not rows:
         return np.zeros(0, dtype=np.int64), 0
+    start_us = np.array([int(row[0]) for row in rows], dtype=np.int64)
     status = np.array([int(row[1]) for row in rows])
     elapsed_us = np.array([int(row[2]) for row in rows], dtype=np.int64)
+    if rate:
+        order = np.argsort(start_us, kind="stable")
+        start_us, status, elapsed_us = start_us[order], status[order], elapsed_us[order]
+        ahead = start_us - np.arange(len(rows)) * 1e6 / rate
+        elapsed_us = elapsed_us + np.round(ahead - ahead.min()).astype(np.int64)
     ok = status == 200
     return elapsed_us[ok] * 1000, int((~ok).sum())
 
@@ -135,7 +151,8 @@ def run_h2load(
             killed = 1
         if process.returncode not in (0, None) and not killed:
             raise H2LoadError(f"h2load exited {process.returncode}: {output.strip()[-2000:]}")
-        latencies, failed = parse_log(log_path.read_text() if log_path.exists() else "")
+        rate = spec.rate if spec.mode == OPEN else 0.0
+        latencies, failed = parse_log(log_path.read_text() if log_path.exists() else "", rate)
     histogram = Histogram()
     histogram.record_many(latencies)
     errors = Counter({STREAM_FAILED: failed} if failed else {})

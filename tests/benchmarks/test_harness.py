@@ -14,7 +14,7 @@ import pytest
 from benchmarks import cli, h2load, report
 from benchmarks.baseline import BaselineScenario
 from benchmarks.histogram import Histogram, bucket_index, bucket_indices
-from benchmarks.load import CANCELLED_ERROR, LoadError, LoadSpec, run_load
+from benchmarks.load import CANCELLED_ERROR, OPEN, LoadError, LoadSpec, run_load
 from benchmarks.scenarios import RequestFn, ScenarioError, get_scenario, register_scenario
 
 REQUIRED_KEYS = {
@@ -168,3 +168,21 @@ def test_h2load_framing_and_log_parsing() -> None:
     )
     assert argv[argv.index("authorization: Bearer t") - 1] == "-H"
     assert argv[-1] == "http://127.0.0.1:1/s/M"
+
+
+def test_h2load_open_loop_counts_latency_from_the_intended_send() -> None:
+    # 1000/s: due at 0, 1000, 2000, 3000 µs; the third went out 3 ms late, the fourth 2 ms late
+    log = "5000\t200\t300\n1000\t200\t100\n0\t200\t100\n5001\t200\t200\n"
+    latencies, failed = h2load.parse_log(log, rate=1000.0)
+    assert latencies.tolist() == [100_000, 100_000, 3_300_000, 2_201_000]
+    assert failed == 0
+    closed, _ = h2load.parse_log(log)
+    assert sorted(closed.tolist()) == [100_000, 100_000, 200_000, 300_000]
+    spec = LoadSpec(mode=OPEN, rate=2500.0, processes=4, duration_s=1.0, max_outstanding=5000)
+    argv = h2load.command("127.0.0.1:1", "/s/M", "b", "l", spec)
+    assert [argv[argv.index(flag) + 1] for flag in ("-c", "-t", "-m", "--rps")] == [
+        "1",
+        "1",
+        str(h2load.MAX_OPEN_STREAMS),
+        "2500",
+    ]

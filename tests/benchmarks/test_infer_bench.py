@@ -49,21 +49,25 @@ def test_targets_check_the_p99_bound_on_open_loop_points_only() -> None:
     assert lines[3].startswith("small c=8") and "72%" in lines[3] and lines[3].endswith("MET")
 
 
-def test_h2load_drives_closed_loop_points_against_the_bench_server(tmp_path) -> None:
+def test_h2load_drives_closed_and_open_loop_points_against_the_bench_server(tmp_path) -> None:
     repo = write_bench_repository(tmp_path / "models")
     proc, port = start_server_process(repo, tmp_path)
     address = f"127.0.0.1:{port}"
 
-    async def measure(target: str) -> PointResult:
+    async def measure(target: str, concurrency: int, rate: float = 0.0) -> PointResult:
         async with grpc.aio.insecure_channel(address) as channel:
-            return await measure_point(channel, proc.pid, target, 4, 0.5, 0.2, 0.0, address)
+            return await measure_point(
+                channel, proc.pid, target, concurrency, 1.0, 0.2, rate, address
+            )
 
     try:
-        echo, small = asyncio.run(measure("echo")), asyncio.run(measure("small_on"))
+        echo, small = asyncio.run(measure("echo", 4)), asyncio.run(measure("small_on", 4))
+        paced = asyncio.run(measure("small_on", 0, rate=200.0))
     finally:
         proc.terminate()
         proc.wait(30)
-    for p in (echo, small):
+    for p in (echo, small, paced):
         assert p.requests > 0 and p.errors == 0 and p.throughput > 0
         assert 0 < p.p50_ms <= p.p99_ms and p.server_cpu_us_per_req > 0
     assert small.avg_batch >= 1.0
+    assert paced.rate == 200.0 and 150 <= paced.requests <= 210

@@ -1,12 +1,14 @@
 """Triton-style dynamic batcher: one per model version, N instance threads running ONNX Runtime.
 
-Requests queue on the event loop (per priority level); when an instance is idle, a batch is
-formed at once if the queued requests make up a preferred size or the batch cannot grow, and
-otherwise once the oldest request waited max_queue_delay_us (see _next_batch). Batches go to
-dedicated instance threads through a SimpleQueue and come back with call_soon_threadsafe, so ONNX
-Runtime (which releases the GIL) never blocks the loop for long: only a batch that the version's
-load-time calibration expects to run within instance_group.inline_max_us runs on the loop itself,
-where it costs no thread hand-off and no contention for the GIL.
+Requests queue on the event loop, one queue per priority level with its own queue policy
+(Triton's ModelQueuePolicy: size limit, timeout, REJECT or DELAY); when an instance is idle, a
+batch is formed at once if the queued requests make up a preferred size or the batch cannot
+grow, and otherwise once the oldest request waited max_queue_delay_us (see _next_batch).
+Batches go to dedicated instance threads through a SimpleQueue and come back with
+call_soon_threadsafe, so ONNX Runtime (which releases the GIL) never blocks the loop for long:
+only a batch that the version's load-time calibration expects to run within
+instance_group.inline_max_us runs on the loop itself, where it costs no thread hand-off and no
+contention for the GIL.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from server.errors import (
     RequestTimeoutError,
 )
 from server.metrics import ModelMetrics
-from server.model_config import ModelConfig
+from server.model_config import ModelConfig, QueuePolicy
 from server.onnx_runner import RunCost
 
 TIMER_RESOLUTION_S = 1e-3
@@ -80,12 +82,18 @@ class BatcherStats:
 
 @dataclass(eq=False, slots=True)
 class _Request:
-    """One queued request: its rows, where its result goes, and its scheduling facts."""
+    """One queued request: its rows, where its result goes, and its scheduling facts.
+
+    deadline: loop.time() at which it is dropped unexecuted (the caller's deadline, and the
+    queue-policy timeout under REJECT); late: when it moves behind the others (the queue-policy
+    timeout under DELAY; None once delayed).
+    """
 
     inputs: dict[str, np.ndarray]
     rows: int
     outputs: list[str] | None
     deadline: float | None
+    late: float | None
     future: asyncio.Future
     enqueued: float
     key: tuple
@@ -100,6 +108,39 @@ class _Outcome:
     input_ns: int
     infer_ns: int
     output_ns: int
+
+
+@dataclass(eq=False, slots=True)
+class _Level:
+    """One priority level's queue (Triton's PolicyQueue): its policy, its waiting requests, and
+    those delayed by timeout_action "delay", which batch only after every waiting one."""
+
+    number: int
+    max_queue: int
+    default_timeout_us: int
+    override: bool
+    delay: bool
+    waiting: deque[_Request] = field(default_factory=deque)
+    delayed: deque[_Request] = field(default_factory=deque)
+
+    @classmethod
+    def of(cls, number: int, policy: QueuePolicy) -> _Level:
+        """An empty queue applying policy."""
+        return cls(
+            number,
+            policy.max_queue_size,
+            policy.default_timeout_us,
+            policy.allow_timeout_override,
+            policy.timeout_action == "delay",
+        )
+
+    def timeout_us(self, requested: int | None) -> int:
+        """The queue timeout (µs, 0 = none) of a request whose "timeout" parameter is
+        `requested`: the default, which an allowed override may shorten but never extend."""
+        default = self.default_timeout_us
+        if requested and self.override and (not default or requested < default):
+            return requested
+        return default
 
 
 def _batch_key(inputs: dict[str, np.ndarray]) -> tuple:
@@ -129,11 +170,10 @@ class DynamicBatcher:
         self._delay_s = policy.max_queue_delay_us / 1e6 if self._batching else 0.0
         self._preferred = frozenset(policy.preferred_batch_sizes) if self._batching else frozenset()
         self._max_preferred = max(self._preferred, default=0)
-        self._max_queue = policy.max_queue_size
-        self._default_timeout_s = policy.default_timeout_us / 1e6
         self._levels = policy.priority_levels
         self._default_level = (policy.default_priority_level or 1) if self._levels else 1
-        self._queues: list[deque[_Request]] = [deque() for _ in range(max(self._levels, 1))]
+        numbers = range(1, self._levels + 1) if self._levels else (0,)
+        self._queues = [_Level.of(n, policy.queue_policy(n)) for n in numbers]
         self._queued = 0
         self._queued_rows = 0
         self._instances = config.instance_group.count
@@ -178,32 +218,35 @@ class DynamicBatcher:
         *,
         priority: int | None = None,
         deadline: float | None = None,
+        timeout_us: int | None = None,
         outputs: list[str] | None = None,
     ) -> dict[str, np.ndarray]:
         """Queue rows for batched execution and return exactly this request's output rows.
 
         priority: 1 = highest, up to priority_levels; None or 0 = the default level.
-        deadline: loop.time() after which the request is dropped unexecuted.
+        deadline: loop.time() at which the caller is gone: the request is dropped unexecuted,
+        whatever its level's timeout_action.
+        timeout_us: the request's own queue timeout, applied as its level's policy allows.
         Raises QueueFullError, RequestTimeoutError, InferenceFailedError, ModelUnavailableError.
         """
         if self._closed or self._loop is None:
             raise ModelUnavailableError(f"model '{self.name}' is unloading; retry")
-        if self._max_queue and self._queued >= self._max_queue:
-            self.stats.fail.add(0)
-            self.metrics.fail("rejected")
-            raise QueueFullError(
-                f"model '{self.name}': queue holds max_queue_size={self._max_queue} requests"
-            )
+        level = self._level(priority)
+        if level.max_queue and len(level.waiting) + len(level.delayed) >= level.max_queue:
+            raise self._queue_full(level)
         if self._max_rows and rows > self._max_rows:
             raise oversized_request(self.name, list(inputs), rows, self._max_rows)
-        level = self._level(priority)
         now = self._loop.time()
-        if self._default_timeout_s:
-            default = now + self._default_timeout_s
-            deadline = default if deadline is None else min(deadline, default)
+        late = None
+        timeout = level.timeout_us(timeout_us)
+        if timeout and level.delay:
+            late = now + timeout / 1e6
+        elif timeout:
+            expiry = now + timeout / 1e6
+            deadline = expiry if deadline is None else min(deadline, expiry)
         future = self._loop.create_future()
-        request = _Request(inputs, rows, outputs, deadline, future, now, _batch_key(inputs))
-        self._queues[level].append(request)
+        request = _Request(inputs, rows, outputs, deadline, late, future, now, _batch_key(inputs))
+        level.waiting.append(request)
         self._queued += 1
         self._queued_rows += rows
         self.metrics.queue_depth(self._queued)
@@ -218,17 +261,26 @@ class DynamicBatcher:
             self._loop.call_soon(self._dispatch)
         return await future
 
-    def _level(self, priority: int | None) -> int:
-        """Queue index of a priority (levels start at 1; 0 or None = default)."""
+    def _level(self, priority: int | None) -> _Level:
+        """The queue of a priority (levels start at 1; 0 or None = default)."""
         if not self._levels:
-            return 0
+            return self._queues[0]
         if not priority:
-            return self._default_level - 1
+            return self._queues[self._default_level - 1]
         if not 1 <= priority <= self._levels:
             raise InvalidRequestError(
                 f"model '{self.name}': priority {priority} outside [1, {self._levels}]"
             )
-        return priority - 1
+        return self._queues[priority - 1]
+
+    def _queue_full(self, level: _Level) -> QueueFullError:
+        """Count a request refused by a full queue and name the queue and its limit."""
+        self.stats.fail.add(0)
+        self.metrics.fail("rejected")
+        queue = f"priority level {level.number} queue" if level.number else "queue"
+        return QueueFullError(
+            f"model '{self.name}': {queue} holds max_queue_size={level.max_queue} requests"
+        )
 
     def _dispatch(self) -> None:
         """Hand batches to idle instances (or run tiny ones inline) while the rules allow."""
@@ -264,7 +316,7 @@ class DynamicBatcher:
         head, preferred, closed = self._scan(now)
         if not head:
             return []
-        due = min(q[0].enqueued for q in self._queues if q) + self._delay_s
+        due = min(q[0].enqueued for q in self._deques() if q) + self._delay_s
         if preferred and not (self._delay_s and now >= due):
             batch = head[:preferred]
         elif closed or now >= due or self._closed:
@@ -273,7 +325,7 @@ class DynamicBatcher:
             self._arm_delay(due, now)
             return []
         taken = 0
-        for q in self._queues:
+        for q in self._deques():
             while q and taken < len(batch):
                 request = q.popleft()
                 self._unqueue(request)
@@ -287,16 +339,23 @@ class DynamicBatcher:
         Returns (head, preferred, closed): head in priority then arrival order; preferred = how
         many of its first requests make the largest preferred batch size (0 = none); closed =
         the head cannot grow. Expired or cancelled requests met on the way are failed and
-        removed, so the head is exactly the front of the queues.
+        removed, and late ones (timeout_action "delay") move behind their level's waiting ones,
+        where this scan meets them again, so the head is exactly the front of the queues.
         """
         head: list[_Request] = []
         rows = 0
         preferred = 0
         closed = False
         dead: list[tuple[deque[_Request], _Request]] = []
-        for q, request in self._in_order():
+        moved: list[tuple[deque[_Request], _Request]] = []
+        for level, q, request in self._in_order():
             if request.future.done() or (request.deadline is not None and request.deadline <= now):
                 dead.append((q, request))
+                continue
+            if request.late is not None and request.late <= now:
+                request.late = None
+                level.delayed.append(request)
+                moved.append((q, request))
                 continue
             if head and (
                 not self._batching
@@ -310,6 +369,8 @@ class DynamicBatcher:
             rows += request.rows
             if rows in self._preferred:
                 preferred = len(head)
+        for q, request in moved:
+            q.remove(request)
         for q, request in dead:
             q.remove(request)
             self._unqueue(request)
@@ -317,11 +378,19 @@ class DynamicBatcher:
         full = rows >= self._max_rows or (self._max_preferred and rows > self._max_preferred)
         return head, preferred, closed or not self._batching or bool(full)
 
-    def _in_order(self) -> Iterator[tuple[deque[_Request], _Request]]:
-        """Every queued request with its queue, highest priority first, oldest first."""
-        for q in self._queues:
-            for request in q:
-                yield q, request
+    def _in_order(self) -> Iterator[tuple[_Level, deque[_Request], _Request]]:
+        """Every queued request with its level and queue, in batching order (see _deques)."""
+        for level in self._queues:
+            for q in (level.waiting, level.delayed):
+                for request in q:
+                    yield level, q, request
+
+    def _deques(self) -> Iterator[deque[_Request]]:
+        """The queues in batching order: highest priority first, each level's waiting requests
+        (oldest first) before its delayed ones (in the order they were delayed)."""
+        for level in self._queues:
+            yield level.waiting
+            yield level.delayed
 
     def _arm_delay(self, due: float, now: float) -> None:
         """Make sure _on_delay runs by `due`; a wait shorter than the timer resolution is
@@ -370,22 +439,26 @@ class DynamicBatcher:
         """Drop every queued request whose deadline passed; re-arm for the next one."""
         self._expiry_timer = None
         now = self._loop.time()
-        upcoming: float | None = None
-        for index, q in enumerate(self._queues):
-            kept: deque[_Request] = deque()
-            for request in q:
-                if request.deadline is not None and request.deadline <= now:
-                    self._unqueue(request)
-                    self._expire(request, now)
-                    continue
-                if request.deadline is not None:
-                    upcoming = (
-                        request.deadline if upcoming is None else min(upcoming, request.deadline)
-                    )
-                kept.append(request)
-            self._queues[index] = kept
+        for level in self._queues:
+            level.waiting = self._drop_expired(level.waiting, now)
+            level.delayed = self._drop_expired(level.delayed, now)
+        upcoming = min(
+            (r.deadline for q in self._deques() for r in q if r.deadline is not None),
+            default=None,
+        )
         if upcoming is not None:
             self._arm_expiry(upcoming)
+
+    def _drop_expired(self, q: deque[_Request], now: float) -> deque[_Request]:
+        """The requests of q whose deadline has not passed; the others are failed."""
+        kept: deque[_Request] = deque()
+        for request in q:
+            if request.deadline is not None and request.deadline <= now:
+                self._unqueue(request)
+                self._expire(request, now)
+            else:
+                kept.append(request)
+        return kept
 
     def _worker(self, instance: int) -> None:
         """Instance thread: execute batches until the sentinel None arrives."""

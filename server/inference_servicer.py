@@ -20,7 +20,7 @@ from server.audit import AuditLog
 from server.auth import AuthConfig, Authorizer
 from server.batcher import BatcherStats, Duration, oversized_request
 from server.errors import InvalidRequestError, ServerError, abort
-from server.model_config import MODEL_FILENAME, ModelConfig
+from server.model_config import MODEL_FILENAME, ModelConfig, QueuePolicy
 from server.model_repository import LoadedModel, ModelRepository
 from server.tensors import TRITON_TYPE_NAMES, decode_contents, decode_raw, encode_raw
 
@@ -139,18 +139,14 @@ def _int_parameter(request: pb.ModelInferRequest, key: str) -> int | None:
 
 def schedule_of(
     request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None
-) -> tuple[int | None, float | None]:
-    """(priority, loop.time() deadline) from the "priority"/"timeout" (µs) parameters and the
-    caller's gRPC deadline."""
+) -> tuple[int | None, int | None, float | None]:
+    """(priority, timeout µs, loop.time() deadline): the "priority" and "timeout" parameters,
+    which the model's queue policy applies, and the caller's gRPC deadline, which always drops."""
     priority = _int_parameter(request, "priority")
     timeout_us = _int_parameter(request, "timeout")
     remaining = context.time_remaining() if context is not None else None
-    now = asyncio.get_running_loop().time()
-    deadline = None if remaining is None else now + remaining
-    if timeout_us:
-        own = now + timeout_us / 1e6
-        deadline = own if deadline is None else min(deadline, own)
-    return priority, deadline
+    deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+    return priority, timeout_us, deadline
 
 
 def build_response(
@@ -194,6 +190,14 @@ def statistics_proto(model: LoadedModel) -> pb.ModelStatistics:
         _duration(batch.compute_infer, entry.compute_infer)
         _duration(batch.compute_output, entry.compute_output)
     return message
+
+
+def _queue_policy(target: mc.ModelQueuePolicy, policy: QueuePolicy) -> None:
+    """Copy a QueuePolicy into Triton's ModelQueuePolicy."""
+    target.timeout_action = mc.ModelQueuePolicy.TimeoutAction.Value(policy.timeout_action.upper())
+    target.default_timeout_microseconds = policy.default_timeout_us
+    target.allow_timeout_override = policy.allow_timeout_override
+    target.max_queue_size = policy.max_queue_size
 
 
 def config_proto(config: ModelConfig) -> mc.ModelConfig:
@@ -243,11 +247,9 @@ def config_proto(config: ModelConfig) -> mc.ModelConfig:
         if batching.priority_levels:
             dynamic.priority_levels = batching.priority_levels
             dynamic.default_priority_level = batching.default_priority_level
-        queue = dynamic.default_queue_policy
-        queue.timeout_action = mc.ModelQueuePolicy.REJECT
-        queue.default_timeout_microseconds = batching.default_timeout_us
-        queue.allow_timeout_override = True
-        queue.max_queue_size = batching.max_queue_size
+        _queue_policy(dynamic.default_queue_policy, batching.default_queue_policy)
+        for level, policy in batching.priority_queue_policy:
+            _queue_policy(dynamic.priority_queue_policy[level], policy)
     return message
 
 
@@ -320,9 +322,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.repository.get(request.model_name, request.model_version)
         inputs, rows = decode_inputs(model.config, request)
         outputs = requested_outputs(model, request)
-        priority, deadline = schedule_of(request, context)
+        priority, timeout_us, deadline = schedule_of(request, context)
         result = await model.batcher.submit(
-            inputs, rows, priority=priority, deadline=deadline, outputs=outputs
+            inputs,
+            rows,
+            priority=priority,
+            deadline=deadline,
+            timeout_us=timeout_us,
+            outputs=outputs,
         )
         return build_response(model, request.id, result)
 

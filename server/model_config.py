@@ -25,6 +25,7 @@ MODEL_CONFIG_EXTENSIONS: frozenset[str] = frozenset({"features", "transforms", "
 _LIST_EXTENSIONS = frozenset({"transforms"})
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+TIMEOUT_ACTIONS = ("reject", "delay")
 
 
 class ModelConfigError(Exception):
@@ -42,16 +43,46 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ModelQueuePolicy for one priority level's queue: how many requests it holds
+    (0 = no limit), how long one may wait (µs, 0 = no limit), whether a request's "timeout"
+    may shorten that, and whether a timed-out request is rejected or delayed behind the rest."""
+
+    max_queue_size: int = 0
+    default_timeout_us: int = 0
+    timeout_action: str = "reject"
+    allow_timeout_override: bool = True
+
+
+@dataclass(frozen=True)
 class DynamicBatchingConfig:
-    """[dynamic_batching]: Triton's dynamic batcher settings."""
+    """[dynamic_batching]: Triton's dynamic batcher settings. The flat queue keys are the
+    default queue policy; priority_queue_policy holds (level, policy) for levels with their own."""
 
     enabled: bool = True
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 0
     default_timeout_us: int = 0
+    timeout_action: str = "reject"
+    allow_timeout_override: bool = True
     priority_levels: int = 0
     default_priority_level: int = 0
+    priority_queue_policy: tuple[tuple[int, QueuePolicy], ...] = ()
+
+    @property
+    def default_queue_policy(self) -> QueuePolicy:
+        """The policy of every level without its own."""
+        return QueuePolicy(
+            self.max_queue_size,
+            self.default_timeout_us,
+            self.timeout_action,
+            self.allow_timeout_override,
+        )
+
+    def queue_policy(self, level: int) -> QueuePolicy:
+        """The policy applied to a priority level's queue."""
+        return dict(self.priority_queue_policy).get(level, self.default_queue_policy)
 
 
 @dataclass(frozen=True)
@@ -155,8 +186,9 @@ def _int_list(source: str, key: str, value: Any) -> tuple[int, ...]:
     return tuple(_typed(source, key, v, int) for v in _typed(source, key, value, list))
 
 
-def _dataclass_from(source: str, table: str, raw: Any, cls: type) -> Any:
-    """Build a flat dataclass from a TOML table whose keys are its fields."""
+def _dataclass_from(source: str, table: str, raw: Any, cls: type, base: Any = None) -> Any:
+    """Build a flat dataclass from a TOML table whose keys are its fields; keys the table
+    lacks take base's values when given, else the defaults."""
     raw = _typed(source, table, raw, dict)
     names = {f.name for f in dataclasses.fields(cls)}
     _check_keys(source, table, raw, names)
@@ -174,7 +206,7 @@ def _dataclass_from(source: str, table: str, raw: Any, cls: type) -> Any:
             values[f.name] = _typed(source, key, value, str)
         else:
             values[f.name] = _int_list(source, key, value)
-    return cls(**values)
+    return cls(**values) if base is None else dataclasses.replace(base, **values)
 
 
 def _tensor(source: str, key: str, raw: Any) -> TensorSpec:
@@ -203,14 +235,9 @@ def parse_model_config(text: str, *, source: str, default_name: str) -> ModelCon
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ModelConfigError(f"{source}: not valid TOML: {exc}") from None
-    sections = {
-        "dynamic_batching": DynamicBatchingConfig,
-        "instance_group": InstanceGroupConfig,
-        "onnxruntime": OnnxRuntimeConfig,
-    }
-    _check_keys(
-        source, "", raw, _TOP_KEYS | set(sections) | {"version_policy"} | MODEL_CONFIG_EXTENSIONS
-    )
+    sections = {"instance_group": InstanceGroupConfig, "onnxruntime": OnnxRuntimeConfig}
+    own = {"dynamic_batching", "version_policy"}
+    _check_keys(source, "", raw, _TOP_KEYS | set(sections) | own | MODEL_CONFIG_EXTENSIONS)
     name = _typed(source, "name", raw.get("name", default_name), str)
     if name != default_name:
         raise ModelConfigError(
@@ -226,6 +253,8 @@ def parse_model_config(text: str, *, source: str, default_name: str) -> ModelCon
     for key, cls in sections.items():
         if key in raw:
             values[key] = _dataclass_from(source, key, raw[key], cls)
+    if "dynamic_batching" in raw:
+        values["dynamic_batching"] = _dynamic_batching(source, raw["dynamic_batching"])
     if "version_policy" in raw:
         values["version_policy"] = _version_policy(source, raw["version_policy"])
     values["extensions"] = {
@@ -236,6 +265,34 @@ def parse_model_config(text: str, *, source: str, default_name: str) -> ModelCon
     config = ModelConfig(**values)
     _check_semantics(source, config)
     return config
+
+
+def _dynamic_batching(source: str, raw: Any) -> DynamicBatchingConfig:
+    """[dynamic_batching] and its [dynamic_batching.priority_queue_policy.<level>] tables, whose
+    missing keys take the default policy's (the flat keys') values."""
+    raw = dict(_typed(source, "dynamic_batching", raw, dict))
+    key = "dynamic_batching.priority_queue_policy"
+    tables = _typed(source, key, raw.pop("priority_queue_policy", {}), dict)
+    config = _dataclass_from(source, "dynamic_batching", raw, DynamicBatchingConfig)
+    default = config.default_queue_policy
+    levels = sorted(
+        (
+            _priority_level(source, level),
+            _dataclass_from(source, f"{key}.{level}", table, QueuePolicy, default),
+        )
+        for level, table in tables.items()
+    )
+    return dataclasses.replace(config, priority_queue_policy=tuple(levels))
+
+
+def _priority_level(source: str, key: str) -> int:
+    """A [dynamic_batching.priority_queue_policy.<level>] table's level, written as an integer."""
+    if not key.isdecimal() or str(int(key)) != key:
+        raise ModelConfigError(
+            f"{source}: [dynamic_batching.priority_queue_policy.{key}]: '{key}' is not a priority "
+            f"level; name the table by its level, e.g. [dynamic_batching.priority_queue_policy.1]"
+        )
+    return int(key)
 
 
 def _version_policy(source: str, raw: Any) -> VersionPolicy:
@@ -260,7 +317,8 @@ def _version_policy(source: str, raw: Any) -> VersionPolicy:
 
 
 def _check_semantics(source: str, config: ModelConfig) -> None:
-    """Cross-field rules: thread counts, optimization level, priorities, batch shapes."""
+    """Cross-field rules: thread counts, optimization level, priorities and queue policies, batch
+    shapes."""
     batching = config.dynamic_batching
     level = config.onnxruntime.graph_optimization_level
     if level not in GRAPH_OPTIMIZATION_LEVELS:
@@ -279,6 +337,7 @@ def _check_semantics(source: str, config: ModelConfig) -> None:
             f"{source}: dynamic_batching.default_priority_level must be in "
             f"[1, {batching.priority_levels}] (priority_levels)"
         )
+    _check_queue_policies(source, batching)
     if config.max_batch_size:
         for size in batching.preferred_batch_sizes:
             if not 1 <= size <= config.max_batch_size:
@@ -292,6 +351,32 @@ def _check_semantics(source: str, config: ModelConfig) -> None:
                     f"{source}: tensor '{tensor.name}' shape {list(tensor.shape)} must start "
                     f"with -1 (the batch dimension) because max_batch_size > 0"
                 )
+
+
+def _check_queue_policies(source: str, batching: DynamicBatchingConfig) -> None:
+    """Each timeout_action is known; per-level policies need priority_levels and a level in
+    [1, priority_levels]."""
+    key = "dynamic_batching.priority_queue_policy"
+    policies = [("dynamic_batching", batching.default_queue_policy)]
+    policies += [(f"{key}.{level}", policy) for level, policy in batching.priority_queue_policy]
+    for table, policy in policies:
+        if policy.timeout_action not in TIMEOUT_ACTIONS:
+            raise ModelConfigError(
+                f"{source}: {table}.timeout_action '{policy.timeout_action}'; use one of "
+                f"{', '.join(TIMEOUT_ACTIONS)}"
+            )
+    levels = batching.priority_levels
+    if batching.priority_queue_policy and not levels:
+        raise ModelConfigError(
+            f"{source}: {key} needs dynamic_batching.priority_levels; set priority_levels (and "
+            f"default_priority_level) or move the policy to the [dynamic_batching] keys"
+        )
+    for level, _ in batching.priority_queue_policy:
+        if not 1 <= level <= levels:
+            raise ModelConfigError(
+                f"{source}: [{key}.{level}]: level {level} is outside [1, {levels}] "
+                f"(priority_levels); use a level in that range or raise priority_levels"
+            )
 
 
 def load_model_config(model_dir: Path) -> ModelConfig:

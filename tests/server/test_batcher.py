@@ -3,6 +3,7 @@
 import asyncio
 import dataclasses
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from server.model_config import (
     DynamicBatchingConfig,
     InstanceGroupConfig,
     ModelConfig,
+    QueuePolicy,
     complete_config,
 )
 from server.onnx_runner import OnnxRunner
@@ -37,9 +39,11 @@ def make_batcher(
     instances: int = 1,
     inline_max_us: int = 0,
     ran_on: list[str] | None = None,
+    before_run: Callable[[dict[str, np.ndarray]], None] | None = None,
     **batching,
 ) -> DynamicBatcher:
-    """A batcher over a real ONNX Runtime session; ran_on collects the executing thread names."""
+    """A batcher over a real ONNX Runtime session; ran_on collects the executing thread names,
+    and before_run sees each batch's inputs before ONNX Runtime runs it."""
     path = tmp_path / f"model-{id(model)}.onnx"
     path.write_bytes(model.SerializeToString())
     config = ModelConfig(
@@ -51,11 +55,14 @@ def make_batcher(
     runner = OnnxRunner(path, config.onnxruntime, instances)
     config = complete_config(config, runner.inputs, runner.outputs, source=str(path))
     cost = runner.calibrate(config)
-    if ran_on is None:
+    if ran_on is None and before_run is None:
         return DynamicBatcher(config, runner.run, cost=cost)
 
     def run(instance, feed, outputs):
-        ran_on.append(threading.current_thread().name)
+        if ran_on is not None:
+            ran_on.append(threading.current_thread().name)
+        if before_run is not None:
+            before_run(feed)
         return runner.run(instance, feed, outputs)
 
     return DynamicBatcher(config, run, cost=cost)
@@ -390,3 +397,193 @@ def test_a_sub_millisecond_queue_delay_is_checked_every_loop_turn(tmp_path):
         return queued_ns
 
     assert asyncio.run(main()) >= 200_000
+
+
+class Gate:
+    """A before_run hook that records each batch's first x value, then holds the batch on its
+    instance thread until opened: requests queue up behind it, and `ran` shows the order in
+    which the queued ones then run."""
+
+    def __init__(self) -> None:
+        self.ran: list[float] = []
+        self._opened = threading.Event()
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> None:
+        self.ran.append(float(feed["x"][0, 0]))
+        self._opened.wait(30)
+
+    def open(self) -> None:
+        """Let the held batch and every later one run."""
+        self._opened.set()
+
+
+def row(value: float) -> np.ndarray:
+    """One MLP input row filled with value, which Gate records as the row's marker."""
+    return np.full((1, 32), value, np.float32)
+
+
+def gated_batcher(tmp_path: Path, gate: Gate, **batching) -> DynamicBatcher:
+    """A started single-instance MLP batcher that runs every request alone, held by gate."""
+    batcher = make_batcher(tmp_path, mlp_model(), enabled=False, before_run=gate, **batching)
+    batcher.start()
+    return batcher
+
+
+async def hold(batcher: DynamicBatcher) -> asyncio.Task:
+    """Start a request (marker -1) that the gate holds on the only instance; return once it
+    is executing, so later requests queue."""
+    task = asyncio.create_task(batcher.submit({"x": row(-1)}, 1))
+    while batcher.busy_instances == 0:
+        await asyncio.sleep(0.001)
+    return task
+
+
+def two_levels(**level_one) -> dict:
+    """Batching settings with priority levels 1 and 2 (default 2), level 1 with its own policy."""
+    return {
+        "priority_levels": 2,
+        "default_priority_level": 2,
+        "priority_queue_policy": ((1, QueuePolicy(**level_one)),),
+    }
+
+
+def test_each_priority_level_has_its_own_max_queue_size(tmp_path: Path) -> None:
+    """As in Triton, max_queue_size counts one level's queue: level 1 (its own limit 1) is full
+    while level 2 (the default policy's 2) still accepts, and then fills up too."""
+
+    async def main() -> None:
+        gate = Gate()
+        batcher = gated_batcher(tmp_path, gate, max_queue_size=2, **two_levels(max_queue_size=1))
+        blocker = await hold(batcher)
+        queued = [asyncio.create_task(batcher.submit({"x": row(1)}, 1, priority=1))]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="priority level 1 queue holds max_queue_size=1"):
+            await batcher.submit({"x": row(1)}, 1, priority=1)
+        queued += [asyncio.create_task(batcher.submit({"x": row(2)}, 1)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="priority level 2 queue holds max_queue_size=2"):
+            await batcher.submit({"x": row(2)}, 1, priority=2)
+        gate.open()
+        await asyncio.wait_for(asyncio.gather(blocker, *queued), 30)
+        await batcher.close()
+        assert gate.ran == [-1, 1, 2, 2]
+        assert (batcher.stats.success.count, batcher.stats.fail.count) == (4, 2)
+
+    asyncio.run(main())
+
+
+def test_a_level_timeout_rejects_only_that_levels_requests(tmp_path: Path) -> None:
+    async def main() -> None:
+        gate = Gate()
+        batcher = gated_batcher(tmp_path, gate, **two_levels(default_timeout_us=5_000))
+        blocker = await hold(batcher)
+        patient = asyncio.create_task(batcher.submit({"x": row(2)}, 1))
+        with pytest.raises(RequestTimeoutError, match="before it ran"):
+            await asyncio.wait_for(batcher.submit({"x": row(1)}, 1, priority=1), 10)
+        assert not patient.done()
+        gate.open()
+        await asyncio.wait_for(asyncio.gather(blocker, patient), 30)
+        await batcher.close()
+        assert gate.ran == [-1, 2]
+
+    asyncio.run(main())
+
+
+def test_delay_runs_a_timed_out_request_after_its_level_and_before_lower_ones(
+    tmp_path: Path,
+) -> None:
+    """Level 1 delays timed-out requests: `late` (its 1 ms request timeout passed while the
+    instance was held) runs after the level-1 request queued behind it, yet before level 2,
+    and gets its own output."""
+    reference = ort.InferenceSession(mlp_model().SerializeToString())
+
+    async def main() -> tuple[Gate, list[dict]]:
+        gate = Gate()
+        policy = {"default_timeout_us": 60_000_000, "timeout_action": "delay"}
+        batcher = gated_batcher(tmp_path, gate, **two_levels(**policy))
+        blocker = await hold(batcher)
+        late = asyncio.create_task(batcher.submit({"x": row(1)}, 1, priority=1, timeout_us=1000))
+        await asyncio.sleep(0.02)
+        on_time = asyncio.create_task(batcher.submit({"x": row(2)}, 1, priority=1))
+        lower = asyncio.create_task(batcher.submit({"x": row(3)}, 1, priority=2))
+        await asyncio.sleep(0)
+        assert batcher.queued == 3
+        gate.open()
+        results = await asyncio.wait_for(asyncio.gather(late, on_time, lower), 30)
+        await blocker
+        await batcher.close()
+        return gate, results
+
+    gate, results = asyncio.run(main())
+    assert gate.ran == [-1, 2, 1, 3]
+    for marker, result in zip((1, 2, 3), results, strict=True):
+        expected = reference.run(None, {"x": row(marker)})[0]
+        np.testing.assert_allclose(result["y"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("allow", "default_us", "request_us", "rejected"),
+    [
+        (True, 60_000_000, 5_000, True),
+        (True, 5_000, 60_000_000, True),
+        (False, 0, 5_000, False),
+        (False, 60_000_000, 5_000, False),
+    ],
+    ids=[
+        "shorter-applies",
+        "longer-does-not-extend",
+        "ignored-no-default",
+        "ignored-longer-default",
+    ],
+)
+def test_allow_timeout_override(
+    tmp_path: Path, allow: bool, default_us: int, request_us: int, rejected: bool
+) -> None:
+    """Triton's allow_timeout_override: a request's timeout may shorten the level's default,
+    never extend it; when not allowed it is ignored. The instance is held for 50 ms: ten times
+    the 5 ms timeout where that applies, far less than the 60 s one."""
+
+    async def main() -> None:
+        gate = Gate()
+        batcher = gated_batcher(
+            tmp_path, gate, default_timeout_us=default_us, allow_timeout_override=allow
+        )
+        blocker = await hold(batcher)
+        task = asyncio.create_task(batcher.submit({"x": row(1)}, 1, timeout_us=request_us))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        assert task.done() == rejected
+        gate.open()
+        if rejected:
+            with pytest.raises(RequestTimeoutError):
+                await task
+        else:
+            assert (await asyncio.wait_for(task, 30))["y"].shape == (1, 1)
+        await blocker
+        await batcher.close()
+        assert gate.ran == ([-1] if rejected else [-1, 1])
+
+    asyncio.run(main())
+
+
+def test_the_callers_deadline_drops_a_delayed_request(tmp_path: Path) -> None:
+    """timeout_action "delay" never drops a request for its queue timeout, but the caller's
+    deadline (the gRPC deadline: the caller is gone) still does."""
+
+    async def main() -> None:
+        gate = Gate()
+        batcher = gated_batcher(tmp_path, gate, default_timeout_us=1_000, timeout_action="delay")
+        blocker = await hold(batcher)
+        loop = asyncio.get_running_loop()
+        delayed = asyncio.create_task(batcher.submit({"x": row(1)}, 1))
+        dropped = batcher.submit({"x": row(2)}, 1, deadline=loop.time() + 0.02)
+        with pytest.raises(RequestTimeoutError, match="before it ran"):
+            await asyncio.wait_for(dropped, 10)
+        assert not delayed.done()
+        gate.open()
+        assert (await asyncio.wait_for(delayed, 30))["y"].shape == (1, 1)
+        await blocker
+        await batcher.close()
+        assert gate.ran == [-1, 1]
+
+    asyncio.run(main())

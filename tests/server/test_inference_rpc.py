@@ -444,3 +444,73 @@ def test_repository_rpcs_load_unload_and_report_failures(tmp_path: Path) -> None
         assert [(s.name, s.inference_count) for s in stats.model_stats] == [("mlp", 1)]
 
     serve(tmp_path, body)
+
+
+def test_model_config_reports_the_queue_policy_as_configured(tmp_path: Path) -> None:
+    write_model(
+        tmp_path,
+        "delaying",
+        mlp_model(),
+        config_toml=(
+            "max_batch_size = 16\n"
+            "[dynamic_batching]\n"
+            "max_queue_size = 9\n"
+            "default_timeout_us = 3000\n"
+            'timeout_action = "delay"\n'
+            "allow_timeout_override = false\n"
+            "priority_levels = 2\n"
+            "default_priority_level = 2\n"
+            "[dynamic_batching.priority_queue_policy.1]\n"
+            "max_queue_size = 4\n"
+            'timeout_action = "reject"\n'
+        ),
+    )
+
+    async def body(stub, repo) -> None:
+        config = (await stub.ModelConfig(pb.ModelConfigRequest(name="delaying"))).config
+        queue = config.dynamic_batching.default_queue_policy
+        assert queue.timeout_action == mc.ModelQueuePolicy.DELAY
+        assert not queue.allow_timeout_override
+        assert (queue.max_queue_size, queue.default_timeout_microseconds) == (9, 3000)
+        assert list(config.dynamic_batching.priority_queue_policy) == [1]
+        level = config.dynamic_batching.priority_queue_policy[1]
+        assert level.timeout_action == mc.ModelQueuePolicy.REJECT
+        assert not level.allow_timeout_override
+        assert (level.max_queue_size, level.default_timeout_microseconds) == (4, 3000)
+
+    serve(tmp_path, body)
+
+
+def test_delay_policy_runs_a_timed_out_request_but_the_grpc_deadline_drops_one(
+    tmp_path: Path,
+) -> None:
+    """With timeout_action "delay", a request whose "timeout" parameter (1 ms) passes while the
+    instance is busy still runs; one whose gRPC deadline passes is dropped unexecuted."""
+    write_model(
+        tmp_path,
+        "slow",
+        medium_model(width=2048, layers=4),
+        config_toml=(
+            "max_batch_size = 256\n"
+            "[dynamic_batching]\n"
+            "default_timeout_us = 60000000\n"
+            'timeout_action = "delay"\n'
+        ),
+    )
+
+    async def body(stub, repo) -> None:
+        blocker = await occupy(stub, repo)
+        timed_out = infer_request("slow", {"x": np.ones((1, 2048), np.float32)})
+        timed_out.parameters["timeout"].int64_param = 1000
+        delayed = asyncio.ensure_future(stub.ModelInfer(timed_out))
+        gone = infer_request("slow", {"x": np.ones((2, 2048), np.float32)})
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(gone, timeout=0.02)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await blocker
+        assert output(await delayed, "y").shape == (1, 2048)
+        stats = repo.get("slow").batcher.stats
+        assert stats.inference_count == 256 + 1
+        assert stats.fail.count == 1
+
+    serve(tmp_path, body)

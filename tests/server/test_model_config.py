@@ -1,5 +1,6 @@
 """config.toml parsing, unknown-key rejection, extension tables, and completion from ONNX."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from benchmarks.model_zoo import mlp_model, write_model
 from server.model_config import (
     DEFAULT_MAX_BATCH_SIZE,
     ModelConfigError,
+    QueuePolicy,
     TensorSpec,
     VersionPolicy,
     complete_config,
@@ -147,3 +149,111 @@ def test_version_policies_select_versions() -> None:
     assert VersionPolicy(latest=2).select([3, 1, 2]) == [2, 3]
     assert VersionPolicy(latest=None, all=True).select([2, 1]) == [1, 2]
     assert VersionPolicy(latest=None, specific=(1, 9)).select([1, 2]) == [1]
+
+
+QUEUE_POLICIES = """
+[dynamic_batching]
+max_queue_size = 256
+default_timeout_us = 50000
+priority_levels = 3
+default_priority_level = 3
+
+[dynamic_batching.priority_queue_policy.1]
+max_queue_size = 16
+default_timeout_us = 1000
+timeout_action = "delay"
+allow_timeout_override = false
+
+[dynamic_batching.priority_queue_policy.2]
+max_queue_size = 32
+"""
+
+
+def test_priority_queue_policies_take_missing_keys_from_the_default_policy() -> None:
+    batching = parse_model_config(
+        QUEUE_POLICIES, source="c.toml", default_name="m"
+    ).dynamic_batching
+    default = QueuePolicy(256, 50000, "reject", True)
+    assert batching.default_queue_policy == default
+    assert batching.queue_policy(1) == QueuePolicy(16, 1000, "delay", False)
+    assert batching.queue_policy(2) == QueuePolicy(32, 50000, "reject", True)
+    assert batching.queue_policy(3) == default
+    assert hash(batching) == hash(dataclasses.replace(batching))
+
+
+def test_queue_policy_defaults_keep_todays_behaviour() -> None:
+    batching = parse_model_config("", source="c.toml", default_name="m").dynamic_batching
+    assert batching.default_queue_policy == QueuePolicy(0, 0, "reject", True)
+    assert batching.priority_queue_policy == ()
+
+
+LEVELS = "[dynamic_batching]\npriority_levels = 2\ndefault_priority_level = 1\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (
+            LEVELS + "[dynamic_batching.priority_queue_policy.1]\nmax_queue = 3",
+            "unknown key [dynamic_batching.priority_queue_policy.1] 'max_queue'",
+        ),
+        (
+            LEVELS + "[dynamic_batching.priority_queue_policy.3]\nmax_queue_size = 3",
+            "level 3 is outside [1, 2] (priority_levels)",
+        ),
+        (
+            LEVELS + "[dynamic_batching.priority_queue_policy.0]\nmax_queue_size = 3",
+            "level 0 is outside [1, 2]",
+        ),
+        (
+            LEVELS + "[dynamic_batching.priority_queue_policy.high]\nmax_queue_size = 3",
+            "'high' is not a priority level",
+        ),
+        (
+            "[dynamic_batching.priority_queue_policy.1]\nmax_queue_size = 3",
+            "dynamic_batching.priority_queue_policy needs dynamic_batching.priority_levels",
+        ),
+        (
+            '[dynamic_batching]\ntimeout_action = "drop"',
+            "dynamic_batching.timeout_action 'drop'; use one of reject, delay",
+        ),
+        (
+            LEVELS + '[dynamic_batching.priority_queue_policy.2]\ntimeout_action = "DELAY"',
+            "dynamic_batching.priority_queue_policy.2.timeout_action 'DELAY'",
+        ),
+        (
+            LEVELS + "[dynamic_batching.priority_queue_policy.1]\nmax_queue_size = -1",
+            "'dynamic_batching.priority_queue_policy.1.max_queue_size' must be >= 0",
+        ),
+        (
+            LEVELS + "[dynamic_batching.priority_queue_policy.1]\ndefault_timeout_us = -5",
+            "'dynamic_batching.priority_queue_policy.1.default_timeout_us' must be >= 0",
+        ),
+        (
+            "[dynamic_batching]\nallow_timeout_override = 1",
+            "'dynamic_batching.allow_timeout_override' must be bool",
+        ),
+        (
+            LEVELS + "priority_queue_policy = 3",
+            "'dynamic_batching.priority_queue_policy' must be dict",
+        ),
+    ],
+    ids=[
+        "unknown-key",
+        "level-above-priority-levels",
+        "level-zero",
+        "level-not-an-integer",
+        "without-priority-levels",
+        "unknown-timeout-action",
+        "unknown-level-timeout-action",
+        "negative-max-queue-size",
+        "negative-timeout",
+        "override-not-bool",
+        "policy-not-a-table",
+    ],
+)
+def test_invalid_queue_policies_fail_naming_file_and_key(text: str, needle: str) -> None:
+    with pytest.raises(ModelConfigError) as info:
+        parse_model_config(text, source="models/m/config.toml", default_name="m")
+    assert needle in str(info.value)
+    assert str(info.value).startswith("models/m/config.toml: ")

@@ -26,7 +26,7 @@ from server.config import ConfigError, ServerConfig
 from server.feature_servicer import FeatureStoreServicer
 from server.health import Health
 from server.inference_servicer import InferenceServicer
-from server.message_size import MessageSizeInterceptor
+from server.message_size import MessageLimit, MessageSizeInterceptor
 from server.metrics import MetricsRuntime, start_metrics
 from server.metrics_interceptor import MetricsInterceptor
 from server.model_repository import ModelRepository
@@ -101,6 +101,7 @@ class FeatureServer:
         self.store: OnlineStore | None = None
         self.committer: GroupCommitter | None = None
         self.metrics_interceptor = MetricsInterceptor()
+        self.message_limit = MessageLimit.of(config)
         self.metrics: MetricsRuntime | None = None
         self.audit = AuditLog(None)
         try:
@@ -149,11 +150,7 @@ class FeatureServer:
         auth = self.authorizer.interceptor()
         if auth is not None:
             interceptors.append(auth)
-        interceptors.append(
-            MessageSizeInterceptor(
-                self.config.max_message_bytes, self.config.max_entities_per_request
-            )
-        )
+        interceptors.append(MessageSizeInterceptor(self.message_limit))
         server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
         self._register(server)
         try:
@@ -218,12 +215,16 @@ class FeatureServer:
         )
         prediction_pb2_grpc.add_PredictionServicer_to_server(
             PredictionServicer(
-                self.store, self.models, self.config.max_entities_per_request, self.authorizer
+                self.store,
+                self.models,
+                self.config.max_entities_per_request,
+                self.authorizer,
+                limit=self.message_limit,
             ),
             server,
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.models, self.authorizer, self.audit), server
+            InferenceServicer(self.models, self.authorizer, self.audit, self.message_limit), server
         )
         self.health.register(server)
         reflection.enable_server_reflection(

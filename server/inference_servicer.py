@@ -19,7 +19,9 @@ from protos.inference import model_config_pb2 as mc
 from server.audit import AuditLog
 from server.auth import AuthConfig, Authorizer
 from server.batcher import BatcherStats, Duration, oversized_request
+from server.config import ServerConfig
 from server.errors import InvalidRequestError, ServerError, abort
+from server.message_size import MessageLimit, Oversized
 from server.model_config import MODEL_FILENAME, ModelConfig, QueuePolicy
 from server.model_repository import LoadedModel, ModelRepository
 from server.tensors import TRITON_TYPE_NAMES, decode_contents, decode_raw, encode_raw
@@ -27,6 +29,7 @@ from server.tensors import TRITON_TYPE_NAMES, decode_contents, decode_raw, encod
 SERVER_NAME = "featureserve"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
 PLATFORM = "onnxruntime_onnx"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def _server_version() -> str:
@@ -261,10 +264,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         repository: ModelRepository,
         authorizer: Authorizer | None = None,
         audit: AuditLog | None = None,
+        limit: MessageLimit | None = None,
     ) -> None:
         self.repository = repository
         self.auth = authorizer or Authorizer(AuthConfig())
         self.audit = audit or AuditLog(None)
+        self.limit = limit or MessageLimit.of(ServerConfig())
         self._version = _server_version()
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
@@ -340,17 +345,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except ServerError as exc:
             await abort(context, exc)
 
-    async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-        """One stream request's response; an error becomes error_message, not a stream failure."""
+    async def _stream_one(
+        self, request: pb.ModelInferRequest | Oversized
+    ) -> pb.ModelStreamInferResponse:
+        """One stream request's response; an error (a request or response over
+        max_message_bytes too) becomes error_message, not a stream failure."""
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+            request = self.limit.request(STREAM_METHOD, request)
+            response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+            return self.limit.response(STREAM_METHOD, response)
         except Exception as exc:
+            known = request if isinstance(request, pb.ModelInferRequest) else pb.ModelInferRequest()
             return pb.ModelStreamInferResponse(
                 error_message=f"{type(exc).__name__}: {exc}",
                 infer_response=pb.ModelInferResponse(
-                    model_name=request.model_name,
-                    model_version=request.model_version,
-                    id=request.id,
+                    model_name=known.model_name,
+                    model_version=known.model_version,
+                    id=known.id,
                 ),
             )
 

@@ -2,28 +2,75 @@
 
 gRPC's own limit answers "Received message larger than max (N vs. M)", which names neither the
 server option nor the fix, so gRPC is given a higher ceiling (app.grpc_receive_limit) and this
-interceptor applies the configured one.
+interceptor applies the configured one. On a bidirectional stream an oversized message fails only
+its own request: the servicer answers it in its place with MessageLimit, and the stream goes on.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import Message
 
 from featurestore.errors import ResourceExhaustedError
+from server.config import ServerConfig
 from server.errors import abort
 from server.handler_wrapping import WrappingInterceptor, call_behavior, rewrap
 
 
-class _Oversized:
-    """What MessageSizeInterceptor's deserializer hands on for a request over the limit."""
+class Oversized:
+    """What MessageSizeInterceptor's deserializer hands on for a request over the limit (a
+    bidirectional stream's servicer receives it, and answers it with MessageLimit.request)."""
 
     __slots__ = ("size",)
 
     def __init__(self, size: int) -> None:
         self.size = size
+
+
+@dataclass(frozen=True)
+class MessageLimit:
+    """max_message_bytes, and the error that names it and the fix."""
+
+    limit: int
+    max_entities: int
+
+    @classmethod
+    def of(cls, config: ServerConfig) -> MessageLimit:
+        """The limit a server config sets."""
+        return cls(config.max_message_bytes, config.max_entities_per_request)
+
+    def error(self, method: str, what: str, size: int) -> ResourceExhaustedError:
+        """RESOURCE_EXHAUSTED for a `what` ("request" or "response") of `size` bytes."""
+        if what == "request":
+            fix = "split it into smaller requests (fewer rows or entities per message)"
+        else:
+            fix = (
+                "ask for fewer entities or features per call (max_entities_per_request="
+                f"{self.max_entities} caps entities, not bytes)"
+            )
+        return ResourceExhaustedError(
+            f"{method.lstrip('/')}: the {what} is {size} bytes, over the server's limit of "
+            f"max_message_bytes={self.limit}; {fix}, or raise max_message_bytes in the server "
+            "config"
+        )
+
+    def request(self, method: str, request: object) -> object:
+        """The request, or the error of an Oversized one."""
+        if type(request) is Oversized:
+            raise self.error(method, "request", request.size)
+        return request
+
+    def response(self, method: str, response: Message) -> Message:
+        """A streamed response, or the error of one over the limit (gRPC's own send limit
+        would end the whole stream)."""
+        size = response.ByteSize()
+        if size > self.limit:
+            raise self.error(method, "response", size)
+        return response
 
 
 def _passthrough(raw: bytes) -> bytes:
@@ -35,51 +82,39 @@ class MessageSizeInterceptor(WrappingInterceptor):
     RESOURCE_EXHAUSTED naming the limit and the fix (gRPC's own check names neither).
 
     A request is measured as raw bytes before it is parsed (an oversized one never is); a unary
-    response is serialized here instead of by gRPC, once, so each check costs a len(). Streamed
-    responses are left to gRPC's own limit. Put it last, so it wraps the servicers directly.
+    response is serialized here instead of by gRPC, once, so each check costs a len(). On a
+    bidirectional stream an oversized request reaches the servicer as Oversized, and the
+    servicer checks its streamed responses (MessageLimit), so one message fails only its own
+    request. Put it last, so it wraps the servicers directly.
     """
 
-    def __init__(self, limit: int, max_entities: int) -> None:
+    def __init__(self, limit: MessageLimit) -> None:
         super().__init__()
         self.limit = limit
-        self._max_entities = max_entities
-
-    def _too_big(self, method: str, what: str, size: int) -> ResourceExhaustedError:
-        if what == "request":
-            fix = "split it into smaller requests (fewer rows or entities per message)"
-        else:
-            fix = (
-                "ask for fewer entities or features per call (max_entities_per_request="
-                f"{self._max_entities} caps entities, not bytes)"
-            )
-        return ResourceExhaustedError(
-            f"{method.lstrip('/')}: the {what} is {size} bytes, over the server's limit of "
-            f"max_message_bytes={self.limit}; {fix}, or raise max_message_bytes in the server "
-            "config"
-        )
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The handler with its requests measured and, for a unary response, its response."""
-        limit = self.limit
+        limits = self.limit
+        limit = limits.limit
         parse = handler.request_deserializer
         serialize = handler.response_serializer
 
         def deserialize(raw: bytes) -> object:
             if len(raw) > limit:
-                return _Oversized(len(raw))
+                return Oversized(len(raw))
             return parse(raw) if parse is not None else raw
 
         def check(request: object) -> object:
-            if type(request) is _Oversized:
-                raise self._too_big(method, "request", request.size)
-            return request
+            return limits.request(method, request)
 
         async def checked(requests: AsyncIterator) -> AsyncIterator:
             async for request in requests:
                 yield check(request)
 
         def adapt(request: object) -> object:
-            return checked(request) if handler.request_streaming else check(request)
+            if handler.request_streaming:
+                return request if handler.response_streaming else checked(request)
+            return check(request)
 
         def measured(behavior: Callable, streaming: bool) -> Callable:
             if not streaming:
@@ -89,7 +124,7 @@ class MessageSizeInterceptor(WrappingInterceptor):
                         response = await call_behavior(behavior, adapt(request), context)
                         raw = serialize(response) if serialize is not None else response
                         if len(raw) > limit:
-                            raise self._too_big(method, "response", len(raw))
+                            raise limits.error(method, "response", len(raw))
                     except ResourceExhaustedError as exc:
                         await abort(context, exc)
                     return raw

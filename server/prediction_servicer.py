@@ -25,8 +25,10 @@ from protos.featureserve.v1 import prediction_pb2 as pb
 from protos.featureserve.v1 import prediction_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import types_pb2
 from server.auth import AuthConfig, Authorizer
+from server.config import ServerConfig
 from server.errors import InvalidRequestError, is_domain_error, maps_errors, status_for
 from server.feature_servicer import decode_keys
+from server.message_size import MessageLimit, Oversized
 from server.model_repository import LoadedModel, ModelRepository
 from server.predict_coalescer import PredictCoalescer
 from server.prediction_binding import Assembled, PredictionBinding
@@ -35,6 +37,7 @@ log = logging.getLogger("featureserve.prediction")
 
 MAX_ROW_ERRORS = 1000
 STREAM_WINDOW = 32
+STREAM_METHOD = "/featureserve.v1.Prediction/StreamPredict"
 _OK = np.uint8(pb.OK)
 _FAILED = np.uint8(pb.FAILED)
 
@@ -88,8 +91,10 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         max_entities_per_request: int,
         authorizer: Authorizer | None = None,
         stream_window: int = STREAM_WINDOW,
+        limit: MessageLimit | None = None,
     ) -> None:
         self.auth = authorizer or Authorizer(AuthConfig())
+        self.limit = limit or MessageLimit.of(ServerConfig())
         self.store = store
         self.models = models
         self.max_rows = max_entities_per_request
@@ -184,17 +189,20 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         return await self.predict(request, context)
 
     async def _answer(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+        self, request: pb.PredictRequest | Oversized, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
-        """One stream request's response; a failure becomes error_code/error_message."""
+        """One stream request's response; a failure (a request or response over
+        max_message_bytes too) becomes error_code/error_message."""
         try:
-            return await self.predict(request, context)
+            request = self.limit.request(STREAM_METHOD, request)
+            return self.limit.response(STREAM_METHOD, await self.predict(request, context))
         except Exception as exc:
+            known = request if isinstance(request, pb.PredictRequest) else pb.PredictRequest()
             if not is_domain_error(exc):
-                log.exception("StreamPredict request %r failed", request.request_id)
+                log.exception("StreamPredict request %r failed", known.request_id)
             return pb.PredictResponse(
-                request_id=request.request_id,
-                model=request.model,
+                request_id=known.request_id,
+                model=known.model,
                 error_code=status_for(exc).value[0],
                 error_message=str(exc),
             )

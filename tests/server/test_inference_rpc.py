@@ -514,3 +514,30 @@ def test_delay_policy_runs_a_timed_out_request_but_the_grpc_deadline_drops_one(
         assert stats.fail.count == 1
 
     serve(tmp_path, body)
+
+
+def test_an_oversized_stream_message_fails_only_its_own_request(tmp_path: Path, server_factory):
+    """max_message_bytes = 10000: a 16 KB answer and a 16 KB request each get error_message in
+    their place, and the stream goes on."""
+    write_model(tmp_path / "models", "wide", gather_model(width=4000))
+    write_model(tmp_path / "models", "narrow", gather_model(width=4))
+    config = tmp_path / "small.toml"
+    config.write_text("max_message_bytes = 10000\n")
+    server = server_factory("--config", str(config))
+    limit = "over the server's limit of max_message_bytes=10000"
+
+    def gather(model: str, rows: int, id: str) -> pb.ModelInferRequest:
+        return infer_request(model, {"idx": np.full((rows, 1), 2, np.int64)}, id=id)
+
+    requests = [gather("narrow", 1, "before"), gather("wide", 1, "big-answer"),
+                gather("narrow", 2000, "big-request"), gather("narrow", 1, "after")]  # fmt: skip
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        responses = list(stub.ModelStreamInfer(iter(requests), timeout=60))
+    assert [r.infer_response.id for r in responses] == ["before", "big-answer", "", "after"]
+    for ok in (responses[0], responses[3]):
+        assert not ok.error_message
+        np.testing.assert_array_equal(output(ok.infer_response, "y"), [np.arange(8, 12)])
+    assert "the response is" in responses[1].error_message and limit in responses[1].error_message
+    assert "the request is" in responses[2].error_message and limit in responses[2].error_message
+    assert "ModelStreamInfer" in responses[2].error_message

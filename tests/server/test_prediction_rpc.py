@@ -170,10 +170,13 @@ class PredictServer(FeatureServer):
         self.thread.join(10)
 
 
-def start_server(base: Path, cls: type[PredictServer] = PredictServer) -> tuple[PredictServer, str]:
+def start_server(
+    base: Path, cls: type[PredictServer] = PredictServer, **settings
+) -> tuple[PredictServer, str]:
     config = ServerConfig(
-        port=0, data_dir=base / "data", model_repo=base / "models", watch_model_repo=False
-    )
+        port=0, data_dir=base / "data", model_repo=base / "models", watch_model_repo=False,
+        **settings,
+    )  # fmt: skip
     server = cls(config)
     return server, server.run_in_thread()
 
@@ -462,6 +465,40 @@ def test_stream_keeps_order_and_survives_a_bad_request(served) -> None:
     assert all(r.error is None for k, r in enumerate(results) if k not in (7, 30, 50))
     for a, b in zip(results[:5], unary, strict=True):
         np.testing.assert_allclose(a.scores["y"], b.scores["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_an_oversized_stream_message_fails_only_its_own_request(tmp_path) -> None:
+    """max_message_bytes = 10000: an answer of 400 entities (their fills make it ~17 KB) and a
+    request of 1000 entities (16 KB) each get an error in their place; the stream goes on."""
+    write_model(tmp_path / "models", "scorer", mlp_model(seed=3), config_toml=scorer_config())
+    server, target = start_server(tmp_path)
+    try:
+        ids = np.arange(1, 401)
+        populate(target, ids)
+    finally:
+        server.shutdown()
+    server, target = start_server(tmp_path, max_message_bytes=10_000)
+    try:
+
+        def request(n: int, request_id: str):
+            keys, amount = {"user_id": ids[np.arange(n) % 400]}, np.ones(n)
+            return predict_request("scorer", keys, {"amount": amount}, request_id=request_id)
+
+        requests = [request(10, "before"), request(400, "big-answer"),
+                    request(1000, "big-request"), request(10, "after")]  # fmt: skip
+        assert requests[1].ByteSize() < 10_000 < requests[2].ByteSize()
+        with PredictionClient(ClientConfig(target=target, max_message_bytes=1 << 24)) as client:
+            results = list(client.stream(requests, timeout_s=60))
+    finally:
+        server.shutdown()
+    assert [r.request_id for r in results] == ["before", "big-answer", "", "after"]
+    assert results[0].error is None and results[3].error is None
+    assert results[0].scores["y"].shape[0] == 10
+    limit = "over the server's limit of max_message_bytes=10000"
+    for result, what in ((results[1], "response"), (results[2], "request")):
+        assert result.error is not None
+        assert result.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"the {what} is" in result.error.message and limit in result.error.message
 
 
 class CountingServer(PredictServer):

@@ -25,12 +25,14 @@ from server.auth import Authorizer, parse_auth
 from server.config import ConfigError, ServerConfig
 from server.feature_servicer import FeatureStoreServicer
 from server.health import Health
+from server.inference_servicer import STREAM_METHOD as MODEL_STREAM
 from server.inference_servicer import InferenceServicer
 from server.message_size import MessageLimit, MessageSizeInterceptor
 from server.metrics import MetricsRuntime, start_metrics
 from server.metrics_interceptor import MetricsInterceptor
 from server.model_repository import ModelRepository
 from server.overload import OverloadInterceptor
+from server.prediction_servicer import STREAM_METHOD as PREDICT_STREAM
 from server.prediction_servicer import PredictionServicer
 from server.tls import parse_tls, server_credentials
 from server.workers import worker_index
@@ -150,7 +152,8 @@ class FeatureServer:
         auth = self.authorizer.interceptor()
         if auth is not None:
             interceptors.append(auth)
-        interceptors.append(MessageSizeInterceptor(self.message_limit))
+        in_place = frozenset({PREDICT_STREAM, MODEL_STREAM})
+        interceptors.append(MessageSizeInterceptor(self.message_limit, in_place))
         server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
         self._register(server)
         try:

@@ -82,15 +82,16 @@ class MessageSizeInterceptor(WrappingInterceptor):
     RESOURCE_EXHAUSTED naming the limit and the fix (gRPC's own check names neither).
 
     A request is measured as raw bytes before it is parsed (an oversized one never is); a unary
-    response is serialized here instead of by gRPC, once, so each check costs a len(). On a
-    bidirectional stream an oversized request reaches the servicer as Oversized, and the
-    servicer checks its streamed responses (MessageLimit), so one message fails only its own
+    response is serialized here instead of by gRPC, once, so each check costs a len(). The
+    bidirectional streams named in `in_place` receive an oversized request as Oversized and
+    check their streamed responses themselves (MessageLimit), so one message fails only its own
     request. Put it last, so it wraps the servicers directly.
     """
 
-    def __init__(self, limit: MessageLimit) -> None:
+    def __init__(self, limit: MessageLimit, in_place: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.limit = limit
+        self.in_place = in_place
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The handler with its requests measured and, for a unary response, its response."""
@@ -113,7 +114,7 @@ class MessageSizeInterceptor(WrappingInterceptor):
 
         def adapt(request: object) -> object:
             if handler.request_streaming:
-                return request if handler.response_streaming else checked(request)
+                return request if method in self.in_place else checked(request)
             return check(request)
 
         def measured(behavior: Callable, streaming: bool) -> Callable:

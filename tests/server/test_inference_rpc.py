@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from benchmarks.model_zoo import (
     add_sub_model,
@@ -541,3 +542,10 @@ def test_an_oversized_stream_message_fails_only_its_own_request(tmp_path: Path, 
     assert "the response is" in responses[1].error_message and limit in responses[1].error_message
     assert "the request is" in responses[2].error_message and limit in responses[2].error_message
     assert "ModelStreamInfer" in responses[2].error_message
+    with grpc.insecure_channel(server.target) as channel:
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        huge = reflection_pb2.ServerReflectionRequest(file_containing_symbol="x" * 20_000)
+        with pytest.raises(grpc.RpcError) as info:
+            list(reflect.ServerReflectionInfo(iter([huge]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert limit in info.value.details()

@@ -279,7 +279,8 @@ class DynamicBatcher:
         self.metrics.fail("rejected")
         queue = f"priority level {level.number} queue" if level.number else "queue"
         return QueueFullError(
-            f"model '{self.name}': {queue} holds max_queue_size={level.max_queue} requests"
+            f"model '{self.name}': {queue} holds max_queue_size={level.max_queue} requests; "
+            "retry after a short wait, or raise max_queue_size in the model's config.toml"
         )
 
     def _dispatch(self) -> None:

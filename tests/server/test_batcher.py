@@ -463,11 +463,13 @@ def test_each_priority_level_has_its_own_max_queue_size(tmp_path: Path) -> None:
         await asyncio.sleep(0)
         with pytest.raises(QueueFullError, match="priority level 2 queue holds max_queue_size=2"):
             await batcher.submit({"x": row(2)}, 1, priority=2)
+        with pytest.raises(QueueFullError, match="raise max_queue_size in the model's config"):
+            await batcher.submit({"x": row(2)}, 1)
         gate.open()
         await asyncio.wait_for(asyncio.gather(blocker, *queued), 30)
         await batcher.close()
         assert gate.ran == [-1, 1, 2, 2]
-        assert (batcher.stats.success.count, batcher.stats.fail.count) == (4, 2)
+        assert (batcher.stats.success.count, batcher.stats.fail.count) == (4, 3)
 
     asyncio.run(main())
 

@@ -23,6 +23,7 @@ from benchmarks.scenarios import (
     python_module_argv,
     register_scenario,
 )
+from server import event_loop
 from server.app import grpc_options
 from server.config import ServerConfig
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--payload-bytes", type=int, default=DEFAULT_PAYLOAD_BYTES)
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, args.payload_bytes))
+    event_loop.run(serve(args.host, args.port, args.payload_bytes))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from benchmarks.load import CLOSED, OPEN, LoadSpec
 from benchmarks.model_zoo import MEDIUM_WIDTH, medium_model, mlp_model, write_model
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from server import event_loop
 from server.inference_servicer import InferenceServicer
 from server.model_repository import ModelRepository
 from server.runner import GC_THRESHOLDS
@@ -482,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        asyncio.run(serve(args.serve, args.port_file))
+        event_loop.run(serve(args.serve, args.port_file))
         return
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     print(f"closed-loop generator: {args.generator}", flush=True)

@@ -30,6 +30,7 @@ import grpc
 from benchmarks import proc_stats
 from benchmarks.histogram import Histogram
 from benchmarks.scenarios import RequestFn, Scenario, get_scenario
+from server import event_loop
 from server.config import ServerConfig
 
 CLOSED = "closed"
@@ -258,7 +259,7 @@ def _observe(
 def _worker_main(job: _Job, conn: mp.connection.Connection) -> None:
     """Entry point of a client process: run the job and send back its result or its failure."""
     try:
-        asyncio.run(_worker(job, conn))
+        event_loop.run(_worker(job, conn))
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
     finally:

@@ -38,6 +38,7 @@ from benchmarks.scenarios import (
     register_scenario,
 )
 from clients.prediction_messages import predict_request
+from server import event_loop
 
 MODEL = "scorer"
 ENTITIES = 10_000
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         if args.workers > 1:
             return serve_workers(args.data_dir, args.model_repo, args.workers)
-        asyncio.run(serve(args.data_dir, args.model_repo))
+        event_loop.run(serve(args.data_dir, args.model_repo))
         return 0
     runs = []
     for workers in [int(w) for w in args.workers.split(",")]:

@@ -8,12 +8,12 @@ the pid the harness samples for CPU is the server's own) and prints the line onc
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import socket
 from pathlib import Path
 
 from benchmarks.scenarios import ScenarioError, ServerProcess, comma_choices, python_module_argv
+from server import event_loop
 from server.cli import SERVE_FLAGS
 from server.config import load_config
 from server.logs import configure_logging
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides["log_level"] = args.log_level
     config = load_config(args.config, overrides)
     configure_logging(config.log_level, config.log_format)
-    asyncio.run(serve(config, announce))
+    event_loop.run(serve(config, announce), config.event_loop)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.audit import AuditLog, parse_audit
 from server.auth import Authorizer, parse_auth
 from server.config import ConfigError, ServerConfig
+from server.event_loop import running_loop_name
 from server.feature_servicer import FeatureStoreServicer
 from server.health import Health
 from server.inference_servicer import STREAM_METHOD as MODEL_STREAM
@@ -180,6 +181,7 @@ class FeatureServer:
                 "pid": os.getpid(),
                 "worker": worker_index(),
                 "tls": self.tls is not None,
+                "event_loop": running_loop_name(),
                 "auth": self.authorizer.enabled,
                 "metrics_port": self.metrics.port,
             },

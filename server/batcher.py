@@ -101,6 +101,15 @@ class _Request:
 
 
 @dataclass(slots=True)
+class _Alarm:
+    """A callback scheduled on the loop and the loop time it is due. The time is kept here:
+    uvloop's call_at returns a plain Handle, without when(), for a time already past."""
+
+    handle: asyncio.Handle
+    when: float
+
+
+@dataclass(slots=True)
 class _Outcome:
     """What an instance thread hands back for one batch."""
 
@@ -184,8 +193,8 @@ class DynamicBatcher:
         self._closed = False
         self._drained: asyncio.Event | None = None
         self._kicked = False
-        self._delay_timer: asyncio.TimerHandle | None = None
-        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._delay_alarm: _Alarm | None = None
+        self._expiry_alarm: _Alarm | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -396,17 +405,16 @@ class DynamicBatcher:
     def _arm_delay(self, due: float, now: float) -> None:
         """Make sure _on_delay runs by `due`; a wait shorter than the timer resolution is
         re-checked on the next loop turn instead."""
-        if self._delay_timer is not None and self._delay_timer.when() <= due:
+        alarm = self._delay_alarm
+        if alarm is not None and alarm.when <= due:
             return
-        if self._delay_timer is not None:
-            self._delay_timer.cancel()
         if due - now < TIMER_RESOLUTION_S:
             due = now
-        self._delay_timer = self._loop.call_at(due, self._on_delay)
+        self._delay_alarm = self._rearm(alarm, due, self._on_delay)
 
     def _on_delay(self) -> None:
         """The oldest request waited max_queue_delay: dispatch what is there."""
-        self._delay_timer = None
+        self._delay_alarm = None
         self._dispatch()
 
     def _unqueue(self, request: _Request) -> None:
@@ -429,16 +437,19 @@ class DynamicBatcher:
 
     def _arm_expiry(self, deadline: float) -> None:
         """Make sure a timer fires by this deadline to drop expired queued requests."""
-        timer = self._expiry_timer
-        if timer is not None and timer.when() <= deadline:
-            return
-        if timer is not None:
-            timer.cancel()
-        self._expiry_timer = self._loop.call_at(deadline, self._on_expiry)
+        self._expiry_alarm = self._rearm(self._expiry_alarm, deadline, self._on_expiry)
+
+    def _rearm(self, alarm: _Alarm | None, due: float, callback: Callable[[], None]) -> _Alarm:
+        """An alarm that runs callback by `due`: `alarm` itself when it is due no later."""
+        if alarm is not None:
+            if alarm.when <= due:
+                return alarm
+            alarm.handle.cancel()
+        return _Alarm(self._loop.call_at(due, callback), due)
 
     def _on_expiry(self) -> None:
         """Drop every queued request whose deadline passed; re-arm for the next one."""
-        self._expiry_timer = None
+        self._expiry_alarm = None
         now = self._loop.time()
         for level in self._queues:
             level.waiting = self._drop_expired(level.waiting, now)
@@ -580,9 +591,9 @@ class DynamicBatcher:
         if self._queued:
             self._dispatch()
         await self._drained.wait()
-        for timer in (self._delay_timer, self._expiry_timer):
-            if timer is not None:
-                timer.cancel()
+        for alarm in (self._delay_alarm, self._expiry_alarm):
+            if alarm is not None:
+                alarm.handle.cancel()
         for _ in self._threads:
             self._jobs.put(None)
         threads, self._threads = self._threads, []

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server.config import ConfigError, load_config
+from server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 
 SERVE_FLAGS = ("host", "port", "data_dir", "model_repo", "metrics_port")
 
@@ -28,6 +29,11 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--log-format", choices=["json", "text"], help="log format (default json)")
     p.add_argument(
+        "--event-loop",
+        choices=list(EVENT_LOOPS),
+        help=f"asyncio event loop to serve on (default {DEFAULT_EVENT_LOOP})",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -44,6 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in SERVE_FLAGS}
     overrides["log_format"] = args.log_format
+    overrides["event_loop"] = args.event_loop
     try:
         config = load_config(args.config, overrides)
     except ConfigError as exc:

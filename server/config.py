@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
+
 
 class ConfigError(Exception):
     """A configuration file or flag is wrong; the message names the key and the file."""
@@ -26,6 +28,7 @@ class ServerConfig:
     grace_seconds: float = 10.0
     log_level: str = "INFO"
     log_format: str = "json"
+    event_loop: str = DEFAULT_EVENT_LOOP
     max_concurrent_rpcs: int = 0
     lmdb_map_bytes: int = 1 << 30
     max_entities_per_request: int = 100_000
@@ -44,6 +47,7 @@ class ServerConfig:
 
 _PATH_KEYS = {"data_dir", "model_repo"}
 _SECTIONS = ("auth", "tls", "audit")
+_CHOICES = {"event_loop": tuple(EVENT_LOOPS)}
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -57,6 +61,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(
             f"{source}: key '{name}' must be {expected.__name__}, got {type(value).__name__}"
+        )
+    choices = _CHOICES.get(name)
+    if choices is not None and value not in choices:
+        raise ConfigError(
+            f"{source}: key '{name}' is {value!r}; use one of {', '.join(map(repr, choices))}"
         )
     return value
 

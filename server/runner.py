@@ -7,6 +7,7 @@ import gc
 import signal
 from collections.abc import Callable
 
+from server import event_loop
 from server.app import FeatureServer
 from server.config import ServerConfig
 
@@ -44,5 +45,5 @@ async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = N
 
 
 def run(config: ServerConfig) -> None:
-    """Blocking entry point of `featureserve serve`."""
-    asyncio.run(serve(config))
+    """Blocking entry point of `featureserve serve`, on the configured event loop."""
+    event_loop.run(serve(config), config.event_loop)

@@ -23,6 +23,7 @@ def test_defaults_are_the_embedded_single_machine_setup() -> None:
         50051,
     )
     assert config.extra == {}
+    assert config.event_loop == "uvloop"
 
 
 def test_top_level_server_table_sections_and_flag_overrides(tmp_path: Path) -> None:
@@ -46,6 +47,7 @@ def test_top_level_server_table_sections_and_flag_overrides(tmp_path: Path) -> N
         ("port = true\n", "key 'port' must be int, got bool"),
         ("server = 3\n", "[server] must be a table"),
         ("port = \n", "not valid TOML"),
+        ('event_loop = "trio"\n', "key 'event_loop' is 'trio'; use one of 'uvloop', 'asyncio'"),
     ],
 )
 def test_errors_name_the_key_and_the_file(tmp_path: Path, text: str, message: str) -> None:
@@ -58,3 +60,8 @@ def test_errors_name_the_key_and_the_file(tmp_path: Path, text: str, message: st
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_a_flag_outside_the_choices_is_named() -> None:
+    with pytest.raises(ConfigError, match="command line: key 'event_loop' is 'tokio'"):
+        load_config(None, {"event_loop": "tokio"})

@@ -45,6 +45,16 @@ def test_reflection_lists_the_three_services(server) -> None:
     assert services >= SERVICES | {"grpc.health.v1.Health"}
 
 
+@pytest.mark.parametrize(
+    ("flags", "loop"), [((), "uvloop"), (("--event-loop", "asyncio"), "asyncio")]
+)
+def test_the_server_runs_on_the_chosen_event_loop(server_factory, flags, loop) -> None:
+    server = server_factory(*flags)
+    assert check_health(ClientConfig(target=server.target))[""] == "SERVING"
+    (serving,) = [e for e in server.logs() if e["msg"] == "serving"]
+    assert serving["event_loop"] == loop
+
+
 def test_sigterm_exits_zero_and_logs_the_drain(server) -> None:
     assert server.terminate() == 0
     messages = [entry["msg"] for entry in server.logs()]

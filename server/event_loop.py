@@ -14,7 +14,7 @@ import uvloop
 
 EVENT_LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "uvloop": uvloop.new_event_loop,
-    "asyncio": asyncio.new_event_loop,
+    "asyncio": asyncio.SelectorEventLoop,
 }
 DEFAULT_EVENT_LOOP = "uvloop"
 

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import uvloop
 
 from benchmarks.model_zoo import add_sub_model, gather_model, medium_model, mlp_model
 from server.batcher import DynamicBatcher
@@ -20,6 +19,7 @@ from server.errors import (
     QueueFullError,
     RequestTimeoutError,
 )
+from server.event_loop import EVENT_LOOPS
 from server.model_config import (
     DynamicBatchingConfig,
     InstanceGroupConfig,
@@ -32,15 +32,14 @@ from server.onnx_runner import OnnxRunner
 SLOW_ROWS = 256
 
 
-LOOP_POLICIES = {"uvloop": uvloop.EventLoopPolicy, "asyncio": asyncio.DefaultEventLoopPolicy}
-
-
-@pytest.fixture(autouse=True, params=list(LOOP_POLICIES))
+@pytest.fixture(autouse=True, params=list(EVENT_LOOPS))
 def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Each test runs on both loops the server can serve on (server/event_loop.py): their
-    timer handles differ."""
+    """Each test runs on every loop the server can serve on (their timer handles differ):
+    asyncio.run takes its new loop from the policy set here."""
     before = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(LOOP_POLICIES[request.param]())
+    policy = asyncio.DefaultEventLoopPolicy()
+    policy.new_event_loop = EVENT_LOOPS[request.param]
+    asyncio.set_event_loop_policy(policy)
     yield request.param
     asyncio.set_event_loop_policy(before)
 

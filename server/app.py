@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 import grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from featurestore.group_commit import GroupCommitter
 from featurestore.online_store import OnlineStore, StoreConfig
@@ -25,6 +25,7 @@ from server.auth import Authorizer, parse_auth
 from server.config import ConfigError, ServerConfig
 from server.event_loop import running_loop_name
 from server.feature_servicer import FeatureStoreServicer
+from server.handler_wrapping import InterceptingRegistrar
 from server.health import Health
 from server.inference_servicer import STREAM_METHOD as MODEL_STREAM
 from server.inference_servicer import InferenceServicer
@@ -155,8 +156,8 @@ class FeatureServer:
             interceptors.append(auth)
         in_place = frozenset({PREDICT_STREAM, MODEL_STREAM})
         interceptors.append(MessageSizeInterceptor(self.message_limit, in_place))
-        server = grpc.aio.server(options=grpc_options(self.config), interceptors=interceptors)
-        self._register(server)
+        server = grpc.aio.server(options=grpc_options(self.config))
+        self._register(InterceptingRegistrar(server, interceptors))
         try:
             if self.tls is not None:
                 self.port = server.add_secure_port(
@@ -206,8 +207,8 @@ class FeatureServer:
             },
         )
 
-    def _register(self, server: grpc.aio.Server) -> None:
-        """Add every service, health and reflection to the server."""
+    def _register(self, server: InterceptingRegistrar) -> None:
+        """Add every service, health and reflection to the server, through the interceptors."""
         feature_store_pb2_grpc.add_FeatureStoreServicer_to_server(
             FeatureStoreServicer(
                 self.store,
@@ -232,8 +233,11 @@ class FeatureServer:
             InferenceServicer(self.models, self.authorizer, self.audit, self.message_limit), server
         )
         self.health.register(server)
-        reflection.enable_server_reflection(
-            [*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                [*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME]
+            ),
+            server,
         )
 
     async def stop(self, grace: float | None = None) -> None:

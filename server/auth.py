@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
+import inspect
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -18,7 +19,7 @@ import grpc
 
 from server.config import ConfigError
 from server.errors import PermissionDeniedError, UnauthenticatedError
-from server.handler_wrapping import rewrap
+from server.handler_wrapping import WrappingInterceptor, rewrap
 
 ADMIN = "admin"
 MAX_REMEMBERED_SCOPES = 4096
@@ -262,7 +263,7 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Authenticates every call except open methods and checks its method's scope class;
     the principal is left in PRINCIPAL for the servicer's per-view / per-model require()."""
 
@@ -271,53 +272,44 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         names = authorizer.config.open_methods
         self._open_exact = frozenset(f"/{m}" for m in names if "/" in m)
         self._open_prefix = tuple(f"/{m}/" for m in names if "/" not in m)
-        self._denials: dict[tuple[str, grpc.StatusCode, str], grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        if method in self._open_exact or method.startswith(self._open_prefix):
-            return await continuation(handler_call_details)
-        principal = self._authorizer.authenticate(handler_call_details.invocation_metadata)
-        if principal is None:
-            return await self._deny(
-                continuation,
-                handler_call_details,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or unknown bearer token; send 'authorization: Bearer <token>' metadata "
-                "with a token listed in the server's [[auth.tokens]]",
-            )
+    def applies(self, method: str) -> bool:
+        """Every method but the open ones."""
+        return not (method in self._open_exact or method.startswith(self._open_prefix))
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler, run only for a caller whose token grants the method's scope class."""
         kind = METHOD_SCOPES.get(method, ADMIN)
-        if not principal.may(kind):
-            return await self._deny(
-                continuation,
-                handler_call_details,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"token '{principal.name}' has no {kind} scope, which {method} needs",
-            )
-        PRINCIPAL.set(principal)
-        return await continuation(handler_call_details)
+        denied = f"has no {kind} scope, which {method} needs"
 
-    async def _deny(self, continuation, details, code: grpc.StatusCode, message: str):
-        """A handler of the method's own shape that ends the call with code and message."""
-        key = (details.method, code, message)
-        denial = self._denials.get(key)
-        if denial is None:
-            denial = self._denials[key] = denial_handler(await continuation(details), code, message)
-        return denial
+        async def admit(context: grpc.aio.ServicerContext) -> None:
+            principal = self._authorizer.authenticate(context.invocation_metadata())
+            if principal is None:
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing or unknown bearer token; send 'authorization: Bearer <token>' "
+                    "metadata with a token listed in the server's [[auth.tokens]]",
+                )
+            if not principal.may(kind):
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, f"token '{principal.name}' {denied}"
+                )
+            PRINCIPAL.set(principal)
 
+        def guard(behavior: Callable, streaming: bool) -> Callable:
+            if streaming and inspect.isasyncgenfunction(behavior):
 
-def denial_handler(
-    handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler:
-    """A handler with the same streaming shape and serializers as `handler` that aborts."""
+                async def guarded_generator(request, context):
+                    await admit(context)
+                    async for response in behavior(request, context):
+                        yield response
 
-    async def deny(request, context):
-        await context.abort(code, message)
+                return guarded_generator
 
-    if handler is None:
-        return grpc.unary_unary_rpc_method_handler(deny)
-    return rewrap(handler, lambda behavior, streaming: deny)
+            async def guarded(request, context):
+                await admit(context)
+                return await behavior(request, context)
+
+            return guarded
+
+        return rewrap(handler, guard)

@@ -6,6 +6,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from server.handler_wrapping import InterceptingRegistrar
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -17,8 +19,8 @@ class Health:
         self.servicer = health_aio.HealthServicer()
         self.service_names = list(service_names)
 
-    def register(self, server: grpc.aio.Server) -> None:
-        """Add the Health service to a server."""
+    def register(self, server: grpc.aio.Server | InterceptingRegistrar) -> None:
+        """Add the Health service to a server (or to its registrar)."""
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     async def set(self, service: str, serving: bool) -> None:

@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from featurestore.errors import ResourceExhaustedError
 from server.config import ServerConfig
 from server.errors import abort
-from server.handler_wrapping import WrappingInterceptor, call_behavior, rewrap
+from server.handler_wrapping import WrappingInterceptor, rewrap
 
 
 class Oversized:
@@ -122,7 +122,7 @@ class MessageSizeInterceptor(WrappingInterceptor):
 
                 async def unary(request, context):
                     try:
-                        response = await call_behavior(behavior, adapt(request), context)
+                        response = await behavior(adapt(request), context)
                         raw = serialize(response) if serialize is not None else response
                         if len(raw) > limit:
                             raise limits.error(method, "response", len(raw))
@@ -144,7 +144,7 @@ class MessageSizeInterceptor(WrappingInterceptor):
 
             async def writer(request, context):
                 try:
-                    await call_behavior(behavior, adapt(request), context)
+                    await behavior(adapt(request), context)
                 except ResourceExhaustedError as exc:
                     await abort(context, exc)
 

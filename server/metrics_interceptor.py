@@ -1,5 +1,5 @@
-"""Server interceptor counting every RPC by method and status code and timing it, for unary and
-streaming methods alike; wrapped handlers are cached per method so a call pays no set-up."""
+"""Interceptor counting every RPC by method and status code and timing it, for unary and
+streaming methods alike; handlers are wrapped once, at registration, so a call pays no set-up."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from time import perf_counter
 
 import grpc
 
-from server.handler_wrapping import WrappingInterceptor, call_behavior, rewrap
+from server.handler_wrapping import WrappingInterceptor, rewrap
 from server.metrics import RPC_DURATION, RPC_REQUESTS
 
 OK = "OK"
@@ -78,7 +78,7 @@ def _unary(behavior, rec: MethodRecorder):
     async def timed(request, context):
         start = perf_counter()
         try:
-            response = await call_behavior(behavior, request, context)
+            response = await behavior(request, context)
         except BaseException as exc:
             rec.finish(start, context, exc)
             raise
@@ -107,7 +107,7 @@ def _streaming(behavior, rec: MethodRecorder):
     async def timed_writer(request, context):
         start = perf_counter()
         try:
-            await call_behavior(behavior, request, context)
+            await behavior(request, context)
         except BaseException as exc:
             rec.finish(start, context, exc)
             raise

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
-from server.handler_wrapping import WrappingInterceptor, call_behavior, rewrap
+from server.handler_wrapping import WrappingInterceptor, rewrap
 
 EXEMPT = ("/grpc.health.v1.Health/",)
 
@@ -57,7 +57,7 @@ class OverloadInterceptor(WrappingInterceptor):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._message)
             self.active += 1
             try:
-                return await call_behavior(behavior, request, context)
+                return await behavior(request, context)
             finally:
                 self.active -= 1
 

@@ -20,6 +20,7 @@ from protos.inference import grpc_service_pb2_grpc as ks_grpc
 from server.auth import AuthInterceptor, Authorizer, Principal, bearer_token, parse_auth
 from server.config import ConfigError
 from server.errors import maps_errors
+from server.handler_wrapping import InterceptingRegistrar
 from server.health import Health
 
 TOKENS = {
@@ -161,10 +162,11 @@ async def in_process_matrix() -> dict[tuple[str, str], grpc.StatusCode]:
         }
     )
     authorizer = Authorizer(config)
-    server = grpc.aio.server(interceptors=[AuthInterceptor(authorizer)])
-    pb_grpc.add_FeatureStoreServicer_to_server(Store(authorizer), server)
+    server = grpc.aio.server()
+    registrar = InterceptingRegistrar(server, [AuthInterceptor(authorizer)])
+    pb_grpc.add_FeatureStoreServicer_to_server(Store(authorizer), registrar)
     health = Health([])
-    health.register(server)
+    health.register(registrar)
     await health.set_all(True)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

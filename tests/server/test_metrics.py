@@ -20,6 +20,7 @@ from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import prediction_pb2, prediction_pb2_grpc
+from server.handler_wrapping import InterceptingRegistrar
 from server.metrics import (
     AGE_BUCKETS,
     ModelMetrics,
@@ -86,9 +87,10 @@ class Echo(prediction_pb2_grpc.PredictionServicer):
 
 async def exercise_interceptor() -> int:
     interceptor = MetricsInterceptor()
-    server = grpc.aio.server(interceptors=[interceptor])
-    pb_grpc.add_FeatureStoreServicer_to_server(Views(), server)
-    prediction_pb2_grpc.add_PredictionServicer_to_server(Echo(), server)
+    server = grpc.aio.server()
+    registrar = InterceptingRegistrar(server, [interceptor])
+    pb_grpc.add_FeatureStoreServicer_to_server(Views(), registrar)
+    prediction_pb2_grpc.add_PredictionServicer_to_server(Echo(), registrar)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import prediction_pb2, prediction_pb2_grpc
+from server.handler_wrapping import InterceptingRegistrar
 from server.health import Health
 from server.overload import OverloadInterceptor
 
@@ -55,11 +56,12 @@ async def codes_of(tasks) -> list[str]:
 async def scenario() -> dict[str, object]:
     servicer = Gate()
     interceptor = OverloadInterceptor(LIMIT)
-    server = grpc.aio.server(interceptors=[interceptor])
-    pb_grpc.add_FeatureStoreServicer_to_server(servicer, server)
-    prediction_pb2_grpc.add_PredictionServicer_to_server(Stream(servicer.gate), server)
+    server = grpc.aio.server()
+    registrar = InterceptingRegistrar(server, [interceptor])
+    pb_grpc.add_FeatureStoreServicer_to_server(servicer, registrar)
+    prediction_pb2_grpc.add_PredictionServicer_to_server(Stream(servicer.gate), registrar)
     health = Health([])
-    health.register(server)
+    health.register(registrar)
     await health.set_all(True)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

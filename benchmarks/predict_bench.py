@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -41,6 +42,10 @@ from clients.prediction_messages import predict_request
 from server import event_loop
 
 MODEL = "scorer"
+CONNECTIONS_PER_WORKER = 4
+"""SO_REUSEPORT spreads connections, not requests, over the workers: 2 h2load connections to 2
+workers both landed on one worker in one run (1.01x one process), so a sweep reaching several
+workers opens at least this many connections per worker."""
 ENTITIES = 10_000
 PREDICT = "/featureserve.v1.Prediction/Predict"
 STREAM = "/featureserve.v1.Prediction/StreamPredict"
@@ -255,6 +260,7 @@ def run_point(
     native = args.generator == "h2load" and scenario is PREDICT_SCENARIO
     if native:
         body = request_bytes(args.entities, 1, 5)[0]
+        spec = replace(spec, processes=spec.processes * spec.channels_per_process)
         result = h2load.run_h2load(server.target, PREDICT, body, spec, server.pid)
     else:
         result = run_load(scenario, client_args, server.target, spec, server.pid)
@@ -265,7 +271,15 @@ def run_point(
     return record
 
 
-def measure(args: argparse.Namespace, workers: int) -> tuple[list[dict], dict]:
+def channels_per_process(args: argparse.Namespace, most_workers: int) -> int:
+    """--channels, raised so that a sweep reaching several workers opens at least
+    CONNECTIONS_PER_WORKER connections per worker at every point of the sweep."""
+    if most_workers < 2:
+        return args.channels
+    return max(args.channels, -(-CONNECTIONS_PER_WORKER * most_workers // args.processes))
+
+
+def measure(args: argparse.Namespace, workers: int, channels: int) -> tuple[list[dict], dict]:
     """Both scenarios against a fresh server of `workers` processes, and the in-process floor."""
     with tempfile.TemporaryDirectory(prefix="predict_bench") as tmp:
         data, repo = Path(tmp) / "data", Path(tmp) / "models"
@@ -281,7 +295,7 @@ def measure(args: argparse.Namespace, workers: int) -> tuple[list[dict], dict]:
             for concurrency in args.concurrency:
                 spec = LoadSpec(mode=CLOSED, concurrency=concurrency, processes=args.processes,
                                 warmup_s=args.warmup, duration_s=args.duration,
-                                channels_per_process=args.channels)  # fmt: skip
+                                channels_per_process=channels)  # fmt: skip
                 for scenario in (PREDICT_SCENARIO, STREAM_SCENARIO):
                     runs.append(run_point(args, scenario, spec, server, workers, floor))
         finally:
@@ -340,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")],
                         default=[32], help="in-flight requests to sweep, e.g. 32,64")  # fmt: skip
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--channels", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=2, help="client processes")
+    parser.add_argument("--channels", type=int, default=2,
+                        help="connections per client process (h2load: processes x channels); "
+                        "raised to 4 per worker when --workers sweeps past 1")  # fmt: skip
     parser.add_argument("--entities", type=int, default=100)
     parser.add_argument("--workers", default="1", help="server processes to sweep, e.g. 1,2")
     parser.add_argument("--generator", choices=("python", "h2load"), default="python",
@@ -354,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         event_loop.run(serve(args.data_dir, args.model_repo))
         return 0
     runs = []
-    for workers in [int(w) for w in args.workers.split(",")]:
-        measured, floor = measure(args, workers)
+    sweep = [int(w) for w in args.workers.split(",")]
+    channels = channels_per_process(args, max(sweep))
+    for workers in sweep:
+        measured, floor = measure(args, workers, channels)
         runs += measured
         print(f"workers={workers}: in-process floor ({args.entities} entities): {floor}")
     print(report.format_table(runs))

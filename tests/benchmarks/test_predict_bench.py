@@ -1,6 +1,8 @@
 """The Predict benchmark's target report."""
 
-from benchmarks.predict_bench import summary
+from argparse import Namespace
+
+from benchmarks.predict_bench import channels_per_process, summary
 
 
 def run(scenario: str, generator: str, rps: float, workers: int = 1) -> dict:
@@ -26,3 +28,11 @@ def test_stream_is_compared_with_unary_only_under_one_generator() -> None:
 def test_two_workers_are_measured_against_one_process() -> None:
     lines = summary([run("predict", "h2load", 2000), run("predict", "h2load", 3500, workers=2)])
     assert lines[-1] == "workers=2 c=64: predict 1.75x one process (target >= 1.7x for 2) MET"
+
+
+def test_a_sweep_past_one_worker_opens_four_connections_per_worker() -> None:
+    args = Namespace(processes=2, channels=2)
+    assert channels_per_process(args, 1) == 2
+    assert channels_per_process(args, 2) == 4
+    assert channels_per_process(Namespace(processes=8, channels=1), 2) == 1
+    assert channels_per_process(Namespace(processes=3, channels=1), 4) == 6

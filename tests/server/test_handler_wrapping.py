@@ -92,17 +92,42 @@ def test_a_method_is_wrapped_once_and_again_only_for_a_new_handler() -> None:
     assert tag.wraps == 2
 
 
-def test_the_registrar_hands_the_server_intercepted_handlers() -> None:
-    added: list[object] = []
-    registered: dict[str, dict] = {}
-    server = SimpleNamespace(
-        add_generic_rpc_handlers=added.extend,
-        add_registered_method_handlers=registered.__setitem__,
+async def served_over_loopback() -> bytes:
+    server = grpc.aio.server()
+    registrar = InterceptingRegistrar(server, [BytesTag(b"t")])
+    echo = grpc.unary_unary_rpc_method_handler(echo_bytes)
+    registrar.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("svc.S", {"Call": echo})]
     )
-    registrar = InterceptingRegistrar(server, [Tag("t")])
-    registrar.add_generic_rpc_handlers([Swappable(grpc.unary_unary_rpc_method_handler(plain))])
-    registrar.add_registered_method_handlers(
-        "svc.S", {"Call": grpc.unary_unary_rpc_method_handler(plain)}
-    )
-    assert call(added[0]) == ["req", "t"]
-    assert asyncio.run(registered["svc.S"]["Call"].unary_unary("req", None)) == ["req", "t"]
+    registrar.add_registered_method_handlers("svc.S", {"Call": echo})
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return await channel.unary_unary(METHOD)(b"req", timeout=10)
+    finally:
+        await server.stop(0)
+
+
+class BytesTag(WrappingInterceptor):
+    """Appends its tag to a bytes response."""
+
+    def __init__(self, tag: bytes) -> None:
+        self.tag = tag
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        def tagged(behavior, streaming):
+            async def call(request, context):
+                return await behavior(request, context) + self.tag
+
+            return call
+
+        return rewrap(handler, tagged)
+
+
+async def echo_bytes(request: bytes, context) -> bytes:
+    return request
+
+
+def test_the_registrar_serves_the_intercepted_handlers_over_a_real_server() -> None:
+    assert asyncio.run(served_over_loopback()) == b"reqt"

@@ -53,7 +53,9 @@ class InterceptedHandlers(grpc.GenericRpcHandler):
         self._interceptors = tuple(interceptors)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
         handler = self._inner.service(handler_call_details)
         if handler is None:
             return None
@@ -110,6 +112,16 @@ def coroutine_behavior(behavior: Callable) -> Callable:
     return awaited
 
 
+_KINDS = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+"""The four handler kinds: the RpcMethodHandler attribute holding the behavior, and the
+function that builds a handler of that kind."""
+
+
 def rewrap(
     handler: grpc.RpcMethodHandler,
     wrap: Callable[[Callable, bool], Callable],
@@ -128,11 +140,3 @@ def rewrap(
         if behavior is not None:
             return make(wrap(coroutine_behavior(behavior), handler.response_streaming), **serde)
     raise ValueError("the handler has no behavior")
-
-
-_KINDS = (
-    ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    ("stream_stream", grpc.stream_stream_rpc_method_handler),
-)

@@ -9,10 +9,43 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
+from typing import Any, Protocol
 
 from featurestore.errors import UnavailableError
-from featurestore.online_store import OnlineStore, PreparedBatch, WriteResult
+from featurestore.online_store import PreparedBatch, WriteResult
+
+
+class Batch(Protocol):
+    """What a group commit counts against its row limit: a PreparedBatch, or a batch that the
+    writer decodes itself (commit_process)."""
+
+    @property
+    def row_count(self) -> int:
+        """Rows the batch writes."""
+        ...
+
+
+class BatchWriter(Protocol):
+    """Writes many batches in one synced transaction, one result each (OnlineStore)."""
+
+    def write_prepared(self, batches: Sequence[Any]) -> list[WriteResult]:
+        """Write the batches durably; one WriteResult per batch, in order."""
+        ...
+
+
+class Committer(Protocol):
+    """What a write path needs of a group committer: GroupCommitter, or CommitProcess
+    (featurestore/commit_process.py), which runs one in a child process."""
+
+    def submit(self, prepared: PreparedBatch) -> Future[WriteResult]:
+        """Queue a prepared batch; the future resolves with its WriteResult once durable."""
+        ...
+
+    def close(self) -> None:
+        """Commit everything already queued, then stop."""
+        ...
 
 
 class GroupCommitter:
@@ -30,7 +63,7 @@ class GroupCommitter:
 
     def __init__(
         self,
-        store: OnlineStore,
+        store: BatchWriter,
         max_batch_rows: int = 200_000,
         max_delay_s: float = 0.0,
         linger_fraction: float = 0.5,
@@ -44,14 +77,14 @@ class GroupCommitter:
         self._linger_min_rows = linger_min_rows
         self._linger_max_s = linger_max_s
         self._linger = 0.0
-        self._queue: deque[tuple[PreparedBatch, Future[WriteResult]]] = deque()
+        self._queue: deque[tuple[Batch, Future[WriteResult]]] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self.commits = 0
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
 
-    def submit(self, prepared: PreparedBatch) -> Future[WriteResult]:
+    def submit(self, prepared: Batch) -> Future[WriteResult]:
         """Queue a prepared batch; the future resolves with its own WriteResult once durable."""
         future: Future[WriteResult] = Future()
         with self._cond:
@@ -68,7 +101,7 @@ class GroupCommitter:
             self._cond.notify()
         self._thread.join()
 
-    def _take(self) -> list[tuple[PreparedBatch, Future[WriteResult]]]:
+    def _take(self) -> list[tuple[Batch, Future[WriteResult]]]:
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
@@ -80,13 +113,13 @@ class GroupCommitter:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            taken: list[tuple[PreparedBatch, Future[WriteResult]]] = []
+            taken: list[tuple[Batch, Future[WriteResult]]] = []
             rows = 0
             while self._queue and (
-                not taken or rows + len(self._queue[0][0].keys) <= self._max_rows
+                not taken or rows + self._queue[0][0].row_count <= self._max_rows
             ):
                 item = self._queue.popleft()
-                rows += len(item[0].keys)
+                rows += item[0].row_count
                 taken.append(item)
             return taken
 
@@ -99,7 +132,7 @@ class GroupCommitter:
             if live:
                 self._commit(live)
 
-    def _commit(self, items: list[tuple[PreparedBatch, Future[WriteResult]]]) -> None:
+    def _commit(self, items: list[tuple[Batch, Future[WriteResult]]]) -> None:
         started = time.monotonic()
         try:
             results = self._store.write_prepared([b for b, _ in items])
@@ -112,12 +145,12 @@ class GroupCommitter:
             return
         self.commits += 1
         self._linger = 0.0
-        if sum(len(b.keys) for b, _ in items) >= self._linger_min_rows:
+        if sum(b.row_count for b, _ in items) >= self._linger_min_rows:
             took = time.monotonic() - started
             self._linger = min(self._linger_fraction * took, self._linger_max_s)
         for (_, future), result in zip(items, results, strict=True):
             future.set_result(result)
 
 
-def _rows(queue: deque[tuple[PreparedBatch, Future[WriteResult]]]) -> int:
-    return sum(len(b.keys) for b, _ in queue)
+def _rows(queue: deque[tuple[Batch, Future[WriteResult]]]) -> int:
+    return sum(b.row_count for b, _ in queue)

@@ -121,6 +121,11 @@ class PreparedBatch:
     rejected: int
     errors: list[RowError]
 
+    @property
+    def row_count(self) -> int:
+        """Rows to write (what a group commit counts against its limit)."""
+        return len(self.keys)
+
 
 @dataclass
 class WriteResult:

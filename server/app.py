@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from featurestore.group_commit import GroupCommitter
+from featurestore.commit_process import CommitProcess
 from featurestore.online_store import OnlineStore, StoreConfig
 from protos.featureserve.v1 import (
     feature_store_pb2,
@@ -103,7 +103,7 @@ class FeatureServer:
         self.health = Health(SERVICES)
         self._server: grpc.aio.Server | None = None
         self.store: OnlineStore | None = None
-        self.committer: GroupCommitter | None = None
+        self.committer: CommitProcess | None = None
         self.metrics_interceptor = MetricsInterceptor()
         self.message_limit = MessageLimit.of(config)
         self.metrics: MetricsRuntime | None = None
@@ -122,16 +122,15 @@ class FeatureServer:
         if worker_index() is None:
             check_port_free(self.config.host, self.config.port)
         self.audit = AuditLog.from_config(self.audit_config, self.config.data_dir)
-        self.store = OnlineStore(
-            StoreConfig(
-                path=self.config.data_dir,
-                map_size=self.config.lmdb_map_bytes,
-                max_clock_skew_seconds=self.config.max_clock_skew_seconds,
-                max_entities_per_read=self.config.max_entities_per_request,
-                max_rows_per_write=self.config.max_rows_per_write,
-            )
+        store_config = StoreConfig(
+            path=self.config.data_dir,
+            map_size=self.config.lmdb_map_bytes,
+            max_clock_skew_seconds=self.config.max_clock_skew_seconds,
+            max_entities_per_read=self.config.max_entities_per_request,
+            max_rows_per_write=self.config.max_rows_per_write,
         )
-        self.committer = GroupCommitter(self.store)
+        self.store = OnlineStore(store_config)
+        self.committer = CommitProcess(store_config)
         self.models = ModelRepository(
             ensure_writable_dir(self.config.model_repo, "model repository"),
             watch=self.config.watch_model_repo,

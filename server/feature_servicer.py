@@ -12,7 +12,7 @@ from clients import registry_messages as rm
 from featurestore.dtypes import FeatureStatus
 from featurestore.errors import InvalidArgumentError, ResourceExhaustedError
 from featurestore.feature_refs import parse_feature_refs
-from featurestore.group_commit import GroupCommitter
+from featurestore.group_commit import Committer
 from featurestore.online_store import (
     OnlineStore,
     ReadResult,
@@ -34,7 +34,11 @@ from server.metrics import ViewMetrics
 MAX_ROW_ERRORS = 1000
 """Row errors listed per WriteFeatures response (a stream's whole answer included), so a batch
 of bad rows cannot make the answer too large to send; rows_rejected still counts every one."""
-MAX_STREAM_BATCHES_IN_FLIGHT = 8
+MAX_STREAM_BATCHES_IN_FLIGHT = 16
+"""Batches of one StreamWriteFeatures waiting for their commit before the next is read (flow
+control: a stream holds at most this many prepared batches). At 8, a stream of 10 batches always
+spanned two commits, waiting for the first before sending the rest; at 16 it fits one. Measured
+with the commit thread in the server, 32 streams: 240k rows/s against 196-208k at 8."""
 LOOKUP_SAMPLE_EVERY = 256
 WRITE_SAMPLE_EVERY = 16
 
@@ -213,7 +217,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     def __init__(
         self,
         store: OnlineStore,
-        committer: GroupCommitter,
+        committer: Committer,
         max_entities_per_request: int,
         authorizer: Authorizer | None = None,
         audit: AuditLog | None = None,

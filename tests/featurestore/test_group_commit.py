@@ -8,7 +8,7 @@ import pytest
 
 from featurestore.dtypes import DType
 from featurestore.errors import NotFoundError, UnavailableError
-from featurestore.group_commit import GroupCommitter
+from featurestore.group_commit import Committer, GroupCommitter
 from featurestore.online_store import OnlineStore, PreparedBatch, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 
@@ -27,38 +27,44 @@ def batch(ids, event, value) -> WriteBatch:
     )
 
 
+def submit_concurrently(store: OnlineStore, committer: Committer) -> None:
+    """8 threads x 5 batches of 20 rows over 400 stored rows: odd threads write newer events
+    (all written), even ones older (half stale: the stored half of their rows). Checks each
+    batch's counts, then what reads back (shared with the commit process's tests)."""
+    store.write(batch(range(0, 800, 2), NOW, -1.0), now_us=NOW)
+    results: dict[int, list] = {}
+
+    def submitter(t: int) -> None:
+        futures = []
+        for i in range(5):
+            ids = np.arange(t * 100 + i * 20, t * 100 + i * 20 + 20)
+            event = NOW + 1 if t % 2 else NOW - 1
+            futures.append(committer.submit(store.prepare(batch(ids, event, t), now_us=NOW)))
+        results[t] = [f.result(timeout=60) for f in futures]
+
+    threads = [threading.Thread(target=submitter, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for t in range(8):
+        expected = (20, 0) if t % 2 else (10, 10)
+        assert [(r.written, r.stale) for r in results[t]] == [expected] * 5
+    read = store.read("score", {"user_id": np.arange(800)}).blocks[0].values[:, 0]
+    owner = np.arange(800) // 100
+    expected = np.where((owner % 2 == 1) | (np.arange(800) % 2 == 1), owner, -1)
+    assert read.tolist() == expected.tolist()
+
+
 def test_concurrent_submitters_get_their_own_counts(tmp_path: Path):
     with OnlineStore(StoreConfig(tmp_path / "db")) as store:
         store.registry.apply([USER], [SCORE])
-        store.write(batch(range(0, 800, 2), NOW, -1.0), now_us=NOW)
         committer = GroupCommitter(store, max_delay_s=0.005)
-        results: dict[int, list] = {}
-
-        def submitter(t: int) -> None:
-            futures = []
-            for i in range(5):
-                ids = np.arange(t * 100 + i * 20, t * 100 + i * 20 + 20)
-                event = NOW + 1 if t % 2 else NOW - 1
-                futures.append(committer.submit(store.prepare(batch(ids, event, t), now_us=NOW)))
-            results[t] = [f.result(timeout=30) for f in futures]
-
-        threads = [threading.Thread(target=submitter, args=(t,)) for t in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        committer.close()
-        for t in range(8):
-            for res in results[t]:
-                if t % 2:
-                    assert (res.written, res.stale) == (20, 0)
-                else:
-                    assert (res.written, res.stale) == (10, 10)
+        try:
+            submit_concurrently(store, committer)
+        finally:
+            committer.close()
         assert 1 <= committer.commits < 40
-        read = store.read("score", {"user_id": np.arange(800)}).blocks[0].values[:, 0]
-        owner = np.arange(800) // 100
-        expected = np.where((owner % 2 == 1) | (np.arange(800) % 2 == 1), owner, -1)
-        assert read.tolist() == expected.tolist()
 
 
 def test_failure_resolves_only_the_bad_batch(tmp_path: Path):

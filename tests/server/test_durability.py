@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from clients.channel import ClientConfig, ClientError
 from clients.feature_client import AsyncFeatureStoreClient, FeatureStoreClient
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from tests.conftest import wait_until
 
 USER = Entity("user", (JoinKey("user_id", DType.INT64),))
 WIDE = FeatureView("wide", "user", tuple(Feature(f"f{i}", DType.FLOAT32) for i in range(32)))
@@ -24,7 +26,30 @@ def batch(start: int) -> tuple[dict, dict]:
     return {"user_id": ids}, values
 
 
+def children(pid: int) -> list[int]:
+    """Living processes whose parent is pid (zombies excluded)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, parent = stat[stat.rindex(")") + 2 :].split()[:2]
+        if int(parent) == pid and state != "Z":
+            kids.append(int(entry.name))
+    return kids
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def test_sigkill_loses_no_acknowledged_row(tmp_path, server_factory) -> None:
+    """Also: the server's commit process exits once the server is gone."""
     server = server_factory(data_dir=tmp_path / "data")
     acked: list[int] = []
     stop = threading.Event()
@@ -51,11 +76,14 @@ def test_sigkill_loses_no_acknowledged_row(tmp_path, server_factory) -> None:
     deadline = time.monotonic() + 20
     while (not acked or acked[-1] < 20 * BATCH) and time.monotonic() < deadline:
         time.sleep(0.02)
+    commit_processes = children(server.proc.pid)
+    assert commit_processes, "the server has no commit process"
     server.kill()
     stop.set()
     worker.join(30)
     assert acked, "no write was acknowledged before the kill"
     durable = acked[-1]
+    assert wait_until(lambda: not any(map(alive, commit_processes)), timeout=30)
 
     restarted = server_factory(data_dir=tmp_path / "data")
     with FeatureStoreClient(restarted.target) as client:

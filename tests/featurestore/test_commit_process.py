@@ -1,0 +1,123 @@
+"""The commit process: batches are committed durably by a child process, each answered with its
+own counts; a dead child fails only what it had not answered and is replaced."""
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurestore.commit_process import CommitProcess
+from featurestore.dtypes import DType
+from featurestore.errors import UnavailableError
+from featurestore.history import pack_batch, read_log
+from featurestore.online_store import OnlineStore, PreparedBatch, StoreConfig, WriteBatch
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from tests.featurestore.test_group_commit import submit_concurrently
+
+NOW = 1_800_000_000_000_000
+USER = Entity("user", (JoinKey("user_id", DType.INT64),))
+SCORE = FeatureView("score", "user", (Feature("score", DType.FLOAT32),))
+
+
+def batch(ids, event, value, skip_bad_rows: bool = False) -> WriteBatch:
+    ids = np.asarray(ids, np.int64)
+    return WriteBatch(
+        "score",
+        {"user_id": ids},
+        np.full(len(ids), event, np.int64),
+        {"score": np.full(len(ids), value, np.float32)},
+        skip_bad_rows=skip_bad_rows,
+    )
+
+
+def scores(store: OnlineStore, ids) -> list[float]:
+    return store.read("score", {"user_id": np.asarray(ids)}).blocks[0].values[:, 0].tolist()
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with OnlineStore(StoreConfig(tmp_path / "db")) as store:
+        store.registry.apply([USER], [SCORE])
+        yield store
+
+
+def test_concurrent_batches_get_their_own_counts_and_are_readable(store: OnlineStore):
+    committer = CommitProcess(store.config)
+    try:
+        submit_concurrently(store, committer)
+    finally:
+        committer.close()
+    assert len(read_log(store, "score").keys) == 400 + 8 * 100
+
+
+def test_rejected_rows_are_reported_and_an_empty_batch_is_answered(store: OnlineStore):
+    committer = CommitProcess(store.config)
+    try:
+        empty = committer.submit(store.prepare(batch([], NOW, 1.0), now_us=NOW)).result(5)
+        assert (empty.written, empty.stale, empty.rejected) == (0, 0, 0)
+        late = batch([1, 2, 3], NOW, 1.0, skip_bad_rows=True)
+        late.event_us[1] = NOW + 3_600_000_000
+        result = committer.submit(store.prepare(late, now_us=NOW)).result(60)
+        assert (result.written, result.rejected) == (2, 1)
+        assert [(e.row, e.column) for e in result.errors] == [(1, "event_us")]
+    finally:
+        committer.close()
+    assert scores(store, [1, 3]) == [1.0, 1.0]
+
+
+def test_a_failing_batch_fails_alone(store: OnlineStore):
+    committer = CommitProcess(store.config)
+    good = store.prepare(batch([1], NOW, 1.0), now_us=NOW)
+    doomed = store.prepare(batch([2], NOW, 2.0), now_us=NOW)
+    broken = PreparedBatch(
+        doomed.view, [b""], doomed.rows, doomed.event_us, pack_batch([b""], doomed.rows), 0, []
+    )
+    try:
+        futures = [committer.submit(good), committer.submit(broken)]
+        assert futures[0].result(60).written == 1
+        assert futures[1].exception(60) is not None
+    finally:
+        committer.close()
+    with pytest.raises(UnavailableError, match="closed"):
+        committer.submit(good)
+
+
+def test_a_killed_child_fails_what_it_had_not_committed_and_is_replaced(store: OnlineStore):
+    """The test holds LMDB's write lock, so the child cannot commit the batch before it is
+    killed; the next batch starts a new child."""
+    committer = CommitProcess(store.config)
+    try:
+        assert (
+            committer.submit(store.prepare(batch([1], NOW, 1.0), now_us=NOW)).result(60).written
+            == 1
+        )
+        first = committer.pid
+        blocker = store._lmdb.env.begin(write=True)
+        stuck = committer.submit(store.prepare(batch([2], NOW, 2.0), now_us=NOW))
+        os.kill(first, signal.SIGKILL)
+        error = stuck.exception(60)
+        blocker.abort()
+        assert isinstance(error, UnavailableError)
+        assert "exit code -9" in str(error) and "resend" in str(error)
+        again = committer.submit(store.prepare(batch([2], NOW, 3.0), now_us=NOW)).result(60)
+        assert again.written == 1
+        assert committer.pid not in (None, first)
+    finally:
+        committer.close()
+    assert scores(store, [1, 2]) == [1.0, 3.0]
+
+
+def test_close_commits_everything_already_sent(store: OnlineStore):
+    committer = CommitProcess(store.config)
+    futures = [
+        committer.submit(store.prepare(batch(range(i * 50, i * 50 + 50), NOW, i), now_us=NOW))
+        for i in range(20)
+    ]
+    child = committer.pid
+    committer.close()
+    assert [f.result(0).written for f in futures] == [50] * 20
+    assert scores(store, [0, 999]) == [0.0, 19.0]
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)

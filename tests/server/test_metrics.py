@@ -134,7 +134,9 @@ def test_interceptor_counts_every_method_and_status_code() -> None:
     )
     assert stream >= 1 and bidi >= 1
     assert value("featureserve_rpc_duration_seconds_count", method=get) >= 4
-    assert value("featureserve_rpc_duration_seconds_sum", method=get) > 0.2
+    # The deadline-exceeded call is timed until its deadline: grpc-timeout carries the time left
+    # when the request was sent, a little under 0.2 s; the other three calls take milliseconds.
+    assert value("featureserve_rpc_duration_seconds_sum", method=get) > 0.15
 
 
 def test_vectorised_histogram_equals_one_observe_per_value() -> None:

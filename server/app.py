@@ -119,6 +119,7 @@ class FeatureServer:
     async def start(self) -> int:
         """Open the stores, bind the port and start serving; returns the bound port."""
         ensure_writable_dir(self.config.data_dir, "data dir")
+        model_repo = ensure_writable_dir(self.config.model_repo, "model repository")
         if worker_index() is None:
             check_port_free(self.config.host, self.config.port)
         self.audit = AuditLog.from_config(self.audit_config, self.config.data_dir)
@@ -132,7 +133,7 @@ class FeatureServer:
         self.store = OnlineStore(store_config)
         self.committer = CommitProcess(store_config)
         self.models = ModelRepository(
-            ensure_writable_dir(self.config.model_repo, "model repository"),
+            model_repo,
             watch=self.config.watch_model_repo,
             poll_interval_s=self.config.model_poll_interval_s,
         )

@@ -52,16 +52,18 @@ def test_concurrent_batches_get_their_own_counts_and_are_readable(store: OnlineS
     assert len(read_log(store, "score").keys) == 400 + 8 * 100
 
 
-def test_rejected_rows_are_reported_and_an_empty_batch_is_answered(store: OnlineStore):
+def test_rejected_rows_are_reported_and_an_empty_batch_needs_no_child(store: OnlineStore):
     committer = CommitProcess(store.config)
     try:
         empty = committer.submit(store.prepare(batch([], NOW, 1.0), now_us=NOW)).result(5)
         assert (empty.written, empty.stale, empty.rejected) == (0, 0, 0)
+        assert committer.pid is None
         late = batch([1, 2, 3], NOW, 1.0, skip_bad_rows=True)
         late.event_us[1] = NOW + 3_600_000_000
         result = committer.submit(store.prepare(late, now_us=NOW)).result(60)
         assert (result.written, result.rejected) == (2, 1)
         assert [(e.row, e.column) for e in result.errors] == [(1, "event_us")]
+        assert committer.pid is not None
     finally:
         committer.close()
     assert scores(store, [1, 3]) == [1.0, 1.0]

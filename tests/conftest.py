@@ -84,6 +84,32 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool
     return bool(predicate())
 
 
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and parent pid from /proc, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state, parent = stat[stat.rindex(")") + 2 :].split()[:2]
+    return state, int(parent)
+
+
+def alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    found = _state_and_parent(pid)
+    return found is not None and found[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """Living (non-zombie) processes whose parent is pid."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        found = _state_and_parent(int(entry.name)) if entry.name.isdigit() else None
+        if found is not None and found[1] == pid and found[0] != "Z":
+            kids.append(int(entry.name))
+    return kids
+
+
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator:
     """Start featureserve processes on free ports; all are killed at teardown."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -13,7 +12,7 @@ from clients.channel import ClientConfig, ClientError
 from clients.feature_client import AsyncFeatureStoreClient, FeatureStoreClient
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
-from tests.conftest import wait_until
+from tests.conftest import alive, children, wait_until
 
 USER = Entity("user", (JoinKey("user_id", DType.INT64),))
 WIDE = FeatureView("wide", "user", tuple(Feature(f"f{i}", DType.FLOAT32) for i in range(32)))
@@ -24,28 +23,6 @@ def batch(start: int) -> tuple[dict, dict]:
     ids = np.arange(start, start + BATCH)
     values = {f"f{i}": (ids * 32 + i).astype(np.float32) for i in range(32)}
     return {"user_id": ids}, values
-
-
-def children(pid: int) -> list[int]:
-    """Living processes whose parent is pid (zombies excluded)."""
-    kids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, parent = stat[stat.rindex(")") + 2 :].split()[:2]
-        if int(parent) == pid and state != "Z":
-            kids.append(int(entry.name))
-    return kids
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def test_sigkill_loses_no_acknowledged_row(tmp_path, server_factory) -> None:

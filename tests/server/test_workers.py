@@ -22,7 +22,7 @@ from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from server.workers import MIN_UPTIME_S
-from tests.conftest import wait_until
+from tests.conftest import alive, wait_until
 
 CHANNELS = 16
 
@@ -54,10 +54,6 @@ def total(port: int, name: str, **labels: str) -> float:
         for s in family.samples
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
-
-
-def alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
 
 
 def test_two_workers_share_port_store_and_metrics_and_drain_on_sigterm(server_factory) -> None:

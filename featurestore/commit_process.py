@@ -20,8 +20,10 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
@@ -212,9 +214,10 @@ def serve_commits(requests: Connection, answers: Connection, config: StoreConfig
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     send_lock = threading.Lock()
+    unpacker = _Unpacker()
     with OnlineStore(config) as store:
         committer = GroupCommitter(
-            _Decoding(store), max_batch_rows=COMMIT_ROWS, linger_fraction=0.0
+            _Decoding(store, unpacker), max_batch_rows=COMMIT_ROWS, linger_fraction=0.0
         )
         try:
             while True:
@@ -222,39 +225,114 @@ def serve_commits(requests: Connection, answers: Connection, config: StoreConfig
                     ident, *fields = pickle.loads(requests.recv_bytes())
                 except EOFError:
                     break
-                committer.submit(_Received(*fields)).add_done_callback(
+                batch = _Received(*fields)
+                unpacker.add(batch)
+                committer.submit(batch).add_done_callback(
                     partial(_answer, answers, send_lock, ident)
                 )
         finally:
             committer.close()
+            unpacker.close()
 
 
 @dataclass
 class _Received:
-    """A batch as it came down the pipe. The committing thread decodes it, so that the thread
-    reading the pipe holds the child's GIL as little as possible."""
+    """A batch as it came down the pipe. The thread reading the pipe holds the child's GIL as
+    little as possible, so the batch is unpacked later, by the _Unpacker or by the committing
+    thread, whichever comes first."""
 
     view: str
     version: int
     row_count: int
     event_us: np.ndarray
     history: bytes
+    unpacked: tuple[list[bytes], list[bytes]] | None = None
+
+    def unpack(self) -> tuple[list[bytes], list[bytes]]:
+        """The batch's LMDB keys and packed rows."""
+        if self.unpacked is None:
+            self.unpacked = unpack_batch(self.history)
+        return self.unpacked
+
+
+class _Unpacker:
+    """Unpacks received batches on a thread of its own, but only while the committing thread
+    waits for LMDB's commit, which writes and syncs the pages with the GIL released throughout.
+
+    During the apply, py-lmdb releases the GIL twice per row, and a second busy thread takes it
+    each time and holds it for up to the switch interval: unpacking alongside the apply made
+    commits slower. Alongside the commit it is free, and the next commit finds its batches
+    unpacked.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: deque[_Received] = deque()
+        self._open = False
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="unpack", daemon=True)
+        self._thread.start()
+
+    def add(self, batch: _Received) -> None:
+        """A batch to unpack at the next commit."""
+        with self._cond:
+            self._waiting.append(batch)
+
+    @contextmanager
+    def committing(self) -> Iterator[None]:
+        """Unpack while the body runs; on leaving, wait for the batch being unpacked."""
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._open = False
+                while self._busy:
+                    self._cond.wait()
+
+    def close(self) -> None:
+        """Stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not (self._open and self._waiting):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch = self._waiting.popleft()
+                self._busy = True
+            try:
+                batch.unpack()
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
 
 class _Decoding:
-    """OnlineStore.write_prepared over received batches: decode them, then commit them all."""
+    """OnlineStore.write_prepared over received batches: decode them, then commit them all,
+    unpacking the next ones during the commit."""
 
-    def __init__(self, store: OnlineStore) -> None:
+    def __init__(self, store: OnlineStore, unpacker: _Unpacker) -> None:
         self._store = store
+        self._unpacker = unpacker
 
     def write_prepared(self, batches: Sequence[_Received]) -> list[WriteResult]:
         get_view = self._store.registry.get_view
         prepared = []
         for batch in batches:
-            keys, rows = unpack_batch(batch.history)
+            keys, rows = batch.unpack()
             view = get_view(batch.view, batch.version)
             prepared.append(PreparedBatch(view, keys, rows, batch.event_us, batch.history, 0, []))
-        return self._store.write_prepared(prepared)
+        return self._store.write_prepared(prepared, self._unpacker.committing())
 
 
 def _answer(answers: Connection, lock: threading.Lock, ident: int, future: Future) -> None:

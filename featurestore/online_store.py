@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -48,6 +48,8 @@ from featurestore.row_codec import (
 )
 
 T = TypeVar("T")
+NO_CONTEXT = nullcontext()
+"""The default `committing` context of a write: none."""
 _PLAN_CACHE_LIMIT = 1024
 DATA_FILE = "data.mdb"
 """LMDB's data file inside the environment directory."""
@@ -235,8 +237,13 @@ class LmdbEnv:
             txn.abort()
             self.gate.exit()
 
-    def run_write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        """Run fn in a write transaction and commit; on MapFullError double the map and rerun."""
+    def run_write(
+        self,
+        fn: Callable[[lmdb.Transaction], T],
+        committing: AbstractContextManager[object] = NO_CONTEXT,
+    ) -> T:
+        """Run fn in a write transaction and commit (inside `committing`: the commit writes and
+        syncs with the GIL released throughout); on MapFullError double the map and rerun."""
         with self._write_lock:
             while True:
                 self.gate.enter()
@@ -248,7 +255,8 @@ class LmdbEnv:
                     continue
                 try:
                     result = fn(txn)
-                    txn.commit()
+                    with committing:
+                        txn.commit()
                     return result
                 except lmdb.MapFullError:
                     txn.abort()
@@ -539,12 +547,17 @@ class OnlineStore:
             columns[feat.name] = _convert(col, feat, null, bad)
         return strings
 
-    def write_prepared(self, batches: Sequence[PreparedBatch]) -> list[WriteResult]:
+    def write_prepared(
+        self,
+        batches: Sequence[PreparedBatch],
+        committing: AbstractContextManager[object] = NO_CONTEXT,
+    ) -> list[WriteResult]:
         """Write many prepared batches in ONE synced transaction (durable on return).
 
         Last-write-wins by event time, compared inside the transaction: a row older than the
         stored one counts as stale, and so does an equal one (a replay changes nothing). Batches
-        without rows (empty, or every row rejected) need no transaction and get none.
+        without rows (empty, or every row rejected) need no transaction and get none. The
+        commit (writing the pages and syncing them) runs inside `committing`.
         """
         self._check_open()
         if not any(b.keys for b in batches):
@@ -574,7 +587,7 @@ class OnlineStore:
                         seq += 1
             return written, stale, opened
 
-        written, stale, opened = self._lmdb.run_write(work)
+        written, stale, opened = self._lmdb.run_write(work, committing)
         for name, db in opened:
             self._lmdb.remember(name, db)
         return [

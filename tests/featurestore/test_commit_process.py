@@ -3,12 +3,13 @@ own counts; a dead child fails only what it had not answered and is replaced."""
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from featurestore.commit_process import CommitProcess
+from featurestore.commit_process import CommitProcess, _Received, _Unpacker
 from featurestore.dtypes import DType
 from featurestore.errors import UnavailableError
 from featurestore.history import pack_batch, read_log
@@ -123,3 +124,23 @@ def test_close_commits_everything_already_sent(store: OnlineStore):
     assert scores(store, [0, 999]) == [0.0, 19.0]
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+def test_batches_are_unpacked_only_while_a_commit_is_being_written():
+    keys = [i.to_bytes(8, "big") for i in range(1000)]
+    rows = [bytes([i % 256]) * (i % 40) for i in range(1000)]
+    history = pack_batch(keys, rows)
+    batches = [_Received("score", 1, 1000, np.zeros(1000, np.int64), history) for _ in range(3)]
+    unpacker = _Unpacker()
+    try:
+        for received in batches:
+            unpacker.add(received)
+        time.sleep(0.05)
+        assert [received.unpacked for received in batches] == [None] * 3
+        with unpacker.committing():
+            deadline = time.monotonic() + 5
+            while any(b.unpacked is None for b in batches) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        assert [received.unpacked for received in batches] == [(keys, rows)] * 3
+    finally:
+        unpacker.close()

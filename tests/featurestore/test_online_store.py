@@ -1,6 +1,7 @@
 """Online store on real LMDB files: round trips, last-write-wins, TTL, validation, map growth."""
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,33 @@ def test_out_of_order_batches_in_one_commit_keep_the_newest(store):
     assert [(r.written, r.stale) for r in results] == [(2, 1), (1, 2)]
     res = store.read("score", {"user_id": np.array([1, 2])}, now_us=NOW)
     assert res.blocks[0].values[:, 0].tolist() == [1, 5]
+
+
+def test_the_commit_runs_inside_the_committing_context(store):
+    """The context is entered once the rows are applied but not yet committed (another thread
+    still reads the old value) and left once they are."""
+    seen = []
+
+    def read_elsewhere() -> None:
+        reader = threading.Thread(
+            target=lambda: seen.append(store.read("score", {"user_id": np.array([1])}).event_us[0])
+        )
+        reader.start()
+        reader.join()
+
+    @contextmanager
+    def committing():
+        read_elsewhere()
+        yield
+        read_elsewhere()
+
+    store.write(score_batch([1], [NOW], [1]), now_us=NOW)
+    newer = store.prepare(score_batch([1], [NOW + 1], [2]), now_us=NOW)
+    assert store.write_prepared([newer], committing())[0].written == 1
+    assert seen == [NOW, NOW + 1]
+    empty = store.prepare(score_batch([], [], []), now_us=NOW)
+    assert store.write_prepared([empty], committing())[0].written == 0
+    assert seen == [NOW, NOW + 1]
 
 
 def test_ttl_withholds_old_rows(store):

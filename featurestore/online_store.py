@@ -26,7 +26,13 @@ from featurestore.errors import (
 )
 from featurestore.history import pack_batch
 from featurestore.keys import EncodedKeys, encode_keys, key_rows
-from featurestore.last_write_wins import key_order, newest_per_key, resolve, stored_events
+from featurestore.last_write_wins import (
+    key_order,
+    newest_per_key,
+    pick,
+    resolve,
+    stored_events,
+)
 from featurestore.page_cache import Warmed, half_of_free_memory, read_into_page_cache
 from featurestore.registry import (
     REGISTRY_DB,
@@ -842,7 +848,7 @@ def _apply_group(
     events_in_order = events[order]
     newest = order[newest_per_key(events_in_order, starts)].tolist()
     cur = txn.cursor(db=db)
-    old = list(map(cur.replace, map(keys.__getitem__, newest), map(rows.__getitem__, newest)))
+    old = list(map(cur.replace, pick(keys, newest), pick(rows, newest)))
     stored = stored_events(old)
     for i in np.flatnonzero(stored >= events[newest]).tolist():
         cur.put(keys[newest[i]], old[i])

@@ -8,6 +8,7 @@ from featurestore.last_write_wins import (
     MIN_EVENT,
     key_order,
     newest_per_key,
+    pick,
     resolve,
     resolve_reference,
     stored_events,
@@ -51,6 +52,13 @@ def test_key_order_of_wide_and_variable_width_keys_matches_sorted():
 def test_key_order_of_nothing():
     order, starts = key_order([])
     assert len(order) == 0 and len(starts) == 0
+
+
+def test_pick_gathers_any_number_of_items():
+    items = [b"a", b"b", b"c"]
+    assert list(pick(items, [2, 0, 2])) == [b"c", b"a", b"c"]
+    assert list(pick(items, [1])) == [b"b"]
+    assert list(pick(items, [])) == []
 
 
 def test_stored_events_reads_the_row_header_and_marks_absent_rows():

@@ -21,9 +21,8 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
@@ -279,19 +278,18 @@ class _Unpacker:
         with self._cond:
             self._waiting.append(batch)
 
-    @contextmanager
-    def committing(self) -> Iterator[None]:
-        """Unpack while the body runs; on leaving, wait for the batch being unpacked."""
+    def __enter__(self) -> None:
+        """Unpack while the body (a commit) runs."""
         with self._cond:
             self._open = True
             self._cond.notify_all()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._open = False
-                while self._busy:
-                    self._cond.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop unpacking once the batch being unpacked is done."""
+        with self._cond:
+            self._open = False
+            while self._busy:
+                self._cond.wait()
 
     def close(self) -> None:
         """Stop the thread."""
@@ -332,7 +330,7 @@ class _Decoding:
             keys, rows = batch.unpack()
             view = get_view(batch.view, batch.version)
             prepared.append(PreparedBatch(view, keys, rows, batch.event_us, batch.history, 0, []))
-        return self._store.write_prepared(prepared, self._unpacker.committing())
+        return self._store.write_prepared(prepared, self._unpacker)
 
 
 def _answer(answers: Connection, lock: threading.Lock, ident: int, future: Future) -> None:

@@ -249,7 +249,9 @@ class LmdbEnv:
         committing: AbstractContextManager[object] = NO_CONTEXT,
     ) -> T:
         """Run fn in a write transaction and commit (inside `committing`: the commit writes and
-        syncs with the GIL released throughout); on MapFullError double the map and rerun."""
+        syncs with the GIL released throughout); on MapFullError double the map and rerun, so
+        `committing` may be entered more than once (a reusable context manager, not a
+        generator)."""
         with self._write_lock:
             while True:
                 self.gate.enter()

@@ -137,7 +137,7 @@ def test_batches_are_unpacked_only_while_a_commit_is_being_written():
             unpacker.add(received)
         time.sleep(0.05)
         assert [received.unpacked for received in batches] == [None] * 3
-        with unpacker.committing():
+        with unpacker:
             deadline = time.monotonic() + 5
             while any(b.unpacked is None for b in batches) and time.monotonic() < deadline:
                 time.sleep(0.001)

@@ -4,6 +4,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
 
@@ -164,6 +165,29 @@ def test_the_commit_runs_inside_the_committing_context(store):
     empty = store.prepare(score_batch([], [], []), now_us=NOW)
     assert store.write_prepared([empty], committing())[0].written == 0
     assert seen == [NOW, NOW + 1]
+
+
+def test_a_commit_that_finds_the_map_full_is_retried_in_the_same_committing_context(store):
+    class FullOnce:
+        """Fails the first commit as a full map would; counts the commits it surrounds."""
+
+        entered = 0
+
+        def __enter__(self) -> None:
+            self.entered += 1
+            if self.entered == 1:
+                raise lmdb.MapFullError("simulated")
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    committing = FullOnce()
+    size = store.map_size
+    batch = store.prepare(score_batch([1, 2], [NOW, NOW], [1, 2]), now_us=NOW)
+    assert store.write_prepared([batch], committing)[0].written == 2
+    assert committing.entered == 2 and store.map_size == 2 * size
+    values, _ = column(store.read("score", {"user_id": np.array([1, 2])}, now_us=NOW), "score")
+    assert values.tolist() == [1, 2]
 
 
 def test_ttl_withholds_old_rows(store):

@@ -82,11 +82,25 @@ def _each(n_params: dict, n: int) -> int:
     return n
 
 
-def _nonempty(col: np.ndarray, k: int, op: str) -> np.ndarray:
-    finite = col[~np.isnan(col)]
+def _finite(col: np.ndarray, k: int, op: str) -> np.ndarray:
+    """The finite values of input k: fitting skips NaN and ±inf, which have no place in a mean,
+    a bound or a quantile."""
+    finite = col[np.isfinite(col)]
     if finite.size == 0:
-        raise InvalidArgumentError(f"fit {op}: input {k} has no non-NaN values to fit on")
+        raise InvalidArgumentError(
+            f"fit {op}: input {k} has no finite values to fit on (NaN and ±inf are skipped); "
+            "give data with at least one finite value"
+        )
     return finite
+
+
+def _quantiles(d: np.ndarray, qs: Any) -> Any:
+    """np.quantile of finite data; a range over the float64 maximum is halved first, else the
+    interpolation gives ±inf or NaN."""
+    with np.errstate(over="ignore"):
+        if np.isfinite(d.max() - d.min()):
+            return np.quantile(d, qs)
+    return np.quantile(d * 0.5, qs) * 2.0
 
 
 def _check_standardize(params: dict, n: int, label: str) -> dict:
@@ -97,7 +111,7 @@ def _check_standardize(params: dict, n: int, label: str) -> dict:
 
 
 def _fit_standardize(cols: list, **kw: Any) -> dict:
-    data = [_nonempty(c, k, "standardize") for k, c in enumerate(cols)]
+    data = [_finite(c, k, "standardize") for k, c in enumerate(cols)]
     return {"mean": [float(np.mean(d)) for d in data], "std": [float(np.std(d)) for d in data]}
 
 
@@ -110,24 +124,35 @@ def _emit_pairs(op: int, a: str, b: str) -> Callable:
 
 
 def _check_lo_hi(params: dict, n: int, label: str, finite: bool = True) -> dict:
+    """lo <= hi per input; when finite, hi - lo must be finite too, as the kernels divide by it."""
     lo = param_floats(params, "lo", n, label, finite)
     hi = param_floats(params, "hi", n, label, finite)
     if np.any(hi < lo):
         k = int(np.argmax(hi < lo))
         raise InvalidArgumentError(f"{label}: params.hi[{k}] = {hi[k]} is below lo = {lo[k]}")
+    if finite:
+        with np.errstate(over="ignore"):
+            wide = np.flatnonzero(np.isinf(hi - lo))
+        if wide.size:
+            k = int(wide[0])
+            raise InvalidArgumentError(
+                f"{label}: params.hi[{k}] - params.lo[{k}] = {hi[k]} - {lo[k]} overflows float64; "
+                f"narrow the range so hi - lo is at most {np.finfo(np.float64).max:.6g}, or "
+                "rescale the input first"
+            )
     return {"lo": lo, "hi": hi}
 
 
 def _fit_min_max(cols: list, **kw: Any) -> dict:
-    data = [_nonempty(c, k, "min_max_scale") for k, c in enumerate(cols)]
+    data = [_finite(c, k, "min_max_scale") for k, c in enumerate(cols)]
     return {"lo": [float(d.min()) for d in data], "hi": [float(d.max()) for d in data]}
 
 
 def _fit_clip(cols: list, lower_quantile: float = 0.01, upper_quantile: float = 0.99) -> dict:
-    data = [_nonempty(c, k, "clip") for k, c in enumerate(cols)]
+    data = [_finite(c, k, "clip") for k, c in enumerate(cols)]
     return {
-        "lo": [float(np.quantile(d, lower_quantile)) for d in data],
-        "hi": [float(np.quantile(d, upper_quantile)) for d in data],
+        "lo": [float(_quantiles(d, lower_quantile)) for d in data],
+        "hi": [float(_quantiles(d, upper_quantile)) for d in data],
     }
 
 
@@ -172,8 +197,8 @@ def _fit_bucketize(cols: list, buckets: int = 10, boundaries: list | None = None
     if boundaries is not None:
         return {"boundaries": boundaries}
     qs = np.linspace(0.0, 1.0, int(buckets) + 1)[1:-1]
-    data = [_nonempty(c, k, "bucketize") for k, c in enumerate(cols)]
-    return {"boundaries": [np.unique(np.quantile(d, qs)).tolist() for d in data]}
+    data = [_finite(c, k, "bucketize") for k, c in enumerate(cols)]
+    return {"boundaries": [np.unique(_quantiles(d, qs)).tolist() for d in data]}
 
 
 def _emit_bucketize(prog: Program, norm: dict, ins: list[int], outs: list[int]) -> None:
@@ -418,7 +443,9 @@ def _fit_columns(data: Any) -> list:
 def fit(op: str, data: Any = None, **kw: Any) -> dict:
     """Fit an op's params on data (one column, a rows x columns array or a list of columns):
     means and stds, bounds, quantile boundaries (`buckets=`), vocabularies (`max_size=`,
-    `min_count=`). Ops without fitted state return kw. The result is JSON/TOML-friendly."""
+    `min_count=`). Ops without fitted state return kw. The result is JSON/TOML-friendly and
+    checked as loading would check it. Numeric fits use finite values only: NaN and ±inf are
+    skipped, and an input with no finite value is an error."""
     spec = TRANSFORMS.get(op)
     if spec is None:
         raise InvalidArgumentError(f"fit: op {op!r} is unknown; known: {', '.join(TRANSFORMS)}")
@@ -433,6 +460,9 @@ def fit(op: str, data: Any = None, **kw: Any) -> dict:
     if missing:
         raise InvalidArgumentError(f"fit {op}: keyword {missing[0]}= is required")
     try:
-        return jsonable(spec.fit(cols, **kw))
+        params = jsonable(spec.fit(cols, **kw))
     except TypeError as exc:
         raise InvalidArgumentError(f"fit {op}: {exc}") from None
+    if spec.fit is not _no_fit:
+        spec.check(params, len(cols), f"fit {op}")
+    return params

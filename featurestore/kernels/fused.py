@@ -1,5 +1,9 @@
 """The fused transform kernel: one Numba call runs a chain of scaling, bucketing, ratio,
 difference and distance ops over a rows x features block, plus the program builder it reads.
+
+Numba's on-disk cache keys run_fused on this file's text only, not on the scaling, arithmetic
+and spatial `*_value` functions compiled into it: after changing one of those, delete
+featurestore/kernels/__pycache__ (or change this file), or run_fused keeps the old maths.
 """
 
 from __future__ import annotations

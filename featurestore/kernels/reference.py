@@ -15,7 +15,8 @@ def standardize(x: np.ndarray, mean: float, std: float) -> np.ndarray:
     x = np.asarray(x, np.float64)
     if std == 0.0:
         return np.where(np.isnan(x), np.nan, 0.0)
-    return (x - mean) / std
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (x - mean) / std
 
 
 def min_max_scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -23,7 +24,8 @@ def min_max_scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     x = np.asarray(x, np.float64)
     if hi == lo:
         return np.where(np.isnan(x), np.nan, 0.0)
-    return (x - lo) / (hi - lo)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return (x - lo) / (hi - lo)
 
 
 def log1p(x: np.ndarray) -> np.ndarray:
@@ -38,14 +40,14 @@ def clip(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def bucketize_width(x: np.ndarray, lo: float, hi: float, n: int) -> np.ndarray:
-    """Equal-width buckets 0..n-1 over [lo, hi], clamped; NaN -> n."""
+    """Equal-width buckets 0..n-1 over [lo, hi], clamped (a NaN position to 0); NaN -> n."""
     x = np.asarray(x, np.float64)
     nan = np.isnan(x)
     if hi <= lo:
         return np.where(nan, n, 0).astype(np.int64)
     with np.errstate(invalid="ignore", over="ignore"):
         t = (x - lo) / (hi - lo) * n
-    t = np.floor(np.clip(np.where(nan, 0.0, t), 0, n - 1)).astype(np.int64)
+    t = np.floor(np.clip(np.where(t >= 0.0, t, 0.0), 0, n - 1)).astype(np.int64)
     return np.where(nan, n, t)
 
 
@@ -165,13 +167,13 @@ def elapsed_seconds(start_us: np.ndarray, end_us: np.ndarray) -> np.ndarray:
 
 
 def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
-    """Row-wise haversine distance in km."""
+    """Row-wise haversine distance in km; the haversine term clamped to [0, 1], NaN kept."""
     p1 = np.asarray(lat1, np.float64) * DEG
     p2 = np.asarray(lat2, np.float64) * DEG
     s_lat = np.sin((p2 - p1) * 0.5)
     s_lon = np.sin((np.asarray(lon2, np.float64) - lon1) * DEG * 0.5)
     a = s_lat * s_lat + np.cos(p1) * np.cos(p2) * s_lon * s_lon
-    return 2.0 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.minimum(a, 1.0)))
+    return 2.0 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
 def distance_to_point_km(lat, lon, lat0: float, lon0: float) -> np.ndarray:

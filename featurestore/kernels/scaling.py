@@ -49,13 +49,16 @@ def clip_value(x: float, lo: float, hi: float) -> float:
 
 @njit(nogil=True, cache=True)
 def bucket_width_value(x: float, lo: float, hi: float, n: int) -> int:
-    """Equal-width bucket of x among n over [lo, hi]: 0..n-1, out-of-range clamped; NaN -> n."""
+    """Equal-width bucket of x among n over [lo, hi]: 0..n-1, out-of-range clamped; NaN -> n.
+
+    A NaN position (hi - lo overflowing, which loading rejects) clamps to bucket 0.
+    """
     if math.isnan(x):
         return n
     if hi <= lo:
         return 0
     t = (x - lo) / (hi - lo) * n
-    if t < 0.0:
+    if not t >= 0.0:
         return 0
     if t >= n - 1:
         return n - 1

@@ -13,7 +13,11 @@ DEG = math.pi / 180.0
 
 @njit(nogil=True, cache=True)
 def haversine_value(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """Haversine distance in km between two points given in degrees."""
+    """Haversine distance in km between two points given in degrees.
+
+    Out-of-range degrees wrap (latitude 91 is 89 across the pole); rounding can then push the
+    haversine term a hair below 0, so it is clamped to [0, 1] like its overshoot above 1.
+    """
     p1 = lat1 * DEG
     p2 = lat2 * DEG
     s_lat = math.sin((p2 - p1) * 0.5)
@@ -21,6 +25,8 @@ def haversine_value(lat1: float, lon1: float, lat2: float, lon2: float) -> float
     a = s_lat * s_lat + math.cos(p1) * math.cos(p2) * s_lon * s_lon
     if a > 1.0:
         a = 1.0
+    elif a < 0.0:
+        a = 0.0
     return 2.0 * EARTH_RADIUS_KM * math.asin(math.sqrt(a))
 
 

@@ -18,6 +18,7 @@ from featurestore.kernels import reference as ref
 from featurestore.kernels import time as ktime
 
 F32_MAX = float(np.finfo(np.float32).max)
+F64_MAX = float(np.finfo(np.float64).max)
 ULP2 = 5e-16  # relative tolerance of two float64 ulps
 
 
@@ -29,7 +30,8 @@ def assert_same(a: np.ndarray, b: np.ndarray) -> None:
 def floats(rng: np.random.Generator, n: int = 2000) -> np.ndarray:
     x = rng.standard_normal(n) * np.exp(rng.uniform(-5, 5, n))
     x[rng.random(n) < 0.1] = np.nan
-    x[:8] = [F32_MAX, -F32_MAX, np.inf, -np.inf, 0.0, -0.0, 1e-300, -1e300]
+    x[:10] = [F32_MAX, -F32_MAX, np.inf, -np.inf, 0.0, -0.0, 1e-300, -1e300, 1e308, -1e308]
+    x[10:12] = [F64_MAX, -F64_MAX]
     return x
 
 
@@ -48,6 +50,11 @@ def rng() -> np.random.Generator:
         ("clip", (-1.0, 1.0)),
         ("bucketize_width", (-2.0, 3.0, 7)),
         ("bucketize_width", (1.0, 1.0, 4)),
+        ("standardize", (-1e308, 1e-300)),
+        ("min_max_scale", (-8e307, 8e307)),
+        ("clip", (-np.inf, 1e308)),
+        ("bucketize_width", (-8e307, 8e307, 5)),
+        ("bucketize_width", (-2.0, 3.0, 2**40)),
     ],
 )
 def test_scaling_matches_reference_exactly(rng, name, args):
@@ -78,6 +85,7 @@ def test_bucketize_matches_searchsorted_with_nan_bucket(rng, count):
     assert_same(out, ref.bucketize(x, bounds))
     assert (out[np.isnan(x)] == count + 1).all()
     assert out[~np.isnan(x)].max() <= count
+    assert_same(scaling.bucketize(x[:0], bounds), ref.bucketize(x[:0], bounds))
 
 
 def test_bucketize_width_edges():
@@ -85,6 +93,20 @@ def test_bucketize_width_edges():
         np.array([-np.inf, 0.0, 0.999, 1.0, 9.99, 10.0, np.nan]), 0, 10, 10
     )
     np.testing.assert_array_equal(out, [0, 0, 0, 1, 9, 9, 10])
+    x = np.array([-np.inf, -F64_MAX, -8e307, 0.0, 7.9e307, F64_MAX, np.inf, np.nan])
+    for run in (scaling.bucketize_width, ref.bucketize_width):
+        np.testing.assert_array_equal(run(x, -8e307, 8e307, 5), [0, 0, 0, 2, 4, 4, 4, 5])
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(-1e308, 1e308), (-F64_MAX, F64_MAX), (0.0, np.inf)])
+def test_bucketize_width_clamps_when_the_range_overflows(rng, lo, hi):
+    """Loading rejects these ranges; called directly, a NaN position must still clamp."""
+    x = floats(rng)
+    out = scaling.bucketize_width(x, lo, hi, 5)
+    assert_same(out, ref.bucketize_width(x, lo, hi, 5))
+    nan = np.isnan(x)
+    assert (out[nan] == 5).all()
+    assert out[~nan].min() >= 0 and out[~nan].max() <= 4
 
 
 def random_strings(rng: np.random.Generator, n: int) -> list[str]:
@@ -112,16 +134,22 @@ def test_int64_hash_equals_hash_of_its_little_endian_bytes():
     assert encoding.fnv1a_int64(value)[0] == encoding.fnv1a_strings(col.data, col.offsets)[0]
 
 
-def test_hash_buckets_match_reference(rng):
-    col = encoding.pack_strings(random_strings(rng, 300))
+@pytest.mark.parametrize("n", [1, 97, 2**63 - 1])
+def test_hash_buckets_match_reference(rng, n):
+    col = encoding.pack_strings(["", *random_strings(rng, 300)])
+    out = encoding.hash_bucket_strings(col.data, col.offsets, n)
+    assert_same(out, ref.hash_bucket_strings(col.data, col.offsets, n))
+    assert out.min() >= 0 and out.max() < n
+    ints = np.concatenate([rng.integers(-(2**62), 2**62, 300), [0, -1, 2**63 - 1, -(2**63)]])
+    out = encoding.hash_bucket_int64(ints, n)
+    assert_same(out, ref.hash_bucket_int64(ints, n))
+    assert out.min() >= 0 and out.max() < n
+    empty = encoding.pack_strings([])
     assert_same(
-        encoding.hash_bucket_strings(col.data, col.offsets, 97),
-        ref.hash_bucket_strings(col.data, col.offsets, 97),
+        encoding.hash_bucket_strings(empty.data, empty.offsets, n),
+        ref.hash_bucket_strings(empty.data, empty.offsets, n),
     )
-    ints = rng.integers(-(2**62), 2**62, 300)
-    out = encoding.hash_bucket_int64(ints, 1000)
-    assert_same(out, ref.hash_bucket_int64(ints, 1000))
-    assert out.min() >= 0 and out.max() < 1000
+    assert_same(encoding.hash_bucket_int64(ints[:0], n), ref.hash_bucket_int64(ints[:0], n))
 
 
 HASH_SCRIPT = (
@@ -165,6 +193,17 @@ def test_vocab_lookup_and_one_hot_match_reference(rng):
     assert encoding.one_hot(iidx[:0], 5).shape == (0, 5)
 
 
+@pytest.mark.parametrize("width", [1, 5, 300])
+def test_one_hot_matches_reference_on_random_indices(rng, width):
+    idx = rng.integers(-3, width + 3, 2000)
+    idx[:4] = [-(2**63), 2**63 - 1, 0, width - 1]
+    out = encoding.one_hot(idx, width)
+    assert_same(out, ref.one_hot(idx, width))
+    in_range = (idx >= 0) & (idx < width)
+    np.testing.assert_array_equal(out.sum(axis=1), in_range.astype(np.float32))
+    assert_same(encoding.one_hot(idx[:0], width), ref.one_hot(idx[:0], width))
+
+
 def test_vocab_rejects_duplicates():
     with pytest.raises(Exception, match="duplicates"):
         encoding.StringVocab.build(["a", "b", "a"])
@@ -205,29 +244,55 @@ def test_age_and_elapsed_seconds_match_reference(rng):
     assert_same(ktime.age_seconds(ts, now), ref.age_seconds(ts, now))
     assert ktime.age_seconds(np.array([now - 2_500_000]), now)[0] == 2.5
     assert_same(ktime.elapsed_seconds(ts, ts[::-1].copy()), ref.elapsed_seconds(ts, ts[::-1]))
+    assert_same(ktime.age_seconds(ts[:0], now), ref.age_seconds(ts[:0], now))
+    assert_same(ktime.elapsed_seconds(ts[:0], ts[:0]), ref.elapsed_seconds(ts[:0], ts[:0]))
+
+
+def degrees(rng: np.random.Generator, n: int, bound: float) -> np.ndarray:
+    """Random degrees in [-bound, bound], a tenth out of range, with NaN, +-inf and +-1e308."""
+    x = rng.uniform(-bound, bound, n)
+    wild = rng.random(n) < 0.1
+    x[wild] = rng.uniform(-1000, 1000, wild.sum())
+    x[rng.random(n) < 0.05] = np.nan
+    x[10:14] = [np.inf, -np.inf, 1e308, -1e308]
+    return x
 
 
 def test_haversine_matches_reference_and_known_distance(rng):
     n = 1000
-    lat1, lat2 = rng.uniform(-90, 90, n), rng.uniform(-90, 90, n)
-    lon1, lon2 = rng.uniform(-180, 180, n), rng.uniform(-180, 180, n)
+    lat1, lat2 = degrees(rng, n, 90), degrees(rng, n, 90)
+    lon1, lon2 = degrees(rng, n, 180), degrees(rng, n, 180)
     lat1[:3] = [np.nan, 90.0, 0.0]
     lon1[:3] = [0.0, 0.0, 0.0]
     lat2[:3] = [0.0, -90.0, 0.0]
     lon2[:3] = [0.0, 0.0, 180.0]
+    # out-of-range latitudes wrap over the pole: (91, 0) is (89, 180)
+    lat1[3:6] = [91.0, 135.5, 91.0]
+    lon1[3:6] = [0.0, 3.0, 0.0]
+    lat2[3:6] = [89.0, 44.5, 89.0]
+    lon2[3:6] = [180.0, 183.0, 0.0]
     out = spatial.haversine_km(lat1, lon1, lat2, lon2)
-    np.testing.assert_allclose(out, ref.haversine_km(lat1, lon1, lat2, lon2), rtol=1e-12)
+    with np.errstate(invalid="ignore"):  # sin/cos of +-inf: NaN, as in the kernel
+        expected = ref.haversine_km(lat1, lon1, lat2, lon2)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-9)
     assert np.isnan(out[0])
     assert out[1] == pytest.approx(np.pi * spatial.EARTH_RADIUS_KM)
+    assert np.isnan(out[10:12]).all()
+    inf = np.isinf(lat1) | np.isinf(lon1) | np.isinf(lat2) | np.isinf(lon2)
+    assert np.isnan(out[inf]).all()
+    live = ~np.isnan(out)
+    assert (out[live] >= 0).all() and (out[live] <= np.pi * spatial.EARTH_RADIUS_KM).all()
+    np.testing.assert_allclose(out[3:6], [0.0, 0.0, 2 * spatial.DEG * spatial.EARTH_RADIUS_KM])
     paris_london = spatial.distance_to_point_km(
         np.array([48.8566]), np.array([2.3522]), 51.5074, -0.1278
     )
     assert paris_london[0] == pytest.approx(343.5, abs=1.0)
-    np.testing.assert_allclose(
-        spatial.distance_to_point_km(lat1, lon1, 10.0, 20.0),
-        ref.distance_to_point_km(lat1, lon1, 10.0, 20.0),
-        rtol=1e-12,
-    )
+    for lat0, lon0 in [(10.0, 20.0), (-95.0, 540.0), (1e308, 0.0), (0.0, -np.inf)]:
+        with np.errstate(invalid="ignore"):
+            expected = ref.distance_to_point_km(lat1, lon1, lat0, lon0)
+        np.testing.assert_allclose(
+            spatial.distance_to_point_km(lat1, lon1, lat0, lon0), expected, rtol=1e-12, atol=1e-9
+        )
 
 
 def test_ratio_and_difference_match_reference(rng):
@@ -308,6 +373,10 @@ def test_rfm_matches_reference(rng):
     assert_same(out[0], expected[0])
     assert_same(out[1], expected[1])
     np.testing.assert_allclose(out[2], expected[2], rtol=1e-12)
+    empty = windows.rfm(entity[:0], ts[:0], values[:0], 10**9)
+    for got, want in zip(empty, ref.rfm(entity[:0], ts[:0], values[:0], 10**9), strict=True):
+        assert_same(got, want)
+        assert got.shape == (0,)
 
 
 def test_asof_join_matches_reference(rng):
@@ -338,7 +407,8 @@ def test_histogram_and_psi_match_reference(rng):
     hist = drift.histogram(x, edges)
     assert_same(hist, ref.histogram(x, edges))
     assert hist.sum() == x.size and hist[-1] == np.isnan(x).sum()
-    live = drift.histogram(x * 1.5 + 0.3, edges)
+    with np.errstate(over="ignore"):  # the +-1e308 rows scale to +-inf, still counted
+        live = drift.histogram(x * 1.5 + 0.3, edges)
     assert drift.psi(hist, live, 1e-4) == pytest.approx(ref.psi(hist, live, 1e-4), rel=1e-12)
     assert drift.psi(hist, live, 1e-4) > 0.01
     assert drift.psi(hist, hist, 1e-4) == 0.0

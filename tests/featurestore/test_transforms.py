@@ -144,6 +144,11 @@ def test_config_defaults_inputs_in_place():
         ({"op": "one_hot", "inputs": ["a"], "output": "o", "params": {"vocabulary": ["x", 1]}},
          "mixes types"),
         ({"op": "clip", "inputs": ["a"], "params": {"lo": "low", "hi": 1}}, "params.lo must be"),
+        ({"op": "min_max_scale", "inputs": ["a"], "params": {"lo": -1e308, "hi": 1e308}},
+         "params.hi[0] - params.lo[0] = 1e+308 - -1e+308 overflows float64; narrow the range"),
+        ({"op": "bucketize_width", "inputs": ["a", "b"],
+          "params": {"lo": [0, -1e308], "hi": [1, 1e308], "buckets": 4}},
+         "params.hi[1] - params.lo[1] = 1e+308 - -1e+308 overflows"),
     ],
 )  # fmt: skip
 def test_bad_config_fails_at_load_naming_entry_and_field(entry, fragment):
@@ -158,29 +163,81 @@ def test_bad_inputs_name_the_transform_and_column(data):
         apply(t, data)
     with pytest.raises(InvalidArgumentError, match="'country' has dtype object"):
         apply(Transform("log1p", ["country"], "c", {}), data)
-    with pytest.raises(InvalidArgumentError, match="no non-NaN values"):
-        fit("standardize", np.full(4, np.nan))
+    for hopeless in (np.full(4, np.nan), np.array([np.inf, -np.inf, np.nan])):
+        with pytest.raises(InvalidArgumentError, match="input 0 has no finite values to fit on"):
+            fit("standardize", hopeless)
+
+
+@pytest.mark.parametrize(
+    ("op", "kw"),
+    [
+        ("standardize", {}),
+        ("min_max_scale", {}),
+        ("clip", {}),
+        ("bucketize_width", {"buckets": 6}),
+        ("bucketize", {"buckets": 8}),
+    ],
+)
+def test_fit_skips_infinities_and_the_params_load_and_apply(op, kw):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(500) * 3
+    x[::37], x[5::41], x[9::53] = np.inf, -np.inf, np.nan
+    params = fit(op, x, **kw)
+    assert params == fit(op, x[np.isfinite(x)], **kw)
+    config = json.loads(json.dumps([{"op": op, "inputs": ["x"], "params": params}]))
+    (t,) = transforms_from_config(config)
+    out = apply(t, {"x": x})["x"]
+    np.testing.assert_array_equal(out, apply_reference(t, {"x": x})["x"])
+    assert np.isfinite(out[np.isfinite(x)]).all()
+
+
+def test_fit_on_data_wider_than_the_float64_range():
+    x = np.tile([-1e308, -1.0, 0.0, 2.0, 1e308], 20)
+    for op in ("bucketize", "clip"):
+        t = Transform(op, ["x"], "y", fit(op, x))
+        assert np.isfinite(np.concatenate([np.ravel(v) for v in t.checked.values()])).all()
+        np.testing.assert_array_equal(apply(t, {"x": x})["y"], apply_reference(t, {"x": x})["y"])
+    for op in ("min_max_scale", "bucketize_width"):
+        with pytest.raises(InvalidArgumentError, match=rf"fit {op}: params.hi\[0\] - params.lo"):
+            fit(op, x)
+    wide_clip = Transform("clip", ["x"], "y", {"lo": "-inf", "hi": 1e308})
+    np.testing.assert_array_equal(apply(wide_clip, {"x": [np.inf, -np.inf]})["y"], [1e308, -np.inf])
 
 
 def hot_chain(block: np.ndarray) -> list[Transform]:
+    """Every fusable per-column op; bucketize by linear count (9 boundaries) and by binary
+    search (40)."""
+    fine = fit("bucketize", block[:, 22:24], buckets=41)
+    assert all(len(b) == 40 for b in fine["boundaries"])
     return [
-        Transform("standardize", NAMES[:16], NAMES[:16], fit("standardize", block[:, :16])),
-        Transform("bucketize", NAMES[16:24], NAMES[16:24], fit("bucketize", block[:, 16:24])),
-        Transform("log1p", NAMES[24:], NAMES[24:], {}),
-        Transform("standardize", NAMES[24:], NAMES[24:], {"mean": 1.0, "std": 2.0}),
-    ]
+        Transform("standardize", NAMES[:12], NAMES[:12], fit("standardize", block[:, :12])),
+        Transform("bucketize", NAMES[12:18], NAMES[12:18], fit("bucketize", block[:, 12:18])),
+        Transform("bucketize_width", NAMES[18:20], NAMES[18:20],
+                  fit("bucketize_width", block[:, 18:20], buckets=7)),
+        Transform("bucketize_width", NAMES[20:22], NAMES[20:22],
+                  {"lo": [-8e307, 0.5], "hi": [8e307, 0.5], "buckets": [5, 3]}),
+        Transform("bucketize", NAMES[22:24], NAMES[22:24], fine),
+        Transform("min_max_scale", NAMES[24:26], NAMES[24:26], {"lo": -3.0, "hi": 5.0}),
+        Transform("clip", NAMES[26:28], NAMES[26:28], {"lo": -2.0, "hi": "inf"}),
+        Transform("log1p", NAMES[28:], NAMES[28:], {}),
+        Transform("standardize", NAMES[28:], NAMES[28:], {"mean": 1.0, "std": 2.0}),
+    ]  # fmt: skip
 
 
 def test_fused_chain_equals_reference_chain(data):
-    block = data["block"]
-    transforms = hot_chain(block)
+    transforms = hot_chain(data["block"])
+    block = data["block"].copy()
+    f32_max = np.finfo(np.float32).max
+    block[1:5, 12:] = np.array([[np.inf], [-np.inf], [f32_max], [-f32_max]])
+    data = {**data, **{n: block[:, i] for i, n in enumerate(NAMES)}}
     chain = compile_chain(transforms)
     assert chain.fused and chain.outputs == NAMES and chain.width == 32
     expected = apply_chain(transforms, data, use_reference=True)
     out = chain(data)
     assert out.dtype == np.float32 and out.shape == (ROWS, 32)
     np.testing.assert_allclose(out, expected, rtol=1.2e-7, atol=0)
-    np.testing.assert_array_equal(out[:, 16:24], expected[:, 16:24])
+    np.testing.assert_array_equal(out[:, 12:28], expected[:, 12:28])
+    assert len(np.unique(out[:, 22:24])) > 30
     shuffled = NAMES[::-1]
     bound = chain.bind(shuffled)
     np.testing.assert_array_equal(bound(np.ascontiguousarray(block[:, ::-1])), out)

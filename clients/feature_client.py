@@ -293,6 +293,11 @@ class FeatureStoreClient:
         request = pb.GetFeatureViewRequest(name=name, version=version)
         return rm.view_from_proto(self._call(self._stub.GetFeatureView, request))
 
+    def delete_feature_view(self, name: str, version: int) -> None:
+        """Delete one version of a view (definition, online rows, history); needs `admin`."""
+        request = pb.DeleteFeatureViewRequest(name=name, version=version)
+        self._call(self._stub.DeleteFeatureView, request)
+
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()
@@ -482,6 +487,11 @@ class AsyncFeatureStoreClient:
         """One view definition (latest version unless one is named)."""
         request = pb.GetFeatureViewRequest(name=name, version=version)
         return rm.view_from_proto(await self._call(self._stub.GetFeatureView, request))
+
+    async def delete_feature_view(self, name: str, version: int) -> None:
+        """Delete one version of a view (definition, online rows, history); needs `admin`."""
+        request = pb.DeleteFeatureViewRequest(name=name, version=version)
+        await self._call(self._stub.DeleteFeatureView, request)
 
     async def close(self) -> None:
         """Close the channel."""

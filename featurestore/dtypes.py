@@ -4,6 +4,8 @@ from enum import IntEnum
 
 import numpy as np
 
+from featurestore.errors import InvalidArgumentError
+
 
 class DType(IntEnum):
     """A feature or join key value type (same numbers as featureserve.v1.DType)."""
@@ -60,3 +62,37 @@ def fixed_width(dtype: DType, vector_length: int = 0) -> int:
 def is_float(dtype: DType) -> bool:
     """True for dtypes whose values may be NaN."""
     return dtype in (DType.FLOAT32, DType.FLOAT64, DType.FLOAT32_VECTOR)
+
+
+_SEND = {
+    DType.FLOAT32: "FLOAT32 values (NumPy float32)",
+    DType.FLOAT64: "FLOAT64 values (NumPy float64)",
+    DType.INT64: "INT64 values (NumPy int64)",
+    DType.BOOL: "BOOL values (NumPy bool)",
+    DType.STRING: "STRING values (str, or UTF-8 bytes)",
+    DType.FLOAT32_VECTOR: "FLOAT32_VECTOR values (NumPy float32, rows x vector_length)",
+}
+
+
+def sent_type(dtype: np.dtype) -> str:
+    """A column's NumPy dtype as the protocol's DType name (what the wire carries it as), or as
+    the NumPy name where the protocol has none, so one message fits RPC and Python callers."""
+    kind, size = dtype.kind, dtype.itemsize
+    if kind in "OUS":
+        return DType.STRING.name
+    if kind == "b":
+        return DType.BOOL.name
+    if kind == "f" and size in (4, 8):
+        return (DType.FLOAT32 if size == 4 else DType.FLOAT64).name
+    if kind == "i" and size == 8:
+        return DType.INT64.name
+    return f"NumPy {dtype}"
+
+
+def wrong_type(what: str, declared: DType, col: np.ndarray) -> InvalidArgumentError:
+    """The error for a column whose values are not of `what`'s declared type: names both types
+    in the protocol's DType names and what to send instead."""
+    return InvalidArgumentError(
+        f"{what} is declared {declared.name} but the column holds {sent_type(col.dtype)} "
+        f"values; send {_SEND[declared]}"
+    )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featurestore.dtypes import DType
+from featurestore.dtypes import DType, wrong_type
 from featurestore.errors import InvalidArgumentError
 from featurestore.registry import Entity
 
@@ -20,6 +20,8 @@ INVALID_KEY = b"\xff"
 """Stands in for a row whose key is invalid: one byte, shorter than any real encoding."""
 
 _SIGN = np.uint64(1 << 63)
+_KEY_KINDS = {DType.INT64: "iu", DType.STRING: "OUS"}
+"""NumPy dtype kinds a key column of each join key dtype may hold."""
 
 
 @dataclass
@@ -57,14 +59,8 @@ def key_rows(entity: Entity, keys: dict[str, np.ndarray], rows: int | None = Non
                 f"key column {key.name!r} has {len(col)} rows, the first key column has {n}"
             )
         kind = col.dtype.kind
-        if key.dtype is DType.INT64 and kind not in "iu" and not (kind == "O" and len(col) == 0):
-            raise InvalidArgumentError(
-                f"key column {key.name!r} must hold integers (INT64), got dtype {col.dtype}"
-            )
-        if key.dtype is DType.STRING and kind not in "OUS":
-            raise InvalidArgumentError(
-                f"key column {key.name!r} must hold str or bytes (STRING), got dtype {col.dtype}"
-            )
+        if kind not in _KEY_KINDS[key.dtype] and not (kind == "O" and len(col) == 0):
+            raise wrong_type(f"join key {key.name!r} of entity {entity.name!r}", key.dtype, col)
     n = max(n, 0)
     missing = [name for name in expected if name not in keys]
     if missing and (n or rows):

@@ -18,7 +18,7 @@ from typing import TypeVar
 import lmdb
 import numpy as np
 
-from featurestore.dtypes import DType, is_float, numpy_dtype
+from featurestore.dtypes import DType, is_float, numpy_dtype, wrong_type
 from featurestore.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
@@ -517,10 +517,7 @@ class OnlineStore:
                 )
             kinds = _KINDS[feat.dtype]
             if col.dtype.kind not in kinds and not (n == 0 and col.dtype.kind in "fO"):
-                raise InvalidArgumentError(
-                    f"feature column {feat.name!r} is {feat.dtype.name}; got NumPy dtype "
-                    f"{col.dtype}"
-                )
+                raise wrong_type(f"feature {feat.name!r} of view {view.name!r}", feat.dtype, col)
             columns[feat.name] = col
             if feat.name in batch.nulls:
                 nulls[feat.name] = _null_mask(batch.nulls, feat.name, n)

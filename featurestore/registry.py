@@ -216,12 +216,7 @@ def validate_view(view: FeatureView, entity: Entity | None) -> None:
                 f"{where}: feature {feat.name!r} has the name of a join key of {entity.name!r}"
             )
         seen.add(feat.name)
-        try:
-            dtype = DType(feat.dtype)
-        except ValueError:
-            raise InvalidArgumentError(
-                f"{where} feature {feat.name!r}: unknown dtype {feat.dtype!r}"
-            ) from None
+        dtype = _feature_dtype(view, feat)
         if dtype is DType.FLOAT32_VECTOR and feat.vector_length <= 0:
             raise InvalidArgumentError(
                 f"{where} feature {feat.name!r}: FLOAT32_VECTOR needs vector_length > 0"
@@ -235,8 +230,21 @@ def validate_view(view: FeatureView, entity: Entity | None) -> None:
             raise InvalidArgumentError(f"{where}: tags must map str to str, got {key!r}")
 
 
+def _feature_dtype(view: FeatureView, feat: Feature) -> DType:
+    """A feature's dtype as a DType (it may be declared as its number), or InvalidArgumentError
+    naming the view, the feature and the valid dtypes."""
+    try:
+        return DType(feat.dtype)
+    except (TypeError, ValueError):
+        valid = ", ".join(f"DType.{d.name}" for d in DType)
+        raise InvalidArgumentError(
+            f"feature view {view.name!r} feature {feat.name!r}: unknown dtype {feat.dtype!r}; "
+            f"use one of {valid}"
+        ) from None
+
+
 def _normalise(view: FeatureView) -> FeatureView:
-    feats = tuple(replace(f, dtype=DType(f.dtype)) for f in view.features)
+    feats = tuple(replace(f, dtype=_feature_dtype(view, f)) for f in view.features)
     return replace(view, features=feats, tags=dict(view.tags))
 
 

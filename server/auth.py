@@ -41,6 +41,7 @@ METHOD_SCOPES: dict[str, str] = {
     _FS + "ListFeatureViews": READ,
     _FS + "GetFeatureView": READ,
     _FS + "ApplyFeatureViews": ADMIN,
+    _FS + "DeleteFeatureView": ADMIN,
     _PRED + "Predict": INFER,
     _PRED + "StreamPredict": INFER,
     _KS + "ServerLive": AUTHENTICATED,

@@ -169,7 +169,13 @@ def write_batch(request: pb.WriteFeaturesRequest, max_rows: int) -> WriteBatch:
         values, bad = arrays.from_array_lenient(block.values, field)
         mask = arrays.nulls_of(block.values, field)
         if values.shape[0] != rows:
-            raise InvalidArgumentError(f"{field}: {values.shape[0]} rows, expected {rows}")
+            sent = values.shape[0]
+            first = f"first missing row: {sent}" if sent < rows else f"first extra row: {rows}"
+            raise InvalidArgumentError(
+                f"{field} ({', '.join(block.features) or 'no features named'}): {sent} rows, "
+                f"expected {rows}: one value per entity row (of entity_keys and "
+                f"event_timestamps); {first}"
+            )
         width = len(block.features)
         if values.shape[1] != width:
             raise InvalidArgumentError(
@@ -209,6 +215,40 @@ def add_result(response: pb.WriteFeaturesResponse, result: WriteResult, batch: i
         response.errors.append(
             types_pb2.RowError(row=err.row, column=err.column, reason=err.reason, batch=batch)
         )
+
+
+async def settle(
+    pending: deque[tuple[int, asyncio.Future[WriteResult]]],
+    limit: int,
+    response: pb.WriteFeaturesResponse,
+    failures: list[tuple[int, Exception]],
+) -> None:
+    """Await a stream's oldest batches in flight until at most `limit` are left, adding each
+    outcome to the response, or to failures with its batch index: a failure never stops the
+    rest from being awaited, so no commit's error goes unretrieved."""
+    while len(pending) > limit:
+        index, future = pending.popleft()
+        try:
+            result = await future
+        except Exception as exc:
+            failures.append((index, exc))
+        else:
+            add_result(response, result, index)
+
+
+def stream_failure(batch: int, exc: Exception) -> str:
+    """The message that ends a stream at its first failed batch: what failed, what was written
+    and where to resend from."""
+    if batch == 0:
+        written = ""
+    elif batch == 1:
+        written = "batch 0 was written, "
+    else:
+        written = f"batches 0 to {batch - 1} were written, "
+    return (
+        f"batch {batch}: {exc}; {written}batch {batch} and later ones were not acknowledged: "
+        f"resend from batch {batch} (writes are idempotent, so resending is safe)"
+    )
 
 
 class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
@@ -261,11 +301,21 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     async def GetOnlineFeatures(self, request, context):
         return self.lookup(request)
 
+    def _submit(self, batch: WriteBatch) -> asyncio.Future[WriteResult]:
+        """Prepare a checked batch and queue it for the group commit. A batch of zero rows is
+        answered at once, without resolving its view: an empty request, even one naming no
+        view, gets an empty, valid answer."""
+        if not len(batch.event_us):
+            empty = asyncio.get_running_loop().create_future()
+            empty.set_result(WriteResult(0, 0, 0, []))
+            return empty
+        return asyncio.wrap_future(self.committer.submit(self.store.prepare(batch)))
+
     async def _write(self, request: pb.WriteFeaturesRequest) -> WriteResult:
         batch = write_batch(request, self.max_rows)
-        prepared = self.store.prepare(batch)
-        result = await asyncio.wrap_future(self.committer.submit(prepared))
-        self.observer(batch.view).write(self.store, batch, result)
+        result = await self._submit(batch)
+        if len(batch.event_us):
+            self.observer(batch.view).write(self.store, batch, result)
         return result
 
     @maps_errors
@@ -279,32 +329,34 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         return response
 
     async def StreamWriteFeatures(self, request_iterator, context):
+        """Write each message as it arrives, up to MAX_STREAM_BATCHES_IN_FLIGHT awaiting their
+        commit, and answer the summed counts. The first batch that fails (an earlier commit
+        failure wins over a later bad message) ends the stream with its status, once every
+        batch in flight has settled."""
         response = pb.WriteFeaturesResponse()
-        pending: deque[tuple[int, asyncio.Future]] = deque()
-
-        async def settle(limit: int) -> None:
-            while len(pending) > limit:
-                index, future = pending.popleft()
-                add_result(response, await future, index)
-
+        pending: deque[tuple[int, asyncio.Future[WriteResult]]] = deque()
+        failures: list[tuple[int, Exception]] = []
         index = 0
         try:
-            async for request in request_iterator:
-                self.auth.require(f"write:{request.view}")
-                prepared = self.store.prepare(write_batch(request, self.max_rows))
-                pending.append((index, asyncio.wrap_future(self.committer.submit(prepared))))
-                await settle(MAX_STREAM_BATCHES_IN_FLIGHT)
-                index += 1
-            await settle(0)
-        except Exception as exc:
+            try:
+                async for request in request_iterator:
+                    self.auth.require(f"write:{request.view}")
+                    pending.append((index, self._submit(write_batch(request, self.max_rows))))
+                    index += 1
+                    await settle(pending, MAX_STREAM_BATCHES_IN_FLIGHT, response, failures)
+                    if failures:
+                        break
+            except Exception as exc:
+                failures.append((index, exc))
+            await settle(pending, 0, response, failures)
+        finally:
+            for _, future in pending:
+                future.cancel()
+        if failures:
+            batch, exc = min(failures, key=lambda failure: failure[0])
             if not is_domain_error(exc):
-                raise
-            await settle(0)
-            done = f"batches 0..{index - 1} were written" if index else "nothing was written"
-            await context.abort(
-                status_for(exc),
-                f"batch {index}: {exc}; {done} (writes are idempotent: resending is safe)",
-            )
+                raise exc
+            await context.abort(status_for(exc), stream_failure(batch, exc))
         return response
 
     @maps_errors
@@ -338,3 +390,18 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
                 self.store.registry.apply, entities, views, request.dry_run
             )
         return pb.ApplyFeatureViewsResponse(results=[rm.apply_result_to_proto(r) for r in results])
+
+    @maps_errors
+    async def DeleteFeatureView(self, request, context):
+        self.auth.require("admin")
+        if not request.name:
+            raise InvalidArgumentError("name: empty; name the view whose version to delete")
+        if not request.version:
+            raise InvalidArgumentError(
+                f"version: 0; name the version of {request.name!r} to delete "
+                "(ListFeatureViews with all_versions lists them)"
+            )
+        target = f"{request.name}@{request.version}"
+        with self.audit.action("delete_feature_view", target, context):
+            await asyncio.to_thread(self.store.registry.delete_view, request.name, request.version)
+        return pb.DeleteFeatureViewResponse()

@@ -81,7 +81,13 @@ def column(result, name):
 
 
 def test_round_trip_every_dtype_with_nulls(store):
-    batch = all_batch([10, 11, 12], NOW, nulls={"i64": np.array([False, True, False])})
+    nulls = {
+        "i64": np.array([False, True, False]),
+        "s": np.array([False, True, False]),
+        "flag": np.array([True, False, False]),
+        "vec": np.array([False, False, True]),
+    }
+    batch = all_batch([10, 11, 12], NOW, nulls=nulls)
     assert store.write(batch, now_us=NOW).written == 3
     res = store.read("all_types", {"user_id": np.array([12, 99, 10, 11])}, now_us=NOW)
     assert res.row_status.tolist() == [1, 2, 1, 1]
@@ -96,14 +102,18 @@ def test_round_trip_every_dtype_with_nulls(store):
     ]
     values, statuses = column(res, "f32")
     assert values.tolist() == [2.5, 0.0, 0.5, 1.5] and statuses.tolist() == [1, 2, 1, 1]
-    assert column(res, "s")[0].tolist() == ["s2é", "", "s0é", "s1é"]
+    values, statuses = column(res, "s")
+    assert values.tolist() == ["s2é", "", "s0é", ""] and statuses.tolist() == [1, 2, 1, 3]
     assert column(res, "t")[0].tolist() == ["", "", "", ""]
     f64 = column(res, "f64")[0]
     assert np.isnan(f64[2]) and f64[0] == 1e300
     values, statuses = column(res, "i64")
     assert values.tolist() == [2**62, 0, -(2**63), 0] and statuses.tolist() == [1, 2, 1, 3]
-    assert column(res, "flag")[0].tolist() == [True, False, True, False]
-    assert column(res, "vec")[0].tolist() == [[6, 7, 8], [0, 0, 0], [0, 1, 2], [3, 4, 5]]
+    values, statuses = column(res, "flag")
+    assert values.tolist() == [True, False, False, False] and statuses.tolist() == [1, 2, 3, 1]
+    values, statuses = column(res, "vec")
+    assert values.tolist() == [[0, 0, 0], [0, 0, 0], [0, 1, 2], [3, 4, 5]]
+    assert statuses.tolist() == [3, 2, 1, 1]
 
 
 def test_read_subset_in_requested_order(store):
@@ -258,7 +268,8 @@ def test_skip_bad_rows_drops_and_reports(store):
         (
             lambda b: b.columns.update(score=np.array(["a", "b"])),
             InvalidArgumentError,
-            "FLOAT32; got NumPy dtype <U1",
+            "feature 'score' of view 'score' is declared FLOAT32 but the column holds STRING "
+            r"values; send FLOAT32 values \(NumPy float32\)",
         ),
         (
             lambda b: b.columns.update(score=np.zeros(3)),
@@ -268,7 +279,8 @@ def test_skip_bad_rows_drops_and_reports(store):
         (
             lambda b: b.keys.update(user_id=np.array(["a", "b"])),
             InvalidArgumentError,
-            "'user_id' must hold integers",
+            "join key 'user_id' of entity 'user' is declared INT64 but the column holds STRING "
+            r"values; send INT64 values \(NumPy int64\)",
         ),
         (
             lambda b: b.keys.update(user_id=np.array([1])),
@@ -296,6 +308,38 @@ def test_batch_level_errors(store, mutate, error, message):
     batch = score_batch([1, 2], [NOW, NOW], [1, 2], skip_bad_rows=True)
     mutate(batch)
     with pytest.raises(error, match=message):
+        store.prepare(batch, now_us=NOW)
+
+
+@pytest.mark.parametrize(
+    ("name", "sent", "message"),
+    [
+        (
+            "i64",
+            np.ones(2),
+            "'i64' of view 'all_types' is declared INT64 but the column holds FLOAT64",
+        ),
+        ("flag", np.array([1, 0]), "declared BOOL but the column holds INT64 values; send BOOL"),
+        ("s", np.array([1, 2], np.int32), "holds NumPy int32 values; send STRING values"),
+        ("f32", np.array([True, False]), "declared FLOAT32 but the column holds BOOL values"),
+        ("vec", np.array([["a"] * 3] * 2), "declared FLOAT32_VECTOR but the column holds STRING"),
+    ],
+)
+def test_wrong_dtype_names_the_declared_and_sent_types(store, name, sent, message):
+    batch = all_batch([1, 2], NOW)
+    batch.columns[name] = sent
+    with pytest.raises(InvalidArgumentError, match=message):
+        store.prepare(batch, now_us=NOW)
+
+
+def test_wrong_key_dtype_names_the_declared_and_sent_types(store):
+    store.registry.apply([], [FeatureView("tag", "named", (Feature("n", DType.INT64),))])
+    batch = WriteBatch("tag", {"name": np.array([1, 2])}, np.full(2, NOW), {"n": np.arange(2)})
+    with pytest.raises(
+        InvalidArgumentError,
+        match="join key 'name' of entity 'named' is declared STRING but the column holds INT64 "
+        r"values; send STRING values \(str, or UTF-8 bytes\)",
+    ):
         store.prepare(batch, now_us=NOW)
 
 

@@ -4,11 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from featurestore import registry
 from featurestore.dtypes import DType
 from featurestore.errors import ConflictError, InvalidArgumentError, NotFoundError
-from featurestore.online_store import OnlineStore, StoreConfig
+from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 
 USER = Entity("user", (JoinKey("user_id", DType.INT64),), "a user")
@@ -85,6 +87,14 @@ def test_version_gaps_and_unknown_versions(store):
         ([USER], [view(Feature("bad-name", DType.INT64))], "'bad-name' is not a valid name"),
         ([USER], [view()], "features must not be empty"),
         ([USER], [view(CLICKS, ttl_seconds=-1)], "ttl_seconds must be >= 0"),
+        (
+            [USER],
+            [view(CLICKS, Feature("score", 0))],
+            "feature view 'user_stats' feature 'score': unknown dtype 0; use one of "
+            "DType.FLOAT32, DType.FLOAT64, DType.INT64, DType.BOOL, DType.STRING, "
+            "DType.FLOAT32_VECTOR",
+        ),
+        ([USER], [view(Feature("score", "FLOAT32"))], "'score': unknown dtype 'FLOAT32'"),
     ],
 )
 def test_validation_names_the_field(store, entities, views, message):
@@ -115,11 +125,47 @@ def test_list_prefix_and_delete(store):
         store.registry.delete_view("user_stats", 1)
 
 
+def test_lookups_parse_definitions_again_only_after_a_change(store, monkeypatch):
+    """The cache is refreshed by generation: reads parse no definition until an apply."""
+    parsed: list[bytes] = []
+
+    def counting(decode):
+        def wrapper(raw: bytes):
+            parsed.append(raw)
+            return decode(raw)
+
+        return wrapper
+
+    for name in ("_view_from_json", "_entity_from_json"):
+        monkeypatch.setattr(registry, name, counting(getattr(registry, name)))
+    store.registry.apply([USER], [view(CLICKS)])
+    ids = {"user_id": np.array([1, 2])}
+    store.write(WriteBatch("user_stats", ids, np.full(2, 10**15), {"clicks": np.ones(2)}))
+    parsed.clear()
+    for _ in range(50):
+        store.registry.get_view("user_stats")
+        store.registry.get_entity("user")
+        store.registry.list_views()
+        store.registry.list_entities()
+        assert store.read("user_stats", ids).row_status.tolist() == [1, 1]
+    assert parsed == []
+    store.registry.apply([], [view(CLICKS, COUNTRY)])
+    parsed.clear()
+    assert [f.name for f in store.registry.get_view("user_stats").features] == [
+        "clicks",
+        "country",
+    ]
+    assert len(parsed) == 2, "one entity and one view, parsed once after the apply"
+    store.read("user_stats", ids)
+    store.registry.get_view("user_stats")
+    assert len(parsed) == 2
+
+
 APPLY_IN_CHILD = """
 import sys
 from pathlib import Path
 from featurestore.dtypes import DType
-from featurestore.online_store import OnlineStore, StoreConfig
+from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Feature, FeatureView
 feats = [Feature(n, DType.FLOAT32 if n == "clicks" else DType.STRING) for n in sys.argv[2:]]
 with OnlineStore(StoreConfig(Path(sys.argv[1]))) as store:

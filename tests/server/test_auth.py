@@ -228,6 +228,7 @@ def request_of(rpc: str):
         "ListFeatureViews": pb.ListFeatureViewsRequest(),
         "GetFeatureView": pb.GetFeatureViewRequest(name="profile"),
         "ApplyFeatureViews": pb.ApplyFeatureViewsRequest(),
+        "DeleteFeatureView": pb.DeleteFeatureViewRequest(name="profile", version=9),
         "Predict": prediction_pb2.PredictRequest(model="m1"),
         "StreamPredict": iter([prediction_pb2.PredictRequest(model="m1")]),
         "ServerLive": ks.ServerLiveRequest(),
@@ -254,6 +255,7 @@ MATRIX: dict[str, tuple[str, str | None, str | None]] = {
     "ListFeatureViews": ("reader", "inferer", None),
     "GetFeatureView": ("reader", "writer", "other"),
     "ApplyFeatureViews": ("admin", "writer", None),
+    "DeleteFeatureView": ("admin", "writer", None),
     "Predict": ("inferer", "reader", "other"),
     "StreamPredict": ("inferer", "reader", "other"),
     "ServerLive": ("reader", None, None),
@@ -270,9 +272,9 @@ MATRIX: dict[str, tuple[str, str | None, str | None]] = {
     "RepositoryModelUnload": ("admin", "inferer", None),
 }
 STUBS = {
-    **dict.fromkeys(list(MATRIX)[:6], pb_grpc.FeatureStoreStub),
-    **dict.fromkeys(list(MATRIX)[6:8], prediction_pb2_grpc.PredictionStub),
-    **dict.fromkeys(list(MATRIX)[8:], ks_grpc.GRPCInferenceServiceStub),
+    **dict.fromkeys(list(MATRIX)[:7], pb_grpc.FeatureStoreStub),
+    **dict.fromkeys(list(MATRIX)[7:9], prediction_pb2_grpc.PredictionStub),
+    **dict.fromkeys(list(MATRIX)[9:], ks_grpc.GRPCInferenceServiceStub),
 }
 CASES = [
     (rpc, case)

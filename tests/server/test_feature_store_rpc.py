@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+import queue
+import signal
+import struct
+import termios
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,6 +26,7 @@ from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from server.feature_servicer import MAX_ROW_ERRORS
+from tests.conftest import children, wait_until
 
 USER = Entity("user", (JoinKey("user_id", DType.INT64),))
 ALL_TYPES = FeatureView(
@@ -60,21 +71,24 @@ def columns(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 def test_every_dtype_round_trips_with_nulls(client) -> None:
     ids = np.arange(100, 150)
     cols = columns(len(ids))
-    nulls = {"f64": np.arange(len(ids)) % 7 == 0}
+    row = np.arange(len(ids))
+    nulls = {"f64": row % 7 == 0, "city": row % 5 == 1, "flag": row % 3 == 2, "emb": row % 4 == 3}
     summary = client.write_features("profile", {"user_id": ids}, NOW_US, cols, nulls)
     assert (summary.written, summary.stale, summary.rejected) == (50, 0, 0)
     got = client.get_online_features(["profile"], {"user_id": np.append(ids, 999_999)})
     assert got.rows == 51
     for name, expected in cols.items():
         values = got[f"profile:{name}"][:50]
+        statuses = got.statuses[f"profile:{name}"][:50]
+        null = nulls.get(name, np.zeros(50, bool))
+        assert (statuses[null] == FeatureStatus.NULL_VALUE).all(), name
+        assert (statuses[~null] == FeatureStatus.PRESENT).all(), name
         if name == "city":
-            assert values.tolist() == expected.tolist()
+            assert values[~null].tolist() == expected[~null].tolist()
+            assert values[null].tolist() == [""] * null.sum()
         else:
-            mask = ~nulls.get(name, np.zeros(50, bool))
-            np.testing.assert_array_equal(values[mask], expected[mask])
-    f64 = got.statuses["profile:f64"]
-    assert (f64[:50][nulls["f64"]] == FeatureStatus.NULL_VALUE).all()
-    assert (f64[:50][~nulls["f64"]] == FeatureStatus.PRESENT).all()
+            np.testing.assert_array_equal(values[~null], expected[~null])
+            assert not values[null].any(), name
     assert got.statuses["profile:f32"][50] == FeatureStatus.NOT_FOUND
     assert got.event_timestamps["profile"][:50].tolist() == [NOW_US] * 50
     assert got.event_timestamps["profile"][50] == 0
@@ -139,6 +153,55 @@ def test_registry_rpcs(client) -> None:
     assert client.get_feature_view("profile").features == ALL_TYPES.features
 
 
+def test_apply_refuses_to_drop_or_retype_a_feature_in_place(client) -> None:
+    a, b = Feature("a", DType.FLOAT32), Feature("b", DType.STRING)
+    client.apply([], [FeatureView("evolving", "user", (a, b))])
+    conflict = grpc.StatusCode.FAILED_PRECONDITION
+    with expect_error(conflict, "dropping feature 'b'", "apply with version=2"):
+        client.apply([], [FeatureView("evolving", "user", (a,))])
+    retyped = FeatureView("evolving", "user", (Feature("a", DType.INT64), b))
+    with expect_error(conflict, "retyping feature 'a' from FLOAT32", "apply with version=2"):
+        client.apply([], [retyped])
+    assert client.get_feature_view("evolving").features == (a, b)
+    assert client.apply([], [FeatureView("evolving", "user", (a,), version=2)])[0].version == 2
+
+
+def test_list_feature_views_all_versions(client) -> None:
+    first = FeatureView("versioned", "user", (Feature("a", DType.FLOAT32),))
+    second = FeatureView("versioned", "user", (Feature("a", DType.INT64),), version=2)
+    client.apply([], [first])
+    client.apply([], [second])
+    _, latest = client.list_feature_views("versioned")
+    assert [(v.version, v.features) for v in latest] == [(2, second.features)]
+    _, every = client.list_feature_views("versioned", all_versions=True)
+    assert [(v.version, v.features) for v in every] == [(1, first.features), (2, second.features)]
+
+
+def test_delete_feature_view_removes_one_version(client) -> None:
+    first = FeatureView("doomed", "user", (Feature("a", DType.FLOAT32),))
+    second = FeatureView("doomed", "user", (Feature("a", DType.INT64),), version=2)
+    client.apply([], [first])
+    client.apply([], [second])
+    ids = {"user_id": np.arange(3)}
+    client.write_features("doomed", ids, NOW_US, {"a": np.float32([1, 2, 3])}, version=1)
+    client.write_features("doomed", ids, NOW_US, {"a": np.arange(3)})
+    client.delete_feature_view("doomed", 1)
+    with expect_error(grpc.StatusCode.NOT_FOUND, "doomed", "version 1"):
+        client.get_online_features(["doomed@1:a"], ids)
+    got = client.get_online_features(["doomed:a"], ids)
+    np.testing.assert_array_equal(got["doomed:a"], np.arange(3))
+    _, left = client.list_feature_views("doomed", all_versions=True)
+    assert [v.version for v in left] == [2]
+    with expect_error(grpc.StatusCode.NOT_FOUND, "doomed", "version 7"):
+        client.delete_feature_view("doomed", 7)
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "version: 0", "all_versions"):
+        client.delete_feature_view("doomed", 0)
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "name: empty"):
+        client.delete_feature_view("", 1)
+    client.delete_feature_view("doomed", 2)
+    assert client.list_feature_views("doomed", all_versions=True)[1] == []
+
+
 def expect_error(code: grpc.StatusCode, *fragments: str):
     class Check:
         def __enter__(self):
@@ -166,7 +229,11 @@ def test_unknown_view_and_feature_are_not_found(client) -> None:
 def test_bad_reference_and_key_type_are_invalid(client) -> None:
     with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "features[0]", "view:feature"):
         client.get_online_features(["profile@x:f32"], {"user_id": [1]})
-    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "user_id"):
+    with expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "join key 'user_id' of entity 'user' is declared INT64 but the column holds STRING "
+        "values; send INT64 values",
+    ):
         client.get_online_features(["profile"], {"user_id": np.array(["a"], dtype=object)})
 
 
@@ -206,14 +273,23 @@ def test_event_time_errors_name_the_wire_field(client) -> None:
 
 
 def test_unequal_lengths_and_wrong_dtype_name_the_column(client) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    expected = "expected 3: one value per entity row"
     cols = columns(3)
     cols["i64"] = cols["i64"][:2]
-    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "blocks[2]", "rows"):
+    with expect_error(invalid, "blocks[2] (i64): 2 rows", expected, "first missing row: 2"):
         client.write_features("profile", {"user_id": [1, 2, 3]}, NOW_US, cols)
     cols = columns(3)
-    cols["i64"] = np.array(["a", "b", "c"], dtype=object)
-    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "i64"):
+    cols["city"] = np.append(cols["city"], "extra")
+    with expect_error(invalid, "blocks[4] (city): 4 rows", expected, "first extra row: 3"):
         client.write_features("profile", {"user_id": [1, 2, 3]}, NOW_US, cols)
+    declared = "feature 'i64' of view 'profile' is declared INT64 but the column holds"
+    strings = np.array(["a", "b", "c"], dtype=object)
+    for sent, wire in ((strings, "STRING"), (np.ones(3), "FLOAT64")):
+        cols = columns(3)
+        cols["i64"] = sent
+        with expect_error(invalid, f"{declared} {wire} values; send INT64 values"):
+            client.write_features("profile", {"user_id": [1, 2, 3]}, NOW_US, cols)
 
 
 def test_raw_bytes_that_do_not_match_are_invalid(client) -> None:
@@ -284,15 +360,41 @@ def test_garbage_strings_reject_only_their_rows(client) -> None:
 
 def test_zero_row_requests_get_empty_answers(client) -> None:
     stub = pb_grpc.FeatureStoreStub(client._channel)
-    answer = stub.WriteFeatures(pb.WriteFeaturesRequest(view="profile"))
-    assert (answer.rows_written, answer.rows_stale, answer.rows_rejected) == (0, 0, 0)
+    empty = [pb.WriteFeaturesRequest(view="profile"), pb.WriteFeaturesRequest()]
+    for request in [*empty, fm.write_request("nope", {}, np.zeros(0, np.int64), {})]:
+        answer = stub.WriteFeatures(request)
+        assert (answer.rows_written, answer.rows_stale, answer.rows_rejected) == (0, 0, 0)
+    ids = np.array([900, 901])
+    batch = fm.write_request("profile", {"user_id": ids}, NOW_US, columns(2))
+    answer = stub.StreamWriteFeatures(iter([empty[1], batch, empty[1], empty[0]]))
+    assert (answer.rows_written, answer.rows_stale, answer.rows_rejected) == (2, 0, 0)
     got = client.get_online_features(["profile:f32", "profile:city"], {})
     assert got.rows == 0
     assert got["profile:f32"].shape == (0,) and got["profile:city"].shape == (0,)
     with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "key column 'user_id'", "missing"):
         client.write_features("profile", {}, np.array([NOW_US]), columns(1))
-    with expect_error(grpc.StatusCode.NOT_FOUND, "nope"):
-        client.write_features("nope", {}, np.zeros(0, np.int64), {})
+
+
+def test_empty_writes_still_need_the_write_scope(tmp_path, server_factory) -> None:
+    config = tmp_path / "auth.toml"
+    digest = hashlib.sha256(b"w-secret").hexdigest()
+    config.write_text(
+        '[auth]\nenabled = true\n[[auth.tokens]]\nname = "writer"\n'
+        f'token_sha256 = "{digest}"\nscopes = ["write:profile"]\n'
+    )
+    server = server_factory("--config", str(config))
+    token = (("authorization", "Bearer w-secret"),)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.FeatureStoreStub(channel)
+        answer = stub.WriteFeatures(pb.WriteFeaturesRequest(view="profile"), metadata=token)
+        assert (answer.rows_written, answer.rows_rejected) == (0, 0)
+        for request in (pb.WriteFeaturesRequest(), pb.WriteFeaturesRequest(view="other")):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.WriteFeatures(request, metadata=token)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.RpcError) as err:
+                stub.StreamWriteFeatures(iter([request]), metadata=token)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_null_keys_are_rejected(client) -> None:
@@ -355,3 +457,103 @@ def test_oversized_messages_and_batches_name_their_limit(tmp_path, server_factor
         many = np.arange(2501)
         with expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "max_rows_per_write=2500"):
             small.write_features("narrow", {"user_id": many}, NOW_US, {"flag": many % 2 == 0})
+
+
+def narrow_batch(i: int) -> pb.WriteFeaturesRequest:
+    """Batch i of a stream into the view `narrow`: users 10i..10i+9, x = user id."""
+    ids = np.arange(10 * i, 10 * i + 10)
+    return fm.write_request("narrow", {"user_id": ids}, NOW_US, {"x": ids.astype(np.float32)})
+
+
+def test_a_bad_stream_message_ends_the_stream_naming_its_batch(client) -> None:
+    client.apply([], [FeatureView("narrow", "user", (Feature("x", DType.FLOAT32),))])
+    bad = narrow_batch(2)
+    bad.blocks[0].values.data = np.float32([0, np.nan, *range(2, 10)]).tobytes()
+    stub = pb_grpc.FeatureStoreStub(client._channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.StreamWriteFeatures(iter([narrow_batch(0), narrow_batch(1), bad, narrow_batch(3)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for fragment in (
+        "batch 2: column 'x' row 1: NaN",
+        "batches 0 to 1 were written, batch 2 and later ones were not acknowledged",
+        "resend from batch 2 (writes are idempotent, so resending is safe)",
+    ):
+        assert fragment in err.value.details()
+    got = client.get_online_features(["narrow:x"], {"user_id": np.arange(40)})
+    assert (
+        got.statuses["narrow:x"].tolist()
+        == [FeatureStatus.PRESENT] * 20 + [FeatureStatus.NOT_FOUND] * 20
+    )
+
+
+def commit_process(server_pid: int) -> int:
+    """The pid of the server's commit process (started by its first write)."""
+    found = [
+        pid
+        for pid in children(server_pid)
+        if b"featurestore.commit_process" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(found) == 1, f"expected one commit process, found {found}"
+    return found[0]
+
+
+@contextmanager
+def unread_requests(pid: int) -> Iterator[Callable[[], int]]:
+    """A function counting the bytes the server has sent the commit process and it has not
+    read, through a handle on its request pipe (argv[3] of `-m featurestore.commit_process`)
+    that is never read from."""
+    requests_fd = int(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3])
+    fd = os.open(f"/proc/{pid}/fd/{requests_fd}", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        yield lambda: struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, bytes(4)))[0]
+    finally:
+        os.close(fd)
+
+
+def test_a_failed_commit_ends_the_stream_unavailable_at_the_first_lost_batch(
+    server_factory,
+) -> None:
+    """Batch 0 commits; batches 1 and 2 reach the commit process while it is stopped, and it is
+    killed: both fail, and the stream ends UNAVAILABLE at batch 1 (the second failure must not
+    escape as UNKNOWN). The client must not retry: gRPC would replay the stream on UNAVAILABLE.
+    Each small message is one atomic pipe write, so a growing count of unread bytes shows the
+    server has handed that batch over."""
+    server = server_factory()
+    no_retries = ClientConfig(target=server.target, timeout_s=60, max_attempts=1)
+    with FeatureStoreClient(no_retries) as client:
+        client.apply([USER], [FeatureView("narrow", "user", (Feature("x", DType.FLOAT32),))])
+
+        def committed(user_id: int) -> bool:
+            got = client.get_online_features(["narrow:x"], {"user_id": [user_id]})
+            return got.statuses["narrow:x"][0] == FeatureStatus.PRESENT
+
+        requests: queue.SimpleQueue[pb.WriteFeaturesRequest | None] = queue.SimpleQueue()
+        stub = pb_grpc.FeatureStoreStub(client._channel)
+        call = stub.StreamWriteFeatures.future(iter(requests.get, None), timeout=120)
+        requests.put(narrow_batch(0))
+        assert wait_until(lambda: committed(9), timeout=60), "batch 0 never committed"
+        child = commit_process(server.proc.pid)
+        os.kill(child, signal.SIGSTOP)
+        try:
+            with unread_requests(child) as unread:
+                for i in (1, 2):
+                    before = unread()
+                    requests.put(narrow_batch(i))
+                    assert wait_until(lambda before=before: unread() > before, timeout=60)
+                    assert unread() < 4096, "a message over PIPE_BUF may be seen half-written"
+        finally:
+            os.kill(child, signal.SIGKILL)
+        requests.put(None)
+        error = call.exception(timeout=120)
+        assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE, error
+        for fragment in (
+            "batch 1: the commit process exited",
+            "batch 0 was written, batch 1 and later ones were not acknowledged",
+            "resend from batch 1 (writes are idempotent, so resending is safe)",
+        ):
+            assert fragment in error.details(), error.details()
+        resent = stub.StreamWriteFeatures(iter([narrow_batch(1), narrow_batch(2)]), timeout=60)
+        assert (resent.rows_written, resent.rows_stale) == (20, 0)
+        got = client.get_online_features(["narrow:x"], {"user_id": np.arange(30)})
+        assert (got.statuses["narrow:x"] == FeatureStatus.PRESENT).all()
+        assert got["narrow:x"].tolist() == list(range(30))

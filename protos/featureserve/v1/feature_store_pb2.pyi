@@ -157,6 +157,18 @@ class GetFeatureViewRequest(_message.Message):
     version: int
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
+class DeleteFeatureViewRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DeleteFeatureViewResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ApplyFeatureViewsRequest(_message.Message):
     __slots__ = ("entities", "views", "dry_run")
     ENTITIES_FIELD_NUMBER: _ClassVar[int]

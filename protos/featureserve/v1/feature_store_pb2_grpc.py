@@ -70,6 +70,11 @@ class FeatureStoreStub(object):
                 request_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ApplyFeatureViewsRequest.SerializeToString,
                 response_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ApplyFeatureViewsResponse.FromString,
                 _registered_method=True)
+        self.DeleteFeatureView = channel.unary_unary(
+                '/featureserve.v1.FeatureStore/DeleteFeatureView',
+                request_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewRequest.SerializeToString,
+                response_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureStoreServicer(object):
@@ -120,6 +125,13 @@ class FeatureStoreServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteFeatureView(self, request, context):
+        """Delete one version of a feature view: its definition, online rows and history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +164,11 @@ def add_FeatureStoreServicer_to_server(servicer, server):
                     servicer.ApplyFeatureViews,
                     request_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ApplyFeatureViewsRequest.FromString,
                     response_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ApplyFeatureViewsResponse.SerializeToString,
+            ),
+            'DeleteFeatureView': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFeatureView,
+                    request_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewRequest.FromString,
+                    response_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +334,33 @@ class FeatureStore(object):
             '/featureserve.v1.FeatureStore/ApplyFeatureViews',
             protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ApplyFeatureViewsRequest.SerializeToString,
             protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ApplyFeatureViewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFeatureView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureserve.v1.FeatureStore/DeleteFeatureView',
+            protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewRequest.SerializeToString,
+            protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewResponse.FromString,
             options,
             channel_credentials,
             insecure,

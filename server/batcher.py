@@ -8,12 +8,13 @@ Batches go to dedicated instance threads through a SimpleQueue and come back wit
 call_soon_threadsafe, so ONNX Runtime (which releases the GIL) never blocks the loop for long:
 only a batch that the version's load-time calibration expects to run within
 instance_group.inline_max_us runs on the loop itself, where it costs no thread hand-off and no
-contention for the GIL.
+contention for the GIL, and once such a batch is measured running longer, none does again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -34,6 +35,12 @@ from server.metrics import ModelMetrics
 from server.model_config import ModelConfig, QueuePolicy
 from server.onnx_runner import RunCost
 
+log = logging.getLogger("featureserve.batcher")
+
+INLINE_WEIGHT = 0.25
+"""Weight of each batch run on the loop in the running average of its time over inline_max_us.
+A run counts at most twice the limit, so it takes three slow runs in a row to end inline
+running, and one run preempted on a busy machine cannot."""
 TIMER_RESOLUTION_S = 1e-3
 """asyncio waits on epoll, which rounds a timeout up to whole milliseconds, so a timer due sooner
 fires up to 1 ms late (a 200 µs queue delay became ~1 ms). Shorter waits are re-checked on every
@@ -111,9 +118,10 @@ class _Alarm:
 
 @dataclass(slots=True)
 class _Outcome:
-    """What an instance thread hands back for one batch."""
+    """What executing one batch hands back; results None = the batch failed and its requests
+    are still to run one by one."""
 
-    results: list[dict[str, np.ndarray] | BaseException]
+    results: list[dict[str, np.ndarray] | BaseException] | None
     input_ns: int
     infer_ns: int
     output_ns: int
@@ -180,14 +188,17 @@ class DynamicBatcher:
         self._preferred = frozenset(policy.preferred_batch_sizes) if self._batching else frozenset()
         self._max_preferred = max(self._preferred, default=0)
         self._levels = policy.priority_levels
-        self._default_level = (policy.default_priority_level or 1) if self._levels else 1
+        default_level = (policy.default_priority_level or 1) if self._levels else 1
         numbers = range(1, self._levels + 1) if self._levels else (0,)
         self._queues = [_Level.of(n, policy.queue_policy(n)) for n in numbers]
+        self._default_queue = self._queues[default_level - 1]
         self._queued = 0
         self._queued_rows = 0
         self._instances = config.instance_group.count
         self._cost = cost if config.instance_group.inline_max_us else None
         self._inline_us = config.instance_group.inline_max_us
+        self._inline_ns = self._inline_us * 1000
+        self._inline_load = 0.0
         self._idle = self._instances
         self._in_flight = 0
         self._closed = False
@@ -232,10 +243,12 @@ class DynamicBatcher:
     ) -> dict[str, np.ndarray]:
         """Queue rows for batched execution and return exactly this request's output rows.
 
-        priority: 1 = highest, up to priority_levels; None or 0 = the default level.
+        priority: 1 = highest, up to priority_levels; any other value (None, 0, negative or
+        above priority_levels) = the default level, as in Triton's InferenceRequest::SetPriority.
         deadline: loop.time() at which the caller is gone: the request is dropped unexecuted,
         whatever its level's timeout_action.
         timeout_us: the request's own queue timeout, applied as its level's policy allows.
+        A request cancelled while queued leaves its queue at once, freeing its max_queue_size slot.
         Raises QueueFullError, RequestTimeoutError, InferenceFailedError, ModelUnavailableError.
         """
         if self._closed or self._loop is None:
@@ -268,19 +281,29 @@ class DynamicBatcher:
         if not self._kicked:
             self._kicked = True
             self._loop.call_soon(self._dispatch)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._withdraw(level, request)
+            raise
 
     def _level(self, priority: int | None) -> _Level:
-        """The queue of a priority (levels start at 1; 0 or None = default)."""
-        if not self._levels:
-            return self._queues[0]
-        if not priority:
-            return self._queues[self._default_level - 1]
-        if not 1 <= priority <= self._levels:
-            raise InvalidRequestError(
-                f"model '{self.name}': priority {priority} outside [1, {self._levels}]"
-            )
-        return self._queues[priority - 1]
+        """The queue of a priority: levels 1 to priority_levels; any other value, or no levels
+        at all, goes to the default level's queue."""
+        if priority and 0 < priority <= self._levels:
+            return self._queues[priority - 1]
+        return self._default_queue
+
+    def _withdraw(self, level: _Level, request: _Request) -> None:
+        """Drop a cancelled request from its level's queue, if it is still there, counted as a
+        request dropped unexecuted."""
+        for q in (level.waiting, level.delayed):
+            if request in q:
+                q.remove(request)
+                self._unqueue(request)
+                self.metrics.queue_depth(self._queued)
+                self._expire(request, self._loop.time())
+                return
 
     def _queue_full(self, level: _Level) -> QueueFullError:
         """Count a request refused by a full queue and name the queue and its limit."""
@@ -302,15 +325,40 @@ class DynamicBatcher:
                 break
             self._idle -= 1
             self._in_flight += 1
-            if self._runs_inline(sum(r.rows for r in batch)):
-                self._finish(batch, self._execute(0, batch))
+            rows = sum(r.rows for r in batch)
+            if not self._runs_inline(rows):
+                self._jobs.put((batch, False))
+                continue
+            outcome = self._execute(0, batch, retry=False)
+            ran_ns = outcome.input_ns + outcome.infer_ns + outcome.output_ns
+            load = min(ran_ns / self._inline_ns, 2.0)
+            self._inline_load += INLINE_WEIGHT * (load - self._inline_load)
+            if self._inline_load > 1.0:
+                self._stop_inline(rows, ran_ns)
+            if outcome.results is None:
+                self._jobs.put((batch, True))
             else:
-                self._jobs.put(batch)
+                self._finish(batch, outcome)
         self._maybe_drained()
 
     def _runs_inline(self, rows: int) -> bool:
         """Whether a batch of `rows` rows is expected to run within inline_max_us."""
         return self._cost is not None and self._cost.predict_us(rows) <= self._inline_us
+
+    def _stop_inline(self, rows: int, ran_ns: int) -> None:
+        """Batches held the loop longer than inline_max_us on average: the load-time calibration
+        (on zero inputs) misjudged this version, so none of its batches runs on the loop any
+        more."""
+        self._cost = None
+        log.warning(
+            "model '%s': batches ran longer than instance_group.inline_max_us=%d µs on the "
+            "event loop on average (the last, of %d rows, %.0f µs); its batches now run on the "
+            "instance threads",
+            self.name,
+            self._inline_us,
+            rows,
+            ran_ns / 1e3,
+        )
 
     def _next_batch(self, now: float) -> list[_Request]:
         """Take the batch to run now under Triton's rules, or [] to wait for the queue delay.
@@ -473,36 +521,47 @@ class DynamicBatcher:
         return kept
 
     def _worker(self, instance: int) -> None:
-        """Instance thread: execute batches until the sentinel None arrives."""
+        """Instance thread: execute batches (or, for a batch that failed on the loop, its
+        requests one by one) until the sentinel None arrives."""
         while True:
-            batch = self._jobs.get()
-            if batch is None:
+            job = self._jobs.get()
+            if job is None:
                 return
-            outcome = self._execute(instance, batch)
+            batch, one_by_one = job
+            if one_by_one:
+                start = time.perf_counter_ns()
+                results = [self._run_alone(instance, r) for r in batch]
+                outcome = _Outcome(results, 0, time.perf_counter_ns() - start, 0)
+            else:
+                outcome = self._execute(instance, batch)
             self._loop.call_soon_threadsafe(self._complete, batch, outcome)
 
-    def _execute(self, instance: int, batch: list[_Request]) -> _Outcome:
-        """Concatenate, run, split; if the batch fails, run its requests one by one."""
+    def _execute(self, instance: int, batch: list[_Request], *, retry: bool = True) -> _Outcome:
+        """Join, run, check and cut a batch. Any error fails a lone request; a batch of several
+        is run again one request at a time (here, or with retry=False by an instance thread:
+        results None), so one bad request cannot fail or misroute its batch-mates' rows."""
         t0 = time.perf_counter_ns()
-        wanted = union_outputs(r.outputs for r in batch)
-        if len(batch) == 1:
-            feed = batch[0].inputs
-        else:
-            feed = {
-                name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs
-            }
-        t1 = time.perf_counter_ns()
-        results: list[dict[str, np.ndarray] | BaseException]
+        t1 = t2 = 0
+        stage = "joining the batch's inputs"
+        results: list[dict[str, np.ndarray] | BaseException] | None
         try:
-            merged = self._run(instance, feed, wanted)
-        except Exception as exc:
-            merged = None
+            wanted = union_outputs(r.outputs for r in batch)
             if len(batch) == 1:
-                results = [self._failure(exc)]
+                rows = batch[0].rows
+                feed = batch[0].inputs
             else:
-                results = [self._run_alone(instance, r) for r in batch]
-        t2 = time.perf_counter_ns()
-        if merged is not None:
+                rows = sum(r.rows for r in batch)
+                feed = {
+                    name: np.concatenate([r.inputs[name] for r in batch])
+                    for name in batch[0].inputs
+                }
+            t1 = time.perf_counter_ns()
+            stage = "ONNX Runtime"
+            merged = self._run(instance, feed, wanted)
+            t2 = time.perf_counter_ns()
+            stage = "splitting the batch's outputs"
+            if self._max_rows:
+                self._check_rows(merged, rows)
             if len(batch) == 1:
                 results = [select_outputs(merged, batch[0].outputs)]
             else:
@@ -514,19 +573,52 @@ class DynamicBatcher:
                         select_outputs({k: v[start:stop] for k, v in merged.items()}, r.outputs)
                     )
                     start = stop
+        except Exception as exc:
+            t1 = t1 or time.perf_counter_ns()
+            if len(batch) == 1:
+                results = [self._failure(stage, exc)]
+            elif retry:
+                results = [self._run_alone(instance, r) for r in batch]
+            else:
+                results = None
+            t2 = time.perf_counter_ns()
         t3 = time.perf_counter_ns()
         return _Outcome(results, t1 - t0, t2 - t1, t3 - t2)
 
     def _run_alone(self, instance: int, request: _Request) -> dict[str, np.ndarray] | BaseException:
-        """Retry one request of a failed batch on its own."""
+        """Run one request of a failed batch on its own; any error becomes its failure."""
+        stage = "ONNX Runtime"
         try:
-            return self._run(instance, request.inputs, request.outputs)
+            result = self._run(instance, request.inputs, request.outputs)
+            stage = "checking the outputs"
+            if self._max_rows:
+                self._check_rows(result, request.rows)
+            return result
         except Exception as exc:
-            return self._failure(exc)
+            return self._failure(stage, exc)
 
-    def _failure(self, exc: Exception) -> InferenceFailedError:
-        """ONNX Runtime's error as this request's InferenceFailedError."""
-        return InferenceFailedError(f"model '{self.name}': ONNX Runtime failed: {exc}")
+    def _check_rows(self, outputs: dict[str, np.ndarray], rows: int) -> None:
+        """Raise InferenceFailedError unless every output's first dimension is `rows`: only then
+        can a batch's outputs be cut into its requests' rows."""
+        for name, array in outputs.items():
+            if array.ndim and array.shape[0] == rows:
+                continue
+            raise InferenceFailedError(
+                f"model '{self.name}': output '{name}' has shape {list(array.shape)}, but "
+                "max_batch_size > 0 makes its first dimension the batch dimension, which must "
+                f"equal the input rows ({rows}); if the model's outputs do not keep one row per "
+                "input row, set max_batch_size = 0 in its config.toml to turn batching off"
+            )
+
+    def _failure(self, stage: str, exc: Exception) -> InferenceFailedError:
+        """What failed, as this request's InferenceFailedError (INTERNAL)."""
+        if isinstance(exc, InferenceFailedError):
+            return exc
+        if stage == "ONNX Runtime":
+            return InferenceFailedError(f"model '{self.name}': ONNX Runtime failed: {exc}")
+        return InferenceFailedError(
+            f"model '{self.name}': {stage} failed: {type(exc).__name__}: {exc}"
+        )
 
     def _complete(self, batch: list[_Request], outcome: _Outcome) -> None:
         """On the loop: finish a batch an instance thread ran, then dispatch what waits."""

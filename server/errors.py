@@ -35,7 +35,7 @@ class ModelUnavailableError(ServerError):
 
 
 class InferenceFailedError(ServerError):
-    """ONNX Runtime failed on this request's rows."""
+    """Executing this request's rows failed (ONNX Runtime, or outputs without the batch rows)."""
 
 
 class PermissionDeniedError(ServerError):

@@ -10,8 +10,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.model_zoo import add_sub_model, gather_model, medium_model, mlp_model
+from benchmarks.model_zoo import (
+    IR_VERSION,
+    OPSET,
+    add_sub_model,
+    gather_model,
+    medium_model,
+    mlp_model,
+)
 from server.batcher import DynamicBatcher
 from server.errors import (
     InferenceFailedError,
@@ -280,9 +288,17 @@ def test_higher_priority_runs_first(tmp_path: Path) -> None:
 
 
 def test_failed_batch_is_retried_one_by_one(tmp_path: Path) -> None:
+    """The three requests run as one batch of 3 (preferred size, 60 s queue delay), which ONNX
+    Runtime fails on the out-of-range index; then each runs alone."""
+    ran: list[int] = []
+
     async def main() -> list:
         batcher = make_batcher(
-            tmp_path, gather_model(), max_queue_delay_us=200_000, preferred_batch_sizes=(3,)
+            tmp_path,
+            gather_model(),
+            max_queue_delay_us=60_000_000,
+            preferred_batch_sizes=(3,),
+            before_run=lambda feed: ran.append(len(feed["idx"])),
         )
         batcher.start()
         idx = [np.array([[1]]), np.array([[99]]), np.array([[2]])]
@@ -291,12 +307,166 @@ def test_failed_batch_is_retried_one_by_one(tmp_path: Path) -> None:
         )
         await batcher.close()
         assert batcher.stats.success.count == 2 and batcher.stats.fail.count == 1
+        assert batcher.stats.batch_sizes.keys() == {3}
+        assert batcher.stats.execution_count == 1
         return results
 
     good1, bad, good2 = asyncio.run(main())
+    assert ran == [3, 1, 1, 1]
     np.testing.assert_array_equal(good1["y"], [[4, 5, 6, 7]])
     np.testing.assert_array_equal(good2["y"], [[8, 9, 10, 11]])
     assert isinstance(bad, InferenceFailedError)
+    assert "ONNX Runtime failed" in str(bad)
+
+
+def graph_model(
+    nodes: list, inputs: list, outputs: list, initializers: list | None = None
+) -> onnx.ModelProto:
+    """A checked ModelProto from graph parts, at the model zoo's opset and IR version."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=initializers or [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def pairs(name: str, first: str = "N") -> onnx.ValueInfoProto:
+    """An FP32 [first, 2] tensor."""
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [first, 2])
+
+
+def flatten_model() -> onnx.ModelProto:
+    """x [N, 2] -> y [2N]: Reshape to [-1] keeps no row per input row, yet its dims are all -1."""
+    shape = numpy_helper.from_array(np.array([-1], np.int64), "flat")
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M"])
+    return graph_model(
+        [helper.make_node("Reshape", ["x", "flat"], ["y"])], [pairs("x")], [y], [shape]
+    )
+
+
+def filter_model() -> onnx.ModelProto:
+    """x [N, 2] -> y [K, 2]: the rows whose first value is positive (Compress), so a batch's
+    output has fewer rows than the batch whenever one is dropped."""
+    zero = numpy_helper.from_array(np.array(0, np.float32), "zero")
+    first = numpy_helper.from_array(np.array(0, np.int64), "first")
+    nodes = [
+        helper.make_node("Gather", ["x", "first"], ["x0"], axis=1),
+        helper.make_node("Greater", ["x0", "zero"], ["keep"]),
+        helper.make_node("Compress", ["x", "keep"], ["y"], axis=0),
+    ]
+    return graph_model(nodes, [pairs("x")], [pairs("y", "K")], [zero, first])
+
+
+def misshaped(output: str, shape: list[int], rows: int) -> str:
+    """The error of a request whose output does not have its rows."""
+    return (
+        f"model 'm': output '{output}' has shape {shape}, but max_batch_size > 0 makes its first "
+        f"dimension the batch dimension, which must equal the input rows ({rows}); if the "
+        "model's outputs do not keep one row per input row, set max_batch_size = 0 in its "
+        "config.toml to turn batching off"
+    )
+
+
+def two_in_one_batch(
+    tmp_path: Path, model: onnx.ModelProto, xs: list[np.ndarray]
+) -> tuple[list, list[int]]:
+    """Submit xs so that they run as one batch (their rows make the preferred size; 60 s queue
+    delay), then each alone if it fails; the results and the rows of every ONNX Runtime run."""
+    ran: list[int] = []
+
+    async def main() -> list:
+        batcher = make_batcher(
+            tmp_path,
+            model,
+            max_queue_delay_us=60_000_000,
+            preferred_batch_sizes=(sum(len(x) for x in xs),),
+            before_run=lambda feed: ran.append(len(feed["x"])),
+        )
+        batcher.start()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit({"x": x}, len(x)) for x in xs), return_exceptions=True),
+            30,
+        )
+        await batcher.close()
+        assert batcher.stats.execution_count == 1
+        return results
+
+    return asyncio.run(main()), ran
+
+
+def test_a_batch_whose_outputs_lost_rows_is_rerun_one_by_one(tmp_path: Path) -> None:
+    """The filter drops the first request's row, so the batch's y has 2 rows for 3: cut by rows,
+    the first request would get the second one's first row. Run alone, the second request gets
+    exactly its rows and the first a clear error."""
+    dropped = np.array([[-1, 0]], np.float32)
+    kept = np.array([[1, 2], [3, 4]], np.float32)
+    (first, second), ran = two_in_one_batch(tmp_path, filter_model(), [dropped, kept])
+    assert ran == [3, 1, 2]
+    assert isinstance(first, InferenceFailedError)
+    assert str(first) == misshaped("y", [0, 2], 1)
+    np.testing.assert_array_equal(second["y"], kept)
+
+
+def test_outputs_without_a_batch_dimension_fail_each_request_clearly(tmp_path: Path) -> None:
+    """The flattening model in one batch of 1 + 2 rows made y [6]: cut by rows, the requests got
+    [1.] and [2., 3.]; now each is run alone and fails, naming y, its shape and the fix, which
+    works: with max_batch_size = 0 the same model answers the whole tensor."""
+    xs = [np.array([[1, 2]], np.float32), np.array([[3, 4], [5, 6]], np.float32)]
+    (first, second), ran = two_in_one_batch(tmp_path, flatten_model(), xs)
+    assert ran == [3, 1, 2]
+    assert isinstance(first, InferenceFailedError) and isinstance(second, InferenceFailedError)
+    assert str(first) == misshaped("y", [2], 1)
+    assert str(second) == misshaped("y", [4], 2)
+
+    async def unbatched() -> dict:
+        batcher = make_batcher(tmp_path, flatten_model(), max_batch_size=0)
+        batcher.start()
+        result = await batcher.submit({"x": xs[1]}, 1)
+        await batcher.close()
+        return result
+
+    np.testing.assert_array_equal(asyncio.run(unbatched())["y"], [3, 4, 5, 6])
+
+
+def test_an_error_joining_a_batch_fails_only_its_cause_and_keeps_the_instance(
+    tmp_path: Path,
+) -> None:
+    """Inputs that cannot be joined (datetime64 beside float32: NumPy has no common type) used to
+    kill the only instance thread, leaving the batch unanswered. Now the batch runs one by one:
+    the float request gets its rows, the other ONNX Runtime's error; and the instance then runs
+    the next batch."""
+    reference = ort.InferenceSession(mlp_model().SerializeToString())
+    ran: list[int] = []
+
+    async def main() -> tuple[list, list]:
+        batcher = make_batcher(
+            tmp_path,
+            mlp_model(),
+            max_queue_delay_us=60_000_000,
+            preferred_batch_sizes=(2,),
+            before_run=lambda feed: ran.append(len(feed["x"])),
+        )
+        batcher.start()
+        dates = np.zeros((1, 32), "datetime64[s]")
+        mixed = [{"x": row(1)}, {"x": dates}]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(f, 1) for f in mixed), return_exceptions=True), 30
+        )
+        later = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit({"x": row(i)}, 1) for i in (2, 3))), 30
+        )
+        await batcher.close()
+        assert batcher.stats.batch_sizes.keys() == {2}
+        assert batcher.stats.execution_count == 2
+        return results, later
+
+    (good, bad), later = asyncio.run(main())
+    assert ran == [1, 1, 2]
+    np.testing.assert_allclose(good["y"], reference.run(None, {"x": row(1)})[0], rtol=1e-6)
+    assert isinstance(bad, InferenceFailedError) and "ONNX Runtime failed" in str(bad)
+    for marker, result in zip((2, 3), later, strict=True):
+        expected = reference.run(None, {"x": row(marker)})[0]
+        np.testing.assert_allclose(result["y"], expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("settings", [{"max_batch_size": 0}, {"enabled": False}])
@@ -391,6 +561,81 @@ def test_batches_stay_on_instance_threads(
     assert threading.current_thread().name not in ran_on
 
 
+def test_a_failed_inline_batch_is_retried_on_an_instance_thread(tmp_path: Path) -> None:
+    """The batch of 3 is expected to be fast, so it runs on the loop and fails there; its one
+    ONNX Runtime call per request then runs on the instance thread, not on the loop."""
+    ran_on: list[str] = []
+
+    async def main() -> list:
+        batcher = make_batcher(
+            tmp_path,
+            gather_model(),
+            inline_max_us=100_000,
+            ran_on=ran_on,
+            max_queue_delay_us=60_000_000,
+            preferred_batch_sizes=(3,),
+        )
+        batcher.start()
+        idx = [np.array([[1]]), np.array([[99]]), np.array([[2]])]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit({"idx": i}, 1) for i in idx), return_exceptions=True),
+            30,
+        )
+        await batcher.close()
+        return results
+
+    good1, bad, good2 = asyncio.run(main())
+    assert ran_on == [threading.current_thread().name] + ["m-i0"] * 3
+    np.testing.assert_array_equal(good1["y"], [[4, 5, 6, 7]])
+    np.testing.assert_array_equal(good2["y"], [[8, 9, 10, 11]])
+    assert isinstance(bad, InferenceFailedError)
+
+
+SLOW_RANGE = 5_000_000
+
+
+def sum_to_model() -> onnx.ModelProto:
+    """n [N, 1] -> y [N, 1], each row the sum 0 + 1 + ... + (max(n) - 1) (Range, ReduceSum):
+    instant on the zero inputs of load-time calibration, milliseconds for n = SLOW_RANGE."""
+    n = helper.make_tensor_value_info("n", TensorProto.INT64, ["N", 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])
+    constants = [
+        numpy_helper.from_array(np.array(value, np.float32), name)
+        for name, value in (("zero", 0), ("one", 1))
+    ]
+    nodes = [
+        helper.make_node("ReduceMax", ["n"], ["top"], keepdims=0),
+        helper.make_node("Cast", ["top"], ["limit"], to=TensorProto.FLOAT),
+        helper.make_node("Range", ["zero", "limit", "one"], ["steps"]),
+        helper.make_node("ReduceSum", ["steps"], ["total"], keepdims=0),
+        helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["nf", "zero"], ["zeros"]),
+        helper.make_node("Add", ["zeros", "total"], ["y"]),
+    ]
+    return graph_model(nodes, [n], [y], constants)
+
+
+def test_a_batch_measured_over_inline_max_us_ends_running_on_the_loop(tmp_path: Path) -> None:
+    """Calibrated on zeros, the model looks fast enough to run on the loop; real batches take
+    milliseconds there, over twice the 1 ms inline_max_us. One slow run is not enough (it might
+    have been preempted); after three, even the fast batches run on the instance thread."""
+    ran_on: list[str] = []
+    batcher = make_batcher(tmp_path, sum_to_model(), inline_max_us=1000, ran_on=ran_on)
+    assert batcher._runs_inline(1)
+    ns = [np.full((1, 1), n, np.int64) for n in (SLOW_RANGE, 0, SLOW_RANGE, SLOW_RANGE, 0, 0)]
+
+    async def main() -> list[dict]:
+        batcher.start()
+        results = [await batcher.submit({"n": n}, 1) for n in ns]
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    loop_thread = threading.current_thread().name
+    assert ran_on == [loop_thread] * 4 + ["m-i0", "m-i0"]
+    assert [float(r["y"][0, 0]) for r in results[-2:]] == [0.0, 0.0]
+
+
 def test_a_sub_millisecond_queue_delay_is_checked_every_loop_turn(tmp_path):
     """asyncio's epoll timers fire in whole milliseconds, so a 900 µs delay is not left to one:
     the partial batch is re-checked on each loop turn and still waits the full delay. (900 µs,
@@ -420,10 +665,12 @@ class Gate:
 
     def __init__(self) -> None:
         self.ran: list[float] = []
+        self.threads: list[str] = []
         self._opened = threading.Event()
 
     def __call__(self, feed: dict[str, np.ndarray]) -> None:
         self.ran.append(float(feed["x"][0, 0]))
+        self.threads.append(threading.current_thread().name)
         self._opened.wait(30)
 
     def open(self) -> None:
@@ -601,5 +848,89 @@ def test_the_callers_deadline_drops_a_delayed_request(tmp_path: Path) -> None:
         await blocker
         await batcher.close()
         assert gate.ran == [-1, 1]
+
+    asyncio.run(main())
+
+
+def test_two_instances_execute_at_once_while_the_loop_keeps_answering(tmp_path: Path) -> None:
+    """Both instance threads hold a batch at the same time, and meanwhile the event loop still
+    turns: a ping task completes and a timer fires while neither batch has finished."""
+
+    async def main() -> None:
+        gate = Gate()
+        batcher = make_batcher(tmp_path, mlp_model(), instances=2, enabled=False, before_run=gate)
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit({"x": row(i)}, 1)) for i in (1, 2)]
+
+        async def both_held() -> None:
+            while len(gate.threads) < 2:
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(both_held(), 30)
+        assert sorted(gate.threads) == ["m-i0", "m-i1"]
+        assert batcher.busy_instances == 2
+
+        async def ping() -> str:
+            await asyncio.sleep(0)
+            return "pong"
+
+        assert await asyncio.wait_for(ping(), 10) == "pong"
+        await asyncio.sleep(0.01)
+        assert batcher.busy_instances == 2 and not any(t.done() for t in tasks)
+        gate.open()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        await batcher.close()
+        assert sorted(gate.ran) == [1, 2]
+
+    asyncio.run(main())
+
+
+def test_cancelled_requests_free_their_queue_slots_at_once(tmp_path: Path) -> None:
+    """While the only instance is busy, two requests fill max_queue_size=2 and their callers
+    give up (no deadline): their slots free at once, so a live request is queued, not refused."""
+
+    async def main() -> None:
+        gate = Gate()
+        batcher = gated_batcher(tmp_path, gate, max_queue_size=2)
+        blocker = await hold(batcher)
+        gone = [asyncio.create_task(batcher.submit({"x": row(1)}, 1)) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert batcher.queued == 2
+        for task in gone:
+            task.cancel()
+        await asyncio.gather(*gone, return_exceptions=True)
+        assert batcher.queued == 0
+        live = asyncio.create_task(batcher.submit({"x": row(2)}, 1))
+        await asyncio.sleep(0)
+        assert batcher.queued == 1 and not live.done()
+        gate.open()
+        assert (await asyncio.wait_for(live, 30))["y"].shape == (1, 1)
+        await blocker
+        await batcher.close()
+        assert gate.ran == [-1, 2]
+        assert (batcher.stats.success.count, batcher.stats.fail.count) == (2, 2)
+
+    asyncio.run(main())
+
+
+def test_a_priority_outside_the_levels_goes_to_the_default_level(tmp_path: Path) -> None:
+    """As Triton's InferenceRequest::SetPriority: priority 0, negative or above priority_levels
+    means default_priority_level (here 2), so those requests run after level 1's and in arrival
+    order with the level-2 request."""
+
+    async def main() -> None:
+        gate = Gate()
+        batcher = gated_batcher(tmp_path, gate, **two_levels())
+        blocker = await hold(batcher)
+        tasks = [
+            asyncio.create_task(batcher.submit({"x": row(marker)}, 1, priority=priority))
+            for marker, priority in ((3, 3), (4, -1), (2, 2), (5, 0), (1, 1))
+        ]
+        await asyncio.sleep(0)
+        assert batcher.queued == 5
+        gate.open()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 30)
+        await batcher.close()
+        assert gate.ran == [-1, 1, 3, 4, 2, 5]
 
     asyncio.run(main())

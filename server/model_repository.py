@@ -2,7 +2,8 @@
 
 A stat-based watcher loads new or changed versions and unloads removed ones without a restart.
 An unloading version stops taking requests and finishes its queued and running ones first.
-A model that fails to load is reported (index, ModelReady false, log) and touches no other model.
+A model that fails to load is reported (index, ModelReady false, log) and touches no other model;
+so does a model folder the server cannot read (a symlink loop, a permission error).
 
 A failed reload follows Triton: the version loaded before keeps serving and stays READY in the
 index (Triton keeps the serving ModelInfo and drops the failed one), RepositoryModelLoad fails,
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.batcher import DynamicBatcher
@@ -74,10 +75,12 @@ class VersionStatus:
 
 @dataclass
 class _Fingerprint:
-    """What the watcher compares between polls: file sizes and modification times."""
+    """What the watcher compares between polls: file sizes and modification times, and why the
+    folder could not be read in full ("" when it could)."""
 
     config: _Stat
     versions: dict[int, _Stat] = field(default_factory=dict)
+    unreadable: str = ""
 
 
 def _stat(path: Path) -> _Stat:
@@ -106,8 +109,20 @@ def _no_servable_version(model_dir: Path, policy: VersionPolicy, found: list[int
     )
 
 
+def _unreadable(model_dir: Path, exc: OSError) -> str:
+    """Why a model folder could not be read, naming the path and the fix."""
+    path = exc.filename or model_dir
+    return (
+        f"{path}: cannot be read: {exc.strerror or exc}; make it readable by the server "
+        "(fix the symlink or the permissions) or remove it"
+    )
+
+
 def _fingerprint(model_dir: Path) -> _Fingerprint:
-    """The stat of config.toml and of every <digits>/model.onnx under a model folder."""
+    """The stat of config.toml and of every <digits>/model.onnx under a model folder.
+
+    Raises OSError when one of them exists but cannot be read (a symlink loop, permissions).
+    """
     fp = _Fingerprint(_stat(model_dir / CONFIG_FILENAME))
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for child in model_dir.iterdir():
@@ -268,8 +283,16 @@ class ModelRepository:
         Returns what failed in this pass (empty when nothing did or nothing changed on disk).
         """
         model_dir = self.path / name
-        fp = _fingerprint(model_dir)
         old = self._fingerprints.get(name)
+        try:
+            fp = _fingerprint(model_dir)
+        except OSError as exc:
+            reason = _unreadable(model_dir, exc)
+            # The last readable stats spare unchanged versions a reload once the folder reads
+            # again; the mark makes that pass differ from them, so it runs and clears the error.
+            self._fingerprints[name] = replace(old or _Fingerprint(None), unreadable=reason)
+            self._model_error(name, reason, logging.ERROR)
+            return [reason]
         if not force and old is not None and fp == old:
             return []
         self._fingerprints[name] = fp

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.model_config import ModelConfig, ModelConfigError, OnnxRuntimeConfig, TensorSpec
-from server.tensors import NUMPY_DTYPES, ONNX_TO_KSERVE
+from server.tensors import NUMPY_DTYPES, ONNX_TO_KSERVE, unserved_type
 
 CALIBRATION_RUNS = 5
 CALIBRATION_ROWS = 64
@@ -39,7 +39,7 @@ def _spec(arg: ort.NodeArg) -> TensorSpec:
     """A session input/output as a TensorSpec (symbolic or unknown dims become -1)."""
     datatype = ONNX_TO_KSERVE.get(arg.type)
     if datatype is None:
-        raise ModelConfigError(f"tensor '{arg.name}' has type {arg.type}, which is not served")
+        raise ModelConfigError(unserved_type(arg.name, arg.type))
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
     return TensorSpec(arg.name, datatype, shape)
 

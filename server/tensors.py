@@ -41,6 +41,14 @@ ONNX_TO_KSERVE: dict[str, str] = {
     "tensor(string)": "BYTES",
 }
 
+# ONNX types ONNX Runtime runs but the server cannot serve, and why (with the fix).
+UNSERVED_ONNX_TYPES: dict[str, str] = {
+    "tensor(bfloat16)": (
+        "BF16 tensors are not supported (NumPy has no bfloat16 to decode requests into): "
+        "cast it to FP32 or FP16 in the model"
+    ),
+}
+
 # Triton's DataType enum names (model_config.proto) for each KServe datatype.
 TRITON_TYPE_NAMES: dict[str, str] = {
     name: "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}" for name in NUMPY_DTYPES
@@ -63,6 +71,15 @@ _CONTENTS_FIELD: dict[str, str] = {
 }
 
 _LENGTH = struct.Struct("<I")
+
+
+def unserved_type(tensor: str, onnx_type: str) -> str:
+    """Why a model's tensor of an ONNX type with no KServe datatype here cannot be served,
+    naming the tensor and the fix (the model's load error)."""
+    why = UNSERVED_ONNX_TYPES.get(
+        onnx_type, f"the server serves {', '.join(ONNX_TO_KSERVE)}: cast it to one of them"
+    )
+    return f"tensor '{tensor}' has type {onnx_type}; {why}"
 
 
 def element_count(shape: tuple[int, ...] | list[int]) -> int:

@@ -6,11 +6,15 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from onnx import TensorProto, helper
 
 from benchmarks.model_zoo import (
+    IR_VERSION,
+    OPSET,
     add_sub_model,
     gather_model,
     identity_model,
@@ -76,6 +80,20 @@ def output(response: pb.ModelInferResponse, name: str) -> np.ndarray:
     meta = response.outputs[index]
     dtype = NUMPY_DTYPES[meta.datatype]
     return np.frombuffer(response.raw_output_contents[index], dtype).reshape(meta.shape)
+
+
+def onnx_model(nodes: list, inputs: list, outputs: list) -> onnx.ModelProto:
+    """A checked onnx.helper model at the opset and IR version this ONNX Runtime reads."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def batch_sizes(stats: pb.ModelStatistics) -> dict[int, int]:
+    """Executions per batch size (rows), from ModelStatistics batch_stats."""
+    return {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
 
 
 def sample(datatype: str, rows: int = 2) -> np.ndarray:
@@ -381,11 +399,15 @@ def test_full_queue_is_resource_exhausted_and_timeouts_deadline_exceeded(tmp_pat
 
 
 def test_stream_survives_errors_and_keeps_order(tmp_path: Path) -> None:
+    """The stream's 7 gather requests form one batch (preferred size 7, so it leaves as soon as
+    they are queued); two bad rows fail it, and its requests are retried one by one."""
     write_model(
         tmp_path,
         "gather",
         gather_model(),
-        config_toml="[dynamic_batching]\nmax_queue_delay_us = 20000\n",
+        config_toml=(
+            "[dynamic_batching]\nmax_queue_delay_us = 10000000\npreferred_batch_sizes = [7]\n"
+        ),
     )
 
     def request(i: int, index: int) -> pb.ModelInferRequest:
@@ -411,7 +433,10 @@ def test_stream_survives_errors_and_keeps_order(tmp_path: Path) -> None:
             np.testing.assert_array_equal(
                 output(responses[i].infer_response, "y"), [np.arange(4) + 4 * index]
             )
-        bad = infer_request("gather", {"idx": np.array([[99]], np.int64)})
+        stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="gather"))).model_stats
+        assert batch_sizes(stats[0]) == {7: 1}
+        assert stats[0].inference_stats.success.count == 5
+        bad = infer_request("gather", {"idx": np.full((7, 1), 99, np.int64)})
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.ModelInfer(bad)
         assert info.value.code() == grpc.StatusCode.INTERNAL
@@ -506,7 +531,7 @@ def test_delay_policy_runs_a_timed_out_request_but_the_grpc_deadline_drops_one(
         delayed = asyncio.ensure_future(stub.ModelInfer(timed_out))
         gone = infer_request("slow", {"x": np.ones((2, 2048), np.float32)})
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ModelInfer(gone, timeout=0.02)
+            await stub.ModelInfer(gone, timeout=0.06)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await blocker
         assert output(await delayed, "y").shape == (1, 2048)
@@ -549,3 +574,190 @@ def test_an_oversized_stream_message_fails_only_its_own_request(tmp_path: Path, 
             list(reflect.ServerReflectionInfo(iter([huge]), timeout=30))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert limit in info.value.details()
+
+
+def test_model_statistics_count_every_inference_and_time_each_phase(tmp_path: Path) -> None:
+    """N sequential 2-row requests: N executions of batch size 2, each request counted once in
+    queue (at least its 1 ms queue delay), compute_input, compute_infer and compute_output."""
+    write_model(
+        tmp_path, "mlp", mlp_model(), config_toml="[dynamic_batching]\nmax_queue_delay_us = 1000\n"
+    )
+    n = 5
+    x = np.ones((2, 32), np.float32)
+
+    async def body(stub, repo) -> None:
+        for _ in range(n):
+            await stub.ModelInfer(infer_request("mlp", {"x": x}))
+        response = await stub.ModelStatistics(pb.ModelStatisticsRequest(name="mlp"))
+        [stats] = response.model_stats
+        assert (stats.name, stats.version) == ("mlp", "1")
+        assert (stats.inference_count, stats.execution_count) == (2 * n, n)
+        assert stats.last_inference > 0
+        infer = stats.inference_stats
+        assert (infer.success.count, infer.fail.count) == (n, 0)
+        assert infer.queue.count == n and infer.queue.ns >= n * 1_000_000
+        for phase in ("compute_input", "compute_infer", "compute_output"):
+            duration = getattr(infer, phase)
+            assert duration.count == n and duration.ns > 0, phase
+        assert infer.success.ns >= infer.queue.ns + infer.compute_infer.ns
+        assert batch_sizes(stats) == {2: n}
+        for request, needle in (
+            (pb.ModelStatisticsRequest(name="nope"), "no model 'nope'"),
+            (pb.ModelStatisticsRequest(name="mlp", version="9"), "has no version '9'"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelStatistics(request)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert needle in info.value.details()
+
+    serve(tmp_path, body)
+
+
+def three_output_model() -> onnx.ModelProto:
+    """x [N, 4] FP32 -> twice = x + x (FP32), neg = -x (FP32), whole = int(x) (INT32)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    outputs = [
+        helper.make_tensor_value_info("twice", TensorProto.FLOAT, ["N", 4]),
+        helper.make_tensor_value_info("neg", TensorProto.FLOAT, ["N", 4]),
+        helper.make_tensor_value_info("whole", TensorProto.INT32, ["N", 4]),
+    ]
+    nodes = [
+        helper.make_node("Add", ["x", "x"], ["twice"]),
+        helper.make_node("Neg", ["x"], ["neg"]),
+        helper.make_node("Cast", ["x"], ["whole"], to=TensorProto.INT32),
+    ]
+    return onnx_model(nodes, [x], outputs)
+
+
+def test_requested_outputs_come_back_alone_in_the_requested_order(tmp_path: Path) -> None:
+    """Three 1-row requests asking for [whole, neg], [twice] and everything share one batch
+    (preferred size 3); each gets exactly its outputs, in its order, with its own rows."""
+    write_model(
+        tmp_path,
+        "three",
+        three_output_model(),
+        config_toml=(
+            "[dynamic_batching]\nmax_queue_delay_us = 10000000\npreferred_batch_sizes = [3]\n"
+        ),
+    )
+    xs = [np.array([[1.5, -2.0, 3.25, 4.0]], np.float32) * (i + 1) for i in range(3)]
+    wanted = [["whole", "neg"], ["twice"], []]
+
+    def expected(x: np.ndarray) -> dict[str, np.ndarray]:
+        return {"twice": x + x, "neg": -x, "whole": x.astype(np.int32)}
+
+    async def body(stub, repo) -> None:
+        requests = []
+        for x, names in zip(xs, wanted, strict=True):
+            request = infer_request("three", {"x": x})
+            for name in names:
+                request.outputs.add(name=name)
+            requests.append(request)
+        responses = await asyncio.gather(*(stub.ModelInfer(r) for r in requests))
+        for x, names, response in zip(xs, wanted, responses, strict=True):
+            names = names or ["twice", "neg", "whole"]
+            assert [o.name for o in response.outputs] == names
+            assert len(response.raw_output_contents) == len(names)
+            for name in names:
+                np.testing.assert_array_equal(output(response, name), expected(x)[name])
+        stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="three"))).model_stats
+        assert batch_sizes(stats[0]) == {3: 1}
+
+    serve(tmp_path, body)
+
+
+def test_priority_parameter_orders_batches_and_an_out_of_range_one_gets_the_default_level(
+    tmp_path: Path,
+) -> None:
+    """priority_levels = 3, default 2; batches of exactly 4 rows (preferred size 4, max 4) leave
+    at once, others wait 60 s. Queued: low (3), zero (0 = default) and over (5, outside the
+    levels, which Triton's SetPriority maps to the default level), 1 row each, then high (1) with
+    2 rows: one batch [high, zero, over] leaves; low waits until a 3-row level-3 request joins it.
+    Arrival order would have batched [low, zero, over] instead; clamping 5 to the lowest level
+    would have left over behind."""
+    write_model(
+        tmp_path,
+        "ranked",
+        mlp_model(),
+        config_toml=(
+            "max_batch_size = 4\n"
+            "[dynamic_batching]\n"
+            "max_queue_delay_us = 60000000\n"
+            "preferred_batch_sizes = [4]\n"
+            "priority_levels = 3\n"
+            "default_priority_level = 2\n"
+        ),
+    )
+    reference = ort.InferenceSession(mlp_model().SerializeToString())
+    rng = np.random.default_rng(11)
+
+    def ranked(priority: int | None, rows: int, kind: str = "uint64") -> pb.ModelInferRequest:
+        x = rng.standard_normal((rows, 32)).astype(np.float32)
+        request = infer_request("ranked", {"x": x})
+        if priority is not None:
+            setattr(request.parameters["priority"], f"{kind}_param", priority)
+        return request
+
+    async def answer(request: pb.ModelInferRequest, call: Awaitable) -> None:
+        x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(-1, 32)
+        np.testing.assert_allclose(
+            output(await call, "y"), reference.run(None, {"x": x})[0], rtol=1e-5
+        )
+
+    async def body(stub, repo) -> None:
+        batcher = repo.get("ranked").batcher
+
+        async def queue(request: pb.ModelInferRequest, queued: int) -> asyncio.Task:
+            task = asyncio.ensure_future(answer(request, stub.ModelInfer(request)))
+            while batcher.queued < queued and not task.done():
+                await asyncio.sleep(0.001)
+            return task
+
+        low = await queue(ranked(3, 1), 1)
+        zero = await queue(ranked(0, 1, "int64"), 2)
+        over = await queue(ranked(5, 1), 3)
+        high = await queue(ranked(1, 2), 0)
+        await asyncio.gather(high, zero, over)
+        assert not low.done() and batcher.queued == 1
+        await asyncio.gather(low, await queue(ranked(3, 3), 0))
+        stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="ranked"))).model_stats
+        assert batch_sizes(stats[0]) == {4: 2}
+        assert stats[0].inference_stats.success.count == 5
+
+    serve(tmp_path, body)
+
+
+def test_a_bf16_model_fails_to_load_naming_the_tensor(tmp_path: Path) -> None:
+    """NumPy has no bfloat16, so a model with a BF16 input or output is UNAVAILABLE with a reason
+    that says so and names the tensor; the other models serve."""
+    bf16_in = onnx_model(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["N", 4])],
+    )
+    bf16_out = onnx_model(
+        [helper.make_node("Cast", ["x"], ["half"], to=TensorProto.BFLOAT16)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("half", TensorProto.BFLOAT16, ["N", 4])],
+    )
+    write_model(tmp_path, "bf16_in", bf16_in)
+    write_model(tmp_path, "bf16_out", bf16_out)
+    write_model(tmp_path, "mlp", mlp_model())
+    unsupported = "BF16 tensors are not supported"
+
+    async def body(stub, repo) -> None:
+        index = await stub.RepositoryIndex(pb.RepositoryIndexRequest())
+        states = {m.name: (m.version, m.state, m.reason) for m in index.models}
+        assert states["mlp"] == ("1", "READY", "")
+        for name, tensor in (("bf16_in", "x"), ("bf16_out", "half")):
+            version, state, reason = states[name]
+            assert (version, state) == ("1", "UNAVAILABLE")
+            assert reason.startswith(str(tmp_path / name / "1" / "model.onnx"))
+            assert f"tensor '{tensor}' has type tensor(bfloat16); {unsupported}" in reason
+            assert not (await stub.ModelReady(pb.ModelReadyRequest(name=name))).ready
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelMetadata(pb.ModelMetadataRequest(name=name))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert unsupported in info.value.details()
+
+    serve(tmp_path, body)

@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.model_zoo import add_sub_model, mlp_model, write_model
 from server.errors import ModelNotFoundError, ModelUnavailableError
-from server.model_repository import READY, UNAVAILABLE, ModelRepository
+from server.model_repository import READY, UNAVAILABLE, ModelRepository, VersionStatus
 
 X = np.ones((2, 32), np.float32)
 RELOAD_FAILED = "serving the previously loaded version; reload failed: "
@@ -274,5 +274,107 @@ def test_load_and_unload_under_traffic_finish_in_flight_requests_and_spare_the_s
         assert {version for version, _ in served} >= {"1", "4"}
         for version, y in served:
             np.testing.assert_allclose(y, reference(stay_models[version], X), rtol=1e-5)
+
+    asyncio.run(main())
+
+
+def test_an_unreadable_model_folder_is_that_models_load_error_at_start_and_in_the_watcher(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model.onnx that is a symlink to itself (stat fails with ELOOP, as an unreadable folder
+    fails with EACCES) is its own model's load error, at start and in the watcher; models sorted
+    after it load, a served one keeps serving, and both recover once the file is fixed.
+    Symlinks are swapped by rename so that the watcher never sees the file missing."""
+    caplog.set_level(logging.ERROR, logger="featureserve.models")
+    (tmp_path / "a_bad" / "1").mkdir(parents=True)
+    loop = tmp_path / "a_bad" / "1" / "model.onnx"
+    loop.symlink_to("model.onnx")
+    write_model(tmp_path, "b_good", mlp_model())
+    write_model(tmp_path, "c_served", mlp_model(seed=1))
+    broken = tmp_path / "c_served" / "1" / "model.onnx"
+    fixed = mlp_model(seed=2)
+
+    async def wait_for(condition) -> None:
+        for _ in range(1000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the watcher did not act within 10 s")
+
+    def entry(repo: ModelRepository, name: str) -> VersionStatus:
+        [status] = [s for s in repo.index() if s.name == name]
+        return status
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, watch=True, poll_interval_s=0.05)
+        await repo.start()
+        bad = entry(repo, "a_bad")
+        assert (bad.version, bad.state) == ("", UNAVAILABLE)
+        assert bad.reason.startswith(f"{loop}: cannot be read: Too many levels of symbolic links")
+        assert not repo.is_ready("a_bad")
+        with pytest.raises(ModelUnavailableError, match="cannot be read"):
+            repo.get("a_bad")
+        with pytest.raises(ModelUnavailableError, match=r"a_bad' failed to load: .*cannot be read"):
+            await repo.load("a_bad")
+        assert repo.is_ready("b_good") and repo.is_ready("c_served")
+
+        swap = broken.with_name("loop.tmp")
+        swap.symlink_to("model.onnx")
+        swap.replace(broken)
+        write_model(tmp_path, "d_new", mlp_model())
+        await wait_for(lambda: repo.is_ready("d_new"))
+        served = entry(repo, "c_served")
+        assert (served.version, served.state) == ("1", READY)
+        assert served.reason.startswith(f"{RELOAD_FAILED}{broken}: cannot be read")
+        first = repo.get("c_served")
+        result = await first.batcher.submit({"x": X}, 2)
+        np.testing.assert_allclose(result["y"], reference(mlp_model(seed=1), X), rtol=1e-6)
+
+        write_model(tmp_path, "c_served", fixed)
+        write_model(tmp_path, "a_bad", mlp_model())
+        await wait_for(lambda: repo.is_ready("a_bad") and repo.get("c_served") is not first)
+        assert not entry(repo, "c_served").reason
+        result = await repo.get("c_served").batcher.submit({"x": X}, 2)
+        np.testing.assert_allclose(result["y"], reference(fixed, X), rtol=1e-6)
+        assert {s.state for s in repo.index()} == {READY}
+        await repo.stop()
+        for path in (loop, broken):
+            [record] = repository_logs(caplog, f"{path}: cannot be read")
+            assert record.levelno == logging.ERROR
+
+    asyncio.run(main())
+
+
+def test_a_folder_readable_again_unchanged_clears_its_error_without_a_reload(
+    tmp_path: Path,
+) -> None:
+    """config.toml is a symlink to settings.toml; pointed at itself, the model keeps serving with
+    the error as reason; pointed back, the stats match the loaded ones: the error clears and the
+    loaded version keeps serving as it is."""
+    write_model(tmp_path, "m", mlp_model())
+    config = tmp_path / "m" / "config.toml"
+    (tmp_path / "m" / "settings.toml").write_text("max_batch_size = 8\n")
+    config.symlink_to("settings.toml")
+
+    def point(target: str) -> None:
+        swap = config.with_name("swap.tmp")
+        swap.symlink_to(target)
+        swap.replace(config)
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, watch=False)
+        await repo.start()
+        first = repo.get("m")
+        assert first.config.max_batch_size == 8
+        point("config.toml")
+        await repo.poll()
+        [entry] = repo.index()
+        assert (entry.version, entry.state) == ("1", READY)
+        assert entry.reason.startswith(f"{RELOAD_FAILED}{config}: cannot be read")
+        point("settings.toml")
+        await repo.poll()
+        assert [(s.version, s.state, s.reason) for s in repo.index()] == [("1", READY, "")]
+        assert repo.get("m") is first
+        await repo.stop()
 
     asyncio.run(main())

@@ -69,6 +69,25 @@ for _ in range(len(x) + 1):
         stream.append([result.get_response().id, result.as_numpy("y").tolist()])
 client.stop_stream()
 out["stream"] = stream
+
+async def async_stream():
+    async with aioclient.InferenceServerClient(url) as aclient:
+        async def requests():
+            for i in range(len(x)):
+                inp = aioclient.InferInput("x", [1, 32], "FP32")
+                inp.set_data_from_numpy(x[i : i + 1])
+                wanted = [aioclient.InferRequestedOutput("y")]
+                yield {"model_name": "mlp", "inputs": [inp], "outputs": wanted,
+                       "request_id": f"a{i}"}
+            yield {"model_name": "nope", "inputs": [inp], "request_id": "bad"}
+        answers = []
+        async for result, error in aclient.stream_infer(requests(), stream_timeout=60):
+            if error is not None:
+                answers.append(["error", str(error)])
+            else:
+                answers.append([result.get_response().id, result.as_numpy("y").tolist()])
+        return answers
+out["async_stream"] = asyncio.run(async_stream())
 out["stats"] = client.get_inference_statistics("mlp", as_json=True)
 print(json.dumps(out))
 """
@@ -138,10 +157,13 @@ def test_tritonclient_sync_async_and_stream(tmp_path: Path) -> None:
     a = np.arange(32, dtype=np.float32).reshape(2, 16)
     np.testing.assert_array_equal(out["simple"][0], a + 1)
     np.testing.assert_array_equal(out["simple"][1], a - 1)
-    stream = out["stream"]
-    assert [s[0] for s in stream[:3]] == ["0", "1", "2"]
-    for i in range(3):
-        np.testing.assert_allclose(stream[i][1], expected[i : i + 1], rtol=1e-5)
-    assert stream[3][0] == "error" and "nope" in stream[3][1]
+    for stream, ids in (
+        (out["stream"], ["0", "1", "2"]),
+        (out["async_stream"], ["a0", "a1", "a2"]),
+    ):
+        assert [s[0] for s in stream] == [*ids, "error"]
+        for i in range(3):
+            np.testing.assert_allclose(stream[i][1], expected[i : i + 1], rtol=1e-5)
+        assert "nope" in stream[3][1]
     stats = out["stats"]["model_stats"][0]
-    assert int(stats["inference_count"]) == 3 + 4 * 3 + 3
+    assert int(stats["inference_count"]) == 3 + 4 * 3 + 3 + 3

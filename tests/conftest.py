@@ -20,10 +20,13 @@ STARTUP_TIMEOUT_S = 60.0
 class ServerProcess:
     """`featureserve serve` in a subprocess; start() returns once it logs that it serves."""
 
-    def __init__(self, data_dir: Path, model_repo: Path, *extra: str) -> None:
+    def __init__(
+        self, data_dir: Path, model_repo: Path, *extra: str, own_group: bool = False
+    ) -> None:
         self.data_dir = data_dir
         self.model_repo = model_repo
         self.extra = list(extra)
+        self.own_group = own_group  # lead a new session, so one killpg reaches its children
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log_lines: list[str] = []
@@ -39,7 +42,12 @@ class ServerProcess:
             "--data-dir", str(self.data_dir), "--model-repo", str(self.model_repo), *self.extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=os.environ
+            cmd,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=os.environ,
+            start_new_session=self.own_group,
         )
         threading.Thread(target=self._read_logs, daemon=True).start()
         if not self._ready.wait(STARTUP_TIMEOUT_S):
@@ -115,9 +123,17 @@ def server_factory(tmp_path: Path) -> Iterator:
     """Start featureserve processes on free ports; all are killed at teardown."""
     started: list[ServerProcess] = []
 
-    def start(*extra: str, data_dir: Path | None = None, model_repo: Path | None = None):
+    def start(
+        *extra: str,
+        data_dir: Path | None = None,
+        model_repo: Path | None = None,
+        own_group: bool = False,
+    ):
         server = ServerProcess(
-            data_dir or tmp_path / "data", model_repo or tmp_path / "models", *extra
+            data_dir or tmp_path / "data",
+            model_repo or tmp_path / "models",
+            *extra,
+            own_group=own_group,
         )
         started.append(server)
         return server.start()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,9 +28,26 @@ def batch(start: int) -> tuple[dict, dict]:
     return {"user_id": ids}, values
 
 
+def group_members(pgid: int) -> list[int]:
+    """Living (non-zombie) processes of process group pgid."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid and alive(int(entry.name)):
+                    members.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return members
+
+
 def test_sigkill_loses_no_acknowledged_row(tmp_path, server_factory) -> None:
-    """Also: the server's commit process exits once the server is gone."""
-    server = server_factory(data_dir=tmp_path / "data")
+    """One SIGKILL to the server's process group kills the server and its commit process at
+    once, so a row acknowledged before its commit could not be saved by the commit process
+    finishing what it was sent: every acknowledged row must read back after a restart."""
+    server = server_factory(data_dir=tmp_path / "data", own_group=True)
+    pgid = server.proc.pid
+    assert os.getpgid(pgid) == pgid != os.getpgrp(), "the server does not lead its own group"
     acked: list[int] = []
     stop = threading.Event()
 
@@ -55,12 +75,14 @@ def test_sigkill_loses_no_acknowledged_row(tmp_path, server_factory) -> None:
         time.sleep(0.02)
     commit_processes = children(server.proc.pid)
     assert commit_processes, "the server has no commit process"
-    server.kill()
+    assert sorted(group_members(pgid)) == sorted([pgid, *commit_processes])
+    os.killpg(pgid, signal.SIGKILL)
+    server.proc.wait(10)
     stop.set()
     worker.join(30)
     assert acked, "no write was acknowledged before the kill"
     durable = acked[-1]
-    assert wait_until(lambda: not any(map(alive, commit_processes)), timeout=30)
+    assert wait_until(lambda: not group_members(pgid), timeout=10), group_members(pgid)
 
     restarted = server_factory(data_dir=tmp_path / "data")
     with FeatureStoreClient(restarted.target) as client:
@@ -68,6 +90,19 @@ def test_sigkill_loses_no_acknowledged_row(tmp_path, server_factory) -> None:
         got = client.get_online_features(["wide:f0", "wide:f31"], {"user_id": ids})
     assert (got.statuses["wide:f0"] == FeatureStatus.PRESENT).all()
     np.testing.assert_array_equal(got["wide:f31"], (ids * 32 + 31).astype(np.float32))
+
+
+def test_the_commit_process_exits_once_the_server_is_killed(server) -> None:
+    """SIGKILL to the server alone (say, the OOM killer): its commit process, left without
+    input, commits what it has and exits instead of living on."""
+    with FeatureStoreClient(server.target) as client:
+        client.apply([USER], [WIDE])
+        keys, values = batch(0)
+        client.write_features("wide", keys, int(time.time() * 1e6), values)
+    commit_processes = children(server.proc.pid)
+    assert commit_processes, "the server has no commit process"
+    server.kill()
+    assert wait_until(lambda: not any(map(alive, commit_processes)), timeout=30)
 
 
 async def until_readable(client: AsyncFeatureStoreClient, user_id: int) -> None:

@@ -108,15 +108,43 @@ def create_aio_channel(config: ClientConfig) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(config.target, options=channel_options(config))
 
 
-class ClientError(Exception):
-    """A failed call, with its gRPC status code and the server's message."""
+BATCH_KEY = "featureserve-batch"
+ROW_KEY = "featureserve-row"
+"""Trailing metadata of a failed write: the stream message and the row of its batch that failed."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+
+class ClientError(Exception):
+    """A failed call, with its gRPC status code and the server's message; for a failed write,
+    `batch` (the stream message, from 0) and `row` (from 0 in that batch) say where, when the
+    server says so."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        batch: int | None = None,
+        row: int | None = None,
+    ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.batch = batch
+        self.row = row
+
+
+def status_error(code: grpc.StatusCode, details: str | None, trailing_metadata) -> ClientError:
+    """A ClientError from a finished call's status, details and trailing metadata (where a
+    write failed)."""
+    where = dict(tuple(trailing_metadata or ()))  # aio's Metadata iterates as pairs
+    batch, row = where.get(BATCH_KEY), where.get(ROW_KEY)
+    return ClientError(
+        code,
+        details or "",
+        None if batch is None else int(batch),
+        None if row is None else int(row),
+    )
 
 
 def client_error(exc: grpc.RpcError) -> ClientError:
     """Turn a grpc.RpcError (sync or aio) into a ClientError."""
-    return ClientError(exc.code(), exc.details() or "")
+    return status_error(exc.code(), exc.details(), exc.trailing_metadata())

@@ -28,6 +28,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delete_view(args: argparse.Namespace) -> int:
+    """Delete one version of a feature view: its definition, online rows and history."""
+    with FeatureStoreClient(client_config(args)) as client:
+        client.delete_feature_view(args.view, args.version)
+    print(f"{args.view}@{args.version}: deleted")
+    return 0
+
+
 class _InputError(Exception):
     """Input (a file or a flag) that cannot be used as given; printed as `featureserve: ...`."""
 
@@ -194,6 +202,39 @@ class _Rows:
         return times[self.kept]
 
 
+def _stopped_at(error: ClientError, kept: np.ndarray, batch_rows: int) -> str:
+    """The error of a stream the server ended at one of its messages (error.batch), in the
+    file's terms: the bad row counted from the file's header (the server counts within its
+    message) and the rows written before that message."""
+    start = error.batch * batch_rows
+    first_row = int(kept[min(start, len(kept) - 1)])
+    rerun = "run the command again"
+    written = ""
+    if start:
+        rows = (
+            f"rows 0..{start - 1} ({start} rows)"
+            if first_row == start
+            else f"{start} rows before row {first_row} (bad rows were skipped)"
+        )
+        written = f"; {rows} were written and are durable"
+        rerun += (
+            ": rows already written come back as stale (last write wins by event time), so "
+            "rewriting them is safe"
+        )
+    if error.row is None or start + error.row >= len(kept):
+        end = int(kept[min(start + batch_rows, len(kept)) - 1])
+        return (
+            f"{error}; in the file: the message of rows {first_row}..{end} failed{written}, "
+            f"rows from row {first_row} on were not acknowledged; fix the cause and {rerun}"
+        )
+    row = int(kept[start + error.row])
+    return (
+        f"{error}; in the file: row {row} (rows count from 0 after the header){written}, "
+        f"nothing from row {first_row} on was written; fix row {row} and {rerun}, or pass "
+        "--policy skip_bad_rows to write the good rows and list the bad ones"
+    )
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Stream a CSV or Parquet file into a view; columns are named like the view's features
     and parsed by the types the view and its entity declare."""
@@ -218,10 +259,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             print(f"featureserve: {args.file}: {exc}", file=sys.stderr)
             return 2
         times = rows.drop_bad(times)
-        with client.stream_writer(
-            args.view, batch_rows=args.batch_rows, version=view.version, policy=args.policy
-        ) as writer:
-            writer.write(rows.keys, times, rows.features, rows.nulls)
+        try:
+            with client.stream_writer(
+                args.view, batch_rows=args.batch_rows, version=view.version, policy=args.policy
+            ) as writer:
+                writer.write(rows.keys, times, rows.features, rows.nulls)
+        except ClientError as exc:
+            if exc.batch is None:
+                raise
+            stopped = _stopped_at(exc, rows.kept, args.batch_rows)
+            print(f"featureserve: {args.file}: {stopped}", file=sys.stderr)
+            return 1
         summary = writer.summary
     rejected = dict(rows.bad)
     for err in summary.errors:
@@ -299,7 +347,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add apply, ingest and get."""
+    """Add apply, delete-view, ingest and get."""
     p = subparsers.add_parser(
         "apply",
         help="register entities and feature views from a file",
@@ -309,6 +357,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="validate only, change nothing")
     add_connection_flags(p)
     p.set_defaults(func=cmd_apply)
+
+    p = subparsers.add_parser(
+        "delete-view",
+        help="delete one version of a feature view",
+        description="Delete one version of a feature view: its definition, its online rows and "
+        "its history. Other versions stay readable. Needs the admin scope.",
+    )
+    p.add_argument("view", help="feature view")
+    p.add_argument("--version", type=int, required=True, help="the version to delete")
+    add_connection_flags(p)
+    p.set_defaults(func=cmd_delete_view)
 
     p = subparsers.add_parser(
         "ingest",

@@ -20,6 +20,7 @@ from clients.channel import (
     client_error,
     create_aio_channel,
     create_channel,
+    status_error,
 )
 from featurestore.registry import ApplyResult, Entity, FeatureView
 from protos.featureserve.v1 import feature_store_pb2 as pb
@@ -131,7 +132,10 @@ def _stream_error(error: ClientError, first: int) -> ClientError:
     if first == 0:
         return error
     return ClientError(
-        error.code, f"{error.message} (batches count from message {first} of this writer)"
+        error.code,
+        f"{error.message} (batches count from message {first} of this writer)",
+        None if error.batch is None else first + error.batch,
+        error.row,
     )
 
 
@@ -342,7 +346,13 @@ class AsyncStreamWriter:
         statuses: list[ClientError] = []
         call = self._client._stub.StreamWriteFeatures(metadata=self._client._metadata)
         call.add_done_callback(
-            lambda c: statuses.append(ClientError(_result_now(c.code()), _result_now(c.details())))
+            lambda c: statuses.append(
+                status_error(
+                    _result_now(c.code()),
+                    _result_now(c.details()),
+                    _result_now(c.trailing_metadata()),
+                )
+            )
         )
         self._call, self._statuses = call, statuses
         return call

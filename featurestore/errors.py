@@ -13,6 +13,15 @@ class InvalidArgumentError(FeatureStoreError):
     """Input that can never succeed as sent: the message names the field and the first bad row."""
 
 
+class BadRowError(InvalidArgumentError):
+    """A batch rejected whole (reject_batch) for its first bad row: `row` counts from 0 in the
+    batch, so a caller can name the row in its own terms (a file's line, a stream's message)."""
+
+    def __init__(self, message: str, row: int) -> None:
+        super().__init__(message)
+        self.row = row
+
+
 class ResourceExhaustedError(FeatureStoreError):
     """A request over a configured limit; the message names the limit."""
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from featurestore.dtypes import DType, is_float, numpy_dtype, wrong_type
 from featurestore.errors import (
+    BadRowError,
     InvalidArgumentError,
     ResourceExhaustedError,
     UnavailableError,
@@ -465,9 +466,10 @@ class OnlineStore:
         errors = _first_per_row(bad)
         if errors and not batch.skip_bad_rows:
             first = errors[0]
-            raise InvalidArgumentError(
+            raise BadRowError(
                 f"column {first.column!r} row {first.row}: {first.reason}; fix the row, or set "
-                f"skip_bad_rows to drop bad rows ({len(errors)} bad rows)"
+                f"skip_bad_rows to drop bad rows ({len(errors)} bad rows)",
+                first.row,
             )
         keys = encoded.keys
         if errors:

@@ -6,6 +6,7 @@ import functools
 
 import grpc
 
+from clients.channel import BATCH_KEY, ROW_KEY
 from featurestore import errors as fs
 from protos.arrays import ArrayError
 
@@ -78,9 +79,26 @@ def is_domain_error(exc: BaseException) -> bool:
     return status_for(exc) is not grpc.StatusCode.INTERNAL or isinstance(exc, InferenceFailedError)
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """End the RPC with the status and message of a domain error."""
-    await context.abort(status_for(exc), str(exc))
+def error_metadata(exc: BaseException, batch: int | None = None) -> tuple[tuple[str, str], ...]:
+    """Where a failed write failed, as trailing metadata: its batch of a stream (when given) and
+    the bad row of a batch rejected whole."""
+    where = () if batch is None else ((BATCH_KEY, str(batch)),)
+    if isinstance(exc, fs.BadRowError):
+        where += ((ROW_KEY, str(exc.row)),)
+    return where
+
+
+async def abort(
+    context: grpc.aio.ServicerContext,
+    exc: BaseException,
+    message: str | None = None,
+    batch: int | None = None,
+) -> None:
+    """End the RPC with the status of a domain error, its message (or `message`) and where a
+    write failed as trailing metadata."""
+    await context.abort(
+        status_for(exc), str(exc) if message is None else message, error_metadata(exc, batch)
+    )
 
 
 def maps_errors(handler):

@@ -28,7 +28,7 @@ from protos.featureserve.v1 import types_pb2
 from server.audit import AuditLog
 from server.auth import AuthConfig, Authorizer
 from server.drift import DriftMonitor
-from server.errors import is_domain_error, maps_errors, status_for
+from server.errors import abort, is_domain_error, maps_errors
 from server.metrics import ViewMetrics
 
 MAX_ROW_ERRORS = 1000
@@ -356,7 +356,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             batch, exc = min(failures, key=lambda failure: failure[0])
             if not is_domain_error(exc):
                 raise exc
-            await context.abort(status_for(exc), stream_failure(batch, exc))
+            await abort(context, exc, stream_failure(batch, exc), batch)
         return response
 
     @maps_errors

@@ -117,6 +117,18 @@ def test_dry_run_changes_nothing(served) -> None:
     assert "'dry'" in lines[0]
 
 
+def test_delete_view_removes_the_version_and_names_a_missing_one(served) -> None:
+    cli, client = served
+    register(served, "dropped")
+    deleted = cli.run("delete-view", "dropped", "--version", "1")
+    assert (deleted.returncode, deleted.stdout.strip()) == (0, "dropped@1: deleted")
+    assert client.list_feature_views("dropped", all_versions=True)[1] == []
+    again = cli.run("delete-view", "dropped", "--version", "1")
+    assert again.returncode == 1
+    assert again.stderr.startswith("featureserve: NOT_FOUND: "), again.stderr
+    assert "'dropped'" in again.stderr and "Traceback" not in again.stderr
+
+
 def test_apply_unknown_key_names_key_and_file(served) -> None:
     cli, _ = served
     path = cli.file("typo.toml", features_toml("typo", extra='colour = "red"'))
@@ -442,3 +454,44 @@ def test_bad_rows_are_reported_by_their_row_in_the_file(served) -> None:
     got = read_back(client, "file_rows", [165, 166, 167])
     assert got["file_rows:city"][[0, 2]].tolist() == ["c65", "c67"]
     assert got.statuses["file_rows:city"][1] == FeatureStatus.NOT_FOUND
+
+
+def test_a_row_only_the_server_rejects_is_named_by_its_file_row_with_what_was_written(
+    served,
+) -> None:
+    """2-row messages, and the writer starts a new stream every 64 messages: the NaN of file row
+    133 is row 1 of batch 2 of the second stream. The error names row 133 and the 132 rows
+    written before its message, which read back; rerun skipping bad rows, they are stale."""
+    cli, client = served
+    register(served, "late_bad")
+    lines = ["user_id,event_timestamp,score,clicks,city,emb"]
+    for row in range(140):
+        score = "NaN" if row == 133 else str(row)
+        lines.append(f'{200 + row},2024-05-01T10:00:00Z,{score},1,c{row},"[0, 0, 0]"')
+    path = cli.file("late_bad.csv", "\n".join(lines) + "\n")
+    rejected = cli.run("ingest", str(path), "--view", "late_bad", "--batch-rows", "2")
+    assert rejected.returncode == 1
+    assert rejected.stdout == "" and len(rejected.stderr.splitlines()) == 1, rejected.stderr
+    for part in (
+        f"featureserve: {path}: INVALID_ARGUMENT: batch 2: column 'score' row 1: NaN but "
+        "allow_nan is false; ",
+        "in the file: row 133 (rows count from 0 after the header); rows 0..131 (132 rows) were "
+        "written and are durable, nothing from row 132 on was written; fix row 133 and run the "
+        "command again",
+        "--policy skip_bad_rows",
+    ):
+        assert part in rejected.stderr, rejected.stderr
+    got = read_back(client, "late_bad", list(range(200, 340)))
+    statuses = got.statuses["late_bad:city"]
+    assert (statuses[:132] == FeatureStatus.PRESENT).all()
+    assert (statuses[132:] == FeatureStatus.NOT_FOUND).all()
+    np.testing.assert_array_equal(got["late_bad:score"][:132], np.arange(132, dtype=np.float32))
+
+    skipped = cli.run(
+        "ingest", str(path), "--view", "late_bad", "--batch-rows", "2", "--policy", "skip_bad_rows"
+    )
+    assert skipped.returncode == 1
+    assert skipped.stdout.splitlines() == [
+        "written=7 stale=132 rejected=1",
+        "  row 133 score: NaN but allow_nan is false",
+    ]

@@ -68,6 +68,7 @@ def assert_rejected_midway(client: FeatureStoreClient, view: str, error: ClientE
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
     assert f"batch {BAD_BATCH}:" in error.message and "'f3'" in error.message, error
     assert f"row {BAD_ROW}:" in error.message and "NaN" in error.message, error
+    assert (error.batch, error.row) == (BAD_BATCH, BAD_ROW)
     acked = np.arange(BAD_BATCH * ROWS)
     got = client.get_online_features([f"{view}:f15"], {"user_id": acked})
     assert (got.statuses[f"{view}:f15"] == FeatureStatus.PRESENT).all()
@@ -150,6 +151,7 @@ def test_batch_numbers_in_errors_count_over_the_writers_life(client) -> None:
         w.write({"user_id": ids + 100}, NOW_US, features)
     assert "batch 1:" in caught.value.message, caught.value
     assert "message 3 of this writer" in caught.value.message, caught.value
+    assert (caught.value.batch, caught.value.row) == (4, 1)
 
 
 class SilentServer(pb_grpc.FeatureStoreServicer):

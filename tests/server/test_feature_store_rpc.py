@@ -203,7 +203,11 @@ def test_delete_feature_view_removes_one_version(client) -> None:
 
 
 def expect_error(code: grpc.StatusCode, *fragments: str):
+    """Expect a ClientError with `code` and every fragment in its message; `.value` holds it."""
+
     class Check:
+        value: ClientError
+
         def __enter__(self):
             return self
 
@@ -212,6 +216,7 @@ def expect_error(code: grpc.StatusCode, *fragments: str):
             assert exc.code == code, exc
             for fragment in fragments:
                 assert fragment in exc.message, exc.message
+            self.value = exc
             return True
 
     return Check()
@@ -241,8 +246,9 @@ def test_bad_batch_is_rejected_whole_by_default(client) -> None:
     ids = np.array([500, 501, 502])
     cols = columns(3)
     cols["f32"] = np.float32([1.0, np.nan, 2.0])
-    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "f32", "row 1"):
+    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "f32", "row 1") as err:
         client.write_features("profile", {"user_id": ids}, NOW_US, cols)
+    assert (err.value.batch, err.value.row) == (None, 1)
     got = client.get_online_features(["profile:f32"], {"user_id": ids})
     assert (got.statuses["profile:f32"] == FeatureStatus.NOT_FOUND).all()
 
@@ -479,6 +485,10 @@ def test_a_bad_stream_message_ends_the_stream_naming_its_batch(client) -> None:
         "resend from batch 2 (writes are idempotent, so resending is safe)",
     ):
         assert fragment in err.value.details()
+    assert dict(err.value.trailing_metadata()) == {
+        "featureserve-batch": "2",
+        "featureserve-row": "1",
+    }
     got = client.get_online_features(["narrow:x"], {"user_id": np.arange(40)})
     assert (
         got.statuses["narrow:x"].tolist()

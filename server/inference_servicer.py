@@ -6,7 +6,6 @@ Requests are validated completely before they join a batch; responses carry raw 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from importlib import metadata
 
@@ -24,12 +23,16 @@ from server.errors import InvalidRequestError, ServerError, abort
 from server.message_size import MessageLimit, Oversized
 from server.model_config import MODEL_FILENAME, ModelConfig, QueuePolicy
 from server.model_repository import LoadedModel, ModelRepository
+from server.ordered_stream import answer_in_order, unparsed
 from server.tensors import TRITON_TYPE_NAMES, decode_contents, decode_raw, encode_raw
 
 SERVER_NAME = "featureserve"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
 PLATFORM = "onnxruntime_onnx"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+STREAM_WINDOW = 256
+"""Requests of one ModelStreamInfer in flight before the server stops reading it: enough to
+fill several batches of a typical max_batch_size, and a bound on what a slow reader holds."""
 
 
 def _server_version() -> str:
@@ -346,18 +349,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await abort(context, exc)
 
     async def _stream_one(
-        self, request: pb.ModelInferRequest | Oversized
+        self, request: pb.ModelInferRequest | Oversized, position: int
     ) -> pb.ModelStreamInferResponse:
-        """One stream request's response; an error (a request or response over
-        max_message_bytes too) becomes error_message, not a stream failure."""
+        """The response to the stream's request number `position` (from 0); an error (a
+        request or response over max_message_bytes too) becomes error_message, not a stream
+        failure."""
         try:
             request = self.limit.request(STREAM_METHOD, request)
             response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
             return self.limit.response(STREAM_METHOD, response)
         except Exception as exc:
-            known = request if isinstance(request, pb.ModelInferRequest) else pb.ModelInferRequest()
+            message = f"{type(exc).__name__}: {exc}"
+            if isinstance(request, pb.ModelInferRequest):
+                known = request
+            else:
+                known = pb.ModelInferRequest()
+                message += unparsed(position)
             return pb.ModelStreamInferResponse(
-                error_message=f"{type(exc).__name__}: {exc}",
+                error_message=message,
                 infer_response=pb.ModelInferResponse(
                     model_name=known.model_name,
                     model_version=known.model_version,
@@ -367,27 +376,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator:
         """Bidirectional stream: requests run concurrently (and batch); responses keep order."""
-        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    pending.put_nowait(asyncio.ensure_future(self._stream_one(request)))
-            finally:
-                pending.put_nowait(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while (task := await pending.get()) is not None:
-                yield await task
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await reader
-            while not pending.empty():
-                task = pending.get_nowait()
-                if task is not None:
-                    task.cancel()
+        async for response in answer_in_order(request_iterator, self._stream_one, STREAM_WINDOW):
+            yield response
 
     async def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
         """Cumulative statistics per served version (all models when name is empty)."""

@@ -30,6 +30,7 @@ from server.errors import InvalidRequestError, is_domain_error, maps_errors, sta
 from server.feature_servicer import decode_keys
 from server.message_size import MessageLimit, Oversized
 from server.model_repository import LoadedModel, ModelRepository
+from server.ordered_stream import answer_in_order, unparsed
 from server.predict_coalescer import PredictCoalescer
 from server.prediction_binding import Assembled, PredictionBinding
 
@@ -190,50 +191,36 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         return await self.predict(request, context)
 
     async def _answer(
-        self, request: pb.PredictRequest | Oversized, context: grpc.aio.ServicerContext
+        self,
+        request: pb.PredictRequest | Oversized,
+        context: grpc.aio.ServicerContext,
+        position: int,
     ) -> pb.PredictResponse:
-        """One stream request's response; a failure (a request or response over
-        max_message_bytes too) becomes error_code/error_message."""
+        """The response to the stream's request number `position` (from 0); a failure (a
+        request or response over max_message_bytes too) becomes error_code/error_message."""
         try:
             request = self.limit.request(STREAM_METHOD, request)
             return self.limit.response(STREAM_METHOD, await self.predict(request, context))
         except Exception as exc:
-            known = request if isinstance(request, pb.PredictRequest) else pb.PredictRequest()
+            message = str(exc)
+            if isinstance(request, pb.PredictRequest):
+                known = request
+            else:
+                known = pb.PredictRequest()
+                message += unparsed(position)
             if not is_domain_error(exc):
                 log.exception("StreamPredict request %r failed", known.request_id)
             return pb.PredictResponse(
                 request_id=known.request_id,
                 model=known.model,
                 error_code=status_for(exc).value[0],
-                error_message=str(exc),
+                error_message=message,
             )
 
     async def StreamPredict(self, request_iterator, context):
-        window = asyncio.Semaphore(self.stream_window)
-        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
-
-        async def read() -> None:
-            iterator = request_iterator.__aiter__()
-            try:
-                while True:
-                    await window.acquire()
-                    try:
-                        request = await iterator.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    pending.put_nowait(asyncio.create_task(self._answer(request, context)))
-            finally:
-                pending.put_nowait(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (task := await pending.get()) is not None:
-                yield await task
-                window.release()
-            await reader
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                task = pending.get_nowait()
-                if task is not None:
-                    task.cancel()
+        async for response in answer_in_order(
+            request_iterator,
+            lambda request, position: self._answer(request, context, position),
+            self.stream_window,
+        ):
+            yield response

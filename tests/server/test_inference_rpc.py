@@ -567,6 +567,7 @@ def test_an_oversized_stream_message_fails_only_its_own_request(tmp_path: Path, 
     assert "the response is" in responses[1].error_message and limit in responses[1].error_message
     assert "the request is" in responses[2].error_message and limit in responses[2].error_message
     assert "ModelStreamInfer" in responses[2].error_message
+    assert "no request id: it answers request 2 of the stream" in responses[2].error_message
     with grpc.insecure_channel(server.target) as channel:
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         huge = reflection_pb2.ServerReflectionRequest(file_containing_symbol="x" * 20_000)

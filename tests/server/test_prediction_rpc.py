@@ -28,7 +28,8 @@ from server.app import FeatureServer
 from server.config import ServerConfig
 from server.feature_servicer import FeatureStoreServicer
 from server.inference_servicer import InferenceServicer
-from server.prediction_servicer import PredictionServicer
+from server.prediction_servicer import STREAM_WINDOW, PredictionServicer
+from tests.conftest import wait_until
 
 N_STATS = 29
 USER = Entity("user", (JoinKey("user_id", DType.INT64),))
@@ -469,7 +470,9 @@ def test_stream_keeps_order_and_survives_a_bad_request(served) -> None:
 
 def test_an_oversized_stream_message_fails_only_its_own_request(tmp_path) -> None:
     """max_message_bytes = 10000: an answer of 400 entities (their fills make it ~17 KB) and a
-    request of 1000 entities (16 KB) each get an error in their place; the stream goes on."""
+    request of 1000 entities (16 KB) each get an error in their place; the stream goes on. The
+    oversized request is never parsed, so its answer has no request id but names its position;
+    a request parsed but over max_entities_per_request keeps its id."""
     write_model(tmp_path / "models", "scorer", mlp_model(seed=3), config_toml=scorer_config())
     server, target = start_server(tmp_path)
     try:
@@ -477,7 +480,7 @@ def test_an_oversized_stream_message_fails_only_its_own_request(tmp_path) -> Non
         populate(target, ids)
     finally:
         server.shutdown()
-    server, target = start_server(tmp_path, max_message_bytes=10_000)
+    server, target = start_server(tmp_path, max_message_bytes=10_000, max_entities_per_request=450)
     try:
 
         def request(n: int, request_id: str):
@@ -485,20 +488,26 @@ def test_an_oversized_stream_message_fails_only_its_own_request(tmp_path) -> Non
             return predict_request("scorer", keys, {"amount": amount}, request_id=request_id)
 
         requests = [request(10, "before"), request(400, "big-answer"),
-                    request(1000, "big-request"), request(10, "after")]  # fmt: skip
+                    request(1000, "big-request"), request(500, "too-many"),
+                    request(10, "after")]  # fmt: skip
         assert requests[1].ByteSize() < 10_000 < requests[2].ByteSize()
+        assert requests[3].ByteSize() < 10_000
         with PredictionClient(ClientConfig(target=target, max_message_bytes=1 << 24)) as client:
             results = list(client.stream(requests, timeout_s=60))
     finally:
         server.shutdown()
-    assert [r.request_id for r in results] == ["before", "big-answer", "", "after"]
-    assert results[0].error is None and results[3].error is None
+    assert [r.request_id for r in results] == ["before", "big-answer", "", "too-many", "after"]
+    assert results[0].error is None and results[4].error is None
     assert results[0].scores["y"].shape[0] == 10
     limit = "over the server's limit of max_message_bytes=10000"
     for result, what in ((results[1], "response"), (results[2], "request")):
         assert result.error is not None
         assert result.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"the {what} is" in result.error.message and limit in result.error.message
+    assert "no request id: it answers request 2 of the stream" in results[2].error.message
+    too_many = results[3].error
+    assert too_many is not None and too_many.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "500 entities exceed the limit of 450" in too_many.message
 
 
 class CountingServer(PredictServer):
@@ -552,15 +561,18 @@ def test_stream_flow_control_bounds_what_the_server_runs_ahead(tmp_path) -> None
         with grpc.insecure_channel(target, options=options) as channel:
             stub = prediction_pb2_grpc.PredictionStub(channel)
             responses = stub.StreamPredict(iter(requests), timeout=60)
+            assert wait_until(lambda: server.consumed > 0, timeout=30), "the stream never started"
             previous = -1
             while server.consumed != previous:
                 previous = server.consumed
-                time.sleep(0.5)
+                time.sleep(1.0)
             stalled = server.consumed
             read = [r for r in responses]
     finally:
         server.shutdown()
     size = read[0].ByteSize()
-    assert stalled <= 32 + 2 * 65536 // size + 2, (stalled, size)
+    # Unread answers stop the server once its window of requests in flight is full: it has read
+    # the window's worth, plus what the answers the transport buffers freed, and no more.
+    assert STREAM_WINDOW <= stalled <= STREAM_WINDOW + 2 * 65536 // size + 2, (stalled, size)
     assert server.consumed == total
     assert [r.request_id for r in read] == [f"q{k}" for k in range(total)]

@@ -33,7 +33,7 @@ MEDIUM_WIDTH = 1536
 MEDIUM_LAYERS = 4
 
 
-def _model(
+def graph_model(
     nodes: list, inputs: list, outputs: list, initializers: list | None = None
 ) -> onnx.ModelProto:
     """A checked ModelProto at the opset and IR version this ONNX Runtime reads."""
@@ -51,7 +51,7 @@ def identity_model(datatypes: list[str] | None = None, width: int = 3) -> onnx.M
         inputs.append(helper.make_tensor_value_info(f"INPUT_{dt}", ONNX_TYPES[dt], ["N", width]))
         outputs.append(helper.make_tensor_value_info(f"OUTPUT_{dt}", ONNX_TYPES[dt], ["N", width]))
         nodes.append(helper.make_node("Identity", [f"INPUT_{dt}"], [f"OUTPUT_{dt}"]))
-    return _model(nodes, inputs, outputs)
+    return graph_model(nodes, inputs, outputs)
 
 
 def add_sub_model(width: int = 16) -> onnx.ModelProto:
@@ -68,7 +68,7 @@ def add_sub_model(width: int = 16) -> onnx.ModelProto:
         helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
         helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
     ]
-    return _model(nodes, inputs, outputs)
+    return graph_model(nodes, inputs, outputs)
 
 
 def _dense_stack(widths: list[int], seed: int, relu_last: bool = False) -> onnx.ModelProto:
@@ -91,7 +91,7 @@ def _dense_stack(widths: list[int], seed: int, relu_last: bool = False) -> onnx.
         current = added
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", widths[0]])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", widths[-1]])]
-    return _model(nodes, inputs, outputs, initializers)
+    return graph_model(nodes, inputs, outputs, initializers)
 
 
 def mlp_model(seed: int = 0) -> onnx.ModelProto:
@@ -119,7 +119,7 @@ def gather_model(table_rows: int = 10, width: int = 4) -> onnx.ModelProto:
     ]
     inputs = [helper.make_tensor_value_info("idx", TensorProto.INT64, ["N", 1])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])]
-    return _model(nodes, inputs, outputs, initializers)
+    return graph_model(nodes, inputs, outputs, initializers)
 
 
 def write_model(

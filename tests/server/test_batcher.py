@@ -13,10 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.model_zoo import (
-    IR_VERSION,
-    OPSET,
     add_sub_model,
     gather_model,
+    graph_model,
     medium_model,
     mlp_model,
 )
@@ -317,17 +316,6 @@ def test_failed_batch_is_retried_one_by_one(tmp_path: Path) -> None:
     np.testing.assert_array_equal(good2["y"], [[8, 9, 10, 11]])
     assert isinstance(bad, InferenceFailedError)
     assert "ONNX Runtime failed" in str(bad)
-
-
-def graph_model(
-    nodes: list, inputs: list, outputs: list, initializers: list | None = None
-) -> onnx.ModelProto:
-    """A checked ModelProto from graph parts, at the model zoo's opset and IR version."""
-    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=initializers or [])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
 
 
 def pairs(name: str, first: str = "N") -> onnx.ValueInfoProto:

@@ -82,15 +82,17 @@ def test_corrupt_version_is_reported_and_others_serve(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+async def wait_for(condition) -> None:
+    """Wait up to 10 s for the repository's watcher to make condition() true."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the watcher did not act within 10 s")
+
+
 def test_watcher_loads_new_versions_and_unloads_removed_ones(tmp_path: Path) -> None:
     write_model(tmp_path, "mlp", mlp_model(seed=1), version=1)
-
-    async def wait_for(condition) -> None:
-        for _ in range(1000):
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("the watcher did not act within 10 s")
 
     async def main() -> None:
         repo = ModelRepository(tmp_path, watch=True, poll_interval_s=0.05)
@@ -293,13 +295,6 @@ def test_an_unreadable_model_folder_is_that_models_load_error_at_start_and_in_th
     write_model(tmp_path, "c_served", mlp_model(seed=1))
     broken = tmp_path / "c_served" / "1" / "model.onnx"
     fixed = mlp_model(seed=2)
-
-    async def wait_for(condition) -> None:
-        for _ in range(1000):
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("the watcher did not act within 10 s")
 
     def entry(repo: ModelRepository, name: str) -> VersionStatus:
         [status] = [s for s in repo.index() if s.name == name]

@@ -253,22 +253,31 @@ def _fit_one_hot(cols: list, max_size: int | None = None, min_count: int = 1) ->
     return {"vocabulary": jsonable(keep[:max_size] if max_size is not None else keep)}
 
 
-def _run_one_hot(ns: SimpleNamespace, cols: list, norm: dict) -> np.ndarray:
+def _vocab_positions(
+    ns: SimpleNamespace, cols: list, norm: dict, op: str
+) -> tuple[np.ndarray, int]:
+    """Each value's position in the vocabulary (its size for an unknown value), and the size."""
     (col,) = cols
     vocab = norm["vocab"]
     if isinstance(vocab, StringVocab):
         if not isinstance(col, StringColumn):
-            raise InvalidArgumentError("one_hot: the vocabulary is strings; the input is not")
+            raise InvalidArgumentError(f"{op}: the vocabulary is strings; the input is not")
         idx = ns.vocab_index_strings(
             col.data, col.offsets, vocab.hashes, vocab.order, vocab.data, vocab.offsets
         )
-        size = len(vocab.hashes)
-    else:
-        if isinstance(col, StringColumn):
-            raise InvalidArgumentError("one_hot: the vocabulary is ints; the input is strings")
-        idx = ns.vocab_index_int64(col, vocab.values, vocab.order)
-        size = len(vocab.values)
+        return idx, len(vocab.hashes)
+    if isinstance(col, StringColumn):
+        raise InvalidArgumentError(f"{op}: the vocabulary is ints; the input is strings")
+    return ns.vocab_index_int64(col, vocab.values, vocab.order), len(vocab.values)
+
+
+def _run_one_hot(ns: SimpleNamespace, cols: list, norm: dict) -> np.ndarray:
+    idx, size = _vocab_positions(ns, cols, norm, "one_hot")
     return ns.one_hot(idx, size + 1)
+
+
+def _run_vocab_index(ns: SimpleNamespace, cols: list, norm: dict) -> list[np.ndarray]:
+    return [_vocab_positions(ns, cols, norm, "vocab_index")[0]]
 
 
 def _one_hot_width(norm: dict, n: int) -> int:
@@ -399,6 +408,10 @@ TRANSFORMS: dict[str, OpSpec] = {
         OpSpec(
             "one_hot", "key", (1,), ("vocabulary",), _check_one_hot, _run_one_hot,
             _fit_one_hot, _one_hot_width, suffixes=_one_hot_suffixes,
+        ),
+        OpSpec(
+            "vocab_index", "key", (1,), ("vocabulary",), _check_one_hot, _run_vocab_index,
+            _fit_one_hot, _width(1),
         ),
         OpSpec("hour_of_day", "time", None, (), _no_params, _per_column("hour_of_day"),
                _no_fit, _each),

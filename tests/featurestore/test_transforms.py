@@ -56,6 +56,8 @@ def every_op(cols: dict) -> list[Transform]:
         Transform("hash_bucket", ["country", "user"], ["hc", "hu"], fit("hash_bucket", buckets=64)),
         Transform("one_hot", ["country"], "country", fit("one_hot", cols["country"], max_size=3)),
         Transform("one_hot", ["user"], "u", fit("one_hot", cols["user"][:5])),
+        Transform("vocab_index", ["country"], "v", fit("vocab_index", cols["country"], max_size=3)),
+        Transform("vocab_index", ["user"], "ui", fit("vocab_index", cols["user"][:5])),
         Transform("hour_of_day", ["ts"], "hour", {}),
         Transform("day_of_week", ["ts"], "dow", {}),
         Transform("is_weekend", ["ts"], "weekend", {}),

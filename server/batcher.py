@@ -301,7 +301,6 @@ class DynamicBatcher:
             if request in q:
                 q.remove(request)
                 self._unqueue(request)
-                self.metrics.queue_depth(self._queued)
                 self._expire(request, self._loop.time())
                 return
 
@@ -471,9 +470,11 @@ class DynamicBatcher:
         self._queued_rows -= request.rows
 
     def _expire(self, request: _Request, now: float) -> None:
-        """Fail a request whose deadline passed before it ran (or drop a cancelled one)."""
+        """Fail a request, already taken off its queue, whose deadline passed before it ran (or
+        drop a cancelled one)."""
         self.stats.fail.add(int((now - request.enqueued) * 1e9))
         self.metrics.fail("timed_out")
+        self.metrics.queue_depth(self._queued)
         if not request.future.done():
             request.future.set_exception(
                 RequestTimeoutError(

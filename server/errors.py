@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import grpc
 
 from clients.channel import BATCH_KEY, ROW_KEY
 from featurestore import errors as fs
 from protos.arrays import ArrayError
+
+log = logging.getLogger("featureserve.errors")
 
 
 class ServerError(Exception):
@@ -103,15 +106,23 @@ async def abort(
 
 def maps_errors(handler):
     """Decorate an async unary-response RPC handler so domain errors end the call with their
-    mapped status and message; anything else propagates (gRPC answers INTERNAL)."""
+    mapped status and message, and anything unexpected with INTERNAL (logged with its traceback;
+    left to grpc.aio, it would answer UNKNOWN)."""
 
     @functools.wraps(handler)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
             return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
         except Exception as exc:
             if is_domain_error(exc):
                 await abort(context, exc)
-            raise
+            log.exception("%s failed unexpectedly", handler.__qualname__)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"{handler.__name__}: unexpected {type(exc).__name__}: {exc}; this is a server "
+                "bug: the server log holds its traceback",
+            )
 
     return wrapper

@@ -70,6 +70,18 @@ _CONTENTS_FIELD: dict[str, str] = {
     "BYTES": "bytes_contents",
 }
 
+# The element type each InferTensorContents field holds on the wire (protobuf enforces it),
+# so typed values convert exactly before any narrowing to the declared datatype.
+_FIELD_DTYPES: dict[str, np.dtype] = {
+    "bool_contents": np.dtype(np.bool_),
+    "uint_contents": np.dtype("<u4"),
+    "uint64_contents": np.dtype("<u8"),
+    "int_contents": np.dtype("<i4"),
+    "int64_contents": np.dtype("<i8"),
+    "fp32_contents": np.dtype("<f4"),
+    "fp64_contents": np.dtype("<f8"),
+}
+
 _LENGTH = struct.Struct("<I")
 
 
@@ -102,7 +114,21 @@ def decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> 
             f"input '{name}': raw contents hold {len(raw)} bytes, but shape {list(shape)} of "
             f"{datatype} needs {expected} bytes ({count} x {dtype.itemsize})"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    array = np.frombuffer(raw, dtype=dtype)
+    if datatype == "BOOL":
+        _check_bool_bytes(name, array)
+    return array.reshape(shape)
+
+
+def _check_bool_bytes(name: str, array: np.ndarray) -> None:
+    """NumPy reinterprets any byte as a bool without normalising it, so only 0 and 1 are valid."""
+    octets = array.view(np.uint8)
+    if octets.size and octets.max() > 1:
+        index = int(np.argmax(octets > 1))
+        raise InvalidRequestError(
+            f"input '{name}': BOOL raw contents element {index} is byte {octets[index]}; "
+            f"each BOOL element is one byte, 0 (false) or 1 (true)"
+        )
 
 
 def _decode_bytes_raw(name: str, shape: tuple[int, ...], count: int, raw: bytes) -> np.ndarray:
@@ -174,17 +200,23 @@ def decode_contents(
         )
     if datatype == "BYTES":
         return _object_array([_to_text(name, v, i) for i, v in enumerate(values)], shape)
+    array = np.fromiter(values, dtype=_FIELD_DTYPES[field], count=count)
     dtype = NUMPY_DTYPES[datatype]
-    array = np.array(values, dtype=np.float64 if dtype.kind == "f" else None)
-    if (
-        dtype.kind in "iu"
-        and count
-        and (array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max)
-    ):
-        raise InvalidRequestError(
-            f"input '{name}': contents.{field} has a value outside the range of {datatype}"
-        )
+    if dtype != array.dtype:
+        _check_range(name, datatype, field, array)
     return array.astype(dtype, copy=False).reshape(shape)
+
+
+def _check_range(name: str, datatype: str, field: str, array: np.ndarray) -> None:
+    """Typed values of an 8- or 16-bit datatype arrive in a 32-bit field and must fit it."""
+    info = np.iinfo(NUMPY_DTYPES[datatype])
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        index = int(np.argmax((array < info.min) | (array > info.max)))
+        raise InvalidRequestError(
+            f"input '{name}': contents.{field} element {index} is {array[index]}, outside the "
+            f"range of {datatype} [{info.min}, {info.max}]; send values in range or declare "
+            f"a wider datatype"
+        )
 
 
 def encode_raw(datatype: str, array: np.ndarray) -> bytes:

@@ -12,6 +12,12 @@ and the failure is logged. Unlike Triton, whose READY entry carries no reason, o
 files on disk are not what serves. A model or version that never loaded is UNAVAILABLE with the
 reason, and so is a model with no version to serve (no <version>/model.onnx, or a version
 policy that selects none of those on disk).
+
+A version folder is named by a number from 1 in ASCII digits without leading zeros. As in Triton,
+other folders are ignored; one of digits with a leading zero (01/, 0/) holding model.onnx is
+also listed as an UNAVAILABLE entry of that name whose reason says which name to give it.
+Model names in RepositoryModelLoad and RepositoryModelUnload must be one folder name, so that a
+request can never reach a file outside the repository.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.batcher import DynamicBatcher
-from server.errors import ModelNotFoundError, ModelUnavailableError
+from server.errors import InvalidRequestError, ModelNotFoundError, ModelUnavailableError
 from server.metrics import ModelMetrics
 from server.model_config import (
     CONFIG_FILENAME,
@@ -80,7 +86,27 @@ class _Fingerprint:
 
     config: _Stat
     versions: dict[int, _Stat] = field(default_factory=dict)
+    misnamed: dict[str, _Stat] = field(default_factory=dict)
     unreadable: str = ""
+
+
+def _version_number(text: str) -> int | None:
+    """The version a folder or request names ("1", "12"), or None when text is not a number from
+    1 in ASCII digits without leading zeros ("01", "0", "²", "-1", "")."""
+    if text.isascii() and text.isdecimal() and text[0] != "0":
+        return int(text)
+    return None
+
+
+def _misnamed_version(folder: Path, taken: list[int]) -> str:
+    """Why a folder of digits with a leading zero is not served, and the name to give it."""
+    number = int(folder.name)
+    if number == 0 or number in taken:
+        number = max(taken, default=0) + 1
+    return (
+        f"{folder}: ignored: a version folder is named by a number from 1 without leading "
+        f"zeros; rename it to {folder.with_name(str(number))} to serve it"
+    )
 
 
 def _stat(path: Path) -> _Stat:
@@ -119,17 +145,24 @@ def _unreadable(model_dir: Path, exc: OSError) -> str:
 
 
 def _fingerprint(model_dir: Path) -> _Fingerprint:
-    """The stat of config.toml and of every <digits>/model.onnx under a model folder.
+    """The stat of config.toml and of every <version>/model.onnx under a model folder, and of
+    the model.onnx in folders of ASCII digits that are not versions (01/, 0/).
 
     Raises OSError when one of them exists but cannot be read (a symlink loop, permissions).
     """
     fp = _Fingerprint(_stat(model_dir / CONFIG_FILENAME))
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for child in model_dir.iterdir():
-            if child.name.isdigit():
-                stat = _stat(child / MODEL_FILENAME)
-                if stat is not None:
-                    fp.versions[int(child.name)] = stat
+            if not (child.name.isascii() and child.name.isdecimal()):
+                continue
+            stat = _stat(child / MODEL_FILENAME)
+            if stat is None:
+                continue
+            version = _version_number(child.name)
+            if version is None:
+                fp.misnamed[child.name] = stat
+            else:
+                fp.versions[version] = stat
     return fp
 
 
@@ -143,6 +176,7 @@ class ModelRepository:
         self._served: dict[str, dict[int, LoadedModel]] = {}
         self._status: dict[tuple[str, str], VersionStatus] = {}
         self._model_errors: dict[str, str] = {}
+        self._misnamed: dict[str, dict[str, str]] = {}
         self._fingerprints: dict[str, _Fingerprint] = {}
         self._unloaded: set[str] = set()
         self._lock = asyncio.Lock()
@@ -195,6 +229,7 @@ class ModelRepository:
         Raises when anything the policy selects failed, as Triton's load does, even while the
         versions loaded before keep serving: the caller learns its new files are not served.
         """
+        self._check_name(name)
         async with self._lock:
             if not (self.path / name).is_dir():
                 raise ModelNotFoundError(f"no model folder '{name}' in {self.path}")
@@ -209,24 +244,42 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         """Unload every version of a model (RepositoryModelUnload); the watcher leaves it alone."""
+        self._check_name(name)
         async with self._lock:
             if not self._served.get(name) and not self._entries(name):
                 raise ModelNotFoundError(f"no model '{name}' in the repository")
             self._unloaded.add(name)
             self._fingerprints.pop(name, None)
             self._model_errors.pop(name, None)
+            self._misnamed.pop(name, None)
             for version in list(self._served.get(name, {})):
                 await self._unload_version(name, version, "unloaded by request")
+
+    def _check_name(self, name: str) -> None:
+        """Refuse a model name that is not one folder name, so that load and unload never reach
+        outside the repository (a symlinked model folder inside it is still a model)."""
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            raise InvalidRequestError(
+                f"model_name {name!r} is not a model name: give the name of a folder directly "
+                f"in {self.path}, which is not empty, '.' or '..' and has no '/'"
+            )
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The served version (highest when version is ""); NOT_FOUND or UNAVAILABLE otherwise."""
         versions = self._served.get(name)
+        number = _version_number(version) if version else None
         if versions:
             if not version:
                 return versions[max(versions)]
-            if version.isdigit() and int(version) in versions:
-                return versions[int(version)]
+            if number in versions:
+                return versions[number]
         entries = self._entries(name)
+        if version and number is None and (versions or entries):
+            raise ModelNotFoundError(
+                f"model '{name}' has no version '{version}': a version is a number from 1 "
+                "without leading zeros, or empty for the highest served; served: "
+                f"{', '.join(str(v) for v in sorted(versions or {})) or 'none'}"
+            )
         failed = [
             s for s in entries if s.state != READY and (not version or s.version in ("", version))
         ]
@@ -264,6 +317,9 @@ class ModelRepository:
         "" while nothing serves; while versions loaded before still serve, it is their reason.
         """
         entries = dict(self._status)
+        for name, folders in self._misnamed.items():
+            for folder, reason in folders.items():
+                entries[(name, folder)] = VersionStatus(name, folder, UNAVAILABLE, reason)
         for name, reason in self._model_errors.items():
             served = self._served.get(name)
             if not served:
@@ -302,6 +358,7 @@ class ModelRepository:
                 await self._unload_version(name, version, "model folder removed")
             self._forget(name)
             return []
+        self._report_misnamed(name, model_dir, fp)
         try:
             config = load_model_config(model_dir)
         except Exception as exc:
@@ -314,6 +371,7 @@ class ModelRepository:
             self._model_errors.pop(name, None)
         else:
             reason = _no_servable_version(model_dir, config.version_policy, list(fp.versions))
+            reason = "; ".join([reason, *self._misnamed.get(name, {}).values()])
             self._model_error(name, reason, logging.WARNING)
             failures.append(reason)
         for version in targets:
@@ -418,6 +476,17 @@ class ModelRepository:
         else:
             log.error("model %s version %s failed to load: %s", name, version, reason)
 
+    def _report_misnamed(self, name: str, model_dir: Path, fp: _Fingerprint) -> None:
+        """Record the digit folders that are not versions, each logged when it is new."""
+        known = self._misnamed.pop(name, {})
+        taken = list(fp.versions)
+        reasons = {f: _misnamed_version(model_dir / f, taken) for f in sorted(fp.misnamed)}
+        for folder, reason in reasons.items():
+            if known.get(folder) != reason:
+                log.warning("model %s: %s", name, reason)
+        if reasons:
+            self._misnamed[name] = reasons
+
     def _model_error(self, name: str, reason: str, level: int) -> None:
         """Record a model-wide failure (config, no version to serve), logged when it is new."""
         if self._model_errors.get(name) == reason:
@@ -433,5 +502,6 @@ class ModelRepository:
         self._served.pop(name, None)
         self._fingerprints.pop(name, None)
         self._model_errors.pop(name, None)
+        self._misnamed.pop(name, None)
         for key in [k for k in self._status if k[0] == name]:
             del self._status[key]

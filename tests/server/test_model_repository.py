@@ -2,16 +2,21 @@
 
 import asyncio
 import logging
+import re
 import shutil
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
 from benchmarks.model_zoo import add_sub_model, mlp_model, write_model
-from server.errors import ModelNotFoundError, ModelUnavailableError
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from server.errors import InvalidRequestError, ModelNotFoundError, ModelUnavailableError
+from server.inference_servicer import start_server
 from server.model_repository import READY, UNAVAILABLE, ModelRepository, VersionStatus
 
 X = np.ones((2, 32), np.float32)
@@ -371,5 +376,150 @@ def test_a_folder_readable_again_unchanged_clears_its_error_without_a_reload(
         assert [(s.version, s.state, s.reason) for s in repo.index()] == [("1", READY, "")]
         assert repo.get("m") is first
         await repo.stop()
+
+    asyncio.run(main())
+
+
+def write_version_folder(model_dir: Path, folder: str, model: onnx.ModelProto) -> None:
+    """Write <model_dir>/<folder>/model.onnx under any folder name, digits or not."""
+    (model_dir / folder).mkdir(parents=True, exist_ok=True)
+    (model_dir / folder / "model.onnx").write_bytes(model.SerializeToString())
+
+
+async def rpc_code(call) -> grpc.StatusCode:
+    """The status an awaited gRPC call ends with (OK when it succeeds)."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_version_folders_are_numbers_from_1_without_leading_zeros_and_others_spare_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder of non-ASCII digits ("²", which str.isdigit accepts and int() refuses) is
+    ignored, at start and in the watcher, and models sorted after it load; one with a leading
+    zero is an UNAVAILABLE entry of its own name saying what to rename it to."""
+    caplog.set_level(logging.WARNING, logger="featureserve.models")
+    first = mlp_model(seed=1)
+    write_model(tmp_path, "alpha", first)
+    write_version_folder(tmp_path / "alpha", "²", mlp_model(seed=2))
+    write_model(tmp_path, "zeta", mlp_model())
+    write_version_folder(tmp_path / "lead", "01", mlp_model())
+    lead = tmp_path / "lead"
+    renamed = f"{lead / '01'}: ignored: a version folder is named by a number from 1 without "
+    renamed += f"leading zeros; rename it to {lead / '1'} to serve it"
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, watch=True, poll_interval_s=0.05)
+        await repo.start()
+        assert repo.versions("alpha") == ["1"] and repo.versions("zeta") == ["1"]
+        result = await repo.get("alpha").batcher.submit({"x": X}, 2)
+        np.testing.assert_allclose(result["y"], reference(first, X), rtol=1e-6)
+        index = {(s.name, s.version): s for s in repo.index() if s.name == "lead"}
+        assert list(index) == [("lead", ""), ("lead", "01")]
+        assert index[("lead", "01")] == VersionStatus("lead", "01", UNAVAILABLE, renamed)
+        assert index[("lead", "")].state == UNAVAILABLE
+        assert index[("lead", "")].reason.endswith(f"; {renamed}")
+        with pytest.raises(ModelUnavailableError, match=f"failed to load: .*rename it to {lead}"):
+            await repo.load("lead")
+        await repo.poll()
+        [record] = repository_logs(caplog, f"model lead: {renamed}")
+        assert record.levelno == logging.WARNING
+
+        write_version_folder(tmp_path / "zeta", "²", mlp_model(seed=3))
+        write_model(tmp_path, "zeta", mlp_model(seed=4), version=2)
+        write_model(tmp_path, "zz_new", mlp_model())
+        await wait_for(lambda: repo.is_ready("zz_new") and repo.versions("zeta") == ["2"])
+        (lead / "01").rename(lead / "1")
+        await wait_for(lambda: repo.is_ready("lead"))
+        assert [(s.version, s.state) for s in repo.index() if s.name == "lead"] == [("1", READY)]
+        await repo.stop()
+
+    asyncio.run(main())
+
+
+def test_a_requested_version_that_is_not_a_version_number_is_not_found(tmp_path: Path) -> None:
+    """Versions a request names go through the same rule as folders: "²" (isdigit but not
+    int()), "01", "0" and the like are NOT_FOUND over every RPC that takes a version."""
+    write_model(tmp_path, "m", mlp_model())
+    bad_versions = ["²", "01", "0", "-1", " 1", "1.0", "\u0661"]
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, watch=False)
+        await repo.start()
+        assert repo.get("m", "1").version == "1"
+        for version in bad_versions:
+            message = f"no version {re.escape(repr(version))}: .*served: 1"
+            with pytest.raises(ModelNotFoundError, match=message):
+                repo.get("m", version)
+            assert not repo.is_ready("m", version)
+        with pytest.raises(ModelNotFoundError, match="no model 'nope'"):
+            repo.get("nope", "²")
+        server, port = await start_server(repo)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                infer = pb.ModelInferRequest(model_name="m", model_version="²")
+                infer.inputs.add(name="x", datatype="FP32", shape=X.shape)
+                infer.raw_input_contents.append(X.tobytes())
+                assert await rpc_code(stub.ModelInfer(infer)) == grpc.StatusCode.NOT_FOUND
+                for call in (
+                    stub.ModelMetadata(pb.ModelMetadataRequest(name="m", version="²")),
+                    stub.ModelStatistics(pb.ModelStatisticsRequest(name="m", version="²")),
+                    stub.ModelConfig(pb.ModelConfigRequest(name="m", version="²")),
+                ):
+                    assert await rpc_code(call) == grpc.StatusCode.NOT_FOUND
+                ready = await stub.ModelReady(pb.ModelReadyRequest(name="m", version="²"))
+                assert not ready.ready
+        finally:
+            await server.stop(None)
+            await repo.stop()
+
+    asyncio.run(main())
+
+
+def test_load_and_unload_take_only_the_name_of_a_folder_in_the_repository(tmp_path: Path) -> None:
+    """A model name is one folder name: paths leading out of the repository (a model anywhere on
+    disk), into a version folder or back into it are refused as INVALID_ARGUMENT and leave no
+    entry; a symlinked model folder inside the repository loads as the watcher loads it."""
+    models = tmp_path / "models"
+    write_model(models, "m", mlp_model())
+    write_model(tmp_path / "outside", "secret", mlp_model(seed=1))
+    write_model(tmp_path / "shared", "linked", mlp_model(seed=2))
+    (models / "linked").symlink_to(tmp_path / "shared" / "linked")
+    bad_names = ["../outside/secret", str(tmp_path / "outside" / "secret"), "", ".", ".."]
+    bad_names += ["m/1", "m/../m", "m/", "m\0"]
+
+    async def main() -> None:
+        repo = ModelRepository(models, watch=False)
+        await repo.start()
+        assert repo.versions("linked") == ["1"]
+        for name in bad_names:
+            for action in (repo.load, repo.unload):
+                message = f"model_name {re.escape(repr(name))} is not a model name"
+                with pytest.raises(InvalidRequestError, match=message):
+                    await action(name)
+        with pytest.raises(ModelNotFoundError, match=f"no model folder 'nope' in {models}"):
+            await repo.load("nope")
+        await repo.unload("linked")
+        await repo.load("linked")
+        assert repo.versions("linked") == ["1"]
+        assert {s.name for s in repo.index()} == {"m", "linked"}
+        server, port = await start_server(repo)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                load = stub.RepositoryModelLoad(
+                    pb.RepositoryModelLoadRequest(model_name="../outside/secret")
+                )
+                assert await rpc_code(load) == grpc.StatusCode.INVALID_ARGUMENT
+                unload = stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=""))
+                assert await rpc_code(unload) == grpc.StatusCode.INVALID_ARGUMENT
+        finally:
+            await server.stop(None)
+            await repo.stop()
+        assert {s.name for s in repo.index()} == {"m", "linked"}
 
     asyncio.run(main())

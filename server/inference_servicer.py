@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from importlib import metadata
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,8 +21,8 @@ from server.auth import AuthConfig, Authorizer
 from server.batcher import BatcherStats, Duration, oversized_request
 from server.config import ServerConfig
 from server.errors import InvalidRequestError, ServerError, abort
-from server.message_size import MessageLimit, Oversized
-from server.model_config import MODEL_FILENAME, ModelConfig, QueuePolicy
+from server.message_size import MessageLimit, Unusable, usable
+from server.model_config import CONFIG_FILENAME, MODEL_FILENAME, ModelConfig, QueuePolicy
 from server.model_repository import LoadedModel, ModelRepository
 from server.ordered_stream import answer_in_order, unparsed
 from server.tensors import TRITON_TYPE_NAMES, decode_contents, decode_raw, encode_raw
@@ -259,6 +260,28 @@ def config_proto(config: ModelConfig) -> mc.ModelConfig:
     return message
 
 
+def reject_load_parameters(request: pb.RepositoryModelLoadRequest, repository: Path) -> None:
+    """Reject any RepositoryModelLoad parameter (INVALID_ARGUMENT): Triton's "config" override and
+    "file:" contents are not applied here, and loading without them would answer OK while the
+    model keeps its own files."""
+    if not request.parameters:
+        return
+    key = sorted(request.parameters)[0]
+    folder = repository / request.model_name
+    if key == "config":
+        fix = f"edit {folder / CONFIG_FILENAME} in the model repository instead"
+    elif key.startswith("file:"):
+        name = key.removeprefix("file:")
+        fix = f"write the file to {folder}/{name} in the model repository instead"
+    else:
+        fix = f"change the model's files in {folder} (its config in {CONFIG_FILENAME}) instead"
+    raise InvalidRequestError(
+        f"RepositoryModelLoad: parameter '{key}' is not supported (this server takes models only "
+        f"from its repository, and RepositoryModelLoad takes no parameters); {fix}, then load "
+        "the model again without parameters"
+    )
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The KServe v2 gRPC endpoints; inference goes through each model version's batcher."""
 
@@ -349,13 +372,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await abort(context, exc)
 
     async def _stream_one(
-        self, request: pb.ModelInferRequest | Oversized, position: int
+        self, request: pb.ModelInferRequest | Unusable, position: int
     ) -> pb.ModelStreamInferResponse:
         """The response to the stream's request number `position` (from 0); an error (a
-        request or response over max_message_bytes too) becomes error_message, not a stream
-        failure."""
+        request that did not parse or a message over max_message_bytes too) becomes
+        error_message, not a stream failure."""
         try:
-            request = self.limit.request(STREAM_METHOD, request)
+            request = usable(request)
             response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
             return self.limit.response(STREAM_METHOD, response)
         except Exception as exc:
@@ -413,6 +436,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             self.auth.require("admin")
             with self.audit.action("model_load", request.model_name, context):
+                reject_load_parameters(request, self.repository.path)
                 await self.repository.load(request.model_name)
         except ServerError as exc:
             await abort(context, exc)

@@ -56,7 +56,8 @@ async def answer_in_order(
 
 
 def unparsed(position: int) -> str:
-    """What an error answer to a request too big to parse says in place of its request id."""
+    """What an error answer to a request that was not parsed (over max_message_bytes, or not a
+    valid message) says in place of its request id."""
     return (
         f"; it was not parsed, so this answer has no request id: it answers request {position} "
         "of the stream (from 0; answers keep the requests' order)"

@@ -28,7 +28,7 @@ from server.auth import AuthConfig, Authorizer
 from server.config import ServerConfig
 from server.errors import InvalidRequestError, is_domain_error, maps_errors, status_for
 from server.feature_servicer import decode_keys
-from server.message_size import MessageLimit, Oversized
+from server.message_size import MessageLimit, Unusable, usable
 from server.model_repository import LoadedModel, ModelRepository
 from server.ordered_stream import answer_in_order, unparsed
 from server.predict_coalescer import PredictCoalescer
@@ -192,14 +192,15 @@ class PredictionServicer(pb_grpc.PredictionServicer):
 
     async def _answer(
         self,
-        request: pb.PredictRequest | Oversized,
+        request: pb.PredictRequest | Unusable,
         context: grpc.aio.ServicerContext,
         position: int,
     ) -> pb.PredictResponse:
         """The response to the stream's request number `position` (from 0); a failure (a
-        request or response over max_message_bytes too) becomes error_code/error_message."""
+        request that did not parse or a message over max_message_bytes too) becomes
+        error_code/error_message."""
         try:
-            request = self.limit.request(STREAM_METHOD, request)
+            request = usable(request)
             return self.limit.response(STREAM_METHOD, await self.predict(request, context))
         except Exception as exc:
             message = str(exc)

@@ -472,6 +472,32 @@ def test_repository_rpcs_load_unload_and_report_failures(tmp_path: Path) -> None
     serve(tmp_path, body)
 
 
+def test_repository_model_load_rejects_config_and_file_overrides(tmp_path: Path) -> None:
+    """Triton's "config" and "file:" load parameters are refused INVALID_ARGUMENT naming the
+    parameter and the file to edit instead; the model keeps serving its own config."""
+    write_model(tmp_path, "m", identity_model(["FP32"]), config_toml="max_batch_size = 8\n")
+    config = tmp_path / "m" / "config.toml"
+
+    async def body(stub, repo) -> None:
+        override = pb.RepositoryModelLoadRequest(model_name="m")
+        override.parameters["config"].string_param = '{"max_batch_size": 2}'
+        upload = pb.RepositoryModelLoadRequest(model_name="m")
+        upload.parameters["file:1/model.onnx"].bytes_param = b"onnx"
+        for request, needles in (
+            (override, ("parameter 'config' is not supported", f"edit {config}")),
+            (upload, ("parameter 'file:1/model.onnx'", f"{tmp_path / 'm'}/1/model.onnx")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.RepositoryModelLoad(request)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            for needle in (*needles, "load the model again without parameters"):
+                assert needle in info.value.details()
+        served = await stub.ModelConfig(pb.ModelConfigRequest(name="m"))
+        assert served.config.max_batch_size == 8
+
+    serve(tmp_path, body)
+
+
 def test_model_config_reports_the_queue_policy_as_configured(tmp_path: Path) -> None:
     write_model(
         tmp_path,
@@ -565,9 +591,19 @@ def test_an_oversized_stream_message_fails_only_its_own_request(tmp_path: Path, 
         assert not ok.error_message
         np.testing.assert_array_equal(output(ok.infer_response, "y"), [np.arange(8, 12)])
     assert "the response is" in responses[1].error_message and limit in responses[1].error_message
+    assert "send fewer rows per request or request fewer outputs" in responses[1].error_message
     assert "the request is" in responses[2].error_message and limit in responses[2].error_message
     assert "ModelStreamInfer" in responses[2].error_message
     assert "no request id: it answers request 2 of the stream" in responses[2].error_message
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(gather("wide", 1, "unary"), timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = info.value.details()
+    assert "ModelInfer: the response is" in details and limit in details
+    assert "send fewer rows per request or request fewer outputs" in details
+    assert "max_entities_per_request" not in details
     with grpc.insecure_channel(server.target) as channel:
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         huge = reflection_pb2.ServerReflectionRequest(file_containing_symbol="x" * 20_000)

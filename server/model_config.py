@@ -27,6 +27,24 @@ _LIST_EXTENSIONS = frozenset({"transforms"})
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 TIMEOUT_ACTIONS = ("reject", "delay")
 
+INT32_MAX = 2**31 - 1
+UINT32_MAX = 2**32 - 1
+# Every priority level is a queue built at load and scanned by every dispatch (~0.4 µs a level),
+# so 256 levels cost at most ~0.1 ms a batch; Triton deployments use a handful of levels.
+MAX_PRIORITY_LEVELS = 256
+# Every instance is an ONNX Runtime session (its own copy of the weights) and a thread, all
+# built at load: more than a few per core only costs memory.
+MAX_INSTANCES = 64
+_PROTO = "ModelConfig reports it in Triton's model_config.proto as"
+# Inclusive ranges of the int keys (by the key's last part) that have more bounds than >= 0.
+_RANGES: dict[str, tuple[int, int, str]] = {
+    "max_batch_size": (0, INT32_MAX, f"{_PROTO} int32"),
+    "count": (1, MAX_INSTANCES, "each instance is an ONNX Runtime session and a thread"),
+    "max_queue_size": (0, UINT32_MAX, f"{_PROTO} uint32"),
+    "latest": (1, UINT32_MAX, f"{_PROTO} uint32 num_versions"),
+    "priority_levels": (0, MAX_PRIORITY_LEVELS, "each level is a queue every dispatch scans"),
+}
+
 
 class ModelConfigError(Exception):
     """A config.toml that cannot be served; the message names the file and the key."""
@@ -175,9 +193,19 @@ def _typed(source: str, key: str, value: Any, kind: type) -> Any:
 
 
 def _non_negative(source: str, key: str, value: Any) -> int:
-    """An int >= 0."""
-    if _typed(source, key, value, int) < 0:
-        raise ModelConfigError(f"{source}: key '{key}' must be >= 0, got {value}")
+    """An int >= 0, and within the key's _RANGES entry when it has one."""
+    _typed(source, key, value, int)
+    bounds = _RANGES.get(key.rpartition(".")[2])
+    if bounds is None:
+        if value < 0:
+            raise ModelConfigError(f"{source}: key '{key}' must be >= 0, got {value}")
+        return value
+    low, high, why = bounds
+    if not low <= value <= high:
+        raise ModelConfigError(
+            f"{source}: key '{key}' must be in [{low}, {high}] ({why}), got {value}; "
+            f"use a value in that range"
+        )
     return value
 
 
@@ -304,14 +332,16 @@ def _version_policy(source: str, raw: Any) -> VersionPolicy:
             f"{source}: [version_policy] needs exactly one of latest, specific, all"
         )
     if "latest" in raw:
-        latest = _non_negative(source, "version_policy.latest", raw["latest"])
-        if latest < 1:
-            raise ModelConfigError(f"{source}: version_policy.latest must be >= 1")
-        return VersionPolicy(latest=latest)
+        return VersionPolicy(latest=_non_negative(source, "version_policy.latest", raw["latest"]))
     if "specific" in raw:
         specific = _int_list(source, "version_policy.specific", raw["specific"])
         if not specific:
             raise ModelConfigError(f"{source}: version_policy.specific lists no version")
+        if min(specific) < 1:
+            raise ModelConfigError(
+                f"{source}: version_policy.specific lists {min(specific)}: versions are numbers "
+                "from 1 (the version folders' names); list those"
+            )
         return VersionPolicy(latest=None, specific=specific)
     return VersionPolicy(latest=None, all=_typed(source, "version_policy.all", raw["all"], bool))
 
@@ -326,10 +356,6 @@ def _check_semantics(source: str, config: ModelConfig) -> None:
             f"{source}: onnxruntime.graph_optimization_level '{level}'; use one of "
             f"{', '.join(GRAPH_OPTIMIZATION_LEVELS)}"
         )
-    if config.instance_group.count < 1:
-        raise ModelConfigError(f"{source}: instance_group.count must be >= 1")
-    if config.instance_group.inline_max_us < 0:
-        raise ModelConfigError(f"{source}: instance_group.inline_max_us must be >= 0 (0 = never)")
     if batching.priority_levels and not (
         1 <= batching.default_priority_level <= batching.priority_levels
     ):
@@ -349,7 +375,8 @@ def _check_semantics(source: str, config: ModelConfig) -> None:
             if not tensor.shape or tensor.shape[0] != -1:
                 raise ModelConfigError(
                     f"{source}: tensor '{tensor.name}' shape {list(tensor.shape)} must start "
-                    f"with -1 (the batch dimension) because max_batch_size > 0"
+                    f"with -1 (the batch dimension) because max_batch_size > 0; make the first "
+                    f"dimension -1 or set max_batch_size = 0"
                 )
 
 
@@ -398,17 +425,19 @@ def complete_config(
 ) -> ModelConfig:
     """Fill missing inputs, outputs and max_batch_size from the ONNX signature, and check the rest.
 
-    Declared tensors must exist in the model with the same datatype and rank. An absent
-    max_batch_size becomes DEFAULT_MAX_BATCH_SIZE when every tensor's first dim is variable.
+    Declared tensors must exist in the model with the same datatype and rank, keep every dimension
+    the model fixes, and be optional only where the model is. An absent max_batch_size becomes
+    DEFAULT_MAX_BATCH_SIZE when every tensor's first dim is variable; a model whose first dim is
+    fixed cannot batch (Triton's onnxruntime backend fails such loads the same way).
     """
     declared_in = config.inputs or tuple(inputs)
     declared_out = config.outputs or tuple(outputs)
-    _match(source, "input", declared_in, inputs, every=bool(config.inputs))
-    _match(source, "output", declared_out, outputs, every=False)
     max_batch = config.max_batch_size
     if max_batch is None:
         variable = all(t.shape and t.shape[0] == -1 for t in (*declared_in, *declared_out))
         max_batch = DEFAULT_MAX_BATCH_SIZE if variable else 0
+    _match(source, "input", declared_in, inputs, max_batch, every=bool(config.inputs))
+    _match(source, "output", declared_out, outputs, max_batch, every=False)
     completed = dataclasses.replace(
         config, inputs=tuple(declared_in), outputs=tuple(declared_out), max_batch_size=max_batch
     )
@@ -417,7 +446,12 @@ def complete_config(
 
 
 def _match(
-    source: str, kind: str, declared: tuple[TensorSpec, ...], model: list[TensorSpec], every: bool
+    source: str,
+    kind: str,
+    declared: tuple[TensorSpec, ...],
+    model: list[TensorSpec],
+    max_batch: int,
+    every: bool,
 ) -> None:
     """Each declared tensor must match the model's; with every, each model input is declared."""
     by_name = {t.name: t for t in model}
@@ -433,17 +467,44 @@ def _match(
                 f"{source}: {kind} '{tensor.name}' is {tensor.datatype} in the config but "
                 f"{actual.datatype} in the model"
             )
-        if len(actual.shape) != len(tensor.shape) or any(
-            a != -1 and d != -1 and a != d for a, d in zip(actual.shape, tensor.shape, strict=True)
-        ):
+        if tensor.optional and not actual.optional:
+            why = "a graph input without an initializer" if kind == "input" else "every output is"
             raise ModelConfigError(
-                f"{source}: {kind} '{tensor.name}' shape {list(tensor.shape)} does not fit the "
-                f"model's {list(actual.shape)}"
+                f"{source}: {kind} '{tensor.name}' is optional in the config but the model "
+                f"requires it ({why}); remove optional = true"
             )
+        _match_shape(source, kind, tensor, actual, max_batch)
     if every:
         names = {t.name for t in declared}
         for tensor in model:
             if tensor.name not in names and not tensor.optional:
                 raise ModelConfigError(
-                    f"{source}: the model's input '{tensor.name}' is missing from [[inputs]]"
+                    f"{source}: the model's input '{tensor.name}' is missing from [[inputs]]; "
+                    f"declare it"
                 )
+
+
+def _match_shape(
+    source: str, kind: str, tensor: TensorSpec, actual: TensorSpec, max_batch: int
+) -> None:
+    """The declared shape has the model's rank and keeps each dimension the model fixes (a -1 may
+    be narrowed to a size, never the reverse); with max_batch > 0 the model's first dim is -1."""
+    where = f"{source}: {kind} '{tensor.name}' shape {list(tensor.shape)}"
+    if len(actual.shape) != len(tensor.shape):
+        raise ModelConfigError(
+            f"{where} does not fit the model's {list(actual.shape)}: the ranks differ; declare "
+            f"{len(actual.shape)} dimensions"
+        )
+    fitted = [d if a == -1 else a for a, d in zip(actual.shape, tensor.shape, strict=True)]
+    shape_fix = f"shape = {fitted}" if fitted != list(tensor.shape) else ""
+    if max_batch and (not actual.shape or actual.shape[0] != -1):
+        fixes = " and ".join(filter(None, ("max_batch_size = 0", shape_fix)))
+        raise ModelConfigError(
+            f"{where}: the model's shape {list(actual.shape)} has no variable first (batch) "
+            f"dimension, so it cannot be batched, but max_batch_size is {max_batch}; set {fixes}"
+        )
+    if shape_fix:
+        raise ModelConfigError(
+            f"{where} does not fit the model's {list(actual.shape)}: a dimension the model fixes "
+            f"cannot be -1 or another size in the config; set {shape_fix}"
+        )

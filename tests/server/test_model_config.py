@@ -3,11 +3,19 @@
 import dataclasses
 from pathlib import Path
 
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
-from benchmarks.model_zoo import mlp_model, write_model
+from benchmarks.model_zoo import add_sub_model, graph_model, mlp_model, write_model
+from server.inference_servicer import config_proto
 from server.model_config import (
     DEFAULT_MAX_BATCH_SIZE,
+    INT32_MAX,
+    MAX_INSTANCES,
+    MAX_PRIORITY_LEVELS,
+    UINT32_MAX,
+    ModelConfig,
     ModelConfigError,
     QueuePolicy,
     TensorSpec,
@@ -223,7 +231,7 @@ LEVELS = "[dynamic_batching]\npriority_levels = 2\ndefault_priority_level = 1\n"
         ),
         (
             LEVELS + "[dynamic_batching.priority_queue_policy.1]\nmax_queue_size = -1",
-            "'dynamic_batching.priority_queue_policy.1.max_queue_size' must be >= 0",
+            "'dynamic_batching.priority_queue_policy.1.max_queue_size' must be in [0, 4294967295]",
         ),
         (
             LEVELS + "[dynamic_batching.priority_queue_policy.1]\ndefault_timeout_us = -5",
@@ -257,3 +265,163 @@ def test_invalid_queue_policies_fail_naming_file_and_key(text: str, needle: str)
         parse_model_config(text, source="models/m/config.toml", default_name="m")
     assert needle in str(info.value)
     assert str(info.value).startswith("models/m/config.toml: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (f"max_batch_size = {INT32_MAX + 1}", "'max_batch_size' must be in [0, 2147483647]"),
+        (
+            f"[dynamic_batching]\nmax_queue_size = {UINT32_MAX + 1}",
+            "'dynamic_batching.max_queue_size' must be in [0, 4294967295]",
+        ),
+        (
+            LEVELS
+            + f"[dynamic_batching.priority_queue_policy.1]\nmax_queue_size = {UINT32_MAX + 1}",
+            "'dynamic_batching.priority_queue_policy.1.max_queue_size' must be in [0, 4294967295]",
+        ),
+        (
+            f"[version_policy]\nlatest = {UINT32_MAX + 1}",
+            "'version_policy.latest' must be in [1, 4294967295]",
+        ),
+    ],
+    ids=["max-batch-size", "max-queue-size", "level-max-queue-size", "latest"],
+)
+def test_values_beyond_the_model_config_proto_fail_at_load(text: str, needle: str) -> None:
+    with pytest.raises(ModelConfigError) as info:
+        parse_model_config(text, source="c.toml", default_name="m")
+    assert needle in str(info.value)
+    assert "model_config.proto" in str(info.value)
+    assert "use a value in that range" in str(info.value)
+
+
+def test_the_largest_accepted_values_convert_to_the_model_config_proto() -> None:
+    text = f"""
+max_batch_size = {INT32_MAX}
+[dynamic_batching]
+preferred_batch_sizes = [{INT32_MAX}]
+max_queue_size = {UINT32_MAX}
+max_queue_delay_us = 9223372036854775807
+default_timeout_us = 9223372036854775807
+priority_levels = {MAX_PRIORITY_LEVELS}
+default_priority_level = {MAX_PRIORITY_LEVELS}
+[dynamic_batching.priority_queue_policy.{MAX_PRIORITY_LEVELS}]
+max_queue_size = {UINT32_MAX}
+[instance_group]
+count = {MAX_INSTANCES}
+[version_policy]
+latest = {UINT32_MAX}
+"""
+    message = config_proto(parse_model_config(text, source="c.toml", default_name="m"))
+    assert message.max_batch_size == INT32_MAX
+    assert message.dynamic_batching.default_queue_policy.max_queue_size == UINT32_MAX
+    assert message.dynamic_batching.priority_levels == MAX_PRIORITY_LEVELS
+    assert message.version_policy.latest.num_versions == UINT32_MAX
+
+
+def test_priority_levels_are_capped() -> None:
+    text = f"[dynamic_batching]\npriority_levels = {MAX_PRIORITY_LEVELS + 1}\n"
+    text += "default_priority_level = 1\n"
+    with pytest.raises(ModelConfigError) as info:
+        parse_model_config(text, source="c.toml", default_name="m")
+    assert f"'dynamic_batching.priority_levels' must be in [0, {MAX_PRIORITY_LEVELS}]" in str(
+        info.value
+    )
+
+
+def test_specific_versions_start_at_one() -> None:
+    with pytest.raises(ModelConfigError) as info:
+        parse_model_config("[version_policy]\nspecific = [2, 0]", source="c.toml", default_name="m")
+    assert "version_policy.specific lists 0: versions are numbers from 1" in str(info.value)
+
+
+@pytest.mark.parametrize("count", [-1, 0, MAX_INSTANCES + 1])
+def test_instance_count_out_of_range_fails_with_one_message(count: int) -> None:
+    with pytest.raises(ModelConfigError) as info:
+        parse_model_config(f"[instance_group]\ncount = {count}", source="c.toml", default_name="m")
+    assert f"'instance_group.count' must be in [1, {MAX_INSTANCES}] (" in str(info.value)
+    assert f"got {count};" in str(info.value)
+
+
+def _identity(shape: list) -> onnx.ModelProto:
+    """x -> y unchanged, both of the given ONNX shape (strings are symbolic dims)."""
+    return graph_model(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+
+
+def _complete(tmp_path: Path, model: onnx.ModelProto, text: str) -> ModelConfig:
+    """The config text completed against the real ONNX Runtime signature of model."""
+    model_dir = write_model(tmp_path, "m", model, config_toml=text)
+    config = load_model_config(model_dir)
+    runner = OnnxRunner(model_dir / "1" / "model.onnx", config.onnxruntime, 1)
+    return complete_config(config, runner.inputs, runner.outputs, source="c.toml")
+
+
+def _tensors(shape: list[int]) -> str:
+    """[[inputs]] x and [[outputs]] y, FP32 of the given config shape."""
+    return (
+        f'[[inputs]]\nname = "x"\ndtype = "FP32"\nshape = {shape}\n'
+        f'[[outputs]]\nname = "y"\ndtype = "FP32"\nshape = {shape}\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("model_shape", "text", "needle"),
+    [
+        (
+            [4, 3],
+            "max_batch_size = 8\n" + _tensors([-1, 3]),
+            "cannot be batched, but max_batch_size is 8; set max_batch_size = 0 and shape = [4, 3]",
+        ),
+        ([4, 3], "max_batch_size = 8\n", "cannot be batched, but max_batch_size is 8; set "),
+        (
+            [4, 3],
+            "max_batch_size = 0\n" + _tensors([-1, 3]),
+            "input 'x' shape [-1, 3] does not fit the model's [4, 3]: a dimension the model "
+            "fixes cannot be -1 or another size in the config; set shape = [4, 3]",
+        ),
+        (
+            ["N", 3],
+            _tensors([-1, -1]),
+            "input 'x' shape [-1, -1] does not fit the model's [-1, 3]",
+        ),
+        (["N", 3], _tensors([-1, 4]), "set shape = [-1, 3]"),
+        (["N", 3], _tensors([-1, 3, 1]), "the ranks differ; declare 2 dimensions"),
+    ],
+    ids=["batch-over-fixed", "batch-undeclared", "minus-one-over-fixed", "looser", "other", "rank"],
+)
+def test_config_shapes_must_keep_the_models_fixed_dims(
+    tmp_path: Path, model_shape: list, text: str, needle: str
+) -> None:
+    with pytest.raises(ModelConfigError) as info:
+        _complete(tmp_path, _identity(model_shape), text)
+    assert needle in str(info.value)
+    assert str(info.value).startswith("c.toml: ")
+
+
+def test_config_shapes_may_narrow_the_models_variable_dims(tmp_path: Path) -> None:
+    fixed = _complete(tmp_path / "a", _identity([4, 3]), "")
+    assert fixed.max_batch_size == 0
+    assert fixed.inputs == (TensorSpec("x", "FP32", (4, 3)),)
+    narrowed = _complete(tmp_path / "b", _identity(["N", "M"]), _tensors([2, 3]))
+    assert narrowed.max_batch_size == 0
+    assert narrowed.inputs == (TensorSpec("x", "FP32", (2, 3)),)
+    batched = _complete(tmp_path / "c", _identity(["N", "M"]), _tensors([-1, 3]))
+    assert batched.max_batch_size == DEFAULT_MAX_BATCH_SIZE
+
+
+def test_an_input_the_model_requires_cannot_be_optional(tmp_path: Path) -> None:
+    text = (
+        '[[inputs]]\nname = "INPUT0"\ndtype = "FP32"\nshape = [-1, 16]\n'
+        '[[inputs]]\nname = "INPUT1"\ndtype = "FP32"\nshape = [-1, 16]\noptional = true\n'
+    )
+    with pytest.raises(ModelConfigError) as info:
+        _complete(tmp_path, add_sub_model(), text)
+    assert "input 'INPUT1' is optional in the config but the model requires it" in str(info.value)
+    assert "remove optional = true" in str(info.value)
+    output = '[[outputs]]\nname = "OUTPUT0"\ndtype = "FP32"\nshape = [-1, 16]\noptional = true\n'
+    with pytest.raises(ModelConfigError, match="output 'OUTPUT0' is optional in the config"):
+        _complete(tmp_path / "out", add_sub_model(), output)

@@ -6,6 +6,7 @@ Requests are validated completely before they join a batch; responses carry raw 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from importlib import metadata
 from pathlib import Path
@@ -20,12 +21,14 @@ from server.audit import AuditLog
 from server.auth import AuthConfig, Authorizer
 from server.batcher import BatcherStats, Duration, oversized_request
 from server.config import ServerConfig
-from server.errors import InvalidRequestError, ServerError, abort
+from server.errors import InvalidRequestError, is_domain_error, maps_errors
 from server.message_size import MessageLimit, Unusable, usable
 from server.model_config import CONFIG_FILENAME, MODEL_FILENAME, ModelConfig, QueuePolicy
 from server.model_repository import LoadedModel, ModelRepository
 from server.ordered_stream import answer_in_order, unparsed
 from server.tensors import TRITON_TYPE_NAMES, decode_contents, decode_raw, encode_raw
+
+log = logging.getLogger("featureserve.inference")
 
 SERVER_NAME = "featureserve"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
@@ -306,12 +309,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Ready once the repository has started."""
         return pb.ServerReadyResponse(ready=self.repository.ready)
 
+    @maps_errors
     async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
         """Whether the model (version) can take requests now."""
-        try:
-            self.auth.require(f"infer:{request.name}")
-        except ServerError as exc:
-            await abort(context, exc)
+        self.auth.require(f"infer:{request.name}")
         return pb.ModelReadyResponse(ready=self.repository.is_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
@@ -320,13 +321,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=SERVER_NAME, version=self._version, extensions=EXTENSIONS
         )
 
+    @maps_errors
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         """A model version's tensors (full shapes, -1 = variable) and served versions."""
-        try:
-            self.auth.require(f"infer:{request.name}")
-            model = self.repository.get(request.name, request.version)
-        except ServerError as exc:
-            await abort(context, exc)
+        self.auth.require(f"infer:{request.name}")
+        model = self.repository.get(request.name, request.version)
         response = pb.ModelMetadataResponse(
             name=model.name, versions=self.repository.versions(model.name), platform=PLATFORM
         )
@@ -336,13 +335,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
         return response
 
+    @maps_errors
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
         """A model version's configuration in Triton's form."""
-        try:
-            self.auth.require(f"infer:{request.name}")
-            model = self.repository.get(request.name, request.version)
-        except ServerError as exc:
-            await abort(context, exc)
+        self.auth.require(f"infer:{request.name}")
+        model = self.repository.get(request.name, request.version)
         return pb.ModelConfigResponse(config=config_proto(model.config))
 
     async def _infer(
@@ -364,12 +361,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         return build_response(model, request.id, result)
 
+    @maps_errors
     async def ModelInfer(self, request, context) -> pb.ModelInferResponse:
         """One inference, dynamically batched with others."""
-        try:
-            return await self._infer(request, context)
-        except ServerError as exc:
-            await abort(context, exc)
+        return await self._infer(request, context)
 
     async def _stream_one(
         self, request: pb.ModelInferRequest | Unusable, position: int
@@ -382,6 +377,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
             return self.limit.response(STREAM_METHOD, response)
         except Exception as exc:
+            if not is_domain_error(exc):
+                log.exception("ModelStreamInfer request %r failed", getattr(request, "id", ""))
             message = f"{type(exc).__name__}: {exc}"
             if isinstance(request, pb.ModelInferRequest):
                 known = request
@@ -402,22 +399,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for response in answer_in_order(request_iterator, self._stream_one, STREAM_WINDOW):
             yield response
 
+    @maps_errors
     async def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
         """Cumulative statistics per served version (all models when name is empty)."""
-        try:
-            if request.name:
-                self.auth.require(f"infer:{request.name}")
-                models = (
-                    [self.repository.get(request.name, request.version)]
-                    if request.version
-                    else [m for m in self.repository.loaded() if m.name == request.name]
-                )
-                if not models:
-                    self.repository.get(request.name)
-            else:
-                models = self.repository.loaded()
-        except ServerError as exc:
-            await abort(context, exc)
+        if request.name:
+            self.auth.require(f"infer:{request.name}")
+            models = (
+                [self.repository.get(request.name, request.version)]
+                if request.version
+                else [m for m in self.repository.loaded() if m.name == request.name]
+            )
+            if not models:
+                self.repository.get(request.name)
+        else:
+            models = self.repository.loaded()
         return pb.ModelStatisticsResponse(model_stats=[statistics_proto(m) for m in models])
 
     async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
@@ -431,25 +426,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         return response
 
+    @maps_errors
     async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
         """Load or reload a model from the repository folder."""
-        try:
-            self.auth.require("admin")
-            with self.audit.action("model_load", request.model_name, context):
-                reject_load_parameters(request, self.repository.path)
-                await self.repository.load(request.model_name)
-        except ServerError as exc:
-            await abort(context, exc)
+        self.auth.require("admin")
+        with self.audit.action("model_load", request.model_name, context):
+            reject_load_parameters(request, self.repository.path)
+            await self.repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
+    @maps_errors
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
         """Unload a model; its in-flight requests finish first."""
-        try:
-            self.auth.require("admin")
-            with self.audit.action("model_unload", request.model_name, context):
-                await self.repository.unload(request.model_name)
-        except ServerError as exc:
-            await abort(context, exc)
+        self.auth.require("admin")
+        with self.audit.action("model_unload", request.model_name, context):
+            await self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -283,14 +284,28 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0 if total == 0 else 1
 
 
-def _key_values(text: str) -> np.ndarray:
+INT64_RANGE = f"{-(2**63)} to {2**63 - 1}"
+
+
+def _int64_array(values: list[int], what: str, fix: str) -> np.ndarray:
+    """Python ints as an int64 array; _InputError naming `what`, the first value outside the
+    int64 range and the `fix` (NumPy would raise a bare OverflowError)."""
+    outside = [v for v in values if not -(2**63) <= v < 2**63]
+    if outside:
+        raise _InputError(f"{what}: {outside[0]} is outside the int64 range ({INT64_RANGE}); {fix}")
+    return np.array(values, dtype=np.int64)
+
+
+def _key_values(text: str, flag: str) -> np.ndarray:
     """Comma-separated keys typed by guessing (all digits: int64, else strings), for callers
     that do not know the entity's key types (`featureserve predict`)."""
     parts = text.split(",")
     try:
-        return np.array([int(p) for p in parts], dtype=np.int64)
+        ints = [int(p) for p in parts]
     except ValueError:
         return np.array(parts, dtype=object)
+    what = f"{flag}: {text!r} holds only integers, read as int64"
+    return _int64_array(ints, what, "pass --key-type string for text")
 
 
 def _typed_keys(text: str, key: JoinKey, flag: str) -> np.ndarray:
@@ -299,11 +314,14 @@ def _typed_keys(text: str, key: JoinKey, flag: str) -> np.ndarray:
     if key.dtype == DType.STRING:
         return np.array(parts, dtype=object)
     try:
-        return np.array([int(p) for p in parts], dtype=np.int64)
+        ints = [int(p) for p in parts]
     except ValueError:
         raise _InputError(
             f"{flag}: {text!r}: join key {key.name!r} is int64; give comma-separated integers"
         ) from None
+    return _int64_array(
+        ints, f"{flag}: {text!r}: join key {key.name!r} is int64", "give keys in that range"
+    )
 
 
 def _keys_of(args: argparse.Namespace, join_keys: list[JoinKey]) -> dict[str, np.ndarray]:
@@ -317,9 +335,14 @@ def _keys_of(args: argparse.Namespace, join_keys: list[JoinKey]) -> dict[str, np
                 f"--entity {item!r}: use NAME=V1,V2 where NAME is a join key of the view's "
                 f"entity ({', '.join(by_name)})"
             )
+        if name in keys:
+            raise _InputError(f"--entity {name}= is given twice; give each join key once")
         keys[name] = _typed_keys(text, by_name[name], "--entity")
     if args.keys is not None:
-        keys[join_keys[0].name] = _typed_keys(args.keys, join_keys[0], "--keys")
+        first = join_keys[0].name
+        if first in keys:
+            raise _InputError(f"--keys and --entity {first}= both set {first!r}; give one")
+        keys[first] = _typed_keys(args.keys, join_keys[0], "--keys")
     return keys
 
 
@@ -346,6 +369,28 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounded_int(meaning: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from low to high (inclusive); argparse prints the message
+    and exits 2 for another, instead of a traceback from deep in the client."""
+    bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {meaning}, an integer {bounds}")
+        return value
+
+    return parse
+
+
+_ROWS = _bounded_int("rows per message", 1)
+_VERSION = _bounded_int("a view version", 1, 2**32 - 1)
+_VERSION_OR_LATEST = _bounded_int("a view version (0: the latest)", 0, 2**32 - 1)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add apply, delete-view, ingest and get."""
     p = subparsers.add_parser(
@@ -365,7 +410,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "its history. Other versions stay readable. Needs the admin scope.",
     )
     p.add_argument("view", help="feature view")
-    p.add_argument("--version", type=int, required=True, help="the version to delete")
+    p.add_argument("--version", type=_VERSION, required=True, help="the version to delete")
     add_connection_flags(p)
     p.set_defaults(func=cmd_delete_view)
 
@@ -377,13 +422,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", type=Path, help="CSV or Parquet file")
     p.add_argument("--view", required=True, help="target feature view")
-    p.add_argument("--version", type=int, default=0, help="view version (default latest)")
+    p.add_argument(
+        "--version", type=_VERSION_OR_LATEST, default=0, help="view version (default latest)"
+    )
     p.add_argument(
         "--event-time-column",
         default="event_timestamp",
         help="column of event times (datetime or int µs since epoch)",
     )
-    p.add_argument("--batch-rows", type=int, default=1000, help="rows per message")
+    p.add_argument("--batch-rows", type=_ROWS, default=1000, help="rows per message (>= 1)")
     p.add_argument(
         "--policy",
         choices=["reject_batch", "skip_bad_rows"],
@@ -398,7 +445,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "get", help="print online features of some entities", description="Look up online features."
     )
     p.add_argument("--view", required=True, help="feature view")
-    p.add_argument("--version", type=int, default=0, help="view version (default latest)")
+    p.add_argument(
+        "--version", type=_VERSION_OR_LATEST, default=0, help="view version (default latest)"
+    )
     p.add_argument(
         "--keys", help="comma-separated keys of the view's (first) join key, read as its type"
     )

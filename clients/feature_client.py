@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import numbers
 import threading
 from collections import deque
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
@@ -35,10 +36,21 @@ def _config(config: ClientConfig | str | None) -> ClientConfig:
     return config or ClientConfig()
 
 
+def _count(value: object, name: str, meaning: str) -> int:
+    """`value` as an int >= 1, else ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            f"stream_writer: {name} must be an integer >= 1 ({meaning}), got {value!r}"
+        )
+    return int(value)
+
+
 class _Buffer:
     """Rows waiting to be sent by a stream writer, cut into messages of batch_rows."""
 
     def __init__(self, view: str, batch_rows: int, version: int, policy: str) -> None:
+        fm.wire_policy(policy)
+        batch_rows = _count(batch_rows, "batch_rows", "rows per message")
         self.view, self.batch_rows, self.version, self.policy = view, batch_rows, version, policy
 
     def requests(
@@ -48,6 +60,14 @@ class _Buffer:
         features: Mapping[str, object],
         nulls: Mapping[str, object] | None,
     ) -> list[pb.WriteFeaturesRequest]:
+        if not keys:
+            # no key column to cut by: one message, which the server rejects naming the
+            # missing join key unless it holds no rows, as write_features does
+            return [
+                fm.write_request(
+                    self.view, keys, event_time, features, nulls, self.version, self.policy
+                )
+            ]
         cols = {k: np.asarray(v) for k, v in keys.items()}
         rows = len(next(iter(cols.values())))
         times = fm.event_times_us(event_time, rows)
@@ -270,8 +290,10 @@ class FeatureStoreClient:
         policy: str = "reject_batch",
         ack_every: int = 64,
     ) -> StreamWriter:
-        """A context manager that batches rows over StreamWriteFeatures and flushes on exit."""
-        return StreamWriter(self, _Buffer(view, batch_rows, version, policy), ack_every)
+        """A context manager that batches rows over StreamWriteFeatures and flushes on exit;
+        ValueError if batch_rows or ack_every is below 1 or policy is unknown."""
+        buffer = _Buffer(view, batch_rows, version, policy)
+        return StreamWriter(self, buffer, _count(ack_every, "ack_every", "messages per ack"))
 
     def apply(
         self, entities: Sequence[Entity], views: Sequence[FeatureView], dry_run: bool = False
@@ -471,8 +493,10 @@ class AsyncFeatureStoreClient:
         policy: str = "reject_batch",
         ack_every: int = 64,
     ) -> AsyncStreamWriter:
-        """An async context manager batching rows over StreamWriteFeatures."""
-        return AsyncStreamWriter(self, _Buffer(view, batch_rows, version, policy), ack_every)
+        """An async context manager batching rows over StreamWriteFeatures; ValueError if
+        batch_rows or ack_every is below 1 or policy is unknown."""
+        buffer = _Buffer(view, batch_rows, version, policy)
+        return AsyncStreamWriter(self, buffer, _count(ack_every, "ack_every", "messages per ack"))
 
     async def apply(
         self, entities: Sequence[Entity], views: Sequence[FeatureView], dry_run: bool = False

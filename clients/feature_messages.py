@@ -68,21 +68,27 @@ def _column(values: object) -> np.ndarray:
 
 
 def key_columns(keys: Mapping[str, object]) -> list[types_pb2.NamedArray]:
-    """Entity key columns as NamedArrays (int64 or string)."""
+    """Entity key columns as NamedArrays (int64 or string); arrays.ArrayError names a key that
+    does not fit int64 (an unsigned value over 2**63-1)."""
     return [
-        types_pb2.NamedArray(name=name, values=arrays.to_array(_column(values)))
+        types_pb2.NamedArray(
+            name=name, values=arrays.to_array(_column(values), field=f"keys[{name!r}]")
+        )
         for name, values in keys.items()
     ]
 
 
 def event_times_us(event_time: object, rows: int) -> np.ndarray:
-    """Event times as int64 µs since the epoch from ints (µs), datetime64 or one scalar."""
+    """Event times as int64 µs since the epoch from ints or floats (µs, truncated), datetime64
+    or one scalar; arrays.ArrayError names a time outside the int64 range."""
     arr = np.asarray(event_time)
     if arr.dtype.kind == "M":
         arr = arr.astype("datetime64[us]").astype(np.int64)
     if arr.ndim == 0:
-        arr = np.full(rows, int(arr), dtype=np.int64)
-    return arr.astype("<i8", copy=False)
+        arr = np.full(rows, arr)
+    if arr.dtype.kind == "f":
+        arr = np.trunc(arr)
+    return arrays.cast(arr, types_pb2.INT64, "event_time")
 
 
 def get_request(features: list[str], keys: Mapping[str, object]) -> pb.GetOnlineFeaturesRequest:
@@ -122,7 +128,15 @@ def _block(name: str, values: object, null_mask: object | None) -> types_pb2.Fea
     arr = _column(values)
     dtype = types_pb2.FLOAT32_VECTOR if arr.ndim == 2 and arr.dtype.kind == "f" else None
     nulls = None if null_mask is None else np.asarray(null_mask, dtype=bool)
-    return types_pb2.FeatureBlock(features=[name], values=arrays.to_array(arr, dtype, nulls=nulls))
+    values = arrays.to_array(arr, dtype, nulls=nulls, field=f"features[{name!r}]")
+    return types_pb2.FeatureBlock(features=[name], values=values)
+
+
+def wire_policy(policy: str) -> int:
+    """The WritePolicy of a policy name; ValueError naming the choices for another."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+    return POLICIES[policy]
 
 
 def write_request(
@@ -134,18 +148,26 @@ def write_request(
     version: int = 0,
     policy: str = "reject_batch",
 ) -> pb.WriteFeaturesRequest:
-    """A WriteFeatures request: one block per feature column (2-D float arrays are vectors)."""
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+    """A WriteFeatures request: one block per feature column (2-D float arrays are vectors).
+
+    Raises arrays.ArrayError naming the column when a value would change on the way to its
+    wire dtype (an unsigned key over 2**63-1, a float64 vector element over float32's range).
+    """
     rows = len(next(iter(keys.values()))) if keys else 0
     nulls = nulls or {}
+    stray = sorted(set(nulls) - set(features))
+    if stray:
+        raise ValueError(
+            f"nulls[{stray[0]!r}]: no feature column of that name; nulls masks name columns "
+            f"of features ({', '.join(features) or 'none given'})"
+        )
     return pb.WriteFeaturesRequest(
         view=view,
         version=version,
         entity_keys=key_columns(keys),
         event_timestamps=event_times_us(event_time, rows).tobytes(),
         blocks=[_block(name, values, nulls.get(name)) for name, values in features.items()],
-        policy=POLICIES[policy],
+        policy=wire_policy(policy),
     )
 
 

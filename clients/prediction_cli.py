@@ -7,7 +7,7 @@ import argparse
 import numpy as np
 
 from clients.cli import add_connection_flags, client_config
-from clients.feature_cli import _InputError, _key_values, _typed_keys
+from clients.feature_cli import _InputError, _int64_array, _key_values, _typed_keys
 from clients.prediction_client import PredictionClient
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.registry import JoinKey
@@ -22,28 +22,71 @@ _VALUE_DTYPES = {
 _BOOLS = {"1": True, "true": True, "0": False, "false": False}
 
 
+def _floats(parts: list[str], kind: type) -> np.ndarray:
+    """Decimal text as `kind` (float64 or float32); OverflowError for a finite number outside
+    its range (NumPy would store it as inf)."""
+    wide = np.array(parts, np.float64)
+    exact = np.array([p.lstrip("+-").lower() in ("inf", "infinity") for p in parts])
+    if (np.isinf(wide) & ~exact).any():
+        raise OverflowError
+    with np.errstate(over="ignore"):
+        narrow = wide.astype(kind)
+    if (np.isinf(narrow) & np.isfinite(wide)).any():
+        raise OverflowError
+    return narrow
+
+
 def _request_value(name: str, text: str) -> tuple[str, np.ndarray]:
     """NAME[:DTYPE] and comma-separated values (float64 unless a dtype is given); int64 values
-    are parsed exactly, not through float."""
+    are parsed exactly, not through float, and a value outside its dtype's range is an error,
+    not a wrap or an inf."""
     name, _, dtype = name.partition(":")
     dtype = dtype or "float64"
     kind = _VALUE_DTYPES.get(dtype)
     if kind is None:
         raise SystemExit(f"featureserve predict: --value {name}:{dtype}: use {list(_VALUE_DTYPES)}")
     parts = [p.strip() for p in text.split(",")]
+    flag = f"--value {name}:{dtype}={text}"
     try:
         if kind is np.bool_:
             return name, np.array([_BOOLS[p.lower()] for p in parts])
         if kind is np.int64:
-            return name, np.array([int(p) for p in parts], np.int64)
+            ints = [int(p) for p in parts]
+            return name, _int64_array(ints, flag, "give values in that range or use float64")
         if kind is np.object_:
             return name, np.array(parts, object)
-        return name, np.array(parts, np.float64).astype(kind)
+        return name, _floats(parts, kind)
     except (KeyError, ValueError):
         raise SystemExit(
-            f"featureserve predict: --value {name}:{dtype}={text}: not comma-separated {dtype} "
-            "values (bool takes true/false/1/0)"
+            f"featureserve predict: {flag}: not comma-separated {dtype} values (bool takes "
+            "true/false/1/0)"
         ) from None
+    except OverflowError:
+        wider = " or use float64" if kind is np.float32 else ""
+        raise SystemExit(
+            f"featureserve predict: {flag}: a value overflows {dtype} (largest finite "
+            f"{np.finfo(kind).max:.8g}); send a smaller value{wider}"
+        ) from None
+    except _InputError as exc:
+        raise SystemExit(f"featureserve predict: {exc}") from None
+
+
+def _request_values(items: list[str]) -> dict[str, np.ndarray]:
+    """Every --value NAME[:DTYPE]=V1,V2, by name; a name given twice is an error, not a
+    silent overwrite."""
+    values: dict[str, np.ndarray] = {}
+    for item in items:
+        spec, sep, text = item.partition("=")
+        if not sep or not spec:
+            raise SystemExit(f"featureserve predict: --value {item!r}: use NAME[:DTYPE]=V1,V2")
+        name, array = _request_value(spec, text)
+        if name in values:
+            raise SystemExit(
+                f"featureserve predict: --value {name!r} is given twice; give each request "
+                "value once"
+            )
+        values[name] = array
+    return values
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -52,16 +95,18 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
         name, sep, values = item.partition("=")
         if not sep or not name:
             raise SystemExit(f"featureserve predict: {flag} {item!r}: use NAME=V1,V2")
+        if name in out:
+            raise SystemExit(f"featureserve predict: {flag} {name}= is given twice; give it once")
         out[name] = values
     return out
 
 
 def _keys(text: str, key_type: str, flag: str, name: str) -> np.ndarray:
     """Comma-separated keys: int64 or strings as --key-type says (auto: all digits is int64)."""
-    if key_type == "auto":
-        return _key_values(text)
-    dtype = DType.STRING if key_type == "string" else DType.INT64
     try:
+        if key_type == "auto":
+            return _key_values(text, flag)
+        dtype = DType.STRING if key_type == "string" else DType.INT64
         return _typed_keys(text, JoinKey(name, dtype), flag)
     except _InputError as exc:
         raise SystemExit(f"featureserve predict: {exc}") from None
@@ -72,8 +117,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     entities = _pairs(args.entity, "--entity")
     keys = {k: _keys(v, args.key_type, "--entity", k) for k, v in entities.items()}
     if args.keys is not None:
+        if args.join_key in keys:
+            raise SystemExit(
+                f"featureserve predict: --keys and --entity {args.join_key}= both set "
+                f"{args.join_key!r}; give one"
+            )
         keys[args.join_key] = _keys(args.keys, args.key_type, "--keys", args.join_key)
-    values = dict(_request_value(k, v) for k, v in _pairs(args.value, "--value").items())
+    values = _request_values(args.value)
     with PredictionClient(client_config(args)) as client:
         result = client.predict(args.model, keys, values, version=args.version)
     lineage = result.lineage

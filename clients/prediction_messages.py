@@ -81,7 +81,10 @@ def predict_request(
         model_version=str(version),
         entity_keys=key_columns(keys),
         request_values=[
-            types_pb2.NamedArray(name=name, values=arrays.to_array(_column(values)))
+            types_pb2.NamedArray(
+                name=name,
+                values=arrays.to_array(_column(values), field=f"request_values[{name!r}]"),
+            )
             for name, values in (request_values or {}).items()
         ],
         request_id=request_id,

@@ -34,7 +34,7 @@ def dtype_for_numpy(values: np.ndarray) -> int:
     if kind == "b":
         return types_pb2.BOOL
     if kind == "f":
-        return types_pb2.FLOAT64 if values.dtype.itemsize == 8 else types_pb2.FLOAT32
+        return types_pb2.FLOAT32 if values.dtype.itemsize <= 4 else types_pb2.FLOAT64
     if kind in "iu":
         return types_pb2.INT64
     raise ArrayError(f"unsupported NumPy dtype {values.dtype}")
@@ -62,9 +62,12 @@ def decode_strings_lenient(
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Like decode_strings, but an element that is not valid UTF-8 reads as "" and is listed as
     (index, reason), so a caller can reject it alone; the offsets must still be well formed."""
+    if len(offsets) != (count + 1) * 8:
+        raise ArrayError(
+            f"{field}: offsets has {len(offsets)} bytes, expected {(count + 1) * 8} "
+            f"({count + 1} little-endian int64 offsets: one per string and one for the end)"
+        )
     offs = np.frombuffer(offsets, dtype="<i8")
-    if len(offs) != count + 1:
-        raise ArrayError(f"{field}: expected {count + 1} string offsets, got {len(offs)}")
     if count and (offs[0] != 0 or offs[-1] != len(data) or np.any(np.diff(offs) < 0)):
         raise ArrayError(f"{field}: string offsets must rise from 0 to len(data)={len(data)}")
     bounds = offs.tolist()
@@ -91,9 +94,11 @@ def to_array(
     dtype: int | None = None,
     nulls: np.ndarray | None = None,
     out: types_pb2.Array | None = None,
+    field: str = "array",
 ) -> types_pb2.Array:
     """Fill an Array message from a 1-D (one column), 2-D (rows x width) or, for
-    FLOAT32_VECTOR, 2-/3-D array."""
+    FLOAT32_VECTOR, 2-/3-D array. Raises ArrayError naming `field` when a value would change
+    on the way to the wire dtype (see cast)."""
     arr = values if isinstance(values, np.ndarray) else np.asarray(values)
     wire = dtype if dtype is not None else dtype_for_numpy(arr)
     msg = out if out is not None else types_pb2.Array()
@@ -112,10 +117,78 @@ def to_array(
     if wire == types_pb2.STRING:
         msg.data, msg.offsets = encode_strings(arr)
     else:
-        msg.data = np.ascontiguousarray(arr, dtype=DTYPE_TO_NUMPY[wire]).tobytes()
+        msg.data = cast(arr, wire, field, nulls).tobytes()
     if nulls is not None and np.any(nulls):
         msg.nulls = np.ascontiguousarray(nulls, dtype=np.uint8).tobytes()
     return msg
+
+
+def _cast_loss(values: np.ndarray, out: np.ndarray, wire: int) -> tuple[np.ndarray, str] | None:
+    """Where `out` (values cast to the wire dtype) differs from `values` beyond float rounding,
+    and why; None when the cast keeps every value."""
+    kind, target = values.dtype.kind, out.dtype
+    if kind == "b" or (kind == target.kind and values.dtype.itemsize <= target.itemsize):
+        return None
+    name = types_pb2.DType.Name(wire)
+    if wire == types_pb2.BOOL:
+        return (values != 0) & (values != 1), "is not a BOOL (0 or 1); send 0, 1 or a bool array"
+    if target.kind == "i" and kind == "u":
+        return values > np.iinfo(np.int64).max, "exceeds the int64 range (-2**63 to 2**63-1)"
+    if target.kind == "i" and kind == "f":
+        whole = np.isfinite(values) & (np.trunc(values) == values)
+        fits = whole & (values >= -(2.0**63)) & (values < 2.0**63)
+        return ~fits, "is not a whole number in the int64 range (-2**63 to 2**63-1)"
+    if target.kind == "f" and kind == "f":
+        why = f"overflows {name} (largest finite {np.finfo(target).max:.8g}); send a smaller value"
+        return np.isinf(out) & np.isfinite(values), why
+    if target.kind == "f" and kind in "iu":
+        info = np.iinfo(values.dtype)
+        fits = (out >= float(info.min)) & (out < float(info.max) + 1.0)
+        lost = ~fits | (np.where(fits, out, 0).astype(values.dtype) != values)
+        digits = np.finfo(target).nmant + 1
+        why = f"is not exactly representable as {name} (it holds every integer up to 2**{digits})"
+        return lost, why + "; send it as a float"
+    return None
+
+
+def cast(
+    values: np.ndarray, wire: int, field: str = "array", nulls: np.ndarray | None = None
+) -> np.ndarray:
+    """`values` as the wire dtype's little-endian NumPy dtype. A value the cast would change
+    beyond float rounding (an unsigned integer over the int64 range, a finite float overflowing
+    to inf, an integer a float cannot hold, a fraction to INT64) raises ArrayError naming
+    `field` and the first such row, unless `nulls` (rows x width) marks it null: nothing is
+    silently sent as another value."""
+    target = DTYPE_TO_NUMPY.get(wire)
+    if target is None:
+        raise ArrayError(f"{field}: dtype {wire} is not a fixed-width featureserve.v1.DType")
+    if values.dtype == target:
+        return np.ascontiguousarray(values)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.ascontiguousarray(values, dtype=target)
+    except (TypeError, ValueError, OverflowError):
+        raise ArrayError(
+            f"{field}: {values.dtype} values cannot be read as {types_pb2.DType.Name(wire)}; "
+            "send a numeric array"
+        ) from None
+    loss = _cast_loss(values, out, wire)
+    if loss is None or not loss[0].any():
+        return out
+    lost, why = loss
+    table = values.reshape(values.shape[0], -1) if values.ndim < 3 else values
+    lost = lost.reshape(table.shape)
+    if lost.ndim == 3:
+        lost = lost.any(axis=2)
+    if nulls is not None and np.size(nulls) == lost.size:
+        lost = lost & ~np.asarray(nulls, dtype=bool).reshape(lost.shape)
+    bad = np.flatnonzero(lost)
+    if not len(bad):
+        return out
+    row, col = divmod(int(bad[0]), lost.shape[1])
+    what = "a vector element" if table.ndim == 3 else repr(table[row, col].item())
+    more = f" ({len(bad)} values do not fit)" if len(bad) > 1 else ""
+    raise ArrayError(f"{field}: row {row}: {what} {why}{more}")
 
 
 def from_array(msg: types_pb2.Array, field: str = "array") -> np.ndarray:

@@ -495,3 +495,51 @@ def test_a_row_only_the_server_rejects_is_named_by_its_file_row_with_what_was_wr
         "written=7 stale=132 rejected=1",
         "  row 133 score: NaN but allow_nan is false",
     ]
+
+
+def test_ingest_rejects_flags_out_of_range_and_writes_nothing(served) -> None:
+    cli, client = served
+    register(served, "bad_flags")
+    path = cli.file("bad_flags.csv", CSV_ISO)
+    for flags, message in (
+        (("--batch-rows", "0"), "--batch-rows: '0': give rows per message, an integer >= 1"),
+        (("--batch-rows", "-1"), "--batch-rows: '-1': give rows per message, an integer >= 1"),
+        (("--version", "-1"), "--version: '-1': give a view version (0: the latest), an integer"),
+    ):
+        result = cli.run("ingest", str(path), "--view", "bad_flags", *flags)
+        assert result.returncode == 2 and result.stdout == "", (flags, result.stdout)
+        assert f"argument {message}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+    statuses = read_back(client, "bad_flags", [1, 2, 3]).statuses["bad_flags:city"]
+    assert (statuses == FeatureStatus.NOT_FOUND).all()
+
+
+def test_delete_view_rejects_a_version_outside_1_to_2_32(served) -> None:
+    cli, client = served
+    register(served, "kept")
+    for version in ("-1", "0", "4294967296", "v1"):
+        result = cli.run("delete-view", "kept", "--version", version)
+        assert result.returncode == 2, result.stdout
+        expected = f"argument --version: '{version}': give a view version, an integer from 1 to "
+        assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert [v.version for v in client.list_feature_views("kept")[1]] == [1]
+
+
+def test_get_rejects_keys_outside_int64_and_repeated_keys(served) -> None:
+    cli, _ = served
+    register(served, "get_range")
+    for flags, message in (
+        (
+            ("--keys", "1,99999999999999999999"),
+            "--keys: '1,99999999999999999999': join key 'user_id' is int64: "
+            "99999999999999999999 is outside the int64 range "
+            "(-9223372036854775808 to 9223372036854775807)",
+        ),
+        (("--entity", "user_id=-9223372036854775809"), "--entity: '-9223372036854775809': join"),
+        (("--entity", "user_id=1", "--entity", "user_id=2"), "--entity user_id= is given twice"),
+        (("--keys", "1", "--entity", "user_id=2"), "--keys and --entity user_id= both set"),
+        (("--version", "4294967296"), "--version: '4294967296': give a view version"),
+    ):
+        result = cli.run("get", "--view", "get_range", *flags)
+        assert result.returncode == 2, (flags, result.stdout)
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr

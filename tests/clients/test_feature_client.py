@@ -22,6 +22,7 @@ from clients.feature_client import (
 )
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from protos.arrays import ArrayError
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 
@@ -261,3 +262,111 @@ def test_async_client_writes_lists_and_gets_views(target) -> None:
     assert [v.name for v in views] == ["async_view"] and USER in entities
     assert (fetched.name, fetched.version, fetched.owner) == ("async_view", 1, "tests")
     assert [(f.name, f.dtype) for f in fetched.features] == [("a", DType.INT64)]
+
+
+def test_unsigned_keys_and_values_over_int64_are_rejected_not_written_to_other_entities(
+    client,
+) -> None:
+    view = FeatureView("unsigned", "user", (Feature("x", DType.INT64), Feature("f", DType.FLOAT32)))
+    client.apply([USER], [view])
+    big = np.array([2**63, 2**64 - 1], dtype=np.uint64)
+    small = np.array([5, 6], dtype=np.uint64)
+    with pytest.raises(ArrayError, match=r"keys\['user_id'\]: row 0: 9223372036854775808 exceeds"):
+        client.write_features("unsigned", {"user_id": big}, NOW_US, {"x": small, "f": [1, 2]})
+    with pytest.raises(ArrayError, match=r"features\['x'\]: row 1: 18446744073709551615 exceeds"):
+        client.write_features(
+            "unsigned", {"user_id": [-1, 7]}, NOW_US, {"x": np.uint64([1, 2**64 - 1]), "f": [1, 2]}
+        )
+    with (
+        pytest.raises(ArrayError, match=r"keys\['user_id'\]: row 0: .* the int64 range"),
+        client.stream_writer("unsigned") as writer,
+    ):
+        writer.write({"user_id": big}, NOW_US, {"x": small, "f": [1, 2]})
+    got = client.get_online_features(["unsigned:x"], {"user_id": [-(2**63), -1, 7]})
+    assert (got.statuses["unsigned:x"] == FeatureStatus.NOT_FOUND).all()
+    fits = {"x": small, "f": [1, 2]}
+    assert client.write_features("unsigned", {"user_id": small}, NOW_US, fits).written == 2
+    got = client.get_online_features(["unsigned:x"], {"user_id": [5, 6]})
+    assert got["unsigned:x"].tolist() == [5, 6]
+
+
+def test_float64_vectors_over_float32_are_rejected_like_scalars(client) -> None:
+    view = FeatureView(
+        "wide_vectors",
+        "user",
+        (Feature("e", DType.FLOAT32_VECTOR, vector_length=2), Feature("f", DType.FLOAT32)),
+    )
+    client.apply([USER], [view])
+    with pytest.raises(ClientError, match=r"1e\+300 overflows FLOAT32 \(largest finite"):
+        client.write_features(
+            "wide_vectors", {"user_id": [1]}, NOW_US, {"e": np.float32([[1, 1]]), "f": [1e300]}
+        )
+    with pytest.raises(
+        ArrayError,
+        match=r"features\['e'\]: row 1: a vector element overflows FLOAT32_VECTOR \(largest "
+        r"finite 3.4028235e\+38\); send a smaller value",
+    ):
+        client.write_features(
+            "wide_vectors", {"user_id": [1, 2]}, NOW_US, {"e": [[1, 1], [1e300, 1]], "f": [1, 2]}
+        )
+    got = client.get_online_features(["wide_vectors:e"], {"user_id": [1, 2]})
+    assert (got.statuses["wide_vectors:e"] == FeatureStatus.NOT_FOUND).all()
+    fine = np.array([[0.1, -2.5], [3e38, np.inf]])
+    client.write_features("wide_vectors", {"user_id": [1, 2]}, NOW_US, {"e": fine, "f": [1, 2]})
+    got = client.get_online_features(["wide_vectors:e"], {"user_id": [1, 2]})
+    np.testing.assert_array_equal(got["wide_vectors:e"], fine.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"batch_rows": 0}, r"batch_rows must be an integer >= 1 \(rows per message\), got 0"),
+        ({"batch_rows": -5}, "batch_rows must be an integer >= 1 .* got -5"),
+        ({"batch_rows": 2.5}, "batch_rows must be an integer >= 1 .* got 2.5"),
+        ({"ack_every": 0}, r"ack_every must be an integer >= 1 \(messages per ack\), got 0"),
+        ({"policy": "skip"}, "policy must be one of"),
+    ],
+)
+def test_stream_writer_rejects_bad_arguments_when_made(target, client, arguments, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        client.stream_writer("any", **arguments)
+
+    async def make() -> None:
+        async with AsyncFeatureStoreClient(target) as aclient:
+            aclient.stream_writer("any", **arguments)
+
+    with pytest.raises(ValueError, match=message):
+        asyncio.run(make())
+
+
+def test_stream_writer_without_keys_does_what_write_features_does(target, client) -> None:
+    client.apply([USER], [FeatureView("keyless", "user", (Feature("a", DType.INT64),))])
+    assert client.write_features("keyless", {}, NOW_US, {}).written == 0
+    with client.stream_writer("keyless") as writer:
+        writer.write({}, NOW_US, {})
+    assert writer.summary.written == 0
+    rows = {"a": np.array([1, 2])}
+    times = np.array([NOW_US, NOW_US])
+    with pytest.raises(ClientError) as direct:
+        client.write_features("keyless", {}, times, rows)
+    with pytest.raises(ClientError) as streamed, client.stream_writer("keyless") as writer:
+        writer.write({}, times, rows)
+    assert "user_id" in direct.value.message, direct.value
+    assert direct.value.code == streamed.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert direct.value.message in streamed.value.message, streamed.value
+
+    async def write_async() -> None:
+        async with (
+            AsyncFeatureStoreClient(target) as aclient,
+            aclient.stream_writer("keyless") as awriter,
+        ):
+            await awriter.write({}, times, rows)
+
+    with pytest.raises(ClientError, match="user_id"):
+        asyncio.run(write_async())
+
+
+def test_null_masks_must_name_a_feature_column(client) -> None:
+    client.apply([USER], [FeatureView("masked", "user", (Feature("a", DType.INT64),))])
+    with pytest.raises(ValueError, match=r"nulls\['b'\]: no feature column of that name"):
+        client.write_features("masked", {"user_id": [1]}, NOW_US, {"a": [1]}, nulls={"b": [True]})

@@ -82,3 +82,88 @@ def test_bool_bytes_other_than_0_or_1_are_bad_elements() -> None:
     assert [i for i, _ in bad] == [1] and "BOOL byte 2" in bad[0][1]
     with pytest.raises(arrays.ArrayError, match="flag: element 1 is BOOL byte 2"):
         arrays.from_array(msg, "flag")
+
+
+@pytest.mark.parametrize("size", [0, 7, 9, 15, 17])
+def test_string_offsets_of_a_wrong_byte_length_name_the_field_and_size(size: int) -> None:
+    msg = arrays.to_array(np.array(["a"], dtype=object))
+    msg.offsets = b"\x00" * size
+    expected = rf"keys\[0\]: offsets has {size} bytes, expected 16 \(2 little-endian int64"
+    with pytest.raises(arrays.ArrayError, match=expected):
+        arrays.from_array(msg, "keys[0]")
+    with pytest.raises(arrays.ArrayError, match=expected):
+        arrays.from_array_lenient(msg, "keys[0]")
+
+
+@pytest.mark.parametrize("dtype", [types_pb2.FLOAT64, types_pb2.INT64, types_pb2.FLOAT32_VECTOR])
+def test_data_of_a_wrong_byte_length_is_an_array_error_for_every_dtype(dtype: int) -> None:
+    msg = types_pb2.Array(dtype=dtype, rows=1, width=1, vector_length=2, data=b"\x00" * 7)
+    with pytest.raises(arrays.ArrayError, match="blocks: 7 bytes of data, expected 8"):
+        arrays.from_array(msg, "blocks")
+    msg = types_pb2.Array(dtype=types_pb2.INT64, rows=2, data=b"\x00" * 16, nulls=b"\x01")
+    with pytest.raises(arrays.ArrayError, match="blocks: nulls has 1 bytes, expected 2"):
+        arrays.nulls_of(msg, "blocks")
+
+
+def test_unsigned_values_over_int64_are_rejected_not_wrapped() -> None:
+    top = np.iinfo(np.int64).max
+    msg = arrays.to_array(np.array([0, top], dtype=np.uint64))
+    assert arrays.from_array(msg).ravel().tolist() == [0, top]
+    big = np.array([1, 2**63, 2**64 - 1], dtype=np.uint64)
+    with pytest.raises(
+        arrays.ArrayError,
+        match=r"keys\['user_id'\]: row 1: 9223372036854775808 exceeds the int64 range "
+        r"\(-2\*\*63 to 2\*\*63-1\) \(2 values do not fit\)",
+    ):
+        arrays.to_array(big, field="keys['user_id']")
+    masked = arrays.to_array(big, nulls=np.array([False, True, True]))
+    assert arrays.from_array(masked)[0, 0] == 1 and arrays.nulls_of(masked).ravel()[1:].all()
+
+
+def test_float64_vectors_that_overflow_float32_are_rejected_not_stored_as_inf() -> None:
+    fine = np.array([[1e-3, -2.5], [np.inf, 3e38]])
+    msg = arrays.to_array(fine, types_pb2.FLOAT32_VECTOR)
+    np.testing.assert_array_equal(arrays.from_array(msg)[:, 0, :], fine.astype(np.float32))
+    with pytest.raises(
+        arrays.ArrayError,
+        match=r"emb: row 1: a vector element overflows FLOAT32_VECTOR \(largest finite "
+        r"3.4028235e\+38\); send a smaller value",
+    ):
+        arrays.to_array(np.array([[1.0, 1.0], [1e300, 1.0]]), types_pb2.FLOAT32_VECTOR, field="emb")
+    with pytest.raises(arrays.ArrayError, match=r"x: row 0: 1e\+39 overflows FLOAT32"):
+        arrays.to_array(np.array([1e39]), types_pb2.FLOAT32, field="x")
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "reason"),
+    [
+        (np.array([2**53 + 1], dtype=np.int64), types_pb2.FLOAT64, "not exactly representable"),
+        (np.array([2**24 + 1], dtype=np.int64), types_pb2.FLOAT32, "not exactly representable"),
+        (np.array([1.5]), types_pb2.INT64, "not a whole number in the int64 range"),
+        (np.array([np.nan]), types_pb2.INT64, "not a whole number in the int64 range"),
+        (np.array([2.0**63]), types_pb2.INT64, "not a whole number in the int64 range"),
+        (np.array([2]), types_pb2.BOOL, r"is not a BOOL \(0 or 1\)"),
+    ],
+)
+def test_other_lossy_casts_to_an_explicit_dtype_are_rejected(
+    values: np.ndarray, dtype: int, reason: str
+) -> None:
+    with pytest.raises(arrays.ArrayError, match=f"col: row 0: .* {reason}"):
+        arrays.to_array(values, dtype, field="col")
+
+
+def test_exact_casts_to_an_explicit_dtype_keep_their_values() -> None:
+    exact = {
+        types_pb2.FLOAT64: np.array([2**53, -(2**53)], dtype=np.int64),
+        types_pb2.INT64: np.array([-(2.0**63), 42.0]),
+        types_pb2.BOOL: np.array([0, 1], dtype=np.int8),
+        types_pb2.FLOAT32: np.array([0.1, -1e38]),
+    }
+    for dtype, values in exact.items():
+        back = arrays.from_array(arrays.to_array(values, dtype)).ravel()
+        np.testing.assert_array_equal(back, values.astype(back.dtype))
+
+
+def test_wide_floats_travel_as_float64() -> None:
+    assert arrays.dtype_for_numpy(np.zeros(1, dtype=np.longdouble)) == types_pb2.FLOAT64
+    assert arrays.dtype_for_numpy(np.zeros(1, dtype=np.float16)) == types_pb2.FLOAT32

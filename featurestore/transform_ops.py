@@ -260,6 +260,8 @@ def _vocab_positions(
     (col,) = cols
     vocab = norm["vocab"]
     if isinstance(vocab, StringVocab):
+        if not len(vocab.hashes):
+            return np.zeros(len(col), np.int64), 0
         if not isinstance(col, StringColumn):
             raise InvalidArgumentError(f"{op}: the vocabulary is strings; the input is not")
         idx = ns.vocab_index_strings(

@@ -201,6 +201,7 @@ class DynamicBatcher:
         self._inline_load = 0.0
         self._idle = self._instances
         self._in_flight = 0
+        self._holds = 0
         self._closed = False
         self._drained: asyncio.Event | None = None
         self._kicked = False
@@ -215,6 +216,26 @@ class DynamicBatcher:
     def queued(self) -> int:
         """Requests waiting in the queue."""
         return self._queued
+
+    def room(self, priority: int | None = None) -> int | None:
+        """Requests the queue of `priority` can take now before it is full (None: no limit)."""
+        level = self._level(priority)
+        if not level.max_queue:
+            return None
+        return max(level.max_queue - len(level.waiting) - len(level.delayed), 0)
+
+    def hold(self) -> None:
+        """Keep the version open for a request that resolved it but submits later (a Predict
+        waiting for its coalesced group): until release(), close() waits and submit() accepts.
+        Raises ModelUnavailableError once the version is unloading."""
+        if self._closed or self._loop is None:
+            raise ModelUnavailableError(f"model '{self.name}' is unloading; retry")
+        self._holds += 1
+
+    def release(self, count: int = 1) -> None:
+        """End `count` holds taken with hold()."""
+        self._holds -= count
+        self._maybe_drained()
 
     @property
     def busy_instances(self) -> int:
@@ -249,9 +270,10 @@ class DynamicBatcher:
         whatever its level's timeout_action.
         timeout_us: the request's own queue timeout, applied as its level's policy allows.
         A request cancelled while queued leaves its queue at once, freeing its max_queue_size slot.
+        While the version unloads, only requests of holders (see hold) are still taken.
         Raises QueueFullError, RequestTimeoutError, InferenceFailedError, ModelUnavailableError.
         """
-        if self._closed or self._loop is None:
+        if self._loop is None or (self._closed and not self._holds):
             raise ModelUnavailableError(f"model '{self.name}' is unloading; retry")
         level = self._level(priority)
         if level.max_queue and len(level.waiting) + len(level.delayed) >= level.max_queue:
@@ -601,15 +623,14 @@ class DynamicBatcher:
     def _check_rows(self, outputs: dict[str, np.ndarray], rows: int) -> None:
         """Raise InferenceFailedError unless every output's first dimension is `rows`: only then
         can a batch's outputs be cut into its requests' rows."""
-        for name, array in outputs.items():
-            if array.ndim and array.shape[0] == rows:
-                continue
-            raise InferenceFailedError(
-                f"model '{self.name}': output '{name}' has shape {list(array.shape)}, but "
-                "max_batch_size > 0 makes its first dimension the batch dimension, which must "
-                f"equal the input rows ({rows}); if the model's outputs do not keep one row per "
-                "input row, set max_batch_size = 0 in its config.toml to turn batching off"
-            )
+        check_rows(
+            self.name,
+            outputs,
+            rows,
+            "max_batch_size > 0 makes its first dimension the batch dimension",
+            "if the model's outputs do not keep one row per input row, set max_batch_size = 0 "
+            "in its config.toml to turn batching off",
+        )
 
     def _failure(self, stage: str, exc: Exception) -> InferenceFailedError:
         """What failed, as this request's InferenceFailedError (INTERNAL)."""
@@ -670,12 +691,18 @@ class DynamicBatcher:
         self._in_flight -= 1
 
     def _maybe_drained(self) -> None:
-        """Signal close() once nothing is queued or running."""
-        if self._drained is not None and not self._queued and not self._in_flight:
+        """Signal close() once nothing is queued, running or held."""
+        if (
+            self._drained is not None
+            and not self._queued
+            and not self._in_flight
+            and not self._holds
+        ):
             self._drained.set()
 
     async def close(self) -> None:
-        """Stop taking requests, let queued and running ones finish, then stop the threads."""
+        """Stop taking requests, let queued, running and held ones finish, then stop the
+        threads."""
         if self._loop is None:
             return
         self._closed = True
@@ -704,6 +731,18 @@ def oversized_request(
         f"{label} {names}: batch dimension {rows} exceeds max_batch_size={max_batch_size} of "
         f"model '{model}'; split the request into parts of at most {max_batch_size} rows"
     )
+
+
+def check_rows(model: str, outputs: dict[str, np.ndarray], rows: int, why: str, fix: str) -> None:
+    """Raise InferenceFailedError (INTERNAL) naming the first output whose first dimension is
+    not `rows`, why it must be, and the fix."""
+    for name, array in outputs.items():
+        if array.ndim and array.shape[0] == rows:
+            continue
+        raise InferenceFailedError(
+            f"model '{model}': output '{name}' has shape {list(array.shape)}, but {why}, which "
+            f"must equal the input rows ({rows}); {fix}"
+        )
 
 
 def union_outputs(requested: Iterable[list[str] | None]) -> list[str] | None:

@@ -4,6 +4,7 @@ with which defaults and transforms, parsed and compiled once when the model load
 config.toml:
     [features]
     entity = "user"              # optional: every bound view must belong to this entity
+                                 # (without it, the views must still share one entity)
     input = "x"                  # model input to fill (default: the model's only input)
     outputs = ["a", "b"]         # optional: input column order (default: the chain's outputs,
                                  # or the columns when there are no transforms)
@@ -37,7 +38,8 @@ import numpy as np
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.errors import ConflictError, InvalidArgumentError
 from featurestore.feature_refs import parse_feature_refs
-from featurestore.online_store import ReadResult, ViewRead
+from featurestore.kernels.encoding import StringVocab
+from featurestore.online_store import OnlineStore, ReadResult, ViewRead
 from featurestore.registry import FeatureView
 from featurestore.transforms import Transform, compile_chain, transforms_from_config
 from server.model_config import ModelConfig, ModelConfigError
@@ -264,6 +266,7 @@ class PredictionBinding:
         passed_through = set(self.outputs) - produced
         self._key_only = {n for n, k in kinds.items() if k == {"key"}} - passed_through
         self._strings = {n for step in steps if step.reads_strings for n in step.inputs}
+        self._vocabs = _vocab_readers(steps, set(self.names))
         self._check_typed(source)
         if self.typed:
             position = {n: k for k, n in enumerate(self.names)}
@@ -278,6 +281,20 @@ class PredictionBinding:
         alone tells (feature dtypes are checked when a view is first read)."""
         for c in self.columns:
             name = c.name
+            vocab = (
+                self._vocab_mismatch(name, c.dtype == DType.STRING)
+                if isinstance(c, RequestColumn)
+                else None
+            )
+            if vocab is not None:
+                where, kind = vocab
+                want = "string" if kind == "strings" else "int64"
+                raise _error(
+                    source,
+                    f"request_values.{name} is {c.dtype.name.lower()}, but {where} reads it "
+                    f'against a vocabulary of {kind}; declare {name} = "{want}" or give that '
+                    "vocabulary values of the column's type",
+                )
             if isinstance(c, RequestColumn):
                 if name in self._time and c.dtype != DType.INT64:
                     raise _error(
@@ -304,11 +321,18 @@ class PredictionBinding:
                     f"column {name!r}: default must be a number, got {c.default!r} (a string "
                     "default suits only a column that only hash_bucket / one_hot read)",
                 )
-            if name in self._strings and not isinstance(c.default, str | None):
+            vocab = (
+                self._vocab_mismatch(name, isinstance(c.default, str))
+                if c.default is not None
+                else None
+            )
+            if vocab is not None:
+                where, kind = vocab
                 raise _error(
                     source,
-                    f"column {name!r}: default {c.default!r} must be a string: one_hot reads it "
-                    "against a vocabulary of strings",
+                    f"column {name!r}: default {c.default!r} must be "
+                    + ("a string" if kind == "strings" else "an integer")
+                    + f": {where} reads it against a vocabulary of {kind}",
                 )
             if name in self.typed and isinstance(c.default, float):
                 raise _error(
@@ -317,6 +341,14 @@ class PredictionBinding:
                     + (" (µs since the epoch)" if name in self._time else " or a string")
                     + ": a time or key op reads this column",
                 )
+
+    def _vocab_mismatch(self, name: str, strings: bool) -> tuple[str, str] | None:
+        """The first transform that reads column `name` against a vocabulary of the other type
+        than the column's (strings or not), as (where, "strings" | "ints"); None if none does."""
+        for where, vocab_strings in self._vocabs.get(name, ()):
+            if vocab_strings != strings:
+                return where, "strings" if vocab_strings else "ints"
+        return None
 
     def warmup_typed(self) -> dict[str, np.ndarray]:
         """One-row typed inputs that JIT-compile the typed ops at load: strings where a string
@@ -342,11 +374,7 @@ class PredictionBinding:
         maps = self._maps.get(key)
         if maps is not None:
             return maps
-        if self.entity is not None and fv.entity != self.entity:
-            raise ConflictError(
-                f"view {fv.name!r} belongs to entity {fv.entity!r}, but the model binds entity "
-                f"{self.entity!r}; fix [features] or the view"
-            )
+        self._check_entities([fv])
         column_of = dict(zip(read.features, read.columns, strict=True))
         maps = []
         for block in result.blocks:
@@ -375,6 +403,15 @@ class PredictionBinding:
                         f"feature {c.ref!r} is {block.dtype.name}, but its default "
                         f"{c.default!r} is not; fix the default in [[features.columns]]"
                     )
+                vocab = self._vocab_mismatch(c.name, not numeric)
+                if vocab is not None:
+                    where, kind = vocab
+                    raise ConflictError(
+                        f"feature {c.ref!r} is {block.dtype.name}, but {where} reads it against "
+                        f"a vocabulary of {kind}; bind "
+                        + ("a STRING" if kind == "strings" else "an INT64")
+                        + " feature or give that vocabulary values of the feature's type"
+                    )
                 typed.append(
                     (j, c.name, c.default if c.default is not None else (0 if numeric else ""))
                 )
@@ -397,6 +434,37 @@ class PredictionBinding:
             self._maps.clear()
         self._maps[key] = maps
         return maps
+
+    def read(self, store: OnlineStore, keys: dict[str, np.ndarray]) -> list[ReadResult]:
+        """One ReadResult per bound read, from one snapshot. Views of another entity than
+        features.entity, or of several entities when it is not set, are FAILED_PRECONDITION
+        naming them: one set of keys cannot address them all."""
+        try:
+            results = store.read_many(self.store_reads, keys)
+        except InvalidArgumentError:
+            self._check_entities([store.registry.get_view(r.view, r.version) for r in self.reads])
+            raise
+        if self.entity is None and len(results) > 1:
+            self._check_entities([r.view for r in results])
+        return results
+
+    def _check_entities(self, views: Sequence[FeatureView]) -> None:
+        """Raise ConflictError unless every view belongs to the binding's one entity."""
+        if self.entity is not None:
+            for fv in views:
+                if fv.entity != self.entity:
+                    raise ConflictError(
+                        f"view {fv.name!r} belongs to entity {fv.entity!r}, but the model binds "
+                        f"entity {self.entity!r}; fix [features] or the view"
+                    )
+            return
+        if len({fv.entity for fv in views}) > 1:
+            found = ", ".join(f"{fv.name!r} of entity {fv.entity!r}" for fv in views)
+            raise ConflictError(
+                f"[features] binds views of more than one entity ({found}), but Predict reads "
+                "every view with the same entity keys; bind views of one entity and set "
+                "features.entity to it"
+            )
 
     def assemble(
         self, results: Sequence[ReadResult], request_values: dict[str, np.ndarray], rows: int
@@ -454,6 +522,26 @@ def _input_kinds(steps: Sequence[Transform], columns: set[str]) -> dict[str, set
                 kinds.setdefault(name, set()).add(step.spec.kind)
         produced.update(step.outputs)
     return kinds
+
+
+def _vocab_readers(
+    steps: Sequence[Transform], columns: set[str]
+) -> dict[str, list[tuple[str, bool]]]:
+    """For each bound column that a one_hot or vocab_index reads before any transform
+    overwrites it: (where, whether the vocabulary is strings) per such transform. An empty
+    vocabulary matches a column of either type, so it is left out."""
+    readers: dict[str, list[tuple[str, bool]]] = {}
+    produced: set[str] = set()
+    for i, step in enumerate(steps):
+        vocab = step.checked.get("vocab")
+        strings = isinstance(vocab, StringVocab)
+        size = len(vocab.hashes) if strings else len(vocab.values) if vocab is not None else 0
+        if size:
+            for name in step.inputs:
+                if name in columns and name not in produced:
+                    readers.setdefault(name, []).append((f"transforms[{i}] ({step.op})", strings))
+        produced.update(step.outputs)
+    return readers
 
 
 def compile_binding(config: ModelConfig, source: str) -> PredictionBinding | None:

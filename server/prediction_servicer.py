@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import weakref
 
 import grpc
@@ -19,6 +20,7 @@ import numpy as np
 
 from featurestore.dtypes import FeatureStatus
 from featurestore.errors import ConflictError, InvalidArgumentError
+from featurestore.keys import key_rows
 from featurestore.online_store import OnlineStore
 from protos import arrays
 from protos.featureserve.v1 import prediction_pb2 as pb
@@ -63,12 +65,16 @@ def decode_request_values(binding: PredictionBinding, columns, rows: int) -> dic
                 "one value per entity"
             )
         field, column = item
+        values = arrays.from_array(column.values, field)
         if column.values.dtype != spec.dtype:
             sent = types_pb2.DType.Name(column.values.dtype)
             raise InvalidArgumentError(f"{field}: dtype {sent}, the model binds {dtype}")
-        if column.values.nulls:
-            raise InvalidArgumentError(f"{field}: null values are not accepted; send a value")
-        values = arrays.from_array(column.values, field)
+        nulls = arrays.nulls_of(column.values, field)
+        if nulls is not None and nulls.any():
+            raise InvalidArgumentError(
+                f"{field}: row {int(np.argmax(nulls.any(axis=1)))} is null; request values "
+                "cannot be null: send a value for every entity"
+            )
         if values.shape != (rows, 1):
             raise InvalidArgumentError(
                 f"{field}: shape {list(values.shape)}, expected [{rows}, 1] (one per entity)"
@@ -135,6 +141,8 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         if not request.entity_keys:
             raise InvalidArgumentError("entity_keys: empty; send one column per join key")
         keys, rows = decode_keys(request.entity_keys, self.max_rows)
+        if binding.entity is not None and not binding.reads:
+            key_rows(self.store.registry.get_entity(binding.entity), keys)
         values = decode_request_values(binding, request.request_values, rows)
         outputs = self._outputs(model, request)
         remaining = context.time_remaining() if context is not None else None
@@ -165,7 +173,8 @@ class PredictionServicer(pb_grpc.PredictionServicer):
             row_statuses=_ROW_STATUS.take(failed.view(np.uint8)).tobytes(),
         )
         for name, values in scores.items():
-            arrays.to_array(values.reshape(rows, -1), out=response.outputs.add(name=name).values)
+            width = math.prod(values.shape[1:])
+            arrays.to_array(values.reshape(rows, width), out=response.outputs.add(name=name).values)
         lineage = response.lineage
         lineage.model_version = model.version
         lineage.feature_views.extend(assembled.views)

@@ -23,6 +23,7 @@ from server.batcher import DynamicBatcher
 from server.errors import (
     InferenceFailedError,
     InvalidRequestError,
+    ModelUnavailableError,
     QueueFullError,
     RequestTimeoutError,
 )
@@ -920,5 +921,51 @@ def test_a_priority_outside_the_levels_goes_to_the_default_level(tmp_path: Path)
         await asyncio.wait_for(asyncio.gather(blocker, *tasks), 30)
         await batcher.close()
         assert gate.ran == [-1, 1, 3, 4, 2, 5]
+
+    asyncio.run(main())
+
+
+def test_a_hold_keeps_a_closing_version_open_until_released(tmp_path: Path) -> None:
+    """A caller that resolved the version before it began to unload (a Predict waiting for its
+    coalesced group) still submits and gets its answer; close() returns only after release(),
+    and no new hold or request is taken once closing."""
+
+    async def main() -> None:
+        batcher = make_batcher(tmp_path, mlp_model())
+        batcher.start()
+        batcher.hold()
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0)
+        with pytest.raises(ModelUnavailableError, match="unloading"):
+            batcher.hold()
+        result = await batcher.submit({"x": row(1)}, 1)
+        assert result["y"].shape == (1, 1)
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        batcher.release()
+        await asyncio.wait_for(closing, 30)
+        with pytest.raises(ModelUnavailableError, match="unloading"):
+            await batcher.submit({"x": row(2)}, 1)
+
+    asyncio.run(main())
+
+
+def test_room_is_what_a_level_can_still_queue(tmp_path: Path) -> None:
+    """room() counts the free slots of max_queue_size in a priority level's queue, None when the
+    queue has no limit."""
+
+    async def main() -> None:
+        gate = Gate()
+        batcher = gated_batcher(tmp_path, gate, **two_levels(max_queue_size=1), max_queue_size=3)
+        assert (batcher.room(), batcher.room(1)) == (3, 1)
+        blocker = await hold(batcher)
+        tasks = [asyncio.create_task(batcher.submit({"x": row(1)}, 1)) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert (batcher.room(), batcher.room(2), batcher.room(1)) == (1, 1, 1)
+        gate.open()
+        await asyncio.wait_for(asyncio.gather(blocker, *tasks), 30)
+        await batcher.close()
+        unlimited = make_batcher(tmp_path, mlp_model())
+        assert unlimited.room() is None
 
     asyncio.run(main())

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
-from benchmarks.model_zoo import mlp_model, write_model
+from benchmarks.model_zoo import graph_model, mlp_model, write_model
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.errors import InvalidArgumentError
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from server.errors import QueueFullError
 from server.model_repository import ModelRepository
-from server.predict_coalescer import PredictCoalescer, Scored
+from server.predict_coalescer import PredictCoalescer, Scored, _all
 
 WIDTH = 32
 FEATURES = [f"f{i}" for i in range(WIDTH - 2)]
@@ -167,3 +169,127 @@ def test_the_coalescer_does_not_keep_an_unloaded_version_alive(setup) -> None:
     ref, coalescer = asyncio.run(main())
     gc.collect()
     assert ref() is None and coalescer.groups == 1
+
+
+def _request(*ids: int) -> tuple[dict, dict, int]:
+    return {"id": np.array(ids, np.int64)}, {"amount": np.ones(len(ids))}, len(ids)
+
+
+def test_a_request_waiting_for_its_group_is_served_by_a_version_that_unloads(setup) -> None:
+    """A reload drains the old version while a request that resolved it waits for its group:
+    the request holds the version, so it is scored there, and the drain waits for it."""
+    store, repo = setup
+
+    async def main() -> Scored:
+        models = ModelRepository(repo, watch=False)
+        await models.start()
+        model = models.get("scorer", "")
+        coalescer = PredictCoalescer(store, model, max_rows=100)
+        waiting = asyncio.create_task(coalescer.predict(*_request(1, 2, 3), None, None))
+        await asyncio.sleep(0)
+        await model.batcher.close()
+        assert waiting.done()
+        await models.stop()
+        return waiting.result()
+
+    scored = asyncio.run(main())
+    assert scored.scores["y"].shape == (3, 1) and (scored.scores["y"] != 0).all()
+
+
+SLOW = CONFIG.replace("max_batch_size = 64\n", "max_batch_size = 64\n[dynamic_batching]\n"
+                      "max_queue_delay_us = 60000000\n")  # fmt: skip
+
+
+def test_a_group_whose_callers_all_left_leaves_the_batcher_queue(setup) -> None:
+    """Callers gone (their calls cancelled) while their group waits in the batcher's queue (a
+    60 s queue delay): the group's submission is withdrawn at once, freeing its queue slot."""
+    store, repo = setup
+    write_model(repo, "slow", mlp_model(seed=2), config_toml=SLOW)
+
+    async def main() -> None:
+        models = ModelRepository(repo, watch=False)
+        await models.start()
+        batcher = models.get("slow", "").batcher
+        coalescer = PredictCoalescer(store, models.get("slow", ""), max_rows=100)
+        callers = [
+            asyncio.create_task(coalescer.predict(*_request(1, 2), None, None)) for _ in range(2)
+        ]
+        for _ in range(1000):
+            if batcher.queued:
+                break
+            await asyncio.sleep(0.001)
+        assert batcher.queued == 1 and coalescer.groups == 1
+        for caller in callers:
+            caller.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert batcher.queued == 0
+        await models.stop()
+
+    asyncio.run(main())
+
+
+def test_a_failed_chunk_cancels_the_groups_other_chunks(setup) -> None:
+    """Chunks of one group run together; when one fails, the others are cancelled, so a chunk
+    waiting in the queue (60 s queue delay) leaves it instead of running for nobody."""
+    _, repo = setup
+    write_model(repo, "slow", mlp_model(seed=2), config_toml=SLOW)
+
+    async def refused() -> dict:
+        raise QueueFullError("queue full")
+
+    async def main() -> None:
+        models = ModelRepository(repo, watch=False)
+        await models.start()
+        batcher = models.get("slow", "").batcher
+        queued = batcher.submit({"x": np.zeros((1, WIDTH), np.float32)}, 1)
+        with pytest.raises(QueueFullError):
+            await _all([queued, refused()])
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert batcher.queued == 0
+        await models.stop()
+
+    asyncio.run(main())
+
+
+def echo_model() -> object:
+    """x [N, W] -> y, the same: an output whose width the model does not fix."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "W"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "W"])
+    return graph_model([helper.make_node("Identity", ["x"], ["y"])], [x], [y])
+
+
+ECHO = """max_batch_size = 64
+[features]
+entity = "user"
+[[features.columns]]
+features = ["stats:f0", "risk:r"]
+"""
+
+
+def test_a_request_whose_rows_all_failed_gets_outputs_as_wide_as_scored_ones(setup) -> None:
+    """ids 31-35 have no risk score, so none of their rows is scored: their zeros are as wide as
+    the version's last scored output (2), and 1 wide for a variable dimension before any."""
+    store, repo = setup
+    write_model(repo, "echo", echo_model(), config_toml=ECHO)
+
+    async def main() -> list[Scored]:
+        models = ModelRepository(repo, watch=False)
+        await models.start()
+        fresh = PredictCoalescer(store, models.get("echo", ""), max_rows=100)
+        coalescer = PredictCoalescer(store, models.get("echo", ""), max_rows=100)
+        out = [
+            await fresh.predict({"id": np.array([31, 32])}, {}, 2, None, None),
+            await coalescer.predict({"id": np.array([1, 2])}, {}, 2, None, None),
+            await coalescer.predict({"id": np.array([31, 32, 33])}, {}, 3, None, None),
+        ]
+        await models.stop()
+        return out
+
+    before, scored, failed = asyncio.run(main())
+    assert before.scores["y"].shape == (2, 1)
+    assert scored.scores["y"].shape == (2, 2) and scored.assembled.failed.tolist() == [0, 0]
+    assert failed.assembled.failed.all()
+    assert failed.scores["y"].shape == (3, 2) and (failed.scores["y"] == 0).all()

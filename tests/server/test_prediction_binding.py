@@ -244,3 +244,117 @@ def test_a_float_feature_read_by_a_time_op_is_refused_when_read(tmp_path) -> Non
     results = [store.read(r.view, keys, r.features, r.version) for r in b.reads]
     with pytest.raises(ConflictError, match=r"'stats:t' is FLOAT64, but a time or key op"):
         b.assemble(results, {}, 1)
+
+
+def keyed(columns: list[str], k: str | None, *vocabularies: tuple[str, list]):
+    """A binding of `columns` ([[features.columns]] bodies; request value k of dtype k) that
+    one-hot encodes each (column, vocabulary)."""
+    head = "[features]\n" + "".join(f"[[features.columns]]\n{c}\n" for c in columns)
+    head += f'[request_values]\nk = "{k}"\n' if k else ""
+    chain = [
+        {"op": "one_hot", "inputs": [column], "output": f"c{i}", "params": {"vocabulary": vocab}}
+        for i, (column, vocab) in enumerate(vocabularies)
+    ]
+    width = sum(len(vocab) + 1 for _, vocab in vocabularies)
+    return binding(head + "".join(_toml(t) for t in chain), width=width)
+
+
+K = 'request = "k"'
+N = 'feature = "profile:n"'
+CITY = 'feature = "profile:city"'
+
+
+@pytest.mark.parametrize(
+    ("columns", "k", "vocabularies", "message"),
+    [
+        ([K], "int64", [("k", ["a", "b"])],
+         "request_values.k is int64, but transforms[0] (one_hot) reads it against a vocabulary "
+         'of strings; declare k = "string"'),
+        ([N, K], "string", [("profile:n", [1]), ("k", [1, 2])],
+         "request_values.k is string, but transforms[1] (one_hot) reads it against a vocabulary "
+         'of ints; declare k = "int64"'),
+        ([K], "bool", [("k", ["yes"])], "request_values.k is bool, but transforms[0] (one_hot)"),
+        ([N + '\ndefault = "x"'], None, [("profile:n", [1, 2])],
+         "column 'profile:n': default 'x' must be an integer: transforms[0] (one_hot) reads it "
+         "against a vocabulary of ints"),
+        ([CITY + "\ndefault = 3"], None, [("profile:city", ["a"])],
+         "column 'profile:city': default 3 must be a string: transforms[0] (one_hot)"),
+    ],
+)  # fmt: skip
+def test_a_vocabulary_of_the_other_type_than_a_request_value_fails_at_load(
+    columns: list[str], k: str | None, vocabularies: list, message: str
+) -> None:
+    with pytest.raises(ModelConfigError) as info:
+        keyed(columns, k, *vocabularies)
+    assert message in str(info.value) and "m/config.toml" in str(info.value)
+
+
+def _profile_store(tmp_path) -> OnlineStore:
+    store = OnlineStore(StoreConfig(path=tmp_path, sync=False))
+    profile = (Feature("n", DType.INT64), Feature("city", DType.STRING))
+    store.registry.apply(
+        [Entity("user", (JoinKey("id", DType.INT64),))], [FeatureView("profile", "user", profile)]
+    )
+    columns = {"n": np.array([1, 2]), "city": np.array(["a", "b"], object)}
+    store.write(WriteBatch("profile", {"id": np.array([1, 2])}, np.array([5, 5]), columns))
+    return store
+
+
+@pytest.mark.parametrize(
+    ("column", "vocabulary", "message"),
+    [
+        (N, ["1", "2"],
+         "feature 'profile:n' is INT64, but transforms[0] (one_hot) reads it against a vocabulary "
+         "of strings; bind a STRING feature"),
+        (CITY, [1, 2],
+         "feature 'profile:city' is STRING, but transforms[0] (one_hot) reads it against a "
+         "vocabulary of ints; bind an INT64 feature"),
+    ],
+)  # fmt: skip
+def test_a_vocabulary_of_the_other_type_than_a_feature_is_refused_when_read(
+    tmp_path, column: str, vocabulary: list, message: str
+) -> None:
+    store = _profile_store(tmp_path)
+    b = keyed([column], None, (column.split('"')[1], vocabulary))
+    with pytest.raises(ConflictError) as info:
+        b.assemble(b.read(store, {"id": np.array([1, 2])}), {}, 2)
+    assert message in str(info.value)
+    store.close()
+
+
+def test_an_empty_vocabulary_reads_a_column_of_either_type(tmp_path) -> None:
+    """An empty vocabulary sends every value to the out-of-vocabulary column, whatever its type."""
+    store = _profile_store(tmp_path)
+    b = keyed([K, CITY], "string", ("k", []), ("profile:city", []))
+    out = b.assemble(b.read(store, {"id": np.array([1, 2])}), {"k": np.array(["x", ""], object)}, 2)
+    np.testing.assert_array_equal(b.transform(out.block, out.typed), np.ones((2, 2), np.float32))
+    b = keyed([K, N], "int64", ("k", []), ("profile:n", []))
+    out = b.assemble(b.read(store, {"id": np.array([1, 2])}), {"k": np.array([3, 4])}, 2)
+    np.testing.assert_array_equal(b.transform(out.block, out.typed), np.ones((2, 2), np.float32))
+    store.close()
+
+
+def test_views_of_two_entities_are_refused_naming_them(tmp_path) -> None:
+    """Without features.entity a binding may name views of two entities; whether their keys
+    differ (the read fails) or match (it does not), Predict names the views and their entities."""
+    store = OnlineStore(StoreConfig(path=tmp_path, sync=False))
+    store.registry.apply(
+        [Entity("user", (JoinKey("id", DType.INT64),)),
+         Entity("shop", (JoinKey("id", DType.INT64),)),
+         Entity("card", (JoinKey("pan", DType.STRING),))],
+        [FeatureView("stats", "user", (Feature("a", DType.FLOAT32),)),
+         FeatureView("shops", "shop", (Feature("s", DType.FLOAT32),)),
+         FeatureView("cards", "card", (Feature("c", DType.FLOAT32),))],
+    )  # fmt: skip
+    head = '[features]\n[[features.columns]]\nfeatures = ["stats:a", "{}"]\ndefault = 0.0\n'
+    for other, entity in (("shops:s", "shop"), ("cards:c", "card")):
+        b = binding(head.format(other), width=2)
+        with pytest.raises(ConflictError) as info:
+            b.read(store, {"id": np.array([1, 2])})
+        assert (
+            f"[features] binds views of more than one entity ('stats' of entity 'user', "
+            f"'{other.split(':')[0]}' of entity '{entity}')"
+        ) in str(info.value) and "set features.entity" in str(info.value)
+    same = binding(head.format("stats:a").replace('"stats:a", "stats:a"', '"stats:a"'), width=1)
+    assert len(same.read(store, {"id": np.array([1, 2])})) == 1
+    store.close()

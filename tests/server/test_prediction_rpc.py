@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from benchmarks.model_zoo import mlp_model, write_model
+from benchmarks.model_zoo import identity_model, mlp_model, write_model
 from clients.channel import ClientConfig, ClientError
 from clients.feature_client import FeatureStoreClient
 from clients.prediction_client import AsyncPredictionClient, PredictionClient
@@ -216,6 +216,10 @@ def served(tmp_path_factory):
     write_model(base / "models", "broken", mlp_model(), config_toml=scorer_config(bad))
     write_model(base / "models", "plain", mlp_model())
     write_model(base / "models", "typed", mlp_model(seed=5), config_toml=typed_config())
+    write_model(base / "models", "request_only", identity_model(["FP32"], 1), config_toml=(
+        '[features]\nentity = "user"\ninput = "INPUT_FP32"\n'
+        '[[features.columns]]\nrequest = "amount"\n[request_values]\namount = "float64"\n'
+    ))  # fmt: skip
     server, target = start_server(base)
     ids = np.arange(1, 401, dtype=np.int64)
     facts = populate(target, ids)
@@ -385,6 +389,46 @@ def test_errors_name_the_problem(served) -> None:
             with pytest.raises(ClientError) as info:
                 client.predict(*args)
             assert info.value.code == code, (args[0], info.value)
+            assert text in info.value.message, info.value.message
+
+
+def test_request_values_edge_cases_over_the_wire(served) -> None:
+    """Zero entities get an empty answer; an all-zero null mask is no null; an unknown dtype or
+    a real null is INVALID_ARGUMENT naming the field (they were UNKNOWN or refused wrongly)."""
+    stub = prediction_pb2_grpc.PredictionStub(grpc.insecure_channel(served["target"]))
+    empty = predict_request("scorer", {"user_id": np.array([], np.int64)}, {"amount": np.ones(0)})
+    answer = stub.Predict(empty, timeout=20)
+    assert answer.rows == 0 and [o.name for o in answer.outputs] == ["y"]
+    assert all(o.values.rows == 0 for o in answer.outputs)
+    request = predict_request("scorer", {"user_id": np.array([1, 2])}, {"amount": np.ones(2)})
+    request.request_values[0].values.nulls = bytes(2)
+    assert stub.Predict(request, timeout=20).rows == 2
+    request.request_values[0].values.nulls = bytes([0, 1])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request, timeout=20)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_values[0] (amount): row 1 is null" in info.value.details()
+    request.request_values[0].values.nulls = b""
+    request.request_values[0].values.dtype = 99
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(request, timeout=20)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_values[0] (amount)" in info.value.details()
+
+
+def test_keys_are_checked_against_the_entity_when_no_view_is_read(served) -> None:
+    """A binding of request values alone still names its entity: keys must be its join keys."""
+    amount = {"amount": np.array([2.5])}
+    with PredictionClient(ClientConfig(target=served["target"])) as client:
+        got = client.predict("request_only", {"user_id": np.array([7])}, amount)
+        np.testing.assert_array_equal(got.scores["OUTPUT_FP32"], [[2.5]])
+        for keys, text in (
+            ({"bogus": np.array([7])}, "'bogus' is not a join key of entity 'user'"),
+            ({"user_id": np.array([7.0])}, "join key 'user_id' of entity 'user' is declared INT64"),
+        ):
+            with pytest.raises(ClientError) as info:
+                client.predict("request_only", keys, amount)
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
             assert text in info.value.message, info.value.message
 
 
@@ -576,3 +620,120 @@ def test_stream_flow_control_bounds_what_the_server_runs_ahead(tmp_path) -> None
     assert STREAM_WINDOW <= stalled <= STREAM_WINDOW + 2 * 65536 // size + 2, (stalled, size)
     assert server.consumed == total
     assert [r.request_id for r in read] == [f"q{k}" for k in range(total)]
+
+
+def sum_rows_model():
+    """x [N, 1] -> y [1, 1], the sum over the rows: an output that keeps no row per input row."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.model_zoo import graph_model
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])
+    axes = numpy_helper.from_array(np.array([0], np.int64), "axes")
+    node = helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)
+    return graph_model([node], [x], [y], [axes])
+
+
+ONE_VALUE_CONFIG = """max_batch_size = 0
+[features]
+entity = "user"
+[[features.columns]]
+request = "v"
+[request_values]
+v = "float64"
+"""
+
+
+def test_a_model_that_is_not_batched_scores_each_predict_alone(tmp_path) -> None:
+    """max_batch_size = 0: concurrent Predicts are never merged into one run, so a model whose
+    output keeps no row per input row (a sum over rows) answers each 1-entity call with its own
+    value; a call whose output has fewer rows than its entities fails INTERNAL, saying why."""
+    write_model(tmp_path / "models", "total", sum_rows_model(), config_toml=ONE_VALUE_CONFIG)
+    server, target = start_server(tmp_path)
+    try:
+        with FeatureStoreClient(ClientConfig(target=target)) as client:
+            client.apply([USER], [])
+
+        async def main() -> tuple[list, ClientError]:
+            async with AsyncPredictionClient(ClientConfig(target=target)) as client:
+
+                def one(k: int):
+                    return client.predict("total", {"user_id": [k]}, {"v": np.array([10.0**k])})
+
+                rounds = [await asyncio.gather(*(one(k) for k in range(8))) for _ in range(3)]
+                with pytest.raises(ClientError) as info:
+                    await client.predict("total", {"user_id": [1, 2, 3]}, {"v": np.ones(3)})
+            return rounds, info.value
+
+        rounds, error = asyncio.run(main())
+    finally:
+        server.shutdown()
+    for results in rounds:
+        assert [r.scores["y"].tolist() for r in results] == [[[10.0**k]] for k in range(8)]
+    assert error.code == grpc.StatusCode.INTERNAL
+    assert "output 'y' has shape [1, 1]" in error.message and "input rows (3)" in error.message
+    assert "one row per input row, whatever its max_batch_size" in error.message
+
+
+def test_a_predict_larger_than_the_batcher_queue_runs_in_waves(tmp_path) -> None:
+    """max_batch_size = 8, max_queue_size = 4: a Predict of 100 entities (13 chunks of 8) and five
+    concurrent ones of 8 (merged into one group of 5 chunks) are scored on an idle server, as
+    with no queue limit, instead of being refused for the queue room their chunks take."""
+    small = scorer_config().replace("max_batch_size = 256", "max_batch_size = 8")
+    small = small.replace(
+        "max_queue_delay_us = 500", "max_queue_delay_us = 500\nmax_queue_size = 4"
+    )
+    write_model(tmp_path / "models", "small", mlp_model(seed=3), config_toml=small)
+    write_model(tmp_path / "models", "scorer", mlp_model(seed=3), config_toml=scorer_config())
+    server, target = start_server(tmp_path)
+    ids = np.arange(1, 101)
+    amount = np.random.default_rng(4).random(100) * 500
+    try:
+        populate(target, ids)
+        with PredictionClient(ClientConfig(target=target)) as client:
+            big = client.predict("small", {"user_id": ids}, {"amount": amount})
+            expected = client.predict("scorer", {"user_id": ids}, {"amount": amount})
+
+        async def merged() -> list:
+            async with AsyncPredictionClient(ClientConfig(target=target)) as client:
+                return await asyncio.gather(
+                    *(client.predict("small", {"user_id": ids[k : k + 8]},
+                                     {"amount": amount[k : k + 8]})
+                      for k in range(0, 40, 8))
+                )  # fmt: skip
+
+        parts = asyncio.run(merged())
+    finally:
+        server.shutdown()
+    np.testing.assert_array_equal(big.ok, expected.ok)
+    np.testing.assert_allclose(big.scores["y"], expected.scores["y"], rtol=1e-5, atol=1e-6)
+    got = np.concatenate([part.scores["y"] for part in parts])
+    np.testing.assert_allclose(got, expected.scores["y"][:40], rtol=1e-5, atol=1e-6)
+
+
+def test_a_cancelled_predict_frees_its_batcher_queue_slot(tmp_path) -> None:
+    """A 60 s queue delay keeps a Predict in the batcher's queue (max_queue_size = 1); when its
+    client cancels the call, the slot frees at once, so the next Predict is queued, not refused."""
+    slow = scorer_config().replace(
+        "max_queue_delay_us = 500", "max_queue_delay_us = 60000000\nmax_queue_size = 1"
+    )
+    write_model(tmp_path / "models", "slow", mlp_model(seed=3), config_toml=slow)
+    server, target = start_server(tmp_path)
+    try:
+        ids = np.arange(1, 11)
+        populate(target, ids)
+        batcher = server.models.get("slow").batcher
+        request = predict_request("slow", {"user_id": ids}, {"amount": np.ones(10)})
+        with grpc.insecure_channel(target) as channel:
+            predict = prediction_pb2_grpc.PredictionStub(channel).Predict
+            first = predict.future(request)
+            assert wait_until(lambda: batcher.queued == 1, timeout=30), "never queued"
+            first.cancel()
+            assert wait_until(lambda: batcher.queued == 0, timeout=20), "slot still taken"
+            second = predict.future(request)
+            assert wait_until(lambda: batcher.queued == 1, timeout=30), "second never queued"
+            assert not second.done()
+            second.cancel()
+    finally:
+        server.shutdown()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from featurestore.errors import UnavailableError
+from featurestore.errors import FeatureStoreError, UnavailableError
 from featurestore.online_store import PreparedBatch, WriteResult
 
 
@@ -30,8 +30,9 @@ class Batch(Protocol):
 class BatchWriter(Protocol):
     """Writes many batches in one synced transaction, one result each (OnlineStore)."""
 
-    def write_prepared(self, batches: Sequence[Any]) -> list[WriteResult]:
-        """Write the batches durably; one WriteResult per batch, in order."""
+    def write_prepared(self, batches: Sequence[Any]) -> list[WriteResult | FeatureStoreError]:
+        """Write the batches durably; per batch, in order, its WriteResult or the error that
+        kept it out of the commit (the others commit)."""
         ...
 
 
@@ -149,7 +150,10 @@ class GroupCommitter:
             took = time.monotonic() - started
             self._linger = min(self._linger_fraction * took, self._linger_max_s)
         for (_, future), result in zip(items, results, strict=True):
-            future.set_result(result)
+            if isinstance(result, FeatureStoreError):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
 
 def _rows(queue: deque[tuple[Batch, Future[WriteResult]]]) -> int:

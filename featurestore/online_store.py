@@ -21,7 +21,10 @@ import numpy as np
 from featurestore.dtypes import DType, is_float, numpy_dtype, wrong_type
 from featurestore.errors import (
     BadRowError,
+    ConflictError,
+    FeatureStoreError,
     InvalidArgumentError,
+    NotFoundError,
     ResourceExhaustedError,
     UnavailableError,
 )
@@ -70,6 +73,7 @@ __all__ = [
     "StoreConfig",
     "WriteBatch",
     "WriteResult",
+    "definition_changed",
 ]
 
 
@@ -120,7 +124,11 @@ class WriteBatch:
 
 @dataclass
 class PreparedBatch:
-    """A validated, encoded batch ready for write_prepared (LMDB keys and packed rows)."""
+    """A validated, encoded batch ready for write_prepared (LMDB keys and packed rows).
+
+    view is the definition the rows were encoded for: write_prepared fails the batch if that
+    view version has been deleted (and perhaps re-created) since (see definition_changed).
+    """
 
     view: FeatureView
     keys: list[bytes]
@@ -157,9 +165,12 @@ class ReadResult:
 
 
 class _ResizeGate:
-    """Transactions hold it shared; remapping (set_mapsize) holds it exclusively.
+    """Transactions hold it shared; remapping (set_mapsize), reopening the environment and
+    deleting a named database hold it exclusively.
 
-    LMDB unmaps the old map on resize, so no transaction of this process may be open then.
+    LMDB unmaps the old map on resize, and closes this process's handle of a deleted database
+    at once (its slot then goes to the next database opened), so no transaction of this process
+    may be open then.
     """
 
     def __init__(self) -> None:
@@ -179,6 +190,14 @@ class _ResizeGate:
                 self._idle.notify_all()
 
     @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.enter()
+        try:
+            yield
+        finally:
+            self.exit()
+
+    @contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._lock:
             self._waiting += 1
@@ -190,14 +209,39 @@ class _ResizeGate:
             yield
 
 
+class _DeadHandles(Exception):
+    """Raised inside a write transaction that needs a database this process holds a handle of
+    that another process deleted, or that found the handle table full while this process holds
+    such handles: run_write reopens the environment and reruns."""
+
+
 class LmdbEnv:
-    """The LMDB environment with map growth, resize handling and named-database handles."""
+    """The LMDB environment with map growth, resize handling and named-database handles.
+
+    Handles are cached per process; LMDB's table of them holds at most max_dbs. Deleting a
+    database closes this process's handle (drop_db). Another process's handle of it stays in
+    its table: LMDB looks a database up by name in each transaction, so reads through it see
+    no rows, or the rows of a database created again under the name, but a write needing the
+    database fails, and opening the name again returns the same handle. That process reopens
+    its environment when it meets such a handle in a write, or when its table is full.
+    """
 
     def __init__(self, config: StoreConfig) -> None:
         Path(config.path).mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(
+        self._config = config
+        self.gate = _ResizeGate()
+        self._write_lock = threading.Lock()
+        self._open_lock = threading.RLock()
+        self._dbs: dict[bytes, lmdb._Database] = {}
+        self._opened: dict[bytes, lmdb._Database] = {}
+        self.env = self._open(config.map_size)
+        self._registry_db = self._ensure_db(REGISTRY_DB)
+
+    def _open(self, map_size: int) -> lmdb.Environment:
+        config = self._config
+        return lmdb.open(
             str(config.path),
-            map_size=config.map_size,
+            map_size=map_size,
             max_readers=config.max_readers,
             max_dbs=config.max_dbs,
             sync=config.sync,
@@ -205,18 +249,24 @@ class LmdbEnv:
             lock=True,
             readahead=False,
         )
-        self.gate = _ResizeGate()
-        self._write_lock = threading.Lock()
-        self._open_lock = threading.RLock()
-        self._dbs: dict[bytes, lmdb._Database] = {}
-        self._registry_db = self._ensure_db(REGISTRY_DB)
 
     def _ensure_db(self, name: bytes) -> lmdb._Database:
         db = self.existing_db(name)
         if db is None:
             db = self.run_write(lambda txn: self.db_in_write(name, txn))
-            self._dbs[name] = db
         return db
+
+    def _reopen(self) -> None:
+        """Close and reopen the environment (with the write lock held): the only way to free
+        the handle slots of databases that other processes deleted."""
+        with self.gate.exclusive():
+            map_size = self.env.info()["map_size"]
+            self.env.close()
+            self._dbs.clear()
+            self.env = self._open(map_size)
+            with self._open_lock:
+                self._registry_db = self.env.open_db(REGISTRY_DB, create=False)
+            self._dbs[REGISTRY_DB] = self._registry_db
 
     def grow(self, size: int) -> None:
         """Remap to `size` bytes (0 = adopt the size another process set)."""
@@ -248,53 +298,113 @@ class LmdbEnv:
         self,
         fn: Callable[[lmdb.Transaction], T],
         committing: AbstractContextManager[object] = NO_CONTEXT,
+        exclusive: bool = False,
     ) -> T:
         """Run fn in a write transaction and commit (inside `committing`: the commit writes and
         syncs with the GIL released throughout); on MapFullError double the map and rerun, so
         `committing` may be entered more than once (a reusable context manager, not a
-        generator)."""
+        generator). exclusive: no other transaction of this process runs alongside (needed to
+        delete a database: see drop_db)."""
         with self._write_lock:
             while True:
-                self.gate.enter()
                 try:
-                    txn = self.env.begin(write=True)
+                    with self.gate.exclusive() if exclusive else self.gate.shared():
+                        return self._write_once(fn, committing)
                 except lmdb.MapResizedError:
-                    self.gate.exit()
                     self.grow(0)
-                    continue
-                try:
-                    result = fn(txn)
-                    with committing:
-                        txn.commit()
-                    return result
                 except lmdb.MapFullError:
-                    txn.abort()
-                except BaseException:
-                    txn.abort()
-                    raise
-                finally:
-                    self.gate.exit()
-                self.grow(self.env.info()["map_size"] * 2)
+                    self.grow(self.env.info()["map_size"] * 2)
+                except _DeadHandles:
+                    self._reopen()
+
+    def _write_once(
+        self, fn: Callable[[lmdb.Transaction], T], committing: AbstractContextManager[object]
+    ) -> T:
+        """One attempt of run_write; handles opened by fn are cached once the commit succeeds
+        (LMDB closes them if the transaction aborts)."""
+        txn = self.env.begin(write=True)
+        try:
+            result = fn(txn)
+            with committing:
+                txn.commit()
+        except BaseException:
+            txn.abort()
+            self._opened.clear()
+            raise
+        self._dbs.update(self._opened)
+        self._opened.clear()
+        return result
 
     def registry_db(self) -> lmdb._Database:
         """The named database holding the registry."""
         return self._registry_db
 
     def db_in_write(self, name: bytes, txn: lmdb.Transaction) -> lmdb._Database:
-        """Open (creating if needed) a named database inside a write transaction."""
+        """Open (creating if needed) a named database inside a write transaction.
+
+        ResourceExhaustedError when LMDB's handle table (max_dbs) is full of live databases.
+        A handle of a database another process deleted can neither write nor create it again
+        (LMDB hands out the same handle for the name), so run_write then reopens and reruns.
+        """
         db = self._dbs.get(name)
-        if db is not None:
-            return db
-        with self._open_lock:
-            db = self.env.open_db(name, txn=txn, create=True)
+        if db is None:
+            db = self._opened.get(name)
+        if db is None:
+            db = self._open_in_write(name, txn, create=True)
+        if txn.get(name) is None:
+            raise _DeadHandles
         return db
+
+    def drop_db(self, name: bytes, txn: lmdb.Transaction) -> None:
+        """Delete a named database (if it exists) in a write transaction run with
+        exclusive=True, and forget its handle: LMDB closes it at once, even if txn aborts."""
+        db = self._dbs.get(name)
+        if db is None:
+            db = self._opened.get(name)
+        if db is None:
+            db = self._open_in_write(name, txn, create=False)
+        if db is None or txn.get(name) is None:
+            return
+        self._dbs.pop(name, None)
+        self._opened.pop(name, None)
+        txn.drop(db, delete=True)
+
+    def _open_in_write(
+        self, name: bytes, txn: lmdb.Transaction, create: bool
+    ) -> lmdb._Database | None:
+        try:
+            with self._open_lock:
+                db = self.env.open_db(name, txn=txn, create=create)
+        except lmdb.NotFoundError:
+            return None
+        except lmdb.DbsFullError:
+            if self._holds_dead_handles(txn):
+                raise _DeadHandles from None
+            raise self._dbs_full() from None
+        self._opened[name] = db
+        return db
+
+    def _holds_dead_handles(self, txn: lmdb.Transaction) -> bool:
+        """Whether this process holds a handle of a database that no longer exists."""
+        return any(txn.get(name) is None for name in self._dbs)
+
+    def _dbs_full(self) -> ResourceExhaustedError:
+        limit = self._config.max_dbs
+        return ResourceExhaustedError(
+            f"no room for another LMDB database: max_dbs={limit} in the store config allows "
+            f"{(limit - 1) // 2} view versions (2 databases each: online rows and history); "
+            "delete view versions no longer used, or raise max_dbs in the store config "
+            "(StoreConfig.max_dbs)"
+        )
 
     def view_db(self, name: str, version: int, txn: lmdb.Transaction) -> lmdb._Database:
         """The online rows database of a view version, created if needed (write txn)."""
         return self.db_in_write(view_db_name(name, version), txn)
 
     def existing_db(self, name: bytes) -> lmdb._Database | None:
-        """A handle to a named database that exists, or None; cached once found.
+        """A handle to a named database that exists, or None; cached once found. Call it
+        outside any transaction, and use the handle only from cached_db inside one (a
+        database deleted in between has no cached handle any more).
 
         LMDB keeps a handle opened in a read-only transaction only for that transaction, so
         this briefly takes the write lock (first use of a database in this process only).
@@ -302,29 +412,29 @@ class LmdbEnv:
         db = self._dbs.get(name)
         if db is not None:
             return db
-        while True:
-            with self._write_lock, self._open_lock:
-                self.gate.enter()
+        with self._write_lock:
+            while True:
                 try:
-                    db = self.env.open_db(name, create=False)
+                    with self.gate.shared(), self._open_lock:
+                        db = self.env.open_db(name, create=False)
                 except lmdb.NotFoundError:
                     return None
                 except lmdb.MapResizedError:
-                    db = None
-                finally:
-                    self.gate.exit()
-            if db is not None:
+                    self.grow(0)
+                    continue
+                except lmdb.DbsFullError:
+                    with self.read_txn() as txn:
+                        dead = self._holds_dead_handles(txn)
+                    if not dead:
+                        raise self._dbs_full() from None
+                    self._reopen()
+                    continue
                 self._dbs[name] = db
                 return db
-            self.grow(0)
 
     def cached_db(self, name: bytes) -> lmdb._Database | None:
         """A handle this process already holds, without touching LMDB."""
         return self._dbs.get(name)
-
-    def remember(self, name: bytes, db: lmdb._Database) -> None:
-        """Cache a handle opened in a write transaction that has committed."""
-        self._dbs[name] = db
 
     def close(self) -> None:
         """Close the environment once no transaction of this process is open."""
@@ -558,53 +668,81 @@ class OnlineStore:
         self,
         batches: Sequence[PreparedBatch],
         committing: AbstractContextManager[object] = NO_CONTEXT,
-    ) -> list[WriteResult]:
+    ) -> list[WriteResult | FeatureStoreError]:
         """Write many prepared batches in ONE synced transaction (durable on return).
 
         Last-write-wins by event time, compared inside the transaction: a row older than the
         stored one counts as stale, and so does an equal one (a replay changes nothing). Batches
         without rows (empty, or every row rejected) need no transaction and get none. The
         commit (writing the pages and syncing them) runs inside `committing`.
+
+        A batch that cannot be written gets its error in place of its WriteResult while the
+        others commit: its view version was deleted or re-created since the batch was prepared
+        (checked once per view version inside the transaction), or a new view version finds no
+        room for its databases (ResourceExhaustedError naming max_dbs).
         """
         self._check_open()
-        if not any(b.keys for b in batches):
-            return [WriteResult(0, 0, b.rejected, b.errors) for b in batches]
+        results: list[WriteResult | FeatureStoreError] = [
+            WriteResult(0, 0, b.rejected, b.errors) for b in batches
+        ]
         groups: dict[tuple[str, int], list[int]] = {}
         for i, batch in enumerate(batches):
-            groups.setdefault((batch.view.name, batch.view.version), []).append(i)
+            if batch.keys:
+                groups.setdefault((batch.view.name, batch.view.version), []).append(i)
+        if not groups:
+            return results
 
-        def work(txn: lmdb.Transaction) -> tuple[list[int], list[int], list[tuple[bytes, object]]]:
-            written = [0] * len(batches)
-            stale = [0] * len(batches)
-            opened = []
+        def work(txn: lmdb.Transaction) -> list[WriteResult | FeatureStoreError]:
+            out = list(results)
             for (name, version), members in groups.items():
-                db_name = view_db_name(name, version)
-                db = self._lmdb.db_in_write(db_name, txn)
-                hist_name = history_db_name(name, version)
-                hist = self._lmdb.db_in_write(hist_name, txn)
-                opened += [(db_name, db), (hist_name, hist)]
-                accepted = _apply_group(txn, db, [batches[i] for i in members])
-                for i, (w, s) in zip(members, accepted, strict=True):
-                    written[i], stale[i] = w, s
-                cur = txn.cursor(db=hist)
-                seq = int.from_bytes(cur.key(), "big") + 1 if cur.last() else 1
+                current = self.registry.find_view(name, version, txn)
+                live = []
                 for i in members:
-                    if batches[i].keys:
-                        cur.put(seq.to_bytes(8, "big"), batches[i].history, append=True)
-                        seq += 1
-            return written, stale, opened
+                    view = batches[i].view
+                    error = definition_changed(name, version, view.created_us, current)
+                    if error is None:
+                        live.append(i)
+                    else:
+                        out[i] = error
+                if live:
+                    self._write_group(txn, name, version, [batches[i] for i in live], live, out)
+            return out
 
-        written, stale, opened = self._lmdb.run_write(work, committing)
-        for name, db in opened:
-            self._lmdb.remember(name, db)
-        return [
-            WriteResult(w, s, b.rejected, b.errors)
-            for w, s, b in zip(written, stale, batches, strict=True)
-        ]
+        return self._lmdb.run_write(work, committing)
+
+    def _write_group(
+        self,
+        txn: lmdb.Transaction,
+        name: str,
+        version: int,
+        group: list[PreparedBatch],
+        positions: list[int],
+        out: list[WriteResult | FeatureStoreError],
+    ) -> None:
+        """Apply one view version's batches and append them to its history; their results go
+        to out[positions]."""
+        try:
+            db = self._lmdb.db_in_write(view_db_name(name, version), txn)
+            hist = self._lmdb.db_in_write(history_db_name(name, version), txn)
+        except ResourceExhaustedError as exc:
+            for i in positions:
+                out[i] = exc
+            return
+        accepted = _apply_group(txn, db, group)
+        for i, batch, (written, stale) in zip(positions, group, accepted, strict=True):
+            out[i] = WriteResult(written, stale, batch.rejected, batch.errors)
+        cur = txn.cursor(db=hist)
+        seq = int.from_bytes(cur.key(), "big") + 1 if cur.last() else 1
+        for batch in group:
+            cur.put(seq.to_bytes(8, "big"), batch.history, append=True)
+            seq += 1
 
     def write(self, batch: WriteBatch, now_us: int | None = None) -> WriteResult:
-        """prepare + write_prepared for one batch."""
-        return self.write_prepared([self.prepare(batch, now_us)])[0]
+        """prepare + write_prepared for one batch (raising its error, if any)."""
+        result = self.write_prepared([self.prepare(batch, now_us)])[0]
+        if isinstance(result, FeatureStoreError):
+            raise result
+        return result
 
     def _plan(self, view: FeatureView, features: Sequence[str] | None) -> _Plan:
         key = (
@@ -694,10 +832,13 @@ class OnlineStore:
         """Bytes of LMDB pages holding a view version's online rows (0 before its first write)."""
         self._check_open()
         fv = self.registry.get_view(view, version)
-        db = self._lmdb.existing_db(view_db_name(fv.name, fv.version))
-        if db is None:
+        name = view_db_name(fv.name, fv.version)
+        if self._lmdb.existing_db(name) is None:
             return 0
         with self._lmdb.read_txn() as txn:
+            db = self._lmdb.cached_db(name)
+            if db is None:
+                return 0
             stat = txn.stat(db)
         pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
         return pages * stat["psize"]
@@ -705,10 +846,13 @@ class OnlineStore:
     def history_blobs(self, name: str, version: int) -> list[bytes]:
         """Every history record of a view version, in write order."""
         self._check_open()
-        db = self._lmdb.existing_db(history_db_name(name, version))
-        if db is None:
+        db_name = history_db_name(name, version)
+        if self._lmdb.existing_db(db_name) is None:
             return []
         with self._lmdb.read_txn() as txn:
+            db = self._lmdb.cached_db(db_name)
+            if db is None:
+                return []
             return [bytes(v) for _, v in txn.cursor(db=db)]
 
     def replace_online_rows(
@@ -718,6 +862,7 @@ class OnlineStore:
         self._check_open()
 
         def work(txn: lmdb.Transaction) -> None:
+            self.registry.get_view(name, version, txn)
             db = self._lmdb.view_db(name, version, txn)
             txn.drop(db, delete=False)
             txn.cursor(db=db).putmulti(pairs)
@@ -733,6 +878,29 @@ _KINDS = {
     DType.STRING: "OUS",
     DType.FLOAT32_VECTOR: "fiu",
 }
+
+
+def definition_changed(
+    name: str, version: int, created_us: int, current: FeatureView | None
+) -> FeatureStoreError | None:
+    """Why a batch encoded for the definition of view `name` v`version` created at created_us
+    must not be written now that the registry holds `current` for that version (None: none),
+    or None if it may: an in-place update (added features, metadata) keeps created_us, and rows
+    record their feature count, so rows encoded before it stay readable."""
+    where = f"feature view {name!r} v{version}"
+    if current is None:
+        return NotFoundError(
+            f"{where} was deleted after this batch was checked against it, so nothing was "
+            "written; apply the view again (or write to an existing version) and resend the batch"
+        )
+    if current.created_us != created_us:
+        return ConflictError(
+            f"{where} was deleted and re-created since this batch was checked against it (the "
+            f"batch was encoded for the definition created at {created_us} µs, the view now is "
+            f"the one created at {current.created_us} µs), so nothing was written; resend the "
+            "batch to check it against the current definition"
+        )
+    return None
 
 
 def _null_mask(nulls: dict[str, np.ndarray], name: str, n: int) -> np.ndarray:

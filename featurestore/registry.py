@@ -1,7 +1,9 @@
 """Entities and versioned feature views, stored in the online store's LMDB environment.
 
-Definitions live in their own named database; a generation counter bumped by every apply lets
-each process keep a parsed in-memory cache and refresh it with one cheap `get`.
+Definitions live in their own named database; a generation counter bumped by every apply and
+delete lets each process keep a parsed in-memory cache and refresh it with one cheap `get`.
+A view version's created_us identifies its definition: an in-place update keeps it, and a
+version deleted and created again gets a later one (creation times never repeat).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ T = TypeVar("T")
 
 REGISTRY_DB = b"__registry__"
 _GENERATION = b"gen"
+_LAST_CREATED = b"created"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _KEY_DTYPES = (DType.INT64, DType.STRING)
 
@@ -99,11 +102,13 @@ class TxnSource(Protocol):
 
     def read_txn(self) -> AbstractContextManager[lmdb.Transaction]: ...
 
-    def run_write(self, fn: Callable[[lmdb.Transaction], T]) -> T: ...
+    def run_write(self, fn: Callable[[lmdb.Transaction], T], *, exclusive: bool = False) -> T: ...
 
     def registry_db(self) -> lmdb._Database: ...
 
     def db_in_write(self, name: bytes, txn: lmdb.Transaction) -> lmdb._Database: ...
+
+    def drop_db(self, name: bytes, txn: lmdb.Transaction) -> None: ...
 
 
 def view_db_name(name: str, version: int) -> bytes:
@@ -299,17 +304,20 @@ class Registry:
 
     def __init__(self, env: TxnSource) -> None:
         self._env = env
-        self._generation = -1
-        self._snap = _Snapshot({}, {})
+        self._cache: tuple[int, _Snapshot] = (-1, _Snapshot({}, {}))
 
-    def refresh(self, txn: lmdb.Transaction) -> None:
-        """Reload the cache if another apply committed since it was filled (one `get` if not)."""
+    def _snapshot(self, txn: lmdb.Transaction) -> _Snapshot:
+        """The definitions as of txn: the cache, reloaded if an apply or delete committed since
+        it was filled (one `get` if not). Callers use the snapshot returned, never the cache:
+        another thread may refill it from an older transaction meanwhile."""
         db = self._env.registry_db()
         raw = txn.get(_GENERATION, db=db)
         generation = int.from_bytes(raw, "little") if raw else 0
-        if generation != self._generation:
-            self._snap = self._load(txn, db)
-            self._generation = generation
+        cached, snap = self._cache
+        if generation != cached:
+            snap = self._load(txn, db)
+            self._cache = (generation, snap)
+        return snap
 
     def _load(self, txn: lmdb.Transaction, db: lmdb._Database) -> _Snapshot:
         snap = _Snapshot({}, {})
@@ -324,18 +332,13 @@ class Registry:
 
     def _current(self) -> _Snapshot:
         with self._env.read_txn() as txn:
-            self.refresh(txn)
-        return self._snap
+            return self._snapshot(txn)
 
     def get_view(
         self, name: str, version: int = 0, txn: lmdb.Transaction | None = None
     ) -> FeatureView:
         """The view `name` at `version` (0 = latest); NotFoundError lists what exists."""
-        if txn is None:
-            snap = self._current()
-        else:
-            self.refresh(txn)
-            snap = self._snap
+        snap = self._current() if txn is None else self._snapshot(txn)
         versions = snap.views.get(name)
         if not versions:
             known = ", ".join(sorted(snap.views)) or "none"
@@ -349,6 +352,14 @@ class Registry:
                 f"feature view {name!r} has no version {version}; versions: {known}"
             )
         return view
+
+    def find_view(
+        self, name: str, version: int, txn: lmdb.Transaction | None = None
+    ) -> FeatureView | None:
+        """The view `name` at `version` (>= 1), or None: what a write checks the definition its
+        batches were encoded for against (there, absence is an outcome, not an error)."""
+        snap = self._current() if txn is None else self._snapshot(txn)
+        return snap.views.get(name, {}).get(version)
 
     def list_views(self, name_prefix: str = "", all_versions: bool = False) -> list[FeatureView]:
         """Views whose name starts with name_prefix, by name; latest version only unless asked."""
@@ -366,11 +377,7 @@ class Registry:
 
     def get_entity(self, name: str, txn: lmdb.Transaction | None = None) -> Entity:
         """The entity `name`; NotFoundError lists the registered entities."""
-        if txn is None:
-            snap = self._current()
-        else:
-            self.refresh(txn)
-            snap = self._snap
+        snap = self._current() if txn is None else self._snapshot(txn)
         entity = snap.entities.get(name)
         if entity is None:
             known = ", ".join(sorted(snap.entities)) or "none"
@@ -399,7 +406,9 @@ class Registry:
         def work(txn: lmdb.Transaction) -> list[ApplyResult]:
             db = self._env.registry_db()
             snap = self._load(txn, db)
-            now = time.time_ns() // 1000
+            raw = txn.get(_LAST_CREATED, db=db)
+            last_created = int.from_bytes(raw, "little") if raw else 0
+            now = max(time.time_ns() // 1000, last_created + 1)
             puts: list[tuple[bytes, bytes]] = []
             new_views: list[FeatureView] = []
             for entity in entities:
@@ -423,9 +432,9 @@ class Registry:
             for key, value in puts:
                 txn.put(key, value, db=db)
             if puts:
-                raw = txn.get(_GENERATION, db=db)
-                generation = (int.from_bytes(raw, "little") if raw else 0) + 1
-                txn.put(_GENERATION, generation.to_bytes(8, "little"), db=db)
+                _bump_generation(txn, db)
+            if new_views:
+                txn.put(_LAST_CREATED, now.to_bytes(8, "little"), db=db)
             for view in new_views:
                 self._env.db_in_write(view_db_name(view.name, view.version), txn)
             return results
@@ -465,7 +474,8 @@ class Registry:
         return ApplyResult(merged.name, merged.version, "updated")
 
     def delete_view(self, name: str, version: int) -> None:
-        """Remove one version of a view and empty its online rows; NotFoundError if absent."""
+        """Remove one version of a view and delete its databases (online rows and history),
+        freeing their room under max_dbs; NotFoundError if absent."""
 
         def work(txn: lmdb.Transaction) -> None:
             db = self._env.registry_db()
@@ -473,10 +483,15 @@ class Registry:
                 raise InvalidArgumentError(f"delete_view {name!r}: name the version to delete")
             self.get_view(name, version, txn)
             txn.delete(_view_key(name, version), db=db)
-            raw = txn.get(_GENERATION, db=db)
-            generation = (int.from_bytes(raw, "little") if raw else 0) + 1
-            txn.put(_GENERATION, generation.to_bytes(8, "little"), db=db)
-            txn.drop(self._env.db_in_write(view_db_name(name, version), txn), delete=False)
-            txn.drop(self._env.db_in_write(history_db_name(name, version), txn), delete=False)
+            _bump_generation(txn, db)
+            self._env.drop_db(view_db_name(name, version), txn)
+            self._env.drop_db(history_db_name(name, version), txn)
 
-        self._env.run_write(work)
+        self._env.run_write(work, exclusive=True)
+
+
+def _bump_generation(txn: lmdb.Transaction, db: lmdb._Database) -> None:
+    """Tell every process's cache (see Registry._snapshot) that the definitions changed."""
+    raw = txn.get(_GENERATION, db=db)
+    generation = (int.from_bytes(raw, "little") if raw else 0) + 1
+    txn.put(_GENERATION, generation.to_bytes(8, "little"), db=db)

@@ -11,7 +11,7 @@ import pytest
 
 from featurestore.commit_process import CommitProcess, _Received, _Unpacker
 from featurestore.dtypes import DType
-from featurestore.errors import UnavailableError
+from featurestore.errors import ConflictError, NotFoundError, UnavailableError
 from featurestore.history import pack_batch, read_log
 from featurestore.online_store import OnlineStore, PreparedBatch, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
@@ -130,7 +130,9 @@ def test_batches_are_unpacked_only_while_a_commit_is_being_written():
     keys = [i.to_bytes(8, "big") for i in range(1000)]
     rows = [bytes([i % 256]) * (i % 40) for i in range(1000)]
     history = pack_batch(keys, rows)
-    batches = [_Received("score", 1, 1000, np.zeros(1000, np.int64), history) for _ in range(3)]
+    batches = [
+        _Received("score", 1, NOW, 1000, np.zeros(1000, np.int64), history) for _ in range(3)
+    ]
     unpacker = _Unpacker()
     try:
         for received in batches:
@@ -144,3 +146,46 @@ def test_batches_are_unpacked_only_while_a_commit_is_being_written():
         assert [received.unpacked for received in batches] == [(keys, rows)] * 3
     finally:
         unpacker.close()
+
+
+def test_a_batch_held_while_its_view_version_is_re_created_fails_and_new_rows_read_back(
+    store: OnlineStore,
+):
+    """The server checked and encoded `stale` against score v1 (FLOAT32) and sent it; v1 is
+    deleted and created again with score as STRING before the child commits it (SIGSTOP holds
+    the child). The child fails stale, writes the batch checked against the new definition,
+    and a batch for a version deleted meanwhile creates nothing."""
+    store.registry.apply([], [FeatureView("gone", "user", SCORE.features)])
+    committer = CommitProcess(store.config)
+    try:
+        assert committer.submit(store.prepare(batch([1], NOW, 1.0), now_us=NOW)).result(60).written
+        child = committer.pid
+        os.kill(child, signal.SIGSTOP)
+        try:
+            stale = committer.submit(store.prepare(batch([2, 3], NOW, 2.0), now_us=NOW))
+            gone = batch([1], NOW, 1.0)
+            gone.view = "gone"
+            orphan = committer.submit(store.prepare(gone, now_us=NOW))
+            store.registry.delete_view("score", 1)
+            store.registry.delete_view("gone", 1)
+            store.registry.apply(
+                [], [FeatureView("score", "user", (Feature("score", DType.STRING),))]
+            )
+            text = {"score": np.array(["c", "d"], dtype=object)}
+            fresh = WriteBatch("score", {"user_id": np.array([3, 4])}, np.full(2, NOW), text)
+            written = committer.submit(store.prepare(fresh, now_us=NOW))
+        finally:
+            os.kill(child, signal.SIGCONT)
+        error = stale.exception(60)
+        assert isinstance(error, ConflictError)
+        assert "'score' v1 was deleted and re-created since this batch was checked" in str(error)
+        assert isinstance(orphan.exception(60), NotFoundError)
+        assert written.result(60).written == 2
+        assert committer.pid == child
+    finally:
+        committer.close()
+    read = store.read("score", {"user_id": np.array([1, 2, 3, 4])}, now_us=NOW)
+    assert read.blocks[0].values[:, 0].tolist() == ["", "", "c", "d"]
+    assert read.row_status.tolist() == [2, 2, 1, 1]
+    with store._lmdb.env.begin() as txn:
+        assert (txn.get(b"v:gone@1"), txn.get(b"h:gone@1")) == (None, None)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from featurestore.dtypes import DType
-from featurestore.errors import NotFoundError, UnavailableError
+from featurestore.errors import ConflictError, NotFoundError, UnavailableError
 from featurestore.group_commit import Committer, GroupCommitter
 from featurestore.online_store import OnlineStore, PreparedBatch, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
@@ -131,3 +131,35 @@ def test_a_lone_write_after_small_commits_does_not_linger(tmp_path: Path):
             assert committer.commits == 4
         finally:
             committer.close()
+
+
+def test_a_batch_checked_before_its_view_version_was_re_created_fails_alone(tmp_path: Path):
+    """stale is encoded for score v1 (FLOAT32), which is then deleted and created again with
+    score as STRING. max_batch_rows (5, the three batches' rows) and a long max_delay_s put the
+    three batches in one commit: stale fails, the others are written."""
+    with OnlineStore(StoreConfig(tmp_path / "db")) as store:
+        store.registry.apply([USER], [SCORE, FeatureView("other", "user", SCORE.features)])
+        stale = store.prepare(batch([1, 2], NOW, 1.0), now_us=NOW)
+        store.registry.delete_view("score", 1)
+        store.registry.apply([], [FeatureView("score", "user", (Feature("score", DType.STRING),))])
+        fresh = WriteBatch(
+            "score",
+            {"user_id": np.array([2, 3])},
+            np.full(2, NOW),
+            {"score": np.array(["b", "c"], dtype=object)},
+        )
+        other = batch([1], NOW, 4.0)
+        other.view = "other"
+        prepared = [stale, store.prepare(fresh, now_us=NOW), store.prepare(other, now_us=NOW)]
+        committer = GroupCommitter(store, max_batch_rows=5, max_delay_s=60.0)
+        try:
+            futures = [committer.submit(b) for b in prepared]
+            error = futures[0].exception(timeout=60)
+            assert isinstance(error, ConflictError) and "deleted and re-created" in str(error)
+            assert [f.result(timeout=60).written for f in futures[1:]] == [2, 1]
+            assert committer.commits == 1
+        finally:
+            committer.close()
+        read = store.read("score", {"user_id": np.array([1, 2, 3])}, now_us=NOW)
+        assert read.blocks[0].values[:, 0].tolist() == ["", "b", "c"]
+        assert read.row_status.tolist() == [2, 1, 1]

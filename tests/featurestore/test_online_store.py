@@ -1,5 +1,7 @@
 """Online store on real LMDB files: round trips, last-write-wins, TTL, validation, map growth."""
 
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.errors import (
+    ConflictError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
@@ -38,6 +41,7 @@ ALL = FeatureView(
     ),
 )
 SCORE = FeatureView("score", "user", (Feature("score", DType.FLOAT32),), ttl_seconds=60)
+SCORE_TEXT = FeatureView("score", "user", (Feature("score", DType.STRING),))
 
 
 @pytest.fixture
@@ -380,7 +384,8 @@ def test_garbage_string_keys_never_touch_neighbours(store):
     assert res.blocks[0].values[:, 0].tolist() == list(range(n))[::-1]
     long_key = np.array(["y" * 600, 5, "ok"], dtype=object)
     bad = WriteBatch("tag", {"name": long_key}, np.full(3, NOW), {"n": np.arange(3)})
-    with pytest.raises(InvalidArgumentError, match=r"column 'name' row 0: key is 604 bytes"):
+    too_long = r"column 'name' row 0: join key 'name': 600 bytes; .* at most 507 bytes"
+    with pytest.raises(InvalidArgumentError, match=too_long):
         store.write(bad, now_us=NOW)
     bad.skip_bad_rows = True
     result = store.write(bad, now_us=NOW)
@@ -562,3 +567,193 @@ def test_read_many_reads_every_view_from_one_snapshot(tmp_path: Path):
             checked += 1
         writer.join()
     assert checked > 10 and mismatches == 0
+
+
+def text_batch(ids, values) -> WriteBatch:
+    """Rows for SCORE_TEXT (score v1 deleted and created again with score as STRING)."""
+    return WriteBatch(
+        "score",
+        {"user_id": np.asarray(ids, np.int64)},
+        np.full(len(ids), NOW, np.int64),
+        {"score": np.array(values, dtype=object)},
+    )
+
+
+def test_a_batch_checked_before_its_view_version_was_re_created_fails_alone(store):
+    """The batch is checked and encoded against score v1 (FLOAT32); v1 is then deleted and
+    created again with score as STRING. Its FLOAT32 rows must not land under the STRING layout;
+    the batches beside it in the same commit, of that version and of another view, are written."""
+    stale = store.prepare(score_batch([1, 2], [NOW] * 2, [1.5, 2.5]), now_us=NOW)
+    store.registry.delete_view("score", 1)
+    store.registry.apply([], [SCORE_TEXT])
+    fresh = store.prepare(text_batch([2, 3], ["b", "c"]), now_us=NOW)
+    other = store.prepare(all_batch([7], NOW), now_us=NOW)
+    results = store.write_prepared([stale, fresh, other])
+    assert isinstance(results[0], ConflictError)
+    assert "'score' v1 was deleted and re-created since this batch was checked" in str(results[0])
+    assert "resend the batch" in str(results[0])
+    assert [(r.written, r.stale) for r in results[1:]] == [(2, 0), (1, 0)]
+    res = store.read("score", {"user_id": np.array([1, 2, 3])}, now_us=NOW)
+    values, statuses = column(res, "score")
+    assert values.tolist() == ["", "b", "c"] and statuses.tolist() == [2, 1, 1]
+    assert len(store.history_blobs("score", 1)) == 1
+
+
+def test_a_batch_checked_before_its_view_version_was_deleted_fails_and_creates_nothing(store):
+    gone = store.prepare(score_batch([1], [NOW], [1.0]), now_us=NOW)
+    store.registry.delete_view("score", 1)
+    [result] = store.write_prepared([gone])
+    assert isinstance(result, NotFoundError)
+    assert "'score' v1 was deleted after this batch was checked" in str(result)
+    with store._lmdb.env.begin() as txn:
+        assert (txn.get(b"v:score@1"), txn.get(b"h:score@1")) == (None, None)
+
+
+def test_a_batch_checked_before_features_were_added_in_place_is_written(store):
+    """Adding a feature keeps the version's identity (created_us); the row records its own
+    feature count, so it reads back with the new feature missing."""
+    early = store.prepare(score_batch([1], [NOW], [1.5]), now_us=NOW)
+    wider = FeatureView("score", "user", (*SCORE.features, Feature("label", DType.STRING)))
+    assert store.registry.apply([], [wider])[0].action == "updated"
+    assert store.write_prepared([early])[0].written == 1
+    res = store.read("score", {"user_id": np.array([1])}, now_us=NOW)
+    assert column(res, "score")[0].tolist() == [1.5]
+    assert column(res, "label")[1].tolist() == [FeatureStatus.NULL_VALUE]
+
+
+def int_view(name: str, dtype: DType = DType.INT64) -> FeatureView:
+    return FeatureView(name, "user", (Feature("x", dtype),))
+
+
+def one_row(view: str, value: object) -> WriteBatch:
+    """One row for user 1 of an int_view."""
+    column = np.array([value], dtype=object if isinstance(value, str) else np.int64)
+    return WriteBatch(view, {"user_id": np.array([1])}, np.array([NOW]), {"x": column})
+
+
+def read_x(store: OnlineStore, view: str) -> list:
+    return store.read(view, {"user_id": np.array([1])}, now_us=NOW).blocks[0].values[:, 0].tolist()
+
+
+def test_deleted_versions_free_their_databases_and_their_handles_are_never_reused(tmp_path):
+    """max_dbs=8 holds the registry and three view versions (two databases each). Twenty
+    cycles create, write and read a version and delete the oldest. LMDB gives a deleted
+    database's handle slot to the next database opened, so a handle of v0 kept in a cache would
+    read another view's rows once another process has created v0 again."""
+    config = StoreConfig(tmp_path / "db", max_dbs=8, sync=False)
+    with OnlineStore(config) as store:
+        store.registry.apply([USER], [])
+        live: list[tuple[str, object]] = []
+        for i in range(20):
+            name, value = f"v{i}", (i, f"s{i}")[i % 2]
+            store.registry.apply([], [int_view(name, (DType.INT64, DType.STRING)[i % 2])])
+            assert store.write(one_row(name, value), now_us=NOW).written == 1
+            live.append((name, value))
+            assert [read_x(store, view) for view, _ in live] == [[v] for _, v in live]
+            if len(live) == 3:
+                store.registry.delete_view(live.pop(0)[0], 1)
+        in_child(config, "+v0")
+        assert read_x(store, "v0") == [99]
+        with store._lmdb.env.begin() as txn:
+            names = [key for key, _ in txn.cursor()]
+    assert names == [
+        b"__registry__",
+        b"h:v0@1",
+        b"h:v18@1",
+        b"h:v19@1",
+        b"v:v0@1",
+        b"v:v18@1",
+        b"v:v19@1",
+    ]
+
+
+def test_a_new_view_version_beyond_max_dbs_is_resource_exhausted(tmp_path):
+    """max_dbs=8: the registry, v0..v3's online rows (created by apply) and v0..v2's history
+    fill it; v3's first write needs one more."""
+    with OnlineStore(StoreConfig(tmp_path / "db", max_dbs=8, sync=False)) as store:
+        store.registry.apply([USER], [int_view(f"v{i}") for i in range(4)])
+        for i in range(3):
+            store.write(one_row(f"v{i}", i), now_us=NOW)
+        full, fine = store.write_prepared(
+            [store.prepare(one_row("v3", 3), now_us=NOW), store.prepare(one_row("v0", 5), NOW)]
+        )
+        assert isinstance(full, ResourceExhaustedError)
+        assert "max_dbs=8 in the store config allows 3 view versions" in str(full)
+        assert "delete view versions no longer used, or raise max_dbs" in str(full)
+        assert (fine.written, fine.stale) == (0, 1)
+        with pytest.raises(ResourceExhaustedError, match="max_dbs=8"):
+            store.registry.apply([], [int_view("v4")])
+        with pytest.raises(NotFoundError):
+            store.registry.get_view("v4")
+        store.registry.delete_view("v0", 1)
+        assert store.write(one_row("v3", 3), now_us=NOW).written == 1
+        assert read_x(store, "v3") == [3]
+
+
+IN_CHILD = f"""
+import sys
+import numpy as np
+from featurestore.dtypes import DType
+from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
+from featurestore.registry import Feature, FeatureView
+with OnlineStore(StoreConfig(sys.argv[1], max_dbs=int(sys.argv[2]), sync=False)) as store:
+    for op in sys.argv[3:]:
+        kind, name = op[0], op[1:]
+        if kind == "-":
+            store.registry.delete_view(name, 1)
+            continue
+        dtype = DType.INT64 if kind == "+" else DType.STRING
+        store.registry.apply([], [FeatureView(name, "user", (Feature("x", dtype),))])
+        if kind == "+":
+            columns = {{"x": np.array([99])}}
+            batch = WriteBatch(name, {{"user_id": np.array([1])}}, np.array([{NOW}]), columns)
+            store.write(batch, now_us={NOW})
+"""
+
+
+def in_child(config: StoreConfig, *ops: str) -> None:
+    """Run ops in a second process (LMDB allows one environment per process): "-v" deletes
+    v1 of v, "+v" creates v (INT64 x) and writes 99 for user 1, "*v" creates v (STRING x)."""
+    subprocess.run(
+        [sys.executable, "-c", IN_CHILD, str(config.path), str(config.max_dbs), *ops],
+        check=True,
+        timeout=60,
+    )
+
+
+def test_a_version_another_process_deleted_and_re_created_is_written_through_a_new_handle(
+    tmp_path,
+):
+    """This process's handle of v's history database outlives the database (another process
+    deleted it, and creating v again does not create it); LMDB would fail a write through it,
+    and hands out the same handle when the name is opened again."""
+    config = StoreConfig(tmp_path / "db", sync=False)
+    with OnlineStore(config) as store:
+        store.registry.apply([USER], [int_view("v")])
+        store.write(one_row("v", 1), now_us=NOW)
+        in_child(config, "-v", "*v")
+        assert store.write(one_row("v", "new"), now_us=NOW).written == 1
+        assert read_x(store, "v") == ["new"]
+        assert len(store.history_blobs("v", 1)) == 1
+
+
+def test_handles_of_databases_another_process_deleted_are_freed_once_max_dbs_is_reached(
+    tmp_path,
+):
+    """Handles of databases deleted by another process keep their slots here until the
+    environment is reopened, which happens when opening a database (to write, or to read)
+    finds max_dbs=8 full."""
+    config = StoreConfig(tmp_path / "db", max_dbs=8, sync=False)
+    with OnlineStore(config) as store:
+        store.registry.apply([USER], [int_view(f"v{i}") for i in range(4)])
+        for i in range(3):
+            store.write(one_row(f"v{i}", i), now_us=NOW)
+        in_child(config, "-v0", "-v1", "-v2", "+w")
+        assert store.write(one_row("v3", 3), now_us=NOW).written == 1
+        store.registry.apply([], [int_view("v4"), int_view("v5"), int_view("v6")])
+        store.write(one_row("v4", 4), now_us=NOW)
+        store.write(one_row("v5", 5), now_us=NOW)
+        in_child(config, "-v3", "-v4", "-v5")
+        assert read_x(store, "w") == [99]
+        assert store.write(one_row("v6", 6), now_us=NOW).written == 1
+        assert read_x(store, "v6") == [6]

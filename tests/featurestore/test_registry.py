@@ -191,3 +191,19 @@ def test_cache_refreshes_when_another_process_applies(tmp_path: Path):
             "clicks",
             "country",
         ]
+
+
+def test_created_us_identifies_a_definition(store, monkeypatch):
+    """An in-place update keeps created_us (a write checked before it still fits); a version
+    deleted and created again gets a later one, even on a clock that stands still."""
+    monkeypatch.setattr(registry.time, "time_ns", lambda: 1_800_000_000_000_000_000)
+    store.registry.apply([USER], [view(CLICKS)])
+    first = store.registry.get_view("user_stats", 1)
+    store.registry.apply([], [view(CLICKS, COUNTRY)])
+    assert store.registry.get_view("user_stats", 1).created_us == first.created_us
+    store.registry.delete_view("user_stats", 1)
+    store.registry.apply([], [view(CLICKS)])
+    again = store.registry.get_view("user_stats", 1)
+    assert again.created_us > first.created_us
+    assert store.registry.find_view("user_stats", 1) == again
+    assert store.registry.find_view("user_stats", 2) is None

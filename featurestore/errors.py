@@ -22,6 +22,15 @@ class BadRowError(InvalidArgumentError):
         self.row = row
 
 
+class CorruptRowError(FeatureStoreError):
+    """A stored row that does not fit its view's row layout; `row` is its position in the
+    decoded batch (a lookup's entity row, a history log's record)."""
+
+    def __init__(self, message: str, row: int) -> None:
+        super().__init__(message)
+        self.row = row
+
+
 class ResourceExhaustedError(FeatureStoreError):
     """A request over a configured limit; the message names the limit."""
 

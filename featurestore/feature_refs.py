@@ -15,10 +15,12 @@ def split_ref(ref: str, index: int) -> tuple[ViewKey, str | None, str]:
     """(view, version), the feature (None: the whole view) and the view part as written."""
     view_part, sep, feature = ref.partition(":")
     name, at, version_text = view_part.partition("@")
-    if not name or (sep and not feature) or (at and not version_text.isdigit()):
+    decimal = version_text.isascii() and version_text.isdecimal()
+    if not name or (sep and not feature) or (at and not decimal):
         raise InvalidArgumentError(
             f"features[{index}]: {ref!r} is not a feature reference; use 'view:feature', "
-            "'view', 'view@VERSION:feature' or 'view@VERSION'"
+            "'view', 'view@VERSION:feature' or 'view@VERSION', VERSION in ASCII digits "
+            "(0: the latest)"
         )
     return (name, int(version_text) if at else 0), (feature if sep else None), view_part
 

@@ -99,6 +99,41 @@ def _str_part(col: np.ndarray, name: str, errors: list[tuple[int, str, str]]) ->
     return out
 
 
+def _oversized_keys(
+    entity: Entity, parts: list[np.ndarray | list[bytes]]
+) -> list[tuple[int, str, str]]:
+    """An error for each row whose key is over MAX_KEY_BYTES, naming its string join keys and
+    how many string bytes a key of the entity may hold: the limit less the encoding's fixed
+    bytes (8 per INT64 part, a 4-byte length per STRING part)."""
+    strings = [
+        (key.name, np.fromiter(map(len, part), np.int64, len(part)) - 4)
+        for key, part in zip(entity.join_keys, parts, strict=True)
+        if isinstance(part, list)
+    ]
+    overhead = sum(8 if key.dtype is DType.INT64 else 4 for key in entity.join_keys)
+    room = MAX_KEY_BYTES - overhead
+    total = sum(sizes for _, sizes in strings)
+    errors = []
+    for row in np.flatnonzero(total > room).tolist():
+        sizes = [(name, int(col[row])) for name, col in strings]
+        longest = max(sizes, key=lambda item: item[1])[0]
+        if len(sizes) == 1:
+            sent = f"join key {longest!r}: {sizes[0][1]} bytes"
+        else:
+            each = ", ".join(f"{name!r} {size}" for name, size in sizes)
+            sent = f"join keys {each}: {int(total[row])} bytes of strings"
+        errors.append(
+            (
+                row,
+                longest,
+                f"{sent}; a key of entity {entity.name!r} holds at most {room} bytes of "
+                f"strings (LMDB's {MAX_KEY_BYTES}-byte key limit less the encoding's "
+                f"{overhead} bytes); shorten {'it' if len(sizes) == 1 else 'them'}",
+            )
+        )
+    return errors
+
+
 def encode_keys(entity: Entity, keys: dict[str, np.ndarray]) -> EncodedKeys:
     """Encode a batch of key columns to one LMDB key per row (checks them with key_rows)."""
     if len(keys) == 1 and len(entity.join_keys) == 1 and entity.join_keys[0].dtype is DType.INT64:
@@ -122,15 +157,7 @@ def encode_keys(entity: Entity, keys: dict[str, np.ndarray]) -> EncodedKeys:
     else:
         cols = [p if isinstance(p, list) else p.view("V8").ravel().tolist() for p in parts]
         out = [b"".join(row) for row in zip(*cols, strict=True)] if len(cols) > 1 else cols[0]
-        for row, k in enumerate(out):
-            if len(k) > MAX_KEY_BYTES:
-                errors.append(
-                    (
-                        row,
-                        entity.join_keys[-1].name,
-                        f"key is {len(k)} bytes, over the {MAX_KEY_BYTES}-byte LMDB key limit",
-                    )
-                )
+        errors.extend(_oversized_keys(entity, parts))
     if errors:
         errors.sort()
         first: dict[int, tuple[int, str, str]] = {}

@@ -6,6 +6,7 @@ reserved u16 | event_us i64 | write_us i64 | null bitmap (ceil(nfeat/32) u32 wor
 nfeat: u32 length + UTF-8 bytes | zero padding. nfeat records the layout the row was written
 with, so rows written before an in-place "add feature" update decode with the added features as
 NULL_VALUE. Leading row_len lets the decoder walk a concatenation of rows without offsets.
+Decoding never reads past a row's end: a row that does not fit its layout is a CorruptRowError.
 """
 
 from __future__ import annotations
@@ -17,12 +18,45 @@ import numpy as np
 from numba import njit
 
 from featurestore.dtypes import DType, FeatureStatus, numpy_dtype
+from featurestore.errors import CorruptRowError
 from featurestore.registry import FeatureView
 
 HEADER_BYTES = 24
 MISSING_ROW = (4).to_bytes(4, "little")
 """Stands in for an absent row in a concatenation: a row of length 4 decodes as NOT_FOUND."""
 NO_CUTOFF = np.iinfo(np.int64).min
+
+_WRONG_LENGTH = 1
+_SHORT = 2
+_TOO_MANY_FEATURES = 3
+_FIXED_PAST_END = 4
+_STRING_PAST_END = 5
+_TRAILING_BYTES = 6
+_UNALIGNED = 7
+_BAD_UTF8 = 8
+_CORRUPT = {
+    _WRONG_LENGTH: "its length field does not match its stored length",
+    _SHORT: f"it is shorter than the {HEADER_BYTES}-byte row header",
+    _TOO_MANY_FEATURES: "it holds more features than the view version defines",
+    _FIXED_PAST_END: "its null bitmap and fixed-width values run past its end",
+    _STRING_PAST_END: "a string value's length runs past its end",
+    _TRAILING_BYTES: "it has bytes left after its last value",
+    _UNALIGNED: "its length is not a multiple of 4 bytes",
+    _BAD_UTF8: "a string value is not valid UTF-8",
+}
+"""Why a stored row does not decode, by the reason code the decoders report."""
+_WALK_BY_LENGTH_FIELDS = np.zeros(0, np.int64)
+"""The kernel's bounds when rows are walked by their own length fields."""
+
+
+def _corrupt(view: FeatureView, row: int, n: int, reason: int) -> CorruptRowError:
+    return CorruptRowError(
+        f"feature view {view.name!r} version {view.version}: stored row {row} of the {n} read "
+        f"is corrupt ({_CORRUPT[reason]}), so the read fails rather than return wrong values; "
+        "write that entity's features again with a newer event time to replace the row, or "
+        "delete the view version",
+        row,
+    )
 
 
 def cell_width(dtype: DType, vector_length: int = 0) -> int:
@@ -171,10 +205,26 @@ def encode_rows(
 
 @njit(nogil=True, cache=True)
 def _decode_kernel(
-    words, cutoff, spec, runs, fixed_prefix, string_index, out, status, str_pos, event, row_status
+    words,
+    bounds,
+    cutoff,
+    spec,
+    runs,
+    fixed_prefix,
+    string_index,
+    out,
+    status,
+    str_pos,
+    event,
+    row_status,
 ):
-    """Walk concatenated rows (as u32 words); fill out (rows x words), statuses and string
-    (byte start, length) pairs, per-row event time (0 where not found) and row status."""
+    """Decode concatenated rows into out (rows x words), statuses, string (byte start, length)
+    pairs, per-row event time (0 where not found) and row status.
+
+    Row r is words[bounds[r]:bounds[r + 1]]; with empty bounds, rows are walked by their length
+    fields, and a length that is not whole words or runs past the buffer stops the walk. Every
+    read is checked against the row's extent: a row that does not fit its layout is left
+    undecoded. Returns (first such row or -1, its _CORRUPT reason, words walked)."""
     n = cutoff.size
     k = spec.shape[0]
     nviewfeat = fixed_prefix.size - 1
@@ -182,30 +232,76 @@ def _decode_kernel(
     width = out.shape[1]
     flat = out.reshape(-1)
     raw = words.view(np.uint8)
+    total = words.size
+    walk = bounds.size == 0
     starts = np.zeros(nstr, np.int64)
     lens = np.zeros(nstr, np.int64)
-    p = 0
+    first_bad = -1
+    first_reason = 0
+    end = 0
     for r in range(n):
-        row_words = np.int64(words[p]) >> 2
-        if row_words < 6:
-            p += max(row_words, 1)
-            event[r] = 0
+        p = end
+        if not walk:
+            p = bounds[r]
+            end = bounds[r + 1]
+        elif p < total and words[p] % 4 == 0 and words[p] != 0 and words[p] // 4 <= total - p:
+            end = p + (np.int64(words[p]) >> 2)
+        else:
+            return r, _WRONG_LENGTH, p
+        event[r] = 0
+        row_status[r] = 0
+        reason = _SHORT
+        if end > p:
+            reason = 0 if np.int64(words[p]) == 4 * (end - p) else _WRONG_LENGTH
+        if reason == 0 and end - p == 1:
             row_status[r] = 2
             for j in range(k):
                 status[r, j] = 2
             continue
+        if reason == 0 and end - p < 6:
+            reason = _SHORT
+        nfeat = 0
+        fstart = p + 6
+        if reason == 0:
+            nfeat = np.int64(words[p + 1] & 0xFFFF)
+            fstart = p + 6 + (nfeat + 31) // 32
+            if nfeat > nviewfeat:
+                reason = _TOO_MANY_FEATURES
+            elif fstart + fixed_prefix[nfeat] > end:
+                reason = _FIXED_PAST_END
+        if reason == 0:
+            pos = 4 * (fstart + fixed_prefix[nfeat])
+            stop = 4 * end
+            for s in range(nstr):
+                if string_index[s] >= nfeat:
+                    break
+                if stop - pos < 4:
+                    reason = _STRING_PAST_END
+                    break
+                w = np.int64(raw[pos]) | (np.int64(raw[pos + 1]) << 8)
+                w |= (np.int64(raw[pos + 2]) << 16) | (np.int64(raw[pos + 3]) << 24)
+                if w > stop - pos - 4:
+                    reason = _STRING_PAST_END
+                    break
+                starts[s] = pos + 4
+                lens[s] = w
+                pos += 4 + w
+            if reason == 0 and stop - pos > 3:
+                reason = _TRAILING_BYTES
+        if reason != 0:
+            if first_bad < 0:
+                first_bad = r
+                first_reason = reason
+            continue
         ev = np.int64(np.uint64(words[p + 2]) | (np.uint64(words[p + 3]) << np.uint64(32)))
         event[r] = ev
         if ev < cutoff[r]:
-            p += row_words
             row_status[r] = 4
             for j in range(k):
                 status[r, j] = 4
             continue
         row_status[r] = 1
-        nfeat = min(np.int64(words[p + 1] & 0xFFFF), nviewfeat)
         bitmap = p + 6
-        fstart = bitmap + (nfeat + 31) // 32
         for m in range(runs.shape[0]):
             lo = runs[m, 0]
             hi = min(runs[m, 1], nfeat)
@@ -213,16 +309,6 @@ def _decode_kernel(
             dst = r * width + runs[m, 2]
             for t in range(fixed_prefix[hi] - fixed_prefix[lo]):
                 flat[dst + t] = words[src + t]
-        if str_pos.shape[1] > 0:
-            pos = 4 * (fstart + fixed_prefix[nfeat])
-            for s in range(nstr):
-                if string_index[s] >= nfeat:
-                    break
-                w = np.int64(raw[pos]) | (np.int64(raw[pos + 1]) << 8)
-                w |= (np.int64(raw[pos + 2]) << 16) | (np.int64(raw[pos + 3]) << 24)
-                starts[s] = pos + 4
-                lens[s] = w
-                pos += 4 + w
         clean = nfeat == nviewfeat
         for b in range(fstart - bitmap):
             if words[bitmap + b] != 0:
@@ -241,7 +327,7 @@ def _decode_kernel(
                 if slot >= 0:
                     str_pos[r, slot, 0] = starts[spec[j, 2]]
                     str_pos[r, slot, 1] = lens[spec[j, 2]]
-        p += row_words
+    return first_bad, first_reason, end
 
 
 @dataclass
@@ -299,17 +385,46 @@ class DecodePlan:
 
 def decode_rows(plan: DecodePlan, rows: Sequence[bytes], cutoff_us: np.ndarray) -> Decoded:
     """Decode rows (MISSING_ROW = not found) in one Numba pass; rows with event < cutoff_us[row]
-    are withheld as OUTSIDE_MAX_AGE (their event time is still reported)."""
+    are withheld as OUTSIDE_MAX_AGE (their event time is still reported).
+
+    A stored row that does not fit the view's layout (length field, feature count or a string
+    length past its end, bytes left over, a returned string not UTF-8) is never read past its
+    end: it fails the whole read with CorruptRowError naming the view version and the row, as
+    none of its values can be trusted and NOT_FOUND would hide the damage. Rows are walked by
+    their length fields; only when that walk fails are their lengths taken, to name the row."""
     n = len(rows)
     raw = b"".join(rows)
+    decoded = None
+    if len(raw) % 4 == 0:
+        decoded = _decode(plan, raw, _WALK_BY_LENGTH_FIELDS, cutoff_us)[0]
+    if decoded is None:
+        lengths = np.fromiter(map(len, rows), np.int64, n)
+        unaligned = np.flatnonzero(lengths % 4)
+        if unaligned.size:
+            raise _corrupt(plan.layout.view, int(unaligned[0]), n, _UNALIGNED)
+        bounds = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths // 4, out=bounds[1:])
+        decoded, bad_row, reason = _decode(plan, raw, bounds, cutoff_us)
+        if decoded is None:
+            raise _corrupt(plan.layout.view, bad_row, n, reason)
+    return decoded
+
+
+def _decode(
+    plan: DecodePlan, raw: bytes, bounds: np.ndarray, cutoff_us: np.ndarray
+) -> tuple[Decoded | None, int, int]:
+    """One kernel pass: (the decoded rows, -1, 0), or (None, first bad row, its reason); a walk
+    that stops short of the buffer's end fails at row n."""
+    n = cutoff_us.size
     words = np.frombuffer(raw, np.uint32)
     out = np.zeros((n, plan.fixed_words), np.uint32)
     status = np.empty((n, len(plan.spec)), np.uint8)
     str_pos = np.zeros((n, plan.string_slots, 2), np.int64)
     event = np.empty(n, np.int64)
     row_status = np.empty(n, np.uint8)
-    _decode_kernel(
+    bad_row, reason, walked = _decode_kernel(
         words,
+        bounds,
         cutoff_us,
         plan.spec,
         plan.runs,
@@ -321,7 +436,15 @@ def decode_rows(plan: DecodePlan, rows: Sequence[bytes], cutoff_us: np.ndarray) 
         event,
         row_status,
     )
-    return Decoded(event, row_status, _assemble(plan, raw, out, status, str_pos))
+    if bad_row < 0 and walked != words.size:
+        bad_row, reason = n, _WRONG_LENGTH
+    if bad_row >= 0:
+        return None, bad_row, reason
+    try:
+        blocks = _assemble(plan, raw, out, status, str_pos)
+    except UnicodeDecodeError:
+        return None, _first_bad_utf8(raw, str_pos), _BAD_UTF8
+    return Decoded(event, row_status, blocks), -1, 0
 
 
 def _assemble(
@@ -355,11 +478,59 @@ def _assemble(
     return blocks
 
 
+def _first_bad_utf8(raw: bytes, str_pos: np.ndarray) -> int:
+    """The first row holding a decoded string that is not UTF-8 (only once one failed)."""
+    for row, pairs in enumerate(str_pos.tolist()):
+        for start, size in pairs:
+            try:
+                raw[start : start + size].decode()
+            except UnicodeDecodeError:
+                return row
+    raise AssertionError("no string failed to decode")
+
+
+def _row_fault(view: FeatureView, row: bytes) -> int:
+    """Why a stored row does not fit the view's layout (a _CORRUPT code), 0 if it fits."""
+    size = len(row)
+    if size == 0:
+        return _SHORT
+    if int.from_bytes(row[0:4], "little") != size:
+        return _WRONG_LENGTH
+    if size == len(MISSING_ROW):
+        return 0
+    if size < HEADER_BYTES:
+        return _SHORT
+    nfeat = int.from_bytes(row[4:6], "little")
+    if nfeat > len(view.features):
+        return _TOO_MANY_FEATURES
+    feats = view.features[:nfeat]
+    pos = HEADER_BYTES + 4 * ((nfeat + 31) // 32)
+    pos += sum(cell_width(f.dtype, f.vector_length) for f in feats)
+    if pos > size:
+        return _FIXED_PAST_END
+    for feat in feats:
+        if feat.dtype is DType.STRING:
+            if pos + 4 > size:
+                return _STRING_PAST_END
+            pos += 4 + int.from_bytes(row[pos : pos + 4], "little")
+            if pos > size:
+                return _STRING_PAST_END
+    return _TRAILING_BYTES if size - pos > 3 else 0
+
+
 def decode_rows_reference(
     view: FeatureView, features: Sequence[str], rows: Sequence[bytes], cutoff_us: np.ndarray
 ) -> Decoded:
-    """Plain-Python/NumPy decoder, row by row: the reference the Numba kernel is tested against."""
+    """Plain-Python/NumPy decoder, row by row: the reference the Numba kernel is tested against,
+    raising the same CorruptRowError (unaligned rows first, then layout, then UTF-8)."""
     n = len(rows)
+    for r, row in enumerate(rows):
+        if len(row) % 4:
+            raise _corrupt(view, r, n, _UNALIGNED)
+    for r, row in enumerate(rows):
+        fault = _row_fault(view, row)
+        if fault:
+            raise _corrupt(view, r, n, fault)
     index = {f.name: i for i, f in enumerate(view.features)}
     event = np.zeros(n, np.int64)
     row_status = np.full(n, FeatureStatus.NOT_FOUND, np.uint8)
@@ -384,18 +555,28 @@ def decode_rows_reference(
             width = cell_width(feat.dtype, feat.vector_length)
             size = numpy_dtype(feat.dtype).itemsize * (feat.vector_length or 1)
             value = np.frombuffer(row[pos : pos + size], numpy_dtype(feat.dtype))
+            if feat.dtype is DType.BOOL:
+                value = value.view(np.uint8) != 0
             values[i] = None if bits[i] else value
             pos += width
         for i, feat in enumerate(view.features[:nfeat]):
             if feat.dtype is DType.STRING:
                 size = int.from_bytes(row[pos : pos + 4], "little")
-                values[i] = None if bits[i] else row[pos + 4 : pos + 4 + size].decode()
+                values[i] = None if bits[i] else row[pos + 4 : pos + 4 + size]
                 pos += 4 + size
         parsed.append(values)
     groups: dict[tuple[DType, int], list[str]] = {}
     for name in features:
         feat = view.feature(name)
         groups.setdefault((feat.dtype, feat.vector_length), []).append(name)
+    strings = {index[name] for name in features if view.feature(name).dtype is DType.STRING}
+    for r, got in enumerate(parsed):
+        for i in strings:
+            if got is not None and got.get(i) is not None:
+                try:
+                    got[i] = got[i].decode()
+                except UnicodeDecodeError:
+                    raise _corrupt(view, r, n, _BAD_UTF8) from None
     blocks = []
     for (dtype, vlen), names in groups.items():
         k = len(names)

@@ -56,6 +56,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     fs.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     fs.ConflictError: grpc.StatusCode.FAILED_PRECONDITION,
     fs.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    fs.CorruptRowError: grpc.StatusCode.DATA_LOSS,
     ArrayError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,

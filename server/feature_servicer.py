@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from clients import registry_messages as rm
@@ -25,10 +28,10 @@ from protos import arrays
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import types_pb2
-from server.audit import AuditLog
+from server.audit import MAX_MESSAGE_CHARS, AuditLog
 from server.auth import AuthConfig, Authorizer
 from server.drift import DriftMonitor
-from server.errors import abort, is_domain_error, maps_errors
+from server.errors import abort, is_domain_error, maps_errors, status_for
 from server.metrics import ViewMetrics
 
 MAX_ROW_ERRORS = 1000
@@ -152,6 +155,9 @@ def write_batch(request: pb.WriteFeaturesRequest, max_rows: int) -> WriteBatch:
     Values and keys that do not decode (invalid UTF-8, a BOOL byte other than 0 or 1) and null
     keys become row errors, so skip_bad_rows drops only their rows; the store reports them and
     its own under the wire's field names (event_timestamps)."""
+    if request.policy not in pb.BatchPolicy.values():
+        choices = " or ".join(f"{name} ({number})" for name, number in pb.BatchPolicy.items())
+        raise InvalidArgumentError(f"policy: {request.policy} is not a BatchPolicy; use {choices}")
     row_errors: list[RowError] = []
     keys, rows, nulls = _decode_keys(request.entity_keys, max_rows, row_errors)
     if not keys and len(request.event_timestamps) % 8 == 0:
@@ -164,6 +170,7 @@ def write_batch(request: pb.WriteFeaturesRequest, max_rows: int) -> WriteBatch:
             f"({rows} little-endian int64 microsecond timestamps)"
         )
     columns: dict[str, np.ndarray] = {}
+    block_of: dict[str, int] = {}
     for i, block in enumerate(request.blocks):
         field = f"blocks[{i}]"
         values, bad = arrays.from_array_lenient(block.values, field)
@@ -183,8 +190,16 @@ def write_batch(request: pb.WriteFeaturesRequest, max_rows: int) -> WriteBatch:
                 "features are named; name one feature per column"
             )
         for j, name in enumerate(block.features):
-            if name in columns:
-                raise InvalidArgumentError(f"{field}: feature {name!r} appears in two blocks")
+            if name in block_of:
+                where = (
+                    "twice in this block"
+                    if block_of[name] == i
+                    else f"in blocks[{block_of[name]}] too"
+                )
+                raise InvalidArgumentError(
+                    f"{field}: feature {name!r} appears {where}; send each feature once"
+                )
+            block_of[name] = i
             columns[name] = values[:, j]
             if mask is not None:
                 nulls[name] = mask[:, j]
@@ -217,23 +232,35 @@ def add_result(response: pb.WriteFeaturesResponse, result: WriteResult, batch: i
         )
 
 
+@dataclass(slots=True)
+class InFlight:
+    """A stream's batch awaiting its commit: its index in the stream, the batch, the commit."""
+
+    index: int
+    batch: WriteBatch
+    commit: asyncio.Future[WriteResult]
+
+
 async def settle(
-    pending: deque[tuple[int, asyncio.Future[WriteResult]]],
+    pending: deque[InFlight],
     limit: int,
     response: pb.WriteFeaturesResponse,
     failures: list[tuple[int, Exception]],
+    settled: Callable[[InFlight, WriteResult | BaseException], None],
 ) -> None:
     """Await a stream's oldest batches in flight until at most `limit` are left, adding each
-    outcome to the response, or to failures with its batch index: a failure never stops the
-    rest from being awaited, so no commit's error goes unretrieved."""
+    outcome to the response, or to failures with its batch index, and passing it to `settled`:
+    a failure never stops the rest from being awaited, so no commit's error goes unretrieved."""
     while len(pending) > limit:
-        index, future = pending.popleft()
+        item = pending.popleft()
         try:
-            result = await future
+            result = await item.commit
         except Exception as exc:
-            failures.append((index, exc))
+            failures.append((item.index, exc))
+            settled(item, exc)
         else:
-            add_result(response, result, index)
+            add_result(response, result, item.index)
+            settled(item, result)
 
 
 def stream_failure(batch: int, exc: Exception) -> str:
@@ -328,30 +355,74 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         add_result(response, result)
         return response
 
+    def _stream_batch_done(
+        self,
+        context: grpc.aio.ServicerContext,
+        index: int,
+        view: str,
+        outcome: WriteResult | BaseException,
+        batch: WriteBatch | None = None,
+    ) -> None:
+        """Count a stream's batch in its view's metrics and drift and write its audit record,
+        as WriteFeatures does for its one batch."""
+        fields = {"peer": context.peer(), "batch": index}
+        if isinstance(outcome, WriteResult):
+            if batch is not None and len(batch.event_us):
+                self.observer(view).write(self.store, batch, outcome)
+            self.audit.record(
+                "write_features",
+                view,
+                "OK",
+                written=outcome.written,
+                stale=outcome.stale,
+                rejected=outcome.rejected,
+                **fields,
+            )
+            return
+        if isinstance(outcome, asyncio.CancelledError):
+            code = "CANCELLED"
+        else:
+            code = status_for(outcome).name
+        self.audit.record(
+            "write_features", view, code, error=str(outcome)[:MAX_MESSAGE_CHARS], **fields
+        )
+
     async def StreamWriteFeatures(self, request_iterator, context):
         """Write each message as it arrives, up to MAX_STREAM_BATCHES_IN_FLIGHT awaiting their
         commit, and answer the summed counts. The first batch that fails (an earlier commit
         failure wins over a later bad message) ends the stream with its status, once every
-        batch in flight has settled."""
+        batch in flight has settled. Each batch is counted in its view's metrics and audited
+        (one record, with its index in the stream) once it has settled."""
         response = pb.WriteFeaturesResponse()
-        pending: deque[tuple[int, asyncio.Future[WriteResult]]] = deque()
+        pending: deque[InFlight] = deque()
         failures: list[tuple[int, Exception]] = []
+
+        def settled(item: InFlight, outcome: WriteResult | BaseException) -> None:
+            self._stream_batch_done(context, item.index, item.batch.view, outcome, item.batch)
+
         index = 0
         try:
             try:
                 async for request in request_iterator:
                     self.auth.require(f"write:{request.view}")
-                    pending.append((index, self._submit(write_batch(request, self.max_rows))))
+                    try:
+                        checked = write_batch(request, self.max_rows)
+                        pending.append(InFlight(index, checked, self._submit(checked)))
+                    except Exception as exc:
+                        self._stream_batch_done(context, index, request.view, exc)
+                        raise
                     index += 1
-                    await settle(pending, MAX_STREAM_BATCHES_IN_FLIGHT, response, failures)
+                    await settle(pending, MAX_STREAM_BATCHES_IN_FLIGHT, response, failures, settled)
                     if failures:
                         break
             except Exception as exc:
                 failures.append((index, exc))
-            await settle(pending, 0, response, failures)
+            await settle(pending, 0, response, failures, settled)
         finally:
-            for _, future in pending:
-                future.cancel()
+            for item in pending:
+                item.commit.cancel()
+                ended = "the stream ended before this batch's commit was confirmed"
+                settled(item, asyncio.CancelledError(f"{ended}; it may have been written"))
         if failures:
             batch, exc = min(failures, key=lambda failure: failure[0])
             if not is_domain_error(exc):

@@ -18,9 +18,14 @@ def test_written_view_parts_line_up_with_the_groups() -> None:
     assert len(written_view_parts(REFS)) == len(parse_feature_refs(REFS))
 
 
-@pytest.mark.parametrize("ref", ["", ":a", "v:", "v@x:a", "v@:a", "@2:a"])
+@pytest.mark.parametrize(
+    "ref", ["", ":a", "v:", "v@x:a", "v@:a", "@2:a", "v@\u00b2:x", "v@\uff11:x", "v@-1", "v@ 1"]
+)
 def test_malformed_references_name_their_index(ref: str) -> None:
-    with pytest.raises(InvalidArgumentError, match=r"features\[1\]: .* is not a feature reference"):
+    """Versions are ASCII decimal: a superscript or full-width digit is refused, not parsed."""
+    with pytest.raises(InvalidArgumentError) as err:
         parse_feature_refs(["ok", ref])
+    assert str(err.value).startswith(f"features[1]: {ref!r} is not a feature reference; use")
+    assert "'view@VERSION:feature'" in str(err.value) and "ASCII digits" in str(err.value)
     with pytest.raises(InvalidArgumentError, match=r"features\[1\]"):
         written_view_parts(["ok", ref])

@@ -102,3 +102,38 @@ def test_real_server_audits_applies_and_writes(server_factory, tmp_path: Path) -
     assert ("apply_feature_views", "profile", "OK") in actions
     assert ("write_features", "profile", "OK") in actions
     assert all(r["principal"] == "anonymous" for r in records)
+
+
+def test_real_server_audits_each_stream_batch(server_factory) -> None:
+    """A StreamWriteFeatures writes one audit line per batch, with its index in the stream and
+    its counts, and the failed batch's status and message; the unary write has no index."""
+    import grpc
+
+    from clients import feature_messages as fm
+    from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+
+    server = server_factory()
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    view = FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))
+    now = int(time.time() * 1e6)
+
+    def batch(i: int, score: float = 1.0) -> object:
+        ids = np.arange(10 * i, 10 * i + 10)
+        return fm.write_request("profile", {"user_id": ids}, now, {"score": np.full(10, score)})
+
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([user], [view])
+        stub = pb_grpc.FeatureStoreStub(client._channel)
+        answer = stub.StreamWriteFeatures(iter([batch(0), batch(1), batch(0)]), timeout=20)
+        assert (answer.rows_written, answer.rows_stale) == (20, 10)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.StreamWriteFeatures(iter([batch(2), batch(3, float("nan"))]), timeout=20)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    writes = [r for r in lines(server.data_dir / "audit.jsonl") if r["action"] == "write_features"]
+    summary = [(r["batch"], r["outcome"], r.get("written"), r.get("stale")) for r in writes]
+    assert summary[:3] == [(0, "OK", 10, 0), (1, "OK", 10, 0), (2, "OK", 0, 10)]
+    # a bad message is recorded when it is read, before the batch ahead of it has committed
+    assert sorted(summary[3:]) == [(0, "OK", 10, 0), (1, "INVALID_ARGUMENT", None, None)]
+    failed = next(r for r in writes[3:] if r["outcome"] != "OK")
+    assert "column 'score' row 0: NaN" in failed["error"]
+    assert all(r["target"] == "profile" and r["peer"] for r in writes)

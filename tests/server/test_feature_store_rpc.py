@@ -104,8 +104,18 @@ def test_selected_features_and_string_keys(client) -> None:
     )
     got = client.get_online_features(["merchant_stats:score"], {"merchant_id": keys[::-1]})
     assert got["merchant_stats:score"].tolist() == [3.0, 2.0, 1.0]
-    too_long = np.array(["ok", "x" * 600], dtype=object)
-    with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "merchant_id", "row 1", "key limit"):
+    longest = np.array(["ok", "x" * 507], dtype=object)
+    summary = client.write_features(
+        "merchant_stats", {"merchant_id": longest}, NOW_US, {"score": np.float32([1, 2])}
+    )
+    assert summary.written == 2
+    too_long = np.array(["ok", "x" * 508], dtype=object)
+    with expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'merchant_id' row 1: join key 'merchant_id': 508 bytes; a key of entity 'merchant' "
+        "holds at most 507 bytes of strings (LMDB's 511-byte key limit less the encoding's "
+        "4 bytes)",
+    ):
         client.write_features(
             "merchant_stats", {"merchant_id": too_long}, NOW_US, {"score": np.float32([1, 2])}
         )
@@ -234,6 +244,14 @@ def test_unknown_view_and_feature_are_not_found(client) -> None:
 def test_bad_reference_and_key_type_are_invalid(client) -> None:
     with expect_error(grpc.StatusCode.INVALID_ARGUMENT, "features[0]", "view:feature"):
         client.get_online_features(["profile@x:f32"], {"user_id": [1]})
+    for ref in ("profile@\u00b2:f32", "profile@\uff11:f32"):
+        with expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"features[1]: {ref!r} is not a feature reference",
+            "'view@VERSION:feature'",
+            "VERSION in ASCII digits",
+        ):
+            client.get_online_features(["profile:f32", ref], {"user_id": [1]})
     with expect_error(
         grpc.StatusCode.INVALID_ARGUMENT,
         "join key 'user_id' of entity 'user' is declared INT64 but the column holds STRING "
@@ -307,6 +325,77 @@ def test_raw_bytes_that_do_not_match_are_invalid(client) -> None:
         stub.GetOnlineFeatures(request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "entity_keys[0]" in err.value.details() and "expected 32" in err.value.details()
+
+
+def test_a_feature_sent_twice_or_an_unknown_policy_is_invalid(client) -> None:
+    stub = pb_grpc.FeatureStoreStub(client._channel)
+    ids = np.array([950, 951])
+    cols = columns(2)
+
+    def invalid(request: pb.WriteFeaturesRequest, *fragments: str) -> None:
+        for call in (stub.WriteFeatures, lambda r: stub.StreamWriteFeatures(iter([r]))):
+            with pytest.raises(grpc.RpcError) as err:
+                call(request)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            for fragment in fragments:
+                assert fragment in err.value.details(), err.value.details()
+
+    twice = fm.write_request("profile", {"user_id": ids}, NOW_US, cols)
+    twice.blocks[0].features[:] = ["f64"]
+    invalid(twice, "blocks[1]: feature 'f64' appears in blocks[0] too; send each feature once")
+    in_one = fm.write_request("profile", {"user_id": ids}, NOW_US, cols)
+    f64 = in_one.blocks[1].values
+    in_one.blocks[1].features[:] = ["f64", "f64"]
+    f64.width, f64.data = 2, np.repeat(cols["f64"], 2).tobytes()
+    invalid(in_one, "blocks[1]: feature 'f64' appears twice in this block; send each feature once")
+    policy = fm.write_request("profile", {"user_id": ids}, NOW_US, cols)
+    policy.policy = 7
+    invalid(policy, "policy: 7 is not a BatchPolicy; use REJECT_BATCH (0) or SKIP_BAD_ROWS (1)")
+    got = client.get_online_features(["profile:f64"], {"user_id": ids})
+    assert (got.statuses["profile:f64"] == FeatureStatus.NOT_FOUND).all()
+
+
+def test_a_corrupt_stored_row_fails_its_lookups_and_the_server_survives(server_factory) -> None:
+    """A stored row whose string length runs past its end (planted through LMDB) is never read
+    past it: lookups that include it fail naming the view, version and row, others succeed,
+    and writing the entity again with a newer event time repairs it."""
+    import lmdb
+
+    from featurestore.keys import encode_keys
+    from featurestore.registry import view_db_name
+
+    server = server_factory()
+    strings = Feature("s", DType.STRING), Feature("t", DType.STRING)
+    notes = FeatureView("notes", "user", (Feature("n", DType.INT64), *strings))
+    ids = np.array([1, 2, 3])
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([USER], [notes])
+        text = np.array(["a", "bb", "ccc"], dtype=object)
+        cols = {"n": ids, "s": text, "t": text}
+        client.write_features("notes", {"user_id": ids}, NOW_US, cols)
+        env = lmdb.open(str(server.data_dir), max_dbs=8)
+        key = encode_keys(USER, {"user_id": ids[1:2]}).keys[0]
+        with env.begin(write=True) as txn:
+            db = env.open_db(view_db_name("notes", 1), txn=txn, create=False)
+            row = bytearray(txn.get(key, db=db))
+            row[36:40] = (1 << 31).to_bytes(4, "little")  # after header, bitmap and n: s's length
+            txn.put(key, bytes(row), db=db)
+        env.close()
+        for refs in (["notes"], ["notes:n"]):
+            with expect_error(
+                grpc.StatusCode.DATA_LOSS,
+                "feature view 'notes' version 1: stored row 1 of the 3 read is corrupt "
+                "(a string value's length runs past its end)",
+                "write that entity's features again with a newer event time",
+            ):
+                client.get_online_features(refs, {"user_id": ids})
+        got = client.get_online_features(["notes"], {"user_id": ids[[0, 2]]})
+        assert got["notes:s"].tolist() == ["a", "ccc"]
+        cols = {"n": [5], "s": ["b"], "t": ["b"]}
+        client.write_features("notes", {"user_id": ids[1:2]}, NOW_US + 1, cols)
+        got = client.get_online_features(["notes"], {"user_id": ids})
+        assert got["notes:s"].tolist() == got["notes:t"].tolist() == ["a", "b", "ccc"]
+    assert server.proc.poll() is None
 
 
 def test_empty_request_is_an_empty_answer(client) -> None:

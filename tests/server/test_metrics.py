@@ -222,8 +222,9 @@ def test_real_server_metrics_scrape_moves_with_traffic(server_factory) -> None:
 
 
 def test_view_model_and_drift_families_move_with_real_traffic(tmp_path, server_factory) -> None:
-    """Writes, lookups and inferences on a real server move the per-view, per-model and drift
-    families (ages and drift are sampled from the first block of a view on)."""
+    """Writes (unary and streamed), lookups and inferences on a real server move the per-view,
+    per-model and drift families (ages and drift are sampled from the first block of a view
+    on)."""
     from benchmarks.model_zoo import mlp_model, write_model
     from protos.inference import grpc_service_pb2 as ipb
     from protos.inference import grpc_service_pb2_grpc as ipb_grpc
@@ -240,6 +241,10 @@ def test_view_model_and_drift_families_move_with_real_traffic(tmp_path, server_f
         for i in range(20):
             ids = np.arange(i * 100, i * 100 + 100)
             client.write_features("stats", {"user_id": ids}, now, {"x": rng.normal(size=100)})
+        with client.stream_writer("stats", batch_rows=100) as writer:
+            ids = np.arange(3000, 3500)
+            writer.write({"user_id": ids}, now, {"x": rng.normal(size=500)})
+            writer.write({"user_id": ids[:100]}, now, {"x": rng.normal(size=100)})
         for _ in range(40):
             client.get_online_features(["stats:x"], {"user_id": rng.integers(0, 2500, 100)})
     with grpc.insecure_channel(server.target) as channel:
@@ -249,7 +254,8 @@ def test_view_model_and_drift_families_move_with_real_traffic(tmp_path, server_f
         request.inputs.add(name="x", datatype="FP32", shape=[3, 32])
         stub.ModelInfer(request)
     samples = scrape(port)
-    assert samples[key("featureserve_view_rows_written_total", view="stats")] == 2000
+    assert samples[key("featureserve_view_rows_written_total", view="stats")] == 2500
+    assert samples[key("featureserve_view_rows_stale_total", view="stats")] == 100
     hits = samples[key("featureserve_view_lookup_rows_total", view="stats", result="hit")]
     misses = samples[key("featureserve_view_lookup_rows_total", view="stats", result="miss")]
     assert hits + misses == 4000 and hits > 0 and misses > 0

@@ -233,6 +233,10 @@ class LmdbEnv:
         self._write_lock = threading.Lock()
         self._open_lock = threading.RLock()
         self._dbs: dict[bytes, lmdb._Database] = {}
+        self._cached_at: dict[bytes, int] = {}
+        self.handles_cached = 0
+        """How many handles this process has cached so far: a read txn may use only handles
+        cached before it began (LMDB answers EINVAL for a handle opened after)."""
         self._opened: dict[bytes, lmdb._Database] = {}
         self.env = self._open(config.map_size)
         self._registry_db = self._ensure_db(REGISTRY_DB)
@@ -263,10 +267,11 @@ class LmdbEnv:
             map_size = self.env.info()["map_size"]
             self.env.close()
             self._dbs.clear()
+            self._cached_at.clear()
             self.env = self._open(map_size)
             with self._open_lock:
                 self._registry_db = self.env.open_db(REGISTRY_DB, create=False)
-            self._dbs[REGISTRY_DB] = self._registry_db
+            self._cache(REGISTRY_DB, self._registry_db)
 
     def grow(self, size: int) -> None:
         """Remap to `size` bytes (0 = adopt the size another process set)."""
@@ -331,9 +336,16 @@ class LmdbEnv:
             txn.abort()
             self._opened.clear()
             raise
-        self._dbs.update(self._opened)
+        for name, db in self._opened.items():
+            self._cache(name, db)
         self._opened.clear()
         return result
+
+    def _cache(self, name: bytes, db: lmdb._Database) -> None:
+        """Keep a handle whose opening has committed, stamped with when it was cached."""
+        self._cached_at[name] = self.handles_cached
+        self.handles_cached += 1
+        self._dbs[name] = db
 
     def registry_db(self) -> lmdb._Database:
         """The named database holding the registry."""
@@ -366,6 +378,7 @@ class LmdbEnv:
         if db is None or txn.get(name) is None:
             return
         self._dbs.pop(name, None)
+        self._cached_at.pop(name, None)
         self._opened.pop(name, None)
         txn.drop(db, delete=True)
 
@@ -429,12 +442,16 @@ class LmdbEnv:
                         raise self._dbs_full() from None
                     self._reopen()
                     continue
-                self._dbs[name] = db
+                self._cache(name, db)
                 return db
 
-    def cached_db(self, name: bytes) -> lmdb._Database | None:
-        """A handle this process already holds, without touching LMDB."""
-        return self._dbs.get(name)
+    def cached_db(self, name: bytes, before: int) -> lmdb._Database | None:
+        """A handle this process already holds, without touching LMDB, if it was cached before
+        `before` (handles_cached read before the transaction that will use it began)."""
+        db = self._dbs.get(name)
+        if db is None or self._cached_at[name] >= before:
+            return None
+        return db
 
     def close(self) -> None:
         """Close the environment once no transaction of this process is open."""
@@ -790,9 +807,10 @@ class OnlineStore:
         self._check_open()
         lmdb_env = self._lmdb
         while True:
+            usable = lmdb_env.handles_cached
             txn = lmdb_env.begin_read()
             try:
-                fetched = self._fetch(txn, reads, keys)
+                fetched = self._fetch(txn, usable, reads, keys)
             finally:
                 txn.abort()
                 lmdb_env.gate.exit()
@@ -803,10 +821,14 @@ class OnlineStore:
         return [f.decode(now) for f in fetched]
 
     def _fetch(
-        self, txn: lmdb.Transaction, reads: Sequence[ViewRead], keys: dict[str, np.ndarray]
+        self,
+        txn: lmdb.Transaction,
+        usable: int,
+        reads: Sequence[ViewRead],
+        keys: dict[str, np.ndarray],
     ) -> list[_Fetched]:
-        """The stored rows of each read in txn; rows None where this process holds no handle
-        to the view's database yet."""
+        """The stored rows of each read in txn; rows None where this process held no handle to
+        the view's database when txn began (`usable`: handles_cached before it began)."""
         encoded: dict[str, list[bytes]] = {}
         fetched = []
         for read in reads:
@@ -820,7 +842,7 @@ class OnlineStore:
                         f"read of {len(entity_keys)} entities is over max_entities_per_read="
                         f"{self.config.max_entities_per_read}; split it"
                     )
-            db = self._lmdb.cached_db(plan.db_name)
+            db = self._lmdb.cached_db(plan.db_name, usable)
             rows = None
             if db is not None:
                 get = txn.get
@@ -835,8 +857,9 @@ class OnlineStore:
         name = view_db_name(fv.name, fv.version)
         if self._lmdb.existing_db(name) is None:
             return 0
+        usable = self._lmdb.handles_cached
         with self._lmdb.read_txn() as txn:
-            db = self._lmdb.cached_db(name)
+            db = self._lmdb.cached_db(name, usable)
             if db is None:
                 return 0
             stat = txn.stat(db)
@@ -849,8 +872,9 @@ class OnlineStore:
         db_name = history_db_name(name, version)
         if self._lmdb.existing_db(db_name) is None:
             return []
+        usable = self._lmdb.handles_cached
         with self._lmdb.read_txn() as txn:
-            db = self._lmdb.cached_db(db_name)
+            db = self._lmdb.cached_db(db_name, usable)
             if db is None:
                 return []
             return [bytes(v) for _, v in txn.cursor(db=db)]

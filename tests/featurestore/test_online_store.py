@@ -757,3 +757,35 @@ def test_handles_of_databases_another_process_deleted_are_freed_once_max_dbs_is_
         assert read_x(store, "w") == [99]
         assert store.write(one_row("v6", 6), now_us=NOW).written == 1
         assert read_x(store, "v6") == [6]
+
+
+def test_reads_racing_to_open_a_view_in_a_fresh_process_all_succeed(tmp_path: Path) -> None:
+    """A handle one thread caches after another thread's read txn began is not used by that txn
+    (LMDB answers EINVAL for it): 8 threads read a view at once in a store just opened whose
+    handle is not cached yet, 20 times over (most rounds failed before)."""
+    view = FeatureView("v", "user", (Feature("x", DType.INT64),))
+    with OnlineStore(StoreConfig(path=tmp_path, sync=False)) as store:
+        store.registry.apply([USER], [view])
+        batch = WriteBatch("v", {"user_id": np.array([1])}, np.array([NOW]), {"x": np.array([7])})
+        store.write(batch, now_us=NOW)
+    failures: list[BaseException] = []
+    values: list[int] = []
+    for _ in range(20):
+        with OnlineStore(StoreConfig(path=tmp_path, sync=False)) as store:
+            start = threading.Barrier(8)
+
+            def read(store: OnlineStore = store, start: threading.Barrier = start) -> None:
+                start.wait()
+                try:
+                    got = store.read("v", {"user_id": np.array([1])}, now_us=NOW)
+                    values.append(int(got.blocks[0].values[0, 0]))
+                except Exception as exc:
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=read) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    assert failures == []
+    assert values == [7] * 160

@@ -811,9 +811,14 @@ class OnlineStore:
             txn = lmdb_env.begin_read()
             try:
                 fetched = self._fetch(txn, usable, reads, keys)
+            except FeatureStoreError as exc:
+                # an aborted read txn keeps its reader slot until it is freed, and the frames
+                # of a failed read (an unknown view) hold it: a domain error needs none of them
+                raise exc.with_traceback(None) from None
             finally:
                 txn.abort()
                 lmdb_env.gate.exit()
+                del txn
             unopened = {f.plan.db_name for f in fetched if f.rows is None}
             if not any(lmdb_env.existing_db(name) is not None for name in unopened):
                 break

@@ -1,5 +1,6 @@
 """Online store on real LMDB files: round trips, last-write-wins, TTL, validation, map growth."""
 
+import gc
 import subprocess
 import sys
 import threading
@@ -789,3 +790,22 @@ def test_reads_racing_to_open_a_view_in_a_fresh_process_all_succeed(tmp_path: Pa
                 thread.join()
     assert failures == []
     assert values == [7] * 160
+
+
+def test_failed_reads_give_their_reader_slots_back_at_once(tmp_path: Path) -> None:
+    """A read that fails (an unknown view) frees its LMDB reader slot right away, not when the
+    garbage collector frees its traceback: 300 failures leave no slot taken (max_readers is
+    1024, so slots held until a late GC could fill the table)."""
+    with OnlineStore(StoreConfig(path=tmp_path, sync=False)) as store:
+        failures = []
+        gc.disable()
+        try:
+            for _ in range(300):
+                with pytest.raises(NotFoundError) as info:
+                    store.read("nope", {"user_id": np.array([1])})
+                failures.append(info.value)
+            table = store._lmdb.env.readers()
+        finally:
+            gc.enable()
+    assert len(failures) == 300
+    assert len(table.splitlines()) <= 2, table

@@ -1,4 +1,5 @@
-"""Pre-flight checks: every view a pipeline writes exists on the server with its schema."""
+"""Pre-flight checks: every view a pipeline writes exists on the server with its schema,
+keyed by an entity whose single INT64 join key is the pipeline's entity column."""
 
 from __future__ import annotations
 
@@ -23,18 +24,42 @@ def expected_entity(pipeline: Pipeline, name: str) -> Entity:
     return Entity(name, (JoinKey(pipeline.entity_column, DType.INT64),))
 
 
-def schema_problems(pipeline: Pipeline, window: Window, view: FeatureView) -> list[str]:
-    """Differences between what the window writes and the registered view, one line each."""
+def schema_problems(
+    pipeline: Pipeline, window: Window, view: FeatureView, entity: Entity | None
+) -> list[str]:
+    """What keeps the registered view from taking the window's writes, one phrase each."""
     problems = []
-    for agg in window.aggregates:
-        match = [f for f in view.features if f.name == agg.name]
-        if not match:
-            problems.append(f"feature {agg.name!r} ({agg.dtype.name}) is missing from the view")
-        elif DType(match[0].dtype) is not agg.dtype:
+    col = pipeline.entity_column
+    if entity is None:
+        problems.append(f"has entity {view.entity!r}, which is not registered; register it")
+    else:
+        keys = entity.join_keys
+        if len(keys) != 1 or keys[0].name != col or DType(keys[0].dtype) is not DType.INT64:
+            found = ", ".join(f"{k.name} {DType(k.dtype).name}" for k in keys)
             problems.append(
-                f"feature {agg.name!r} is {DType(match[0].dtype).name} on the server, "
-                f"the pipeline writes {agg.dtype.name}"
+                f"has entity {entity.name!r} with join keys [{found}], but the pipeline writes "
+                f"one INT64 key {col!r}; key the view by an entity whose only join key is "
+                f"{col!r} INT64 (or set entity_column to the join key's name)"
             )
+    features = {f.name: DType(f.dtype) for f in view.features}
+    for agg in window.aggregates:
+        if agg.name not in features:
+            problems.append(
+                f"lacks feature {agg.name} ({agg.dtype.name}) the pipeline writes; add it to "
+                f"the view"
+            )
+        elif features[agg.name] is not agg.dtype:
+            problems.append(
+                f"has feature {agg.name} as {features[agg.name].name}, but the pipeline writes "
+                f"{agg.dtype.name}; make it {agg.dtype.name} in the view"
+            )
+    written = {a.name for a in window.aggregates}
+    problems += [
+        f"has feature {name} the pipeline does not write; remove it or add it to "
+        f"[pipeline.window.features]"
+        for name in features
+        if name not in written
+    ]
     return problems
 
 
@@ -46,6 +71,7 @@ def check_views(target: str, pipelines: list[Pipeline]) -> None:
             for window in pipeline.windows:
                 try:
                     view = client.get_feature_view(window.view)
+                    entities = {e.name: e for e in client.list_feature_views(window.view)[0]}
                 except ClientError as exc:
                     if exc.code == grpc.StatusCode.NOT_FOUND:
                         raise NotFoundError(
@@ -56,14 +82,13 @@ def check_views(target: str, pipelines: list[Pipeline]) -> None:
                         f"pipeline {pipeline.name}: cannot read view {window.view!r} "
                         f"from {target}: {exc}"
                     ) from None
-                problems += [
-                    f"view {window.view!r}: {p}" for p in schema_problems(pipeline, window, view)
-                ]
+                found = schema_problems(pipeline, window, view, entities.get(view.entity))
+                problems += [f"view {window.view} {p}" for p in found]
     if problems:
         raise ConflictError(
             f"the views on {target} do not match the pipeline definitions: "
             + "; ".join(problems)
-            + "; add the features to the view (or a new view version) and apply it"
+            + " (then apply the definitions, as a new view version if needed)"
         )
 
 

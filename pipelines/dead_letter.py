@@ -49,14 +49,23 @@ class DeadLetterWriter:
         return len(lines)
 
 
-def read_dead_letters(path: Path | str) -> list[dict]:
-    """Every entry of a dead-letter file (empty when the file does not exist)."""
+def dead_letter_size(path: Path | str) -> int:
+    """The file's size in bytes now (0 when absent): where this run's entries will start."""
+    p = Path(path)
+    return p.stat().st_size if p.exists() else 0
+
+
+def read_dead_letters(path: Path | str, start: int = 0) -> list[dict]:
+    """Every entry of a dead-letter file from byte `start` on (empty when the file is absent)."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line]
+    with p.open("rb") as f:
+        f.seek(start)
+        text = f.read().decode()
+    return [json.loads(line) for line in text.splitlines() if line]
 
 
-def count_by_reason(path: Path | str) -> dict[str, int]:
-    """Dead letters per reason kind (the text before the first ':')."""
-    return dict(Counter(e["reason"].split(":", 1)[0] for e in read_dead_letters(path)))
+def count_by_reason(path: Path | str, start: int = 0) -> dict[str, int]:
+    """Dead letters per reason kind (the text before the first ':'), from byte `start` on."""
+    return dict(Counter(e["reason"].split(":", 1)[0] for e in read_dead_letters(path, start)))

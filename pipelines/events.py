@@ -81,11 +81,16 @@ MALFORMED_CSV = (
     "7,not-a-number,m001,food,48.1,2.3,1700000000000",
     "7,12.5,m001,food,48.1,2.3,yesterday",
     "7,12.5",
+    "7,NaN,m001,food,48.1,2.3,1700000000000",
+    "7,1e400,m001,food,48.1,2.3,1700000000000",
+    "7.5,12.5,m001,food,48.1,2.3,1700000000000",
+    "7,12.5,m001,food,48.1,2.3,1700000000000.5",
 )
 
 
 def write_malformed(folder: Path | str, name: str = "malformed.csv") -> int:
-    """A CSV file of rows a pipeline must dead-letter (bad key, amount, time, missing columns)."""
+    """A CSV file of rows a pipeline must dead-letter (bad key, amount, time, missing columns,
+    NaN or infinite amounts, fractional keys and times)."""
     _atomic_write(Path(folder) / name, "\n".join(MALFORMED_CSV) + "\n")
     return len(MALFORMED_CSV)
 

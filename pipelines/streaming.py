@@ -22,13 +22,16 @@ from pyflink.table.udf import FunctionContext, ScalarFunction, udf
 
 from featurestore.errors import FeatureStoreError, InvalidArgumentError, UnavailableError
 from pipelines.config import COLUMN_TYPES, Pipeline, Window, load_pipelines
-from pipelines.dead_letter import DeadLetterWriter, count_by_reason
+from pipelines.dead_letter import DeadLetterWriter, count_by_reason, dead_letter_size
 from pipelines.sink import FeatureSink, SinkConfig, SinkCounters, read_stats
 
 ROWTIME = "event_rowtime"
 PACKAGES = ("pipelines", "clients", "protos", "featurestore")
 _SQL_AGG = {"count": "COUNT(*)", "count_distinct": "COUNT(DISTINCT {c})", "sum": "SUM({c})",
             "mean": "AVG({c})", "min": "MIN({c})", "max": "MAX({c})"}  # fmt: skip
+_DOUBLE_MAX = "1.7976931348623157E308"
+# A plain decimal: no NaN/Infinity words (Calcite folds `v <> v` away), no hex or d/f suffixes.
+_DECIMAL = r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$"
 
 
 @dataclass
@@ -178,16 +181,28 @@ def _connector(pipeline: Pipeline, options: JobOptions, streaming: bool) -> str:
 
 
 def _reason_sql(pipeline: Pipeline) -> str:
-    """First problem of a raw (all-STRING) row, or NULL when the row is well formed."""
+    """First problem of a raw (all-STRING) row, or NULL when the row is well formed.
+
+    TRY_CAST alone is too lenient: it truncates '110.5' to the BIGINT 110 (another entity's
+    key) and reads 'NaN' and '1e400' as doubles the server rejects, failing the whole job.
+    """
     cases = []
     for col, typ in pipeline.columns.items():
+        c = f"`{col}`"
         if typ == "string":
-            cases.append(f"WHEN `{col}` IS NULL THEN 'malformed: {col} is missing'")
-        else:
-            sql_type = COLUMN_TYPES[typ]
+            cases.append(f"WHEN {c} IS NULL THEN 'malformed: {col} is missing'")
+            continue
+        cast = f"TRY_CAST({c} AS {COLUMN_TYPES[typ]})"
+        cases.append(f"WHEN {cast} IS NULL THEN 'malformed: {col} is missing or not a {typ}'")
+        if typ == "bigint":
             cases.append(
-                f"WHEN TRY_CAST(`{col}` AS {sql_type}) IS NULL "
-                f"THEN 'malformed: {col} is missing or not a {typ}'"
+                f"WHEN NOT REGEXP(TRIM({c}), '^[+-]?[0-9]+$') "
+                f"THEN 'malformed: {col} is not a bigint'"
+            )
+        else:
+            cases.append(
+                f"WHEN NOT REGEXP(TRIM({c}), '{_DECIMAL}') OR ABS({cast}) > {_DOUBLE_MAX} "
+                f"THEN 'malformed: {col} is not a finite double'"
             )
     return "CASE " + " ".join(cases) + " ELSE CAST(NULL AS STRING) END"
 
@@ -226,9 +241,21 @@ def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, option
         for c, t in pipeline.columns.items()
     )
     reason = _reason_sql(pipeline)
+    # One late decision, right after the source, for both the windows and the dead letters: a
+    # row reaches the window operator before any later watermark, so a row kept here is never
+    # dropped there, and a late row is never counted (the window's own watermark lags, as the
+    # Python operators hold watermarks until a bundle ends).
+    late = "CAST(NULL AS STRING)"
+    if streaming:
+        wm = f"CURRENT_WATERMARK({ROWTIME})"
+        late = (
+            f"CASE WHEN {ROWTIME} <= {wm} THEN CONCAT('late: event time ', "
+            f"CAST({ROWTIME} AS STRING), ' is {pipeline.watermark_delay_s:g} s or more behind "
+            f"the newest event (watermark ', CAST({wm} AS STRING), ')') END"
+        )
     t_env.execute_sql(
-        f"CREATE TEMPORARY VIEW {p}_parsed AS SELECT {typed}, {ROWTIME}, {reason} AS reason "
-        f"FROM {p}_src"
+        f"CREATE TEMPORARY VIEW {p}_parsed AS SELECT {typed}, {ROWTIME}, {reason} AS reason, "
+        f"{late} AS late FROM {p}_src"
     )
     derived = []
     for d in pipeline.derived:
@@ -239,7 +266,8 @@ def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, option
         derived.append(f"{fn}(`{d.lat}`, `{d.lon}`) AS `{d.name}`")
     cols = ", ".join([f"`{c}`" for c in pipeline.columns] + derived + [ROWTIME])
     t_env.execute_sql(
-        f"CREATE TEMPORARY VIEW {p}_events AS SELECT {cols} FROM {p}_parsed WHERE reason IS NULL"
+        f"CREATE TEMPORARY VIEW {p}_events AS SELECT {cols} FROM {p}_parsed "
+        "WHERE reason IS NULL AND late IS NULL"
     )
     t_env.execute_sql(
         f"CREATE TEMPORARY TABLE {p}_done (ok TINYINT) WITH ('connector' = 'blackhole')"
@@ -262,25 +290,47 @@ def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, option
     )
     raw = ", ".join(f"`{c}`" for c in columns)
     as_text = ", ".join(f"CAST(`{c}` AS STRING)" for c in columns)
-    lateness = pipeline.watermark_delay_s
-    late = (
-        f"CONCAT('late: event time ', CAST({ROWTIME} AS STRING), ' is more than {lateness:g} s "
-        f"behind the newest event (watermark ', CAST(CURRENT_WATERMARK({ROWTIME}) AS STRING), ')')"
-    )
     rejected = f"SELECT {reason} AS reason, {raw} FROM {p}_src WHERE ({reason}) IS NOT NULL"
     if streaming:
         rejected += (
-            f" UNION ALL SELECT {late}, {as_text} FROM {p}_events "
-            f"WHERE {ROWTIME} < CURRENT_WATERMARK({ROWTIME})"
+            f" UNION ALL SELECT late, {as_text} FROM {p}_parsed "
+            "WHERE reason IS NULL AND late IS NOT NULL"
         )
     statements.add_insert_sql(
         f"INSERT INTO {p}_done SELECT {p}_dead_letter(reason, {raw}) FROM ({rejected})"
     )
 
 
-def _job_error(exc: Exception) -> FeatureStoreError:
-    """The sink's own message out of a Flink job failure, else the first Java cause."""
+def _first_non_utf8(folder: Path) -> tuple[Path, int] | None:
+    """The first file and line under folder that is not UTF-8 (runs only after a job failed)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name[0] != ".")
+    for path in files:
+        with path.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    line.decode()
+                except UnicodeDecodeError:
+                    return path, number
+    return None
+
+
+def _not_utf8(options: JobOptions) -> InvalidArgumentError:
+    """Name the input that Flink's reader could not decode (its own error names no file)."""
+    fix = "re-encode it as UTF-8 or remove the row, then rerun the job"
+    if options.kafka_topic:
+        return InvalidArgumentError(f"a record on Kafka topic {options.kafka_topic!r} is not "
+                                    f"valid UTF-8; {fix}")  # fmt: skip
+    found = _first_non_utf8(Path(options.source))
+    where = f"{found[0]} line {found[1]}" if found else f"a file under {options.source}"
+    return InvalidArgumentError(f"input {where} is not valid UTF-8; {fix}")
+
+
+def _job_error(exc: Exception, options: JobOptions) -> FeatureStoreError:
+    """The sink's own message out of a Flink job failure, a named undecodable input, else the
+    first Java cause."""
     text = str(exc)
+    if "CharConversionException" in text:
+        return _not_utf8(options)
     for kind in ("UnavailableError", "InvalidArgumentError"):
         match = re.search(rf"{kind}: (.+)", text)
         if match:
@@ -300,6 +350,7 @@ def run_job(
     if options.check_views:
         check_views(options.target, pipelines)
     stats_dir = Path(options.stats_dir or tempfile.mkdtemp(prefix="featureserve-sink-"))
+    dead_start = dead_letter_size(options.dead_letter_path())
     started = time.monotonic()
     t_env = create_table_env(options, streaming)
     statements = t_env.create_statement_set()
@@ -308,13 +359,13 @@ def run_job(
     try:
         statements.execute().wait()
     except Exception as exc:
-        raise _job_error(exc) from None
+        raise _job_error(exc, options) from None
     views = [w.view for p in pipelines for w in p.windows]
     return JobReport(
         mode="streaming" if streaming else "backfill",
         seconds=time.monotonic() - started,
         sinks={v: read_stats(stats_dir, v) for v in views},
-        dead_letters=count_by_reason(options.dead_letter_path()),
+        dead_letters=count_by_reason(options.dead_letter_path(), dead_start),
     )
 
 

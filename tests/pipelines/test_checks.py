@@ -1,0 +1,61 @@
+"""The pre-flight check against a real server: views that cannot take the writes fail early."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+
+import pytest
+
+from clients.feature_client import FeatureStoreClient
+from featurestore.dtypes import DType
+from featurestore.errors import ConflictError
+from featurestore.registry import Entity, Feature, JoinKey
+from pipelines.checks import apply_views, check_views, expected_view
+from pipelines.config import Pipeline, parse_pipeline
+from pipelines.events import EXAMPLE_PIPELINE
+
+
+def one_window(view: str) -> Pipeline:
+    """The example pipeline with only its first window, writing to `view`."""
+    pipeline = parse_pipeline(tomllib.loads(EXAMPLE_PIPELINE)["pipeline"][0])
+    window = dataclasses.replace(pipeline.windows[0], view=view)
+    return dataclasses.replace(pipeline, windows=(window,))
+
+
+def test_check_names_every_view_that_cannot_take_the_writes(server):
+    good = one_window("good")
+    apply_views(server.target, [good], "card")
+    check_views(server.target, [good])
+
+    entities = {
+        "renamed": Entity("card_renamed", (JoinKey("card", DType.INT64),)),
+        "string_key": Entity("card_string", (JoinKey("card_id", DType.STRING),)),
+        "two_keys": Entity(
+            "card_pair", (JoinKey("card_id", DType.INT64), JoinKey("shop_id", DType.INT64))
+        ),
+    }
+    pipelines = [good] + [one_window(v) for v in entities]
+    views = [
+        expected_view(p, p.windows[0], entities[p.windows[0].view].name) for p in pipelines[1:]
+    ]
+    extra = one_window("extra")
+    base = expected_view(extra, extra.windows[0], "card")
+    views.append(
+        dataclasses.replace(base, features=(*base.features, Feature("refunds", DType.INT64)))
+    )
+    with FeatureStoreClient(server.target) as client:
+        client.apply(list(entities.values()), views)
+
+    with pytest.raises(ConflictError) as caught:
+        check_views(server.target, [*pipelines, extra])
+    message = str(caught.value)
+    assert "view good " not in message
+    assert "view renamed has entity 'card_renamed' with join keys [card INT64]" in message
+    assert "view string_key has entity 'card_string' with join keys [card_id STRING]" in message
+    assert "join keys [card_id INT64, shop_id INT64]" in message
+    assert "only join key is 'card_id' INT64" in message
+    assert (
+        "view extra has feature refunds the pipeline does not write; remove it or add it to "
+        "[pipeline.window.features]" in message
+    )

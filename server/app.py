@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,7 +21,7 @@ from protos.featureserve.v1 import (
     prediction_pb2_grpc,
 )
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from server.audit import AuditLog, parse_audit
+from server.audit import AuditConfig, AuditLog, parse_audit
 from server.auth import Authorizer, parse_auth
 from server.config import ConfigError, ServerConfig
 from server.event_loop import running_loop_name
@@ -36,7 +37,7 @@ from server.model_repository import ModelRepository
 from server.overload import OverloadInterceptor
 from server.prediction_servicer import STREAM_METHOD as PREDICT_STREAM
 from server.prediction_servicer import PredictionServicer
-from server.tls import parse_tls, server_credentials
+from server.tls import TlsConfig, parse_tls, server_credentials
 from server.workers import worker_index
 
 log = logging.getLogger("featureserve.server")
@@ -94,6 +95,49 @@ def check_port_free(host: str, port: int) -> None:
             raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+@dataclass(frozen=True)
+class Sections:
+    """The [auth], [tls] and [audit] tables parsed, with the TLS credentials read and checked."""
+
+    authorizer: Authorizer
+    tls: TlsConfig | None
+    credentials: grpc.ServerCredentials | None
+    audit: AuditConfig
+
+
+def parse_sections(config: ServerConfig) -> Sections:
+    """The config's sections, or StartupError naming the key: a bad section stops start-up."""
+    try:
+        tls = parse_tls(config.extra.get("tls"))
+        return Sections(
+            Authorizer(parse_auth(config.extra.get("auth"))),
+            tls,
+            server_credentials(tls) if tls is not None else None,
+            parse_audit(config.extra.get("audit")),
+        )
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def open_audit(config: AuditConfig, data_dir: Path) -> AuditLog:
+    """The audit log, or StartupError naming [audit] path when its file cannot be opened."""
+    try:
+        return AuditLog.from_config(config, data_dir)
+    except OSError as exc:
+        raise StartupError(
+            f"[audit] path {exc.filename}: {exc.strerror}; set [audit] path to a writable file"
+        ) from None
+
+
+def preflight(config: ServerConfig) -> None:
+    """What start() refuses before opening the store, checked once by the parent of a worker
+    group, so a bad config is reported in one line rather than once per worker."""
+    sections = parse_sections(config)
+    data_dir = ensure_writable_dir(config.data_dir, "data dir")
+    ensure_writable_dir(config.model_repo, "model repository")
+    open_audit(sections.audit, data_dir).close()
+
+
 class FeatureServer:
     """One featureserve server process: start(), then wait_closed(); stop() drains it."""
 
@@ -108,12 +152,11 @@ class FeatureServer:
         self.message_limit = MessageLimit.of(config)
         self.metrics: MetricsRuntime | None = None
         self.audit = AuditLog(None)
-        try:
-            self.authorizer = Authorizer(parse_auth(config.extra.get("auth")))
-            self.tls = parse_tls(config.extra.get("tls"))
-            self.audit_config = parse_audit(config.extra.get("audit"))
-        except ConfigError as exc:
-            raise StartupError(str(exc)) from None
+        sections = parse_sections(config)
+        self.authorizer = sections.authorizer
+        self.tls = sections.tls
+        self._credentials = sections.credentials
+        self.audit_config = sections.audit
         self.models: ModelRepository | None = None
 
     async def start(self) -> int:
@@ -122,7 +165,7 @@ class FeatureServer:
         model_repo = ensure_writable_dir(self.config.model_repo, "model repository")
         if worker_index() is None:
             check_port_free(self.config.host, self.config.port)
-        self.audit = AuditLog.from_config(self.audit_config, self.config.data_dir)
+        self.audit = open_audit(self.audit_config, self.config.data_dir)
         store_config = StoreConfig(
             path=self.config.data_dir,
             map_size=self.config.lmdb_map_bytes,
@@ -156,13 +199,14 @@ class FeatureServer:
             interceptors.append(auth)
         in_place = frozenset({PREDICT_STREAM, MODEL_STREAM})
         interceptors.append(MessageSizeInterceptor(self.message_limit, in_place))
+        self.metrics = start_metrics(
+            self.config.host, self.config.metrics_port, lambda: self.metrics_interceptor.count
+        )
         server = grpc.aio.server(options=grpc_options(self.config))
         self._register(InterceptingRegistrar(server, interceptors))
         try:
-            if self.tls is not None:
-                self.port = server.add_secure_port(
-                    self.config.address, server_credentials(self.tls)
-                )
+            if self._credentials is not None:
+                self.port = server.add_secure_port(self.config.address, self._credentials)
             else:
                 self.port = server.add_insecure_port(self.config.address)
         except RuntimeError:
@@ -172,9 +216,6 @@ class FeatureServer:
         await server.start()
         self._server = server
         await self.health.set_all(True)
-        self.metrics = start_metrics(
-            self.config.host, self.config.metrics_port, lambda: self.metrics_interceptor.count
-        )
         log.info(
             "serving",
             extra={

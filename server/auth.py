@@ -194,10 +194,13 @@ def parse_auth(raw: dict[str, Any] | None, source: str = "config") -> AuthConfig
 PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "featureserve_principal", default=None
 )
+OPEN_CALLER = Principal("anonymous", frozenset({ADMIN}))
+"""The caller of an open method: every check the servicer makes for that call passes."""
 
 
 def current_principal() -> Principal | None:
-    """The caller of the RPC being handled, when auth is on and the call was authenticated."""
+    """The caller of the RPC being handled, when auth is on and the call was authenticated
+    (OPEN_CALLER for a call to one of the open methods)."""
     return PRINCIPAL.get()
 
 
@@ -266,7 +269,8 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
 
 class AuthInterceptor(WrappingInterceptor):
     """Authenticates every call except open methods and checks its method's scope class;
-    the principal is left in PRINCIPAL for the servicer's per-view / per-model require()."""
+    the principal is left in PRINCIPAL for the servicer's per-view / per-model require().
+    An open method's calls get OPEN_CALLER, so the servicer's checks pass for them too."""
 
     def __init__(self, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
@@ -274,12 +278,15 @@ class AuthInterceptor(WrappingInterceptor):
         self._open_exact = frozenset(f"/{m}" for m in names if "/" in m)
         self._open_prefix = tuple(f"/{m}/" for m in names if "/" not in m)
 
-    def applies(self, method: str) -> bool:
-        """Every method but the open ones."""
-        return not (method in self._open_exact or method.startswith(self._open_prefix))
+    def is_open(self, method: str) -> bool:
+        """Whether [auth] open_methods lists the method or its service."""
+        return method in self._open_exact or method.startswith(self._open_prefix)
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        """The handler, run only for a caller whose token grants the method's scope class."""
+        """The handler, run only for a caller whose token grants the method's scope class,
+        or for anyone as OPEN_CALLER when the method is open."""
+        if self.is_open(method):
+            return rewrap(handler, _as_open_caller)
         kind = METHOD_SCOPES.get(method, ADMIN)
         denied = f"has no {kind} scope, which {method} needs"
 
@@ -314,3 +321,21 @@ class AuthInterceptor(WrappingInterceptor):
             return guarded
 
         return rewrap(handler, guard)
+
+
+def _as_open_caller(behavior: Callable, streaming: bool) -> Callable:
+    """The behavior run with OPEN_CALLER as the caller."""
+    if streaming and inspect.isasyncgenfunction(behavior):
+
+        async def open_generator(request, context):
+            PRINCIPAL.set(OPEN_CALLER)
+            async for response in behavior(request, context):
+                yield response
+
+        return open_generator
+
+    async def open_call(request, context):
+        PRINCIPAL.set(OPEN_CALLER)
+        return await behavior(request, context)
+
+    return open_call

@@ -66,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             return run_workers(config, args.workers)
         run(config)
-    except StartupError as exc:
+    except (StartupError, ConfigError) as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -47,7 +47,29 @@ class ServerConfig:
 
 _PATH_KEYS = {"data_dir", "model_repo"}
 _SECTIONS = ("auth", "tls", "audit")
-_CHOICES = {"event_loop": tuple(EVENT_LOOPS)}
+_CHOICES = {"event_loop": tuple(EVENT_LOOPS), "log_format": ("json", "text")}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_PORT_KEYS = {"port": "0 picks a free port", "metrics_port": "0 turns /metrics off"}
+_AT_LEAST = {
+    "max_message_bytes": 1,
+    "lmdb_map_bytes": 1,
+    "max_entities_per_request": 1,
+    "max_rows_per_write": 1,
+    "grace_seconds": 0,
+    "max_concurrent_rpcs": 0,
+    "max_clock_skew_seconds": 0,
+    "warm_store_seconds": 0,
+}
+"""Lower bounds: below them a server would start and then refuse or mishandle every request."""
+
+
+def _check_range(name: str, value: Any, source: str) -> None:
+    """Refuse a port outside 0-65535 or a limit below its bound, naming the key."""
+    if name in _PORT_KEYS and not 0 <= value <= 65535:
+        raise ConfigError(f"{source}: key '{name}' is {value}; use 0-65535 ({_PORT_KEYS[name]})")
+    low = _AT_LEAST.get(name)
+    if low is not None and value < low:
+        raise ConfigError(f"{source}: key '{name}' is {value}; it must be at least {low}")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -56,8 +78,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if name in _PATH_KEYS:
         return Path(value)
     expected = type(template)
-    if expected is float and isinstance(value, int):
-        return float(value)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(
             f"{source}: key '{name}' must be {expected.__name__}, got {type(value).__name__}"
@@ -67,6 +89,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(
             f"{source}: key '{name}' is {value!r}; use one of {', '.join(map(repr, choices))}"
         )
+    if name == "log_level" and value.upper() not in _LOG_LEVELS:
+        raise ConfigError(
+            f"{source}: key 'log_level' is {value!r}; use one of {', '.join(_LOG_LEVELS)}"
+        )
+    _check_range(name, value, source)
     return value
 
 
@@ -92,6 +119,8 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         for section in _SECTIONS:
             if section in raw:
                 extra[section] = raw.pop(section)
+                if not isinstance(extra[section], dict):
+                    raise ConfigError(f"{source}: [{section}] must be a table, not a value")
         raw.update(server_keys)
         for key, value in raw.items():
             if key not in ServerConfig.__dataclass_fields__ or key == "extra":

@@ -251,8 +251,17 @@ def scrape_registry(directory: Path | None) -> CollectorRegistry:
 
 
 def serve_metrics(host: str, port: int, directory: Path | None = None) -> int:
-    """Serve /metrics over HTTP from a daemon thread; returns the bound port."""
-    httpd, _ = _start_http_server(port, addr=host, registry=scrape_registry(directory))
+    """Serve /metrics over HTTP from a daemon thread; returns the bound port. A port that
+    cannot be bound is a StartupError naming metrics_port."""
+    from server.app import StartupError
+
+    try:
+        httpd, _ = _start_http_server(port, addr=host, registry=scrape_registry(directory))
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve /metrics on {host}:{port}: {exc.strerror}; pick a free "
+            "--metrics-port (metrics_port), or 0 to turn /metrics off"
+        ) from None
     bound = httpd.server_port
     log.info("metrics", extra={"address": f"{host}:{bound}", "multiprocess": directory is not None})
     return bound

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,15 +74,38 @@ def _read(path: Path, what: str) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"[tls] {what} {path}: {exc.strerror}") from None
+        raise ConfigError(
+            f"[tls] {what} {path}: {exc.strerror}; set {what} to a readable PEM file"
+        ) from None
     if b"-----BEGIN" not in data:
-        raise ConfigError(f"[tls] {what} {path}: not a PEM file")
+        raise ConfigError(f"[tls] {what} {path}: not a PEM file; set {what} to a PEM file")
     return data
 
 
+def _check_pair(config: TlsConfig) -> None:
+    """Refuse a key that is not the private key of the certificate, before gRPC reports it as a
+    port it cannot bind."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.cert_file, config.key_file, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"[tls] cert_file {config.cert_file} and key_file {config.key_file} do not form a "
+            f"pair ({exc.reason or exc}); set key_file to the certificate's own unencrypted "
+            "private key"
+        ) from None
+
+
 def server_credentials(config: TlsConfig) -> grpc.ServerCredentials:
-    """grpc.ssl_server_credentials for the config, reading and checking the PEM files."""
+    """grpc.ssl_server_credentials for the config, reading and checking the PEM files and that
+    the key belongs to the certificate."""
     pair = (_read(config.key_file, "key_file"), _read(config.cert_file, "cert_file"))
+    if b"PRIVATE KEY-----" not in pair[0]:
+        raise ConfigError(
+            f"[tls] key_file {config.key_file}: holds no PEM private key; set it to the "
+            "certificate's private key file"
+        )
+    _check_pair(config)
     ca = _read(config.client_ca_file, "client_ca_file") if config.client_ca_file else None
     return grpc.ssl_server_credentials(
         [pair], root_certificates=ca, require_client_auth=config.mutual

@@ -41,9 +41,11 @@ def worker_index() -> int | None:
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind (without listening) a SO_REUSEPORT socket: it fixes the port all workers share when
-    port is 0, and fails at once when another program already listens there."""
-    from server.app import StartupError
+    port is 0. A port something already listens on is refused first with a plain bind, because
+    a SO_REUSEPORT bind succeeds beside another worker group of the same user."""
+    from server.app import StartupError, check_port_free
 
+    check_port_free(host, port)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -130,7 +132,11 @@ class Supervisor:
                 worker.proc.kill()
                 code = worker.proc.wait()
             self._forget(worker)
-            status = status or (code != 0)
+            # Killed by our SIGTERM means it had not installed its handler yet: still starting,
+            # nothing opened, so nothing to drain.
+            if code == -signal.SIGTERM:
+                log.info("worker stopped before serving", extra={"worker": worker.index})
+            status = status or code not in (0, -signal.SIGTERM)
         log.info("workers stopped", extra={"workers": len(live), "clean": status == 0})
         return int(status)
 
@@ -147,8 +153,10 @@ def run_workers(config: ServerConfig, n: int) -> int:
     The port is fixed before spawning (port 0 picks one), workers get metrics_port 0 and this
     process serves /metrics for all of them from the shared multiprocess directory.
     """
+    from server.app import preflight
     from server.metrics import serve_metrics
 
+    preflight(config)
     reservation = reserve_port(config.host, config.port)
     port = reservation.getsockname()[1]
     metrics_dir = Path(tempfile.mkdtemp(prefix="featureserve-metrics-"))

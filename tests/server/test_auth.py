@@ -357,3 +357,39 @@ def test_bad_auth_section_stops_the_server_with_the_key_named(tmp_path: Path) ->
             server.start()
     finally:
         server.kill()
+
+
+def test_open_methods_are_open_through_the_servicers_checks(tmp_path: Path) -> None:
+    """Methods listed in open_methods answer without a token even where the servicer checks
+    a per-view scope (GetFeatureView, ListFeatureViews); unlisted ones stay closed."""
+    from clients.channel import ClientConfig
+    from clients.feature_client import FeatureStoreClient
+    from featurestore.dtypes import DType
+    from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+    from tests.conftest import ServerProcess
+
+    opened = ["featureserve.v1.FeatureStore/GetFeatureView",
+              "featureserve.v1.FeatureStore/ListFeatureViews",
+              "inference.GRPCInferenceService"]  # fmt: skip
+    config = tmp_path / "featureserve.toml"
+    config.write_text(AUTH_TOML.replace("enabled = true\n", f"open_methods = {opened!r}\n"))
+    server = ServerProcess(tmp_path / "data", tmp_path / "models", "--config", str(config))
+    server.start()
+    try:
+        admin = ClientConfig(target=server.target, timeout_s=20, token=TOKENS["admin"][0])
+        with FeatureStoreClient(admin) as client:
+            client.apply(
+                [Entity("user", (JoinKey("user_id", DType.INT64),))],
+                [FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))],
+            )
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.FeatureStoreStub(channel)
+            view = stub.GetFeatureView(pb.GetFeatureViewRequest(name="profile"), timeout=20)
+            listed = stub.ListFeatureViews(pb.ListFeatureViewsRequest(), timeout=20)
+            assert view.name == "profile" and [v.name for v in listed.views] == ["profile"]
+            kserve = ks_grpc.GRPCInferenceServiceStub(channel)
+            assert kserve.ServerLive(ks.ServerLiveRequest(), timeout=20).live
+            assert call(channel, "GetOnlineFeatures", None) == UNAUTH
+            assert call(channel, "ApplyFeatureViews", None) == UNAUTH
+    finally:
+        server.kill()

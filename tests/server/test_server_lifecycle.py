@@ -185,3 +185,47 @@ def test_warm_store_seconds_0_leaves_the_cache_alone(server_factory, tmp_path) -
     server = server_factory("--config", str(config), data_dir=tmp_path / "data")
     assert resident_fraction(data_file) < 0.2
     assert not [e for e in server.logs() if e["msg"] == "store read into the page cache"]
+
+
+def _held_port() -> socket.socket:
+    """A listening socket on a free port, so the port is in use while it is open."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    return held
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["single", "workers"])
+@pytest.mark.parametrize(
+    ("toml", "flags", "code", "message"),
+    [
+        ("", ("--metrics-port", "{held}"), 1, "cannot serve /metrics on 127.0.0.1:{held}"),
+        ('[tls]\ncert_file = "{tmp}/no.crt"\nkey_file = "{tmp}/no.key"\n', (), 1,
+         "[tls] key_file {tmp}/no.key: No such file or directory"),
+        ('[audit]\npath = "{tmp}"\n', (), 1, "[audit] path {tmp}: Is a directory"),
+        ("auth = 5\n", (), 2, "[auth] must be a table"),
+        ('tls = "x"\n', (), 2, "[tls] must be a table"),
+        ('log_level = "LOUD"\n', (), 2, "key 'log_level' is 'LOUD'"),
+        ("max_message_bytes = 0\n", (), 2, "key 'max_message_bytes' is 0"),
+        ("", ("--port", "70000"), 2, "command line: key 'port' is 70000; use 0-65535"),
+        ("", ("--metrics-port", "-1"), 2, "command line: key 'metrics_port' is -1"),
+    ],
+    ids=["metrics-port-in-use", "tls-file-missing", "audit-dir", "auth-not-table",
+         "tls-not-table", "log-level", "max-message-bytes", "port", "metrics-port"],
+)  # fmt: skip
+def test_start_up_errors_are_one_line_without_a_traceback(
+    tmp_path: Path, workers, toml: str, flags, code: int, message: str
+) -> None:
+    with _held_port() as held:
+        fill = {"tmp": tmp_path, "held": held.getsockname()[1]}
+        config = tmp_path / "featureserve.toml"
+        config.write_text(toml.format(**fill))
+        result = featureserve(
+            "serve", "--port", "0", "--config", str(config), "--data-dir", str(tmp_path / "d"),
+            "--model-repo", str(tmp_path / "m"), *(f.format(**fill) for f in flags), *workers,
+        )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert "Traceback" not in result.stderr
+    assert lines == [lines[0]] and lines[0].startswith("featureserve: ")
+    assert message.format(**fill) in lines[0]
+    assert result.returncode == code

@@ -204,3 +204,33 @@ def test_real_server_with_mtls_section(pki: Path, server_factory, tmp_path: Path
     with FeatureStoreClient(anonymous) as client, pytest.raises(ClientError) as info:
         client.list_feature_views()
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_credentials_refuse_a_key_that_is_not_the_certificates(pki: Path) -> None:
+    with pytest.raises(ConfigError, match="do not form a pair") as info:
+        server_credentials(TlsConfig(pki / "server.crt", pki / "client.key"))
+    assert "server.crt" in str(info.value) and "client.key" in str(info.value)
+    with pytest.raises(ConfigError, match="holds no PEM private key"):
+        server_credentials(TlsConfig(pki / "server.crt", pki / "server.crt"))
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")])
+def test_a_mismatched_pair_stops_the_server_with_one_line(
+    pki: Path, tmp_path: Path, workers: tuple[str, ...]
+) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "featureserve.toml"
+    config.write_text(
+        f'[tls]\ncert_file = "{pki / "server.crt"}"\nkey_file = "{pki / "rogue.key"}"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--config", str(config),
+         "--data-dir", str(tmp_path / "d"), "--model-repo", str(tmp_path / "m"), *workers],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert result.returncode == 1
+    assert len(lines) == 1 and "[tls] cert_file" in lines[0] and "do not form a pair" in lines[0]
+    assert str(pki / "rogue.key") in lines[0]

@@ -4,9 +4,12 @@ other, and SIGTERM to the parent drains every worker and exits 0."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -148,3 +151,44 @@ def test_a_crashed_worker_is_replaced(server_factory) -> None:
     with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
         assert client.list_feature_views() == ([], [])
     assert server.terminate(timeout=60) == 0
+
+
+def test_a_second_group_on_a_served_port_is_refused(server_factory, tmp_path: Path) -> None:
+    """SO_REUSEPORT would let a second group (another data dir) share the first one's port."""
+    first = server_factory("--workers", "2")
+    assert wait_until(lambda: sum('"msg": "serving"' in line for line in first.log_lines) == 2)
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--workers", "2", "--port", str(first.port),
+         "--data-dir", str(tmp_path / "other"), "--model-repo", str(tmp_path / "m")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"featureserve: cannot listen on 127.0.0.1:{first.port}: Address already in use"
+    ]
+
+
+def test_sigterm_while_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
+    """Workers still importing when the parent is told to stop die of SIGTERM's default
+    action before their handler exists; that is a clean stop (exit 0), not a failed one."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--workers", "2", "--port", "0",
+         "--data-dir", str(tmp_path / "d"), "--model-repo", str(tmp_path / "m")],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        for line in proc.stderr:
+            lines.append(line)
+            if sum('"msg": "worker started"' in seen for seen in lines) == 2:
+                break
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.communicate(timeout=60)[1].splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, "".join(lines)
+    (stopped,) = [json.loads(line) for line in lines if '"msg": "workers stopped"' in line]
+    assert stopped["clean"] is True

@@ -387,6 +387,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             "write_features", view, code, error=str(outcome)[:MAX_MESSAGE_CHARS], **fields
         )
 
+    @maps_errors
     async def StreamWriteFeatures(self, request_iterator, context):
         """Write each message as it arrives, up to MAX_STREAM_BATCHES_IN_FLIGHT awaiting their
         commit, and answer the summed counts. The first batch that fails (an earlier commit
@@ -426,7 +427,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         if failures:
             batch, exc = min(failures, key=lambda failure: failure[0])
             if not is_domain_error(exc):
-                raise exc
+                raise exc  # maps_errors answers INTERNAL and logs it
             await abort(context, exc, stream_failure(batch, exc), batch)
         return response
 

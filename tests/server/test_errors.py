@@ -33,11 +33,18 @@ class Raising:
     async def Bug(self, request: bytes, context) -> bytes:
         return b"" + {}["missing"]
 
+    @maps_errors
+    async def StreamBug(self, requests, context) -> bytes:
+        async for _ in requests:
+            raise RuntimeError("lost track of a batch")
+        return b""
+
 
 async def outcomes() -> dict[str, tuple[grpc.StatusCode, str, dict]]:
     raising = Raising()
     names = ("NotFound", "BadRow", "Aborts", "Bug")
     handlers = {n: grpc.unary_unary_rpc_method_handler(getattr(raising, n)) for n in names}
+    handlers["StreamBug"] = grpc.stream_unary_rpc_method_handler(raising.StreamBug)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -49,6 +56,9 @@ async def outcomes() -> dict[str, tuple[grpc.StatusCode, str, dict]]:
                 await channel.unary_unary(f"/{SERVICE}/{name}")(b"", timeout=10)
             trailing = dict(tuple(info.value.trailing_metadata() or ()))
             got[name] = (info.value.code(), info.value.details(), trailing)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.stream_unary(f"/{SERVICE}/StreamBug")(iter([b""]), timeout=10)
+        got["StreamBug"] = (info.value.code(), info.value.details(), {})
     await server.stop(0)
     return got
 
@@ -62,3 +72,6 @@ def test_every_failure_gets_its_status() -> None:
     code, message, _ = got["Bug"]
     assert code == grpc.StatusCode.INTERNAL
     assert "Bug: unexpected KeyError: 'missing'" in message and "server log" in message
+    code, message, _ = got["StreamBug"]
+    assert code == grpc.StatusCode.INTERNAL
+    assert "StreamBug: unexpected RuntimeError: lost track of a batch" in message

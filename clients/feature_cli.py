@@ -348,6 +348,14 @@ def _keys_of(args: argparse.Namespace, join_keys: list[JoinKey]) -> dict[str, np
 
 def cmd_get(args: argparse.Namespace) -> int:
     """Print features of a few entities."""
+    if args.keys is None and not args.entity:
+        print(
+            "featureserve: get needs the entities to look up: give --keys 1,2,3 (keys of the "
+            "view's first join key) or --entity NAME=V1,V2 for each join key, e.g. "
+            f"featureserve get --view {args.view} --keys 1,2,3",
+            file=sys.stderr,
+        )
+        return 2
     with FeatureStoreClient(client_config(args)) as client:
         view = client.get_feature_view(args.view, args.version)
         try:

@@ -407,7 +407,7 @@ class LmdbEnv:
             f"no room for another LMDB database: max_dbs={limit} in the store config allows "
             f"{(limit - 1) // 2} view versions (2 databases each: online rows and history); "
             "delete view versions no longer used, or raise max_dbs in the store config "
-            "(StoreConfig.max_dbs)"
+            "(StoreConfig.max_dbs; lmdb_max_dbs in featureserve's server config)"
         )
 
     def view_db(self, name: str, version: int, txn: lmdb.Transaction) -> lmdb._Database:

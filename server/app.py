@@ -169,6 +169,7 @@ class FeatureServer:
         store_config = StoreConfig(
             path=self.config.data_dir,
             map_size=self.config.lmdb_map_bytes,
+            max_dbs=self.config.lmdb_max_dbs,
             max_clock_skew_seconds=self.config.max_clock_skew_seconds,
             max_entities_per_read=self.config.max_entities_per_request,
             max_rows_per_write=self.config.max_rows_per_write,

@@ -43,10 +43,10 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Load the config, then run the server until a stop signal."""
+    """Load the config, then run the server until a stop signal (args.signals, installed by
+    main; one that came while the server was starting is a clean stop too: exit 0)."""
     from server.app import StartupError
     from server.logs import configure_logging
-    from server.runner import run
 
     overrides = {name: getattr(args, name) for name in SERVE_FLAGS}
     overrides["log_format"] = args.log_format
@@ -64,8 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.workers > 1:
             from server.workers import run_workers
 
-            return run_workers(config, args.workers)
-        run(config)
+            return run_workers(config, args.workers, args.signals)
+        from server.runner import run
+
+        run(config, lambda: args.signals.requested)
     except (StartupError, ConfigError) as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 1
@@ -104,10 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `featureserve` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    signals = None
+    if argv[:1] == ["serve"]:
+        # Before the parser's imports, which take a second or more on a busy machine: from here
+        # on a SIGTERM to `serve` is a clean stop, not the signal's default action.
+        from server.workers import StopSignals
+
+        signals = StopSignals().install()
     from clients.channel import ClientError
     from featurestore.errors import FeatureStoreError
 
     args = build_parser().parse_args(argv)
+    if signals is not None:
+        args.signals = signals
     try:
         return args.func(args)
     except (ClientError, FeatureStoreError) as exc:

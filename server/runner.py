@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import os
 import signal
 from collections.abc import Callable
 
 from server import event_loop
 from server.app import FeatureServer
 from server.config import ServerConfig
+
+log = logging.getLogger("featureserve.server")
 
 GC_THRESHOLDS = (10_000, 50, 50)
 """Collections of generation 0, 1 and 2 run after 10k allocations, 50 and 50 younger runs."""
@@ -44,6 +48,18 @@ async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = N
         await server.stop()
 
 
-def run(config: ServerConfig) -> None:
-    """Blocking entry point of `featureserve serve`, on the configured event loop."""
-    event_loop.run(serve(config), config.event_loop)
+def run(config: ServerConfig, stop_requested: Callable[[], bool] = lambda: False) -> None:
+    """Blocking entry point of `featureserve serve`, on the configured event loop.
+
+    stop_requested() says whether a stop signal came before serve() took SIGTERM and SIGINT
+    over (see workers.StopSignals): then the server does not start, or, if the signal came
+    while it started, the signal is sent again once it serves, so it drains and exits 0."""
+    if stop_requested():
+        log.info("stopped before serving")
+        return
+
+    def on_ready(port: int) -> None:
+        if stop_requested():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    event_loop.run(serve(config, on_ready), config.event_loop)

@@ -1,11 +1,15 @@
 """`featureserve serve --workers N`: a parent that spawns N single-process servers on one port
 (SO_REUSEPORT), serves their merged metrics, restarts a crashed worker, and drains all of them
-on SIGTERM. Workers are fresh interpreters (spawned, never forked after gRPC is imported)."""
+on SIGTERM. Workers are fresh interpreters (spawned, never forked after gRPC is imported).
+
+`serve` imports this module before anything else to catch SIGTERM early (StopSignals), so it
+imports the metrics module (NumPy, prometheus_client) only where it is used."""
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import fcntl
 import logging
 import os
 import pickle
@@ -15,13 +19,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.config import ServerConfig
-from server.metrics import MULTIPROC_ENV, WORKER_ENV
 
 log = logging.getLogger("featureserve.workers")
 
@@ -35,14 +37,66 @@ PR_SET_PDEATHSIG = 1
 
 def worker_index() -> int | None:
     """This process's worker index when it runs under run_workers, else None."""
+    from server.metrics import WORKER_ENV
+
     value = os.environ.get(WORKER_ENV)
     return int(value) if value is not None else None
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (without listening) a SO_REUSEPORT socket: it fixes the port all workers share when
-    port is 0. A port something already listens on is refused first with a plain bind, because
-    a SO_REUSEPORT bind succeeds beside another worker group of the same user."""
+class StopSignals:
+    """SIGTERM and SIGINT noted, not acted on: `requested` turns true. Installed as the first
+    thing `serve` does, so a stop asked for while the server still imports or starts is a clean
+    stop once it can be one. The handler only assigns a flag: one that took a lock (Event.set)
+    could deadlock the main thread it interrupts while that thread holds the lock."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> StopSignals:
+        """Route SIGTERM and SIGINT to this flag (call from the main thread); returns self."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def port_lock_path(port: int) -> Path:
+    """The lock file a worker group holds while it owns `port` (keyed by the port alone: groups
+    on 0.0.0.0:P and 127.0.0.1:P would share P just the same)."""
+    return Path(tempfile.gettempdir()) / f"featureserve-port-{port}.lock"
+
+
+@dataclass
+class PortClaim:
+    """A worker group's hold on its port, kept by the parent until its workers are gone."""
+
+    sock: socket.socket
+    lock_fd: int
+
+    @property
+    def port(self) -> int:
+        """The port the group serves on (the one the kernel picked for port 0)."""
+        return self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        """Release the port and the lock."""
+        self.sock.close()
+        os.close(self.lock_fd)
+
+
+def claim_port(host: str, port: int) -> PortClaim:
+    """Refuse a port another server uses and hold it for this group's workers.
+
+    A plain bind refuses a port something listens on, and a bound, non-listening SO_REUSEPORT
+    socket fixes the port (when port is 0) that the workers then share. Neither excludes another
+    worker group starting at the same moment: Linux admits every SO_REUSEPORT socket of the same
+    user, so the kernel cannot tell our workers from theirs, and a probe, then a bind, is a race.
+    What excludes it is an exclusive flock on port_lock_path(port), taken after the bind and
+    held by this parent: the first group to take it serves, any other fails here with one line.
+    The kernel drops the lock when the parent dies, so a crash leaves no stale claim (the file
+    stays; it is empty)."""
     from server.app import StartupError, check_port_free
 
     check_port_free(host, port)
@@ -55,7 +109,35 @@ def reserve_port(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return sock
+    bound = sock.getsockname()[1]
+    path = port_lock_path(bound)
+    try:
+        lock_fd = _open_lock(path)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"cannot lock {path} for port {bound}: {exc.strerror}; set TMPDIR to a writable "
+            "directory shared by every featureserve on this machine"
+        ) from None
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sock.close()
+        os.close(lock_fd)
+        raise StartupError(
+            f"cannot listen on {host}:{bound}: another featureserve --workers group is starting "
+            f"or serving on port {bound} (it holds {path}); stop it or choose another --port"
+        ) from None
+    return PortClaim(sock, lock_fd)
+
+
+def _open_lock(path: Path) -> int:
+    """Open (creating if needed) the lock file read-only: flock needs no write access, so a
+    file another user left behind still opens."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
 
 
 @dataclass
@@ -70,15 +152,19 @@ class Worker:
 class Supervisor:
     """Spawns, watches and stops the worker processes of one server."""
 
-    def __init__(self, config: ServerConfig, n: int, metrics_dir: Path) -> None:
+    def __init__(
+        self, config: ServerConfig, n: int, metrics_dir: Path, signals: StopSignals
+    ) -> None:
         self.config = config
         self.n = n
         self.metrics_dir = metrics_dir
         self.workers: list[Worker] = []
-        self.stopping = threading.Event()
+        self.signals = signals
 
     def spawn(self, index: int) -> Worker:
         """Start worker `index`, handing it the config over its stdin."""
+        from server.metrics import MULTIPROC_ENV, WORKER_ENV
+
         env = dict(os.environ)
         env.update(
             {
@@ -98,10 +184,15 @@ class Supervisor:
         return Worker(index, proc, time.monotonic())
 
     def run(self) -> int:
-        """Run until a stop signal (exit 0 after all workers drained) or a worker that dies
-        within MIN_UPTIME_S of its start (startup failure: stop the rest, exit 1)."""
-        self.workers = [self.spawn(i) for i in range(self.n)]
-        while not self.stopping.wait(POLL_S):
+        """Run until a stop signal (exit 0 after all workers drained; none is started once
+        one has come) or a worker that dies within MIN_UPTIME_S of its start (startup failure:
+        stop the rest, exit 1)."""
+        for index in range(self.n):
+            if self.signals.requested:
+                break
+            self.workers.append(self.spawn(index))
+        while not self.signals.requested:
+            time.sleep(POLL_S)
             for slot, worker in enumerate(self.workers):
                 code = worker.proc.poll()
                 if code is None:
@@ -147,29 +238,31 @@ class Supervisor:
         mark_process_dead(worker.proc.pid, str(self.metrics_dir))
 
 
-def run_workers(config: ServerConfig, n: int) -> int:
+def run_workers(config: ServerConfig, n: int, signals: StopSignals | None = None) -> int:
     """Serve `config` from n worker processes on one port; returns the exit code.
 
     The port is fixed before spawning (port 0 picks one), workers get metrics_port 0 and this
-    process serves /metrics for all of them from the shared multiprocess directory.
+    process serves /metrics for all of them from the shared multiprocess directory. `signals`
+    are the caller's, installed before its imports; by default they are installed here.
     """
     from server.app import preflight
     from server.metrics import serve_metrics
 
+    if signals is None:
+        signals = StopSignals().install()
     preflight(config)
-    reservation = reserve_port(config.host, config.port)
-    port = reservation.getsockname()[1]
+    claim = claim_port(config.host, config.port)
     metrics_dir = Path(tempfile.mkdtemp(prefix="featureserve-metrics-"))
-    supervisor = Supervisor(dataclasses.replace(config, port=port, metrics_port=0), n, metrics_dir)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: supervisor.stopping.set())
+    supervisor = Supervisor(
+        dataclasses.replace(config, port=claim.port, metrics_port=0), n, metrics_dir, signals
+    )
     try:
         if config.metrics_port > 0:
             serve_metrics(config.host, config.metrics_port, metrics_dir)
-        log.info("workers", extra={"address": f"{config.host}:{port}", "workers": n})
+        log.info("workers", extra={"address": f"{config.host}:{claim.port}", "workers": n})
         return supervisor.run()
     finally:
-        reservation.close()
+        claim.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 

@@ -543,3 +543,18 @@ def test_get_rejects_keys_outside_int64_and_repeated_keys(served) -> None:
         result = cli.run("get", "--view", "get_range", *flags)
         assert result.returncode == 2, (flags, result.stdout)
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_get_without_keys_is_a_usage_error_with_an_example(served) -> None:
+    """Without --keys or --entity there is nothing to look up: exit 2 saying what to give
+    (it printed nothing and exited 0)."""
+    cli, _ = served
+    register(served, "no_keys")
+    result = cli.run("get", "--view", "no_keys")
+    assert result.returncode == 2, result.stdout
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "featureserve: get needs the entities to look up: give --keys 1,2,3 (keys of the view's "
+        "first join key) or --entity NAME=V1,V2 for each join key, e.g. featureserve get "
+        "--view no_keys --keys 1,2,3"
+    ]

@@ -82,6 +82,8 @@ def test_a_flag_outside_the_choices_is_named() -> None:
         ("max_rows_per_write = -3\n", "key 'max_rows_per_write' is -3; it must be at least 1"),
         ("grace_seconds = -5\n", "key 'grace_seconds' is -5.0; it must be at least 0"),
         ("max_concurrent_rpcs = -1\n", "key 'max_concurrent_rpcs' is -1; it must be at least 0"),
+        ("lmdb_max_dbs = 2\n", "key 'lmdb_max_dbs' is 2; use 3-32768 (1 database for the"),
+        ("lmdb_max_dbs = 32769\n", "key 'lmdb_max_dbs' is 32769; use 3-32768"),
     ],
 )
 def test_values_a_server_cannot_run_with_are_named(tmp_path: Path, text: str, message: str) -> None:
@@ -97,3 +99,5 @@ def test_bounds_admit_their_edge_values() -> None:
     )
     assert (config.port, config.max_message_bytes, config.grace_seconds) == (65535, 1, 0.0)
     assert load_config(None, {"log_level": "debug"}).log_level == "debug"
+    assert load_config(None, {"lmdb_max_dbs": 3}).lmdb_max_dbs == 3
+    assert load_config(None, {"lmdb_max_dbs": 32768}).lmdb_max_dbs == 32768

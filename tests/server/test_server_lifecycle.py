@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -21,6 +23,7 @@ from clients.channel import ClientConfig
 from clients.health import check_health
 from server.config import ServerConfig
 from server.runner import GC_THRESHOLDS, serve
+from tests.conftest import wait_until
 from tests.page_residency import evict, resident_fraction
 
 SERVICES = {"featureserve.v1.FeatureStore", "featureserve.v1.Prediction",
@@ -209,9 +212,11 @@ def _held_port() -> socket.socket:
         ("max_message_bytes = 0\n", (), 2, "key 'max_message_bytes' is 0"),
         ("", ("--port", "70000"), 2, "command line: key 'port' is 70000; use 0-65535"),
         ("", ("--metrics-port", "-1"), 2, "command line: key 'metrics_port' is -1"),
+        ("lmdb_max_dbs = 2\n", (), 2, "key 'lmdb_max_dbs' is 2; use 3-32768 (1 database for"),
     ],
     ids=["metrics-port-in-use", "tls-file-missing", "audit-dir", "auth-not-table",
-         "tls-not-table", "log-level", "max-message-bytes", "port", "metrics-port"],
+         "tls-not-table", "log-level", "max-message-bytes", "port", "metrics-port",
+         "lmdb-max-dbs"],
 )  # fmt: skip
 def test_start_up_errors_are_one_line_without_a_traceback(
     tmp_path: Path, workers, toml: str, flags, code: int, message: str
@@ -229,3 +234,95 @@ def test_start_up_errors_are_one_line_without_a_traceback(
     assert lines == [lines[0]] and lines[0].startswith("featureserve: ")
     assert message.format(**fill) in lines[0]
     assert result.returncode == code
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (its SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    (mask,) = [line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")]
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def _in_session(sid: int) -> list[int]:
+    """Processes of session `sid` that still exist (not zombies)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split() if stat else []
+        if fields and fields[0] != "Z" and int(fields[3]) == sid:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["single", "workers"])
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2, 0.5])
+def test_sigterm_during_start_up_is_a_clean_stop(tmp_path: Path, workers, delay: float) -> None:
+    """SIGTERM `delay` s after the start, or once the process catches SIGTERM if that is later:
+    before the interpreter runs featureserve's first lines nothing can catch it (nor has
+    anything started). Exit 0, no traceback, no process of its session left. At 0.0 the signal
+    comes before the server's modules are imported, so no worker starts and nothing serves."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--data-dir",
+         str(tmp_path / "d"), "--model-repo", str(tmp_path / "m"), *workers],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: _catches_sigterm(proc.pid), timeout=60, interval=0.002)
+        time.sleep(max(0.0, started + delay - time.monotonic()))
+        proc.send_signal(signal.SIGTERM)
+        stderr = proc.communicate(timeout=60)[1]
+        assert wait_until(lambda: not _in_session(proc.pid)), _in_session(proc.pid)
+    finally:
+        for pid in _in_session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    if delay == 0.0:
+        messages = [json.loads(line)["msg"] for line in stderr.splitlines()]
+        assert "worker started" not in messages and "serving" not in messages, messages
+
+
+def test_lmdb_max_dbs_reaches_the_store_and_its_commit_process(server_factory, tmp_path) -> None:
+    """lmdb_max_dbs = 8 bounds each process's table of open databases. The commit process
+    opens the registry and, on a view's first write, its online rows and history: the fourth
+    view's first write needs a ninth. The server opens the registry and the online rows of each
+    view it applies: the eighth view needs a ninth. Both are RESOURCE_EXHAUSTED naming it."""
+    import numpy as np
+
+    from clients.channel import ClientError
+    from clients.feature_client import FeatureStoreClient
+    from featurestore.dtypes import DType
+    from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+
+    config = tmp_path / "featureserve.toml"
+    config.write_text("lmdb_max_dbs = 8\n")
+    server = server_factory("--config", str(config))
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+
+    def view(name: str) -> FeatureView:
+        return FeatureView(name, "user", (Feature("x", DType.INT64),))
+
+    def write(client: FeatureStoreClient, name: str) -> None:
+        now = np.array([int(time.time() * 1e6)])
+        client.write_features(name, {"user_id": np.array([1])}, now, {"x": np.array([1])})
+
+    full = "max_dbs=8 in the store config allows 3 view versions"
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([user], [view(f"v{i}") for i in range(4)])
+        for name in ("v0", "v1", "v2"):
+            write(client, name)
+        with pytest.raises(ClientError) as written:
+            write(client, "v3")
+        client.apply([], [view(f"v{i}") for i in range(4, 7)])
+        with pytest.raises(ClientError) as applied:
+            client.apply([], [view("v7")])
+    for error in (written.value, applied.value):
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+        assert full in error.message and "lmdb_max_dbs" in error.message, error.message

@@ -192,3 +192,43 @@ def test_sigterm_while_workers_start_is_a_clean_stop(tmp_path: Path) -> None:
     assert proc.returncode == 0, "".join(lines)
     (stopped,) = [json.loads(line) for line in lines if '"msg": "workers stopped"' in line]
     assert stopped["clean"] is True
+
+
+def test_of_two_groups_started_together_on_one_port_one_serves(tmp_path: Path) -> None:
+    """Both parents probe the free port before either group's workers listen, and SO_REUSEPORT
+    would admit both groups' workers: the port lock lets the first serve and refuses the other
+    in one line naming the port, before it starts a worker."""
+    port = free_port()
+    logs = [tmp_path / f"group{i}.log" for i in range(2)]
+    groups = []
+    for i, log in enumerate(logs):
+        command = [sys.executable, "-m", "server.cli", "serve", "--workers", "2", "--port",
+                   str(port), "--data-dir", str(tmp_path / f"d{i}"), "--model-repo",
+                   str(tmp_path / "m")]  # fmt: skip
+        with log.open("w") as stderr:
+            groups.append(subprocess.Popen(command, stderr=stderr, stdout=subprocess.DEVNULL))
+    try:
+        exited = wait_until(lambda: any(g.poll() is not None for g in groups), timeout=60)
+        assert exited, f"both groups still run on port {port}"
+        (loser,) = [i for i, g in enumerate(groups) if g.poll() is not None]
+        winner = groups[1 - loser]
+        stderr = logs[loser].read_text()
+        assert groups[loser].returncode == 1, stderr
+        lines = [line for line in stderr.splitlines() if not line.startswith("{")]
+        assert len(lines) == 1, stderr
+        assert lines[0].startswith(f"featureserve: cannot listen on 127.0.0.1:{port}: "), stderr
+        assert '"msg": "worker started"' not in stderr
+
+        def serving() -> int:
+            return logs[1 - loser].read_text().count('"msg": "serving"')
+
+        assert wait_until(lambda: serving() == 2, timeout=60), logs[1 - loser].read_text()
+        with FeatureStoreClient(ClientConfig(target=f"127.0.0.1:{port}", timeout_s=30)) as client:
+            assert client.list_feature_views() == ([], [])
+        winner.send_signal(signal.SIGTERM)
+        assert winner.wait(60) == 0, logs[1 - loser].read_text()
+    finally:
+        for group in groups:
+            if group.poll() is None:
+                group.kill()
+                group.wait(10)

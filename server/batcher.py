@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -40,7 +41,9 @@ log = logging.getLogger("featureserve.batcher")
 INLINE_WEIGHT = 0.25
 """Weight of each batch run on the loop in the running average of its time over inline_max_us.
 A run counts at most twice the limit, so it takes three slow runs in a row to end inline
-running, and one run preempted on a busy machine cannot."""
+running. A run counts its CPU time (times the session's intra-op threads) where that is less than
+its wall time: time the loop thread spent descheduled (a busy host, a paused process) is not the
+model's cost, and counting it ended inline running for good under a profiler."""
 TIMER_RESOLUTION_S = 1e-3
 """asyncio waits on epoll, which rounds a timeout up to whole milliseconds, so a timer due sooner
 fires up to 1 ms late (a 200 µs queue delay became ~1 ms). Shorter waits are re-checked on every
@@ -199,6 +202,7 @@ class DynamicBatcher:
         self._inline_us = config.instance_group.inline_max_us
         self._inline_ns = self._inline_us * 1000
         self._inline_load = 0.0
+        self._run_threads = config.onnxruntime.intra_op_threads or os.cpu_count() or 1
         self._idle = self._instances
         self._in_flight = 0
         self._holds = 0
@@ -350,8 +354,10 @@ class DynamicBatcher:
             if not self._runs_inline(rows):
                 self._jobs.put((batch, False))
                 continue
+            cpu_start = time.thread_time_ns()
             outcome = self._execute(0, batch, retry=False)
-            ran_ns = outcome.input_ns + outcome.infer_ns + outcome.output_ns
+            cpu_ns = (time.thread_time_ns() - cpu_start) * self._run_threads
+            ran_ns = min(outcome.input_ns + outcome.infer_ns + outcome.output_ns, cpu_ns)
             load = min(ran_ns / self._inline_ns, 2.0)
             self._inline_load += INLINE_WEIGHT * (load - self._inline_load)
             if self._inline_load > 1.0:

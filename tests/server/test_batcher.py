@@ -3,6 +3,7 @@
 import asyncio
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -623,6 +624,25 @@ def test_a_batch_measured_over_inline_max_us_ends_running_on_the_loop(tmp_path: 
     loop_thread = threading.current_thread().name
     assert ran_on == [loop_thread] * 4 + ["m-i0", "m-i0"]
     assert [float(r["y"][0, 0]) for r in results[-2:]] == [0.0, 0.0]
+
+
+def test_time_the_loop_thread_is_descheduled_does_not_end_running_on_the_loop(
+    tmp_path: Path,
+) -> None:
+    """Each run sleeps 3 ms before ONNX Runtime (wall time without CPU, as when the host takes
+    the core away or a profiler pauses the process): three times the 1 ms inline_max_us by the
+    clock, yet the model's cost is its CPU time, so every batch still runs on the loop."""
+    ran_on: list[str] = []
+    batcher = make_batcher(
+        tmp_path,
+        mlp_model(),
+        inline_max_us=1000,
+        ran_on=ran_on,
+        before_run=lambda feed: time.sleep(0.003),
+    )
+    results = run_one_at_a_time(batcher, [np.ones((1, 32), np.float32)] * 6)
+    assert ran_on == [threading.current_thread().name] * 6
+    assert len(results) == 6
 
 
 def test_a_sub_millisecond_queue_delay_is_checked_every_loop_turn(tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -34,6 +34,7 @@ SERVER_NAME = "featureserve"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
 PLATFORM = "onnxruntime_onnx"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+UNLOAD_DEPENDENTS = "unload_dependents"
 STREAM_WINDOW = 256
 """Requests of one ModelStreamInfer in flight before the server stops reading it: enough to
 fill several batches of a typical max_batch_size, and a bound on what a slow reader holds."""
@@ -263,13 +264,29 @@ def config_proto(config: ModelConfig) -> mc.ModelConfig:
     return message
 
 
+def _first_unaccepted(method: str, parameters: Mapping, accepted: dict[str, str]) -> str | None:
+    """The first repository parameter (by name) that `accepted` (name -> the value kind it takes)
+    does not list, or None; an accepted one sent as another kind is INVALID_ARGUMENT."""
+    for key in sorted(parameters):
+        kind = accepted.get(key)
+        if kind is None:
+            return key
+        sent = parameters[key].WhichOneof("parameter_choice")
+        if sent != kind:
+            raise InvalidRequestError(
+                f"{method}: parameter '{key}' must be a {kind}, got {sent or 'no value'}; "
+                f"send it as {kind}"
+            )
+    return None
+
+
 def reject_load_parameters(request: pb.RepositoryModelLoadRequest, repository: Path) -> None:
     """Reject any RepositoryModelLoad parameter (INVALID_ARGUMENT): Triton's "config" override and
     "file:" contents are not applied here, and loading without them would answer OK while the
     model keeps its own files."""
-    if not request.parameters:
+    key = _first_unaccepted("RepositoryModelLoad", request.parameters, {})
+    if key is None:
         return
-    key = sorted(request.parameters)[0]
     folder = repository / request.model_name
     if key == "config":
         fix = f"edit {folder / CONFIG_FILENAME} in the model repository instead"
@@ -283,6 +300,18 @@ def reject_load_parameters(request: pb.RepositoryModelLoadRequest, repository: P
         f"from its repository, and RepositoryModelLoad takes no parameters); {fix}, then load "
         "the model again without parameters"
     )
+
+
+def check_unload_parameters(request: pb.RepositoryModelUnloadRequest) -> None:
+    """Accept Triton's "unload_dependents" (a bool_param, which changes nothing: no model here
+    depends on another, as there are no ensembles); any other parameter is INVALID_ARGUMENT."""
+    accepted = {UNLOAD_DEPENDENTS: "bool_param"}
+    key = _first_unaccepted("RepositoryModelUnload", request.parameters, accepted)
+    if key is not None:
+        raise InvalidRequestError(
+            f"RepositoryModelUnload: parameter '{key}' is not supported; it takes only "
+            f"'{UNLOAD_DEPENDENTS}' (a bool_param), so remove '{key}' and unload again"
+        )
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -437,9 +466,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @maps_errors
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
-        """Unload a model; its in-flight requests finish first."""
+        """Unload a model; its in-flight requests finish first. "unload_dependents" is accepted
+        and changes nothing (no model depends on another here)."""
         self.auth.require("admin")
         with self.audit.action("model_unload", request.model_name, context):
+            check_unload_parameters(request)
             await self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

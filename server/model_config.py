@@ -2,6 +2,8 @@
 
 `shape` in config.toml is the full tensor shape as the model sees it, -1 for a variable
 dimension; when max_batch_size > 0 the first dimension is the batch and must be -1.
+`optional = true` marks an input the model can run without: an ONNX graph input that also has an
+initializer, which ONNX Runtime uses when a request leaves the input out.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ _RANGES: dict[str, tuple[int, int, str]] = {
     "latest": (1, UINT32_MAX, f"{_PROTO} uint32 num_versions"),
     "priority_levels": (0, MAX_PRIORITY_LEVELS, "each level is a queue every dispatch scans"),
 }
+
+
+# The fix for an optional input that cannot be batched: requests then never send it.
+_LEAVE_OUT = ", or leave '{}' out of [[inputs]] so that it always takes its initializer"
 
 
 class ModelConfigError(Exception):
@@ -372,11 +378,12 @@ def _check_semantics(source: str, config: ModelConfig) -> None:
                     f"[1, max_batch_size={config.max_batch_size}]"
                 )
         for tensor in (*config.inputs, *config.outputs):
-            if not tensor.shape or tensor.shape[0] != -1:
+            if not _batchable(tensor):
+                drop = _LEAVE_OUT.format(tensor.name) if tensor.optional else ""
                 raise ModelConfigError(
                     f"{source}: tensor '{tensor.name}' shape {list(tensor.shape)} must start "
                     f"with -1 (the batch dimension) because max_batch_size > 0; make the first "
-                    f"dimension -1 or set max_batch_size = 0"
+                    f"dimension -1 or set max_batch_size = 0{drop}"
                 )
 
 
@@ -427,15 +434,21 @@ def complete_config(
 
     Declared tensors must exist in the model with the same datatype and rank, keep every dimension
     the model fixes, and be optional only where the model is. An absent max_batch_size becomes
-    DEFAULT_MAX_BATCH_SIZE when every tensor's first dim is variable; a model whose first dim is
-    fixed cannot batch (Triton's onnxruntime backend fails such loads the same way).
+    DEFAULT_MAX_BATCH_SIZE when every required input's and every output's first dim is variable;
+    a model whose first dim is fixed cannot batch (Triton's onnxruntime backend fails such loads
+    the same way). Filled optional inputs (initializers the model also takes as inputs) are those
+    a batch can carry: with max_batch_size > 0, one whose first dim is fixed is left out and
+    always runs on its initializer, rather than keeping the model from batching.
     """
-    declared_in = config.inputs or tuple(inputs)
+    required = tuple(t for t in inputs if not t.optional)
     declared_out = config.outputs or tuple(outputs)
     max_batch = config.max_batch_size
     if max_batch is None:
-        variable = all(t.shape and t.shape[0] == -1 for t in (*declared_in, *declared_out))
-        max_batch = DEFAULT_MAX_BATCH_SIZE if variable else 0
+        shaping = (*(config.inputs or required), *declared_out)
+        max_batch = DEFAULT_MAX_BATCH_SIZE if all(_batchable(t) for t in shaping) else 0
+    declared_in = config.inputs or tuple(
+        t for t in inputs if not t.optional or not max_batch or _batchable(t)
+    )
     _match(source, "input", declared_in, inputs, max_batch, every=bool(config.inputs))
     _match(source, "output", declared_out, outputs, max_batch, every=False)
     completed = dataclasses.replace(
@@ -443,6 +456,11 @@ def complete_config(
     )
     _check_semantics(source, completed)
     return completed
+
+
+def _batchable(tensor: TensorSpec) -> bool:
+    """Whether the tensor's first dimension is variable, so that it can be the batch dimension."""
+    return bool(tensor.shape) and tensor.shape[0] == -1
 
 
 def _match(
@@ -497,8 +515,10 @@ def _match_shape(
         )
     fitted = [d if a == -1 else a for a, d in zip(actual.shape, tensor.shape, strict=True)]
     shape_fix = f"shape = {fitted}" if fitted != list(tensor.shape) else ""
-    if max_batch and (not actual.shape or actual.shape[0] != -1):
+    if max_batch and not _batchable(actual):
         fixes = " and ".join(filter(None, ("max_batch_size = 0", shape_fix)))
+        if actual.optional:
+            fixes += _LEAVE_OUT.format(tensor.name)
         raise ModelConfigError(
             f"{where}: the model's shape {list(actual.shape)} has no variable first (batch) "
             f"dimension, so it cannot be batched, but max_batch_size is {max_batch}; set {fixes}"

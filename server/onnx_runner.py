@@ -35,13 +35,13 @@ def session_options(config: OnnxRuntimeConfig) -> ort.SessionOptions:
     return options
 
 
-def _spec(arg: ort.NodeArg) -> TensorSpec:
+def _spec(arg: ort.NodeArg, optional: bool = False) -> TensorSpec:
     """A session input/output as a TensorSpec (symbolic or unknown dims become -1)."""
     datatype = ONNX_TO_KSERVE.get(arg.type)
     if datatype is None:
         raise ModelConfigError(unserved_type(arg.name, arg.type))
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
-    return TensorSpec(arg.name, datatype, shape)
+    return TensorSpec(arg.name, datatype, shape, optional)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,11 @@ class OnnxRunner:
             for _ in range(instances)
         ]
         first = self.sessions[0]
-        self.inputs = [_spec(a) for a in first.get_inputs()]
+        # A graph input with an initializer (IR >= 4) is an overridable initializer: the model
+        # runs on the initializer when a request leaves the input out, as Triton's optional.
+        self.inputs = [_spec(a) for a in first.get_inputs()] + [
+            _spec(a, optional=True) for a in first.get_overridable_initializers()
+        ]
         self.outputs = [_spec(a) for a in first.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
 
@@ -96,11 +100,13 @@ class OnnxRunner:
     def calibrate(self, config: ModelConfig) -> RunCost | None:
         """Time runs on zero inputs of 1 row and of up to CALIBRATION_ROWS rows (the best of
         CALIBRATION_RUNS each, after one warm-up run that also pays ONNX Runtime's first-run
-        set-up before any request does); None when the model takes no made-up input or fails."""
+        set-up before any request does); None when the model takes no made-up input or fails.
+        Optional inputs are left out, so they keep their initializers, as most requests would."""
         big = min(config.max_batch_size or 1, CALIBRATION_ROWS)
+        required = [spec for spec in config.inputs if not spec.optional]
         times = []
         for rows in (1, big):
-            feed = zero_inputs(list(config.inputs), rows)
+            feed = zero_inputs(required, rows)
             if feed is None:
                 return None
             try:

@@ -572,15 +572,24 @@ def compile_binding(config: ModelConfig, source: str) -> PredictionBinding | Non
         source, raw.get("columns"), _request_dtypes(source, ext.get("request_values"))
     )
     input_name = raw.get("input")
+    required = [t.name for t in config.inputs if not t.optional]
     if input_name is None:
-        if len(config.inputs) != 1:
+        if len(required) != 1:
             names = ", ".join(t.name for t in config.inputs)
             raise _error(source, f"features.input is required: the model has inputs {names}")
-        input_name = config.inputs[0].name
+        input_name = required[0]
     spec = config.input(input_name)
     if spec is None:
         names = ", ".join(t.name for t in config.inputs)
         raise _error(source, f"features.input {input_name!r} is not a model input ({names})")
+    unfilled = [name for name in required if name != input_name]
+    if unfilled:
+        raise _error(
+            source,
+            f"Predict fills only features.input {input_name!r}, but the model also requires "
+            f"{', '.join(repr(n) for n in unfilled)}; serve a model whose other inputs are "
+            "optional (ONNX initializers), or call ModelInfer with every input",
+        )
     binding = PredictionBinding(columns, transforms, outputs, input_name, entity, source)
     if spec.datatype != "FP32" or len(spec.shape) != 2 or spec.shape[0] != -1:
         raise _error(

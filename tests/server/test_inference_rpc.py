@@ -498,6 +498,45 @@ def test_repository_model_load_rejects_config_and_file_overrides(tmp_path: Path)
     serve(tmp_path, body)
 
 
+def test_repository_model_unload_takes_only_a_bool_unload_dependents(tmp_path: Path) -> None:
+    """Triton's "unload_dependents" bool_param is accepted (no model here depends on another, so
+    it changes nothing); another parameter, or another value kind, is INVALID_ARGUMENT naming it
+    and the model keeps serving."""
+    write_model(tmp_path, "a", identity_model(["FP32"]))
+    write_model(tmp_path, "b", identity_model(["FP32"]))
+
+    async def body(stub, repo) -> None:
+        unknown = pb.RepositoryModelUnloadRequest(model_name="a")
+        unknown.parameters["unload_dependents"].bool_param = True
+        unknown.parameters["force"].bool_param = True
+        as_string = pb.RepositoryModelUnloadRequest(model_name="a")
+        as_string.parameters["unload_dependents"].string_param = "true"
+        for request, needle in (
+            (
+                unknown,
+                "RepositoryModelUnload: parameter 'force' is not supported; it takes only "
+                "'unload_dependents' (a bool_param), so remove 'force'",
+            ),
+            (
+                as_string,
+                "RepositoryModelUnload: parameter 'unload_dependents' must be a bool_param, got "
+                "string_param; send it as bool_param",
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.RepositoryModelUnload(request)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert needle in info.value.details()
+            assert (await stub.ModelReady(pb.ModelReadyRequest(name="a"))).ready
+        for name, value in (("a", True), ("b", False)):
+            request = pb.RepositoryModelUnloadRequest(model_name=name)
+            request.parameters["unload_dependents"].bool_param = value
+            await stub.RepositoryModelUnload(request)
+            assert not (await stub.ModelReady(pb.ModelReadyRequest(name=name))).ready
+
+    serve(tmp_path, body)
+
+
 def test_model_config_reports_the_queue_policy_as_configured(tmp_path: Path) -> None:
     write_model(
         tmp_path,

@@ -38,6 +38,10 @@ class ModelUnavailableError(ServerError):
     """The model exists but is not ready (loading, unloading or failed to load)."""
 
 
+class ModelLoadError(ServerError):
+    """RepositoryModelLoad found files it cannot serve: loading again fails until they change."""
+
+
 class InferenceFailedError(ServerError):
     """Executing this request's rows failed (ONNX Runtime, or outputs without the batch rows)."""
 
@@ -63,6 +67,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RequestTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
     ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     InferenceFailedError: grpc.StatusCode.INTERNAL,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,

@@ -26,7 +26,13 @@ from server.message_size import MessageLimit, Unusable, usable
 from server.model_config import CONFIG_FILENAME, MODEL_FILENAME, ModelConfig, QueuePolicy
 from server.model_repository import LoadedModel, ModelRepository
 from server.ordered_stream import answer_in_order, unparsed
-from server.tensors import TRITON_TYPE_NAMES, decode_contents, decode_raw, encode_raw
+from server.tensors import (
+    TRITON_TYPE_NAMES,
+    check_size,
+    decode_contents,
+    decode_raw,
+    encode_raw,
+)
 
 log = logging.getLogger("featureserve.inference")
 
@@ -75,6 +81,8 @@ def decode_inputs(
             raise InvalidRequestError(
                 f"input '{name}': datatype {tensor.datatype or '(empty)'}, expected {spec.datatype}"
             )
+        if tensor.parameters:
+            _refuse_tensor_parameters(f"input '{name}'", tensor.parameters)
         shape = tuple(tensor.shape)
         if (
             len(shape) != len(spec.shape)
@@ -85,6 +93,7 @@ def decode_inputs(
                 f"input '{name}': shape {list(shape)} does not match {list(spec.shape)} "
                 "(-1 = any size)"
             )
+        check_size(name, spec.datatype, shape)
         if batching:
             if shape[0] > config.max_batch_size:
                 raise oversized_request(config.name, [name], shape[0], config.max_batch_size)
@@ -130,8 +139,28 @@ def requested_outputs(model: LoadedModel, request: pb.ModelInferRequest) -> list
                 f"unknown output '{output.name}'; model '{model.name}' has "
                 f"{', '.join(model.output_names)}"
             )
+        if output.parameters:
+            _refuse_tensor_parameters(f"output '{output.name}'", output.parameters)
         names.append(output.name)
     return names
+
+
+def _refuse_tensor_parameters(tensor: str, parameters: Mapping) -> None:
+    """Refuse the tensor parameters of Triton extensions this server does not implement (they
+    would otherwise be ignored, and the answer would not be what the client asked for)."""
+    for key in sorted(parameters):
+        if key == "classification":
+            raise InvalidRequestError(
+                f"{tensor}: parameter 'classification' (class_count) is not supported: this "
+                "server does not implement Triton's classification extension; request the "
+                "output itself and take the top k in the client"
+            )
+        if key.startswith("shared_memory_"):
+            raise InvalidRequestError(
+                f"{tensor}: parameter '{key}' is not supported: this server does not implement "
+                "Triton's shared-memory extensions; send the data in raw_input_contents and "
+                "read outputs from raw_output_contents"
+            )
 
 
 def _int_parameter(request: pb.ModelInferRequest, key: str) -> int | None:

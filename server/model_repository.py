@@ -29,7 +29,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.batcher import DynamicBatcher
-from server.errors import InvalidRequestError, ModelNotFoundError, ModelUnavailableError
+from server.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+)
 from server.metrics import ModelMetrics
 from server.model_config import (
     CONFIG_FILENAME,
@@ -226,7 +231,8 @@ class ModelRepository:
     async def load(self, name: str) -> None:
         """Load or reload a model from disk (RepositoryModelLoad); the watcher follows it again.
 
-        Raises when anything the policy selects failed, as Triton's load does, even while the
+        Raises ModelLoadError (FAILED_PRECONDITION: a retry fails the same way until the files
+        change) when anything the policy selects failed, as Triton's load does, even while the
         versions loaded before keep serving: the caller learns its new files are not served.
         """
         self._check_name(name)
@@ -238,8 +244,9 @@ class ModelRepository:
             if failures:
                 serving = self.versions(name)
                 still = f", still serving version {', '.join(serving)}" if serving else ""
-                raise ModelUnavailableError(
-                    f"model '{name}' failed to load{still}: {'; '.join(failures)}"
+                raise ModelLoadError(
+                    f"model '{name}' failed to load{still}: {'; '.join(failures)}; fix its files "
+                    f"in {self.path / name} and call RepositoryModelLoad again"
                 )
 
     async def unload(self, name: str) -> None:

@@ -9,6 +9,8 @@ import numpy as np
 from protos.inference import grpc_service_pb2 as pb
 from server.errors import InvalidRequestError
 
+MAX_ARRAY_BYTES = np.iinfo(np.intp).max
+"""The largest array NumPy can describe, in bytes."""
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype("<u1"),
@@ -100,6 +102,19 @@ def element_count(shape: tuple[int, ...] | list[int]) -> int:
     for dim in shape:
         count *= dim
     return count
+
+
+def check_size(name: str, datatype: str, shape: tuple[int, ...]) -> None:
+    """Refuse a shape no array can take, even with no elements: NumPy sizes a reshape by the
+    product of the non-zero dimensions, so [0, 2**62] fails there rather than being empty."""
+    dims = 1
+    for dim in shape:
+        dims *= dim or 1
+    if dims * NUMPY_DTYPES[datatype].itemsize > MAX_ARRAY_BYTES:
+        raise InvalidRequestError(
+            f"input '{name}': shape {list(shape)} is larger than any array can be "
+            f"(its non-zero dimensions make {dims} elements of {datatype}); send real dimensions"
+        )
 
 
 def decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:

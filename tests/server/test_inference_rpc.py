@@ -17,6 +17,7 @@ from benchmarks.model_zoo import (
     OPSET,
     add_sub_model,
     gather_model,
+    graph_model,
     identity_model,
     medium_model,
     mlp_model,
@@ -310,6 +311,18 @@ def test_validation_errors_name_the_tensor(tmp_path: Path) -> None:
     unknown_output = infer_request("simple", {"INPUT0": a, "INPUT1": a})
     unknown_output.outputs.add(name="OUTPUT9")
     cases.append((unknown_output, grpc.StatusCode.INVALID_ARGUMENT, "unknown output 'OUTPUT9'"))
+    top_k = infer_request("simple", {"INPUT0": a, "INPUT1": a})
+    top_k.outputs.add(name="OUTPUT0").parameters["classification"].int64_param = 3
+    cases.append((top_k, grpc.StatusCode.INVALID_ARGUMENT, "'classification' (class_count)"))
+    shm_out = infer_request("simple", {"INPUT0": a, "INPUT1": a})
+    shm_out.outputs.add(name="OUTPUT0").parameters["shared_memory_region"].string_param = "r0"
+    cases.append((shm_out, grpc.StatusCode.INVALID_ARGUMENT, "shared-memory extensions"))
+    shm_in = pb.ModelInferRequest(model_name="simple")
+    for name in ("INPUT0", "INPUT1"):
+        tensor = shm_in.inputs.add(name=name, datatype="FP32", shape=[2, 4])
+        tensor.parameters["shared_memory_region"].string_param = "r0"
+        tensor.parameters["shared_memory_byte_size"].int64_param = 32
+    cases.append((shm_in, grpc.StatusCode.INVALID_ARGUMENT, "input 'INPUT0': parameter"))
 
     async def body(stub, repo) -> None:
         for request, code, needle in cases:
@@ -318,6 +331,35 @@ def test_validation_errors_name_the_tensor(tmp_path: Path) -> None:
             assert info.value.code() == code, info.value.details()
             assert needle in info.value.details()
         assert repo.get("simple").batcher.stats.execution_count == 0
+
+    serve(tmp_path, body)
+
+
+def test_an_empty_tensor_of_impossible_shape_is_invalid_argument(tmp_path: Path) -> None:
+    """[0, 2**62] holds no element, but NumPy cannot shape an array so: refused by name,
+    raw and typed, where it was INTERNAL; [0, 2**40] is a real empty tensor."""
+    x = helper.make_tensor_value_info("INPUT_FP32", TensorProto.FLOAT, ["A", "B"])
+    y = helper.make_tensor_value_info("OUTPUT_FP32", TensorProto.FLOAT, ["A", "B"])
+    model = graph_model([helper.make_node("Identity", ["INPUT_FP32"], ["OUTPUT_FP32"])], [x], [y])
+    write_model(tmp_path, "ident", model, config_toml="max_batch_size = 0\n")
+
+    def request(shape: list[int], raw: bool) -> pb.ModelInferRequest:
+        message = pb.ModelInferRequest(model_name="ident")
+        message.inputs.add(name="INPUT_FP32", datatype="FP32", shape=shape)
+        if raw:
+            message.raw_input_contents.append(b"")
+        return message
+
+    async def body(stub, repo) -> None:
+        for raw in (True, False):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelInfer(request([0, 2**62], raw))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "input 'INPUT_FP32': shape [0, 4611686018427387904] is larger" in (
+                info.value.details()
+            )
+        response = await stub.ModelInfer(request([0, 3], True))
+        assert list(response.outputs[0].shape) == [0, 3]
 
     serve(tmp_path, body)
 
@@ -462,7 +504,8 @@ def test_repository_rpcs_load_unload_and_report_failures(tmp_path: Path) -> None
         assert not (await stub.ModelReady(pb.ModelReadyRequest(name="mlp"))).ready
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="broken"))
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "call RepositoryModelLoad again" in info.value.details()
         await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mlp"))
         response = await stub.ModelInfer(infer_request("mlp", {"x": np.ones((1, 32), np.float32)}))
         assert output(response, "y").shape == (1, 1)

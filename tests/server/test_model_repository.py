@@ -15,7 +15,12 @@ import pytest
 from benchmarks.model_zoo import add_sub_model, mlp_model, write_model
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from server.errors import InvalidRequestError, ModelNotFoundError, ModelUnavailableError
+from server.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+)
 from server.inference_servicer import start_server
 from server.model_repository import READY, UNAVAILABLE, ModelRepository, VersionStatus
 
@@ -143,9 +148,9 @@ def test_model_without_a_servable_version_is_reported_logged_once_and_refused(
         assert not repo.is_ready("empty") and not repo.is_ready("pinned")
         with pytest.raises(ModelUnavailableError, match="no version directory"):
             repo.get("empty")
-        with pytest.raises(ModelUnavailableError, match=r"failed to load: no version directory"):
+        with pytest.raises(ModelLoadError, match=r"failed to load: no version directory"):
             await repo.load("empty")
-        with pytest.raises(ModelUnavailableError, match=r"specific = \[5\] .* found 1, 2"):
+        with pytest.raises(ModelLoadError, match=r"specific = \[5\] .* found 1, 2"):
             await repo.load("pinned")
         await repo.poll()
         for text in (no_version, no_match):
@@ -194,7 +199,7 @@ def test_failed_reload_keeps_serving_ready_with_the_reason_and_fails_the_load(
         assert (entry.version, entry.state) == ("1", READY)
         assert entry.reason.startswith(f"{RELOAD_FAILED}{onnx_path}: InvalidProtobuf")
         await serves(repo, first)
-        with pytest.raises(ModelUnavailableError, match="failed to load, still serving version 1"):
+        with pytest.raises(ModelLoadError, match="failed to load, still serving version 1"):
             await repo.load("m")
         [record] = repository_logs(caplog, f"{RELOAD_FAILED}{onnx_path}")
         assert record.levelno == logging.ERROR
@@ -314,7 +319,7 @@ def test_an_unreadable_model_folder_is_that_models_load_error_at_start_and_in_th
         assert not repo.is_ready("a_bad")
         with pytest.raises(ModelUnavailableError, match="cannot be read"):
             repo.get("a_bad")
-        with pytest.raises(ModelUnavailableError, match=r"a_bad' failed to load: .*cannot be read"):
+        with pytest.raises(ModelLoadError, match=r"a_bad' failed to load: .*cannot be read"):
             await repo.load("a_bad")
         assert repo.is_ready("b_good") and repo.is_ready("c_served")
 
@@ -422,7 +427,7 @@ def test_version_folders_are_numbers_from_1_without_leading_zeros_and_others_spa
         assert index[("lead", "01")] == VersionStatus("lead", "01", UNAVAILABLE, renamed)
         assert index[("lead", "")].state == UNAVAILABLE
         assert index[("lead", "")].reason.endswith(f"; {renamed}")
-        with pytest.raises(ModelUnavailableError, match=f"failed to load: .*rename it to {lead}"):
+        with pytest.raises(ModelLoadError, match=f"failed to load: .*rename it to {lead}"):
             await repo.load("lead")
         await repo.poll()
         [record] = repository_logs(caplog, f"model lead: {renamed}")

@@ -79,6 +79,13 @@ def decode_request_values(binding: PredictionBinding, columns, rows: int) -> dic
             raise InvalidArgumentError(
                 f"{field}: shape {list(values.shape)}, expected [{rows}, 1] (one per entity)"
             )
+        if values.dtype.kind == "f":
+            nan = np.isnan(values[:, 0])
+            if nan.any():
+                raise InvalidArgumentError(
+                    f"{field}: row {int(np.argmax(nan))} is NaN; request values must be numbers "
+                    "(a NaN would score NaN with status OK): send a value for every entity"
+                )
         out[spec.name] = values[:, 0]
     if given:
         field, _ = next(iter(given.values()))

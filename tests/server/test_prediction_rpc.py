@@ -380,6 +380,8 @@ def test_errors_name_the_problem(served) -> None:
             (("scorer", keys, {"amount": np.ones(3)}), grpc.StatusCode.INVALID_ARGUMENT, "[2, 1]"),
             (("scorer", keys, {"amount": np.ones(2), "amt": np.ones(2)}),
              grpc.StatusCode.INVALID_ARGUMENT, "amt"),
+            (("scorer", keys, {"amount": np.array([1.0, np.nan])}),
+             grpc.StatusCode.INVALID_ARGUMENT, "request_values[0] (amount): row 1 is NaN"),
             (("scorer", {"user_id": np.array(["a", "b"], object)}, {"amount": np.ones(2)}),
              grpc.StatusCode.INVALID_ARGUMENT, "user_id"),
             (("plain", keys, None), grpc.StatusCode.FAILED_PRECONDITION, "binds no features"),

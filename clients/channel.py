@@ -145,6 +145,15 @@ def status_error(code: grpc.StatusCode, details: str | None, trailing_metadata) 
     )
 
 
+def closed_error() -> ClientError:
+    """The error every client, sync or asyncio, raises when called after close()."""
+    return ClientError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the client was closed (close() or the end of its with block); make a new client to "
+        "call the server again",
+    )
+
+
 def client_error(exc: grpc.RpcError) -> ClientError:
     """Turn a grpc.RpcError (sync or aio) into a ClientError."""
     return status_error(exc.code(), exc.details(), exc.trailing_metadata())

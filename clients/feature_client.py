@@ -10,7 +10,6 @@ from collections import deque
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 
 import grpc
-import numpy as np
 
 from clients import feature_messages as fm
 from clients import registry_messages as rm
@@ -19,11 +18,13 @@ from clients.channel import (
     ClientError,
     call_metadata,
     client_error,
+    closed_error,
     create_aio_channel,
     create_channel,
     status_error,
 )
 from featurestore.registry import ApplyResult, Entity, FeatureView
+from protos.arrays import ArrayError
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 
@@ -60,6 +61,8 @@ class _Buffer:
         features: Mapping[str, object],
         nulls: Mapping[str, object] | None,
     ) -> list[pb.WriteFeaturesRequest]:
+        """The messages of one write(), built before any is sent; ClientError INVALID_ARGUMENT
+        if a column's length differs from the keys' (as write_features gets from the server)."""
         if not keys:
             # no key column to cut by: one message, which the server rejects naming the
             # missing join key unless it holds no rows, as write_features does
@@ -68,16 +71,31 @@ class _Buffer:
                     self.view, keys, event_time, features, nulls, self.version, self.policy
                 )
             ]
-        cols = {k: np.asarray(v) for k, v in keys.items()}
-        rows = len(next(iter(cols.values())))
+        cols = {k: fm.column(v, f"keys[{k!r}]") for k, v in keys.items()}
+        first = next(iter(cols))
+        rows = len(cols[first])
         times = fm.event_times_us(event_time, rows)
-        feats = {k: np.asarray(v) for k, v in features.items()}
-        masks = {k: np.asarray(v) for k, v in (nulls or {}).items()}
+        feats = {k: fm.column(v, f"features[{k!r}]") for k, v in features.items()}
+        masks = {k: fm.column(v, f"nulls[{k!r}]") for k, v in (nulls or {}).items()}
+        columns = {
+            **{f"keys[{k!r}]": v for k, v in cols.items()},
+            "event_time": times,
+            **{f"features[{k!r}]": v for k, v in feats.items()},
+            **{f"nulls[{k!r}]": v for k, v in masks.items()},
+        }
+        for name, values in columns.items():
+            if len(values) != rows:
+                raise ClientError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"stream_writer({self.view!r}).write: {name} has {len(values)} rows, "
+                    f"expected {rows} like keys[{first!r}]: one value per key row; nothing of "
+                    "this write was sent",
+                )
         out = []
         for start in range(0, rows, self.batch_rows):
             part = slice(start, start + self.batch_rows)
-            out.append(
-                fm.write_request(
+            try:
+                request = fm.write_request(
                     self.view,
                     {k: v[part] for k, v in cols.items()},
                     times[part],
@@ -86,7 +104,14 @@ class _Buffer:
                     self.version,
                     self.policy,
                 )
-            )
+            except ArrayError as exc:
+                if start == 0:
+                    raise
+                raise ArrayError(
+                    f"{exc} (rows count from row {start} of this write(), the first of its "
+                    "message; nothing of this write was sent)"
+                ) from None
+            out.append(request)
         return out
 
 
@@ -178,6 +203,8 @@ class StreamWriter:
         self.summary = fm.WriteSummary(0, 0, 0)
 
     def _open(self) -> None:
+        if self._client._closed:
+            raise closed_error()
         outbox = _Outbox(64)
         self._future = self._client._stub.StreamWriteFeatures.future(
             iter(outbox), metadata=self._client._metadata
@@ -253,8 +280,11 @@ class FeatureStoreClient:
         self._channel = create_channel(self.config)
         self._stub = pb_grpc.FeatureStoreStub(self._channel)
         self._metadata = call_metadata(self.config)
+        self._closed = False
 
     def _call(self, method, request):
+        if self._closed:
+            raise closed_error()
         try:
             return method(request, timeout=self.config.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -325,7 +355,8 @@ class FeatureStoreClient:
         self._call(self._stub.DeleteFeatureView, request)
 
     def close(self) -> None:
-        """Close the channel."""
+        """Close the channel; later calls raise ClientError FAILED_PRECONDITION."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> FeatureStoreClient:
@@ -365,6 +396,8 @@ class AsyncStreamWriter:
         self.summary = fm.WriteSummary(0, 0, 0)
 
     def _open(self) -> grpc.aio.StreamUnaryCall:
+        if self._client._closed:
+            raise closed_error()
         statuses: list[ClientError] = []
         call = self._client._stub.StreamWriteFeatures(metadata=self._client._metadata)
         call.add_done_callback(
@@ -456,8 +489,11 @@ class AsyncFeatureStoreClient:
         self._channel = create_aio_channel(self.config)
         self._stub = pb_grpc.FeatureStoreStub(self._channel)
         self._metadata = call_metadata(self.config)
+        self._closed = False
 
     async def _call(self, method, request):
+        if self._closed:
+            raise closed_error()
         try:
             return await method(request, timeout=self.config.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -528,7 +564,8 @@ class AsyncFeatureStoreClient:
         await self._call(self._stub.DeleteFeatureView, request)
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Close the channel; later calls raise ClientError FAILED_PRECONDITION."""
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncFeatureStoreClient:

@@ -60,21 +60,47 @@ class WriteSummary:
         )
 
 
-def _column(values: object) -> np.ndarray:
-    arr = values if isinstance(values, np.ndarray) else np.asarray(values)
-    if arr.dtype.kind == "U":
-        arr = arr.astype(object)
-    return arr
-
-
-def key_columns(keys: Mapping[str, object]) -> list[types_pb2.NamedArray]:
-    """Entity key columns as NamedArrays (int64 or string); arrays.ArrayError names a key that
-    does not fit int64 (an unsigned value over 2**63-1)."""
-    return [
-        types_pb2.NamedArray(
-            name=name, values=arrays.to_array(_column(values), field=f"keys[{name!r}]")
+def column(values: object, field: str) -> np.ndarray:
+    """`values` (an array, list or Series) as a NumPy column; ArrayError naming `field` for a
+    single value. A sequence holding text becomes an object array so every str or bytes stays
+    exactly as given (NumPy's fixed-width "U"/"S" dtypes drop trailing NUL characters; a "U"
+    array the caller built has already lost them)."""
+    if isinstance(values, np.ndarray):
+        arr = values
+    else:
+        arr = np.asarray(values)
+        if arr.dtype.kind in "US":
+            arr = np.array(values, dtype=object)
+    if arr.ndim == 0:
+        raise arrays.ArrayError(
+            f"{field}: got the single value {values!r}, not a column; send one value per row, "
+            f"e.g. [{values!r}]"
         )
-        for name, values in keys.items()
+    return arr.astype(object) if arr.dtype.kind == "U" else arr
+
+
+def key_columns(
+    keys: Mapping[str, object], keyless_when_empty: bool = True
+) -> list[types_pb2.NamedArray]:
+    """Entity key columns as NamedArrays (int64 or string); arrays.ArrayError names a key that
+    does not fit int64 (an unsigned value over 2**63-1) or is a single value.
+
+    A plain empty sequence carries no dtype, so when no key has a row such keys are left out
+    (the method answers an empty request whatever its key types), or, where the method needs
+    typed key columns (`keyless_when_empty` false), raise ArrayError naming the key.
+    """
+    cols = {name: column(values, f"keys[{name!r}]") for name, values in keys.items()}
+    if all(len(arr) == 0 for arr in cols.values()):
+        untyped = [name for name in cols if not isinstance(keys[name], np.ndarray)]
+        if untyped and not keyless_when_empty:
+            raise arrays.ArrayError(
+                f"keys[{untyped[0]!r}]: an empty list has no dtype; send a typed empty array, "
+                "np.array([], dtype=np.int64) for an INT64 key or dtype=object for a STRING key"
+            )
+        cols = {name: arr for name, arr in cols.items() if name not in untyped}
+    return [
+        types_pb2.NamedArray(name=name, values=arrays.to_array(arr, field=f"keys[{name!r}]"))
+        for name, arr in cols.items()
     ]
 
 
@@ -125,10 +151,15 @@ def online_features(
 
 
 def _block(name: str, values: object, null_mask: object | None) -> types_pb2.FeatureBlock:
-    arr = _column(values)
-    dtype = types_pb2.FLOAT32_VECTOR if arr.ndim == 2 and arr.dtype.kind == "f" else None
+    arr = column(values, f"features[{name!r}]")
+    vector = arr.ndim == 2 and arr.dtype.kind in "fiu"
     nulls = None if null_mask is None else np.asarray(null_mask, dtype=bool)
-    values = arrays.to_array(arr, dtype, nulls=nulls, field=f"features[{name!r}]")
+    values = arrays.to_array(
+        arr,
+        types_pb2.FLOAT32_VECTOR if vector else None,
+        nulls=nulls,
+        field=f"features[{name!r}]",
+    )
     return types_pb2.FeatureBlock(features=[name], values=values)
 
 
@@ -148,12 +179,13 @@ def write_request(
     version: int = 0,
     policy: str = "reject_batch",
 ) -> pb.WriteFeaturesRequest:
-    """A WriteFeatures request: one block per feature column (2-D float arrays are vectors).
+    """A WriteFeatures request: one block per feature column (2-D float or integer arrays are
+    vectors, integers cast to float32 only when exact).
 
     Raises arrays.ArrayError naming the column when a value would change on the way to its
-    wire dtype (an unsigned key over 2**63-1, a float64 vector element over float32's range).
+    wire dtype (an unsigned key over 2**63-1, a float64 vector element over float32's range),
+    a column is a single value, or a text value is neither str nor bytes unless its row is null.
     """
-    rows = len(next(iter(keys.values()))) if keys else 0
     nulls = nulls or {}
     stray = sorted(set(nulls) - set(features))
     if stray:
@@ -161,10 +193,12 @@ def write_request(
             f"nulls[{stray[0]!r}]: no feature column of that name; nulls masks name columns "
             f"of features ({', '.join(features) or 'none given'})"
         )
+    entity_keys = key_columns(keys)
+    rows = entity_keys[0].values.rows if entity_keys else 0
     return pb.WriteFeaturesRequest(
         view=view,
         version=version,
-        entity_keys=key_columns(keys),
+        entity_keys=entity_keys,
         event_timestamps=event_times_us(event_time, rows).tobytes(),
         blocks=[_block(name, values, nulls.get(name)) for name, values in features.items()],
         policy=wire_policy(policy),

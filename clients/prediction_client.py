@@ -12,24 +12,19 @@ from clients.channel import (
     ClientConfig,
     call_metadata,
     client_error,
+    closed_error,
     create_aio_channel,
     create_channel,
 )
-from protos.featureserve.v1 import prediction_pb2 as pb
 from protos.featureserve.v1 import prediction_pb2_grpc as pb_grpc
 
-StreamItem = pb.PredictRequest | Mapping
+StreamItem = pm.StreamItem
 
 
 def _config(config: ClientConfig | str | None) -> ClientConfig:
     if isinstance(config, str):
         return ClientConfig(target=config)
     return config or ClientConfig()
-
-
-def _message(item: StreamItem) -> pb.PredictRequest:
-    """A stream item as a request: a PredictRequest, or predict_request's keyword arguments."""
-    return item if isinstance(item, pb.PredictRequest) else pm.predict_request(**item)
 
 
 class PredictionClient:
@@ -40,6 +35,7 @@ class PredictionClient:
         self._channel = create_channel(self.config)
         self._stub = pb_grpc.PredictionStub(self._channel)
         self._metadata = call_metadata(self.config)
+        self._closed = False
 
     def predict(
         self,
@@ -52,6 +48,8 @@ class PredictionClient:
     ) -> pm.PredictionResult:
         """Score entities `keys` ({join key: values}) with `model` in one hop."""
         request = pm.predict_request(model, keys, request_values, version, request_id, outputs)
+        if self._closed:
+            raise closed_error()
         try:
             response = self._stub.Predict(
                 request, timeout=self.config.timeout_s, metadata=self._metadata
@@ -64,17 +62,24 @@ class PredictionClient:
         self, requests: Iterable[StreamItem], timeout_s: float | None = None
     ) -> Iterator[pm.PredictionResult]:
         """Send many requests over one StreamPredict and yield their results in order; a failed
-        request's result has `error` set and the stream goes on."""
+        request's result has `error` set and the stream goes on (an item that cannot be built
+        is not sent and fails INVALID_ARGUMENT in its place)."""
+        if self._closed:
+            raise closed_error()
+        order = pm.StreamOrder()
         responses = self._stub.StreamPredict(
-            (_message(r) for r in requests), timeout=timeout_s, metadata=self._metadata
+            order.requests(requests), timeout=timeout_s, metadata=self._metadata
         )
         try:
             for response in responses:
-                yield pm.prediction_result(response)
+                yield from order.results(response)
         except grpc.RpcError as exc:
             raise client_error(exc) from None
+        yield from order.finish()
 
     def close(self) -> None:
+        """Close the channel; later calls raise ClientError FAILED_PRECONDITION."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> PredictionClient:
@@ -82,15 +87,6 @@ class PredictionClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-async def _aiter(requests: Iterable[StreamItem] | AsyncIterable[StreamItem]):
-    if isinstance(requests, AsyncIterable):
-        async for item in requests:
-            yield _message(item)
-    else:
-        for item in requests:
-            yield _message(item)
 
 
 class AsyncPredictionClient:
@@ -101,6 +97,7 @@ class AsyncPredictionClient:
         self._channel = create_aio_channel(self.config)
         self._stub = pb_grpc.PredictionStub(self._channel)
         self._metadata = call_metadata(self.config)
+        self._closed = False
 
     async def predict(
         self,
@@ -113,6 +110,8 @@ class AsyncPredictionClient:
     ) -> pm.PredictionResult:
         """Score entities `keys` with `model` in one hop."""
         request = pm.predict_request(model, keys, request_values, version, request_id, outputs)
+        if self._closed:
+            raise closed_error()
         try:
             response = await self._stub.Predict(
                 request, timeout=self.config.timeout_s, metadata=self._metadata
@@ -126,17 +125,26 @@ class AsyncPredictionClient:
         requests: Iterable[StreamItem] | AsyncIterable[StreamItem],
         timeout_s: float | None = None,
     ) -> AsyncIterator[pm.PredictionResult]:
-        """Send many requests over one StreamPredict; yield their results in order."""
+        """Send many requests over one StreamPredict; yield their results in order, as the sync
+        twin does."""
+        if self._closed:
+            raise closed_error()
+        order = pm.StreamOrder()
         call = self._stub.StreamPredict(
-            _aiter(requests), timeout=timeout_s, metadata=self._metadata
+            order.arequests(requests), timeout=timeout_s, metadata=self._metadata
         )
         try:
             async for response in call:
-                yield pm.prediction_result(response)
+                for result in order.results(response):
+                    yield result
         except grpc.RpcError as exc:
             raise client_error(exc) from None
+        for result in order.finish():
+            yield result
 
     async def close(self) -> None:
+        """Close the channel; later calls raise ClientError FAILED_PRECONDITION."""
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncPredictionClient:

@@ -5,14 +5,15 @@ The sync and asyncio prediction clients differ only in how they send; everything
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
 from clients.channel import ClientError
-from clients.feature_messages import key_columns
+from clients.feature_messages import column, key_columns
 from protos import arrays
 from protos.featureserve.v1 import prediction_pb2 as pb
 from protos.featureserve.v1 import types_pb2
@@ -61,11 +62,6 @@ class PredictionResult:
         return self.row_status == OK
 
 
-def _column(values: object) -> np.ndarray:
-    arr = values if isinstance(values, np.ndarray) else np.asarray(values)
-    return arr.astype(object) if arr.dtype.kind == "U" else arr
-
-
 def predict_request(
     model: str,
     keys: Mapping[str, object],
@@ -75,15 +71,18 @@ def predict_request(
     outputs: list[str] | None = None,
 ) -> pb.PredictRequest:
     """A PredictRequest: one key column per join key, one column per request-time value
-    (its NumPy dtype chooses the wire dtype: float64, float32, int64, bool)."""
+    (its NumPy dtype chooses the wire dtype: float64, float32, int64, bool); arrays.ArrayError
+    names a column that is a single value or does not fit its wire dtype."""
     return pb.PredictRequest(
         model=model,
         model_version=str(version),
-        entity_keys=key_columns(keys),
+        entity_keys=key_columns(keys, keyless_when_empty=False),
         request_values=[
             types_pb2.NamedArray(
                 name=name,
-                values=arrays.to_array(_column(values), field=f"request_values[{name!r}]"),
+                values=arrays.to_array(
+                    column(values, f"request_values[{name!r}]"), field=f"request_values[{name!r}]"
+                ),
             )
             for name, values in (request_values or {}).items()
         ],
@@ -116,3 +115,113 @@ def prediction_result(response: pb.PredictResponse) -> PredictionResult:
         code = _CODES.get(response.error_code, grpc.StatusCode.UNKNOWN)
         result.error = ClientError(code, response.error_message)
     return result
+
+
+StreamItem = pb.PredictRequest | Mapping
+
+
+class StreamOrder:
+    """Builds a StreamPredict's requests from the caller's items and hands out results in item
+    order: an item that builds no request (bad arrays, a misspelled argument) gets a result
+    with `error` INVALID_ARGUMENT in its place and the stream goes on; an error raised while
+    iterating the items ends the requests and is raised after the results of those before it.
+
+    Both twins share it; the sync twin's requests run on gRPC's thread, so the two threads share
+    only a deque (appended before the next request is sent) and `failure` (set before the
+    requests end).
+    """
+
+    def __init__(self) -> None:
+        self._unsent: deque[tuple[int, PredictionResult]] = deque()
+        self._taken = 0  # items taken from the caller
+        self._handed = 0  # results handed out
+        self.failure: Exception | None = None
+
+    def _request(self, item: StreamItem) -> pb.PredictRequest | None:
+        index, self._taken = self._taken, self._taken + 1
+        if isinstance(item, pb.PredictRequest):
+            return item
+        try:
+            return predict_request(**item)
+        except Exception as exc:  # whatever the item's own arguments raise is its answer
+            self._unsent.append((index, _unsent_result(item, index, exc)))
+            return None
+
+    def requests(self, items: Iterable[StreamItem]) -> Iterator[pb.PredictRequest]:
+        """The requests of `items`, for the sync stub; never raises."""
+        iterator = iter(items)
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:
+                self.failure = exc
+                return
+            request = self._request(item)
+            if request is not None:
+                yield request
+
+    async def arequests(
+        self, items: Iterable[StreamItem] | AsyncIterable[StreamItem]
+    ) -> AsyncIterator[pb.PredictRequest]:
+        """The requests of `items` (sync or async), for the asyncio stub; never raises."""
+        iterator = aiter(items) if isinstance(items, AsyncIterable) else _as_async(items)
+        while True:
+            try:
+                item = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                self.failure = exc
+                return
+            request = self._request(item)
+            if request is not None:
+                yield request
+
+    def _due(self) -> list[PredictionResult]:
+        out = []
+        while self._unsent and self._unsent[0][0] == self._handed:
+            out.append(self._unsent.popleft()[1])
+            self._handed += 1
+        return out
+
+    def results(self, response: pb.PredictResponse) -> list[PredictionResult]:
+        """The results due up to and including the server's next `response`."""
+        due = self._due()
+        self._handed += 1
+        return [*due, prediction_result(response)]
+
+    def finish(self) -> Iterator[PredictionResult]:
+        """The results still due once the server's answers have ended, then the error met
+        while iterating the items, if any."""
+        yield from self._due()
+        if self.failure is not None:
+            raise self.failure
+
+
+async def _as_async(items: Iterable[StreamItem]) -> AsyncIterator[StreamItem]:
+    for item in items:
+        yield item
+
+
+def _unsent_result(item: object, index: int, exc: Exception) -> PredictionResult:
+    """The result of stream item `index`, which raised `exc` when built and was not sent."""
+    fields = item if isinstance(item, Mapping) else {}
+    error = ClientError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"stream request {index} was not sent: {type(exc).__name__}: {exc}; a stream item is a "
+        "PredictRequest or a dict of predict_request's arguments (model, keys, request_values, "
+        "version, request_id, outputs)",
+    )
+    error.__cause__ = exc
+    return PredictionResult(
+        request_id=str(fields.get("request_id", "")),
+        model=str(fields.get("model", "")),
+        rows=0,
+        scores={},
+        row_status=np.zeros(0, np.uint8),
+        row_errors=[],
+        lineage=Lineage("", [], np.zeros(0, np.int64)),
+        error=error,
+    )

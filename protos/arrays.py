@@ -40,13 +40,42 @@ def dtype_for_numpy(values: np.ndarray) -> int:
     raise ArrayError(f"unsupported NumPy dtype {values.dtype}")
 
 
-def encode_strings(values: np.ndarray | list) -> tuple[bytes, bytes]:
-    """UTF-8 data and int64 offsets for a flat sequence of strings."""
-    encoded = [v.encode() if isinstance(v, str) else bytes(v) for v in np.ravel(values)]
+def encode_strings(
+    values: np.ndarray | list, field: str = "array", nulls: np.ndarray | None = None
+) -> tuple[bytes, bytes]:
+    """UTF-8 data and int64 offsets for a flat sequence of str or bytes. A value that is neither
+    (None, pd.NA, a number) travels as "" where `nulls` marks it, else raises ArrayError naming
+    `field` and its row: nothing is sent as the text of another value."""
+    values = np.asarray(values, dtype=object)
+    encoded = [
+        v.encode() if isinstance(v, str) else v if isinstance(v, bytes) else None
+        for v in values.flat
+    ]
+    if None in encoded:
+        _encode_missing(values, encoded, field, nulls)
     lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
     offsets = np.zeros(len(encoded) + 1, dtype="<i8")
     np.cumsum(lengths, out=offsets[1:])
     return b"".join(encoded), offsets.tobytes()
+
+
+def _encode_missing(
+    values: np.ndarray, encoded: list, field: str, nulls: np.ndarray | None
+) -> None:
+    """Encode as "" the values left None in `encoded` that `nulls` marks; ArrayError naming the
+    row of the first one it does not."""
+    flat = np.ravel(values)
+    marked = np.ravel(nulls) if nulls is not None and np.size(nulls) == len(flat) else None
+    width = values.shape[1] if values.ndim == 2 else 1
+    for i, value in enumerate(encoded):
+        if value is not None:
+            continue
+        if marked is None or not marked[i]:
+            raise ArrayError(
+                f"{field}: row {i // width}: {flat[i]!r} is not a str or bytes; send text "
+                "(a feature value that is missing: mark its row in nulls)"
+            )
+        encoded[i] = b""
 
 
 def decode_strings(data: bytes, offsets: bytes, count: int, field: str) -> np.ndarray:
@@ -115,7 +144,7 @@ def to_array(
     msg.rows = rows
     msg.width = width
     if wire == types_pb2.STRING:
-        msg.data, msg.offsets = encode_strings(arr)
+        msg.data, msg.offsets = encode_strings(arr, field, nulls)
     else:
         msg.data = cast(arr, wire, field, nulls).tobytes()
     if nulls is not None and np.any(nulls):

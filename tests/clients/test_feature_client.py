@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import threading
 import time
 from concurrent import futures
 
 import grpc
 import numpy as np
+import pandas as pd
 import pytest
 
 from clients.channel import ClientConfig, ClientError
@@ -370,3 +372,198 @@ def test_null_masks_must_name_a_feature_column(client) -> None:
     client.apply([USER], [FeatureView("masked", "user", (Feature("a", DType.INT64),))])
     with pytest.raises(ValueError, match=r"nulls\['b'\]: no feature column of that name"):
         client.write_features("masked", {"user_id": [1]}, NOW_US, {"a": [1]}, nulls={"b": [True]})
+
+
+ITEM = Entity("item", (JoinKey("item_id", DType.STRING),))
+MIXED = FeatureView(
+    "mixed",
+    "user",
+    (
+        Feature("f", DType.FLOAT32),
+        Feature("s", DType.STRING),
+        Feature("e", DType.FLOAT32_VECTOR, vector_length=3),
+    ),
+)
+
+
+def mixed_rows(n: int) -> dict[str, object]:
+    return {"f": np.ones(n, np.float32), "s": ["t"] * n, "e": np.zeros((n, 3), np.float32)}
+
+
+def async_write(target: str, view: str, batch_rows: int, *write_args: object) -> None:
+    """One write through the async client's stream_writer."""
+
+    async def run() -> None:
+        async with (
+            AsyncFeatureStoreClient(ClientConfig(target=target, timeout_s=20)) as aclient,
+            aclient.stream_writer(view, batch_rows=batch_rows) as writer,
+        ):
+            await writer.write(*write_args)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("keys", "times", "features", "nulls", "column", "got", "rows"),
+    [
+        (np.arange(100, 104), NOW_US, mixed_rows(6), None, "features['f']", 6, 4),
+        (np.arange(110, 114), NOW_US + np.arange(7), mixed_rows(4), None, "event_time", 7, 4),
+        (np.arange(120, 126), NOW_US, mixed_rows(4), None, "features['f']", 4, 6),
+        (np.arange(130, 134), NOW_US, mixed_rows(4), {"s": [False] * 3}, "nulls['s']", 3, 4),
+    ],
+)
+def test_stream_writer_rejects_columns_of_another_length_before_sending_any(
+    target, client, keys, times, features, nulls, column, got, rows
+) -> None:
+    """Every column must have the keys' rows: no row is dropped, shifted or half written."""
+    client.apply([USER], [MIXED])
+    expected = f"{column} has {got} rows, expected {rows} like keys['user_id']: one value per key"
+    for batch_rows in (2, 3):
+        with (
+            pytest.raises(ClientError, match=re.escape(expected)) as caught,
+            client.stream_writer("mixed", batch_rows=batch_rows) as writer,
+        ):
+            writer.write({"user_id": keys}, times, features, nulls)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(ClientError, match=re.escape(expected)) as caught:
+            async_write(target, "mixed", batch_rows, {"user_id": keys}, times, features, nulls)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    stored = client.get_online_features(["mixed:f"], {"user_id": keys})
+    assert (stored.statuses["mixed:f"] == FeatureStatus.NOT_FOUND).all()
+
+
+NUL_KEYS = ["a\x00", "b\x00c", "\x00", "a"]
+NUL_VALUES = ["x\x00", "y\x00z", "é\x00", "plain"]
+
+
+def test_text_with_nul_characters_is_written_and_read_as_given(target, client) -> None:
+    """Lists of str or bytes keep trailing NULs (NumPy's "U"/"S" dtypes would drop them)."""
+    view = FeatureView("labels", "item", (Feature("s", DType.STRING),))
+    client.apply([ITEM], [view])
+    client.write_features("labels", {"item_id": NUL_KEYS[:2]}, NOW_US, {"s": NUL_VALUES[:2]})
+    with client.stream_writer("labels", batch_rows=1) as writer:
+        writer.write({"item_id": NUL_KEYS[2:3]}, NOW_US, {"s": NUL_VALUES[2:3]})
+    async_write(target, "labels", 1, {"item_id": NUL_KEYS[3:]}, NOW_US, {"s": NUL_VALUES[3:]})
+    got = client.get_online_features(["labels:s"], {"item_id": [*NUL_KEYS, "b"]})
+    assert got["labels:s"].tolist() == [*NUL_VALUES, ""]
+    assert got.statuses["labels:s"].tolist() == [1, 1, 1, 1, FeatureStatus.NOT_FOUND]
+    client.write_features("labels", {"item_id": [b"k\x00"]}, NOW_US, {"s": [b"v\x00"]})
+    got = client.get_online_features(["labels:s"], {"item_id": [b"k\x00", b"k"]})
+    assert got["labels:s"].tolist() == ["v\x00", ""]
+    assert got.statuses["labels:s"].tolist() == [1, FeatureStatus.NOT_FOUND]
+
+
+def test_missing_text_is_null_where_masked_and_an_error_naming_the_row_elsewhere(client) -> None:
+    client.apply([USER], [MIXED])
+    ids = np.array([200, 201, 202])
+    rows = mixed_rows(3) | {"s": ["a", None, pd.NA]}
+    summary = client.write_features(
+        "mixed", {"user_id": ids}, NOW_US, rows, nulls={"s": [False, True, True]}
+    )
+    assert summary.written == 3
+    got = client.get_online_features(["mixed:s"], {"user_id": ids})
+    assert got.statuses["mixed:s"].tolist() == [
+        1,
+        FeatureStatus.NULL_VALUE,
+        FeatureStatus.NULL_VALUE,
+    ]
+    unmasked = r"features\['s'\]: row 1: None is not a str or bytes; send text \(a feature value"
+    with pytest.raises(ArrayError, match=unmasked + r".*mark its row in nulls"):
+        client.write_features("mixed", {"user_id": ids + 10}, NOW_US, rows, nulls={"s": [0, 0, 1]})
+    with (
+        pytest.raises(ArrayError, match=r"features\['s'\]: row 2: <NA> is not a str or bytes"),
+        client.stream_writer("mixed") as writer,
+    ):
+        writer.write({"user_id": ids + 10}, NOW_US, rows, nulls={"s": [0, 1, 0]})
+    number = mixed_rows(2) | {"s": np.array(["a", 5], dtype=object)}
+    with pytest.raises(ArrayError, match=r"features\['s'\]: row 1: 5 is not a str or bytes"):
+        client.write_features("mixed", {"user_id": ids[:2] + 10}, NOW_US, number)
+    with pytest.raises(ArrayError, match=r"keys\['item_id'\]: row 1: None is not a str or bytes"):
+        client.get_online_features(["labels:s"], {"item_id": ["a", None]})
+    got = client.get_online_features(["mixed:s"], {"user_id": ids + 10})
+    assert (got.statuses["mixed:s"] == FeatureStatus.NOT_FOUND).all()
+
+
+def test_a_single_value_for_a_column_is_rejected_naming_it(target, client) -> None:
+    client.apply([USER], [MIXED])
+    single = r"keys\['user_id'\]: got the single value np.int64\(5\), not a column; send one"
+    with pytest.raises(ArrayError, match=single):
+        client.get_online_features(["mixed:f"], {"user_id": np.int64(5)})
+    with pytest.raises(ArrayError, match=single):
+        client.write_features("mixed", {"user_id": np.int64(5)}, NOW_US, mixed_rows(1))
+    with pytest.raises(ArrayError, match=single), client.stream_writer("mixed") as writer:
+        writer.write({"user_id": np.int64(5)}, NOW_US, mixed_rows(1))
+    with pytest.raises(ArrayError, match=r"features\['f'\]: got the single value 1.5, not a"):
+        client.write_features("mixed", {"user_id": [5]}, NOW_US, mixed_rows(1) | {"f": 1.5})
+    with pytest.raises(ArrayError, match=single):
+        async_write(target, "mixed", 10, {"user_id": np.int64(5)}, NOW_US, mixed_rows(1))
+
+
+def test_empty_key_lists_get_an_empty_answer_whatever_the_key_type(target, client) -> None:
+    client.apply(
+        [USER, ITEM], [MIXED, FeatureView("labels", "item", (Feature("s", DType.STRING),))]
+    )
+    for ref, key in (("labels:s", "item_id"), ("mixed:e", "user_id")):
+        got = client.get_online_features([ref], {key: []})
+        assert got.rows == 0 and got[ref].shape[0] == 0
+    assert client.write_features("labels", {"item_id": []}, NOW_US, {"s": []}).written == 0
+
+    async def lookup() -> int:
+        async with AsyncFeatureStoreClient(target) as aclient:
+            return (await aclient.get_online_features(["labels:s"], {"item_id": []})).rows
+
+    assert asyncio.run(lookup()) == 0
+
+
+def test_integer_vectors_are_written_when_float32_holds_them_exactly(target, client) -> None:
+    client.apply([USER], [MIXED])
+    ints = np.array([[1, -2, 3], [2**24, 0, 7]])
+    client.write_features("mixed", {"user_id": [300, 301]}, NOW_US, mixed_rows(2) | {"e": ints})
+    got = client.get_online_features(["mixed:e"], {"user_id": [300, 301]})
+    np.testing.assert_array_equal(got["mixed:e"], ints.astype(np.float32))
+    inexact = r"features\['e'\]: row 1: a vector element is not exactly representable as FLOAT32"
+    with pytest.raises(ArrayError, match=inexact):
+        client.write_features(
+            "mixed", {"user_id": [302, 303]}, NOW_US, mixed_rows(2) | {"e": ints + 1}
+        )
+    in_message = r"features\['e'\]: row 0: a vector .* \(rows count from row 1 of this write\(\)"
+    with pytest.raises(ArrayError, match=in_message):
+        async_write(
+            target, "mixed", 1, {"user_id": [302, 303]}, NOW_US, mixed_rows(2) | {"e": ints + 1}
+        )
+
+
+def test_a_closed_client_raises_the_same_error_sync_and_async(target) -> None:
+    closed = "FAILED_PRECONDITION: the client was closed"
+    client = FeatureStoreClient(target)
+    client.close()
+    errors = []
+    for call in (
+        lambda: client.get_online_features(["mixed:f"], {"user_id": [1]}),
+        lambda: client.write_features("mixed", {"user_id": [1]}, NOW_US, {"f": [1.0]}),
+        lambda: client.list_feature_views(),
+    ):
+        with pytest.raises(ClientError, match=closed) as caught:
+            call()
+        errors.append(str(caught.value))
+    with pytest.raises(ClientError, match=closed), client.stream_writer("mixed") as writer:
+        writer.write({"user_id": [1]}, NOW_US, {"f": [1.0]})
+
+    async def use_closed() -> list[str]:
+        aclient = AsyncFeatureStoreClient(target)
+        await aclient.close()
+        out = []
+        for call in (
+            aclient.get_online_features(["mixed:f"], {"user_id": [1]}),
+            aclient.write_features("mixed", {"user_id": [1]}, NOW_US, {"f": [1.0]}),
+            aclient.list_feature_views(),
+        ):
+            with pytest.raises(ClientError, match=closed) as caught:
+                await call
+            out.append(str(caught.value))
+        with pytest.raises(ClientError, match=closed):
+            async with aclient.stream_writer("mixed") as awriter:
+                await awriter.write({"user_id": [1]}, NOW_US, {"f": [1.0]})
+        return out
+
+    assert asyncio.run(use_closed()) == errors

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from benchmarks.model_zoo import mlp_model, write_model
-from clients.channel import ClientConfig
+from clients.channel import ClientConfig, ClientError
 from clients.prediction_cli import register
 from clients.prediction_client import AsyncPredictionClient, PredictionClient
+from protos.arrays import ArrayError
 from tests.server.test_prediction_rpc import populate, scorer_config, start_server
 
 
@@ -70,3 +71,86 @@ def test_cli_predict_prints_scores_and_lineage(target, capsys) -> None:
     assert code == 0, out
     assert "model scorer version 1" in out and "['user_stats@1', 'risk@1']" in out
     assert out.count(" OK y=[") == 3
+
+
+OK_ITEM = {"model": "scorer", "keys": {"user_id": [1, 2]}, "request_values": {"amount": [1.0, 2.0]}}
+ITEMS = [
+    {**OK_ITEM, "request_id": "r0"},
+    {**OK_ITEM, "request_id": "r1"},
+    {**OK_ITEM, "keys": {"user_id": np.array([2**63], np.uint64)}, "request_id": "big"},
+    {**OK_ITEM, "request_id": "r3"},
+    {"model": "scorer", "key": {"user_id": [1]}, "request_id": "typo"},
+    {**OK_ITEM, "request_id": "r5"},
+]
+
+
+def check_bad_items_answered_in_place(results: list) -> None:
+    assert [r.request_id for r in results] == ["r0", "r1", "big", "r3", "typo", "r5"]
+    for i in (0, 1, 3, 5):
+        assert results[i].error is None and results[i].ok.all(), results[i].error
+    big, typo = results[2].error, results[4].error
+    assert big.code == typo.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert big.message.startswith("stream request 2 was not sent: ArrayError: keys['user_id']")
+    assert "exceeds the int64 range" in big.message
+    assert "stream request 4 was not sent: TypeError" in typo.message and "'key'" in typo.message
+
+
+def broken_source():
+    yield {**OK_ITEM, "request_id": "r0"}
+    yield {**OK_ITEM, "request_id": "r1"}
+    raise RuntimeError("the source broke")
+
+
+def test_stream_items_that_cannot_be_built_fail_in_their_place(target) -> None:
+    with PredictionClient(ClientConfig(target=target)) as client:
+        check_bad_items_answered_in_place(list(client.stream(ITEMS, timeout_s=30)))
+        got = []
+        with pytest.raises(RuntimeError, match="the source broke"):
+            got.extend(client.stream(broken_source(), timeout_s=30))
+        assert [r.request_id for r in got] == ["r0", "r1"]
+
+    async def main() -> tuple[list, list]:
+        async with AsyncPredictionClient(ClientConfig(target=target)) as aclient:
+            results = [r async for r in aclient.stream(ITEMS, timeout_s=30)]
+            before = []
+            with pytest.raises(RuntimeError, match="the source broke"):
+                async for r in aclient.stream(broken_source(), timeout_s=30):
+                    before.append(r)
+            return results, before
+
+    results, before = asyncio.run(main())
+    check_bad_items_answered_in_place(results)
+    assert [r.request_id for r in before] == ["r0", "r1"]
+
+
+def test_single_values_and_untyped_empty_keys_are_rejected_naming_the_argument(target) -> None:
+    with PredictionClient(ClientConfig(target=target)) as client:
+        with pytest.raises(ArrayError, match=r"request_values\['amount'\]: got the single value"):
+            client.predict("scorer", {"user_id": [1]}, {"amount": 1.0})
+        with pytest.raises(ArrayError, match=r"keys\['user_id'\]: an empty list has no dtype"):
+            client.predict("scorer", {"user_id": []}, {"amount": []})
+        empty = client.predict("scorer", {"user_id": np.array([], np.int64)}, {"amount": []})
+        assert empty.rows == 0 and empty.error is None
+
+
+def test_a_closed_client_raises_the_same_error_sync_and_async(target) -> None:
+    client = PredictionClient(target)
+    client.close()
+    with pytest.raises(ClientError, match="FAILED_PRECONDITION: the client was closed") as sync:
+        client.predict(**OK_ITEM)
+    with pytest.raises(ClientError, match="FAILED_PRECONDITION: the client was closed"):
+        list(client.stream([OK_ITEM]))
+
+    async def main() -> list[str]:
+        aclient = AsyncPredictionClient(target)
+        await aclient.close()
+        out = []
+        with pytest.raises(ClientError) as caught:
+            await aclient.predict(**OK_ITEM)
+        out.append(str(caught.value))
+        with pytest.raises(ClientError) as caught:
+            [r async for r in aclient.stream([OK_ITEM])]
+        out.append(str(caught.value))
+        return out
+
+    assert asyncio.run(main()) == [str(sync.value)] * 2

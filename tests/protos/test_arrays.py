@@ -167,3 +167,15 @@ def test_exact_casts_to_an_explicit_dtype_keep_their_values() -> None:
 def test_wide_floats_travel_as_float64() -> None:
     assert arrays.dtype_for_numpy(np.zeros(1, dtype=np.longdouble)) == types_pb2.FLOAT64
     assert arrays.dtype_for_numpy(np.zeros(1, dtype=np.float16)) == types_pb2.FLOAT32
+
+
+def test_text_that_is_not_str_or_bytes_is_null_where_masked_and_rejected_elsewhere() -> None:
+    values = np.array(["a\x00", None, b"b\x00", 5], dtype=object)
+    masked = arrays.to_array(values, nulls=np.array([False, True, False, True]), field="f")
+    assert arrays.from_array(masked).ravel().tolist() == ["a\x00", "", "b\x00", ""]
+    np.testing.assert_array_equal(arrays.nulls_of(masked).ravel(), [False, True, False, True])
+    with pytest.raises(arrays.ArrayError, match=r"^f: row 3: 5 is not a str or bytes; send text"):
+        arrays.to_array(values, nulls=np.array([False, True, False, False]), field="f")
+    table = np.array([["a", "b"], ["c", None]], dtype=object)
+    with pytest.raises(arrays.ArrayError, match=r"^f: row 1: None is not a str or bytes"):
+        arrays.to_array(table, field="f")

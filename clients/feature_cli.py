@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +16,20 @@ from clients.cli import add_connection_flags, client_config
 from clients.feature_client import FeatureStoreClient
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.registry import JoinKey
+from protos import arrays
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    """Register the entities and views declared in a features.toml file."""
+    """Register the entities and views declared in a features.toml file; a file that cannot
+    be used as written exits 2, as other input errors do."""
     from featurestore.definitions import load_definitions
+    from featurestore.errors import InvalidArgumentError
 
-    entities, views = load_definitions(args.file)
+    try:
+        entities, views = load_definitions(args.file)
+    except InvalidArgumentError as exc:
+        print(f"featureserve: {exc}", file=sys.stderr)
+        return 2
     with FeatureStoreClient(client_config(args)) as client:
         results = client.apply(entities, views, dry_run=args.dry_run)
     for result in results:
@@ -44,33 +52,126 @@ class _InputError(Exception):
 def _read_table(path: Path, text_columns: list[str]):
     """The file as an Arrow table. In a CSV, `text_columns` (the keys and features) are read as
     text for _convert to parse by the view's types; only empty cells are null, so "NaN" stays
-    a NaN value."""
-    if path.suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path)
+    a NaN value. A file that cannot be read is an _InputError saying why."""
     import pyarrow as pa
+
+    try:
+        if path.suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            try:
+                return pq.read_table(path)
+            except pa.ArrowInvalid as exc:
+                raise _InputError(f"not a Parquet file ({exc}); give a Parquet file") from None
+        import pyarrow.csv as pcsv
+
+        options = pcsv.ConvertOptions(
+            null_values=[""],
+            strings_can_be_null=True,
+            column_types={name: pa.string() for name in text_columns},
+        )
+        try:
+            return pcsv.read_csv(path, convert_options=options)
+        except pa.ArrowInvalid as exc:
+            raise _InputError(_csv_problem(path, exc)) from None
+    except OSError as exc:
+        raise _InputError(f"cannot read the file ({exc.strerror or exc}); check the path") from None
+
+
+def _csv_problem(path: Path, error: Exception) -> str:
+    """What is wrong with a CSV file pyarrow refused (`error`), naming the row it can find."""
     import pyarrow.csv as pcsv
 
-    options = pcsv.ConvertOptions(
-        null_values=[""],
-        strings_can_be_null=True,
-        column_types={name: pa.string() for name in text_columns},
-    )
-    return pcsv.read_csv(path, convert_options=options)
+    if "Empty CSV file" in str(error):
+        return "the file is empty; a CSV needs a header row naming its columns"
+    ragged = []
+
+    def note(row) -> str:
+        ragged.append(row)
+        return "error"
+
+    # Only a single-threaded read numbers the rows it hands to invalid_row_handler.
+    with contextlib.suppress(OSError, ValueError):
+        pcsv.read_csv(
+            path,
+            read_options=pcsv.ReadOptions(use_threads=False),
+            parse_options=pcsv.ParseOptions(invalid_row_handler=note),
+        )
+    if ragged and ragged[0].number is not None:
+        row = ragged[0]
+        return (
+            f"row {row.number - 2} has {row.actual_columns} cells but the header has "
+            f"{row.expected_columns} columns (rows count from 0 after the header); give every "
+            "row one cell per column and quote cells that hold a comma"
+        )
+    return f"not a readable CSV file ({error}); fix the file"
 
 
-def _event_times(column) -> np.ndarray:
-    """Event times as datetime64 (ISO 8601 text or timestamps) or int µs since the epoch."""
+def _is_text(column) -> bool:
+    """Whether an Arrow column holds text (string or large_string)."""
     import pyarrow as pa
 
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+    return pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+
+
+def _whole_numbers(text):
+    """Which cells of a (trimmed) text column are written as integers; nulls are not."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.match_substring_regex(text, r"^[+-]?[0-9]+$"), False)
+
+
+def _event_times(column, name: str) -> tuple[np.ndarray, dict[int, str]]:
+    """Event times as int64 µs since the epoch from timestamps, dates, ISO 8601 text or integer
+    µs (a text cell written as an integer is µs), and {row: reason} of the empty cells and the
+    cells that are none of these."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    empty = column.is_null().to_numpy(zero_copy_only=False)
+    micros = np.zeros(len(column), dtype=np.int64)
+    failed = np.zeros(len(column), dtype=bool)
+    if _is_text(column):
         import pandas as pd
 
+        text = pc.utf8_trim_whitespace(column)
+        whole = _whole_numbers(text)
+        ints, bad_ints = _convert(pc.if_else(whole, text, None), name, DType.INT64)
+        micros = np.array(ints.fill_null(0).to_numpy(zero_copy_only=False))
+        failed[list(bad_ints)] = True
+        iso = pc.if_else(whole, None, text).to_pandas()
         # "mixed": pandas 2.2's "ISO8601" gives wrong instants when offsets and naive times mix.
-        parsed = pd.to_datetime(column.to_pandas(), utc=True, format="mixed")
-        return parsed.dt.tz_localize(None).to_numpy()
-    return column.to_numpy()
+        parsed = pd.to_datetime(iso, utc=True, format="mixed", errors="coerce")
+        stamps = parsed.dt.tz_localize(None).to_numpy().astype("datetime64[us]")
+        dated = ~np.isnat(stamps)
+        micros[dated] = stamps[dated].astype(np.int64)
+        failed |= ~dated & iso.notna().to_numpy()
+    elif pa.types.is_integer(column.type):
+        ints, bad = _convert(column, name, DType.INT64)
+        micros = np.array(ints.fill_null(0).to_numpy(zero_copy_only=False))
+        failed[list(bad)] = True
+    elif pa.types.is_floating(column.type):
+        # As the client's event_times_us does, fractions of a µs are truncated.
+        floats = np.trunc(column.fill_null(0).to_numpy(zero_copy_only=False))
+        failed[list(arrays.cast_changes(floats, int(DType.INT64), name))] = True
+        micros[~failed] = floats[~failed]
+    elif pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
+        stamps = column.to_numpy(zero_copy_only=False).astype("datetime64[us]")
+        micros[~empty] = stamps[~empty].astype(np.int64)
+    elif not pa.types.is_null(column.type):
+        raise _InputError(
+            f"column {name!r} holds {column.type}, which are not event times; give ISO 8601 "
+            "times, timestamps or integer µs since the epoch"
+        )
+    bad = {int(row): "the event time is empty" for row in np.flatnonzero(empty)}
+    cells = column.to_pylist() if failed.any() else []
+    for row in np.flatnonzero(failed & ~empty).tolist():
+        bad[row] = (
+            f"{cells[row]!r} is neither an ISO 8601 time nor an integer of µs since the epoch "
+            "in the int64 range"
+        )
+    micros[list(bad)] = 0
+    return micros, bad
 
 
 def _arrow_type(dtype: DType):
@@ -85,15 +186,16 @@ def _arrow_type(dtype: DType):
     }[dtype]
 
 
-def _convert(column, name: str, dtype: DType):
-    """The column as the view's `dtype` (text is trimmed unless dtype is STRING); cells that do
-    not convert become null and come back as {row: reason}."""
+def _convert(column, name: str, dtype: DType, parse_as: DType | None = None):
+    """The column as the view's `dtype`, or as `parse_as` when given (text is trimmed unless the
+    type is STRING); cells that do not convert become null and come back as {row: reason}."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    target = _arrow_type(dtype)
-    text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-    source = pc.utf8_trim_whitespace(column) if text and dtype != DType.STRING else column
+    parse_as = parse_as or dtype
+    target = _arrow_type(parse_as)
+    trim = _is_text(column) and parse_as != DType.STRING
+    source = pc.utf8_trim_whitespace(column) if trim else column
     try:
         return source.cast(target), {}
     except pa.ArrowNotImplementedError:
@@ -115,9 +217,49 @@ def _convert(column, name: str, dtype: DType):
     return pa.chunked_array([pa.array(cells, target)]), bad
 
 
-def _vectors(column, length: int) -> tuple[np.ndarray, dict[int, str]]:
+def _floats(column, name: str, dtype: DType) -> tuple[np.ndarray, dict[int, str]]:
+    """A FLOAT32 or FLOAT64 column as that dtype, and {row: reason} of the cells that are not
+    numbers or whose value the cast would change by the client's rule (a finite float that
+    overflows; an integer, or text written as one, that the float cannot hold exactly)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = _is_text(column)
+    source = pc.utf8_trim_whitespace(column) if text else column
+    values = np.zeros(len(column))
+    bad: dict[int, str] = {}
+    rest = source
+    if text or pa.types.is_integer(column.type):
+        whole = _whole_numbers(source) if text else column.is_valid()
+        ints, outside = _convert(pc.if_else(whole, source, None), name, dtype, DType.INT64)
+        for row, reason in outside.items():
+            bad[row] = (
+                f"{reason.removesuffix(f' is not {dtype.name}')} is an integer outside the int64 "
+                f"range, which {dtype.name} does not hold exactly; write it as a float (e.g. "
+                "1.5e20) to have it rounded"
+            )
+        held = np.flatnonzero(ints.is_valid().to_numpy(zero_copy_only=False))
+        exact = ints.fill_null(0).to_numpy(zero_copy_only=False)[held]
+        values[held] = exact
+        changed = arrays.cast_changes(exact, int(dtype), name)
+        bad.update({int(held[at]): why for at, why in changed.items()})
+        rest = pc.if_else(whole, None, source) if text else None
+    if rest is not None:
+        floats, not_numbers = _convert(rest, name, dtype, DType.FLOAT64)
+        bad.update(not_numbers)
+        held = np.flatnonzero(floats.is_valid().to_numpy(zero_copy_only=False))
+        numbers = floats.fill_null(0).to_numpy(zero_copy_only=False)[held]
+        values[held] = numbers
+        changed = arrays.cast_changes(numbers, int(dtype), name)
+        bad.update({int(held[at]): why for at, why in changed.items()})
+    values[list(bad)] = 0
+    return arrays.cast(values, int(dtype), name), bad
+
+
+def _vectors(column, name: str, length: int) -> tuple[np.ndarray, dict[int, str]]:
     """A rows x length float32 array from list cells or "[0.1, 0.2]" text (nulls become zeros),
-    and {row: reason} of the cells that are not `length` numbers."""
+    and {row: reason} of the cells that are not `length` numbers or hold one that overflows
+    float32 (the client's cast rule)."""
     rows, bad = [], {}
     for row, cell in enumerate(column.to_pylist()):
         try:
@@ -125,21 +267,27 @@ def _vectors(column, length: int) -> tuple[np.ndarray, dict[int, str]]:
                 cell = [0.0] * length
             elif isinstance(cell, str):
                 cell = [float(x) for x in cell.strip("[] ").replace(",", " ").split()]
-            vector = np.asarray(cell, dtype=np.float32)
+            vector = np.asarray(cell, dtype=np.float64)
         except (TypeError, ValueError):
             vector = None
         if vector is None or vector.shape != (length,):
             bad[row] = f"{cell!r} is not a vector of {length} numbers"
-            vector = np.zeros(length, dtype=np.float32)
+            vector = np.zeros(length)
         rows.append(vector)
-    return (np.stack(rows) if rows else np.zeros((0, length), dtype=np.float32)), bad
+    values = np.stack(rows) if rows else np.zeros((0, length))
+    for row, why in arrays.cast_changes(values, int(DType.FLOAT32_VECTOR), name).items():
+        bad.setdefault(row, why)
+    values[list(bad)] = 0
+    return arrays.cast(values, int(DType.FLOAT32_VECTOR), name), bad
 
 
 def _feature_values(column, name: str, dtype: DType, length: int):
     """Values of one column typed as the view declares them, with nulls filled by a placeholder
     the null mask hides; also {row: reason} of the cells that do not convert."""
     if dtype == DType.FLOAT32_VECTOR:
-        return _vectors(column, length)
+        return _vectors(column, name, length)
+    if dtype in (DType.FLOAT32, DType.FLOAT64):
+        return _floats(column, name, dtype)
     typed, bad = _convert(column, name, dtype)
     filler = {DType.STRING: "", DType.BOOL: False}.get(dtype, 0)
     return typed.fill_null(filler).to_numpy(zero_copy_only=False), bad
@@ -159,7 +307,7 @@ class _Rows:
     """The rows of a file the CLI writes: columns typed by the view, and the bad rows found
     before sending (the first problem of each row, by its 0-based row in the file)."""
 
-    def __init__(self, table, view, join_keys: list[JoinKey]) -> None:
+    def __init__(self, table, view, join_keys: list[JoinKey], time_column: str) -> None:
         self.bad: dict[int, tuple[str, str]] = {}
         self.keys: dict[str, np.ndarray] = {}
         for key in join_keys:
@@ -168,6 +316,8 @@ class _Rows:
             self._note(key.name, bad)
             empty = column.is_null().to_numpy(zero_copy_only=False).nonzero()[0]
             self._note(key.name, {int(r): "the join key is empty" for r in empty})
+        self.times, bad = _event_times(table[time_column], time_column)
+        self._note(time_column, bad)
         self.features: dict[str, np.ndarray] = {}
         self.nulls: dict[str, np.ndarray] = {}
         for feature in view.features:
@@ -194,13 +344,13 @@ class _Rows:
             "after the header)"
         )
 
-    def drop_bad(self, times: np.ndarray) -> np.ndarray:
-        """Keep only the good rows (of the columns and of `times`)."""
+    def drop_bad(self) -> None:
+        """Keep only the good rows."""
         self.kept = np.setdiff1d(self.kept, np.fromiter(self.bad, dtype=np.int64))
         self.keys = {k: v[self.kept] for k, v in self.keys.items()}
+        self.times = self.times[self.kept]
         self.features = {k: v[self.kept] for k, v in self.features.items()}
         self.nulls = {k: v[self.kept] for k, v in self.nulls.items()}
-        return times[self.kept]
 
 
 def _stopped_at(error: ClientError, kept: np.ndarray, batch_rows: int) -> str:
@@ -249,22 +399,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             missing = [name for name in wanted if name not in table.column_names]
             if missing:
                 raise _InputError(f"missing columns {missing}")
-            try:
-                times = _event_times(table[args.event_time_column])
-            except ValueError as exc:
-                raise _InputError(f"{args.event_time_column}: {exc}") from None
-            rows = _Rows(table, view, join_keys)
+            rows = _Rows(table, view, join_keys, args.event_time_column)
             if rows.bad and args.policy == "reject_batch":
                 raise _InputError(rows.first_bad())
         except _InputError as exc:
             print(f"featureserve: {args.file}: {exc}", file=sys.stderr)
             return 2
-        times = rows.drop_bad(times)
+        rows.drop_bad()
         try:
             with client.stream_writer(
                 args.view, batch_rows=args.batch_rows, version=view.version, policy=args.policy
             ) as writer:
-                writer.write(rows.keys, times, rows.features, rows.nulls)
+                writer.write(rows.keys, rows.times, rows.features, rows.nulls)
         except ClientError as exc:
             if exc.batch is None:
                 raise

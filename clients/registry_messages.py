@@ -19,6 +19,8 @@ ACTIONS = {
     "unchanged": pb.ApplyResult.UNCHANGED,
 }
 ACTION_NAMES = {number: name for name, number in ACTIONS.items()}
+UINT32 = (0, 2**32 - 1)
+INT64 = (-(2**63), 2**63 - 1)
 
 
 def _dtype(number: int, field: str) -> DType:
@@ -29,6 +31,17 @@ def _dtype(number: int, field: str) -> DType:
         raise InvalidArgumentError(
             f"{field}: dtype {number} is not one of " + ", ".join(d.name for d in DType)
         ) from None
+
+
+def _fits(value: int, bounds: tuple[int, int], field: str) -> int:
+    """`value` if its wire field holds it; else InvalidArgumentError naming the field (protobuf
+    would raise a bare "Value out of range")."""
+    low, high = bounds
+    if not low <= value <= high:
+        raise InvalidArgumentError(
+            f"{field}: {value} is outside {low} to {high}; give a value in that range"
+        )
+    return value
 
 
 def entity_to_proto(entity: Entity) -> pb.Entity:
@@ -53,27 +66,31 @@ def entity_from_proto(msg: pb.Entity, field: str = "entity") -> Entity:
 
 
 def view_to_proto(view: FeatureView) -> pb.FeatureView:
-    """FeatureView -> featureserve.v1.FeatureView."""
+    """FeatureView -> featureserve.v1.FeatureView; InvalidArgumentError naming a number its
+    field cannot hold."""
+    where = f"feature view {view.name!r}"
     return pb.FeatureView(
         name=view.name,
-        version=view.version,
+        version=_fits(view.version, UINT32, f"{where}: version"),
         entity=view.entity,
         features=[
             pb.FeatureSpec(
                 name=f.name,
                 dtype=int(f.dtype),
-                vector_length=f.vector_length,
+                vector_length=_fits(
+                    f.vector_length, UINT32, f"{where} feature {f.name!r}: vector_length"
+                ),
                 description=f.description,
                 allow_nan=f.allow_nan,
             )
             for f in view.features
         ],
-        ttl_seconds=view.ttl_seconds,
+        ttl_seconds=_fits(view.ttl_seconds, INT64, f"{where}: ttl_seconds"),
         description=view.description,
         owner=view.owner,
         tags=dict(view.tags),
-        created_us=view.created_us,
-        updated_us=view.updated_us,
+        created_us=_fits(view.created_us, INT64, f"{where}: created_us"),
+        updated_us=_fits(view.updated_us, INT64, f"{where}: updated_us"),
     )
 
 

@@ -51,6 +51,8 @@ _VIEW = {
     "feature",
 }
 _FEATURE = {"name", "dtype", "vector_length", "allow_nan", "description"}
+_UINT32_MAX = 2**32 - 1
+_INT64_MAX = 2**63 - 1
 
 
 def parse_duration(text: str) -> int:
@@ -91,6 +93,12 @@ class _Where:
             )
         return value
 
+    def bounded(self, value: int, key: str, high: int, fix: str) -> int:
+        """`value` if it is from 0 to `high` (the range of its field on the wire)."""
+        if not 0 <= value <= high:
+            raise self.error(key, f"{value} is outside 0 to {high}; {fix}")
+        return value
+
     def dtype(self, table: dict[str, Any], where: str) -> DType:
         name = self.get(table, "dtype", where, str)
         try:
@@ -114,6 +122,10 @@ def load_definitions(path: str | Path) -> tuple[list[Entity], list[FeatureView]]
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InvalidArgumentError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgumentError(f"{path}: not valid TOML: {exc}") from exc
     w.table(doc, "top level", _TOP)
@@ -160,6 +172,8 @@ def _view(w: _Where, raw: Any, where: str) -> FeatureView:
             ttl = parse_duration(w.get(table, "ttl", where, str))
         except ValueError as exc:
             raise w.error(f"{where}.ttl", str(exc)) from None
+    ttl_key = f"{where}.{'ttl' if 'ttl' in table else 'ttl_seconds'}"
+    ttl = w.bounded(ttl, ttl_key, _INT64_MAX, f"give seconds, 0 (no limit) to {_INT64_MAX}")
     tags = w.get(table, "tags", where, dict, {})
     for key, value in tags.items():
         if not isinstance(value, str):
@@ -172,7 +186,12 @@ def _view(w: _Where, raw: Any, where: str) -> FeatureView:
             Feature(
                 name=w.get(feat, "name", at, str),
                 dtype=w.dtype(feat, at),
-                vector_length=w.get(feat, "vector_length", at, int, 0),
+                vector_length=w.bounded(
+                    w.get(feat, "vector_length", at, int, 0),
+                    f"{at}.vector_length",
+                    _UINT32_MAX,
+                    f"give the float32_vector length, 1 to {_UINT32_MAX}",
+                ),
                 description=w.get(feat, "description", at, str, ""),
                 allow_nan=w.get(feat, "allow_nan", at, bool, False),
             )
@@ -183,7 +202,12 @@ def _view(w: _Where, raw: Any, where: str) -> FeatureView:
         name=name,
         entity=w.get(table, "entity", where, str),
         features=tuple(features),
-        version=w.get(table, "version", where, int, 0),
+        version=w.bounded(
+            w.get(table, "version", where, int, 0),
+            f"{where}.version",
+            _UINT32_MAX,
+            f"give 0 (the registry decides) or a version from 1 to {_UINT32_MAX}",
+        ),
         ttl_seconds=ttl,
         description=w.get(table, "description", where, str, ""),
         owner=w.get(table, "owner", where, str, ""),

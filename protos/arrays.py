@@ -180,6 +180,44 @@ def _cast_loss(values: np.ndarray, out: np.ndarray, wire: int) -> tuple[np.ndarr
     return None
 
 
+def _converted(values: np.ndarray, wire: int, field: str) -> np.ndarray:
+    """`values` as the wire dtype's little-endian NumPy dtype, unchecked (ArrayError when the
+    values are not numbers at all)."""
+    target = DTYPE_TO_NUMPY.get(wire)
+    if target is None:
+        raise ArrayError(f"{field}: dtype {wire} is not a fixed-width featureserve.v1.DType")
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.ascontiguousarray(values, dtype=target)
+    except (TypeError, ValueError, OverflowError):
+        raise ArrayError(
+            f"{field}: {values.dtype} values cannot be read as {types_pb2.DType.Name(wire)}; "
+            "send a numeric array"
+        ) from None
+
+
+def _changes(
+    values: np.ndarray, out: np.ndarray, wire: int, nulls: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """(rows x columns mask of the values the cast changed, values as rows x columns (x width),
+    why), nulls excepted; None when it changed none."""
+    loss = _cast_loss(values, out, wire)
+    if loss is None or not loss[0].any():
+        return None
+    lost, why = loss
+    table = values.reshape(values.shape[0], -1) if values.ndim < 3 else values
+    lost = lost.reshape(table.shape)
+    if lost.ndim == 3:
+        lost = lost.any(axis=2)
+    if nulls is not None and np.size(nulls) == lost.size:
+        lost = lost & ~np.asarray(nulls, dtype=bool).reshape(lost.shape)
+    return (lost, table, why) if lost.any() else None
+
+
+def _what(table: np.ndarray, row: int, col: int) -> str:
+    return "a vector element" if table.ndim == 3 else repr(table[row, col].item())
+
+
 def cast(
     values: np.ndarray, wire: int, field: str = "array", nulls: np.ndarray | None = None
 ) -> np.ndarray:
@@ -188,36 +226,32 @@ def cast(
     to inf, an integer a float cannot hold, a fraction to INT64) raises ArrayError naming
     `field` and the first such row, unless `nulls` (rows x width) marks it null: nothing is
     silently sent as another value."""
-    target = DTYPE_TO_NUMPY.get(wire)
-    if target is None:
-        raise ArrayError(f"{field}: dtype {wire} is not a fixed-width featureserve.v1.DType")
-    if values.dtype == target:
+    if values.dtype == DTYPE_TO_NUMPY.get(wire):
         return np.ascontiguousarray(values)
-    try:
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = np.ascontiguousarray(values, dtype=target)
-    except (TypeError, ValueError, OverflowError):
-        raise ArrayError(
-            f"{field}: {values.dtype} values cannot be read as {types_pb2.DType.Name(wire)}; "
-            "send a numeric array"
-        ) from None
-    loss = _cast_loss(values, out, wire)
-    if loss is None or not loss[0].any():
+    out = _converted(values, wire, field)
+    changed = _changes(values, out, wire, nulls)
+    if changed is None:
         return out
-    lost, why = loss
-    table = values.reshape(values.shape[0], -1) if values.ndim < 3 else values
-    lost = lost.reshape(table.shape)
-    if lost.ndim == 3:
-        lost = lost.any(axis=2)
-    if nulls is not None and np.size(nulls) == lost.size:
-        lost = lost & ~np.asarray(nulls, dtype=bool).reshape(lost.shape)
+    lost, table, why = changed
     bad = np.flatnonzero(lost)
-    if not len(bad):
-        return out
     row, col = divmod(int(bad[0]), lost.shape[1])
-    what = "a vector element" if table.ndim == 3 else repr(table[row, col].item())
     more = f" ({len(bad)} values do not fit)" if len(bad) > 1 else ""
-    raise ArrayError(f"{field}: row {row}: {what} {why}{more}")
+    raise ArrayError(f"{field}: row {row}: {_what(table, row, col)} {why}{more}")
+
+
+def cast_changes(values: np.ndarray, wire: int, field: str = "array") -> dict[int, str]:
+    """{row: what would change} for every row cast() would refuse (it raises at the first),
+    for callers that report each bad row, such as `featureserve ingest`."""
+    if values.dtype == DTYPE_TO_NUMPY.get(wire) or not len(values):
+        return {}
+    changed = _changes(values, _converted(values, wire, field), wire, None)
+    if changed is None:
+        return {}
+    lost, table, why = changed
+    return {
+        int(row): f"{_what(table, int(row), int(np.argmax(lost[row])))} {why}"
+        for row in np.flatnonzero(lost.any(axis=1))
+    }
 
 
 def from_array(msg: types_pb2.Array, field: str = "array") -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -9,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from clients.channel import ClientConfig
 from clients.feature_client import FeatureStoreClient
 from featurestore.definitions import load_definitions
 from featurestore.dtypes import FeatureStatus
+from featurestore.errors import InvalidArgumentError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,9 +137,63 @@ def test_apply_unknown_key_names_key_and_file(served) -> None:
     cli, _ = served
     path = cli.file("typo.toml", features_toml("typo", extra='colour = "red"'))
     result = cli.run("apply", str(path))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "colour" in result.stderr and str(path) in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe", "not UTF-8 text (invalid start byte at byte 0); save the file as UTF-8"),
+        (
+            features_toml("ver_neg", extra="version = -1").encode(),
+            "feature_view[0] (ver_neg).version: -1 is outside 0 to 4294967295; give 0",
+        ),
+        (
+            features_toml("ver_huge", extra="version = 99999999999999").encode(),
+            "feature_view[0] (ver_huge).version: 99999999999999 is outside 0 to 4294967295",
+        ),
+    ],
+)
+def test_apply_of_an_unusable_file_exits_2_naming_file_key_and_fix(
+    served, content: bytes, message: str
+) -> None:
+    """A file that is not UTF-8, or a version the wire's uint32 cannot hold, is a one-line
+    input error (it was a UnicodeDecodeError or protobuf ValueError traceback)."""
+    cli, client = served
+    path = cli.base / "unusable.toml"
+    path.write_bytes(content)
+    result = cli.run("apply", str(path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"featureserve: {path}: "), result.stderr
+    assert message in lines[0], result.stderr
+    assert client.list_feature_views("ver_")[1] == []
+
+
+def test_client_apply_names_a_number_its_wire_field_cannot_hold(served) -> None:
+    """A definition built in code with a version or vector_length outside uint32 is an
+    InvalidArgumentError naming the view and field, before anything is sent."""
+    cli, client = served
+    entities, views = load_definitions(cli.file("wire_range.toml", features_toml("wire_range")))
+    view = views[0]
+    too_long = dataclasses.replace(view.features[3], vector_length=2**32)
+    for bad, field in (
+        (
+            dataclasses.replace(view, version=2**32),
+            "feature view 'wire_range': version: 4294967296",
+        ),
+        (dataclasses.replace(view, version=-1), "feature view 'wire_range': version: -1"),
+        (
+            dataclasses.replace(view, features=(*view.features[:3], too_long)),
+            "feature view 'wire_range' feature 'emb': vector_length: 4294967296 is outside 0 to",
+        ),
+    ):
+        with pytest.raises(InvalidArgumentError) as info:
+            client.apply(entities, [bad])
+        assert str(info.value).startswith(field), info.value
+    assert client.list_feature_views("wire_range")[1] == []
 
 
 CSV_ISO = """user_id,event_timestamp,score,clicks,city,emb
@@ -558,3 +616,137 @@ def test_get_without_keys_is_a_usage_error_with_an_example(served) -> None:
         "first join key) or --entity NAME=V1,V2 for each join key, e.g. featureserve get "
         "--view no_keys --keys 1,2,3"
     ]
+
+
+CSV_CHANGED = """user_id,event_timestamp,score,clicks,city,emb
+401,2024-05-01T10:00:00Z,1e39,1,a,"[0, 0, 0]"
+402,2024-05-01T10:00:00Z,16777217,1,b,"[0, 0, 0]"
+403,2024-05-01T10:00:00Z,16777217.0,1,c,"[0, 0, 0]"
+404,2024-05-01T10:00:00Z,0.5,1,d,"[1e39, 2, 3]"
+405,2024-05-01T10:00:00Z, -7 ,1,e,"[1, 2, 3]"
+406,2024-05-01T10:00:00Z,-1e39,1,f,"[0, 0, 0]"
+"""
+
+
+def test_ingest_refuses_values_float32_would_change_by_their_file_row(served) -> None:
+    """A finite value that would overflow to inf (a cell or a vector element), or an integer
+    FLOAT32 cannot hold exactly, is a bad cell named by column and file row (it was stored as
+    inf or 16777216); a float is rounded, as the client's cast rule says."""
+    cli, client = served
+    register(served, "f32_range")
+    path = cli.file("f32_range.csv", CSV_CHANGED)
+    rejected = cli.run("ingest", str(path), "--view", "f32_range")
+    assert rejected.returncode == 2, rejected.stdout
+    assert rejected.stderr.startswith(
+        f"featureserve: {path}: column 'score' row 0: 1e+39 overflows FLOAT32"
+    ), rejected.stderr
+    assert "(4 bad rows" in rejected.stderr, rejected.stderr
+    ids = list(range(401, 407))
+    assert (
+        read_back(client, "f32_range", ids).statuses["f32_range:city"] == FeatureStatus.NOT_FOUND
+    ).all()
+
+    skipped = cli.run("ingest", str(path), "--view", "f32_range", "--policy", "skip_bad_rows")
+    assert skipped.returncode == 1
+    lines = skipped.stdout.splitlines()
+    assert lines[0] == "written=2 stale=0 rejected=4", skipped.stdout
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "  row 0 score",
+        "  row 1 score",
+        "  row 3 emb",
+        "  row 5 score",
+    ], skipped.stdout
+    assert "16777217 is not exactly representable as FLOAT32" in lines[2], lines[2]
+    assert "1e+39 overflows FLOAT32_VECTOR" in lines[3], lines[3]
+    got = read_back(client, "f32_range", ids)
+    present = got.statuses["f32_range:score"] == FeatureStatus.PRESENT
+    assert present.tolist() == [False, False, True, False, True, False]
+    assert got["f32_range:score"][present].tolist() == [16777216.0, -7.0]
+
+    frame = pd.DataFrame(
+        {
+            "user_id": np.array([411, 412], dtype=np.int64),
+            "event_timestamp": pd.to_datetime(["2024-05-01", "2024-05-01"]),
+            "score": np.array([1e39, 2.0]),
+            "emb": [np.array([1.0, 2.0, 3.0]), np.array([1e39, 2.0, 3.0])],
+        }
+    )
+    frame.to_parquet(cli.base / "f32_range.parquet", engine="pyarrow")
+    result = cli.run(
+        "ingest",
+        str(cli.base / "f32_range.parquet"),
+        "--view",
+        "f32_range",
+        "--policy",
+        "skip_bad_rows",
+    )
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0] == "written=0 stale=0 rejected=2", result.stdout
+    assert "row 0 score: 1e+39 overflows FLOAT32" in result.stdout
+    assert "row 1 emb: 1e+39 overflows FLOAT32_VECTOR" in result.stdout
+    assert (
+        read_back(client, "f32_range", [411, 412]).statuses["f32_range:emb"]
+        == FeatureStatus.NOT_FOUND
+    ).all()
+
+
+HEADER = "user_id,event_timestamp,score,clicks,city,emb\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.csv", "", "the file is empty; a CSV needs a header row naming its columns"),
+        (
+            "ragged.csv",
+            HEADER + "1,2024-05-01T10:00:00Z,0.5,1,a,\n2,2024-05-01T10:00:00Z,0.5,1,a,,9\n",
+            "row 1 has 7 cells but the header has 6 columns (rows count from 0 after the header); "
+            "give every row one cell per column",
+        ),
+        ("absent.csv", None, "cannot read the file ("),
+        (
+            "int_time_empty.csv",
+            HEADER + "1,1714557600000000,0.5,1,a,\n2,,0.5,1,b,\n",
+            "column 'event_timestamp' row 1: the event time is empty; fix the file, or pass "
+            "--policy skip_bad_rows",
+        ),
+        (
+            "no_times.csv",
+            HEADER + "1,,0.5,1,a,\n2,,0.5,1,b,\n",
+            "column 'event_timestamp' row 0: the event time is empty; fix the file",
+        ),
+        (
+            "bad_time.csv",
+            HEADER + "1,1714557600000000,0.5,1,a,\n2,x,0.5,1,b,\n",
+            "column 'event_timestamp' row 1: 'x' is neither an ISO 8601 time nor an integer of µs",
+        ),
+        (
+            "nan_time.parquet",
+            pa.table({"user_id": [1, 2], "event_timestamp": pa.array([1.7e15, float("nan")])}),
+            "column 'event_timestamp' row 1: nan is neither an ISO 8601 time nor an integer of µs",
+        ),
+        ("text.parquet", "not parquet", "not a Parquet file ("),
+    ],
+)
+def test_ingest_of_an_unusable_file_exits_2_naming_file_row_and_fix(
+    served, name: str, content, message: str
+) -> None:
+    """Files pyarrow cannot read, and event times that are empty or not times, are one-line
+    input errors naming the file, the row and the fix (they were tracebacks, or blamed row 0
+    for the bad cell of row 1), and nothing is written."""
+    cli, client = served
+    view = f"unusable_{name.replace('.', '_')}"
+    register(served, view)
+    path = cli.base / name
+    if isinstance(content, pa.Table):
+        pq.write_table(content, path)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    result = cli.run("ingest", str(path), "--view", view)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"featureserve: {path}: "), result.stderr
+    assert message in lines[0], result.stderr
+    assert result.stdout == ""
+    got = read_back(client, view, [1, 2])
+    assert (got.statuses[f"{view}:score"] == FeatureStatus.NOT_FOUND).all()

@@ -101,3 +101,48 @@ def test_missing_required_and_bad_toml(tmp_path: Path):
         load_definitions(write(tmp_path, "[[entity]\n"))
     with pytest.raises(InvalidArgumentError, match="cannot read"):
         load_definitions(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ("version = 2", "version = -1"),
+            r"\(driver_flags\)\.version: -1 is outside 0 to 4294967295",
+        ),
+        (
+            ("version = 2", "version = 4294967296"),
+            r"\(driver_flags\)\.version: 4294967296 is outside 0 to 4294967295; give 0 \(the "
+            r"registry decides\) or a version from 1 to 4294967295",
+        ),
+        (
+            ("vector_length = 8", "vector_length = -8"),
+            r"\.feature\[1\]\.vector_length: -8 is outside 0 to 4294967295; give the",
+        ),
+        (
+            ("ttl_seconds = 30", "ttl_seconds = -30"),
+            r"\(driver_flags\)\.ttl_seconds: -30 is outside 0 to 9223372036854775807; give seconds",
+        ),
+        (
+            ('ttl = "1h30m"', 'ttl = "99999999999999999999s"'),
+            r"\(driver_stats\)\.ttl: 99999999999999999999 is outside 0 to 9223372036854775807",
+        ),
+    ],
+)
+def test_numbers_outside_their_wire_range_name_file_key_and_range(tmp_path: Path, edit, message):
+    """A version, vector_length or TTL the proto's uint32/int64 field cannot hold is an error
+    here (it was a protobuf ValueError naming neither file nor key when applied)."""
+    path = write(tmp_path, GOOD.replace(*edit))
+    with pytest.raises(InvalidArgumentError, match=message) as info:
+        load_definitions(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_a_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path: Path):
+    path = tmp_path / "features.toml"
+    path.write_bytes(GOOD.encode("utf-16"))
+    with pytest.raises(InvalidArgumentError) as info:
+        load_definitions(path)
+    assert str(info.value) == (
+        f"{path}: not UTF-8 text (invalid start byte at byte 0); save the file as UTF-8"
+    )

@@ -179,3 +179,19 @@ def test_text_that_is_not_str_or_bytes_is_null_where_masked_and_rejected_elsewhe
     table = np.array([["a", "b"], ["c", None]], dtype=object)
     with pytest.raises(arrays.ArrayError, match=r"^f: row 1: None is not a str or bytes"):
         arrays.to_array(table, field="f")
+
+
+def test_cast_changes_lists_every_row_cast_refuses_and_why() -> None:
+    values = np.array([1.0, 1e39, 2.5, -1e40])
+    changes = arrays.cast_changes(values, types_pb2.FLOAT32, "f")
+    assert list(changes) == [1, 3]
+    assert changes[1].startswith("1e+39 overflows FLOAT32")
+    with pytest.raises(arrays.ArrayError, match=r"f: row 1: 1e\+39 overflows FLOAT32"):
+        arrays.cast(values, types_pb2.FLOAT32, "f")
+    vectors = np.array([[1.0, 2.0], [3.0, 1e39]])
+    assert list(arrays.cast_changes(vectors, types_pb2.FLOAT32_VECTOR, "v")) == [1]
+    assert arrays.cast_changes(np.array([2**24 + 1]), types_pb2.FLOAT32, "i") == {
+        0: "16777217 is not exactly representable as FLOAT32 (it holds every integer up to "
+        "2**24); send it as a float"
+    }
+    assert arrays.cast_changes(np.array([1.0, 2.0]), types_pb2.FLOAT32, "f") == {}

@@ -72,10 +72,10 @@ class PredictionClient:
         )
         try:
             for response in responses:
-                yield from order.results(response)
+                yield order.result(response)
         except grpc.RpcError as exc:
             raise client_error(exc) from None
-        yield from order.finish()
+        order.finish()
 
     def close(self) -> None:
         """Close the channel; later calls raise ClientError FAILED_PRECONDITION."""
@@ -135,12 +135,10 @@ class AsyncPredictionClient:
         )
         try:
             async for response in call:
-                for result in order.results(response):
-                    yield result
+                yield order.result(response)
         except grpc.RpcError as exc:
             raise client_error(exc) from None
-        for result in order.finish():
-            yield result
+        order.finish()
 
     async def close(self) -> None:
         """Close the channel; later calls raise ClientError FAILED_PRECONDITION."""

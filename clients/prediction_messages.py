@@ -122,30 +122,35 @@ StreamItem = pb.PredictRequest | Mapping
 
 class StreamOrder:
     """Builds a StreamPredict's requests from the caller's items and hands out results in item
-    order: an item that builds no request (bad arrays, a misspelled argument) gets a result
-    with `error` INVALID_ARGUMENT in its place and the stream goes on; an error raised while
-    iterating the items ends the requests and is raised after the results of those before it.
+    order. An item that builds no request (bad arrays, a misspelled argument) is sent as an
+    empty placeholder, which the server answers with an error in its place, and its result is
+    that item's own error, INVALID_ARGUMENT: so it comes back in its turn, and a caller that
+    waits for each result before sending the next item is never left waiting. An error raised
+    while iterating the items ends the requests and is raised after the results of those
+    before it (finish).
 
     Both twins share it; the sync twin's requests run on gRPC's thread, so the two threads share
-    only a deque (appended before the next request is sent) and `failure` (set before the
-    requests end).
+    only a deque (appended before its request is sent) and `failure` (set before the requests
+    end).
     """
 
     def __init__(self) -> None:
-        self._unsent: deque[tuple[int, PredictionResult]] = deque()
+        self._placeholders: deque[PredictionResult | None] = deque()  # one per request sent
         self._taken = 0  # items taken from the caller
-        self._handed = 0  # results handed out
         self.failure: Exception | None = None
 
-    def _request(self, item: StreamItem) -> pb.PredictRequest | None:
+    def _request(self, item: StreamItem) -> pb.PredictRequest:
         index, self._taken = self._taken, self._taken + 1
         if isinstance(item, pb.PredictRequest):
+            self._placeholders.append(None)
             return item
         try:
-            return predict_request(**item)
+            request = predict_request(**item)
         except Exception as exc:  # whatever the item's own arguments raise is its answer
-            self._unsent.append((index, _unsent_result(item, index, exc)))
-            return None
+            self._placeholders.append(_unsent_result(item, index, exc))
+            return pb.PredictRequest(request_id=f"unsent-{index}")
+        self._placeholders.append(None)
+        return request
 
     def requests(self, items: Iterable[StreamItem]) -> Iterator[pb.PredictRequest]:
         """The requests of `items`, for the sync stub; never raises."""
@@ -158,9 +163,7 @@ class StreamOrder:
             except Exception as exc:
                 self.failure = exc
                 return
-            request = self._request(item)
-            if request is not None:
-                yield request
+            yield self._request(item)
 
     async def arequests(
         self, items: Iterable[StreamItem] | AsyncIterable[StreamItem]
@@ -175,27 +178,15 @@ class StreamOrder:
             except Exception as exc:
                 self.failure = exc
                 return
-            request = self._request(item)
-            if request is not None:
-                yield request
+            yield self._request(item)
 
-    def _due(self) -> list[PredictionResult]:
-        out = []
-        while self._unsent and self._unsent[0][0] == self._handed:
-            out.append(self._unsent.popleft()[1])
-            self._handed += 1
-        return out
+    def result(self, response: pb.PredictResponse) -> PredictionResult:
+        """The result of the item the server's next `response` answers."""
+        unsent = self._placeholders.popleft()
+        return prediction_result(response) if unsent is None else unsent
 
-    def results(self, response: pb.PredictResponse) -> list[PredictionResult]:
-        """The results due up to and including the server's next `response`."""
-        due = self._due()
-        self._handed += 1
-        return [*due, prediction_result(response)]
-
-    def finish(self) -> Iterator[PredictionResult]:
-        """The results still due once the server's answers have ended, then the error met
-        while iterating the items, if any."""
-        yield from self._due()
+    def finish(self) -> None:
+        """Raise the error met while iterating the items, if any, once every answer is out."""
         if self.failure is not None:
             raise self.failure
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import queue
 
 import grpc
 import numpy as np
@@ -121,6 +122,47 @@ def test_stream_items_that_cannot_be_built_fail_in_their_place(target) -> None:
     results, before = asyncio.run(main())
     check_bad_items_answered_in_place(results)
     assert [r.request_id for r in before] == ["r0", "r1"]
+
+
+def test_a_bad_item_is_answered_without_waiting_for_a_later_item(target) -> None:
+    """Lock-step use: the caller sends an item only after the previous result came. A bad
+    item's result must come on its own turn; it was held back until a later answer, forever."""
+    items = [{**OK_ITEM, "request_id": "a"}, {**ITEMS[2]}, {**OK_ITEM, "request_id": "c"}]
+    with PredictionClient(ClientConfig(target=target)) as client:
+        pending: queue.Queue = queue.Queue()
+        results = client.stream(iter(pending.get, None), timeout_s=30)
+        got = []
+        for item in items:
+            pending.put(item)
+            got.append(next(results))
+        pending.put(None)
+        assert list(results) == []
+    assert [r.request_id for r in got] == ["a", "big", "c"]
+    assert [r.error is None for r in got] == [True, False, True]
+
+    async def main() -> list:
+        async with AsyncPredictionClient(ClientConfig(target=target)) as aclient:
+            pending: asyncio.Queue = asyncio.Queue()
+
+            async def source():
+                while (item := await pending.get()) is not None:
+                    yield item
+
+            stream = aclient.stream(source(), timeout_s=30)
+            answered = []
+            for item in items:
+                await pending.put(item)
+                answered.append(await asyncio.wait_for(anext(stream), 20))
+            await pending.put(None)
+            assert [r async for r in stream] == []
+            return answered
+
+    answered = asyncio.run(main())
+    assert [(r.request_id, r.error is None) for r in answered] == [
+        ("a", True),
+        ("big", False),
+        ("c", True),
+    ]
 
 
 def test_single_values_and_untyped_empty_keys_are_rejected_naming_the_argument(target) -> None:

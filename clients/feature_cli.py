@@ -94,7 +94,8 @@ def _csv_problem(path: Path, error: Exception) -> str:
     with contextlib.suppress(OSError, ValueError):
         pcsv.read_csv(
             path,
-            read_options=pcsv.ReadOptions(use_threads=False),
+            # latin-1 decodes any byte: a ragged row's text is then shown, never an error
+            read_options=pcsv.ReadOptions(use_threads=False, encoding="latin-1"),
             parse_options=pcsv.ParseOptions(invalid_row_handler=note),
         )
     if ragged and ragged[0].number is not None:
@@ -115,16 +116,23 @@ def _is_text(column) -> bool:
 
 
 def _whole_numbers(text):
-    """Which cells of a (trimmed) text column are written as integers; nulls are not."""
+    """Which cells of a (trimmed) text column are written as integers, as Arrow's cast to int64
+    reads them (no leading "+"); nulls are not."""
     import pyarrow.compute as pc
 
-    return pc.fill_null(pc.match_substring_regex(text, r"^[+-]?[0-9]+$"), False)
+    return pc.fill_null(pc.match_substring_regex(text, r"^-?[0-9]+$"), False)
+
+
+MIN_TEXT_MICROS = 10**15
+"""In a text column, a whole number is µs since the epoch from 10**15 (2001-09-09) on; a
+smaller one is read as a time ("20240102" is a date) or refused (epoch seconds look like µs
+in 1970)."""
 
 
 def _event_times(column, name: str) -> tuple[np.ndarray, dict[int, str]]:
     """Event times as int64 µs since the epoch from timestamps, dates, ISO 8601 text or integer
-    µs (a text cell written as an integer is µs), and {row: reason} of the empty cells and the
-    cells that are none of these."""
+    µs (in text, from MIN_TEXT_MICROS on), and {row: reason} of the empty cells and the cells
+    that are none of these."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -135,11 +143,11 @@ def _event_times(column, name: str) -> tuple[np.ndarray, dict[int, str]]:
         import pandas as pd
 
         text = pc.utf8_trim_whitespace(column)
-        whole = _whole_numbers(text)
-        ints, bad_ints = _convert(pc.if_else(whole, text, None), name, DType.INT64)
-        micros = np.array(ints.fill_null(0).to_numpy(zero_copy_only=False))
-        failed[list(bad_ints)] = True
-        iso = pc.if_else(whole, None, text).to_pandas()
+        ints, _ = _convert(pc.if_else(_whole_numbers(text), text, None), name, DType.INT64)
+        values = np.asarray(ints.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+        counted = ints.is_valid().to_numpy(zero_copy_only=False) & (values >= MIN_TEXT_MICROS)
+        micros[counted] = values[counted]
+        iso = pc.if_else(pa.array(counted), None, text).to_pandas()
         # "mixed": pandas 2.2's "ISO8601" gives wrong instants when offsets and naive times mix.
         parsed = pd.to_datetime(iso, utc=True, format="mixed", errors="coerce")
         stamps = parsed.dt.tz_localize(None).to_numpy().astype("datetime64[us]")
@@ -165,11 +173,14 @@ def _event_times(column, name: str) -> tuple[np.ndarray, dict[int, str]]:
         )
     bad = {int(row): "the event time is empty" for row in np.flatnonzero(empty)}
     cells = column.to_pylist() if failed.any() else []
+    why = (
+        "is neither an ISO 8601 time nor µs since the epoch (in a column holding text, whole "
+        f"numbers from {MIN_TEXT_MICROS} on, 2001-09-09; smaller ones look like seconds)"
+        if _is_text(column)
+        else "is not an integer of µs since the epoch in the int64 range"
+    )
     for row in np.flatnonzero(failed & ~empty).tolist():
-        bad[row] = (
-            f"{cells[row]!r} is neither an ISO 8601 time nor an integer of µs since the epoch "
-            "in the int64 range"
-        )
+        bad[row] = f"{cells[row]!r} {why}"
     micros[list(bad)] = 0
     return micros, bad
 
@@ -247,6 +258,14 @@ def _floats(column, name: str, dtype: DType) -> tuple[np.ndarray, dict[int, str]
     if rest is not None:
         floats, not_numbers = _convert(rest, name, dtype, DType.FLOAT64)
         bad.update(not_numbers)
+        if text:
+            spelled = pc.match_substring_regex(rest, r"^[+-]?inf(inity)?$", ignore_case=True)
+            beyond = pc.and_(pc.is_inf(floats), pc.invert(pc.fill_null(spelled, False)))
+            for row in np.flatnonzero(pc.fill_null(beyond, False).to_numpy(zero_copy_only=False)):
+                bad[int(row)] = (
+                    f"{rest[int(row)].as_py()!r} overflows FLOAT64 (largest finite "
+                    f"{np.finfo(np.float64).max:.8g}); send a smaller value"
+                )
         held = np.flatnonzero(floats.is_valid().to_numpy(zero_copy_only=False))
         numbers = floats.fill_null(0).to_numpy(zero_copy_only=False)[held]
         values[held] = numbers

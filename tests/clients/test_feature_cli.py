@@ -718,12 +718,12 @@ HEADER = "user_id,event_timestamp,score,clicks,city,emb\n"
         (
             "bad_time.csv",
             HEADER + "1,1714557600000000,0.5,1,a,\n2,x,0.5,1,b,\n",
-            "column 'event_timestamp' row 1: 'x' is neither an ISO 8601 time nor an integer of µs",
+            "column 'event_timestamp' row 1: 'x' is neither an ISO 8601 time nor µs since the",
         ),
         (
             "nan_time.parquet",
             pa.table({"user_id": [1, 2], "event_timestamp": pa.array([1.7e15, float("nan")])}),
-            "column 'event_timestamp' row 1: nan is neither an ISO 8601 time nor an integer of µs",
+            "column 'event_timestamp' row 1: nan is not an integer of µs since the epoch",
         ),
         ("text.parquet", "not parquet", "not a Parquet file ("),
     ],
@@ -750,3 +750,29 @@ def test_ingest_of_an_unusable_file_exits_2_naming_file_row_and_fix(
     assert result.stdout == ""
     got = read_back(client, view, [1, 2])
     assert (got.statuses[f"{view}:score"] == FeatureStatus.NOT_FOUND).all()
+
+
+def test_ingest_reads_compact_dates_signed_numbers_and_refuses_text_beyond_float64(
+    served,
+) -> None:
+    """In a text time column "20240102" is a date (it became 20 µs after 1970); "+3" is the
+    number 3 (it was refused as an integer outside int64); "1e400" overflows FLOAT64 and is a
+    bad cell (it was stored as inf), while "inf" spelled out stays infinity."""
+    cli, client = served
+    register(served, "text_edge")
+    path = cli.file(
+        "text_edge.csv",
+        "user_id,event_timestamp,score,clicks,city,emb\n"
+        '501,20240102,+3,1,a,"[0, 0, 0]"\n'
+        '502,2024-01-02T00:00:00Z,1e400,1,b,"[0, 0, 0]"\n'
+        '503,2024-01-02T00:00:00Z,inf,1,c,"[0, 0, 0]"\n',
+    )
+    result = cli.run("ingest", str(path), "--view", "text_edge", "--policy", "skip_bad_rows")
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "written=2 stale=0 rejected=1", result.stdout
+    assert lines[1].startswith("  row 1 score: '1e400' overflows FLOAT64"), result.stdout
+    got = read_back(client, "text_edge", [501, 502, 503])
+    assert got.event_timestamps["text_edge"][0] == us("2024-01-02T00:00:00Z")
+    assert got["text_edge:score"][0] == 3.0 and np.isinf(got["text_edge:score"][2])
+    assert got.statuses["text_edge:score"][1] == FeatureStatus.NOT_FOUND

@@ -526,6 +526,11 @@ class OnlineStore:
         """The current LMDB map size in bytes (it doubles when full)."""
         return self._lmdb.env.info()["map_size"]
 
+    def databases_needed(self) -> int:
+        """LMDB databases this store can come to hold: the registry, and each stored view
+        version's online rows and history (max_dbs must be at least this)."""
+        return 1 + 2 * len(self.registry.list_views(all_versions=True))
+
     def warm_page_cache(self, budget_s: float = float("inf")) -> Warmed:
         """Read the environment's data file into the OS page cache, for at most budget_s and
         at most half the free memory."""

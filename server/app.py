@@ -175,6 +175,14 @@ class FeatureServer:
             max_rows_per_write=self.config.max_rows_per_write,
         )
         self.store = OnlineStore(store_config)
+        needed = self.store.databases_needed()
+        if needed > store_config.max_dbs:
+            self.store.close()
+            raise StartupError(
+                f"lmdb_max_dbs = {store_config.max_dbs} is too small for the store in "
+                f"{self.config.data_dir}: its {(needed - 1) // 2} view versions need {needed} "
+                f"LMDB databases; set lmdb_max_dbs to at least {needed}"
+            )
         self.committer = CommitProcess(store_config)
         self.models = ModelRepository(
             model_repo,

@@ -289,6 +289,33 @@ def test_sigterm_during_start_up_is_a_clean_stop(tmp_path: Path, workers, delay:
         assert "worker started" not in messages and "serving" not in messages, messages
 
 
+def test_lmdb_max_dbs_below_what_the_store_holds_refuses_to_start(server_factory, tmp_path) -> None:
+    """A store with 3 view versions needs 7 databases: restarted with lmdb_max_dbs = 5 it
+    served, with some views unreadable and others unwritable; now start-up names the minimum."""
+    from clients.feature_client import FeatureStoreClient
+    from featurestore.dtypes import DType
+    from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+
+    server = server_factory()
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    views = [FeatureView(f"v{i}", "user", (Feature("x", DType.INT64),)) for i in range(3)]
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([user], views)
+    assert server.terminate() == 0
+    config = tmp_path / "small.toml"
+    config.write_text("lmdb_max_dbs = 5\n")
+    result = featureserve(
+        "serve", "--port", "0", "--config", str(config), "--data-dir", str(tmp_path / "data"),
+        "--model-repo", str(tmp_path / "models"),
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert result.returncode == 1, result.stderr
+    assert lines == [
+        f"featureserve: lmdb_max_dbs = 5 is too small for the store in {tmp_path / 'data'}: its 3 "
+        "view versions need 7 LMDB databases; set lmdb_max_dbs to at least 7"
+    ], result.stderr
+
+
 def test_lmdb_max_dbs_reaches_the_store_and_its_commit_process(server_factory, tmp_path) -> None:
     """lmdb_max_dbs = 8 bounds each process's table of open databases. The commit process
     opens the registry and, on a view's first write, its online rows and history: the fourth

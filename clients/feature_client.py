@@ -105,12 +105,7 @@ class _Buffer:
                     self.policy,
                 )
             except ArrayError as exc:
-                if start == 0:
-                    raise
-                raise ArrayError(
-                    f"{exc} (rows count from row {start} of this write(), the first of its "
-                    "message; nothing of this write was sent)"
-                ) from None
+                raise exc.shifted(start) from None
             out.append(request)
         return out
 

@@ -23,7 +23,21 @@ DTYPE_TO_NUMPY: dict[int, np.dtype] = {
 
 
 class ArrayError(ValueError):
-    """An Array message whose bytes do not match its declared shape and dtype."""
+    """An Array message whose bytes do not match its declared shape and dtype, or values that
+    cannot be sent as their wire dtype; `row` is set when one row is to blame."""
+
+    def __init__(self, message: str, field: str = "", row: int | None = None, why: str = ""):
+        super().__init__(message)
+        self.field, self.row, self.why = field, row, why
+
+    @classmethod
+    def at(cls, field: str, row: int, why: str) -> ArrayError:
+        """The error of one row: "<field>: row <row>: <why>"."""
+        return cls(f"{field}: row {row}: {why}", field, row, why)
+
+    def shifted(self, rows: int) -> ArrayError:
+        """The same error for a caller whose rows start `rows` earlier (a slice's offset)."""
+        return self if self.row is None else ArrayError.at(self.field, self.row + rows, self.why)
 
 
 def dtype_for_numpy(values: np.ndarray) -> int:
@@ -71,9 +85,11 @@ def _encode_missing(
         if value is not None:
             continue
         if marked is None or not marked[i]:
-            raise ArrayError(
-                f"{field}: row {i // width}: {flat[i]!r} is not a str or bytes; send text "
-                "(a feature value that is missing: mark its row in nulls)"
+            raise ArrayError.at(
+                field,
+                i // width,
+                f"{flat[i]!r} is not a str or bytes; send text (a feature value that is "
+                "missing: mark its row in nulls)",
             )
         encoded[i] = b""
 
@@ -236,7 +252,7 @@ def cast(
     bad = np.flatnonzero(lost)
     row, col = divmod(int(bad[0]), lost.shape[1])
     more = f" ({len(bad)} values do not fit)" if len(bad) > 1 else ""
-    raise ArrayError(f"{field}: row {row}: {_what(table, row, col)} {why}{more}")
+    raise ArrayError.at(field, row, f"{_what(table, row, col)} {why}{more}")
 
 
 def cast_changes(values: np.ndarray, wire: int, field: str = "array") -> dict[int, str]:

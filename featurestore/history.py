@@ -14,8 +14,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from featurestore.errors import InvalidArgumentError
 from featurestore.keys import INVALID_KEY, decode_keys, encode_keys
-from featurestore.row_codec import MISSING_ROW, NO_CUTOFF, Block, DecodePlan, RowLayout, decode_rows
+from featurestore.row_codec import (
+    MISSING_ROW,
+    NO_CUTOFF,
+    Block,
+    DecodePlan,
+    RowLayout,
+    decode_rows,
+    ttl_cutoff,
+)
 
 if TYPE_CHECKING:
     from featurestore.online_store import OnlineStore
@@ -98,6 +107,24 @@ class PointInTimeResult:
     blocks: list[Block]
 
 
+def _label_times(timestamps: object, rows: int) -> np.ndarray:
+    """The query's timestamps as int64 µs, one per key row; InvalidArgumentError otherwise (a
+    shorter column silently dropped key rows, fractions were truncated)."""
+    ts = np.asarray(timestamps)
+    if ts.ndim != 1 or len(ts) != rows:
+        raise InvalidArgumentError(
+            f"timestamps: shape {list(ts.shape)}, expected [{rows}]: one label time per entity "
+            "key row"
+        )
+    if len(ts) and (
+        ts.dtype.kind not in "iu" or (ts.dtype.kind == "u" and ts.max() > np.iinfo(np.int64).max)
+    ):
+        raise InvalidArgumentError(
+            f"timestamps: dtype {ts.dtype}; send int64 µs since the epoch (whole numbers)"
+        )
+    return ts.astype(np.int64)
+
+
 def point_in_time(
     store: OnlineStore,
     view: str,
@@ -115,7 +142,7 @@ def point_in_time(
     entity = store.registry.get_entity(fv.entity)
     log = read_log(store, fv.name, fv.version)
     query_keys = encode_keys(entity, entity_keys).keys
-    ts = np.asarray(timestamps, np.int64)
+    ts = _label_times(timestamps, len(query_keys))
     ids: dict[bytes, int] = {}
     log_id = np.fromiter((ids.setdefault(k, len(ids)) for k in log.keys), np.int64, len(log.keys))
     query_id = np.fromiter(
@@ -133,9 +160,7 @@ def point_in_time(
     safe = np.clip(pos, 0, max(len(order) - 1, 0))
     hit = (query_id >= 0) & (pos >= 0) & (sorted_id[safe] == query_id if len(order) else False)
     rows = [log.rows[order[p]] if h else MISSING_ROW for p, h in zip(safe, hit, strict=True)]
-    cutoff = np.full(len(ts), NO_CUTOFF, np.int64)
-    if fv.ttl_seconds:
-        cutoff = ts - fv.ttl_seconds * 1_000_000
+    cutoff = ttl_cutoff(ts, fv.ttl_seconds)
     names = list(features) if features is not None else [f.name for f in fv.features]
     decoded = decode_rows(DecodePlan(RowLayout(fv), names), rows, cutoff)
     return PointInTimeResult(decoded.event_us, decoded.row_status, decoded.blocks)

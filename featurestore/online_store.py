@@ -55,6 +55,7 @@ from featurestore.row_codec import (
     RowLayout,
     decode_rows,
     encode_rows,
+    ttl_cutoff,
 )
 
 T = TypeVar("T")
@@ -486,9 +487,8 @@ class _Fetched:
 
     def decode(self, now_us: int) -> ReadResult:
         """Decoded columns; rows older than the view's ttl_seconds are OUTSIDE_MAX_AGE."""
-        cutoff = NO_CUTOFF
-        if self.view.ttl_seconds:
-            cutoff = now_us - self.view.ttl_seconds * 1_000_000
+        ttl = self.view.ttl_seconds
+        cutoff = ttl_cutoff(now_us, ttl) if ttl else NO_CUTOFF
         rows = [MISSING_ROW] * self.n if self.rows is None else self.rows
         decoded = decode_rows(self.plan.decode, rows, np.full(self.n, cutoff, np.int64))
         return ReadResult(self.view, decoded.event_us, decoded.row_status, decoded.blocks)

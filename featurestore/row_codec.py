@@ -26,6 +26,17 @@ MISSING_ROW = (4).to_bytes(4, "little")
 """Stands in for an absent row in a concatenation: a row of length 4 decodes as NOT_FOUND."""
 NO_CUTOFF = np.iinfo(np.int64).min
 
+
+def ttl_cutoff(times_us: np.ndarray | int, ttl_seconds: int) -> np.ndarray | np.int64:
+    """Per time (an int64 array or one int), the oldest event time a TTL of ttl_seconds keeps
+    (NO_CUTOFF for no TTL), clamped to int64: a TTL beyond the µs range keeps every row (it
+    overflowed, failing every read of the view)."""
+    if not ttl_seconds:
+        return np.full(np.shape(times_us), NO_CUTOFF, np.int64)
+    ttl_us = np.int64(min(ttl_seconds * 1_000_000, np.iinfo(np.int64).max))
+    return np.maximum(np.asarray(times_us, np.int64), NO_CUTOFF + ttl_us) - ttl_us
+
+
 _WRONG_LENGTH = 1
 _SHORT = 2
 _TOO_MANY_FEATURES = 3

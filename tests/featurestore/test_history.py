@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from featurestore.dtypes import DType, FeatureStatus
+from featurestore.errors import InvalidArgumentError
 from featurestore.history import history_rows, point_in_time, rebuild_online
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
@@ -105,3 +106,35 @@ def test_point_in_time_equal_event_times_first_write_wins(store):
     result = point_in_time(store, "spend", {"user_id": np.array(["a"], dtype=object)}, [NOW])
     assert result.blocks[0].values.tolist() == [[1.0]]
     assert result.blocks[1].values.tolist() == [["n1"]]
+
+
+def test_a_ttl_beyond_the_microsecond_range_keeps_every_row(tmp_path: Path) -> None:
+    """ttl_seconds = 2**62 is a valid TTL; its cutoff overflowed int64, failing every read of
+    the view, online and point-in-time (OverflowError, INTERNAL over gRPC)."""
+    long = FeatureView("long", "user", (Feature("amount", DType.FLOAT64),), ttl_seconds=2**62)
+    with OnlineStore(StoreConfig(tmp_path / "db")) as s:
+        s.registry.apply([USER], [long])
+        keys = {"user_id": np.array(["a"], dtype=object)}
+        batch = WriteBatch("long", keys, np.array([NOW - 5 * SEC]), {"amount": np.ones(1)})
+        s.write(batch, now_us=NOW)
+        online = s.read("long", keys, now_us=NOW)
+        assert online.row_status.tolist() == [FeatureStatus.PRESENT]
+        past = point_in_time(s, "long", keys, np.array([NOW]))
+        assert past.row_status.tolist() == [FeatureStatus.PRESENT]
+
+
+@pytest.mark.parametrize(
+    ("timestamps", "message"),
+    [
+        (np.array([NOW]), r"timestamps: shape \[1\], expected \[2\]"),
+        (np.array([NOW, NOW, NOW]), r"timestamps: shape \[3\], expected \[2\]"),
+        (np.array([[NOW, NOW]]), r"timestamps: shape \[1, 2\], expected \[2\]"),
+        (np.array([NOW + 0.7, NOW]), "timestamps: dtype float64; send int64"),
+    ],
+)
+def test_point_in_time_needs_one_whole_label_time_per_key_row(store, timestamps, message):
+    """Fewer timestamps than keys silently dropped key rows; more failed without naming the
+    argument; fractions were truncated."""
+    keys = {"user_id": np.array(["a", "b"], dtype=object)}
+    with pytest.raises(InvalidArgumentError, match=message):
+        point_in_time(store, "spend", keys, timestamps)

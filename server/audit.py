@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -18,10 +19,14 @@ import grpc
 from server.auth import current_principal
 from server.config import ConfigError
 from server.errors import status_for
+from server.metrics import AUDIT_FAILURES
 
 DEFAULT_FILE = "audit.jsonl"
 ANONYMOUS = "anonymous"
 MAX_MESSAGE_CHARS = 500
+FAILURE_LOG_INTERVAL_S = 60.0
+
+log = logging.getLogger("featureserve.audit")
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class AuditLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._fd: int | None = None
+        self._last_failure_log = -FAILURE_LOG_INTERVAL_S
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
@@ -95,7 +101,23 @@ class AuditLog:
             "outcome": outcome,
             **fields,
         }
-        os.write(self._fd, (json.dumps(entry, default=str) + "\n").encode())
+        try:
+            os.write(self._fd, (json.dumps(entry, default=str) + "\n").encode())
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        """A record that cannot be written never changes the outcome of what it records (that
+        is done, and the caller must hear how it went): it is counted in
+        featureserve_audit_failures_total and logged at ERROR, at most once a minute."""
+        AUDIT_FAILURES.inc()
+        now = time.monotonic()
+        if now - self._last_failure_log >= FAILURE_LOG_INTERVAL_S:
+            self._last_failure_log = now
+            log.error(
+                "audit record not written",
+                extra={"path": str(self.path), "error": exc.strerror or str(exc)},
+            )
 
     @contextmanager
     def action(

@@ -83,6 +83,10 @@ MODEL_FAILURES = Counter(
     [*MODEL_LABELS, "reason"],
 )
 FAILURE_REASONS = ("rejected", "timed_out", "error")
+AUDIT_FAILURES = Counter(
+    "featureserve_audit_failures",
+    "Audit records that could not be written (disk full, file removed or unwritable).",
+)
 
 VIEW_ROWS_WRITTEN = Counter("featureserve_view_rows_written", "Rows stored.", ["view"])
 VIEW_ROWS_STALE = Counter(

@@ -137,3 +137,34 @@ def test_real_server_audits_each_stream_batch(server_factory) -> None:
     failed = next(r for r in writes[3:] if r["outcome"] != "OK")
     assert "column 'score' row 0: NaN" in failed["error"]
     assert all(r["target"] == "profile" and r["peer"] for r in writes)
+
+
+def test_an_audit_file_that_fails_at_runtime_changes_no_answer(server_factory, tmp_path) -> None:
+    """/dev/full opens but every write to it fails ENOSPC, as a disk that fills while serving:
+    an apply and a write that committed answered INTERNAL, and a NaN write's INVALID_ARGUMENT
+    was replaced by INTERNAL. Now each answers as it would without the audit log, and the
+    failure is logged and counted."""
+    import grpc
+
+    from clients.channel import ClientError
+
+    config = tmp_path / "audit.toml"
+    config.write_text('[audit]\npath = "/dev/full"\n')
+    server = server_factory("--config", str(config))
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    view = FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))
+    now = np.full(2, int(time.time() * 1e6))
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        assert [r.action for r in client.apply([user], [view])] == ["created"]
+        written = client.write_features(
+            "profile", {"user_id": np.arange(2)}, now, {"score": np.ones(2, np.float32)}
+        )
+        assert written.written == 2
+        with pytest.raises(ClientError) as bad:
+            client.write_features(
+                "profile", {"user_id": np.arange(2)}, now, {"score": np.full(2, np.nan)}
+            )
+        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT, bad.value
+    failures = [r for r in server.logs() if r.get("msg") == "audit record not written"]
+    assert len(failures) == 1 and failures[0]["level"] == "error", failures
+    assert failures[0]["error"] == "No space left on device"

@@ -188,6 +188,7 @@ class FeatureServer:
             model_repo,
             watch=self.config.watch_model_repo,
             poll_interval_s=self.config.model_poll_interval_s,
+            control=worker_index() is None,
         )
         try:
             if self.config.warm_store_seconds > 0:

@@ -42,6 +42,11 @@ class ModelLoadError(ServerError):
     """RepositoryModelLoad found files it cannot serve: loading again fails until they change."""
 
 
+class ControlRefusedError(ServerError):
+    """RepositoryModelLoad / Unload cannot take effect on this server as it runs (one of several
+    --workers processes): change the model's files instead."""
+
+
 class InferenceFailedError(ServerError):
     """Executing this request's rows failed (ONNX Runtime, or outputs without the batch rows)."""
 
@@ -68,6 +73,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     RequestTimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
     ModelUnavailableError: grpc.StatusCode.UNAVAILABLE,
     ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    ControlRefusedError: grpc.StatusCode.FAILED_PRECONDITION,
     InferenceFailedError: grpc.StatusCode.INTERNAL,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,

@@ -18,6 +18,10 @@ other folders are ignored; one of digits with a leading zero (01/, 0/) holding m
 also listed as an UNAVAILABLE entry of that name whose reason says which name to give it.
 Model names in RepositoryModelLoad and RepositoryModelUnload must be one folder name, so that a
 request can never reach a file outside the repository.
+
+A change (a load, an unload, a watcher pass) runs to its end even when whoever awaits it is
+cancelled (a client's deadline, the server stopping): one stopped halfway left a version LOADING
+or UNLOADING for good, with its instance threads and sessions never freed.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.batcher import DynamicBatcher
 from server.errors import (
+    ControlRefusedError,
     InvalidRequestError,
     ModelLoadError,
     ModelNotFoundError,
@@ -53,6 +59,8 @@ READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
 UNLOADING = "UNLOADING"
+NAME_MAX_BYTES = 255
+"""The longest folder name Linux file systems take (NAME_MAX)."""
 RELOAD_FAILED = "serving the previously loaded version; reload failed: "
 
 _Stat = tuple[int, int] | None
@@ -172,12 +180,24 @@ def _fingerprint(model_dir: Path) -> _Fingerprint:
 
 
 class ModelRepository:
-    """The models under one folder, loaded per their version policy and kept in sync with it."""
+    """The models under one folder, loaded per their version policy and kept in sync with it.
 
-    def __init__(self, path: Path, *, watch: bool = True, poll_interval_s: float = 1.0) -> None:
+    control=False refuses load() and unload() (FAILED_PRECONDITION): under --workers N each
+    process holds its own repository state, so an explicit load or unload would change one worker
+    of N while the files, which every worker's watcher follows, stay the one shared truth."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        watch: bool = True,
+        poll_interval_s: float = 1.0,
+        control: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.watch = watch
         self.poll_interval_s = poll_interval_s
+        self.control = control
         self._served: dict[str, dict[int, LoadedModel]] = {}
         self._status: dict[tuple[str, str], VersionStatus] = {}
         self._model_errors: dict[str, str] = {}
@@ -186,6 +206,8 @@ class ModelRepository:
         self._unloaded: set[str] = set()
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
+        self._changes: set[asyncio.Task] = set()
+        self._poll_error = ""
         self.ready = False
 
     async def start(self) -> None:
@@ -205,28 +227,56 @@ class ModelRepository:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
+        await asyncio.gather(*self._changes, return_exceptions=True)
         async with self._lock:
             for name in list(self._served):
                 for version in list(self._served[name]):
                     await self._unload_version(name, version, "server stopping")
 
     async def _watch(self) -> None:
-        """Poll the folder every poll_interval_s; a failing pass is logged, never fatal."""
+        """Poll the folder every poll_interval_s; a failing pass is logged, never fatal: an
+        unreadable repository folder once per distinct error, anything else with its traceback."""
         while True:
             await asyncio.sleep(self.poll_interval_s)
             try:
                 await self.poll()
+            except OSError as exc:
+                error = f"model repository {self.path} cannot be read: {exc}; served models stay"
+                if error != self._poll_error:
+                    log.error("%s", error)
+                self._poll_error = error
+                continue
             except Exception:
                 log.exception("model repository poll failed")
+            self._poll_error = ""
 
     async def poll(self) -> None:
         """One watcher pass: bring every model folder's served versions in line with the disk."""
+        await self._to_the_end(self._poll())
+
+    async def _poll(self) -> None:
+        """poll() itself. A model unloaded on request is left alone while its folder exists; once
+        the folder is gone, so is the model (a folder made again is a new model)."""
         async with self._lock:
             on_disk = {p.name for p in self.path.iterdir() if p.is_dir()}
-            for name in sorted(on_disk | set(self._served) | set(self._fingerprints)):
+            known = set(self._served) | set(self._fingerprints) | self._unloaded
+            for name in sorted(on_disk | known):
                 if name in self._unloaded:
+                    if name not in on_disk:
+                        self._unloaded.discard(name)
+                        self._forget(name)
                     continue
                 await self._sync(name, force=False)
+
+    def _to_the_end(self, change: Coroutine[None, None, None]) -> asyncio.Future:
+        """Run a repository change as its own task that a cancelled caller does not stop; the
+        caller awaits it (shielded). Its outcome is consumed even when nobody is left to await
+        it: a failure is already in the index and the log."""
+        task = asyncio.ensure_future(change)
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return asyncio.shield(task)
 
     async def load(self, name: str) -> None:
         """Load or reload a model from disk (RepositoryModelLoad); the watcher follows it again.
@@ -235,7 +285,11 @@ class ModelRepository:
         change) when anything the policy selects failed, as Triton's load does, even while the
         versions loaded before keep serving: the caller learns its new files are not served.
         """
-        self._check_name(name)
+        self._check_control("RepositoryModelLoad", name)
+        await self._to_the_end(self._load(name))
+
+    async def _load(self, name: str) -> None:
+        """load() itself."""
         async with self._lock:
             if not (self.path / name).is_dir():
                 raise ModelNotFoundError(f"no model folder '{name}' in {self.path}")
@@ -250,8 +304,13 @@ class ModelRepository:
                 )
 
     async def unload(self, name: str) -> None:
-        """Unload every version of a model (RepositoryModelUnload); the watcher leaves it alone."""
-        self._check_name(name)
+        """Unload every version of a model (RepositoryModelUnload); the watcher leaves it alone
+        while its folder exists."""
+        self._check_control("RepositoryModelUnload", name)
+        await self._to_the_end(self._unload(name))
+
+    async def _unload(self, name: str) -> None:
+        """unload() itself."""
         async with self._lock:
             if not self._served.get(name) and not self._entries(name):
                 raise ModelNotFoundError(f"no model '{name}' in the repository")
@@ -262,13 +321,26 @@ class ModelRepository:
             for version in list(self._served.get(name, {})):
                 await self._unload_version(name, version, "unloaded by request")
 
-    def _check_name(self, name: str) -> None:
-        """Refuse a model name that is not one folder name, so that load and unload never reach
-        outside the repository (a symlinked model folder inside it is still a model)."""
+    def _check_control(self, rpc: str, name: str) -> None:
+        """Refuse a load or unload this repository does not take (see control), or a model name
+        that is not one folder name, so that neither ever reaches outside the repository (a
+        symlinked model folder inside it is still a model)."""
+        if not self.control:
+            raise ControlRefusedError(
+                f"{rpc} of '{name}' is refused: this server runs as one of several --workers "
+                "processes, each with its own copy of the repository's state, so the call would "
+                f"change one of them; change the files in {self.path / name} instead (every "
+                "worker's watcher applies them), or run a single process to load and unload by RPC"
+            )
         if name in ("", ".", "..") or "/" in name or "\0" in name:
             raise InvalidRequestError(
                 f"model_name {name!r} is not a model name: give the name of a folder directly "
                 f"in {self.path}, which is not empty, '.' or '..' and has no '/'"
+            )
+        if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES:
+            raise InvalidRequestError(
+                f"model_name of {len(name.encode('utf-8', 'surrogatepass'))} bytes is not a model "
+                f"name: a folder name has at most {NAME_MAX_BYTES} bytes (UTF-8)"
             )
 
     def get(self, name: str, version: str = "") -> LoadedModel:

@@ -4,6 +4,7 @@ import asyncio
 import logging
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ from benchmarks.model_zoo import add_sub_model, mlp_model, write_model
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from server.errors import (
+    ControlRefusedError,
     InvalidRequestError,
     ModelLoadError,
     ModelNotFoundError,
@@ -528,3 +530,123 @@ def test_load_and_unload_take_only_the_name_of_a_folder_in_the_repository(tmp_pa
         assert {s.name for s in repo.index()} == {"m", "linked"}
 
     asyncio.run(main())
+
+
+def test_a_load_or_unload_whose_caller_is_cancelled_still_runs_to_its_end(tmp_path: Path) -> None:
+    """A client's deadline cancels the RPC's handler mid-change: the unload still drains and
+    frees the version, the load still serves it (they stayed UNLOADING / LOADING for good, and
+    the unloaded version's instance thread never stopped)."""
+    config = (
+        "[dynamic_batching]\nmax_queue_delay_us = 60000000\n[instance_group]\ninline_max_us = 0\n"
+    )
+    write_model(tmp_path, "m", mlp_model(), config_toml=config)
+
+    async def cancelled_soon(change) -> None:
+        task = asyncio.create_task(change)
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, watch=False)
+        await repo.start()
+        threads = threading.active_count()
+        queued = asyncio.create_task(repo.get("m").batcher.submit({"x": X}, 2))
+        await asyncio.sleep(0.01)
+        await cancelled_soon(repo.unload("m"))
+        await wait_for(
+            lambda: repo.index() == [VersionStatus("m", "1", UNAVAILABLE, "unloaded by request")]
+        )
+        assert queued.result()["y"].shape == (2, 1)
+        await wait_for(lambda: threading.active_count() == threads - 1)
+        await cancelled_soon(repo.load("m"))
+        await wait_for(lambda: repo.is_ready("m"))
+        assert repo.index() == [VersionStatus("m", "1", READY)]
+        await repo.stop()
+
+    asyncio.run(main())
+
+
+def test_an_unloaded_model_whose_folder_goes_is_forgotten_and_a_new_folder_loads(
+    tmp_path: Path,
+) -> None:
+    """Unload keeps the watcher off a model while its folder exists; once the folder is gone the
+    model leaves the index, and a folder made again under its name is a new model."""
+    write_model(tmp_path, "m", mlp_model())
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, watch=False)
+        await repo.start()
+        await repo.unload("m")
+        await repo.poll()
+        assert repo.index() == [VersionStatus("m", "1", UNAVAILABLE, "unloaded by request")]
+        shutil.rmtree(tmp_path / "m")
+        await repo.poll()
+        assert repo.index() == []
+        with pytest.raises(ModelNotFoundError, match="no model 'm'"):
+            await repo.unload("m")
+        write_model(tmp_path, "m", mlp_model(seed=3), version=2)
+        await repo.poll()
+        assert repo.versions("m") == ["2"]
+        await repo.stop()
+
+    asyncio.run(main())
+
+
+def test_explicit_control_refused_and_overlong_names_are_invalid(tmp_path: Path) -> None:
+    """control=False (each of several --workers) refuses load and unload FAILED_PRECONDITION,
+    naming the folder to change instead; a name longer than a folder name can be is
+    INVALID_ARGUMENT (it was INTERNAL: the file system's ENAMETOOLONG)."""
+    write_model(tmp_path, "m", mlp_model())
+
+    async def main() -> None:
+        shared = ModelRepository(tmp_path, watch=False, control=False)
+        await shared.start()
+        for action in (shared.load, shared.unload):
+            with pytest.raises(ControlRefusedError, match=f"change the files in {tmp_path / 'm'}"):
+                await action("m")
+        assert shared.is_ready("m")
+        await shared.stop()
+        repo = ModelRepository(tmp_path, watch=False)
+        await repo.start()
+        server, port = await start_server(repo)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                for name in ("a" * 256, "é" * 128):
+                    load = stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name))
+                    assert await rpc_code(load) == grpc.StatusCode.INVALID_ARGUMENT
+                    with pytest.raises(InvalidRequestError, match="at most 255 bytes"):
+                        await repo.unload(name)
+                load = stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="a" * 255))
+                assert await rpc_code(load) == grpc.StatusCode.NOT_FOUND
+        finally:
+            await server.stop(None)
+            await repo.stop()
+
+    asyncio.run(main())
+
+
+def test_a_repository_folder_gone_keeps_models_serving_and_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_model(tmp_path / "models", "m", mlp_model())
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path / "models", poll_interval_s=0.02)
+        await repo.start()
+        (tmp_path / "models").rename(tmp_path / "moved")
+        await asyncio.sleep(0.3)
+        assert repo.is_ready("m")
+        (tmp_path / "moved").rename(tmp_path / "models")
+        await asyncio.sleep(0.1)
+        (tmp_path / "models").rename(tmp_path / "moved")
+        await asyncio.sleep(0.2)
+        await repo.stop()
+
+    with caplog.at_level(logging.ERROR, logger="featureserve.models"):
+        asyncio.run(main())
+    errors = repository_logs(caplog, f"model repository {tmp_path / 'models'} cannot be read")
+    assert len(errors) == 2 and all(r.exc_info is None for r in errors)
+    assert "served models stay" in errors[0].getMessage()

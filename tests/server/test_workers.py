@@ -1,6 +1,7 @@
 """`featureserve serve --workers 2`: two processes on one port both serve traffic, the parent's
 /metrics merges them (per-pid gauges), writes through one share the LMDB environment with the
-other, and SIGTERM to the parent drains every worker and exits 0."""
+other, explicit model loads and unloads are refused (each worker would change only itself), and
+SIGTERM to the parent drains every worker and exits 0."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.channel import ClientConfig
@@ -24,6 +26,8 @@ from featurestore.dtypes import DType
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+from protos.inference import grpc_service_pb2 as inference_pb
+from protos.inference import grpc_service_pb2_grpc as inference_grpc
 from server.workers import MIN_UPTIME_S
 from tests.conftest import alive, wait_until
 
@@ -90,6 +94,12 @@ def test_two_workers_share_port_store_and_metrics_and_drain_on_sigterm(server_fa
             stub = pb_grpc.FeatureStoreStub(channel)
             reply = stub.GetFeatureView(pb.GetFeatureViewRequest(name="profile"), timeout=20)
             assert reply.name == "profile"
+            # Each worker holds its own repository state: an explicit unload would change one.
+            unload = inference_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload
+            with pytest.raises(grpc.RpcError) as refused:
+                unload(inference_pb.RepositoryModelUnloadRequest(model_name="m"), timeout=20)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "one of several --workers processes" in refused.value.details()
     finally:
         for channel in channels:
             channel.close()

@@ -5,13 +5,16 @@ import asyncio
 import grpc
 
 from benchmarks.infer_bench import (
+    PARSE_METHOD,
     PointResult,
     check_targets,
+    infer_request_bytes,
     measure_point,
     open_loop,
     start_server_process,
     write_bench_repository,
 )
+from protos.inference import grpc_service_pb2 as pb
 
 
 def test_open_loop_sends_at_the_rate_and_times_from_the_intended_send() -> None:
@@ -40,13 +43,15 @@ def test_targets_check_the_p99_bound_on_open_loop_points_only() -> None:
         point("medium_on", 0, 1250, 12.0, rate=1250),
         point("medium_on", 0, 2000, 45.0, rate=2000),
         point("echo", 8, 5000, 2.0),
+        point("parse", 8, 4000, 2.0),
         point("small_on", 8, 3600, 3.0),
     ]
     lines = check_targets(results, medium_batch_ms=14.0)
     assert lines[0].startswith("medium c=64: batching on/off = 6.2x") and "MET" in lines[0]
     assert "1250/s" in lines[1] and lines[1].endswith("30.0 ms MET")
     assert "2000/s" in lines[2] and lines[2].endswith("30.0 ms MISSED")
-    assert lines[3].startswith("small c=8") and "72%" in lines[3] and lines[3].endswith("MET")
+    assert lines[3].startswith("small c=8") and "72%" in lines[3] and "MET" in lines[3]
+    assert lines[3].endswith("the parse floor 80% of echo")
 
 
 def test_h2load_drives_closed_and_open_loop_points_against_the_bench_server(tmp_path) -> None:
@@ -60,14 +65,22 @@ def test_h2load_drives_closed_and_open_loop_points_against_the_bench_server(tmp_
                 channel, proc.pid, target, concurrency, 1.0, 0.2, rate, address
             )
 
+    async def parse_once() -> pb.ModelInferResponse:
+        async with grpc.aio.insecure_channel(address) as channel:
+            answer = await channel.unary_unary(PARSE_METHOD)(infer_request_bytes("small_on", 32))
+            return pb.ModelInferResponse.FromString(answer)
+
     try:
-        echo, small = asyncio.run(measure("echo", 4)), asyncio.run(measure("small_on", 4))
+        floor = asyncio.run(parse_once())
+        echo, parse = asyncio.run(measure("echo", 4)), asyncio.run(measure("parse", 4))
+        small = asyncio.run(measure("small_on", 4))
         paced = asyncio.run(measure("small_on", 0, rate=200.0))
     finally:
         proc.terminate()
         proc.wait(30)
-    for p in (echo, small, paced):
+    for p in (echo, parse, small, paced):
         assert p.requests > 0 and p.errors == 0 and p.throughput > 0
         assert 0 < p.p50_ms <= p.p99_ms and p.server_cpu_us_per_req > 0
     assert small.avg_batch >= 1.0
+    assert list(floor.outputs[0].shape) == [32, 1] and len(floor.raw_output_contents[0]) == 128
     assert paced.rate == 200.0 and 150 <= paced.requests <= 210

@@ -303,7 +303,9 @@ class FeatureServer:
         log.info("stopped")
 
     async def _release(self) -> None:
-        """Unload models, flush pending writes, close the store, the metrics endpoint and audit."""
+        """Let audited changes under way end, then unload models, flush pending writes, close
+        the store, the metrics endpoint and audit."""
+        await self.audit.changes_done()
         if self.models is not None:
             await self.models.stop()
         if self.committer is not None:

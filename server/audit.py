@@ -8,15 +8,16 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from server.auth import current_principal
+from server.changes import Changes
 from server.config import ConfigError
 from server.errors import status_for
 from server.metrics import AUDIT_FAILURES
@@ -27,6 +28,8 @@ MAX_MESSAGE_CHARS = 500
 FAILURE_LOG_INTERVAL_S = 60.0
 
 log = logging.getLogger("featureserve.audit")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class AuditLog:
         self.path = path
         self._fd: int | None = None
         self._last_failure_log = -FAILURE_LOG_INTERVAL_S
+        self._changes = Changes()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
@@ -119,8 +123,30 @@ class AuditLog:
                 extra={"path": str(self.path), "error": exc.strerror or str(exc)},
             )
 
+    async def change(
+        self,
+        action: str,
+        target: str,
+        context: grpc.aio.ServicerContext | None,
+        work: Callable[[dict[str, Any]], Awaitable[T]],
+        **fields: Any,
+    ) -> T:
+        """Run work(record) and record its outcome (see _recording) as a change that runs to its
+        end (server/changes.py): a caller that gives up neither stops it halfway nor gets it
+        recorded CANCELLED after it took effect; its record says what happened."""
+
+        async def audited() -> T:
+            with self._recording(action, target, context, **fields) as record:
+                return await work(record)
+
+        return await self._changes.run(audited())
+
+    async def changes_done(self) -> None:
+        """Until every audited change under way has ended and been recorded."""
+        await self._changes.wait()
+
     @contextmanager
-    def action(
+    def _recording(
         self,
         action: str,
         target: str,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
 from clients import registry_messages as rm
@@ -338,26 +338,29 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             return empty
         return asyncio.wrap_future(self.committer.submit(self.store.prepare(batch)))
 
-    async def _write(self, request: pb.WriteFeaturesRequest) -> WriteResult:
+    async def _write(self, request: pb.WriteFeaturesRequest, record: dict) -> WriteResult:
+        """Check and commit one WriteFeatures batch, counted in its view's metrics and drift and
+        in its audit record."""
         batch = write_batch(request, self.max_rows)
         result = await self._submit(batch)
         if len(batch.event_us):
             self.observer(batch.view).write(self.store, batch, result)
+        record.update(written=result.written, stale=result.stale, rejected=result.rejected)
         return result
 
     @maps_errors
     async def WriteFeatures(self, request, context):
         self.auth.require(f"write:{request.view}")
         response = pb.WriteFeaturesResponse()
-        with self.audit.action("write_features", request.view, context) as record:
-            result = await self._write(request)
-            record.update(written=result.written, stale=result.stale, rejected=result.rejected)
+        result = await self.audit.change(
+            "write_features", request.view, context, lambda record: self._write(request, record)
+        )
         add_result(response, result)
         return response
 
     def _stream_batch_done(
         self,
-        context: grpc.aio.ServicerContext,
+        peer: str,
         index: int,
         view: str,
         outcome: WriteResult | BaseException,
@@ -365,7 +368,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     ) -> None:
         """Count a stream's batch in its view's metrics and drift and write its audit record,
         as WriteFeatures does for its one batch."""
-        fields = {"peer": context.peer(), "batch": index}
+        fields = {"peer": peer, "batch": index}
         if isinstance(outcome, WriteResult):
             if batch is not None and len(batch.event_us):
                 self.observer(view).write(self.store, batch, outcome)
@@ -398,8 +401,16 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         pending: deque[InFlight] = deque()
         failures: list[tuple[int, Exception]] = []
 
+        peer = context.peer()
+
         def settled(item: InFlight, outcome: WriteResult | BaseException) -> None:
-            self._stream_batch_done(context, item.index, item.batch.view, outcome, item.batch)
+            self._stream_batch_done(peer, item.index, item.batch.view, outcome, item.batch)
+
+        def settled_late(item: InFlight, commit: asyncio.Future[WriteResult]) -> None:
+            if commit.cancelled():
+                settled(item, asyncio.CancelledError("the server stopped before its commit"))
+            else:
+                settled(item, commit.exception() or commit.result())
 
         index = 0
         try:
@@ -410,7 +421,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
                         checked = write_batch(request, self.max_rows)
                         pending.append(InFlight(index, checked, self._submit(checked)))
                     except Exception as exc:
-                        self._stream_batch_done(context, index, request.view, exc)
+                        self._stream_batch_done(peer, index, request.view, exc)
                         raise
                     index += 1
                     await settle(pending, MAX_STREAM_BATCHES_IN_FLIGHT, response, failures, settled)
@@ -421,9 +432,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             await settle(pending, 0, response, failures, settled)
         finally:
             for item in pending:
-                item.commit.cancel()
-                ended = "the stream ended before this batch's commit was confirmed"
-                settled(item, asyncio.CancelledError(f"{ended}; it may have been written"))
+                item.commit.add_done_callback(functools.partial(settled_late, item))
         if failures:
             batch, exc = min(failures, key=lambda failure: failure[0])
             if not is_domain_error(exc):
@@ -457,10 +466,15 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         self.auth.require("admin")
         views = [rm.view_from_proto(v, f"views[{i}]") for i, v in enumerate(request.views)]
         target = ",".join(v.name for v in views)
-        with self.audit.action("apply_feature_views", target, context, dry_run=request.dry_run):
-            results = await asyncio.to_thread(
+        results = await self.audit.change(
+            "apply_feature_views",
+            target,
+            context,
+            lambda _: asyncio.to_thread(
                 self.store.registry.apply, entities, views, request.dry_run
-            )
+            ),
+            dry_run=request.dry_run,
+        )
         return pb.ApplyFeatureViewsResponse(results=[rm.apply_result_to_proto(r) for r in results])
 
     @maps_errors
@@ -474,6 +488,12 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
                 "(ListFeatureViews with all_versions lists them)"
             )
         target = f"{request.name}@{request.version}"
-        with self.audit.action("delete_feature_view", target, context):
-            await asyncio.to_thread(self.store.registry.delete_view, request.name, request.version)
+        await self.audit.change(
+            "delete_feature_view",
+            target,
+            context,
+            lambda _: asyncio.to_thread(
+                self.store.registry.delete_view, request.name, request.version
+            ),
+        )
         return pb.DeleteFeatureViewResponse()

@@ -488,9 +488,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
         """Load or reload a model from the repository folder."""
         self.auth.require("admin")
-        with self.audit.action("model_load", request.model_name, context):
+
+        async def load(_: dict) -> None:
             reject_load_parameters(request, self.repository.path)
             await self.repository.load(request.model_name)
+
+        await self.audit.change("model_load", request.model_name, context, load)
         return pb.RepositoryModelLoadResponse()
 
     @maps_errors
@@ -498,9 +501,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Unload a model; its in-flight requests finish first. "unload_dependents" is accepted
         and changes nothing (no model depends on another here)."""
         self.auth.require("admin")
-        with self.audit.action("model_unload", request.model_name, context):
+
+        async def unload(_: dict) -> None:
             check_unload_parameters(request)
             await self.repository.unload(request.model_name)
+
+        await self.audit.change("model_unload", request.model_name, context, unload)
         return pb.RepositoryModelUnloadResponse()
 
 

@@ -20,8 +20,7 @@ Model names in RepositoryModelLoad and RepositoryModelUnload must be one folder 
 request can never reach a file outside the repository.
 
 A change (a load, an unload, a watcher pass) runs to its end even when whoever awaits it is
-cancelled (a client's deadline, the server stopping): one stopped halfway left a version LOADING
-or UNLOADING for good, with its instance threads and sessions never freed.
+cancelled (a client's deadline, the server stopping; see server/changes.py).
 """
 
 from __future__ import annotations
@@ -29,11 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.batcher import DynamicBatcher
+from server.changes import Changes
 from server.errors import (
     ControlRefusedError,
     InvalidRequestError,
@@ -206,7 +205,7 @@ class ModelRepository:
         self._unloaded: set[str] = set()
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
-        self._changes: set[asyncio.Task] = set()
+        self._changes = Changes()
         self._poll_error = ""
         self.ready = False
 
@@ -227,7 +226,7 @@ class ModelRepository:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
-        await asyncio.gather(*self._changes, return_exceptions=True)
+        await self._changes.wait()
         async with self._lock:
             for name in list(self._served):
                 for version in list(self._served[name]):
@@ -252,7 +251,7 @@ class ModelRepository:
 
     async def poll(self) -> None:
         """One watcher pass: bring every model folder's served versions in line with the disk."""
-        await self._to_the_end(self._poll())
+        await self._changes.run(self._poll())
 
     async def _poll(self) -> None:
         """poll() itself. A model unloaded on request is left alone while its folder exists; once
@@ -268,16 +267,6 @@ class ModelRepository:
                     continue
                 await self._sync(name, force=False)
 
-    def _to_the_end(self, change: Coroutine[None, None, None]) -> asyncio.Future:
-        """Run a repository change as its own task that a cancelled caller does not stop; the
-        caller awaits it (shielded). Its outcome is consumed even when nobody is left to await
-        it: a failure is already in the index and the log."""
-        task = asyncio.ensure_future(change)
-        self._changes.add(task)
-        task.add_done_callback(self._changes.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return asyncio.shield(task)
-
     async def load(self, name: str) -> None:
         """Load or reload a model from disk (RepositoryModelLoad); the watcher follows it again.
 
@@ -286,7 +275,7 @@ class ModelRepository:
         versions loaded before keep serving: the caller learns its new files are not served.
         """
         self._check_control("RepositoryModelLoad", name)
-        await self._to_the_end(self._load(name))
+        await self._changes.run(self._load(name))
 
     async def _load(self, name: str) -> None:
         """load() itself."""
@@ -307,7 +296,7 @@ class ModelRepository:
         """Unload every version of a model (RepositoryModelUnload); the watcher leaves it alone
         while its folder exists."""
         self._check_control("RepositoryModelUnload", name)
-        await self._to_the_end(self._unload(name))
+        await self._changes.run(self._unload(name))
 
     async def _unload(self, name: str) -> None:
         """unload() itself."""

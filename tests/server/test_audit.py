@@ -3,6 +3,7 @@ actions, whole lines under concurrent appends from several processes, and the re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -14,12 +15,13 @@ import pytest
 
 from clients.channel import ClientConfig
 from clients.feature_client import FeatureStoreClient
-from featurestore.dtypes import DType
+from featurestore.dtypes import DType, FeatureStatus
 from featurestore.errors import InvalidArgumentError
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from server.audit import AuditConfig, AuditLog, parse_audit
 from server.auth import PRINCIPAL, Principal
 from server.config import ConfigError
+from tests.conftest import wait_until
 
 
 def lines(path: Path) -> list[dict]:
@@ -30,12 +32,21 @@ def test_records_name_the_principal_target_and_outcome(tmp_path: Path) -> None:
     log = AuditLog.from_config(AuditConfig(), tmp_path)
     assert log.path == tmp_path / "audit.jsonl"
     log.record("model_load", "m1", version="2")
+
+    async def rows(record: dict) -> None:
+        record["rows"] = 128
+
+    async def bad(record: dict) -> None:
+        raise InvalidArgumentError("blocks[0]: 3 rows, expected 4")
+
+    async def main() -> None:
+        await log.change("write_features", "profile", None, rows)
+        with pytest.raises(InvalidArgumentError):
+            await log.change("write_features", "profile", None, bad)
+
     token = PRINCIPAL.set(Principal("pipeline", frozenset({"write:*"})))
     try:
-        with log.action("write_features", "profile") as details:
-            details["rows"] = 128
-        with pytest.raises(InvalidArgumentError), log.action("write_features", "profile"):
-            raise InvalidArgumentError("blocks[0]: 3 rows, expected 4")
+        asyncio.run(main())
     finally:
         PRINCIPAL.reset(token)
     log.close()
@@ -45,6 +56,34 @@ def test_records_name_the_principal_target_and_outcome(tmp_path: Path) -> None:
     assert ok["principal"] == "pipeline" and ok["rows"] == 128 and ok["outcome"] == "OK"
     assert failed["outcome"] == "INVALID_ARGUMENT" and "3 rows" in failed["error"]
     assert failed["ts"].endswith("Z") and "rows" not in failed
+
+
+def test_a_change_whose_caller_gives_up_runs_on_and_records_what_happened(tmp_path: Path) -> None:
+    """A client's deadline cancels the handler awaiting a change: the change goes on and its
+    record says how it ended (it said CANCELLED after an apply or a write had gone through)."""
+    log = AuditLog.from_config(AuditConfig(), tmp_path)
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def slow(record: dict) -> str:
+            await gate.wait()
+            record["written"] = 5
+            return "done"
+
+        caller = asyncio.create_task(log.change("write_features", "profile", None, slow))
+        await asyncio.sleep(0.01)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert not (tmp_path / "audit.jsonl").read_text()
+        gate.set()
+        await log.changes_done()
+
+    asyncio.run(main())
+    log.close()
+    (record,) = lines(tmp_path / "audit.jsonl")
+    assert record["outcome"] == "OK" and record["written"] == 5
 
 
 def test_disabled_and_custom_path(tmp_path: Path) -> None:
@@ -168,3 +207,51 @@ def test_an_audit_file_that_fails_at_runtime_changes_no_answer(server_factory, t
     failures = [r for r in server.logs() if r.get("msg") == "audit record not written"]
     assert len(failures) == 1 and failures[0]["level"] == "error", failures
     assert failures[0]["error"] == "No space left on device"
+
+
+def test_a_stream_cancelled_during_its_commits_records_them_written(server_factory) -> None:
+    """A client that gives up on a StreamWriteFeatures while its batches commit: each batch is
+    recorded with how its commit ended once it ends (they were recorded CANCELLED, 'it may have
+    been written', though the commit process wrote them)."""
+    import threading
+
+    from clients import feature_messages as fm
+    from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+
+    server = server_factory()
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    view = FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))
+    now = int(time.time() * 1e6)
+    rows = 100_000
+    sent = threading.Event()
+    hold = threading.Event()
+
+    def messages():
+        for i in range(3):
+            ids = np.arange(rows * i, rows * (i + 1))
+            yield fm.write_request("profile", {"user_id": ids}, now, {"score": np.ones(rows)})
+        sent.set()
+        hold.wait(30)
+
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([user], [view])
+        call = pb_grpc.FeatureStoreStub(client._channel).StreamWriteFeatures.future(
+            messages(), timeout=30
+        )
+        assert sent.wait(20)
+        time.sleep(0.05)
+        call.cancel()
+        hold.set()
+
+        def recorded() -> list[dict]:
+            audit = lines(server.data_dir / "audit.jsonl")
+            return [r for r in audit if r.get("batch") is not None]
+
+        # The batches the server had read before the cancel (usually all 3) settle in seconds.
+        assert wait_until(lambda: len(recorded()) >= 1, timeout=20)
+        time.sleep(2)
+        records = recorded()
+        assert [(r["outcome"], r.get("written")) for r in records] == [("OK", rows)] * len(records)
+        ends = np.array([r["batch"] for r in records]) * rows + rows - 1
+        got = client.get_online_features(["profile:score"], {"user_id": ends})
+        assert (got.statuses["profile:score"] == FeatureStatus.PRESENT).all()

@@ -12,13 +12,6 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _consume(task: asyncio.Task) -> None:
-    """Retrieve a finished change's outcome, which nobody may be left to await: a failure is
-    already where the change reports it (the index, the log, the audit record)."""
-    if not task.cancelled():
-        task.exception()
-
-
 class Changes:
     """The changes under way, so that shutdown can wait for them before it frees what they use."""
 
@@ -27,11 +20,11 @@ class Changes:
 
     def run(self, change: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         """Start `change` as a task of its own; the returned future (await it) is shielded, so
-        cancelling the awaiting caller leaves the change running."""
+        cancelling the awaiting caller leaves the change running (and a failure it then ends
+        with is marked retrieved by the shield: it is already where the change reports it)."""
         task = asyncio.ensure_future(change)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
-        task.add_done_callback(_consume)
         return asyncio.shield(task)
 
     async def wait(self) -> None:

@@ -349,7 +349,12 @@ def _version_policy(source: str, raw: Any) -> VersionPolicy:
                 "from 1 (the version folders' names); list those"
             )
         return VersionPolicy(latest=None, specific=specific)
-    return VersionPolicy(latest=None, all=_typed(source, "version_policy.all", raw["all"], bool))
+    if _typed(source, "version_policy.all", raw["all"], bool) is not True:
+        raise ModelConfigError(
+            f"{source}: version_policy.all = false selects nothing: write all = true to serve "
+            "every version, or latest = N or specific = [...] instead"
+        )
+    return VersionPolicy(latest=None, all=True)
 
 
 def _check_semantics(source: str, config: ModelConfig) -> None:

@@ -111,6 +111,7 @@ def test_unknown_keys_fail_naming_key_and_file(text: str, needle: str) -> None:
         ("[dynamic_batching]\npriority_levels = 2", "default_priority_level"),
         ("[instance_group]\ninline_max_us = -1", "inline_max_us"),
         ("[version_policy]\nlatest = 1\nall = true", "exactly one"),
+        ("[version_policy]\nall = false", "version_policy.all = false selects nothing"),
         ('name = "other"', "differs"),
     ],
 )

@@ -7,7 +7,7 @@ twins cannot drift apart.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -24,7 +24,7 @@ class ClientConfig:
     root_certificates: Path | None = None
     client_certificate: Path | None = None
     client_key: Path | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     timeout_s: float | None = 10.0
     max_attempts: int = 4
     initial_backoff_s: float = 0.05

@@ -110,6 +110,24 @@ class _Where:
             ) from None
 
 
+def read_toml(path: Path) -> dict:
+    """A features.toml file's TOML document; InvalidArgumentError naming the file and the fix
+    when it cannot be read, is not UTF-8 or is not valid TOML."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"{path}: cannot read the definitions file: {exc.strerror or exc}; give its path "
+            "with --definitions"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgumentError(f"{path}: not valid TOML: {exc}; fix that line") from None
+
+
 def load_definitions(path: str | Path) -> tuple[list[Entity], list[FeatureView]]:
     """Parse features.toml into entities and feature views, ready for Registry.apply.
 
@@ -118,16 +136,7 @@ def load_definitions(path: str | Path) -> tuple[list[Entity], list[FeatureView]]
     """
     path = Path(path)
     w = _Where(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InvalidArgumentError(f"{path}: cannot read: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidArgumentError(
-            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidArgumentError(f"{path}: not valid TOML: {exc}") from exc
+    doc = read_toml(path)
     w.table(doc, "top level", _TOP)
     entities = [_entity(w, raw, f"entity[{i}]") for i, raw in enumerate(_array(w, doc, "entity"))]
     views = [

@@ -3,6 +3,8 @@ keyed by an entity whose single INT64 join key is the pipeline's entity column."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 
 from clients.channel import ClientConfig, ClientError
@@ -11,6 +13,7 @@ from featurestore.dtypes import DType
 from featurestore.errors import ConflictError, NotFoundError, UnavailableError
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from pipelines.config import Pipeline, Window
+from pipelines.sink import AUTH_CODES, AUTH_FIX, connection
 
 
 def expected_view(pipeline: Pipeline, window: Window, entity: str) -> FeatureView:
@@ -63,10 +66,13 @@ def schema_problems(
     return problems
 
 
-def check_views(target: str, pipelines: list[Pipeline]) -> None:
-    """Raise NotFoundError / ConflictError naming the view and the fix when a view does not fit."""
+def check_views(target: str | ClientConfig, pipelines: list[Pipeline]) -> None:
+    """Raise NotFoundError / ConflictError naming the view and the fix when a view does not fit;
+    target is HOST:PORT or a ClientConfig (for TLS and a token)."""
     problems = []
-    with FeatureStoreClient(ClientConfig(target=target, max_attempts=2, timeout_s=10.0)) as client:
+    config = replace(connection(target), max_attempts=2)
+    target = config.target
+    with FeatureStoreClient(config) as client:
         for pipeline in pipelines:
             for window in pipeline.windows:
                 try:
@@ -78,9 +84,14 @@ def check_views(target: str, pipelines: list[Pipeline]) -> None:
                             f"pipeline {pipeline.name}: view {window.view!r} is not registered "
                             f"on {target}; register it first (featureserve apply features.toml)"
                         ) from None
+                    fix = (
+                        AUTH_FIX
+                        if exc.code in AUTH_CODES
+                        else "is the server running and reachable?"
+                    )
                     raise UnavailableError(
                         f"pipeline {pipeline.name}: cannot read view {window.view!r} "
-                        f"from {target}: {exc}"
+                        f"from {target}: {exc}; {fix}"
                     ) from None
                 found = schema_problems(pipeline, window, view, entities.get(view.entity))
                 problems += [f"view {window.view} {p}" for p in found]
@@ -92,9 +103,9 @@ def check_views(target: str, pipelines: list[Pipeline]) -> None:
         )
 
 
-def apply_views(target: str, pipelines: list[Pipeline], entity: str) -> None:
+def apply_views(target: str | ClientConfig, pipelines: list[Pipeline], entity: str) -> None:
     """Register `entity` and every view the pipelines write (for demos, tests and benchmarks)."""
-    with FeatureStoreClient(ClientConfig(target=target)) as client:
+    with FeatureStoreClient(connection(target)) as client:
         for pipeline in pipelines:
             views = [expected_view(pipeline, w, entity) for w in pipeline.windows]
             client.apply([expected_entity(pipeline, entity)], views)

@@ -39,11 +39,13 @@ Layout (next to the entities and views that definitions.py reads):
 
 from __future__ import annotations
 
+import math
 import re
-import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from featurestore.definitions import read_toml
 from featurestore.dtypes import DType
 from featurestore.errors import InvalidArgumentError
 
@@ -51,6 +53,20 @@ COLUMN_TYPES = {"bigint": "BIGINT", "double": "DOUBLE", "string": "STRING"}
 FUNCTIONS = ("count", "count_distinct", "sum", "mean", "min", "max")
 DERIVED_KINDS = ("haversine_to_point",)
 FORMATS = ("csv", "json")
+_WINDOW_COLUMNS = ("window_start", "window_end", "window_time")
+RESERVED_COLUMNS = ("reason", "late", "event_rowtime", *_WINDOW_COLUMNS)
+"""Columns the job adds beside the source's (streaming.py): no source or derived column may
+take one's name, nor may a feature take a window column's."""
+MIN_INTERVAL_S = 0.001
+MAX_INTERVAL_S = 99 * 86_400
+"""Flink's DAY TO SECOND(3) interval holds whole milliseconds and at most two digits of days."""
+_TOP_KEYS = {"entity", "feature_view", "pipeline"}
+_PIPELINE_KEYS = {
+    "name", "format", "entity_column", "event_time_column", "out_of_orderness_s",
+    "allowed_lateness_s", "columns", "derived", "window",
+}  # fmt: skip
+_DERIVED_KEYS = {"name", "kind", "lat", "lon", "point"}
+_WINDOW_KEYS = {"view", "kind", "size_s", "slide_s", "features"}
 _AGGREGATE = re.compile(r"\s*(count_distinct|count|sum|mean|min|max)\s*(?:\(\s*(\w*)\s*\))?\s*\Z")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -125,113 +141,221 @@ def _fail(where: str, message: str) -> InvalidArgumentError:
     return InvalidArgumentError(f"{where}: {message}")
 
 
-def _name(value: object, where: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise _fail(where, f"{value!r} is not a valid name (letters, digits, underscores)")
+def _table(value: object, where: str, known: set[str]) -> dict:
+    """value as a TOML table whose keys are all known: a typo must not pass as a default."""
+    if not isinstance(value, dict):
+        raise _fail(where, f"expected a table, got {type(value).__name__} {value!r}")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise _fail(where, f"unknown key(s) {unknown}; the known keys are {sorted(known)}")
     return value
 
 
-def _positive(section: dict, key: str, where: str, default: float | None = None) -> float:
-    value = section.get(key, default)
-    if not isinstance(value, int | float) or value < 0 or (value == 0 and key.endswith("size_s")):
-        raise _fail(where, f"{key} must be a positive number of seconds, got {value!r}")
+def _tables(section: dict, key: str, where: str, header: str) -> list[dict]:
+    value = section.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise _fail(where, f"expected an array of tables ({header} sections), got {value!r}")
+    return value
+
+
+def _name(value: object, where: str) -> str:
+    if value is None:
+        raise _fail(where, "is required; give a name of letters, digits and underscores")
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise _fail(
+            where,
+            f"{value!r} is not a valid name; use letters, digits and underscores, not starting "
+            "with a digit",
+        )
+    return value
+
+
+def _column_name(value: object, where: str) -> str:
+    """A name the job can give a column: not one of the columns it adds itself."""
+    name = _name(value, where)
+    if name.lower() in RESERVED_COLUMNS:
+        raise _fail(
+            where,
+            f"{name!r} is a column the job adds itself (reserved: {', '.join(RESERVED_COLUMNS)}); "
+            "rename it (for a source column, name the file's field differently too)",
+        )
+    return name
+
+
+def _seconds(
+    section: dict, key: str, where: str, default: float | None = None, low: float = 0.0
+) -> float:
+    """A duration Flink can take: finite, from low to MAX_INTERVAL_S, whole milliseconds."""
+    if key not in section and default is not None:
+        return default
+    value = section.get(key)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not low <= value <= MAX_INTERVAL_S:
+        raise _fail(
+            f"{where}.{key}",
+            f"give a number of seconds from {low:g} to {MAX_INTERVAL_S} (99 days, the longest "
+            f"interval Flink takes), got {value!r}",
+        )
+    if abs(value * 1000 - round(value * 1000)) > 1e-3:
+        raise _fail(f"{where}.{key}", f"give whole milliseconds (Flink's precision), got {value!r}")
     return float(value)
 
 
 def _aggregates(
-    features: object, columns: list[str], strings: list[str], where: str
+    features: object, columns: list[str], strings: list[str], entity: str, where: str
 ) -> tuple[Aggregate, ...]:
     if not isinstance(features, dict) or not features:
         raise _fail(where, 'features must be a table like { txn_count = "count" }')
     out = []
     for name, text in features.items():
-        match = _AGGREGATE.match(str(text))
+        here = f"{where}.{name}"
+        _name(name, here)
+        if name.lower() in (entity.lower(), *_WINDOW_COLUMNS):
+            raise _fail(here, f"{name!r} is a column of the window's own output; rename it")
+        match = _AGGREGATE.match(text) if isinstance(text, str) else None
         if not match:
-            raise _fail(where, f"feature {name}: {text!r} is not one of {', '.join(FUNCTIONS)}")
+            raise _fail(here, f'{text!r} is not one of {", ".join(FUNCTIONS)}, e.g. "sum(amount)"')
         fn, column = match.group(1), match.group(2) or ""
+        if fn == "count" and column:
+            raise _fail(here, 'count takes no column (it counts events); write "count"')
         allowed = columns + strings if fn == "count_distinct" else columns
         if fn != "count" and column not in allowed:
-            raise _fail(where, f"feature {name}: {fn} needs one of the columns {allowed}")
-        out.append(Aggregate(_name(name, where), fn, column))
+            raise _fail(here, f"{fn} needs one of the columns {allowed}, got {column!r}")
+        out.append(Aggregate(name, fn, column))
     return tuple(out)
 
 
-def _window(section: dict, columns: list[str], strings: list[str], where: str) -> Window:
+def _window(
+    section: dict, columns: list[str], strings: list[str], entity: str, where: str
+) -> Window:
+    _table(section, where, _WINDOW_KEYS)
     kind = section.get("kind", "hop")
     if kind not in ("hop", "tumble"):
-        raise _fail(where, f"kind must be hop or tumble, got {kind!r}")
-    size = _positive(section, "size_s", where)
-    slide = _positive(section, "slide_s", where, size) if kind == "hop" else size
-    if slide <= 0 or slide > size or (size / slide) != int(size / slide):
-        raise _fail(where, f"slide_s {slide} must divide size_s {size}")
+        raise _fail(f"{where}.kind", f"must be hop or tumble, got {kind!r}")
+    size = _seconds(section, "size_s", where, low=MIN_INTERVAL_S)
+    if kind == "tumble" and "slide_s" in section:
+        raise _fail(f"{where}.slide_s", 'is for hop windows only; remove it or set kind = "hop"')
+    slide = _seconds(section, "slide_s", where, size, MIN_INTERVAL_S)
+    size_ms, slide_ms = round(size * 1000), round(slide * 1000)
+    if slide_ms > size_ms or size_ms % slide_ms:
+        raise _fail(
+            f"{where}.slide_s",
+            f"{slide:g} must divide size_s {size:g} (a hop window is a whole number of slides)",
+        )
     view = _name(section.get("view"), f"{where}.view")
-    return Window(
-        view, kind, size, slide, _aggregates(section.get("features"), columns, strings, where)
-    )
+    features = _aggregates(section.get("features"), columns, strings, entity, f"{where}.features")
+    return Window(view, kind, size, slide, features)
 
 
 def _derived(section: dict, columns: dict[str, str], where: str) -> Derived:
+    _table(section, where, _DERIVED_KEYS)
+    name = _column_name(section.get("name"), f"{where}.name")
+    if name.lower() in {c.lower() for c in columns}:
+        raise _fail(f"{where}.name", f"{name!r} is already a source column; give another name")
     kind = section.get("kind")
     if kind not in DERIVED_KINDS:
-        raise _fail(where, f"kind must be one of {DERIVED_KINDS}, got {kind!r}")
+        raise _fail(f"{where}.kind", f"must be one of {DERIVED_KINDS}, got {kind!r}")
     lat, lon = section.get("lat"), section.get("lon")
-    for col in (lat, lon):
-        if columns.get(col) != "double":
-            raise _fail(where, f"{col!r} must be a double column of the source")
+    doubles = [c for c, t in columns.items() if t == "double"]
+    for key, col in (("lat", lat), ("lon", lon)):
+        if col not in doubles:
+            raise _fail(f"{where}.{key}", f"must name a double column of the source {doubles}, "
+                        f"got {col!r}")  # fmt: skip
     point = section.get("point")
-    if not isinstance(point, list) or len(point) != 2:
-        raise _fail(where, "point must be [latitude, longitude]")
-    return Derived(_name(section.get("name"), where), kind, lat, lon, (point[0], point[1]))
+    numbers = isinstance(point, list) and len(point) == 2
+    numbers = numbers and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in point
+    )
+    if not numbers or not (-90 <= point[0] <= 90 and -180 <= point[1] <= 180):
+        raise _fail(
+            f"{where}.point",
+            f"must be [latitude, longitude] in degrees, like [48.8566, 2.3522], got {point!r}",
+        )
+    return Derived(name, kind, lat, lon, (float(point[0]), float(point[1])))
 
 
 def parse_pipeline(section: dict, index: int = 0) -> Pipeline:
-    """One [[pipeline]] table, validated; errors name the section and the field."""
+    """One [[pipeline]] table, validated; errors name the section, the key and the fix."""
+    if not isinstance(section, dict):
+        raise _fail(f"pipeline[{index}]", f"expected a table, got {section!r}")
     name = _name(section.get("name"), f"pipeline[{index}].name")
     where = f"pipeline {name}"
+    _table(section, where, _PIPELINE_KEYS)
     fmt = section.get("format", "csv")
     if fmt not in FORMATS:
-        raise _fail(where, f"format must be one of {FORMATS}, got {fmt!r}")
+        raise _fail(f"{where}.format", f"must be one of {FORMATS}, got {fmt!r}")
     columns = section.get("columns")
     if not isinstance(columns, dict) or not columns:
-        raise _fail(where, 'columns must be a table like { card_id = "bigint" }')
+        raise _fail(f"{where}.columns", 'must be a table like { card_id = "bigint" }')
     for col, typ in columns.items():
-        _name(col, f"{where}.columns")
-        if typ not in COLUMN_TYPES:
-            raise _fail(where, f"column {col}: type must be one of {list(COLUMN_TYPES)}")
-    entity = section.get("entity_column")
-    event_time = section.get("event_time_column")
-    for key, col in (("entity_column", entity), ("event_time_column", event_time)):
-        if columns.get(col) != "bigint":
-            raise _fail(where, f"{key} {col!r} must name a bigint column of the source")
+        _column_name(col, f"{where}.columns.{col}")
+        if not isinstance(typ, str) or typ not in COLUMN_TYPES:
+            raise _fail(f"{where}.columns.{col}", f"type must be one of {list(COLUMN_TYPES)}, "
+                        f"got {typ!r}")  # fmt: skip
+    lowered = Counter(c.lower() for c in columns)
+    twins = sorted(c for c in columns if lowered[c.lower()] > 1)
+    if twins:
+        raise _fail(f"{where}.columns", f"{twins} differ only in case; rename one of them")
+    bigints = [c for c, t in columns.items() if t == "bigint"]
+    for key in ("entity_column", "event_time_column"):
+        if section.get(key) not in bigints:
+            raise _fail(f"{where}.{key}", f"must name a bigint column of the source {bigints}, "
+                        f"got {section.get(key)!r}")  # fmt: skip
     derived = tuple(
         _derived(d, columns, f"{where}.derived[{i}]")
-        for i, d in enumerate(section.get("derived", []))
+        for i, d in enumerate(
+            _tables(section, "derived", f"{where}.derived", "[[pipeline.derived]]")
+        )
     )
+    names = [d.name.lower() for d in derived]
+    if len(set(names)) != len(names):
+        raise _fail(f"{where}.derived", f"each derived column needs its own name, got {names}")
+    out_of_orderness = _seconds(section, "out_of_orderness_s", where, 0.0)
+    lateness = _seconds(section, "allowed_lateness_s", where, 0.0)
+    if out_of_orderness + lateness > MAX_INTERVAL_S:
+        raise _fail(
+            where,
+            f"out_of_orderness_s + allowed_lateness_s must be at most {MAX_INTERVAL_S} (99 days, "
+            f"the longest interval Flink takes), got {out_of_orderness + lateness}",
+        )
+    entity = section["entity_column"]
     pipeline = Pipeline(
-        name, fmt, entity, event_time, dict(columns),
-        _positive(section, "out_of_orderness_s", where, 0.0),
-        _positive(section, "allowed_lateness_s", where, 0.0),
-        derived, (),
+        name, fmt, entity, section["event_time_column"], dict(columns), out_of_orderness,
+        lateness, derived, (),
     )  # fmt: skip
     numeric = pipeline.numeric_columns()
     strings = [c for c, t in columns.items() if t == "string"]
     windows = tuple(
-        _window(w, numeric, strings, f"{where}.window[{i}]")
-        for i, w in enumerate(section.get("window", []))
+        _window(w, numeric, strings, entity, f"{where}.window[{i}]")
+        for i, w in enumerate(_tables(section, "window", f"{where}.window", "[[pipeline.window]]"))
     )
     if not windows:
         raise _fail(where, "needs at least one [[pipeline.window]]")
     views = [w.view for w in windows]
     if len(set(views)) != len(views):
-        raise _fail(where, f"each window needs its own view, got {views}")
+        raise _fail(f"{where}.window", f"each window needs its own view, got {views}")
     return Pipeline(**{**pipeline.__dict__, "windows": windows})
 
 
 def load_pipelines(path: Path | str) -> list[Pipeline]:
-    """Every [[pipeline]] of a features.toml file."""
-    with open(path, "rb") as f:
-        doc = tomllib.load(f)
-    sections = doc.get("pipeline", [])
-    if not sections:
-        raise InvalidArgumentError(f"{path}: no [[pipeline]] section; see pipelines/config.py")
-    return [parse_pipeline(s, i) for i, s in enumerate(sections)]
+    """Every [[pipeline]] of a features.toml file, validated before any job starts; errors
+    name the file, the key and the fix."""
+    path = Path(path)
+    doc = read_toml(path)
+    try:
+        _table(doc, "top level", _TOP_KEYS)
+        sections = _tables(doc, "pipeline", "pipeline", "[[pipeline]]")
+        if not sections:
+            raise _fail("top level", "no [[pipeline]] section; see pipelines/config.py")
+        pipelines = [parse_pipeline(s, i) for i, s in enumerate(sections)]
+        names = [p.name for p in pipelines]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise _fail("pipeline", f"names {twice} are used twice; give each pipeline its own")
+        views = [w.view for p in pipelines for w in p.windows]
+        twice = sorted({v for v in views if views.count(v) > 1})
+        if twice:
+            raise _fail("pipeline", f"views {twice} are written by two windows; give each its own")
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{path}: {exc}") from None
+    return pipelines

@@ -1,7 +1,8 @@
 """The dead-letter file: malformed and too-late events, one JSON line each with its reason.
 
-Flink's Python workers append batches with one O_APPEND write each, so several workers can
-share the file; counts are read back from the file itself, so nothing is counted twice or lost.
+Flink's Python workers append batches with one O_APPEND write each, so several workers and
+runs can share the file; each entry carries its run's id and a run's counts are read back from
+the file itself, so nothing is counted twice, lost, or taken from another run.
 """
 
 from __future__ import annotations
@@ -24,21 +25,24 @@ def _plain(value: object) -> object:
 
 
 class DeadLetterWriter:
-    """Appends rejected events with their reason to a JSON-lines file."""
+    """Appends rejected events with their reason (and the run's id, when given) to a JSON-lines
+    file."""
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | str, run: str | None = None) -> None:
+        self.path, self.run = Path(path), run
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.count = 0
 
     def write(self, reasons: Sequence[str], records: Mapping[str, Sequence[object]]) -> int:
-        """Append one line per reason: {"reason": ..., "event": {column: value}}; returns rows."""
+        """Append one line per reason: {"run": ..., "reason": ..., "event": {column: value}};
+        returns rows."""
         names = list(records)
         columns = [list(records[n]) for n in names]
+        head = {} if self.run is None else {"run": self.run}
         lines = []
         for i, reason in enumerate(reasons):
             event = {n: _plain(col[i]) for n, col in zip(names, columns, strict=True)}
-            lines.append(json.dumps({"reason": str(reason), "event": event}) + "\n")
+            lines.append(json.dumps({**head, "reason": str(reason), "event": event}) + "\n")
         if lines:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
@@ -66,6 +70,10 @@ def read_dead_letters(path: Path | str, start: int = 0) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line]
 
 
-def count_by_reason(path: Path | str, start: int = 0) -> dict[str, int]:
-    """Dead letters per reason kind (the text before the first ':'), from byte `start` on."""
-    return dict(Counter(e["reason"].split(":", 1)[0] for e in read_dead_letters(path, start)))
+def count_by_reason(path: Path | str, start: int = 0, run: str | None = None) -> dict[str, int]:
+    """Dead letters per reason kind (the text before the first ':'), from byte `start` on; with
+    `run`, only that run's (other runs may append to the same file meanwhile)."""
+    entries = read_dead_letters(path, start)
+    if run is not None:
+        entries = [e for e in entries if e.get("run") == run]
+    return dict(Counter(e["reason"].split(":", 1)[0] for e in entries))

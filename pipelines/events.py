@@ -7,6 +7,8 @@ online store keeps, as it keeps the newest event time) straight from the generat
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +95,30 @@ def write_malformed(folder: Path | str, name: str = "malformed.csv") -> int:
     NaN or infinite amounts, fractional keys and times)."""
     _atomic_write(Path(folder) / name, "\n".join(MALFORMED_CSV) + "\n")
     return len(MALFORMED_CSV)
+
+
+EVENT_TIME_CSV = (
+    "5,12.5,m001,food,48.1,2.3,4102444800000",
+    "abc,12.5,m001,food,48.1,2.3,1750000000000",
+    "5,12.5,m001,food,48.1,2.3,1700000000000000",
+    "5,12.5,m001,food,48.1,2.3,0",
+)
+"""Rows a pipeline must dead-letter without moving the watermark: dated 2100, malformed and
+dated 2025 (past, but after the other events), in microseconds, and at the epoch."""
+
+
+def splice_csv(path: Path | str, middle: Sequence[str], end: Sequence[str] = ()) -> None:
+    """Insert rows halfway through a CSV file and append others after its last row."""
+    lines = Path(path).read_text().splitlines()
+    half = len(lines) // 2
+    _atomic_write(Path(path), "\n".join([*lines[:half], *middle, *lines[half:], *end]) + "\n")
+
+
+def rows_ahead(keys: Sequence[int], ahead_s: float) -> list[str]:
+    """One CSV row per key dated ahead_s after now: accepted (within the server's clock skew
+    allowance), but every window holding it ends after now."""
+    event_ms = int((time.time() + ahead_s) * 1000)
+    return [f"{k},10.0,m001,food,48.1,2.3,{event_ms}" for k in keys]
 
 
 @dataclass

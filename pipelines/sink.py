@@ -3,6 +3,8 @@
 A batch returns only once the server has made it durable, so whatever Flink acknowledges
 upstream is stored. Writes are last-write-wins by event time: a replayed batch comes back as
 `stale` and changes nothing, which turns Flink's at-least-once delivery into exactly-once results.
+The same idempotence lets a batch go again in smaller messages when the server finds one too
+large (RESOURCE_EXHAUSTED naming the message, e.g. over max_rows_per_write).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -28,13 +30,30 @@ RETRYABLE = (
     grpc.StatusCode.ABORTED,
 )
 MAX_MESSAGES_PER_STREAM = 32
+AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+AUTH_FIX = "give `featureserve pipeline run` the server's --token (and --tls, --ca, --cert, --key)"
+_VIEW_FIX = (
+    "if the view changed since the job started, make it match the definitions file again and "
+    "rerun `featureserve pipeline run`, whose pre-flight check names each view that does not "
+    "match and the fix"
+)
+
+
+def connection(target: str | ClientConfig) -> ClientConfig:
+    """target as a ClientConfig: a bare HOST:PORT, or a config that carries TLS and a token."""
+    return target if isinstance(target, ClientConfig) else ClientConfig(target=target)
 
 
 @dataclass
 class SinkConfig:
-    """Where and how the sink writes; retry_bound_s caps the total time spent retrying a batch."""
+    """Where and how the sink writes; retry_bound_s caps the total time spent retrying a batch.
 
-    target: str
+    target is the server's HOST:PORT, or a ClientConfig that also carries TLS and a token.
+    message_rows is where a stream's messages start; a message the server refuses as too large
+    is halved, down to one row.
+    """
+
+    target: str | ClientConfig
     view: str
     key_column: str
     message_rows: int = 2000
@@ -55,6 +74,7 @@ class SinkCounters:
     rejected: int = 0
     batches: int = 0
     retries: int = 0
+    splits: int = 0
     errors: list[str] = field(default_factory=list)
 
     def __add__(self, other: SinkCounters) -> SinkCounters:
@@ -65,6 +85,7 @@ class SinkCounters:
             self.rejected + other.rejected,
             self.batches + other.batches,
             self.retries + other.retries,
+            self.splits + other.splits,
             self.errors + other.errors,
         )
 
@@ -73,10 +94,18 @@ class FeatureSink:
     """Writes columnar batches to one view; retries with exponential backoff up to a bound."""
 
     def __init__(self, config: SinkConfig) -> None:
+        if config.message_rows < 1:
+            raise InvalidArgumentError(
+                f"message_rows must be at least 1, got {config.message_rows}; give the rows per "
+                "StreamWriteFeatures message (--message-rows)"
+            )
         self.config = config
         self.counters = SinkCounters()
+        base = connection(config.target)
+        self.address = base.target
+        self.message_rows = config.message_rows
         self._client = FeatureStoreClient(
-            ClientConfig(target=config.target, timeout_s=config.call_timeout_s, max_attempts=1)
+            replace(base, timeout_s=config.call_timeout_s, max_attempts=1)
         )
         self._stats_path = None
         if config.stats_dir is not None:
@@ -94,10 +123,11 @@ class FeatureSink:
         order = np.argsort(event_time_us, kind="stable")
         keys, times = np.asarray(keys)[order], np.asarray(event_time_us, dtype=np.int64)[order]
         cols = {name: np.asarray(values)[order] for name, values in features.items()}
-        chunk = self.config.message_rows * MAX_MESSAGES_PER_STREAM
-        for start in range(0, rows, chunk):
-            part = slice(start, start + chunk)
+        start = 0
+        while start < rows:
+            part = slice(start, start + self.message_rows * MAX_MESSAGES_PER_STREAM)
             self._write_durably(keys[part], times[part], {k: v[part] for k, v in cols.items()})
+            start = part.stop
         self.counters.rows += rows
         self.counters.batches += 1
         self._save_stats()
@@ -108,22 +138,32 @@ class FeatureSink:
         while True:
             try:
                 writer = self._client.stream_writer(
-                    self.config.view, batch_rows=self.config.message_rows, ack_every=1 << 30
+                    self.config.view, batch_rows=self.message_rows, ack_every=1 << 30
                 )
                 writer.write({self.config.key_column: keys}, times, features)
                 summary = writer.flush()
                 break
             except ClientError as exc:
-                if exc.code not in RETRYABLE:
+                too_large = exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.batch is not None
+                if too_large and self.message_rows > 1:
+                    self.message_rows = max(1, self.message_rows // 2)
+                    self.counters.splits += 1
+                    continue
+                if too_large:
                     raise InvalidArgumentError(
-                        f"featureserve at {self.config.target} refused a batch for view "
-                        f"{self.config.view!r}: {exc}; check the view with `featureserve "
-                        "pipeline` checks and the definitions file"
+                        f"featureserve at {self.address} refused even a one-row message for view "
+                        f"{self.config.view!r}: {exc}; raise the server limit it names"
+                    ) from None
+                if exc.code not in RETRYABLE:
+                    fix = AUTH_FIX if exc.code in AUTH_CODES else _VIEW_FIX
+                    raise InvalidArgumentError(
+                        f"featureserve at {self.address} refused a batch for view "
+                        f"{self.config.view!r}: {exc}; {fix}"
                     ) from None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise UnavailableError(
-                        f"featureserve at {self.config.target} did not accept a batch for view "
+                        f"featureserve at {self.address} did not accept a batch for view "
                         f"{self.config.view!r} within {self.config.retry_bound_s:g} s "
                         f"({self.counters.retries} retries; last error {exc}); is the server "
                         "running and reachable?"

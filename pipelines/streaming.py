@@ -8,10 +8,13 @@ mode (backfill.py).
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import pandas as pd
 from pyflink.table import DataTypes, EnvironmentSettings, TableEnvironment
 from pyflink.table.udf import FunctionContext, ScalarFunction, udf
 
+from clients.channel import ClientConfig
 from featurestore.errors import FeatureStoreError, InvalidArgumentError, UnavailableError
 from pipelines.config import COLUMN_TYPES, Pipeline, Window, load_pipelines
 from pipelines.dead_letter import DeadLetterWriter, count_by_reason, dead_letter_size
@@ -32,6 +36,10 @@ _SQL_AGG = {"count": "COUNT(*)", "count_distinct": "COUNT(DISTINCT {c})", "sum":
 _DOUBLE_MAX = "1.7976931348623157E308"
 # A plain decimal: no NaN/Infinity words (Calcite folds `v <> v` away), no hex or d/f suffixes.
 _DECIMAL = r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$"
+# The rowtime of a rejected row: at the epoch, so it never moves the watermark (a kept row's
+# event time is > 0, as the server requires).
+_REJECTED_MS = 0
+_SCAN_BLOCK = 16 << 20
 
 
 @dataclass
@@ -39,7 +47,7 @@ class JobOptions:
     """Where a job reads, where it writes, and how it runs."""
 
     source: Path
-    target: str
+    target: str | ClientConfig
     definitions: Path
     bounded: bool = False
     parallelism: int = 1
@@ -51,9 +59,12 @@ class JobOptions:
     kafka_topic: str | None = None
     bootstrap_servers: str | None = None
     retry_bound_s: float = 30.0
+    message_rows: int = 2000
     arrow_batch_rows: int = 10_000
     bundle_time_ms: int = 200
     check_views: bool = True
+    max_clock_skew_s: float = 300.0
+    source_idle_timeout_s: float = 5.0
 
     def dead_letter_path(self) -> Path:
         """The dead-letter file: beside the source folder unless given."""
@@ -71,6 +82,7 @@ class JobReport:
     seconds: float
     sinks: dict[str, SinkCounters] = field(default_factory=dict)
     dead_letters: dict[str, int] = field(default_factory=dict)
+    incomplete_windows: dict[str, int] = field(default_factory=dict)
 
 
 def _interval(seconds: float) -> str:
@@ -83,20 +95,65 @@ def _interval(seconds: float) -> str:
 
 
 class WindowSink(ScalarFunction):
-    """Pandas UDF: writes a batch of window rows to one view and returns once it is durable."""
+    """Pandas UDF: writes a batch of window rows to one view and returns once it is durable.
 
-    def __init__(self, config: SinkConfig, features: list[str]) -> None:
-        self.config, self.features = config, features
+    With skip_incomplete (bounded input, where the end of input fires every window) a window
+    that ends after now is incomplete: it is counted, not written. A window whose double
+    feature is not finite (a sum of finite events overflowed) is dead-lettered, as an infinite
+    event is.
+    """
+
+    def __init__(self, config: SinkConfig, features: list[str], skip_incomplete: bool,
+                 dead_letter: Path, run: str) -> None:  # fmt: skip
+        self.config, self.features, self.skip_incomplete = config, features, skip_incomplete
+        self.dead_letter, self.run = dead_letter, run
         self.sink: FeatureSink | None = None
+        self.writer: DeadLetterWriter | None = None
+        self.incomplete = 0
 
     def open(self, function_context: FunctionContext) -> None:
         self.sink = FeatureSink(self.config)
+        self.writer = DeadLetterWriter(self.dead_letter, self.run)
 
     def eval(self, keys: pd.Series, window_end: pd.Series, *values: pd.Series) -> pd.Series:
+        n = len(keys)
+        key_a = keys.to_numpy(np.int64)
         end_us = window_end.to_numpy().astype("datetime64[us]").astype(np.int64)
-        cols = {n: v.to_numpy() for n, v in zip(self.features, values, strict=True)}
-        self.sink.write(keys.to_numpy(np.int64), end_us, cols)
-        return pd.Series(np.ones(len(keys), dtype=np.int8))
+        cols = {name: v.to_numpy() for name, v in zip(self.features, values, strict=True)}
+        keep = np.ones(n, dtype=np.bool_)
+        if self.skip_incomplete:
+            keep = end_us <= time.time_ns() // 1000
+            if not keep.all():
+                self._count_incomplete(n - int(keep.sum()))
+        infinite = {name: ~np.isfinite(v) for name, v in cols.items() if v.dtype.kind == "f"}
+        overflow = np.logical_or.reduce(list(infinite.values()), initial=False) & keep
+        if overflow.any():
+            self._overflow(key_a[overflow], end_us[overflow], cols, infinite, overflow)
+            keep &= ~overflow
+        if not keep.all():
+            key_a, end_us = key_a[keep], end_us[keep]
+            cols = {name: v[keep] for name, v in cols.items()}
+        self.sink.write(key_a, end_us, cols)
+        return pd.Series(np.ones(n, dtype=np.int8))
+
+    def _overflow(self, keys, end_us, cols, infinite, rows) -> None:
+        names = [[f for f, bad in infinite.items() if bad[i]] for i in np.flatnonzero(rows)]
+        reasons = [
+            f"overflow: {', '.join(f)} of view {self.config.view} is not finite (the window's "
+            "sum overflowed a double); scale the source column down"
+            for f in names
+        ]
+        records = {self.config.key_column: keys, "window_end_us": end_us}
+        self.writer.write(reasons, records | {f: v[rows] for f, v in cols.items()})
+
+    def _count_incomplete(self, rows: int) -> None:
+        self.incomplete += rows
+        folder = Path(self.config.stats_dir) / "incomplete"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.config.view}-{os.getpid()}-{id(self):x}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"view": self.config.view, "windows": self.incomplete}))
+        os.replace(tmp, path)
 
     def close(self) -> None:
         if self.sink is not None:
@@ -106,12 +163,12 @@ class WindowSink(ScalarFunction):
 class DeadLetterSink(ScalarFunction):
     """Pandas UDF: appends rejected events and their reasons to the dead-letter file."""
 
-    def __init__(self, path: Path, columns: list[str]) -> None:
-        self.path, self.columns = path, columns
+    def __init__(self, path: Path, columns: list[str], run: str) -> None:
+        self.path, self.columns, self.run = path, columns, run
         self.writer: DeadLetterWriter | None = None
 
     def open(self, function_context: FunctionContext) -> None:
-        self.writer = DeadLetterWriter(self.path)
+        self.writer = DeadLetterWriter(self.path, self.run)
 
     def eval(self, reason: pd.Series, *values: pd.Series) -> pd.Series:
         records = {n: v.tolist() for n, v in zip(self.columns, values, strict=True)}
@@ -149,6 +206,12 @@ def create_table_env(options: JobOptions, streaming: bool) -> TableEnvironment:
     conf.set("python.fn-execution.bundle.size", str(options.arrow_batch_rows * 10))
     conf.set("python.fn-execution.bundle.time", str(options.bundle_time_ms))
     conf.set("pipeline.name", f"featureserve-{'streaming' if streaming else 'backfill'}")
+    if streaming:
+        # A source subtask with no split (one file, parallelism 2) would hold the watermark back
+        # for good: idle subtasks stop counting towards it.
+        conf.set(
+            "table.exec.source.idle-timeout", f"{round(options.source_idle_timeout_s * 1000)} ms"
+        )
     if options.jobmanager:
         host, _, port = options.jobmanager.rpartition(":")
         conf.set("execution.target", "remote")
@@ -181,7 +244,8 @@ def _connector(pipeline: Pipeline, options: JobOptions, streaming: bool) -> str:
 
 
 def _reason_sql(pipeline: Pipeline) -> str:
-    """First problem of a raw (all-STRING) row, or NULL when the row is well formed.
+    """First problem of a raw (all-STRING) row, or NULL when the row is well formed (a future
+    event time aside: see _future_sql).
 
     TRY_CAST alone is too lenient: it truncates '110.5' to the BIGINT 110 (another entity's
     key) and reads 'NaN' and '1e400' as doubles the server rejects, failing the whole job.
@@ -199,12 +263,37 @@ def _reason_sql(pipeline: Pipeline) -> str:
                 f"WHEN NOT REGEXP(TRIM({c}), '^[+-]?[0-9]+$') "
                 f"THEN 'malformed: {col} is not a bigint'"
             )
+            if col == pipeline.event_time_column:
+                cases.append(
+                    f"WHEN {cast} <= 0 THEN 'malformed: {col} is not after the epoch; epoch "
+                    "milliseconds > 0 expected'"
+                )
         else:
             cases.append(
                 f"WHEN NOT REGEXP(TRIM({c}), '{_DECIMAL}') OR ABS({cast}) > {_DOUBLE_MAX} "
                 f"THEN 'malformed: {col} is not a finite double'"
             )
     return "CASE " + " ".join(cases) + " ELSE CAST(NULL AS STRING) END"
+
+
+def _rowtime_sql(pipeline: Pipeline, options: JobOptions) -> str:
+    """The event time of a row that passes every check, else the epoch (never moving the
+    watermark); evaluated once per row, in the source, as it reads the clock."""
+    event_ms = f"TRY_CAST(`{pipeline.event_time_column}` AS BIGINT)"
+    limit_ms = f"(UNIX_TIMESTAMP() + {round(options.max_clock_skew_s)}) * 1000"
+    ok = f"({_reason_sql(pipeline)}) IS NULL AND {event_ms} <= {limit_ms}"
+    return f"TO_TIMESTAMP_LTZ(CASE WHEN {ok} THEN {event_ms} ELSE {_REJECTED_MS} END, 3)"
+
+
+def _full_reason_sql(pipeline: Pipeline, options: JobOptions) -> str:
+    """_reason_sql, else a future event time: read off the rowtime, so it is decided once."""
+    col = pipeline.event_time_column
+    future = (
+        f"CASE WHEN {ROWTIME} = TO_TIMESTAMP_LTZ({_REJECTED_MS}, 3) THEN CONCAT('malformed: "
+        f"{col} ', `{col}`, ' is after now + {round(options.max_clock_skew_s)} s (the "
+        "server''s max_clock_skew_seconds); epoch milliseconds expected') END"
+    )
+    return f"COALESCE({_reason_sql(pipeline)}, {future})"
 
 
 def _window_sql(pipeline: Pipeline, window: Window, events: str) -> tuple[str, list[str]]:
@@ -225,14 +314,13 @@ def _window_sql(pipeline: Pipeline, window: Window, events: str) -> tuple[str, l
 
 
 def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, options: JobOptions,
-                 streaming: bool, stats_dir: Path) -> None:  # fmt: skip
+                 streaming: bool, stats_dir: Path, run: str) -> None:  # fmt: skip
     """Declare the source, parsed and event views, and add the window and dead-letter inserts."""
     p = pipeline.name
     raw_cols = ", ".join(f"`{c}` STRING" for c in pipeline.columns)
-    event_ms = f"COALESCE(TRY_CAST(`{pipeline.event_time_column}` AS BIGINT), 0)"
     t_env.execute_sql(
         f"CREATE TEMPORARY TABLE {p}_src ({raw_cols}, "
-        f"{ROWTIME} AS TO_TIMESTAMP_LTZ({event_ms}, 3), "
+        f"{ROWTIME} AS {_rowtime_sql(pipeline, options)}, "
         f"WATERMARK FOR {ROWTIME} AS {ROWTIME} - {_interval(pipeline.watermark_delay_s)}) "
         f"WITH ({_connector(pipeline, options, streaming)})"
     )
@@ -240,7 +328,7 @@ def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, option
         f"TRY_CAST(`{c}` AS {COLUMN_TYPES[t]}) AS `{c}`" if t != "string" else f"`{c}`"
         for c, t in pipeline.columns.items()
     )
-    reason = _reason_sql(pipeline)
+    reason = _full_reason_sql(pipeline, options)
     # One late decision, right after the source, for both the windows and the dead letters: a
     # row reaches the window operator before any later watermark, so a row kept here is never
     # dropped there, and a late row is never counted (the window's own watermark lags, as the
@@ -276,15 +364,18 @@ def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, option
         select, names = _window_sql(pipeline, window, f"{p}_events")
         config = SinkConfig(
             target=options.target, view=window.view, key_column=pipeline.entity_column,
-            retry_bound_s=options.retry_bound_s, stats_dir=stats_dir,
+            retry_bound_s=options.retry_bound_s, message_rows=options.message_rows,
+            stats_dir=stats_dir,
         )  # fmt: skip
         fn = f"{p}_{window.view}_sink"
-        sink = udf(WindowSink(config, names), result_type=DataTypes.TINYINT(), func_type="pandas")
+        complete_only = options.bounded or not streaming
+        window_sink = WindowSink(config, names, complete_only, options.dead_letter_path(), run)
+        sink = udf(window_sink, result_type=DataTypes.TINYINT(), func_type="pandas")
         t_env.create_temporary_function(fn, sink)
         cols = ", ".join([f"`{pipeline.entity_column}`", "window_end"] + [f"`{n}`" for n in names])
         statements.add_insert_sql(f"INSERT INTO {p}_done SELECT {fn}({cols}) FROM ({select})")
     columns = list(pipeline.columns)
-    dead = DeadLetterSink(options.dead_letter_path(), columns)
+    dead = DeadLetterSink(options.dead_letter_path(), columns, run)
     t_env.create_temporary_function(
         f"{p}_dead_letter", udf(dead, result_type=DataTypes.TINYINT(), func_type="pandas")
     )
@@ -302,15 +393,22 @@ def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, option
 
 
 def _first_non_utf8(folder: Path) -> tuple[Path, int] | None:
-    """The first file and line under folder that is not UTF-8 (runs only after a job failed)."""
+    """The first file and line under folder that is not UTF-8, decoding blocks of whole lines."""
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name[0] != ".")
     for path in files:
+        lines, rest = 0, b""
         with path.open("rb") as f:
-            for number, line in enumerate(f, 1):
+            while True:
+                block = f.read(_SCAN_BLOCK)
+                data = rest + block
+                cut = data.rfind(b"\n") + 1 if block else len(data)
                 try:
-                    line.decode()
-                except UnicodeDecodeError:
-                    return path, number
+                    data[:cut].decode()
+                except UnicodeDecodeError as exc:
+                    return path, lines + data.count(b"\n", 0, exc.start) + 1
+                lines, rest = lines + data.count(b"\n", 0, cut), data[cut:]
+                if not block:
+                    break
     return None
 
 
@@ -340,6 +438,15 @@ def _job_error(exc: Exception, options: JobOptions) -> FeatureStoreError:
     return UnavailableError(f"pipeline job failed: {causes[-1] if causes else text[:2000]}")
 
 
+def _incomplete_windows(stats_dir: Path) -> dict[str, int]:
+    """Windows per view that the sinks left unwritten because they end after now."""
+    out: dict[str, int] = {}
+    for path in sorted((stats_dir / "incomplete").glob("*.json")):
+        entry = json.loads(path.read_text())
+        out[entry["view"]] = out.get(entry["view"], 0) + entry["windows"]
+    return out
+
+
 def run_job(
     options: JobOptions, streaming: bool, pipelines: list[Pipeline] | None = None
 ) -> JobReport:
@@ -349,13 +456,18 @@ def run_job(
     pipelines = pipelines if pipelines is not None else load_pipelines(options.definitions)
     if options.check_views:
         check_views(options.target, pipelines)
+    json_files = not options.kafka_topic and any(p.format == "json" for p in pipelines)
+    # Flink's JSON reader drops an undecodable line with the other parse errors: look first.
+    if json_files and _first_non_utf8(Path(options.source)) is not None:
+        raise _not_utf8(options)
     stats_dir = Path(options.stats_dir or tempfile.mkdtemp(prefix="featureserve-sink-"))
     dead_start = dead_letter_size(options.dead_letter_path())
+    run = uuid.uuid4().hex
     started = time.monotonic()
     t_env = create_table_env(options, streaming)
     statements = t_env.create_statement_set()
     for pipeline in pipelines:
-        add_pipeline(t_env, statements, pipeline, options, streaming, stats_dir)
+        add_pipeline(t_env, statements, pipeline, options, streaming, stats_dir, run)
     try:
         statements.execute().wait()
     except Exception as exc:
@@ -365,7 +477,8 @@ def run_job(
         mode="streaming" if streaming else "backfill",
         seconds=time.monotonic() - started,
         sinks={v: read_stats(stats_dir, v) for v in views},
-        dead_letters=count_by_reason(options.dead_letter_path(), dead_start),
+        dead_letters=count_by_reason(options.dead_letter_path(), dead_start, run),
+        incomplete_windows=_incomplete_windows(stats_dir),
     )
 
 

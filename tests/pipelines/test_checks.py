@@ -1,4 +1,5 @@
-"""The pre-flight check against a real server: views that cannot take the writes fail early."""
+"""The pre-flight check against a real server: views that cannot take the writes fail early,
+and a server with tokens is reached with the connection flags' ClientConfig."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import tomllib
 
 import pytest
 
+from clients.channel import ClientConfig
 from clients.feature_client import FeatureStoreClient
 from featurestore.dtypes import DType
-from featurestore.errors import ConflictError
+from featurestore.errors import ConflictError, UnavailableError
 from featurestore.registry import Entity, Feature, JoinKey
 from pipelines.checks import apply_views, check_views, expected_view
 from pipelines.config import Pipeline, parse_pipeline
@@ -59,3 +61,21 @@ def test_check_names_every_view_that_cannot_take_the_writes(server):
         "view extra has feature refunds the pipeline does not write; remove it or add it to "
         "[pipeline.window.features]" in message
     )
+
+
+def test_check_reaches_a_server_with_tokens_and_names_the_flag_without_one(
+    server_factory, tmp_path
+):
+    (tmp_path / "server.toml").write_text(
+        '[auth]\nenabled = true\n[[auth.tokens]]\nname = "pipe"\ntoken = "s3cret"\n'
+        'scopes = ["admin", "read:*", "write:*"]\n'
+    )
+    server = server_factory("--config", str(tmp_path / "server.toml"))
+    good = one_window("good")
+    with_token = ClientConfig(target=server.target, token="s3cret")
+    apply_views(with_token, [good], "card")
+    check_views(with_token, [good])
+
+    with pytest.raises(UnavailableError, match="UNAUTHENTICATED") as caught:
+        check_views(server.target, [good])
+    assert f"from {server.target}: " in str(caught.value) and "--token" in str(caught.value)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -12,15 +17,19 @@ from clients.feature_client import FeatureStoreClient
 from featurestore.errors import InvalidArgumentError
 from pipelines.checks import apply_views
 from pipelines.config import Pipeline, parse_pipeline
-from pipelines.dead_letter import count_by_reason, read_dead_letters
+from pipelines.dead_letter import DeadLetterWriter, count_by_reason, read_dead_letters
 from pipelines.events import (
+    EVENT_TIME_CSV,
     EXAMPLE_PIPELINE,
     generate_events,
     reference_latest,
+    rows_ahead,
+    splice_csv,
     write_events,
     write_malformed,
 )
 from pipelines.streaming import JobOptions, run_streaming
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.flink
 
@@ -52,23 +61,51 @@ def assert_matches_reference(snapshot, events, pipeline: Pipeline) -> None:
 
 def prepare(
     tmp_path: Path, target: str, n: int = 20_000, entities: int = 300, span_s: float = 7200,
-    jitter_ms: int = 1500, seed: int = 3,
+    jitter_ms: int = 1500, seed: int = 3, fmt: str = "csv",
 ):  # fmt: skip
     """Register the views and write the events in one file (a streaming job reads the files
     already in its folder in no set order, so history in several files is backfill's job)."""
-    pipeline = parse_pipeline(tomllib.loads(EXAMPLE_PIPELINE)["pipeline"][0])
+    text = EXAMPLE_PIPELINE.replace('format = "csv"', f'format = "{fmt}"')
+    pipeline = parse_pipeline(tomllib.loads(text)["pipeline"][0])
     definitions = tmp_path / "features.toml"
-    definitions.write_text(EXAMPLE_PIPELINE)
+    definitions.write_text(text)
     apply_views(target, [pipeline], "card")
     events = generate_events(n, entities, span_s=span_s, jitter_ms=jitter_ms, seed=seed)
     source = tmp_path / "events"
-    write_events(events, source, files=1)
+    write_events(events, source, files=1, fmt=fmt)
     return pipeline, definitions, events, source
+
+
+class ForeignWriter(threading.Thread):
+    """Another run appending to the same dead-letter file until stopped."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.writer, self.stop, self.rows = (
+            DeadLetterWriter(path, "other-run"),
+            threading.Event(),
+            0,
+        )
+
+    def run(self) -> None:
+        while True:
+            self.rows += self.writer.write(["malformed: other run"], {"card_id": ["x"]})
+            if self.stop.wait(0.2):
+                return
 
 
 def test_bounded_stream_matches_reference_and_replay_changes_nothing(server, tmp_path):
     pipeline, definitions, events, source = prepare(tmp_path, server.target)
-    bad = write_malformed(source)
+    # Mid-file rows with bad event times must not move the watermark (which would make every
+    # later row late); the last rows' windows end after now (within the server's clock skew
+    # allowance as rows, but incomplete as windows) and are counted, not written. Two finite
+    # amounts whose sum overflows make each of that key's 6 windows a dead letter.
+    ahead_keys = np.array([10_001, 10_002, 10_003])
+    mid_ms = events["event_time"][: len(events["event_time"]) // 2].max()
+    overflow = [f"10010,1e308,m001,food,48.1,2.3,{mid_ms}"] * 2
+    middle = [*EVENT_TIME_CSV, *overflow]
+    splice_csv(source / "events-00000.csv", middle, rows_ahead(ahead_keys, 240))
+    bad = write_malformed(source) + len(EVENT_TIME_CSV)
     options = JobOptions(
         source=source, target=server.target, definitions=definitions, bounded=True,
         dead_letter=tmp_path / "dead.jsonl", stats_dir=tmp_path / "stats1",
@@ -78,18 +115,30 @@ def test_bounded_stream_matches_reference_and_replay_changes_nothing(server, tmp
     keys = np.unique(events["card_id"])
     first = store_snapshot(server.target, pipeline, keys)
     assert_matches_reference(first, events, pipeline)
-    assert report.dead_letters == {"malformed": bad}
+    assert report.dead_letters == {"malformed": bad, "overflow": 6}
     reasons = [e["reason"] for e in read_dead_letters(tmp_path / "dead.jsonl")]
     assert any("card_id is missing or not a bigint" in r for r in reasons)
     assert any("amount is missing or not a double" in r for r in reasons)
     assert sum("amount is not a finite double" in r for r in reasons) == 2  # NaN and 1e400
     assert any("card_id is not a bigint" in r for r in reasons)  # 7.5, not truncated to 7
     assert any("event_time is not a bigint" in r for r in reasons)
+    assert sum("event_time" in r and "after now + 300 s" in r for r in reasons) == 2  # 2100, µs
+    assert any("epoch milliseconds > 0 expected" in r for r in reasons)
     sink = report.sinks["card_txn_5m"]
     assert sink.written > len(keys) and sink.rejected == 0
+    incomplete = {"card_txn_5m": 5 * len(ahead_keys), "card_txn_1h": len(ahead_keys)}
+    assert report.incomplete_windows == incomplete
+    unwritten = store_snapshot(server.target, pipeline, np.append(ahead_keys, 10_010))
+    assert not any((unwritten[f"{w.view}:txn_count@status"] == 1).any() for w in pipeline.windows)
 
     options.stats_dir = tmp_path / "stats2"  # same dead-letter file: counts are per run
-    again = run_streaming(options)
+    foreign = ForeignWriter(tmp_path / "dead.jsonl")
+    foreign.start()
+    try:
+        again = run_streaming(options)
+    finally:
+        foreign.stop.set()
+        foreign.join()
     second = store_snapshot(server.target, pipeline, keys)
     for name, values in first.items():
         # Event times, counts and statuses are equal; Flink may sum doubles in another order
@@ -98,20 +147,69 @@ def test_bounded_stream_matches_reference_and_replay_changes_nothing(server, tmp
     replay = again.sinks["card_txn_5m"]
     assert replay.rows == sink.rows and replay.rejected == 0
     assert replay.stale >= sink.rows - len(keys)
-    assert again.dead_letters == {"malformed": bad}
-    assert count_by_reason(tmp_path / "dead.jsonl") == {"malformed": 2 * bad}
+    assert again.dead_letters == {"malformed": bad, "overflow": 6}
+    assert again.incomplete_windows == incomplete
+    assert foreign.rows > 1
+    total = {"malformed": 2 * bad + foreign.rows, "overflow": 12}
+    assert count_by_reason(tmp_path / "dead.jsonl") == total
 
 
-def test_non_utf8_input_names_the_file_and_line(server, tmp_path):
-    _, definitions, _, source = prepare(tmp_path, server.target, n=50)
-    good_then_bad = b"3,12.5,m001,food,48.1,2.3,1700000000000\n3,1,m\xff,f,1,2,3\n"
-    (source / "bad.csv").write_bytes(good_then_bad)
+JSON_EVENT = b'{"card_id":3,"amount":1.5,"merchant":"m1","category":"f","lat":1,"lon":2,'
+JSON_EVENT += b'"event_time":1700000000000}\n'
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "data"),
+    [
+        ("csv", "bad.csv", b"3,12.5,m001,food,48.1,2.3,1700000000000\n3,1,m\xff,f,1,2,3\n"),
+        ("json", "bad.json", JSON_EVENT + JSON_EVENT.replace(b"m1", b"m\xff")),
+    ],
+)
+def test_non_utf8_input_stops_the_job_naming_the_file_and_line(server, tmp_path, fmt, name, data):
+    _, definitions, _, source = prepare(tmp_path, server.target, n=50, fmt=fmt)
+    (source / name).write_bytes(data)
     options = JobOptions(
         source=source, target=server.target, definitions=definitions, bounded=True,
         dead_letter=tmp_path / "dead.jsonl", stats_dir=tmp_path / "stats",
     )  # fmt: skip
-    with pytest.raises(InvalidArgumentError, match=r"bad\.csv line 2 is not valid UTF-8"):
+    with pytest.raises(InvalidArgumentError, match=rf"{name.replace('.', '[.]')} line 2 is not"):
         run_streaming(options)
+
+
+def test_unbounded_stream_at_parallelism_2_over_one_file_writes_windows(server, tmp_path):
+    # Unbounded (the default): the source subtask without a split must not hold the watermark.
+    pipeline, definitions, events, source = prepare(
+        tmp_path, server.target, n=300, entities=20, span_s=1800, jitter_ms=0, seed=4
+    )
+    script = (
+        "import sys; from pathlib import Path; "
+        "from pipelines.streaming import JobOptions, run_streaming; "
+        "run_streaming(JobOptions(source=Path(sys.argv[1]), target=sys.argv[2], "
+        "definitions=Path(sys.argv[3]), dead_letter=Path(sys.argv[4]), parallelism=2))"
+    )
+    args = [str(source), server.target, str(definitions), str(tmp_path / "dead.jsonl")]
+    root = Path(__file__).resolve().parents[2]
+    log = tmp_path / "job.log"
+    # A job run earlier in this process leaves PyFlink's own variables set (the gateway's port,
+    # "gateway disabled"): the job's process must launch its own gateway.
+    env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
+    job = subprocess.Popen(
+        [sys.executable, "-c", script, *args], cwd=root, env=env, stdout=subprocess.DEVNULL,
+        stderr=log.open("w"), start_new_session=True,
+    )  # fmt: skip
+    keys = np.unique(events["card_id"])
+    try:
+        # The job never ends (it watches the folder): wait for every key's windows, then stop.
+        def written() -> bool:
+            got = store_snapshot(server.target, pipeline, keys)
+            return bool((got["card_txn_5m:txn_count@status"] == 1).all())
+
+        reached = wait_until(written, timeout=240, interval=2)
+        assert reached, f"not every key's window reached the store: {log.read_text()[-3000:]}"
+        assert job.poll() is None
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
 
 
 def test_late_events_are_dead_lettered_or_counted_never_both(server, tmp_path):

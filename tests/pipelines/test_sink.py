@@ -1,4 +1,5 @@
-"""FeatureSink against a real server: batches land, replays are stale, an absent server fails."""
+"""FeatureSink against a real server: batches land, replays are stale, an absent server fails,
+a message over the server's row limit is split, and a token reaches a server with auth."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ import socket
 import numpy as np
 import pytest
 
+from clients.channel import ClientConfig
 from clients.feature_client import FeatureStoreClient
 from featurestore.dtypes import DType
-from featurestore.errors import UnavailableError
+from featurestore.errors import InvalidArgumentError, UnavailableError
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from pipelines.dead_letter import DeadLetterWriter, count_by_reason, read_dead_letters
 from pipelines.sink import FeatureSink, SinkConfig, read_stats
 
 T0 = 1_700_000_000_000_000
+AUTH_TOML = (
+    '[auth]\nenabled = true\n[[auth.tokens]]\nname = "pipe"\ntoken = "s3cret"\n'
+    'scopes = ["admin", "read:*", "write:*"]\n'
+)
 
 
 def free_port() -> int:
@@ -43,6 +49,50 @@ def test_sink_writes_newest_and_replay_changes_nothing(server, tmp_path):
     stats = read_stats(tmp_path, "sink_v")
     assert stats.rows == 7 and stats.batches == 2
     assert stats.written == 5 and stats.stale == 2 and stats.rejected == 0
+
+
+def register_view(config: str | ClientConfig) -> None:
+    """One INT64 feature `n` in view sink_v, keyed by card_id."""
+    view = FeatureView("sink_v", "card", (Feature("n", DType.INT64),))
+    with FeatureStoreClient(config) as client:
+        client.apply([Entity("card", (JoinKey("card_id", DType.INT64),))], [view])
+
+
+def test_sink_halves_messages_over_the_servers_row_limit(server_factory, tmp_path):
+    (tmp_path / "server.toml").write_text("max_rows_per_write = 5\n")
+    server = server_factory("--config", str(tmp_path / "server.toml"))
+    register_view(server.target)
+    config = SinkConfig(server.target, "sink_v", "card_id", message_rows=16, retry_bound_s=1.0)
+    sink = FeatureSink(config)
+    keys = np.arange(40, dtype=np.int64)
+    sink.write(keys, T0 + keys, {"n": keys * 10})
+    sink.write(keys, T0 + keys + 1, {"n": keys * 20})
+    sink.close()
+
+    assert sink.message_rows == 4 and sink.counters.splits == 2 and sink.counters.retries == 0
+    assert sink.counters.written == 80
+    with FeatureStoreClient(server.target) as client:
+        got = client.get_online_features(["sink_v"], {"card_id": keys})
+    np.testing.assert_array_equal(got["sink_v:n"], keys * 20)
+
+
+def test_sink_and_its_errors_reach_a_server_with_tokens(server_factory, tmp_path):
+    (tmp_path / "server.toml").write_text(AUTH_TOML)
+    server = server_factory("--config", str(tmp_path / "server.toml"))
+    with_token = ClientConfig(target=server.target, token="s3cret")
+    register_view(with_token)
+    sink = FeatureSink(SinkConfig(with_token, "sink_v", "card_id"))
+    sink.write(np.array([7]), np.array([T0]), {"n": np.array([70])})
+    sink.close()
+    with FeatureStoreClient(with_token) as client:
+        got = client.get_online_features(["sink_v"], {"card_id": np.array([7])})
+    np.testing.assert_array_equal(got["sink_v:n"], [70])
+
+    sink = FeatureSink(SinkConfig(server.target, "sink_v", "card_id"))
+    with pytest.raises(InvalidArgumentError, match="UNAUTHENTICATED") as info:
+        sink.write(np.array([7]), np.array([T0 + 1]), {"n": np.array([71])})
+    sink.close()
+    assert "--token" in str(info.value) and "s3cret" not in str(info.value)
 
 
 def test_sink_retries_with_backoff_then_fails_naming_the_target():

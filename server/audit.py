@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +140,11 @@ class AuditLog:
                 return await work(record)
 
         return await self._changes.run(audited())
+
+    def settle_later(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run work, which records what it awaits (a stream batch's commit), as a change: nobody
+        awaits it, and shutdown waits for it before it closes the store."""
+        self._changes.start(work)
 
     async def changes_done(self) -> None:
         """Until every audited change under way has ended and been recorded."""

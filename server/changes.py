@@ -6,10 +6,19 @@ its thread or commit process was recorded CANCELLED in the audit log."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger("featureserve.changes")
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """Log how a change nobody awaits failed (its outcome has nowhere else to go)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a change nobody awaited failed", exc_info=task.exception())
 
 
 class Changes:
@@ -18,14 +27,22 @@ class Changes:
     def __init__(self) -> None:
         self._running: set[asyncio.Task] = set()
 
+    def _track(self, change: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """`change` as a task, counted as under way until it ends."""
+        task = asyncio.ensure_future(change)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
     def run(self, change: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         """Start `change` as a task of its own; the returned future (await it) is shielded, so
         cancelling the awaiting caller leaves the change running (and a failure it then ends
         with is marked retrieved by the shield: it is already where the change reports it)."""
-        task = asyncio.ensure_future(change)
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-        return asyncio.shield(task)
+        return asyncio.shield(self._track(change))
+
+    def start(self, change: Coroutine[Any, Any, None]) -> None:
+        """Start `change` with nobody to await it; a failure it ends with is logged."""
+        self._track(change).add_done_callback(_log_failure)
 
     async def wait(self) -> None:
         """Until every change started so far has ended."""

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,21 +244,18 @@ async def settle(
     limit: int,
     response: pb.WriteFeaturesResponse,
     failures: list[tuple[int, Exception]],
-    settled: Callable[[InFlight, WriteResult | BaseException], None],
 ) -> None:
     """Await a stream's oldest batches in flight until at most `limit` are left, adding each
-    outcome to the response, or to failures with its batch index, and passing it to `settled`:
-    a failure never stops the rest from being awaited, so no commit's error goes unretrieved."""
+    outcome to the response, or to failures with its batch index: a failure never stops the
+    rest from being awaited. A cancelled wait leaves the commit itself alone (shielded)."""
     while len(pending) > limit:
         item = pending.popleft()
         try:
-            result = await item.commit
+            result = await asyncio.shield(item.commit)
         except Exception as exc:
             failures.append((item.index, exc))
-            settled(item, exc)
         else:
             add_result(response, result, item.index)
-            settled(item, result)
 
 
 def stream_failure(batch: int, exc: Exception) -> str:
@@ -396,43 +391,39 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         commit, and answer the summed counts. The first batch that fails (an earlier commit
         failure wins over a later bad message) ends the stream with its status, once every
         batch in flight has settled. Each batch is counted in its view's metrics and audited
-        (one record, with its index in the stream) once it has settled."""
+        (one record, with its index in the stream) once its commit ends, by a change of its own
+        that the stream's end, a client that gives up and the server's shutdown all wait for."""
         response = pb.WriteFeaturesResponse()
         pending: deque[InFlight] = deque()
         failures: list[tuple[int, Exception]] = []
-
         peer = context.peer()
 
-        def settled(item: InFlight, outcome: WriteResult | BaseException) -> None:
+        async def record(item: InFlight) -> None:
+            try:
+                outcome: WriteResult | BaseException = await item.commit
+            except Exception as exc:
+                outcome = exc
             self._stream_batch_done(peer, item.index, item.batch.view, outcome, item.batch)
-
-        def settled_late(item: InFlight, commit: asyncio.Future[WriteResult]) -> None:
-            if commit.cancelled():
-                settled(item, asyncio.CancelledError("the server stopped before its commit"))
-            else:
-                settled(item, commit.exception() or commit.result())
 
         index = 0
         try:
-            try:
-                async for request in request_iterator:
-                    self.auth.require(f"write:{request.view}")
-                    try:
-                        checked = write_batch(request, self.max_rows)
-                        pending.append(InFlight(index, checked, self._submit(checked)))
-                    except Exception as exc:
-                        self._stream_batch_done(peer, index, request.view, exc)
-                        raise
-                    index += 1
-                    await settle(pending, MAX_STREAM_BATCHES_IN_FLIGHT, response, failures, settled)
-                    if failures:
-                        break
-            except Exception as exc:
-                failures.append((index, exc))
-            await settle(pending, 0, response, failures, settled)
-        finally:
-            for item in pending:
-                item.commit.add_done_callback(functools.partial(settled_late, item))
+            async for request in request_iterator:
+                self.auth.require(f"write:{request.view}")
+                try:
+                    checked = write_batch(request, self.max_rows)
+                    item = InFlight(index, checked, self._submit(checked))
+                except Exception as exc:
+                    self._stream_batch_done(peer, index, request.view, exc)
+                    raise
+                self.audit.settle_later(record(item))
+                pending.append(item)
+                index += 1
+                await settle(pending, MAX_STREAM_BATCHES_IN_FLIGHT, response, failures)
+                if failures:
+                    break
+        except Exception as exc:
+            failures.append((index, exc))
+        await settle(pending, 0, response, failures)
         if failures:
             batch, exc = min(failures, key=lambda failure: failure[0])
             if not is_domain_error(exc):

@@ -3,8 +3,6 @@ a message over the server's row limit is split, and a token reaches a server wit
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 
@@ -15,18 +13,13 @@ from featurestore.errors import InvalidArgumentError, UnavailableError
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from pipelines.dead_letter import DeadLetterWriter, count_by_reason, read_dead_letters
 from pipelines.sink import FeatureSink, SinkConfig, read_stats
+from tests.conftest import free_port
 
 T0 = 1_700_000_000_000_000
 AUTH_TOML = (
     '[auth]\nenabled = true\n[[auth.tokens]]\nname = "pipe"\ntoken = "s3cret"\n'
     'scopes = ["admin", "read:*", "write:*"]\n'
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sink_writes_newest_and_replay_changes_nothing(server, tmp_path):

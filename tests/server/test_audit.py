@@ -21,7 +21,7 @@ from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from server.audit import AuditConfig, AuditLog, parse_audit
 from server.auth import PRINCIPAL, Principal
 from server.config import ConfigError
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 
 
 def lines(path: Path) -> list[dict]:
@@ -255,3 +255,108 @@ def test_a_stream_cancelled_during_its_commits_records_them_written(server_facto
         ends = np.array([r["batch"] for r in records]) * rows + rows - 1
         got = client.get_online_features(["profile:score"], {"user_id": ends})
         assert (got.statuses["profile:score"] == FeatureStatus.PRESENT).all()
+
+
+def _big_stream(rows: int, count: int) -> list:
+    from clients import feature_messages as fm
+
+    now = int(time.time() * 1e6)
+    return [
+        fm.write_request(
+            "profile",
+            {"user_id": np.arange(rows * i, rows * (i + 1))},
+            now,
+            {"score": np.ones(rows)},
+        )
+        for i in range(count)
+    ]
+
+
+def _stream_records(data_dir: Path) -> list[tuple[int, str, int | None]]:
+    audit = lines(data_dir / "audit.jsonl")
+    return sorted((r["batch"], r["outcome"], r.get("written")) for r in audit if "batch" in r)
+
+
+def _written_rows(metrics_port: int) -> float:
+    """featureserve_view_rows_written_total of view 'profile', from the server's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "featureserve_view_rows_written_total"
+        and sample.labels.get("view") == "profile"
+    )
+
+
+def test_a_stream_whose_deadline_passes_while_it_settles_records_every_batch(
+    server_factory,
+) -> None:
+    """The client half-closes, then its deadline passes while the server awaits the commits: each
+    batch is recorded and counted once it commits (the one being awaited lost both)."""
+    import grpc
+
+    from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+
+    metrics_port = free_port()
+    server = server_factory("--metrics-port", str(metrics_port))
+    rows, count = 100_000, 6
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    view = FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([user], [view])
+        stub = pb_grpc.FeatureStoreStub(client._channel)
+        with pytest.raises(grpc.RpcError):
+            stub.StreamWriteFeatures(iter(_big_stream(rows, count)), timeout=0.6)
+    assert wait_until(lambda: len(_stream_records(server.data_dir)) == count, timeout=30)
+    assert _stream_records(server.data_dir) == [(i, "OK", rows) for i in range(count)]
+    assert _written_rows(metrics_port) == rows * count
+
+
+def test_a_server_stopped_while_a_stream_commits_records_its_batches_first(
+    server_factory, tmp_path: Path
+) -> None:
+    """SIGTERM with grace_seconds = 0 while a stream's batches commit: the server waits for them,
+    records each, and only then closes the store (their records were lost and an error logged
+    against the closed store)."""
+    import threading
+
+    from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+
+    config = tmp_path / "server.toml"
+    config.write_text("grace_seconds = 0\n")
+    server = server_factory("--config", str(config))
+    rows = 100_000
+    sent, hold = threading.Event(), threading.Event()
+    messages = _big_stream(rows, 8)
+
+    def stream():
+        yield from messages
+        sent.set()
+        hold.wait(30)
+
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    view = FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([user], [view])
+        call = pb_grpc.FeatureStoreStub(client._channel).StreamWriteFeatures.future(
+            stream(), timeout=30
+        )
+        assert sent.wait(20)
+
+        def first_batch_stored() -> bool:
+            got = client.get_online_features(["profile:score"], {"user_id": np.array([rows - 1])})
+            return got.statuses["profile:score"][0] == FeatureStatus.PRESENT
+
+        assert wait_until(first_batch_stored, timeout=20)
+        assert server.terminate(timeout=60) == 0
+        hold.set()
+        call.cancel()
+    records = _stream_records(server.data_dir)
+    assert records and [r[1:] for r in records] == [("OK", rows)] * len(records)
+    assert not [e for e in server.logs() if e.get("level") in ("error", "critical")]

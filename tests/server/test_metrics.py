@@ -4,7 +4,6 @@ hot-path recorders, the vectorised histogram, and a real server's /metrics scrap
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import urllib.request
 
@@ -29,15 +28,9 @@ from server.metrics import (
     serve_metrics,
 )
 from server.metrics_interceptor import MetricsInterceptor
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 
 FS = "featureserve.v1.FeatureStore/"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:

@@ -29,15 +29,9 @@ from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2 as inference_pb
 from protos.inference import grpc_service_pb2_grpc as inference_grpc
 from server.workers import MIN_UPTIME_S
-from tests.conftest import alive, wait_until
+from tests.conftest import alive, free_port, wait_until
 
 CHANNELS = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def per_pid(port: int, name: str) -> dict[str, float]:

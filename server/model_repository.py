@@ -314,22 +314,22 @@ class ModelRepository:
         """Refuse a load or unload this repository does not take (see control), or a model name
         that is not one folder name, so that neither ever reaches outside the repository (a
         symlinked model folder inside it is still a model)."""
-        if not self.control:
-            raise ControlRefusedError(
-                f"{rpc} of '{name}' is refused: this server runs as one of several --workers "
-                "processes, each with its own copy of the repository's state, so the call would "
-                f"change one of them; change the files in {self.path / name} instead (every "
-                "worker's watcher applies them), or run a single process to load and unload by RPC"
+        if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES:
+            raise InvalidRequestError(
+                f"model_name of {len(name.encode('utf-8', 'surrogatepass'))} bytes is not a model "
+                f"name: a folder name has at most {NAME_MAX_BYTES} bytes (UTF-8)"
             )
         if name in ("", ".", "..") or "/" in name or "\0" in name:
             raise InvalidRequestError(
                 f"model_name {name!r} is not a model name: give the name of a folder directly "
                 f"in {self.path}, which is not empty, '.' or '..' and has no '/'"
             )
-        if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES:
-            raise InvalidRequestError(
-                f"model_name of {len(name.encode('utf-8', 'surrogatepass'))} bytes is not a model "
-                f"name: a folder name has at most {NAME_MAX_BYTES} bytes (UTF-8)"
+        if not self.control:
+            raise ControlRefusedError(
+                f"{rpc} of '{name}' is refused: this server runs as one of several --workers "
+                "processes, each with its own copy of the repository's state, so the call would "
+                f"change one of them; change the files in {self.path / name} instead (every "
+                "worker's watcher applies them), or run a single process to load and unload by RPC"
             )
 
     def get(self, name: str, version: str = "") -> LoadedModel:

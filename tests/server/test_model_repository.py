@@ -606,6 +606,8 @@ def test_explicit_control_refused_and_overlong_names_are_invalid(tmp_path: Path)
         for action in (shared.load, shared.unload):
             with pytest.raises(ControlRefusedError, match=f"change the files in {tmp_path / 'm'}"):
                 await action("m")
+        with pytest.raises(InvalidRequestError, match="at most 255 bytes"):
+            await shared.unload("a" * 300)
         assert shared.is_ready("m")
         await shared.stop()
         repo = ModelRepository(tmp_path, watch=False)

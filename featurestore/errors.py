@@ -41,3 +41,11 @@ class ConflictError(FeatureStoreError):
 
 class UnavailableError(FeatureStoreError):
     """The store cannot serve right now (closed, shutting down); retrying later may work."""
+
+
+class StorageFullError(ResourceExhaustedError):
+    """A commit found no room on the data dir's file system; nothing of it was stored."""
+
+
+class StorageFailedError(UnavailableError):
+    """A commit failed in the file system (an I/O error); nothing of it was stored."""

@@ -18,6 +18,7 @@ from typing import TypeVar
 import lmdb
 import numpy as np
 
+from featurestore.disk_errors import commit_failure, is_file_system_error
 from featurestore.dtypes import DType, is_float, numpy_dtype, wrong_type
 from featurestore.errors import (
     BadRowError,
@@ -330,9 +331,14 @@ class LmdbEnv:
         (LMDB closes them if the transaction aborts)."""
         txn = self.env.begin(write=True)
         try:
-            result = fn(txn)
-            with committing:
-                txn.commit()
+            try:
+                result = fn(txn)
+                with committing:
+                    txn.commit()
+            except lmdb.Error as exc:
+                if not is_file_system_error(exc):
+                    raise
+                raise commit_failure(Path(self._config.path), exc) from exc
         except BaseException:
             txn.abort()
             self._opened.clear()

@@ -35,14 +35,19 @@ class MethodRecorder:
         self.duration.observe(perf_counter() - start)
         self.owner.count += 1
         code = context.code()
-        if code is None and exc is None:
-            self.ok.inc()
-            return
         if code is not None:
             name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
-        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        elif exc is None or isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            # A request stream whose deadline passes ends like a half-close and its handler
+            # returns normally; the client was answered DEADLINE_EXCEEDED all the same.
             remaining = context.time_remaining()
-            name = DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else CANCELLED
+            if remaining is not None and remaining <= 0:
+                name = DEADLINE_EXCEEDED
+            elif exc is None:
+                self.ok.inc()
+                return
+            else:
+                name = CANCELLED
         else:
             name = UNKNOWN
         child = self.by_code.get(name)

@@ -135,3 +135,41 @@ def test_sigterm_lets_an_in_flight_stream_finish(server) -> None:
 
     assert asyncio.run(run()) == 2 * BATCH
     assert server.proc.wait(30) == 0
+
+
+def test_a_commit_the_file_system_refuses_is_unavailable_and_loses_nothing(server) -> None:
+    """The commit process may not grow the store file (RLIMIT_FSIZE: the write fails as on a
+    failing disk): the write is answered UNAVAILABLE naming the data dir and saying nothing of
+    it was stored (was INTERNAL "server bug"); earlier rows read back, and once the file may
+    grow again the same write succeeds, without a restart."""
+    import resource
+
+    import grpc
+
+    now = int(time.time() * 1e6)
+    with FeatureStoreClient(ClientConfig(target=server.target, max_attempts=1)) as client:
+        client.apply([USER], [WIDE])
+        client.write_features("wide", batch(0)[0], now, batch(0)[1])
+        (commit_process,) = children(server.proc.pid)
+        size = (server.data_dir / "data.mdb").stat().st_size
+        resource.prlimit(commit_process, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+        keys, values = (
+            {"user_id": np.arange(10_000, 60_000)},
+            {f"f{i}": np.full(50_000, i, np.float32) for i in range(32)},
+        )
+        try:
+            client.write_features("wide", keys, now, values)
+        except ClientError as exc:
+            assert exc.code == grpc.StatusCode.UNAVAILABLE, exc
+            assert str(server.data_dir) in str(exc) and "nothing of this write was stored" in str(
+                exc
+            )
+        else:
+            raise AssertionError("a write the file system refused was acknowledged")
+        first = client.get_online_features(["wide:f3"], batch(0)[0])
+        assert (first["wide:f3"] == batch(0)[1]["f3"]).all()
+        missing = client.get_online_features(["wide:f3"], keys).statuses["wide:f3"]
+        assert (missing == FeatureStatus.NOT_FOUND).all()
+        resource.prlimit(commit_process, resource.RLIMIT_FSIZE, (-1, -1))
+        assert client.write_features("wide", keys, now, values).written == 50_000
+    assert alive(commit_process)

@@ -214,6 +214,46 @@ def test_real_server_metrics_scrape_moves_with_traffic(server_factory) -> None:
     assert samples[key("process_cpu_seconds_total")] > 0
 
 
+def test_a_stream_whose_deadline_passes_while_the_server_reads_counts_deadline_exceeded(
+    server_factory,
+) -> None:
+    """The deadlines of StreamWriteFeatures calls pass while the server waits for their next
+    message: grpc.aio either cancels the handler (or sees the client's cancel first) or ends
+    its request stream as if half-closed and the handler returns its counts. None is counted
+    OK: the clients were answered DEADLINE_EXCEEDED."""
+    from clients import feature_messages as fm
+
+    port = free_port()
+    server = server_factory("--metrics-port", str(port))
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    view = FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))
+    now = int(time.time() * 1e6)
+    first = fm.write_request("profile", {"user_id": np.arange(3)}, now, {"score": np.ones(3)})
+    DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def stalls():
+        yield first
+        time.sleep(1.5)
+
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=10)) as client:
+        client.apply([user], [view])
+        stub = pb_grpc.FeatureStoreStub(client._channel)
+        calls = [stub.StreamWriteFeatures.future(stalls(), timeout=0.5) for _ in range(24)]
+        assert [call.exception().code() for call in calls] == [DEADLINE_EXCEEDED] * 24
+    codes = ("OK", "DEADLINE_EXCEEDED", "CANCELLED")
+    counted = {
+        code: key("featureserve_rpc_requests_total", method=FS + "StreamWriteFeatures", code=code)
+        for code in codes
+    }
+
+    def by_code() -> dict[str, float]:
+        samples = scrape(port)
+        return {code: samples.get(counted[code], 0) for code in codes}
+
+    assert wait_until(lambda: sum(by_code().values()) == 24)
+    assert by_code()["OK"] == 0
+
+
 def test_view_model_and_drift_families_move_with_real_traffic(tmp_path, server_factory) -> None:
     """Writes (unary and streamed), lookups and inferences on a real server move the per-view,
     per-model and drift families (ages and drift are sampled from the first block of a view

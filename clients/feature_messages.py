@@ -87,17 +87,16 @@ def key_columns(
 
     A plain empty sequence carries no dtype, so when no key has a row such keys are left out
     (the method answers an empty request whatever its key types), or, where the method needs
-    typed key columns (`keyless_when_empty` false), raise ArrayError naming the key.
+    every key column (`keyless_when_empty` false), sent as empty STRING columns, which the
+    server takes for a key of any type.
     """
     cols = {name: column(values, f"keys[{name!r}]") for name, values in keys.items()}
     if all(len(arr) == 0 for arr in cols.values()):
         untyped = [name for name in cols if not isinstance(keys[name], np.ndarray)]
-        if untyped and not keyless_when_empty:
-            raise arrays.ArrayError(
-                f"keys[{untyped[0]!r}]: an empty list has no dtype; send a typed empty array, "
-                "np.array([], dtype=np.int64) for an INT64 key or dtype=object for a STRING key"
-            )
-        cols = {name: arr for name, arr in cols.items() if name not in untyped}
+        if keyless_when_empty:
+            cols = {name: arr for name, arr in cols.items() if name not in untyped}
+        else:
+            cols |= {name: np.empty(0, object) for name in untyped}
     return [
         types_pb2.NamedArray(name=name, values=arrays.to_array(arr, field=f"keys[{name!r}]"))
         for name, arr in cols.items()

@@ -38,6 +38,10 @@ def _namespace(*modules: ModuleType) -> SimpleNamespace:
     )
 
 
+MAX_BUCKETS = 2**31
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_BUCKETS_FIX = f"give 1 to {MAX_BUCKETS} buckets"
+
 KERNELS = _namespace(scaling, encoding, ktime, spatial, arithmetic)
 REFERENCES = _namespace(reference)
 
@@ -157,7 +161,8 @@ def _fit_clip(cols: list, lower_quantile: float = 0.01, upper_quantile: float = 
 
 
 def _check_bucket_width(params: dict, n: int, label: str) -> dict:
-    return {**_check_lo_hi(params, n, label), "buckets": param_ints(params, "buckets", n, label, 1)}
+    buckets = param_ints(params, "buckets", n, label, 1, MAX_BUCKETS, _BUCKETS_FIX)
+    return {**_check_lo_hi(params, n, label), "buckets": buckets}
 
 
 def _fit_bucket_width(cols: list, buckets: int = 10) -> dict:
@@ -213,7 +218,7 @@ def _emit_log1p(prog: Program, norm: dict, ins: list[int], outs: list[int]) -> N
 
 
 def _check_hash(params: dict, n: int, label: str) -> dict:
-    return {"buckets": param_ints(params, "buckets", n, label, 1)}
+    return {"buckets": param_ints(params, "buckets", n, label, 1, MAX_BUCKETS, _BUCKETS_FIX)}
 
 
 def _run_hash(ns: SimpleNamespace, cols: list, norm: dict) -> list[np.ndarray]:
@@ -316,10 +321,17 @@ def _emit_haversine(prog: Program, norm: dict, ins: list[int], outs: list[int]) 
 
 
 def _check_point(params: dict, n: int, label: str) -> dict:
-    return {
-        "lat0": param_floats(params, "lat0", 1, label)[0],
-        "lon0": param_floats(params, "lon0", 1, label)[0],
-    }
+    """lat0 in [-90, 90] and lon0 in [-180, 180] degrees: a point off the globe has no distance."""
+    out = {}
+    for key, bound, what in (("lat0", 90.0, "latitude"), ("lon0", 180.0, "longitude")):
+        value = float(param_floats(params, key, 1, label)[0])
+        if not -bound <= value <= bound:
+            raise InvalidArgumentError(
+                f"{label}: params.{key} is {value}; a {what} must be in [{-bound:g}, {bound:g}] "
+                "degrees: give the point's coordinates in degrees"
+            )
+        out[key] = value
+    return out
 
 
 def _emit_distance(prog: Program, norm: dict, ins: list[int], outs: list[int]) -> None:
@@ -333,7 +345,8 @@ def _check_age(params: dict, n: int, label: str) -> dict:
                 f"{label}: params.now_us is required with one input; or give a second input "
                 "column holding the reference time"
             )
-        return {"now_us": int(param_ints(params, "now_us", 1, label, -(2**62))[0])}
+        fix = "give µs since the Unix epoch that fit int64"
+        return {"now_us": int(param_ints(params, "now_us", 1, label, INT64_MIN, INT64_MAX, fix)[0])}
     if "now_us" in params:
         raise InvalidArgumentError(f"{label}: params.now_us conflicts with a second input")
     return {}

@@ -40,15 +40,36 @@ def param_floats(params: dict, key: str, n: int, label: str, finite: bool = True
     return values
 
 
-def param_ints(params: dict, key: str, n: int, label: str, minimum: int) -> np.ndarray:
-    """params[key] as n whole numbers >= minimum (int64), given like param_floats."""
-    values = param_floats(params, key, n, label)
-    bad = np.flatnonzero((values != np.floor(values)) | (values < minimum))
-    if bad.size:
+def _whole(value: Any, label: str, key: str, k: int, lo: int, hi: int, fix: str) -> int:
+    """One whole-number param as an exact Python int (an int is never sent through float64,
+    which rounds above 2**53), checked against [lo, hi]."""
+    where = f"{label}: params.{key}[{k}]"
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise InvalidArgumentError(f"{where} must be a whole number, got {value!r}")
+    if isinstance(value, float | np.floating) and not float(value).is_integer():
         raise InvalidArgumentError(
-            f"{label}: params.{key}[{bad[0]}] is {values[bad[0]]}; use a whole number >= {minimum}"
+            f"{where} is {value!r}; use a whole number (an integer, not a fraction or NaN/inf)"
         )
-    return values.astype(np.int64)
+    whole = int(value)
+    if not lo <= whole <= hi:
+        raise InvalidArgumentError(f"{where} is {value!r}; it must be in [{lo}, {hi}]: {fix}")
+    return whole
+
+
+def param_ints(
+    params: dict, key: str, n: int, label: str, lo: int, hi: int, fix: str
+) -> np.ndarray:
+    """params[key] as n whole numbers in [lo, hi] (int64), given like param_floats; Python ints
+    stay exact, and `fix` says what to do about a value out of range."""
+    if key not in params:
+        raise InvalidArgumentError(f"{label}: params.{key} is required (fit the transform)")
+    raw = params[key]
+    items = list(raw) if isinstance(raw, list | tuple | np.ndarray) else [raw] * n
+    if len(items) != n:
+        raise InvalidArgumentError(
+            f"{label}: params.{key} needs {n} values (one per input), got {len(items)}"
+        )
+    return np.array([_whole(v, label, key, k, lo, hi, fix) for k, v in enumerate(items)], np.int64)
 
 
 def jsonable(value: Any) -> Any:

@@ -56,6 +56,7 @@ _INTEGER = (DType.INT64, DType.BOOL)
 _FEATURES_KEYS = {"entity", "input", "outputs", "columns"}
 _COLUMN_KEYS = {"feature", "features", "request", "default", "name"}
 _NO_EVENT = np.iinfo(np.int64).max
+_INT64 = np.iinfo(np.int64)
 _PRESENT = np.uint8(FeatureStatus.PRESENT)
 
 
@@ -69,6 +70,7 @@ class FeatureColumn:
     feature: str
     name: str
     default: float | int | str | None
+    where: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,24 @@ def _error(source: str, message: str) -> ModelConfigError:
 
 
 def _default(source: str, where: str, raw: Any) -> float | int | str | None:
+    """A column's default as given: a string, an integer within int64 or a finite float (a
+    missing row must not be scored NaN or inf, nor fail or wrap when its int64 column fills)."""
     if raw is None or isinstance(raw, str):
         return raw
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise _error(source, f"{where}.default must be a number, got {raw!r}")
+    if isinstance(raw, int) and not _INT64.min <= raw <= _INT64.max:
+        raise _error(
+            source,
+            f"{where}.default {raw} is outside int64 [{_INT64.min}, {_INT64.max}]; give an "
+            "integer in that range (or a float such as 1.8e19 for a float column)",
+        )
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise _error(
+            source,
+            f"{where}.default is {raw}; give a finite number (a missing row would be scored "
+            f"{raw} with status OK)",
+        )
     return raw
 
 
@@ -187,7 +203,7 @@ def _parse_columns(
             name = entry.get("name", ref)
             if not isinstance(name, str) or not name:
                 raise _error(source, f"{where}.name must be a non-empty string")
-            columns.append(FeatureColumn(ref, view, version, features[0], name, default))
+            columns.append(FeatureColumn(ref, view, version, features[0], name, default, where))
     return columns
 
 
@@ -268,6 +284,7 @@ class PredictionBinding:
         self._strings = {n for step in steps if step.reads_strings for n in step.inputs}
         self._vocabs = _vocab_readers(steps, set(self.names))
         self._check_typed(source)
+        self._check_float32_defaults(source, passed_through)
         if self.typed:
             position = {n: k for k, n in enumerate(self.names)}
             numeric = [n for n in chain.inputs if n not in self.typed]
@@ -340,6 +357,24 @@ class PredictionBinding:
                     f"column {name!r}: default {c.default!r} must be an integer"
                     + (" (µs since the epoch)" if name in self._time else " or a string")
                     + ": a time or key op reads this column",
+                )
+
+    def _check_float32_defaults(self, source: str, passed_through: set[str]) -> None:
+        """A float default of a column that reaches the FP32 model input untransformed must fit
+        float32, else a missing row is scored from inf with status OK."""
+        for c in self.columns:
+            if not isinstance(c, FeatureColumn) or not isinstance(c.default, float):
+                continue
+            if c.name not in passed_through:
+                continue
+            with np.errstate(over="ignore"):
+                fits = math.isfinite(np.float32(c.default))
+            if not fits:
+                raise _error(
+                    source,
+                    f"{c.where}.default {c.default} overflows float32 (max "
+                    f"{np.finfo(np.float32).max:.8g}), and column {c.name!r} is a FP32 model "
+                    "input as it is; give a default within float32's range",
                 )
 
     def _vocab_mismatch(self, name: str, strings: bool) -> tuple[str, str] | None:

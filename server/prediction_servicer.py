@@ -67,8 +67,10 @@ def decode_request_values(binding: PredictionBinding, columns, rows: int) -> dic
         field, column = item
         values = arrays.from_array(column.values, field)
         if column.values.dtype != spec.dtype:
-            sent = types_pb2.DType.Name(column.values.dtype)
-            raise InvalidArgumentError(f"{field}: dtype {sent}, the model binds {dtype}")
+            if rows or values.size:  # an empty column sent as a plain list has no dtype
+                sent = types_pb2.DType.Name(column.values.dtype)
+                raise InvalidArgumentError(f"{field}: dtype {sent}, the model binds {dtype}")
+            values = np.empty((0, 1), arrays.DTYPE_TO_NUMPY.get(spec.dtype, np.dtype(object)))
         nulls = arrays.nulls_of(column.values, field)
         if nulls is not None and nulls.any():
             raise InvalidArgumentError(

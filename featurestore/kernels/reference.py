@@ -156,14 +156,23 @@ def dow_cyclical(ts_us: np.ndarray) -> np.ndarray:
     return _sin_cos(TWO_PI * day_of_week(ts_us) / 7.0)
 
 
+def seconds_between(start_us, end_us) -> np.ndarray:
+    """(end_us - start_us) / 1e6 by 32-bit halves, as the kernel does: exact up to 2**53 µs."""
+    start = np.asarray(start_us, np.int64)
+    end = np.asarray(end_us, np.int64)
+    high = ((end >> 32) - (start >> 32)).astype(np.float64)
+    low = ((end & 0xFFFFFFFF) - (start & 0xFFFFFFFF)).astype(np.float64)
+    return (high * 4294967296.0 + low) / 1e6
+
+
 def age_seconds(event_us: np.ndarray, now_us: int) -> np.ndarray:
-    """Seconds from each event time to now_us."""
-    return (np.int64(now_us) - event_us) / 1e6
+    """Seconds from each event time to now_us, never wrapping."""
+    return seconds_between(event_us, np.int64(now_us))
 
 
 def elapsed_seconds(start_us: np.ndarray, end_us: np.ndarray) -> np.ndarray:
-    """Seconds from start_us to end_us row by row."""
-    return (end_us - start_us) / 1e6
+    """Seconds from start_us to end_us row by row, never wrapping."""
+    return seconds_between(start_us, end_us)
 
 
 def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:

@@ -67,18 +67,28 @@ def dow_cyclical(ts_us: np.ndarray) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
+def seconds_between(start_us: int, end_us: int) -> float:
+    """(end_us - start_us) / 1e6 without int64 wrap-around (a -2**63 "unknown" sentinel against a
+    2026 time): high and low 32-bit halves are subtracted apart, so the difference is exact up
+    to 2**53 µs at any magnitude and rounded once beyond."""
+    high = (end_us >> 32) - (start_us >> 32)
+    low = (end_us & 0xFFFFFFFF) - (start_us & 0xFFFFFFFF)
+    return (float(high) * 4294967296.0 + float(low)) / 1e6
+
+
+@njit(nogil=True, cache=True)
 def age_seconds(event_us: np.ndarray, now_us: int) -> np.ndarray:
-    """Seconds from each event time to now_us (positive for past events)."""
+    """Seconds from each event time to now_us (positive for past events), never wrapping."""
     out = np.empty(event_us.shape[0], np.float64)
     for i in range(event_us.shape[0]):
-        out[i] = (now_us - event_us[i]) / 1e6
+        out[i] = seconds_between(event_us[i], now_us)
     return out
 
 
 @njit(nogil=True, cache=True)
 def elapsed_seconds(start_us: np.ndarray, end_us: np.ndarray) -> np.ndarray:
-    """Seconds from start_us[i] to end_us[i], row by row."""
+    """Seconds from start_us[i] to end_us[i], row by row, never wrapping."""
     out = np.empty(start_us.shape[0], np.float64)
     for i in range(start_us.shape[0]):
-        out[i] = (end_us[i] - start_us[i]) / 1e6
+        out[i] = seconds_between(start_us[i], end_us[i])
     return out

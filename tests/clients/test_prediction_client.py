@@ -165,14 +165,35 @@ def test_a_bad_item_is_answered_without_waiting_for_a_later_item(target) -> None
     ]
 
 
-def test_single_values_and_untyped_empty_keys_are_rejected_naming_the_argument(target) -> None:
+def test_single_values_are_rejected_naming_the_argument(target) -> None:
+    single = r"request_values\['amount'\]: got the single value"
+    with (
+        PredictionClient(ClientConfig(target=target)) as client,
+        pytest.raises(ArrayError, match=single),
+    ):
+        client.predict("scorer", {"user_id": [1]}, {"amount": 1.0})
+
+
+def test_zero_entities_as_plain_empty_lists_get_an_empty_answer(target) -> None:
+    # Like FeatureStoreClient.get_online_features({"user_id": []}); an empty list has no dtype.
+    empty = {"model": "scorer", "keys": {"user_id": []}, "request_values": {"amount": []}}
     with PredictionClient(ClientConfig(target=target)) as client:
-        with pytest.raises(ArrayError, match=r"request_values\['amount'\]: got the single value"):
-            client.predict("scorer", {"user_id": [1]}, {"amount": 1.0})
-        with pytest.raises(ArrayError, match=r"keys\['user_id'\]: an empty list has no dtype"):
-            client.predict("scorer", {"user_id": []}, {"amount": []})
-        empty = client.predict("scorer", {"user_id": np.array([], np.int64)}, {"amount": []})
-        assert empty.rows == 0 and empty.error is None
+        typed = client.predict("scorer", {"user_id": np.array([], np.int64)}, {"amount": []})
+        results = [client.predict(**empty), *client.stream([{**empty, "request_id": "z"}])]
+
+    async def main() -> list:
+        async with AsyncPredictionClient(ClientConfig(target=target)) as aclient:
+            return [await aclient.predict(**empty), *[r async for r in aclient.stream([empty])]]
+
+    results += asyncio.run(main())
+    assert typed.rows == 0 and typed.error is None and typed.scores
+    for result in results:
+        assert result.error is None and result.rows == 0
+        assert {n: s.shape for n, s in result.scores.items()} == {
+            n: s.shape for n, s in typed.scores.items()
+        }
+        assert result.row_status.size == 0
+    assert results[1].request_id == "z"
 
 
 def test_a_closed_client_raises_the_same_error_sync_and_async(target) -> None:

@@ -248,6 +248,25 @@ def test_age_and_elapsed_seconds_match_reference(rng):
     assert_same(ktime.elapsed_seconds(ts[:0], ts[:0]), ref.elapsed_seconds(ts[:0], ts[:0]))
 
 
+INT64_EXTREMES = [-(2**63), -(2**63) + 1, -(2**62), -1, 0, 1, 2**53 + 1, 2**62, 2**63 - 1]
+
+
+def test_age_and_elapsed_seconds_do_not_wrap_at_int64_extremes():
+    # The exact difference, as Python ints, against kernel and reference: the int64 difference
+    # of a -2**63 "unknown" sentinel and a 2026 time wraps to a negative age in both alike.
+    now_2026 = 1_780_000_000_000_000
+    events = np.array(INT64_EXTREMES, np.int64)
+    for now in [now_2026, 2**63 - 1, -(2**63)]:
+        exact = [(now - e) / 10**6 for e in INT64_EXTREMES]
+        for got in (ktime.age_seconds(events, now), ref.age_seconds(events, now)):
+            np.testing.assert_allclose(got, exact, rtol=1e-15, atol=0)
+    assert ktime.age_seconds(events[:1], now_2026)[0] > 9.2e12
+    ends = events[::-1].copy()
+    exact = [(b - a) / 10**6 for a, b in zip(INT64_EXTREMES, INT64_EXTREMES[::-1], strict=True)]
+    for got in (ktime.elapsed_seconds(events, ends), ref.elapsed_seconds(events, ends)):
+        np.testing.assert_allclose(got, exact, rtol=1e-15, atol=0)
+
+
 def degrees(rng: np.random.Generator, n: int, bound: float) -> np.ndarray:
     """Random degrees in [-bound, bound], a tenth out of range, with NaN, +-inf and +-1e308."""
     x = rng.uniform(-bound, bound, n)

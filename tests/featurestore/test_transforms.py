@@ -286,3 +286,69 @@ def test_equal_frequency_bucketize_fills_its_buckets_evenly():
         assert counts.tolist() == [2500] * 4
     shifted = apply(t, {"x": train + 10.0})["b"]
     assert (shifted == 3).all(), "values past the fitted range land in the last bucket"
+
+
+def test_age_seconds_on_a_sentinel_time_is_positive_on_every_chain_path():
+    # -2**63 ("unknown") against a 2026 now: the int64 difference wrapped to about -9.2e12 s.
+    now = 1_780_000_000_000_000
+    cols = {"ts": np.array([-(2**63), now - 1], np.int64), "end": np.full(2, now, np.int64)}
+    exact = np.array([(now + 2**63) / 10**6, 1e-6], np.float32)
+    for inputs, params in (["ts"], {"now_us": now}), (["ts", "end"], {}):
+        steps = transforms_from_config(
+            [{"op": "age_seconds", "inputs": inputs, "output": "age", "params": params}]
+        )
+        for out in (
+            apply_chain(steps, cols),
+            apply_chain(steps, cols, use_reference=True),
+            compile_chain(steps)(cols),
+        ):
+            np.testing.assert_array_equal(out[:, 0], exact)
+
+
+@pytest.mark.parametrize(
+    ("op", "params", "fragment"),
+    [
+        ("age_seconds", {"now_us": 2**63}, "params.now_us[0] is 9223372036854775808; it must be "
+         "in [-9223372036854775808, 9223372036854775807]"),
+        ("age_seconds", {"now_us": 1e30}, "params.now_us[0] is 1e+30; it must be in"),
+        ("age_seconds", {"now_us": 1.5}, "params.now_us[0] is 1.5; use a whole number"),
+        ("age_seconds", {"now_us": float("nan")}, "params.now_us[0] must be a whole number, got"),
+        ("age_seconds", {"now_us": "inf"}, "params.now_us[0] must be a whole number, got 'inf'"),
+        ("hash_bucket", {"buckets": 2**63}, "params.buckets[0] is 9223372036854775808; it must "
+         "be in [1, 2147483648]: give 1 to 2147483648 buckets"),
+        ("hash_bucket", {"buckets": 2**31 + 1}, "params.buckets[0] is 2147483649"),
+        ("hash_bucket", {"buckets": [3, 0]}, "params.buckets[1] is 0; it must be in [1, "),
+        ("bucketize_width", {"lo": 0, "hi": 1, "buckets": 1e30}, "params.buckets[0] is 1e+30"),
+        ("bucketize_width", {"lo": 0, "hi": 1, "buckets": 2.5}, "params.buckets[0] is 2.5"),
+        ("distance_to_point_km", {"lat0": 200, "lon0": 0}, "params.lat0 is 200.0; a latitude "
+         "must be in [-90, 90] degrees"),
+        ("distance_to_point_km", {"lat0": 0, "lon0": -180.5}, "params.lon0 is -180.5; a "
+         "longitude must be in [-180, 180] degrees"),
+    ],
+)  # fmt: skip
+def test_out_of_range_params_fail_at_load_naming_the_param(op, params, fragment):
+    entry = {"op": op, "inputs": ["a"], "params": params}
+    if op == "distance_to_point_km":
+        entry.update(inputs=["a", "b"], output="o")
+    elif op == "age_seconds":
+        entry["output"] = "o"
+    elif isinstance(params.get("buckets"), list):
+        entry["inputs"] = ["a", "b"]
+    with pytest.raises(InvalidArgumentError, match="transforms\\[0\\]") as err:
+        transforms_from_config([entry])
+    assert fragment in str(err.value)
+
+
+def test_whole_number_params_stay_exact_up_to_the_int64_bounds():
+    for now in (2**53 + 1, 2**63 - 1, -(2**63)):
+        entry = {"op": "age_seconds", "inputs": ["t"], "output": "o", "params": {"now_us": now}}
+        (step,) = transforms_from_config([entry])
+        assert step.checked["now_us"] == now
+    for buckets in (1, 2**31, float(2**31)):
+        entry = {"op": "hash_bucket", "inputs": ["k"], "params": {"buckets": buckets}}
+        (step,) = transforms_from_config([entry])
+        assert step.checked["buckets"].tolist() == [int(buckets)]
+    entry = {"op": "distance_to_point_km", "inputs": ["a", "b"], "output": "o",
+             "params": {"lat0": -90, "lon0": 180}}  # fmt: skip
+    (step,) = transforms_from_config([entry])
+    assert (step.checked["lat0"], step.checked["lon0"]) == (-90.0, 180.0)

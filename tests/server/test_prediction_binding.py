@@ -358,3 +358,56 @@ def test_views_of_two_entities_are_refused_naming_them(tmp_path) -> None:
     same = binding(head.format("stats:a").replace('"stats:a", "stats:a"', '"stats:a"'), width=1)
     assert len(same.read(store, {"id": np.array([1, 2])})) == 1
     store.close()
+
+
+AGE_HEAD = TYPED_HEAD.replace(
+    "[[features.columns]]\nrequest",
+    '[[features.columns]]\nfeature = "profile:seen_us"\ndefault = 0\n[[features.columns]]\nrequest',
+    1,
+)
+AGE_CHAIN = [*TYPED_CHAIN, {"op": "age_seconds", "inputs": ["profile:seen_us"], "output": "age",
+                            "params": {"now_us": 1_780_000_000_000_000}}]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("head", "chain", "message"),
+    [
+        (TYPED_HEAD.replace("default = 7", "default = 18446744073709551616"), TYPED_CHAIN,
+         "features.columns[1].default 18446744073709551616 is outside int64 "
+         "[-9223372036854775808, 9223372036854775807]"),
+        (AGE_HEAD.replace("default = 0\n", "default = 9223372036854775808\n"), AGE_CHAIN,
+         "features.columns[3].default 9223372036854775808 is outside int64"),
+        (TYPED_HEAD.replace("default = 0.5", "default = nan"), TYPED_CHAIN,
+         "features.columns[0].default is nan; give a finite number"),
+        (TYPED_HEAD.replace("default = 0.5", "default = -inf"), TYPED_CHAIN,
+         "features.columns[0].default is -inf; give a finite number"),
+    ],
+    ids=["2**64", "2**63-age", "nan", "-inf"],
+)  # fmt: skip
+def test_defaults_outside_int64_or_not_finite_fail_at_load(head, chain, message) -> None:
+    with pytest.raises(ModelConfigError) as info:
+        binding(head + "".join(_toml(t) for t in chain), width=TYPED_WIDTH + 1)
+    assert message in str(info.value) and "m/config.toml" in str(info.value)
+
+
+def test_a_default_reaching_the_fp32_input_untransformed_must_fit_float32(tmp_path) -> None:
+    with pytest.raises(ModelConfigError) as info:
+        binding(BINDING.replace("default = 1.5", "default = 3.4e39"))
+    assert "features.columns[0].default 3.4e+39 overflows float32" in str(info.value)
+    standardized = binding(
+        BINDING.replace("default = 1.5", "default = 3.4e39")
+        + '[[transforms]]\nop = "standardize"\ninputs = ["stats:a", "stats:b"]\n'
+        "params = {mean = 0.0, std = 1e10}\n",
+        width=2,
+    )
+    store = OnlineStore(StoreConfig(path=tmp_path, sync=False))
+    store.registry.apply(
+        [Entity("user", (JoinKey("id", DType.INT64),))],
+        [FeatureView("stats", "user", (Feature("a", DType.FLOAT32), Feature("b", DType.INT64)))],
+    )
+    keys = {"id": np.array([1])}
+    results = [store.read(r.view, keys, r.features, r.version) for r in standardized.reads]
+    out = standardized.assemble(results, {"amount": np.array([2.0])}, 1)
+    scored = standardized.transform(out.block)
+    np.testing.assert_array_equal(scored, np.array([[3.4e29, 3.4e29]], np.float32))
+    store.close()

@@ -289,6 +289,9 @@ def test_time_and_categorical_transforms_equal_the_reference_exactly(served) -> 
     channel = np.array(["web", "app", "store"], object)[rng.integers(0, 3, len(ids))]
     with PredictionClient(ClientConfig(target=target)) as client:
         result = client.predict("typed", {"user_id": ids}, {"ts": ts, "channel": channel})
+        # Zero entities as plain lists: the empty values carry no dtype, which is no error.
+        empty = client.predict("typed", {"user_id": []}, {"ts": [], "channel": []})
+    assert empty.error is None and empty.rows == 0 and empty.row_status.size == 0
 
     refs = [*STATS_REFS[:20], *TYPED_DEFAULTS]
     with FeatureStoreClient(ClientConfig(target=target)) as client:

@@ -4,13 +4,13 @@ caller samples."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from featurestore.kernels.drift import histogram, psi
-from server.metrics import FEATURE_PSI
+from server.metrics import FEATURE_PSI, forget
 
 PSI_EPS = 1e-4
 
@@ -107,6 +107,13 @@ class DriftMonitor:
         if state is None:
             state = self.features[name] = FeatureDrift(self.view, name, self.fit_rows, self.decay)
         return state
+
+    def drop(self, names: Iterable[str]) -> None:
+        """Forget the drift of these features and their gauges (features of a deleted view
+        or version): one of them seen again starts a new reference."""
+        for name in names:
+            if self.features.pop(name, None) is not None:
+                forget(FEATURE_PSI, self.view, name)
 
     def observe(self, columns: Mapping[str, np.ndarray]) -> None:
         """Fold a block of columns (feature name -> 1-D values) into each feature's drift.

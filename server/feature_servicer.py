@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import numpy as np
 
 from clients import registry_messages as rm
 from featurestore.dtypes import FeatureStatus
-from featurestore.errors import InvalidArgumentError, ResourceExhaustedError
+from featurestore.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from featurestore.feature_refs import parse_feature_refs
 from featurestore.group_commit import Committer
 from featurestore.online_store import (
@@ -22,6 +23,7 @@ from featurestore.online_store import (
     WriteBatch,
     WriteResult,
 )
+from featurestore.registry import FeatureView
 from protos import arrays
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
@@ -42,6 +44,9 @@ spanned two commits, waiting for the first before sending the rest; at 16 it fit
 with the commit thread in the server, 32 streams: 240k rows/s against 196-208k at 8."""
 LOOKUP_SAMPLE_EVERY = 256
 WRITE_SAMPLE_EVERY = 16
+SWEEP_OBSERVERS_AT = 16
+"""Observers held before the first sweep for those of views deleted by another worker; each
+sweep doubles the next threshold, so sweeping costs O(1) per view first seen."""
 
 
 class _Sampler:
@@ -63,8 +68,10 @@ class ViewObserver:
     entities. Writes carry 1000-row blocks, so every 16th of them is sampled."""
 
     def __init__(self, view: str) -> None:
+        self.view = view
         self.metrics = ViewMetrics(view)
         self.drift = DriftMonitor(view)
+        self.sized_version = 0
         self._sample_lookup = _Sampler(LOOKUP_SAMPLE_EVERY)
         self._sample_write = _Sampler(WRITE_SAMPLE_EVERY)
 
@@ -90,7 +97,29 @@ class ViewObserver:
         self.metrics.observe_write(result.written, result.stale, result.rejected)
         if result.written and self._sample_write():
             self.drift.observe(batch.columns)
-            self.metrics.store_bytes(store.view_bytes(batch.view, batch.version))
+            with contextlib.suppress(NotFoundError):  # deleted since its commit: no size left
+                self.resize(store, batch.version or store.registry.get_view(self.view).version)
+
+    def resize(self, store: OnlineStore, version: int) -> None:
+        """Show the size of one version of the view on the store-bytes gauge."""
+        self.metrics.store_bytes(store.view_bytes(self.view, version))
+        self.sized_version = version
+
+    def version_deleted(
+        self, store: OnlineStore, version: int, remaining: list[FeatureView]
+    ) -> None:
+        """Drop what only a deleted version had, while `remaining` versions of the view stay:
+        the drift of features none of them has, and a size the gauge took from that version."""
+        kept = {feature.name for view in remaining for feature in view.features}
+        self.drift.drop([name for name in self.drift.features if name not in kept])
+        if self.sized_version == version:
+            with contextlib.suppress(NotFoundError):
+                self.resize(store, max(view.version for view in remaining))
+
+    def close(self) -> None:
+        """Remove the view's label values and drift (its last version was deleted)."""
+        self.metrics.remove()
+        self.drift.drop(list(self.drift.features))
 
 
 def decode_keys(columns, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
@@ -290,13 +319,42 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         self.committer = committer
         self.max_rows = max_entities_per_request
         self._observers: dict[str, ViewObserver] = {}
+        self._sweep_at = SWEEP_OBSERVERS_AT
 
-    def observer(self, view: str) -> ViewObserver:
-        """The metrics and drift observer of a view, created on first use."""
+    def observer(self, view: str) -> ViewObserver | None:
+        """The metrics and drift observer of a view, created on first use; None for a view
+        deleted meanwhile, so a call that raced its deletion cannot label it again."""
         found = self._observers.get(view)
         if found is None:
+            try:
+                self.store.registry.get_view(view)
+            except NotFoundError:
+                return None
+            if len(self._observers) >= self._sweep_at:
+                self._sweep()
+                self._sweep_at = 2 * max(len(self._observers), SWEEP_OBSERVERS_AT)
             found = self._observers[view] = ViewObserver(view)
         return found
+
+    def _sweep(self) -> None:
+        """Close the observers of views no longer registered (deleted through any worker)."""
+        registered = {view.name for view in self.store.registry.list_views()}
+        for name in [name for name in self._observers if name not in registered]:
+            self._observers.pop(name).close()
+
+    def _view_deleted(self, name: str, version: int) -> None:
+        """After a delete: close the view's observer if no version is left (and any other
+        worker's deletions), else drop only what belonged to the deleted version."""
+        remaining = [
+            view
+            for view in self.store.registry.list_views(name, all_versions=True)
+            if view.name == name
+        ]
+        found = self._observers.get(name)
+        if not remaining:
+            self._sweep()
+        elif found is not None:
+            found.version_deleted(self.store, version, remaining)
 
     def lookup(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
         """Read every referenced view for the request's entities (the hot path)."""
@@ -308,7 +366,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         now_us = time.time_ns() // 1000
         reads = [ViewRead(view, features, version) for (view, version), features in refs.items()]
         for result in self.store.read_many(reads, keys, now_us):
-            self.observer(result.view.name).lookup(result, now_us)
+            observer = self.observer(result.view.name)
+            if observer is not None:
+                observer.lookup(result, now_us)
             out = response.views.add(
                 view=result.view.name,
                 version=result.view.version,
@@ -338,8 +398,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         in its audit record."""
         batch = write_batch(request, self.max_rows)
         result = await self._submit(batch)
-        if len(batch.event_us):
-            self.observer(batch.view).write(self.store, batch, result)
+        observer = self.observer(batch.view) if len(batch.event_us) else None
+        if observer is not None:
+            observer.write(self.store, batch, result)
         record.update(written=result.written, stale=result.stale, rejected=result.rejected)
         return result
 
@@ -365,8 +426,9 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         as WriteFeatures does for its one batch."""
         fields = {"peer": peer, "batch": index}
         if isinstance(outcome, WriteResult):
-            if batch is not None and len(batch.event_us):
-                self.observer(view).write(self.store, batch, outcome)
+            observer = self.observer(view) if batch is not None and len(batch.event_us) else None
+            if observer is not None:
+                observer.write(self.store, batch, outcome)
             self.audit.record(
                 "write_features",
                 view,
@@ -487,4 +549,5 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
                 self.store.registry.delete_view, request.name, request.version
             ),
         )
+        self._view_deleted(request.name, request.version)
         return pb.DeleteFeatureViewResponse()

@@ -186,9 +186,20 @@ class ModelMetrics:
 class ViewMetrics:
     """Recorders for one feature view; lookups and ages take whole columns, never per-row calls."""
 
-    __slots__ = ("_age", "_bytes", "_expired", "_hit", "_miss", "_rejected", "_stale", "_written")
+    __slots__ = (
+        "_age",
+        "_bytes",
+        "_expired",
+        "_hit",
+        "_miss",
+        "_rejected",
+        "_stale",
+        "_view",
+        "_written",
+    )
 
     def __init__(self, view: str) -> None:
+        self._view = view
         self._written = VIEW_ROWS_WRITTEN.labels(view)
         self._stale = VIEW_ROWS_STALE.labels(view)
         self._rejected = VIEW_ROWS_REJECTED.labels(view)
@@ -223,6 +234,22 @@ class ViewMetrics:
     def store_bytes(self, n: int) -> None:
         """The view's current size on disk."""
         self._bytes.set(n)
+
+    def remove(self) -> None:
+        """Drop the view's label values from every view family, so a deleted view leaves no
+        series behind and one re-created under its name starts from zero."""
+        for family in (VIEW_ROWS_WRITTEN, VIEW_ROWS_STALE, VIEW_ROWS_REJECTED, VIEW_VALUE_AGE):
+            forget(family, self._view)
+        for result in ("hit", "miss", "expired"):
+            forget(VIEW_LOOKUPS, self._view, result)
+        forget(VIEW_STORE_BYTES, self._view)
+
+
+def forget(family: Counter | Gauge | Histogram, *labels: str) -> None:
+    """Remove one label set from a family. A no-op across --workers: prometheus_client keeps
+    every label set in the workers' shared files, and remove() there only warns on stderr."""
+    if multiprocess_dir() is None:
+        family.remove(*labels)
 
 
 def add_to_histogram(child: Histogram, values: np.ndarray) -> None:

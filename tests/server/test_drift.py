@@ -67,3 +67,19 @@ def test_supplied_reference_replaces_fitting() -> None:
     psi = monitor.features["x"].update(np.linspace(-3, 3, 1000))
     assert psi is not None and psi < 0.01
     assert psi_gauge("drift_supplied", "x") == psi
+
+
+def test_dropped_features_lose_their_gauge_and_start_over() -> None:
+    """drop() (a deleted view or version) removes the PSI series; the feature seen again is
+    fitted afresh rather than compared with the old reference."""
+    rng = np.random.default_rng(2)
+    monitor = DriftMonitor("drift_dropped", fit_rows=1000)
+    for _ in range(4):
+        monitor.observe({"a": rng.normal(size=512), "b": rng.normal(size=512)})
+    assert psi_gauge("drift_dropped", "a") is not None
+    monitor.drop(["a", "never_seen"])
+    assert psi_gauge("drift_dropped", "a") is None
+    assert psi_gauge("drift_dropped", "b") is not None
+    monitor.observe({"a": rng.normal(loc=5.0, size=512)})
+    assert monitor.features["a"].reference is None
+    assert psi_gauge("drift_dropped", "a") == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
+import warnings
 
 import grpc
 import numpy as np
@@ -324,3 +325,125 @@ def test_view_observer_samples_the_first_lookup_block_then_every_256th(tmp_path)
     assert value("featureserve_view_lookup_rows_total", view="sampled_view", result="hit") == (
         2 * (LOOKUP_SAMPLE_EVERY + 1)
     )
+
+
+def view_series(samples: dict[tuple[str, frozenset], float], view: str) -> dict:
+    """The samples of a scrape labelled with one view."""
+    return {k: v for k, v in samples.items() if ("view", view) in k[1]}
+
+
+def test_deleting_a_views_last_version_removes_its_series_and_recreating_starts_clean(
+    server_factory,
+) -> None:
+    """Once a view's last version is deleted none of its series are left (cycling temporary
+    views used to add ~21 series each for good); a view re-created under the name records again,
+    from zero, and other views keep theirs."""
+    port = free_port()
+    server = server_factory("--metrics-port", str(port))
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    now = int(time.time() * 1e6)
+    ids = np.arange(100)
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=10)) as client:
+        client.apply(
+            [user],
+            [
+                FeatureView(name, "user", (Feature("x", DType.FLOAT32),))
+                for name in ("gone", "kept")
+            ],
+        )
+        for name in ("gone", "kept"):
+            client.write_features(name, {"user_id": ids}, now, {"x": np.ones(100)})
+            client.get_online_features([f"{name}:x"], {"user_id": ids})
+        before = scrape(port)
+        assert len(view_series(before, "gone")) > 20
+        assert before[key("featureserve_feature_psi", view="gone", feature="x")] == 0
+        client.delete_feature_view("gone", 1)
+        assert view_series(scrape(port), "gone") == {}
+        assert view_series(scrape(port), "kept") == view_series(before, "kept")
+
+        client.apply([], [FeatureView("gone", "user", (Feature("x", DType.FLOAT32),))])
+        client.write_features("gone", {"user_id": ids[:30]}, now, {"x": np.ones(30)})
+        client.get_online_features(["gone:x"], {"user_id": ids[:10]})
+    samples = scrape(port)
+    assert samples[key("featureserve_view_rows_written_total", view="gone")] == 30
+    assert samples[key("featureserve_view_lookup_rows_total", view="gone", result="hit")] == 10
+    assert samples[key("featureserve_view_value_age_seconds_count", view="gone")] == 10
+    assert samples[key("featureserve_view_store_bytes", view="gone")] >= 4096
+    assert key("featureserve_feature_psi", view="gone", feature="x") in samples
+
+
+def test_deleting_one_version_drops_only_what_that_version_alone_had(server_factory) -> None:
+    """While other versions remain the view keeps its series; the drift of a feature only the
+    deleted version had goes, and a size taken from that version is replaced by the latest
+    remaining version's (0: it holds no rows)."""
+    port = free_port()
+    server = server_factory("--metrics-port", str(port))
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    both = (Feature("x", DType.FLOAT32), Feature("y", DType.FLOAT32))
+    now = int(time.time() * 1e6)
+    ids = np.arange(100)
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=10)) as client:
+        client.apply([user], [FeatureView("multi", "user", both)])
+        client.apply([], [FeatureView("multi", "user", both[:1], version=2)])
+        features = {"x": np.ones(100), "y": np.ones(100)}
+        client.write_features("multi", {"user_id": ids}, now, features, version=1)
+        psi_y = key("featureserve_feature_psi", view="multi", feature="y")
+        size = key("featureserve_view_store_bytes", view="multi")
+        before = scrape(port)
+        assert psi_y in before and before[size] >= 4096
+        client.delete_feature_view("multi", 1)
+    samples = scrape(port)
+    assert psi_y not in samples
+    assert key("featureserve_feature_psi", view="multi", feature="x") in samples
+    assert samples[key("featureserve_view_rows_written_total", view="multi")] == 100
+    assert samples[size] == 0
+
+
+def test_forgetting_label_values_across_workers_is_a_silent_no_op(monkeypatch, tmp_path) -> None:
+    """prometheus_client cannot remove a label set from the workers' shared files and only
+    warns (a line of non-JSON on the server's stderr), so forget() leaves them alone there."""
+    from server.metrics import MULTIPROC_ENV, VIEW_ROWS_WRITTEN, forget
+
+    VIEW_ROWS_WRITTEN.labels("shared_view").inc()
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forget(VIEW_ROWS_WRITTEN, "shared_view")
+    monkeypatch.delenv(MULTIPROC_ENV)
+    assert value("featureserve_view_rows_written_total", view="shared_view") == 1
+    forget(VIEW_ROWS_WRITTEN, "shared_view")
+    assert (
+        REGISTRY.get_sample_value("featureserve_view_rows_written_total", {"view": "shared_view"})
+        is None
+    )
+
+
+def test_observers_of_views_another_worker_deleted_are_swept(tmp_path) -> None:
+    """A worker that did not serve a view's deletion drops its observer (and series) once it
+    has met enough new views, and a call racing the deletion does not label the view again."""
+    from featurestore.group_commit import GroupCommitter
+    from featurestore.online_store import OnlineStore, StoreConfig
+    from server.feature_servicer import SWEEP_OBSERVERS_AT, FeatureStoreServicer
+
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    names = [f"swept{i}" for i in range(SWEEP_OBSERVERS_AT + 2)]
+    views = [FeatureView(name, "user", (Feature("x", DType.FLOAT32),)) for name in names]
+    with OnlineStore(StoreConfig(tmp_path / "data")) as store:
+        store.registry.apply([user], views)
+        committer = GroupCommitter(store)
+        try:
+            servicer = FeatureStoreServicer(store, committer, 100)
+            servicer.observer("swept0").metrics.observe_write(5)
+            store.registry.delete_view("swept0", 1)
+            store.registry.delete_view("swept1", 1)
+            assert servicer.observer("swept1") is None
+            assert value("featureserve_view_rows_written_total", view="swept0") == 5
+            for name in names[2:]:
+                servicer.observer(name)
+        finally:
+            committer.close()
+    for name in ("swept0", "swept1"):
+        assert (
+            REGISTRY.get_sample_value("featureserve_view_rows_written_total", {"view": name})
+            is None
+        )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import lmdb
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from featurestore.commit_process import CommitProcess
@@ -23,7 +24,7 @@ from protos.featureserve.v1 import (
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.audit import AuditConfig, AuditLog, parse_audit
 from server.auth import Authorizer, parse_auth
-from server.config import ConfigError, ServerConfig
+from server.config import ConfigError, ServerConfig, host_port
 from server.event_loop import running_loop_name
 from server.feature_servicer import FeatureStoreServicer
 from server.handler_wrapping import InterceptingRegistrar
@@ -46,6 +47,8 @@ FEATURE_STORE = feature_store_pb2.DESCRIPTOR.services_by_name["FeatureStore"].fu
 PREDICTION = prediction_pb2.DESCRIPTOR.services_by_name["Prediction"].full_name
 INFERENCE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVICES = [FEATURE_STORE, PREDICTION, INFERENCE]
+SERVED = [*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME]
+"""Every service the server registers, health checking and reflection included."""
 
 
 class StartupError(Exception):
@@ -92,7 +95,37 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise StartupError(
+                f"cannot listen on {host_port(host, port)}: {exc.strerror}"
+            ) from None
+
+
+def store_config(config: ServerConfig) -> StoreConfig:
+    """The online store's settings from the server's config."""
+    return StoreConfig(
+        path=config.data_dir,
+        map_size=config.lmdb_map_bytes,
+        max_dbs=config.lmdb_max_dbs,
+        max_clock_skew_seconds=config.max_clock_skew_seconds,
+        max_entities_per_read=config.max_entities_per_request,
+        max_rows_per_write=config.max_rows_per_write,
+    )
+
+
+def open_store(config: StoreConfig) -> OnlineStore:
+    """The online store, or StartupError naming the key to fix when LMDB cannot open it."""
+    try:
+        return OnlineStore(config)
+    except lmdb.MemoryError as exc:
+        raise StartupError(
+            f"lmdb_map_bytes = {config.map_size} cannot be mapped ({exc}); set lmdb_map_bytes "
+            "lower (the default is 1 GiB)"
+        ) from None
+    except lmdb.Error as exc:
+        raise StartupError(
+            f"LMDB cannot open the store ({exc}); point --data-dir (data_dir) at a featureserve "
+            "store or an empty directory"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -110,7 +143,7 @@ def parse_sections(config: ServerConfig) -> Sections:
     try:
         tls = parse_tls(config.extra.get("tls"))
         return Sections(
-            Authorizer(parse_auth(config.extra.get("auth"))),
+            Authorizer(parse_auth(config.extra.get("auth"), services=SERVED)),
             tls,
             server_credentials(tls) if tls is not None else None,
             parse_audit(config.extra.get("audit")),
@@ -130,12 +163,13 @@ def open_audit(config: AuditConfig, data_dir: Path) -> AuditLog:
 
 
 def preflight(config: ServerConfig) -> None:
-    """What start() refuses before opening the store, checked once by the parent of a worker
+    """What start() refuses up to opening the store, checked once by the parent of a worker
     group, so a bad config is reported in one line rather than once per worker."""
     sections = parse_sections(config)
     data_dir = ensure_writable_dir(config.data_dir, "data dir")
     ensure_writable_dir(config.model_repo, "model repository")
     open_audit(sections.audit, data_dir).close()
+    open_store(store_config(config)).close()
 
 
 class FeatureServer:
@@ -166,24 +200,17 @@ class FeatureServer:
         if worker_index() is None:
             check_port_free(self.config.host, self.config.port)
         self.audit = open_audit(self.audit_config, self.config.data_dir)
-        store_config = StoreConfig(
-            path=self.config.data_dir,
-            map_size=self.config.lmdb_map_bytes,
-            max_dbs=self.config.lmdb_max_dbs,
-            max_clock_skew_seconds=self.config.max_clock_skew_seconds,
-            max_entities_per_read=self.config.max_entities_per_request,
-            max_rows_per_write=self.config.max_rows_per_write,
-        )
-        self.store = OnlineStore(store_config)
+        settings = store_config(self.config)
+        self.store = open_store(settings)
         needed = self.store.databases_needed()
-        if needed > store_config.max_dbs:
+        if needed > settings.max_dbs:
             self.store.close()
             raise StartupError(
-                f"lmdb_max_dbs = {store_config.max_dbs} is too small for the store in "
+                f"lmdb_max_dbs = {settings.max_dbs} is too small for the store in "
                 f"{self.config.data_dir}: its {(needed - 1) // 2} view versions need {needed} "
                 f"LMDB databases; set lmdb_max_dbs to at least {needed}"
             )
-        self.committer = CommitProcess(store_config)
+        self.committer = CommitProcess(settings)
         self.models = ModelRepository(
             model_repo,
             watch=self.config.watch_model_repo,
@@ -229,7 +256,7 @@ class FeatureServer:
         log.info(
             "serving",
             extra={
-                "address": f"{self.config.host}:{self.port}",
+                "address": host_port(self.config.host, self.port),
                 "pid": os.getpid(),
                 "worker": worker_index(),
                 "tls": self.tls is not None,
@@ -285,9 +312,7 @@ class FeatureServer:
         )
         self.health.register(server)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(
-                [*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME]
-            ),
+            reflection.aio.ReflectionServicer(SERVED),
             server,
         )
 

@@ -5,6 +5,7 @@ and checks its method's scope class, and the per-view / per-model check servicer
 from __future__ import annotations
 
 import contextvars
+import difflib
 import hashlib
 import hmac
 import inspect
@@ -16,6 +17,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from server.config import ConfigError
 from server.errors import PermissionDeniedError, UnauthenticatedError
@@ -122,6 +124,21 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+def _check_secret(secret: str, what: str, where: str) -> None:
+    """Refuse a secret no client can present: gRPC metadata carries printable ASCII only, and
+    bearer_token() strips the whitespace around what the client sends."""
+    if secret != secret.strip():
+        raise ConfigError(
+            f"{where}: {what} has leading or trailing whitespace, which no client can send (the "
+            "server strips it from the authorization header); remove it"
+        )
+    if not (secret.isascii() and secret.isprintable()):
+        raise ConfigError(
+            f"{where}: {what} holds a character other than printable ASCII, which gRPC metadata "
+            "cannot carry; use ASCII letters, digits and -._~+/="
+        )
+
+
 def _parse_token(raw: Any, where: str) -> TokenSpec:
     """One [[auth.tokens]] entry; exactly one of token, token_sha256, token_env holds the secret."""
     if not isinstance(raw, dict):
@@ -144,11 +161,13 @@ def _parse_token(raw: Any, where: str) -> TokenSpec:
             raise ConfigError(f"{where}: 'token_sha256' must be 64 hex digits (sha256sum of it)")
         digest = bytes.fromhex(secret)
     elif sources[0] == "token_env":
-        value = os.environ.get(secret)
+        value = os.environ.get(secret, "").rstrip("\r\n")  # as filled from a secret file
         if not value:
             raise ConfigError(f"{where}: environment variable {secret} is unset or empty")
+        _check_secret(value, f"environment variable {secret} (token_env)", where)
         digest = token_digest(value)
     else:
+        _check_secret(secret, "'token'", where)
         digest = token_digest(secret)
     scopes = raw.get("scopes")
     if not isinstance(scopes, list) or not scopes:
@@ -162,8 +181,37 @@ def _parse_token(raw: Any, where: str) -> TokenSpec:
     return TokenSpec(name, digest, frozenset(scopes))
 
 
-def parse_auth(raw: dict[str, Any] | None, source: str = "config") -> AuthConfig:
-    """The [auth] table (ServerConfig.extra["auth"]) as an AuthConfig; absent means disabled."""
+def _served_names(services: Iterable[str]) -> set[str]:
+    """Each service's full name and its `service/Method` names, from the descriptors its
+    generated module added to protobuf's default pool (so the module must be imported)."""
+    pool = descriptor_pool.Default()
+    names = set()
+    for service in services:
+        names.add(service)
+        names.update(f"{service}/{m.name}" for m in pool.FindServiceByName(service).methods)
+    return names
+
+
+def _check_open_methods(names: Iterable[str], services: Iterable[str], source: str) -> None:
+    """Refuse an open_methods entry that names nothing the server serves (a misspelt health
+    service would leave health checks closed); the defaults are always accepted."""
+    known = _served_names(services) | set(DEFAULT_OPEN_METHODS)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"{source}: [auth] open_methods entry '{name}' is no service or method this "
+                f"server serves; {hint}list a service such as grpc.health.v1.Health or a "
+                "method such as grpc.health.v1.Health/Check"
+            )
+
+
+def parse_auth(
+    raw: dict[str, Any] | None, source: str = "config", services: Iterable[str] | None = None
+) -> AuthConfig:
+    """The [auth] table (ServerConfig.extra["auth"]) as an AuthConfig; absent means disabled.
+    With `services` (the full names the server registers), open_methods must name them."""
     if raw is None:
         return AuthConfig()
     unknown = set(raw) - _AUTH_KEYS
@@ -188,7 +236,10 @@ def parse_auth(raw: dict[str, Any] | None, source: str = "config") -> AuthConfig
     for kind, values in (("name", [t.name for t in tokens]), ("token", [t.digest for t in tokens])):
         if len(set(values)) != len(values):
             raise ConfigError(f"{source}: two [[auth.tokens]] entries share the same {kind}")
-    return AuthConfig(enabled, tuple(m.strip("/") for m in open_methods), tokens)
+    names = tuple(m.strip("/") for m in open_methods)
+    if services is not None:
+        _check_open_methods(names, services, source)
+    return AuthConfig(enabled, names, tokens)
 
 
 PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,12 @@ class ServerConfig:
     @property
     def address(self) -> str:
         """host:port to bind."""
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC and its clients read it: an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _PATH_KEYS = {"data_dir", "model_repo"}
@@ -53,11 +59,12 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _PORT_KEYS = {"port": "0 picks a free port", "metrics_port": "0 turns /metrics off"}
 _BETWEEN = {
     "lmdb_max_dbs": (3, 32768, "1 database for the registry plus 2 per view version"),
+    "max_message_bytes": (1, 2**31 - 1, "gRPC's largest message"),
 }
-"""Inclusive bounds. LMDB sizes every transaction (each lookup opens one) by max_dbs: measured
-here, ~0.5 µs per 1000 slots per read transaction (2 µs at 4096, 17 µs at 32768)."""
+"""Inclusive bounds. gRPC's message limits are C ints. LMDB sizes every transaction (each
+lookup opens one) by max_dbs: measured here, ~0.5 µs per 1000 slots per read transaction
+(2 µs at 4096, 17 µs at 32768)."""
 _AT_LEAST = {
-    "max_message_bytes": 1,
     "lmdb_map_bytes": 1,
     "max_entities_per_request": 1,
     "max_rows_per_write": 1,
@@ -65,8 +72,10 @@ _AT_LEAST = {
     "max_concurrent_rpcs": 0,
     "max_clock_skew_seconds": 0,
     "warm_store_seconds": 0,
+    "model_poll_interval_s": 0.05,
 }
-"""Lower bounds: below them a server would start and then refuse or mishandle every request."""
+"""Lower bounds: below them a server would start and then refuse or mishandle every request
+(or, for model_poll_interval_s, keep a core busy polling the model repository)."""
 
 
 def _check_range(name: str, value: Any, source: str) -> None:
@@ -94,6 +103,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(
             f"{source}: key '{name}' must be {expected.__name__}, got {type(value).__name__}"
         )
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{source}: key '{name}' is {value}; use a finite number")
+    if name == "host" and value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
     choices = _CHOICES.get(name)
     if choices is not None and value not in choices:
         raise ConfigError(
@@ -114,15 +127,11 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     falls back to a default.
     """
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     extra: dict[str, dict[str, Any]] = {}
     if path is not None:
         source = str(path)
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        raw = _read_toml(Path(path))
         server_keys = raw.pop("server", {})
         if not isinstance(server_keys, dict):
             raise ConfigError(f"{source}: [server] must be a table")
@@ -136,9 +145,36 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             if key not in ServerConfig.__dataclass_fields__ or key == "extra":
                 raise ConfigError(f"{source}: unknown key '{key}'")
             values[key] = _coerce(key, value, source)
+            origins[key] = source
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _coerce(key, value, "command line")
+            origins[key] = "command line"
     config = dataclasses.replace(ServerConfig(), **values)
+    if config.metrics_port != 0 and config.metrics_port == config.port:
+        raise ConfigError(
+            f"{origins['metrics_port']}: key 'metrics_port' is {config.metrics_port}, the same as "
+            "'port'; give /metrics another port, or 0 to turn it off"
+        )
     config.extra = extra
     return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The TOML table in `path`, or a ConfigError naming the file and what to fix."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; give --config a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: config file cannot be read: {exc.strerror}; give --config a readable file"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save the config file as UTF-8"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None

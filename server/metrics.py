@@ -23,6 +23,8 @@ from prometheus_client import (
 from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from server.config import host_port
+
 log = logging.getLogger("featureserve.metrics")
 disable_created_metrics()
 
@@ -290,11 +292,13 @@ def serve_metrics(host: str, port: int, directory: Path | None = None) -> int:
         httpd, _ = _start_http_server(port, addr=host, registry=scrape_registry(directory))
     except OSError as exc:
         raise StartupError(
-            f"cannot serve /metrics on {host}:{port}: {exc.strerror}; pick a free "
+            f"cannot serve /metrics on {host_port(host, port)}: {exc.strerror}; pick a free "
             "--metrics-port (metrics_port), or 0 to turn /metrics off"
         ) from None
     bound = httpd.server_port
-    log.info("metrics", extra={"address": f"{host}:{bound}", "multiprocess": directory is not None})
+    log.info(
+        "metrics", extra={"address": host_port(host, bound), "multiprocess": directory is not None}
+    )
     return bound
 
 

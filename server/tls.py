@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import grpc
 from server.config import ConfigError
 
 _TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "require_client_auth"}
+_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+_UTC_TIME, _EXPLICIT_VERSION = 0x17, 0xA0
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,71 @@ def _check_pair(config: TlsConfig) -> None:
         ) from None
 
 
+def _der_elements(der: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(tag, content start, content end) of each DER element in der[start:end]."""
+    elements = []
+    while start < end:
+        tag, length, start = der[start], der[start + 1], start + 2
+        if length & 0x80:
+            size = length & 0x7F
+            length, start = int.from_bytes(der[start : start + size], "big"), start + size
+        elements.append((tag, start, start + length))
+        start += length
+    return elements
+
+
+def _not_after(der: bytes) -> datetime:
+    """When a DER X.509 certificate expires (validity.notAfter of its tbsCertificate); the
+    standard library decodes only CA and peer certificates, not a server's own."""
+    _, start, end = _der_elements(der, 0, len(der))[0]
+    _, start, end = _der_elements(der, start, end)[0]
+    fields = _der_elements(der, start, end)
+    if fields[0][0] == _EXPLICIT_VERSION:
+        fields = fields[1:]
+    _, start, end = fields[3]  # after serialNumber, signature and issuer: validity
+    tag, start, end = _der_elements(der, start, end)[1]
+    text = der[start:end].decode("ascii")
+    if tag == _UTC_TIME:  # two-digit years: 50-99 are 19xx, 00-49 are 20xx (RFC 5280)
+        text = f"{19 if int(text[:2]) >= 50 else 20}{text}"
+    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)
+
+
+def _check_not_expired(path: Path, pem: bytes) -> None:
+    """Refuse a cert_file whose certificate (or one of its chain) has expired: gRPC serves it,
+    and then every client fails the handshake."""
+    now = datetime.now(UTC)
+    for index, block in enumerate(_CERTIFICATE.findall(pem)):
+        try:
+            expiry = _not_after(ssl.PEM_cert_to_DER_cert(block.decode("ascii")))
+        except (IndexError, ValueError):
+            raise ConfigError(
+                f"[tls] cert_file {path}: certificate #{index + 1} cannot be decoded; set "
+                "cert_file to a PEM certificate chain"
+            ) from None
+        if expiry <= now:
+            which = "the certificate" if index == 0 else f"certificate #{index + 1} of its chain"
+            raise ConfigError(
+                f"[tls] cert_file {path}: {which} expired on {expiry:%Y-%m-%d %H:%M:%S} UTC, so "
+                "every client would fail the TLS handshake; set cert_file to a renewed certificate"
+            )
+
+
+def _check_client_ca(path: Path) -> None:
+    """Refuse a client_ca_file holding no certificate, before gRPC reports it as a port it
+    cannot bind."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"[tls] client_ca_file {path}: holds no usable certificate ({exc.reason or exc}); "
+            "set client_ca_file to the PEM certificate of the CA that signs client certificates"
+        ) from None
+
+
 def server_credentials(config: TlsConfig) -> grpc.ServerCredentials:
-    """grpc.ssl_server_credentials for the config, reading and checking the PEM files and that
-    the key belongs to the certificate."""
+    """grpc.ssl_server_credentials for the config, reading and checking the PEM files, that the
+    key belongs to the certificate, that the certificate has not expired and that the client
+    CA file holds a certificate."""
     pair = (_read(config.key_file, "key_file"), _read(config.cert_file, "cert_file"))
     if b"PRIVATE KEY-----" not in pair[0]:
         raise ConfigError(
@@ -106,7 +172,11 @@ def server_credentials(config: TlsConfig) -> grpc.ServerCredentials:
             "certificate's private key file"
         )
     _check_pair(config)
-    ca = _read(config.client_ca_file, "client_ca_file") if config.client_ca_file else None
+    _check_not_expired(config.cert_file, pair[1])
+    ca = None
+    if config.client_ca_file is not None:
+        ca = _read(config.client_ca_file, "client_ca_file")
+        _check_client_ca(config.client_ca_file)
     return grpc.ssl_server_credentials(
         [pair], root_certificates=ca, require_client_auth=config.mutual
     )

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.config import ServerConfig
+from server.config import ServerConfig, host_port
 
 log = logging.getLogger("featureserve.workers")
 
@@ -108,7 +108,7 @@ def claim_port(host: str, port: int) -> PortClaim:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise StartupError(f"cannot listen on {host_port(host, port)}: {exc.strerror}") from None
     bound = sock.getsockname()[1]
     path = port_lock_path(bound)
     try:
@@ -125,8 +125,9 @@ def claim_port(host: str, port: int) -> PortClaim:
         sock.close()
         os.close(lock_fd)
         raise StartupError(
-            f"cannot listen on {host}:{bound}: another featureserve --workers group is starting "
-            f"or serving on port {bound} (it holds {path}); stop it or choose another --port"
+            f"cannot listen on {host_port(host, bound)}: another featureserve --workers group is "
+            f"starting or serving on port {bound} (it holds {path}); stop it or choose another "
+            "--port"
         ) from None
     return PortClaim(sock, lock_fd)
 
@@ -174,9 +175,16 @@ class Supervisor:
                 PARENT_ENV: str(os.getpid()),
             }
         )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.workers"], stdin=subprocess.PIPE, env=env
-        )
+        # Born with SIGINT blocked (exec keeps the signal mask), a worker never sees a Ctrl-C to
+        # the process group, not even while its interpreter starts: this process relays it as
+        # SIGTERM. Blocked, not ignored, here: a SIGINT meanwhile stays pending for the parent.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "server.workers"], stdin=subprocess.PIPE, env=env
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         assert proc.stdin is not None
         proc.stdin.write(pickle.dumps(self.config))
         proc.stdin.close()
@@ -186,7 +194,8 @@ class Supervisor:
     def run(self) -> int:
         """Run until a stop signal (exit 0 after all workers drained; none is started once
         one has come) or a worker that dies within MIN_UPTIME_S of its start (startup failure:
-        stop the rest, exit 1)."""
+        stop the rest, exit 1). A worker that crashes later, or exits 0 at any time (stopped
+        alone), is replaced, as gunicorn and uvicorn keep their worker count."""
         for index in range(self.n):
             if self.signals.requested:
                 break
@@ -195,15 +204,17 @@ class Supervisor:
             time.sleep(POLL_S)
             for slot, worker in enumerate(self.workers):
                 code = worker.proc.poll()
-                if code is None:
+                # Read after the poll: a worker that ended because of the same signal as this
+                # process (a SIGTERM to the whole group, as systemd sends) did not crash.
+                if code is None or self.signals.requested:
                     continue
                 self._forget(worker)
                 uptime = time.monotonic() - worker.started
-                log.error(
+                (log.warning if code == 0 else log.error)(
                     "worker exited",
                     extra={"worker": worker.index, "pid": worker.proc.pid, "code": code},
                 )
-                if uptime < MIN_UPTIME_S:
+                if code != 0 and uptime < MIN_UPTIME_S:
                     self.stop()
                     return 1
                 self.workers[slot] = self.spawn(worker.index)
@@ -259,7 +270,7 @@ def run_workers(config: ServerConfig, n: int, signals: StopSignals | None = None
     try:
         if config.metrics_port > 0:
             serve_metrics(config.host, config.metrics_port, metrics_dir)
-        log.info("workers", extra={"address": f"{config.host}:{claim.port}", "workers": n})
+        log.info("workers", extra={"address": host_port(config.host, claim.port), "workers": n})
         return supervisor.run()
     finally:
         claim.close()

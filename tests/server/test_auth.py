@@ -11,13 +11,23 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import prediction_pb2, prediction_pb2_grpc
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
-from server.auth import AuthInterceptor, Authorizer, Principal, bearer_token, parse_auth
+from server.app import SERVICES
+from server.auth import (
+    DEFAULT_OPEN_METHODS,
+    AuthConfig,
+    AuthInterceptor,
+    Authorizer,
+    Principal,
+    bearer_token,
+    parse_auth,
+)
 from server.config import ConfigError
 from server.errors import maps_errors
 from server.handler_wrapping import InterceptingRegistrar
@@ -45,9 +55,9 @@ UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
-def auth_config(**overrides):
+def auth_config(services=None, **overrides):
     raw = {"tokens": [{"name": "t", "token": "s", "scopes": ["read:*"]}], **overrides}
-    return parse_auth(raw, "featureserve.toml")
+    return parse_auth(raw, "featureserve.toml", services)
 
 
 @pytest.mark.parametrize(
@@ -77,10 +87,38 @@ def auth_config(**overrides):
             },
             "same token",
         ),
+        (
+            {"tokens": [{"name": "t", "token": " spaced-secret ", "scopes": ["admin"]}]},
+            "#0 (t): 'token' has leading or trailing whitespace",
+        ),
+        (
+            {"tokens": [{"name": "t", "token": "pässwörd", "scopes": ["admin"]}]},
+            "#0 (t): 'token' holds a character other than printable ASCII",
+        ),
+        (
+            {"tokens": [{"name": "t", "token": "tab\tinside", "scopes": ["admin"]}]},
+            "#0 (t): 'token' holds a character other than printable ASCII",
+        ),
     ],
 )
 def test_bad_auth_config_names_the_key(raw, message) -> None:
     with pytest.raises(ConfigError, match=r"featureserve\.toml") as info:
+        parse_auth(raw, "featureserve.toml")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (" padded", "FS_TEST_ENV_TOKEN (token_env) has leading or trailing whitespace"),
+        ("two\nlines", "FS_TEST_ENV_TOKEN (token_env) holds a character other than printable"),
+        ("\n", "FS_TEST_ENV_TOKEN is unset or empty"),
+    ],
+)
+def test_token_env_no_client_can_send_is_refused(monkeypatch, value: str, message: str) -> None:
+    monkeypatch.setenv("FS_TEST_ENV_TOKEN", value)
+    raw = {"tokens": [{"name": "e", "token_env": "FS_TEST_ENV_TOKEN", "scopes": ["admin"]}]}
+    with pytest.raises(ConfigError, match=r"#0 \(e\)") as info:
         parse_auth(raw, "featureserve.toml")
     assert message in str(info.value)
 
@@ -112,6 +150,43 @@ def test_config_keeps_digests_only_and_defaults_open_methods(monkeypatch) -> Non
     assert authorizer.authenticate([("authorization", "Bearer nope")]) is None
     assert authorizer.authenticate([("x-other", "Bearer p")]) is None
     assert parse_auth(None).enabled is False
+
+
+SERVED = [*SERVICES, "grpc.health.v1.Health", reflection.SERVICE_NAME]
+
+
+@pytest.mark.parametrize(
+    ("entry", "suggestion"),
+    [
+        ("grpc.health.v1.Healthz", "grpc.health.v1.Health"),
+        (
+            "featureserve.v1.FeatureStore/ListFeatureView",
+            "featureserve.v1.FeatureStore/ListFeatureViews",
+        ),
+        ("no.such.Service", None),
+    ],
+)
+def test_open_methods_must_name_a_served_service_or_method(entry: str, suggestion) -> None:
+    """A misspelt open_methods entry is refused, with the nearest served name when one is
+    close, instead of silently leaving health checks closed."""
+    with pytest.raises(ConfigError, match=f"open_methods entry '{entry}' is no service") as info:
+        auth_config(open_methods=["grpc.health.v1.Health", entry], services=SERVED)
+    assert "featureserve.toml" in str(info.value)
+    assert ("did you mean" in str(info.value)) == (suggestion is not None)
+    if suggestion is not None:
+        assert f"did you mean '{suggestion}'?" in str(info.value)
+
+
+def test_open_methods_accepts_served_services_methods_and_the_defaults() -> None:
+    entries = [
+        "grpc.health.v1.Health",
+        "/featureserve.v1.FeatureStore/GetFeatureView",
+        "inference.GRPCInferenceService",
+        *DEFAULT_OPEN_METHODS,
+    ]
+    config = auth_config(open_methods=entries, services=SERVED)
+    assert "featureserve.v1.FeatureStore/GetFeatureView" in config.open_methods
+    assert auth_config(services=SERVED).open_methods == DEFAULT_OPEN_METHODS
 
 
 def test_scope_semantics() -> None:
@@ -210,6 +285,37 @@ async def in_process_matrix() -> dict[tuple[str, str], grpc.StatusCode]:
     sync_channel.close()
     await server.stop(0)
     return outcomes
+
+
+async def apply_status(config: AuthConfig, token: str) -> grpc.StatusCode:
+    """The status of ApplyFeatureViews sent with `token` to an in-test server enforcing
+    `config`."""
+    authorizer = Authorizer(config)
+    server = grpc.aio.server()
+    registrar = InterceptingRegistrar(server, [AuthInterceptor(authorizer)])
+    pb_grpc.add_FeatureStoreServicer_to_server(Store(authorizer), registrar)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await pb_grpc.FeatureStoreStub(channel).ApplyFeatureViews(
+                pb.ApplyFeatureViewsRequest(),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=20,
+            )
+        return grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    finally:
+        await server.stop(0)
+
+
+def test_token_env_filled_from_a_secret_file_authenticates(monkeypatch) -> None:
+    """An environment token ending in a line break (filled from a secret file) is the token
+    without it, which is what a client can send."""
+    monkeypatch.setenv("FS_TEST_FILE_TOKEN", "from-file\r\n")
+    raw = {"tokens": [{"name": "f", "token_env": "FS_TEST_FILE_TOKEN", "scopes": ["admin"]}]}
+    assert asyncio.run(apply_status(parse_auth(raw), "from-file")) == grpc.StatusCode.OK
 
 
 def test_interceptor_and_require_over_a_real_aio_server() -> None:
@@ -354,17 +460,29 @@ def test_health_and_reflection_stay_open(secured) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_bad_auth_section_stops_the_server_with_the_key_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("token", "scope", "message"),
+    [
+        ("t", "root", "scope 'root' is not admin"),
+        (" spaced-secret ", "admin", "(x): 'token' has leading or trailing whitespace"),
+    ],
+)
+def test_bad_auth_section_stops_the_server_with_the_key_named(
+    tmp_path: Path, token: str, scope: str, message: str
+) -> None:
     from tests.conftest import ServerProcess
 
     config = tmp_path / "bad.toml"
-    config.write_text('[auth]\n[[auth.tokens]]\nname = "x"\ntoken = "t"\nscopes = ["root"]\n')
+    config.write_text(
+        f'[auth]\n[[auth.tokens]]\nname = "x"\ntoken = "{token}"\nscopes = ["{scope}"]\n'
+    )
     server = ServerProcess(tmp_path / "d", tmp_path / "m", "--config", str(config))
     try:
-        with pytest.raises(AssertionError, match="scope 'root' is not admin"):
+        with pytest.raises(AssertionError, match="server exited") as info:
             server.start()
     finally:
         server.kill()
+    assert message in str(info.value) and "Traceback" not in str(info.value)
 
 
 def test_open_methods_are_open_through_the_servicers_checks(tmp_path: Path) -> None:

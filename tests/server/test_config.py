@@ -54,7 +54,8 @@ def test_top_level_server_table_sections_and_flag_overrides(tmp_path: Path) -> N
         ('log_format = "xml"\n', "key 'log_format' is 'xml'; use one of 'json', 'text'"),
         ("port = -1\n", "key 'port' is -1; use 0-65535"),
         ("metrics_port = 70000\n", "key 'metrics_port' is 70000; use 0-65535"),
-        ("max_message_bytes = 0\n", "key 'max_message_bytes' is 0; it must be at least 1"),
+        ("max_message_bytes = 0\n", "key 'max_message_bytes' is 0; use 1-2147483647 (gRPC's"),
+        ("max_message_bytes = 2147483648\n", "key 'max_message_bytes' is 2147483648; use 1-2"),
         ("lmdb_map_bytes = 0\n", "key 'lmdb_map_bytes' is 0; it must be at least 1"),
         ("max_entities_per_request = 0\n", "'max_entities_per_request' is 0; it must be at"),
         ("max_rows_per_write = -3\n", "key 'max_rows_per_write' is -3; it must be at least 1"),
@@ -62,6 +63,12 @@ def test_top_level_server_table_sections_and_flag_overrides(tmp_path: Path) -> N
         ("max_concurrent_rpcs = -1\n", "key 'max_concurrent_rpcs' is -1; it must be at least 0"),
         ("lmdb_max_dbs = 2\n", "key 'lmdb_max_dbs' is 2; use 3-32768 (1 database for the"),
         ("lmdb_max_dbs = 32769\n", "key 'lmdb_max_dbs' is 32769; use 3-32768"),
+        ("grace_seconds = nan\n", "key 'grace_seconds' is nan; use a finite number"),
+        ("warm_store_seconds = -inf\n", "key 'warm_store_seconds' is -inf; use a finite number"),
+        ("model_poll_interval_s = 0\n", "'model_poll_interval_s' is 0.0; it must be at least 0.05"),
+        ("model_poll_interval_s = -1.5\n", "'model_poll_interval_s' is -1.5; it must be at least"),
+        ("model_poll_interval_s = inf\n", "'model_poll_interval_s' is inf; use a finite number"),
+        ("port = 9000\nmetrics_port = 9000\n", "'metrics_port' is 9000, the same as 'port'; give"),
     ],
 )
 def test_errors_name_the_key_and_the_file(tmp_path: Path, text: str, message: str) -> None:
@@ -74,6 +81,31 @@ def test_errors_name_the_key_and_the_file(tmp_path: Path, text: str, message: st
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_a_directory_or_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path)
+    assert str(err.value) == f"{tmp_path}: is a directory; give --config a TOML file"
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'log_format = "caf\xe9"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: not UTF-8 text (byte 17); save the config file as UTF-8"
+
+
+def test_metrics_port_equal_to_port_is_named_where_it_was_set(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "port = 9000\n"), {"metrics_port": 9000})
+    assert str(err.value).startswith("command line: key 'metrics_port' is 9000, the same as")
+    assert load_config(None, {"port": 0, "metrics_port": 0}).metrics_port == 0
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_is_bracketed_in_the_address(host: str) -> None:
+    config = load_config(None, {"host": host, "port": 7000})
+    assert (config.host, config.address) == ("::1", "[::1]:7000")
+    assert load_config(None, {"host": "10.0.0.1", "port": 7000}).address == "10.0.0.1:7000"
 
 
 def test_a_flag_outside_the_choices_is_named() -> None:
@@ -89,3 +121,5 @@ def test_bounds_admit_their_edge_values() -> None:
     assert load_config(None, {"log_level": "debug"}).log_level == "debug"
     assert load_config(None, {"lmdb_max_dbs": 3}).lmdb_max_dbs == 3
     assert load_config(None, {"lmdb_max_dbs": 32768}).lmdb_max_dbs == 32768
+    assert load_config(None, {"max_message_bytes": 2**31 - 1}).max_message_bytes == 2**31 - 1
+    assert load_config(None, {"model_poll_interval_s": 0.05}).model_poll_interval_s == 0.05

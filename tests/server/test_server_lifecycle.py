@@ -109,6 +109,41 @@ def test_port_in_use_is_one_line_and_non_zero(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("kind", ["directory", "not-utf8"])
+def test_a_config_that_cannot_be_read_as_text_is_one_line(tmp_path: Path, kind: str) -> None:
+    config = tmp_path / "featureserve.toml"
+    if kind == "directory":
+        config.mkdir()
+        message = f"featureserve: {config}: is a directory; give --config a TOML file"
+    else:
+        config.write_bytes(b"port = 1\xff\n")
+        message = f"featureserve: {config}: not UTF-8 text (byte 8); save the config file as UTF-8"
+    result = featureserve("serve", "--port", "0", "--config", str(config),
+                          "--data-dir", str(tmp_path / "d"))  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [message]
+
+
+def _ipv6_loopback_port() -> int:
+    """A free port on ::1, or skip: this machine has no IPv6 loopback."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            return probe.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_serves_on_a_fixed_port(server_factory, host: str) -> None:
+    """--host ::1 used to bind "::1:P", which gRPC refuses; --host [::1] failed the port check."""
+    port = _ipv6_loopback_port()
+    server = server_factory("--host", host, "--port", str(port))
+    assert check_health(ClientConfig(target=f"[::1]:{port}"))[""] == "SERVING"
+    (serving,) = [e for e in server.logs() if e["msg"] == "serving"]
+    assert serving["address"] == f"[::1]:{port}"
+
+
 def test_data_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
@@ -213,10 +248,21 @@ def _held_port() -> socket.socket:
         ("", ("--port", "70000"), 2, "command line: key 'port' is 70000; use 0-65535"),
         ("", ("--metrics-port", "-1"), 2, "command line: key 'metrics_port' is -1"),
         ("lmdb_max_dbs = 2\n", (), 2, "key 'lmdb_max_dbs' is 2; use 3-32768 (1 database for"),
+        ("grace_seconds = nan\n", (), 2, "key 'grace_seconds' is nan; use a finite number"),
+        ("model_poll_interval_s = 0\n", (), 2,
+         "key 'model_poll_interval_s' is 0.0; it must be at least 0.05"),
+        ("max_message_bytes = 2147483648\n", (), 2,
+         "key 'max_message_bytes' is 2147483648; use 1-2147483647 (gRPC's largest message)"),
+        (f"lmdb_map_bytes = {1 << 60}\n", (), 1,
+         f"lmdb_map_bytes = {1 << 60} cannot be mapped ({{tmp}}/d: Cannot allocate memory); "
+         "set lmdb_map_bytes lower"),
+        ("", ("--port", "{held}", "--metrics-port", "{held}"), 2,
+         "command line: key 'metrics_port' is {held}, the same as 'port'; give /metrics another"),
     ],
     ids=["metrics-port-in-use", "tls-file-missing", "audit-dir", "auth-not-table",
          "tls-not-table", "log-level", "max-message-bytes", "port", "metrics-port",
-         "lmdb-max-dbs"],
+         "lmdb-max-dbs", "grace-nan", "poll-0", "max-message-bytes-over-int", "lmdb-map-huge",
+         "metrics-port-is-port"],
 )  # fmt: skip
 def test_start_up_errors_are_one_line_without_a_traceback(
     tmp_path: Path, workers, toml: str, flags, code: int, message: str

@@ -57,11 +57,19 @@ def make_ca(folder: Path, cn: str):
     return key, cert
 
 
-def issue(folder: Path, cn: str, ca, server: bool) -> None:
-    """A leaf certificate signed by `ca` (for 127.0.0.1 / localhost when server)."""
+def issue(
+    folder: Path,
+    cn: str,
+    ca,
+    server: bool,
+    expires: datetime.timedelta = datetime.timedelta(days=1),
+) -> None:
+    """A leaf certificate signed by `ca` (for 127.0.0.1 / localhost when server), expiring
+    `expires` from now (in the past when negative)."""
     ca_key, ca_cert = ca
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
+    start = min(now, now + expires) - datetime.timedelta(minutes=5)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
@@ -69,8 +77,8 @@ def issue(folder: Path, cn: str, ca, server: bool) -> None:
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(start)
+        .not_valid_after(now + expires)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
     if server:
@@ -81,10 +89,13 @@ def issue(folder: Path, cn: str, ca, server: bool) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    """ca.crt, server.{crt,key}, client.{crt,key} from ca; rogue.{crt,key} from another CA."""
+    """ca.crt, server.{crt,key}, client.{crt,key} from ca; rogue.{crt,key} from another CA;
+    expired.{crt,key} expired yesterday, long.{crt,key} expires in 2060 (a GeneralizedTime)."""
     folder = tmp_path_factory.mktemp("pki")
     ca = make_ca(folder, "ca")
     issue(folder, "server", ca, server=True)
+    issue(folder, "expired", ca, server=True, expires=-datetime.timedelta(days=1))
+    issue(folder, "long", ca, server=True, expires=datetime.timedelta(days=365 * 34))
     issue(folder, "client", ca, server=False)
     issue(folder, "rogue", make_ca(folder, "other-ca"), server=False)
     return folder
@@ -214,23 +225,70 @@ def test_credentials_refuse_a_key_that_is_not_the_certificates(pki: Path) -> Non
         server_credentials(TlsConfig(pki / "server.crt", pki / "server.crt"))
 
 
+def test_credentials_refuse_an_expired_certificate(pki: Path, tmp_path: Path) -> None:
+    """An expired certificate, alone or later in the chain, is refused naming cert_file and the
+    date, rather than served to clients that all fail the handshake."""
+    with pytest.raises(ConfigError, match="the certificate expired on") as info:
+        server_credentials(TlsConfig(pki / "expired.crt", pki / "expired.key"))
+    expiry = x509.load_pem_x509_certificate((pki / "expired.crt").read_bytes())
+    assert f"{expiry.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC" in str(info.value)
+    assert f"[tls] cert_file {pki / 'expired.crt'}" in str(info.value)
+    chain = tmp_path / "chain.crt"
+    chain.write_bytes((pki / "server.crt").read_bytes() + (pki / "expired.crt").read_bytes())
+    with pytest.raises(ConfigError, match="certificate #2 of its chain expired"):
+        server_credentials(TlsConfig(chain, pki / "server.key"))
+    assert server_credentials(TlsConfig(pki / "long.crt", pki / "long.key")) is not None
+
+
+def test_credentials_refuse_a_client_ca_file_without_a_certificate(pki: Path) -> None:
+    config = TlsConfig(pki / "server.crt", pki / "server.key", client_ca_file=pki / "ca.key")
+    with pytest.raises(ConfigError, match="holds no usable certificate") as info:
+        server_credentials(config)
+    assert f"[tls] client_ca_file {pki / 'ca.key'}" in str(info.value)
+
+
+def serve_refused(config: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """The lines other than JSON logs that `featureserve serve --config` printed before exiting
+    with status 1 (the status of a section the server cannot start with)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--config", str(config),
+         "--data-dir", str(tmp_path / "d"), "--model-repo", str(tmp_path / "m"), *extra],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    return [line for line in result.stderr.splitlines() if not line.startswith("{")]
+
+
 @pytest.mark.parametrize("workers", [(), ("--workers", "2")])
 def test_a_mismatched_pair_stops_the_server_with_one_line(
     pki: Path, tmp_path: Path, workers: tuple[str, ...]
 ) -> None:
-    import subprocess
-    import sys
-
     config = tmp_path / "featureserve.toml"
     config.write_text(
         f'[tls]\ncert_file = "{pki / "server.crt"}"\nkey_file = "{pki / "rogue.key"}"\n'
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--config", str(config),
-         "--data-dir", str(tmp_path / "d"), "--model-repo", str(tmp_path / "m"), *workers],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
-    assert result.returncode == 1
+    lines = serve_refused(config, tmp_path, *workers)
     assert len(lines) == 1 and "[tls] cert_file" in lines[0] and "do not form a pair" in lines[0]
     assert str(pki / "rogue.key") in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("cert", "client_ca", "message"),
+    [
+        ("expired", None, "[tls] cert_file {pki}/expired.crt: the certificate expired on"),
+        ("server", "server.key", "[tls] client_ca_file {pki}/server.key: holds no usable"),
+    ],
+)
+def test_an_expired_certificate_or_a_ca_file_without_one_stops_the_server_with_one_line(
+    pki: Path, tmp_path: Path, cert: str, client_ca: str | None, message: str
+) -> None:
+    config = tmp_path / "featureserve.toml"
+    body = f'[tls]\ncert_file = "{pki / cert}.crt"\nkey_file = "{pki / cert}.key"\n'
+    if client_ca is not None:
+        body += f'client_ca_file = "{pki / client_ca}"\n'
+    config.write_text(body)
+    lines = serve_refused(config, tmp_path)
+    assert len(lines) == 1 and message.format(pki=pki) in lines[0], lines

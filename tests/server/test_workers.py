@@ -1,16 +1,18 @@
 """`featureserve serve --workers 2`: two processes on one port both serve traffic, the parent's
 /metrics merges them (per-pid gauges), writes through one share the LMDB environment with the
-other, explicit model loads and unloads are refused (each worker would change only itself), and
-SIGTERM to the parent drains every worker and exits 0."""
+other, explicit model loads and unloads are refused (each worker would change only itself),
+SIGTERM to the parent drains every worker and exits 0, and so does a Ctrl-C to the whole group."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.channel import ClientConfig
@@ -236,3 +239,104 @@ def test_of_two_groups_started_together_on_one_port_one_serves(tmp_path: Path) -
             if group.poll() is None:
                 group.kill()
                 group.wait(10)
+
+
+class Group:
+    """`serve --workers 2` leading a process group of its own, as a terminal's foreground job
+    does, so one killpg reaches the parent and its workers at once, as Ctrl-C does."""
+
+    def __init__(self, tmp_path: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--workers", "2", "--port", "0",
+             "--data-dir", str(tmp_path / "d"), "--model-repo", str(tmp_path / "m"), *extra],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip())
+
+    def count(self, msg: str) -> int:
+        return sum(f'"msg": "{msg}"' in line for line in self.lines)
+
+    def ctrl_c(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(10)
+        return code
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.mark.parametrize("phase", ["starting", "serving", "draining"])
+def test_ctrl_c_to_the_group_is_a_clean_stop(tmp_path: Path, phase: str) -> None:
+    """SIGINT reaches the parent and every worker at once. Workers must not act on it (a
+    traceback while importing, or an exit the parent takes for a crash and replaces): the parent
+    relays it as SIGTERM, so the group drains and exits 0 whenever Ctrl-C comes, twice too."""
+    config = tmp_path / "grace.toml"
+    config.write_text("grace_seconds = 3\n")
+    group = Group(tmp_path, "--config", str(config))
+    try:
+        if phase == "starting":
+            assert wait_until(lambda: group.count("worker started") == 2, timeout=60)
+            group.ctrl_c()
+        else:
+            assert wait_until(lambda: group.count("serving") == 2, timeout=60), group.lines
+            (port,) = {json.loads(line)["address"] for line in group.lines if '"serving"' in line}
+        if phase == "serving":
+            group.ctrl_c()
+        if phase == "draining":
+            # A Watch stream stays open, so its worker drains for grace_seconds; NOT_SERVING on
+            # it says the drain has begun. Ctrl-C again then.
+            with grpc.insecure_channel(port) as channel:
+                watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+                group.ctrl_c()
+                assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                group.ctrl_c()
+                assert group.count("stopped") < 2, "the drain ended before the second Ctrl-C"
+        code = group.wait()
+    finally:
+        if group.proc.poll() is None:
+            group.kill()
+    output = "\n".join(group.lines)
+    assert code == 0, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert group.count("worker started") == 2, output
+    assert group.count("worker exited") == 0, output
+    (stopped,) = [json.loads(line) for line in group.lines if '"msg": "workers stopped"' in line]
+    assert stopped["clean"] is True
+    if phase != "starting":
+        # Both drained on the parent's SIGTERM, not killed by it after a SIGINT of their own.
+        assert group.count("stopped") == 2 and group.count("worker stopped before serving") == 0
+
+
+def test_a_worker_stopped_on_its_own_is_replaced(server_factory) -> None:
+    """A worker sent SIGTERM alone drains and exits 0; the parent keeps its worker count (as
+    gunicorn and uvicorn do) and logs the exit as a warning, not a crash."""
+    server = server_factory("--workers", "2")
+    assert wait_until(lambda: sum('"msg": "serving"' in line for line in server.log_lines) == 2)
+    first, _ = [int(e["pid"]) for e in server.logs() if e.get("msg") == "worker started"]
+    os.kill(first, signal.SIGTERM)
+
+    def started() -> list[dict]:
+        return [e for e in server.logs() if e.get("msg") == "worker started"]
+
+    assert wait_until(lambda: len(started()) == 3, timeout=30), [
+        (e.get("msg"), e.get("pid"), e.get("code")) for e in server.logs()[-8:]
+    ]
+    (exited,) = [e for e in server.logs() if e.get("msg") == "worker exited"]
+    assert int(exited["pid"]) == first and exited["code"] == 0 and exited["level"] == "warning"
+    assert wait_until(lambda: sum('"msg": "serving"' in line for line in server.log_lines) == 3)
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        assert client.list_feature_views() == ([], [])
+    assert server.terminate(timeout=60) == 0, server.log_lines

@@ -49,10 +49,11 @@ class _InputError(Exception):
     """Input (a file or a flag) that cannot be used as given; printed as `featureserve: ...`."""
 
 
-def _read_table(path: Path, text_columns: list[str]):
+def _read_table(path: Path, text_columns: list[str], string_features: list[str]):
     """The file as an Arrow table. In a CSV, `text_columns` (the keys and features) are read as
     text for _convert to parse by the view's types; only empty cells are null, so "NaN" stays
-    a NaN value. A file that cannot be read is an _InputError saying why."""
+    a NaN value, and a quoted "" in a STRING feature is the empty string. A file that cannot be
+    read is an _InputError saying why."""
     import pyarrow as pa
 
     try:
@@ -68,14 +69,28 @@ def _read_table(path: Path, text_columns: list[str]):
         options = pcsv.ConvertOptions(
             null_values=[""],
             strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
             column_types={name: pa.string() for name in text_columns},
         )
         try:
-            return pcsv.read_csv(path, convert_options=options)
+            table = pcsv.read_csv(path, convert_options=options)
+            return _quoted_empty_as_null(table, set(text_columns) - set(string_features))
         except pa.ArrowInvalid as exc:
             raise _InputError(_csv_problem(path, exc)) from None
     except OSError as exc:
         raise _InputError(f"cannot read the file ({exc.strerror or exc}); check the path") from None
+
+
+def _quoted_empty_as_null(table, names: set[str]):
+    """`table` with the quoted "" cells of the text columns `names` (keys and non-STRING
+    features) null like unquoted empty cells: only a STRING feature keeps "" as a value."""
+    import pyarrow.compute as pc
+
+    for index, name in enumerate(table.column_names):
+        if name in names:
+            column = table[name]
+            table = table.set_column(index, name, pc.if_else(pc.equal(column, ""), None, column))
+    return table
 
 
 def _csv_problem(path: Path, error: Exception) -> str:
@@ -300,13 +315,32 @@ def _vectors(column, name: str, length: int) -> tuple[np.ndarray, dict[int, str]
     return arrays.cast(values, int(DType.FLOAT32_VECTOR), name), bad
 
 
+def _bools(column, name: str) -> tuple[np.ndarray, dict[int, str]]:
+    """A column of numbers as BOOL, and {row: reason} of the cells other than 0 and 1 (Arrow's
+    cast would store 2, -1 or 0.5 as true); nulls read as False for the null mask to hide."""
+    numbers = column.fill_null(0).to_numpy(zero_copy_only=False)
+    wrong = (numbers != 0) & (numbers != 1)
+    cells = column.to_pylist() if wrong.any() else []
+    bad = {
+        row: f"{cells[row]!r} is not BOOL (a number must be 0 or 1)"
+        for row in np.flatnonzero(wrong).tolist()
+    }
+    return numbers == 1, bad
+
+
 def _feature_values(column, name: str, dtype: DType, length: int):
     """Values of one column typed as the view declares them, with nulls filled by a placeholder
     the null mask hides; also {row: reason} of the cells that do not convert."""
+    import pyarrow as pa
+
     if dtype == DType.FLOAT32_VECTOR:
         return _vectors(column, name, length)
     if dtype in (DType.FLOAT32, DType.FLOAT64):
         return _floats(column, name, dtype)
+    if dtype == DType.BOOL and (
+        pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+    ):
+        return _bools(column, name)
     typed, bad = _convert(column, name, dtype)
     filler = {DType.STRING: "", DType.BOOL: False}.get(dtype, 0)
     return typed.fill_null(filler).to_numpy(zero_copy_only=False), bad
@@ -372,10 +406,21 @@ class _Rows:
         self.nulls = {k: v[self.kept] for k, v in self.nulls.items()}
 
 
-def _stopped_at(error: ClientError, kept: np.ndarray, batch_rows: int) -> str:
+WIRE_TIME_COLUMN = "event_timestamps"
+"""The name the server gives the event times in row errors (their WriteFeatures field)."""
+
+
+def _time_column(time_column: str, declared: list[str]) -> str:
+    """The file column to name for a row error the server reports under WIRE_TIME_COLUMN: the
+    event-time column, unless a key or feature has the wire name (then the error is its)."""
+    return WIRE_TIME_COLUMN if WIRE_TIME_COLUMN in declared else time_column
+
+
+def _stopped_at(error: ClientError, kept: np.ndarray, batch_rows: int, time_column: str) -> str:
     """The error of a stream the server ended at one of its messages (error.batch), in the
     file's terms: the bad row counted from the file's header (the server counts within its
-    message) and the rows written before that message."""
+    message), its event-time column by the file's name, and the rows written before that
+    message."""
     start = error.batch * batch_rows
     first_row = int(kept[min(start, len(kept) - 1)])
     rerun = "run the command again"
@@ -398,8 +443,14 @@ def _stopped_at(error: ClientError, kept: np.ndarray, batch_rows: int) -> str:
             f"rows from row {first_row} on were not acknowledged; fix the cause and {rerun}"
         )
     row = int(kept[start + error.row])
+    wire = f"column {WIRE_TIME_COLUMN!r} row {error.row}:"
+    column = (
+        f"column {time_column!r} "
+        if time_column != WIRE_TIME_COLUMN and wire in error.message
+        else ""
+    )
     return (
-        f"{error}; in the file: row {row} (rows count from 0 after the header){written}, "
+        f"{error}; in the file: {column}row {row} (rows count from 0 after the header){written}, "
         f"nothing from row {first_row} on was written; fix row {row} and {rerun}, or pass "
         "--policy skip_bad_rows to write the good rows and list the bad ones"
     )
@@ -412,8 +463,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         view = client.get_feature_view(args.view, args.version)
         join_keys = _join_keys(client, view)
         declared = [k.name for k in join_keys] + [f.name for f in view.features]
+        strings = [f.name for f in view.features if f.dtype == DType.STRING]
         try:
-            table = _read_table(args.file, declared)
+            table = _read_table(args.file, declared, strings)
             wanted = [k.name for k in join_keys] + [args.event_time_column]
             missing = [name for name in wanted if name not in table.column_names]
             if missing:
@@ -425,6 +477,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             print(f"featureserve: {args.file}: {exc}", file=sys.stderr)
             return 2
         rows.drop_bad()
+        time_column = _time_column(args.event_time_column, declared)
         try:
             with client.stream_writer(
                 args.view, batch_rows=args.batch_rows, version=view.version, policy=args.policy
@@ -433,14 +486,15 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         except ClientError as exc:
             if exc.batch is None:
                 raise
-            stopped = _stopped_at(exc, rows.kept, args.batch_rows)
+            stopped = _stopped_at(exc, rows.kept, args.batch_rows, time_column)
             print(f"featureserve: {args.file}: {stopped}", file=sys.stderr)
             return 1
         summary = writer.summary
     rejected = dict(rows.bad)
     for err in summary.errors:
         row = int(rows.kept[err.batch * args.batch_rows + err.row])
-        rejected.setdefault(row, (err.column, err.reason))
+        column = time_column if err.column == WIRE_TIME_COLUMN else err.column
+        rejected.setdefault(row, (column, err.reason))
     total = summary.rejected + len(rows.bad)
     print(f"written={summary.written} stale={summary.stale} rejected={total}")
     for row in sorted(rejected)[:20]:
@@ -530,7 +584,11 @@ def cmd_get(args: argparse.Namespace) -> int:
             return 2
         ref = f"{args.view}@{view.version}" if args.version else args.view
         refs = [f"{ref}:{f}" for f in args.features.split(",")] if args.features else [ref]
-        result = client.get_online_features(refs, keys)
+        try:
+            result = client.get_online_features(refs, keys)
+        except arrays.ArrayError as exc:
+            print(f"featureserve: --keys/--entity: {exc}", file=sys.stderr)
+            return 2
     stamps = result.event_timestamps.get(ref, np.zeros(result.rows, dtype=np.int64))
     for row in range(result.rows):
         key_text = ", ".join(f"{k}={v[row]}" for k, v in keys.items())

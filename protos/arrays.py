@@ -61,16 +61,33 @@ def encode_strings(
     (None, pd.NA, a number) travels as "" where `nulls` marks it, else raises ArrayError naming
     `field` and its row: nothing is sent as the text of another value."""
     values = np.asarray(values, dtype=object)
-    encoded = [
-        v.encode() if isinstance(v, str) else v if isinstance(v, bytes) else None
-        for v in values.flat
-    ]
+    try:
+        encoded = [
+            v.encode() if isinstance(v, str) else v if isinstance(v, bytes) else None
+            for v in values.flat
+        ]
+    except UnicodeEncodeError as exc:
+        raise _unencodable(values, field, exc) from None
     if None in encoded:
         _encode_missing(values, encoded, field, nulls)
     lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
     offsets = np.zeros(len(encoded) + 1, dtype="<i8")
     np.cumsum(lengths, out=offsets[1:])
     return b"".join(encoded), offsets.tobytes()
+
+
+def _unencodable(values: np.ndarray, field: str, exc: UnicodeEncodeError) -> ArrayError:
+    """The ArrayError naming the row of the str UTF-8 could not encode (one holding a lone
+    surrogate, as Python decodes non-UTF-8 argv or file names); searched for only on failure."""
+    width = values.shape[1] if values.ndim == 2 else 1
+    why = (
+        f"lone surrogate {exc.object[exc.start]!r} at character {exc.start} is not encodable as "
+        "UTF-8; send valid Unicode text"
+    )
+    for i, value in enumerate(values.flat):
+        if value is exc.object:
+            return ArrayError.at(field, i // width, why)
+    return ArrayError(f"{field}: {why}")
 
 
 def _encode_missing(

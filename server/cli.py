@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ClientError, FeatureStoreError) as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 1
+    except UnicodeEncodeError as exc:  # a non-UTF-8 argument (a lone surrogate in Python)
+        bad = exc.object[exc.start : exc.end]
+        print(
+            f"featureserve: {bad!r} in an argument is not UTF-8 text; give UTF-8", file=sys.stderr
+        )
+        return 2
 
 
 if __name__ == "__main__":

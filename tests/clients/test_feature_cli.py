@@ -776,3 +776,153 @@ def test_ingest_reads_compact_dates_signed_numbers_and_refuses_text_beyond_float
     assert got.event_timestamps["text_edge"][0] == us("2024-01-02T00:00:00Z")
     assert got["text_edge:score"][0] == 3.0 and np.isinf(got["text_edge:score"][2])
     assert got.statuses["text_edge:score"][1] == FeatureStatus.NOT_FOUND
+
+
+def flags_toml(view: str) -> str:
+    """An int64 `user` entity and a view with a bool and an int64 feature."""
+    return f"""
+[[entity]]
+name = "user"
+join_keys = [{{ name = "user_id", dtype = "int64" }}]
+
+[[feature_view]]
+name = "{view}"
+entity = "user"
+
+[[feature_view.feature]]
+name = "flag"
+dtype = "bool"
+
+[[feature_view.feature]]
+name = "clicks"
+dtype = "int64"
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "column", "bad"),
+    [
+        ("int", pa.array([2, -1, 0, 1, None], pa.int64()), ["2", "-1"]),
+        ("uint8", pa.array([0, 1, 0, 1, 7], pa.uint8()), ["7"]),
+        ("float", pa.array([0.5, -3.0, 0.0, 1.0, float("nan")]), ["0.5", "-3.0", "nan"]),
+    ],
+)
+def test_ingest_refuses_parquet_numbers_other_than_0_and_1_for_a_bool(
+    served, kind: str, column: pa.Array, bad: list[str]
+) -> None:
+    """A number in a BOOL feature is written only when it is 0 or 1; any other (2, -1, 0.5, NaN)
+    is a bad cell handled by --policy (Arrow's cast stored them as true)."""
+    cli, client = served
+    view = f"bools_{kind}"
+    entities, views = load_definitions(cli.file(f"{view}.toml", flags_toml(view)))
+    client.apply(entities, views)
+    ids = [701, 702, 703, 704, 705]
+    path = cli.base / f"{view}.parquet"
+    stamps = pa.array([us("2024-05-01T10:00:00")] * 5, pa.int64())
+    clicks = pa.array([1] * 5, pa.int64())
+    table = {"user_id": ids, "event_timestamp": stamps, "flag": column, "clicks": clicks}
+    pq.write_table(pa.table(table), path)
+    rejected = cli.run("ingest", str(path), "--view", view)
+    assert rejected.returncode == 2, rejected.stdout
+    first = next(row for row, cell in enumerate(column.to_pylist()) if str(cell) == bad[0])
+    assert (
+        f"column 'flag' row {first}: {bad[0]} is not BOOL (a number must be 0 or 1); fix the file"
+    ) in rejected.stderr, rejected.stderr
+    got = client.get_online_features([view], {"user_id": np.array(ids)})
+    assert (got.statuses[f"{view}:flag"] == FeatureStatus.NOT_FOUND).all()
+
+    skipped = cli.run("ingest", str(path), "--view", view, "--policy", "skip_bad_rows")
+    assert skipped.returncode == 1, skipped.stderr
+    lines = skipped.stdout.splitlines()
+    assert lines[0] == f"written={5 - len(bad)} stale=0 rejected={len(bad)}", skipped.stdout
+    assert [line.split(": ", 1)[1].split(" ")[0] for line in lines[1:]] == bad, skipped.stdout
+    got = client.get_online_features([view], {"user_id": np.array(ids)})
+    cells = column.to_pylist()
+    for row, cell in enumerate(cells):
+        status = got.statuses[f"{view}:flag"][row]
+        if cell is None:
+            assert status == FeatureStatus.NULL_VALUE
+        elif cell in (0, 1):
+            assert (status, got[f"{view}:flag"][row]) == (FeatureStatus.PRESENT, cell == 1)
+        else:
+            assert status == FeatureStatus.NOT_FOUND, (row, cell)
+
+
+def test_a_quoted_empty_csv_cell_is_an_empty_string_and_an_unquoted_one_null(served) -> None:
+    """In a CSV, "" in a STRING feature is the empty string (it was read as NULL); an unquoted
+    empty cell stays NULL, and either kind of empty cell of another dtype stays NULL."""
+    cli, client = served
+    register(served, "quoted")
+    path = cli.file(
+        "quoted.csv",
+        HEADER + '801,2024-05-01T10:00:00Z,0.5,"","",""\n802,2024-05-01T10:00:00Z,0.5,,,\n',
+    )
+    result = cli.run("ingest", str(path), "--view", "quoted")
+    assert (result.returncode, result.stdout.strip()) == (0, "written=2 stale=0 rejected=0"), (
+        result.stderr
+    )
+    got = read_back(client, "quoted", [801, 802])
+    assert got.statuses["quoted:city"].tolist() == [
+        FeatureStatus.PRESENT,
+        FeatureStatus.NULL_VALUE,
+    ]
+    assert got["quoted:city"][0] == ""
+    for name in ("clicks", "emb"):
+        assert (got.statuses[f"quoted:{name}"] == FeatureStatus.NULL_VALUE).all(), name
+
+
+def test_a_server_row_error_in_the_event_times_names_the_files_time_column(served) -> None:
+    """An event time only the server refuses (before 1970) is reported under the file's
+    event-time column, not the wire's `event_timestamps`, with either policy."""
+    cli, _ = served
+    register(served, "time_named")
+    path = cli.file(
+        "time_named.csv",
+        "user_id,ts,score,clicks,city,emb\n"
+        '901,2024-05-01T10:00:00Z,0.5,1,a,"[0, 0, 0]"\n'
+        '902,1960-01-01T00:00:00Z,0.5,1,b,"[0, 0, 0]"\n',
+    )
+    rejected = cli.run("ingest", str(path), "--view", "time_named", "--event-time-column", "ts")
+    assert rejected.returncode == 1, rejected.stdout
+    assert "; in the file: column 'ts' row 1 (rows count from 0" in rejected.stderr, rejected.stderr
+    skipped = cli.run(
+        "ingest",
+        str(path),
+        "--view",
+        "time_named",
+        "--event-time-column",
+        "ts",
+        "--policy",
+        "skip_bad_rows",
+    )
+    assert skipped.returncode == 1
+    assert skipped.stdout.splitlines() == [
+        "written=1 stale=0 rejected=1",
+        "  row 1 ts: event time must be > 0 µs since the epoch",
+    ]
+
+
+def test_get_of_a_key_that_is_not_utf8_exits_2_naming_it(served) -> None:
+    """A key from non-UTF-8 argv (a lone surrogate in Python) is one line naming the key and
+    row, exit 2 (it was a UnicodeEncodeError traceback)."""
+    cli, client = served
+    entities, views = load_definitions(cli.file("skus_argv.toml", sku_toml("skus_argv")))
+    client.apply(entities, views)
+    # subprocess encodes the surrogate back to the byte 0xff: the argv the shell would pass
+    result = cli.run("get", "--view", "skus_argv", "--entity", "sku_id=ok,\udcff")
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.splitlines() == [
+        "featureserve: --keys/--entity: keys['sku_id']: row 1: lone surrogate '\\udcff' at "
+        "character 0 is not encodable as UTF-8; send valid Unicode text"
+    ]
+
+
+def test_a_view_name_that_is_not_utf8_exits_2_naming_it(served) -> None:
+    """Any other argument from non-UTF-8 argv (here --view) is one line, exit 2 (a
+    UnicodeEncodeError traceback from protobuf)."""
+    cli, _ = served
+    result = cli.run("get", "--view", "bad\udcff", "--keys", "1")
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.splitlines() == [
+        "featureserve: '\\udcff' in an argument is not UTF-8 text; give UTF-8"
+    ]

@@ -195,3 +195,20 @@ def test_cast_changes_lists_every_row_cast_refuses_and_why() -> None:
         "2**24); send it as a float"
     }
     assert arrays.cast_changes(np.array([1.0, 2.0]), types_pb2.FLOAT32, "f") == {}
+
+
+def test_a_lone_surrogate_is_an_array_error_naming_field_and_row() -> None:
+    """A str holding a lone surrogate (how Python decodes non-UTF-8 argv or file names) is an
+    ArrayError naming the field and row, in a column or a rows x width table (it escaped as a
+    bare UnicodeEncodeError)."""
+    column = ["ok", b"\xff", "a\udcffb"]
+    with pytest.raises(
+        arrays.ArrayError,
+        match=r"^keys\['name'\]: row 2: lone surrogate '\\udcff' at character 1 is not "
+        r"encodable as UTF-8; send valid Unicode text$",
+    ) as info:
+        arrays.to_array(np.array(column, dtype=object), field="keys['name']")
+    assert (info.value.field, info.value.row) == ("keys['name']", 2)
+    table = np.array([["a", "b"], ["c", "\ud800"]], dtype=object)
+    with pytest.raises(arrays.ArrayError, match=r"^s: row 1: lone surrogate '\\ud800' at char"):
+        arrays.to_array(table, field="s")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from featurestore.dtypes import DType
 from featurestore.errors import InvalidArgumentError
-from featurestore.registry import ApplyResult, Entity, Feature, FeatureView, JoinKey
+from featurestore.registry import KEY_DTYPES, ApplyResult, Entity, Feature, FeatureView, JoinKey
 from protos.featureserve.v1 import feature_store_pb2 as pb
 
 ACTIONS = {
@@ -23,14 +23,18 @@ UINT32 = (0, 2**32 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 
 
-def _dtype(number: int, field: str) -> DType:
-    """A featurestore DType from a wire number; 0 or unknown is an error naming the field."""
+def _dtype(number: int, field: str, allowed: tuple[DType, ...] = tuple(DType)) -> DType:
+    """A featurestore DType from a wire number; 0, unknown or not `allowed` is an error naming
+    the field and the dtypes it takes."""
     try:
-        return DType(number)
+        dtype = DType(number)
     except ValueError:
+        dtype = None
+    if dtype not in allowed:
         raise InvalidArgumentError(
-            f"{field}: dtype {number} is not one of " + ", ".join(d.name for d in DType)
-        ) from None
+            f"{field}: dtype {number} is not one of " + ", ".join(d.name for d in allowed)
+        )
+    return dtype
 
 
 def _fits(value: int, bounds: tuple[int, int], field: str) -> int:
@@ -58,7 +62,7 @@ def entity_from_proto(msg: pb.Entity, field: str = "entity") -> Entity:
     return Entity(
         name=msg.name,
         join_keys=tuple(
-            JoinKey(k.name, _dtype(k.dtype, f"{field}.join_keys[{i}]"))
+            JoinKey(k.name, _dtype(k.dtype, f"{field}.join_keys[{i}]", KEY_DTYPES))
             for i, k in enumerate(msg.join_keys)
         ),
         description=msg.description,

@@ -506,7 +506,7 @@ class OnlineStore:
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self._lmdb = LmdbEnv(config)
-        self.registry = Registry(self._lmdb)
+        self.registry = Registry(self._lmdb, config.max_dbs)
         self._plans: dict[tuple, _Plan] = {}
         self._layouts: dict[tuple[str, int, int], RowLayout] = {}
         self._closed = False

@@ -14,12 +14,18 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Protocol, TypeVar
 
 import lmdb
 
 from featurestore.dtypes import DType
-from featurestore.errors import ConflictError, InvalidArgumentError, NotFoundError
+from featurestore.errors import (
+    ConflictError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 
 T = TypeVar("T")
 
@@ -27,7 +33,15 @@ REGISTRY_DB = b"__registry__"
 _GENERATION = b"gen"
 _LAST_CREATED = b"created"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_KEY_DTYPES = (DType.INT64, DType.STRING)
+KEY_DTYPES = (DType.INT64, DType.STRING)
+MAX_NAME_BYTES = 255
+"""Longest name of an entity, join key, view or feature (as for models): a view's registry key
+and database names must fit LMDB's 511-byte key limit."""
+MAX_FEATURES = 65_535
+"""Most features of one view: a packed row records its feature count in 16 bits."""
+MAX_VECTOR_FLOATS = 1_048_576
+"""Most floats the FLOAT32_VECTOR features of one view hold per row together (4 MiB), so a
+lookup's answer grows by at most that per entity."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +91,15 @@ class FeatureView:
     created_us: int = 0
     updated_us: int = 0
 
+    @cached_property
+    def _by_name(self) -> dict[str, Feature]:
+        return {feat.name: feat for feat in self.features}
+
     def feature(self, name: str) -> Feature:
         """The feature called `name`, or NotFoundError listing the view's features."""
-        for feat in self.features:
-            if feat.name == name:
-                return feat
+        found = self._by_name.get(name)
+        if found is not None:
+            return found
         known = ", ".join(f.name for f in self.features)
         raise NotFoundError(
             f"feature {name!r} is not in view {self.name!r} v{self.version}; features: {known}"
@@ -176,6 +194,11 @@ def _check_name(kind: str, name: object) -> None:
             f"{kind} {name!r} is not a valid name: use letters, digits and _, not starting "
             "with a digit"
         )
+    if len(name) > MAX_NAME_BYTES:
+        raise InvalidArgumentError(
+            f"{kind} {name[:40]!r}... is {len(name)} bytes long; use a name of at most "
+            f"{MAX_NAME_BYTES} bytes"
+        )
 
 
 def validate_entity(entity: Entity) -> None:
@@ -189,7 +212,7 @@ def validate_entity(entity: Entity) -> None:
         if key.name in seen:
             raise InvalidArgumentError(f"entity {entity.name!r}: join key {key.name!r} repeated")
         seen.add(key.name)
-        if key.dtype not in _KEY_DTYPES:
+        if key.dtype not in KEY_DTYPES:
             raise InvalidArgumentError(
                 f"entity {entity.name!r} join key {key.name!r}: dtype must be INT64 or STRING, "
                 f"got {key.dtype!r}"
@@ -210,8 +233,14 @@ def validate_view(view: FeatureView, entity: Entity | None) -> None:
         raise InvalidArgumentError(f"{where}: ttl_seconds must be >= 0, got {view.ttl_seconds!r}")
     if not view.features:
         raise InvalidArgumentError(f"{where}: features must not be empty")
+    if len(view.features) > MAX_FEATURES:
+        raise InvalidArgumentError(
+            f"{where}: features has {len(view.features)} entries, over the limit of "
+            f"{MAX_FEATURES} per view; split the features across several views"
+        )
     key_names = {k.name for k in entity.join_keys}
     seen: set[str] = set()
+    vector_floats = 0
     for feat in view.features:
         _check_name(f"{where} feature", feat.name)
         if feat.name in seen:
@@ -229,6 +258,13 @@ def validate_view(view: FeatureView, entity: Entity | None) -> None:
         if dtype is not DType.FLOAT32_VECTOR and feat.vector_length != 0:
             raise InvalidArgumentError(
                 f"{where} feature {feat.name!r}: vector_length is only for FLOAT32_VECTOR"
+            )
+        vector_floats += feat.vector_length
+        if vector_floats > MAX_VECTOR_FLOATS:
+            raise InvalidArgumentError(
+                f"{where} feature {feat.name!r}: vector_length {feat.vector_length} brings the "
+                f"view's vectors to {vector_floats} floats per row, over the limit of "
+                f"{MAX_VECTOR_FLOATS} (4 MiB); use shorter vectors or put them in several views"
             )
     for key, value in view.tags.items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -300,10 +336,15 @@ class _Snapshot:
 
 
 class Registry:
-    """Entities and versioned feature views with a per-process cache refreshed by generation."""
+    """Entities and versioned feature views with a per-process cache refreshed by generation.
 
-    def __init__(self, env: TxnSource) -> None:
+    max_dbs is the environment's limit of named databases: apply refuses new versions beyond
+    what it holds, so no version is created that could not be written or reopened.
+    """
+
+    def __init__(self, env: TxnSource, max_dbs: int) -> None:
         self._env = env
+        self._max_dbs = max_dbs
         self._cache: tuple[int, _Snapshot] = (-1, _Snapshot({}, {}))
 
     def _snapshot(self, txn: lmdb.Transaction) -> _Snapshot:
@@ -427,6 +468,8 @@ class Registry:
                     puts.append((_entity_key(entity.name), _entity_to_json(entity)))
                 snap.entities[entity.name] = entity
             results = [self._plan_view(snap, view, now, puts, new_views) for view in views]
+            if new_views:
+                self._check_room(snap)
             if dry_run:
                 return results
             for key, value in puts:
@@ -440,6 +483,20 @@ class Registry:
             return results
 
         return self._env.run_write(work)
+
+    def _check_room(self, snap: _Snapshot) -> None:
+        """ResourceExhaustedError naming lmdb_max_dbs when the stored and planned view versions
+        need more databases than the environment holds (counted as the server's start-up does:
+        1 for the registry, 2 per version; a deleted version no longer counts)."""
+        versions = sum(len(by_version) for by_version in snap.views.values())
+        needed = 1 + 2 * versions
+        if needed > self._max_dbs:
+            raise ResourceExhaustedError(
+                f"views: {versions} view versions would need {needed} LMDB databases (1 for "
+                f"the registry, 2 per version: online rows and history), over lmdb_max_dbs = "
+                f"{self._max_dbs}; set lmdb_max_dbs in the server config (StoreConfig.max_dbs) "
+                f"to at least {needed}, or delete view versions no longer used"
+            )
 
     def _plan_view(
         self,

@@ -151,7 +151,8 @@ def _fixed_runs(view: FeatureView, widths: np.ndarray) -> list[_FixedRun]:
             and view.features[last.lo].dtype is feat.dtype
             and last.value_bytes == value_bytes
         ):
-            runs[-1] = _FixedRun(last.lo, i + 1, [*last.names, feat.name], dtype, value_bytes)
+            last.names.append(feat.name)
+            runs[-1] = _FixedRun(last.lo, i + 1, last.names, dtype, value_bytes)
         else:
             runs.append(_FixedRun(i, i + 1, [feat.name], dtype, value_bytes))
     return runs

@@ -125,16 +125,22 @@ class ViewObserver:
 def decode_keys(columns, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
     """Entity key columns of a lookup as 1-D arrays of equal length, checked against the entity
     limit; a key that does not decode, or is null, fails the request naming its column and row."""
-    keys, rows, _ = _decode_keys(columns, max_rows, None)
+    keys, rows, _ = _decode_keys(columns, None)
+    if rows > max_rows:
+        raise ResourceExhaustedError(
+            f"entity_keys: {rows} entities exceed the limit of {max_rows} per request "
+            "(max_entities_per_request); split the request"
+        )
     return keys, rows
 
 
 def _decode_keys(
-    columns, max_rows: int, row_errors: list[RowError] | None
+    columns, row_errors: list[RowError] | None
 ) -> tuple[dict[str, np.ndarray], int, dict[str, np.ndarray]]:
     """Key columns, their rows and null masks. With row_errors (a write), a key that does not
     decode is listed there and null masks are returned for the store to reject those rows alone;
-    without, either fails the request."""
+    without, either fails the request. No row limit here: a lookup's is max_entities_per_request
+    (decode_keys), a write's max_rows_per_write (the store checks it)."""
     keys: dict[str, np.ndarray] = {}
     nulls: dict[str, np.ndarray] = {}
     rows = None
@@ -167,17 +173,12 @@ def _decode_keys(
             nulls[column.name] = mask[:, 0]
         if row_errors is not None:
             row_errors.extend(RowError(row, column.name, f"key {why}") for row, why in bad)
-    rows = rows or 0
-    if rows > max_rows:
-        raise ResourceExhaustedError(
-            f"entity_keys: {rows} entities exceed the limit of {max_rows} per request "
-            "(max_entities_per_request); split the request"
-        )
-    return keys, rows, nulls
+    return keys, rows or 0, nulls
 
 
-def write_batch(request: pb.WriteFeaturesRequest, max_rows: int) -> WriteBatch:
-    """A store WriteBatch from a WriteFeatures message, checking shapes before the store does.
+def write_batch(request: pb.WriteFeaturesRequest) -> WriteBatch:
+    """A store WriteBatch from a WriteFeatures message, checking shapes before the store does
+    (which also bounds its rows by max_rows_per_write).
 
     Values and keys that do not decode (invalid UTF-8, a BOOL byte other than 0 or 1) and null
     keys become row errors, so skip_bad_rows drops only their rows; the store reports them and
@@ -186,7 +187,7 @@ def write_batch(request: pb.WriteFeaturesRequest, max_rows: int) -> WriteBatch:
         choices = " or ".join(f"{name} ({number})" for name, number in pb.BatchPolicy.items())
         raise InvalidArgumentError(f"policy: {request.policy} is not a BatchPolicy; use {choices}")
     row_errors: list[RowError] = []
-    keys, rows, nulls = _decode_keys(request.entity_keys, max_rows, row_errors)
+    keys, rows, nulls = _decode_keys(request.entity_keys, row_errors)
     if not keys and len(request.event_timestamps) % 8 == 0:
         # no key columns: rows come from the events, so a non-empty batch fails in the store
         # naming the missing join key, and an empty one is a valid write of nothing
@@ -396,7 +397,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     async def _write(self, request: pb.WriteFeaturesRequest, record: dict) -> WriteResult:
         """Check and commit one WriteFeatures batch, counted in its view's metrics and drift and
         in its audit record."""
-        batch = write_batch(request, self.max_rows)
+        batch = write_batch(request)
         result = await self._submit(batch)
         observer = self.observer(batch.view) if len(batch.event_us) else None
         if observer is not None:
@@ -472,7 +473,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             async for request in request_iterator:
                 self.auth.require(f"write:{request.view}")
                 try:
-                    checked = write_batch(request, self.max_rows)
+                    checked = write_batch(request)
                     item = InFlight(index, checked, self._submit(checked))
                 except Exception as exc:
                     self._stream_batch_done(peer, index, request.view, exc)

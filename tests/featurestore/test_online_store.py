@@ -669,26 +669,25 @@ def test_deleted_versions_free_their_databases_and_their_handles_are_never_reuse
 
 
 def test_a_new_view_version_beyond_max_dbs_is_resource_exhausted(tmp_path):
-    """max_dbs=8: the registry, v0..v3's online rows (created by apply) and v0..v2's history
-    fill it; v3's first write needs one more."""
+    """max_dbs=8: the registry and v0..v2's online rows and history fill 7; a fourth version
+    would need 9, so its apply is refused whole (it was applied, then its first write failed
+    and the store could not be reopened with that max_dbs); a deletion makes room."""
     with OnlineStore(StoreConfig(tmp_path / "db", max_dbs=8, sync=False)) as store:
-        store.registry.apply([USER], [int_view(f"v{i}") for i in range(4)])
+        store.registry.apply([USER], [int_view(f"v{i}") for i in range(3)])
         for i in range(3):
             store.write(one_row(f"v{i}", i), now_us=NOW)
-        full, fine = store.write_prepared(
-            [store.prepare(one_row("v3", 3), now_us=NOW), store.prepare(one_row("v0", 5), NOW)]
-        )
-        assert isinstance(full, ResourceExhaustedError)
-        assert "max_dbs=8 in the store config allows 3 view versions" in str(full)
-        assert "delete view versions no longer used, or raise max_dbs" in str(full)
-        assert (fine.written, fine.stale) == (0, 1)
-        with pytest.raises(ResourceExhaustedError, match="max_dbs=8"):
-            store.registry.apply([], [int_view("v4")])
-        with pytest.raises(NotFoundError):
-            store.registry.get_view("v4")
+        with pytest.raises(ResourceExhaustedError, match="lmdb_max_dbs = 8") as refused:
+            store.registry.apply([], [int_view("v3"), int_view("v4")])
+        assert "set lmdb_max_dbs" in str(refused.value)
+        for name in ("v3", "v4"):
+            with pytest.raises(NotFoundError):
+                store.registry.get_view(name)
         store.registry.delete_view("v0", 1)
+        store.registry.apply([], [int_view("v3")])
         assert store.write(one_row("v3", 3), now_us=NOW).written == 1
         assert read_x(store, "v3") == [3]
+    with OnlineStore(StoreConfig(tmp_path / "db", max_dbs=8, sync=False)) as reopened:
+        assert read_x(reopened, "v3") == [3]
 
 
 IN_CHILD = f"""
@@ -743,21 +742,22 @@ def test_handles_of_databases_another_process_deleted_are_freed_once_max_dbs_is_
 ):
     """Handles of databases deleted by another process keep their slots here until the
     environment is reopened, which happens when opening a database (to write, or to read)
-    finds max_dbs=8 full."""
+    finds max_dbs=8 full (at most 3 view versions live at a time: apply refuses more)."""
     config = StoreConfig(tmp_path / "db", max_dbs=8, sync=False)
     with OnlineStore(config) as store:
-        store.registry.apply([USER], [int_view(f"v{i}") for i in range(4)])
+        store.registry.apply([USER], [int_view(f"v{i}") for i in range(3)])
         for i in range(3):
             store.write(one_row(f"v{i}", i), now_us=NOW)
         in_child(config, "-v0", "-v1", "-v2", "+w")
+        store.registry.apply([], [int_view("v3")])
         assert store.write(one_row("v3", 3), now_us=NOW).written == 1
-        store.registry.apply([], [int_view("v4"), int_view("v5"), int_view("v6")])
+        in_child(config, "-w")
+        store.registry.apply([], [int_view("v4"), int_view("v5")])
         store.write(one_row("v4", 4), now_us=NOW)
         store.write(one_row("v5", 5), now_us=NOW)
-        in_child(config, "-v3", "-v4", "-v5")
-        assert read_x(store, "w") == [99]
-        assert store.write(one_row("v6", 6), now_us=NOW).written == 1
-        assert read_x(store, "v6") == [6]
+        in_child(config, "-v3", "-v4", "-v5", "+x", "+y", "+z")
+        assert [read_x(store, name) for name in ("x", "y", "z")] == [[99], [99], [99]]
+        assert read_x(store, "x") == [99]
 
 
 def test_reads_racing_to_open_a_view_in_a_fresh_process_all_succeed(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,12 @@ import pytest
 
 from featurestore import registry
 from featurestore.dtypes import DType
-from featurestore.errors import ConflictError, InvalidArgumentError, NotFoundError
+from featurestore.errors import (
+    ConflictError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 
@@ -95,6 +101,31 @@ def test_version_gaps_and_unknown_versions(store):
             "DType.FLOAT32_VECTOR",
         ),
         ([USER], [view(Feature("score", "FLOAT32"))], "'score': unknown dtype 'FLOAT32'"),
+        ([Entity("e", (JoinKey("id", 0),))], [], "'id': dtype must be INT64 or STRING, got 0$"),
+        (
+            [USER],
+            [FeatureView("v" * 256, "user", (CLICKS,))],
+            "feature view name 'vvvv.*is 256 bytes long; use a name of at most 255 bytes",
+        ),
+        ([Entity("e" * 256, USER.join_keys)], [], "entity name 'eee.*is 256 bytes long"),
+        ([Entity("e", (JoinKey("k" * 256, DType.INT64),))], [], "join key 'kkk.*256 bytes"),
+        ([USER], [view(Feature("c" * 256, DType.INT64))], "feature 'ccc.*is 256 bytes long"),
+        (
+            [USER],
+            [view(Feature("e", DType.FLOAT32_VECTOR, vector_length=2**32 - 1))],
+            "feature 'e': vector_length 4294967295 brings the view's vectors to 4294967295 "
+            r"floats per row, over the limit of 1048576 \(4 MiB\)",
+        ),
+        (
+            [USER],
+            [
+                view(
+                    Feature("a", DType.FLOAT32_VECTOR, vector_length=2**19),
+                    Feature("b", DType.FLOAT32_VECTOR, vector_length=2**19 + 1),
+                )
+            ],
+            "feature 'b': vector_length 524289 brings the view's vectors to 1048577 floats",
+        ),
     ],
 )
 def test_validation_names_the_field(store, entities, views, message):
@@ -207,3 +238,69 @@ def test_created_us_identifies_a_definition(store, monkeypatch):
     assert again.created_us > first.created_us
     assert store.registry.find_view("user_stats", 1) == again
     assert store.registry.find_view("user_stats", 2) is None
+
+
+def test_names_of_255_bytes_are_stored_and_written(store):
+    """The longest names fit LMDB's 511-byte keys: the registry's and the view's database."""
+    entity = Entity("e" * 255, (JoinKey("k" * 255, DType.INT64),))
+    long_view = FeatureView("v" * 255, entity.name, (Feature("f" * 255, DType.INT64),))
+    store.registry.apply([entity], [long_view])
+    store.registry.apply([], [replace(long_view, version=2)])
+    keys = {"k" * 255: np.array([1])}
+    batch = WriteBatch("v" * 255, keys, np.array([10**15]), {"f" * 255: np.array([7])})
+    assert store.write(batch).written == 1
+    assert store.read("v" * 255, keys).blocks[0].values.tolist() == [[7]]
+
+
+def test_a_view_holds_at_most_65535_features_also_when_added_in_place(store):
+    """A row records its feature count in 16 bits: beyond it no row could be written."""
+    most = tuple(Feature(f"f{i}", DType.INT64) for i in range(65_535))
+    store.registry.apply([USER], [view(*most[:-1])])
+    assert store.registry.apply([], [view(*most)])[0].action == "updated"
+    for wider in (view(*most, CLICKS), view(*most, CLICKS, version=2)):
+        with pytest.raises(
+            InvalidArgumentError,
+            match="'user_stats': features has 65536 entries, over the limit of 65535 per view",
+        ):
+            store.registry.apply([], [wider])
+    assert len(store.registry.get_view("user_stats").features) == 65_535
+
+
+def test_vectors_of_1048576_floats_per_row_are_written(store):
+    emb = Feature("emb", DType.FLOAT32_VECTOR, vector_length=2**20)
+    store.registry.apply([USER], [view(emb)])
+    ids = {"user_id": np.array([1])}
+    values = np.arange(2**20, dtype=np.float32).reshape(1, -1)
+    assert store.write(WriteBatch("user_stats", ids, np.array([10**15]), {"emb": values})).written
+    np.testing.assert_array_equal(store.read("user_stats", ids).blocks[0].values[:, 0], values)
+
+
+def test_apply_refuses_versions_beyond_max_dbs_until_one_is_deleted(tmp_path: Path):
+    """max_dbs=5 holds the registry and 2 view versions (online rows and history each): a third
+    is refused at apply, atomically and in a dry run too, not at its first write."""
+    with OnlineStore(StoreConfig(tmp_path / "db", max_dbs=5, sync=False)) as store:
+        store.registry.apply([USER], [view(CLICKS), FeatureView("a", "user", (CLICKS,))])
+        full = (
+            r"views: 3 view versions would need 7 LMDB databases .* over lmdb_max_dbs = 5; "
+            r"set lmdb_max_dbs in the server config \(StoreConfig.max_dbs\) to at least 7, or "
+            "delete view versions no longer used"
+        )
+        for views, dry_run in (
+            ([FeatureView("b", "user", (CLICKS,))], False),
+            ([FeatureView("b", "user", (CLICKS,))], True),
+            ([view(CLICKS, version=2)], False),
+            ([view(CLICKS, COUNTRY), FeatureView("b", "user", (CLICKS,))], False),
+        ):
+            with pytest.raises(ResourceExhaustedError, match=full):
+                store.registry.apply([], views, dry_run=dry_run)
+        assert [v.name for v in store.registry.list_views()] == ["a", "user_stats"]
+        assert store.registry.get_view("user_stats").features == (CLICKS,)
+        assert store.registry.apply([], [view(CLICKS, COUNTRY)])[0].action == "updated"
+        store.registry.delete_view("a", 1)
+        assert store.registry.apply([], [FeatureView("b", "user", (CLICKS,))])[0].action == (
+            "created"
+        )
+        ids, at, clicks = {"user_id": np.array([1])}, np.array([10**15]), np.ones(1)
+        both = {"clicks": clicks, "country": np.array(["x"], dtype=object)}
+        assert store.write(WriteBatch("user_stats", ids, at, both)).written == 1
+        assert store.write(WriteBatch("b", ids, at, {"clicks": clicks})).written == 1

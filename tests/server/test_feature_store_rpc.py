@@ -405,14 +405,100 @@ def test_empty_request_is_an_empty_answer(client) -> None:
     assert got.rows == 0 and got["profile:f32"].shape == (0,)
 
 
-def test_too_many_entities_is_resource_exhausted(tmp_path, server_factory) -> None:
+def test_lookups_are_capped_by_max_entities_and_writes_by_max_rows_per_write(
+    tmp_path, server_factory
+) -> None:
+    """Writes of 50 rows were refused as over max_entities_per_request = 10."""
     config = tmp_path / "small.toml"
-    config.write_text("max_entities_per_request = 10\n")
+    config.write_text("max_entities_per_request = 10\nmax_rows_per_write = 100\n")
     server = server_factory("--config", str(config))
     with FeatureStoreClient(server.target) as small:
         small.apply([USER], [ALL_TYPES])
         with expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "10", "max_entities_per_request"):
             small.get_online_features(["profile"], {"user_id": np.arange(11)})
+        assert small.write_features("profile", {"user_id": np.arange(100)}, NOW_US, columns(100))
+        with small.stream_writer("profile", batch_rows=100) as writer:
+            writer.write({"user_id": np.arange(100, 200)}, np.full(100, NOW_US), columns(100))
+        assert small.get_online_features(["profile"], {"user_id": np.arange(190, 200)}).rows
+        for write in (
+            lambda: small.write_features(
+                "profile", {"user_id": np.arange(101)}, NOW_US, columns(101)
+            ),
+            lambda: stream_one(small, "profile", 101),
+        ):
+            with expect_error(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "101 rows, over max_rows_per_write=100"
+            ) as refused:
+                write()
+            assert "max_entities_per_request" not in refused.value.message
+
+
+def stream_one(client: FeatureStoreClient, view: str, rows: int) -> None:
+    """One StreamWriteFeatures batch of `rows` rows of ALL_TYPES."""
+    with client.stream_writer(view, batch_rows=rows) as writer:
+        writer.write({"user_id": np.arange(rows)}, np.full(rows, NOW_US), columns(rows))
+
+
+def test_definitions_no_row_could_be_stored_under_are_refused_at_apply(client) -> None:
+    """Names over 255 bytes failed the apply INTERNAL (LMDB's key limit); 65,536 features and
+    vectors of 2**32-1 floats were applied, then every write (INTERNAL) or read (out of memory)
+    of the view failed."""
+    x = (Feature("x", DType.INT64),)
+    for entities, views, fragments in (
+        ([], [FeatureView("v" * 505, "user", x)], ("feature view name", "505 bytes", "255")),
+        ([Entity("e" * 510, USER.join_keys)], [], ("entity name 'eee", "510 bytes long")),
+        (
+            [],
+            [
+                FeatureView(
+                    "wide", "user", tuple(Feature(f"f{i}", DType.INT64) for i in range(2**16))
+                )
+            ],
+            ("'wide': features has 65536 entries, over the limit of 65535 per view",),
+        ),
+        (
+            [],
+            [FeatureView("huge", "user", (Feature("emb", DType.FLOAT32_VECTOR, 2**32 - 1),))],
+            ("'huge' feature 'emb': vector_length 4294967295", "over the limit of 1048576"),
+        ),
+    ):
+        with expect_error(grpc.StatusCode.INVALID_ARGUMENT, *fragments):
+            client.apply(entities, views)
+    names = [view.name for view in client.list_feature_views()[0]]
+    assert not {"wide", "huge"} & set(names) and not any(len(name) > 255 for name in names)
+
+
+def test_apply_refuses_versions_beyond_lmdb_max_dbs_and_the_store_restarts(
+    tmp_path, server_factory
+) -> None:
+    """lmdb_max_dbs = 5 holds 2 view versions: a third and fourth were applied, could not be
+    written, and the server then refused to start on its own data dir."""
+    config = tmp_path / "maxdbs.toml"
+    config.write_text("lmdb_max_dbs = 5\n")
+    server = server_factory("--config", str(config))
+
+    def write(name: str) -> int:
+        ids = {"user_id": np.array([1])}
+        return small.write_features(name, ids, NOW_US, {"x": np.array([1])}).written
+
+    views = [FeatureView(f"v{i}", "user", (Feature("x", DType.INT64),)) for i in range(3)]
+    with FeatureStoreClient(server.target) as small:
+        small.apply([USER], views[:2])
+        with expect_error(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "3 view versions would need 7 LMDB databases",
+            "over lmdb_max_dbs = 5; set lmdb_max_dbs in the server config",
+            "to at least 7",
+        ):
+            small.apply([], views[2:])
+        assert [write("v0"), write("v1")] == [1, 1]
+        small.delete_feature_view("v0", 1)
+        small.apply([], views[2:])
+        assert write("v2") == 1
+    assert server.terminate() == 0
+    restarted = server_factory("--config", str(config), data_dir=server.data_dir)
+    with FeatureStoreClient(restarted.target) as small:
+        assert small.get_online_features(["v2:x"], {"user_id": np.array([1])})["v2:x"] == [1]
 
 
 def test_values_the_feature_dtype_cannot_hold_are_invalid(client) -> None:

@@ -368,11 +368,12 @@ def test_lmdb_max_dbs_below_what_the_store_holds_refuses_to_start(server_factory
     ], result.stderr
 
 
-def test_lmdb_max_dbs_reaches_the_store_and_its_commit_process(server_factory, tmp_path) -> None:
-    """lmdb_max_dbs = 8 bounds each process's table of open databases. The commit process
-    opens the registry and, on a view's first write, its online rows and history: the fourth
-    view's first write needs a ninth. The server opens the registry and the online rows of each
-    view it applies: the eighth view needs a ninth. Both are RESOURCE_EXHAUSTED naming it."""
+def test_lmdb_max_dbs_bounds_the_view_versions_apply_creates(server_factory, tmp_path) -> None:
+    """lmdb_max_dbs = 8 holds the registry and 3 view versions (online rows and history each):
+    a fourth is refused at apply, RESOURCE_EXHAUSTED naming the setting and the value to set
+    (it was applied, its first write failed, and the server could not restart on the store).
+    Deleted versions free their room, and the commit process, whose handles of the deleted
+    databases stay open, reopens its environment to write the new ones."""
     import numpy as np
 
     from clients.channel import ClientError
@@ -392,16 +393,22 @@ def test_lmdb_max_dbs_reaches_the_store_and_its_commit_process(server_factory, t
         now = np.array([int(time.time() * 1e6)])
         client.write_features(name, {"user_id": np.array([1])}, now, {"x": np.array([1])})
 
-    full = "max_dbs=8 in the store config allows 3 view versions"
     with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
-        client.apply([user], [view(f"v{i}") for i in range(4)])
+        client.apply([user], [view(f"v{i}") for i in range(3)])
         for name in ("v0", "v1", "v2"):
             write(client, name)
-        with pytest.raises(ClientError) as written:
-            write(client, "v3")
-        client.apply([], [view(f"v{i}") for i in range(4, 7)])
         with pytest.raises(ClientError) as applied:
-            client.apply([], [view("v7")])
-    for error in (written.value, applied.value):
-        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, error
-        assert full in error.message and "lmdb_max_dbs" in error.message, error.message
+            client.apply([], [view("v3")])
+        assert applied.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "lmdb_max_dbs = 8" in applied.value.message
+        assert "to at least 9" in applied.value.message
+        for name in ("v0", "v1", "v2"):
+            client.delete_feature_view(name, 1)
+        client.apply([], [view(f"v{i}") for i in range(3, 6)])
+        for name in ("v3", "v4", "v5"):
+            write(client, name)
+    assert server.terminate() == 0
+    restarted = server_factory("--config", str(config))
+    with FeatureStoreClient(ClientConfig(target=restarted.target, timeout_s=20)) as client:
+        got = client.get_online_features(["v5:x"], {"user_id": np.array([1])})
+        assert got["v5:x"].tolist() == [1]

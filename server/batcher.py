@@ -94,7 +94,8 @@ class BatcherStats:
 class _Request:
     """One queued request: its rows, where its result goes, and its scheduling facts.
 
-    deadline: loop.time() at which it is dropped unexecuted (the caller's deadline, and the
+    Times are time.monotonic(), not loop.time(): uvloop's loop time moves in whole milliseconds.
+    deadline: when it is dropped unexecuted (the caller's deadline, and the
     queue-policy timeout under REJECT); late: when it moves behind the others (the queue-policy
     timeout under DELAY; None once delayed).
     """
@@ -108,12 +109,16 @@ class _Request:
     enqueued: float
     key: tuple
     dispatched: float = 0.0
+    limit: str = ""
+    """What set the deadline when a queue timeout did (empty: the caller's deadline), to name
+    in the error of a request dropped for it."""
 
 
 @dataclass(slots=True)
 class _Alarm:
-    """A callback scheduled on the loop and the loop time it is due. The time is kept here:
-    uvloop's call_at returns a plain Handle, without when(), for a time already past."""
+    """A callback scheduled on the loop and the time.monotonic() it is due (the clock of
+    asyncio's loop.time(); uvloop's is the same clock in whole milliseconds, so its timers may
+    fire up to a millisecond early and the callbacks check the time again)."""
 
     handle: asyncio.Handle
     when: float
@@ -152,6 +157,21 @@ class _Level:
             policy.default_timeout_us,
             policy.allow_timeout_override,
             policy.timeout_action == "delay",
+        )
+
+    def timeout_limit(self, timeout: int) -> str:
+        """The queue timeout `timeout` (from timeout_us) in a dropped request's error: which
+        setting it is and how to give requests more time."""
+        queue = f"priority level {self.number} queue" if self.number else "queue"
+        more = "add instances (instance_group.count) or lower the load"
+        if timeout != self.default_timeout_us:
+            cap = self.default_timeout_us
+            upto = f" (up to default_timeout_us = {cap})" if cap else ""
+            return f'its "timeout" of {timeout} µs passed; send a longer one{upto}, or {more}'
+
+        return (
+            f"default_timeout_us = {timeout} of the {queue} passed; raise it in the model's "
+            f"config.toml, or {more}"
         )
 
     def timeout_us(self, requested: int | None) -> int:
@@ -270,7 +290,7 @@ class DynamicBatcher:
 
         priority: 1 = highest, up to priority_levels; any other value (None, 0, negative or
         above priority_levels) = the default level, as in Triton's InferenceRequest::SetPriority.
-        deadline: loop.time() at which the caller is gone: the request is dropped unexecuted,
+        deadline: time.monotonic() at which the caller is gone: the request is dropped unexecuted,
         whatever its level's timeout_action.
         timeout_us: the request's own queue timeout, applied as its level's policy allows.
         A request cancelled while queued leaves its queue at once, freeing its max_queue_size slot.
@@ -284,16 +304,19 @@ class DynamicBatcher:
             raise self._queue_full(level)
         if self._max_rows and rows > self._max_rows:
             raise oversized_request(self.name, list(inputs), rows, self._max_rows)
-        now = self._loop.time()
+        now = time.monotonic()
         late = None
+        limit = ""
         timeout = level.timeout_us(timeout_us)
         if timeout and level.delay:
             late = now + timeout / 1e6
-        elif timeout:
-            expiry = now + timeout / 1e6
-            deadline = expiry if deadline is None else min(deadline, expiry)
+        elif timeout and (deadline is None or now + timeout / 1e6 <= deadline):
+            deadline = now + timeout / 1e6
+            limit = level.timeout_limit(timeout)
         future = self._loop.create_future()
-        request = _Request(inputs, rows, outputs, deadline, late, future, now, _batch_key(inputs))
+        request = _Request(
+            inputs, rows, outputs, deadline, late, future, now, _batch_key(inputs), limit=limit
+        )
         level.waiting.append(request)
         self._queued += 1
         self._queued_rows += rows
@@ -327,7 +350,7 @@ class DynamicBatcher:
             if request in q:
                 q.remove(request)
                 self._unqueue(request)
-                self._expire(request, self._loop.time())
+                self._expire(request, time.monotonic())
                 return
 
     def _queue_full(self, level: _Level) -> QueueFullError:
@@ -343,9 +366,8 @@ class DynamicBatcher:
     def _dispatch(self) -> None:
         """Hand batches to idle instances (or run tiny ones inline) while the rules allow."""
         self._kicked = False
-        loop = self._loop
         while self._idle and self._queued:
-            batch = self._next_batch(loop.time())
+            batch = self._next_batch(time.monotonic())
             if not batch:
                 break
             self._idle -= 1
@@ -504,10 +526,14 @@ class DynamicBatcher:
         self.metrics.fail("timed_out")
         self.metrics.queue_depth(self._queued)
         if not request.future.done():
+            waited = f"{(now - request.enqueued) * 1e3:.3f} ms"
+            limit = request.limit or (
+                "the caller's deadline passed; call with a longer deadline, or lower the load"
+            )
             request.future.set_exception(
                 RequestTimeoutError(
-                    f"model '{self.name}': request timed out after "
-                    f"{(now - request.enqueued) * 1e3:.3f} ms in the queue, before it ran"
+                    f"model '{self.name}': request dropped after {waited} in the queue, before "
+                    f"it ran: {limit}"
                 )
             )
         self._maybe_drained()
@@ -522,12 +548,14 @@ class DynamicBatcher:
             if alarm.when <= due:
                 return alarm
             alarm.handle.cancel()
+        if due <= time.monotonic():  # call_at would round a wait under uvloop's 1 ms up to 1 ms
+            return _Alarm(self._loop.call_soon(callback), due)
         return _Alarm(self._loop.call_at(due, callback), due)
 
     def _on_expiry(self) -> None:
         """Drop every queued request whose deadline passed; re-arm for the next one."""
         self._expiry_alarm = None
-        now = self._loop.time()
+        now = time.monotonic()
         for level in self._queues:
             level.waiting = self._drop_expired(level.waiting, now)
             level.delayed = self._drop_expired(level.delayed, now)
@@ -658,7 +686,7 @@ class DynamicBatcher:
 
     def _finish(self, batch: list[_Request], outcome: _Outcome) -> None:
         """Deliver each request's result, record statistics, free the instance."""
-        now = self._loop.time()
+        now = time.monotonic()
         stats = self.stats
         rows = sum(r.rows for r in batch)
         ok = 0

@@ -5,8 +5,8 @@ Requests are validated completely before they join a batch; responses carry raw 
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -180,12 +180,12 @@ def _int_parameter(request: pb.ModelInferRequest, key: str) -> int | None:
 def schedule_of(
     request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None
 ) -> tuple[int | None, int | None, float | None]:
-    """(priority, timeout µs, loop.time() deadline): the "priority" and "timeout" parameters,
+    """(priority, timeout µs, time.monotonic() deadline): the "priority" and "timeout" parameters,
     which the model's queue policy applies, and the caller's gRPC deadline, which always drops."""
     priority = _int_parameter(request, "priority")
     timeout_us = _int_parameter(request, "timeout")
     remaining = context.time_remaining() if context is not None else None
-    deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+    deadline = None if remaining is None else time.monotonic() + remaining
     return priority, timeout_us, deadline
 
 

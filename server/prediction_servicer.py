@@ -10,9 +10,9 @@ together) and answers them in order; it stops reading while the window is full.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
+import time
 import weakref
 
 import grpc
@@ -155,7 +155,7 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         values = decode_request_values(binding, request.request_values, rows)
         outputs = self._outputs(model, request)
         remaining = context.time_remaining() if context is not None else None
-        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        deadline = None if remaining is None else time.monotonic() + remaining
         scored = await self._coalescer(model).predict(keys, values, rows, outputs, deadline)
         return self._response(request, model, rows, scored.scores, scored.assembled)
 

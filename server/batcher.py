@@ -45,9 +45,12 @@ running. A run counts its CPU time (times the session's intra-op threads) where 
 its wall time: time the loop thread spent descheduled (a busy host, a paused process) is not the
 model's cost, and counting it ended inline running for good under a profiler."""
 TIMER_RESOLUTION_S = 1e-3
-"""asyncio waits on epoll, which rounds a timeout up to whole milliseconds, so a timer due sooner
-fires up to 1 ms late (a 200 µs queue delay became ~1 ms). Shorter waits are re-checked on every
+"""asyncio waits on epoll, which rounds a timeout up to whole milliseconds, and uvloop counts its
+timers in whole milliseconds, so a timer due sooner fires up to 1 ms late (a 200 µs queue delay
+became ~1 ms). Shorter waits are re-checked on every
 loop turn instead, which costs a few µs of CPU per turn while a partial batch waits."""
+JOINING = "joining the batch's inputs"
+"""The stage of a batch that failed before ONNX Runtime ran it (no execution to count)."""
 
 RunFn = Callable[[int, dict[str, np.ndarray], list[str] | None], dict[str, np.ndarray]]
 
@@ -133,6 +136,10 @@ class _Outcome:
     input_ns: int
     infer_ns: int
     output_ns: int
+    alone_ns: list[int] | None = None
+    """When the batch failed and its requests then ran one by one: each one's run time."""
+    ran: bool = True
+    """Whether the failed batch reached ONNX Runtime (one more execution) or failed joining."""
 
 
 @dataclass(eq=False, slots=True)
@@ -374,7 +381,7 @@ class DynamicBatcher:
             self._in_flight += 1
             rows = sum(r.rows for r in batch)
             if not self._runs_inline(rows):
-                self._jobs.put((batch, False))
+                self._jobs.put((batch, None))
                 continue
             cpu_start = time.thread_time_ns()
             outcome = self._execute(0, batch, retry=False)
@@ -385,7 +392,7 @@ class DynamicBatcher:
             if self._inline_load > 1.0:
                 self._stop_inline(rows, ran_ns)
             if outcome.results is None:
-                self._jobs.put((batch, True))
+                self._jobs.put((batch, outcome))
             else:
                 self._finish(batch, outcome)
         self._maybe_drained()
@@ -584,11 +591,9 @@ class DynamicBatcher:
             job = self._jobs.get()
             if job is None:
                 return
-            batch, one_by_one = job
-            if one_by_one:
-                start = time.perf_counter_ns()
-                results = [self._run_alone(instance, r) for r in batch]
-                outcome = _Outcome(results, 0, time.perf_counter_ns() - start, 0)
+            batch, failed = job
+            if failed is not None:
+                outcome = self._run_each(instance, batch, failed)
             else:
                 outcome = self._execute(instance, batch)
             self._loop.call_soon_threadsafe(self._complete, batch, outcome)
@@ -599,7 +604,7 @@ class DynamicBatcher:
         results None), so one bad request cannot fail or misroute its batch-mates' rows."""
         t0 = time.perf_counter_ns()
         t1 = t2 = 0
-        stage = "joining the batch's inputs"
+        stage = JOINING
         results: list[dict[str, np.ndarray] | BaseException] | None
         try:
             wanted = union_outputs(r.outputs for r in batch)
@@ -632,15 +637,23 @@ class DynamicBatcher:
                     start = stop
         except Exception as exc:
             t1 = t1 or time.perf_counter_ns()
-            if len(batch) == 1:
-                results = [self._failure(stage, exc)]
-            elif retry:
-                results = [self._run_alone(instance, r) for r in batch]
-            else:
-                results = None
             t2 = time.perf_counter_ns()
+            failed = _Outcome(None, t1 - t0, t2 - t1, 0, ran=stage != JOINING)
+            if len(batch) == 1:
+                failed.results = [self._failure(stage, exc)]
+                return failed
+            return self._run_each(instance, batch, failed) if retry else failed
         t3 = time.perf_counter_ns()
         return _Outcome(results, t1 - t0, t2 - t1, t3 - t2)
+
+    def _run_each(self, instance: int, batch: list[_Request], failed: _Outcome) -> _Outcome:
+        """The failed batch `failed` (its stage times) with its requests run one by one."""
+        failed.results, failed.alone_ns = [], []
+        for request in batch:
+            start = time.perf_counter_ns()
+            failed.results.append(self._run_alone(instance, request))
+            failed.alone_ns.append(time.perf_counter_ns() - start)
+        return failed
 
     def _run_alone(self, instance: int, request: _Request) -> dict[str, np.ndarray] | BaseException:
         """Run one request of a failed batch on its own; any error becomes its failure."""
@@ -706,23 +719,36 @@ class DynamicBatcher:
         if ok < len(batch):
             self.metrics.fail("error", len(batch) - ok)
         queue_s = max(r.dispatched - r.enqueued for r in batch)
-        compute_s = (outcome.input_ns + outcome.infer_ns + outcome.output_ns) / 1e9
+        compute_ns = outcome.input_ns + outcome.infer_ns + outcome.output_ns
+        compute_s = (compute_ns + sum(outcome.alone_ns or ())) / 1e9
         self.metrics.observe_batch(ok, rows, queue_s, compute_s)
         self.metrics.queue_depth(self._queued)
-        if ok:
-            stats.compute_input.add(outcome.input_ns * ok, ok)
-            stats.compute_infer.add(outcome.infer_ns * ok, ok)
-            stats.compute_output.add(outcome.output_ns * ok, ok)
-        stats.execution_count += 1
         stats.last_inference_ms = int(time.time() * 1000)
-        size = stats.batch_sizes.get(rows)
-        if size is None:
-            size = stats.batch_sizes[rows] = BatchSizeStats()
-        size.compute_input.add(outcome.input_ns)
-        size.compute_infer.add(outcome.infer_ns)
-        size.compute_output.add(outcome.output_ns)
+        if outcome.alone_ns is None:
+            if ok:
+                stats.compute_input.add(outcome.input_ns * ok, ok)
+                stats.compute_infer.add(outcome.infer_ns * ok, ok)
+                stats.compute_output.add(outcome.output_ns * ok, ok)
+            self._count_execution(rows, outcome.input_ns, outcome.infer_ns, outcome.output_ns)
+        else:
+            # A failed attempt that ran is an execution of no batch size; each request ran alone.
+            stats.execution_count += outcome.ran
+            for request, result, ns in zip(batch, outcome.results, outcome.alone_ns, strict=True):
+                if not isinstance(result, BaseException):
+                    stats.compute_infer.add(ns)
+                self._count_execution(request.rows, 0, ns, 0)
         self._idle += 1
         self._in_flight -= 1
+
+    def _count_execution(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One ONNX Runtime run of `rows` rows in ModelStatistics' execution and batch counts."""
+        self.stats.execution_count += 1
+        size = self.stats.batch_sizes.get(rows)
+        if size is None:
+            size = self.stats.batch_sizes[rows] = BatchSizeStats()
+        size.compute_input.add(input_ns)
+        size.compute_infer.add(infer_ns)
+        size.compute_output.add(output_ns)
 
     def _maybe_drained(self) -> None:
         """Signal close() once nothing is queued, running or held."""

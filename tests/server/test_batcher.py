@@ -309,9 +309,15 @@ def test_failed_batch_is_retried_one_by_one(tmp_path: Path) -> None:
             *(batcher.submit({"idx": i}, 1) for i in idx), return_exceptions=True
         )
         await batcher.close()
-        assert batcher.stats.success.count == 2 and batcher.stats.fail.count == 1
-        assert batcher.stats.batch_sizes.keys() == {3}
-        assert batcher.stats.execution_count == 1
+        stats = batcher.stats
+        assert stats.success.count == 2 and stats.fail.count == 1
+        # The failed batch counts as an execution of no batch size, each rerun as one of 1 row
+        # (it was one execution of a batch of 3 that never completed).
+        assert stats.execution_count == 4 and stats.inference_count == 2
+        assert {rows: size.compute_infer.count for rows, size in stats.batch_sizes.items()} == {
+            1: 3
+        }
+        assert stats.compute_infer.count == 2
         return results
 
     good1, bad, good2 = asyncio.run(main())
@@ -380,7 +386,7 @@ def two_in_one_batch(
             30,
         )
         await batcher.close()
-        assert batcher.stats.execution_count == 1
+        assert batcher.stats.execution_count == 1 + len(xs)  # the batch, then each alone
         return results
 
     return asyncio.run(main()), ran
@@ -448,8 +454,9 @@ def test_an_error_joining_a_batch_fails_only_its_cause_and_keeps_the_instance(
             asyncio.gather(*(batcher.submit({"x": row(i)}, 1) for i in (2, 3))), 30
         )
         await batcher.close()
-        assert batcher.stats.batch_sizes.keys() == {2}
-        assert batcher.stats.execution_count == 2
+        # The failed join ran nothing: the executions are the two alone and the later batch.
+        assert batcher.stats.batch_sizes.keys() == {1, 2}
+        assert batcher.stats.execution_count == 3
         return results, later
 
     (good, bad), later = asyncio.run(main())
@@ -557,6 +564,7 @@ def test_a_failed_inline_batch_is_retried_on_an_instance_thread(tmp_path: Path) 
     """The batch of 3 is expected to be fast, so it runs on the loop and fails there; its one
     ONNX Runtime call per request then runs on the instance thread, not on the loop."""
     ran_on: list[str] = []
+    stats: dict = {}
 
     async def main() -> list:
         batcher = make_batcher(
@@ -574,10 +582,15 @@ def test_a_failed_inline_batch_is_retried_on_an_instance_thread(tmp_path: Path) 
             30,
         )
         await batcher.close()
+        stats["executions"] = batcher.stats.execution_count
+        stats["sizes"] = {
+            rows: s.compute_infer.count for rows, s in batcher.stats.batch_sizes.items()
+        }
         return results
 
     good1, bad, good2 = asyncio.run(main())
     assert ran_on == [threading.current_thread().name] + ["m-i0"] * 3
+    assert stats["executions"] == 4 and stats["sizes"] == {1: 3}
     np.testing.assert_array_equal(good1["y"], [[4, 5, 6, 7]])
     np.testing.assert_array_equal(good2["y"], [[8, 9, 10, 11]])
     assert isinstance(bad, InferenceFailedError)

@@ -35,6 +35,7 @@ from server.errors import (
 from server.metrics import ModelMetrics
 from server.model_config import ModelConfig, QueuePolicy
 from server.onnx_runner import RunCost
+from server.precise_timer import PRECISE_TIMER, PreciseHandle
 
 log = logging.getLogger("featureserve.batcher")
 
@@ -46,9 +47,9 @@ its wall time: time the loop thread spent descheduled (a busy host, a paused pro
 model's cost, and counting it ended inline running for good under a profiler."""
 TIMER_RESOLUTION_S = 1e-3
 """asyncio waits on epoll, which rounds a timeout up to whole milliseconds, and uvloop counts its
-timers in whole milliseconds, so a timer due sooner fires up to 1 ms late (a 200 µs queue delay
-became ~1 ms). Shorter waits are re-checked on every
-loop turn instead, which costs a few µs of CPU per turn while a partial batch waits."""
+timers in whole milliseconds, so a loop timer fires up to 1 ms late (a 200 µs queue delay
+became ~1 ms). Alarms are armed that much early on the loop and their last part, shorter than
+this, is kept by server.precise_timer (re-checking on every loop turn kept a core busy)."""
 JOINING = "joining the batch's inputs"
 """The stage of a batch that failed before ONNX Runtime ran it (no execution to count)."""
 
@@ -119,11 +120,10 @@ class _Request:
 
 @dataclass(slots=True)
 class _Alarm:
-    """A callback scheduled on the loop and the time.monotonic() it is due (the clock of
-    asyncio's loop.time(); uvloop's is the same clock in whole milliseconds, so its timers may
-    fire up to a millisecond early and the callbacks check the time again)."""
+    """A scheduled callback and the time.monotonic() it is due; it may run early (see
+    TIMER_RESOLUTION_S), so the callbacks check the time again."""
 
-    handle: asyncio.Handle
+    handle: asyncio.Handle | PreciseHandle
     when: float
 
 
@@ -436,7 +436,7 @@ class DynamicBatcher:
         elif closed or now >= due or self._closed:
             batch = head
         else:
-            self._arm_delay(due, now)
+            self._arm_delay(due)
             return []
         taken = 0
         for q in self._deques():
@@ -506,15 +506,9 @@ class DynamicBatcher:
             yield level.waiting
             yield level.delayed
 
-    def _arm_delay(self, due: float, now: float) -> None:
-        """Make sure _on_delay runs by `due`; a wait shorter than the timer resolution is
-        re-checked on the next loop turn instead."""
-        alarm = self._delay_alarm
-        if alarm is not None and alarm.when <= due:
-            return
-        if due - now < TIMER_RESOLUTION_S:
-            due = now
-        self._delay_alarm = self._rearm(alarm, due, self._on_delay)
+    def _arm_delay(self, due: float) -> None:
+        """Make sure _on_delay runs by `due`."""
+        self._delay_alarm = self._rearm(self._delay_alarm, due, self._on_delay)
 
     def _on_delay(self) -> None:
         """The oldest request waited max_queue_delay: dispatch what is there."""
@@ -555,9 +549,14 @@ class DynamicBatcher:
             if alarm.when <= due:
                 return alarm
             alarm.handle.cancel()
-        if due <= time.monotonic():  # call_at would round a wait under uvloop's 1 ms up to 1 ms
-            return _Alarm(self._loop.call_soon(callback), due)
-        return _Alarm(self._loop.call_at(due, callback), due)
+        wait = due - time.monotonic()
+        if wait <= 0:
+            handle = self._loop.call_soon(callback)
+        elif wait < TIMER_RESOLUTION_S:
+            handle = PRECISE_TIMER.call_at(self._loop, due, callback)
+        else:  # the loop's timer may fire up to TIMER_RESOLUTION_S late: ask it that much early
+            handle = self._loop.call_at(due - TIMER_RESOLUTION_S, callback)
+        return _Alarm(handle, due)
 
     def _on_expiry(self) -> None:
         """Drop every queued request whose deadline passed; re-arm for the next one."""

@@ -69,27 +69,38 @@ def _read_table(path: Path, text_columns: list[str], string_features: list[str])
         options = pcsv.ConvertOptions(
             null_values=[""],
             strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
             column_types={name: pa.string() for name in text_columns},
         )
         try:
             table = pcsv.read_csv(path, convert_options=options)
-            return _quoted_empty_as_null(table, set(text_columns) - set(string_features))
+            return _quoted_empty_strings(path, table, string_features)
         except pa.ArrowInvalid as exc:
             raise _InputError(_csv_problem(path, exc)) from None
     except OSError as exc:
         raise _InputError(f"cannot read the file ({exc.strerror or exc}); check the path") from None
 
 
-def _quoted_empty_as_null(table, names: set[str]):
-    """`table` with the quoted "" cells of the text columns `names` (keys and non-STRING
-    features) null like unquoted empty cells: only a STRING feature keeps "" as a value."""
-    import pyarrow.compute as pc
+def _quoted_empty_strings(path: Path, table, names: list[str]):
+    """`table` with the quoted "" cells of its STRING feature columns `names` read as "" (the
+    first read makes every empty cell null; reading every column that way would make an
+    inferred column holding a quoted "", such as the event times, text). Only a STRING
+    feature column with nulls is read again, alone."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
 
-    for index, name in enumerate(table.column_names):
-        if name in names:
-            column = table[name]
-            table = table.set_column(index, name, pc.if_else(pc.equal(column, ""), None, column))
+    nullable = [name for name in names if name in table.column_names and table[name].null_count]
+    if not nullable:
+        return table
+    options = pcsv.ConvertOptions(
+        null_values=[""],
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+        column_types={name: pa.string() for name in nullable},
+        include_columns=nullable,
+    )
+    texts = pcsv.read_csv(path, convert_options=options)
+    for name in nullable:
+        table = table.set_column(table.column_names.index(name), name, texts[name])
     return table
 
 

@@ -113,9 +113,10 @@ def store_config(config: ServerConfig) -> StoreConfig:
 
 
 def open_store(config: StoreConfig) -> OnlineStore:
-    """The online store, or StartupError naming the key to fix when LMDB cannot open it."""
+    """The online store, or StartupError naming the key to fix when LMDB cannot open it or
+    lmdb_max_dbs cannot hold the view versions it has."""
     try:
-        return OnlineStore(config)
+        store = OnlineStore(config)
     except lmdb.MemoryError as exc:
         raise StartupError(
             f"lmdb_map_bytes = {config.map_size} cannot be mapped ({exc}); set lmdb_map_bytes "
@@ -126,6 +127,15 @@ def open_store(config: StoreConfig) -> OnlineStore:
             f"LMDB cannot open the store ({exc}); point --data-dir (data_dir) at a featureserve "
             "store or an empty directory"
         ) from None
+    needed = store.databases_needed()
+    if needed > config.max_dbs:
+        store.close()
+        raise StartupError(
+            f"lmdb_max_dbs = {config.max_dbs} is too small for the store in {config.path}: its "
+            f"{(needed - 1) // 2} view versions need {needed} LMDB databases; set lmdb_max_dbs "
+            f"to at least {needed}"
+        )
+    return store
 
 
 @dataclass(frozen=True)
@@ -202,14 +212,6 @@ class FeatureServer:
         self.audit = open_audit(self.audit_config, self.config.data_dir)
         settings = store_config(self.config)
         self.store = open_store(settings)
-        needed = self.store.databases_needed()
-        if needed > settings.max_dbs:
-            self.store.close()
-            raise StartupError(
-                f"lmdb_max_dbs = {settings.max_dbs} is too small for the store in "
-                f"{self.config.data_dir}: its {(needed - 1) // 2} view versions need {needed} "
-                f"LMDB databases; set lmdb_max_dbs to at least {needed}"
-            )
         self.committer = CommitProcess(settings)
         self.models = ModelRepository(
             model_repo,

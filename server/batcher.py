@@ -728,7 +728,8 @@ class DynamicBatcher:
                 stats.compute_input.add(outcome.input_ns * ok, ok)
                 stats.compute_infer.add(outcome.infer_ns * ok, ok)
                 stats.compute_output.add(outcome.output_ns * ok, ok)
-            self._count_execution(rows, outcome.input_ns, outcome.infer_ns, outcome.output_ns)
+            if outcome.ran:
+                self._count_execution(rows, outcome.input_ns, outcome.infer_ns, outcome.output_ns)
         else:
             # A failed attempt that ran is an execution of no batch size; each request ran alone.
             stats.execution_count += outcome.ran

@@ -125,12 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ClientError, FeatureStoreError) as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 1
-    except UnicodeEncodeError as exc:  # a non-UTF-8 argument (a lone surrogate in Python)
+    except UnicodeEncodeError as exc:
         bad = exc.object[exc.start : exc.end]
+        if all("\ud800" <= char <= "\udfff" for char in bad):  # how Python holds non-UTF-8 argv
+            print(f"featureserve: {bad!r} in an argument is not UTF-8 text", file=sys.stderr)
+            return 2
         print(
-            f"featureserve: {bad!r} in an argument is not UTF-8 text; give UTF-8", file=sys.stderr
+            f"featureserve: {bad!r} cannot be printed in this output's encoding ({exc.encoding}); "
+            "set PYTHONIOENCODING=utf-8 or a UTF-8 locale",
+            file=sys.stderr,
         )
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import ssl
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import grpc
 
 from server.config import ConfigError
 
+log = logging.getLogger("featureserve.tls")
 _TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "require_client_auth"}
 _CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 _UTC_TIME, _EXPLICIT_VERSION = 0x17, 0xA0
@@ -130,8 +132,10 @@ def _not_after(der: bytes) -> datetime:
 
 
 def _check_not_expired(path: Path, pem: bytes) -> None:
-    """Refuse a cert_file whose certificate (or one of its chain) has expired: gRPC serves it,
-    and then every client fails the handshake."""
+    """Refuse a cert_file whose certificate has expired: gRPC serves it, and then every client
+    fails the handshake. An expired certificate further up its chain only warns: a client stops
+    at the first certificate it trusts (an expired cross-signed root in an old bundle is
+    harmless to clients that trust the new root)."""
     now = datetime.now(UTC)
     for index, block in enumerate(_CERTIFICATE.findall(pem)):
         try:
@@ -141,12 +145,24 @@ def _check_not_expired(path: Path, pem: bytes) -> None:
                 f"[tls] cert_file {path}: certificate #{index + 1} cannot be decoded; set "
                 "cert_file to a PEM certificate chain"
             ) from None
-        if expiry <= now:
-            which = "the certificate" if index == 0 else f"certificate #{index + 1} of its chain"
+        if expiry > now:
+            continue
+        when = f"{expiry:%Y-%m-%d %H:%M:%S} UTC"
+        if index == 0:
             raise ConfigError(
-                f"[tls] cert_file {path}: {which} expired on {expiry:%Y-%m-%d %H:%M:%S} UTC, so "
-                "every client would fail the TLS handshake; set cert_file to a renewed certificate"
+                f"[tls] cert_file {path}: the certificate expired on {when}, so every client "
+                "would fail the TLS handshake; set cert_file to a renewed certificate"
             )
+        log.warning(
+            "an expired certificate in the TLS chain",
+            extra={
+                "cert_file": str(path),
+                "certificate": index + 1,
+                "expired": when,
+                "fix": "clients that do not trust a certificate below it will fail the "
+                "handshake; drop it from cert_file",
+            },
+        )
 
 
 def _check_client_ca(path: Path) -> None:

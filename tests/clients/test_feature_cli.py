@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -70,9 +72,10 @@ class Cli:
     def __init__(self, target: str, base: Path) -> None:
         self.target, self.base = target, base
 
-    def run(self, *args: str) -> subprocess.CompletedProcess:
+    def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "server.cli", *args, "--target", self.target]
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+        env = None if env is None else {**os.environ, **env}
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
 
     def file(self, name: str, text: str) -> Path:
         path = self.base / name
@@ -871,6 +874,27 @@ def test_a_quoted_empty_csv_cell_is_an_empty_string_and_an_unquoted_one_null(ser
         assert (got.statuses[f"quoted:{name}"] == FeatureStatus.NULL_VALUE).all(), name
 
 
+def test_a_quoted_empty_event_time_leaves_the_others_whole_numbers(served) -> None:
+    """A quoted "" among µs event times is an empty event time at its row; the other times stay
+    numbers (reading quoted "" as text made the column text, where a number below 10**15 is
+    refused as ambiguous, so every row was rejected)."""
+    cli, client = served
+    register(served, "quoted_time")
+    y2k = 946_684_800_000_000  # 2000-01-01 in µs, below 10**15
+    path = cli.file(
+        "quoted_time.csv",
+        "user_id,event_timestamp,score,clicks,city,emb\n"
+        f'811,{y2k},0.5,1,a,"[0, 0, 0]"\n'
+        '812,"",0.5,1,b,"[0, 0, 0]"\n'
+        f'813,{y2k + 1},0.5,1,c,"[0, 0, 0]"\n',
+    )
+    result = cli.run("ingest", str(path), "--view", "quoted_time", "--policy", "skip_bad_rows")
+    assert result.stdout.splitlines()[0] == "written=2 stale=0 rejected=1", result.stderr
+    assert "row 1 event_timestamp: the event time is empty" in result.stdout
+    got = read_back(client, "quoted_time", [811, 813])
+    assert got.event_timestamps["quoted_time"].tolist() == [y2k, y2k + 1]
+
+
 def test_a_server_row_error_in_the_event_times_names_the_files_time_column(served) -> None:
     """An event time only the server refuses (before 1970) is reported under the file's
     event-time column, not the wire's `event_timestamps`, with either policy."""
@@ -924,5 +948,26 @@ def test_a_view_name_that_is_not_utf8_exits_2_naming_it(served) -> None:
     result = cli.run("get", "--view", "bad\udcff", "--keys", "1")
     assert result.returncode == 2, result.stdout
     assert result.stderr.splitlines() == [
-        "featureserve: '\\udcff' in an argument is not UTF-8 text; give UTF-8"
+        "featureserve: '\\udcff' in an argument is not UTF-8 text"
     ]
+
+
+def test_output_the_terminal_cannot_encode_is_named_as_such(served) -> None:
+    """A stored "café" printed to an ASCII stdout: one line saying the output's encoding cannot
+    print it and how to fix that, not that an argument is not UTF-8."""
+    cli, client = served
+    register(served, "encoded")
+    now = np.array([int(time.time() * 1e6)])
+    values = {
+        "score": np.array([0.5]),
+        "clicks": np.array([1]),
+        "city": ["café"],
+        "emb": np.zeros((1, 3), np.float32),
+    }
+    client.write_features("encoded", {"user_id": np.array([7])}, now, values)
+    result = cli.run("get", "--view", "encoded", "--keys", "7", env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "featureserve: '\\xe9' cannot be printed in this output's encoding (ascii); set "
+        "PYTHONIOENCODING=utf-8 or a UTF-8 locale"
+    )

@@ -341,9 +341,13 @@ def test_sigterm_during_start_up_is_a_clean_stop(tmp_path: Path, workers, delay:
         assert "worker started" not in messages and "serving" not in messages, messages
 
 
-def test_lmdb_max_dbs_below_what_the_store_holds_refuses_to_start(server_factory, tmp_path) -> None:
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")])
+def test_lmdb_max_dbs_below_what_the_store_holds_refuses_to_start(
+    server_factory, tmp_path, workers: tuple[str, ...]
+) -> None:
     """A store with 3 view versions needs 7 databases: restarted with lmdb_max_dbs = 5 it
-    served, with some views unreadable and others unwritable; now start-up names the minimum."""
+    served, with some views unreadable and others unwritable; now start-up names the minimum,
+    once (a --workers group's parent checks it before starting any worker)."""
     from clients.feature_client import FeatureStoreClient
     from featurestore.dtypes import DType
     from featurestore.registry import Entity, Feature, FeatureView, JoinKey
@@ -358,7 +362,7 @@ def test_lmdb_max_dbs_below_what_the_store_holds_refuses_to_start(server_factory
     config.write_text("lmdb_max_dbs = 5\n")
     result = featureserve(
         "serve", "--port", "0", "--config", str(config), "--data-dir", str(tmp_path / "data"),
-        "--model-repo", str(tmp_path / "models"),
+        "--model-repo", str(tmp_path / "models"), *workers,
     )  # fmt: skip
     lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
     assert result.returncode == 1, result.stderr

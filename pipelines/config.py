@@ -126,8 +126,11 @@ class Pipeline:
         """How far the watermark trails the newest event time.
 
         Window TVFs have no late firing, and the store keeps one value per event time, so
-        allowed lateness is folded into the watermark: an event up to out_of_orderness +
-        allowed_lateness behind the newest one still counts; a later one is dead-lettered.
+        allowed lateness is folded into the watermark. An event is judged against the last
+        watermark Flink emitted (periodically, every 200 ms by default), not against the
+        newest event itself: one less than out_of_orderness + allowed_lateness behind the
+        newest counts, one more than that behind it plus the emission interval is
+        dead-lettered, and one in between may go either way.
         """
         return self.out_of_orderness_s + self.allowed_lateness_s
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.model_zoo import mlp_model
-from server.precise_timer import PRECISE_TIMER
+from server.precise_timer import PRECISE_TIMER, PreciseHandle
 from tests.server.test_batcher import event_loop_kind, make_batcher  # noqa: F401 (autouse)
 
 
@@ -56,3 +56,35 @@ def test_a_lone_request_waiting_out_its_queue_delay_does_not_spin_the_loop(tmp_p
     cpu, wall = asyncio.run(main())
     assert wall >= 20 * 900e-6
     assert cpu < 0.5 * 20 * 900e-6, f"loop thread CPU {cpu * 1e3:.1f} ms for 18 ms of delays"
+
+
+def test_while_a_batch_runs_a_partial_batch_is_rechecked_on_each_loop_turn(tmp_path: Path):
+    """With a batch executing on one of two instances, the loop turns often anyway: a partial
+    batch's last sub-ms of delay is re-checked on the loop (a loop handle), not handed to the
+    timer thread, whose hand-offs cost a busy loop the GIL; it still waits its full delay."""
+    from tests.server.test_batcher import Gate, row
+
+    async def main() -> tuple[object, float]:
+        gate = Gate()
+        batcher = make_batcher(
+            tmp_path, mlp_model(), instances=2, max_queue_delay_us=900, before_run=gate
+        )
+        batcher.start()
+        running = asyncio.create_task(batcher.submit({"x": row(-1)}, 1))
+        while batcher.busy_instances == 0:
+            await asyncio.sleep(0.001)
+        start = time.perf_counter()
+        waiting = asyncio.create_task(batcher.submit({"x": row(1)}, 1))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        handle = batcher._delay_alarm.handle
+        gate.open()
+        await asyncio.wait_for(waiting, 30)
+        waited = time.perf_counter() - start
+        await running
+        await batcher.close()
+        return handle, waited
+
+    handle, waited = asyncio.run(main())
+    assert not isinstance(handle, PreciseHandle)
+    assert waited >= 900e-6

@@ -26,13 +26,13 @@ Format (a `[[pipeline]]` table may sit beside these; pipelines.config reads it):
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from featurestore.dtypes import DType
 from featurestore.errors import FeatureStoreError, InvalidArgumentError
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey, validate_entity
+from featurestore.toml_file import read_toml as read_toml_file
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+)([smhdw])")
@@ -113,19 +113,9 @@ class _Where:
 def read_toml(path: Path) -> dict:
     """A features.toml file's TOML document; InvalidArgumentError naming the file and the fix
     when it cannot be read, is not UTF-8 or is not valid TOML."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InvalidArgumentError(
-            f"{path}: cannot read the definitions file: {exc.strerror or exc}; give its path "
-            "with --definitions"
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise InvalidArgumentError(
-            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidArgumentError(f"{path}: not valid TOML: {exc}; fix that line") from None
+    return read_toml_file(
+        path, "definitions file", "give its path with --definitions", InvalidArgumentError
+    )
 
 
 def load_definitions(path: str | Path) -> tuple[list[Entity], list[FeatureView]]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featurestore.toml_file import read_toml
 from server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 
 
@@ -131,7 +131,9 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     extra: dict[str, dict[str, Any]] = {}
     if path is not None:
         source = str(path)
-        raw = _read_toml(Path(path))
+        raw = read_toml(
+            Path(path), "config file", "give --config a readable TOML file", ConfigError
+        )
         server_keys = raw.pop("server", {})
         if not isinstance(server_keys, dict):
             raise ConfigError(f"{source}: [server] must be a table")
@@ -158,23 +160,3 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         )
     config.extra = extra
     return config
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    """The TOML table in `path`, or a ConfigError naming the file and what to fix."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory; give --config a TOML file") from None
-    except OSError as exc:
-        raise ConfigError(
-            f"{path}: config file cannot be read: {exc.strerror}; give --config a readable file"
-        ) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte {exc.start}); save the config file as UTF-8"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None

@@ -148,7 +148,10 @@ def test_apply_unknown_key_names_key_and_file(served) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"\xff\xfe", "not UTF-8 text (invalid start byte at byte 0); save the file as UTF-8"),
+        (
+            b"\xff\xfe",
+            "not UTF-8 text (invalid start byte at byte 0); save the definitions file as UTF-8",
+        ),
         (
             features_toml("ver_neg", extra="version = -1").encode(),
             "feature_view[0] (ver_neg).version: -1 is outside 0 to 4294967295; give 0",
@@ -366,25 +369,24 @@ def test_get_prints_features_and_statuses(served) -> None:
     ]
 
 
+def view_toml(view: str, entity: str, key: str, features: dict[str, str]) -> str:
+    """features.toml with one entity (join key `key`: "name:dtype") and one view of `features`
+    (name -> dtype)."""
+    name, dtype = key.split(":")
+    lines = [
+        "[[entity]]",
+        f'name = "{entity}"',
+        f'join_keys = [{{ name = "{name}", dtype = "{dtype}" }}]',
+    ]
+    lines += ["[[feature_view]]", f'name = "{view}"', f'entity = "{entity}"']
+    for feature, kind in features.items():
+        lines += ["[[feature_view.feature]]", f'name = "{feature}"', f'dtype = "{kind}"']
+    return "\n".join(lines) + "\n"
+
+
 def sku_toml(view: str) -> str:
     """A string-keyed `sku` entity and a view with a string and an int64 feature."""
-    return f"""
-[[entity]]
-name = "sku"
-join_keys = [{{ name = "sku_id", dtype = "string" }}]
-
-[[feature_view]]
-name = "{view}"
-entity = "sku"
-
-[[feature_view.feature]]
-name = "code"
-dtype = "string"
-
-[[feature_view.feature]]
-name = "qty"
-dtype = "int64"
-"""
+    return view_toml(view, "sku", "sku_id:string", {"code": "string", "qty": "int64"})
 
 
 def test_numeric_looking_strings_stay_text_in_ingest_and_get(served) -> None:
@@ -783,23 +785,7 @@ def test_ingest_reads_compact_dates_signed_numbers_and_refuses_text_beyond_float
 
 def flags_toml(view: str) -> str:
     """An int64 `user` entity and a view with a bool and an int64 feature."""
-    return f"""
-[[entity]]
-name = "user"
-join_keys = [{{ name = "user_id", dtype = "int64" }}]
-
-[[feature_view]]
-name = "{view}"
-entity = "user"
-
-[[feature_view.feature]]
-name = "flag"
-dtype = "bool"
-
-[[feature_view.feature]]
-name = "clicks"
-dtype = "int64"
-"""
+    return view_toml(view, "user", "user_id:int64", {"flag": "bool", "clicks": "int64"})
 
 
 @pytest.mark.parametrize(

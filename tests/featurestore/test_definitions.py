@@ -144,5 +144,5 @@ def test_a_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path: Path):
     with pytest.raises(InvalidArgumentError) as info:
         load_definitions(path)
     assert str(info.value) == (
-        f"{path}: not UTF-8 text (invalid start byte at byte 0); save the file as UTF-8"
+        f"{path}: not UTF-8 text (invalid start byte at byte 0); save the definitions file as UTF-8"
     )

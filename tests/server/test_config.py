@@ -79,19 +79,21 @@ def test_errors_name_the_key_and_the_file(tmp_path: Path, text: str, message: st
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="cannot read the config file: No such file"):
         load_config(tmp_path / "absent.toml")
 
 
 def test_a_directory_or_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path)
-    assert str(err.value) == f"{tmp_path}: is a directory; give --config a TOML file"
+    readable = "give --config a readable TOML file"
+    assert str(err.value) == f"{tmp_path}: cannot read the config file: Is a directory; {readable}"
     path = tmp_path / "latin1.toml"
     path.write_bytes(b'log_format = "caf\xe9"\n')
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"{path}: not UTF-8 text (byte 17); save the config file as UTF-8"
+    bad_byte = "invalid continuation byte at byte 17"
+    assert str(err.value) == f"{path}: not UTF-8 text ({bad_byte}); save the config file as UTF-8"
 
 
 def test_metrics_port_equal_to_port_is_named_where_it_was_set(tmp_path: Path) -> None:

@@ -114,10 +114,16 @@ def test_a_config_that_cannot_be_read_as_text_is_one_line(tmp_path: Path, kind: 
     config = tmp_path / "featureserve.toml"
     if kind == "directory":
         config.mkdir()
-        message = f"featureserve: {config}: is a directory; give --config a TOML file"
+        message = (
+            f"featureserve: {config}: cannot read the config file: Is a directory; give "
+            "--config a readable TOML file"
+        )
     else:
         config.write_bytes(b"port = 1\xff\n")
-        message = f"featureserve: {config}: not UTF-8 text (byte 8); save the config file as UTF-8"
+        message = (
+            f"featureserve: {config}: not UTF-8 text (invalid start byte at byte 8); save the "
+            "config file as UTF-8"
+        )
     result = featureserve("serve", "--port", "0", "--config", str(config),
                           "--data-dir", str(tmp_path / "d"))  # fmt: skip
     assert result.returncode == 2

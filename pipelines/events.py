@@ -1,7 +1,8 @@
 """Transaction-like test events, written as CSV/JSON files, with a NumPy reference of the windows.
 
 The reference computes, for every entity, the newest window the pipeline emits (the one the
-online store keeps, as it keeps the newest event time) straight from the generated arrays.
+online store keeps, as it keeps the newest event time) straight from the generated arrays; its
+sums are exact (fractions) rounded once, as the job's must be.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pandas as pd
 
 from featurestore.dtypes import DType
 from featurestore.kernels import reference
+from featurestore.kernels.spatial import distance_to_point_km
 from pipelines.config import Pipeline, Window
 
 MERCHANTS = np.array([f"m{i:03d}" for i in range(200)], dtype=object)
@@ -131,11 +133,13 @@ class WindowReference:
 
 
 def with_derived(events: dict[str, np.ndarray], pipeline: Pipeline) -> dict[str, np.ndarray]:
-    """The events plus the pipeline's derived columns, by the kernels' NumPy references."""
+    """The events plus the pipeline's derived columns, by the shared kernel the job runs (its
+    NumPy reference may differ in the last bit: libm against NumPy's own sin and cos)."""
     out = dict(events)
     for d in pipeline.derived:
         lat0, lon0 = d.point
-        out[d.name] = reference.distance_to_point_km(out[d.lat], out[d.lon], lat0, lon0)
+        lat, lon = (np.asarray(out[c], np.float64) for c in (d.lat, d.lon))
+        out[d.name] = distance_to_point_km(lat, lon, lat0, lon0)
     return out
 
 
@@ -157,9 +161,11 @@ def reference_latest(
             series = groups.size()
         elif agg.fn == "count_distinct":
             series = groups[agg.column].nunique()
+        elif agg.fn in ("sum", "mean"):
+            sums = groups[agg.column].agg(lambda v: reference.exact_sum(v.to_numpy(np.float64)))
+            series = sums if agg.fn == "sum" else sums / groups[agg.column].count()
         else:
-            fn = {"mean": "mean", "sum": "sum", "min": "min", "max": "max"}[agg.fn]
-            series = groups[agg.column].agg(fn)
+            series = groups[agg.column].agg(agg.fn)
         features[agg.name] = series.to_numpy(np.int64 if agg.dtype is DType.INT64 else np.float64)
     keys = groups.size().index.to_numpy(np.int64)
     window_end = groups["_end"].first().to_numpy(np.int64) * 1000

@@ -2,8 +2,11 @@
 
 Flink's own operators parse, watermark and window the events; Python runs only pandas UDFs
 over Arrow batches: the derived columns (shared Numba kernels), the sink and the dead-letter
-writer. The same statements run in streaming mode (a watched folder or Kafka) and in batch
-mode (backfill.py).
+writer. Sums and means are the shared exact_sum kernel's over each window's values (collected by
+ARRAY_AGG), not Flink's SUM and AVG, which add in arrival order: so a window's value is the one
+the offline window kernels give, whatever order its events came in. Distinct counts come from
+the same values (Flink's batch planner cannot mix COUNT(DISTINCT) with ARRAY_AGG). The same
+statements run in streaming mode (a watched folder or Kafka) and in batch mode (backfill.py).
 """
 
 from __future__ import annotations
@@ -25,14 +28,16 @@ from pyflink.table.udf import FunctionContext, ScalarFunction, udf
 
 from clients.channel import ClientConfig
 from featurestore.errors import FeatureStoreError, InvalidArgumentError, UnavailableError
+from featurestore.kernels.exact_sum import segment_sums
 from pipelines.config import COLUMN_TYPES, Pipeline, Window, load_pipelines
 from pipelines.dead_letter import DeadLetterWriter, count_by_reason, dead_letter_size
 from pipelines.sink import FeatureSink, SinkConfig, SinkCounters, read_stats
 
 ROWTIME = "event_rowtime"
 PACKAGES = ("pipelines", "clients", "protos", "featurestore")
-_SQL_AGG = {"count": "COUNT(*)", "count_distinct": "COUNT(DISTINCT {c})", "sum": "SUM({c})",
-            "mean": "AVG({c})", "min": "MIN({c})", "max": "MAX({c})"}  # fmt: skip
+_SQL_AGG = {"count": "COUNT(*)", "min": "MIN({c})", "max": "MAX({c})"}
+_FROM_VALUES = ("sum", "mean", "count_distinct")
+_VALUES = "{} values"  # a space: never a feature's name
 _DOUBLE_MAX = "1.7976931348623157E308"
 # A plain decimal: no NaN/Infinity words (Calcite folds `v <> v` away), no hex or d/f suffixes.
 _DECIMAL = r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$"
@@ -94,6 +99,47 @@ def _interval(seconds: float) -> str:
     return f"INTERVAL '{days} {hours:02d}:{minutes:02d}:{ms / 1000:06.3f}' DAY TO SECOND(3)"
 
 
+@dataclass(frozen=True)
+class WindowColumns:
+    """What the window query hands the sink after the key and window end: Flink's aggregates
+    (`native`, feature names), then each window's values of every column in `collected`;
+    `from_values` names each feature computed from those values, its function and column."""
+
+    native: tuple[str, ...]
+    collected: tuple[str, ...]
+    from_values: tuple[tuple[str, str, str], ...]
+
+
+def _features_from_values(
+    columns: WindowColumns, arrays: tuple[pd.Series, ...]
+) -> dict[str, np.ndarray]:
+    """Sums (exact_sum), means (that sum over the number of values) and distinct counts, one per
+    window, from each window's values."""
+    flat: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for column, series in zip(columns.collected, arrays, strict=True):
+        windows = series.to_list()
+        offsets = np.zeros(len(windows) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, windows), np.int64, len(windows)), out=offsets[1:])
+        flat[column] = (np.concatenate(windows) if windows else np.empty(0)), offsets
+    out = {}
+    for name, fn, column in columns.from_values:
+        values, offsets = flat[column]
+        if fn == "count_distinct":
+            out[name] = _distinct_counts(values, offsets)
+            continue
+        total = segment_sums(values.astype(np.float64, copy=False), offsets)
+        out[name] = total if fn == "sum" else total / np.diff(offsets)
+    return out
+
+
+def _distinct_counts(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Distinct values per segment values[offsets[i]:offsets[i+1]]."""
+    codes, uniques = pd.factorize(values)
+    segment = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    pairs = np.unique(segment * max(len(uniques), 1) + codes)
+    return np.bincount(pairs // max(len(uniques), 1), minlength=len(offsets) - 1)
+
+
 class WindowSink(ScalarFunction):
     """Pandas UDF: writes a batch of window rows to one view and returns once it is durable.
 
@@ -103,9 +149,9 @@ class WindowSink(ScalarFunction):
     event is.
     """
 
-    def __init__(self, config: SinkConfig, features: list[str], skip_incomplete: bool,
+    def __init__(self, config: SinkConfig, columns: WindowColumns, skip_incomplete: bool,
                  dead_letter: Path, run: str) -> None:  # fmt: skip
-        self.config, self.features, self.skip_incomplete = config, features, skip_incomplete
+        self.config, self.columns, self.skip_incomplete = config, columns, skip_incomplete
         self.dead_letter, self.run = dead_letter, run
         self.sink: FeatureSink | None = None
         self.writer: DeadLetterWriter | None = None
@@ -119,7 +165,11 @@ class WindowSink(ScalarFunction):
         n = len(keys)
         key_a = keys.to_numpy(np.int64)
         end_us = window_end.to_numpy().astype("datetime64[us]").astype(np.int64)
-        cols = {name: v.to_numpy() for name, v in zip(self.features, values, strict=True)}
+        native = len(self.columns.native)
+        cols = {
+            name: v.to_numpy() for name, v in zip(self.columns.native, values[:native], strict=True)
+        }
+        cols |= _features_from_values(self.columns, values[native:])
         keep = np.ones(n, dtype=np.bool_)
         if self.skip_incomplete:
             keep = end_us <= time.time_ns() // 1000
@@ -296,21 +346,30 @@ def _full_reason_sql(pipeline: Pipeline, options: JobOptions) -> str:
     return f"COALESCE({_reason_sql(pipeline)}, {future})"
 
 
-def _window_sql(pipeline: Pipeline, window: Window, events: str) -> tuple[str, list[str]]:
+def _window_sql(pipeline: Pipeline, window: Window, events: str) -> tuple[str, WindowColumns]:
     if window.kind == "hop":
         tvf = f"HOP(TABLE {events}, DESCRIPTOR({ROWTIME}), {_interval(window.slide_s)}, "
         tvf += f"{_interval(window.size_s)})"
     else:
         tvf = f"TUMBLE(TABLE {events}, DESCRIPTOR({ROWTIME}), {_interval(window.size_s)})"
+    native = [a for a in window.aggregates if a.fn not in _FROM_VALUES]
+    from_values = [a for a in window.aggregates if a.fn in _FROM_VALUES]
+    collected = tuple(dict.fromkeys(a.column for a in from_values))
     aggs = []
-    for agg in window.aggregates:
+    for agg in native:
         expr = _SQL_AGG[agg.fn].format(c=f"`{agg.column}`")
         sql_type = "BIGINT" if agg.dtype.name == "INT64" else "DOUBLE"
         aggs.append(f"CAST({expr} AS {sql_type}) AS `{agg.name}`")
+    aggs += [f"ARRAY_AGG(`{c}`) AS `{_VALUES.format(c)}`" for c in collected]
     entity = f"`{pipeline.entity_column}`"
     select = f"SELECT {entity}, window_end, {', '.join(aggs)} FROM TABLE({tvf}) "
     select += f"GROUP BY {entity}, window_start, window_end"
-    return select, [a.name for a in window.aggregates]
+    columns = WindowColumns(
+        native=tuple(a.name for a in native),
+        collected=collected,
+        from_values=tuple((a.name, a.fn, a.column) for a in from_values),
+    )
+    return select, columns
 
 
 def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, options: JobOptions,
@@ -361,7 +420,7 @@ def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, option
         f"CREATE TEMPORARY TABLE {p}_done (ok TINYINT) WITH ('connector' = 'blackhole')"
     )
     for window in pipeline.windows:
-        select, names = _window_sql(pipeline, window, f"{p}_events")
+        select, window_columns = _window_sql(pipeline, window, f"{p}_events")
         config = SinkConfig(
             target=options.target, view=window.view, key_column=pipeline.entity_column,
             retry_bound_s=options.retry_bound_s, message_rows=options.message_rows,
@@ -369,10 +428,15 @@ def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, option
         )  # fmt: skip
         fn = f"{p}_{window.view}_sink"
         complete_only = options.bounded or not streaming
-        window_sink = WindowSink(config, names, complete_only, options.dead_letter_path(), run)
+        window_sink = WindowSink(
+            config, window_columns, complete_only, options.dead_letter_path(), run
+        )
         sink = udf(window_sink, result_type=DataTypes.TINYINT(), func_type="pandas")
         t_env.create_temporary_function(fn, sink)
-        cols = ", ".join([f"`{pipeline.entity_column}`", "window_end"] + [f"`{n}`" for n in names])
+        outputs = [*window_columns.native, *map(_VALUES.format, window_columns.collected)]
+        cols = ", ".join(
+            [f"`{pipeline.entity_column}`", "window_end"] + [f"`{n}`" for n in outputs]
+        )
         statements.add_insert_sql(f"INSERT INTO {p}_done SELECT {fn}({cols}) FROM ({select})")
     columns = list(pipeline.columns)
     dead = DeadLetterSink(options.dead_letter_path(), columns, run)

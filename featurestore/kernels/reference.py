@@ -3,6 +3,10 @@ Numba kernels against these on random data. Written for clarity, not speed."""
 
 from __future__ import annotations
 
+import itertools
+import math
+from fractions import Fraction
+
 import numpy as np
 
 from featurestore.kernels.encoding import FNV_OFFSET, FNV_PRIME
@@ -219,6 +223,29 @@ def _windows(entity: np.ndarray, ts_us: np.ndarray, window_us: int):
     return starts, np.arange(1, n + 1)
 
 
+def exact_sum(values: np.ndarray) -> float:
+    """The exact sum of the non-NaN values as a fraction, rounded once to a double (ties to even);
+    ±inf beyond the largest double or for infinite values, NaN for +inf with -inf or no values,
+    +0.0 for an exact zero."""
+    v = np.asarray(values, np.float64)
+    v = v[~np.isnan(v)]
+    pos_inf, neg_inf = bool(np.any(v == np.inf)), bool(np.any(v == -np.inf))
+    if v.size == 0 or (pos_inf and neg_inf):
+        return math.nan
+    if pos_inf or neg_inf:
+        return math.inf if pos_inf else -math.inf
+    total = sum((Fraction(float(x)) for x in v), Fraction(0))
+    try:
+        return float(total) + 0.0
+    except OverflowError:
+        return math.inf if total > 0 else -math.inf
+
+
+def segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """exact_sum of each segment values[offsets[i]:offsets[i+1]]."""
+    return np.array([exact_sum(values[a:b]) for a, b in itertools.pairwise(offsets)], np.float64)
+
+
 def window_aggregates(entity, ts_us, values, window_us: int):
     """Per-event (count, sum, mean, min, max) computed window by window."""
     starts, stops = _windows(entity, ts_us, window_us)
@@ -229,8 +256,7 @@ def window_aggregates(entity, ts_us, values, window_us: int):
         w = values[starts[i] : stops[i]]
         w = w[~np.isnan(w)]
         if w.size:
-            with np.errstate(invalid="ignore"):
-                total[i] = np.sum(w)
+            total[i] = exact_sum(w)
             mean[i] = total[i] / w.size
             vmin[i] = w.min()
             vmax[i] = w.max()

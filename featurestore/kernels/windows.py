@@ -14,6 +14,8 @@ import math
 import numpy as np
 from numba import njit
 
+from featurestore.kernels import exact_sum
+
 
 @njit(nogil=True, cache=True)
 def is_sorted(entity: np.ndarray, ts_us: np.ndarray) -> bool:
@@ -25,23 +27,13 @@ def is_sorted(entity: np.ndarray, ts_us: np.ndarray) -> bool:
 
 
 @njit(nogil=True, cache=True)
-def _add(total: float, comp: float, v: float):
-    """Neumaier-compensated total + v, as (total, compensation)."""
-    t = total + v
-    if abs(total) >= abs(v):
-        comp += (total - t) + v
-    else:
-        comp += (v - t) + total
-    return t, comp
-
-
-@njit(nogil=True, cache=True)
 def window_aggregates(entity: np.ndarray, ts_us: np.ndarray, values: np.ndarray, window_us: int):
     """Per-event trailing-window (count, sum, mean, min, max).
 
     count counts events in the window (int64); sum/mean/min/max cover its non-NaN values (NaN
-    when there are none). Two-pointer scan with a compensated running sum (infinities counted
-    apart so they leave the window cleanly) and monotonic deques for min and max: O(n).
+    when there are none). The sum is exactly rounded (exact_sum, as the pipelines' windows sum),
+    the mean that sum over the values. Two-pointer scan with an exact running sum and monotonic
+    deques for min and max: O(n).
     """
     n = entity.shape[0]
     count = np.empty(n, np.int64)
@@ -52,11 +44,8 @@ def window_aggregates(entity: np.ndarray, ts_us: np.ndarray, values: np.ndarray,
     min_q = np.empty(n, np.int64)
     max_q = np.empty(n, np.int64)
     start = 0
-    s = 0.0
-    c = 0.0
-    valid = 0
-    pos_inf = 0
-    neg_inf = 0
+    acc = exact_sum.new_accumulator()
+    scratch = exact_sum.new_scratch()
     min_head = 0
     min_tail = 0
     max_head = 0
@@ -64,22 +53,12 @@ def window_aggregates(entity: np.ndarray, ts_us: np.ndarray, values: np.ndarray,
     for i in range(n):
         if i == 0 or entity[i] != entity[i - 1]:
             start = i
-            s = 0.0
-            c = 0.0
-            valid = 0
-            pos_inf = 0
-            neg_inf = 0
+            exact_sum.clear(acc)
             min_head = min_tail = i
             max_head = max_tail = i
         v = values[i]
+        exact_sum.add(acc, v)
         if not math.isnan(v):
-            valid += 1
-            if v == math.inf:
-                pos_inf += 1
-            elif v == -math.inf:
-                neg_inf += 1
-            else:
-                s, c = _add(s, c, v)
             while min_tail > min_head and values[min_q[min_tail - 1]] >= v:
                 min_tail -= 1
             min_q[min_tail] = i
@@ -90,37 +69,22 @@ def window_aggregates(entity: np.ndarray, ts_us: np.ndarray, values: np.ndarray,
             max_tail += 1
         lower = ts_us[i] - window_us
         while start <= i and ts_us[start] <= lower:
-            u = values[start]
-            if not math.isnan(u):
-                valid -= 1
-                if u == math.inf:
-                    pos_inf -= 1
-                elif u == -math.inf:
-                    neg_inf -= 1
-                else:
-                    s, c = _add(s, c, -u)
+            exact_sum.remove(acc, values[start])
             start += 1
         while min_head < min_tail and min_q[min_head] < start:
             min_head += 1
         while max_head < max_tail and max_q[max_head] < start:
             max_head += 1
         count[i] = i - start + 1
+        valid = exact_sum.count(acc)
         if valid == 0:
             total[i] = math.nan
             mean[i] = math.nan
             vmin[i] = math.nan
             vmax[i] = math.nan
             continue
-        if pos_inf and neg_inf:
-            sm = math.nan
-        elif pos_inf:
-            sm = math.inf
-        elif neg_inf:
-            sm = -math.inf
-        else:
-            sm = s + c
-        total[i] = sm
-        mean[i] = sm / valid
+        total[i] = exact_sum.total(acc, scratch)
+        mean[i] = total[i] / valid
         vmin[i] = values[min_q[min_head]]
         vmax[i] = values[max_q[max_head]]
     return count, total, mean, vmin, vmax

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from clients.feature_client import FeatureStoreClient
 from featurestore.errors import InvalidArgumentError
+from featurestore.window_features import WindowSpec, window_features
 from pipelines.checks import apply_views
 from pipelines.config import Pipeline, parse_pipeline
 from pipelines.dead_letter import DeadLetterWriter, count_by_reason, read_dead_letters
@@ -56,7 +58,7 @@ def assert_matches_reference(snapshot, events, pipeline: Pipeline) -> None:
         for agg in window.aggregates:
             got = snapshot[f"{window.view}:{agg.name}"]
             assert (snapshot[f"{window.view}:{agg.name}@status"] == 1).all(), agg.name
-            np.testing.assert_allclose(got, ref.features[agg.name], rtol=1e-9, err_msg=agg.name)
+            np.testing.assert_array_equal(got, ref.features[agg.name], err_msg=agg.name)
 
 
 def prepare(
@@ -141,9 +143,8 @@ def test_bounded_stream_matches_reference_and_replay_changes_nothing(server, tmp
         foreign.join()
     second = store_snapshot(server.target, pipeline, keys)
     for name, values in first.items():
-        # Event times, counts and statuses are equal; Flink may sum doubles in another order
-        # and the server overwrites on an equal event time, so sums agree to the last bits.
-        np.testing.assert_allclose(second[name], values, rtol=1e-12, err_msg=name)
+        # A replay sees each window's events in another order: its sums are exact, so equal.
+        np.testing.assert_array_equal(second[name], values, err_msg=name)
     replay = again.sinks["card_txn_5m"]
     assert replay.rows == sink.rows and replay.rejected == 0
     assert replay.stale >= sink.rows - len(keys)
@@ -174,6 +175,40 @@ def test_non_utf8_input_stops_the_job_naming_the_file_and_line(server, tmp_path,
     )  # fmt: skip
     with pytest.raises(InvalidArgumentError, match=rf"{name.replace('.', '[.]')} line 2 is not"):
         run_streaming(options)
+
+
+def test_window_sums_are_exact_whatever_the_order_and_equal_the_offline_kernels(server, tmp_path):
+    # Card 1's amounts cancel (Flink's SUM gave 0.0 in arrival order), card 2 holds ten 0.1
+    # (0.9999999999999999 in arrival order), card 3 mixes magnitudes; all in one hour, 3 h ago.
+    hour_ms = 3_600_000
+    start_ms = (int(time.time() * 1000) // hour_ms - 3) * hour_ms + 60_000
+    rng = np.random.default_rng(11)
+    amounts = {1: [1e16, 1.0, -1e16], 2: [0.1] * 10, 3: list(rng.standard_normal(40) * 1e12)}
+    amounts[3] += [1e-3, 7e15, -7e15]
+    cards = np.concatenate([[k] * len(v) for k, v in amounts.items()]).astype(np.int64)
+    events = generate_events(len(cards), entities=1, seed=6)
+    events["card_id"] = cards
+    events["amount"] = np.concatenate(list(amounts.values()))
+    events["event_time"] = start_ms + np.arange(len(cards), dtype=np.int64) * 1000
+    pipeline, definitions, _, source = prepare(tmp_path, server.target, n=1)
+    write_events(events, source, files=1)
+    options = JobOptions(
+        source=source, target=server.target, definitions=definitions, bounded=True,
+        dead_letter=tmp_path / "dead.jsonl", stats_dir=tmp_path / "stats",
+    )  # fmt: skip
+    run_streaming(options)
+
+    keys = np.array(list(amounts), np.int64)
+    stored = store_snapshot(server.target, pipeline, keys)
+    np.testing.assert_array_equal(stored["card_txn_1h:amount_sum"][:2], [1.0, 1.0])
+    offline = window_features(
+        cards, events["event_time"] * 1000, {"amount": events["amount"]},
+        [WindowSpec("amt", "window", "amount", 3600)],
+    )  # fmt: skip
+    last = np.cumsum([len(v) for v in amounts.values()]) - 1  # each card's newest event
+    np.testing.assert_array_equal(stored["card_txn_1h:amount_sum"], offline["amt_sum"][last])
+    np.testing.assert_array_equal(stored["card_txn_1h:txn_count"], offline["amt_count"][last])
+    assert_matches_reference(stored, events, pipeline)
 
 
 def test_unbounded_stream_at_parallelism_2_over_one_file_writes_windows(server, tmp_path):

@@ -335,6 +335,13 @@ def _rowtime_sql(pipeline: Pipeline, options: JobOptions) -> str:
     return f"TO_TIMESTAMP_LTZ(CASE WHEN {ok} THEN {event_ms} ELSE {_REJECTED_MS} END, 3)"
 
 
+def _watermark_sql(pipeline: Pipeline) -> str:
+    """The newest event time, but never past the clock as the row is read, minus the delay: an
+    event dated ahead (allowed up to the clock skew) neither makes the on-time events after it
+    late nor fires windows that end after now, before their events have come."""
+    return f"LEAST({ROWTIME}, CURRENT_ROW_TIMESTAMP()) - {_interval(pipeline.watermark_delay_s)}"
+
+
 def _full_reason_sql(pipeline: Pipeline, options: JobOptions) -> str:
     """_reason_sql, else a future event time: read off the rowtime, so it is decided once."""
     col = pipeline.event_time_column
@@ -380,7 +387,7 @@ def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, option
     t_env.execute_sql(
         f"CREATE TEMPORARY TABLE {p}_src ({raw_cols}, "
         f"{ROWTIME} AS {_rowtime_sql(pipeline, options)}, "
-        f"WATERMARK FOR {ROWTIME} AS {ROWTIME} - {_interval(pipeline.watermark_delay_s)}) "
+        f"WATERMARK FOR {ROWTIME} AS {_watermark_sql(pipeline)}) "
         f"WITH ({_connector(pipeline, options, streaming)})"
     )
     typed = ", ".join(
@@ -398,7 +405,8 @@ def add_pipeline(t_env: TableEnvironment, statements, pipeline: Pipeline, option
         late = (
             f"CASE WHEN {ROWTIME} <= {wm} THEN CONCAT('late: event time ', "
             f"CAST({ROWTIME} AS STRING), ' is {pipeline.watermark_delay_s:g} s or more behind "
-            f"the newest event (watermark ', CAST({wm} AS STRING), ')') END"
+            f"the newest event, or the clock if that was earlier (watermark ', "
+            f"CAST({wm} AS STRING), ')') END"
         )
     t_env.execute_sql(
         f"CREATE TEMPORARY VIEW {p}_parsed AS SELECT {typed}, {ROWTIME}, {reason} AS reason, "

@@ -211,27 +211,69 @@ def test_window_sums_are_exact_whatever_the_order_and_equal_the_offline_kernels(
     assert_matches_reference(stored, events, pipeline)
 
 
+def start_unbounded_job(
+    source: Path, target: str, definitions: Path, dead_letter: Path, log: Path, parallelism: int
+) -> subprocess.Popen:
+    """An unbounded streaming job in its own process group (stop it with killpg)."""
+    script = (
+        "import sys; from pathlib import Path; "
+        "from pipelines.streaming import JobOptions, run_streaming; "
+        "run_streaming(JobOptions(source=Path(sys.argv[1]), target=sys.argv[2], "
+        "definitions=Path(sys.argv[3]), dead_letter=Path(sys.argv[4]), "
+        "parallelism=int(sys.argv[5])))"
+    )
+    args = [str(source), target, str(definitions), str(dead_letter), str(parallelism)]
+    root = Path(__file__).resolve().parents[2]
+    # A job run earlier in this process leaves PyFlink's own variables set (the gateway's port,
+    # "gateway disabled"): the job's process must launch its own gateway.
+    env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args], cwd=root, env=env, stdout=subprocess.DEVNULL,
+        stderr=log.open("w"), start_new_session=True,
+    )  # fmt: skip
+
+
+def test_an_event_dated_ahead_does_not_make_the_events_after_it_late(server, tmp_path):
+    # Within the clock skew allowance, card 50's event is 200 s ahead. It used to move the
+    # watermark to now + 170 s, so card 2's on-time event, read after it, was dead-lettered.
+    text = EXAMPLE_PIPELINE.replace("out_of_orderness_s = 2.0", "out_of_orderness_s = 30.0")
+    definitions = tmp_path / "features.toml"
+    definitions.write_text(text)
+    apply_views(server.target, [parse_pipeline(tomllib.loads(text)["pipeline"][0])], "card")
+    source, dead = tmp_path / "events", tmp_path / "dead.jsonl"
+    source.mkdir()
+
+    def row(card: int, ahead_s: float) -> str:
+        return f"{card},10.0,m001,food,48.1,2.3,{int((time.time() + ahead_s) * 1000)}"
+
+    def dead_letters() -> list[dict]:
+        return read_dead_letters(dead) if dead.exists() else []
+
+    (source / "a.csv").write_text("\n".join([row(1, -60), row(50, 200), "x,1"]) + "\n")
+    # One source subtask: the watermark that judges file b is the one file a's rows moved.
+    job = start_unbounded_job(source, server.target, definitions, dead, tmp_path / "job.log", 1)
+    try:
+        assert wait_until(lambda: len(dead_letters()) == 1, timeout=180, interval=0.5)
+        time.sleep(3)  # a watermark is emitted every 200 ms after a row is read
+        marker = row(3, -7200)  # late under any watermark since card 1's event: read last
+        (source / "b.csv").write_text("\n".join([row(2, -5), marker]) + "\n")
+        assert wait_until(lambda: len(dead_letters()) >= 2, timeout=60, interval=0.5)
+        time.sleep(2)
+        late = [e["event"]["card_id"] for e in dead_letters() if e["reason"].startswith("late")]
+        assert late == ["3"], dead_letters()
+        assert job.poll() is None
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+
+
 def test_unbounded_stream_at_parallelism_2_over_one_file_writes_windows(server, tmp_path):
     # Unbounded (the default): the source subtask without a split must not hold the watermark.
     pipeline, definitions, events, source = prepare(
         tmp_path, server.target, n=300, entities=20, span_s=1800, jitter_ms=0, seed=4
     )
-    script = (
-        "import sys; from pathlib import Path; "
-        "from pipelines.streaming import JobOptions, run_streaming; "
-        "run_streaming(JobOptions(source=Path(sys.argv[1]), target=sys.argv[2], "
-        "definitions=Path(sys.argv[3]), dead_letter=Path(sys.argv[4]), parallelism=2))"
-    )
-    args = [str(source), server.target, str(definitions), str(tmp_path / "dead.jsonl")]
-    root = Path(__file__).resolve().parents[2]
     log = tmp_path / "job.log"
-    # A job run earlier in this process leaves PyFlink's own variables set (the gateway's port,
-    # "gateway disabled"): the job's process must launch its own gateway.
-    env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
-    job = subprocess.Popen(
-        [sys.executable, "-c", script, *args], cwd=root, env=env, stdout=subprocess.DEVNULL,
-        stderr=log.open("w"), start_new_session=True,
-    )  # fmt: skip
+    job = start_unbounded_job(source, server.target, definitions, tmp_path / "dead.jsonl", log, 2)
     keys = np.unique(events["card_id"])
     try:
         # The job never ends (it watches the folder): wait for every key's windows, then stop.

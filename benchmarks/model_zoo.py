@@ -24,6 +24,7 @@ ONNX_TYPES: dict[str, int] = {
     "INT32": TensorProto.INT32,
     "INT64": TensorProto.INT64,
     "FP16": TensorProto.FLOAT16,
+    "BF16": TensorProto.BFLOAT16,
     "FP32": TensorProto.FLOAT,
     "FP64": TensorProto.DOUBLE,
     "BYTES": TensorProto.STRING,

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from server.model_config import ModelConfig, ModelConfigError, OnnxRuntimeConfig, TensorSpec
 from server.tensors import NUMPY_DTYPES, ONNX_TO_KSERVE, unserved_type
 
 CALIBRATION_RUNS = 5
+_ONNX_BFLOAT16 = onnx.TensorProto.BFLOAT16
 CALIBRATION_ROWS = 64
 
 _LEVELS = {
@@ -33,6 +36,12 @@ def session_options(config: OnnxRuntimeConfig) -> ort.SessionOptions:
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3
     return options
+
+
+def _bits(value: ort.OrtValue) -> np.ndarray:
+    """A bfloat16 OrtValue's elements as uint16 bit patterns (a copy of its buffer)."""
+    data = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
+    return np.frombuffer(data, np.uint16).reshape(value.shape())
 
 
 def _spec(arg: ort.NodeArg, optional: bool = False) -> TensorSpec:
@@ -88,14 +97,51 @@ class OnnxRunner:
         ]
         self.outputs = [_spec(a) for a in first.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
+        self._bf16 = {t.name for t in self.inputs + self.outputs if t.datatype == "BF16"}
+        text_inputs = [t.name for t in self.inputs if t.datatype == "BYTES"]
+        bf16_outputs = [t.name for t in self.outputs if t.datatype == "BF16"]
+        if text_inputs and bf16_outputs:
+            raise ModelConfigError(
+                f"BYTES input '{text_inputs[0]}' and BF16 output '{bf16_outputs[0]}' cannot be "
+                "served together (ONNX Runtime's Python API takes strings only as NumPy arrays "
+                "and gives bfloat16 only as OrtValues): cast the output to FP32 in the model"
+            )
 
     def run(
         self, instance: int, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Execute one batch on one instance; returns the requested outputs by name."""
         names = outputs or self._output_names
+        if self._bf16:
+            return self._run_bf16(instance, inputs, names)
         results = self.sessions[instance].run(names, inputs)
         return dict(zip(names, results, strict=True))
+
+    def _run_bf16(
+        self, instance: int, inputs: dict[str, np.ndarray], names: list[str]
+    ) -> dict[str, np.ndarray]:
+        """A run for a model with BF16 tensors, which ONNX Runtime neither takes nor returns as
+        NumPy arrays: they go in and come out as OrtValues over their uint16 bit patterns."""
+        feed = {
+            name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, _ONNX_BFLOAT16)
+            if name in self._bf16
+            else array
+            for name, array in inputs.items()
+        }
+        session = self.sessions[instance]
+        if self._bf16.isdisjoint(names):
+            return dict(zip(names, session.run(names, feed), strict=True))
+        feed = {
+            name: value
+            if isinstance(value, ort.OrtValue)
+            else ort.OrtValue.ortvalue_from_numpy(value)
+            for name, value in feed.items()
+        }
+        results = session.run_with_ort_values(names, feed)
+        return {
+            name: _bits(value) if name in self._bf16 else value.numpy()
+            for name, value in zip(names, results, strict=True)
+        }
 
     def calibrate(self, config: ModelConfig) -> RunCost | None:
         """Time runs on zero inputs of 1 row and of up to CALIBRATION_ROWS rows (the best of

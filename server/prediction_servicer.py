@@ -35,6 +35,7 @@ from server.model_repository import LoadedModel, ModelRepository
 from server.ordered_stream import answer_in_order, unparsed
 from server.predict_coalescer import PredictCoalescer
 from server.prediction_binding import Assembled, PredictionBinding
+from server.tensors import bf16_to_float32
 
 log = logging.getLogger("featureserve.prediction")
 
@@ -182,6 +183,8 @@ class PredictionServicer(pb_grpc.PredictionServicer):
             row_statuses=_ROW_STATUS.take(failed.view(np.uint8)).tobytes(),
         )
         for name, values in scores.items():
+            if model.config.output(name).datatype == "BF16":
+                values = bf16_to_float32(values)
             width = math.prod(values.shape[1:])
             arrays.to_array(values.reshape(rows, width), out=response.outputs.add(name=name).values)
         lineage = response.lineage

@@ -22,6 +22,7 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"),
     "FP16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # bit patterns: NumPy has no bfloat16 (see bf16_to_float32)
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype(object),
@@ -38,17 +39,10 @@ ONNX_TO_KSERVE: dict[str, str] = {
     "tensor(int32)": "INT32",
     "tensor(int64)": "INT64",
     "tensor(float16)": "FP16",
+    "tensor(bfloat16)": "BF16",
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
-}
-
-# ONNX types ONNX Runtime runs but the server cannot serve, and why (with the fix).
-UNSERVED_ONNX_TYPES: dict[str, str] = {
-    "tensor(bfloat16)": (
-        "BF16 tensors are not supported (NumPy has no bfloat16 to decode requests into): "
-        "cast it to FP32 or FP16 in the model"
-    ),
 }
 
 # Triton's DataType enum names (model_config.proto) for each KServe datatype.
@@ -56,7 +50,7 @@ TRITON_TYPE_NAMES: dict[str, str] = {
     name: "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}" for name in NUMPY_DTYPES
 }
 
-# Which InferTensorContents field carries each datatype; FP16 has none (raw only).
+# Which InferTensorContents field carries each datatype; FP16 and BF16 have none (raw only).
 _CONTENTS_FIELD: dict[str, str] = {
     "BOOL": "bool_contents",
     "UINT8": "uint_contents",
@@ -88,12 +82,19 @@ _LENGTH = struct.Struct("<I")
 
 
 def unserved_type(tensor: str, onnx_type: str) -> str:
-    """Why a model's tensor of an ONNX type with no KServe datatype here cannot be served,
-    naming the tensor and the fix (the model's load error)."""
-    why = UNSERVED_ONNX_TYPES.get(
-        onnx_type, f"the server serves {', '.join(ONNX_TO_KSERVE)}: cast it to one of them"
+    """Why a model's tensor of an ONNX type with no KServe datatype cannot be served, naming the
+    tensor and the fix (the model's load error)."""
+    served = ", ".join(ONNX_TO_KSERVE)
+    return (
+        f"tensor '{tensor}' has type {onnx_type}; the server serves {served}: cast it to one "
+        "of them"
     )
-    return f"tensor '{tensor}' has type {onnx_type}; {why}"
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns as the float32 values they stand for (exact: BF16 is float32's top
+    half)."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def element_count(shape: tuple[int, ...] | list[int]) -> int:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 STARTUP_TIMEOUT_S = 60.0
@@ -88,6 +89,12 @@ class ServerProcess:
 
     def logs(self) -> list[dict]:
         return [json.loads(line) for line in self.log_lines if line.startswith("{")]
+
+
+def float32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 values (finite) as BF16 bit patterns, rounded to nearest, ties to even."""
+    u = np.asarray(values, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:

@@ -28,7 +28,8 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from server.inference_servicer import start_server
 from server.model_repository import ModelRepository
-from server.tensors import NUMPY_DTYPES, encode_bytes_elements
+from server.tensors import NUMPY_DTYPES, bf16_to_float32, encode_bytes_elements
+from tests.conftest import float32_to_bf16
 
 Body = Callable[[pb_grpc.GRPCInferenceServiceStub, ModelRepository], Awaitable[None]]
 # The KServe v2 spec's datatype -> InferTensorContents field, written out independently of
@@ -847,37 +848,99 @@ def test_priority_parameter_orders_batches_and_an_out_of_range_one_gets_the_defa
     serve(tmp_path, body)
 
 
-def test_a_bf16_model_fails_to_load_naming_the_tensor(tmp_path: Path) -> None:
-    """NumPy has no bfloat16, so a model with a BF16 input or output is UNAVAILABLE with a reason
-    that says so and names the tensor; the other models serve."""
-    bf16_in = onnx_model(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["N", 4])],
+def test_bf16_tensors_travel_as_raw_bit_patterns(tmp_path: Path) -> None:
+    """BF16 goes in and out as raw 16-bit patterns (NumPy has no bfloat16: the server holds
+    them as uint16 and hands ONNX Runtime bfloat16 OrtValues), batched like any dtype; typed
+    contents are refused, as for FP16."""
+    bf16 = onnx_model(
+        [
+            helper.make_node("Cast", ["x"], ["wide"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["wide", "wide"], ["doubled"]),
+            helper.make_node("Cast", ["y"], ["rounded"], to=TensorProto.BFLOAT16),
+        ],
+        [
+            helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 4]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+        ],
+        [
+            helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("rounded", TensorProto.BFLOAT16, ["N", 4]),
+        ],
     )
-    bf16_out = onnx_model(
-        [helper.make_node("Cast", ["x"], ["half"], to=TensorProto.BFLOAT16)],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("half", TensorProto.BFLOAT16, ["N", 4])],
-    )
-    write_model(tmp_path, "bf16_in", bf16_in)
-    write_model(tmp_path, "bf16_out", bf16_out)
-    write_model(tmp_path, "mlp", mlp_model())
-    unsupported = "BF16 tensors are not supported"
+    config = "max_batch_size = 64\n\n[dynamic_batching]\nmax_queue_delay_us = 20000\n"
+    write_model(tmp_path, "bf16", bf16, config_toml=config)
+    rng = np.random.default_rng(5)
+
+    def request(rows: int) -> tuple[pb.ModelInferRequest, np.ndarray, np.ndarray]:
+        x = rng.integers(0, 2**16, (rows, 4), dtype=np.uint16)
+        x[(x & 0x7F80) == 0x7F80] = 0x3FC0  # NaN and inf patterns: 1.5 instead
+        y = rng.standard_normal((rows, 4)) * 10.0 ** rng.integers(-30, 30, (rows, 4))
+        req = pb.ModelInferRequest(model_name="bf16")
+        req.inputs.add(name="x", datatype="BF16", shape=[rows, 4])
+        req.inputs.add(name="y", datatype="FP32", shape=[rows, 4])
+        req.raw_input_contents.extend([x.tobytes(), y.astype(np.float32).tobytes()])
+        return req, x, y.astype(np.float32)
 
     async def body(stub, repo) -> None:
+        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name="bf16"))
+        assert [(t.name, t.datatype) for t in meta.inputs] == [("x", "BF16"), ("y", "FP32")]
+        assert [t.datatype for t in meta.outputs] == ["FP32", "BF16"]
+        sent = [request(rows) for rows in (1, 3, 2, 5)]
+        answers = await asyncio.gather(*(stub.ModelInfer(r) for r, _, _ in sent))
+        for (_, x, y), answer in zip(sent, answers, strict=True):
+            np.testing.assert_array_equal(output(answer, "doubled"), 2 * bf16_to_float32(x))
+            np.testing.assert_array_equal(output(answer, "rounded"), float32_to_bf16(y))
+        stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="bf16"))).model_stats
+        assert stats[0].inference_stats.success.count == 4
+        assert stats[0].execution_count < 4  # batched together
+        typed = pb.ModelInferRequest(model_name="bf16")
+        tensor = typed.inputs.add(name="x", datatype="BF16", shape=[1, 4])
+        tensor.contents.uint_contents.extend([1, 2, 3, 4])
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ModelInfer(typed)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "BF16 has no typed contents field; send it in raw_input_contents" in (
+            info.value.details()
+        )
+
+    serve(tmp_path, body)
+
+
+def test_bf16_beside_bytes_inputs(tmp_path: Path) -> None:
+    """A BF16 input beside a BYTES input is served; a BYTES input with a BF16 output cannot be
+    (ONNX Runtime's Python API takes strings only as NumPy, gives bfloat16 only as OrtValues),
+    so that model fails to load saying so, and the other serves."""
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 2]),
+        helper.make_tensor_value_info("s", TensorProto.STRING, ["N", 2]),
+    ]
+    wide = helper.make_node("Cast", ["x"], ["wide"], to=TensorProto.FLOAT)
+    text = helper.make_node("Identity", ["s"], ["t"])
+    outputs = [
+        helper.make_tensor_value_info("wide", TensorProto.FLOAT, ["N", 2]),
+        helper.make_tensor_value_info("t", TensorProto.STRING, ["N", 2]),
+    ]
+    write_model(tmp_path, "mixed", onnx_model([wide, text], inputs, outputs))
+    same = helper.make_tensor_value_info("same", TensorProto.BFLOAT16, ["N", 2])
+    same_node = helper.make_node("Identity", ["x"], ["same"])
+    write_model(tmp_path, "mixed_out", onnx_model([same_node, text], inputs, [same, outputs[1]]))
+
+    async def body(stub, repo) -> None:
+        request = pb.ModelInferRequest(model_name="mixed")
+        request.inputs.add(name="x", datatype="BF16", shape=[1, 2])
+        request.inputs.add(name="s", datatype="BYTES", shape=[1, 2])
+        request.raw_input_contents.extend(
+            [np.array([0x3FC0, 0xC000], np.uint16).tobytes(), encode_bytes_elements([b"a", b""])]
+        )
+        answer = await stub.ModelInfer(request)
+        np.testing.assert_array_equal(output(answer, "wide"), [[1.5, -2.0]])
         index = await stub.RepositoryIndex(pb.RepositoryIndexRequest())
-        states = {m.name: (m.version, m.state, m.reason) for m in index.models}
-        assert states["mlp"] == ("1", "READY", "")
-        for name, tensor in (("bf16_in", "x"), ("bf16_out", "half")):
-            version, state, reason = states[name]
-            assert (version, state) == ("1", "UNAVAILABLE")
-            assert reason.startswith(str(tmp_path / name / "1" / "model.onnx"))
-            assert f"tensor '{tensor}' has type tensor(bfloat16); {unsupported}" in reason
-            assert not (await stub.ModelReady(pb.ModelReadyRequest(name=name))).ready
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.ModelMetadata(pb.ModelMetadataRequest(name=name))
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert unsupported in info.value.details()
+        states = {m.name: (m.state, m.reason) for m in index.models}
+        assert states["mixed"] == ("READY", "")
+        assert states["mixed_out"][0] == "UNAVAILABLE"
+        assert (
+            "BYTES input 's' and BF16 output 'same' cannot be served together"
+            in (states["mixed_out"][1])
+        )
 
     serve(tmp_path, body)

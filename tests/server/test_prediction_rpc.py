@@ -29,7 +29,8 @@ from server.config import ServerConfig
 from server.feature_servicer import FeatureStoreServicer
 from server.inference_servicer import InferenceServicer
 from server.prediction_servicer import STREAM_WINDOW, PredictionServicer
-from tests.conftest import wait_until
+from server.tensors import bf16_to_float32
+from tests.conftest import float32_to_bf16, wait_until
 
 N_STATS = 29
 USER = Entity("user", (JoinKey("user_id", DType.INT64),))
@@ -679,6 +680,32 @@ def test_a_model_that_is_not_batched_scores_each_predict_alone(tmp_path) -> None
     assert error.code == grpc.StatusCode.INTERNAL
     assert "output 'y' has shape [1, 1]" in error.message and "input rows (3)" in error.message
     assert "one row per input row, whatever its max_batch_size" in error.message
+
+
+def test_a_bf16_output_is_scored_as_the_float32_values_it_holds(tmp_path) -> None:
+    """Predict answers a BF16 model output with the float32 values of its bit patterns."""
+    from onnx import TensorProto, helper
+
+    from benchmarks.model_zoo import graph_model
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["N", 1])
+    model = graph_model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.BFLOAT16)], [x], [y])
+    config = ONE_VALUE_CONFIG.replace("max_batch_size = 0", "max_batch_size = 8")
+    write_model(tmp_path / "models", "half", model, config_toml=config)
+    server, target = start_server(tmp_path)
+    try:
+        with FeatureStoreClient(ClientConfig(target=target)) as client:
+            client.apply([USER], [])
+        v = np.array([1.0, np.pi, -1e-3, 3e38])
+        with PredictionClient(ClientConfig(target=target)) as client:
+            result = client.predict("half", {"user_id": [1, 2, 3, 4]}, {"v": v})
+    finally:
+        server.shutdown()
+    assert result.scores["y"].dtype == np.float32
+    expected = bf16_to_float32(float32_to_bf16(v.astype(np.float32)))
+    np.testing.assert_array_equal(result.scores["y"].reshape(-1), expected)
+    assert expected[1] != np.float32(np.pi)  # rounded to BF16's 8 bits
 
 
 def test_a_predict_larger_than_the_batcher_queue_runs_in_waves(tmp_path) -> None:

@@ -8,16 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
-from benchmarks.model_zoo import add_sub_model, mlp_model, write_model
+from benchmarks.model_zoo import add_sub_model, graph_model, mlp_model, write_model
 from server.inference_servicer import start_server
 from server.model_repository import ModelRepository
+from server.tensors import bf16_to_float32
+from tests.conftest import float32_to_bf16
 from tests.server.cached_venv import cached_venv
 
 TRITONCLIENT = ["tritonclient[grpc]==2.73.0", "numpy"]
 
 CLIENT_SCRIPT = r"""
 import asyncio, json, queue, sys
+import ml_dtypes
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
@@ -46,6 +50,12 @@ ins[0].set_data_from_numpy(a)
 ins[1].set_data_from_numpy(np.ones_like(a))
 simple = client.infer("simple", ins)
 out["simple"] = [simple.as_numpy("OUTPUT0").tolist(), simple.as_numpy("OUTPUT1").tolist()]
+
+half = grpcclient.InferInput("x", [2, 2], "BF16")
+half.set_data_from_numpy(np.array([[1.5, -2.0], [0.15625, 1e30]], ml_dtypes.bfloat16))
+bf16 = client.infer("bf16", [half])
+out["bf16"] = [bf16.as_numpy("doubled").tolist(), bf16.as_numpy("same").astype(np.float32).tolist(),
+               client.get_model_metadata("bf16", as_json=True)["inputs"][0]["datatype"]]
 
 async def async_infer():
     async with aioclient.InferenceServerClient(url) as aclient:
@@ -131,6 +141,15 @@ def test_tritonclient_sync_async_and_stream(tmp_path: Path) -> None:
     mlp = mlp_model()
     write_model(models, "mlp", mlp, config_toml="[dynamic_batching]\nmax_queue_delay_us = 500\n")
     write_model(models, "simple", add_sub_model(16))
+    x_bf16 = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 2])
+    doubled = helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["N", 2])
+    same = helper.make_tensor_value_info("same", TensorProto.BFLOAT16, ["N", 2])
+    nodes = [
+        helper.make_node("Cast", ["x"], ["wide"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["wide", "wide"], ["doubled"]),
+        helper.make_node("Identity", ["x"], ["same"]),
+    ]
+    write_model(models, "bf16", graph_model(nodes, [x_bf16], [doubled, same]))
     x = np.random.default_rng(5).standard_normal((3, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     script = tmp_path / "client.py"
@@ -165,5 +184,7 @@ def test_tritonclient_sync_async_and_stream(tmp_path: Path) -> None:
         for i in range(3):
             np.testing.assert_allclose(stream[i][1], expected[i : i + 1], rtol=1e-5)
         assert "nope" in stream[3][1]
+    bf16 = np.array([[1.5, -2.0], [0.15625, float(bf16_to_float32(float32_to_bf16(1e30)))]])
+    assert out["bf16"] == [(2 * bf16).tolist(), bf16.tolist(), "BF16"]
     stats = out["stats"]["model_stats"][0]
     assert int(stats["inference_count"]) == 3 + 4 * 3 + 3 + 3

@@ -2,7 +2,7 @@
 
 The reference computes, for every entity, the newest window the pipeline emits (the one the
 online store keeps, as it keeps the newest event time) straight from the generated arrays; its
-sums are exact (fractions) rounded once, as the job's must be.
+sums and means are exact (fractions) rounded once, as the job's must be.
 """
 
 from __future__ import annotations
@@ -162,8 +162,8 @@ def reference_latest(
         elif agg.fn == "count_distinct":
             series = groups[agg.column].nunique()
         elif agg.fn in ("sum", "mean"):
-            sums = groups[agg.column].agg(lambda v: reference.exact_sum(v.to_numpy(np.float64)))
-            series = sums if agg.fn == "sum" else sums / groups[agg.column].count()
+            exact = reference.exact_sum if agg.fn == "sum" else reference.exact_mean
+            series = groups[agg.column].agg(lambda v, f=exact: f(v.to_numpy(np.float64)))
         else:
             series = groups[agg.column].agg(agg.fn)
         features[agg.name] = series.to_numpy(np.int64 if agg.dtype is DType.INT64 else np.float64)

@@ -28,7 +28,7 @@ from pyflink.table.udf import FunctionContext, ScalarFunction, udf
 
 from clients.channel import ClientConfig
 from featurestore.errors import FeatureStoreError, InvalidArgumentError, UnavailableError
-from featurestore.kernels.exact_sum import segment_sums
+from featurestore.kernels.exact_sum import segment_sums_and_means
 from pipelines.config import COLUMN_TYPES, Pipeline, Window, load_pipelines
 from pipelines.dead_letter import DeadLetterWriter, count_by_reason, dead_letter_size
 from pipelines.sink import FeatureSink, SinkConfig, SinkCounters, read_stats
@@ -113,8 +113,8 @@ class WindowColumns:
 def _features_from_values(
     columns: WindowColumns, arrays: tuple[pd.Series, ...]
 ) -> dict[str, np.ndarray]:
-    """Sums (exact_sum), means (that sum over the number of values) and distinct counts, one per
-    window, from each window's values."""
+    """Sums and means (exact_sum: exactly rounded) and distinct counts, one per window, from each
+    window's values."""
     flat: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for column, series in zip(columns.collected, arrays, strict=True):
         windows = series.to_list()
@@ -127,8 +127,8 @@ def _features_from_values(
         if fn == "count_distinct":
             out[name] = _distinct_counts(values, offsets)
             continue
-        total = segment_sums(values.astype(np.float64, copy=False), offsets)
-        out[name] = total if fn == "sum" else total / np.diff(offsets)
+        sums, means = segment_sums_and_means(values.astype(np.float64, copy=False), offsets)
+        out[name] = sums if fn == "sum" else means
     return out
 
 

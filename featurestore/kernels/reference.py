@@ -223,10 +223,10 @@ def _windows(entity: np.ndarray, ts_us: np.ndarray, window_us: int):
     return starts, np.arange(1, n + 1)
 
 
-def exact_sum(values: np.ndarray) -> float:
-    """The exact sum of the non-NaN values as a fraction, rounded once to a double (ties to even);
-    ±inf beyond the largest double or for infinite values, NaN for +inf with -inf or no values,
-    +0.0 for an exact zero."""
+def exact_sum(values: np.ndarray, divisor: int = 1) -> float:
+    """The exact sum of the non-NaN values as a fraction (over divisor), rounded once to a
+    double (ties to even); ±inf beyond the largest double or for infinite values, NaN for +inf
+    with -inf or no values, +0.0 for an exact zero."""
     v = np.asarray(values, np.float64)
     v = v[~np.isnan(v)]
     pos_inf, neg_inf = bool(np.any(v == np.inf)), bool(np.any(v == -np.inf))
@@ -234,16 +234,23 @@ def exact_sum(values: np.ndarray) -> float:
         return math.nan
     if pos_inf or neg_inf:
         return math.inf if pos_inf else -math.inf
-    total = sum((Fraction(float(x)) for x in v), Fraction(0))
+    total = sum((Fraction(float(x)) for x in v), Fraction(0)) / divisor
     try:
         return float(total) + 0.0
     except OverflowError:
         return math.inf if total > 0 else -math.inf
 
 
-def segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """exact_sum of each segment values[offsets[i]:offsets[i+1]]."""
-    return np.array([exact_sum(values[a:b]) for a, b in itertools.pairwise(offsets)], np.float64)
+def exact_mean(values: np.ndarray) -> float:
+    """exact_sum over the number of non-NaN values, rounded once."""
+    return exact_sum(values, max(int(np.count_nonzero(~np.isnan(np.asarray(values)))), 1))
+
+
+def segment_sums_and_means(values: np.ndarray, offsets: np.ndarray):
+    """(exact_sum, exact_mean) of each segment values[offsets[i]:offsets[i+1]]."""
+    bounds = list(itertools.pairwise(offsets))
+    sums = np.array([exact_sum(values[a:b]) for a, b in bounds], np.float64)
+    return sums, np.array([exact_mean(values[a:b]) for a, b in bounds], np.float64)
 
 
 def window_aggregates(entity, ts_us, values, window_us: int):
@@ -257,7 +264,7 @@ def window_aggregates(entity, ts_us, values, window_us: int):
         w = w[~np.isnan(w)]
         if w.size:
             total[i] = exact_sum(w)
-            mean[i] = total[i] / w.size
+            mean[i] = exact_mean(w)
             vmin[i] = w.min()
             vmax[i] = w.max()
     return count.astype(np.int64), total, mean, vmin, vmax

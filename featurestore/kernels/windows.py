@@ -31,8 +31,8 @@ def window_aggregates(entity: np.ndarray, ts_us: np.ndarray, values: np.ndarray,
     """Per-event trailing-window (count, sum, mean, min, max).
 
     count counts events in the window (int64); sum/mean/min/max cover its non-NaN values (NaN
-    when there are none). The sum is exactly rounded (exact_sum, as the pipelines' windows sum),
-    the mean that sum over the values. Two-pointer scan with an exact running sum and monotonic
+    when there are none). The sum and the mean are exactly rounded (exact_sum, as the pipelines'
+    windows compute them). Two-pointer scan with an exact running sum and monotonic
     deques for min and max: O(n).
     """
     n = entity.shape[0]
@@ -83,8 +83,7 @@ def window_aggregates(entity: np.ndarray, ts_us: np.ndarray, values: np.ndarray,
             vmin[i] = math.nan
             vmax[i] = math.nan
             continue
-        total[i] = exact_sum.total(acc, scratch)
-        mean[i] = total[i] / valid
+        total[i], mean[i] = exact_sum.sum_and_mean(acc, scratch)
         vmin[i] = values[min_q[min_head]]
         vmax[i] = values[max_q[max_head]]
     return count, total, mean, vmin, vmax

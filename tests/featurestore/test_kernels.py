@@ -370,33 +370,37 @@ def sum_cases(rng: np.random.Generator, n: int) -> np.ndarray:
     return v
 
 
-def test_segment_sums_equal_the_exact_sum_rounded_once(rng):
+def sums(values: list[float]) -> float:
+    """The one segment's sum."""
+    return exact_sum.segment_sums_and_means(np.array(values), np.array([0, len(values)]))[0][0]
+
+
+def test_segment_sums_and_means_equal_the_exact_ones_rounded_once(rng):
     values = sum_cases(rng, 3000)
     offsets = np.unique(np.concatenate([[0, 3000], rng.integers(0, 3000, 400)]))
-    assert_same(exact_sum.segment_sums(values, offsets), ref.segment_sums(values, offsets))
-    tens = exact_sum.segment_sums(np.full(10, 0.1), np.array([0, 10]))
-    cancel = exact_sum.segment_sums(np.array([1e16, 1.0, -1e16]), np.array([0, 3]))
-    overflow = exact_sum.segment_sums(np.array([F64_MAX, F64_MAX, -F64_MAX]), np.array([0, 3]))
-    assert (tens[0], cancel[0], overflow[0]) == (
-        1.0,
-        1.0,
-        F64_MAX,
-    )  # arrival order: 0.999.., 0, inf
-    half_ulp_of_max = 2.0**970  # a tie: rounds to even, which is beyond the largest double
-    assert (
-        exact_sum.segment_sums(np.array([F64_MAX, half_ulp_of_max]), np.array([0, 2]))[0] == np.inf
-    )
-    empty = exact_sum.segment_sums(values[:0], np.array([0]))
-    assert empty.shape == (0,) and ref.segment_sums(values[:0], np.array([0])).shape == (0,)
+    got = exact_sum.segment_sums_and_means(values, offsets)
+    for kernel, reference in zip(got, ref.segment_sums_and_means(values, offsets), strict=True):
+        assert_same(kernel, reference)
+    # In arrival order these are 0.9999999999999999, 0.0 and inf.
+    assert sums([0.1] * 10) == sums([1e16, 1.0, -1e16]) == 1.0
+    assert sums([F64_MAX, F64_MAX, -F64_MAX]) == F64_MAX
+    assert sums([F64_MAX, 2.0**970]) == np.inf  # half an ulp of the largest: a tie, to even
+    means = exact_sum.segment_sums_and_means(
+        np.array([F64_MAX, F64_MAX, 2.0**53, 0.1, 0.3]), np.array([0, 2, 5])
+    )[1]
+    assert means.tolist() == [F64_MAX, 3002399751580331.0]  # sum / n: inf, 3002399751580330.5
+    no_segment = np.array([0])
+    empty = exact_sum.segment_sums_and_means(values[:0], no_segment)
+    empty += ref.segment_sums_and_means(values[:0], no_segment)
+    assert all(a.shape == (0,) for a in empty)
 
 
 def test_sums_do_not_depend_on_the_order_of_the_values(rng):
     values = sum_cases(rng, 500)
     values = values[np.isfinite(values)]
-    offsets = np.array([0, len(values)])
-    first = exact_sum.segment_sums(values, offsets)
+    first = sums(list(values))
     for _ in range(5):
-        assert_same(exact_sum.segment_sums(rng.permutation(values), offsets), first)
+        assert sums(list(rng.permutation(values))) == first
 
 
 def test_the_accumulator_keeps_its_value_when_carries_run():

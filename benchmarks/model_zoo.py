@@ -45,10 +45,10 @@ def graph_model(
     return model
 
 
-def identity_model(datatypes: list[str] | None = None, width: int = 3) -> onnx.ModelProto:
-    """INPUT_<DT> [N, width] -> OUTPUT_<DT> unchanged, one pair per KServe datatype."""
+def identity_model(datatypes: list[str], width: int = 3) -> onnx.ModelProto:
+    """INPUT_<DT> [N, width] -> OUTPUT_<DT> unchanged, one pair per given KServe datatype."""
     nodes, inputs, outputs = [], [], []
-    for dt in datatypes or list(ONNX_TYPES):
+    for dt in datatypes:
         inputs.append(helper.make_tensor_value_info(f"INPUT_{dt}", ONNX_TYPES[dt], ["N", width]))
         outputs.append(helper.make_tensor_value_info(f"OUTPUT_{dt}", ONNX_TYPES[dt], ["N", width]))
         nodes.append(helper.make_node("Identity", [f"INPUT_{dt}"], [f"OUTPUT_{dt}"]))

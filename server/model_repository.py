@@ -49,7 +49,7 @@ from server.model_config import (
     complete_config,
     load_model_config,
 )
-from server.onnx_runner import OnnxRunner
+from server.onnx_runner import OnnxRunner, check_feedable
 from server.prediction_binding import PredictionBinding, compile_binding
 
 log = logging.getLogger("featureserve.models")
@@ -474,6 +474,7 @@ class ModelRepository:
                 OnnxRunner, path, config.onnxruntime, config.instance_group.count
             )
             completed = complete_config(config, runner.inputs, runner.outputs, source=str(path))
+            check_feedable(completed)
             binding = await asyncio.to_thread(
                 compile_binding, completed, str(self.path / name / CONFIG_FILENAME)
             )

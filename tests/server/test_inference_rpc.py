@@ -906,6 +906,39 @@ def test_bf16_tensors_travel_as_raw_bit_patterns(tmp_path: Path) -> None:
     serve(tmp_path, body)
 
 
+def test_a_bf16_model_passing_an_input_through_answers_each_request_its_own_rows(
+    tmp_path: Path,
+) -> None:
+    """ONNX Runtime hands back a graph input that is also an output as the feed's own OrtValue,
+    over the batch's array: the answer must be a copy (it was read from freed memory)."""
+    width = 1024
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 2])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", width])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["N", 2])
+    model = onnx_model([helper.make_node("Identity", ["x"], ["y"])], [x, z], [y, z])
+    config = "max_batch_size = 64\n\n[dynamic_batching]\nmax_queue_delay_us = 5000\n"
+    write_model(tmp_path, "alias", model, config_toml=config)
+
+    async def one(stub, i: int) -> bool:
+        rows = 1 + i % 4
+        zs = np.full((rows, width), float(i), np.float32) + np.arange(width, dtype=np.float32)
+        xs = np.full((rows, 2), 0x3F80, np.uint16)
+        request = pb.ModelInferRequest(model_name="alias")
+        request.inputs.add(name="x", datatype="BF16", shape=xs.shape)
+        request.inputs.add(name="z", datatype="FP32", shape=zs.shape)
+        request.raw_input_contents.extend([xs.tobytes(), zs.tobytes()])
+        answer = await stub.ModelInfer(request)
+        return np.array_equal(output(answer, "z"), zs) and np.array_equal(output(answer, "y"), xs)
+
+    async def body(stub, repo) -> None:
+        for _ in range(3):
+            assert all(await asyncio.gather(*(one(stub, i) for i in range(64))))
+        stats = (await stub.ModelStatistics(pb.ModelStatisticsRequest(name="alias"))).model_stats
+        assert stats[0].execution_count < 3 * 64  # batched
+
+    serve(tmp_path, body)
+
+
 def test_bf16_beside_bytes_inputs(tmp_path: Path) -> None:
     """A BF16 input beside a BYTES input is served; a BYTES input with a BF16 output cannot be
     (ONNX Runtime's Python API takes strings only as NumPy, gives bfloat16 only as OrtValues),
@@ -924,6 +957,13 @@ def test_bf16_beside_bytes_inputs(tmp_path: Path) -> None:
     same = helper.make_tensor_value_info("same", TensorProto.BFLOAT16, ["N", 2])
     same_node = helper.make_node("Identity", ["x"], ["same"])
     write_model(tmp_path, "mixed_out", onnx_model([same_node, text], inputs, [same, outputs[1]]))
+    # A string input with an initializer and a fixed first dimension is left out of a batching
+    # model's inputs (it always takes its initializer): never fed, so a BF16 output is fine.
+    fixed = helper.make_tensor_value_info("s", TensorProto.STRING, [1])
+    size = helper.make_node("Size", ["s"], ["n"])
+    kept = onnx_model([same_node, size], [inputs[0], fixed], [same])
+    kept.graph.initializer.append(helper.make_tensor("s", TensorProto.STRING, [1], [b"hi"]))
+    write_model(tmp_path, "kept_text", kept, config_toml="max_batch_size = 8\n")
 
     async def body(stub, repo) -> None:
         request = pb.ModelInferRequest(model_name="mixed")
@@ -936,11 +976,14 @@ def test_bf16_beside_bytes_inputs(tmp_path: Path) -> None:
         np.testing.assert_array_equal(output(answer, "wide"), [[1.5, -2.0]])
         index = await stub.RepositoryIndex(pb.RepositoryIndexRequest())
         states = {m.name: (m.state, m.reason) for m in index.models}
-        assert states["mixed"] == ("READY", "")
+        assert states["mixed"] == states["kept_text"] == ("READY", "")
         assert states["mixed_out"][0] == "UNAVAILABLE"
-        assert (
-            "BYTES input 's' and BF16 output 'same' cannot be served together"
-            in (states["mixed_out"][1])
-        )
+        reason = states["mixed_out"][1]
+        assert "BYTES input 's' and BF16 output 'same' cannot be served together" in reason
+        assert "cast output 'same' to FP32 in the model" in reason
+        kept_text = infer_request("kept_text", {"x": np.array([[0x3FC0, 1]], np.uint16)})
+        kept_text.inputs[0].datatype = "BF16"
+        answer = await stub.ModelInfer(kept_text)
+        np.testing.assert_array_equal(output(answer, "same"), [[0x3FC0, 1]])
 
     serve(tmp_path, body)

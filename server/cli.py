@@ -8,14 +8,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from server.config import ConfigError, load_config
-from server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
-
 SERVE_FLAGS = ("host", "port", "data_dir", "model_repo", "metrics_port")
 
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
     """The `serve` subcommand."""
+    from server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
+
     p = subparsers.add_parser(
         "serve",
         help="run the featureserve gRPC server",
@@ -46,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Load the config, then run the server until a stop signal (args.signals, installed by
     main; one that came while the server was starting is a clean stop too: exit 0)."""
     from server.app import StartupError
+    from server.config import ConfigError, load_config
     from server.logs import configure_logging
 
     overrides = {name: getattr(args, name) for name in SERVE_FLAGS}
@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     signals = None
     if argv[:1] == ["serve"]:
-        # Before the parser's imports, which take a second or more on a busy machine: from here
-        # on a SIGTERM to `serve` is a clean stop, not the signal's default action.
-        from server.workers import StopSignals
+        # Before any other import (this module imports only the standard library): from here
+        # on a SIGTERM or Ctrl-C to `serve` is a clean stop, not the signal's default action.
+        from server.stop_signals import StopSignals
 
         signals = StopSignals().install()
     from clients.channel import ClientError

@@ -52,7 +52,7 @@ def run(config: ServerConfig, stop_requested: Callable[[], bool] = lambda: False
     """Blocking entry point of `featureserve serve`, on the configured event loop.
 
     stop_requested() says whether a stop signal came before serve() took SIGTERM and SIGINT
-    over (see workers.StopSignals): then the server does not start, or, if the signal came
+    over (see stop_signals.StopSignals): then the server does not start, or, if the signal came
     while it started, the signal is sent again once it serves, so it drains and exits 0."""
     if stop_requested():
         log.info("stopped before serving")

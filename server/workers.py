@@ -2,8 +2,7 @@
 (SO_REUSEPORT), serves their merged metrics, restarts a crashed worker, and drains all of them
 on SIGTERM. Workers are fresh interpreters (spawned, never forked after gRPC is imported).
 
-`serve` imports this module before anything else to catch SIGTERM early (StopSignals), so it
-imports the metrics module (NumPy, prometheus_client) only where it is used."""
+It imports the metrics module (NumPy, prometheus_client) only where it is used."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.config import ServerConfig, host_port
+from server.stop_signals import StopSignals
 
 log = logging.getLogger("featureserve.workers")
 
@@ -41,25 +41,6 @@ def worker_index() -> int | None:
 
     value = os.environ.get(WORKER_ENV)
     return int(value) if value is not None else None
-
-
-class StopSignals:
-    """SIGTERM and SIGINT noted, not acted on: `requested` turns true. Installed as the first
-    thing `serve` does, so a stop asked for while the server still imports or starts is a clean
-    stop once it can be one. The handler only assigns a flag: one that took a lock (Event.set)
-    could deadlock the main thread it interrupts while that thread holds the lock."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def install(self) -> StopSignals:
-        """Route SIGTERM and SIGINT to this flag (call from the main thread); returns self."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._note)
-        return self
-
-    def _note(self, signum: int, frame: object) -> None:
-        self.requested = True
 
 
 def port_lock_path(port: int) -> Path:

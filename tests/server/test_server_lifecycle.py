@@ -318,6 +318,18 @@ def _in_session(sid: int) -> list[int]:
     return found
 
 
+def test_the_command_module_imports_nothing_before_it_catches_stop_signals() -> None:
+    """`serve` installs its SIGTERM and SIGINT handlers first thing in main(), so what importing
+    server.cli costs is time in which a stop signal still kills the process (SIGTERM) or prints
+    a KeyboardInterrupt traceback (Ctrl-C): it imported asyncio, uvloop and featurestore (~60
+    ms), now only the standard library's argparse."""
+    heavy = {"asyncio", "uvloop", "numpy", "grpc", "onnxruntime", "lmdb", "featurestore", "protos"}
+    code = "import sys, server.cli; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert heavy.isdisjoint(result.stdout.split()), result.stdout
+
+
 @pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["single", "workers"])
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.2, 0.5])
 def test_sigterm_during_start_up_is_a_clean_stop(tmp_path: Path, workers, delay: float) -> None:

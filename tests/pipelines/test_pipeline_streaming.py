@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -211,10 +213,12 @@ def test_window_sums_are_exact_whatever_the_order_and_equal_the_offline_kernels(
     assert_matches_reference(stored, events, pipeline)
 
 
-def start_unbounded_job(
+@contextmanager
+def unbounded_job(
     source: Path, target: str, definitions: Path, dead_letter: Path, log: Path, parallelism: int
-) -> subprocess.Popen:
-    """An unbounded streaming job in its own process group (stop it with killpg)."""
+) -> Iterator[subprocess.Popen]:
+    """An unbounded streaming job in its own process group, which must still run at the end
+    of the block (it watches its folder for good); killed then."""
     script = (
         "import sys; from pathlib import Path; "
         "from pipelines.streaming import JobOptions, run_streaming; "
@@ -227,10 +231,16 @@ def start_unbounded_job(
     # A job run earlier in this process leaves PyFlink's own variables set (the gateway's port,
     # "gateway disabled"): the job's process must launch its own gateway.
     env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
-    return subprocess.Popen(
+    job = subprocess.Popen(
         [sys.executable, "-c", script, *args], cwd=root, env=env, stdout=subprocess.DEVNULL,
         stderr=log.open("w"), start_new_session=True,
     )  # fmt: skip
+    try:
+        yield job
+        assert job.poll() is None, f"the job ended: {log.read_text()[-3000:]}"
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
 
 
 def test_an_event_dated_ahead_does_not_make_the_events_after_it_late(server, tmp_path):
@@ -251,8 +261,7 @@ def test_an_event_dated_ahead_does_not_make_the_events_after_it_late(server, tmp
 
     (source / "a.csv").write_text("\n".join([row(1, -60), row(50, 200), "x,1"]) + "\n")
     # One source subtask: the watermark that judges file b is the one file a's rows moved.
-    job = start_unbounded_job(source, server.target, definitions, dead, tmp_path / "job.log", 1)
-    try:
+    with unbounded_job(source, server.target, definitions, dead, tmp_path / "job.log", 1):
         assert wait_until(lambda: len(dead_letters()) == 1, timeout=180, interval=0.5)
         time.sleep(3)  # a watermark is emitted every 200 ms after a row is read
         marker = row(3, -7200)  # late under any watermark since card 1's event: read last
@@ -261,10 +270,6 @@ def test_an_event_dated_ahead_does_not_make_the_events_after_it_late(server, tmp
         time.sleep(2)
         late = [e["event"]["card_id"] for e in dead_letters() if e["reason"].startswith("late")]
         assert late == ["3"], dead_letters()
-        assert job.poll() is None
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
 
 
 def test_unbounded_stream_at_parallelism_2_over_one_file_writes_windows(server, tmp_path):
@@ -273,20 +278,15 @@ def test_unbounded_stream_at_parallelism_2_over_one_file_writes_windows(server, 
         tmp_path, server.target, n=300, entities=20, span_s=1800, jitter_ms=0, seed=4
     )
     log = tmp_path / "job.log"
-    job = start_unbounded_job(source, server.target, definitions, tmp_path / "dead.jsonl", log, 2)
     keys = np.unique(events["card_id"])
-    try:
-        # The job never ends (it watches the folder): wait for every key's windows, then stop.
-        def written() -> bool:
-            got = store_snapshot(server.target, pipeline, keys)
-            return bool((got["card_txn_5m:txn_count@status"] == 1).all())
 
+    def written() -> bool:
+        got = store_snapshot(server.target, pipeline, keys)
+        return bool((got["card_txn_5m:txn_count@status"] == 1).all())
+
+    with unbounded_job(source, server.target, definitions, tmp_path / "dead.jsonl", log, 2):
         reached = wait_until(written, timeout=240, interval=2)
         assert reached, f"not every key's window reached the store: {log.read_text()[-3000:]}"
-        assert job.poll() is None
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
 
 
 def test_late_events_are_dead_lettered_or_counted_never_both(server, tmp_path):

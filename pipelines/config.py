@@ -126,7 +126,8 @@ class Pipeline:
         """How far the watermark trails the newest event time.
 
         Window TVFs have no late firing, and the store keeps one value per event time, so
-        allowed lateness is folded into the watermark. An event is judged against the last
+        allowed lateness is folded into the watermark, which follows the newest event time
+        but never passes the clock (streaming.py). An event is judged against the last
         watermark Flink emitted (periodically, every 200 ms by default), not against the
         newest event itself: one less than out_of_orderness + allowed_lateness behind the
         newest counts, one more than that behind it plus the emission interval is

@@ -121,13 +121,17 @@ def _features_from_values(
         offsets = np.zeros(len(windows) + 1, np.int64)
         np.cumsum(np.fromiter(map(len, windows), np.int64, len(windows)), out=offsets[1:])
         flat[column] = (np.concatenate(windows) if windows else np.empty(0)), offsets
+    summed: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # a column's sums and means, once
     out = {}
     for name, fn, column in columns.from_values:
         values, offsets = flat[column]
         if fn == "count_distinct":
             out[name] = _distinct_counts(values, offsets)
             continue
-        sums, means = segment_sums_and_means(values.astype(np.float64, copy=False), offsets)
+        if column not in summed:
+            as_doubles = values.astype(np.float64, copy=False)
+            summed[column] = segment_sums_and_means(as_doubles, offsets)
+        sums, means = summed[column]
         out[name] = sums if fn == "sum" else means
     return out
 

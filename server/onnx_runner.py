@@ -14,8 +14,8 @@ from server.model_config import ModelConfig, ModelConfigError, OnnxRuntimeConfig
 from server.tensors import NUMPY_DTYPES, ONNX_TO_KSERVE, unserved_type
 
 CALIBRATION_RUNS = 5
-_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16 (importing onnx costs every start ~50 ms)
 CALIBRATION_ROWS = 64
+_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16 (importing onnx costs every start ~50 ms)
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

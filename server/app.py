@@ -151,7 +151,7 @@ class Sections:
 def parse_sections(config: ServerConfig) -> Sections:
     """The config's sections, or StartupError naming the key: a bad section stops start-up."""
     try:
-        tls = parse_tls(config.extra.get("tls"))
+        tls = parse_tls(config.extra.get("tls"), base=config.config_dir)
         return Sections(
             Authorizer(parse_auth(config.extra.get("auth"), services=SERVED)),
             tls,

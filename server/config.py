@@ -40,6 +40,8 @@ class ServerConfig:
     watch_model_repo: bool = True
     model_poll_interval_s: float = 1.0
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    config_dir: Path | None = None
+    """The --config file's folder: relative [tls] paths are read from there."""
 
     @property
     def address(self) -> str:
@@ -54,6 +56,7 @@ def host_port(host: str, port: int) -> str:
 
 _PATH_KEYS = {"data_dir", "model_repo"}
 _SECTIONS = ("auth", "tls", "audit")
+_NOT_KEYS = ("extra", "config_dir")  # set from the file's sections and place, not as keys
 _CHOICES = {"event_loop": tuple(EVENT_LOOPS), "log_format": ("json", "text")}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _PORT_KEYS = {"port": "0 picks a free port", "metrics_port": "0 turns /metrics off"}
@@ -144,7 +147,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
                     raise ConfigError(f"{source}: [{section}] must be a table, not a value")
         raw.update(server_keys)
         for key, value in raw.items():
-            if key not in ServerConfig.__dataclass_fields__ or key == "extra":
+            if key not in ServerConfig.__dataclass_fields__ or key in _NOT_KEYS:
                 raise ConfigError(f"{source}: unknown key '{key}'")
             values[key] = _coerce(key, value, source)
             origins[key] = source
@@ -159,4 +162,5 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             "'port'; give /metrics another port, or 0 to turn it off"
         )
     config.extra = extra
+    config.config_dir = Path(path).parent if path is not None else None
     return config

@@ -22,8 +22,8 @@ _UTC_TIME, _EXPLICIT_VERSION = 0x17, 0xA0
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """Server certificate chain and key (PEM); with client_ca_file, clients are verified against
-    it, and require_client_auth (the default when a client CA is set) makes that mandatory."""
+    """Server certificate chain and key (PEM); with client_ca_file, every client must present a
+    certificate signed by it (require_client_auth, true whenever a client CA is set)."""
 
     cert_file: Path
     key_file: Path
@@ -72,6 +72,13 @@ def parse_tls(
         raise ConfigError(
             f"{source}: [tls] require_client_auth = true needs client_ca_file (the CA that "
             "signed the client certificates)"
+        )
+    if config.client_ca_file is not None and not config.mutual:
+        # gRPC then never asks for a client certificate: the CA would check nothing.
+        raise ConfigError(
+            f"{source}: [tls] client_ca_file is set but require_client_auth = false, so client "
+            "certificates would not be requested nor checked; remove require_client_auth "
+            "(mutual TLS) or remove client_ca_file (server-only TLS)"
         )
     return config
 

@@ -107,10 +107,10 @@ def test_parse_tls_defaults_and_errors(tmp_path: Path) -> None:
     assert plain.cert_file == tmp_path / "s.crt" and not plain.mutual
     mutual = parse_tls({"cert_file": "a", "key_file": "b", "client_ca_file": "/ca.crt"})
     assert mutual.mutual and mutual.client_ca_file == Path("/ca.crt")
-    optional = parse_tls(
-        {"cert_file": "a", "key_file": "b", "client_ca_file": "c", "require_client_auth": False}
-    )
-    assert not optional.mutual
+    with pytest.raises(ConfigError, match="would not be requested nor checked"):
+        parse_tls(
+            {"cert_file": "a", "key_file": "b", "client_ca_file": "c", "require_client_auth": False}
+        )
     with pytest.raises(ConfigError, match="needs 'key_file'"):
         parse_tls({"cert_file": "a"})
     with pytest.raises(ConfigError, match="needs client_ca_file"):
@@ -186,13 +186,13 @@ def test_mtls_requires_a_client_certificate_signed_by_the_client_ca(pki: Path) -
 
 def test_real_server_with_mtls_section(pki: Path, server_factory, tmp_path: Path) -> None:
     """`featureserve serve --config` with [tls]: the client library gets through with its
-    certificate and is refused without one."""
-    config = tmp_path / "featureserve.toml"
+    certificate and is refused without one. The config names its files relative to its own
+    folder, not the server's working directory."""
+    config = pki / "mtls.toml"
     config.write_text(
-        "[tls]\n"
-        f'cert_file = "{pki / "server.crt"}"\nkey_file = "{pki / "server.key"}"\n'
-        f'client_ca_file = "{pki / "ca.crt"}"\n'
+        '[tls]\ncert_file = "server.crt"\nkey_file = "server.key"\nclient_ca_file = "ca.crt"\n'
     )
+    assert Path.cwd() != pki
     server = server_factory("--config", str(config))
     good = ClientConfig(
         target=server.target,

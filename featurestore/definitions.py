@@ -31,7 +31,14 @@ from typing import Any
 
 from featurestore.dtypes import DType
 from featurestore.errors import FeatureStoreError, InvalidArgumentError
-from featurestore.registry import Entity, Feature, FeatureView, JoinKey, validate_entity
+from featurestore.registry import (
+    Entity,
+    Feature,
+    FeatureView,
+    JoinKey,
+    check_repeats,
+    validate_entity,
+)
 from featurestore.toml_file import read_toml as read_toml_file
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -122,7 +129,8 @@ def load_definitions(path: str | Path) -> tuple[list[Entity], list[FeatureView]]
     """Parse features.toml into entities and feature views, ready for Registry.apply.
 
     Errors are InvalidArgumentError naming the file and key (for example
-    "features.toml: feature_view[0].feature[2].dtype: ...").
+    "features.toml: feature_view[0].feature[2].dtype: ..."); an entity, or a view and version,
+    declared twice is one too.
     """
     path = Path(path)
     w = _Where(path)
@@ -132,6 +140,10 @@ def load_definitions(path: str | Path) -> tuple[list[Entity], list[FeatureView]]
     views = [
         _view(w, raw, f"feature_view[{i}]") for i, raw in enumerate(_array(w, doc, "feature_view"))
     ]
+    try:
+        check_repeats(entities, views, "entity", "feature_view")
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{path}: {exc}") from None
     return entities, views
 
 
@@ -166,6 +178,12 @@ def _view(w: _Where, raw: Any, where: str) -> FeatureView:
     if "ttl" in table and "ttl_seconds" in table:
         raise w.error(where, "set ttl or ttl_seconds, not both")
     ttl = w.get(table, "ttl_seconds", where, int, 0)
+    if isinstance(table.get("ttl"), int) and not isinstance(table["ttl"], bool):
+        raise w.error(
+            f"{where}.ttl",
+            f'expected a duration string such as "1d", got int; for seconds write '
+            f"ttl_seconds = {table['ttl']}",
+        )
     if "ttl" in table:
         try:
             ttl = parse_duration(w.get(table, "ttl", where, str))

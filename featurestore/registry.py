@@ -8,10 +8,12 @@ version deleted and created again gets a later one (creation times never repeat)
 
 from __future__ import annotations
 
+import bisect
+import difflib
 import json
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -21,10 +23,12 @@ import lmdb
 
 from featurestore.dtypes import DType
 from featurestore.errors import (
+    MAX_SUGGESTIONS,
     ConflictError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    quoted,
 )
 
 T = TypeVar("T")
@@ -42,6 +46,9 @@ MAX_FEATURES = 65_535
 MAX_VECTOR_FLOATS = 1_048_576
 """Most floats the FLOAT32_VECTOR features of one view hold per row together (4 MiB), so a
 lookup's answer grows by at most that per entity."""
+MAX_COMPARED_NAMES = 1000
+"""Registered names a NotFoundError's suggestions compare the missing name with (~25 µs each):
+with more, those beside it in sorted order, so a typo stays cheap to answer on the event loop."""
 
 
 @dataclass(frozen=True)
@@ -96,14 +103,27 @@ class FeatureView:
         return {feat.name: feat for feat in self.features}
 
     def feature(self, name: str) -> Feature:
-        """The feature called `name`, or NotFoundError listing the view's features."""
+        """The feature called `name`, or NotFoundError suggesting the closest features."""
         found = self._by_name.get(name)
         if found is not None:
             return found
-        known = ", ".join(f.name for f in self.features)
         raise NotFoundError(
-            f"feature {name!r} is not in view {self.name!r} v{self.version}; features: {known}"
+            f"feature {quoted(name)} is not in view {self.name!r} v{self.version}",
+            "feature",
+            close_names(name, sorted(self._by_name)),
+            "GetFeatureView lists its features",
         )
+
+
+def close_names(name: str, known: Sequence[str]) -> list[str]:
+    """The names of `known` (sorted) closest to `name`, best first, compared with at most
+    MAX_COMPARED_NAMES of them: what a NotFoundError suggests."""
+    if len(known) > MAX_COMPARED_NAMES:
+        start = bisect.bisect(known, name) - MAX_COMPARED_NAMES // 2
+        start = min(max(start, 0), len(known) - MAX_COMPARED_NAMES)
+        known = known[start : start + MAX_COMPARED_NAMES]
+    # no registered name is longer than MAX_NAME_BYTES: comparing more of `name` adds nothing
+    return difflib.get_close_matches(name[:MAX_NAME_BYTES], known, n=max(len(known), 1))
 
 
 @dataclass(frozen=True)
@@ -190,8 +210,9 @@ def _view_from_json(raw: bytes) -> FeatureView:
 
 def _check_name(kind: str, name: object) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
+        shown = quoted(name) if isinstance(name, str) else repr(name)
         raise InvalidArgumentError(
-            f"{kind} {name!r} is not a valid name: use letters, digits and _, not starting "
+            f"{kind} {shown} is not a valid name: use letters, digits and _, not starting "
             "with a digit"
         )
     if len(name) > MAX_NAME_BYTES:
@@ -215,7 +236,43 @@ def validate_entity(entity: Entity) -> None:
         if key.dtype not in KEY_DTYPES:
             raise InvalidArgumentError(
                 f"entity {entity.name!r} join key {key.name!r}: dtype must be INT64 or STRING, "
-                f"got {key.dtype!r}"
+                f"got {_dtype_name(key.dtype)}"
+            )
+
+
+def _dtype_name(dtype: object) -> str:
+    """A dtype as a message names it: FLOAT32 (its DType name), else what was given."""
+    try:
+        return DType(dtype).name
+    except (TypeError, ValueError):
+        return repr(dtype)
+
+
+def check_repeats(
+    entities: Sequence[Entity],
+    views: Sequence[FeatureView],
+    entity_field: str = "entities",
+    view_field: str = "views",
+) -> None:
+    """InvalidArgumentError naming both positions of an entity name, or of a view name and
+    version, declared twice in one apply: applied in turn, the second would merge silently
+    into the first. The fields name the two lists as the caller wrote them."""
+    first_entity: dict[str, int] = {}
+    for i, entity in enumerate(entities):
+        first = first_entity.setdefault(entity.name, i)
+        if first != i:
+            raise InvalidArgumentError(
+                f"{entity_field}[{i}]: entity {quoted(entity.name)} is declared again (first at "
+                f"{entity_field}[{first}]); declare each entity once"
+            )
+    first_view: dict[tuple[str, int], int] = {}
+    for i, view in enumerate(views):
+        first = first_view.setdefault((view.name, view.version), i)
+        if first != i:
+            raise InvalidArgumentError(
+                f"{view_field}[{i}]: feature view {quoted(view.name)} version {view.version} is "
+                f"declared again (first at {view_field}[{first}]); declare it once with all its "
+                "features, or give one declaration another version"
             )
 
 
@@ -378,19 +435,29 @@ class Registry:
     def get_view(
         self, name: str, version: int = 0, txn: lmdb.Transaction | None = None
     ) -> FeatureView:
-        """The view `name` at `version` (0 = latest); NotFoundError lists what exists."""
+        """The view `name` at `version` (0 = latest); NotFoundError suggests the closest views
+        or names the nearest versions."""
         snap = self._current() if txn is None else self._snapshot(txn)
         versions = snap.views.get(name)
         if not versions:
-            known = ", ".join(sorted(snap.views)) or "none"
-            raise NotFoundError(f"feature view {name!r} is not registered; registered: {known}")
+            raise NotFoundError(
+                f"feature view {quoted(name)} is not registered",
+                "view",
+                close_names(name, sorted(snap.views)),
+                "ListFeatureViews lists the views",
+            )
         if version == 0:
             return versions[max(versions)]
         view = versions.get(version)
         if view is None:
-            known = ", ".join(str(v) for v in sorted(versions))
+            nearest = sorted(sorted(versions, key=lambda v: abs(v - version))[:MAX_SUGGESTIONS])
+            known = ", ".join(str(v) for v in nearest)
+            if len(versions) > len(nearest):
+                known += f" and {len(versions) - len(nearest)} more"
             raise NotFoundError(
-                f"feature view {name!r} has no version {version}; versions: {known}"
+                f"feature view {name!r} has no version {version}; versions: {known}",
+                "version",
+                listed_by="ListFeatureViews with all_versions lists them",
             )
         return view
 
@@ -417,12 +484,16 @@ class Registry:
         return out
 
     def get_entity(self, name: str, txn: lmdb.Transaction | None = None) -> Entity:
-        """The entity `name`; NotFoundError lists the registered entities."""
+        """The entity `name`; NotFoundError suggests the closest entities."""
         snap = self._current() if txn is None else self._snapshot(txn)
         entity = snap.entities.get(name)
         if entity is None:
-            known = ", ".join(sorted(snap.entities)) or "none"
-            raise NotFoundError(f"entity {name!r} is not registered; registered: {known}")
+            raise NotFoundError(
+                f"entity {quoted(name)} is not registered",
+                "entity",
+                close_names(name, sorted(snap.entities)),
+                "ListFeatureViews lists the entities",
+            )
         return entity
 
     def list_entities(self) -> list[Entity]:
@@ -438,11 +509,15 @@ class Registry:
         Per view, version 0 lets the registry decide: same definition -> "unchanged"; only added
         features or metadata changes -> "updated" in place; dropped or retyped features ->
         ConflictError. version = latest+1 creates a new version; older versions stay readable.
+        An entity name, or a view name and version, given twice is an InvalidArgumentError.
         """
         entities = list(entities)
         views = [_normalise(v) for v in views]
         for entity in entities:
             validate_entity(replace(entity, join_keys=tuple(entity.join_keys)))
+        for view in views:
+            _check_name("feature view name", view.name)
+        check_repeats(entities, views)
 
         def work(txn: lmdb.Transaction) -> list[ApplyResult]:
             db = self._env.registry_db()

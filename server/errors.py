@@ -13,6 +13,16 @@ from protos.arrays import ArrayError
 
 log = logging.getLogger("featureserve.errors")
 
+MAX_STATUS_BYTES = 4096
+"""Most bytes a status message takes in its grpc-message header (percent-encoded, as sent):
+gRPC refuses metadata over 16 KiB, and may over 8 KiB, which the client would see as
+RESOURCE_EXHAUSTED instead of the status sent."""
+CUT_MARK = " [... cut: the message was longer than 4 KiB]"
+_SHORT = MAX_STATUS_BYTES // 12
+"""A message of at most this many characters fits: one character is at most 12 bytes sent
+(4 UTF-8 bytes, each percent-encoded as 3)."""
+_VIEW_SCOPES = ("read", "write")
+
 
 class ServerError(Exception):
     """Base of the server's own errors."""
@@ -103,17 +113,63 @@ def error_metadata(exc: BaseException, batch: int | None = None) -> tuple[tuple[
     return where
 
 
+def _sent_bytes(char: str) -> int:
+    """Bytes a character takes in a grpc-message header, which percent-encodes every byte but
+    printable ASCII other than %."""
+    if " " <= char <= "~" and char != "%":
+        return 1
+    return 3 * len(char.encode("utf-8", "surrogatepass"))
+
+
+def capped(message: str) -> str:
+    """The message, or when it would take more than MAX_STATUS_BYTES sent, its start cut on a
+    character boundary and marked with CUT_MARK."""
+    if len(message) <= _SHORT:
+        return message
+    sent, cut = 0, 0
+    for i, char in enumerate(message[: MAX_STATUS_BYTES + 1]):
+        sent += _sent_bytes(char)
+        if sent <= MAX_STATUS_BYTES - len(CUT_MARK):
+            cut = i + 1
+        elif sent > MAX_STATUS_BYTES:
+            return message[:cut] + CUT_MARK
+    return message
+
+
+def _visible(exc: fs.NotFoundError) -> str:
+    """A NotFoundError's message with only the suggested views the calling principal may
+    read or write (every suggestion when auth is off, or for features, entities, versions)."""
+    from server.auth import current_principal  # server.auth imports this module
+
+    principal = current_principal()
+    if principal is None or exc.what != "view":
+        return str(exc)
+    seen = [
+        name
+        for name in exc.suggestions
+        if any(principal.grants(f"{kind}:{name}") for kind in _VIEW_SCOPES)
+    ]
+    return exc.message(seen)
+
+
+def status_message(exc: BaseException, message: str | None = None) -> str:
+    """What the caller is told of exc: `message` (default: str(exc)) with a NotFoundError's
+    suggestions narrowed to the views the caller may access, capped at MAX_STATUS_BYTES."""
+    text = str(exc) if message is None else message
+    if isinstance(exc, fs.NotFoundError) and exc.suggestions:
+        text = text.replace(str(exc), _visible(exc))
+    return capped(text)
+
+
 async def abort(
     context: grpc.aio.ServicerContext,
     exc: BaseException,
     message: str | None = None,
     batch: int | None = None,
 ) -> None:
-    """End the RPC with the status of a domain error, its message (or `message`) and where a
-    write failed as trailing metadata."""
-    await context.abort(
-        status_for(exc), str(exc) if message is None else message, error_metadata(exc, batch)
-    )
+    """End the RPC with the status of a domain error, its message (or `message`, which may
+    quote it) as status_message renders it, and where a write failed as trailing metadata."""
+    await context.abort(status_for(exc), status_message(exc, message), error_metadata(exc, batch))
 
 
 def maps_errors(handler):
@@ -133,8 +189,10 @@ def maps_errors(handler):
             log.exception("%s failed unexpectedly", handler.__qualname__)
             await context.abort(
                 grpc.StatusCode.INTERNAL,
-                f"{handler.__name__}: unexpected {type(exc).__name__}: {exc}; this is a server "
-                "bug: the server log holds its traceback",
+                capped(
+                    f"{handler.__name__}: unexpected {type(exc).__name__}: {exc}; this is a "
+                    "server bug: the server log holds its traceback"
+                ),
             )
 
     return wrapper

@@ -146,3 +146,68 @@ def test_a_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path: Path):
     assert str(info.value) == (
         f"{path}: not UTF-8 text (invalid start byte at byte 0); save the definitions file as UTF-8"
     )
+
+
+DUPLICATE_VIEW = """
+[[entity]]
+name = "user"
+join_keys = [{ name = "user_id", dtype = "int64" }]
+
+[[feature_view]]
+name = "dupv"
+entity = "user"
+[[feature_view.feature]]
+name = "a"
+dtype = "float32"
+
+[[feature_view]]
+name = "dupv"
+entity = "user"
+[[feature_view.feature]]
+name = "a"
+dtype = "float32"
+[[feature_view.feature]]
+name = "b"
+dtype = "float32"
+"""
+
+
+def test_a_view_or_entity_declared_twice_names_both_positions(tmp_path: Path):
+    """Applied in turn, the second declaration merged into the first (and re-applying the
+    same file then failed); now the file is refused, naming both declarations."""
+    path = write(tmp_path, DUPLICATE_VIEW)
+    with pytest.raises(InvalidArgumentError) as info:
+        load_definitions(path)
+    assert str(info.value) == (
+        f"{path}: feature_view[1]: feature view 'dupv' version 0 is declared again (first at "
+        "feature_view[0]); declare it once with all its features, or give one declaration "
+        "another version"
+    )
+    head, tail = DUPLICATE_VIEW.rsplit('entity = "user"\n', 1)
+    second_version = f'{head}entity = "user"\nversion = 2\n{tail}'
+    assert [v.version for v in load_definitions(write(tmp_path, second_version))[1]] == [0, 2]
+    twice = GOOD.split("[[feature_view]]")[0] + GOOD
+    with pytest.raises(InvalidArgumentError) as info:
+        load_definitions(write(tmp_path, twice))
+    assert str(info.value).endswith(
+        ": entity[1]: entity 'trip' is declared again (first at entity[0]); declare each "
+        "entity once"
+    )
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path: Path):
+    path = tmp_path / "features.toml"
+    path.write_bytes(GOOD.encode("utf-8-sig"))
+    entities, views = load_definitions(path)
+    assert entities[0].name == "trip"
+    assert [v.name for v in views] == ["driver_stats", "driver_flags"]
+
+
+def test_ttl_given_as_a_number_points_to_ttl_seconds(tmp_path: Path):
+    path = write(tmp_path, GOOD.replace('ttl = "1h30m"', "ttl = 86400"))
+    with pytest.raises(InvalidArgumentError) as info:
+        load_definitions(path)
+    assert str(info.value) == (
+        f'{path}: feature_view[0] (driver_stats).ttl: expected a duration string such as "1d", '
+        "got int; for seconds write ttl_seconds = 86400"
+    )

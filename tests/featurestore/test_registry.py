@@ -73,8 +73,10 @@ def test_version_gaps_and_unknown_versions(store):
         store.registry.apply([], [view(CLICKS, version=5)])
     with pytest.raises(NotFoundError, match=r"no version 3; versions: 1"):
         store.registry.get_view("user_stats", 3)
-    with pytest.raises(NotFoundError, match=r"'nope' is not registered; registered: user_stats"):
+    with pytest.raises(NotFoundError, match=r"'nope' is not registered; ListFeatureViews lists"):
         store.registry.get_view("nope")
+    with pytest.raises(NotFoundError, match=r"'user_stat' is not registered; did you mean 'user_"):
+        store.registry.get_view("user_stat")
     with pytest.raises(NotFoundError, match="entity 'ghost'"):
         store.registry.get_entity("ghost")
 
@@ -83,7 +85,14 @@ def test_version_gaps_and_unknown_versions(store):
     ("entities", "views", "message"),
     [
         ([Entity("1bad", (JoinKey("id", DType.INT64),))], [], "'1bad' is not a valid name"),
-        ([Entity("e", (JoinKey("id", DType.FLOAT32),))], [], "join key 'id': dtype must be"),
+        ([Entity("e", (JoinKey("id", DType.FLOAT32),))], [], "'id': dtype must be .*got FLOAT32$"),
+        ([Entity("e", (JoinKey("id", DType.BOOL),))], [], "'id': dtype must be .*, got BOOL$"),
+        (
+            [USER, replace(USER, description="again")],
+            [],
+            r"^entities\[1\]: entity 'user' is declared again \(first at entities\[0\]\); "
+            "declare each entity once$",
+        ),
         ([Entity("e", ())], [], "join_keys must not be empty"),
         ([USER], [FeatureView("v", "ghost", (CLICKS,))], "entity 'ghost' is not registered"),
         ([USER], [view(Feature("e", DType.FLOAT32_VECTOR))], "needs vector_length > 0"),
@@ -304,3 +313,63 @@ def test_apply_refuses_versions_beyond_max_dbs_until_one_is_deleted(tmp_path: Pa
         both = {"clicks": clicks, "country": np.array(["x"], dtype=object)}
         assert store.write(WriteBatch("user_stats", ids, at, both)).written == 1
         assert store.write(WriteBatch("b", ids, at, {"clicks": clicks})).written == 1
+
+
+def test_one_apply_refuses_a_view_version_twice_but_takes_two_versions(store):
+    """A view given twice merged silently (created, then updated: re-applying the same
+    definitions then failed); two versions of it in one apply are still fine."""
+    twice = [view(CLICKS), FeatureView("other", "user", (CLICKS,)), view(CLICKS, COUNTRY)]
+    with pytest.raises(InvalidArgumentError) as info:
+        store.registry.apply([USER], twice)
+    assert str(info.value) == (
+        "views[2]: feature view 'user_stats' version 0 is declared again (first at views[0]); "
+        "declare it once with all its features, or give one declaration another version"
+    )
+    assert store.registry.list_views() == []
+    res = store.registry.apply([USER], [view(CLICKS), view(COUNTRY, version=2)])
+    assert [(r.version, r.action) for r in res] == [(1, "created"), (2, "created")]
+
+
+def test_not_found_suggests_a_few_close_names_and_cuts_the_input(store):
+    """On a realistic registry (800 features, 700 views) a typo's message names the closest
+    few names and counts the rest, instead of listing them all (which outgrew gRPC's 16 KiB
+    metadata limit); the suggestions are also data, for a server to filter."""
+    wide = FeatureView(
+        "wide", "user", tuple(Feature(f"txn_amount_sum_{i:04d}", DType.FLOAT32) for i in range(800))
+    )
+    teams = [FeatureView(f"team_view_{i:04d}", "user", (CLICKS,)) for i in range(700)]
+    store.registry.apply([USER], [wide, *teams])
+    with pytest.raises(NotFoundError) as info:
+        store.registry.get_view("wide").feature("txn_amount_sum_0799x")
+    err = info.value
+    assert err.what == "feature" and err.suggestions[0] == "txn_amount_sum_0799"
+    assert str(err).startswith(
+        "feature 'txn_amount_sum_0799x' is not in view 'wide' v1; did you mean "
+        "'txn_amount_sum_0799', "
+    )
+    assert f" (or {len(err.suggestions) - 5} more close names)? GetFeatureView lists" in str(err)
+    assert len(str(err)) < 400
+
+    with pytest.raises(NotFoundError) as info:
+        store.registry.get_view("team_view_0042_")
+    err = info.value
+    assert err.what == "view" and err.suggestions[0] == "team_view_0042"
+    assert "ListFeatureViews lists the views" in str(err) and len(str(err)) < 400
+
+    with pytest.raises(NotFoundError) as info:
+        store.registry.get_view("team_view_" + "x" * 10_000)
+    assert "'team_view_xxxx" in str(info.value) and "... (10010 characters)" in str(info.value)
+    assert len(str(info.value)) < 400
+
+    with pytest.raises(NotFoundError) as info:
+        store.registry.get_entity("usr")
+    assert info.value.what == "entity" and "did you mean 'user'?" in str(info.value)
+
+
+def test_not_found_compares_a_bounded_number_of_names(store):
+    """Past MAX_COMPARED_NAMES registered names, a typo is compared with those beside it in
+    sorted order, and still finds its view."""
+    many = [f"v{i:05d}" for i in range(3 * registry.MAX_COMPARED_NAMES)]
+    assert registry.close_names("v02500x", many)[0] == "v02500"
+    assert registry.close_names("v00000x", many)[0] == "v00000"
+    assert registry.close_names("v02999x", many)[0] == "v02999"

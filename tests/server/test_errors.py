@@ -8,8 +8,8 @@ import asyncio
 import grpc
 import pytest
 
-from featurestore.errors import BadRowError, NotFoundError
-from server.errors import maps_errors
+from featurestore.errors import BadRowError, InvalidArgumentError, NotFoundError
+from server.errors import CUT_MARK, MAX_STATUS_BYTES, capped, maps_errors
 
 SERVICE = "test.Errors"
 
@@ -34,6 +34,18 @@ class Raising:
         return b"" + {}["missing"]
 
     @maps_errors
+    async def HugeNotFound(self, request: bytes, context) -> bytes:
+        raise NotFoundError("feature view 'v' is not registered; registered: " + "v, " * 20_000)
+
+    @maps_errors
+    async def HugeAccented(self, request: bytes, context) -> bytes:
+        raise InvalidArgumentError("é" * 20_000)
+
+    @maps_errors
+    async def HugeBug(self, request: bytes, context) -> bytes:
+        raise RuntimeError("x" * 100_000)
+
+    @maps_errors
     async def StreamBug(self, requests, context) -> bytes:
         async for _ in requests:
             raise RuntimeError("lost track of a batch")
@@ -42,7 +54,7 @@ class Raising:
 
 async def outcomes() -> dict[str, tuple[grpc.StatusCode, str, dict]]:
     raising = Raising()
-    names = ("NotFound", "BadRow", "Aborts", "Bug")
+    names = ("NotFound", "BadRow", "Aborts", "Bug", "HugeNotFound", "HugeAccented", "HugeBug")
     handlers = {n: grpc.unary_unary_rpc_method_handler(getattr(raising, n)) for n in names}
     handlers["StreamBug"] = grpc.stream_unary_rpc_method_handler(raising.StreamBug)
     server = grpc.aio.server()
@@ -75,3 +87,32 @@ def test_every_failure_gets_its_status() -> None:
     code, message, _ = got["StreamBug"]
     assert code == grpc.StatusCode.INTERNAL
     assert "StreamBug: unexpected RuntimeError: lost track of a batch" in message
+
+
+def test_long_messages_are_cut_to_fit_the_metadata_limit() -> None:
+    """A status message over gRPC's metadata limit reached the client as RESOURCE_EXHAUSTED
+    ("received metadata size exceeds hard limit"); now it is cut, marked, and keeps its status."""
+    got = asyncio.run(outcomes())
+    for name, code in [
+        ("HugeNotFound", grpc.StatusCode.NOT_FOUND),
+        ("HugeAccented", grpc.StatusCode.INVALID_ARGUMENT),
+        ("HugeBug", grpc.StatusCode.INTERNAL),
+    ]:
+        got_code, message, _ = got[name]
+        assert got_code == code, (name, got_code, message[:200])
+        assert message.endswith(CUT_MARK)
+    assert got["HugeNotFound"][1].startswith("feature view 'v' is not registered; registered: v,")
+    assert set(got["HugeAccented"][1].removesuffix(CUT_MARK)) == {"é"}
+    assert got["HugeBug"][1].startswith("HugeBug: unexpected RuntimeError: xxx")
+
+
+def test_capped_counts_bytes_as_sent_and_cuts_between_characters() -> None:
+    fits = "a" * MAX_STATUS_BYTES
+    assert capped(fits) == fits
+    cut = capped(fits + "a")
+    assert cut == "a" * (MAX_STATUS_BYTES - len(CUT_MARK)) + CUT_MARK
+    # "é" is 2 UTF-8 bytes, each sent percent-encoded as 3 ("%C3%A9"), and so is "%"
+    accented = capped("é" * MAX_STATUS_BYTES)
+    assert accented == "é" * ((MAX_STATUS_BYTES - len(CUT_MARK)) // 6) + CUT_MARK
+    assert capped("%" * (MAX_STATUS_BYTES // 3)) == "%" * (MAX_STATUS_BYTES // 3)
+    assert capped("%" * (MAX_STATUS_BYTES // 3 + 1)).endswith(CUT_MARK)

@@ -71,6 +71,43 @@ def key_rows(entity: Entity, keys: dict[str, np.ndarray], rows: int | None = Non
     return n
 
 
+def keys_per_entity(
+    reads: list[tuple[str, Entity]], keys: dict[str, np.ndarray]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Split the key columns of a read of views of several entities into each entity's join-key
+    columns. `reads` pairs each view read (named as errors name it) with its entity; every
+    entity row carries the join keys of all of them, so every column has one value per row."""
+    entities = {entity.name: entity for _, entity in reads}
+    expected = list(dict.fromkeys(k.name for e in entities.values() for k in e.join_keys))
+    for name in keys:
+        if name not in expected:
+            raise InvalidArgumentError(
+                f"key column {name!r} is a join key of none of the views read; the views read "
+                f"expect the join keys {', '.join(expected)} (entities {', '.join(entities)})"
+            )
+    rows = [(name, len(col)) for name, col in keys.items() if np.ndim(col) == 1]
+    for name, m in rows[1:]:
+        if m != rows[0][1]:
+            raise InvalidArgumentError(
+                f"key column {name!r} has {m} rows, key column {rows[0][0]!r} has "
+                f"{rows[0][1]}; every key column needs one value per entity row"
+            )
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for view, entity in reads:
+        if entity.name in out:
+            continue
+        names = [k.name for k in entity.join_keys]
+        missing = [name for name in names if name not in keys]
+        if missing and rows and rows[0][1]:
+            raise InvalidArgumentError(
+                f"key column {missing[0]!r} is missing: {view} is read by the join keys of "
+                f"its entity {entity.name!r} ({', '.join(names)}); add a {missing[0]!r} "
+                "column with one value per entity row, or read that view in a separate lookup"
+            )
+        out[entity.name] = {name: keys[name] for name in names if name in keys}
+    return out
+
+
 def _int_part(col: np.ndarray, name: str, errors: list[tuple[int, str, str]]) -> np.ndarray:
     """n x 8 uint8 big-endian sign-flipped encoding of an integer column."""
     if col.dtype == np.uint64:

@@ -30,7 +30,7 @@ from featurestore.errors import (
     UnavailableError,
 )
 from featurestore.history import pack_batch
-from featurestore.keys import EncodedKeys, encode_keys, key_rows
+from featurestore.keys import EncodedKeys, encode_keys, key_rows, keys_per_entity
 from featurestore.last_write_wins import (
     key_order,
     newest_per_key,
@@ -814,7 +814,8 @@ class OnlineStore:
     ) -> list[ReadResult]:
         """One ReadResult per view read, all for the same entity rows and from one snapshot:
         one read txn, so a write committed between two views' reads cannot show in one only,
-        and the keys of each entity are encoded once."""
+        and the keys of each entity are encoded once. Views may be of several entities: `keys`
+        then holds the join keys of all of them, and each view is read by its entity's."""
         self._check_open()
         lmdb_env = self._lmdb
         while True:
@@ -844,15 +845,25 @@ class OnlineStore:
         keys: dict[str, np.ndarray],
     ) -> list[_Fetched]:
         """The stored rows of each read in txn; rows None where this process held no handle to
-        the view's database when txn began (`usable`: handles_cached before it began)."""
-        encoded: dict[str, list[bytes]] = {}
-        fetched = []
+        the view's database when txn began (`usable`: handles_cached before it began). Views of
+        several entities are each read by their own entity's join-key columns of `keys`."""
+        planned = []
         for read in reads:
             fv = self.registry.get_view(read.view, read.version, txn)
-            plan = self._plan(fv, read.features)
+            planned.append((fv, self._plan(fv, read.features)))
+        split = None
+        if len({fv.entity for fv, _ in planned}) > 1:
+            split = keys_per_entity(
+                [(f"feature view {fv.name!r} v{fv.version}", plan.entity) for fv, plan in planned],
+                keys,
+            )
+        encoded: dict[str, list[bytes]] = {}
+        fetched = []
+        for fv, plan in planned:
             entity_keys = encoded.get(fv.entity)
             if entity_keys is None:
-                entity_keys = encoded[fv.entity] = encode_keys(plan.entity, keys).keys
+                columns = keys if split is None else split[fv.entity]
+                entity_keys = encoded[fv.entity] = encode_keys(plan.entity, columns).keys
                 if len(entity_keys) > self.config.max_entities_per_read:
                     raise ResourceExhaustedError(
                         f"read of {len(entity_keys)} entities is over max_entities_per_read="

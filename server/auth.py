@@ -36,12 +36,14 @@ DEFAULT_OPEN_METHODS = (
 _FS = "/featureserve.v1.FeatureStore/"
 _PRED = "/featureserve.v1.Prediction/"
 _KS = "/inference.GRPCInferenceService/"
-METHOD_SCOPES: dict[str, str] = {
+SCHEMA = (READ, WRITE)
+"""The view definitions: readers read them, and writers read the schema they write to."""
+METHOD_SCOPES: dict[str, str | tuple[str, ...]] = {
     _FS + "GetOnlineFeatures": READ,
     _FS + "WriteFeatures": WRITE,
     _FS + "StreamWriteFeatures": WRITE,
-    _FS + "ListFeatureViews": READ,
-    _FS + "GetFeatureView": READ,
+    _FS + "ListFeatureViews": SCHEMA,
+    _FS + "GetFeatureView": SCHEMA,
     _FS + "ApplyFeatureViews": ADMIN,
     _FS + "DeleteFeatureView": ADMIN,
     _PRED + "Predict": INFER,
@@ -59,8 +61,9 @@ METHOD_SCOPES: dict[str, str] = {
     _KS + "RepositoryModelLoad": ADMIN,
     _KS + "RepositoryModelUnload": ADMIN,
 }
-"""Scope class each method needs before the servicer's per-name check; unlisted methods need
-admin, so a method added later is closed until someone classifies it."""
+"""Scope class each method needs (a tuple: any one of them) before the servicer's per-name
+check; unlisted methods need admin, so a method added later is closed until someone classifies
+it."""
 
 _SCOPE = re.compile(r"^(admin|(read|write|infer):[A-Za-z0-9_.\-*]+)$")
 _TOKEN_KEYS = {"name", "token", "token_sha256", "token_env", "scopes"}
@@ -85,9 +88,10 @@ class Principal:
         object.__setattr__(self, "kinds", frozenset(kinds | {AUTHENTICATED}))
         object.__setattr__(self, "patterns", tuple(s for s in self.scopes if "*" in s))
 
-    def may(self, kind: str) -> bool:
-        """Whether the principal holds any scope of this class (admin holds every class)."""
-        return self.admin or kind in self.kinds
+    def may(self, *kinds: str) -> bool:
+        """Whether the principal holds any scope of any of these classes (admin holds every
+        class)."""
+        return self.admin or not self.kinds.isdisjoint(kinds)
 
     def grants(self, scope: str) -> bool:
         """Whether the principal holds `scope` exactly, through a glob, or through admin
@@ -242,6 +246,7 @@ def parse_auth(
     return AuthConfig(enabled, names, tokens)
 
 
+NOT_AUTHENTICATED = "this call is not authenticated; send 'authorization: Bearer <token>' metadata"
 PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "featureserve_principal", default=None
 )
@@ -286,19 +291,24 @@ class Authorizer:
     def require(self, *scopes: str) -> None:
         """Raise UnauthenticatedError / PermissionDeniedError unless the current caller holds
         every scope, e.g. require(f"read:{view}"); servicers call it with the concrete names."""
+        for scope in scopes:
+            self.require_any(scope)
+
+    def require_any(self, *scopes: str) -> None:
+        """As require, but one of the scopes is enough, e.g. require_any(f"read:{view}",
+        f"write:{view}") for a view's definition, which its writers read too."""
         if not self.enabled:
             return
         principal = PRINCIPAL.get()
         if principal is None:
-            raise UnauthenticatedError(
-                "this call is not authenticated; send 'authorization: Bearer <token>' metadata"
+            raise UnauthenticatedError(NOT_AUTHENTICATED)
+        if not any(principal.grants(scope) for scope in scopes):
+            wanted = " or ".join(f"'{scope}'" for scope in scopes)
+            which = "one of them" if len(scopes) > 1 else "it"
+            raise PermissionDeniedError(
+                f"token '{principal.name}' lacks scope {wanted}; add {which} to that token's "
+                "scopes in [[auth.tokens]]"
             )
-        for scope in scopes:
-            if not principal.grants(scope):
-                raise PermissionDeniedError(
-                    f"token '{principal.name}' lacks scope '{scope}'; add it to that token's "
-                    "scopes in [[auth.tokens]]"
-                )
 
     def interceptor(self) -> AuthInterceptor | None:
         """The interceptor enforcing this config, or None when auth is disabled."""
@@ -338,8 +348,9 @@ class AuthInterceptor(WrappingInterceptor):
         or for anyone as OPEN_CALLER when the method is open."""
         if self.is_open(method):
             return rewrap(handler, _as_open_caller)
-        kind = METHOD_SCOPES.get(method, ADMIN)
-        denied = f"has no {kind} scope, which {method} needs"
+        needed = METHOD_SCOPES.get(method, ADMIN)
+        kinds = (needed,) if isinstance(needed, str) else needed
+        denied = f"has no {' or '.join(kinds)} scope, which {method} needs"
 
         async def admit(context: grpc.aio.ServicerContext) -> None:
             principal = self._authorizer.authenticate(context.invocation_metadata())
@@ -349,7 +360,7 @@ class AuthInterceptor(WrappingInterceptor):
                     "missing or unknown bearer token; send 'authorization: Bearer <token>' "
                     "metadata with a token listed in the server's [[auth.tokens]]",
                 )
-            if not principal.may(kind):
+            if not principal.may(*kinds):
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED, f"token '{principal.name}' {denied}"
                 )

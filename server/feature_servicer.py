@@ -494,22 +494,33 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             await abort(context, exc, stream_failure(batch, exc), batch)
         return response
 
+    def _may_see(self, view: str) -> bool:
+        """Whether the caller may read a view's definition: its readers and its writers may."""
+        return self.auth.allows(f"read:{view}") or self.auth.allows(f"write:{view}")
+
     @maps_errors
     async def ListFeatureViews(self, request, context):
+        """The views matching name_prefix that the caller may read or write, and the entities
+        any version of them uses (a writer of an older version needs its entity too). Every
+        entity, those of no view included, when the caller may see every view and sent no
+        prefix."""
         registry = self.store.registry
-        views = [
-            v
-            for v in registry.list_views(request.name_prefix, request.all_versions)
-            if self.auth.allows(f"read:{v.name}")
-        ]
+        prefix = request.name_prefix
+        seen = [v for v in registry.list_views(prefix, True) if self._may_see(v.name)]
+        # listed by name, then version: the last of each name is its latest version
+        views = seen if request.all_versions else list({v.name: v for v in seen}.values())
+        entities = registry.list_entities()
+        if prefix or not self._may_see("*"):
+            used = {v.entity for v in seen}
+            entities = [e for e in entities if e.name in used]
         return pb.ListFeatureViewsResponse(
             views=[rm.view_to_proto(v) for v in views],
-            entities=[rm.entity_to_proto(e) for e in registry.list_entities()],
+            entities=[rm.entity_to_proto(e) for e in entities],
         )
 
     @maps_errors
     async def GetFeatureView(self, request, context):
-        self.auth.require(f"read:{request.name}")
+        self.auth.require_any(f"read:{request.name}", f"write:{request.name}")
         return rm.view_to_proto(self.store.registry.get_view(request.name, request.version))
 
     @maps_errors

@@ -545,6 +545,18 @@ def test_read_many_answers_each_view_as_a_single_read_would(store):
     assert store.read_many([], keys) == []
 
 
+def test_read_many_of_two_entities_needs_one_value_per_row_in_every_key_column(store):
+    """Views of two entities read the same entity rows, so every key column must have one value
+    per row; a read of no rows may leave every key out."""
+    store.registry.apply([], [FeatureView("trips", "trip", (Feature("n", DType.INT64),))])
+    reads = [ViewRead("score"), ViewRead("trips")]
+    keys = {"user_id": np.int64([1, 2]), "city": np.array(["oslo"], object), "driver": [7]}
+    with pytest.raises(InvalidArgumentError, match="'city' has 1 rows, key column 'user_id' has 2"):
+        store.read_many(reads, keys)
+    score, trips = store.read_many(reads, {})
+    assert len(score.row_status) == len(trips.row_status) == 0
+
+
 def test_read_many_reads_every_view_from_one_snapshot(tmp_path: Path):
     views = [FeatureView(name, "user", (Feature("n", DType.INT64),)) for name in ("a", "b")]
     with OnlineStore(StoreConfig(tmp_path / "db", sync=False)) as store:

@@ -4,6 +4,7 @@ over an in-test grpc.aio server, and the full matrix over every RPC of the real 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -367,7 +368,7 @@ MATRIX: dict[str, tuple[str, str | None, str | None]] = {
     "WriteFeatures": ("writer", "reader", "other"),
     "StreamWriteFeatures": ("writer", "reader", "other"),
     "ListFeatureViews": ("reader", "inferer", None),
-    "GetFeatureView": ("reader", "writer", "other"),
+    "GetFeatureView": ("reader", "inferer", "other"),
     "ApplyFeatureViews": ("admin", "writer", None),
     "DeleteFeatureView": ("admin", "writer", None),
     "Predict": ("inferer", "reader", "other"),
@@ -517,5 +518,85 @@ def test_open_methods_are_open_through_the_servicers_checks(tmp_path: Path) -> N
             assert kserve.ServerLive(ks.ServerLiveRequest(), timeout=20).live
             assert call(channel, "GetOnlineFeatures", None) == UNAUTH
             assert call(channel, "ApplyFeatureViews", None) == UNAUTH
+    finally:
+        server.kill()
+
+
+def test_a_write_only_token_reads_the_schema_it_writes_to(tmp_path: Path) -> None:
+    """A token with write:card_* only can run `featureserve ingest` (which reads the view's
+    definition first) and lists the views it may write, with only their entities; it still
+    cannot read another view's definition or any feature values. ListFeatureViews lists only
+    the entities of the views listed, except for a caller who may see every view and sent no
+    prefix (entities without a view included)."""
+    import subprocess
+    import sys
+
+    from clients.channel import ClientConfig
+    from clients.feature_client import FeatureStoreClient
+    from featurestore.dtypes import DType
+    from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+    from tests.conftest import ServerProcess
+
+    config = tmp_path / "featureserve.toml"
+    config.write_text(AUTH_TOML + token_toml("pipeline", "p-secret", ["write:card_*"]))
+    server = ServerProcess(tmp_path / "data", tmp_path / "models", "--config", str(config))
+    server.start()
+    try:
+        admin = ClientConfig(target=server.target, timeout_s=20, token=TOKENS["admin"][0])
+        with FeatureStoreClient(admin) as client:
+            client.apply(
+                [
+                    Entity("card", (JoinKey("card_id", DType.INT64),)),
+                    Entity("user", (JoinKey("user_id", DType.INT64),)),
+                    Entity("merchant", (JoinKey("merchant_id", DType.STRING),)),
+                ],
+                [
+                    FeatureView("card_stats", "card", (Feature("spend", DType.FLOAT32),)),
+                    FeatureView("profile", "user", (Feature("score", DType.FLOAT32),)),
+                ],
+            )
+            every = client.list_feature_views()
+            prefixed = client.list_feature_views("card")
+        assert [e.name for e in every[0]] == ["card", "merchant", "user"]
+        assert [e.name for e in prefixed[0]] == ["card"]
+        assert [v.name for v in prefixed[1]] == ["card_stats"]
+
+        cards = tmp_path / "cards.csv"
+        cards.write_text("card_id,event_timestamp,spend\n1,2024-05-01T10:00:00Z,12.5\n")
+        ingest = subprocess.run(
+            [sys.executable, "-m", "server.cli", "ingest", str(cards), "--view", "card_stats",
+             "--token", "p-secret", "--target", server.target],
+            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=120,
+        )  # fmt: skip
+        assert (ingest.returncode, ingest.stdout.strip()) == (0, "written=1 stale=0 rejected=0"), (
+            ingest.stderr
+        )
+
+        for who, views, entities in (
+            ("p-secret", ["card_stats"], ["card"]),
+            (TOKENS["reader"][0], ["profile"], ["user"]),
+        ):
+            with FeatureStoreClient(dataclasses.replace(admin, token=who)) as client:
+                listed_entities, listed_views = client.list_feature_views()
+            assert [v.name for v in listed_views] == views
+            assert [e.name for e in listed_entities] == entities
+
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.FeatureStoreStub(channel)
+            writer = (("authorization", "Bearer p-secret"),)
+            view = stub.GetFeatureView(
+                pb.GetFeatureViewRequest(name="card_stats"), metadata=writer, timeout=20
+            )
+            assert view.name == "card_stats"
+            with pytest.raises(grpc.RpcError) as denied:
+                stub.GetFeatureView(
+                    pb.GetFeatureViewRequest(name="profile"), metadata=writer, timeout=20
+                )
+            assert denied.value.code() == DENIED
+            assert "'read:profile' or 'write:profile'" in denied.value.details()
+            lookup = pb.GetOnlineFeaturesRequest(features=["card_stats:spend"])
+            with pytest.raises(grpc.RpcError) as no_read:
+                stub.GetOnlineFeatures(lookup, metadata=writer, timeout=20)
+            assert no_read.value.code() == DENIED
     finally:
         server.kill()

@@ -63,17 +63,40 @@ def _timestamp() -> str:
 
 class AuditLog:
     """Appends audit records to a file; each record is one write() of one line to an O_APPEND
-    descriptor, so lines from several worker processes never interleave. path None: disabled."""
+    descriptor, so lines from several worker processes never interleave. path None: disabled.
+    Like logging.handlers.WatchedFileHandler, a file renamed (logrotate) or removed is reopened
+    at `path` before the next record, so records never go to a file nobody reads."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
         self._last_failure_log = -FAILURE_LOG_INTERVAL_S
         self._changes = Changes()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            self._fd = os.open(path, flags, 0o640)
+            self._open()
+
+    def _open(self) -> None:
+        """Open (creating) the file at path in place of any descriptor held now."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.path, flags, 0o640)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        stat = os.fstat(fd)
+        self._identity = (stat.st_dev, stat.st_ino)
+
+    def _reopen_if_moved(self) -> None:
+        """Reopen the path when the file there is no longer the one held open (it was renamed
+        or removed); one stat() per record. Raises OSError when it cannot be reopened."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            self._open()
+            return
+        if (stat.st_dev, stat.st_ino) != self._identity:
+            self._open()
 
     @classmethod
     def from_config(cls, config: AuditConfig, data_dir: Path) -> AuditLog:
@@ -106,6 +129,7 @@ class AuditLog:
             **fields,
         }
         try:
+            self._reopen_if_moved()
             os.write(self._fd, (json.dumps(entry, default=str) + "\n").encode())
         except OSError as exc:
             self._failed(exc)

@@ -50,6 +50,10 @@ TIMER_RESOLUTION_S = 1e-3
 timers in whole milliseconds, so a loop timer fires up to 1 ms late (a 200 µs queue delay
 became ~1 ms). Alarms are armed that much early on the loop and their last part, shorter than
 this, is kept by server.precise_timer (re-checking on every loop turn kept a core busy)."""
+DEADLINE_GRACE_S = 1e-3
+"""A queued request cancelled this close to its deadline counts timed_out, not cancelled: a
+client's gRPC deadline also cancels the call from the client's side, and that cancel can reach
+the server a little before the server's own copy of the deadline passes."""
 JOINING = "joining the batch's inputs"
 """The stage of a batch that failed before ONNX Runtime ran it (no execution to count)."""
 
@@ -351,8 +355,9 @@ class DynamicBatcher:
         return self._default_queue
 
     def _withdraw(self, level: _Level, request: _Request) -> None:
-        """Drop a cancelled request from its level's queue, if it is still there, counted as a
-        request dropped unexecuted."""
+        """Drop a cancelled request from its level's queue, if it is still there (counted
+        cancelled, or timed_out when its deadline had come: gRPC cancels a call at its
+        deadline)."""
         for q in (level.waiting, level.delayed):
             if request in q:
                 q.remove(request)
@@ -521,10 +526,11 @@ class DynamicBatcher:
         self._queued_rows -= request.rows
 
     def _expire(self, request: _Request, now: float) -> None:
-        """Fail a request, already taken off its queue, whose deadline passed before it ran (or
-        drop a cancelled one)."""
+        """Fail a request, already taken off its queue, whose deadline passed before it ran, or
+        drop one its caller cancelled before its deadline."""
         self.stats.fail.add(int((now - request.enqueued) * 1e9))
-        self.metrics.fail("timed_out")
+        timed_out = request.deadline is not None and request.deadline <= now + DEADLINE_GRACE_S
+        self.metrics.fail("timed_out" if timed_out else "cancelled")
         self.metrics.queue_depth(self._queued)
         if not request.future.done():
             waited = f"{(now - request.enqueued) * 1e3:.3f} ms"
@@ -703,7 +709,7 @@ class DynamicBatcher:
         now = time.monotonic()
         stats = self.stats
         rows = sum(r.rows for r in batch)
-        ok = 0
+        ok = ok_rows = 0
         for request, result in zip(batch, outcome.results, strict=True):
             total_ns = int((now - request.enqueued) * 1e9)
             if isinstance(result, BaseException):
@@ -712,6 +718,7 @@ class DynamicBatcher:
                     request.future.set_exception(result)
                 continue
             ok += 1
+            ok_rows += request.rows
             stats.success.add(total_ns)
             stats.queue.add(int((request.dispatched - request.enqueued) * 1e9))
             stats.inference_count += request.rows
@@ -722,7 +729,7 @@ class DynamicBatcher:
         queue_s = max(r.dispatched - r.enqueued for r in batch)
         compute_ns = outcome.input_ns + outcome.infer_ns + outcome.output_ns
         compute_s = (compute_ns + sum(outcome.alone_ns or ())) / 1e9
-        self.metrics.observe_batch(ok, rows, queue_s, compute_s)
+        self.metrics.observe_batch(ok, ok_rows, rows, queue_s, compute_s)
         self.metrics.queue_depth(self._queued)
         stats.last_inference_ms = int(time.time() * 1000)
         if outcome.alone_ns is None:

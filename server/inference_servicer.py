@@ -459,7 +459,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @maps_errors
     async def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
-        """Cumulative statistics per served version (all models when name is empty)."""
+        """Cumulative statistics per served version (when name is empty: of every model the
+        caller may infer with, so a token scoped to some models learns nothing of the others)."""
         if request.name:
             self.auth.require(f"infer:{request.name}")
             models = (
@@ -470,14 +471,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if not models:
                 self.repository.get(request.name)
         else:
-            models = self.repository.loaded()
+            models = [m for m in self.repository.loaded() if self.auth.allows(f"infer:{m.name}")]
         return pb.ModelStatisticsResponse(model_stats=[statistics_proto(m) for m in models])
 
     async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
-        """Every model version the repository knows, with state and reason."""
+        """Every model version the repository knows that the caller may infer with, with state
+        and reason (which can name server paths, so other models' entries are left out)."""
         response = pb.RepositoryIndexResponse()
         for status in self.repository.index():
             if request.ready and status.state != "READY":
+                continue
+            if not self.auth.allows(f"infer:{status.name}"):
                 continue
             response.models.add(
                 name=status.name, version=status.version, state=status.state, reason=status.reason

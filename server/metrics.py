@@ -52,8 +52,12 @@ RPC_DURATION = Histogram(
 )
 
 MODEL_LABELS = ["model", "version"]
-MODEL_REQUESTS = Counter("featureserve_model_requests", "Requests executed.", MODEL_LABELS)
-MODEL_ROWS = Counter("featureserve_model_rows", "Rows executed.", MODEL_LABELS)
+MODEL_REQUESTS = Counter(
+    "featureserve_model_requests", "Requests executed successfully.", MODEL_LABELS
+)
+MODEL_ROWS = Counter(
+    "featureserve_model_rows", "Rows of the requests executed successfully.", MODEL_LABELS
+)
 MODEL_BATCHES = Counter("featureserve_model_batches", "Batches executed.", MODEL_LABELS)
 MODEL_BATCH_ROWS = Histogram(
     "featureserve_model_batch_rows",
@@ -81,13 +85,14 @@ MODEL_QUEUE_DEPTH = Gauge(
 )
 MODEL_FAILURES = Counter(
     "featureserve_model_failures",
-    "Requests that did not run, by reason: rejected (queue full), timed_out, error.",
+    "Requests that failed, by reason: rejected (queue full), timed_out (dropped unrun at their "
+    "deadline or queue timeout), cancelled (by their caller while queued), error (failed to run).",
     [*MODEL_LABELS, "reason"],
 )
-FAILURE_REASONS = ("rejected", "timed_out", "error")
+FAILURE_REASONS = ("rejected", "timed_out", "cancelled", "error")
 AUDIT_FAILURES = Counter(
     "featureserve_audit_failures",
-    "Audit records that could not be written (disk full, file removed or unwritable).",
+    "Audit records that could not be written (disk full, a file unwritable or not reopenable).",
 )
 
 VIEW_ROWS_WRITTEN = Counter("featureserve_view_rows_written", "Rows stored.", ["view"])
@@ -149,6 +154,7 @@ class ModelMetrics:
         "_queue",
         "_requests",
         "_rows",
+        "cancelled",
         "error",
         "rejected",
         "timed_out",
@@ -165,19 +171,23 @@ class ModelMetrics:
         self._depth = MODEL_QUEUE_DEPTH.labels(*labels)
         self.rejected = MODEL_FAILURES.labels(*labels, "rejected")
         self.timed_out = MODEL_FAILURES.labels(*labels, "timed_out")
+        self.cancelled = MODEL_FAILURES.labels(*labels, "cancelled")
         self.error = MODEL_FAILURES.labels(*labels, "error")
 
-    def observe_batch(self, requests: int, rows: int, queue_s: float, compute_s: float) -> None:
-        """One executed batch of `requests` requests holding `rows` rows."""
+    def observe_batch(
+        self, requests: int, rows: int, batch_rows: int, queue_s: float, compute_s: float
+    ) -> None:
+        """One executed batch of `batch_rows` rows, in which `requests` requests holding `rows`
+        rows succeeded (failed ones count only in featureserve_model_failures_total)."""
         self._requests.inc(requests)
         self._rows.inc(rows)
         self._batches.inc()
-        self._batch_rows.observe(rows)
+        self._batch_rows.observe(batch_rows)
         self._queue.observe(queue_s)
         self._compute.observe(compute_s)
 
     def fail(self, reason: str, requests: int = 1) -> None:
-        """Requests that did not run; reason is one of FAILURE_REASONS."""
+        """Requests that failed; reason is one of FAILURE_REASONS."""
         getattr(self, reason).inc(requests)
 
     def queue_depth(self, n: int) -> None:

@@ -360,3 +360,66 @@ def test_a_server_stopped_while_a_stream_commits_records_its_batches_first(
     records = _stream_records(server.data_dir)
     assert records and [r[1:] for r in records] == [("OK", rows)] * len(records)
     assert not [e for e in server.logs() if e.get("level") in ("error", "critical")]
+
+
+def test_records_after_the_file_is_rotated_or_removed_land_in_a_new_file(server_factory) -> None:
+    """A logrotate-style rename, then a removal, between audited calls of a real server: each
+    next record goes to a new file at the configured path (they went to the old inode, so the
+    renamed file took them, and after the removal they vanished, uncounted), and nothing is
+    counted as a failure."""
+    from tests.server.test_metrics import key, scrape
+
+    port = free_port()
+    server = server_factory("--metrics-port", str(port))
+    path = server.data_dir / "audit.jsonl"
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    view = FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))
+    now = np.full(2, int(time.time() * 1e6))
+
+    def write(client: FeatureStoreClient, score: float) -> None:
+        ids = {"user_id": np.arange(2)}
+        client.write_features("profile", ids, now + int(score), {"score": np.full(2, score)})
+
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([user], [view])
+        path.rename(path.with_name("audit.jsonl.1"))
+        write(client, 1.0)
+        rotated = lines(path.with_name("audit.jsonl.1"))
+        assert [r["action"] for r in rotated] == ["apply_feature_views"]
+        assert [(r["action"], r["outcome"]) for r in lines(path)] == [("write_features", "OK")]
+        path.unlink()
+        path.with_name("audit.jsonl.1").unlink()
+        write(client, 2.0)
+        write(client, 3.0)
+    assert [(r["action"], r["outcome"]) for r in lines(path)] == [("write_features", "OK")] * 2
+    assert scrape(port)[key("featureserve_audit_failures_total")] == 0
+    assert not [r for r in server.logs() if r.get("msg") == "audit record not written"]
+
+
+def test_a_removed_audit_file_that_cannot_be_reopened_is_counted(server_factory, tmp_path) -> None:
+    """The audit file's folder is removed while serving, so the file cannot be reopened: the
+    write still answers OK, and the lost record is counted and logged at ERROR."""
+    import shutil
+
+    from tests.server.test_metrics import key, scrape
+
+    folder = tmp_path / "audit"
+    config = tmp_path / "audit.toml"
+    config.write_text(f'[audit]\npath = "{folder / "audit.jsonl"}"\n')
+    port = free_port()
+    server = server_factory("--config", str(config), "--metrics-port", str(port))
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    view = FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([user], [view])
+        shutil.rmtree(folder)
+        written = client.write_features(
+            "profile",
+            {"user_id": np.arange(2)},
+            np.full(2, int(time.time() * 1e6)),
+            {"score": np.ones(2, np.float32)},
+        )
+    assert written.written == 2
+    assert scrape(port)[key("featureserve_audit_failures_total")] == 1
+    failures = [r for r in server.logs() if r.get("msg") == "audit record not written"]
+    assert len(failures) == 1 and failures[0]["error"] == "No such file or directory", failures

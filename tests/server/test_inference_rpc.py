@@ -987,3 +987,44 @@ def test_bf16_beside_bytes_inputs(tmp_path: Path) -> None:
         np.testing.assert_array_equal(output(answer, "same"), [[0x3FC0, 1]])
 
     serve(tmp_path, body)
+
+
+def test_statistics_and_index_of_all_models_list_only_the_callers_models(
+    tmp_path: Path, server_factory
+) -> None:
+    """With auth on, ModelStatistics('') and RepositoryIndex list only the models the token may
+    infer with: a token scoped to m1 got every model's statistics, states and load errors (with
+    server paths), though ModelStatistics('other') refused it. Admin still sees them all."""
+    for name in ("m1", "other"):
+        write_model(tmp_path / "models", name, mlp_model())
+    write_model(tmp_path / "models", "broken", b"garbage")
+    config = tmp_path / "auth.toml"
+    config.write_text(
+        "[auth]\nenabled = true\n"
+        '[[auth.tokens]]\nname = "m1-only"\ntoken = "m1-secret"\nscopes = ["infer:m1"]\n'
+        '[[auth.tokens]]\nname = "ops"\ntoken = "admin-secret"\nscopes = ["admin"]\n'
+    )
+    server = server_factory("--config", str(config))
+    m1 = (("authorization", "Bearer m1-secret"),)
+    admin = (("authorization", "Bearer admin-secret"),)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(infer_request("m1", {"x": np.ones((1, 32), np.float32)}), metadata=m1)
+
+        def visible(metadata) -> tuple[list[str], list[str], list[str]]:
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(), metadata=metadata)
+            index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=metadata)
+            ready = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), metadata=metadata)
+            return (
+                sorted(s.name for s in stats.model_stats),
+                sorted(m.name for m in index.models),
+                sorted(m.name for m in ready.models),
+            )
+
+        assert visible(m1) == (["m1"], ["m1"], ["m1"])
+        assert visible(admin) == (["m1", "other"], ["broken", "m1", "other"], ["m1", "other"])
+        [stats] = stub.ModelStatistics(pb.ModelStatisticsRequest(), metadata=m1).model_stats
+        assert stats.inference_count == 1
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelStatistics(pb.ModelStatisticsRequest(name="other"), metadata=m1)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED

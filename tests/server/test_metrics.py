@@ -154,18 +154,20 @@ def test_vectorised_histogram_equals_one_observe_per_value() -> None:
 def test_model_and_view_recorders_move_their_families() -> None:
     """The pre-bound recorders the batcher and the store servicer call."""
     model = ModelMetrics("recorder_model", 3)
-    model.observe_batch(requests=5, rows=40, queue_s=0.002, compute_s=0.0005)
+    model.observe_batch(requests=5, rows=30, batch_rows=40, queue_s=0.002, compute_s=0.0005)
     model.fail("rejected", 2)
     model.fail("timed_out")
+    model.fail("cancelled")
     model.queue_depth(7)
     labels = {"model": "recorder_model", "version": "3"}
     assert value("featureserve_model_requests_total", **labels) == 5
-    assert value("featureserve_model_rows_total", **labels) == 40
+    assert value("featureserve_model_rows_total", **labels) == 30
     assert value("featureserve_model_batch_rows_bucket", le="64.0", **labels) == 1
     assert value("featureserve_model_batch_rows_bucket", le="32.0", **labels) == 0
     assert value("featureserve_model_queue_duration_seconds_sum", **labels) == 0.002
     assert value("featureserve_model_failures_total", reason="rejected", **labels) == 2
     assert value("featureserve_model_failures_total", reason="timed_out", **labels) == 1
+    assert value("featureserve_model_failures_total", reason="cancelled", **labels) == 1
     assert value("featureserve_model_queue_depth", **labels) == 7
 
     view = ViewMetrics("recorder_view")
@@ -183,7 +185,7 @@ def test_model_and_view_recorders_move_their_families() -> None:
 
 def test_metrics_endpoint_serves_this_process_registry() -> None:
     """serve_metrics answers GET /metrics with the text format, including process metrics."""
-    ModelMetrics("http_model", 1).observe_batch(1, 4, 0.001, 0.001)
+    ModelMetrics("http_model", 1).observe_batch(1, 4, 4, 0.001, 0.001)
     samples = scrape(serve_metrics("127.0.0.1", 0))
     assert samples[key("featureserve_model_rows_total", model="http_model", version="1")] == 4
     assert samples[key("process_cpu_seconds_total")] > 0
@@ -447,3 +449,59 @@ def test_observers_of_views_another_worker_deleted_are_swept(tmp_path) -> None:
             REGISTRY.get_sample_value("featureserve_view_rows_written_total", {"view": name})
             is None
         )
+
+
+def test_model_failures_by_reason_and_rows_of_successes_only(tmp_path, server_factory) -> None:
+    """On a real server: a batch where one request fails counts only the others' requests and
+    rows (its rows counted as executed while it was not); a request past its deadline counts
+    timed_out, and one its caller cancels while queued counts cancelled (it counted
+    timed_out)."""
+    from benchmarks.model_zoo import gather_model, write_model
+    from protos.inference import grpc_service_pb2 as ipb
+    from protos.inference import grpc_service_pb2_grpc as ipb_grpc
+
+    write_model(
+        tmp_path / "models",
+        "gather",
+        gather_model(),
+        config_toml="max_batch_size = 8\n[dynamic_batching]\nmax_queue_delay_us = 200000\n",
+    )
+    port = free_port()
+    server = server_factory("--metrics-port", str(port), model_repo=tmp_path / "models")
+    labels = {"model": "gather", "version": "1"}
+
+    def request(*idx: int) -> ipb.ModelInferRequest:
+        array = np.array(idx, np.int64).reshape(-1, 1)
+        message = ipb.ModelInferRequest(model_name="gather", raw_input_contents=[array.tobytes()])
+        message.inputs.add(name="idx", datatype="INT64", shape=array.shape)
+        return message
+
+    def failures() -> dict[str, float]:
+        samples = scrape(port)
+        reasons = ("rejected", "timed_out", "cancelled", "error")
+        return {
+            reason: samples.get(key("featureserve_model_failures_total", reason=reason, **labels))
+            for reason in reasons
+        }
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = ipb_grpc.GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelInfer.future(request(*idx), timeout=10) for idx in ([1, 2], [3], [99])]
+        assert [c.exception() is None for c in calls] == [True, True, False]
+        samples = scrape(port)
+        assert samples[key("featureserve_model_batch_rows_sum", **labels)] == 4
+        assert samples[key("featureserve_model_requests_total", **labels)] == 2
+        assert samples[key("featureserve_model_rows_total", **labels)] == 3
+        assert failures() == {"rejected": 0, "timed_out": 0, "cancelled": 0, "error": 1}
+
+        late = stub.ModelInfer.future(request(1), timeout=0.05)
+        assert late.exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert wait_until(lambda: failures()["timed_out"] == 1)
+
+        gone = stub.ModelInfer.future(request(1), timeout=10)
+        time.sleep(0.05)
+        assert gone.cancel()
+        assert wait_until(lambda: failures()["cancelled"] == 1)
+        time.sleep(0.3)
+        assert failures() == {"rejected": 0, "timed_out": 1, "cancelled": 1, "error": 1}
+        assert scrape(port)[key("featureserve_model_rows_total", **labels)] == 3

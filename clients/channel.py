@@ -6,13 +6,18 @@ twins cannot drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 RETRYABLE = ("UNAVAILABLE",)
+MAX_TIMEOUT_S = 1e9
+"""gRPC takes a deadline as int64 nanoseconds since the epoch: about 7.4e9 s from now is the end."""
 
 
 @dataclass
@@ -31,6 +36,30 @@ class ClientConfig:
     max_backoff_s: float = 2.0
     keepalive_ms: int = 30_000
     max_message_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would fail later and further away: a deadline gRPC cannot take,
+        half of an mTLS pair (gRPC aborts the whole process on it). A CA or a client certificate
+        turns TLS on: over plaintext they were ignored and the token went in clear."""
+        t = self.timeout_s
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < t <= MAX_TIMEOUT_S
+        ):
+            raise ConfigError(
+                f"timeout_s (--timeout) must be a number of seconds above 0 and at most "
+                f"{MAX_TIMEOUT_S:g}, or None for no deadline; got {t!r}"
+            )
+        if (self.client_certificate is None) != (self.client_key is None):
+            given, missing = ("client_certificate", "client_key")
+            if self.client_certificate is None:
+                given, missing = missing, given
+            raise ConfigError(
+                f"{given} is set but {missing} is not (--cert and --key): mTLS needs the client "
+                "certificate and its private key; set both, or neither for TLS without a client "
+                "certificate"
+            )
+        if self.root_certificates is not None or self.client_certificate is not None:
+            self.tls = True
 
 
 def service_config(config: ClientConfig) -> str:
@@ -70,16 +99,25 @@ def channel_options(config: ClientConfig) -> list[tuple[str, object]]:
     return options
 
 
-def _read(path: Path | None) -> bytes | None:
-    return Path(path).read_bytes() if path is not None else None
+def _read(path: Path | None, option: str, flag: str) -> bytes | None:
+    """The PEM file of ClientConfig.`option` (CLI `flag`); ConfigError naming both if unreadable."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{option} ({flag}): cannot read {str(path)!r}: {exc.strerror or exc}; give the path "
+            "of a readable PEM file"
+        ) from None
 
 
 def channel_credentials(config: ClientConfig) -> grpc.ChannelCredentials:
     """TLS (or mTLS when a client certificate is set) credentials."""
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(config.root_certificates),
-        private_key=_read(config.client_key),
-        certificate_chain=_read(config.client_certificate),
+        root_certificates=_read(config.root_certificates, "root_certificates", "--ca"),
+        private_key=_read(config.client_key, "client_key", "--key"),
+        certificate_chain=_read(config.client_certificate, "client_certificate", "--cert"),
     )
 
 
@@ -132,6 +170,14 @@ class ClientError(Exception):
         self.row = row
 
 
+class ConfigError(ClientError, ValueError):
+    """A ClientConfig that cannot work (INVALID_ARGUMENT), raised before any call: the message
+    names the option and its CLI flag."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
 def status_error(code: grpc.StatusCode, details: str | None, trailing_metadata) -> ClientError:
     """A ClientError from a finished call's status, details and trailing metadata (where a
     write failed)."""
@@ -157,3 +203,59 @@ def closed_error() -> ClientError:
 def client_error(exc: grpc.RpcError) -> ClientError:
     """Turn a grpc.RpcError (sync or aio) into a ClientError."""
     return status_error(exc.code(), exc.details(), exc.trailing_metadata())
+
+
+def closed_in_flight_error() -> ClientError:
+    """The error of a call that was in flight when its client was closed, sync or asyncio."""
+    return ClientError(
+        grpc.StatusCode.CANCELLED,
+        "the client was closed while this call was in flight; close a client only after its "
+        "calls have finished",
+    )
+
+
+def stalled_error(stream: str, timeout: float, waiting_for: str, lost: str) -> ClientError:
+    """DEADLINE_EXCEEDED for a stream whose server gave no `waiting_for` within `timeout`
+    (ClientConfig.timeout_s); the caller has cancelled the stream, so `lost`."""
+    return ClientError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"{stream}: no {waiting_for} from the server within {timeout:g} s "
+        f"(ClientConfig.timeout_s); the stream was cancelled and {lost}; check the server's "
+        "load or raise timeout_s",
+    )
+
+
+class CallErrors:
+    """`with CallErrors(client):` around a call, sync or asyncio, raises what the call raised as
+    a ClientError. A call cancelled on our side (its client closed, or `cancelled()` gives the
+    reason, such as a stalled stream) ends with gRPC's CANCELLED or, in asyncio, a bare
+    CancelledError; it becomes that reason instead. A cancel of the calling task itself still
+    propagates as CancelledError."""
+
+    __slots__ = ("_cancelled", "_client")
+
+    def __init__(
+        self, client: object, cancelled: Callable[[], ClientError | None] | None = None
+    ) -> None:
+        self._client = client  # a client, whose `_closed` is read when the call ends
+        self._cancelled = cancelled
+
+    def _reason(self) -> ClientError | None:
+        if self._client._closed:
+            return closed_in_flight_error()
+        return self._cancelled() if self._cancelled is not None else None
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            return
+        if issubclass(exc_type, grpc.RpcError):
+            reason = self._reason() if exc.code() == grpc.StatusCode.CANCELLED else None
+            raise (reason or client_error(exc)) from None
+        if issubclass(exc_type, asyncio.CancelledError):
+            task = asyncio.current_task()
+            reason = self._reason() if task is not None and task.cancelling() == 0 else None
+            if reason is not None:
+                raise reason from None

@@ -14,6 +14,7 @@ import grpc
 from clients import feature_messages as fm
 from clients import registry_messages as rm
 from clients.channel import (
+    CallErrors,
     ClientConfig,
     ClientError,
     call_metadata,
@@ -21,6 +22,7 @@ from clients.channel import (
     closed_error,
     create_aio_channel,
     create_channel,
+    stalled_error,
     status_error,
 )
 from featurestore.registry import ApplyResult, Entity, FeatureView
@@ -158,11 +160,8 @@ class _Outbox:
 
 def _stalled(view: str, timeout: float | None, waiting_for: str) -> ClientError:
     """DEADLINE_EXCEEDED for a stream whose server gave no `waiting_for` within timeout."""
-    return ClientError(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        f"stream_writer({view!r}): no {waiting_for} from the server within {timeout:g} s "
-        "(ClientConfig.timeout_s); the stream was cancelled and unacknowledged rows may not be "
-        "written; check the server's load or raise timeout_s",
+    return stalled_error(
+        f"stream_writer({view!r})", timeout, waiting_for, "unacknowledged rows may not be written"
     )
 
 
@@ -280,10 +279,8 @@ class FeatureStoreClient:
     def _call(self, method, request):
         if self._closed:
             raise closed_error()
-        try:
+        with CallErrors(self):
             return method(request, timeout=self.config.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise client_error(exc) from None
 
     def get_online_features(
         self, features: Sequence[str], keys: Mapping[str, object]
@@ -379,12 +376,14 @@ class AsyncStreamWriter:
 
     When the server ends the stream while a write is in flight, grpc.aio replaces the server's
     status with INTERNAL "Internal error from Core"; the writer records each status the call
-    is given and raises the server's.
+    is given and raises the server's. A send still pending when its channel closes never
+    finishes in grpc.aio, so the call's end cancels it.
     """
 
     def __init__(self, client: AsyncFeatureStoreClient, buffer: _Buffer, ack_every: int) -> None:
         self._client, self._buffer, self._ack_every = client, buffer, ack_every
         self._call: grpc.aio.StreamUnaryCall | None = None
+        self._sending: asyncio.Future | None = None  # the current call's pending send
         self._statuses: list[ClientError] = []  # every status the current call was given
         self._first = 0  # the current stream's first message, counted over the writer's life
         self._sent = 0  # messages of the current stream
@@ -395,15 +394,19 @@ class AsyncStreamWriter:
             raise closed_error()
         statuses: list[ClientError] = []
         call = self._client._stub.StreamWriteFeatures(metadata=self._client._metadata)
-        call.add_done_callback(
-            lambda c: statuses.append(
+
+        def ended(c: grpc.aio.StreamUnaryCall) -> None:
+            statuses.append(
                 status_error(
                     _result_now(c.code()),
                     _result_now(c.details()),
                     _result_now(c.trailing_metadata()),
                 )
             )
-        )
+            if self._call is c and self._sending is not None:
+                self._sending.cancel()
+
+        call.add_done_callback(ended)
         self._call, self._statuses = call, statuses
         return call
 
@@ -425,6 +428,24 @@ class AsyncStreamWriter:
                 return _stream_error(error, first)
         return _stream_error(statuses[-1], first)
 
+    async def _send(self, sending: Coroutine, waiting_for: str) -> None:
+        """Await a send on the current call for at most timeout_s; the call's error if it ended."""
+        timeout = self._client.config.timeout_s
+        self._sending = asyncio.ensure_future(sending)
+        try:
+            await asyncio.wait_for(self._sending, timeout)
+        except TimeoutError:
+            self._end()[0].cancel()
+            raise _stalled(self._buffer.view, timeout, waiting_for) from None
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            raise await self._failed() from None
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise
+            raise await self._failed() from None  # the call ended (see _open)
+        finally:
+            self._sending = None
+
     async def write(
         self,
         keys: Mapping[str, object],
@@ -433,16 +454,10 @@ class AsyncStreamWriter:
         nulls: Mapping[str, object] | None = None,
     ) -> None:
         """Send rows in messages of batch_rows."""
-        timeout = self._client.config.timeout_s
         for request in self._buffer.requests(keys, event_time, features, nulls):
             call = self._call or self._open()
-            try:
-                await asyncio.wait_for(call.write(request), timeout)
-            except TimeoutError:
-                self._end()[0].cancel()
-                raise _stalled(self._buffer.view, timeout, "room for a message") from None
-            except (grpc.RpcError, asyncio.InvalidStateError):
-                raise await self._failed() from None
+            with CallErrors(self._client):
+                await self._send(call.write(request), "room for a message")
             self._sent += 1
             if self._sent >= self._ack_every:
                 await self.flush()
@@ -453,15 +468,16 @@ class AsyncStreamWriter:
             return self.summary
         call, first = self._call, self._first
         timeout = self._client.config.timeout_s
-        try:
-            await call.done_writing()
-            response = await asyncio.wait_for(call, timeout)
-        except TimeoutError:
-            self._end()
-            call.cancel()
-            raise _stalled(self._buffer.view, timeout, "acknowledgement") from None
-        except grpc.RpcError:
-            raise await self._failed() from None
+        with CallErrors(self._client):
+            await self._send(call.done_writing(), "room for the end of the stream")
+            try:
+                response = await asyncio.wait_for(call, timeout)
+            except TimeoutError:
+                self._end()
+                call.cancel()
+                raise _stalled(self._buffer.view, timeout, "acknowledgement") from None
+            except grpc.RpcError:
+                raise await self._failed() from None
         self._end()
         self.summary += fm.write_summary(response, first)
         return self.summary
@@ -489,10 +505,8 @@ class AsyncFeatureStoreClient:
     async def _call(self, method, request):
         if self._closed:
             raise closed_error()
-        try:
+        with CallErrors(self):
             return await method(request, timeout=self.config.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise client_error(exc) from None
 
     async def get_online_features(
         self, features: Sequence[str], keys: Mapping[str, object]

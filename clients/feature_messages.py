@@ -103,14 +103,35 @@ def key_columns(
     ]
 
 
+_COARSER_THAN_US = frozenset({"Y", "M", "W", "D", "h", "m", "s", "ms"})
+
+
+def _datetimes_us(times: np.ndarray) -> np.ndarray:
+    """datetime64 `times` as int64 µs since the epoch; arrays.ArrayError names the first time
+    that int64 µs cannot hold (NumPy's own cast wraps it round to another date)."""
+    us = times.astype("datetime64[us]")
+    if np.datetime_data(times.dtype)[0] in _COARSER_THAN_US:
+        wrapped = (us.astype(times.dtype) != times) & ~np.isnat(times)
+        if wrapped.any():
+            row = int(np.flatnonzero(wrapped)[0])
+            raise arrays.ArrayError.at(
+                "event_time",
+                row,
+                f"{times[row]} is outside what int64 µs since the epoch can hold "
+                f"({np.datetime64(-(2**63) + 1, 'us')} to {np.datetime64(2**63 - 1, 'us')}); "
+                "check the unit of the times",
+            )
+    return us.astype(np.int64)
+
+
 def event_times_us(event_time: object, rows: int) -> np.ndarray:
     """Event times as int64 µs since the epoch from ints or floats (µs, truncated), datetime64
-    or one scalar; arrays.ArrayError names a time outside the int64 range."""
+    or one scalar; arrays.ArrayError names the first time outside the int64 (µs) range."""
     arr = np.asarray(event_time)
-    if arr.dtype.kind == "M":
-        arr = arr.astype("datetime64[us]").astype(np.int64)
     if arr.ndim == 0:
         arr = np.full(rows, arr)
+    if arr.dtype.kind == "M":
+        arr = _datetimes_us(arr)
     if arr.dtype.kind == "f":
         arr = np.trunc(arr)
     return arrays.cast(arr, types_pb2.INT64, "event_time")

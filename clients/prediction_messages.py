@@ -5,6 +5,7 @@ The sync and asyncio prediction clients differ only in how they send; everything
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from clients.channel import ClientError
+from clients.channel import ClientError, stalled_error
 from clients.feature_messages import column, key_columns
 from protos import arrays
 from protos.featureserve.v1 import prediction_pb2 as pb
@@ -129,27 +130,36 @@ class StreamOrder:
     while iterating the items ends the requests and is raised after the results of those
     before it (finish).
 
+    With `stall_s` (ClientConfig.timeout_s) set, overdue() tells a watcher when the caller has
+    waited `stall_s` seconds for a result that a request sent is owed (counted from the later of
+    the request's sending and the start of the wait; waiting while no request is unanswered, or
+    not waiting, is no stall); the watcher cancels the call and sets `stalled`.
+
     Both twins share it; the sync twin's requests run on gRPC's thread, so the two threads share
     only a deque (appended before its request is sent) and `failure` (set before the requests
-    end).
+    end); the watcher only reads.
     """
 
-    def __init__(self) -> None:
-        self._placeholders: deque[PredictionResult | None] = deque()  # one per request sent
+    def __init__(self, stall_s: float | None = None) -> None:
+        # one (placeholder, monotonic time sent) per request sent and not yet answered
+        self._placeholders: deque[tuple[PredictionResult | None, float]] = deque()
         self._taken = 0  # items taken from the caller
+        self._waiting_since: float | None = None  # monotonic time the caller began to wait
         self.failure: Exception | None = None
+        self.stall_s = stall_s
+        self.stalled = False
 
     def _request(self, item: StreamItem) -> pb.PredictRequest:
         index, self._taken = self._taken, self._taken + 1
         if isinstance(item, pb.PredictRequest):
-            self._placeholders.append(None)
+            self._placeholders.append((None, time.monotonic()))
             return item
         try:
             request = predict_request(**item)
         except Exception as exc:  # whatever the item's own arguments raise is its answer
-            self._placeholders.append(_unsent_result(item, index, exc))
+            self._placeholders.append((_unsent_result(item, index, exc), time.monotonic()))
             return pb.PredictRequest(request_id=f"unsent-{index}")
-        self._placeholders.append(None)
+        self._placeholders.append((None, time.monotonic()))
         return request
 
     def requests(self, items: Iterable[StreamItem]) -> Iterator[pb.PredictRequest]:
@@ -180,10 +190,35 @@ class StreamOrder:
                 return
             yield self._request(item)
 
+    def waiting(self) -> None:
+        """The caller now waits for the next result (until result())."""
+        self._waiting_since = time.monotonic()
+
     def result(self, response: pb.PredictResponse) -> PredictionResult:
         """The result of the item the server's next `response` answers."""
-        unsent = self._placeholders.popleft()
+        self._waiting_since = None
+        unsent, _ = self._placeholders.popleft()
         return prediction_result(response) if unsent is None else unsent
+
+    def overdue(self) -> float:
+        """Seconds until the caller has waited stall_s for a result owed (<= 0: it has);
+        stall_s while the caller is not waiting or no request is unanswered."""
+        since = self._waiting_since
+        try:
+            _, sent = self._placeholders[0]
+        except IndexError:
+            return self.stall_s
+        if since is None:
+            return self.stall_s
+        return max(sent, since) + self.stall_s - time.monotonic()
+
+    def stall_error(self) -> ClientError | None:
+        """DEADLINE_EXCEEDED once a watcher has cancelled the stream as stalled, else None."""
+        if not self.stalled:
+            return None
+        return stalled_error(
+            "StreamPredict", self.stall_s, "result", "the requests still waiting get no result"
+        )
 
     def finish(self) -> None:
         """Raise the error met while iterating the items, if any, once every answer is out."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -105,6 +106,21 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+async def raised_when_closed_midway(aclient, work, settle=None) -> BaseException:
+    """Run work(aclient) in a task, close the async client once settle() is true (default: after
+    10 ms, time for the call to start); what the task raised (AssertionError if nothing)."""
+    task = asyncio.create_task(work(aclient))
+    await asyncio.sleep(0 if settle else 0.01)
+    while settle is not None and not settle():
+        await asyncio.sleep(0)
+    await aclient.close()
+    try:
+        await asyncio.wait_for(task, 10)
+    except (Exception, asyncio.CancelledError) as exc:
+        return exc
+    raise AssertionError("the call finished before the client closed")
 
 
 def _state_and_parent(pid: int) -> tuple[str, int] | None:

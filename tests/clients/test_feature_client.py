@@ -27,6 +27,7 @@ from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from protos.arrays import ArrayError
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+from tests.conftest import raised_when_closed_midway
 
 USER = Entity("user", (JoinKey("user_id", DType.INT64),))
 WIDTH = 16
@@ -566,3 +567,81 @@ def test_a_closed_client_raises_the_same_error_sync_and_async(target) -> None:
         return out
 
     assert asyncio.run(use_closed()) == errors
+
+
+def test_event_times_int64_microseconds_cannot_hold_are_rejected_not_wrapped(client) -> None:
+    """datetime64[s] 18448448227310 (year 586578) was written as 2024-01-02: the cast to µs
+    wrapped round int64."""
+    client.apply([USER], [FeatureView("far_times", "user", (Feature("a", DType.INT64),))])
+    times = np.array([1704153600, 18448448227310, 1704153600], "datetime64[s]")
+    rows = ({"user_id": [1, 2, 3]}, times, {"a": [1, 2, 3]})
+    bad = r"event_time: row 1: 586578-01-19T08:01:50 is outside what int64 µs since the epoch"
+    with pytest.raises(ArrayError, match=bad):
+        client.write_features("far_times", *rows)
+    with pytest.raises(ArrayError, match=bad), client.stream_writer("far_times") as writer:
+        writer.write(*rows)
+    with pytest.raises(ArrayError, match=r"event_time: row 0: -400000 is outside"):
+        client.write_features("far_times", *rows[:1], np.datetime64("-400000", "Y"), rows[2])
+    got = client.get_online_features(["far_times:a"], {"user_id": [1, 2, 3]})
+    assert (got.statuses["far_times:a"] == FeatureStatus.NOT_FOUND).all()
+    days = np.array(["2024-01-02"] * 3, "datetime64[D]")
+    assert client.write_features("far_times", rows[0], days, rows[2]).written == 3
+    got = client.get_online_features(["far_times:a"], {"user_id": [1, 2, 3]})
+    assert (got.event_timestamps["far_times"] == 1704153600 * 10**6).all()
+
+
+def test_calls_in_flight_when_the_async_client_closes_raise_client_error_cancelled(
+    target, client
+) -> None:
+    """They raised a bare CancelledError (a TaskGroup or gather took it for a cancel), and a
+    stream write pending at close() waited for timeout_s; the sync twin raises ClientError."""
+    client.apply([USER], [MIXED])
+    ids = np.arange(200_000)
+    config = ClientConfig(target=target, timeout_s=30)
+
+    def closed_midway(work, settle):
+        return raised_when_closed_midway(AsyncFeatureStoreClient(config), work, settle)
+
+    async def get(aclient) -> None:
+        await aclient.get_online_features(["mixed:f"], {"user_id": ids})
+
+    flushing = []
+
+    async def stream(aclient, messages: int) -> None:
+        async with aclient.stream_writer("mixed", batch_rows=100) as writer:
+            for _ in range(0, messages, 10):
+                await writer.write({"user_id": ids[:1000]}, NOW_US, mixed_rows(1000))
+            flushing.append(True)
+            await writer.flush()
+
+    def after_turns(turns: int):
+        """A settle() that is true after `turns` more turns of the event loop."""
+        left = iter(range(turns))
+        return lambda: next(left, None) is None
+
+    started = time.monotonic()
+
+    async def main() -> list[BaseException]:
+        errors = [await closed_midway(get, after_turns(0))]
+        # a send pending at close() never finished in grpc.aio: it waited for timeout_s
+        errors.append(await closed_midway(lambda c: stream(c, 10), after_turns(1)))
+        writing = asyncio.create_task(asyncio.sleep(0.05))
+        errors.append(await closed_midway(lambda c: stream(c, 10_000), writing.done))
+        flushing.clear()
+        errors.append(await closed_midway(lambda c: stream(c, 10), lambda: bool(flushing)))
+        # the caller's own cancel is still a cancel, even when the client closes meanwhile
+        aclient = AsyncFeatureStoreClient(config)
+        task = asyncio.create_task(get(aclient))
+        await asyncio.sleep(0)
+        task.cancel()
+        await aclient.close()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return errors
+
+    errors = asyncio.run(main())
+    assert time.monotonic() - started < 10
+    for error in errors:  # get, stream writes, stream flush
+        assert isinstance(error, ClientError), errors
+        assert error.code == grpc.StatusCode.CANCELLED, errors
+        assert "the client was closed while this call was in flight" in error.message

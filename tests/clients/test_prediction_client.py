@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import queue
+import re
+import socket
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -15,6 +20,7 @@ from clients.channel import ClientConfig, ClientError
 from clients.prediction_cli import register
 from clients.prediction_client import AsyncPredictionClient, PredictionClient
 from protos.arrays import ArrayError
+from tests.conftest import raised_when_closed_midway
 from tests.server.test_prediction_rpc import populate, scorer_config, start_server
 
 
@@ -217,3 +223,137 @@ def test_a_closed_client_raises_the_same_error_sync_and_async(target) -> None:
         return out
 
     assert asyncio.run(main()) == [str(sync.value)] * 2
+
+
+def endless(pulled: list[int]):
+    """Stream items without end, counting those gRPC has pulled."""
+    for i in itertools.count():
+        pulled[0] += 1
+        yield {**OK_ITEM, "request_id": str(i)}
+
+
+def test_leaving_a_stream_early_cancels_its_call(target) -> None:
+    """After break and aclose() the asyncio call went on: gRPC kept pulling the caller's items
+    and the server kept scoring them for nobody."""
+    config = ClientConfig(target=target, timeout_s=30)
+
+    def settled(pulled: list[int]) -> int:
+        time.sleep(0.3)
+        before = pulled[0]
+        time.sleep(1.0)
+        assert pulled[0] == before, f"{pulled[0] - before} items pulled after the stream ended"
+        return before
+
+    pulled = [0]
+    with PredictionClient(config) as client:
+        results = client.stream(endless(pulled))
+        assert next(results).error is None
+        results.close()
+        settled(pulled)
+
+    async def main() -> int:
+        async with AsyncPredictionClient(config) as aclient:
+            results = aclient.stream(endless(apulled))
+            async for result in results:
+                assert result.error is None
+                break
+            await results.aclose()
+            return await asyncio.to_thread(settled, apulled)
+
+    apulled = [0]
+    asyncio.run(main())
+
+
+def test_a_stream_whose_server_never_answers_fails_after_timeout_s_unless_idle(target) -> None:
+    """A server that accepts the connection and never answers held stream() forever: the
+    per-call timeout_s was not applied."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    config = ClientConfig(target=f"127.0.0.1:{hung.getsockname()[1]}", timeout_s=1)
+    stalled = r"DEADLINE_EXCEEDED: StreamPredict: no result from the server within 1 s"
+    outcome: queue.Queue = queue.Queue()
+
+    def sync_stream() -> None:
+        try:
+            with PredictionClient(config) as client:
+                outcome.put(list(client.stream([OK_ITEM])))
+        except Exception as exc:
+            outcome.put(exc)
+
+    async def async_stream() -> list:
+        async with AsyncPredictionClient(config) as aclient:
+            return [r async for r in aclient.stream([OK_ITEM])]
+
+    try:
+        started = time.monotonic()
+        threading.Thread(target=sync_stream, daemon=True).start()
+        error = outcome.get(timeout=10)
+        assert isinstance(error, ClientError) and re.match(stalled, str(error)), error
+        assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(ClientError, match=stalled):
+            asyncio.run(asyncio.wait_for(async_stream(), 10))
+        assert time.monotonic() - started < 8
+    finally:
+        hung.close()
+
+    # Neither a source that sends nothing for longer than timeout_s nor a caller slow to take
+    # the result of a request it sent is a stall.
+    names = ["a", "b", "after a pause"]
+    items = [{**OK_ITEM, "request_id": name} for name in names]
+
+    def paused_source():
+        yield from items[:2]
+        time.sleep(2.0)
+        yield items[2]
+
+    async def apaused_source():
+        for item in items[:2]:
+            yield item
+        await asyncio.sleep(2.0)
+        yield items[2]
+
+    idle_config = ClientConfig(target=target, timeout_s=0.75)
+    with PredictionClient(idle_config) as client:
+        got = []
+        for result in client.stream(paused_source()):
+            got.append(result.request_id)
+            time.sleep(1.0 if len(got) == 1 else 0)
+    assert got == names
+
+    async def async_paused() -> list:
+        got = []
+        async with AsyncPredictionClient(idle_config) as aclient:
+            async for result in aclient.stream(apaused_source()):
+                got.append(result.request_id)
+                await asyncio.sleep(1.0 if len(got) == 1 else 0)
+        return got
+
+    assert asyncio.run(async_paused()) == names
+
+
+def test_calls_in_flight_when_the_async_client_closes_raise_client_error_cancelled(
+    target,
+) -> None:
+    """They raised a bare CancelledError, as if the caller's task had been cancelled."""
+
+    def closed_midway(work):
+        config = ClientConfig(target=target, timeout_s=30)
+        return raised_when_closed_midway(AsyncPredictionClient(config), work)
+
+    ids = np.arange(1, 100_000) % 100 + 1
+
+    async def predict(aclient) -> None:
+        await aclient.predict("scorer", {"user_id": ids}, {"amount": np.ones(len(ids))})
+
+    async def stream(aclient) -> None:
+        async for _ in aclient.stream(endless([0])):
+            pass
+
+    async def main() -> list[BaseException]:
+        return [await closed_midway(predict), await closed_midway(stream)]
+
+    for error in asyncio.run(main()):
+        assert isinstance(error, ClientError), repr(error)
+        assert error.code == grpc.StatusCode.CANCELLED
+        assert "the client was closed while this call was in flight" in error.message

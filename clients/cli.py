@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from pathlib import Path
+from typing import NoReturn
 
-from clients.channel import ClientConfig
+from clients.channel import MAX_TIMEOUT_S, ClientConfig
+
+
+def _timeout(text: str) -> float:
+    """An argparse type: seconds above 0 and at most MAX_TIMEOUT_S (inf, nan, 0 or a negative
+    number failed every call at once)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the deadline per call in seconds, a number above 0 and at most "
+            f"{MAX_TIMEOUT_S:g}"
+        )
+    return seconds
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -13,17 +31,58 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
     parser.add_argument("--tls", action="store_true", help="use TLS")
     parser.add_argument("--ca", type=Path, help="CA certificate (PEM) to verify the server")
-    parser.add_argument("--cert", type=Path, help="client certificate (PEM) for mTLS")
-    parser.add_argument("--key", type=Path, help="client private key (PEM) for mTLS")
+    parser.add_argument(
+        "--cert", type=Path, help="client certificate (PEM) for mTLS; needs --key, implies --tls"
+    )
+    parser.add_argument(
+        "--key", type=Path, help="client private key (PEM) for mTLS; needs --cert, implies --tls"
+    )
     parser.add_argument("--token", help="bearer token")
-    parser.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=10.0,
+        help=f"deadline per call, seconds (above 0, at most {MAX_TIMEOUT_S:g})",
+    )
+
+
+def _usage_error(message: str) -> NoReturn:
+    """Print `featureserve: message` as one line and exit 2, the exit code of a bad flag."""
+    print(f"featureserve: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def connection_problem(args: argparse.Namespace) -> str | None:
+    """What makes the TLS flags unusable, naming the flags and the fix: half of an mTLS pair
+    (gRPC aborts the process on it) or a PEM file that cannot be read (it was a traceback)."""
+    if (args.cert is None) != (args.key is None):
+        given, missing = ("--cert", "--key") if args.key is None else ("--key", "--cert")
+        return (
+            f"{given} is given without {missing}: mTLS needs both the client certificate "
+            "(--cert) and its private key (--key); give both, or neither"
+        )
+    for flag, path in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
+        if path is None:
+            continue
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            return (
+                f"{flag} {str(path)!r}: cannot read the file ({exc.strerror or exc}); give "
+                "the path of a readable PEM file"
+            )
+    return None
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
-    """A ClientConfig from the shared connection flags."""
+    """A ClientConfig from the shared connection flags (--ca, --cert and --key turn TLS on, as
+    ClientConfig does)."""
+    problem = connection_problem(args)
+    if problem is not None:
+        _usage_error(problem)
     return ClientConfig(
         target=args.target,
-        tls=args.tls or args.ca is not None,
+        tls=args.tls,
         root_certificates=args.ca,
         client_certificate=args.cert,
         client_key=args.key,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,11 +51,17 @@ class _InputError(Exception):
     """Input (a file or a flag) that cannot be used as given; printed as `featureserve: ...`."""
 
 
+CSV_BLOCK_BYTES = 1 << 20
+"""pyarrow's CSV block size to start with (its default); a row must fit in one block."""
+MAX_CSV_BLOCK_BYTES = 2**31 - 1
+"""The largest block pyarrow takes."""
+
+
 def _read_table(path: Path, text_columns: list[str], string_features: list[str]):
     """The file as an Arrow table. In a CSV, `text_columns` (the keys and features) are read as
     text for _convert to parse by the view's types; only empty cells are null, so "NaN" stays
     a NaN value, and a quoted "" in a STRING feature is the empty string. A file that cannot be
-    read is an _InputError saying why."""
+    read, or names a column twice, is an _InputError saying why."""
     import pyarrow as pa
 
     try:
@@ -61,6 +69,8 @@ def _read_table(path: Path, text_columns: list[str], string_features: list[str])
             import pyarrow.parquet as pq
 
             try:
+                # Checked first: pyarrow refuses a schema with a name twice as "Multiple matches".
+                _unique_columns(pq.read_schema(path).names, "schema")
                 return pq.read_table(path)
             except pa.ArrowInvalid as exc:
                 raise _InputError(f"not a Parquet file ({exc}); give a Parquet file") from None
@@ -71,20 +81,41 @@ def _read_table(path: Path, text_columns: list[str], string_features: list[str])
             strings_can_be_null=True,
             column_types={name: pa.string() for name in text_columns},
         )
-        try:
-            table = pcsv.read_csv(path, convert_options=options)
-            return _quoted_empty_strings(path, table, string_features)
-        except pa.ArrowInvalid as exc:
-            raise _InputError(_csv_problem(path, exc)) from None
+        block = CSV_BLOCK_BYTES
+        while True:
+            try:
+                read = pcsv.ReadOptions(block_size=block)
+                table = pcsv.read_csv(path, read_options=read, convert_options=options)
+                break
+            except pa.ArrowInvalid as exc:
+                # A row longer than a block (a vector of 1M floats is ~10 MB of text).
+                if "straddl" in str(exc) and block < MAX_CSV_BLOCK_BYTES:
+                    block = min(block * 16, MAX_CSV_BLOCK_BYTES)
+                    continue
+                raise _InputError(_csv_problem(path, exc, block)) from None
+        _unique_columns(table.column_names, "header")
+        return _quoted_empty_strings(path, table, string_features, block)
     except OSError as exc:
         raise _InputError(f"cannot read the file ({exc.strerror or exc}); check the path") from None
 
 
-def _quoted_empty_strings(path: Path, table, names: list[str]):
+def _unique_columns(names: list[str], where: str) -> None:
+    """_InputError naming a column the file's `where` (header or schema) names more than once:
+    which one to read would be a guess (it was a KeyError traceback)."""
+    counts = Counter(names)
+    twice = [name for name, count in counts.items() if count > 1]
+    if twice:
+        raise _InputError(
+            f"column {twice[0]!r} appears {counts[twice[0]]} times in the {where}; give each "
+            "column a name of its own"
+        )
+
+
+def _quoted_empty_strings(path: Path, table, names: list[str], block: int):
     """`table` with the quoted "" cells of its STRING feature columns `names` read as "" (the
     first read makes every empty cell null; reading every column that way would make an
     inferred column holding a quoted "", such as the event times, text). Only a STRING
-    feature column with nulls is read again, alone."""
+    feature column with nulls is read again, alone, in blocks of `block` bytes."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -98,14 +129,16 @@ def _quoted_empty_strings(path: Path, table, names: list[str]):
         column_types={name: pa.string() for name in nullable},
         include_columns=nullable,
     )
-    texts = pcsv.read_csv(path, convert_options=options)
+    read = pcsv.ReadOptions(block_size=block)
+    texts = pcsv.read_csv(path, read_options=read, convert_options=options)
     for name in nullable:
         table = table.set_column(table.column_names.index(name), name, texts[name])
     return table
 
 
-def _csv_problem(path: Path, error: Exception) -> str:
-    """What is wrong with a CSV file pyarrow refused (`error`), naming the row it can find."""
+def _csv_problem(path: Path, error: Exception, block: int) -> str:
+    """What is wrong with a CSV file pyarrow refused (`error`, reading in blocks of `block`
+    bytes), naming the row it can find."""
     import pyarrow.csv as pcsv
 
     if "Empty CSV file" in str(error):
@@ -121,7 +154,7 @@ def _csv_problem(path: Path, error: Exception) -> str:
         pcsv.read_csv(
             path,
             # latin-1 decodes any byte: a ragged row's text is then shown, never an error
-            read_options=pcsv.ReadOptions(use_threads=False, encoding="latin-1"),
+            read_options=pcsv.ReadOptions(use_threads=False, encoding="latin-1", block_size=block),
             parse_options=pcsv.ParseOptions(invalid_row_handler=note),
         )
     if ragged and ragged[0].number is not None:
@@ -149,66 +182,109 @@ def _whole_numbers(text):
     return pc.fill_null(pc.match_substring_regex(text, r"^-?[0-9]+$"), False)
 
 
-MIN_TEXT_MICROS = 10**15
-"""In a text column, a whole number is µs since the epoch from 10**15 (2001-09-09) on; a
-smaller one is read as a time ("20240102" is a date) or refused (epoch seconds look like µs
-in 1970)."""
+MIN_MICROS = 10**15
+"""In a time column of numbers or text, a whole number is µs since the epoch from 10**15
+(2001-09-09) on; a smaller one is read as a time ("20240102" is a date) or refused (epoch
+seconds or ms would be µs in 1970)."""
+
+SMALL_NUMBER_FIX = (
+    f"µs are numbers from {MIN_MICROS} (2001-09-09) on; a smaller number looks like seconds "
+    "or ms: give µs (seconds x 1000000) or ISO 8601 times"
+)
+
+_US_PER_UNIT = {"s": 10**6, "ms": 10**3, "us": 1}
 
 
 def _event_times(column, name: str) -> tuple[np.ndarray, dict[int, str]]:
-    """Event times as int64 µs since the epoch from timestamps, dates, ISO 8601 text or integer
-    µs (in text, from MIN_TEXT_MICROS on), and {row: reason} of the empty cells and the cells
+    """Event times as int64 µs since the epoch from timestamps, dates, ISO 8601 text or µs
+    (numbers or text, from MIN_MICROS on), and {row: reason} of the empty cells and the cells
     that are none of these."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     empty = column.is_null().to_numpy(zero_copy_only=False)
-    micros = np.zeros(len(column), dtype=np.int64)
-    failed = np.zeros(len(column), dtype=bool)
-    if _is_text(column):
-        import pandas as pd
-
-        text = pc.utf8_trim_whitespace(column)
-        ints, _ = _convert(pc.if_else(_whole_numbers(text), text, None), name, DType.INT64)
-        values = np.asarray(ints.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
-        counted = ints.is_valid().to_numpy(zero_copy_only=False) & (values >= MIN_TEXT_MICROS)
-        micros[counted] = values[counted]
-        iso = pc.if_else(pa.array(counted), None, text).to_pandas()
-        # "mixed": pandas 2.2's "ISO8601" gives wrong instants when offsets and naive times mix.
-        parsed = pd.to_datetime(iso, utc=True, format="mixed", errors="coerce")
-        stamps = parsed.dt.tz_localize(None).to_numpy().astype("datetime64[us]")
-        dated = ~np.isnat(stamps)
-        micros[dated] = stamps[dated].astype(np.int64)
-        failed |= ~dated & iso.notna().to_numpy()
-    elif pa.types.is_integer(column.type):
-        ints, bad = _convert(column, name, DType.INT64)
-        micros = np.array(ints.fill_null(0).to_numpy(zero_copy_only=False))
-        failed[list(bad)] = True
+    if _is_text(column) or pa.types.is_integer(column.type):
+        micros, failed = _whole_or_iso_micros(column, name)
+        cells = column
+        why = f"is neither an ISO 8601 time nor µs since the epoch ({SMALL_NUMBER_FIX})"
     elif pa.types.is_floating(column.type):
         # As the client's event_times_us does, fractions of a µs are truncated.
         floats = np.trunc(column.fill_null(0).to_numpy(zero_copy_only=False))
+        failed = np.zeros(len(column), dtype=bool)
         failed[list(arrays.cast_changes(floats, int(DType.INT64), name))] = True
-        micros[~failed] = floats[~failed]
+        failed |= ~empty & ~(floats >= MIN_MICROS)
+        micros = np.where(failed, 0, floats).astype(np.int64)
+        cells = column
+        why = f"is not an integer of µs since the epoch in the int64 range ({SMALL_NUMBER_FIX})"
     elif pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
-        stamps = column.to_numpy(zero_copy_only=False).astype("datetime64[us]")
-        micros[~empty] = stamps[~empty].astype(np.int64)
-    elif not pa.types.is_null(column.type):
+        micros, failed, cells, unit = _stamp_micros(column)
+        why = (
+            f"{unit} since the epoch is beyond the event times int64 µs can hold (about "
+            "292,000 years either side of 1970); give a time within them"
+        )
+    elif pa.types.is_null(column.type):
+        micros, failed = np.zeros(len(column), dtype=np.int64), np.zeros(len(column), dtype=bool)
+        cells, why = column, ""
+    else:
         raise _InputError(
             f"column {name!r} holds {column.type}, which are not event times; give ISO 8601 "
             "times, timestamps or integer µs since the epoch"
         )
     bad = {int(row): "the event time is empty" for row in np.flatnonzero(empty)}
-    cells = column.to_pylist() if failed.any() else []
-    why = (
-        "is neither an ISO 8601 time nor µs since the epoch (in a column holding text, whole "
-        f"numbers from {MIN_TEXT_MICROS} on, 2001-09-09; smaller ones look like seconds)"
-        if _is_text(column)
-        else "is not an integer of µs since the epoch in the int64 range"
-    )
+    shown = cells.to_pylist() if (failed & ~empty).any() else []
     for row in np.flatnonzero(failed & ~empty).tolist():
-        bad[row] = f"{cells[row]!r} {why}"
+        bad[row] = f"{shown[row]!r} {why}"
     micros[list(bad)] = 0
     return micros, bad
+
+
+def _whole_or_iso_micros(column, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """µs since the epoch of a text or integer column: whole numbers from MIN_MICROS on as µs,
+    the other cells (an integer as its decimal text) parsed as times; and which cells are
+    neither. Nulls are 0 and not failed."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if _is_text(column):
+        column = pc.utf8_trim_whitespace(column)
+        ints, _ = _convert(pc.if_else(_whole_numbers(column), column, None), name, DType.INT64)
+    else:
+        ints, _ = _convert(column, name, DType.INT64)
+    values = np.asarray(ints.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    counted = ints.is_valid().to_numpy(zero_copy_only=False) & (values >= MIN_MICROS)
+    micros = np.where(counted, values, 0)
+    rest = np.flatnonzero(~counted & column.is_valid().to_numpy(zero_copy_only=False))
+    failed = np.zeros(len(column), dtype=bool)
+    if rest.size:
+        text = column.take(pa.array(rest)).cast(pa.string()).to_pandas()
+        # "mixed": pandas 2.2's "ISO8601" gives wrong instants when offsets and naive times mix.
+        parsed = pd.to_datetime(text, utc=True, format="mixed", errors="coerce")
+        stamps = parsed.dt.tz_localize(None).to_numpy().astype("datetime64[us]")
+        dated = ~np.isnat(stamps)
+        micros[rest[dated]] = stamps[dated].astype(np.int64)
+        failed[rest[~dated]] = True
+    return micros, failed
+
+
+def _stamp_micros(column) -> tuple[np.ndarray, np.ndarray, object, str]:
+    """µs since the epoch of a timestamp or date column (nulls 0), which cells int64 µs cannot
+    hold (NumPy's cast wrapped them: year 586,000 became 2024), the cells as integers in their
+    unit, and that unit's name."""
+    import pyarrow as pa
+
+    if pa.types.is_date32(column.type):
+        ticks, per, unit = column.cast(pa.int32()).cast(pa.int64()), 86_400 * 10**6, "days"
+    elif pa.types.is_date64(column.type):
+        ticks, per, unit = column.cast(pa.int64()), 10**3, "ms"
+    else:
+        unit = column.type.unit
+        ticks, per = column.cast(pa.int64()), _US_PER_UNIT.get(unit, 1)  # ns: divided below
+    values = np.asarray(ticks.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    if unit == "ns":
+        return values // 1000, np.zeros(len(values), dtype=bool), ticks, unit
+    limit = (2**63 - 1) // per
+    outside = (values > limit) | (values < -limit)
+    return np.where(outside, 0, values) * per, outside, ticks, unit
 
 
 def _arrow_type(dtype: DType):
@@ -526,12 +602,22 @@ def _int64_array(values: list[int], what: str, fix: str) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
+def _integers(parts: list[str]) -> list[int]:
+    """The parts of a comma-separated flag as integers, read as ingest reads an integer cell (after
+    trimming, ASCII digits with an optional "-", as Arrow's cast takes them); ValueError for
+    others (Python's int() also reads "1_0" as 10, "+1" and other scripts' digits)."""
+    stripped = [part.strip() for part in parts]
+    if not all(re.fullmatch(r"-?[0-9]+", part) for part in stripped):
+        raise ValueError("not integers")
+    return [int(part) for part in stripped]
+
+
 def _key_values(text: str, flag: str) -> np.ndarray:
-    """Comma-separated keys typed by guessing (all digits: int64, else strings), for callers
+    """Comma-separated keys typed by guessing (all integers: int64, else strings), for callers
     that do not know the entity's key types (`featureserve predict`)."""
     parts = text.split(",")
     try:
-        ints = [int(p) for p in parts]
+        ints = _integers(parts)
     except ValueError:
         return np.array(parts, dtype=object)
     what = f"{flag}: {text!r} holds only integers, read as int64"
@@ -544,10 +630,11 @@ def _typed_keys(text: str, key: JoinKey, flag: str) -> np.ndarray:
     if key.dtype == DType.STRING:
         return np.array(parts, dtype=object)
     try:
-        ints = [int(p) for p in parts]
+        ints = _integers(parts)
     except ValueError:
         raise _InputError(
-            f"{flag}: {text!r}: join key {key.name!r} is int64; give comma-separated integers"
+            f"{flag}: {text!r}: join key {key.name!r} is int64; give comma-separated integers "
+            "(ASCII digits, optionally after a -)"
         ) from None
     return _int64_array(
         ints, f"{flag}: {text!r}: join key {key.name!r} is int64", "give keys in that range"

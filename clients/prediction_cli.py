@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 
 from clients.cli import add_connection_flags, client_config
-from clients.feature_cli import _InputError, _int64_array, _key_values, _typed_keys
+from clients.feature_cli import _InputError, _int64_array, _integers, _key_values, _typed_keys
 from clients.prediction_client import PredictionClient
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.registry import JoinKey
+from protos import arrays
 
 _VALUE_DTYPES = {
     "float64": np.float64,
@@ -23,9 +25,12 @@ _BOOLS = {"1": True, "true": True, "0": False, "false": False}
 
 
 def _floats(parts: list[str], kind: type) -> np.ndarray:
-    """Decimal text as `kind` (float64 or float32); OverflowError for a finite number outside
-    its range (NumPy would store it as inf)."""
-    wide = np.array(parts, np.float64)
+    """Decimal text as `kind` (float64 or float32), read as ingest reads a float cell (Arrow's
+    cast: NumPy also reads "1_0" as 10); OverflowError for a finite number outside its range
+    (NumPy would store it as inf)."""
+    import pyarrow as pa
+
+    wide = np.asarray(pa.array(parts, pa.string()).cast(pa.float64()))
     exact = np.array([p.lstrip("+-").lower() in ("inf", "infinity") for p in parts])
     if (np.isinf(wide) & ~exact).any():
         raise OverflowError
@@ -38,37 +43,35 @@ def _floats(parts: list[str], kind: type) -> np.ndarray:
 
 def _request_value(name: str, text: str) -> tuple[str, np.ndarray]:
     """NAME[:DTYPE] and comma-separated values (float64 unless a dtype is given); int64 values
-    are parsed exactly, not through float, and a value outside its dtype's range is an error,
-    not a wrap or an inf."""
+    are parsed exactly, not through float, and a value outside its dtype's range is an
+    _InputError, not a wrap or an inf."""
     name, _, dtype = name.partition(":")
     dtype = dtype or "float64"
     kind = _VALUE_DTYPES.get(dtype)
     if kind is None:
-        raise SystemExit(f"featureserve predict: --value {name}:{dtype}: use {list(_VALUE_DTYPES)}")
+        raise _InputError(f"--value {name}:{dtype}: use {list(_VALUE_DTYPES)}")
     parts = [p.strip() for p in text.split(",")]
     flag = f"--value {name}:{dtype}={text}"
     try:
         if kind is np.bool_:
             return name, np.array([_BOOLS[p.lower()] for p in parts])
         if kind is np.int64:
-            ints = [int(p) for p in parts]
+            ints = _integers(parts)
             return name, _int64_array(ints, flag, "give values in that range or use float64")
         if kind is np.object_:
             return name, np.array(parts, object)
         return name, _floats(parts, kind)
     except (KeyError, ValueError):
-        raise SystemExit(
-            f"featureserve predict: {flag}: not comma-separated {dtype} values (bool takes "
-            "true/false/1/0)"
+        spelled = {"int64": " (ASCII digits, optionally after a -)", "bool": " (true/false/1/0)"}
+        raise _InputError(
+            f"{flag}: not comma-separated {dtype} values{spelled.get(dtype, '')}"
         ) from None
     except OverflowError:
         wider = " or use float64" if kind is np.float32 else ""
-        raise SystemExit(
-            f"featureserve predict: {flag}: a value overflows {dtype} (largest finite "
-            f"{np.finfo(kind).max:.8g}); send a smaller value{wider}"
+        raise _InputError(
+            f"{flag}: a value overflows {dtype} (largest finite {np.finfo(kind).max:.8g}); send "
+            f"a smaller value{wider}"
         ) from None
-    except _InputError as exc:
-        raise SystemExit(f"featureserve predict: {exc}") from None
 
 
 def _request_values(items: list[str]) -> dict[str, np.ndarray]:
@@ -78,13 +81,10 @@ def _request_values(items: list[str]) -> dict[str, np.ndarray]:
     for item in items:
         spec, sep, text = item.partition("=")
         if not sep or not spec:
-            raise SystemExit(f"featureserve predict: --value {item!r}: use NAME[:DTYPE]=V1,V2")
+            raise _InputError(f"--value {item!r}: use NAME[:DTYPE]=V1,V2")
         name, array = _request_value(spec, text)
         if name in values:
-            raise SystemExit(
-                f"featureserve predict: --value {name!r} is given twice; give each request "
-                "value once"
-            )
+            raise _InputError(f"--value {name!r} is given twice; give each request value once")
         values[name] = array
     return values
 
@@ -94,38 +94,46 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or not name:
-            raise SystemExit(f"featureserve predict: {flag} {item!r}: use NAME=V1,V2")
+            raise _InputError(f"{flag} {item!r}: use NAME=V1,V2")
         if name in out:
-            raise SystemExit(f"featureserve predict: {flag} {name}= is given twice; give it once")
+            raise _InputError(f"{flag} {name}= is given twice; give it once")
         out[name] = values
     return out
 
 
 def _keys(text: str, key_type: str, flag: str, name: str) -> np.ndarray:
-    """Comma-separated keys: int64 or strings as --key-type says (auto: all digits is int64)."""
-    try:
-        if key_type == "auto":
-            return _key_values(text, flag)
-        dtype = DType.STRING if key_type == "string" else DType.INT64
-        return _typed_keys(text, JoinKey(name, dtype), flag)
-    except _InputError as exc:
-        raise SystemExit(f"featureserve predict: {exc}") from None
+    """Comma-separated keys: int64 or strings as --key-type says (auto: all integers is
+    int64)."""
+    if key_type == "auto":
+        return _key_values(text, flag)
+    dtype = DType.STRING if key_type == "string" else DType.INT64
+    return _typed_keys(text, JoinKey(name, dtype), flag)
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    """Print each entity's scores, status, oldest feature time and fills."""
+def _inputs(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The keys and request values of the command line, typed; _InputError for bad ones."""
     entities = _pairs(args.entity, "--entity")
     keys = {k: _keys(v, args.key_type, "--entity", k) for k, v in entities.items()}
     if args.keys is not None:
         if args.join_key in keys:
-            raise SystemExit(
-                f"featureserve predict: --keys and --entity {args.join_key}= both set "
-                f"{args.join_key!r}; give one"
+            raise _InputError(
+                f"--keys and --entity {args.join_key}= both set {args.join_key!r}; give one"
             )
         keys[args.join_key] = _keys(args.keys, args.key_type, "--keys", args.join_key)
-    values = _request_values(args.value)
-    with PredictionClient(client_config(args)) as client:
-        result = client.predict(args.model, keys, values, version=args.version)
+    return keys, _request_values(args.value)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Print each entity's scores, status, oldest feature time and fills; exit 2 for input
+    that cannot be sent (as get and ingest do), 1 if a row FAILED."""
+    try:
+        keys, values = _inputs(args)
+        with PredictionClient(client_config(args)) as client:
+            result = client.predict(args.model, keys, values, version=args.version)
+    except (_InputError, arrays.ArrayError) as exc:
+        # An ArrayError names the key or value the client could not send (text not UTF-8).
+        print(f"featureserve predict: {exc}", file=sys.stderr)
+        return 2
     lineage = result.lineage
     print(f"model {result.model} version {lineage.model_version}; views {lineage.feature_views}")
     errors = {e.row: e.reason for e in result.row_errors}
@@ -158,7 +166,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--key-type",
         choices=["auto", "int64", "string"],
         default="auto",
-        help="type of the key values (auto: all digits is int64; string keeps '007')",
+        help="type of the key values (auto: all integers is int64; string keeps '007')",
     )
     p.add_argument(
         "--entity",

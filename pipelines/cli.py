@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from clients.cli import add_connection_flags, client_config
+from clients.cli import add_connection_flags, client_config, connection_problem
 from pipelines.streaming import JobOptions
 
 _KINDS = {int: "an integer", float: "a number"}
@@ -119,14 +119,7 @@ def flag_problem(args: argparse.Namespace) -> str | None:
         host, _, port = args.jobmanager.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             return f"--jobmanager {args.jobmanager}: give HOST:PORT of its REST API, e.g. host:8081"
-    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
-        return f"--timeout {args.timeout}: give a positive number of seconds"
-    for flag, path in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
-        if path is not None and not path.is_file():
-            return f"{flag} {path}: no such file; give a PEM file"
-    if (args.cert is None) != (args.key is None):
-        return "--cert and --key go together (mTLS); give both or neither"
-    return None
+    return connection_problem(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -602,6 +602,9 @@ def test_get_rejects_keys_outside_int64_and_repeated_keys(served) -> None:
         (("--entity", "user_id=1", "--entity", "user_id=2"), "--entity user_id= is given twice"),
         (("--keys", "1", "--entity", "user_id=2"), "--keys and --entity user_id= both set"),
         (("--version", "4294967296"), "--version: '4294967296': give a view version"),
+        # ingest refuses these cells; Python's int() read them as 10 and 1
+        (("--keys", "1_0"), "--keys: '1_0': join key 'user_id' is int64; give comma-separated"),
+        (("--entity", "user_id=\u0661"), "--entity: '\u0661': join key 'user_id' is int64;"),
     ):
         result = cli.run("get", "--view", "get_range", *flags)
         assert result.returncode == 2, (flags, result.stdout)
@@ -731,6 +734,52 @@ HEADER = "user_id,event_timestamp,score,clicks,city,emb\n"
             "column 'event_timestamp' row 1: nan is not an integer of µs since the epoch",
         ),
         ("text.parquet", "not parquet", "not a Parquet file ("),
+        (
+            "secs.csv",
+            HEADER + "1,1704153600,0.5,1,a,\n2,1704153600,0.5,1,b,\n",
+            "column 'event_timestamp' row 0: 1704153600 is neither an ISO 8601 time nor µs since "
+            "the epoch (µs are numbers from 1000000000000000 (2001-09-09) on; a smaller number "
+            "looks like seconds or ms: give µs (seconds x 1000000) or ISO 8601 times); fix the "
+            "file",
+        ),
+        (
+            "millis.parquet",
+            pa.table({"user_id": [1, 2], "event_timestamp": [1714557600000000, 1714557600000]}),
+            "column 'event_timestamp' row 1: 1714557600000 is neither an ISO 8601 time nor µs",
+        ),
+        (
+            "secs_float.csv",
+            HEADER + "1,1704153600.5,0.5,1,a,\n2,1714557600000000,0.5,1,b,\n",
+            "column 'event_timestamp' row 0: 1704153600.5 is not an integer of µs since the epoch "
+            "in the int64 range (µs are numbers from 1000000000000000 (2001-09-09) on",
+        ),
+        (
+            "wrapped.parquet",
+            pa.table(
+                {
+                    "user_id": [1, 2],
+                    # 18448448227310 s in µs wraps past 2**64 to 2024-01-02 (year ~586,000)
+                    "event_timestamp": pa.array([1714557600, 18448448227310], pa.timestamp("s")),
+                }
+            ),
+            # Parquet keeps seconds as ms
+            "column 'event_timestamp' row 1: 18448448227310000 ms since the epoch is beyond the "
+            "event times int64 µs can hold (about 292,000 years either side of 1970); give a "
+            "time within them; fix the file",
+        ),
+        (
+            "dup.csv",
+            "user_id,event_timestamp,score,score,clicks,city,emb\n1,2024-05-01T10:00:00Z,1,2,1,a,\n",
+            "column 'score' appears 2 times in the header; give each column a name of its own",
+        ),
+        (
+            "dup.parquet",
+            pa.Table.from_arrays(
+                [pa.array([1, 2]), pa.array([1714557600000000] * 2), pa.array([0.5, 0.5])] * 2,
+                names=["user_id", "event_timestamp", "score"] * 2,
+            ),
+            "column 'user_id' appears 2 times in the schema; give each column a name of its own",
+        ),
     ],
 )
 def test_ingest_of_an_unusable_file_exits_2_naming_file_row_and_fix(
@@ -781,6 +830,72 @@ def test_ingest_reads_compact_dates_signed_numbers_and_refuses_text_beyond_float
     assert got.event_timestamps["text_edge"][0] == us("2024-01-02T00:00:00Z")
     assert got["text_edge:score"][0] == 3.0 and np.isinf(got["text_edge:score"][2])
     assert got.statuses["text_edge:score"][1] == FeatureStatus.NOT_FOUND
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_integer_event_times_follow_the_rule_of_text_ones(served, kind: str) -> None:
+    """In an integer time column (a CSV of whole numbers, a Parquet int64) a number below 10**15
+    is read as a time ("20240102" is a date) or refused naming the column, the row and the fix,
+    as in text: epoch seconds and ms were written as µs in 1970 (1704153600 as 00:28:24)."""
+    cli, client = served
+    view = f"int_times_{kind}"
+    register(served, view)
+    t0 = us("2024-05-01T10:00:00")
+    times = [1704153600, t0, 20240102, 1704153600000]
+    ids = [601, 602, 603, 604]
+    path = cli.base / f"{view}.{kind}"
+    if kind == "csv":
+        rows = "".join(f'{i},{t},0.5,1,a,"[0, 0, 0]"\n' for i, t in zip(ids, times, strict=True))
+        path.write_text(HEADER + rows, encoding="utf-8")
+    else:
+        features = {
+            "score": [0.5] * 4,
+            "clicks": [1] * 4,
+            "city": ["a"] * 4,
+            "emb": [[0, 0, 0]] * 4,
+        }
+        pq.write_table(pa.table({"user_id": ids, "event_timestamp": times, **features}), path)
+    rejected = cli.run("ingest", str(path), "--view", view)
+    assert rejected.returncode == 2, rejected.stdout
+    assert rejected.stderr.startswith(
+        f"featureserve: {path}: column 'event_timestamp' row 0: 1704153600 is neither an ISO "
+        "8601 time nor µs since the epoch (µs are numbers from 1000000000000000 (2001-09-09) on; "
+        "a smaller number looks like seconds or ms: give µs (seconds x 1000000) or ISO 8601 "
+        "times); fix the file, or pass --policy skip_bad_rows"
+    ), rejected.stderr
+    skipped = cli.run("ingest", str(path), "--view", view, "--policy", "skip_bad_rows")
+    assert skipped.returncode == 1, skipped.stderr
+    lines = skipped.stdout.splitlines()
+    assert lines[0] == "written=2 stale=0 rejected=2", skipped.stdout
+    assert lines[1].startswith("  row 0 event_timestamp: 1704153600 is neither"), skipped.stdout
+    assert lines[2].startswith("  row 3 event_timestamp: 1704153600000 is neither"), lines
+    got = read_back(client, view, ids)
+    assert got.event_timestamps[view][1:3].tolist() == [t0, us("2024-01-02T00:00:00")]
+    statuses = got.statuses[f"{view}:score"].tolist()
+    assert statuses[0] == statuses[3] == FeatureStatus.NOT_FOUND
+
+
+def test_a_csv_row_longer_than_pyarrows_block_is_read(served) -> None:
+    """A row of several MB (a vector of 700,000 floats as text; up to 1,048,576 are allowed) is
+    read and written (pyarrow's 1 MB blocks refused it as a straddling object)."""
+    cli, client = served
+    length = 700_000
+    toml = view_toml("long_rows", "user", "user_id:int64", {"emb": "float32_vector"})
+    toml += f"vector_length = {length}\n"
+    entities, views = load_definitions(cli.file("long_rows.toml", toml))
+    client.apply(entities, views)
+    vector = np.arange(length, dtype=np.float32) % 7 / 4
+    cell = " ".join(f"{x:g}" for x in vector)
+    path = cli.file(
+        "long_rows.csv", f"user_id,event_timestamp,emb\n1,2024-05-01T10:00:00Z,{cell}\n"
+    )
+    assert path.stat().st_size > 2 * 2**20
+    result = cli.run("ingest", str(path), "--view", "long_rows")
+    assert (result.returncode, result.stdout.strip()) == (0, "written=1 stale=0 rejected=0"), (
+        result.stderr
+    )
+    got = client.get_online_features(["long_rows:emb"], {"user_id": np.array([1])})
+    np.testing.assert_array_equal(got["long_rows:emb"][0], vector)
 
 
 def flags_toml(view: str) -> str:
@@ -862,23 +977,22 @@ def test_a_quoted_empty_csv_cell_is_an_empty_string_and_an_unquoted_one_null(ser
 
 def test_a_quoted_empty_event_time_leaves_the_others_whole_numbers(served) -> None:
     """A quoted "" among µs event times is an empty event time at its row; the other times stay
-    numbers (reading quoted "" as text made the column text, where a number below 10**15 is
-    refused as ambiguous, so every row was rejected)."""
+    numbers (reading quoted "" as text made the column text, so every row was read as text)."""
     cli, client = served
     register(served, "quoted_time")
-    y2k = 946_684_800_000_000  # 2000-01-01 in µs, below 10**15
+    t0 = 1_714_557_600_000_000
     path = cli.file(
         "quoted_time.csv",
         "user_id,event_timestamp,score,clicks,city,emb\n"
-        f'811,{y2k},0.5,1,a,"[0, 0, 0]"\n'
+        f'811,{t0},0.5,1,a,"[0, 0, 0]"\n'
         '812,"",0.5,1,b,"[0, 0, 0]"\n'
-        f'813,{y2k + 1},0.5,1,c,"[0, 0, 0]"\n',
+        f'813,{t0 + 1},0.5,1,c,"[0, 0, 0]"\n',
     )
     result = cli.run("ingest", str(path), "--view", "quoted_time", "--policy", "skip_bad_rows")
     assert result.stdout.splitlines()[0] == "written=2 stale=0 rejected=1", result.stderr
     assert "row 1 event_timestamp: the event time is empty" in result.stdout
     got = read_back(client, "quoted_time", [811, 813])
-    assert got.event_timestamps["quoted_time"].tolist() == [y2k, y2k + 1]
+    assert got.event_timestamps["quoted_time"].tolist() == [t0, t0 + 1]
 
 
 def test_a_server_row_error_in_the_event_times_names_the_files_time_column(served) -> None:

@@ -93,6 +93,9 @@ def run_cli(tmp_path: Path, *flags: str, definitions: str | None = EXAMPLE_PIPEL
         (("--parallelism", "0"), EXAMPLE_PIPELINE, "argument --parallelism: '0': give the number"),
         (("--retry-bound", "nan"), EXAMPLE_PIPELINE, "argument --retry-bound: 'nan': give"),
         (("--message-rows", "0"), EXAMPLE_PIPELINE, "argument --message-rows: '0': give rows"),
+        (("--cert", "c.pem"), EXAMPLE_PIPELINE, "--cert is given without --key: mTLS needs"),
+        (("--ca", "nope.pem"), EXAMPLE_PIPELINE, "--ca 'nope.pem': cannot read the file"),
+        (("--timeout", "inf"), EXAMPLE_PIPELINE, "argument --timeout: 'inf': give the deadline"),
     ],
     ids=[
         "missing file",
@@ -101,6 +104,9 @@ def run_cli(tmp_path: Path, *flags: str, definitions: str | None = EXAMPLE_PIPEL
         "parallelism 0",
         "nan bound",
         "message rows 0",
+        "half an mTLS pair",
+        "unreadable CA",
+        "infinite timeout",
     ],
 )
 def test_cli_refuses_before_any_job_in_one_line(tmp_path, capsys, flags, definitions, expected):

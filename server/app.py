@@ -204,7 +204,8 @@ class FeatureServer:
         self.models: ModelRepository | None = None
 
     async def start(self) -> int:
-        """Open the stores, bind the port and start serving; returns the bound port."""
+        """Open the stores and bind the port (ServerLive answers from then on), warm the store and
+        load the models, then report serving (ServerReady, health); returns the bound port."""
         ensure_writable_dir(self.config.data_dir, "data dir")
         model_repo = ensure_writable_dir(self.config.model_repo, "model repository")
         if worker_index() is None:
@@ -220,16 +221,23 @@ class FeatureServer:
             control=worker_index() is None,
         )
         try:
+            await self._listen()
             if self.config.warm_store_seconds > 0:
                 await asyncio.to_thread(self._warm_store)
             await self.models.start()
-            return await self._listen()
         except BaseException:
+            server, self._server = self._server, None
+            if server is not None:
+                await server.stop(0)
             await self._release()
             raise
+        await self.health.set_all(True)
+        log.info("serving", extra=self._where())
+        return self.port
 
-    async def _listen(self) -> int:
-        """Build the gRPC server with its interceptors and services, bind and start it."""
+    async def _listen(self) -> None:
+        """Build the gRPC server with its interceptors and services, bind and start it, not yet
+        ready: ServerLive answers while models load, ServerReady and health say not serving."""
         interceptors = [self.metrics_interceptor]
         if self.config.max_concurrent_rpcs > 0:
             interceptors.append(OverloadInterceptor(self.config.max_concurrent_rpcs))
@@ -252,22 +260,22 @@ class FeatureServer:
             self.port = 0
         if self.port == 0:
             raise StartupError(f"cannot listen on {self.config.address}: address in use or invalid")
+        await self.health.set_all(False)
         await server.start()
         self._server = server
-        await self.health.set_all(True)
-        log.info(
-            "serving",
-            extra={
-                "address": host_port(self.config.host, self.port),
-                "pid": os.getpid(),
-                "worker": worker_index(),
-                "tls": self.tls is not None,
-                "event_loop": running_loop_name(),
-                "auth": self.authorizer.enabled,
-                "metrics_port": self.metrics.port,
-            },
-        )
-        return self.port
+        log.info("listening; loading the models and warming the store", extra=self._where())
+
+    def _where(self) -> dict:
+        """Where and how this process serves, for its log lines."""
+        return {
+            "address": host_port(self.config.host, self.port),
+            "pid": os.getpid(),
+            "worker": worker_index(),
+            "tls": self.tls is not None,
+            "event_loop": running_loop_name(),
+            "auth": self.authorizer.enabled,
+            "metrics_port": self.metrics.port,
+        }
 
     def _warm_store(self) -> None:
         """Read the store's file into the page cache before serving, for at most

@@ -355,6 +355,11 @@ class ModelRepository:
             what = f"model '{name}'" + (f" version {version}" if version else "")
             reasons = "; ".join(f"{s.state} {s.reason}".strip() for s in failed)
             raise ModelUnavailableError(f"{what} is not ready: {reasons}")
+        if not self.ready:
+            raise ModelUnavailableError(
+                f"model '{name}': the server is still loading its model repository "
+                "(ServerReady is false); retry once it is ready"
+            )
         if versions or entries:
             raise ModelNotFoundError(
                 f"model '{name}' has no version '{version}'; served: "

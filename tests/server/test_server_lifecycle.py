@@ -6,24 +6,32 @@ import asyncio
 import gc
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import grpc
+import onnx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from onnx import TensorProto, helper
 
+from benchmarks.model_zoo import write_model
 from clients.channel import ClientConfig
 from clients.health import check_health
+from protos.inference import grpc_service_pb2 as ks
+from protos.inference import grpc_service_pb2_grpc
 from server.config import ServerConfig
 from server.runner import GC_THRESHOLDS, serve
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.page_residency import evict, resident_fraction
 
 SERVICES = {"featureserve.v1.FeatureStore", "featureserve.v1.Prediction",
@@ -434,3 +442,94 @@ def test_lmdb_max_dbs_bounds_the_view_versions_apply_creates(server_factory, tmp
     with FeatureStoreClient(ClientConfig(target=restarted.target, timeout_s=20)) as client:
         got = client.get_online_features(["v5:x"], {"user_id": np.array([1])})
         assert got["v5:x"].tolist() == [1]
+
+
+def slow_loading_model(iterations: int) -> onnx.ModelProto:
+    """y = x + iterations, one Add per Loop iteration: cheap to build, slow to run, so the
+    repository's load (which times a dozen runs) takes seconds."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]),
+         helper.make_node("Add", ["acc", "one"], ["acc_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None)],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body)],
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor("trips", TensorProto.INT64, [], [iterations]),
+         helper.make_tensor("go", TensorProto.BOOL, [], [True])],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _log_records(proc: subprocess.Popen) -> queue.Queue:
+    """The server's log records, read from its stderr by a thread (None once it closes)."""
+    records: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stderr:
+            records.put(json.loads(line))
+        records.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return records
+
+
+def _wait_for_log(records: queue.Queue, msg: str, timeout: float = 60.0) -> dict:
+    """The next log record whose message is `msg`."""
+    deadline = time.monotonic() + timeout
+    while (record := records.get(timeout=max(deadline - time.monotonic(), 0.01))) is not None:
+        if record["msg"] == msg:
+            return record
+    raise AssertionError(f"the server exited before logging {msg!r}")
+
+
+def test_liveness_answers_while_models_load_and_readiness_waits(tmp_path: Path) -> None:
+    """The port opens before the models load, as Triton's does: ServerLive true, ServerReady
+    false, health NOT_SERVING and ModelInfer UNAVAILABLE (for a model being loaded and for one
+    not reached yet, which used to be NOT_FOUND) until the repository has loaded."""
+    repo = tmp_path / "models"
+    write_model(repo, "slow", slow_loading_model(100_000), config_toml="max_batch_size = 8\n")
+    write_model(repo, "zz", slow_loading_model(1))  # loaded after "slow": not yet known
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+         "--data-dir", str(tmp_path / "data"), "--model-repo", str(repo)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    infer = ks.ModelInferRequest(model_name="slow", raw_input_contents=[bytes(4)])
+    infer.inputs.add(name="x", datatype="FP32", shape=[1, 1])
+    records = _log_records(proc)
+    try:
+        _wait_for_log(records, "listening; loading the models and warming the store")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            assert kserve.ServerLive(ks.ServerLiveRequest(), timeout=5).live
+            assert not kserve.ServerReady(ks.ServerReadyRequest(), timeout=5).ready
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                kserve.ModelInfer(infer, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "loading" in info.value.details().lower()
+            infer.model_name = "zz"
+            with pytest.raises(grpc.RpcError) as info:
+                kserve.ModelInfer(infer, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "still loading its model repository" in info.value.details()
+            _wait_for_log(records, "serving")
+            assert kserve.ServerReady(ks.ServerReadyRequest(), timeout=5).ready
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            assert kserve.ModelReady(ks.ModelReadyRequest(name="slow"), timeout=5).ready
+    finally:
+        proc.terminate()
+    assert proc.wait(30) == 0

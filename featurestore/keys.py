@@ -78,6 +78,16 @@ def keys_per_entity(
     columns. `reads` pairs each view read (named as errors name it) with its entity; every
     entity row carries the join keys of all of them, so every column has one value per row."""
     entities = {entity.name: entity for _, entity in reads}
+    declared: dict[str, tuple[Entity, DType]] = {}
+    for entity in entities.values():
+        for key in entity.join_keys:
+            other, dtype = declared.setdefault(key.name, (entity, key.dtype))
+            if dtype != key.dtype:
+                raise InvalidArgumentError(
+                    f"key column {key.name!r} is a join key of entity {other.name!r} as "
+                    f"{dtype.name} and of entity {entity.name!r} as {key.dtype.name}: one column "
+                    "cannot hold both; read the views of these entities in separate lookups"
+                )
     expected = list(dict.fromkeys(k.name for e in entities.values() for k in e.join_keys))
     for name in keys:
         if name not in expected:

@@ -255,8 +255,9 @@ def check_repeats(
     view_field: str = "views",
 ) -> None:
     """InvalidArgumentError naming both positions of an entity name, or of a view name and
-    version, declared twice in one apply: applied in turn, the second would merge silently
-    into the first. The fields name the two lists as the caller wrote them."""
+    version, declared twice in one apply (a view with no version, the latest, clashes with any
+    other declaration of it): applied in turn, the second would merge silently into the first.
+    The fields name the two lists as the caller wrote them."""
     first_entity: dict[str, int] = {}
     for i, entity in enumerate(entities):
         first = first_entity.setdefault(entity.name, i)
@@ -265,15 +266,30 @@ def check_repeats(
                 f"{entity_field}[{i}]: entity {quoted(entity.name)} is declared again (first at "
                 f"{entity_field}[{first}]); declare each entity once"
             )
-    first_view: dict[tuple[str, int], int] = {}
+    by_name: dict[str, list[tuple[int, int]]] = {}
     for i, view in enumerate(views):
-        first = first_view.setdefault((view.name, view.version), i)
-        if first != i:
-            raise InvalidArgumentError(
-                f"{view_field}[{i}]: feature view {quoted(view.name)} version {view.version} is "
-                f"declared again (first at {view_field}[{first}]); declare it once with all its "
-                "features, or give one declaration another version"
-            )
+        declared = by_name.setdefault(view.name, [])
+        for first, version in declared:
+            # version 0 means "the latest", which may be any version declared beside it
+            if version == view.version:
+                what = f"version {view.version}" if view.version else "with no version"
+                raise InvalidArgumentError(
+                    f"{view_field}[{i}]: feature view {quoted(view.name)} {what} is declared "
+                    f"again (first at {view_field}[{first}]); declare it once with all its "
+                    "features, or give each declaration its own explicit version"
+                )
+            if 0 in (version, view.version):
+                raise InvalidArgumentError(
+                    f"{view_field}[{i}]: feature view {quoted(view.name)} is declared "
+                    f"{_as_version(view.version)} here and {_as_version(version)} at "
+                    f"{view_field}[{first}]; with no version a declaration means the latest, "
+                    "which the other one may be: give each declaration its own explicit version"
+                )
+        declared.append((i, view.version))
+
+
+def _as_version(version: int) -> str:
+    return f"as version {version}" if version else "with no version"
 
 
 def validate_view(view: FeatureView, entity: Entity | None) -> None:

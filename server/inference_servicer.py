@@ -21,7 +21,7 @@ from server.audit import AuditLog
 from server.auth import AuthConfig, Authorizer
 from server.batcher import BatcherStats, Duration, oversized_request
 from server.config import ServerConfig
-from server.errors import InvalidRequestError, is_domain_error, maps_errors
+from server.errors import InvalidRequestError, is_domain_error, maps_errors, status_message
 from server.message_size import MessageLimit, Unusable, usable
 from server.model_config import CONFIG_FILENAME, MODEL_FILENAME, ModelConfig, QueuePolicy
 from server.model_repository import LoadedModel, ModelRepository
@@ -437,7 +437,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             if not is_domain_error(exc):
                 log.exception("ModelStreamInfer request %r failed", getattr(request, "id", ""))
-            message = f"{type(exc).__name__}: {exc}"
+            message = f"{type(exc).__name__}: {status_message(exc)}"
             if isinstance(request, pb.ModelInferRequest):
                 known = request
             else:

@@ -28,7 +28,13 @@ from protos.featureserve.v1 import prediction_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import types_pb2
 from server.auth import AuthConfig, Authorizer
 from server.config import ServerConfig
-from server.errors import InvalidRequestError, is_domain_error, maps_errors, status_for
+from server.errors import (
+    InvalidRequestError,
+    is_domain_error,
+    maps_errors,
+    status_for,
+    status_message,
+)
 from server.feature_servicer import decode_keys
 from server.message_size import MessageLimit, Unusable, usable
 from server.model_repository import LoadedModel, ModelRepository
@@ -224,7 +230,7 @@ class PredictionServicer(pb_grpc.PredictionServicer):
             request = usable(request)
             return self.limit.response(STREAM_METHOD, await self.predict(request, context))
         except Exception as exc:
-            message = str(exc)
+            message = status_message(exc)
             if isinstance(request, pb.PredictRequest):
                 known = request
             else:

@@ -179,13 +179,17 @@ def test_a_view_or_entity_declared_twice_names_both_positions(tmp_path: Path):
     with pytest.raises(InvalidArgumentError) as info:
         load_definitions(path)
     assert str(info.value) == (
-        f"{path}: feature_view[1]: feature view 'dupv' version 0 is declared again (first at "
-        "feature_view[0]); declare it once with all its features, or give one declaration "
-        "another version"
+        f"{path}: feature_view[1]: feature view 'dupv' with no version is declared again (first "
+        "at feature_view[0]); declare it once with all its features, or give each declaration "
+        "its own explicit version"
     )
     head, tail = DUPLICATE_VIEW.rsplit('entity = "user"\n', 1)
-    second_version = f'{head}entity = "user"\nversion = 2\n{tail}'
-    assert [v.version for v in load_definitions(write(tmp_path, second_version))[1]] == [0, 2]
+    beside_latest = f'{head}entity = "user"\nversion = 2\n{tail}'
+    with pytest.raises(InvalidArgumentError, match="as version 2 here and with no version at"):
+        load_definitions(write(tmp_path, beside_latest))  # no version: the latest, maybe 2
+    entity = 'entity = "user"\n'
+    two_versions = beside_latest.replace(f"{entity}[[", f"{entity}version = 1\n[[", 1)
+    assert [v.version for v in load_definitions(write(tmp_path, two_versions))[1]] == [1, 2]
     twice = GOOD.split("[[feature_view]]")[0] + GOOD
     with pytest.raises(InvalidArgumentError) as info:
         load_definitions(write(tmp_path, twice))

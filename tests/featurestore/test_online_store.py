@@ -557,6 +557,22 @@ def test_read_many_of_two_entities_needs_one_value_per_row_in_every_key_column(s
     assert len(score.row_status) == len(trips.row_status) == 0
 
 
+def test_read_many_of_entities_typing_one_join_key_two_ways_is_refused(store):
+    """user_id INT64 in one entity and STRING in another: each dtype sent was refused as the
+    other's, so the message told the caller to send the dtype that failed next."""
+    suser = Entity("suser", (JoinKey("user_id", DType.STRING),))
+    store.registry.apply([suser], [FeatureView("s_score", "suser", (Feature("n", DType.INT64),))])
+    reads = [ViewRead("score"), ViewRead("s_score")]
+    for ids in (np.int64([1]), np.array(["1"], object)):
+        with pytest.raises(InvalidArgumentError) as info:
+            store.read_many(reads, {"user_id": ids})
+        assert str(info.value) == (
+            "key column 'user_id' is a join key of entity 'user' as INT64 and of entity 'suser' "
+            "as STRING: one column cannot hold both; read the views of these entities in "
+            "separate lookups"
+        )
+
+
 def test_read_many_reads_every_view_from_one_snapshot(tmp_path: Path):
     views = [FeatureView(name, "user", (Feature("n", DType.INT64),)) for name in ("a", "b")]
     with OnlineStore(StoreConfig(tmp_path / "db", sync=False)) as store:

@@ -322,11 +322,24 @@ def test_one_apply_refuses_a_view_version_twice_but_takes_two_versions(store):
     with pytest.raises(InvalidArgumentError) as info:
         store.registry.apply([USER], twice)
     assert str(info.value) == (
-        "views[2]: feature view 'user_stats' version 0 is declared again (first at views[0]); "
-        "declare it once with all its features, or give one declaration another version"
+        "views[2]: feature view 'user_stats' with no version is declared again (first at "
+        "views[0]); declare it once with all its features, or give each declaration its own "
+        "explicit version"
     )
+    # no version means the latest, which the other declaration may be: v0 beside v2 became v1
+    # and v2, and re-applying them then failed as v0 now meant v2
+    for versions, said in (((0, 2), "as version 2 here and with no version"),
+                           ((1, 0), "with no version here and as version 1")):  # fmt: skip
+        pair = [view(CLICKS, version=versions[0]), view(COUNTRY, version=versions[1])]
+        with pytest.raises(InvalidArgumentError) as info:
+            store.registry.apply([USER], pair)
+        assert str(info.value) == (
+            f"views[1]: feature view 'user_stats' is declared {said} at views[0]; with no "
+            "version a declaration means the latest, which the other one may be: give each "
+            "declaration its own explicit version"
+        )
     assert store.registry.list_views() == []
-    res = store.registry.apply([USER], [view(CLICKS), view(COUNTRY, version=2)])
+    res = store.registry.apply([USER], [view(CLICKS, version=1), view(COUNTRY, version=2)])
     assert [(r.version, r.action) for r in res] == [(1, "created"), (2, "created")]
 
 

@@ -12,8 +12,10 @@ import grpc
 import numpy as np
 import pytest
 
+from benchmarks.model_zoo import identity_model, write_model
 from clients.channel import ClientConfig, ClientError
 from clients.feature_client import FeatureStoreClient
+from clients.prediction_client import PredictionClient
 from featurestore.dtypes import DType
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from protos.featureserve.v1 import feature_store_pb2 as pb
@@ -26,7 +28,12 @@ CLICKS = Feature("clicks", DType.FLOAT32)
 TOKENS = {
     "admin": ("admin-secret", ["admin"]),
     "growth": ("growth-secret", ["read:user_*", "write:user_*"]),
+    "scorer": ("scorer-secret", ["infer:rater", "read:user_*"]),
 }
+RATER = (  # bound to a misspelt view: each Predict fails NOT_FOUND, suggesting views
+    '[features]\nentity = "user"\ninput = "INPUT_FP32"\n'
+    '[[features.columns]]\nfeature = "user_stat:clicks"\ndefault = -1.0\n'
+)
 
 
 def failure(call) -> ClientError:
@@ -74,10 +81,12 @@ def test_a_typo_on_a_large_registry_gets_a_short_not_found(server) -> None:
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
-    """A server with auth on: `admin` holds admin, `growth` only read:user_* and write:user_*."""
+    """A server with auth on: `admin` holds admin, `growth` only read:user_* and write:user_*,
+    `scorer` infer:rater and read:user_*; model `rater` reads the unknown view user_stat."""
     from tests.conftest import ServerProcess
 
     base = tmp_path_factory.mktemp("registry_errors")
+    write_model(base / "models", "rater", identity_model(["FP32"], 1), config_toml=RATER)
     config = base / "featureserve.toml"
     config.write_text(
         "[auth]\nenabled = true\n"
@@ -125,6 +134,23 @@ def test_suggestions_name_only_views_the_token_may_see(secured) -> None:
         assert "'fraud_user_stats'" not in error.message
 
 
+def test_predict_errors_suggest_only_views_the_token_may_see(secured) -> None:
+    """StreamPredict (and ModelStreamInfer) put the error in the answer, where it quoted every
+    close view; unary Predict's status already kept to the token's views."""
+    views = [FeatureView(n, "user", (CLICKS,)) for n in ("user_stats", "fraud_user_stats")]
+    with client_as(secured, "admin") as admin:
+        admin.apply([USER], views)
+    config = ClientConfig(target=secured.target, timeout_s=20, token=TOKENS["scorer"][0])
+    keys = {"user_id": np.array([1])}
+    with PredictionClient(config) as client:
+        unary = failure(lambda: client.predict("rater", keys))
+        (streamed,) = list(client.stream([{"model": "rater", "keys": keys}]))
+    assert unary.code == streamed.error.code == grpc.StatusCode.NOT_FOUND
+    for message in (unary.message, streamed.error.message):
+        assert "did you mean 'user_stats'?" in message
+        assert "fraud_user_stats" not in message
+
+
 def test_apply_refuses_an_entity_or_view_given_twice(secured) -> None:
     """ApplyFeatureViews merged a view declared twice (created, then updated) and kept the
     last of two entities of one name; now it is INVALID_ARGUMENT naming both positions."""
@@ -144,7 +170,7 @@ def test_apply_refuses_an_entity_or_view_given_twice(secured) -> None:
     views = apply(pb.ApplyFeatureViewsRequest(entities=[entity], views=[first, second]))
     assert views.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert views.details().startswith(
-        "views[1]: feature view 'dupv' version 0 is declared again (first at views[0])"
+        "views[1]: feature view 'dupv' with no version is declared again (first at views[0])"
     )
     entities = apply(pb.ApplyFeatureViewsRequest(entities=[entity, entity], dry_run=True))
     assert entities.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -173,9 +199,9 @@ def test_apply_command_refuses_a_file_declaring_a_view_twice(secured, tmp_path: 
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == (
-        f"featureserve: {path}: feature_view[1]: feature view 'dupf' version 0 is declared again "
-        "(first at feature_view[0]); declare it once with all its features, or give one "
-        "declaration another version"
+        f"featureserve: {path}: feature_view[1]: feature view 'dupf' with no version is declared "
+        "again (first at feature_view[0]); declare it once with all its features, or give each "
+        "declaration its own explicit version"
     )
     with client_as(secured, "admin") as admin:
         assert admin.list_feature_views("dupf")[1] == []

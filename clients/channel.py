@@ -99,25 +99,40 @@ def channel_options(config: ClientConfig) -> list[tuple[str, object]]:
     return options
 
 
-def _read(path: Path | None, option: str, flag: str) -> bytes | None:
-    """The PEM file of ClientConfig.`option` (CLI `flag`); ConfigError naming both if unreadable."""
+PEM_FILES = {  # ClientConfig option: (CLI flag, what its file holds, the PEM block it needs)
+    "root_certificates": ("--ca", "a CA certificate", "CERTIFICATE"),
+    "client_certificate": ("--cert", "a client certificate", "CERTIFICATE"),
+    "client_key": ("--key", "a private key", "PRIVATE KEY"),
+}
+
+
+def read_pem(path: Path | None, option: str) -> bytes | None:
+    """The PEM file of ClientConfig.`option`; ConfigError naming the option, its CLI flag and the
+    path when it cannot be read or holds no PEM block of its kind (gRPC then failed every call
+    with "empty address list" after pages of C-core log)."""
     if path is None:
         return None
+    flag, holds, block = PEM_FILES[option]
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(
             f"{option} ({flag}): cannot read {str(path)!r}: {exc.strerror or exc}; give the path "
             "of a readable PEM file"
         ) from None
+    if f"{block}-----".encode() not in data:  # "-----BEGIN [EC ]PRIVATE KEY-----" too
+        raise ConfigError(
+            f"{option} ({flag}): {str(path)!r} holds no PEM {block}; give the PEM file of {holds}"
+        )
+    return data
 
 
 def channel_credentials(config: ClientConfig) -> grpc.ChannelCredentials:
     """TLS (or mTLS when a client certificate is set) credentials."""
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(config.root_certificates, "root_certificates", "--ca"),
-        private_key=_read(config.client_key, "client_key", "--key"),
-        certificate_chain=_read(config.client_certificate, "client_certificate", "--cert"),
+        root_certificates=read_pem(config.root_certificates, "root_certificates"),
+        private_key=read_pem(config.client_key, "client_key"),
+        certificate_chain=read_pem(config.client_certificate, "client_certificate"),
     )
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from clients.channel import MAX_TIMEOUT_S, ClientConfig
+from clients.channel import MAX_TIMEOUT_S, ClientConfig, ConfigError, read_pem
 
 
 def _timeout(text: str) -> float:
@@ -61,16 +61,12 @@ def connection_problem(args: argparse.Namespace) -> str | None:
             f"{given} is given without {missing}: mTLS needs both the client certificate "
             "(--cert) and its private key (--key); give both, or neither"
         )
-    for flag, path in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
-        if path is None:
-            continue
+    for option, path in (("root_certificates", args.ca), ("client_certificate", args.cert),
+                         ("client_key", args.key)):  # fmt: skip
         try:
-            path.read_bytes()
-        except OSError as exc:
-            return (
-                f"{flag} {str(path)!r}: cannot read the file ({exc.strerror or exc}); give "
-                "the path of a readable PEM file"
-            )
+            read_pem(path, option)
+        except ConfigError as exc:
+            return exc.message
     return None
 
 

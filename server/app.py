@@ -205,7 +205,8 @@ class FeatureServer:
 
     async def start(self) -> int:
         """Open the stores and bind the port (ServerLive answers from then on), warm the store and
-        load the models, then report serving (ServerReady, health); returns the bound port."""
+        load the models, then report serving (ServerReady, health); returns the bound port. A
+        --workers worker binds only once loaded (it shares the port with serving workers)."""
         ensure_writable_dir(self.config.data_dir, "data dir")
         model_repo = ensure_writable_dir(self.config.model_repo, "model repository")
         if worker_index() is None:
@@ -220,11 +221,14 @@ class FeatureServer:
             poll_interval_s=self.config.model_poll_interval_s,
             control=worker_index() is None,
         )
+        # A --workers worker joins the shared port only once loaded: SO_REUSEPORT would hand a
+        # loading worker new connections that the serving ones could answer.
+        steps = (
+            [self._load, self._listen] if worker_index() is not None else [self._listen, self._load]
+        )
         try:
-            await self._listen()
-            if self.config.warm_store_seconds > 0:
-                await asyncio.to_thread(self._warm_store)
-            await self.models.start()
+            for step in steps:
+                await step()
         except BaseException:
             server, self._server = self._server, None
             if server is not None:
@@ -234,6 +238,12 @@ class FeatureServer:
         await self.health.set_all(True)
         log.info("serving", extra=self._where())
         return self.port
+
+    async def _load(self) -> None:
+        """Warm the store (when configured) and load every model in the repository."""
+        if self.config.warm_store_seconds > 0:
+            await asyncio.to_thread(self._warm_store)
+        await self.models.start()
 
     async def _listen(self) -> None:
         """Build the gRPC server with its interceptors and services, bind and start it, not yet
@@ -263,7 +273,7 @@ class FeatureServer:
         await self.health.set_all(False)
         await server.start()
         self._server = server
-        log.info("listening; loading the models and warming the store", extra=self._where())
+        log.info("listening", extra=self._where())
 
     def _where(self) -> dict:
         """Where and how this process serves, for its log lines."""

@@ -210,10 +210,12 @@ class ModelRepository:
         self.ready = False
 
     async def start(self) -> None:
-        """Load every model in the folder, then start the watcher (when watch is on)."""
+        """Load every model in the folder, then start the watcher (when watch is on). Unlike a
+        watcher pass, this load is not shielded: a stop during start-up cancels it (at the end
+        of the version loading then), rather than waiting for every model."""
         if not self.path.is_dir():
             raise ModelNotFoundError(f"model repository {self.path} is not a folder")
-        await self.poll()
+        await self._poll()
         self.ready = True
         if self.watch:
             self._watcher = asyncio.create_task(self._watch(), name="model-repository-watcher")
@@ -331,6 +333,13 @@ class ModelRepository:
                 f"change one of them; change the files in {self.path / name} instead (every "
                 "worker's watcher applies them), or run a single process to load and unload by RPC"
             )
+        if not self.ready:
+            # The start-up load holds the lock: the change would wait past the caller's
+            # deadline, then apply all the same.
+            raise ModelUnavailableError(
+                f"{rpc} of '{name}': the server is still loading its model repository "
+                "(ServerReady is false); retry once it is ready"
+            )
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         """The served version (highest when version is ""); NOT_FOUND or UNAVAILABLE otherwise."""
@@ -338,6 +347,14 @@ class ModelRepository:
         number = _version_number(version) if version else None
         if versions:
             if not version:
+                if not self.ready and any(s.state == LOADING for s in self._entries(name)):
+                    # The highest version may be the one still loading: do not answer with
+                    # an older one.
+                    raise ModelUnavailableError(
+                        f"model '{name}': the server is still loading its model repository, "
+                        "this model's versions included (ServerReady is false); retry once it "
+                        "is ready"
+                    )
                 return versions[max(versions)]
             if number in versions:
                 return versions[number]

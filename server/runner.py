@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -37,7 +38,19 @@ async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        port = await server.start()
+        starting = asyncio.ensure_future(server.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            # A stop while the store warms or models load ends the load at the next await,
+            # rather than after it (a long load outlasted the grace before SIGKILL).
+            log.info("stop requested while starting; abandoning start-up")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        stopping.cancel()
+        port = starting.result()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         if on_ready is not None:

@@ -80,6 +80,15 @@ def test_an_unreadable_pem_file_is_an_error_naming_the_option_and_path(tmp_path:
             {"client_certificate": tmp_path / "client.crt", "client_key": tmp_path},
             f"client_key (--key): cannot read '{tmp_path}': Is a directory",
         ),
+        (
+            {"root_certificates": tmp_path / "client.key"},
+            f"root_certificates (--ca): '{tmp_path / 'client.key'}' holds no PEM CERTIFICATE; "
+            "give the PEM file of a CA certificate",
+        ),
+        (
+            {"client_certificate": tmp_path / "client.crt", "client_key": tmp_path / "client.crt"},
+            f"client_key (--key): '{tmp_path / 'client.crt'}' holds no PEM PRIVATE KEY",
+        ),
     ]
     for options, message in cases:
         config = ClientConfig(target="127.0.0.1:1", tls=True, **options)

@@ -57,18 +57,25 @@ def test_half_an_mtls_pair_exits_2_naming_both_flags(pki: Path, given: str, miss
     ]
 
 
-@pytest.mark.parametrize("flag", ["--ca", "--cert", "--key"])
-def test_an_unreadable_pem_file_exits_2_naming_flag_and_path(pki: Path, flag: str) -> None:
-    """A PEM file that cannot be read was a FileNotFoundError traceback."""
+@pytest.mark.parametrize(
+    ("flag", "option"),
+    [("--ca", "root_certificates"), ("--cert", "client_certificate"), ("--key", "client_key")],
+)
+def test_an_unusable_pem_file_exits_2_naming_flag_and_path(pki: Path, flag, option) -> None:
+    """A PEM file that cannot be read was a FileNotFoundError traceback; one that holds no PEM
+    block of its kind failed every call with "empty address list" after pages of C-core log."""
     files = {"--ca": pki / "ca.crt", "--cert": pki / "client.crt", "--key": pki / "client.key"}
-    files[flag] = missing = pki / "nope.pem"
-    flags = [str(part) for item in files.items() for part in item]
-    result = featureserve("get", "--view", "v", "--keys", "1", "--target", NOBODY, *flags)
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert result.stderr.splitlines() == [
-        f"featureserve: {flag} '{missing}': cannot read the file (No such file or directory); "
-        "give the path of a readable PEM file"
-    ]
+    missing = pki / "nope.pem"
+    for unusable, why in (
+        (missing, "cannot read '{}': No such file or directory; give the path of a readable"),
+        (pki / "client.key" if flag != "--key" else pki / "client.crt", "'{}' holds no PEM"),
+    ):
+        files[flag] = unusable
+        flags = [str(part) for item in files.items() for part in item]
+        result = featureserve("get", "--view", "v", "--keys", "1", "--target", NOBODY, *flags)
+        assert result.returncode == 2, (result.returncode, result.stderr)
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"featureserve: {option} ({flag}): {why.format(unusable)}"), line
 
 
 def test_a_client_certificate_turns_tls_on(pki: Path, server) -> None:

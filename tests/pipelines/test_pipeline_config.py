@@ -94,7 +94,7 @@ def run_cli(tmp_path: Path, *flags: str, definitions: str | None = EXAMPLE_PIPEL
         (("--retry-bound", "nan"), EXAMPLE_PIPELINE, "argument --retry-bound: 'nan': give"),
         (("--message-rows", "0"), EXAMPLE_PIPELINE, "argument --message-rows: '0': give rows"),
         (("--cert", "c.pem"), EXAMPLE_PIPELINE, "--cert is given without --key: mTLS needs"),
-        (("--ca", "nope.pem"), EXAMPLE_PIPELINE, "--ca 'nope.pem': cannot read the file"),
+        (("--ca", "nope.pem"), EXAMPLE_PIPELINE, "root_certificates (--ca): cannot read 'nope"),
         (("--timeout", "inf"), EXAMPLE_PIPELINE, "argument --timeout: 'inf': give the deadline"),
     ],
     ids=[

@@ -493,10 +493,13 @@ def _wait_for_log(records: queue.Queue, msg: str, timeout: float = 60.0) -> dict
 
 def test_liveness_answers_while_models_load_and_readiness_waits(tmp_path: Path) -> None:
     """The port opens before the models load, as Triton's does: ServerLive true, ServerReady
-    false, health NOT_SERVING and ModelInfer UNAVAILABLE (for a model being loaded and for one
-    not reached yet, which used to be NOT_FOUND) until the repository has loaded."""
+    false, health NOT_SERVING and ModelInfer UNAVAILABLE (for a model whose newest version is
+    loading, which an older one answered, and for one not reached yet, which was NOT_FOUND)
+    until the repository has loaded; loads and unloads are refused meanwhile."""
     repo = tmp_path / "models"
-    write_model(repo, "slow", slow_loading_model(100_000), config_toml="max_batch_size = 8\n")
+    both = "max_batch_size = 8\n[version_policy]\nlatest = 2\n"
+    write_model(repo, "slow", slow_loading_model(1), config_toml=both)  # version 1 loads first
+    write_model(repo, "slow", slow_loading_model(100_000), version=2)
     write_model(repo, "zz", slow_loading_model(1))  # loaded after "slow": not yet known
     port = free_port()
     proc = subprocess.Popen(
@@ -508,7 +511,7 @@ def test_liveness_answers_while_models_load_and_readiness_waits(tmp_path: Path) 
     infer.inputs.add(name="x", datatype="FP32", shape=[1, 1])
     records = _log_records(proc)
     try:
-        _wait_for_log(records, "listening; loading the models and warming the store")
+        _wait_for_log(records, "listening")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
@@ -516,10 +519,18 @@ def test_liveness_answers_while_models_load_and_readiness_waits(tmp_path: Path) 
             assert not kserve.ServerReady(ks.ServerReadyRequest(), timeout=5).ready
             status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-            with pytest.raises(grpc.RpcError) as info:
+            with pytest.raises(grpc.RpcError) as info:  # version 1 is loaded: not the newest
                 kserve.ModelInfer(infer, timeout=5)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "loading" in info.value.details().lower()
+            for change, request in (
+                (kserve.RepositoryModelUnload, ks.RepositoryModelUnloadRequest(model_name="slow")),
+                (kserve.RepositoryModelLoad, ks.RepositoryModelLoadRequest(model_name="slow")),
+            ):
+                with pytest.raises(grpc.RpcError) as info:  # they waited, then applied later
+                    change(request, timeout=5)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "still loading its model repository" in info.value.details()
             infer.model_name = "zz"
             with pytest.raises(grpc.RpcError) as info:
                 kserve.ModelInfer(infer, timeout=5)
@@ -530,6 +541,66 @@ def test_liveness_answers_while_models_load_and_readiness_waits(tmp_path: Path) 
             status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING
             assert kserve.ModelReady(ks.ModelReadyRequest(name="slow"), timeout=5).ready
+            infer.model_name = "slow"
+            assert kserve.ModelInfer(infer, timeout=30).model_version == "2"
     finally:
         proc.terminate()
     assert proc.wait(30) == 0
+
+
+def test_a_stop_while_models_load_abandons_the_load(tmp_path: Path) -> None:
+    """A SIGTERM during start-up waited for every model to load (a long load then outlasted the
+    grace before SIGKILL); now the load stops at the version in hand and the server exits 0
+    without serving."""
+    repo = tmp_path / "models"
+    for name in ("a1", "a2", "a3"):
+        write_model(repo, name, slow_loading_model(100_000), config_toml="max_batch_size = 8\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(free_port()),
+         "--data-dir", str(tmp_path / "data"), "--model-repo", str(repo)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    records = _log_records(proc)
+    try:
+        _wait_for_log(records, "listening")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    messages = [r["msg"] for r in iter(records.get, None)]
+    assert "stop requested while starting; abandoning start-up" in messages, messages
+    assert "serving" not in messages
+    assert sum(m.startswith("loaded model") for m in messages) < 3, messages
+
+
+def test_a_worker_takes_connections_only_once_its_models_are_loaded(tmp_path: Path) -> None:
+    """Under --workers, SO_REUSEPORT hands new connections to any worker bound to the port: a
+    worker that bound before loading answered ServerReady false and failed inference while the
+    others served. Reachable workers are ready ones."""
+    repo = tmp_path / "models"
+    write_model(repo, "slow", slow_loading_model(100_000), config_toml="max_batch_size = 8\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--workers", "2",
+         "--data-dir", str(tmp_path / "data"), "--model-repo", str(repo)],
+        stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    answers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not answers.count(True) >= 5 and time.monotonic() < deadline:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                kserve = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                try:
+                    answers.append(kserve.ServerReady(ks.ServerReadyRequest(), timeout=2).ready)
+                except grpc.RpcError as exc:
+                    assert exc.code() in (
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ), exc
+            time.sleep(0.02)
+        proc.terminate()
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    assert answers.count(True) >= 5 and False not in answers, answers

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
 
+GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -29,6 +31,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class DropShutdownCancellations(logging.Filter):
+    """Drops grpc.aio's ERROR record of an RPC task cancelled as the server shut down (its
+    shutdown cancels the tasks still finishing; a stream the client cancelled during a drain
+    lost that race now and then): a traceback for a call that ended as it should."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (
+            isinstance(exc, asyncio.CancelledError)
+            and record.getMessage().startswith("Exception not handled by _handle_exceptions")
+        )
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route the root logger to stderr in JSON (or plain text with fmt="text")."""
     handler = logging.StreamHandler(sys.stderr)
@@ -39,3 +54,6 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    cygrpc = logging.getLogger(GRPC_AIO_LOGGER)
+    if not any(isinstance(f, DropShutdownCancellations) for f in cygrpc.filters):
+        cygrpc.addFilter(DropShutdownCancellations())

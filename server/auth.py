@@ -38,6 +38,13 @@ _PRED = "/featureserve.v1.Prediction/"
 _KS = "/inference.GRPCInferenceService/"
 SCHEMA = (READ, WRITE)
 """The view definitions: readers read them, and writers read the schema they write to."""
+
+
+def schema_scopes(view: str) -> tuple[str, ...]:
+    """The scopes any one of which lets a caller see `view`'s definition (and its name)."""
+    return tuple(f"{kind}:{view}" for kind in SCHEMA)
+
+
 METHOD_SCOPES: dict[str, str | tuple[str, ...]] = {
     _FS + "GetOnlineFeatures": READ,
     _FS + "WriteFeatures": WRITE,
@@ -287,6 +294,10 @@ class Authorizer:
             return True
         principal = PRINCIPAL.get()
         return principal is not None and principal.grants(scope)
+
+    def sees_view(self, view: str) -> bool:
+        """Whether the current caller may see `view`'s definition (True when auth is off)."""
+        return any(self.allows(scope) for scope in schema_scopes(view))
 
     def require(self, *scopes: str) -> None:
         """Raise UnauthenticatedError / PermissionDeniedError unless the current caller holds

@@ -21,7 +21,6 @@ CUT_MARK = " [... cut: the message was longer than 4 KiB]"
 _SHORT = MAX_STATUS_BYTES // 12
 """A message of at most this many characters fits: one character is at most 12 bytes sent
 (4 UTF-8 bytes, each percent-encoded as 3)."""
-_VIEW_SCOPES = ("read", "write")
 
 
 class ServerError(Exception):
@@ -139,7 +138,7 @@ def capped(message: str) -> str:
 def _visible(exc: fs.NotFoundError) -> str:
     """A NotFoundError's message with only the suggested views the calling principal may
     read or write (every suggestion when auth is off, or for features, entities, versions)."""
-    from server.auth import current_principal  # server.auth imports this module
+    from server.auth import current_principal, schema_scopes  # server.auth imports this module
 
     principal = current_principal()
     if principal is None or exc.what != "view":
@@ -147,7 +146,7 @@ def _visible(exc: fs.NotFoundError) -> str:
     seen = [
         name
         for name in exc.suggestions
-        if any(principal.grants(f"{kind}:{name}") for kind in _VIEW_SCOPES)
+        if any(principal.grants(scope) for scope in schema_scopes(name))
     ]
     return exc.message(seen)
 

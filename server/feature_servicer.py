@@ -29,7 +29,7 @@ from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import types_pb2
 from server.audit import MAX_MESSAGE_CHARS, AuditLog
-from server.auth import AuthConfig, Authorizer
+from server.auth import AuthConfig, Authorizer, schema_scopes
 from server.drift import DriftMonitor
 from server.errors import abort, is_domain_error, maps_errors, status_for
 from server.metrics import ViewMetrics
@@ -494,10 +494,6 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             await abort(context, exc, stream_failure(batch, exc), batch)
         return response
 
-    def _may_see(self, view: str) -> bool:
-        """Whether the caller may read a view's definition: its readers and its writers may."""
-        return self.auth.allows(f"read:{view}") or self.auth.allows(f"write:{view}")
-
     @maps_errors
     async def ListFeatureViews(self, request, context):
         """The views matching name_prefix that the caller may read or write, and the entities
@@ -506,11 +502,11 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         prefix."""
         registry = self.store.registry
         prefix = request.name_prefix
-        seen = [v for v in registry.list_views(prefix, True) if self._may_see(v.name)]
+        seen = [v for v in registry.list_views(prefix, True) if self.auth.sees_view(v.name)]
         # listed by name, then version: the last of each name is its latest version
         views = seen if request.all_versions else list({v.name: v for v in seen}.values())
         entities = registry.list_entities()
-        if prefix or not self._may_see("*"):
+        if prefix or not self.auth.sees_view("*"):
             used = {v.entity for v in seen}
             entities = [e for e in entities if e.name in used]
         return pb.ListFeatureViewsResponse(
@@ -520,7 +516,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
     @maps_errors
     async def GetFeatureView(self, request, context):
-        self.auth.require_any(f"read:{request.name}", f"write:{request.name}")
+        self.auth.require_any(*schema_scopes(request.name))
         return rm.view_to_proto(self.store.registry.get_view(request.name, request.version))
 
     @maps_errors

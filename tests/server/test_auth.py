@@ -486,29 +486,42 @@ def test_bad_auth_section_stops_the_server_with_the_key_named(
     assert message in str(info.value) and "Traceback" not in str(info.value)
 
 
+def serve_with_views(tmp_path: Path, config_text: str, entities: list, views: list):
+    """A real server started with `config_text` as its config and the entities and views
+    applied by the admin token: (server, the admin's ClientConfig). The caller kills it."""
+    from clients.channel import ClientConfig
+    from clients.feature_client import FeatureStoreClient
+    from tests.conftest import ServerProcess
+
+    config = tmp_path / "featureserve.toml"
+    config.write_text(config_text)
+    server = ServerProcess(tmp_path / "data", tmp_path / "models", "--config", str(config)).start()
+    admin = ClientConfig(target=server.target, timeout_s=20, token=TOKENS["admin"][0])
+    try:
+        with FeatureStoreClient(admin) as client:
+            client.apply(entities, views)
+    except BaseException:
+        server.kill()
+        raise
+    return server, admin
+
+
 def test_open_methods_are_open_through_the_servicers_checks(tmp_path: Path) -> None:
     """Methods listed in open_methods answer without a token even where the servicer checks
     a per-view scope (GetFeatureView, ListFeatureViews); unlisted ones stay closed."""
-    from clients.channel import ClientConfig
-    from clients.feature_client import FeatureStoreClient
     from featurestore.dtypes import DType
     from featurestore.registry import Entity, Feature, FeatureView, JoinKey
-    from tests.conftest import ServerProcess
 
     opened = ["featureserve.v1.FeatureStore/GetFeatureView",
               "featureserve.v1.FeatureStore/ListFeatureViews",
               "inference.GRPCInferenceService"]  # fmt: skip
-    config = tmp_path / "featureserve.toml"
-    config.write_text(AUTH_TOML.replace("enabled = true\n", f"open_methods = {opened!r}\n"))
-    server = ServerProcess(tmp_path / "data", tmp_path / "models", "--config", str(config))
-    server.start()
+    server, _ = serve_with_views(
+        tmp_path,
+        AUTH_TOML.replace("enabled = true\n", f"open_methods = {opened!r}\n"),
+        [Entity("user", (JoinKey("user_id", DType.INT64),))],
+        [FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))],
+    )
     try:
-        admin = ClientConfig(target=server.target, timeout_s=20, token=TOKENS["admin"][0])
-        with FeatureStoreClient(admin) as client:
-            client.apply(
-                [Entity("user", (JoinKey("user_id", DType.INT64),))],
-                [FeatureView("profile", "user", (Feature("score", DType.FLOAT32),))],
-            )
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.FeatureStoreStub(channel)
             view = stub.GetFeatureView(pb.GetFeatureViewRequest(name="profile"), timeout=20)
@@ -531,30 +544,25 @@ def test_a_write_only_token_reads_the_schema_it_writes_to(tmp_path: Path) -> Non
     import subprocess
     import sys
 
-    from clients.channel import ClientConfig
     from clients.feature_client import FeatureStoreClient
     from featurestore.dtypes import DType
     from featurestore.registry import Entity, Feature, FeatureView, JoinKey
-    from tests.conftest import ServerProcess
 
-    config = tmp_path / "featureserve.toml"
-    config.write_text(AUTH_TOML + token_toml("pipeline", "p-secret", ["write:card_*"]))
-    server = ServerProcess(tmp_path / "data", tmp_path / "models", "--config", str(config))
-    server.start()
+    server, admin = serve_with_views(
+        tmp_path,
+        AUTH_TOML + token_toml("pipeline", "p-secret", ["write:card_*"]),
+        [
+            Entity("card", (JoinKey("card_id", DType.INT64),)),
+            Entity("user", (JoinKey("user_id", DType.INT64),)),
+            Entity("merchant", (JoinKey("merchant_id", DType.STRING),)),
+        ],
+        [
+            FeatureView("card_stats", "card", (Feature("spend", DType.FLOAT32),)),
+            FeatureView("profile", "user", (Feature("score", DType.FLOAT32),)),
+        ],
+    )
     try:
-        admin = ClientConfig(target=server.target, timeout_s=20, token=TOKENS["admin"][0])
         with FeatureStoreClient(admin) as client:
-            client.apply(
-                [
-                    Entity("card", (JoinKey("card_id", DType.INT64),)),
-                    Entity("user", (JoinKey("user_id", DType.INT64),)),
-                    Entity("merchant", (JoinKey("merchant_id", DType.STRING),)),
-                ],
-                [
-                    FeatureView("card_stats", "card", (Feature("spend", DType.FLOAT32),)),
-                    FeatureView("profile", "user", (Feature("score", DType.FLOAT32),)),
-                ],
-            )
             every = client.list_feature_views()
             prefixed = client.list_feature_views("card")
         assert [e.name for e in every[0]] == ["card", "merchant", "user"]

@@ -196,12 +196,21 @@ def _view(w: _Where, raw: Any, where: str) -> FeatureView:
         if not isinstance(value, str):
             raise w.error(f"{where}.tags.{key}", f"expected str, got {type(value).__name__}")
     features = []
+    positions: dict[str, int] = {}
     for j, raw_feature in enumerate(_array(w, table, "feature")):
         at = f"{where}.feature[{j}]"
         feat = w.table(raw_feature, at, _FEATURE)
+        feature_name = w.get(feat, "name", at, str)
+        first = positions.setdefault(feature_name, j)
+        if first != j:
+            raise w.error(
+                f"{at}.name",
+                f"{feature_name!r} repeats feature[{first}]; give each feature of a view its own "
+                f"name",
+            )
         features.append(
             Feature(
-                name=w.get(feat, "name", at, str),
+                name=feature_name,
                 dtype=w.dtype(feat, at),
                 vector_length=w.bounded(
                     w.get(feat, "vector_length", at, int, 0),

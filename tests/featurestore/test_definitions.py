@@ -215,3 +215,16 @@ def test_ttl_given_as_a_number_points_to_ttl_seconds(tmp_path: Path):
         f'{path}: feature_view[0] (driver_stats).ttl: expected a duration string such as "1d", '
         "got int; for seconds write ttl_seconds = 86400"
     )
+
+
+def test_a_feature_repeated_in_a_view_names_both_positions(tmp_path: Path):
+    """The file check refuses it with its position (only the server's apply caught it, without
+    saying where in the file)."""
+    first_view = DUPLICATE_VIEW.rsplit("[[feature_view]]", 1)[0]
+    path = write(tmp_path, f'{first_view}[[feature_view.feature]]\nname = "a"\ndtype = "int64"\n')
+    with pytest.raises(InvalidArgumentError) as info:
+        load_definitions(path)
+    assert str(info.value) == (
+        f"{path}: feature_view[0] (dupv).feature[1].name: 'a' repeats feature[0]; give each "
+        "feature of a view its own name"
+    )

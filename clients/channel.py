@@ -260,6 +260,11 @@ class CallErrors:
             return closed_in_flight_error()
         return self._cancelled() if self._cancelled is not None else None
 
+    def error(self, exc: grpc.RpcError) -> ClientError:
+        """The ClientError of a failed call: our reason when we cancelled it, else its status."""
+        reason = self._reason() if exc.code() == grpc.StatusCode.CANCELLED else None
+        return reason or client_error(exc)
+
     def __enter__(self) -> None:
         return None
 
@@ -267,8 +272,7 @@ class CallErrors:
         if exc_type is None:
             return
         if issubclass(exc_type, grpc.RpcError):
-            reason = self._reason() if exc.code() == grpc.StatusCode.CANCELLED else None
-            raise (reason or client_error(exc)) from None
+            raise self.error(exc) from None
         if issubclass(exc_type, asyncio.CancelledError):
             task = asyncio.current_task()
             reason = self._reason() if task is not None and task.cancelling() == 0 else None

@@ -18,7 +18,6 @@ from clients.channel import (
     ClientConfig,
     ClientError,
     call_metadata,
-    client_error,
     closed_error,
     create_aio_channel,
     create_channel,
@@ -222,7 +221,7 @@ class StreamWriter:
             raise _stalled(self._buffer.view, timeout, waiting_for) from None
         if not accepted:
             future, first = self._end()
-            raise _stream_error(client_error(future.exception()), first) from None
+            raise _stream_error(CallErrors(self._client).error(future.exception()), first) from None
 
     def write(
         self,
@@ -253,7 +252,7 @@ class StreamWriter:
             future.cancel()
             raise _stalled(self._buffer.view, timeout, "acknowledgement") from None
         except grpc.RpcError as exc:
-            raise _stream_error(client_error(exc), first) from None
+            raise _stream_error(CallErrors(self._client).error(exc), first) from None
         return self.summary
 
     def __enter__(self) -> StreamWriter:

@@ -645,3 +645,24 @@ def test_calls_in_flight_when_the_async_client_closes_raise_client_error_cancell
         assert isinstance(error, ClientError), errors
         assert error.code == grpc.StatusCode.CANCELLED, errors
         assert "the client was closed while this call was in flight" in error.message
+
+
+def test_a_sync_stream_writer_whose_client_closes_says_so(target, client) -> None:
+    """It raised gRPC's own "CANCELLED: Channel closed!" where every other call says the client
+    was closed while the call was in flight."""
+    client.apply([USER], [MIXED])
+    ids = np.arange(1000)
+    writes = FeatureStoreClient(ClientConfig(target=target, timeout_s=30))
+    for end in ("write", "flush"):
+        writer = writes.stream_writer("mixed", batch_rows=100)
+        writer.write({"user_id": ids}, NOW_US, mixed_rows(1000))
+        writes.close()
+        with pytest.raises(ClientError) as info:
+            if end == "write":
+                for _ in range(100):
+                    writer.write({"user_id": ids}, NOW_US, mixed_rows(1000))
+            writer.flush()
+        assert info.value.code == grpc.StatusCode.CANCELLED
+        assert "the client was closed while this call was in flight" in info.value.message
+        writes = FeatureStoreClient(ClientConfig(target=target, timeout_s=30))
+    writes.close()

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from featurestore.dtypes import DType, FeatureStatus
-from featurestore.errors import ConflictError, InvalidArgumentError
+from featurestore.errors import ConflictError, InvalidArgumentError, NotFoundError
 from featurestore.feature_refs import parse_feature_refs
 from featurestore.kernels.encoding import StringVocab
 from featurestore.online_store import OnlineStore, ReadResult, ViewRead
@@ -233,6 +233,7 @@ class PredictionBinding:
         source: str,
     ) -> None:
         self.columns = list(columns)
+        self.source = source
         self.input_name = input_name
         self.entity = entity
         self.names = [c.name for c in self.columns]
@@ -473,12 +474,20 @@ class PredictionBinding:
     def read(self, store: OnlineStore, keys: dict[str, np.ndarray]) -> list[ReadResult]:
         """One ReadResult per bound read, from one snapshot. Views of another entity than
         features.entity, or of several entities when it is not set, are FAILED_PRECONDITION
-        naming them: one set of keys cannot address them all."""
+        naming them: one set of keys cannot address them all. A bound view, version or feature
+        the registry no longer has is FAILED_PRECONDITION too: the caller's request is fine,
+        the model's binding is not (NOT_FOUND would say the model is unknown)."""
         try:
             results = store.read_many(self.store_reads, keys)
         except InvalidArgumentError:
             self._check_entities([store.registry.get_view(r.view, r.version) for r in self.reads])
             raise
+        except NotFoundError as exc:
+            raise ConflictError(
+                f"the model's [features] binds what the feature store no longer has: "
+                f"{exc.problem}; apply the view or feature again, or bind a version that has it "
+                f"(view@N:feature) in {self.source}"
+            ) from None
         if self.entity is None and len(results) > 1:
             self._check_entities([r.view for r in results])
         return results

@@ -769,3 +769,42 @@ def test_a_cancelled_predict_frees_its_batcher_queue_slot(tmp_path) -> None:
             second.cancel()
     finally:
         server.shutdown()
+
+
+def test_a_bound_feature_the_store_no_longer_has_is_failed_precondition(tmp_path) -> None:
+    """A new view version without a bound feature, or the view deleted, answered NOT_FOUND,
+    which says the model itself is unknown; the request is fine, the model's binding is not."""
+    stats = FeatureView("stats", "user", (Feature("a", DType.FLOAT32), Feature("b", DType.FLOAT32)))
+    write_model(tmp_path / "models", "ident", identity_model(["FP32"], 2), config_toml=(
+        '[features]\nentity = "user"\ninput = "INPUT_FP32"\n'
+        '[[features.columns]]\nfeatures = ["stats:a", "stats:b"]\n'
+    ))  # fmt: skip
+    server, target = start_server(tmp_path)
+    try:
+        config = ClientConfig(target=target)
+        with FeatureStoreClient(config) as store, PredictionClient(config) as client:
+            store.apply([USER], [stats])
+            keys = {"user_id": np.array([1])}
+            store.write_features("stats", keys, NOW_US, {"a": [1.0], "b": [2.0]})
+            assert client.predict("ident", keys).scores["OUTPUT_FP32"].tolist() == [[1.0, 2.0]]
+            v2 = FeatureView("stats", "user", (Feature("a", DType.FLOAT32),), version=2)
+            store.apply([], [v2])
+            errors = []
+            for change in ("v2 without b", "view deleted"):
+                if change == "view deleted":
+                    store.delete_feature_view("stats", 2)
+                    store.delete_feature_view("stats", 1)
+                with pytest.raises(ClientError) as info:
+                    client.predict("ident", keys)
+                errors.append(info.value)
+    finally:
+        server.shutdown()
+    source = tmp_path / "models" / "ident" / "config.toml"
+    problems = ("feature 'b' is not in view 'stats' v2", "feature view 'stats' is not registered")
+    for error, problem in zip(errors, problems, strict=True):
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION, error
+        assert error.message == (
+            f"the model's [features] binds what the feature store no longer has: {problem}; "
+            f"apply the view or feature again, or bind a version that has it (view@N:feature) "
+            f"in {source}"
+        )

@@ -327,11 +327,18 @@ class ModelRepository:
                 f"in {self.path}, which is not empty, '.' or '..' and has no '/'"
             )
         if not self.control:
+            instead = (
+                f"change the files in {self.path / name} instead (every worker's watcher applies "
+                "them)"
+                if self.watch
+                else "with watch_model_repo = false the workers change models only when the "
+                "group restarts; set watch_model_repo = true to have every worker apply changed "
+                f"files in {self.path / name}"
+            )
             raise ControlRefusedError(
                 f"{rpc} of '{name}' is refused: this server runs as one of several --workers "
                 "processes, each with its own copy of the repository's state, so the call would "
-                f"change one of them; change the files in {self.path / name} instead (every "
-                "worker's watcher applies them), or run a single process to load and unload by RPC"
+                f"change one of them; {instead}, or run a single process to load and unload by RPC"
             )
         if not self.ready:
             # The start-up load holds the lock: the change would wait past the caller's

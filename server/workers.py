@@ -33,6 +33,8 @@ MIN_UPTIME_S = 5.0
 POLL_S = 0.2
 KILL_AFTER_GRACE_S = 10.0
 PR_SET_PDEATHSIG = 1
+METRICS_DIR_PREFIX = "featureserve-metrics-"
+"""A group's shared metrics folder in $TMPDIR is this prefix, the parent's pid, '-', random."""
 
 
 def worker_index() -> int | None:
@@ -230,6 +232,25 @@ class Supervisor:
         mark_process_dead(worker.proc.pid, str(self.metrics_dir))
 
 
+def remove_orphan_metrics_dirs(root: Path) -> None:
+    """Remove the metrics folders of groups whose parent is gone: one killed with SIGKILL never
+    ran its clean-up, and its folder stayed in $TMPDIR for good."""
+    for folder in root.glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = folder.name[len(METRICS_DIR_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True
+
+
 def run_workers(config: ServerConfig, n: int, signals: StopSignals | None = None) -> int:
     """Serve `config` from n worker processes on one port; returns the exit code.
 
@@ -244,7 +265,8 @@ def run_workers(config: ServerConfig, n: int, signals: StopSignals | None = None
         signals = StopSignals().install()
     preflight(config)
     claim = claim_port(config.host, config.port)
-    metrics_dir = Path(tempfile.mkdtemp(prefix="featureserve-metrics-"))
+    remove_orphan_metrics_dirs(Path(tempfile.gettempdir()))
+    metrics_dir = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"))
     supervisor = Supervisor(
         dataclasses.replace(config, port=claim.port, metrics_port=0), n, metrics_dir, signals
     )

@@ -601,10 +601,16 @@ def test_explicit_control_refused_and_overlong_names_are_invalid(tmp_path: Path)
     write_model(tmp_path, "m", mlp_model())
 
     async def main() -> None:
+        watched = ModelRepository(tmp_path, watch=True, control=False)
+        await watched.start()
+        for action in (watched.load, watched.unload):
+            with pytest.raises(ControlRefusedError, match=f"change the files in {tmp_path / 'm'}"):
+                await action("m")
+        await watched.stop()
         shared = ModelRepository(tmp_path, watch=False, control=False)
         await shared.start()
-        for action in (shared.load, shared.unload):
-            with pytest.raises(ControlRefusedError, match=f"change the files in {tmp_path / 'm'}"):
+        for action in (shared.load, shared.unload):  # no watcher: files change nothing
+            with pytest.raises(ControlRefusedError, match="only when the group restarts; set wat"):
                 await action("m")
         with pytest.raises(InvalidRequestError, match="at most 255 bytes"):
             await shared.unload("a" * 300)

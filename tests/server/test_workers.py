@@ -340,3 +340,32 @@ def test_a_worker_stopped_on_its_own_is_replaced(server_factory) -> None:
     with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
         assert client.list_feature_views() == ([], [])
     assert server.terminate(timeout=60) == 0, server.log_lines
+
+
+def test_a_killed_groups_metrics_folder_is_removed_by_the_next_group(
+    server_factory, tmp_path: Path, monkeypatch
+) -> None:
+    """A parent killed with SIGKILL never ran its clean-up, and its shared metrics folder stayed
+    in $TMPDIR for good; the next group removes the folders of parents that are gone."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+
+    def serving(server, workers: int) -> bool:
+        return sum('"msg": "serving"' in line for line in server.log_lines) == workers
+
+    first = server_factory("--workers", "2")
+    assert wait_until(lambda: serving(first, 2), timeout=60)
+    workers = [int(e["pid"]) for e in first.logs() if e.get("msg") == "worker started"]
+    (orphan,) = tmp.glob("featureserve-metrics-*")
+    assert orphan.name.startswith(f"featureserve-metrics-{first.proc.pid}-")
+    first.proc.kill()
+    first.proc.wait(10)
+    assert wait_until(lambda: not any(alive(pid) for pid in workers), timeout=30)
+    assert orphan.is_dir()
+    second = server_factory("--workers", "2")
+    assert wait_until(lambda: serving(second, 2), timeout=60)
+    (kept,) = tmp.glob("featureserve-metrics-*")
+    assert kept.name.startswith(f"featureserve-metrics-{second.proc.pid}-")
+    assert second.terminate(timeout=60) == 0
+    assert list(tmp.glob("featureserve-metrics-*")) == []

@@ -11,6 +11,8 @@ import numpy as np
 from featurestore.errors import InvalidArgumentError
 from featurestore.kernels.encoding import StringColumn, pack_strings
 
+_INT64_MAX = np.iinfo(np.int64).max
+
 
 def as_float(x: Any, label: str, name: str) -> np.ndarray:
     """A numeric column as contiguous 1-D float64; other dtypes raise InvalidArgumentError."""
@@ -22,8 +24,20 @@ def as_float(x: Any, label: str, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr.reshape(-1), dtype=np.float64)
 
 
+def _check_int64(arr: np.ndarray, label: str, name: str) -> None:
+    """Refuse unsigned values over int64's largest, which the int64 cast would wrap negative."""
+    if arr.dtype.itemsize == 8 and arr.size and arr.max() > _INT64_MAX:
+        row = int(np.argmax(arr.reshape(-1) > _INT64_MAX))
+        raise InvalidArgumentError(
+            f"{label}: input {name!r} holds {arr.reshape(-1)[row]} at row {row}, over int64's "
+            f"largest ({_INT64_MAX}); give values that fit int64"
+        )
+
+
 def _as_time(x: Any, label: str, name: str) -> np.ndarray:
     arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if arr.dtype.kind == "u":
+        _check_int64(arr, label, name)
     if arr.dtype.kind == "M":
         return np.ascontiguousarray(arr.astype("datetime64[us]").view(np.int64).reshape(-1))
     if arr.dtype.kind not in "iu":
@@ -39,7 +53,12 @@ def _as_key(x: Any, label: str, name: str) -> np.ndarray | StringColumn:
         return x
     arr = x if isinstance(x, np.ndarray) else np.asarray(x)
     if arr.dtype.kind in "iub":
+        if arr.dtype.kind == "u":
+            _check_int64(arr, label, name)
         return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+    if arr.dtype.kind in "US" and not isinstance(x, np.ndarray):
+        # A fixed-width array drops trailing NULs ("a\x00" became "a"): keep the given strings.
+        arr = np.asarray(x, dtype=object)
     if arr.dtype.kind in "USO":
         return pack_strings(arr)
     raise InvalidArgumentError(

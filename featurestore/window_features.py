@@ -9,8 +9,10 @@ events of its entity, never a later one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Real
 
 import numpy as np
 
@@ -23,6 +25,7 @@ KINDS = {
     "rfm": ("recency_s", "frequency", "monetary"),
 }
 """Each spec kind and the suffixes of the columns it yields (`<name>_<suffix>`)."""
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,19 @@ class WindowSpec:
         """The output column names of this spec."""
         return [f"{self.name}_{s}" if s else self.name for s in KINDS[self.kind]]
 
+    def span_us(self) -> int:
+        """seconds in whole µs, from 1 to int64's largest; InvalidArgumentError otherwise (a
+        0 µs window holds no event, not even the one it is computed for)."""
+        seconds = self.seconds
+        if isinstance(seconds, Real) and not isinstance(seconds, bool) and math.isfinite(seconds):
+            span = round(float(seconds) * 1e6)
+            if 1 <= span <= _INT64_MAX:
+                return span
+        raise InvalidArgumentError(
+            f"window spec {self.name!r}: seconds must be a number from 1e-06 (1 µs) to "
+            f"{_INT64_MAX / 1e6:.6g} (the int64 µs range), got {seconds!r}"
+        )
+
 
 def window_features(
     entity: np.ndarray | Sequence,
@@ -57,19 +73,31 @@ def window_features(
             f"ts_us must be a 1-D integer array of µs since the epoch, got {ts.dtype} {ts.shape}"
         )
     n = len(ts)
+    if ts.dtype == np.uint64 and n and ts.max() > _INT64_MAX:
+        row = int(np.argmax(ts > _INT64_MAX))
+        raise InvalidArgumentError(
+            f"ts_us[{row}] = {ts[row]} is beyond int64 µs (over {_INT64_MAX}); give µs since "
+            "the epoch as int64"
+        )
     keys = np.asarray(entity)
     if keys.shape != (n,):
         raise InvalidArgumentError(f"entity has shape {keys.shape}, expected ({n},) like ts_us")
     values = [_values(spec, columns, n) for spec in specs]
     _check_names(specs)
-    _, codes = np.unique(keys, return_inverse=True)
+    try:
+        _, codes = np.unique(keys, return_inverse=True)
+    except TypeError as exc:
+        raise InvalidArgumentError(
+            f"entity: the keys cannot be sorted ({exc}); give keys of one type (ints or "
+            "strings) and no None"
+        ) from None
     order = np.lexsort((ts, codes))
     sorted_codes = codes[order].astype(np.int64)
     sorted_ts = ts[order].astype(np.int64)
     out: dict[str, np.ndarray] = {}
     for spec, column_values in zip(specs, values, strict=True):
         v = column_values[order]
-        span = round(spec.seconds * 1e6)
+        span = spec.span_us()
         if spec.kind == "window":
             result = windows.window_aggregates(sorted_codes, sorted_ts, v, span)
         elif spec.kind == "ewma":
@@ -88,8 +116,7 @@ def _values(spec: WindowSpec, columns: Mapping[str, np.ndarray], n: int) -> np.n
     label = f"window spec {spec.name!r}"
     if spec.kind not in KINDS:
         raise InvalidArgumentError(f"{label}: kind {spec.kind!r} is unknown; use {list(KINDS)}")
-    if not spec.seconds > 0:
-        raise InvalidArgumentError(f"{label}: seconds must be > 0, got {spec.seconds!r}")
+    spec.span_us()
     if spec.column not in columns:
         raise InvalidArgumentError(
             f"{label}: column {spec.column!r} is missing; given: {sorted(columns)}"

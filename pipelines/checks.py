@@ -1,4 +1,4 @@
-"""Pre-flight checks: every view a pipeline writes exists on the server with its schema,
+"""Pre-flight checks: every view a pipeline writes exists on the server with its schema and TTL,
 keyed by an entity whose single INT64 join key is the pipeline's entity column."""
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from pipelines.sink import AUTH_CODES, AUTH_FIX, connection
 
 
 def expected_view(pipeline: Pipeline, window: Window, entity: str) -> FeatureView:
-    """The feature view a window writes: one feature per aggregate, keyed by the entity."""
+    """The feature view a window writes: one feature per aggregate, keyed by the entity, with
+    the window's TTL (Pipeline.ttl_seconds)."""
     features = tuple(Feature(a.name, a.dtype) for a in window.aggregates)
-    return FeatureView(name=window.view, entity=entity, features=features)
+    ttl = pipeline.ttl_seconds(window)
+    return FeatureView(name=window.view, entity=entity, features=features, ttl_seconds=ttl)
 
 
 def expected_entity(pipeline: Pipeline, name: str) -> Entity:
@@ -63,6 +65,15 @@ def schema_problems(
         for name in features
         if name not in written
     ]
+    ttl = pipeline.ttl_seconds(window)
+    if view.ttl_seconds != ttl:
+        source = "its ttl_s" if window.ttl_s is not None else "slide + watermark delay + 10 s"
+        problems.append(
+            f"has ttl_seconds = {view.ttl_seconds}, but the window's TTL is {ttl} s ({source}; "
+            f"Flink writes no empty window, so only the TTL stops a quiet entity's last window "
+            f"being served as current); apply the view with ttl_seconds = {ttl}, or set "
+            f"ttl_s = {view.ttl_seconds} in the pipeline's window"
+        )
     return problems
 
 

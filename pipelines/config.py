@@ -30,6 +30,7 @@ Layout (next to the entities and views that definitions.py reads):
     kind = "hop"                         # hop | tumble
     size_s = 300
     slide_s = 60                         # hop only
+    # ttl_s = 90                         # optional; default slide + watermark delay + 10 s
 
     [pipeline.window.features]           # count | count_distinct(c) | sum | mean | min | max
     txn_count = "count"
@@ -60,13 +61,17 @@ take one's name, nor may a feature take a window column's."""
 MIN_INTERVAL_S = 0.001
 MAX_INTERVAL_S = 99 * 86_400
 """Flink's DAY TO SECOND(3) interval holds whole milliseconds and at most two digits of days."""
+TTL_MARGIN_S = 10
+"""Seconds a window's default TTL allows for its firing and the sink's durable write."""
+MAX_TTL_S = 3650 * 86_400
+"""The longest ttl_s a window takes (10 years); 0 means no limit."""
 _TOP_KEYS = {"entity", "feature_view", "pipeline"}
 _PIPELINE_KEYS = {
     "name", "format", "entity_column", "event_time_column", "out_of_orderness_s",
     "allowed_lateness_s", "columns", "derived", "window",
 }  # fmt: skip
 _DERIVED_KEYS = {"name", "kind", "lat", "lon", "point"}
-_WINDOW_KEYS = {"view", "kind", "size_s", "slide_s", "features"}
+_WINDOW_KEYS = {"view", "kind", "size_s", "slide_s", "ttl_s", "features"}
 _AGGREGATE = re.compile(r"\s*(count_distinct|count|sum|mean|min|max)\s*(?:\(\s*(\w*)\s*\))?\s*\Z")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -87,13 +92,18 @@ class Aggregate:
 
 @dataclass(frozen=True)
 class Window:
-    """A hop (sliding) or tumble window per entity, written to one feature view."""
+    """A hop (sliding) or tumble window per entity, written to one feature view.
+
+    ttl_s is the view's TTL the definitions set (0 = no limit), None for the default
+    (Pipeline.ttl_seconds).
+    """
 
     view: str
     kind: str
     size_s: float
     slide_s: float
     aggregates: tuple[Aggregate, ...]
+    ttl_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,16 @@ class Pipeline:
         dead-lettered, and one in between may go either way.
         """
         return self.out_of_orderness_s + self.allowed_lateness_s
+
+    def ttl_seconds(self, window: Window) -> int:
+        """The TTL of the view a window writes: Flink never emits an empty window, so an
+        entity's last window stays in the store after the entity goes quiet. It is current
+        until the next window would have fired: one slide after its end, plus the watermark
+        delay, rounded up to whole seconds, plus TTL_MARGIN_S; ttl_s overrides it."""
+        if window.ttl_s is not None:
+            return window.ttl_s
+        delay_ms = round(self.out_of_orderness_s * 1000) + round(self.allowed_lateness_s * 1000)
+        return -(-(round(window.slide_s * 1000) + delay_ms) // 1000) + TTL_MARGIN_S
 
     def numeric_columns(self) -> list[str]:
         """Source and derived columns that aggregates may read."""
@@ -205,6 +225,20 @@ def _seconds(
     return float(value)
 
 
+def _ttl(section: dict, where: str) -> int | None:
+    """A window's optional ttl_s: whole seconds from 0 (no limit) to MAX_TTL_S."""
+    if "ttl_s" not in section:
+        return None
+    value = section["ttl_s"]
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not 0 <= value <= MAX_TTL_S or value % 1:
+        raise _fail(
+            f"{where}.ttl_s",
+            f"give whole seconds from 0 (no limit) to {MAX_TTL_S} (10 years), got {value!r}",
+        )
+    return int(value)
+
+
 def _aggregates(
     features: object, columns: list[str], strings: list[str], entity: str, where: str
 ) -> tuple[Aggregate, ...]:
@@ -248,7 +282,7 @@ def _window(
         )
     view = _name(section.get("view"), f"{where}.view")
     features = _aggregates(section.get("features"), columns, strings, entity, f"{where}.features")
-    return Window(view, kind, size, slide, features)
+    return Window(view, kind, size, slide, features, _ttl(section, where))
 
 
 def _derived(section: dict, columns: dict[str, str], where: str) -> Derived:

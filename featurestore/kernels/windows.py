@@ -4,7 +4,7 @@ time-decayed EWMA, recency/frequency/monetary, and the point-in-time (as-of) joi
 Entities are int64 codes (factorize string keys first), times int64 microseconds. The window of
 event i holds the events j <= i of the same entity (in sorted order) with time > t_i - window_us,
 so an aggregate never sees a later event. NaN values count as events but are left out of
-sum/mean/min/max.
+sum/mean/min/max. window_us is at least 1, so an event always sees itself.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import numpy as np
 from numba import njit
 
 from featurestore.kernels import exact_sum
+
+_INT64_MIN = np.int64(-(2**63))
 
 
 @njit(nogil=True, cache=True)
@@ -50,6 +52,9 @@ def window_aggregates(entity: np.ndarray, ts_us: np.ndarray, values: np.ndarray,
     min_tail = 0
     max_head = 0
     max_tail = 0
+    # Below this time t_i - window_us would wrap past int64: the window then starts before
+    # every representable time, so no earlier event leaves it.
+    lowest = _INT64_MIN + window_us
     for i in range(n):
         if i == 0 or entity[i] != entity[i - 1]:
             start = i
@@ -67,10 +72,11 @@ def window_aggregates(entity: np.ndarray, ts_us: np.ndarray, values: np.ndarray,
                 max_tail -= 1
             max_q[max_tail] = i
             max_tail += 1
-        lower = ts_us[i] - window_us
-        while start <= i and ts_us[start] <= lower:
-            exact_sum.remove(acc, values[start])
-            start += 1
+        if ts_us[i] >= lowest:
+            lower = ts_us[i] - window_us
+            while start <= i and ts_us[start] <= lower:
+                exact_sum.remove(acc, values[start])
+                start += 1
         while min_head < min_tail and min_q[min_head] < start:
             min_head += 1
         while max_head < max_tail and max_q[max_head] < start:

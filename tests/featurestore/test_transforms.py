@@ -352,3 +352,28 @@ def test_whole_number_params_stay_exact_up_to_the_int64_bounds():
              "params": {"lat0": -90, "lon0": 180}}  # fmt: skip
     (step,) = transforms_from_config([entry])
     assert (step.checked["lat0"], step.checked["lon0"]) == (-90.0, 180.0)
+
+
+def test_a_list_of_strings_hashes_like_an_object_array_trailing_nuls_included():
+    r"""np.asarray made a fixed-width array of the list, which drops trailing NULs: "a\x00"
+    hashed like "a", unlike the same keys in Predict or an object array."""
+    step = Transform("hash_bucket", ["k"], "h", {"buckets": 1000})
+    for keys in (["oslo", "é", "a\x00", "a", ""], [b"a\x00", b"a", b""]):
+        want = apply(step, {"k": np.array(keys, object)})["h"]
+        assert apply(step, {"k": keys})["h"].tolist() == want.tolist()
+        assert apply_reference(step, {"k": keys})["h"].tolist() == want.tolist()
+        assert len(set(want.tolist())) == len(keys)
+
+
+@pytest.mark.parametrize(
+    ("op", "params"), [("hash_bucket", {"buckets": 1000}), ("age_seconds", {"now_us": 10**15})]
+)
+def test_uint64_inputs_over_int64_are_refused_naming_the_input(op, params):
+    step = Transform(op, ["k"], "o", params)
+    big = np.array([3, 2**63], np.uint64)
+    with pytest.raises(InvalidArgumentError, match=r"input 'k' holds 9223372036854775808 at row 1"):
+        apply(step, {"k": big})
+    fits = np.array([3, 2**63 - 1], np.uint64)
+    np.testing.assert_array_equal(
+        apply(step, {"k": fits})["o"], apply(step, {"k": fits.astype(np.int64)})["o"]
+    )

@@ -82,7 +82,13 @@ def test_int_keys_and_empty_input() -> None:
     ("spec", "message"),
     [
         (WindowSpec("w", "median", "amount", 60), "kind 'median' is unknown"),
-        (WindowSpec("w", "window", "amount", 0), "seconds must be > 0"),
+        (WindowSpec("w", "window", "amount", 0), "seconds must be a number from 1e-06"),
+        (WindowSpec("w", "window", "amount", 1e-9), r"from 1e-06 \(1 µs\) to 9.22337e\+12"),
+        (WindowSpec("w", "ewma", "amount", 1e-9), "'w': seconds must be a number from 1e-06"),
+        (WindowSpec("w", "rfm", "amount", float("inf")), "the int64 µs range\\), got inf"),
+        (WindowSpec("w", "window", "amount", float("nan")), "range\\), got nan"),
+        (WindowSpec("w", "window", "amount", 1e13), "range\\), got 10000000000000.0"),
+        (WindowSpec("w", "window", "amount", "60"), "range\\), got '60'"),
         (WindowSpec("w", "ewma", "price", 60), "column 'price' is missing"),
         (WindowSpec("amt_10m", "window", "amount", 60), "output 'amt_10m_count' repeats"),
     ],
@@ -99,3 +105,31 @@ def test_columns_of_the_wrong_length_are_refused() -> None:
         window_features(entity, ts, {"amount": columns["amount"][:9]}, SPECS)
     with pytest.raises(InvalidArgumentError, match=r"expected \(10,\)"):
         window_features(entity[:9], ts, columns, SPECS)
+
+
+def test_timestamps_at_the_ends_of_int64_count_every_event_in_the_window() -> None:
+    """An event always sees itself: t - window below int64's minimum used to wrap (count 0)."""
+    low = np.array([-(2**63) + 1, -(2**63) + 2, -(2**63) + 3], np.int64)
+    got = window_features([1, 1, 1], low, {"amount": [1.0, 2.0, 4.0]}, SPECS[:1])
+    assert got["amt_10m_count"].tolist() == [1, 2, 3] and got["amt_10m_sum"].tolist() == [1, 3, 7]
+    ends = [-(2**63), -(2**63) + 10**18, 10**18, 2**63 - 1]
+    widest = WindowSpec("all", "window", "amount", 9.2e12)
+    got = window_features([1] * 4, np.array(ends), {"amount": np.ones(4)}, [widest])
+    span = 9_200_000_000_000_000_000
+    want = [sum(u > t - span for u in ends[: i + 1]) for i, t in enumerate(ends)]  # Python ints
+    assert got["all_count"].tolist() == want == [1, 2, 1, 2]
+
+
+def test_uint64_timestamps_beyond_int64_are_refused_naming_the_row() -> None:
+    ts = np.array([5, 2**63 + 5], np.uint64)
+    with pytest.raises(InvalidArgumentError, match=r"ts_us\[1\] = 9223372036854775813 is beyond"):
+        window_features([1, 1], ts, {"amount": [1.0, 2.0]}, SPECS)
+    fits = window_features([1, 1], np.array([5, 2**63 - 1], np.uint64), {"amount": [1.0, 2.0]},
+                           SPECS[:1])  # fmt: skip
+    assert fits["amt_10m_count"].tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("keys", [[1, None], [1, "1"]], ids=["None", "mixed types"])
+def test_keys_that_cannot_be_sorted_name_the_entity_argument(keys) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"entity: the keys cannot be sorted .* no None"):
+        window_features(np.array(keys, object), np.array([0, 1]), {"amount": [1.0, 2.0]}, SPECS)

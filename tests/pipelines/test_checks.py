@@ -4,13 +4,15 @@ and a server with tokens is reached with the connection flags' ClientConfig."""
 from __future__ import annotations
 
 import dataclasses
+import time
 import tomllib
 
+import numpy as np
 import pytest
 
 from clients.channel import ClientConfig
 from clients.feature_client import FeatureStoreClient
-from featurestore.dtypes import DType
+from featurestore.dtypes import DType, FeatureStatus, numpy_dtype
 from featurestore.errors import ConflictError, UnavailableError
 from featurestore.registry import Entity, Feature, JoinKey
 from pipelines.checks import apply_views, check_views, expected_view
@@ -61,6 +63,42 @@ def test_check_names_every_view_that_cannot_take_the_writes(server):
         "view extra has feature refunds the pipeline does not write; remove it or add it to "
         "[pipeline.window.features]" in message
     )
+
+
+def test_a_quiet_entitys_last_window_expires_and_a_view_without_the_ttl_fails_the_check(
+    server,
+):
+    """Flink writes no empty window: the view's TTL (slide 60 s + watermark delay 3 s + 10 s)
+    is what stops a window ended 74 s ago from being served as current."""
+    pipeline = one_window("txn_5m")
+    apply_views(server.target, [pipeline], "card")
+    check_views(server.target, [pipeline])
+    window = pipeline.windows[0]
+    now_us = time.time_ns() // 1000
+    ends = np.array([now_us - 74_000_000, now_us - 60_000_000], np.int64)
+    with FeatureStoreClient(server.target) as client:
+        assert client.get_feature_view("txn_5m").ttl_seconds == 73
+        values = {a.name: np.ones(2, numpy_dtype(a.dtype)) for a in window.aggregates}
+        client.write_features("txn_5m", {"card_id": np.array([1, 2])}, ends, values)
+        found = client.get_online_features(["txn_5m:txn_count"], {"card_id": np.array([1, 2])})
+        assert found.statuses["txn_5m:txn_count"].tolist() == [
+            FeatureStatus.OUTSIDE_MAX_AGE,
+            FeatureStatus.PRESENT,
+        ]
+        view = client.get_feature_view("txn_5m")
+        client.apply([], [dataclasses.replace(view, ttl_seconds=0)])
+
+    with pytest.raises(ConflictError) as caught:
+        check_views(server.target, [pipeline])
+    assert (
+        "view txn_5m has ttl_seconds = 0, but the window's TTL is 73 s (slide + watermark "
+        "delay + 10 s; Flink writes no empty window" in str(caught.value)
+    )
+    assert "apply the view with ttl_seconds = 73, or set ttl_s = 0 in the pipeline's window" in (
+        str(caught.value)
+    )
+    no_limit = dataclasses.replace(pipeline, windows=(dataclasses.replace(window, ttl_s=0),))
+    check_views(server.target, [no_limit])
 
 
 def test_check_reaches_a_server_with_tokens_and_names_the_flag_without_one(

@@ -24,6 +24,9 @@ from pipelines.events import (
 from pipelines.streaming import JobOptions, run_streaming
 
 pytestmark = pytest.mark.flink
+NO_TTL = EXAMPLE_PIPELINE.replace("[[pipeline.window]]\n", "[[pipeline.window]]\nttl_s = 0\n")
+"""The example pipeline whose views keep every window: the events are from 2023, and under the
+windows' TTL each would read as expired."""
 
 
 def snapshot(target, pipeline, keys):
@@ -37,9 +40,9 @@ def snapshot(target, pipeline, keys):
 
 
 def test_backfill_then_streaming_equals_reference(server, tmp_path):
-    pipeline = parse_pipeline(tomllib.loads(EXAMPLE_PIPELINE)["pipeline"][0])
+    pipeline = parse_pipeline(tomllib.loads(NO_TTL)["pipeline"][0])
     definitions = tmp_path / "features.toml"
-    definitions.write_text(EXAMPLE_PIPELINE)
+    definitions.write_text(NO_TTL)
     events = generate_events(15_000, entities=200, span_s=5400, jitter_ms=1500, seed=5)
     history, recent = tmp_path / "history", tmp_path / "recent"
     paths = write_events(events, history, files=3)

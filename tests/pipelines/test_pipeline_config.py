@@ -49,6 +49,16 @@ BROKEN = {
                             "window[1].slide_s: is for hop windows only"),
     "count of a column": (EXAMPLE_PIPELINE.replace('txn_count = "count"', 'n = "count(x)"', 1),
                           'features.n: count takes no column'),
+    "ttl_s = nan": (EXAMPLE_PIPELINE.replace(TUMBLE, TUMBLE + "\nttl_s = nan"),
+                    "window[1].ttl_s: give whole seconds from 0 (no limit) to 315360000"),
+    "ttl_s negative": (EXAMPLE_PIPELINE.replace(HOP, HOP + "\nttl_s = -1"),
+                       "window[0].ttl_s: give whole seconds from 0 (no limit)"),
+    "ttl_s over 10 years": (EXAMPLE_PIPELINE.replace(HOP, HOP + "\nttl_s = 1e10"),
+                            "window[0].ttl_s: give whole seconds from 0 (no limit)"),
+    "ttl_s fractional": (EXAMPLE_PIPELINE.replace(HOP, HOP + "\nttl_s = 90.5"),
+                         "window[0].ttl_s: give whole seconds"),
+    "ttl_s a string": (EXAMPLE_PIPELINE.replace(HOP, HOP + '\nttl_s = "90"'),
+                       "window[0].ttl_s: give whole seconds"),
 }  # fmt: skip
 
 
@@ -69,6 +79,21 @@ def test_hop_slides_in_fractions_of_a_second_divide_exactly(tmp_path):
     path.write_text(EXAMPLE_PIPELINE.replace(HOP, HOP.replace("300", "0.3").replace("60", "0.1")))
     window = load_pipelines(path)[0].windows[0]
     assert (window.size_s, window.slide_s) == (0.3, 0.1)
+
+
+def test_window_ttl_is_the_slide_plus_the_watermark_delay_plus_a_margin(tmp_path):
+    """Flink writes no empty window: a quiet entity's last window must expire once the next
+    one would have been written (slide + watermark delay, rounded up, + 10 s)."""
+    path = tmp_path / "features.toml"
+    text = EXAMPLE_PIPELINE.replace("allowed_lateness_s = 1.0", "allowed_lateness_s = 1.5")
+    path.write_text(text)
+    pipeline = load_pipelines(path)[0]
+    assert [pipeline.ttl_seconds(w) for w in pipeline.windows] == [60 + 4 + 10, 3600 + 4 + 10]
+    path.write_text(
+        text.replace(HOP, HOP + "\nttl_s = 0").replace(TUMBLE, TUMBLE + "\nttl_s = 900")
+    )
+    pipeline = load_pipelines(path)[0]
+    assert [pipeline.ttl_seconds(w) for w in pipeline.windows] == [0, 900]
 
 
 def run_cli(tmp_path: Path, *flags: str, definitions: str | None = EXAMPLE_PIPELINE) -> int:

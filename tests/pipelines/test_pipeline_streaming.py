@@ -70,6 +70,8 @@ def prepare(
     """Register the views and write the events in one file (a streaming job reads the files
     already in its folder in no set order, so history in several files is backfill's job)."""
     text = EXAMPLE_PIPELINE.replace('format = "csv"', f'format = "{fmt}"')
+    # The events are hours to years old: under the windows' TTL every one would read as expired.
+    text = text.replace("[[pipeline.window]]\n", "[[pipeline.window]]\nttl_s = 0\n")
     pipeline = parse_pipeline(tomllib.loads(text)["pipeline"][0])
     definitions = tmp_path / "features.toml"
     definitions.write_text(text)

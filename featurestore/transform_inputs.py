@@ -60,10 +60,24 @@ def _as_key(x: Any, label: str, name: str) -> np.ndarray | StringColumn:
         # A fixed-width array drops trailing NULs ("a\x00" became "a"): keep the given strings.
         arr = np.asarray(x, dtype=object)
     if arr.dtype.kind in "USO":
-        return pack_strings(arr)
+        try:
+            return pack_strings(arr)
+        except (TypeError, UnicodeEncodeError):
+            row, value = next((i, v) for i, v in enumerate(arr.ravel()) if not _utf8(v))
+            raise InvalidArgumentError(
+                f"{label}: input {name!r} holds {value!r} at row {row}; give str (UTF-8) or "
+                "bytes values, or int64 keys"
+            ) from None
     raise InvalidArgumentError(
         f"{label}: input {name!r} has dtype {arr.dtype}; this op needs strings or int64"
     )
+
+
+def _utf8(value: object) -> bool:
+    """Whether pack_strings takes value: bytes-like, or a str that encodes as UTF-8."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass") == value.encode("utf-8", "ignore")
+    return isinstance(value, (bytes, bytearray, memoryview))
 
 
 CONVERTERS = {"float": as_float, "time": _as_time, "key": _as_key}

@@ -32,11 +32,14 @@ class StringColumn(NamedTuple):
 
 
 def pack_strings(values: object) -> StringColumn:
-    """A StringColumn from a sequence of str or bytes (or a StringColumn, returned as is)."""
+    """A StringColumn from a sequence of str or bytes (or a StringColumn, returned as is).
+
+    TypeError for an item that is neither (bytes(5) would be five NUL bytes), UnicodeEncodeError
+    for a str that is not valid UTF-8 (a lone surrogate)."""
     if isinstance(values, StringColumn):
         return values
     items = values.ravel() if isinstance(values, np.ndarray) else values
-    encoded = [v.encode() if isinstance(v, str) else bytes(v) for v in items]
+    encoded = [v.encode() if isinstance(v, str) else memoryview(v).tobytes() for v in items]
     lengths = np.fromiter((len(b) for b in encoded), np.int64, count=len(encoded))
     offsets = np.zeros(len(encoded) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])

@@ -377,3 +377,15 @@ def test_uint64_inputs_over_int64_are_refused_naming_the_input(op, params):
     np.testing.assert_array_equal(
         apply(step, {"k": fits})["o"], apply(step, {"k": fits.astype(np.int64)})["o"]
     )
+
+
+def test_key_values_that_are_not_strings_are_refused_naming_the_input_and_row():
+    """None raised a bare TypeError, an int in an object column hashed as that many NUL bytes
+    (bytes(5)), and a lone surrogate a UnicodeEncodeError."""
+    step = Transform("hash_bucket", ["k"], "h", {"buckets": 1000})
+    for bad, shown in ((None, "None"), (5, "5"), ("\ud800", "'\\ud800'")):
+        with pytest.raises(InvalidArgumentError) as info:
+            apply(step, {"k": np.array(["a", bad], object)})
+        assert str(info.value).endswith(
+            f"input 'k' holds {shown} at row 1; give str (UTF-8) or bytes values, or int64 keys"
+        ), str(info.value)

@@ -2,8 +2,10 @@
 
 Each view version has a named database b"h:<name>@<version>" keyed by a big-endian sequence
 number; a value packs one batch's LMDB keys and packed rows. Every row that passed validation
-is logged, including rows that were stale online (late data still matters to training).
-Replaying it rebuilds the online store, and it answers point-in-time-correct training queries.
+is logged, including late rows that were stale online (late data still matters to training),
+but not a row stale with the very event time stored (a replay or retry): the earlier write wins
+ties, so no query could select it. Replaying the log rebuilds the online store, and it answers
+point-in-time-correct training queries, by event time or as served.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from featurestore.errors import InvalidArgumentError
-from featurestore.keys import INVALID_KEY, decode_keys, encode_keys
+from featurestore.keys import decode_keys, encode_keys
+from featurestore.last_write_wins import key_order, newest_per_key, pick
+from featurestore.registry import Entity, FeatureView
 from featurestore.row_codec import (
     MISSING_ROW,
     NO_CUTOFF,
@@ -51,24 +55,33 @@ def unpack_batch(blob: bytes) -> tuple[list[bytes], list[bytes]]:
 
 @dataclass
 class HistoryLog:
-    """Every logged row of a view version, in write order: LMDB keys, event times, rows."""
+    """Every logged row of a view version, in write order: LMDB keys, event and write times
+    (µs) and rows."""
 
     keys: list[bytes]
     event_us: np.ndarray
+    write_us: np.ndarray
     rows: list[bytes]
+
+
+def _log_of(blobs: Sequence[bytes]) -> HistoryLog:
+    """History records concatenated in write order."""
+    keys: list[bytes] = []
+    rows: list[bytes] = []
+    for blob in blobs:
+        k, r = unpack_batch(blob)
+        keys.extend(k)
+        rows.extend(r)
+    # row header bytes 8:24: event_us i64, write_us i64 (see row_codec)
+    times = np.frombuffer(b"".join(r[8:24] for r in rows), "<i8").reshape(-1, 2)
+    times = times.astype(np.int64)
+    return HistoryLog(keys, times[:, 0], times[:, 1], rows)
 
 
 def read_log(store: OnlineStore, view: str, version: int = 0) -> HistoryLog:
     """All history records of a view version, concatenated in write order."""
     fv = store.registry.get_view(view, version)
-    keys: list[bytes] = []
-    rows: list[bytes] = []
-    for blob in store.history_blobs(fv.name, fv.version):
-        k, r = unpack_batch(blob)
-        keys.extend(k)
-        rows.extend(r)
-    events = np.frombuffer(b"".join(r[8:16] for r in rows), "<i8").astype(np.int64)
-    return HistoryLog(keys, events, rows)
+    return _log_of(store.history_blobs(fv.name, fv.version))
 
 
 def history_rows(
@@ -83,19 +96,31 @@ def history_rows(
     return decode_keys(entity, log.keys), log.event_us, decoded.blocks
 
 
+def _latest_rows(log: HistoryLog) -> list[tuple[bytes, bytes]]:
+    """(key, row) of each key's row the online store keeps after the logged writes: the newest
+    event time, the earliest logged among equal ones (last-write-wins); in key order."""
+    order, starts = key_order(log.keys)
+    newest = order[newest_per_key(log.event_us[order], starts)].tolist()
+    return list(zip(pick(log.keys, newest), pick(log.rows, newest), strict=True))
+
+
 def rebuild_online(store: OnlineStore, view: str, version: int = 0) -> int:
-    """Empty the online rows of a view version and replay its history; returns rows replayed."""
+    """Empty the online rows of a view version and replay its history; returns rows replayed.
+
+    The history is read in the write transaction that replaces the rows, so a write committed
+    alongside lands before it (and is replayed) or after it (and stays): none is lost.
+    """
     fv = store.registry.get_view(view, version)
-    log = read_log(store, fv.name, fv.version)
-    events = log.event_us.tolist()
-    latest: dict[bytes, int] = {}
-    for i, key in enumerate(log.keys):
-        prev = latest.get(key)
-        if prev is None or events[i] > events[prev]:
-            latest[key] = i
-    pairs = [(log.keys[i], log.rows[i]) for i in sorted(latest.values())]
-    store.replace_online_rows(fv.name, fv.version, pairs)
-    return len(log.keys)
+    replayed = 0
+
+    def latest(blobs: list[bytes]) -> list[tuple[bytes, bytes]]:
+        nonlocal replayed
+        log = _log_of(blobs)
+        replayed = len(log.keys)
+        return _latest_rows(log)
+
+    store.replace_online_rows(fv.name, fv.version, latest)
+    return replayed
 
 
 @dataclass
@@ -125,6 +150,76 @@ def _label_times(timestamps: object, rows: int) -> np.ndarray:
     return ts.astype(np.int64)
 
 
+def _feature_names(fv: FeatureView, features: Sequence[str] | None) -> list[str]:
+    """The features to return (default all); a bare string is refused (list("x") splits it)."""
+    if features is None:
+        return [f.name for f in fv.features]
+    if isinstance(features, str | bytes):
+        raise InvalidArgumentError(
+            f"features: got the string {features!r}; give a list of feature names, e.g. "
+            f"[{features!r}]"
+        )
+    return list(features)
+
+
+def _query_keys(entity: Entity, entity_keys: dict[str, np.ndarray]) -> list[bytes]:
+    """The LMDB key of each query row; InvalidArgumentError naming the join key column and the
+    first bad row (a None, a lone surrogate, a uint64 over the int64 range) rather than a
+    silent NOT_FOUND."""
+    encoded = encode_keys(entity, entity_keys)
+    if encoded.errors:
+        row, column, reason = encoded.errors[0]
+        raise InvalidArgumentError(
+            f"entity_keys: join key {column!r} row {row}: {reason}; fix the key "
+            f"({len(encoded.errors)} bad rows)"
+        )
+    return encoded.keys
+
+
+def _last_at_or_before(
+    group: np.ndarray, time: np.ndarray, query_group: np.ndarray, query_time: np.ndarray
+) -> np.ndarray:
+    """Log rows sorted by (group, time); for each query, the sorted position of the last row of
+    its group with time <= its time, or -1 where there is none (query group -1: no row)."""
+    n = len(group)
+    _, rank = np.unique(np.concatenate([time, query_time]), return_inverse=True)
+    width = np.int64(len(rank) + 1)
+    pos = np.searchsorted(group * width + rank[:n], query_group * width + rank[n:], "right") - 1
+    if n == 0:
+        return pos
+    hit = (query_group >= 0) & (pos >= 0) & (group[np.maximum(pos, 0)] == query_group)
+    return np.where(hit, pos, -1)
+
+
+def _by_event_time(
+    log: HistoryLog, log_id: np.ndarray, query_id: np.ndarray, ts: np.ndarray
+) -> np.ndarray:
+    """Per query, the log index of the latest row with event time <= its label (the earliest
+    logged among equal event times), -1 if none."""
+    order = np.lexsort((-np.arange(len(log_id)), log.event_us, log_id))
+    pos = _last_at_or_before(log_id[order], log.event_us[order], query_id, ts)
+    return np.where(pos >= 0, order[pos] if len(order) else pos, -1)
+
+
+def _as_served(
+    log: HistoryLog, log_id: np.ndarray, query_id: np.ndarray, ts: np.ndarray
+) -> np.ndarray:
+    """Per query, the log index of the row serving held at its label: among rows written
+    (write time) by then, the latest event time, the earliest logged among equal ones; -1 if
+    none. A running best per key over write order, looked up at the label."""
+    n = len(log_id)
+    if n == 0:
+        return np.full(len(ts), -1, np.int64)
+    by_preference = np.lexsort((-np.arange(n), log.event_us))
+    preference = np.empty(n, np.int64)
+    preference[by_preference] = np.arange(n)
+    order = np.lexsort((log.write_us, log_id))
+    # keys ascend along `order`, so a running maximum of key * n + preference restarts per key
+    best = np.maximum.accumulate(log_id[order] * n + preference[order]) % n
+    pos = _last_at_or_before(log_id[order], log.write_us[order], query_id, ts)
+    return np.where(pos >= 0, by_preference[best[pos]], -1)
+
+
 def point_in_time(
     store: OnlineStore,
     view: str,
@@ -132,35 +227,28 @@ def point_in_time(
     timestamps: np.ndarray,
     features: Sequence[str] | None = None,
     version: int = 0,
+    *,
+    as_served: bool = False,
 ) -> PointInTimeResult:
-    """For each (entity, timestamp): the latest logged row with event time <= timestamp.
+    """For each (entity, label time): the logged row a training example sees then.
 
-    Rows older than timestamp - ttl_seconds are withheld as OUTSIDE_MAX_AGE; among rows with the
-    same event time the earlier write wins, as in the online store.
+    By default (event time, as Feast): the latest row with event time <= the label. as_served:
+    what GetOnlineFeatures answered at the label: the latest event time among rows written by
+    then (a row's write time), future-dated rows included, late rows only if nothing newer was
+    written before them. Either way the earlier write wins among equal event times, as online,
+    and rows older than label - ttl_seconds are withheld as OUTSIDE_MAX_AGE.
     """
     fv = store.registry.get_view(view, version)
     entity = store.registry.get_entity(fv.entity)
-    log = read_log(store, fv.name, fv.version)
-    query_keys = encode_keys(entity, entity_keys).keys
+    names = _feature_names(fv, features)
+    query_keys = _query_keys(entity, entity_keys)
     ts = _label_times(timestamps, len(query_keys))
+    log = read_log(store, fv.name, fv.version)
     ids: dict[bytes, int] = {}
     log_id = np.fromiter((ids.setdefault(k, len(ids)) for k in log.keys), np.int64, len(log.keys))
-    query_id = np.fromiter(
-        (ids.get(k, -1) if k != INVALID_KEY else -1 for k in query_keys), np.int64, len(ts)
-    )
-    order = np.lexsort((-np.arange(len(log_id)), log.event_us, log_id))
-    sorted_id = log_id[order]
-    sorted_ev = log.event_us[order]
-    times = np.concatenate([sorted_ev, ts])
-    _, rank = np.unique(times, return_inverse=True)
-    width = np.int64(len(times) + 1)
-    log_code = sorted_id * width + rank[: len(sorted_ev)]
-    query_code = query_id * width + rank[len(sorted_ev) :]
-    pos = np.searchsorted(log_code, query_code, side="right") - 1
-    safe = np.clip(pos, 0, max(len(order) - 1, 0))
-    hit = (query_id >= 0) & (pos >= 0) & (sorted_id[safe] == query_id if len(order) else False)
-    rows = [log.rows[order[p]] if h else MISSING_ROW for p, h in zip(safe, hit, strict=True)]
+    query_id = np.fromiter((ids.get(k, -1) for k in query_keys), np.int64, len(ts))
+    chosen = (_as_served if as_served else _by_event_time)(log, log_id, query_id, ts)
+    rows = [log.rows[i] if i >= 0 else MISSING_ROW for i in chosen.tolist()]
     cutoff = ttl_cutoff(ts, fv.ttl_seconds)
-    names = list(features) if features is not None else [f.name for f in fv.features]
     decoded = decode_rows(DecodePlan(RowLayout(fv), names), rows, cutoff)
     return PointInTimeResult(decoded.event_us, decoded.row_status, decoded.blocks)

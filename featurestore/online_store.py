@@ -244,8 +244,11 @@ class LmdbEnv:
         self._registry_db = self._ensure_db(REGISTRY_DB)
 
     def _open(self, map_size: int) -> lmdb.Environment:
+        """Open the environment and free the reader slots of processes that died holding one (a
+        worker killed mid-lookup): a dead reader's snapshot keeps LMDB from reusing any page
+        freed after it, so the file grew for as long as the other processes ran."""
         config = self._config
-        return lmdb.open(
+        env = lmdb.open(
             str(config.path),
             map_size=map_size,
             max_readers=config.max_readers,
@@ -255,6 +258,8 @@ class LmdbEnv:
             lock=True,
             readahead=False,
         )
+        env.reader_check()
+        return env
 
     def _ensure_db(self, name: bytes) -> lmdb._Database:
         db = self.existing_db(name)
@@ -756,14 +761,17 @@ class OnlineStore:
             for i in positions:
                 out[i] = exc
             return
-        accepted = _apply_group(txn, db, group)
+        accepted, replays = _apply_group(txn, db, group)
         for i, batch, (written, stale) in zip(positions, group, accepted, strict=True):
             out[i] = WriteResult(written, stale, batch.rejected, batch.errors)
         cur = txn.cursor(db=hist)
         seq = int.from_bytes(cur.key(), "big") + 1 if cur.last() else 1
-        for batch in group:
-            cur.put(seq.to_bytes(8, "big"), batch.history, append=True)
-            seq += 1
+        ends = np.cumsum([len(batch.keys) for batch in group]).tolist()
+        for batch, end in zip(group, ends, strict=True):
+            record = _history_record(batch, replays[end - len(batch.keys) : end])
+            if record is not None:
+                cur.put(seq.to_bytes(8, "big"), record, append=True)
+                seq += 1
 
     def write(self, batch: WriteBatch, now_us: int | None = None) -> WriteResult:
         """prepare + write_prepared for one batch (raising its error, if any)."""
@@ -907,14 +915,21 @@ class OnlineStore:
             return [bytes(v) for _, v in txn.cursor(db=db)]
 
     def replace_online_rows(
-        self, name: str, version: int, pairs: Sequence[tuple[bytes, bytes]]
+        self,
+        name: str,
+        version: int,
+        from_history: Callable[[list[bytes]], Sequence[tuple[bytes, bytes]]],
     ) -> None:
-        """Empty a view version's online rows and store `pairs` (key, row) in one transaction."""
+        """Empty a view version's online rows and store the (key, row) pairs from_history
+        makes of its history records, read in the same write transaction: a write committed
+        alongside is in those records, or lands after the replacement."""
         self._check_open()
 
         def work(txn: lmdb.Transaction) -> None:
             self.registry.get_view(name, version, txn)
             db = self._lmdb.view_db(name, version, txn)
+            hist = self._lmdb.db_in_write(history_db_name(name, version), txn)
+            pairs = from_history(list(txn.cursor(db=hist).iternext(keys=False)))
             txn.drop(db, delete=False)
             txn.cursor(db=db).putmulti(pairs)
 
@@ -1050,10 +1065,42 @@ def _first_per_row(bad: list[tuple[int, str, str]]) -> list[RowError]:
     return list(first.values())
 
 
+def _history_record(batch: PreparedBatch, replays: np.ndarray) -> bytes | None:
+    """The batch's history record without its replays (None if nothing is left to log)."""
+    if not replays.any():
+        return batch.history
+    keep = np.flatnonzero(~replays).tolist()
+    if not keep:
+        return None
+    return pack_batch(pick(batch.keys, keep), pick(batch.rows, keep))
+
+
+def _replays(
+    events: np.ndarray, stored: np.ndarray, run: np.ndarray, applied: np.ndarray
+) -> np.ndarray:
+    """For rows in key order (as `resolve` takes them; run: each row's key number): whether
+    each is stale with the very event time it lost to (the stored row's, or that of the key's
+    last row applied before it in the commit), i.e. a replay or retry. The earlier write wins
+    such ties wherever the history is read, so the row is not logged; a late (older) row is."""
+    replays = np.zeros(len(events), np.bool_)
+    stale = np.flatnonzero(~applied)
+    if len(stale) == 0:
+        return replays
+    current = stored[stale]
+    applied_at = np.flatnonzero(applied)
+    if len(applied_at):
+        prior = applied_at[np.maximum(np.searchsorted(applied_at, stale) - 1, 0)]
+        same_key = (prior < stale) & (run[prior] == run[stale])
+        current = np.where(same_key, events[prior], current)
+    replays[stale] = events[stale] == current
+    return replays
+
+
 def _apply_group(
     txn: lmdb.Transaction, db: lmdb._Database, batches: list[PreparedBatch]
-) -> list[tuple[int, int]]:
-    """Last-write-wins put of the batches' rows into db; (written, stale) per batch.
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Last-write-wins put of the batches' rows into db: (written, stale) per batch, and per
+    row (in the batches' order) whether it is a replay, which the history does not log.
 
     Keys are visited in byte order (neighbouring B-tree pages stay hot in the CPU cache). Each
     key's newest row replaces the stored one in a single LMDB operation that returns the old
@@ -1072,8 +1119,13 @@ def _apply_group(
     stored = stored_events(old)
     for i in np.flatnonzero(stored >= events[newest]).tolist():
         cur.put(keys[newest[i]], old[i])
-    applied_in_order = resolve(events_in_order, stored[np.cumsum(starts) - 1], starts)
+    run = np.cumsum(starts) - 1
+    stored_in_order = stored[run]
+    applied_in_order = resolve(events_in_order, stored_in_order, starts)
     applied = np.empty(len(keys), np.bool_)
     applied[order] = applied_in_order
+    replays = np.empty(len(keys), np.bool_)
+    replays[order] = _replays(events_in_order, stored_in_order, run, applied_in_order)
     written = np.bincount(owner[applied], minlength=len(batches))
-    return [(int(w), int(t - w)) for w, t in zip(written, total, strict=True)]
+    counts = [(int(w), int(t - w)) for w, t in zip(written, total, strict=True)]
+    return counts, replays

@@ -1,11 +1,16 @@
 """History log: written with every accepted write, rebuilds the online store, answers
 point-in-time queries (checked against a brute-force scan)."""
 
+import dataclasses
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from clients.channel import ClientConfig
+from clients.feature_client import FeatureStoreClient
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.errors import InvalidArgumentError
 from featurestore.history import history_rows, point_in_time, rebuild_online
@@ -58,10 +63,10 @@ def test_rebuild_online_restores_latest_values(store):
     store.write(batch(["a", "b"], [NOW, NOW], [1, 2]), now_us=NOW)
     store.write(batch(["a", "b"], [NOW - SEC, NOW], [3, 4]), now_us=NOW)
     before = store.read("spend", {"user_id": np.array(["a", "b"], dtype=object)}, now_us=NOW)
-    store.replace_online_rows("spend", 1, [])
+    store.replace_online_rows("spend", 1, lambda records: [])
     emptied = store.read("spend", {"user_id": np.array(["a"], dtype=object)}, now_us=NOW)
     assert emptied.row_status.tolist() == [FeatureStatus.NOT_FOUND]
-    assert rebuild_online(store, "spend", 1) == 4
+    assert rebuild_online(store, "spend", 1) == 3
     after = store.read("spend", {"user_id": np.array(["a", "b"], dtype=object)}, now_us=NOW)
     assert after.blocks[0].values[:, 0].tolist() == before.blocks[0].values[:, 0].tolist() == [1, 2]
     assert after.event_us.tolist() == before.event_us.tolist()
@@ -138,3 +143,204 @@ def test_point_in_time_needs_one_whole_label_time_per_key_row(store, timestamps,
     keys = {"user_id": np.array(["a", "b"], dtype=object)}
     with pytest.raises(InvalidArgumentError, match=message):
         point_in_time(store, "spend", keys, timestamps)
+
+
+def test_rebuild_online_keeps_writes_committed_while_it_runs(tmp_path: Path):
+    """rebuild_online read the log, then emptied and refilled the online rows in a later
+    transaction: rows another thread committed in between vanished online (acknowledged, and
+    kept in the history only)."""
+    with OnlineStore(StoreConfig(tmp_path / "db", sync=False)) as s:
+        s.registry.apply([USER], [VIEW])
+        old = [f"old{i}" for i in range(20_000)]
+        s.write(batch(old, np.full(len(old), NOW), np.arange(len(old))), now_us=NOW)
+        acked: list[str] = []
+        stop = threading.Event()
+
+        def writer() -> None:
+            while not stop.is_set():
+                s.write(batch([f"new{len(acked)}"], [NOW], [len(acked)]), now_us=NOW)
+                acked.append(f"new{len(acked)}")
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            while len(acked) < 10:
+                time.sleep(0.001)
+            for _ in range(5):
+                rebuild_online(s, "spend")
+        finally:
+            stop.set()
+            thread.join()
+        got = s.read("spend", {"user_id": np.array(old + acked, dtype=object)}, now_us=NOW)
+        statuses = zip(old + acked, got.row_status.tolist(), strict=True)
+        assert [key for key, status in statuses if status != FeatureStatus.PRESENT] == []
+        expected = list(range(len(old))) + list(range(len(acked)))
+        assert got.blocks[0].values[:, 0].tolist() == expected
+
+
+def test_replayed_rows_are_logged_once_and_late_rows_still_are(store):
+    """Re-running an ingest (each row stale with an equal event time) changes nothing online,
+    yet appended every row to the history again: 3 runs logged 3x the rows."""
+    for _ in range(3):
+        store.write(batch(["a", "b", "c"], [NOW, NOW - SEC, NOW], [1, 2, 3]), now_us=NOW)
+    assert len(store.history_blobs("spend", 1)) == 1
+    # a late row for a (logged), a replay of b, and d twice at one event time (the first wins)
+    mixed = batch(["a", "b", "d", "d"], [NOW - 5 * SEC, NOW - SEC, NOW, NOW], [4, 5, 6, 7])
+    result = store.write(mixed, now_us=NOW)
+    assert (result.written, result.stale) == (1, 3)
+    keys, events, blocks = history_rows(store, "spend")
+    assert keys["user_id"].tolist() == ["a", "b", "c", "a", "d"]
+    assert events.tolist() == [NOW, NOW - SEC, NOW, NOW - 5 * SEC, NOW]
+    assert blocks[0].values[:, 0].tolist() == [1, 2, 3, 4, 6]
+
+
+def test_history_logs_every_accepted_row_but_replays_in_any_commit(store):
+    """Random commits of several batches with repeated keys and event times: the log holds, in
+    write order, each row but those stale with the event time they lost to (a plain-Python
+    last-write-wins over arrival order)."""
+    rng = np.random.default_rng(5)
+    current: dict[str, int] = {}
+    expected = []
+    for _ in range(20):
+        batches = []
+        for _ in range(int(rng.integers(1, 4))):
+            ids = [f"u{i}" for i in rng.integers(0, 6, 8)]
+            events = NOW - rng.integers(0, 5, 8) * SEC
+            amounts = rng.integers(0, 1000, 8).astype(float)
+            batches.append(store.prepare(batch(ids, events, amounts), now_us=NOW))
+            for key, event, amount in zip(ids, events.tolist(), amounts.tolist(), strict=True):
+                if event != current.get(key):
+                    expected.append((key, event, amount))
+                current[key] = max(event, current.get(key, event))
+        store.write_prepared(batches)
+    keys, events, blocks = history_rows(store, "spend")
+    amounts = blocks[0].values[:, 0].tolist()
+    assert list(zip(keys["user_id"].tolist(), events.tolist(), amounts, strict=True)) == expected
+
+
+def served(result) -> list[tuple]:
+    """(amount, its status, event time, row status) per row of a read or point_in_time."""
+    values, statuses = result.blocks[0].values[:, 0], result.blocks[0].statuses[:, 0]
+    return list(
+        zip(
+            values.tolist(),
+            statuses.tolist(),
+            result.event_us.tolist(),
+            result.row_status.tolist(),
+            strict=True,
+        )
+    )
+
+
+def test_point_in_time_as_served_answers_what_the_online_read_answered(store):
+    """By event time, a future-dated row (accepted within max_clock_skew_seconds) was served
+    PRESENT online but NOT_FOUND at the same instant, and a row that arrived after the label
+    (or late, refused stale) was used where serving answered another value. as_served replays
+    serving: random writes (future-dated, late, replays, expired by the TTL), each followed by
+    reads at two instants before the next write, then point_in_time at those instants."""
+    rng = np.random.default_rng(11)
+    ids = np.array(["a", "b", "c", "d", "e"], dtype=object)
+    labels, answers = [], []
+    wall = NOW
+    for step in range(60):
+        key = ids[rng.integers(0, len(ids), 2)]
+        events = wall + rng.integers(-200, 250, 2) * SEC
+        if step % 7 == 3:  # a replay of a key's stored event time, with another value
+            stored = store.read("spend", {"user_id": key[:1]}, now_us=wall).event_us[0]
+            events[0] = stored or events[0]
+        store.write(batch(key, events, rng.integers(0, 1000, 2).astype(float)), now_us=wall)
+        gap = int(rng.integers(1, 150)) * SEC
+        for label in (wall, wall + gap - 1):
+            labels.append(np.full(len(ids), label))
+            answers.extend(served(store.read("spend", {"user_id": ids}, now_us=label)))
+        wall += gap
+    query = {"user_id": np.tile(ids, len(labels))}
+    label_times = np.concatenate(labels)
+    as_served = point_in_time(store, "spend", query, label_times, ["amount"], as_served=True)
+    assert served(as_served) == answers
+    assert {a[3] for a in answers} == {1, 2, 4}  # PRESENT, NOT_FOUND, OUTSIDE_MAX_AGE
+    times = label_times.tolist()
+    assert any(a[3] == 1 and a[2] > t for a, t in zip(answers, times, strict=True))  # future
+    by_event = served(point_in_time(store, "spend", query, label_times, ["amount"]))
+    assert all(e[3] != 1 or e[2] <= t for e, t in zip(by_event, times, strict=True))
+    assert by_event != answers
+
+
+def test_point_in_time_refuses_a_string_for_features(store):
+    """features="amount" was taken as list("amount"): the features a, m, o, ..."""
+    keys = {"user_id": np.array(["a"], dtype=object)}
+    with pytest.raises(InvalidArgumentError, match=r"features: got the string 'amount'; give a"):
+        point_in_time(store, "spend", keys, np.array([NOW]), "amount")
+
+
+ACCOUNT = Entity("account", (JoinKey("account_id", DType.INT64),))
+LIMITS = FeatureView("limits", "account", (Feature("limit", DType.FLOAT64),))
+
+
+@pytest.mark.parametrize(
+    ("view", "keys", "message"),
+    [
+        (
+            "spend",
+            {"user_id": np.array(["a", None], dtype=object)},
+            r"join key 'user_id' row 1: expected str or bytes, got NoneType",
+        ),
+        (
+            "spend",
+            {"user_id": np.array(["a", "b", "\ud800"], dtype=object)},
+            r"join key 'user_id' row 2: string is not valid Unicode \(lone surrogate\)",
+        ),
+        (
+            "limits",
+            {"account_id": np.array([1, 2**64 - 1], np.uint64)},
+            r"join key 'account_id' row 1: value exceeds the int64 range",
+        ),
+    ],
+)
+def test_point_in_time_refuses_a_bad_join_key_naming_its_column_and_row(store, view, keys, message):
+    """A key encode_keys marks invalid silently answered NOT_FOUND."""
+    store.registry.apply([ACCOUNT], [LIMITS])
+    with pytest.raises(InvalidArgumentError, match=message):
+        point_in_time(store, view, keys, np.full(len(next(iter(keys.values()))), NOW))
+
+
+def test_point_in_time_as_served_equals_get_online_features_of_a_real_server(server):
+    """Through a real server: GetOnlineFeatures answers recorded with their wall times are what
+    point_in_time(as_served=True) answers at those times, for a future-dated row, a late row
+    refused stale, an equal-time replay, a row written after a read, a row past its TTL."""
+    now = time.time_ns() // 1000
+    views = [dataclasses.replace(VIEW, ttl_seconds=3600)]
+    ids = np.array(["a", "b", "c", "d"], dtype=object)
+    reads = []
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([USER], views)
+
+        def write(keys: list[str], events: list[int], amounts: list[float]) -> None:
+            cols = {"amount": np.array(amounts), "note": [f"n{a}" for a in amounts]}
+            client.write_features("spend", {"user_id": np.array(keys, dtype=object)}, events, cols)
+
+        def read() -> None:
+            got = client.get_online_features(["spend:amount", "spend:note"], {"user_id": ids})
+            event_us = got.event_timestamps["spend"].astype("datetime64[us]").astype(np.int64)
+            reads.append((time.time_ns() // 1000, got, event_us.tolist()))
+
+        write(["a", "c"], [now - 2 * SEC, now - 7200 * SEC], [1, 2])  # c: past the TTL
+        read()
+        write(["a", "b", "d"], [now - 3 * SEC, now + 60 * SEC, now - SEC], [3, 4, 5])
+        read()  # a late (stale), b future-dated, d written after the first read
+        write(["a", "a"], [now - 2 * SEC, now - SEC], [6, 7])  # a replay, then newer
+        read()
+    assert server.terminate() == 0
+    with OnlineStore(StoreConfig(server.data_dir)) as store:
+        for label, got, event_us in reads:
+            labels = np.full(len(ids), label)
+            past = point_in_time(store, "spend", {"user_id": ids}, labels, as_served=True)
+            amount, note = past.blocks[0], past.blocks[1]
+            assert amount.values[:, 0].tolist() == got["spend:amount"].tolist()
+            assert amount.statuses[:, 0].tolist() == got.statuses["spend:amount"].tolist()
+            assert note.values[:, 0].tolist() == list(got["spend:note"])
+            assert note.statuses[:, 0].tolist() == got.statuses["spend:note"].tolist()
+            assert past.event_us.tolist() == event_us
+        by_event = point_in_time(store, "spend", {"user_id": ids}, labels)
+        assert by_event.row_status.tolist() == [1, 2, 4, 1]  # b's future row: NOT_FOUND
+        assert [s.tolist() for s in reads[1][1].statuses.values()] == [[1, 1, 4, 1]] * 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.dtypes import DType
-from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
+from featurestore.online_store import LmdbEnv, OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 
 NOW = 1_800_000_000_000_000
@@ -98,3 +98,37 @@ def test_two_readers_while_a_third_process_writes(tmp_path: Path):
             reads, distinct, last, map_size = map(int, out.split())
             assert last == GENERATIONS and reads >= distinct >= 1
             assert map_size > start_size, "the reader did not adopt the grown map"
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from featurestore.online_store import LmdbEnv, StoreConfig
+lmdb_env = LmdbEnv(StoreConfig(Path(sys.argv[1])))
+txn = lmdb_env.env.begin()  # a read snapshot held when the process dies, as in a killed lookup
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_reader_killed_mid_read_frees_its_slot_when_the_store_is_next_opened(tmp_path):
+    """Its stale snapshot kept LMDB from reusing pages freed after it while the other processes
+    ran (a --workers group's store grew twice as fast after a worker was killed mid-lookup)."""
+    survivor = LmdbEnv(StoreConfig(tmp_path))  # keeps the lock file's reader table alive
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert f"{holder.pid:>10}" in survivor.env.readers()
+        holder.kill()
+        holder.wait(10)
+        assert f"{holder.pid:>10}" in survivor.env.readers()
+        replacement = "import sys; from pathlib import Path; from featurestore.online_store import "
+        replacement += "LmdbEnv, StoreConfig; LmdbEnv(StoreConfig(Path(sys.argv[1]))).close()"
+        subprocess.run([sys.executable, "-c", replacement, str(tmp_path)], check=True, timeout=60)
+        assert f"{holder.pid:>10}" not in survivor.env.readers()
+    finally:
+        holder.kill()
+        holder.stdout.close()
+        survivor.close()

@@ -67,7 +67,8 @@ def schema_problems(
     ]
     ttl = pipeline.ttl_seconds(window)
     if view.ttl_seconds != ttl:
-        source = "its ttl_s" if window.ttl_s is not None else "slide + watermark delay + 10 s"
+        span = "size" if window.kind == "tumble" else "slide"
+        source = "its ttl_s" if window.ttl_s is not None else f"{span} + watermark delay + 10 s"
         problems.append(
             f"has ttl_seconds = {view.ttl_seconds}, but the window's TTL is {ttl} s ({source}; "
             f"Flink writes no empty window, so only the TTL stops a quiet entity's last window "

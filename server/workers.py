@@ -34,7 +34,9 @@ POLL_S = 0.2
 KILL_AFTER_GRACE_S = 10.0
 PR_SET_PDEATHSIG = 1
 METRICS_DIR_PREFIX = "featureserve-metrics-"
-"""A group's shared metrics folder in $TMPDIR is this prefix, the parent's pid, '-', random."""
+"""A group's shared metrics folder in $TMPDIR: this prefix and random characters."""
+LIVE_LOCK = ".live"
+"""A file in a group's metrics folder whose exclusive flock the parent holds while it runs."""
 
 
 def worker_index() -> int | None:
@@ -232,23 +234,35 @@ class Supervisor:
         mark_process_dead(worker.proc.pid, str(self.metrics_dir))
 
 
+def make_metrics_dir(root: Path) -> tuple[Path, int]:
+    """A new metrics folder in root and the descriptor of its live lock, held until closed
+    (the kernel drops it when the process dies, however it dies)."""
+    folder = Path(tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX, dir=root))
+    staged = folder / f"{LIVE_LOCK}.new"
+    fd = os.open(staged, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(staged, folder / LIVE_LOCK)  # locked before a sweep can find it
+    return folder, fd
+
+
 def remove_orphan_metrics_dirs(root: Path) -> None:
-    """Remove the metrics folders of groups whose parent is gone: one killed with SIGKILL never
-    ran its clean-up, and its folder stayed in $TMPDIR for good."""
-    for folder in root.glob(f"{METRICS_DIR_PREFIX}*-*"):
-        pid = folder.name[len(METRICS_DIR_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process
-    return True
+    """Remove the metrics folders whose live lock no process holds: a parent killed with
+    SIGKILL never ran its clean-up, and its folder stayed in $TMPDIR for good. A lock, not a
+    pid, tells a live group: a group in another pid namespace sharing $TMPDIR (containers)
+    has a pid this process cannot see."""
+    for lock in root.glob(f"{METRICS_DIR_PREFIX}*/{LIVE_LOCK}"):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        else:
+            shutil.rmtree(lock.parent, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def run_workers(config: ServerConfig, n: int, signals: StopSignals | None = None) -> int:
@@ -266,7 +280,7 @@ def run_workers(config: ServerConfig, n: int, signals: StopSignals | None = None
     preflight(config)
     claim = claim_port(config.host, config.port)
     remove_orphan_metrics_dirs(Path(tempfile.gettempdir()))
-    metrics_dir = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"))
+    metrics_dir, live_lock = make_metrics_dir(Path(tempfile.gettempdir()))
     supervisor = Supervisor(
         dataclasses.replace(config, port=claim.port, metrics_port=0), n, metrics_dir, signals
     )
@@ -278,6 +292,7 @@ def run_workers(config: ServerConfig, n: int, signals: StopSignals | None = None
     finally:
         claim.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.close(live_lock)
 
 
 def _die_with_parent() -> None:

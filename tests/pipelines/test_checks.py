@@ -99,6 +99,9 @@ def test_a_quiet_entitys_last_window_expires_and_a_view_without_the_ttl_fails_th
     )
     no_limit = dataclasses.replace(pipeline, windows=(dataclasses.replace(window, ttl_s=0),))
     check_views(server.target, [no_limit])
+    tumble = dataclasses.replace(window, kind="tumble", size_s=60.0, slide_s=60.0)
+    with pytest.raises(ConflictError, match=r"TTL is 73 s \(size \+ watermark delay \+ 10 s;"):
+        check_views(server.target, [dataclasses.replace(pipeline, windows=(tumble,))])
 
 
 def test_check_reaches_a_server_with_tokens_and_names_the_flag_without_one(

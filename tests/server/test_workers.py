@@ -31,7 +31,7 @@ from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2 as inference_pb
 from protos.inference import grpc_service_pb2_grpc as inference_grpc
-from server.workers import MIN_UPTIME_S
+from server.workers import MIN_UPTIME_S, remove_orphan_metrics_dirs
 from tests.conftest import alive, free_port, wait_until
 
 CHANNELS = 16
@@ -346,7 +346,7 @@ def test_a_killed_groups_metrics_folder_is_removed_by_the_next_group(
     server_factory, tmp_path: Path, monkeypatch
 ) -> None:
     """A parent killed with SIGKILL never ran its clean-up, and its shared metrics folder stayed
-    in $TMPDIR for good; the next group removes the folders of parents that are gone."""
+    in $TMPDIR for good; the next group removes the folders whose live lock nobody holds."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
@@ -358,7 +358,7 @@ def test_a_killed_groups_metrics_folder_is_removed_by_the_next_group(
     assert wait_until(lambda: serving(first, 2), timeout=60)
     workers = [int(e["pid"]) for e in first.logs() if e.get("msg") == "worker started"]
     (orphan,) = tmp.glob("featureserve-metrics-*")
-    assert orphan.name.startswith(f"featureserve-metrics-{first.proc.pid}-")
+    assert (orphan / ".live").is_file()
     first.proc.kill()
     first.proc.wait(10)
     assert wait_until(lambda: not any(alive(pid) for pid in workers), timeout=30)
@@ -366,6 +366,36 @@ def test_a_killed_groups_metrics_folder_is_removed_by_the_next_group(
     second = server_factory("--workers", "2")
     assert wait_until(lambda: serving(second, 2), timeout=60)
     (kept,) = tmp.glob("featureserve-metrics-*")
-    assert kept.name.startswith(f"featureserve-metrics-{second.proc.pid}-")
+    assert kept != orphan
     assert second.terminate(timeout=60) == 0
     assert list(tmp.glob("featureserve-metrics-*")) == []
+
+
+HOLD_METRICS_DIR = """
+import sys, time
+from pathlib import Path
+from server.workers import make_metrics_dir
+print(make_metrics_dir(Path(sys.argv[1]))[0], flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_metrics_folder_is_kept_while_its_lock_is_held_whatever_its_pid(tmp_path: Path):
+    """The sweep judged a folder by the parent's pid in its name, so a group started in another
+    pid namespace sharing $TMPDIR (containers) deleted a live group's folder: its /metrics went
+    empty. A held lock is what keeps a folder now, as long as its holder lives."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_METRICS_DIR, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        folder = Path(holder.stdout.readline().strip())
+        (folder / "counter_1.db").write_bytes(b"series")
+        remove_orphan_metrics_dirs(tmp_path)
+        assert (folder / "counter_1.db").read_bytes() == b"series"
+        holder.kill()
+        holder.wait(10)
+        remove_orphan_metrics_dirs(tmp_path)
+        assert not folder.exists()
+    finally:
+        holder.kill()
+        holder.stdout.close()

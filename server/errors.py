@@ -152,11 +152,13 @@ def _visible(exc: fs.NotFoundError) -> str:
 
 
 def status_message(exc: BaseException, message: str | None = None) -> str:
-    """What the caller is told of exc: `message` (default: str(exc)) with a NotFoundError's
-    suggestions narrowed to the views the caller may access, capped at MAX_STATUS_BYTES."""
+    """What the caller is told of exc: `message` (default: str(exc)) with the suggestions of a
+    NotFoundError (exc, or the cause an error quotes) narrowed to the views the caller may
+    access, capped at MAX_STATUS_BYTES."""
     text = str(exc) if message is None else message
-    if isinstance(exc, fs.NotFoundError) and exc.suggestions:
-        text = text.replace(str(exc), _visible(exc))
+    missing = exc if isinstance(exc, fs.NotFoundError) else exc.__cause__
+    if isinstance(missing, fs.NotFoundError) and missing.suggestions:
+        text = text.replace(str(missing), _visible(missing))
     return capped(text)
 
 

@@ -475,19 +475,21 @@ class PredictionBinding:
         """One ReadResult per bound read, from one snapshot. Views of another entity than
         features.entity, or of several entities when it is not set, are FAILED_PRECONDITION
         naming them: one set of keys cannot address them all. A bound view, version or feature
-        the registry no longer has is FAILED_PRECONDITION too: the caller's request is fine,
-        the model's binding is not (NOT_FOUND would say the model is unknown)."""
+        the registry does not have is FAILED_PRECONDITION too: the caller's request is fine,
+        the model's binding is not (NOT_FOUND would say the model is unknown); the close names
+        it suggests stay on the error's cause, where the server keeps those the caller may see."""
         try:
             results = store.read_many(self.store_reads, keys)
         except InvalidArgumentError:
             self._check_entities([store.registry.get_view(r.view, r.version) for r in self.reads])
             raise
         except NotFoundError as exc:
+            missing = NotFoundError(exc.problem, exc.what, exc.suggestions)  # no RPC to list them
             raise ConflictError(
-                f"the model's [features] binds what the feature store no longer has: "
-                f"{exc.problem}; apply the view or feature again, or bind a version that has it "
-                f"(view@N:feature) in {self.source}"
-            ) from None
+                f"the model's [features] binds what the feature store does not have: {missing}; "
+                f"apply the view or feature, or bind a version that has it (view@N:feature) in "
+                f"{self.source}"
+            ) from missing
         if self.entity is None and len(results) > 1:
             self._check_entities([r.view for r in results])
         return results

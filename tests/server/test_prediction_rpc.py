@@ -804,7 +804,7 @@ def test_a_bound_feature_the_store_no_longer_has_is_failed_precondition(tmp_path
     for error, problem in zip(errors, problems, strict=True):
         assert error.code == grpc.StatusCode.FAILED_PRECONDITION, error
         assert error.message == (
-            f"the model's [features] binds what the feature store no longer has: {problem}; "
-            f"apply the view or feature again, or bind a version that has it (view@N:feature) "
-            f"in {source}"
+            f"the model's [features] binds what the feature store does not have: {problem}; "
+            f"apply the view or feature, or bind a version that has it (view@N:feature) in "
+            f"{source}"
         )

@@ -145,7 +145,8 @@ def test_predict_errors_suggest_only_views_the_token_may_see(secured) -> None:
     with PredictionClient(config) as client:
         unary = failure(lambda: client.predict("rater", keys))
         (streamed,) = list(client.stream([{"model": "rater", "keys": keys}]))
-    assert unary.code == streamed.error.code == grpc.StatusCode.NOT_FOUND
+    # the request is fine, the model's binding is not: FAILED_PRECONDITION quoting the NOT_FOUND
+    assert unary.code == streamed.error.code == grpc.StatusCode.FAILED_PRECONDITION
     for message in (unary.message, streamed.error.message):
         assert "did you mean 'user_stats'?" in message
         assert "fraud_user_stats" not in message

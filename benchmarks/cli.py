@@ -11,7 +11,13 @@ from typing import Any
 from benchmarks import h2load, report
 from benchmarks.baseline import BASELINE, DEFAULT_PAYLOAD_BYTES
 from benchmarks.load import CLOSED, OPEN, LoadError, LoadSpec, run_load
-from benchmarks.scenarios import Scenario, ScenarioError, get_scenario, scenario_names
+from benchmarks.scenarios import (
+    Scenario,
+    ScenarioError,
+    ScenarioRun,
+    get_scenario,
+    scenario_names,
+)
 
 PYTHON = "python"
 H2LOAD = "h2load"
@@ -127,29 +133,35 @@ def load_specs(args: argparse.Namespace) -> list[LoadSpec]:
     return specs
 
 
+def run_point(
+    scenario: Scenario, run: ScenarioRun, spec: LoadSpec, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Run one load point against a set-up scenario and return its record."""
+    server_pid = args.server_pid or run.server_pid
+    client_args = run.client_args or args
+    if args.generator == H2LOAD:
+        unary = scenario.unary_request(client_args)
+        if unary is None:
+            raise ScenarioError(f"scenario '{scenario.name}' is not unary; use python")
+        method, body, metadata = unary
+        result = h2load.run_h2load(run.target, method, body, spec, server_pid, metadata)
+        latency_from = "send"
+    else:
+        result = run_load(scenario, client_args, run.target, spec, server_pid)
+        latency_from = None
+    record = report.make_run(scenario.name, spec, run, result, args.generator, latency_from)
+    finish_point = getattr(scenario, "finish_point", None)
+    if finish_point is not None:
+        finish_point(run, record)
+    return record
+
+
 def run_scenario(scenario: Scenario, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Set the scenario up once, run every load point against it, tear it down."""
     specs = load_specs(args)
     run = scenario.setup(args)
     try:
-        server_pid = args.server_pid or run.server_pid
-        client_args = run.client_args or args
-        records = []
-        for spec in specs:
-            if args.generator == H2LOAD:
-                unary = scenario.unary_request(client_args)
-                if unary is None:
-                    raise ScenarioError(f"scenario '{scenario.name}' is not unary; use python")
-                method, body, metadata = unary
-                result = h2load.run_h2load(run.target, method, body, spec, server_pid, metadata)
-                latency_from = "send"
-            else:
-                result = run_load(scenario, client_args, run.target, spec, server_pid)
-                latency_from = None
-            records.append(
-                report.make_run(scenario.name, spec, run, result, args.generator, latency_from)
-            )
-        return records
+        return [run_point(scenario, run, spec, args) for spec in specs]
     finally:
         scenario.teardown(run)
 
@@ -170,21 +182,34 @@ def baseline_args(args: argparse.Namespace, payload_bytes: int) -> argparse.Name
 
 
 def run_with_baseline(scenario: Scenario, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run scenario, then baseline at the same points and response size; annotate with ratios.
+    """Run scenario and baseline at the same points and response size; annotate with ratios.
 
-    Returns the scenario's records (with baseline_* and *_vs_baseline keys) then the baseline's.
+    Each baseline point runs right after the scenario's point of the same load, so a machine
+    whose speed drifts over the sweep skews a ratio as little as it can. Returns the scenario's
+    records (with baseline_* and *_vs_baseline keys) then the baseline's.
     """
-    records = run_scenario(scenario, args)
-    if scenario.name == BASELINE.name or not records:
-        return records
-    payload = (
-        records[0].get("response_bytes")
-        or getattr(args, "payload_bytes", None)
-        or DEFAULT_PAYLOAD_BYTES
-    )
-    floor = run_scenario(BASELINE, baseline_args(args, payload))
-    for record, reference in zip(records, floor, strict=True):
-        report.add_baseline(record, reference)
+    if scenario.name == BASELINE.name:
+        return run_scenario(scenario, args)
+    specs = load_specs(args)
+    run = scenario.setup(args)
+    try:
+        payload = (
+            run.response_bytes or getattr(args, "payload_bytes", None) or DEFAULT_PAYLOAD_BYTES
+        )
+        floor_args = baseline_args(args, payload)
+        floor_run = BASELINE.setup(floor_args)
+        try:
+            records, floor = [], []
+            for spec in specs:
+                record = run_point(scenario, run, spec, args)
+                reference = run_point(BASELINE, floor_run, spec, floor_args)
+                report.add_baseline(record, reference)
+                records.append(record)
+                floor.append(reference)
+        finally:
+            BASELINE.teardown(floor_run)
+    finally:
+        scenario.teardown(run)
     return records + floor
 
 

@@ -1,9 +1,15 @@
 """Optional native load generator: h2load (Debian nghttp2-client) driving a unary gRPC method.
 
 The request is pre-framed once (gRPC's 5-byte prefix + serialized message) into a file that h2load
-posts on every stream. h2load sees HTTP status only, never the grpc-status trailer, so its errors
-are failed streams; check a scenario with the Python generator before trusting h2load's error
-count. Open loop runs one h2load client at --rps: it sends on a timer and, when every stream is
+posts on every stream. h2load sees HTTP status only, never the grpc-status trailer, and a gRPC
+error comes as HTTP 200; but an error carries no DATA and an answer to the one fixed request
+carries exactly the DATA of one real call made before the run, so the calls that failed are the
+200 streams that h2load's total of DATA bytes ("traffic: ... data") does not cover. That total
+includes h2load's own warm-up, so the run has none: it lasts warm-up + duration, the warm-up
+requests are dropped from the log here, and the measured window is charged its share of the
+run's failed calls. h2load 1.52's log has no per-request sizes, so a point
+with failed calls reports no latencies (failed calls are usually the fast ones).
+Open loop runs one h2load client at --rps: it sends on a timer and, when every stream is
 busy, later, so its own timings omit the wait. Its log lists each request's send time, so the k-th
 request sent is the k-th of the schedule, and its latency is counted from that intended time
 (as wrk2 does): no coordinated omission.
@@ -12,14 +18,16 @@ request sent is the k-th of the schedule, and its latency is counted from that i
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import struct
 import subprocess
 import tempfile
 import time
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from benchmarks import proc_stats
@@ -28,6 +36,10 @@ from benchmarks.load import CLOSED, OPEN, LoadResult, LoadSpec, check_loopback
 
 EXECUTABLE = "h2load"
 STREAM_FAILED = "H2_STREAM_FAILED"
+GRPC_ERROR = "grpc_error"
+"""Calls that got a gRPC error under load: h2load cannot say which status."""
+CHECK_TIMEOUT_S = 30.0
+DATA_BYTES = re.compile(r"^traffic: .*\((\d+)\) data$", re.MULTILINE)
 MAX_OPEN_STREAMS = 1024
 """Streams one open-loop client keeps in flight; past that, requests wait in h2load, and the
 intended-time latencies count the wait."""
@@ -60,13 +72,12 @@ def command(
     spec: LoadSpec,
     metadata: tuple[tuple[str, str], ...] = (),
 ) -> list[str]:
-    """The h2load argv for one load point: clients = min(processes, concurrency)."""
+    """The h2load argv for one load point: clients = min(processes, concurrency); one run of
+    warm-up + duration (h2load's own warm-up would add its DATA to the run's total)."""
     argv = [
         EXECUTABLE,
         "-D",
-        _duration(spec.duration_s),
-        "--warm-up-time",
-        _duration(spec.warmup_s),
+        _duration(spec.warmup_s + spec.duration_s),
         "-d",
         str(body_path),
         "-H",
@@ -89,8 +100,21 @@ def command(
     return [*argv, f"http://{target}{method}"]
 
 
-def parse_log(text: str, rate: float = 0.0) -> tuple[np.ndarray, int]:
-    """Latencies (ns) of HTTP-200 streams, and the count of other streams, from --log-file.
+@dataclass(frozen=True)
+class RequestLog:
+    """h2load's --log-file, split at the end of the warm-up."""
+
+    latencies_ns: np.ndarray
+    """Latencies of the measured window's HTTP-200 streams (answers and gRPC errors alike)."""
+    answered: int
+    """HTTP-200 streams of the run, warm-up included (the span of h2load's DATA total)."""
+    stream_failed: int
+    """Streams of the measured window that failed below gRPC (reset, connection lost)."""
+
+
+def parse_log(text: str, warmup_s: float = 0.0, rate: float = 0.0) -> RequestLog:
+    """Parse --log-file; a request belongs to the measured window when it was sent (closed loop)
+    or due (open loop) warmup_s or more after the first.
 
     With rate (one open-loop client), each latency runs from the request's intended send time:
     the schedule is anchored where the requests ran least late, and request k (in send order)
@@ -98,17 +122,77 @@ def parse_log(text: str, rate: float = 0.0) -> tuple[np.ndarray, int]:
     """
     rows = [line.split("\t") for line in text.splitlines() if line.strip()]
     if not rows:
-        return np.zeros(0, dtype=np.int64), 0
+        return RequestLog(np.zeros(0, dtype=np.int64), 0, 0)
     start_us = np.array([int(row[0]) for row in rows], dtype=np.int64)
     status = np.array([int(row[1]) for row in rows])
     elapsed_us = np.array([int(row[2]) for row in rows], dtype=np.int64)
+    order = np.argsort(start_us, kind="stable")
+    start_us, status, elapsed_us = start_us[order], status[order], elapsed_us[order]
     if rate:
-        order = np.argsort(start_us, kind="stable")
-        start_us, status, elapsed_us = start_us[order], status[order], elapsed_us[order]
-        ahead = start_us - np.arange(len(rows)) * 1e6 / rate
+        due_us = np.arange(len(rows)) * 1e6 / rate
+        ahead = start_us - due_us
         elapsed_us = elapsed_us + np.round(ahead - ahead.min()).astype(np.int64)
+        measured = due_us >= warmup_s * 1e6
+    else:
+        measured = start_us >= start_us[0] + warmup_s * 1e6
     ok = status == 200
-    return elapsed_us[ok] * 1000, int((~ok).sum())
+    return RequestLog(
+        latencies_ns=elapsed_us[ok & measured] * 1000,
+        answered=int(ok.sum()),
+        stream_failed=int((~ok & measured).sum()),
+    )
+
+
+def check_call(
+    target: str, method: str, message: bytes, metadata: tuple[tuple[str, str], ...] = ()
+) -> tuple[int | None, str | None]:
+    """Make one real call of the request h2load will send: (DATA bytes of its answer, None), or
+    (None, the status name) when it fails."""
+    with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)]) as chan:
+        try:
+            answer = chan.unary_unary(method)(message, timeout=CHECK_TIMEOUT_S, metadata=metadata)
+        except grpc.RpcError as exc:
+            return None, exc.code().name
+    return len(frame(answer)), None
+
+
+def data_bytes(output: str) -> int:
+    """The DATA bytes of the run, from h2load's summary line "traffic: ... (N) data"."""
+    found = DATA_BYTES.search(output)
+    if found is None:
+        raise H2LoadError(f"h2load printed no 'traffic: ... data' line: {output.strip()[-2000:]}")
+    return int(found.group(1))
+
+
+def grpc_errors(
+    log: RequestLog, data: int, response_bytes: int | None, check_error: str | None
+) -> dict[str, int]:
+    """gRPC errors among the window's HTTP-200 streams, by status name when known.
+
+    An error carries no DATA and an answer exactly response_bytes, so the run's failed calls are
+    the answered streams its DATA does not cover. That count spans the warm-up too, and the log
+    cannot say which calls failed, so the window is charged its share of them, rounded up (one
+    failed call anywhere leaves the window at least one error). When the check call failed
+    (check_error), a run with no DATA failed throughout with that status."""
+    window = log.latencies_ns.size
+    if response_bytes is None:
+        if data:
+            raise H2LoadError(
+                f"the check call failed with {check_error} but {data} bytes of answers came back "
+                "during the run, so h2load's failed calls cannot be counted; rerun, or use "
+                "--generator python"
+            )
+        return {check_error: window} if window else {}
+    missing = log.answered * response_bytes - data
+    if missing < 0:
+        raise H2LoadError(
+            f"the run's answers carried {-missing} bytes more than {log.answered} x "
+            f"{response_bytes} (the check call's answer): the answer size varies, so h2load's "
+            "failed calls cannot be counted; use --generator python"
+        )
+    failed = -(-missing // response_bytes)
+    charged = -(-failed * window // log.answered) if log.answered else 0
+    return {GRPC_ERROR: charged} if charged else {}
 
 
 def run_h2load(
@@ -127,6 +211,7 @@ def run_h2load(
         )
     spec.validate()
     check_loopback(target)
+    response_bytes, check_error = check_call(target, method, message, metadata)
     with tempfile.TemporaryDirectory(prefix="bench-h2load-") as tmp:
         body_path = Path(tmp) / "body.bin"
         log_path = Path(tmp) / "requests.log"
@@ -152,17 +237,24 @@ def run_h2load(
         if process.returncode not in (0, None) and not killed:
             raise H2LoadError(f"h2load exited {process.returncode}: {output.strip()[-2000:]}")
         rate = spec.rate if spec.mode == OPEN else 0.0
-        latencies, failed = parse_log(log_path.read_text() if log_path.exists() else "", rate)
+        text = log_path.read_text() if log_path.exists() else ""
+        log = parse_log(text, spec.warmup_s, rate)
+    if not text.strip():
+        raise H2LoadError(f"h2load logged no request (cannot connect?): {output.strip()[-2000:]}")
+    errors = grpc_errors(log, data_bytes(output), response_bytes, check_error)
+    completed = log.latencies_ns.size - sum(errors.values())
     histogram = Histogram()
-    histogram.record_many(latencies)
-    errors = Counter({STREAM_FAILED: failed} if failed else {})
+    if not errors:
+        histogram.record_many(log.latencies_ns)
+    if log.stream_failed:
+        errors[STREAM_FAILED] = log.stream_failed
     server_cpu = None
     if server_before and server_after and server_after.processes:
         server_cpu = server_after.cpu_s - server_before.cpu_s
     return LoadResult(
         histogram=histogram,
-        completed=int(latencies.size),
-        errors=dict(errors),
+        completed=completed,
+        errors=errors,
         duration_s=spec.duration_s,
         client_cpu_s=max(client_after.cpu_s - client_before.cpu_s, 0.0),
         server_cpu_s=server_cpu,

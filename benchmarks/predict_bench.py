@@ -39,6 +39,7 @@ from benchmarks.scenarios import (
     register_scenario,
 )
 from clients.prediction_messages import predict_request
+from protos.featureserve.v1.prediction_pb2 import PredictResponse
 from server import event_loop
 
 MODEL = "scorer"
@@ -116,6 +117,15 @@ class _Predict(ScenarioBase):
         return request
 
 
+def stream_error(response: PredictResponse) -> grpc.aio.AioRpcError:
+    """The in-stream failure of one StreamPredict request as the error a unary call would raise,
+    so the harness counts it by status name."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == response.error_code),
+                grpc.StatusCode.UNKNOWN)  # fmt: skip
+    empty = grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(code, empty, empty, response.error_message)
+
+
 class _StreamPredict(_Predict):
     """StreamPredict: callers of a channel share one stream; responses arrive in order."""
 
@@ -130,8 +140,15 @@ class _StreamPredict(_Predict):
         lock = asyncio.Lock()
 
         async def read(call) -> None:
-            async for response in call:
-                waiting.popleft().set_result(response)
+            async for raw in call:
+                response = PredictResponse.FromString(raw)
+                future = waiting.popleft()
+                if future.done():  # its caller was cancelled at the end of the run
+                    continue
+                if response.error_code:
+                    future.set_exception(stream_error(response))
+                else:
+                    future.set_result(raw)
 
         async def request() -> bytes:
             if "call" not in state:
@@ -313,6 +330,20 @@ def measure(args: argparse.Namespace, workers: int, channels: int) -> tuple[list
     return runs, floor
 
 
+def failures(run: dict) -> str:
+    """The run's errors as text to append to its figure (", N errors (NAME: n, ...)"), or ""."""
+    errors = run["errors"]
+    if not errors:
+        return ""
+    names = ", ".join(f"{name}: {count}" for name, count in sorted(errors.items()))
+    return f", {sum(errors.values())} errors ({names})"
+
+
+def verdict(met: bool, *runs: dict) -> str:
+    """MET only when the figure meets its target and none of the runs behind it had errors."""
+    return "MET" if met and not any(r["errors"] for r in runs) else "MISSED"
+
+
 def summary(runs: list[dict]) -> list[str]:
     """The issue's targets against the measured points, as lines saying met or missed.
 
@@ -326,29 +357,33 @@ def summary(runs: list[dict]) -> list[str]:
             continue
         unary = run["throughput_rps"]
         line = (
-            f"workers={workers} c={concurrency}: predict {unary:.0f} req/s (target >= 2500) "
-            f"{'MET' if unary >= 2500 else 'MISSED'}"
+            f"workers={workers} c={concurrency}: predict {unary:.0f} req/s{failures(run)} "
+            f"(target >= 2500) {verdict(unary >= 2500, run)}"
         )
         stream_run = by.get((workers, concurrency, "stream-predict"))
         if stream_run is not None:
             stream = stream_run["throughput_rps"]
-            line += f"; stream-predict {stream:.0f} req/s"
-            if stream_run["generator"] == run["generator"]:
-                ratio = stream / max(unary, 1.0)
-                line += (
-                    f" = {ratio:.2f}x unary (target >= 1.5x) {'MET' if ratio >= 1.5 else 'MISSED'}"
-                )
-            else:
+            line += f"; stream-predict {stream:.0f} req/s{failures(stream_run)}"
+            if stream_run["generator"] != run["generator"]:
                 line += (
                     f" ({stream_run['generator']}) against unary by {run['generator']}: not "
                     "compared; run without --generator h2load for the ratio"
                 )
+            elif unary > 0:
+                ratio = stream / unary
+                met = verdict(ratio >= 1.5, run, stream_run)
+                line += f" = {ratio:.2f}x unary (target >= 1.5x) {met}"
+            else:
+                line += " against no unary answer (target >= 1.5x unary) MISSED"
         lines.append(line)
-        one = by.get((1, concurrency, "predict"), {}).get("throughput_rps")
-        if workers > 1 and one:
+        one_run = by.get((1, concurrency, "predict"))
+        if workers > 1 and one_run is not None:
+            one = one_run["throughput_rps"]
+            scaling = f"{unary / one:.2f}x" if one else "no ratio to 0 req/s of"
+            met = verdict(one > 0 and unary / one >= 1.7, run, one_run)
             lines.append(
-                f"workers={workers} c={concurrency}: predict {unary / one:.2f}x one process "
-                f"(target >= 1.7x for 2) {'MET' if unary / one >= 1.7 else 'MISSED'}"
+                f"workers={workers} c={concurrency}: predict {scaling} one process "
+                f"(target >= 1.7x for 2) {met}"
             )
     return lines
 

@@ -92,6 +92,10 @@ class ScenarioBase:
         """The argument sets swept besides load (each set up and reported on its own); [args]."""
         return [args]
 
+    def finish_point(self, run: ScenarioRun, record: dict[str, Any]) -> None:
+        """Add what the scenario alone knows about the load point just run to its record;
+        nothing by default."""
+
     def teardown(self, run: ScenarioRun) -> None:
         """Stop the server subprocess setup() started, if any."""
         if run.server is not None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import socket
 import time
+from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
 
 from benchmarks import cli, h2load, report
-from benchmarks.baseline import BaselineScenario
+from benchmarks.baseline import METHOD, SERVICE, BaselineScenario
 from benchmarks.histogram import Histogram, bucket_index, bucket_indices
 from benchmarks.load import CANCELLED_ERROR, OPEN, LoadError, LoadSpec, run_load
 from benchmarks.scenarios import RequestFn, ScenarioError, get_scenario, register_scenario
@@ -158,16 +161,17 @@ def test_refuses_non_loopback_targets_and_unknown_scenarios() -> None:
 
 def test_h2load_framing_and_log_parsing() -> None:
     assert h2load.frame(b"abc") == b"\x00\x00\x00\x00\x03abc"
-    latencies, failed = h2load.parse_log("1\t200\t250\n2\t-1\t9\n3\t200\t1000\n")
-    assert latencies.tolist() == [250_000, 1_000_000]
-    assert failed == 1
+    log = h2load.parse_log("1\t200\t250\n2\t-1\t9\n3\t200\t1000\n")
+    assert log.latencies_ns.tolist() == [250_000, 1_000_000]
+    assert (log.answered, log.stream_failed) == (2, 1)
+    # warm-up: requests sent less than 1 ms after the first are dropped, but still answered
+    warm = h2load.parse_log("0\t200\t5\n999\t200\t6\n1000\t200\t7\n1500\t-1\t8\n", 0.001)
+    assert (warm.latencies_ns.tolist(), warm.answered, warm.stream_failed) == ([7_000], 3, 1)
     spec = LoadSpec(concurrency=8, processes=2, warmup_s=0.3, duration_s=2.0)
     argv = h2load.command("127.0.0.1:1", "/s/M", "b", "l", spec, (("authorization", "Bearer t"),))
     assert argv[argv.index("-m") + 1] == "4"
-    assert (argv[argv.index("-D") + 1], argv[argv.index("--warm-up-time") + 1]) == (
-        "2000ms",
-        "300ms",
-    )
+    # h2load's own warm-up would add its DATA to the run's total: one run of warm-up + duration
+    assert argv[argv.index("-D") + 1] == "2300ms" and "--warm-up-time" not in argv
     assert argv[argv.index("authorization: Bearer t") - 1] == "-H"
     assert argv[-1] == "http://127.0.0.1:1/s/M"
 
@@ -175,11 +179,12 @@ def test_h2load_framing_and_log_parsing() -> None:
 def test_h2load_open_loop_counts_latency_from_the_intended_send() -> None:
     # 1000/s: due at 0, 1000, 2000, 3000 µs; the third went out 3 ms late, the fourth 2 ms late
     log = "5000\t200\t300\n1000\t200\t100\n0\t200\t100\n5001\t200\t200\n"
-    latencies, failed = h2load.parse_log(log, rate=1000.0)
-    assert latencies.tolist() == [100_000, 100_000, 3_300_000, 2_201_000]
-    assert failed == 0
-    closed, _ = h2load.parse_log(log)
-    assert sorted(closed.tolist()) == [100_000, 100_000, 200_000, 300_000]
+    paced = h2load.parse_log(log, rate=1000.0)
+    assert paced.latencies_ns.tolist() == [100_000, 100_000, 3_300_000, 2_201_000]
+    assert paced.stream_failed == 0
+    assert h2load.parse_log(log, 0.002, rate=1000.0).latencies_ns.tolist() == [3_300_000, 2_201_000]
+    closed = h2load.parse_log(log)
+    assert sorted(closed.latencies_ns.tolist()) == [100_000, 100_000, 200_000, 300_000]
     spec = LoadSpec(mode=OPEN, rate=2500.0, processes=4, duration_s=1.0, max_outstanding=5000)
     argv = h2load.command("127.0.0.1:1", "/s/M", "b", "l", spec)
     assert [argv[argv.index(flag) + 1] for flag in ("-c", "-t", "-m", "--rps")] == [
@@ -188,3 +193,72 @@ def test_h2load_open_loop_counts_latency_from_the_intended_send() -> None:
         str(h2load.MAX_OPEN_STREAMS),
         "2500",
     ]
+
+
+H2LOAD_SPEC = LoadSpec(concurrency=8, processes=1, warmup_s=0.3, duration_s=1.0)
+
+
+@pytest.fixture
+def baseline_run():
+    """A bare baseline server answering 1 KiB."""
+    scenario = get_scenario("baseline")
+    run = scenario.setup(_parse("baseline", "--payload-bytes", "1024"))
+    yield run
+    scenario.teardown(run)
+
+
+@pytest.mark.skipif(not h2load.available(), reason="h2load (nghttp2-client) not installed")
+def test_h2load_counts_grpc_errors_by_name_and_not_as_throughput(baseline_run) -> None:
+    answered = h2load.run_h2load(
+        baseline_run.target, METHOD, bytes(64), H2LOAD_SPEC, baseline_run.server_pid
+    )
+    assert answered.errors == {} and answered.completed > 0
+    # gRPC answers UNIMPLEMENTED with HTTP 200: every call failed, and is counted so
+    failed = h2load.run_h2load(
+        baseline_run.target, f"/{SERVICE}/NoSuchMethod", bytes(64), H2LOAD_SPEC, None
+    )
+    assert failed.completed == 0 and failed.throughput_rps == 0
+    assert failed.errors["UNIMPLEMENTED"] > 0
+    assert failed.histogram.count == 0
+
+
+class EveryOtherFails:
+    """A real gRPC server whose Echo answers 1 KiB on even calls, RESOURCE_EXHAUSTED on odd."""
+
+    def __init__(self) -> None:
+        self.calls = itertools.count()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+
+        def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+            if next(self.calls) % 2:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+            return bytes(1024)
+
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+
+@pytest.mark.skipif(not h2load.available(), reason="h2load (nghttp2-client) not installed")
+def test_h2load_counts_errors_among_answers_from_the_data_they_carry() -> None:
+    half = EveryOtherFails()
+    try:
+        result = h2load.run_h2load(half.target, METHOD, bytes(64), H2LOAD_SPEC, None)
+    finally:
+        half.server.stop(0)
+    failed = result.errors[h2load.GRPC_ERROR]
+    assert set(result.errors) == {h2load.GRPC_ERROR}
+    assert failed == pytest.approx(result.completed, rel=0.05)
+    assert result.histogram.count == 0  # the log cannot say which latencies were failures
+
+
+@pytest.mark.skipif(not h2load.available(), reason="h2load (nghttp2-client) not installed")
+def test_h2load_that_cannot_connect_raises_with_its_output() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(h2load.H2LoadError, match=r"(?s)logged no request.*requests: 0 total"):
+        h2load.run_h2load(closed, METHOD, bytes(64), H2LOAD_SPEC, None)

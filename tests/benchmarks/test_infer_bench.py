@@ -3,8 +3,12 @@
 import asyncio
 
 import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.infer_bench import (
+    INFER_METHOD,
     PARSE_METHOD,
     PointResult,
     check_targets,
@@ -32,8 +36,15 @@ def test_open_loop_sends_at_the_rate_and_times_from_the_intended_send() -> None:
     assert started[-1] - started[0] >= 0.49
 
 
-def point(target: str, concurrency: int, throughput: float, p99_ms: float, rate: float = 0.0):
-    return PointResult(target, concurrency, 100, 0, 1.0, throughput, 1.0, p99_ms, rate=rate)
+def point(
+    target: str,
+    concurrency: int,
+    throughput: float,
+    p99_ms: float,
+    rate: float = 0.0,
+    errors: int = 0,
+):
+    return PointResult(target, concurrency, 100, errors, 1.0, throughput, 1.0, p99_ms, rate=rate)
 
 
 def test_targets_check_the_p99_bound_on_open_loop_points_only() -> None:
@@ -54,19 +65,35 @@ def test_targets_check_the_p99_bound_on_open_loop_points_only() -> None:
     assert lines[3].endswith("the parse floor 80% of echo")
 
 
+def test_no_target_is_met_by_points_with_errors() -> None:
+    results = [
+        point("medium_on", 64, 2500, 80.0, errors=3),
+        point("medium_off", 64, 400, 150.0),
+        point("medium_on", 0, 1250, 12.0, rate=1250, errors=1),
+        point("echo", 8, 5000, 2.0),
+        point("small_on", 8, 3600, 3.0, errors=1),
+    ]
+    lines = check_targets(results, medium_batch_ms=14.0)
+    assert len(lines) == 3 and all("MISSED" in line and "MET" not in line for line in lines)
+
+
 def test_h2load_drives_closed_and_open_loop_points_against_the_bench_server(tmp_path) -> None:
     repo = write_bench_repository(tmp_path / "models")
-    proc, port = start_server_process(repo, tmp_path)
-    address = f"127.0.0.1:{port}"
+    server = start_server_process(repo, tmp_path)
 
     async def measure(target: str, concurrency: int, rate: float = 0.0) -> PointResult:
-        async with grpc.aio.insecure_channel(address) as channel:
+        addresses = (server.infer_address, server.address("parse"))
+        channels = {a: grpc.aio.insecure_channel(a) for a in addresses}
+        try:
             return await measure_point(
-                channel, proc.pid, target, concurrency, 1.0, 0.2, rate, address
+                server, channels, target, concurrency, 1.0, 0.2, rate, "h2load"
             )
+        finally:
+            for channel in channels.values():
+                await channel.close()
 
     async def parse_once() -> pb.ModelInferResponse:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with grpc.aio.insecure_channel(server.address("parse")) as channel:
             answer = await channel.unary_unary(PARSE_METHOD)(infer_request_bytes("small_on", 32))
             return pb.ModelInferResponse.FromString(answer)
 
@@ -76,11 +103,30 @@ def test_h2load_drives_closed_and_open_loop_points_against_the_bench_server(tmp_
         small = asyncio.run(measure("small_on", 4))
         paced = asyncio.run(measure("small_on", 0, rate=200.0))
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop()
     for p in (echo, parse, small, paced):
         assert p.requests > 0 and p.errors == 0 and p.throughput > 0
         assert 0 < p.p50_ms <= p.p99_ms and p.server_cpu_us_per_req > 0
     assert small.avg_batch >= 1.0
     assert list(floor.outputs[0].shape) == [32, 1] and len(floor.raw_output_contents[0]) == 128
     assert paced.rate == 200.0 and 150 <= paced.requests <= 210
+
+
+def test_model_infer_is_served_by_the_featureserve_server(tmp_path) -> None:
+    """Health, and a 5 MiB request past gRPC's default 4 MiB limit, answered as featureserve
+    answers them (the bare server answered UNIMPLEMENTED and gRPC's RESOURCE_EXHAUSTED)."""
+    server = start_server_process(write_bench_repository(tmp_path / "models"), tmp_path)
+    big = pb.ModelInferRequest(model_name="small_on")
+    big.inputs.add(name="x", datatype="FP32", shape=[40_960, 32])
+    big.raw_input_contents.append(np.zeros((40_960, 32), np.float32).tobytes())
+    options = [("grpc.max_send_message_length", 1 << 27), ("grpc.max_receive_message_length", -1)]
+    try:
+        with grpc.insecure_channel(server.infer_address, options=options) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            with pytest.raises(grpc.RpcError) as refused:
+                channel.unary_unary(INFER_METHOD)(big.SerializeToString(), timeout=30)
+    finally:
+        server.stop()
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_batch_size=64" in refused.value.details()

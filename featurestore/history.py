@@ -18,7 +18,7 @@ import numpy as np
 
 from featurestore.errors import InvalidArgumentError
 from featurestore.keys import decode_keys, encode_keys
-from featurestore.last_write_wins import key_order, newest_per_key, pick
+from featurestore.last_write_wins import MIN_EVENT, key_order, newest_per_key, pick, resolve
 from featurestore.registry import Entity, FeatureView
 from featurestore.row_codec import (
     MISSING_ROW,
@@ -107,8 +107,10 @@ def _latest_rows(log: HistoryLog) -> list[tuple[bytes, bytes]]:
 def rebuild_online(store: OnlineStore, view: str, version: int = 0) -> int:
     """Empty the online rows of a view version and replay its history; returns rows replayed.
 
-    The history is read in the write transaction that replaces the rows, so a write committed
-    alongside lands before it (and is replayed) or after it (and stays): none is lost.
+    The log is reduced outside the write lock, then the records logged meanwhile inside the
+    transaction that replaces the rows (replace_online_rows), so a write committed alongside
+    lands before it (and is replayed) or after it (and stays): none is lost, and other writes
+    wait only for the tail.
     """
     fv = store.registry.get_view(view, version)
     replayed = 0
@@ -116,7 +118,7 @@ def rebuild_online(store: OnlineStore, view: str, version: int = 0) -> int:
     def latest(blobs: list[bytes]) -> list[tuple[bytes, bytes]]:
         nonlocal replayed
         log = _log_of(blobs)
-        replayed = len(log.keys)
+        replayed += len(log.keys)
         return _latest_rows(log)
 
     store.replace_online_rows(fv.name, fv.version, latest)
@@ -201,23 +203,39 @@ def _by_event_time(
     return np.where(pos >= 0, order[pos] if len(order) else pos, -1)
 
 
+def _applied(event_us: np.ndarray, log_id: np.ndarray) -> np.ndarray:
+    """Whether the online store applied each logged row: in log (commit) order, its event time
+    beats every earlier logged row of its key (an equal one loses, as online)."""
+    order = np.argsort(log_id, kind="stable")
+    ids = log_id[order]
+    starts = np.ones(len(ids), np.bool_)
+    starts[1:] = ids[1:] != ids[:-1]
+    applied = np.empty(len(ids), np.bool_)
+    applied[order] = resolve(event_us[order], np.full(len(ids), MIN_EVENT), starts)
+    return applied
+
+
 def _as_served(
     log: HistoryLog, log_id: np.ndarray, query_id: np.ndarray, ts: np.ndarray
 ) -> np.ndarray:
-    """Per query, the log index of the row serving held at its label: among rows written
-    (write time) by then, the latest event time, the earliest logged among equal ones; -1 if
-    none. A running best per key over write order, looked up at the label."""
-    n = len(log_id)
+    """Per query, the log index of the row serving held at its label: among the rows applied
+    online (decided in commit order: write times are stamped before the commit, so a late row
+    stamped before a newer one that committed first was refused) and written (write time) by
+    then, the latest event time; -1 if none. A running best per key over write order, looked
+    up at the label."""
+    applied = np.flatnonzero(_applied(log.event_us, log_id))
+    n = len(applied)
     if n == 0:
         return np.full(len(ts), -1, np.int64)
-    by_preference = np.lexsort((-np.arange(n), log.event_us))
+    key, event, written = log_id[applied], log.event_us[applied], log.write_us[applied]
+    by_event = np.argsort(event, kind="stable")  # a key's applied rows have distinct events
     preference = np.empty(n, np.int64)
-    preference[by_preference] = np.arange(n)
-    order = np.lexsort((log.write_us, log_id))
+    preference[by_event] = np.arange(n)
+    order = np.lexsort((written, key))
     # keys ascend along `order`, so a running maximum of key * n + preference restarts per key
-    best = np.maximum.accumulate(log_id[order] * n + preference[order]) % n
-    pos = _last_at_or_before(log_id[order], log.write_us[order], query_id, ts)
-    return np.where(pos >= 0, by_preference[best[pos]], -1)
+    best = np.maximum.accumulate(key[order] * n + preference[order]) % n
+    pos = _last_at_or_before(key[order], written[order], query_id, ts)
+    return np.where(pos >= 0, applied[by_event[best[pos]]], -1)
 
 
 def point_in_time(
@@ -233,10 +251,16 @@ def point_in_time(
     """For each (entity, label time): the logged row a training example sees then.
 
     By default (event time, as Feast): the latest row with event time <= the label. as_served:
-    what GetOnlineFeatures answered at the label: the latest event time among rows written by
-    then (a row's write time), future-dated rows included, late rows only if nothing newer was
-    written before them. Either way the earlier write wins among equal event times, as online,
-    and rows older than label - ttl_seconds are withheld as OUTSIDE_MAX_AGE.
+    what GetOnlineFeatures answered at the label: the latest event time among the rows the
+    online store applied (decided in commit order) and wrote by then (a row's write time,
+    stamped when it was prepared, before its commit), future-dated rows included, late rows
+    only if nothing newer was committed before them. Either way the earlier write wins among
+    equal event times, as online, and rows older than label - ttl_seconds are withheld as
+    OUTSIDE_MAX_AGE.
+
+    Both modes use the view's current definition: its TTL now (a TTL changed in place applies
+    to past labels too), and version=0 is the latest version today, so to replay serving pass
+    the version that GetOnlineFeatures served at the labels.
     """
     fv = store.registry.get_view(view, version)
     entity = store.registry.get_entity(fv.entity)

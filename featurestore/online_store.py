@@ -921,17 +921,45 @@ class OnlineStore:
         from_history: Callable[[list[bytes]], Sequence[tuple[bytes, bytes]]],
     ) -> None:
         """Empty a view version's online rows and store the (key, row) pairs from_history
-        makes of its history records, read in the same write transaction: a write committed
-        alongside is in those records, or lands after the replacement."""
+        makes of its history records: each key's row the online store keeps after them.
+
+        The log is append-only, so from_history reduces the records a read transaction saw
+        while writes go on (a long decode holds no lock); the write transaction, which every
+        view's writes wait for, reduces only the records logged since and merges them in by
+        event time, the earlier logged row winning ties. A write committed alongside is in those
+        records, or lands after the replacement.
+        """
         self._check_open()
+        history = history_db_name(name, version)
+        self._lmdb.existing_db(history)
+        usable = self._lmdb.handles_cached
+        with self._lmdb.read_txn() as txn:
+            created_us = self.registry.get_view(name, version, txn).created_us
+            db = self._lmdb.cached_db(history, usable)
+            cur = txn.cursor(db=db) if db is not None else None
+            records = list(cur.iternext(keys=False)) if cur else []
+            after = int.from_bytes(cur.key(), "big") + 1 if cur and cur.last() else 1
+        base = from_history(records)
 
         def work(txn: lmdb.Transaction) -> None:
-            self.registry.get_view(name, version, txn)
+            if self.registry.get_view(name, version, txn).created_us != created_us:
+                raise ConflictError(
+                    f"feature view {name!r} v{version} was deleted and re-created while its "
+                    "online rows were rebuilt from its history, so nothing was replaced; run "
+                    "the rebuild again"
+                )
             db = self._lmdb.view_db(name, version, txn)
-            hist = self._lmdb.db_in_write(history_db_name(name, version), txn)
-            pairs = from_history(list(txn.cursor(db=hist).iternext(keys=False)))
+            cur = txn.cursor(db=self._lmdb.db_in_write(history, txn))
+            start = after.to_bytes(8, "big")
+            newer = from_history(list(cur.iternext(keys=False)) if cur.set_range(start) else [])
             txn.drop(db, delete=False)
-            txn.cursor(db=db).putmulti(pairs)
+            rows = txn.cursor(db=db)
+            rows.putmulti(base)
+            old = [rows.replace(key, row) for key, row in newer]
+            kept = stored_events(old) >= stored_events([row for _, row in newer])
+            for (key, _), row, keep in zip(newer, old, kept.tolist(), strict=True):
+                if keep:
+                    rows.put(key, row)
 
         self._lmdb.run_write(work)
 

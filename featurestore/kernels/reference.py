@@ -278,7 +278,8 @@ def ewma(entity, ts_us, values, half_life_us: float) -> np.ndarray:
         first = np.searchsorted(entity, entity[i], side="left")
         v = values[first : i + 1]
         keep = ~np.isnan(v)
-        w = 0.5 ** ((ts_us[i] - ts_us[first : i + 1][keep]) / half_life_us)
+        since = np.ascontiguousarray(ts_us).view(np.uint64)  # sorted gaps fit uint64: no wrap
+        w = 0.5 ** ((since[i] - since[first : i + 1][keep]).astype(np.float64) / half_life_us)
         if w.sum() > 0.0:
             out[i] = np.sum(w * v[keep]) / np.sum(w)
     return out
@@ -289,7 +290,8 @@ def rfm(entity, ts_us, values, window_us: int):
     recency = np.full(len(entity), np.nan)
     if len(entity) > 1:
         same = entity[1:] == entity[:-1]
-        recency[1:] = np.where(same, (ts_us[1:] - ts_us[:-1]) / 1e6, np.nan)
+        since = np.ascontiguousarray(ts_us).view(np.uint64)  # sorted gaps fit uint64: no wrap
+        recency[1:] = np.where(same, (since[1:] - since[:-1]).astype(np.float64) / 1e6, np.nan)
     count, total, _, _, _ = window_aggregates(entity, ts_us, values, window_us)
     return recency, count, total
 

@@ -29,6 +29,14 @@ def is_sorted(entity: np.ndarray, ts_us: np.ndarray) -> bool:
 
 
 @njit(nogil=True, cache=True)
+def _elapsed_us(later: np.int64, earlier: np.int64) -> float:
+    """later - earlier (later >= earlier) as float64, rounded once. The span of two int64 times
+    reaches 2**64 - 1, past int64 (it wrapped negative near the ends), so it is taken in
+    uint64, where it is exact."""
+    return float(np.uint64(later) - np.uint64(earlier))
+
+
+@njit(nogil=True, cache=True)
 def window_aggregates(entity: np.ndarray, ts_us: np.ndarray, values: np.ndarray, window_us: int):
     """Per-event trailing-window (count, sum, mean, min, max).
 
@@ -108,7 +116,7 @@ def ewma(entity: np.ndarray, ts_us: np.ndarray, values: np.ndarray, half_life_us
             s = 0.0
             w = 0.0
         else:
-            decay = 0.5 ** ((ts_us[i] - ts_us[i - 1]) / half_life_us)
+            decay = 0.5 ** (_elapsed_us(ts_us[i], ts_us[i - 1]) / half_life_us)
             s *= decay
             w *= decay
         v = values[i]
@@ -129,7 +137,7 @@ def rfm(entity: np.ndarray, ts_us: np.ndarray, values: np.ndarray, window_us: in
         if i == 0 or entity[i] != entity[i - 1]:
             recency[i] = math.nan
         else:
-            recency[i] = (ts_us[i] - ts_us[i - 1]) / 1e6
+            recency[i] = _elapsed_us(ts_us[i], ts_us[i - 1]) / 1e6
     count, total, _, _, _ = window_aggregates(entity, ts_us, values, window_us)
     return recency, count, total
 

@@ -13,7 +13,7 @@ from clients.channel import ClientConfig
 from clients.feature_client import FeatureStoreClient
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.errors import InvalidArgumentError
-from featurestore.history import history_rows, point_in_time, rebuild_online
+from featurestore.history import history_rows, point_in_time, rebuild_online, unpack_batch
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 
@@ -344,3 +344,139 @@ def test_point_in_time_as_served_equals_get_online_features_of_a_real_server(ser
         by_event = point_in_time(store, "spend", {"user_id": ids}, labels)
         assert by_event.row_status.tolist() == [1, 2, 4, 1]  # b's future row: NOT_FOUND
         assert [s.tolist() for s in reads[1][1].statuses.values()] == [[1, 1, 4, 1]] * 2
+
+
+def test_rebuild_online_holds_the_write_lock_only_for_the_log_tail(tmp_path: Path):
+    """rebuild_online read and decoded the whole log inside the store's one write transaction:
+    with millions of logged rows every view's writes waited seconds (clients' deadlines
+    expired). Now a write waits at most for the records logged during the rebuild."""
+    rows, per_batch = 1_500_000, 100_000
+    with OnlineStore(StoreConfig(tmp_path / "db", sync=False)) as s:
+        s.registry.apply([USER, ACCOUNT], [VIEW, LIMITS])
+        for start in range(0, rows, per_batch):
+            keys = {"account_id": np.arange(per_batch) % 1000}
+            events = NOW + start + np.arange(per_batch)
+            s.write(WriteBatch("limits", keys, events, {"limit": np.ones(per_batch)}), now_us=NOW)
+        waits: list[float] = []
+        stop = threading.Event()
+
+        def writer() -> None:
+            while not stop.is_set():
+                began = time.perf_counter()
+                s.write(batch([f"w{len(waits)}"], [NOW], [1.0]), now_us=NOW)
+                waits.append(time.perf_counter() - began)
+                time.sleep(0.005)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            while not waits:
+                time.sleep(0.001)
+            began = time.perf_counter()
+            assert rebuild_online(s, "limits") == rows
+            took = time.perf_counter() - began
+            time.sleep(0.05)
+        finally:
+            stop.set()
+            thread.join()
+        assert took >= 1.0, f"the log must take >= 1 s to rebuild for this test, took {took:.2f}"
+        assert max(waits) < took / 2, (max(waits), took)
+        got = s.read("limits", {"account_id": np.array([0, 999])}, now_us=NOW)
+        assert got.event_us.tolist() == [NOW + rows - 1000, NOW + rows - 1]
+
+
+def newest_rows(records: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Plain-Python reduction of history records: each key's newest row by event time (row
+    bytes 8:16), the earliest logged among equal ones."""
+
+    def event(row: bytes) -> int:
+        return int.from_bytes(row[8:16], "little", signed=True)
+
+    newest: dict[bytes, bytes] = {}
+    for record in records:
+        for key, row in zip(*unpack_batch(record), strict=True):
+            if key not in newest or event(row) > event(newest[key]):
+                newest[key] = row
+    return sorted(newest.items())
+
+
+def test_replace_online_rows_merges_the_rows_logged_while_it_reduced(store):
+    """The log is reduced outside the write transaction; rows committed meanwhile (here by
+    another thread while the reduction runs) are merged in by event time: a newer row wins, a
+    late one loses, a new key is added."""
+    store.write(batch(["a", "b", "d"], [NOW, NOW, NOW], [1, 2, 3]), now_us=NOW)
+    meanwhile = batch(["a", "b", "c"], [NOW + SEC, NOW - 5 * SEC, NOW], [4, 5, 6])
+    committed = []
+
+    def reduce(records: list[bytes]) -> list[tuple[bytes, bytes]]:
+        if not committed:  # the first reduction: the write must not wait for it
+            thread = threading.Thread(target=store.write, args=(meanwhile,), kwargs={"now_us": NOW})
+            thread.start()
+            thread.join(10)
+            committed.append(not thread.is_alive())
+        return newest_rows(records)
+
+    store.replace_online_rows("spend", 1, reduce)
+    assert committed == [True]
+    keys = {"user_id": np.array(["a", "b", "c", "d"], dtype=object)}
+    got = store.read("spend", keys, now_us=NOW)
+    assert got.blocks[0].values[:, 0].tolist() == [4, 2, 6, 3]
+    assert got.event_us.tolist() == [NOW + SEC, NOW, NOW, NOW]
+
+
+def test_as_served_leaves_out_a_late_row_stamped_before_a_newer_one_that_committed_first(store):
+    """Write times are stamped at prepare, before the commit: a late batch stamped at T and
+    committed after a newer row stamped at T + 0.1 s was refused online, yet as_served picked
+    it for labels between the two stamps (online answered 30 then 50, as_served gave 40)."""
+    t = NOW + 1000 * SEC
+    keys = {"user_id": np.array(["u"], dtype=object)}
+    store.write(batch(["u"], [t - 50 * SEC], [30]), now_us=t - 40 * SEC)
+    late = store.prepare(batch(["u"], [t - 30 * SEC], [40]), now_us=t)
+    newer = store.prepare(batch(["u"], [t - 10 * SEC], [50]), now_us=t + 100_000)
+    answers = []
+    for label, prepared in ((t + 50_000, newer), (t + 150_000, late)):
+        store.write_prepared([prepared])
+        answers.append(store.read("spend", keys, now_us=label).blocks[0].values[0, 0])
+    assert answers == [50, 50]  # the late row was stale online
+    labels = np.array([t - 1, t, t + 50_000, t + 99_999, t + 100_000, t + 200_000])
+    query = {"user_id": np.full(len(labels), "u", dtype=object)}
+    past = point_in_time(store, "spend", query, labels, ["amount"], as_served=True)
+    assert past.blocks[0].values[:, 0].tolist() == [30, 30, 30, 30, 50, 50]
+
+
+def test_as_served_with_commits_out_of_stamp_order_matches_a_plain_python_replay(store):
+    """Batches prepared (stamped) in one order and committed in another, as workers do: per
+    label, the newest event among the rows applied in commit order and stamped by then."""
+    rng = np.random.default_rng(3)
+    ids = ["a", "b", "c"]
+    prepared, rows = [], []
+    for _ in range(40):
+        key, stamp = ids[int(rng.integers(0, 3))], NOW + int(rng.integers(0, 100)) * SEC
+        event, amount = stamp - int(rng.integers(0, 60)) * SEC, float(rng.integers(0, 1000))
+        prepared.append(store.prepare(batch([key], [event], [amount]), now_us=stamp))
+        rows.append((key, event, stamp, amount))
+    stored: dict[str, int] = {}
+    applied = []
+    for i in rng.permutation(len(rows)).tolist():
+        store.write_prepared([prepared[i]])
+        key, event, _, _ = rows[i]
+        if event > stored.get(key, -1):
+            stored[key] = event
+            applied.append(rows[i])
+    labels = NOW + rng.integers(-5, 250, 300) * SEC
+    keys = [ids[int(k)] for k in rng.integers(0, 3, 300)]
+    query = {"user_id": np.array(keys, dtype=object)}
+    past = point_in_time(store, "spend", query, labels, ["amount"], as_served=True)
+    assert {int(s) for s in past.row_status} == {1, 2, 4}
+    for i, (key, label) in enumerate(zip(keys, labels.tolist(), strict=True)):
+        seen = [r for r in applied if r[0] == key and r[2] <= label]
+        want = max(seen, key=lambda r: r[1]) if seen else None
+        if want is None:
+            assert (past.event_us[i], past.row_status[i]) == (0, FeatureStatus.NOT_FOUND)
+            continue
+        assert past.event_us[i] == want[1]
+        if want[1] < label - VIEW.ttl_seconds * SEC:
+            assert past.row_status[i] == FeatureStatus.OUTSIDE_MAX_AGE
+        else:
+            assert past.row_status[i] == FeatureStatus.PRESENT
+            assert past.blocks[0].values[i, 0] == want[3]

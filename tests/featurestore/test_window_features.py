@@ -133,3 +133,19 @@ def test_uint64_timestamps_beyond_int64_are_refused_naming_the_row() -> None:
 def test_keys_that_cannot_be_sorted_name_the_entity_argument(keys) -> None:
     with pytest.raises(InvalidArgumentError, match=r"entity: the keys cannot be sorted .* no None"):
         window_features(np.array(keys, object), np.array([0, 1]), {"amount": [1.0, 2.0]}, SPECS)
+
+
+def test_recency_and_decay_span_the_whole_int64_range() -> None:
+    """rfm recency and the EWMA decay took t_i - t_(i-1) in int64, which wrapped near the ends
+    of the range (recency -3e-06 s where 18446744073709.55 s passed); checked against Python
+    ints, and exact to the µs where float64 times would round both ends alike."""
+    for times in ([-(2**63) + 1, 2**63 - 1], [2**62, 2**62 + 1], [-(2**63) + 1, -(2**63) + 2]):
+        specs = [WindowSpec("r", "rfm", "x", 1), WindowSpec("e", "ewma", "x", 9.2e12)]
+        got = window_features([7, 7], np.array(times), {"x": [1.0, 2.0]}, specs)
+        elapsed = times[1] - times[0]  # Python ints: exact
+        decay = 0.5 ** (elapsed / 9.2e18)
+        assert got["r_recency_s"][1] == elapsed / 1e6
+        assert got["e"].tolist() == pytest.approx([1.0, (decay + 2.0) / (decay + 1.0)], rel=1e-12)
+        entity, ts, x = np.array([7, 7]), np.array(times, np.int64), np.array([1.0, 2.0])
+        assert ref.rfm(entity, ts, x, 10**6)[0][1] == elapsed / 1e6  # the NumPy reference too
+        assert ref.ewma(entity, ts, x, 9.2e18).tolist() == got["e"].tolist()

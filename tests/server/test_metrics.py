@@ -4,9 +4,11 @@ hot-path recorders, the vectorised histogram, and a real server's /metrics scrap
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import urllib.request
 import warnings
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -300,6 +302,10 @@ def test_view_model_and_drift_families_move_with_real_traffic(tmp_path, server_f
     assert key("featureserve_feature_psi", view="stats", feature="x") in samples
     assert samples[key("featureserve_model_rows_total", model="mlp", version="1")] == 3
     assert samples[key("featureserve_model_batch_rows_count", model="mlp", version="1")] == 1
+    dashboard = Path(__file__).parents[2] / "ops" / "grafana" / "featureserve.json"
+    charted = set(re.findall(r"featureserve_[a-z_]+", dashboard.read_text()))
+    assert len(charted) >= 15
+    assert charted - {name for name, _ in samples} == set()  # every chart has a series to show
 
 
 def test_view_observer_samples_the_first_lookup_block_then_every_256th(tmp_path) -> None:

@@ -184,12 +184,21 @@ def baseline_args(args: argparse.Namespace, payload_bytes: int) -> argparse.Name
 def run_with_baseline(scenario: Scenario, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run scenario and baseline at the same points and response size; annotate with ratios.
 
+    Refuses a scenario with no response size (response_sized False): no floor matches it.
     Each baseline point runs right after the scenario's point of the same load, so a machine
     whose speed drifts over the sweep skews a ratio as little as it can. Returns the scenario's
     records (with baseline_* and *_vs_baseline keys) then the baseline's.
     """
     if scenario.name == BASELINE.name:
         return run_scenario(scenario, args)
+    if not getattr(scenario, "response_sized", True):
+        takers = [
+            name for name in scenario_names() if getattr(get_scenario(name), "response_sized", True)
+        ]
+        raise ScenarioError(
+            f"--with-baseline matches the baseline's payload to the response size, and "
+            f"'{scenario.name}' has none; it takes {', '.join(takers)}"
+        )
     specs = load_specs(args)
     run = scenario.setup(args)
     try:

@@ -4,26 +4,29 @@ The request is pre-framed once (gRPC's 5-byte prefix + serialized message) into 
 posts on every stream. h2load sees HTTP status only, never the grpc-status trailer, and a gRPC
 error comes as HTTP 200; but an error carries no DATA and an answer to the one fixed request
 carries exactly the DATA of one real call made before the run, so the calls that failed are the
-200 streams that h2load's total of DATA bytes ("traffic: ... data") does not cover. That total
-includes h2load's own warm-up, so the run has none: it lasts warm-up + duration, the warm-up
-requests are dropped from the log here, and the measured window is charged its share of the
-run's failed calls. h2load 1.52's log has no per-request sizes, so a point
-with failed calls reports no latencies (failed calls are usually the fast ones).
-Open loop runs one h2load client at --rps: it sends on a timer and, when every stream is
-busy, later, so its own timings omit the wait. Its log lists each request's send time, so the k-th
-request sent is the k-th of the schedule, and its latency is counted from that intended time
-(as wrk2 does): no coordinated omission.
+200 streams that h2load's total of DATA bytes ("traffic: ... data") does not cover. The warm-up is
+an h2load process of its own, so the measured run's DATA total is its own. When -D expires,
+h2load adds the DATA of streams still receiving (started - done in its "requests:" line) but logs
+no latency for them: the total may exceed the logged answers by up to that many answers, which
+leaves up to that many failed calls uncertain. A run whose DATA covers every logged answer counts
+no failed call; one that does not counts the most failed calls its DATA allows. h2load 1.52's log
+has no per-request sizes, so a point with failed calls reports no latencies.
+Closed loop runs `concurrency` streams in flight exactly: as many clients as the largest divisor
+of it not above --processes. Open loop runs one h2load client at --rps: it sends on a timer and,
+when every stream is busy, later, so its own timings omit the wait. Its log lists each request's
+send time, so the k-th request sent is the k-th of the schedule, and its latency is counted from
+that intended time (as wrk2 does): no coordinated omission. The run goes on for a tail after the
+window so requests due in it can finish; those due but not answered by then are CLIENT_BACKLOG.
 """
 
 from __future__ import annotations
 
-import math
 import re
+import resource
 import shutil
 import struct
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,14 +35,24 @@ import numpy as np
 
 from benchmarks import proc_stats
 from benchmarks.histogram import Histogram
-from benchmarks.load import CLOSED, OPEN, LoadResult, LoadSpec, check_loopback
+from benchmarks.load import (
+    BACKLOG_ERROR,
+    CLOSED,
+    OPEN,
+    LoadResult,
+    LoadSpec,
+    check_loopback,
+)
 
 EXECUTABLE = "h2load"
 STREAM_FAILED = "H2_STREAM_FAILED"
 GRPC_ERROR = "grpc_error"
 """Calls that got a gRPC error under load: h2load cannot say which status."""
 CHECK_TIMEOUT_S = 30.0
+OPEN_TAIL_S = 1.0
+"""Open loop: how long after the window requests due in it may still finish (capped by grace)."""
 DATA_BYTES = re.compile(r"^traffic: .*\((\d+)\) data$", re.MULTILINE)
+REQUESTS = re.compile(r"^requests: \d+ total, (\d+) started, (\d+) done", re.MULTILINE)
 MAX_OPEN_STREAMS = 1024
 """Streams one open-loop client keeps in flight; past that, requests wait in h2load, and the
 intended-time latencies count the wait."""
@@ -64,34 +77,40 @@ def _duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
+def closed_clients(concurrency: int, processes: int) -> int:
+    """The largest divisor of concurrency not above processes: h2load runs the same streams on
+    every client, so only a divisor keeps exactly `concurrency` in flight."""
+    return max(d for d in range(1, min(concurrency, processes) + 1) if concurrency % d == 0)
+
+
 def command(
     target: str,
     method: str,
     body_path: Path,
-    log_path: Path,
+    log_path: Path | None,
     spec: LoadSpec,
+    seconds: float,
     metadata: tuple[tuple[str, str], ...] = (),
 ) -> list[str]:
-    """The h2load argv for one load point: clients = min(processes, concurrency); one run of
-    warm-up + duration (h2load's own warm-up would add its DATA to the run's total)."""
+    """The h2load argv of one run of `seconds` at spec's load, logging to log_path if given."""
     argv = [
         EXECUTABLE,
         "-D",
-        _duration(spec.warmup_s + spec.duration_s),
+        _duration(seconds),
         "-d",
         str(body_path),
         "-H",
         "content-type: application/grpc",
         "-H",
         "te: trailers",
-        "--log-file",
-        str(log_path),
     ]
+    if log_path is not None:
+        argv += ["--log-file", str(log_path)]
     for key, value in metadata:
         argv += ["-H", f"{key}: {value}"]
     if spec.mode == CLOSED:
-        clients = min(spec.processes, spec.concurrency)
-        streams = math.ceil(spec.concurrency / clients)
+        clients = closed_clients(spec.concurrency, spec.processes)
+        streams = spec.concurrency // clients
         argv += ["-c", str(clients), "-t", str(clients), "-m", str(streams)]
     else:
         streams = min(spec.max_outstanding, MAX_OPEN_STREAMS)
@@ -102,44 +121,49 @@ def command(
 
 @dataclass(frozen=True)
 class RequestLog:
-    """h2load's --log-file, split at the end of the warm-up."""
+    """The measured run's --log-file."""
 
     latencies_ns: np.ndarray
-    """Latencies of the measured window's HTTP-200 streams (answers and gRPC errors alike)."""
+    """Latencies of the window's HTTP-200 streams (answers and gRPC errors alike)."""
+    in_window: int
+    """Of those, the ones that ended inside the window (the open loop's tail excluded)."""
     answered: int
-    """HTTP-200 streams of the run, warm-up included (the span of h2load's DATA total)."""
+    """HTTP-200 streams of the whole run, tail included (the span of h2load's DATA total)."""
     stream_failed: int
-    """Streams of the measured window that failed below gRPC (reset, connection lost)."""
+    """Streams of the window that failed below gRPC (reset, connection lost)."""
+    logged: int
+    """Streams of the window h2load logged at all (open loop: due in it)."""
 
 
-def parse_log(text: str, warmup_s: float = 0.0, rate: float = 0.0) -> RequestLog:
-    """Parse --log-file; a request belongs to the measured window when it was sent (closed loop)
-    or due (open loop) warmup_s or more after the first.
-
-    With rate (one open-loop client), each latency runs from the request's intended send time:
-    the schedule is anchored where the requests ran least late, and request k (in send order)
-    was due k / rate after that.
-    """
+def parse_log(text: str, duration_s: float | None = None, rate: float = 0.0) -> RequestLog:
+    """Parse --log-file of a measured run. Closed loop: every request is the window's. Open loop
+    (rate): the window's requests are those due in the first duration_s, and each latency runs
+    from the request's intended send time: the schedule is anchored where the requests ran least
+    late, and request k (in send order) was due k / rate after that."""
     rows = [line.split("\t") for line in text.splitlines() if line.strip()]
     if not rows:
-        return RequestLog(np.zeros(0, dtype=np.int64), 0, 0)
+        return RequestLog(np.zeros(0, dtype=np.int64), 0, 0, 0, 0)
     start_us = np.array([int(row[0]) for row in rows], dtype=np.int64)
     status = np.array([int(row[1]) for row in rows])
     elapsed_us = np.array([int(row[2]) for row in rows], dtype=np.int64)
     order = np.argsort(start_us, kind="stable")
     start_us, status, elapsed_us = start_us[order], status[order], elapsed_us[order]
+    ok = status == 200
+    measured = np.ones(len(rows), dtype=bool)
+    ended_inside = measured
     if rate:
         due_us = np.arange(len(rows)) * 1e6 / rate
         ahead = start_us - due_us
         elapsed_us = elapsed_us + np.round(ahead - ahead.min()).astype(np.int64)
-        measured = due_us >= warmup_s * 1e6
-    else:
-        measured = start_us >= start_us[0] + warmup_s * 1e6
-    ok = status == 200
+        if duration_s is not None:
+            measured = due_us < duration_s * 1e6
+            ended_inside = due_us + elapsed_us < duration_s * 1e6
     return RequestLog(
         latencies_ns=elapsed_us[ok & measured] * 1000,
+        in_window=int((ok & measured & ended_inside).sum()),
         answered=int(ok.sum()),
         stream_failed=int((~ok & measured).sum()),
+        logged=int(measured.sum()),
     )
 
 
@@ -164,16 +188,29 @@ def data_bytes(output: str) -> int:
     return int(found.group(1))
 
 
+def unfinished(output: str) -> int:
+    """Streams still open when -D expired (started - done of h2load's "requests:" line): their
+    DATA is in the total, their latency in no log."""
+    found = REQUESTS.search(output)
+    if found is None:
+        raise H2LoadError(f"h2load printed no 'requests: ...' line: {output.strip()[-2000:]}")
+    return int(found.group(1)) - int(found.group(2))
+
+
 def grpc_errors(
-    log: RequestLog, data: int, response_bytes: int | None, check_error: str | None
+    log: RequestLog,
+    data: int,
+    response_bytes: int | None,
+    check_error: str | None,
+    open_streams: int = 0,
 ) -> dict[str, int]:
     """gRPC errors among the window's HTTP-200 streams, by status name when known.
 
-    An error carries no DATA and an answer exactly response_bytes, so the run's failed calls are
-    the answered streams its DATA does not cover. That count spans the warm-up too, and the log
-    cannot say which calls failed, so the window is charged its share of them, rounded up (one
-    failed call anywhere leaves the window at least one error). When the check call failed
-    (check_error), a run with no DATA failed throughout with that status."""
+    An error carries no DATA and an answer exactly response_bytes; the open_streams cut at the
+    end carried up to that much each. DATA covering every answered stream leaves no certain
+    failed call (at most open_streams hidden ones); DATA short of it makes failures certain, and
+    the window is charged the most the DATA allows, never more than its answered streams. When
+    the check call failed (check_error), a run with no DATA failed throughout with that status."""
     window = log.latencies_ns.size
     if response_bytes is None:
         if data:
@@ -183,16 +220,32 @@ def grpc_errors(
                 "--generator python"
             )
         return {check_error: window} if window else {}
-    missing = log.answered * response_bytes - data
-    if missing < 0:
+    surplus = data - log.answered * response_bytes
+    if surplus > open_streams * response_bytes:
         raise H2LoadError(
-            f"the run's answers carried {-missing} bytes more than {log.answered} x "
-            f"{response_bytes} (the check call's answer): the answer size varies, so h2load's "
-            "failed calls cannot be counted; use --generator python"
+            f"the run's DATA exceeds its {log.answered} logged answers x {response_bytes} bytes "
+            f"(the check call's answer) by {surplus} bytes, more than its {open_streams} streams "
+            "cut at the end can carry: the answer size varies, so h2load's failed calls cannot "
+            "be counted; use --generator python"
         )
-    failed = -(-missing // response_bytes)
-    charged = -(-failed * window // log.answered) if log.answered else 0
+    if surplus >= 0:
+        return {}
+    most = (open_streams * response_bytes - surplus) // response_bytes
+    charged = min(most, window)
     return {GRPC_ERROR: charged} if charged else {}
+
+
+def _run(argv: list[str], timeout_s: float) -> tuple[str, int]:
+    """Run h2load to its end (killed after timeout_s): (its output, 1 if killed else 0)."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()[0], 1
+    if process.returncode != 0:
+        raise H2LoadError(f"h2load exited {process.returncode}: {output.strip()[-2000:]}")
+    return output, 0
 
 
 def run_h2load(
@@ -203,8 +256,8 @@ def run_h2load(
     server_pid: int | None,
     metadata: tuple[tuple[str, str], ...] = (),
 ) -> LoadResult:
-    """Run h2load for one load point and return the same figures as the Python generator;
-    metadata is sent as headers on every stream (e.g. the bearer token)."""
+    """Run h2load for one load point (a warm-up process, then the measured one) and return the
+    same figures as the Python generator; metadata is sent as headers on every stream."""
     if not available():
         raise H2LoadError(
             "h2load not found: apt-get install -y nghttp2-client, or use --generator python"
@@ -212,51 +265,48 @@ def run_h2load(
     spec.validate()
     check_loopback(target)
     response_bytes, check_error = check_call(target, method, message, metadata)
+    tail_s = min(OPEN_TAIL_S, spec.grace_s) if spec.mode == OPEN else 0.0
     with tempfile.TemporaryDirectory(prefix="bench-h2load-") as tmp:
         body_path = Path(tmp) / "body.bin"
         log_path = Path(tmp) / "requests.log"
         body_path.write_bytes(frame(message))
-        argv = command(target, method, body_path, log_path, spec, metadata)
-        process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        if spec.warmup_s > 0:
+            warmup = command(target, method, body_path, None, spec, spec.warmup_s, metadata)
+            _run(warmup, spec.warmup_s + spec.grace_s)
+        argv = command(
+            target, method, body_path, log_path, spec, spec.duration_s + tail_s, metadata
         )
-        start = time.monotonic()
-        time.sleep(spec.warmup_s)
         server_before = proc_stats.sample(server_pid) if server_pid else None
-        client_before = proc_stats.sample(process.pid)
-        time.sleep(max(start + spec.warmup_s + spec.duration_s - time.monotonic(), 0.0))
+        client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        output, killed = _run(argv, spec.duration_s + tail_s + spec.grace_s)
+        client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         server_after = proc_stats.sample(server_pid) if server_pid else None
-        client_after = proc_stats.sample(process.pid)
-        killed = 0
-        try:
-            output, _ = process.communicate(timeout=spec.grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-            killed = 1
-        if process.returncode not in (0, None) and not killed:
-            raise H2LoadError(f"h2load exited {process.returncode}: {output.strip()[-2000:]}")
-        rate = spec.rate if spec.mode == OPEN else 0.0
         text = log_path.read_text() if log_path.exists() else ""
-        log = parse_log(text, spec.warmup_s, rate)
     if not text.strip():
         raise H2LoadError(f"h2load logged no request (cannot connect?): {output.strip()[-2000:]}")
-    errors = grpc_errors(log, data_bytes(output), response_bytes, check_error)
-    completed = log.latencies_ns.size - sum(errors.values())
+    rate = spec.rate if spec.mode == OPEN else 0.0
+    log = parse_log(text, spec.duration_s, rate)
+    errors = grpc_errors(log, data_bytes(output), response_bytes, check_error, unfinished(output))
+    completed = max(log.in_window - sum(errors.values()), 0)
     histogram = Histogram()
     if not errors:
         histogram.record_many(log.latencies_ns)
     if log.stream_failed:
         errors[STREAM_FAILED] = log.stream_failed
+    if rate and int(spec.duration_s * rate) > log.logged:
+        errors[BACKLOG_ERROR] = int(spec.duration_s * rate) - log.logged
     server_cpu = None
     if server_before and server_after and server_after.processes:
         server_cpu = server_after.cpu_s - server_before.cpu_s
+    client_cpu = sum(
+        getattr(client_after, f) - getattr(client_before, f) for f in ("ru_utime", "ru_stime")
+    )
     return LoadResult(
         histogram=histogram,
         completed=completed,
         errors=errors,
         duration_s=spec.duration_s,
-        client_cpu_s=max(client_after.cpu_s - client_before.cpu_s, 0.0),
+        client_cpu_s=max(client_cpu, 0.0),
         server_cpu_s=server_cpu,
         server_rss_bytes=server_after.rss_bytes if server_after else None,
         processes=1,

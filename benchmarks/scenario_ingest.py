@@ -8,7 +8,8 @@ fully written streams/s x rows per stream. The generator writes no stale row by 
 the key space is cut into interleaved slices of at least a stream's rows, each stream in flight
 holds a slice of its own (claimed across client processes with an exclusive file) and writes
 distinct random keys of it, and the event times of a request function only ever increase, so
-every row is a real last-write-wins update of a random row of the full table. Each point's record
+no row is ever stale. Setup writes into a fresh, empty store, so a row is an insert the first
+time its key is written and a last-write-wins update after. Each point's record
 adds rows_written, rows_stale and rows_rejected summed over every answer of the point (warm-up
 included), so a point where any row was not written says so.
 """
@@ -120,6 +121,8 @@ class IngestScenario(ScenarioBase):
 
     name = "ingest"
     help = "durable StreamWriteFeatures (x32 float32); one request = one stream of K messages"
+    response_sized = False
+    """Its answer is a row count, so --with-baseline has no response size to match."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """--rows-per-message, --messages-per-stream, --features, --key-space."""
@@ -144,8 +147,14 @@ class IngestScenario(ScenarioBase):
         )
 
     def setup(self, args: argparse.Namespace) -> ScenarioRun:
-        """Check the key space holds a slice per stream, register the view in a fresh store and
+        """Refuse --rate (an open loop's streams in flight, hence key slices, have no bound),
+        check the key space holds a slice per stream, register the view in a fresh store and
         start a server (unless --target); make the folder where clients claim slices."""
+        if getattr(args, "rate", None):
+            raise ScenarioError(
+                "ingest runs closed loop only: --rate has no bound on streams in flight, each "
+                "holding a key slice; use --concurrency"
+            )
         rows = args.rows_per_message * args.messages_per_stream
         slices = args.key_space // rows
         most = max(getattr(args, "concurrency", None) or [1])

@@ -17,7 +17,7 @@ import pytest
 from benchmarks import cli, h2load, report
 from benchmarks.baseline import METHOD, SERVICE, BaselineScenario
 from benchmarks.histogram import Histogram, bucket_index, bucket_indices
-from benchmarks.load import CANCELLED_ERROR, OPEN, LoadError, LoadSpec, run_load
+from benchmarks.load import BACKLOG_ERROR, CANCELLED_ERROR, OPEN, LoadError, LoadSpec, run_load
 from benchmarks.scenarios import RequestFn, ScenarioError, get_scenario, register_scenario
 
 REQUIRED_KEYS = {
@@ -164,14 +164,12 @@ def test_h2load_framing_and_log_parsing() -> None:
     log = h2load.parse_log("1\t200\t250\n2\t-1\t9\n3\t200\t1000\n")
     assert log.latencies_ns.tolist() == [250_000, 1_000_000]
     assert (log.answered, log.stream_failed) == (2, 1)
-    # warm-up: requests sent less than 1 ms after the first are dropped, but still answered
-    warm = h2load.parse_log("0\t200\t5\n999\t200\t6\n1000\t200\t7\n1500\t-1\t8\n", 0.001)
-    assert (warm.latencies_ns.tolist(), warm.answered, warm.stream_failed) == ([7_000], 3, 1)
     spec = LoadSpec(concurrency=8, processes=2, warmup_s=0.3, duration_s=2.0)
-    argv = h2load.command("127.0.0.1:1", "/s/M", "b", "l", spec, (("authorization", "Bearer t"),))
+    auth = (("authorization", "Bearer t"),)
+    argv = h2load.command("127.0.0.1:1", "/s/M", "b", "l", spec, 2.0, auth)
     assert argv[argv.index("-m") + 1] == "4"
-    # h2load's own warm-up would add its DATA to the run's total: one run of warm-up + duration
-    assert argv[argv.index("-D") + 1] == "2300ms" and "--warm-up-time" not in argv
+    # h2load's own warm-up would add its DATA to the run's total: the warm-up is its own run
+    assert argv[argv.index("-D") + 1] == "2000ms" and "--warm-up-time" not in argv
     assert argv[argv.index("authorization: Bearer t") - 1] == "-H"
     assert argv[-1] == "http://127.0.0.1:1/s/M"
 
@@ -182,11 +180,13 @@ def test_h2load_open_loop_counts_latency_from_the_intended_send() -> None:
     paced = h2load.parse_log(log, rate=1000.0)
     assert paced.latencies_ns.tolist() == [100_000, 100_000, 3_300_000, 2_201_000]
     assert paced.stream_failed == 0
-    assert h2load.parse_log(log, 0.002, rate=1000.0).latencies_ns.tolist() == [3_300_000, 2_201_000]
+    # a 2 ms window holds the requests due at 0 and 1 ms; the one answered 0.1 ms in ended inside
+    window = h2load.parse_log(log, 0.002, rate=1000.0)
+    assert (window.latencies_ns.tolist(), window.logged, window.in_window) == ([100_000] * 2, 2, 2)
     closed = h2load.parse_log(log)
     assert sorted(closed.latencies_ns.tolist()) == [100_000, 100_000, 200_000, 300_000]
     spec = LoadSpec(mode=OPEN, rate=2500.0, processes=4, duration_s=1.0, max_outstanding=5000)
-    argv = h2load.command("127.0.0.1:1", "/s/M", "b", "l", spec)
+    argv = h2load.command("127.0.0.1:1", "/s/M", "b", "l", spec, 1.0)
     assert [argv[argv.index(flag) + 1] for flag in ("-c", "-t", "-m", "--rps")] == [
         "1",
         "1",
@@ -262,3 +262,78 @@ def test_h2load_that_cannot_connect_raises_with_its_output() -> None:
         closed = f"127.0.0.1:{probe.getsockname()[1]}"
     with pytest.raises(h2load.H2LoadError, match=r"(?s)logged no request.*requests: 0 total"):
         h2load.run_h2load(closed, METHOD, bytes(64), H2LOAD_SPEC, None)
+
+
+@pytest.mark.parametrize(("concurrency", "processes"), [(5, 2), (33, 2), (100, 8), (8, 2)])
+def test_h2load_closed_loop_keeps_exactly_concurrency_streams_in_flight(
+    concurrency: int, processes: int
+) -> None:
+    """-c clients x -m streams each: rounding streams up ran 6 for 5, 34 for 33, 104 for 100."""
+    spec = LoadSpec(concurrency=concurrency, processes=processes)
+    argv = h2load.command("127.0.0.1:1", "/s/M", "b", "l", spec, 1.0)
+    clients, streams = (int(argv[argv.index(flag) + 1]) for flag in ("-c", "-m"))
+    assert clients * streams == concurrency and clients <= processes
+
+
+def test_h2load_allows_the_data_of_streams_cut_at_the_end() -> None:
+    """Streams still receiving when -D expires add DATA but no log line: a surplus up to their
+    answers is theirs, not a varying answer size; a shortfall counts the most failures it allows."""
+    log = h2load.parse_log("0\t200\t5\n1\t200\t5\n2\t200\t5\n3\t200\t5\n")
+    assert h2load.grpc_errors(log, 4 * 100 + 150, 100, None, open_streams=2) == {}
+    with pytest.raises(h2load.H2LoadError, match="more than its 2 streams cut"):
+        h2load.grpc_errors(log, 4 * 100 + 201, 100, None, open_streams=2)
+    # 2 answers short: 2 failed for certain, and 2 more could hide in the cut streams' DATA
+    assert h2load.grpc_errors(log, 2 * 100, 100, None, open_streams=2) == {h2load.GRPC_ERROR: 4}
+    assert h2load.grpc_errors(log, 3 * 100, 100, None, open_streams=1) == {h2load.GRPC_ERROR: 2}
+
+
+class ShedsAfter:
+    """A real gRPC server answering 1 KiB, that sheds every other call with RESOURCE_EXHAUSTED
+    once `after_s` have passed since its first call (a queue that fills under sustained load)."""
+
+    def __init__(self, after_s: float, delay_s: float = 0.0) -> None:
+        self.calls = itertools.count()
+        self.first: list[float] = []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=1 if delay_s else 4))
+
+        def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+            now = time.monotonic()
+            self.first = self.first or [now]
+            time.sleep(delay_s)
+            if now - self.first[0] >= after_s and next(self.calls) % 2:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+            return bytes(1024)
+
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+
+@pytest.mark.skipif(not h2load.available(), reason="h2load (nghttp2-client) not installed")
+def test_h2load_counts_the_windows_own_failures_when_shedding_starts_after_warm_up() -> None:
+    """The window was charged its share of the run's failures (warm-up included), so half the
+    window failing showed as a quarter, and throughput a third too high."""
+    shed = ShedsAfter(after_s=1.0)
+    spec = LoadSpec(concurrency=8, processes=1, warmup_s=1.0, duration_s=1.0)
+    try:
+        result = h2load.run_h2load(shed.target, METHOD, bytes(64), spec, None)
+    finally:
+        shed.server.stop(0)
+    assert result.errors[h2load.GRPC_ERROR] == pytest.approx(result.completed, rel=0.1)
+
+
+@pytest.mark.skipif(not h2load.available(), reason="h2load (nghttp2-client) not installed")
+def test_h2load_open_loop_counts_requests_due_but_never_answered_as_backlog() -> None:
+    """A server of ~100 calls/s offered 300/s: the requests h2load never sent or never saw
+    answered were neither timed nor counted."""
+    slow = ShedsAfter(after_s=1e9, delay_s=0.01)
+    spec = LoadSpec(mode=OPEN, rate=300.0, processes=1, warmup_s=0.0, duration_s=1.0)
+    try:
+        result = h2load.run_h2load(slow.target, METHOD, bytes(64), spec, None)
+    finally:
+        slow.server.stop(0)
+    assert result.errors[BACKLOG_ERROR] > 0
+    assert result.histogram.count + sum(result.errors.values()) == 300

@@ -186,6 +186,19 @@ def test_ingest_refuses_more_streams_in_flight_than_key_slices(tmp_path) -> None
     assert cli.main(argv) == 2
 
 
+def test_ingest_refuses_rate_and_with_baseline_in_one_line(capsys) -> None:
+    """An open loop ran out of key slices; the echo floor has no size to match a row count."""
+    assert cli.main(["ingest", "--rate", "50", *SHORT]) == 2
+    assert cli.main(["ingest", "--concurrency", "1", "--with-baseline", *SHORT]) == 2
+    rate, baseline = capsys.readouterr().err.strip().splitlines()
+    assert "--rate" in rate and "--concurrency" in rate
+    assert (
+        "it takes" in baseline
+        and "lookup" in baseline
+        and "ingest" not in baseline.split("takes")[1]
+    )
+
+
 def test_with_baseline_runs_each_floor_point_right_after_its_scenario_point(
     tmp_path, monkeypatch
 ) -> None:

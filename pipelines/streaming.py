@@ -31,6 +31,7 @@ from featurestore.errors import FeatureStoreError, InvalidArgumentError, Unavail
 from featurestore.kernels.exact_sum import segment_sums_and_means
 from pipelines.config import COLUMN_TYPES, Pipeline, Window, load_pipelines
 from pipelines.dead_letter import DeadLetterWriter, count_by_reason, dead_letter_size
+from pipelines.parse_check import ParseChecker
 from pipelines.sink import FeatureSink, SinkConfig, SinkCounters, read_stats
 
 ROWTIME = "event_rowtime"
@@ -45,6 +46,8 @@ _DECIMAL = r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$"
 # event time is > 0, as the server requires).
 _REJECTED_MS = 0
 _SCAN_BLOCK = 16 << 20
+# Jackson's CSV errors that escape Flink's ignore-parse-errors (see pipelines/parse_check.py).
+_READER_FAILURE = re.compile(r"Missing closing quote for value|Expected column separator")
 
 
 @dataclass
@@ -499,10 +502,20 @@ def _not_utf8(options: JobOptions) -> InvalidArgumentError:
     return InvalidArgumentError(f"input {where} is not valid UTF-8; {fix}")
 
 
-def _job_error(exc: Exception, options: JobOptions) -> FeatureStoreError:
-    """The sink's own message out of a Flink job failure, a named undecodable input, else the
-    first Java cause."""
+def _job_error(
+    exc: Exception, options: JobOptions, checker: ParseChecker | None = None
+) -> FeatureStoreError:
+    """The sink's own message out of a Flink job failure, a named undecodable or unreadable
+    input, else the first Java cause."""
     text = str(exc)
+    if checker is not None and _READER_FAILURE.search(text):
+        checker.stop()
+        try:  # the file may have come after the checker's last look
+            checker.scan_new()
+        except InvalidArgumentError as failure:
+            return failure
+        if checker.failure is not None:
+            return checker.failure
     if "CharConversionException" in text:
         return _not_utf8(options)
     for kind in ("UnavailableError", "InvalidArgumentError"):
@@ -540,6 +553,14 @@ def run_job(
     dead_start = dead_letter_size(options.dead_letter_path())
     run = uuid.uuid4().hex
     started = time.monotonic()
+    checker = None
+    if not options.kafka_topic:  # Kafka records are not checked: the reader's drops stay silent
+        formats = {p.name: (p.format, len(p.columns)) for p in pipelines}
+        writer = DeadLetterWriter(options.dead_letter_path(), run)
+        checker = ParseChecker(Path(options.source), formats, writer)
+        checker.scan_new()
+        if streaming and not options.bounded:
+            checker.watch(options.monitor_interval_s)
     t_env = create_table_env(options, streaming)
     statements = t_env.create_statement_set()
     for pipeline in pipelines:
@@ -547,7 +568,10 @@ def run_job(
     try:
         statements.execute().wait()
     except Exception as exc:
-        raise _job_error(exc, options) from None
+        raise _job_error(exc, options, checker) from None
+    finally:
+        if checker is not None:
+            checker.stop()
     views = [w.view for p in pipelines for w in p.windows]
     return JobReport(
         mode="streaming" if streaming else "backfill",

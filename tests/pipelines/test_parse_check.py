@@ -1,0 +1,182 @@
+"""Rows Flink's CSV and JSON readers cannot split: the driver's checker must agree with the real
+reader on every crafted case, so each input line is counted or dead-lettered, exactly once."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.feature_client import FeatureStoreClient
+from featurestore.errors import InvalidArgumentError
+from pipelines.checks import apply_views
+from pipelines.config import parse_pipeline
+from pipelines.dead_letter import read_dead_letters
+from pipelines.events import EXAMPLE_PIPELINE
+from pipelines.parse_check import scan_file
+from pipelines.streaming import JobOptions, run_streaming
+from tests.conftest import wait_until
+from tests.pipelines.test_pipeline_streaming import unbounded_job
+
+# Each case is one file: {k} numbers its lines' keys; G is a good row. Lines Flink drops are
+# marked by the case's expected (first line, reason start) pairs, found with the probe job.
+G = "{k},10.0,m001,food,48.1,2.3,{t}"
+CSV_CASES: dict[str, tuple[list[str], list[tuple[int, str]]]] = {
+    "extra_blank": ([G, G + ",", G], []),
+    "two_extra_blanks": ([G, G + ",,", G], [(2, "9 columns, 7 declared")]),
+    "extra_value": ([G, G + ",x", G], [(2, "8 columns, 7 declared")]),
+    "extra_space_and_quoted_empty": ([G + ", ", G + ',""', G + ",\t"], []),
+    "many_columns": ([G, G + "," + G], [(2, "14 columns, 7 declared")]),
+    "quoted_then_text": ([G, '{k},"1"0,m,c,1,2,{t}', G], [(2, "text after a closing quote")]),
+    "quoted_then_space_then_text": ([G, '{k},"1" 0,m,c,1,2,{t}', G], [(2, "text after")]),
+    "quoted_then_spaces": ([G, '{k},"10.0" \t,m001,food,48.1,2.3,"{t}" ', G], []),
+    "doubled_quotes_and_newline": ([G, '{k},10.0,"m""1\nx",food,48.1,2.3,{t}', G], []),
+    "quote_not_first": ([G, '{k},10.0, "m",food,48.1,2.3,{t}', '{k},10.0,m"1,f,48.1,2.3,{t}'], []),
+    "empty_and_blank_lines": ([G, "", "   ", G, ",,,,,,"], []),
+    "few_columns": ([G, "{k},1,m", G], []),
+    "unclosed_then_closed": ([G, '{k},"10,m,c,1,2,{t}', G, '{k}",m,c,1,2,{t}', G], []),
+    "unclosed_at_end": ([G, '{k},"10,m,c,1,2,{t}', G, G], [(2, "a quote is not closed")]),
+    "quoted_then_text_then_extra": ([G, '{k},"1"0,m,c,1,2,{t},4,5', G], [(2, "text after")]),
+    "two_bad_in_a_row": ([G, G + ",x", '{k},"1"0,m,c,1,2,{t}', G], [(2, "8 col"), (3, "text")]),
+    "trailing_spaces": ([G + "   ", "#" + G, G], []),
+}
+CSV_RAW = {  # line ends other than LF
+    "crlf": ("{G}\r\n{G},x\r\n{G},\r\n{G},,\r\n{G}\r\n", [(2, "8 columns"), (4, "9 columns")]),
+    "lone_cr": ("{G}\r{G},x\r{G}\n", [(1, "8 columns")]),  # lines count LFs
+    "no_final_newline": ("{G}\n{G},x", [(2, "8 columns")]),
+    "unclosed_last_no_newline": ('{G}\n{k},"10', [(2, "a quote is not closed")]),
+}
+J = '{"card_id":{k},"amount":10.0,"merchant":"m1","category":"f","lat":48.1,"lon":2.3,'
+J += '"event_time":{t}}'
+DEEP = '{"card_id":{k},"z":' + "[" * 1000 + "]" * 1000 + "}"  # 1001 levels: Jackson's limit is 1000
+JSON_CASES: dict[str, tuple[list[str], list[tuple[int, str]]]] = {
+    "array_scalar_null": (
+        [J, "[1,2]", "3", '"s"', "null", "true", J],
+        [(2, "a JSON array"), *((i, "not a JSON object") for i in range(3, 7))],
+    ),
+    "arrays": ([J, "[]", f"[{J}]", f"[1,{J}]", J], [(2, "an empty"), (4, "a JSON array")]),
+    "invalid": (
+        [J, J[:-1], '{"card_id":{k},"amount":NaN}', "{'card_id':{k}}", J],
+        [(2, "not valid"), (3, "not valid"), (4, "not valid")],
+    ),
+    "trailing_text": ([J + " trailing", J + '{"x":1}', J + " // c", J + '{"x":'], []),
+    "empty_lines": ([J, "", "  \t", J], [(2, "an empty line"), (3, "an empty line")]),
+    "nested_and_odd": ([J.replace('"m1"', '{"a":[1,2]}'), J.replace('"m1"', '"a\tb"'), J], []),
+    "numbers": (
+        [J, *(J.replace("10.0", n) for n in ("01", "+1", ".5", "1e400"))],
+        [(2, "not valid"), (3, "not valid"), (4, "not valid")],
+    ),
+    "deep": ([J, DEEP, J], [(2, "nested deeper")]),
+    "crlf_and_cr": ([J + "\r", "[1]\r", J + '\r"tail"'], [(2, "a JSON array")]),
+}
+
+
+def write_corpus(folder: Path, fmt: str, t_ms: int) -> dict[str, list[tuple[int, str]]]:
+    """The cases as files with a unique key at each {k}; returns each file's expected drops."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = iter(range(70_001, 80_000))
+    cases = CSV_CASES if fmt == "csv" else JSON_CASES
+    texts = {name: ("\n".join(lines) + "\n", drops) for name, (lines, drops) in cases.items()}
+    if fmt == "csv":
+        texts |= {name: (text.replace("{G}", G), drops) for name, (text, drops) in CSV_RAW.items()}
+    expected = {}
+    for name, (text, drops) in texts.items():
+        text = re.sub(r"\{k\}", lambda _: str(next(keys)), text).replace("{t}", str(t_ms))
+        (folder / f"{name}.{fmt}").write_text(text, newline="")
+        expected[f"{name}.{fmt}"] = drops
+    return expected
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_the_checker_finds_exactly_the_crafted_drops(tmp_path, fmt):
+    expected = write_corpus(tmp_path, fmt, 1_700_000_000_000)
+    for name, drops in expected.items():
+        found = scan_file(tmp_path / name, fmt, 7)
+        got = [(u.line, u.reason) for u in found]
+        assert len(got) == len(drops), (name, got)
+        for (line, reason), (want_line, want) in zip(got, drops, strict=True):
+            assert line == want_line and reason.startswith(f"unparseable: {want}"), (name, got)
+
+
+def test_a_quote_that_fails_flinks_reader_stops_the_job_naming_the_line(tmp_path):
+    # After the bad quote on line 2 the reader skips the rest of that line, opens a quote at
+    # the end of it and meets the end of the file: Flink fails the job, naming no file.
+    source = tmp_path / "events"
+    source.mkdir()
+    (source / "a.csv").write_text('1,2,3\n1,"a"x",2,3\n4,5,6\n')
+    definitions = tmp_path / "features.toml"
+    definitions.write_text(EXAMPLE_PIPELINE)
+    options = JobOptions(source=source, target="127.0.0.1:1", definitions=definitions,
+                         bounded=True, check_views=False)  # fmt: skip
+    with pytest.raises(InvalidArgumentError, match=r"a[.]csv line 2: .*fails Flink's CSV reader"):
+        run_streaming(options)
+
+
+@pytest.mark.flink
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_every_line_is_counted_or_dead_lettered_exactly_once(server, tmp_path, fmt):
+    text = EXAMPLE_PIPELINE.replace('format = "csv"', f'format = "{fmt}"')
+    text = text.replace("[[pipeline.window]]\n", "[[pipeline.window]]\nttl_s = 0\n")
+    pipeline = parse_pipeline(tomllib.loads(text)["pipeline"][0])
+    definitions = tmp_path / "features.toml"
+    definitions.write_text(text)
+    apply_views(server.target, [pipeline], "card")
+    source = tmp_path / "events"
+    write_corpus(source, fmt, int(time.time() * 1000) - 7_200_000)
+    options = JobOptions(
+        source=source, target=server.target, definitions=definitions, bounded=True,
+        dead_letter=tmp_path / "dead.jsonl", stats_dir=tmp_path / "stats",
+    )  # fmt: skip
+    report = run_streaming(options)
+
+    entries = read_dead_letters(tmp_path / "dead.jsonl")
+    unparseable = [e for e in entries if e["reason"].startswith("unparseable:")]
+    assert report.dead_letters.get("unparseable") == len(unparseable) > 0
+    keys = sorted(
+        {int(k) for p in source.iterdir() for k in re.findall(r"\b7\d{4}\b", p.read_text())}
+    )
+    with FeatureStoreClient(server.target) as client:
+        found = client.get_online_features(["card_txn_1h"], {"card_id": np.array(keys)})
+    counted = dict(zip(keys, (found.statuses["card_txn_1h:txn_count"] == 1).tolist(), strict=True))
+    for key in keys:
+        hits = sum(str(key) in json.dumps(e["event"]) for e in entries) + counted[key]
+        assert hits == 1, (key, counted[key], [e for e in entries if str(key) in json.dumps(e)])
+    for e in unparseable:
+        raw_keys = re.findall(r"\b7\d{4}\b", e["event"]["raw"])
+        assert e["event"]["file"].startswith(str(source)) and e["event"]["line"] >= 1, e
+        assert not any(counted[int(k)] for k in raw_keys), e
+
+
+@pytest.mark.flink
+def test_a_file_added_to_a_watched_folder_is_checked_once(server, tmp_path):
+    definitions = tmp_path / "features.toml"
+    definitions.write_text(EXAMPLE_PIPELINE)
+    apply_views(
+        server.target, [parse_pipeline(tomllib.loads(EXAMPLE_PIPELINE)["pipeline"][0])], "card"
+    )
+    source, dead = tmp_path / "events", tmp_path / "dead.jsonl"
+    source.mkdir()
+    now_ms = int(time.time() * 1000)
+    (source / "a.csv").write_text(f"1,10.0,m001,food,48.1,2.3,{now_ms}\n")
+
+    def unparseable() -> list[dict]:
+        entries = read_dead_letters(dead) if dead.exists() else []
+        return [e for e in entries if e["reason"].startswith("unparseable:")]
+
+    with unbounded_job(source, server.target, definitions, dead, tmp_path / "job.log", 1):
+        time.sleep(15)  # the folder's first scan is over: only the watcher can find b.csv
+        assert unparseable() == []
+        row = f"2,10.0,m001,food,48.1,2.3,{now_ms},x"
+        (tmp_path / "b.csv").write_text(f"3,10.0,m001,food,48.1,2.3,{now_ms}\n{row}\n")
+        (tmp_path / "b.csv").rename(source / "b.csv")
+        assert wait_until(lambda: len(unparseable()) == 1, timeout=60, interval=0.5)
+        time.sleep(3)  # a few more polls: the file is checked once
+        [entry] = unparseable()
+    assert entry["reason"] == "unparseable: 8 columns, 7 declared"
+    assert entry["event"] == {"pipeline": "card_txn", "file": str(source / "b.csv"), "line": 2,
+                              "last_line": 2, "raw": row}  # fmt: skip

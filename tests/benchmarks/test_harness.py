@@ -222,29 +222,9 @@ def test_h2load_counts_grpc_errors_by_name_and_not_as_throughput(baseline_run) -
     assert failed.histogram.count == 0
 
 
-class EveryOtherFails:
-    """A real gRPC server whose Echo answers 1 KiB on even calls, RESOURCE_EXHAUSTED on odd."""
-
-    def __init__(self) -> None:
-        self.calls = itertools.count()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-
-        def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
-            if next(self.calls) % 2:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
-            return bytes(1024)
-
-        handler = grpc.method_handlers_generic_handler(
-            SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
-        )
-        self.server.add_generic_rpc_handlers((handler,))
-        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
-        self.server.start()
-
-
 @pytest.mark.skipif(not h2load.available(), reason="h2load (nghttp2-client) not installed")
 def test_h2load_counts_errors_among_answers_from_the_data_they_carry() -> None:
-    half = EveryOtherFails()
+    half = ShedsAfter(after_s=0.0)  # every other call fails from the first
     try:
         result = h2load.run_h2load(half.target, METHOD, bytes(64), H2LOAD_SPEC, None)
     finally:

@@ -115,19 +115,24 @@ def test_lookup_refuses_a_data_dir_loaded_with_another_data_set(tmp_path) -> Non
         load_store(tmp_path, 400, 4)
 
 
-def test_ingest_counts_rows_of_whole_durable_streams_and_removes_its_store(tmp_path) -> None:
-    scratch = set(Path(tempfile.gettempdir()).glob("featureserve-ingest-*"))
-    runs = _bench(
+def _ingest(tmp_path, key_space: int, concurrency: int) -> dict:
+    """One clean ingest point of 600-row streams (3 messages of 200 rows)."""
+    (record,) = _bench(
         tmp_path,
         "ingest",
         "--rows-per-message", "200",
         "--messages-per-stream", "3",
-        "--key-space", "5000",
-        "--concurrency", "2",
+        "--key-space", str(key_space),
+        "--concurrency", str(concurrency),
         extra=INGEST_WARMUP,
     )  # fmt: skip
-    (record,) = runs
     _assert_clean(record)
+    return record
+
+
+def test_ingest_counts_rows_of_whole_durable_streams_and_removes_its_store(tmp_path) -> None:
+    scratch = set(Path(tempfile.gettempdir()).glob("featureserve-ingest-*"))
+    record = _ingest(tmp_path, key_space=5000, concurrency=2)
     assert record["rows_per_request"] == 600
     assert record["rows_per_s"] == pytest.approx(record["throughput_rps"] * 600)
     assert set(Path(tempfile.gettempdir()).glob("featureserve-ingest-*")) <= scratch
@@ -137,17 +142,7 @@ def test_ingest_writes_no_stale_row_with_a_stream_in_flight_per_key_slice(tmp_pa
     """4 streams in flight on a key space of exactly 4 streams' rows: random keys collided
     (a concurrent stream's newer row, or a later message of the same stream) and the stale rows
     counted as ingested; now each stream holds a slice of its own."""
-    runs = _bench(
-        tmp_path,
-        "ingest",
-        "--rows-per-message", "200",
-        "--messages-per-stream", "3",
-        "--key-space", "2400",
-        "--concurrency", "4",
-        extra=INGEST_WARMUP,
-    )  # fmt: skip
-    (record,) = runs
-    _assert_clean(record)
+    record = _ingest(tmp_path, key_space=2400, concurrency=4)
     assert (record["rows_stale"], record["rows_rejected"]) == (0, 0), record
     assert record["rows_written"] >= record["requests"] * 600
     assert record["rows_written"] % 600 == 0

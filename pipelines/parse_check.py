@@ -19,7 +19,7 @@ tests/pipelines/test_parse_check.py pins these rules against a real job.
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -51,26 +51,39 @@ class Unparseable:
 
 
 def input_files(folder: Path) -> list[Path]:
-    """The files Flink's file source reads under folder: hidden ('.', '_') names skipped."""
+    """The files Flink's file source reads under folder: hidden ('.', '_') names skipped and
+    symlinked folders followed (each real folder once, so a link loop ends)."""
     root = Path(folder)
     if root.is_file():
         return [root]
-    found = []
-    for path in root.rglob("*"):
-        parts = path.relative_to(root).parts
-        if path.is_file() and not any(p[0] in "._" for p in parts):
-            found.append(path)
+    found, visited = [], set()
+    for top, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in visited:
+            dirs.clear()
+            continue
+        visited.add(real)
+        dirs[:] = [d for d in dirs if d[0] not in "._"]
+        found += [p for name in files if name[0] not in "._" and (p := Path(top, name)).is_file()]
     return sorted(found)
+
+
+class FileChangedError(OSError):
+    """The file changed while it was read: scan it again once it is complete."""
 
 
 def scan_file(path: Path, fmt: str, columns: int) -> list[Unparseable]:
     """Every record of the file that Flink's `fmt` reader drops; raises InvalidArgumentError
-    naming the line when the reader would fail the whole job on the file."""
+    naming the line when the reader would fail the whole job on the file, FileChangedError when
+    the file is shorter than its size when opened (read, not mapped: a truncation is not fatal)."""
     path = Path(path)
-    if path.stat().st_size == 0:
+    with path.open("rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        if f.readinto(data) != len(data):
+            raise FileChangedError(f"input {path} was truncated while it was read")
+    if not data:
         return []
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        found = list(_scan_csv(data, columns) if fmt == "csv" else _scan_json(data))
+    found = list(_scan_csv(data, columns) if fmt == "csv" else _scan_json(data))
     out = []
     for line, last_line, reason, raw, fatal in found:
         if fatal:
@@ -212,7 +225,7 @@ def _csv_record(dec: _CsvDecoder, columns: int) -> tuple[str | None, bool]:
 
 def _scan_csv(data, columns: int):
     """(line, last line, reason, raw, fatal) of each record the reader drops. Lines without a
-    quote or CR are split by NumPy; a record touching one is parsed as Jackson does."""
+    quote or lone CR are split by NumPy; a record touching one is parsed as Jackson does."""
     size = len(data)
     bom = 3 if data[:3] == b"\xef\xbb\xbf" else 0
     resume, line0 = 0, 1
@@ -221,8 +234,10 @@ def _scan_csv(data, columns: int):
         n = len(ends) + (1 if (len(ends) == 0 or ends[-1] != len(block) - 1) else 0)
         starts = np.concatenate(([0], ends + 1))[:n] + offset
         commas = np.bincount(np.searchsorted(ends, np.flatnonzero(block == _COMMA)), minlength=n)
+        lone_cr = block == _CR  # a CR LF ends a line as a LF does: only a lone CR is special
+        lone_cr[:-1] &= block[1:] != _LF
         special = np.zeros(n, np.bool_)
-        special[np.searchsorted(ends, np.flatnonzero((block == _QUOTE) | (block == _CR)))] = True
+        special[np.searchsorted(ends, np.flatnonzero((block == _QUOTE) | lone_cr))] = True
         for i in np.flatnonzero(special | (commas[:n] >= columns)).tolist():
             start = max(int(starts[i]), bom)
             if start < resume:
@@ -301,9 +316,11 @@ def _json_drop(line: str) -> str | None:
     if not text.strip(_JSON_WS):
         return "an empty line, not a JSON object"
     if text.count("[") + text.count("{") > _JSON_DEPTH - 50:
-        if _json_depth(text) > _JSON_DEPTH:
+        depth = _json_depth(text)
+        if depth > _JSON_DEPTH:
             return f"nested deeper than {_JSON_DEPTH} levels"
-        raise _JsonLimit(text)  # Python's own recursion limit is near: not decided here
+        if depth > _JSON_DEPTH - 50:
+            raise _JsonLimit(text)  # Python's own recursion limit is near: not decided here
     array = text[0] == "["
     pos = len(text) - len(text[1:].lstrip(_JSON_WS)) if array else 0
     if array and text[pos : pos + 1] == "]":
@@ -356,31 +373,43 @@ def _scan_json(data):
 
 class ParseChecker:
     """Dead-letters, for each pipeline, the records its file reader will drop: the folder's files
-    once, then (watch) each file that appears later, once, as Flink's monitor finds it."""
+    once, then (watch) each file that appears later, once, as Flink's monitor finds it. A file
+    whose size or modification time changed is scanned again (earlier entries stay written)."""
 
     def __init__(self, folder: Path, formats: dict[str, tuple[str, int]], writer) -> None:
         self.folder, self.formats, self.writer = Path(folder), formats, writer
-        self.seen: set[Path] = set()
+        self.seen: set[tuple[Path, int, int]] = set()
         self.failure: InvalidArgumentError | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def scan_new(self) -> int:
-        """Scan the files not scanned yet; returns the records dead-lettered. Raises
-        InvalidArgumentError naming a file Flink's reader would fail the job on."""
-        rows = 0
+        """Scan the files not scanned yet in their current size and mtime; returns the records
+        dead-lettered. Raises InvalidArgumentError naming a file Flink's reader would fail the
+        job on, and then writes nothing: the job is refused, and a retry must not write twice."""
+        found: list[tuple[str, Unparseable]] = []
+        scanned = []
         for path in input_files(self.folder):
-            if path in self.seen:
-                continue
-            self.seen.add(path)
-            for name, (fmt, columns) in self.formats.items():
-                found = scan_file(path, fmt, columns)
-                rows += self.writer.write(
-                    [u.reason for u in found],
-                    {"pipeline": [name] * len(found), "file": [str(u.path) for u in found],
-                     "line": [u.line for u in found], "last_line": [u.last_line for u in found],
-                     "raw": [u.raw for u in found]},
-                )  # fmt: skip
+            try:
+                before = path.stat()
+                key = (path, before.st_size, before.st_mtime_ns)
+                if key in self.seen:
+                    continue
+                entries = [(name, u) for name, (fmt, columns) in self.formats.items()
+                           for u in scan_file(path, fmt, columns)]  # fmt: skip
+                after = path.stat()
+            except OSError:
+                continue  # removed, renamed or truncated mid-scan: looked at again next time
+            if (after.st_size, after.st_mtime_ns) == key[1:]:  # else still being written
+                found += entries
+                scanned.append(key)
+        rows = self.writer.write(
+            [u.reason for _, u in found],
+            {"pipeline": [name for name, _ in found], "file": [str(u.path) for _, u in found],
+             "line": [u.line for _, u in found], "last_line": [u.last_line for _, u in found],
+             "raw": [u.raw for _, u in found]},
+        )  # fmt: skip
+        self.seen.update(scanned)
         return rows
 
     def watch(self, interval_s: float) -> None:
@@ -397,7 +426,7 @@ class ParseChecker:
             except InvalidArgumentError as exc:  # the job fails on that file: name it then
                 self.failure = exc
             except OSError:
-                continue  # a file removed or renamed mid-scan: Flink cannot read it either
+                continue  # the folder or the dead-letter file is unreachable now: next poll
 
     def stop(self) -> None:
         """Stop watching (and wait for a scan in progress)."""

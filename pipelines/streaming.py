@@ -559,13 +559,13 @@ def run_job(
         writer = DeadLetterWriter(options.dead_letter_path(), run)
         checker = ParseChecker(Path(options.source), formats, writer)
         checker.scan_new()
-        if streaming and not options.bounded:
-            checker.watch(options.monitor_interval_s)
     t_env = create_table_env(options, streaming)
     statements = t_env.create_statement_set()
     for pipeline in pipelines:
         add_pipeline(t_env, statements, pipeline, options, streaming, stats_dir, run)
     try:
+        if checker is not None and streaming and not options.bounded:
+            checker.watch(options.monitor_interval_s)  # here, so the finally always stops it
         statements.execute().wait()
     except Exception as exc:
         raise _job_error(exc, options, checker) from None

@@ -4,7 +4,10 @@ reader on every crafted case, so each input line is counted or dead-lettered, ex
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -16,9 +19,9 @@ from clients.feature_client import FeatureStoreClient
 from featurestore.errors import InvalidArgumentError
 from pipelines.checks import apply_views
 from pipelines.config import parse_pipeline
-from pipelines.dead_letter import read_dead_letters
+from pipelines.dead_letter import DeadLetterWriter, read_dead_letters
 from pipelines.events import EXAMPLE_PIPELINE
-from pipelines.parse_check import scan_file
+from pipelines.parse_check import ParseChecker, input_files, scan_file
 from pipelines.streaming import JobOptions, run_streaming
 from tests.conftest import wait_until
 from tests.pipelines.test_pipeline_streaming import unbounded_job
@@ -180,3 +183,87 @@ def test_a_file_added_to_a_watched_folder_is_checked_once(server, tmp_path):
     assert entry["reason"] == "unparseable: 8 columns, 7 declared"
     assert entry["event"] == {"pipeline": "card_txn", "file": str(source / "b.csv"), "line": 2,
                               "last_line": 2, "raw": row}  # fmt: skip
+
+
+def test_a_file_truncated_while_it_is_scanned_does_not_kill_the_process(tmp_path):
+    # Mapped, the truncated pages raised SIGBUS in the driver; read, the scan ends normally.
+    big = tmp_path / "big.csv"
+    big.write_bytes((G.format(k=1, t=1) + "\r\n").encode() * 600_000)  # slow when it was mapped
+    code = f"from pipelines.parse_check import scan_file; scan_file({str(big)!r}, 'csv', 7)"
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[2])
+    time.sleep(1.5)
+    with big.open("r+b") as f:
+        f.truncate(1000)
+    assert child.wait(timeout=120) == 0
+
+
+def test_the_watcher_stops_when_the_table_environment_cannot_start(tmp_path):
+    source = tmp_path / "events"
+    source.mkdir()
+    (tmp_path / "features.toml").write_text(EXAMPLE_PIPELINE)
+    code = f"""
+import threading
+from pathlib import Path
+from pipelines.streaming import JobOptions, run_streaming
+root = Path({str(tmp_path)!r})
+try:
+    run_streaming(JobOptions(source=root / "events", target="127.0.0.1:1", check_views=False,
+                             definitions=root / "features.toml", dead_letter=root / "dead.jsonl"))
+except BaseException:
+    pass
+print([t.name for t in threading.enumerate()])
+"""
+    env = {**os.environ, "JAVA_HOME": "/nonexistent-java", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0 and "MainThread" in out.stdout, out.stderr[-2000:]
+    assert "parse-check" not in out.stdout
+
+
+def test_a_refused_folder_dead_letters_nothing(tmp_path):
+    (tmp_path / "a.csv").write_text(G.format(k=1, t=1) + ",x\n")
+    (tmp_path / "b.csv").write_text('1,2,3\n1,"a"x",2,3\n4,5,6\n')
+    dead = tmp_path / "dead" / "dead.jsonl"
+    checker = ParseChecker(tmp_path, {"p": ("csv", 7)}, DeadLetterWriter(dead))
+    for _ in range(2):  # a retry refuses it again, still writing nothing
+        with pytest.raises(InvalidArgumentError, match=r"b[.]csv line 2"):
+            checker.scan_new()
+    assert not dead.exists()
+
+
+def test_symlinked_folders_are_read_once_and_hidden_names_skipped(tmp_path):
+    source, other = tmp_path / "events", tmp_path / "elsewhere"
+    (other / "sub").mkdir(parents=True)
+    source.mkdir()
+    for path in (other / "b.csv", other / "sub" / "c.csv", other / "_x.csv", source / "a.csv"):
+        path.write_text("x\n")
+    (source / "linked").symlink_to(other)
+    (source / ".hidden").symlink_to(other)
+    (other / "sub" / "loop").symlink_to(other)  # a loop: its files are listed once
+    found = [p.relative_to(source).as_posix() for p in input_files(source)]
+    assert found == ["a.csv", "linked/b.csv", "linked/sub/c.csv"]
+
+
+def test_a_json_line_with_many_shallow_brackets_is_decided(tmp_path):
+    many = '{"a":[' + "[]," * 999 + '[]],"amount":'
+    (tmp_path / "a.json").write_text(many + "10.0}\n" + many + "NaN}\n")
+    found = scan_file(tmp_path / "a.json", "json", 7)
+    assert [(u.line, u.reason) for u in found] == [
+        (2, "unparseable: not valid JSON (NaN is not JSON)")
+    ]
+
+
+def test_a_file_completed_after_a_scan_is_scanned_again(tmp_path):
+    dead = tmp_path / "dead" / "dead.jsonl"
+    source = tmp_path / "events"
+    source.mkdir()
+    checker = ParseChecker(source, {"p": ("csv", 7)}, DeadLetterWriter(dead))
+    path = source / "a.csv"
+    path.write_text("")  # created empty, written later
+    assert checker.scan_new() == 0
+    with path.open("a") as f:
+        f.write(G.format(k=1, t=1) + ",x\n")
+    os.utime(path, ns=(1, 1))  # a new mtime even on a coarse clock
+    assert checker.scan_new() == 1
+    assert checker.scan_new() == 0
+    assert [e["event"]["line"] for e in read_dead_letters(dead)] == [1]

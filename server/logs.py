@@ -44,6 +44,22 @@ class DropShutdownCancellations(logging.Filter):
         )
 
 
+def drop_shutdown_cancellations(unraisable: sys.UnraisableHookArgs) -> None:
+    """sys.unraisablehook: drops a CancelledError raised inside grpc.aio's Cython code as an RPC
+    coroutine is torn down at shutdown (written bare to stderr, without a logger, now and then
+    when a stream is cancelled during a drain); anything else goes to Python's own hook."""
+    tb = unraisable.exc_traceback
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    if issubclass(unraisable.exc_type, asyncio.CancelledError) and any(
+        "grpc/_cython" in name for name in frames
+    ):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route the root logger to stderr in JSON (or plain text with fmt="text")."""
     handler = logging.StreamHandler(sys.stderr)
@@ -57,3 +73,4 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     cygrpc = logging.getLogger(GRPC_AIO_LOGGER)
     if not any(isinstance(f, DropShutdownCancellations) for f in cygrpc.filters):
         cygrpc.addFilter(DropShutdownCancellations())
+    sys.unraisablehook = drop_shutdown_cancellations

@@ -30,7 +30,7 @@ from server.feature_servicer import FeatureStoreServicer
 from server.handler_wrapping import InterceptingRegistrar
 from server.health import Health
 from server.inference_servicer import STREAM_METHOD as MODEL_STREAM
-from server.inference_servicer import InferenceServicer
+from server.inference_servicer import InferenceServicer, local_statistics
 from server.message_size import MessageLimit, MessageSizeInterceptor
 from server.metrics import MetricsRuntime, start_metrics
 from server.metrics_interceptor import MetricsInterceptor
@@ -39,6 +39,7 @@ from server.overload import OverloadInterceptor
 from server.prediction_servicer import STREAM_METHOD as PREDICT_STREAM
 from server.prediction_servicer import PredictionServicer
 from server.tls import TlsConfig, parse_tls, server_credentials
+from server.worker_stats import WorkerStatistics
 from server.workers import worker_index
 
 log = logging.getLogger("featureserve.server")
@@ -202,6 +203,7 @@ class FeatureServer:
         self._credentials = sections.credentials
         self.audit_config = sections.audit
         self.models: ModelRepository | None = None
+        self.worker_stats: WorkerStatistics | None = None
 
     async def start(self) -> int:
         """Open the stores and bind the port (ServerLive answers from then on), warm the store and
@@ -221,6 +223,7 @@ class FeatureServer:
             poll_interval_s=self.config.model_poll_interval_s,
             control=worker_index() is None,
         )
+        self.worker_stats = WorkerStatistics.of_this_worker(lambda: local_statistics(self.models))
         # A --workers worker joins the shared port only once loaded: SO_REUSEPORT would hand a
         # loading worker new connections that the serving ones could answer.
         steps = (
@@ -271,6 +274,15 @@ class FeatureServer:
         if self.port == 0:
             raise StartupError(f"cannot listen on {self.config.address}: address in use or invalid")
         await self.health.set_all(False)
+        if self.worker_stats is not None:
+            # Before the public port serves, so no figure of this worker is ever missing.
+            try:
+                await self.worker_stats.start()
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve worker statistics on {self.worker_stats.path}: "
+                    f"{exc.strerror}; set TMPDIR to a writable local directory"
+                ) from None
         await server.start()
         self._server = server
         log.info("listening", extra=self._where())
@@ -328,7 +340,10 @@ class FeatureServer:
             server,
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.models, self.authorizer, self.audit, self.message_limit), server
+            InferenceServicer(
+                self.models, self.authorizer, self.audit, self.message_limit, self.worker_stats
+            ),
+            server,
         )
         self.health.register(server)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
@@ -348,8 +363,11 @@ class FeatureServer:
         log.info("stopped")
 
     async def _release(self) -> None:
-        """Let audited changes under way end, then unload models, flush pending writes, close
-        the store, the metrics endpoint and audit."""
+        """Stop serving statistics to sibling workers (the drain is over: the figures are
+        final), let audited changes under way end, then unload models, flush pending writes,
+        close the store, the metrics endpoint and audit."""
+        if self.worker_stats is not None:
+            await self.worker_stats.close()
         await self.audit.changes_done()
         if self.models is not None:
             await self.models.stop()

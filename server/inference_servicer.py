@@ -33,6 +33,7 @@ from server.tensors import (
     decode_raw,
     encode_raw,
 )
+from server.worker_stats import WorkerStatistics, merge_statistics
 
 log = logging.getLogger("featureserve.inference")
 
@@ -210,12 +211,11 @@ def _duration(target: pb.StatisticDuration, source: Duration) -> None:
     target.ns = source.ns
 
 
-def statistics_proto(model: LoadedModel) -> pb.ModelStatistics:
+def statistics_proto(name: str, version: str, stats: BatcherStats) -> pb.ModelStatistics:
     """A version's BatcherStats as Triton's ModelStatistics."""
-    stats: BatcherStats = model.batcher.stats
     message = pb.ModelStatistics(
-        name=model.name,
-        version=model.version,
+        name=name,
+        version=version,
         last_inference=stats.last_inference_ms,
         inference_count=stats.inference_count,
         execution_count=stats.execution_count,
@@ -230,6 +230,15 @@ def statistics_proto(model: LoadedModel) -> pb.ModelStatistics:
         _duration(batch.compute_infer, entry.compute_infer)
         _duration(batch.compute_output, entry.compute_output)
     return message
+
+
+def local_statistics(repository: ModelRepository) -> pb.ModelStatisticsResponse:
+    """Every version this process serves, with its own figures (what a --workers sibling reads)."""
+    return pb.ModelStatisticsResponse(
+        model_stats=[
+            statistics_proto(m.name, m.version, m.batcher.stats) for m in repository.loaded()
+        ]
+    )
 
 
 def _queue_policy(target: mc.ModelQueuePolicy, policy: QueuePolicy) -> None:
@@ -352,11 +361,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         authorizer: Authorizer | None = None,
         audit: AuditLog | None = None,
         limit: MessageLimit | None = None,
+        workers: WorkerStatistics | None = None,
     ) -> None:
         self.repository = repository
         self.auth = authorizer or Authorizer(AuthConfig())
         self.audit = audit or AuditLog(None)
         self.limit = limit or MessageLimit.of(ServerConfig())
+        self.workers = workers
         self._version = _server_version()
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
@@ -460,19 +471,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @maps_errors
     async def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
         """Cumulative statistics per served version (when name is empty: of every model the
-        caller may infer with, so a token scoped to some models learns nothing of the others)."""
-        if request.name:
-            self.auth.require(f"infer:{request.name}")
-            models = (
-                [self.repository.get(request.name, request.version)]
-                if request.version
-                else [m for m in self.repository.loaded() if m.name == request.name]
+        caller may infer with, so a token scoped to some models learns nothing of the others).
+        Under --workers, the totals of every worker of the group at the time of the call."""
+        name, version = request.name, request.version
+        if name:
+            self.auth.require(f"infer:{name}")
+            if version:
+                version = self.repository.get(name, version).version
+            elif not self.repository.versions(name):
+                self.repository.get(name)
+
+        def wanted(model: str, model_version: str) -> bool:
+            return (
+                (not name or model == name)
+                and (not version or model_version == version)
+                and self.auth.allows(f"infer:{model}")
             )
-            if not models:
-                self.repository.get(request.name)
-        else:
-            models = [m for m in self.repository.loaded() if self.auth.allows(f"infer:{m.name}")]
-        return pb.ModelStatisticsResponse(model_stats=[statistics_proto(m) for m in models])
+
+        local = [
+            statistics_proto(m.name, m.version, m.batcher.stats)
+            for m in self.repository.loaded()
+            if wanted(m.name, m.version)
+        ]
+        if self.workers is None:
+            return pb.ModelStatisticsResponse(model_stats=local)
+        parts = [local]
+        for answer in await self.workers.siblings(context.time_remaining()):
+            parts.append([s for s in answer.model_stats if wanted(s.name, s.version)])
+        return pb.ModelStatisticsResponse(model_stats=merge_statistics(parts))
 
     async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
         """Every model version the repository knows that the caller may infer with, with state

@@ -37,6 +37,8 @@ METRICS_DIR_PREFIX = "featureserve-metrics-"
 """A group's shared metrics folder in $TMPDIR: this prefix and random characters."""
 LIVE_LOCK = ".live"
 """A file in a group's metrics folder whose exclusive flock the parent holds while it runs."""
+STATS_SOCKET_GLOB = "stats-*.sock"
+"""The unix sockets in a group's metrics folder on which workers serve their ModelStatistics."""
 
 
 def worker_index() -> int | None:
@@ -45,6 +47,11 @@ def worker_index() -> int | None:
 
     value = os.environ.get(WORKER_ENV)
     return int(value) if value is not None else None
+
+
+def stats_socket(metrics_dir: Path, pid: int) -> Path:
+    """The socket on which worker `pid` serves its ModelStatistics (see server.worker_stats)."""
+    return metrics_dir / STATS_SOCKET_GLOB.replace("*", str(pid))
 
 
 def port_lock_path(port: int) -> Path:
@@ -228,10 +235,12 @@ class Supervisor:
         return int(status)
 
     def _forget(self, worker: Worker) -> None:
-        """Drop a dead worker's live-only gauges from the shared metrics."""
+        """Drop a dead worker's live-only gauges from the shared metrics, and its statistics
+        socket, which a worker that crashed left behind."""
         from prometheus_client.multiprocess import mark_process_dead
 
         mark_process_dead(worker.proc.pid, str(self.metrics_dir))
+        stats_socket(self.metrics_dir, worker.proc.pid).unlink(missing_ok=True)
 
 
 def make_metrics_dir(root: Path) -> tuple[Path, int]:

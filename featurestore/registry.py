@@ -12,11 +12,13 @@ import bisect
 import difflib
 import json
 import re
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import lmdb
@@ -28,6 +30,7 @@ from featurestore.errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    UnavailableError,
     quoted,
 )
 
@@ -643,3 +646,68 @@ def _bump_generation(txn: lmdb.Transaction, db: lmdb._Database) -> None:
     raw = txn.get(_GENERATION, db=db)
     generation = (int.from_bytes(raw, "little") if raw else 0) + 1
     txn.put(_GENERATION, generation.to_bytes(8, "little"), db=db)
+
+
+class RegistryReader:
+    """The registered views' names and features, read from a store that other processes own
+    (a --workers parent drops deleted views from its merged /metrics with them).
+
+    Read-only: it never writes and never waits for a writer. It opens the environment at its
+    first read, once (LMDB allows one handle per process), so open it only after starting any
+    child that would fork from this process and use it; a child that execs drops it."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._env: lmdb.Environment | None = None
+        self._db: lmdb._Database | None = None
+        self._cache: tuple[int, dict[str, frozenset[str]]] = (-1, {})
+
+    def view_features(self) -> Mapping[str, frozenset[str]]:
+        """Each registered view -> the features any of its versions has, as of one read
+        transaction (parsed again only after an apply or delete). UnavailableError while the
+        store cannot be read, e.g. before a server has created it."""
+        with self._lock:
+            try:
+                txn = self._begin()
+                try:
+                    raw = txn.get(_GENERATION, db=self._db)
+                    generation = int.from_bytes(raw, "little") if raw else 0
+                    if generation != self._cache[0]:
+                        self._cache = (generation, self._load(txn))
+                finally:
+                    txn.abort()
+            except lmdb.Error as exc:
+                raise UnavailableError(
+                    f"the registry in {self._path} cannot be read ({exc}); a featureserve "
+                    "server creates it there at start-up"
+                ) from None
+            return self._cache[1]
+
+    def _begin(self) -> lmdb.Transaction:
+        """A read transaction, opening the environment first if needed; map_size=0 adopts the
+        size the writers set, and a resize since is adopted the same way."""
+        if self._env is None:
+            env = lmdb.open(
+                str(self._path), readonly=True, create=False, map_size=0, max_dbs=1, readahead=False
+            )
+            try:
+                env.reader_check()  # free the slots of readers that died (a killed worker)
+                self._db = env.open_db(REGISTRY_DB, create=False)
+            except lmdb.Error:
+                env.close()
+                raise
+            self._env = env
+        while True:
+            try:
+                return self._env.begin()
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
+
+    def _load(self, txn: lmdb.Transaction) -> dict[str, frozenset[str]]:
+        features: dict[str, set[str]] = {}
+        for key, raw in txn.cursor(db=self._db):
+            if key.startswith(b"v\x00"):
+                view = _view_from_json(raw)
+                features.setdefault(view.name, set()).update(f.name for f in view.features)
+        return {name: frozenset(names) for name, names in features.items()}

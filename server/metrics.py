@@ -7,7 +7,7 @@ import logging
 import os
 import resource
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +21,10 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client import start_http_server as _start_http_server
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from featurestore.errors import FeatureStoreError
 from server.config import host_port
 
 log = logging.getLogger("featureserve.metrics")
@@ -284,22 +286,73 @@ def multiprocess_dir() -> Path | None:
     return Path(value) if value else None
 
 
-def scrape_registry(directory: Path | None) -> CollectorRegistry:
-    """The registry a scrape reads: this process's own, or every worker's via their files."""
+ViewFeatures = Callable[[], Mapping[str, frozenset[str]]]
+"""Reads the registered views -> the features any version of each has (RegistryReader)."""
+
+
+class RegisteredViewsOnly:
+    """The workers' merged metrics without the series of deleted views, as one process shows
+    them: prometheus_client cannot remove a label set from the shared files, so each scrape
+    drops the samples labelled with a view no longer registered, and the drift samples of a
+    feature no registered version of their view has. Served unfiltered while the registry
+    cannot be read."""
+
+    def __init__(self, merged: MultiProcessCollector, registered: ViewFeatures) -> None:
+        self._merged = merged
+        self._registered = registered
+        self._unreadable = False
+
+    def collect(self) -> Iterator[Metric]:
+        """The merged families, filtered by the registry as it is now."""
+        try:
+            views = self._registered()
+        except FeatureStoreError as exc:
+            if not self._unreadable:  # once per outage, not once per scrape
+                log.warning("metrics of deleted views kept", extra={"reason": str(exc)})
+            self._unreadable = True
+            yield from self._merged.collect()
+            return
+        self._unreadable = False
+        for family in self._merged.collect():
+            family.samples = [s for s in family.samples if _of_registered(s.labels, views)]
+            yield family
+
+
+def _of_registered(labels: dict[str, str], views: Mapping[str, frozenset[str]]) -> bool:
+    """Whether a sample belongs to a registered view and, for drift, to one of its features
+    (samples without a view label always do)."""
+    view = labels.get("view")
+    if view is None:
+        return True
+    features = views.get(view)
+    feature = labels.get("feature")
+    return features is not None and (feature is None or feature in features)
+
+
+def scrape_registry(
+    directory: Path | None, registered: ViewFeatures | None = None
+) -> CollectorRegistry:
+    """The registry a scrape reads: this process's own, or every worker's via their files,
+    keeping only registered views' series when `registered` is given."""
     if directory is None:
         return REGISTRY
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(directory))
+    merged = MultiProcessCollector(None, path=str(directory))
+    registry.register(merged if registered is None else RegisteredViewsOnly(merged, registered))
     return registry
 
 
-def serve_metrics(host: str, port: int, directory: Path | None = None) -> int:
+def serve_metrics(
+    host: str, port: int, directory: Path | None = None, registered: ViewFeatures | None = None
+) -> int:
     """Serve /metrics over HTTP from a daemon thread; returns the bound port. A port that
-    cannot be bound is a StartupError naming metrics_port."""
+    cannot be bound is a StartupError naming metrics_port. With `directory`, the workers'
+    merged metrics, filtered by `registered` (see RegisteredViewsOnly)."""
     from server.app import StartupError
 
+    registry = scrape_registry(directory, registered)
     try:
-        httpd, _ = _start_http_server(port, addr=host, registry=scrape_registry(directory))
+        httpd, _ = _start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise StartupError(
             f"cannot serve /metrics on {host_port(host, port)}: {exc.strerror}; pick a free "

@@ -278,9 +278,12 @@ def run_workers(config: ServerConfig, n: int, signals: StopSignals | None = None
     """Serve `config` from n worker processes on one port; returns the exit code.
 
     The port is fixed before spawning (port 0 picks one), workers get metrics_port 0 and this
-    process serves /metrics for all of them from the shared multiprocess directory. `signals`
+    process serves /metrics for all of them from the shared multiprocess directory, without
+    the series of views deleted meanwhile (read from the registry at each scrape; the store is
+    opened read-only at the first one: workers are exec'd, so none inherits it). `signals`
     are the caller's, installed before its imports; by default they are installed here.
     """
+    from featurestore.registry import RegistryReader
     from server.app import preflight
     from server.metrics import serve_metrics
 
@@ -295,7 +298,8 @@ def run_workers(config: ServerConfig, n: int, signals: StopSignals | None = None
     )
     try:
         if config.metrics_port > 0:
-            serve_metrics(config.host, config.metrics_port, metrics_dir)
+            registered = RegistryReader(config.data_dir).view_features
+            serve_metrics(config.host, config.metrics_port, metrics_dir, registered)
         log.info("workers", extra={"address": host_port(config.host, claim.port), "workers": n})
         return supervisor.run()
     finally:

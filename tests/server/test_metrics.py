@@ -4,7 +4,10 @@ hot-path recorders, the vectorised histogram, and a real server's /metrics scrap
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 import warnings
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.channel import ClientConfig, ClientError
@@ -191,6 +194,59 @@ def test_metrics_endpoint_serves_this_process_registry() -> None:
     samples = scrape(serve_metrics("127.0.0.1", 0))
     assert samples[key("featureserve_model_rows_total", model="http_model", version="1")] == 4
     assert samples[key("process_cpu_seconds_total")] > 0
+
+
+WORKER_SERIES = """
+from server.metrics import FEATURE_PSI, RPC_REQUESTS, VIEW_ROWS_WRITTEN
+for view in ("kept", "gone"):
+    VIEW_ROWS_WRITTEN.labels(view).inc()
+for feature in ("x", "dropped"):
+    FEATURE_PSI.labels("kept", feature).set(0.5)
+RPC_REQUESTS.labels("m", "OK").inc()
+"""
+
+
+def test_a_groups_scrape_keeps_registered_views_and_is_whole_while_no_store_reads(
+    tmp_path,
+) -> None:
+    """The merged scrape of --workers reads the registry each time: it keeps only the samples
+    of registered views and the drift of their features, and serves every sample while the
+    registry cannot be read (no store yet) rather than failing /metrics."""
+    from featurestore.online_store import OnlineStore, StoreConfig
+    from featurestore.registry import RegistryReader
+    from server.metrics import MULTIPROC_ENV, scrape_registry
+
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {**os.environ, MULTIPROC_ENV: str(metrics_dir)}
+    subprocess.run([sys.executable, "-c", WORKER_SERIES], env=env, check=True)
+    registry = scrape_registry(metrics_dir, RegistryReader(tmp_path / "data").view_features)
+
+    def samples() -> set[tuple[str, frozenset]]:
+        text = generate_latest(registry).decode()
+        return {
+            (s.name, frozenset(s.labels.items()))
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    rows = "featureserve_view_rows_written_total"
+    psi = "featureserve_feature_psi"
+    every = {
+        key(rows, view="kept"),
+        key(rows, view="gone"),
+        key(psi, view="kept", feature="x"),
+        key(psi, view="kept", feature="dropped"),
+        key("featureserve_rpc_requests_total", method="m", code="OK"),
+    }
+    assert samples() >= every
+    with OnlineStore(StoreConfig(tmp_path / "data")) as store:
+        user = Entity("user", (JoinKey("user_id", DType.INT64),))
+        store.registry.apply([user], [FeatureView("kept", "user", (Feature("x", DType.FLOAT32),))])
+    assert samples() & every == every - {
+        key(rows, view="gone"),
+        key(psi, view="kept", feature="dropped"),
+    }
 
 
 def test_real_server_metrics_scrape_moves_with_traffic(server_factory) -> None:

@@ -23,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from clients import feature_messages as fm
 from clients.channel import ClientConfig
 from clients.feature_client import FeatureStoreClient
 from featurestore.dtypes import DType
@@ -116,6 +117,66 @@ def test_two_workers_share_port_store_and_metrics_and_drain_on_sigterm(server_fa
     assert server.terminate(timeout=60) == 0
     assert not any(alive(pid) for pid in worker_pids)
     assert sum('"msg": "stopped"' in line for line in server.log_lines) == 2
+
+
+def test_the_groups_metrics_drop_deleted_views_and_their_versions_drift(server_factory) -> None:
+    """prometheus_client cannot remove series from the workers' shared files, so the parent's
+    scrape drops them: once a view's last version is deleted none of its samples are left, and
+    deleting one of several versions drops the drift of features only it had, as in one
+    process; other views keep their series."""
+    from tests.server.test_metrics import key, scrape, view_series
+
+    metrics_port = free_port()
+    server = server_factory("--workers", "2", "--metrics-port", str(metrics_port))
+    assert wait_until(lambda: sum('"msg": "serving"' in line for line in server.log_lines) == 2)
+    worker_pids = {
+        str(entry["pid"]) for entry in server.logs() if entry.get("msg") == "worker started"
+    }
+    user = Entity("user", (JoinKey("user_id", DType.INT64),))
+    x, y = Feature("x", DType.FLOAT32), Feature("y", DType.FLOAT32)
+    ids = np.arange(100)
+    now = int(time.time() * 1e6)
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([user], [FeatureView(n, "user", (x,)) for n in ("gone", "kept")])
+        client.apply([], [FeatureView("multi", "user", (x, y))])
+        client.apply([], [FeatureView("multi", "user", (x,), version=2)])
+        for name in ("gone", "kept"):
+            client.write_features(name, {"user_id": ids}, now, {"x": np.ones(100)})
+        features = {"x": np.ones(100), "y": np.ones(100)}
+        client.write_features("multi", {"user_id": ids}, now, features, version=1)
+        # Separate connections, spread by the kernel over both workers: each one labels the
+        # views (and drift features) it serves in its own file.
+        request = fm.get_request(["gone:x", "kept:x", "multi@1:x", "multi@1:y"], {"user_id": ids})
+        channels = [
+            grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(CHANNELS)
+        ]
+        try:
+            for channel in channels:
+                pb_grpc.FeatureStoreStub(channel).GetOnlineFeatures(request, timeout=20)
+        finally:
+            for channel in channels:
+                channel.close()
+
+        def both_served() -> bool:
+            rpcs = per_pid(metrics_port, "featureserve_process_rpcs")
+            return {pid for pid, n in rpcs.items() if n > 0} == worker_pids
+
+        assert wait_until(both_served, timeout=15)
+        before = scrape(metrics_port)
+        assert len(view_series(before, "gone")) > 20
+        psi = "featureserve_feature_psi"
+        assert {key(psi, view="multi", feature=f) for f in "xy"} <= set(before)
+        client.delete_feature_view("gone", 1)
+        client.delete_feature_view("multi", 1)
+    samples = scrape(metrics_port)
+    assert view_series(samples, "gone") == {}
+    assert view_series(samples, "kept") == view_series(before, "kept")
+    assert key(psi, view="multi", feature="y") not in samples
+    assert key(psi, view="multi", feature="x") in samples
+    hits = samples[key("featureserve_view_lookup_rows_total", view="multi", result="hit")]
+    assert hits == 100 * CHANNELS
+    assert server.terminate(timeout=60) == 0
 
 
 def test_parent_refuses_a_port_in_use(server_factory, tmp_path: Path) -> None:

@@ -3,11 +3,12 @@ recorders for hot paths, and the /metrics HTTP endpoint (single process or acros
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import resource
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,6 +330,15 @@ def _of_registered(labels: dict[str, str], views: Mapping[str, frozenset[str]]) 
     return features is not None and (feature is None or feature in features)
 
 
+class _EscapedMultiProcessCollector(MultiProcessCollector):
+    """MultiProcessCollector for a folder whose path may hold glob characters: prometheus_client
+    globs the path itself, so a $TMPDIR with `[`, `*` or `?` in it served an empty /metrics."""
+
+    def collect(self) -> Iterable[Metric]:
+        """Every worker file's samples, merged."""
+        return self.merge(glob.glob(os.path.join(glob.escape(self._path), "*.db")), accumulate=True)
+
+
 def scrape_registry(
     directory: Path | None, registered: ViewFeatures | None = None
 ) -> CollectorRegistry:
@@ -337,7 +347,7 @@ def scrape_registry(
     if directory is None:
         return REGISTRY
     registry = CollectorRegistry()
-    merged = MultiProcessCollector(None, path=str(directory))
+    merged = _EscapedMultiProcessCollector(None, path=str(directory))
     registry.register(merged if registered is None else RegisteredViewsOnly(merged, registered))
     return registry
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
+import glob
 import logging
 import os
 import pickle
@@ -239,7 +240,7 @@ class Supervisor:
         socket, which a worker that crashed left behind."""
         from prometheus_client.multiprocess import mark_process_dead
 
-        mark_process_dead(worker.proc.pid, str(self.metrics_dir))
+        mark_process_dead(worker.proc.pid, glob.escape(str(self.metrics_dir)))  # it globs
         stats_socket(self.metrics_dir, worker.proc.pid).unlink(missing_ok=True)
 
 

@@ -249,6 +249,19 @@ def test_a_groups_scrape_keeps_registered_views_and_is_whole_while_no_store_read
     }
 
 
+def test_a_groups_scrape_reads_a_folder_whose_path_holds_glob_characters(tmp_path) -> None:
+    """A $TMPDIR with `[`, `*` or `?` in it: prometheus_client globbed the folder's path itself,
+    so the merged /metrics of a --workers group was empty."""
+    from server.metrics import MULTIPROC_ENV, scrape_registry
+
+    metrics_dir = tmp_path / "t[1]*?" / "metrics"
+    metrics_dir.mkdir(parents=True)
+    env = {**os.environ, MULTIPROC_ENV: str(metrics_dir)}
+    subprocess.run([sys.executable, "-c", WORKER_SERIES], env=env, check=True)
+    text = generate_latest(scrape_registry(metrics_dir)).decode()
+    assert 'featureserve_view_rows_written_total{view="kept"} 1.0' in text
+
+
 def test_real_server_metrics_scrape_moves_with_traffic(server_factory) -> None:
     """A `featureserve serve --metrics-port` process: its scrape shows RPC counts by method and
     code, latency, and the per-process gauges, and they move with traffic."""

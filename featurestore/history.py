@@ -33,6 +33,10 @@ from featurestore.row_codec import (
 if TYPE_CHECKING:
     from featurestore.online_store import OnlineStore
 
+REBUILD_ROWS_PER_TXN = 10_000
+"""Rows a rebuild changes per write transaction by default: a writer waited 14 ms at most here
+while 1M rows were refilled (0.6-0.8 s when they were replaced in one transaction)."""
+
 
 def pack_batch(keys: Sequence[bytes], rows: Sequence[bytes]) -> bytes:
     """One history record: n u32 | key lengths u32[n] | row lengths u32[n] | keys | rows."""
@@ -104,13 +108,36 @@ def _latest_rows(log: HistoryLog) -> list[tuple[bytes, bytes]]:
     return list(zip(pick(log.keys, newest), pick(log.rows, newest), strict=True))
 
 
-def rebuild_online(store: OnlineStore, view: str, version: int = 0) -> int:
-    """Empty the online rows of a view version and replay its history; returns rows replayed.
+def rebuild_online(
+    store: OnlineStore,
+    view: str,
+    version: int = 0,
+    max_rows_per_txn: int = REBUILD_ROWS_PER_TXN,
+) -> int:
+    """Make the online rows of a view version what replaying its history gives; returns rows
+    replayed.
 
-    The log is reduced outside the write lock, then the records logged meanwhile inside the
-    transaction that replaces the rows (replace_online_rows), so a write committed alongside
-    lands before it (and is replayed) or after it (and stays): none is lost, and other writes
-    wait only for the tail.
+    The log and the online rows are read in one read transaction; the log is reduced, and its
+    difference from the online rows computed, outside any lock. Only keys whose stored row
+    differs from the rebuilt one are written (or deleted: stored with no logged row), in write
+    transactions of at most max_rows_per_txn rows, so writers wait for one such transaction,
+    not for the whole view (a rebuild of a healthy store writes nothing).
+
+    This is exact beside live writers because every change to a view's online rows is logged
+    in the transaction that makes it: an accepted row is logged, a row refused stale is logged
+    but changes nothing, and a replay (stale with the very event time stored) changes nothing
+    and is not logged. So a key with no record logged after the read still holds, when its
+    transaction writes, the row the read saw; a key with such records gets, in the transaction
+    that writes it, the newest of its rebuilt row and those records by event time, the earlier
+    logged winning ties (as online); and a key outside the difference that was written since
+    already holds exactly that, as the write applied the same rule to the rebuilt row. No
+    acknowledged write is lost.
+
+    The price: when the difference exceeds max_rows_per_txn, readers between two transactions
+    see a partly rebuilt view (each key holds its old row or its rebuilt one, never a mix),
+    where replacing every row in one transaction swapped the view at once; set max_rows_per_txn
+    above the view's key count to keep that, at the cost of holding every writer for the
+    whole refill. InvalidArgumentError if max_rows_per_txn < 1.
     """
     fv = store.registry.get_view(view, version)
     replayed = 0
@@ -121,7 +148,7 @@ def rebuild_online(store: OnlineStore, view: str, version: int = 0) -> int:
         replayed += len(log.keys)
         return _latest_rows(log)
 
-    store.replace_online_rows(fv.name, fv.version, latest)
+    store.replace_online_rows(fv.name, fv.version, latest, max_rows_per_txn)
     return replayed
 
 

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,7 +31,7 @@ from featurestore.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from featurestore.history import pack_batch
+from featurestore.history import REBUILD_ROWS_PER_TXN, pack_batch
 from featurestore.keys import EncodedKeys, encode_keys, key_rows, keys_per_entity
 from featurestore.last_write_wins import (
     key_order,
@@ -919,19 +921,31 @@ class OnlineStore:
         name: str,
         version: int,
         from_history: Callable[[list[bytes]], Sequence[tuple[bytes, bytes]]],
+        max_rows_per_txn: int = REBUILD_ROWS_PER_TXN,
     ) -> None:
-        """Empty a view version's online rows and store the (key, row) pairs from_history
-        makes of its history records: each key's row the online store keeps after them.
+        """Make a view version's online rows the (key, row) pairs from_history makes of its
+        history records (each key's row the online store keeps after them), writing only the
+        keys whose row differs, at most max_rows_per_txn of them per write transaction.
 
-        The log is append-only, so from_history reduces the records a read transaction saw
-        while writes go on (a long decode holds no lock); the write transaction, which every
-        view's writes wait for, reduces only the records logged since and merges them in by
-        event time, the earlier logged row winning ties. A write committed alongside is in those
-        records, or lands after the replacement.
+        One read transaction takes the records and the online rows (one snapshot); from_history
+        reduces the records outside any transaction, and the difference (rows to put, keys to
+        delete) is computed there too. A write logs every row it changes in its own transaction,
+        so a key logged nothing after the snapshot still holds the row the snapshot saw: the
+        difference is still exact for it, and a key outside the difference that was written
+        since already holds the rebuilt row merged with those writes by last-write-wins. Each
+        write transaction merges into its keys' rows the records logged after the snapshot
+        (reduced by from_history as they come), by event time, the earlier logged row winning
+        ties. Between transactions a reader sees each key's old row or its rebuilt one.
         """
         self._check_open()
-        history = history_db_name(name, version)
+        if max_rows_per_txn < 1:
+            raise InvalidArgumentError(
+                f"max_rows_per_txn: got {max_rows_per_txn}; give at least 1 (the rows each "
+                "write transaction of the rebuild changes)"
+            )
+        history, rows_db = history_db_name(name, version), view_db_name(name, version)
         self._lmdb.existing_db(history)
+        self._lmdb.existing_db(rows_db)
         usable = self._lmdb.handles_cached
         with self._lmdb.read_txn() as txn:
             created_us = self.registry.get_view(name, version, txn).created_us
@@ -939,29 +953,37 @@ class OnlineStore:
             cur = txn.cursor(db=db) if db is not None else None
             records = list(cur.iternext(keys=False)) if cur else []
             after = int.from_bytes(cur.key(), "big") + 1 if cur and cur.last() else 1
-        base = from_history(records)
+            db = self._lmdb.cached_db(rows_db, usable)
+            online = dict(txn.cursor(db=db)) if db is not None else {}
+        changes = _difference(online, from_history(records))
+        del online, records  # the snapshot's copies are not needed while writers wait
+        logged: dict[bytes, bytes] = {}  # each key's newest row logged after the snapshot
 
-        def work(txn: lmdb.Transaction) -> None:
+        def work(txn: lmdb.Transaction, chunk: Sequence[tuple[bytes, bytes | None]]) -> None:
+            nonlocal after
             if self.registry.get_view(name, version, txn).created_us != created_us:
                 raise ConflictError(
                     f"feature view {name!r} v{version} was deleted and re-created while its "
-                    "online rows were rebuilt from its history, so nothing was replaced; run "
-                    "the rebuild again"
+                    "online rows were rebuilt from its history, so the new definition's rows "
+                    "were left as they were; run the rebuild again"
                 )
-            db = self._lmdb.view_db(name, version, txn)
             cur = txn.cursor(db=self._lmdb.db_in_write(history, txn))
-            start = after.to_bytes(8, "big")
-            newer = from_history(list(cur.iternext(keys=False)) if cur.set_range(start) else [])
-            txn.drop(db, delete=False)
-            rows = txn.cursor(db=db)
-            rows.putmulti(base)
-            old = [rows.replace(key, row) for key, row in newer]
-            kept = stored_events(old) >= stored_events([row for _, row in newer])
-            for (key, _), row, keep in zip(newer, old, kept.tolist(), strict=True):
-                if keep:
-                    rows.put(key, row)
+            if cur.set_range(after.to_bytes(8, "big")):
+                _keep_newest(logged, from_history(list(cur.iternext(keys=False))))
+                cur.last()
+                # committed records: a rerun of this transaction need not read them again
+                after = int.from_bytes(cur.key(), "big") + 1
+            if chunk:
+                _apply_changes(txn, self._lmdb.view_db(name, version, txn), chunk, logged)
 
-        self._lmdb.run_write(work)
+        held = 0.0
+        for start in range(0, max(len(changes), 1), max_rows_per_txn):
+            # LMDB's writer lock is not fair: taken again at once, it kept the writers queued
+            # during one transaction waiting through the next too; a short step aside lets them in
+            time.sleep(held / 4)
+            began = time.perf_counter()
+            self._lmdb.run_write(partial(work, chunk=changes[start : start + max_rows_per_txn]))
+            held = time.perf_counter() - began
 
 
 _KINDS = {
@@ -1122,6 +1144,48 @@ def _replays(
         current = np.where(same_key, events[prior], current)
     replays[stale] = events[stale] == current
     return replays
+
+
+def _difference(
+    online: dict[bytes, bytes], rebuilt: Sequence[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes | None]]:
+    """What turns the online rows into the rebuilt ones, in key order: (key, row) where the
+    stored row differs or is missing, (key, None) where a key is stored with no rebuilt row.
+    Consumes `online`."""
+    changes: list[tuple[bytes, bytes | None]] = [
+        (key, row) for key, row in rebuilt if online.pop(key, None) != row
+    ]
+    changes.extend((key, None) for key in online)
+    changes.sort(key=itemgetter(0))
+    return changes
+
+
+def _keep_newest(logged: dict[bytes, bytes], rows: Sequence[tuple[bytes, bytes]]) -> None:
+    """Merge rows (one per key, logged after those in `logged`) into logged by last-write-wins:
+    a row replaces its key's kept row only with a newer event time."""
+    kept = stored_events([logged.get(key) for key, _ in rows])
+    newer = stored_events([row for _, row in rows]) > kept
+    logged.update(pair for pair, take in zip(rows, newer.tolist(), strict=True) if take)
+
+
+def _apply_changes(
+    txn: lmdb.Transaction,
+    db: lmdb._Database,
+    changes: Sequence[tuple[bytes, bytes | None]],
+    logged: dict[bytes, bytes],
+) -> None:
+    """Store each change (a row, or None: delete the key), or the row logged for its key after
+    the snapshot where that one has a newer event time."""
+    if logged:
+        late = [logged.get(key) for key, _ in changes]
+        newer = stored_events(late) > stored_events([row for _, row in changes])
+        changes = [
+            (key, late_row if take else row)
+            for (key, row), late_row, take in zip(changes, late, newer.tolist(), strict=True)
+        ]
+    txn.cursor(db=db).putmulti([(key, row) for key, row in changes if row is not None])
+    for key in [key for key, row in changes if row is None]:
+        txn.delete(key, db=db)
 
 
 def _apply_group(

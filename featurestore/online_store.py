@@ -67,6 +67,8 @@ NO_CONTEXT = nullcontext()
 _PLAN_CACHE_LIMIT = 1024
 DATA_FILE = "data.mdb"
 """LMDB's data file inside the environment directory."""
+READER_CHECK_S = 5.0
+"""How often a writing process frees the reader slots of processes that died holding one."""
 
 __all__ = [
     "Block",
@@ -243,6 +245,7 @@ class LmdbEnv:
         cached before it began (LMDB answers EINVAL for a handle opened after)."""
         self._opened: dict[bytes, lmdb._Database] = {}
         self.env = self._open(config.map_size)
+        self._next_reader_check = time.monotonic() + READER_CHECK_S
         self._registry_db = self._ensure_db(REGISTRY_DB)
 
     def _open(self, map_size: int) -> lmdb.Environment:
@@ -320,6 +323,7 @@ class LmdbEnv:
         generator). exclusive: no other transaction of this process runs alongside (needed to
         delete a database: see drop_db)."""
         with self._write_lock:
+            self._free_dead_readers()
             while True:
                 try:
                     with self.gate.exclusive() if exclusive else self.gate.shared():
@@ -330,6 +334,16 @@ class LmdbEnv:
                     self.grow(self.env.info()["map_size"] * 2)
                 except _DeadHandles:
                     self._reopen()
+
+    def _free_dead_readers(self) -> None:
+        """Every READER_CHECK_S, free the reader slots of processes that died holding one (a
+        killed `featureserve backup` or offline reader): their snapshot keeps LMDB from reusing
+        pages freed after it, so the file grew with every write until some process opened the
+        store again. Writers check, as only writes free pages (a few µs per check)."""
+        now = time.monotonic()
+        if now >= self._next_reader_check:
+            self._next_reader_check = now + READER_CHECK_S
+            self.env.reader_check()
 
     def _write_once(
         self, fn: Callable[[lmdb.Transaction], T], committing: AbstractContextManager[object]

@@ -132,3 +132,25 @@ def test_a_reader_killed_mid_read_frees_its_slot_when_the_store_is_next_opened(t
         holder.kill()
         holder.stdout.close()
         survivor.close()
+
+
+def test_a_writer_frees_a_dead_readers_slot_within_reader_check_s(tmp_path, monkeypatch):
+    """A killed `featureserve backup` (or offline reader) kept its slot, and so its snapshot,
+    until some process opened the store again: a running server's file grew meanwhile. Each
+    writing process now frees such slots every READER_CHECK_S (0 here: at its next write)."""
+    monkeypatch.setattr("featurestore.online_store.READER_CHECK_S", 0.0, raising=False)
+    writer = LmdbEnv(StoreConfig(tmp_path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        holder.kill()
+        holder.wait(10)
+        assert f"{holder.pid:>10}" in writer.env.readers()
+        writer.run_write(lambda txn: txn.put(b"k", b"v", db=writer.db_in_write(b"t", txn)))
+        assert f"{holder.pid:>10}" not in writer.env.readers()
+    finally:
+        holder.kill()
+        holder.stdout.close()
+        writer.close()

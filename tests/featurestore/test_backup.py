@@ -4,6 +4,11 @@ with the same registry, online rows and history; refusals name the argument and 
 from __future__ import annotations
 
 import dataclasses
+import resource
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lmdb
@@ -12,7 +17,7 @@ import pytest
 
 from featurestore.backup import PARTIAL_FILE, back_up
 from featurestore.dtypes import DType, FeatureStatus
-from featurestore.errors import InvalidArgumentError
+from featurestore.errors import InvalidArgumentError, StorageFailedError
 from featurestore.history import history_rows, point_in_time, rebuild_online
 from featurestore.online_store import DATA_FILE, OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
@@ -132,6 +137,8 @@ def test_a_compact_backup_leaves_out_the_pages_a_deleted_version_freed(tmp_path:
         ("full", r"DEST .*/full is not empty \(it holds a.txt\); give a new or empty directory"),
         ("file", r"DEST .*/file is not a directory; give a new or empty directory"),
         ("interrupted", rf"{PARTIAL_FILE} is what an interrupted backup leaves: delete it"),
+        ("dangling", r"DEST .*/dangling is a symbolic link to nothing; give a new or empty"),
+        ("file/sub", r"DEST .*/file/sub is under .*/file, which is not a directory; give a new"),
     ],
 )
 def test_a_destination_that_is_not_new_or_empty_or_is_in_the_data_dir_is_refused(
@@ -142,6 +149,7 @@ def test_a_destination_that_is_not_new_or_empty_or_is_in_the_data_dir_is_refused
     (tmp_path / "file").write_text("keep me")
     (tmp_path / "interrupted").mkdir()
     (tmp_path / "interrupted" / PARTIAL_FILE).write_bytes(b"x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(InvalidArgumentError, match=message):
         back_up(data_dir, tmp_path / dest)
@@ -162,3 +170,78 @@ def test_a_data_dir_without_a_store_is_refused_and_left_alone(
     with pytest.raises(InvalidArgumentError, match=message):
         back_up(tmp_path / source, tmp_path / "dest")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+@contextmanager
+def mounted(*args: str) -> Iterator[None]:
+    """`mount *args` (its last argument the mount point) for the block; skips the test where
+    mounting is not allowed (not root)."""
+    done = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", args[-1]], check=True)
+
+
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past `limit` bytes of a file fail with EFBIG (RLIMIT_FSIZE, SIGXFSZ ignored): a
+    real write failure that is not a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+@pytest.mark.parametrize("small_fs", [False, True])
+def test_a_write_failure_that_is_not_a_full_disk_is_reported_as_such_and_cleaned_up(
+    data_dir: Path, tmp_path: Path, small_fs: bool
+) -> None:
+    """EFBIG is a failed write, not a full file system, even on one with little room left
+    (small_fs: a 16 MB tmpfs); the partial copy and the directories the backup made go."""
+    root = tmp_path / "small"
+    root.mkdir()
+    dest = root / "made" / "by" / "backup"
+    with (
+        mounted("-t", "tmpfs", "-o", "size=16m", "tmpfs", str(root)) if small_fs else nullcontext()
+    ):
+        with file_size_limit(16 << 10), pytest.raises(StorageFailedError) as failed:
+            back_up(data_dir, dest)
+        assert list(root.iterdir()) == []
+    assert str(failed.value).startswith(f"writing the backup to DEST {dest} failed (")
+    assert "File too large" in str(failed.value)
+
+
+def test_a_store_on_a_read_only_file_system_is_backed_up_without_a_lock_file(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A read-only mount (a file-system snapshot): LMDB cannot make lock.mdb there, so the
+    store is opened read-only without it, safe as nothing writes to it."""
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (data_dir / "lock.mdb").unlink()
+    with mounted("--bind", "-o", "ro", str(data_dir), str(snapshot)):
+        done = back_up(snapshot, tmp_path / "dest")
+        assert sorted(p.name for p in snapshot.iterdir()) == [DATA_FILE]
+    assert done.txn_id == last_txn_id(data_dir)
+    with OnlineStore(StoreConfig(tmp_path / "dest")) as restored:
+        assert restored.read("spend", {"user_id": IDS}, now_us=NOW).row_status.tolist() == (
+            [FeatureStatus.PRESENT] * len(IDS)
+        )
+
+
+def test_a_dest_inside_the_data_dir_through_a_bind_mount_is_refused(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    with mounted("--bind", str(data_dir), str(alias)):
+        with pytest.raises(InvalidArgumentError, match=r"DEST .*/alias/in is inside the data"):
+            back_up(data_dir, alias / "in")
+        assert sorted(p.name for p in data_dir.iterdir()) == [DATA_FILE, "lock.mdb"]

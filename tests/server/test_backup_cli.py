@@ -4,18 +4,22 @@ taken without blocking its writers; restored by serving from it; refusals exit 2
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
 
 from clients.channel import ClientConfig
 from clients.feature_client import FeatureStoreClient
+from featurestore.backup import LOCK_FILE, PARTIAL_FILE
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.history import history_rows
 from featurestore.online_store import DATA_FILE, OnlineStore, StoreConfig, WriteBatch
@@ -195,6 +199,8 @@ def test_compact_leaves_out_freed_pages_and_the_copy_serves(
                                 r"\S+/data; give a directory outside it"),
         ("dest", "missing", r"data dir \S+/missing does not exist; point --data-dir \(data_dir\) "
                             "at the store to back up"),
+        ("dest", "garbage", r"data dir \S+/garbage holds a data.mdb that is not a featureserve "
+                            r"store \(.*\); point --data-dir \(data_dir\) at the store"),
     ],
 )  # fmt: skip
 def test_refusals_exit_2_naming_the_argument_and_write_nothing(
@@ -202,6 +208,8 @@ def test_refusals_exit_2_naming_the_argument_and_write_nothing(
 ) -> None:
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "a.txt").write_text("keep me")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / DATA_FILE).write_bytes(np.random.default_rng(0).bytes(10_000))
     before = sorted(tmp_path.rglob("*"))
     args = ("backup", str(tmp_path / dest), "--data-dir", str(tmp_path / source))
     code, out, err = run_cli(capsys, *args)
@@ -217,3 +225,70 @@ def test_backup_help_says_how_to_restore(capsys) -> None:
     assert exited.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "usage: featureserve backup" in out and "Restore by serving with" in out
+
+
+def start_backup(dest: Path, data_dir: Path) -> subprocess.Popen:
+    """`featureserve backup` in a subprocess, started while the caller holds LMDB's writer lock
+    (a write transaction): opening the store takes that lock a moment, so the backup waits."""
+    args = ["backup", str(dest), "--data-dir", str(data_dir)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "server.cli", *args], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def opened_store(proc: subprocess.Popen, data_dir: Path) -> bool:
+    """Whether proc has opened the store's LMDB environment: it holds a lock on its lock.mdb."""
+    holder = (str(proc.pid), str((data_dir / "lock.mdb").stat().st_ino))
+    for line in Path("/proc/locks").read_text().splitlines():
+        pid, file = line.replace("->", "").split()[4:6]  # file: major:minor:inode
+        if (pid, file.rsplit(":", 1)[1]) == holder:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_is_one_line_and_exit_128_plus_it_and_leaves_nothing(
+    data_dir: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A SIGTERM (timeout, systemd, a Job's deadline) or Ctrl-C stops the backup with one line
+    and no traceback, leaving no directory it made."""
+    dest = tmp_path / "backups" / "now"
+    env = lmdb.open(str(data_dir), max_dbs=8)
+    try:
+        txn = env.begin(write=True)
+        try:
+            proc = start_backup(dest, data_dir)
+            assert wait_until(lambda: opened_store(proc, data_dir) or proc.poll() is not None, 30)
+            proc.send_signal(sig)
+        finally:
+            txn.abort()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        env.close()
+    assert proc.returncode == 128 + sig, err
+    assert err == (
+        f"featureserve: backup to DEST {dest} stopped by {sig.name}; its partial copy was "
+        "removed (run it again to back up)\n"
+    )
+    assert out == ""
+    assert not (tmp_path / "backups").exists()
+
+
+def test_a_backup_into_a_dest_another_backup_is_writing_is_refused_and_leaves_it_alone(
+    data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """A running backup holds an exclusive flock on DEST/backup.lock: a second one into that
+    DEST is told so (not to delete the first one's live partial copy) and touches nothing."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / PARTIAL_FILE).write_bytes(b"being written")
+    with open(dest / LOCK_FILE, "w") as running:
+        fcntl.flock(running, fcntl.LOCK_EX)
+        code, out, err = run_cli(capsys, "backup", str(dest), "--data-dir", str(data_dir))
+        assert sorted(p.name for p in dest.iterdir()) == [LOCK_FILE, PARTIAL_FILE]
+    assert code == 2 and out == ""
+    assert err == (
+        f"featureserve: a backup is already running into DEST {dest}; wait for it to end or "
+        "give another DEST\n"
+    )

@@ -265,6 +265,20 @@ def _as_served(
     return np.where(pos >= 0, applied[by_event[best[pos]]], -1)
 
 
+def _ttl_cutoffs(fv: FeatureView, ts: np.ndarray) -> np.ndarray:
+    """Per label, the oldest event time kept by the TTL in force at it (see ttl_cutoff): that of
+    the view version's last TTL change at or before the label, so a label at a change's time
+    takes the new TTL; a label before the version was created, its first TTL."""
+    changes = fv.ttl_changes()
+    since = np.array([from_us for from_us, _ in changes], np.int64)
+    in_force = np.maximum(np.searchsorted(since, ts, "right") - 1, 0)
+    cutoff = np.empty(len(ts), np.int64)
+    for i in np.unique(in_force).tolist():
+        at = in_force == i
+        cutoff[at] = ttl_cutoff(ts[at], changes[i][1])
+    return cutoff
+
+
 def point_in_time(
     store: OnlineStore,
     view: str,
@@ -282,12 +296,14 @@ def point_in_time(
     online store applied (decided in commit order) and wrote by then (a row's write time,
     stamped when it was prepared, before its commit), future-dated rows included, late rows
     only if nothing newer was committed before them. Either way the earlier write wins among
-    equal event times, as online, and rows older than label - ttl_seconds are withheld as
+    equal event times, as online, and rows older than label - TTL are withheld as
     OUTSIDE_MAX_AGE.
 
-    Both modes use the view's current definition: its TTL now (a TTL changed in place applies
-    to past labels too), and version=0 is the latest version today, so to replay serving pass
-    the version that GetOnlineFeatures served at the labels.
+    The TTL: by event time, the view's current ttl_seconds for every label (as Feast: a
+    training set matches what serving answers from now on); as_served, the TTL in force at each
+    label (FeatureView.ttl_changes: a label at or after a change's time takes the new TTL, as
+    it does a row written by then). version=0 is the latest version today in both modes, so to
+    replay serving pass the version that GetOnlineFeatures served at the labels.
     """
     fv = store.registry.get_view(view, version)
     entity = store.registry.get_entity(fv.entity)
@@ -300,6 +316,6 @@ def point_in_time(
     query_id = np.fromiter((ids.get(k, -1) for k in query_keys), np.int64, len(ts))
     chosen = (_as_served if as_served else _by_event_time)(log, log_id, query_id, ts)
     rows = [log.rows[i] if i >= 0 else MISSING_ROW for i in chosen.tolist()]
-    cutoff = ttl_cutoff(ts, fv.ttl_seconds)
+    cutoff = _ttl_cutoffs(fv, ts) if as_served else ttl_cutoff(ts, fv.ttl_seconds)
     decoded = decode_rows(DecodePlan(RowLayout(fv), names), rows, cutoff)
     return PointInTimeResult(decoded.event_us, decoded.row_status, decoded.blocks)

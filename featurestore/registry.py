@@ -88,6 +88,9 @@ class FeatureView:
 
     tags is a plain dict (not hashed or compared by identity; treat it as read-only).
     version 0 in `Registry.apply` means "the registry decides"; stored views have version >= 1.
+    ttl_history is kept by the registry (apply ignores what it is given): (from_us, ttl_seconds)
+    of each TTL this version has had, oldest first; it is left out of equality, so re-applying
+    a definition stays "unchanged". Read it through ttl_changes().
     """
 
     name: str
@@ -100,6 +103,13 @@ class FeatureView:
     tags: dict[str, str] = field(default_factory=dict)
     created_us: int = 0
     updated_us: int = 0
+    ttl_history: tuple[tuple[int, int], ...] = field(default=(), compare=False)
+
+    def ttl_changes(self) -> tuple[tuple[int, int], ...]:
+        """(from_us, ttl_seconds) of each TTL this version has had, oldest first: the TTL in
+        force from from_us on. A record written before the history was kept (none stored) has
+        had its current TTL since created_us."""
+        return self.ttl_history or ((self.created_us, self.ttl_seconds),)
 
     @cached_property
     def _by_name(self) -> dict[str, Feature]:
@@ -197,6 +207,7 @@ def _view_to_json(view: FeatureView) -> bytes:
         "tags": dict(view.tags),
         "created_us": view.created_us,
         "updated_us": view.updated_us,
+        "ttl_history": [list(change) for change in view.ttl_history],
         "features": [
             [f.name, int(f.dtype), f.vector_length, f.description, f.allow_nan]
             for f in view.features
@@ -208,7 +219,8 @@ def _view_to_json(view: FeatureView) -> bytes:
 def _view_from_json(raw: bytes) -> FeatureView:
     d = json.loads(raw)
     feats = tuple(Feature(n, DType(t), vl, desc, nan) for n, t, vl, desc, nan in d.pop("features"))
-    return FeatureView(features=feats, **d)
+    history = tuple((since, ttl) for since, ttl in d.pop("ttl_history", ()))
+    return FeatureView(features=feats, ttl_history=history, **d)
 
 
 def _check_name(kind: str, name: object) -> None:
@@ -605,7 +617,13 @@ class Registry:
         latest = max(versions, default=0)
         target = view.version or latest
         if target == 0 or (target == latest + 1 and target not in versions):
-            stored = replace(view, version=target or 1, created_us=now, updated_us=now)
+            stored = replace(
+                view,
+                version=target or 1,
+                created_us=now,
+                updated_us=now,
+                ttl_history=((now, view.ttl_seconds),),
+            )
             versions[stored.version] = stored
             puts.append((_view_key(stored.name, stored.version), _view_to_json(stored)))
             new_views.append(stored)
@@ -619,7 +637,11 @@ class Registry:
         merged = _merge(old, view, latest)
         if merged is None:
             return ApplyResult(old.name, old.version, "unchanged")
-        merged = replace(merged, updated_us=now)
+        history = old.ttl_changes()
+        if merged.ttl_seconds != old.ttl_seconds:
+            # kept strictly increasing (a clock may step back): labels bisect these times
+            history += ((max(now, history[-1][0] + 1), merged.ttl_seconds),)
+        merged = replace(merged, updated_us=now, ttl_history=history)
         versions[target] = merged
         puts.append((_view_key(merged.name, merged.version), _view_to_json(merged)))
         return ApplyResult(merged.name, merged.version, "updated")

@@ -13,6 +13,7 @@ import pytest
 
 from clients.channel import ClientConfig
 from clients.feature_client import FeatureStoreClient
+from featurestore import registry
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.errors import InvalidArgumentError
 from featurestore.history import history_rows, point_in_time, rebuild_online, unpack_batch
@@ -348,6 +349,78 @@ def test_point_in_time_as_served_equals_get_online_features_of_a_real_server(ser
         assert [s.tolist() for s in reads[1][1].statuses.values()] == [[1, 1, 4, 1]] * 2
 
 
+def test_as_served_applies_the_ttl_in_force_at_each_label_of_a_real_server(server):
+    """The TTL changed twice in place (3600 s, then 50 s, then 500 s) while the view was written:
+    as_served withheld every past label's rows by the TTL of today, so it answered PRESENT where
+    GetOnlineFeatures had answered OUTSIDE_MAX_AGE and the reverse. Answers recorded live with
+    their wall times, before and after each change, are what as_served answers at those times."""
+    now = time.time_ns() // 1000
+    ids = np.array(["a", "b", "c", "d"], dtype=object)
+    reads = []
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+
+        def apply(ttl_seconds: int) -> str:
+            view = dataclasses.replace(VIEW, ttl_seconds=ttl_seconds)
+            return client.apply([USER], [view])[0].action
+
+        def write(keys: list[str], events: list[int], amounts: list[float]) -> None:
+            cols = {"amount": np.array(amounts), "note": [f"n{a}" for a in amounts]}
+            client.write_features("spend", {"user_id": np.array(keys, dtype=object)}, events, cols)
+
+        def read() -> None:
+            got = client.get_online_features(["spend:amount"], {"user_id": ids})
+            reads.append((time.time_ns() // 1000, got.statuses["spend:amount"].tolist()))
+
+        assert apply(3600) == "created"
+        write(["a", "b", "c"], [now - 10 * SEC, now - 100 * SEC, now - 1000 * SEC], [1, 2, 3])
+        read()
+        assert apply(50) == "updated"
+        read()
+        write(["a", "d"], [now - 5 * SEC, now - 200 * SEC], [4, 5])
+        read()
+        assert apply(500) == "updated"
+        read()
+        assert apply(500) == "unchanged"
+        read()
+    assert server.terminate() == 0
+    present, missing, outside = 1, 2, 4
+    assert [statuses for _, statuses in reads] == [
+        [present, present, present, missing],
+        [present, outside, outside, missing],
+        [present, outside, outside, outside],
+        [present, present, outside, present],
+        [present, present, outside, present],
+    ]
+    with OnlineStore(StoreConfig(server.data_dir)) as store:
+        labels = np.repeat([label for label, _ in reads], len(ids))
+        query = {"user_id": np.tile(ids, len(reads))}
+        past = point_in_time(store, "spend", query, labels, ["amount"], as_served=True)
+        assert past.blocks[0].statuses[:, 0].tolist() == [s for _, st in reads for s in st]
+        by_event = point_in_time(store, "spend", {"user_id": ids}, labels[:4], ["amount"])
+        assert by_event.row_status.tolist() == [present, present, outside, present]  # TTL today
+        assert [ttl for _, ttl in store.registry.get_view("spend").ttl_changes()] == [3600, 50, 500]
+
+
+def test_as_served_takes_the_new_ttl_from_the_microsecond_it_came_into_force(store, monkeypatch):
+    """A label at a change's time takes the new TTL, one a microsecond before it the old one.
+    By event time every label takes today's TTL (as Feast)."""
+    view = store.registry.get_view("spend")
+    store.write(batch(["a"], [NOW - 150 * SEC], [1]), now_us=NOW - 150 * SEC)
+    first, second = NOW + 10 * SEC, NOW + 20 * SEC
+    for since, ttl in ((first, 200), (second, 50)):
+        monkeypatch.setattr(registry.time, "time_ns", lambda since=since: since * 1000)
+        store.registry.apply([], [dataclasses.replace(VIEW, ttl_seconds=ttl)])
+    monkeypatch.undo()
+    labels = np.array([first - 1, first, second - 1, second])
+    keys = {"user_id": np.full(len(labels), "a", dtype=object)}
+    outside, present = FeatureStatus.OUTSIDE_MAX_AGE, FeatureStatus.PRESENT
+    past = point_in_time(store, "spend", keys, labels, as_served=True)
+    assert past.row_status.tolist() == [outside, present, present, outside]
+    assert point_in_time(store, "spend", keys, labels).row_status.tolist() == [outside] * 4
+    changes = store.registry.get_view("spend").ttl_changes()
+    assert changes == ((view.created_us, 100), (first, 200), (second, 50))
+
+
 def test_rebuild_online_holds_the_write_lock_only_for_the_log_tail(tmp_path: Path):
     """rebuild_online read and decoded the whole log inside the store's one write transaction:
     with millions of logged rows every view's writes waited seconds (clients' deadlines
@@ -586,10 +659,14 @@ def test_rebuild_online_in_many_transactions_keeps_every_write_made_meanwhile(tm
                     for i in range(300):
                         txn.put(f"stray{i}".encode(), first[next(iter(first))], db=db)
 
-                tamper(s, damage)
-                logged = len(s.history_blobs("spend", 1))
-                rebuild_online(s, "spend", max_rows_per_txn=100)
-                assert len(s.history_blobs("spend", 1)) > logged, "no write during the rebuild"
+                for _ in range(20):  # until the writer thread got a write in during one
+                    tamper(s, damage)
+                    logged = len(s.history_blobs("spend", 1))
+                    rebuild_online(s, "spend", max_rows_per_txn=100)
+                    if len(s.history_blobs("spend", 1)) > logged:
+                        break
+                else:
+                    pytest.fail("no write landed during any of 20 rebuilds")
         finally:
             stop.set()
             thread.join()

@@ -1,5 +1,6 @@
 """Registry: validation, versioning rules, deletion and cache refresh across store instances."""
 
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -386,3 +387,69 @@ def test_not_found_compares_a_bounded_number_of_names(store):
     assert registry.close_names("v02500x", many)[0] == "v02500"
     assert registry.close_names("v00000x", many)[0] == "v00000"
     assert registry.close_names("v02999x", many)[0] == "v02999"
+
+
+def test_ttl_changes_are_kept_per_version_and_survive_a_reopen(tmp_path: Path, monkeypatch):
+    """A TTL changed in place is recorded with the time it came into force (what as_served
+    replays), stored with the view and read back by a new store instance; re-applying the same
+    definition, or one changing no TTL, adds nothing, and equality ignores the history."""
+    clock = iter(range(1_800_000_000, 1_800_000_010))
+    monkeypatch.setattr(registry.time, "time_ns", lambda: next(clock) * 1_000_000_000)
+    config = StoreConfig(tmp_path / "db")
+    with OnlineStore(config) as store:
+        store.registry.apply([USER], [view(CLICKS, ttl_seconds=60)])
+        created = store.registry.get_view("user_stats").created_us
+        assert store.registry.get_view("user_stats").ttl_changes() == ((created, 60),)
+        assert store.registry.apply([], [view(CLICKS, COUNTRY, ttl_seconds=60)])[0].action == (
+            "updated"
+        )
+        assert store.registry.get_view("user_stats").ttl_changes() == ((created, 60),)
+        for ttl in (120, 0):
+            assert store.registry.apply([], [view(CLICKS, COUNTRY, ttl_seconds=ttl)])[0].action == (
+                "updated"
+            )
+        again = store.registry.apply([], [view(CLICKS, COUNTRY, ttl_seconds=0)])
+        assert again[0].action == "unchanged"
+        got = store.registry.get_view("user_stats")
+        changes = ((created, 60), (created + 2_000_000, 120), (got.updated_us, 0))
+        assert got.ttl_changes() == got.ttl_history == changes
+        assert got.updated_us == created + 3_000_000
+        assert got == replace(got, ttl_history=())
+        assert registry._view_from_json(registry._view_to_json(got)).ttl_history == changes
+    with OnlineStore(config) as store:
+        assert store.registry.get_view("user_stats").ttl_history == changes
+
+
+def test_ttl_change_times_increase_when_the_clock_steps_back(store, monkeypatch):
+    """Labels find the TTL in force by bisecting the change times, so they never repeat."""
+    monkeypatch.setattr(registry.time, "time_ns", lambda: 1_800_000_000_000_000_000)
+    store.registry.apply([USER], [view(CLICKS, ttl_seconds=60)])
+    monkeypatch.setattr(registry.time, "time_ns", lambda: 1_700_000_000_000_000_000)
+    store.registry.apply([], [view(CLICKS, ttl_seconds=30)])
+    store.registry.apply([], [view(CLICKS, ttl_seconds=90)])
+    since = [from_us for from_us, _ in store.registry.get_view("user_stats").ttl_changes()]
+    assert since == [1_800_000_000_000_000, 1_800_000_000_000_001, 1_800_000_000_000_002]
+
+
+def test_a_record_without_ttl_history_reads_as_its_ttl_since_creation(store):
+    """Records written before the history was kept have no ttl_history: they read as before,
+    meaning the current TTL since created_us, and a TTL change extends that history."""
+    store.registry.apply([USER], [view(CLICKS, ttl_seconds=60)])
+    stored = store.registry.get_view("user_stats")
+    record = json.loads(registry._view_to_json(stored))
+    del record["ttl_history"]
+    old_format = json.dumps(record).encode()
+    assert registry._view_from_json(old_format) == stored
+
+    def put(txn) -> None:
+        db = store._lmdb.registry_db()
+        txn.put(registry._view_key("user_stats", 1), old_format, db=db)
+        registry._bump_generation(txn, db)
+
+    store._lmdb.run_write(put)
+    old = store.registry.get_view("user_stats")
+    assert old.ttl_history == () and old.ttl_changes() == ((stored.created_us, 60),)
+    assert store.registry.apply([], [view(CLICKS, ttl_seconds=60)])[0].action == "unchanged"
+    store.registry.apply([], [view(CLICKS, ttl_seconds=30)])
+    updated = store.registry.get_view("user_stats")
+    assert updated.ttl_history == ((stored.created_us, 60), (updated.updated_us, 30))

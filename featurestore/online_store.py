@@ -952,6 +952,10 @@ class OnlineStore:
         ties. Between transactions a reader sees each key's old row or its rebuilt one.
         """
         self._check_open()
+        if not isinstance(max_rows_per_txn, int) or isinstance(max_rows_per_txn, bool):
+            raise InvalidArgumentError(
+                f"max_rows_per_txn: got {max_rows_per_txn!r}; give a whole number of rows"
+            )
         if max_rows_per_txn < 1:
             raise InvalidArgumentError(
                 f"max_rows_per_txn: got {max_rows_per_txn}; give at least 1 (the rows each "
@@ -991,7 +995,7 @@ class OnlineStore:
                 _apply_changes(txn, self._lmdb.view_db(name, version, txn), chunk, logged)
 
         held = 0.0
-        for start in range(0, max(len(changes), 1), max_rows_per_txn):
+        for start in range(0, len(changes), max_rows_per_txn):  # none: nothing to commit
             # LMDB's writer lock is not fair: taken again at once, it kept the writers queued
             # during one transaction waiting through the next too; a short step aside lets them in
             time.sleep(held / 4)

@@ -16,9 +16,21 @@ from clients.feature_client import FeatureStoreClient
 from featurestore import registry
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.errors import InvalidArgumentError
-from featurestore.history import history_rows, point_in_time, rebuild_online, unpack_batch
+from featurestore.history import (
+    history_rows,
+    point_in_time,
+    rebuild_online,
+    unpack_batch,
+)
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
-from featurestore.registry import Entity, Feature, FeatureView, JoinKey, view_db_name
+from featurestore.registry import (
+    Entity,
+    Feature,
+    FeatureView,
+    JoinKey,
+    history_db_name,
+    view_db_name,
+)
 
 NOW = 1_800_000_000_000_000
 SEC = 1_000_000
@@ -677,7 +689,20 @@ def test_rebuild_online_in_many_transactions_keeps_every_write_made_meanwhile(tm
         assert got.blocks[0].values[:, 0].tolist() == [expected[k][1] for k in ids]
 
 
-def test_rebuild_online_needs_at_least_one_row_per_transaction(store):
-    """A rebuild of 0 rows per transaction could never finish: refused, naming the argument."""
-    with pytest.raises(InvalidArgumentError, match="max_rows_per_txn: got 0"):
-        rebuild_online(store, "spend", max_rows_per_txn=0)
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [(0, "got 0; give at least 1"), (2.5, "got 2.5; give a whole"), (True, "got True; give a")],
+)
+def test_rebuild_online_needs_a_whole_number_of_rows_per_transaction(store, rows, message):
+    """A rebuild of 0 rows per transaction could never finish; 2.5 failed with a bare TypeError
+    after the whole difference was computed, and True ran as 1 row per transaction."""
+    with pytest.raises(InvalidArgumentError, match=f"max_rows_per_txn: {message}"):
+        rebuild_online(store, "spend", max_rows_per_txn=rows)
+
+
+def test_rebuilding_a_view_never_written_commits_nothing(store):
+    """It committed a transaction that created the view's history database."""
+    txnid = store._lmdb.env.info()["last_txnid"]
+    assert rebuild_online(store, "spend") == 0
+    assert store._lmdb.env.info()["last_txnid"] == txnid
+    assert store._lmdb.existing_db(history_db_name("spend", 1)) is None

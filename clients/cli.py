@@ -89,12 +89,9 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Print each service's health status; exit 0 only when all are SERVING."""
-    from clients.health import check_health
+    from clients.health import print_health
 
-    statuses = check_health(client_config(args))
-    for service, status in statuses.items():
-        print(f"{service or '(server)':40s} {status}")
-    return 0 if all(s == "SERVING" for s in statuses.values()) else 1
+    return print_health(client_config(args))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

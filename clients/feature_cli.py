@@ -22,20 +22,26 @@ from protos import arrays
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    """Register the entities and views declared in a features.toml file; a file that cannot
-    be used as written exits 2, as other input errors do."""
+    """Register the entities and views declared in a features.toml file (with --dry-run, say
+    what would change and write nothing); a file that cannot be used as written exits 2, as
+    other input errors do."""
     from featurestore.definitions import load_definitions
     from featurestore.errors import InvalidArgumentError
 
     try:
-        entities, views = load_definitions(args.file)
+        entities, views = load_definitions(args.file, "give the file as apply's FILE argument")
     except InvalidArgumentError as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 2
     with FeatureStoreClient(client_config(args)) as client:
         results = client.apply(entities, views, dry_run=args.dry_run)
     for result in results:
-        print(f"{result.view}@{result.version}: {result.action}")
+        action = result.action
+        if args.dry_run and action != "unchanged":
+            action = f"would be {action}"
+        print(f"{result.view}@{result.version}: {action}")
+    if args.dry_run:
+        print("dry run: nothing was written; apply without --dry-run to write")
     return 0
 
 

@@ -117,24 +117,26 @@ class _Where:
             ) from None
 
 
-def read_toml(path: Path) -> dict:
-    """A features.toml file's TOML document; InvalidArgumentError naming the file and the fix
-    when it cannot be read, is not UTF-8 or is not valid TOML."""
-    return read_toml_file(
-        path, "definitions file", "give its path with --definitions", InvalidArgumentError
-    )
+def read_toml(path: Path, fix: str) -> dict:
+    """A features.toml file's TOML document; InvalidArgumentError naming the file when it
+    cannot be read (with `fix`, the caller's way to give another file), is not UTF-8 or is not
+    valid TOML."""
+    return read_toml_file(path, "definitions file", fix, InvalidArgumentError)
 
 
-def load_definitions(path: str | Path) -> tuple[list[Entity], list[FeatureView]]:
+def load_definitions(
+    path: str | Path, fix: str = "give the path of a readable features.toml"
+) -> tuple[list[Entity], list[FeatureView]]:
     """Parse features.toml into entities and feature views, ready for Registry.apply.
 
     Errors are InvalidArgumentError naming the file and key (for example
     "features.toml: feature_view[0].feature[2].dtype: ..."); an entity, or a view and version,
-    declared twice is one too.
+    declared twice is one too. `fix` ends the message for a file that cannot be read: how the
+    caller (a command's argument or flag) takes another path.
     """
     path = Path(path)
     w = _Where(path)
-    doc = read_toml(path)
+    doc = read_toml(path, fix)
     w.table(doc, "top level", _TOP)
     entities = [_entity(w, raw, f"entity[{i}]") for i, raw in enumerate(_array(w, doc, "entity"))]
     views = [

@@ -379,7 +379,7 @@ def load_pipelines(path: Path | str) -> list[Pipeline]:
     """Every [[pipeline]] of a features.toml file, validated before any job starts; errors
     name the file, the key and the fix."""
     path = Path(path)
-    doc = read_toml(path)
+    doc = read_toml(path, "give its path with --definitions")
     try:
         _table(doc, "top level", _TOP_KEYS)
         sections = _tables(doc, "pipeline", "pipeline", "[[pipeline]]")

@@ -254,7 +254,7 @@ class FeatureServer:
         interceptors = [self.metrics_interceptor]
         if self.config.max_concurrent_rpcs > 0:
             interceptors.append(OverloadInterceptor(self.config.max_concurrent_rpcs))
-        auth = self.authorizer.interceptor()
+        auth = self.authorizer.interceptor(self.audit)
         if auth is not None:
             interceptors.append(auth)
         in_place = frozenset({PREDICT_STREAM, MODEL_STREAM})

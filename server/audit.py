@@ -1,5 +1,6 @@
-"""Audit log: one JSON line per write batch, registry apply, and model load or unload, naming
-the principal (the token's name, never the token), the target and the outcome."""
+"""Audit log: one JSON line per write batch, registry apply, view deletion, and model load or
+unload, naming the principal (the token's name, never the token), the target and the outcome;
+calls of these methods that authentication or authorization refused are recorded too."""
 
 from __future__ import annotations
 
@@ -30,6 +31,23 @@ FAILURE_LOG_INTERVAL_S = 60.0
 log = logging.getLogger("featureserve.audit")
 
 T = TypeVar("T")
+
+UNAUTHENTICATED = "unauthenticated"
+_FS = "/featureserve.v1.FeatureStore/"
+_KS = "/inference.GRPCInferenceService/"
+AUDITED_METHODS: dict[str, tuple[str, Callable[[Any], str] | None]] = {
+    _FS + "WriteFeatures": ("write_features", lambda r: r.view),
+    _FS + "StreamWriteFeatures": ("write_features", None),
+    _FS + "ApplyFeatureViews": (
+        "apply_feature_views",
+        lambda r: ",".join(v.name for v in r.views),
+    ),
+    _FS + "DeleteFeatureView": ("delete_feature_view", lambda r: f"{r.name}@{r.version}"),
+    _KS + "RepositoryModelLoad": ("model_load", lambda r: r.model_name),
+    _KS + "RepositoryModelUnload": ("model_unload", lambda r: r.model_name),
+}
+"""The audited methods: the action their records name (the servicers' own), and the target
+their request names; None for a stream, whose messages a refused call never gets to read."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,34 @@ class AuditLog:
             os.write(self._fd, (json.dumps(entry, default=str) + "\n").encode())
         except OSError as exc:
             self._failed(exc)
+
+    def audits(self, method: str) -> bool:
+        """Whether calls of `method` are recorded (and so are refused ones)."""
+        return self._fd is not None and method in AUDITED_METHODS
+
+    def refused(
+        self,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        principal: str | None,
+        code: grpc.StatusCode,
+        message: str,
+        target: str | None = None,
+    ) -> None:
+        """Record a call of an audited method that auth refused with `code`: the principal
+        (None: unauthenticated), and the target `request` names unless `target` is given."""
+        action, target_of = AUDITED_METHODS[method]
+        if target is None:
+            target = target_of(request) if target_of is not None else ""
+        self.record(
+            action,
+            target,
+            code.name,
+            principal or UNAUTHENTICATED,
+            peer=context.peer(),
+            error=message[:MAX_MESSAGE_CHARS],
+        )
 
     def _failed(self, exc: OSError) -> None:
         """A record that cannot be written never changes the outcome of what it records (that

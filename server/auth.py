@@ -1,6 +1,7 @@
 """Bearer-token authentication with scopes (`read:<view>`, `write:<view>`, `infer:<model>`,
 `admin`; `*` globs in the name): the [auth] config, an interceptor that authenticates every call
-and checks its method's scope class, and the per-view / per-model check servicers call."""
+and checks its method's scope class, and the per-view / per-model check servicers call. Either
+refusal of an audited method's call is recorded in the audit log."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -22,6 +23,9 @@ from google.protobuf import descriptor_pool
 from server.config import ConfigError
 from server.errors import PermissionDeniedError, UnauthenticatedError
 from server.handler_wrapping import WrappingInterceptor, rewrap
+
+if TYPE_CHECKING:
+    from server.audit import AuditLog
 
 ADMIN = "admin"
 MAX_REMEMBERED_SCOPES = 4096
@@ -254,11 +258,21 @@ def parse_auth(
 
 
 NOT_AUTHENTICATED = "this call is not authenticated; send 'authorization: Bearer <token>' metadata"
+NO_TOKEN = (
+    "missing or unknown bearer token; send 'authorization: Bearer <token>' metadata with a "
+    "token listed in the server's [[auth.tokens]]"
+)
 PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "featureserve_principal", default=None
 )
 OPEN_CALLER = Principal("anonymous", frozenset({ADMIN}))
 """The caller of an open method: every check the servicer makes for that call passes."""
+Refusal = Callable[["Principal | None", grpc.StatusCode, str, "str | None"], None]
+REFUSALS: contextvars.ContextVar[Refusal | None] = contextvars.ContextVar(
+    "featureserve_refusals", default=None
+)
+"""How the audited call being handled records a refusal (principal, code, message, target);
+None for the calls of methods that are not audited."""
 
 
 def current_principal() -> Principal | None:
@@ -312,18 +326,33 @@ class Authorizer:
             return
         principal = PRINCIPAL.get()
         if principal is None:
+            _refuse(None, grpc.StatusCode.UNAUTHENTICATED, NOT_AUTHENTICATED, scopes)
             raise UnauthenticatedError(NOT_AUTHENTICATED)
         if not any(principal.grants(scope) for scope in scopes):
             wanted = " or ".join(f"'{scope}'" for scope in scopes)
             which = "one of them" if len(scopes) > 1 else "it"
-            raise PermissionDeniedError(
+            message = (
                 f"token '{principal.name}' lacks scope {wanted}; add {which} to that token's "
                 "scopes in [[auth.tokens]]"
             )
+            _refuse(principal, grpc.StatusCode.PERMISSION_DENIED, message, scopes)
+            raise PermissionDeniedError(message)
 
-    def interceptor(self) -> AuthInterceptor | None:
-        """The interceptor enforcing this config, or None when auth is disabled."""
-        return AuthInterceptor(self) if self.enabled else None
+    def interceptor(self, audit: AuditLog | None = None) -> AuthInterceptor | None:
+        """The interceptor enforcing this config (recording refused calls of the audited
+        methods in `audit`), or None when auth is disabled."""
+        return AuthInterceptor(self, audit) if self.enabled else None
+
+
+def _refuse(
+    principal: Principal | None, code: grpc.StatusCode, message: str, scopes: Sequence[str]
+) -> None:
+    """Record a servicer's refusal when the call is audited; the target is the view or model
+    the refused scope names (none for admin)."""
+    refusal = REFUSALS.get()
+    if refusal is not None:
+        name = scopes[0].partition(":")[2] if scopes else ""
+        refusal(principal, code, message, name or None)
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
@@ -344,8 +373,9 @@ class AuthInterceptor(WrappingInterceptor):
     the principal is left in PRINCIPAL for the servicer's per-view / per-model require().
     An open method's calls get OPEN_CALLER, so the servicer's checks pass for them too."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, audit: AuditLog | None = None) -> None:
         self._authorizer = authorizer
+        self._audit = audit
         names = authorizer.config.open_methods
         self._open_exact = frozenset(f"/{m}" for m in names if "/" in m)
         self._open_prefix = tuple(f"/{m}/" for m in names if "/" not in m)
@@ -356,39 +386,56 @@ class AuthInterceptor(WrappingInterceptor):
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The handler, run only for a caller whose token grants the method's scope class,
-        or for anyone as OPEN_CALLER when the method is open."""
+        or for anyone as OPEN_CALLER when the method is open. A refused call of an audited
+        method is recorded, here or (its per-name check) through REFUSALS."""
         if self.is_open(method):
             return rewrap(handler, _as_open_caller)
         needed = METHOD_SCOPES.get(method, ADMIN)
         kinds = (needed,) if isinstance(needed, str) else needed
         denied = f"has no {' or '.join(kinds)} scope, which {method} needs"
+        audit = self._audit if self._audit is not None and self._audit.audits(method) else None
 
-        async def admit(context: grpc.aio.ServicerContext) -> None:
+        def refusal(request: Any, context: grpc.aio.ServicerContext) -> Refusal:
+            def record(principal, code, message, target=None) -> None:
+                name = principal.name if principal is not None else None
+                audit.refused(method, request, context, name, code, message, target)
+
+            return record
+
+        async def admit(context: grpc.aio.ServicerContext, request: Any) -> None:
             principal = self._authorizer.authenticate(context.invocation_metadata())
             if principal is None:
-                await context.abort(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "missing or unknown bearer token; send 'authorization: Bearer <token>' "
-                    "metadata with a token listed in the server's [[auth.tokens]]",
+                code, message = grpc.StatusCode.UNAUTHENTICATED, NO_TOKEN
+            elif not principal.may(*kinds):
+                code, message = (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"token '{principal.name}' {denied}",
                 )
-            if not principal.may(*kinds):
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED, f"token '{principal.name}' {denied}"
-                )
-            PRINCIPAL.set(principal)
+            else:
+                PRINCIPAL.set(principal)
+                return
+            if audit is not None:
+                refusal(request, context)(principal, code, message)
+            await context.abort(code, message)
+
+        async def admit_audited(context: grpc.aio.ServicerContext, request: Any) -> None:
+            await admit(context, request)
+            REFUSALS.set(refusal(request, context))
+
+        enter = admit if audit is None else admit_audited
 
         def guard(behavior: Callable, streaming: bool) -> Callable:
             if streaming and inspect.isasyncgenfunction(behavior):
 
                 async def guarded_generator(request, context):
-                    await admit(context)
+                    await enter(context, request)
                     async for response in behavior(request, context):
                         yield response
 
                 return guarded_generator
 
             async def guarded(request, context):
-                await admit(context)
+                await enter(context, request)
                 return await behavior(request, context)
 
             return guarded

@@ -7,7 +7,8 @@ config.toml:
                                  # (without it, the views must still share one entity)
     input = "x"                  # model input to fill (default: the model's only input)
     outputs = ["a", "b"]         # optional: input column order (default: the chain's outputs,
-                                 # or the columns when there are no transforms)
+                                 # every column then read by some transform; or the columns
+                                 # when there are no transforms)
     [[features.columns]]
     feature = "user_stats:amount_mean"   # or features = [...]; "view@2:f" pins a version
     default = 0.0                        # absent: required (rows without it fail, unscored)
@@ -286,6 +287,8 @@ class PredictionBinding:
         self._vocabs = _vocab_readers(steps, set(self.names))
         self._check_typed(source)
         self._check_float32_defaults(source, passed_through)
+        if chain is not None and outputs is None:
+            _check_all_used(source, self.names, chain.inputs, chain.outputs, input_name)
         if self.typed:
             position = {n: k for k, n in enumerate(self.names)}
             numeric = [n for n in chain.inputs if n not in self.typed]
@@ -555,6 +558,23 @@ class PredictionBinding:
             if column.name in self.typed:
                 out.typed[column.name] = values
         return out
+
+
+def _check_all_used(
+    source: str, names: Sequence[str], read: Sequence[str], outputs: Sequence[str], input_name: str
+) -> None:
+    """Without features.outputs the model gets only the chain's outputs, so a bound column no
+    transform reads would silently never reach it: refuse the config, naming the columns."""
+    unused = [n for n in names if n not in read]
+    if unused:
+        which = ", ".join(repr(n) for n in unused)
+        raise _error(
+            source,
+            f"bound column {which}: no transform reads it, and without features.outputs input "
+            f"{input_name!r} gets only the transforms' outputs ({', '.join(outputs)}), so it "
+            "would never reach the model; list it in [features] outputs = [...] in the order the "
+            "model expects, or remove its binding",
+        )
 
 
 def _input_kinds(steps: Sequence[Transform], columns: set[str]) -> dict[str, set[str]]:

@@ -78,6 +78,16 @@ def test_an_unusable_pem_file_exits_2_naming_flag_and_path(pki: Path, flag, opti
         assert line.startswith(f"featureserve: {option} ({flag}): {why.format(unusable)}"), line
 
 
+def test_health_names_the_cause_once_when_every_check_failed_the_same_way() -> None:
+    """Four lines of UNAVAILABLE said nothing of why; the details are printed once."""
+    result = featureserve("health", "--target", NOBODY, "--timeout", "5")
+    assert result.returncode == 1, result.stderr
+    assert [line.split()[-1] for line in result.stdout.splitlines()] == ["UNAVAILABLE"] * 4
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("featureserve: UNAVAILABLE: failed to connect"), line
+    assert "Connection refused" in line, line
+
+
 def test_a_client_certificate_turns_tls_on(pki: Path, server) -> None:
     """--cert and --key without --tls or --ca connected in plaintext, sending the token in
     clear; now they use TLS, which a plaintext server cannot answer."""
@@ -92,3 +102,5 @@ def test_a_client_certificate_turns_tls_on(pki: Path, server) -> None:
     )
     assert over_tls.returncode == 1, over_tls.stdout
     assert over_tls.stdout.splitlines()[0].split() == ["(server)", "UNAVAILABLE"]
+    (cause,) = [ln for ln in over_tls.stderr.splitlines() if ln.startswith("featureserve:")]
+    assert cause.startswith("featureserve: UNAVAILABLE: ") and "Ssl handshake failed" in cause

@@ -113,15 +113,28 @@ def test_apply_creates_then_reports_unchanged(served) -> None:
 
 
 def test_dry_run_changes_nothing(served) -> None:
-    cli, _ = served
+    cli, client = served
     path = cli.file("dry.toml", features_toml("dry"))
     dry = cli.run("apply", str(path), "--dry-run")
-    assert (dry.returncode, dry.stdout.strip()) == (0, "dry@1: created")
+    assert (dry.returncode, dry.stdout.splitlines()) == (
+        0,
+        [
+            "dry@1: would be created",
+            "dry run: nothing was written; apply without --dry-run to write",
+        ],
+    )
     got = cli.run("get", "--view", "dry", "--keys", "1")
     assert got.returncode != 0
     lines = got.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("featureserve: NOT_FOUND: "), got.stderr
     assert "'dry'" in lines[0]
+    assert cli.run("apply", str(path)).stdout.strip() == "dry@1: created"
+    again = cli.run("apply", str(path), "--dry-run")
+    assert again.stdout.splitlines()[0] == "dry@1: unchanged"
+    path.write_text(features_toml("dry", extra='description = "more"'), encoding="utf-8")
+    updated = cli.run("apply", str(path), "--dry-run")
+    assert updated.stdout.splitlines()[0] == "dry@1: would be updated"
+    assert client.get_feature_view("dry").description == ""
 
 
 def test_delete_view_removes_the_version_and_names_a_missing_one(served) -> None:
@@ -176,6 +189,18 @@ def test_apply_of_an_unusable_file_exits_2_naming_file_key_and_fix(
     assert len(lines) == 1 and lines[0].startswith(f"featureserve: {path}: "), result.stderr
     assert message in lines[0], result.stderr
     assert client.list_feature_views("ver_")[1] == []
+
+
+def test_apply_of_a_missing_file_names_apply_s_file_argument(served) -> None:
+    """The hint is apply's own (it said "give its path with --definitions", a pipeline flag)."""
+    cli, _ = served
+    path = cli.base / "absent.toml"
+    result = cli.run("apply", str(path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"featureserve: {path}: cannot read the definitions file: No such file or directory; "
+        "give the file as apply's FILE argument\n"
+    )
 
 
 def test_client_apply_names_a_number_its_wire_field_cannot_hold(served) -> None:

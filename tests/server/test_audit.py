@@ -209,6 +209,68 @@ def test_an_audit_file_that_fails_at_runtime_changes_no_answer(server_factory, t
     assert failures[0]["error"] == "No space left on device"
 
 
+def test_calls_refused_by_auth_are_recorded_for_the_audited_methods_only(
+    server_factory, tmp_path
+) -> None:
+    """A delete, write, apply or model load refused UNAUTHENTICATED or PERMISSION_DENIED (by the
+    method's scope class, or by the servicer's per-view check) is recorded with the principal,
+    the target the request names and the code; only calls that passed auth were recorded. A
+    refused lookup is not an audited method, and an admitted call gets no refusal record."""
+    import grpc
+
+    from protos.featureserve.v1 import feature_store_pb2 as pb
+    from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
+    from protos.inference import grpc_service_pb2 as ks
+    from protos.inference import grpc_service_pb2_grpc as ks_grpc
+    from tests.server.test_auth import AUTH_TOML, TOKENS
+
+    config = tmp_path / "auth.toml"
+    config.write_text(AUTH_TOML)
+    server = server_factory("--config", str(config))
+    store = pb_grpc.FeatureStoreStub(grpc.insecure_channel(server.target))
+    infer = ks_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+    write = pb.WriteFeaturesRequest(view="profile")
+    calls = [
+        (store.DeleteFeatureView, pb.DeleteFeatureViewRequest(name="profile", version=1), None),
+        (store.DeleteFeatureView, pb.DeleteFeatureViewRequest(name="profile", version=1), "writer"),
+        (store.WriteFeatures, write, "reader"),
+        (store.WriteFeatures, write, "other"),
+        (store.StreamWriteFeatures, iter([write]), None),
+        (store.StreamWriteFeatures, iter([write]), "other"),
+        (store.ApplyFeatureViews, pb.ApplyFeatureViewsRequest(), "bogus"),
+        (infer.RepositoryModelLoad, ks.RepositoryModelLoadRequest(model_name="m1"), "inferer"),
+        (store.GetOnlineFeatures, pb.GetOnlineFeaturesRequest(features=["profile:f"]), None),
+        (store.WriteFeatures, write, "admin"),
+    ]
+    codes = []
+    for rpc, request, who in calls:
+        secret = TOKENS[who][0] if who in TOKENS else who
+        metadata = () if secret is None else (("authorization", f"Bearer {secret}"),)
+        try:
+            rpc(request, metadata=metadata, timeout=20)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+    unauth, denied = "UNAUTHENTICATED", "PERMISSION_DENIED"
+    assert codes == [unauth, denied, denied, denied, unauth, denied, unauth, denied, unauth,
+                     "OK"]  # fmt: skip
+    records = lines(server.data_dir / "audit.jsonl")
+    refused = [(r["principal"], r["action"], r["target"], r["outcome"]) for r in records]
+    assert refused == [
+        ("unauthenticated", "delete_feature_view", "profile@1", unauth),
+        ("writer", "delete_feature_view", "profile@1", denied),
+        ("reader", "write_features", "profile", denied),
+        ("other", "write_features", "profile", denied),
+        ("unauthenticated", "write_features", "", unauth),  # a stream's view is in its messages
+        ("other", "write_features", "profile", denied),
+        ("unauthenticated", "apply_feature_views", "", unauth),
+        ("inferer", "model_load", "m1", denied),
+        ("admin", "write_features", "profile", "OK"),
+    ]
+    assert all(r["peer"] and r["error"] for r in records[:-1])
+    assert "lacks scope 'write:profile'" in records[3]["error"]
+
+
 def test_a_stream_cancelled_during_its_commits_records_them_written(server_factory) -> None:
     """A client that gives up on a StreamWriteFeatures while its batches commit: each batch is
     recorded with how its commit ended once it ends (they were recorded CANCELLED, 'it may have

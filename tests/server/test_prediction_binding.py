@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -60,6 +62,29 @@ def test_bad_configs_fail_at_load_naming_the_field(text: str, message: str) -> N
 def test_width_must_match_the_model_input() -> None:
     with pytest.raises(ModelConfigError, match=r"yields 3 columns .* is 4 wide"):
         binding(BINDING, width=4)
+
+
+PARTLY_TRANSFORMED = (
+    '[[transforms]]\nop = "standardize"\ninputs = ["stats:b"]\nparams = {mean = 1.0, std = 2.0}\n'
+    '[[transforms]]\nop = "log1p"\ninputs = ["amount"]\n'
+)
+
+
+@pytest.mark.parametrize("width", [3, -1])
+def test_a_bound_column_no_transform_reads_fails_at_load_without_outputs(width: int) -> None:
+    # It used to fail as "yields 2 columns, but input 'x' is 3 wide", or, with a variable
+    # width, to load and score every row without it.
+    with pytest.raises(ModelConfigError) as info:
+        binding(BINDING + PARTLY_TRANSFORMED, width=width)
+    message = str(info.value)
+    assert "bound column 'stats:a': no transform reads it" in message
+    assert "list it in [features] outputs = [...] in the order the model expects" in message
+    listed = BINDING.replace(
+        'entity = "user"', 'entity = "user"\noutputs = ["stats:a", "stats:b", "amount"]'
+    )
+    b = binding(listed + PARTLY_TRANSFORMED, width=width)
+    out = b.transform(np.array([[3.0, 5.0, math.e - 1]]))
+    np.testing.assert_allclose(out, np.array([[3.0, 2.0, 1.0]], np.float32))
 
 
 def test_transform_outputs_are_the_input_columns() -> None:
@@ -237,7 +262,7 @@ def test_a_float_feature_read_by_a_time_op_is_refused_when_read(tmp_path) -> Non
         [Entity("user", (JoinKey("id", DType.INT64),))],
         [FeatureView("stats", "user", (Feature("a", DType.FLOAT32), Feature("t", DType.FLOAT64)))],
     )
-    head = '[features]\n[[features.columns]]\nfeatures = ["stats:a", "stats:t"]\ndefault = 0\n'
+    head = '[features]\n[[features.columns]]\nfeature = "stats:t"\ndefault = 0\n'
     chain = [{"op": "hour_of_day", "inputs": ["stats:t"], "output": "hour"}]
     b = binding(head + "".join(_toml(t) for t in chain), width=1)
     keys = {"id": np.array([1])}
@@ -395,10 +420,11 @@ def test_a_default_reaching_the_fp32_input_untransformed_must_fit_float32(tmp_pa
         binding(BINDING.replace("default = 1.5", "default = 3.4e39"))
     assert "features.columns[0].default 3.4e+39 overflows float32" in str(info.value)
     standardized = binding(
-        BINDING.replace("default = 1.5", "default = 3.4e39")
+        BINDING.replace("default = 1.5", "default = 3.4e39").replace(
+            'entity = "user"', 'entity = "user"\noutputs = ["stats:a", "stats:b", "amount"]'
+        )
         + '[[transforms]]\nop = "standardize"\ninputs = ["stats:a", "stats:b"]\n'
         "params = {mean = 0.0, std = 1e10}\n",
-        width=2,
     )
     store = OnlineStore(StoreConfig(path=tmp_path, sync=False))
     store.registry.apply(
@@ -409,5 +435,5 @@ def test_a_default_reaching_the_fp32_input_untransformed_must_fit_float32(tmp_pa
     results = [store.read(r.view, keys, r.features, r.version) for r in standardized.reads]
     out = standardized.assemble(results, {"amount": np.array([2.0])}, 1)
     scored = standardized.transform(out.block)
-    np.testing.assert_array_equal(scored, np.array([[3.4e29, 3.4e29]], np.float32))
+    np.testing.assert_array_equal(scored, np.array([[3.4e29, 3.4e29, 2.0]], np.float32))
     store.close()

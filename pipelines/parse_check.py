@@ -22,7 +22,6 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,9 @@ import numpy as np
 
 from featurestore.errors import InvalidArgumentError
 
-_BLOCK = 16 << 20
+_BLOCK = 16 << 20  # files are read and scanned a block at a time: memory is a few blocks
 _RAW_LIMIT = 1 << 20
+_ROOM = 1 << 16  # free bytes before a block read ahead, for the line carried over to it
 _QUOTE, _COMMA, _CR, _LF = 34, 44, 13, 10
 _EOF = 1  # Jackson's "pending line feed" marker for the end of input
 _JSON_DEPTH = 1000
@@ -75,24 +75,79 @@ class FileChangedError(OSError):
 def scan_file(path: Path, fmt: str, columns: int) -> list[Unparseable]:
     """Every record of the file that Flink's `fmt` reader drops; raises InvalidArgumentError
     naming the line when the reader would fail the whole job on the file, FileChangedError when
-    the file is shorter than its size when opened (read, not mapped: a truncation is not fatal)."""
+    the file is shorter than its size when opened (read, not mapped: a truncation is not fatal).
+    The file is read in blocks of _BLOCK bytes, so memory does not grow with it (a JSON line
+    longer than a block is held whole)."""
     path = Path(path)
-    with path.open("rb") as f:
-        data = bytearray(os.fstat(f.fileno()).st_size)
-        if f.readinto(data) != len(data):
-            raise FileChangedError(f"input {path} was truncated while it was read")
-    if not data:
-        return []
-    found = list(_scan_csv(data, columns) if fmt == "csv" else _scan_json(data))
     out = []
-    for line, last_line, reason, raw, fatal in found:
-        if fatal:
-            raise InvalidArgumentError(
-                f"input {path} line {line}: {reason}, which fails Flink's CSV reader (the whole "
-                "job); fix the quoting or remove the row, then rerun the job"
-            )
-        out.append(Unparseable(path, line, last_line, f"unparseable: {reason}", raw))
+    with path.open("rb") as f:
+        reader = _Reader(f, _BLOCK)
+        found = _scan_csv(reader, columns) if fmt == "csv" else _scan_json(reader)
+        for line, last_line, reason, raw, fatal in found:
+            if fatal:
+                reader.check()  # a file truncated meanwhile is scanned again, not refused
+                raise InvalidArgumentError(
+                    f"input {path} line {line}: {reason}, which fails Flink's CSV reader (the "
+                    "whole job); fix the quoting or remove the row, then rerun the job"
+                )
+            out.append(Unparseable(path, line, last_line, f"unparseable: {reason}", raw))
     return out
+
+
+class _Reader:
+    """The file read in blocks up to its size when opened: buf holds its bytes from offset base
+    on. The next block is read (ahead, after _ROOM free bytes) before buf is scanned, so a file
+    of up to two blocks is read at once: truncating it during its scan changes nothing, as when
+    files were read whole."""
+
+    def __init__(self, f, block: int) -> None:
+        self.f, self.block = f, block
+        self.size = self.left = os.fstat(f.fileno()).st_size
+        self.buf, self.base, self.ahead = bytearray(), 0, self._next()
+
+    def read(self, keep: int) -> bool:
+        """Drop the bytes before buf[keep] and append the next block; False at the end."""
+        if not self.more():
+            return False
+        rest, ahead = len(self.buf) - keep, self.ahead
+        if rest <= _ROOM:  # the carried part of a line goes in the room: no block copied
+            ahead[_ROOM - rest : _ROOM] = memoryview(self.buf)[keep:]
+            del ahead[: _ROOM - rest]  # only moves the bytearray's start
+        else:
+            ahead = self.buf[keep:] + memoryview(ahead)[_ROOM:]
+        self.buf, self.base, self.ahead = ahead, self.base + keep, self._next()
+        return True
+
+    def more(self) -> bool:
+        """Whether the file has bytes after buf."""
+        return len(self.ahead) > _ROOM
+
+    def _next(self) -> bytearray:
+        n = min(self.block, self.left)
+        data = bytearray(_ROOM + n)
+        if self.f.readinto(memoryview(data)[_ROOM:]) != n:
+            raise FileChangedError(f"input {self.f.name} was truncated while it was read")
+        self.left -= n
+        return data
+
+    def check(self) -> None:
+        """Raise FileChangedError if the file is now shorter than when it was opened."""
+        if os.fstat(self.f.fileno()).st_size < self.size:
+            raise FileChangedError(f"input {self.f.name} was truncated while it was read")
+
+
+def _whole_lines(reader: _Reader, start: int, limit: int | None) -> tuple[int, int | None]:
+    """(start, end) in reader.buf of the whole lines from buf[start] on (the end of the file ends
+    a line), reading on until one ends; end is None when that line runs past limit bytes."""
+    while True:
+        end = reader.buf.rfind(b"\n", start) + 1
+        if end:
+            return start, end
+        if limit is not None and len(reader.buf) - start > limit:
+            return start, None
+        if not reader.read(start):
+            return start, len(reader.buf)
+        start = 0
 
 
 def _raw(data, start: int, end: int) -> str:
@@ -100,16 +155,15 @@ def _raw(data, start: int, end: int) -> str:
     return text.rstrip(b"\r\n").decode("utf-8", "replace")
 
 
-def _blocks(data) -> Iterator[tuple[int, np.ndarray]]:
-    """(offset, bytes) blocks of whole lines."""
-    start, size = 0, len(data)
-    while start < size:
-        end = min(start + _BLOCK, size)
-        if end < size:
-            cut = data.rfind(b"\n", start, end)
-            end = cut + 1 if cut >= start else (data.find(b"\n", end) + 1 or size)
-        yield start, np.frombuffer(data, np.uint8, end - start, start)
-        start = end
+def _text_end(data, start: int, end: int) -> int:
+    """The end of data[start:end] without its trailing CR and LF bytes."""
+    while end > start:
+        low = max(start, end - 4096)
+        kept = len(data[low:end].rstrip(b"\r\n"))
+        if kept:
+            return low + kept
+        end = low
+    return start
 
 
 # CSV ------------------------------------------------------------------------------------------
@@ -119,77 +173,142 @@ class _CsvError(Exception):
     pass
 
 
+_FIELD_END = re.compile(rb"[,\r\n]")
+_NOT_BLANK = re.compile(rb"[^\x00-\x20]")
+
+
 class _CsvDecoder:
-    """Jackson's CsvDecoder (no escape character, no trimming, no comments) over bytes."""
+    """Jackson's CsvDecoder (no escape character, no trimming, no comments) over a file read in
+    blocks. At the end of the buffer it reads the next block and drops what it has passed, so a
+    record (an open quote swallows the rest of the file) is never held whole: fields are only
+    told blank or not, and of the current record it keeps its first _RAW_LIMIT bytes and its
+    line numbers."""
 
-    def __init__(self, data, pos: int) -> None:
-        self.data, self.pos, self.size, self.pending = data, pos, len(data), 0
+    def __init__(self, reader: _Reader, pos: int, line: int) -> None:
+        self.reader, self.data, self.size = reader, reader.buf, len(reader.buf)
+        self.pos, self.pending, self.prev = pos, 0, _LF  # prev: the byte before data[0]
+        self.mark, self.line = pos, line  # data[mark] is on line `line`
+        self.at, self.head, self.text_line = pos, b"", line
 
-    def next_string(self) -> bytes | None:
-        data, size = self.data, self.size
+    def line_at(self, pos: int) -> int:
+        """The line of data[pos]; pos never moves back between calls."""
+        self.line += self.data.count(b"\n", self.mark, pos)
+        self.mark = pos
+        return self.line
+
+    def begin(self) -> int:
+        """Start a record at pos; returns its first line."""
+        self.at, self.head = self.pos, b""
+        self.text_line = self.line_at(self.pos)
+        return self.text_line
+
+    def dropped(self) -> tuple[int, str]:
+        """The record's last line (of its text without trailing CR and LF) and raw text."""
+        self._keep()
+        return self.text_line, self.head.rstrip(b"\r\n").decode("utf-8", "replace")
+
+    def at_line_start(self) -> bool:
+        """Whether the last record ended at a LF or at the end of the file."""
+        if self.pos >= self.size and not self.reader.more():
+            return True
+        return (self.data[self.pos - 1] if self.pos else self.prev) == _LF
+
+    def next_field(self) -> bool | None:
+        """None at the end of the record, else whether the next field is blank (bytes up to a
+        space only): all the record's check needs of it."""
         if self.pending:
             if self.pending != _EOF:
                 self._handle_lf()
             return None
-        if self.pos >= size:
+        if self.pos >= self.size and not self._more():
             self.pending = _EOF
-            return b""
-        c = data[self.pos]
+            return True
+        c = self.data[self.pos]
         self.pos += 1
         if c in (_CR, _LF):
             self.pending = c
-            return b""
+            return True
         if c == _QUOTE:
             return self._quoted()
         if c == _COMMA:
-            return b""
-        start = self.pos - 1
-        i = start
-        while i < size:
-            c = data[i]
-            if c == _COMMA:
-                self.pos = i + 1
-                return bytes(data[start:i])
-            if c in (_CR, _LF):
-                self.pos, self.pending = i + 1, c
-                return bytes(data[start:i])
-            i += 1
-        self.pos, self.pending = size, _EOF
-        return bytes(data[start:size])
-
-    def _quoted(self) -> bytes:
-        data, size = self.data, self.size
-        parts = []
+            return True
+        blank = c <= 32
         while True:
-            end = data.find(b'"', self.pos)
+            data, start = self.data, self.pos
+            end = _FIELD_END.search(data, start)
+            if end is not None:
+                i = end.start()
+                blank = blank and not _NOT_BLANK.search(data, start, i)
+                self.pos = i + 1
+                if data[i] != _COMMA:
+                    self.pending = data[i]
+                return blank
+            blank = blank and not _NOT_BLANK.search(data, start)
+            self.pos = self.size
+            if not self._more():
+                self.pending = _EOF
+                return blank
+
+    def _quoted(self) -> bool:
+        blank = True
+        while True:
+            end = self.data.find(b'"', self.pos)
             if end < 0:
-                self.pos, self.pending = size, _EOF
+                blank = blank and not _NOT_BLANK.search(self.data, self.pos)
+                self.pos = self.size
+                if self._more():
+                    continue
+                self.pending = _EOF
                 raise _CsvError("a quote is not closed before the end of the file")
-            parts.append(bytes(data[self.pos : end]))
+            blank = blank and not _NOT_BLANK.search(self.data, self.pos, end)
             self.pos = end + 1
-            if self.pos < size and data[self.pos] == _QUOTE:
-                parts.append(b'"')
+            if (self.pos < self.size or self._more()) and self.data[self.pos] == _QUOTE:
+                blank = False
                 self.pos += 1
                 continue
             break
-        while self.pos < size:
-            c = data[self.pos]
+        while self.pos < self.size or self._more():
+            c = self.data[self.pos]
             self.pos += 1
             if c == _COMMA:
-                return b"".join(parts)
+                return blank
             if c <= 32:
                 if c in (_CR, _LF):
                     self.pending = c
-                    return b"".join(parts)
+                    return blank
                 continue
             raise _CsvError("text after a closing quote")
         self.pending = _EOF
-        return b"".join(parts)
+        return blank
 
     def _handle_lf(self) -> None:
-        if self.pending == _CR and self.pos < self.size and self.data[self.pos] == _LF:
+        more = self.pending == _CR and (self.pos < self.size or self._more())
+        if more and self.data[self.pos] == _LF:
             self.pos += 1
         self.pending = 0
+
+    def _more(self) -> bool:
+        """Read the next block once pos is at the end of the buffer, dropping the buffer (after
+        noting what the record needs of it); False at the end of the file."""
+        if not self.reader.more():
+            return False
+        self._keep()
+        self.line_at(self.pos)
+        self.prev = self.data[self.pos - 1]
+        self.reader.read(self.pos)
+        self.at -= self.pos
+        self.data, self.size, self.pos, self.mark = self.reader.buf, len(self.reader.buf), 0, 0
+        return True
+
+    def _keep(self) -> None:
+        """Note what the record needs of data[at:pos]: its first _RAW_LIMIT bytes and the line
+        its text (without trailing CR and LF) ends on."""
+        start = max(self.at, 0)
+        end = _text_end(self.data, start, self.pos)
+        if end > start:
+            self.text_line = self.line_at(end)
+        if len(self.head) < _RAW_LIMIT:
+            self.head += self.data[start : min(self.pos, start + _RAW_LIMIT - len(self.head))]
 
 
 def _csv_record(dec: _CsvDecoder, columns: int) -> tuple[str | None, bool]:
@@ -198,15 +317,14 @@ def _csv_record(dec: _CsvDecoder, columns: int) -> tuple[str | None, bool]:
     fields, reason = 0, None
     try:
         while True:
-            value = dec.next_string()
-            if value is None:
+            blank = dec.next_field()
+            if blank is None:
                 return None, False
             fields += 1
             if fields <= columns:
                 continue
-            if not value.strip(bytes(range(33))):
-                value = dec.next_string()
-                if value is None:
+            if blank:
+                if dec.next_field() is None:
                     return None, False
                 fields += 1
             reason = "columns"
@@ -214,7 +332,7 @@ def _csv_record(dec: _CsvDecoder, columns: int) -> tuple[str | None, bool]:
     except _CsvError as exc:
         reason = str(exc)
     try:
-        while dec.next_string() is not None:
+        while dec.next_field() is not None:
             fields += 1
     except _CsvError as exc:
         return str(exc), True
@@ -223,48 +341,71 @@ def _csv_record(dec: _CsvDecoder, columns: int) -> tuple[str | None, bool]:
     return reason, False
 
 
-def _scan_csv(data, columns: int):
+def _csv_records(dec: _CsvDecoder, columns: int):
+    """(line, last line, reason, raw, fatal) of each record the reader drops from dec's position
+    until a record ends at a LF (a lone CR ends one mid-line) or at the end of the file; returns
+    whether it stopped at a fatal one."""
+    while True:
+        first = dec.begin()
+        reason, fatal = _csv_record(dec, columns)
+        if reason is not None:
+            last, raw = dec.dropped()
+            yield first, last, reason, raw, fatal
+            if fatal:
+                return True
+        if dec.at_line_start():
+            return False
+
+
+def _scan_csv(reader: _Reader, columns: int):
     """(line, last line, reason, raw, fatal) of each record the reader drops. Lines without a
-    quote or lone CR are split by NumPy; a record touching one is parsed as Jackson does."""
-    size = len(data)
-    bom = 3 if data[:3] == b"\xef\xbb\xbf" else 0
-    resume, line0 = 0, 1
-    for offset, block in _blocks(data):
+    quote or lone CR are split by NumPy, a block of whole lines at a time; a record touching one,
+    or a line longer than a block, is parsed as Jackson does, reading on as far as it runs."""
+    while len(reader.buf) < 3 and reader.read(0):
+        pass
+    bom = 3 if reader.buf[:3] == b"\xef\xbb\xbf" else 0
+    start, line0 = 0, 1  # the next line to scan: its index in reader.buf and its number
+    while True:
+        start, end = _whole_lines(reader, start, reader.block)
+        if end is None:
+            dec = _CsvDecoder(reader, max(start, bom - reader.base), line0)
+            if (yield from _csv_records(dec, columns)):
+                return
+            start, line0 = dec.pos, dec.line_at(dec.pos)
+            continue
+        if start == end:
+            return
+        data, base, resume = reader.buf, reader.base, 0  # resume: after the last parsed record
+        block = np.frombuffer(data, np.uint8, end - start, start)
         ends = np.flatnonzero(block == _LF)
         n = len(ends) + (1 if (len(ends) == 0 or ends[-1] != len(block) - 1) else 0)
-        starts = np.concatenate(([0], ends + 1))[:n] + offset
+        starts = np.concatenate(([0], ends + 1))[:n] + start
         commas = np.bincount(np.searchsorted(ends, np.flatnonzero(block == _COMMA)), minlength=n)
         lone_cr = block == _CR  # a CR LF ends a line as a LF does: only a lone CR is special
         lone_cr[:-1] &= block[1:] != _LF
         special = np.zeros(n, np.bool_)
         special[np.searchsorted(ends, np.flatnonzero((block == _QUOTE) | lone_cr))] = True
         for i in np.flatnonzero(special | (commas[:n] >= columns)).tolist():
-            start = max(int(starts[i]), bom)
-            if start < resume:
+            at = max(int(starts[i]), bom - base)
+            if base + at < resume:
                 continue
-            end = int(starts[i + 1]) if i + 1 < n else offset + len(block)
             if not special[i]:
+                stop = int(starts[i + 1]) if i + 1 < n else end
                 fields = int(commas[i]) + 1
-                last = bytes(data[data.rfind(b",", start, end) + 1 : end]).rstrip(b"\n")
+                last = bytes(data[data.rfind(b",", at, stop) + 1 : stop]).rstrip(b"\n")
                 if fields == columns + 1 and not last.strip(bytes(range(33))):
                     continue
                 reason = f"{fields} columns, {columns} declared"
-                yield line0 + i, line0 + i, reason, _raw(data, start, end), False
+                yield line0 + i, line0 + i, reason, _raw(data, at, stop), False
                 continue
-            dec = _CsvDecoder(data, start)
-            while True:  # records until one ends at a LF (a lone CR ends a record mid-line)
-                at = dec.pos
-                reason, fatal = _csv_record(dec, columns)
-                if reason is not None:
-                    first = line0 + i + data[start:at].count(b"\n")
-                    last = first + data[at : dec.pos].rstrip(b"\r\n").count(b"\n")
-                    yield first, last, reason, _raw(data, at, dec.pos), fatal
-                    if fatal:
-                        return
-                if dec.pos >= size or data[dec.pos - 1] == _LF:
-                    break
-            resume = dec.pos
-        line0 += len(ends)
+            dec = _CsvDecoder(reader, at, line0 + i)
+            if (yield from _csv_records(dec, columns)):
+                return
+            resume, resume_line = reader.base + dec.pos, dec.line_at(dec.pos)
+        if resume >= base + end:  # the last record parsed ran to or past the block's end
+            start, line0 = resume - reader.base, resume_line
+        else:
+            start, line0 = end, line0 + len(ends)
 
 
 # JSON -----------------------------------------------------------------------------------------
@@ -336,11 +477,15 @@ def _json_drop(line: str) -> str | None:
     return "a JSON array whose first element is not an object" if array else "not a JSON object"
 
 
-def _scan_json(data):
-    """(line, last line, reason, raw, fatal) of each line the JSON reader drops."""
-    line = 0
-    for _, block in _blocks(data):
-        chunk = bytes(block)
+def _scan_json(reader: _Reader):
+    """(line, last line, reason, raw, fatal) of each line the JSON reader drops, a block of whole
+    lines at a time (a line longer than a block is read whole: its text is parsed)."""
+    line, end = 0, 0
+    while True:
+        start, end = _whole_lines(reader, end, None)
+        if start == end:
+            return
+        chunk = bytes(memoryview(reader.buf)[start:end])
         try:
             lines: list = chunk.decode().split("\n")
         except UnicodeDecodeError:

@@ -17,6 +17,7 @@ import pytest
 
 from clients.feature_client import FeatureStoreClient
 from featurestore.errors import InvalidArgumentError
+from pipelines import parse_check
 from pipelines.checks import apply_views
 from pipelines.config import parse_pipeline
 from pipelines.dead_letter import DeadLetterWriter, read_dead_letters
@@ -267,3 +268,107 @@ def test_a_file_completed_after_a_scan_is_scanned_again(tmp_path):
     assert checker.scan_new() == 1
     assert checker.scan_new() == 0
     assert [e["event"]["line"] for e in read_dead_letters(dead)] == [1]
+
+
+def test_a_large_file_is_scanned_in_bounded_memory(tmp_path):
+    # 200 MB of rows, a bad row, then a quote left open over 64 MB more: the driver's peak
+    # memory grows by a few blocks (of 1 MiB here); reading the file whole, by over 264 MB.
+    row = (G.format(k=1, t=1) + "\n").encode()
+    rows, swallowed = (200 << 20) // len(row), (64 << 20) // len(row)
+    path = tmp_path / "big.csv"
+    with path.open("wb") as f:
+        f.write(row * rows)
+        f.write(row[:-1] + b",x\n" + b'2,"10.0,m001\n')
+        f.write(row * swallowed)
+    code = f"""
+import json, re
+from pipelines import parse_check
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) << 10
+parse_check._BLOCK = 1 << 20
+before = peak()
+found = parse_check.scan_file({str(path)!r}, "csv", 7)
+print(json.dumps([peak() - before, [(u.line, u.last_line, u.reason, len(u.raw)) for u in found]]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown, found = json.loads(out.stdout)
+    assert grown < 48 << 20, grown  # the file is 264 MB
+    assert found == [
+        [rows + 1, rows + 1, "unparseable: 8 columns, 7 declared", len(row) + 1],
+        [rows + 2, rows + 2 + swallowed, "unparseable: a quote is not closed before the end "
+         "of the file", 1 << 20],
+    ]  # fmt: skip
+
+
+R = G.format(k=1, t=1)  # a good row
+BLOCK_CASES = {  # format, text, (line, last line, reason, raw) of each dropped record
+    "quoted_lines_then_extra": (
+        "csv", f'{R}\n2,"a\nb\r\nc",f,1,2,3,4,x\n{R}\n',
+        [(2, 4, "8 columns, 7 declared", '2,"a\nb\r\nc",f,1,2,3,4,x')],
+    ),
+    "crlf_and_lone_cr": (
+        "csv", f'"q",2,3,4,5,6,7,8\r\n{R}\r\n1,2\r"q",2,3,4,5,6,7,8\r\n{R}\r\n',
+        [(1, 1, "8 columns, 7 declared", '"q",2,3,4,5,6,7,8'),
+         (3, 3, "8 columns, 7 declared", '"q",2,3,4,5,6,7,8')],
+    ),
+    "open_quote_to_the_end": (
+        "csv", f'{R}\n2,"open\n' + f"{R}\n" * 40 + "\r\n\n",
+        [(2, 42, "a quote is not closed before the end of the file",
+          '2,"open\n' + f"{R}\n" * 39 + R)],
+    ),
+    "bom": (
+        "csv", f'\ufeff"a",2,3,4,5,6,7,8\n{R}\n',
+        [(1, 1, "8 columns, 7 declared", '"a",2,3,4,5,6,7,8')],
+    ),
+    "bom_and_long_line": (
+        "csv", "\ufeff1," + "a" * 90 + f",3,4,5,6,7,8\n{R}\n",
+        [(1, 1, "8 columns, 7 declared", "1," + "a" * 90 + ",3,4,5,6,7,8")],
+    ),
+    "blank_extra_fields": (
+        "csv", '"a",2,3,4,5,6,7\n"b",2,3,4,5,6,7, \n"c",2,3,4,5,6,7,\t \r\n"d",2,3,4,5,6,7,,\n',
+        [(4, 4, "9 columns, 7 declared", '"d",2,3,4,5,6,7,,')],
+    ),
+    "json_line_over_blocks": (
+        "json", f'{{"a":1}}\n{{"a":"{"x" * 90}","b":NaN}}\n[1]\n{{"a":2}}',
+        [(2, 2, "not valid JSON (NaN is not JSON)", f'{{"a":"{"x" * 90}","b":NaN}}'),
+         (3, 3, "a JSON array whose first element is not an object", "[1]")],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_records_across_block_edges_are_decided_as_in_one_block(tmp_path, monkeypatch, case):
+    # Every block size from 1 byte to the whole file puts an edge at every position of every
+    # record: inside a quoted field, between a CR and its LF, in a BOM, in a long line.
+    fmt, text, expected = BLOCK_CASES[case]
+    path = tmp_path / f"a.{fmt}"
+    path.write_bytes(text.encode())
+    for block in range(1, path.stat().st_size + 2):
+        monkeypatch.setattr(parse_check, "_BLOCK", block)
+        found = scan_file(path, fmt, 7)
+        got = [(u.line, u.last_line, u.reason, u.raw) for u in found]
+        assert got == [(a, b, f"unparseable: {r}", raw) for a, b, r, raw in expected], block
+
+
+def test_a_long_open_quote_keeps_the_first_bytes_and_exact_lines(tmp_path, monkeypatch):
+    # The record runs over many blocks: its raw text is its first _RAW_LIMIT bytes and its last
+    # line is that of its last text, however the trailing empty lines fall across blocks.
+    text = f'{R}\n2,"open\n' + f"{R}\n" * 30 + "\n" * 20
+    path = tmp_path / "a.csv"
+    path.write_bytes(text.encode())
+    monkeypatch.setattr(parse_check, "_RAW_LIMIT", 50)
+    for block in (1, 2, 3, 7, 16, 33):
+        monkeypatch.setattr(parse_check, "_BLOCK", block)
+        [found] = scan_file(path, "csv", 7)
+        assert (found.line, found.last_line, found.raw) == (2, 32, text[28:78]), block
+
+
+def test_a_quote_that_fails_the_job_is_named_across_block_edges(tmp_path, monkeypatch):
+    path = tmp_path / "a.csv"
+    path.write_bytes(b'1,2,3\n1,"a"x",2,3\n4,5,6\n')
+    for block in range(1, 26):
+        monkeypatch.setattr(parse_check, "_BLOCK", block)
+        with pytest.raises(InvalidArgumentError, match=r"a[.]csv line 2: a quote is not closed"):
+            scan_file(path, "csv", 7)

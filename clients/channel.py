@@ -215,9 +215,20 @@ def closed_error() -> ClientError:
     )
 
 
-def client_error(exc: grpc.RpcError) -> ClientError:
-    """Turn a grpc.RpcError (sync or aio) into a ClientError."""
-    return status_error(exc.code(), exc.details(), exc.trailing_metadata())
+PLAINTEXT_HINT = (
+    "; the server closed the connection at once, as a server that serves only TLS does to a "
+    "plaintext client: connect with TLS (--tls, with --ca for a private CA; ClientConfig.tls)"
+)
+
+
+def client_error(exc: grpc.RpcError, tls: bool = True) -> ClientError:
+    """Turn a grpc.RpcError (sync or aio) into a ClientError; a plaintext channel (tls False)
+    that the server closed at once is told that the server may want TLS (gRPC says only
+    "Socket closed")."""
+    details = exc.details() or ""
+    if not tls and exc.code() == grpc.StatusCode.UNAVAILABLE and "Socket closed" in details:
+        details += PLAINTEXT_HINT
+    return status_error(exc.code(), details, exc.trailing_metadata())
 
 
 def closed_in_flight_error() -> ClientError:
@@ -263,7 +274,7 @@ class CallErrors:
     def error(self, exc: grpc.RpcError) -> ClientError:
         """The ClientError of a failed call: our reason when we cancelled it, else its status."""
         reason = self._reason() if exc.code() == grpc.StatusCode.CANCELLED else None
-        return reason or client_error(exc)
+        return reason or client_error(exc, self._client.config.tls)
 
     def __enter__(self) -> None:
         return None

@@ -36,7 +36,7 @@ def _check_all(
                 statuses[service] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.RpcError as exc:
                 statuses[service] = exc.code().name
-                errors[service] = client_error(exc)
+                errors[service] = client_error(exc, config.tls)
     return statuses, errors
 
 

@@ -26,6 +26,8 @@ from server.metrics import AUDIT_FAILURES
 DEFAULT_FILE = "audit.jsonl"
 ANONYMOUS = "anonymous"
 MAX_MESSAGE_CHARS = 500
+MAX_REFUSED_TARGET_CHARS = 300
+"""The longest target a refused call's record keeps (names are at most 255 bytes)."""
 FAILURE_LOG_INTERVAL_S = 60.0
 
 log = logging.getLogger("featureserve.audit")
@@ -38,10 +40,7 @@ _KS = "/inference.GRPCInferenceService/"
 AUDITED_METHODS: dict[str, tuple[str, Callable[[Any], str] | None]] = {
     _FS + "WriteFeatures": ("write_features", lambda r: r.view),
     _FS + "StreamWriteFeatures": ("write_features", None),
-    _FS + "ApplyFeatureViews": (
-        "apply_feature_views",
-        lambda r: ",".join(v.name for v in r.views),
-    ),
+    _FS + "ApplyFeatureViews": ("apply_feature_views", lambda r: ",".join(v.name for v in r.views)),
     _FS + "DeleteFeatureView": ("delete_feature_view", lambda r: f"{r.name}@{r.version}"),
     _KS + "RepositoryModelLoad": ("model_load", lambda r: r.model_name),
     _KS + "RepositoryModelUnload": ("model_unload", lambda r: r.model_name),
@@ -165,12 +164,21 @@ class AuditLog:
         code: grpc.StatusCode,
         message: str,
         target: str | None = None,
+        **fields: Any,
     ) -> None:
         """Record a call of an audited method that auth refused with `code`: the principal
-        (None: unauthenticated), and the target `request` names unless `target` is given."""
+        (None: unauthenticated), and the target `request` names unless `target` is given, cut
+        to MAX_REFUSED_TARGET_CHARS (a caller without a token chooses it: a 3 MB view name
+        grew the file by 3 MB per call). An apply's dry_run is kept, as its admitted record
+        keeps it."""
         action, target_of = AUDITED_METHODS[method]
         if target is None:
             target = target_of(request) if target_of is not None else ""
+        extra = len(target) - MAX_REFUSED_TARGET_CHARS
+        if extra > 0:
+            target = f"{target[:MAX_REFUSED_TARGET_CHARS]}...(+{extra} chars)"
+        if getattr(request, "dry_run", False):  # only ApplyFeatureViewsRequest has it
+            fields["dry_run"] = True
         self.record(
             action,
             target,
@@ -178,6 +186,7 @@ class AuditLog:
             principal or UNAUTHENTICATED,
             peer=context.peer(),
             error=message[:MAX_MESSAGE_CHARS],
+            **fields,
         )
 
     def _failed(self, exc: OSError) -> None:

@@ -267,7 +267,8 @@ PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
 )
 OPEN_CALLER = Principal("anonymous", frozenset({ADMIN}))
 """The caller of an open method: every check the servicer makes for that call passes."""
-Refusal = Callable[["Principal | None", grpc.StatusCode, str, "str | None"], None]
+Refusal = Callable[..., None]
+"""(principal, code, message, target=None, **audit fields): records one refusal."""
 REFUSALS: contextvars.ContextVar[Refusal | None] = contextvars.ContextVar(
     "featureserve_refusals", default=None
 )
@@ -313,20 +314,21 @@ class Authorizer:
         """Whether the current caller may see `view`'s definition (True when auth is off)."""
         return any(self.allows(scope) for scope in schema_scopes(view))
 
-    def require(self, *scopes: str) -> None:
+    def require(self, *scopes: str, **audit_fields: Any) -> None:
         """Raise UnauthenticatedError / PermissionDeniedError unless the current caller holds
-        every scope, e.g. require(f"read:{view}"); servicers call it with the concrete names."""
+        every scope, e.g. require(f"read:{view}"); servicers call it with the concrete names.
+        audit_fields go into the refusal's audit record (a stream's batch index)."""
         for scope in scopes:
-            self.require_any(scope)
+            self.require_any(scope, **audit_fields)
 
-    def require_any(self, *scopes: str) -> None:
+    def require_any(self, *scopes: str, **audit_fields: Any) -> None:
         """As require, but one of the scopes is enough, e.g. require_any(f"read:{view}",
         f"write:{view}") for a view's definition, which its writers read too."""
         if not self.enabled:
             return
         principal = PRINCIPAL.get()
         if principal is None:
-            _refuse(None, grpc.StatusCode.UNAUTHENTICATED, NOT_AUTHENTICATED, scopes)
+            _refuse(None, grpc.StatusCode.UNAUTHENTICATED, NOT_AUTHENTICATED, scopes, audit_fields)
             raise UnauthenticatedError(NOT_AUTHENTICATED)
         if not any(principal.grants(scope) for scope in scopes):
             wanted = " or ".join(f"'{scope}'" for scope in scopes)
@@ -335,7 +337,7 @@ class Authorizer:
                 f"token '{principal.name}' lacks scope {wanted}; add {which} to that token's "
                 "scopes in [[auth.tokens]]"
             )
-            _refuse(principal, grpc.StatusCode.PERMISSION_DENIED, message, scopes)
+            _refuse(principal, grpc.StatusCode.PERMISSION_DENIED, message, scopes, audit_fields)
             raise PermissionDeniedError(message)
 
     def interceptor(self, audit: AuditLog | None = None) -> AuthInterceptor | None:
@@ -345,14 +347,18 @@ class Authorizer:
 
 
 def _refuse(
-    principal: Principal | None, code: grpc.StatusCode, message: str, scopes: Sequence[str]
+    principal: Principal | None,
+    code: grpc.StatusCode,
+    message: str,
+    scopes: Sequence[str],
+    fields: dict[str, Any],
 ) -> None:
     """Record a servicer's refusal when the call is audited; the target is the view or model
     the refused scope names (none for admin)."""
     refusal = REFUSALS.get()
     if refusal is not None:
         name = scopes[0].partition(":")[2] if scopes else ""
-        refusal(principal, code, message, name or None)
+        refusal(principal, code, message, name or None, **fields)
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
@@ -396,9 +402,9 @@ class AuthInterceptor(WrappingInterceptor):
         audit = self._audit if self._audit is not None and self._audit.audits(method) else None
 
         def refusal(request: Any, context: grpc.aio.ServicerContext) -> Refusal:
-            def record(principal, code, message, target=None) -> None:
+            def record(principal, code, message, target=None, **fields) -> None:
                 name = principal.name if principal is not None else None
-                audit.refused(method, request, context, name, code, message, target)
+                audit.refused(method, request, context, name, code, message, target, **fields)
 
             return record
 

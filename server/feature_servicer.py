@@ -471,7 +471,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         index = 0
         try:
             async for request in request_iterator:
-                self.auth.require(f"write:{request.view}")
+                self.auth.require(f"write:{request.view}", batch=index)
                 try:
                     checked = write_batch(request)
                     item = InFlight(index, checked, self._submit(checked))

@@ -239,6 +239,8 @@ def test_calls_refused_by_auth_are_recorded_for_the_audited_methods_only(
         (store.StreamWriteFeatures, iter([write]), "other"),
         (store.ApplyFeatureViews, pb.ApplyFeatureViewsRequest(), "bogus"),
         (infer.RepositoryModelLoad, ks.RepositoryModelLoadRequest(model_name="m1"), "inferer"),
+        (store.WriteFeatures, pb.WriteFeaturesRequest(view="v" * 5000), None),
+        (store.ApplyFeatureViews, pb.ApplyFeatureViewsRequest(dry_run=True), None),
         (store.GetOnlineFeatures, pb.GetOnlineFeaturesRequest(features=["profile:f"]), None),
         (store.WriteFeatures, write, "admin"),
     ]
@@ -253,7 +255,7 @@ def test_calls_refused_by_auth_are_recorded_for_the_audited_methods_only(
             codes.append(exc.code().name)
     unauth, denied = "UNAUTHENTICATED", "PERMISSION_DENIED"
     assert codes == [unauth, denied, denied, denied, unauth, denied, unauth, denied, unauth,
-                     "OK"]  # fmt: skip
+                     unauth, unauth, "OK"]  # fmt: skip
     records = lines(server.data_dir / "audit.jsonl")
     refused = [(r["principal"], r["action"], r["target"], r["outcome"]) for r in records]
     assert refused == [
@@ -265,10 +267,14 @@ def test_calls_refused_by_auth_are_recorded_for_the_audited_methods_only(
         ("other", "write_features", "profile", denied),
         ("unauthenticated", "apply_feature_views", "", unauth),
         ("inferer", "model_load", "m1", denied),
+        ("unauthenticated", "write_features", "v" * 300 + "...(+4700 chars)", unauth),
+        ("unauthenticated", "apply_feature_views", "", unauth),
         ("admin", "write_features", "profile", "OK"),
     ]
     assert all(r["peer"] and r["error"] for r in records[:-1])
     assert "lacks scope 'write:profile'" in records[3]["error"]
+    assert records[5]["batch"] == 0  # the stream's batch the servicer refused
+    assert records[9]["dry_run"] is True and "dry_run" not in records[6]
 
 
 def test_a_stream_cancelled_during_its_commits_records_them_written(server_factory) -> None:

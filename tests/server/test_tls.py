@@ -215,6 +215,11 @@ def test_real_server_with_mtls_section(pki: Path, server_factory, tmp_path: Path
     with FeatureStoreClient(anonymous) as client, pytest.raises(ClientError) as info:
         client.list_feature_views()
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    plaintext = ClientConfig(target=server.target, timeout_s=5, max_attempts=1)
+    with FeatureStoreClient(plaintext) as client, pytest.raises(ClientError) as info:
+        client.list_feature_views()  # gRPC said only "Socket closed"
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "connect with TLS (--tls" in str(info.value)
 
 
 def test_credentials_refuse_a_key_that_is_not_the_certificates(pki: Path) -> None:

@@ -423,6 +423,25 @@ class _Snapshot:
     views: dict[str, dict[int, FeatureView]]
 
 
+def _generation(txn: lmdb.Transaction, db: lmdb._Database) -> int:
+    """The registry's change counter, bumped by every apply and delete."""
+    raw = txn.get(_GENERATION, db=db)
+    return int.from_bytes(raw, "little") if raw else 0
+
+
+def _load_snapshot(txn: lmdb.Transaction, db: lmdb._Database) -> _Snapshot:
+    """Every entity and view version stored in the registry database as of txn."""
+    snap = _Snapshot({}, {})
+    for key, raw in txn.cursor(db=db):
+        if key.startswith(b"e\x00"):
+            entity = _entity_from_json(raw)
+            snap.entities[entity.name] = entity
+        elif key.startswith(b"v\x00"):
+            view = _view_from_json(raw)
+            snap.views.setdefault(view.name, {})[view.version] = view
+    return snap
+
+
 class Registry:
     """Entities and versioned feature views with a per-process cache refreshed by generation.
 
@@ -440,23 +459,11 @@ class Registry:
         it was filled (one `get` if not). Callers use the snapshot returned, never the cache:
         another thread may refill it from an older transaction meanwhile."""
         db = self._env.registry_db()
-        raw = txn.get(_GENERATION, db=db)
-        generation = int.from_bytes(raw, "little") if raw else 0
+        generation = _generation(txn, db)
         cached, snap = self._cache
         if generation != cached:
-            snap = self._load(txn, db)
+            snap = _load_snapshot(txn, db)
             self._cache = (generation, snap)
-        return snap
-
-    def _load(self, txn: lmdb.Transaction, db: lmdb._Database) -> _Snapshot:
-        snap = _Snapshot({}, {})
-        for key, raw in txn.cursor(db=db):
-            if key.startswith(b"e\x00"):
-                entity = _entity_from_json(raw)
-                snap.entities[entity.name] = entity
-            elif key.startswith(b"v\x00"):
-                view = _view_from_json(raw)
-                snap.views.setdefault(view.name, {})[view.version] = view
         return snap
 
     def _current(self) -> _Snapshot:
@@ -552,7 +559,7 @@ class Registry:
 
         def work(txn: lmdb.Transaction) -> list[ApplyResult]:
             db = self._env.registry_db()
-            snap = self._load(txn, db)
+            snap = _load_snapshot(txn, db)
             raw = txn.get(_LAST_CREATED, db=db)
             last_created = int.from_bytes(raw, "little") if raw else 0
             now = max(time.time_ns() // 1000, last_created + 1)
@@ -665,9 +672,7 @@ class Registry:
 
 def _bump_generation(txn: lmdb.Transaction, db: lmdb._Database) -> None:
     """Tell every process's cache (see Registry._snapshot) that the definitions changed."""
-    raw = txn.get(_GENERATION, db=db)
-    generation = (int.from_bytes(raw, "little") if raw else 0) + 1
-    txn.put(_GENERATION, generation.to_bytes(8, "little"), db=db)
+    txn.put(_GENERATION, (_generation(txn, db) + 1).to_bytes(8, "little"), db=db)
 
 
 class RegistryReader:
@@ -693,10 +698,10 @@ class RegistryReader:
             try:
                 txn = self._begin()
                 try:
-                    raw = txn.get(_GENERATION, db=self._db)
-                    generation = int.from_bytes(raw, "little") if raw else 0
+                    generation = _generation(txn, self._db)
                     if generation != self._cache[0]:
-                        self._cache = (generation, self._load(txn))
+                        views = _load_snapshot(txn, self._db).views
+                        self._cache = (generation, _features_by_view(views))
                 finally:
                     txn.abort()
             except lmdb.Error as exc:
@@ -726,10 +731,10 @@ class RegistryReader:
             except lmdb.MapResizedError:
                 self._env.set_mapsize(0)
 
-    def _load(self, txn: lmdb.Transaction) -> dict[str, frozenset[str]]:
-        features: dict[str, set[str]] = {}
-        for key, raw in txn.cursor(db=self._db):
-            if key.startswith(b"v\x00"):
-                view = _view_from_json(raw)
-                features.setdefault(view.name, set()).update(f.name for f in view.features)
-        return {name: frozenset(names) for name, names in features.items()}
+
+def _features_by_view(views: dict[str, dict[int, FeatureView]]) -> dict[str, frozenset[str]]:
+    """Each view -> the names of the features any of its versions has."""
+    return {
+        name: frozenset(f.name for view in versions.values() for f in view.features)
+        for name, versions in views.items()
+    }

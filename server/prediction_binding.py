@@ -570,7 +570,8 @@ def _check_all_used(
         which = ", ".join(repr(n) for n in unused)
         raise _error(
             source,
-            f"bound column {which}: no transform reads it, and without features.outputs input "
+            f"bound column {which}: no transform reads it (a transform that writes the same "
+            "name first replaces it unread), and without features.outputs input "
             f"{input_name!r} gets only the transforms' outputs ({', '.join(outputs)}), so it "
             "would never reach the model; list it in [features] outputs = [...] in the order the "
             "model expects, or remove its binding",

@@ -625,7 +625,9 @@ def test_delay_policy_runs_a_timed_out_request_but_the_grpc_deadline_drops_one(
     write_model(
         tmp_path,
         "slow",
-        medium_model(width=2048, layers=4),
+        # 12 layers: the blocker must outlast the 60 ms deadline below (with 4 it once ran in
+        # less on CI, and the request that should have been dropped ran)
+        medium_model(width=2048, layers=12),
         config_toml=(
             "max_batch_size = 256\n"
             "[dynamic_batching]\n"

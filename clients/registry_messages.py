@@ -71,8 +71,10 @@ def entity_from_proto(msg: pb.Entity, field: str = "entity") -> Entity:
 
 def view_to_proto(view: FeatureView) -> pb.FeatureView:
     """FeatureView -> featureserve.v1.FeatureView; InvalidArgumentError naming a number its
-    field cannot hold."""
+    field cannot hold. A stored view (created_us set) carries its ttl_changes(); a definition
+    not yet applied has no TTL history to send."""
     where = f"feature view {view.name!r}"
+    changes = view.ttl_changes() if view.created_us else ()
     return pb.FeatureView(
         name=view.name,
         version=_fits(view.version, UINT32, f"{where}: version"),
@@ -95,11 +97,19 @@ def view_to_proto(view: FeatureView) -> pb.FeatureView:
         tags=dict(view.tags),
         created_us=_fits(view.created_us, INT64, f"{where}: created_us"),
         updated_us=_fits(view.updated_us, INT64, f"{where}: updated_us"),
+        ttl_history=[
+            pb.TtlChange(
+                since_us=_fits(since, INT64, f"{where}: ttl_history since_us"),
+                ttl_seconds=_fits(ttl, INT64, f"{where}: ttl_history ttl_seconds"),
+            )
+            for since, ttl in changes
+        ],
     )
 
 
 def view_from_proto(msg: pb.FeatureView, field: str = "view") -> FeatureView:
-    """featureserve.v1.FeatureView -> FeatureView."""
+    """featureserve.v1.FeatureView -> FeatureView. The output-only fields (created_us,
+    updated_us, ttl_history) are carried over for readers; Registry.apply ignores them."""
     return FeatureView(
         name=msg.name,
         entity=msg.entity,
@@ -120,6 +130,7 @@ def view_from_proto(msg: pb.FeatureView, field: str = "view") -> FeatureView:
         tags=dict(msg.tags),
         created_us=msg.created_us,
         updated_us=msg.updated_us,
+        ttl_history=tuple((c.since_us, c.ttl_seconds) for c in msg.ttl_history),
     )
 
 

@@ -12,6 +12,7 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -185,6 +186,43 @@ def test_list_feature_views_all_versions(client) -> None:
     assert [(v.version, v.features) for v in latest] == [(2, second.features)]
     _, every = client.list_feature_views("versioned", all_versions=True)
     assert [(v.version, v.features) for v in every] == [(1, first.features), (2, second.features)]
+
+
+def ttl_history(view: pb.FeatureView) -> list[tuple[int, int]]:
+    return [(c.since_us, c.ttl_seconds) for c in view.ttl_history]
+
+
+def test_views_show_their_ttl_history_and_apply_ignores_one_sent(client) -> None:
+    """GetFeatureView and ListFeatureViews show when each TTL came into force, oldest first;
+    ttl_history is output only: ApplyFeatureViews ignores one it is sent."""
+    stub = pb_grpc.FeatureStoreStub(client._channel)
+    get = pb.GetFeatureViewRequest(name="ttl_changing")
+    view = FeatureView("ttl_changing", "user", (Feature("a", DType.FLOAT32),), ttl_seconds=60)
+    client.apply([], [view])
+    created = stub.GetFeatureView(get)
+    assert ttl_history(created) == [(created.created_us, 60)]
+    client.apply([], [replace(view, ttl_seconds=30)])
+    got = stub.GetFeatureView(get)
+    assert got.created_us < got.updated_us
+    expected = [(got.created_us, 60), (got.updated_us, 30)]
+    assert ttl_history(got) == expected
+    listed = stub.ListFeatureViews(pb.ListFeatureViewsRequest(name_prefix="ttl_changing"))
+    assert [ttl_history(v) for v in listed.views] == [expected]
+    assert client.get_feature_view("ttl_changing").ttl_changes() == tuple(expected)
+
+    sent = pb.FeatureView()
+    sent.CopyFrom(got)
+    del sent.ttl_history[:]
+    sent.ttl_history.add(since_us=1, ttl_seconds=5)
+    sent.ttl_history.add(since_us=2, ttl_seconds=7)
+    applied = stub.ApplyFeatureViews(pb.ApplyFeatureViewsRequest(views=[sent]))
+    assert [r.action for r in applied.results] == [pb.ApplyResult.UNCHANGED]
+    assert stub.GetFeatureView(get) == got
+    sent.version = 2
+    applied = stub.ApplyFeatureViews(pb.ApplyFeatureViewsRequest(views=[sent]))
+    assert [r.action for r in applied.results] == [pb.ApplyResult.CREATED]
+    second = stub.GetFeatureView(pb.GetFeatureViewRequest(name="ttl_changing", version=2))
+    assert ttl_history(second) == [(second.created_us, 30)]
 
 
 def test_delete_feature_view_removes_one_version(client) -> None:

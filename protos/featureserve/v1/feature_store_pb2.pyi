@@ -47,7 +47,7 @@ class FeatureSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_types_pb2.DType, str]] = ..., vector_length: _Optional[int] = ..., description: _Optional[str] = ..., allow_nan: bool = ...) -> None: ...
 
 class FeatureView(_message.Message):
-    __slots__ = ("name", "version", "entity", "features", "ttl_seconds", "description", "owner", "tags", "created_us", "updated_us")
+    __slots__ = ("name", "version", "entity", "features", "ttl_seconds", "description", "owner", "tags", "created_us", "updated_us", "ttl_history")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class FeatureView(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     CREATED_US_FIELD_NUMBER: _ClassVar[int]
     UPDATED_US_FIELD_NUMBER: _ClassVar[int]
+    TTL_HISTORY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     entity: str
@@ -75,7 +76,16 @@ class FeatureView(_message.Message):
     tags: _containers.ScalarMap[str, str]
     created_us: int
     updated_us: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., entity: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., ttl_seconds: _Optional[int] = ..., description: _Optional[str] = ..., owner: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., created_us: _Optional[int] = ..., updated_us: _Optional[int] = ...) -> None: ...
+    ttl_history: _containers.RepeatedCompositeFieldContainer[TtlChange]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., entity: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureSpec, _Mapping]]] = ..., ttl_seconds: _Optional[int] = ..., description: _Optional[str] = ..., owner: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., created_us: _Optional[int] = ..., updated_us: _Optional[int] = ..., ttl_history: _Optional[_Iterable[_Union[TtlChange, _Mapping]]] = ...) -> None: ...
+
+class TtlChange(_message.Message):
+    __slots__ = ("since_us", "ttl_seconds")
+    SINCE_US_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    since_us: int
+    ttl_seconds: int
+    def __init__(self, since_us: _Optional[int] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class GetOnlineFeaturesRequest(_message.Message):
     __slots__ = ("entity_keys", "features")

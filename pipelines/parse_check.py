@@ -22,12 +22,14 @@ import json
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from featurestore.errors import InvalidArgumentError
+from pipelines.dead_letter import StageError
 
 _BLOCK = 16 << 20  # files are read and scanned a block at a time: memory is a few blocks
 _RAW_LIMIT = 1 << 20
@@ -72,14 +74,14 @@ class FileChangedError(OSError):
     """The file changed while it was read: scan it again once it is complete."""
 
 
-def scan_file(path: Path, fmt: str, columns: int) -> list[Unparseable]:
-    """Every record of the file that Flink's `fmt` reader drops; raises InvalidArgumentError
-    naming the line when the reader would fail the whole job on the file, FileChangedError when
-    the file is shorter than its size when opened (read, not mapped: a truncation is not fatal).
-    The file is read in blocks of _BLOCK bytes, so memory does not grow with it (a JSON line
-    longer than a block is held whole)."""
+def scan_file(path: Path, fmt: str, columns: int) -> Iterator[Unparseable]:
+    """Yields, in file order, every record of the file that Flink's `fmt` reader drops; raises
+    InvalidArgumentError naming the line when the reader would fail the whole job on the file,
+    FileChangedError when the file is shorter than its size when opened (read, not mapped: a
+    truncation is not fatal). The file is read in blocks of _BLOCK bytes and its records are
+    yielded as found, so memory does not grow with it (a JSON line longer than a block is held
+    whole)."""
     path = Path(path)
-    out = []
     with path.open("rb") as f:
         reader = _Reader(f, _BLOCK)
         found = _scan_csv(reader, columns) if fmt == "csv" else _scan_json(reader)
@@ -90,8 +92,7 @@ def scan_file(path: Path, fmt: str, columns: int) -> list[Unparseable]:
                     f"input {path} line {line}: {reason}, which fails Flink's CSV reader (the "
                     "whole job); fix the quoting or remove the row, then rerun the job"
                 )
-            out.append(Unparseable(path, line, last_line, f"unparseable: {reason}", raw))
-    return out
+            yield Unparseable(path, line, last_line, f"unparseable: {reason}", raw)
 
 
 class _Reader:
@@ -531,29 +532,34 @@ class ParseChecker:
     def scan_new(self) -> int:
         """Scan the files not scanned yet in their current size and mtime; returns the records
         dead-lettered. Raises InvalidArgumentError naming a file Flink's reader would fail the
-        job on, and then writes nothing: the job is refused, and a retry must not write twice."""
-        found: list[tuple[str, Unparseable]] = []
+        job on, and then writes nothing: the job is refused, and a retry must not write twice.
+        The records found are staged on disk and appended once every file is scanned, so memory
+        does not grow with them."""
         scanned = []
-        for path in input_files(self.folder):
-            try:
-                before = path.stat()
-                key = (path, before.st_size, before.st_mtime_ns)
-                if key in self.seen:
+        with self.writer.staged() as stage:
+            for path in input_files(self.folder):
+                mark = stage.mark()
+                try:
+                    before = path.stat()
+                    key = (path, before.st_size, before.st_mtime_ns)
+                    if key in self.seen:
+                        continue
+                    for name, (fmt, columns) in self.formats.items():
+                        for u in scan_file(path, fmt, columns):
+                            stage.add(u.reason, {"pipeline": name, "file": str(u.path),
+                                                 "line": u.line, "last_line": u.last_line,
+                                                 "raw": u.raw})  # fmt: skip
+                    after = path.stat()
+                except StageError:
+                    raise  # the dead-letter side failed, not this input: write nothing
+                except OSError:  # removed, renamed or truncated mid-scan: looked at next time
+                    stage.rollback(mark)
                     continue
-                entries = [(name, u) for name, (fmt, columns) in self.formats.items()
-                           for u in scan_file(path, fmt, columns)]  # fmt: skip
-                after = path.stat()
-            except OSError:
-                continue  # removed, renamed or truncated mid-scan: looked at again next time
-            if (after.st_size, after.st_mtime_ns) == key[1:]:  # else still being written
-                found += entries
-                scanned.append(key)
-        rows = self.writer.write(
-            [u.reason for _, u in found],
-            {"pipeline": [name for name, _ in found], "file": [str(u.path) for _, u in found],
-             "line": [u.line for _, u in found], "last_line": [u.last_line for _, u in found],
-             "raw": [u.raw for _, u in found]},
-        )  # fmt: skip
+                if (after.st_size, after.st_mtime_ns) == key[1:]:  # else still being written
+                    scanned.append(key)
+                else:
+                    stage.rollback(mark)
+            rows = stage.commit()
         self.seen.update(scanned)
         return rows
 

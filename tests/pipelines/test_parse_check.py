@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 
 from clients.feature_client import FeatureStoreClient
 from featurestore.errors import InvalidArgumentError
-from pipelines import parse_check
+from pipelines import dead_letter, parse_check
 from pipelines.checks import apply_views
 from pipelines.config import parse_pipeline
 from pipelines.dead_letter import DeadLetterWriter, read_dead_letters
@@ -190,7 +191,7 @@ def test_a_file_truncated_while_it_is_scanned_does_not_kill_the_process(tmp_path
     # Mapped, the truncated pages raised SIGBUS in the driver; read, the scan ends normally.
     big = tmp_path / "big.csv"
     big.write_bytes((G.format(k=1, t=1) + "\r\n").encode() * 600_000)  # slow when it was mapped
-    code = f"from pipelines.parse_check import scan_file; scan_file({str(big)!r}, 'csv', 7)"
+    code = f"from pipelines.parse_check import scan_file; list(scan_file({str(big)!r}, 'csv', 7))"
     child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[2])
     time.sleep(1.5)
     with big.open("r+b") as f:
@@ -270,6 +271,53 @@ def test_a_file_completed_after_a_scan_is_scanned_again(tmp_path):
     assert [e["event"]["line"] for e in read_dead_letters(dead)] == [1]
 
 
+def test_a_files_dead_letters_are_not_held_in_memory(tmp_path, monkeypatch):
+    # 40,000 dead letters in one file: held until the folder's scan ended, they peaked at ~50 MB
+    # of Python objects; staged on disk as found, memory is the blocks and a write buffer.
+    monkeypatch.setattr(parse_check, "_BLOCK", 1 << 16)
+    monkeypatch.setattr(dead_letter, "_BATCH", 1 << 16)
+    source, dead = tmp_path / "events", tmp_path / "dead" / "dead.jsonl"
+    source.mkdir()
+    rows, row = 40_000, G.format(k=1, t=1) + ",x"
+    (source / "a.csv").write_text((row + "\n") * rows)
+    checker = ParseChecker(source, {"p": ("csv", 7)}, DeadLetterWriter(dead, "run"))
+    tracemalloc.start()
+    try:
+        assert checker.scan_new() == rows
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+    entries = read_dead_letters(dead)
+    assert [e["event"]["line"] for e in entries] == list(range(1, rows + 1))
+    assert entries[-1] == {"run": "run", "reason": "unparseable: 8 columns, 7 declared",
+                           "event": {"pipeline": "p", "file": str(source / "a.csv"),
+                                     "line": rows, "last_line": rows, "raw": row}}  # fmt: skip
+    assert [p.name for p in dead.parent.iterdir()] == ["dead.jsonl"]  # no stage left behind
+
+
+def test_staged_dead_letters_reach_the_file_in_order_only_when_committed(tmp_path, monkeypatch):
+    # Appended in batches of whole lines however the lines fall across batches (one is longer
+    # than two batches); an entry rolled back or never committed is not written.
+    monkeypatch.setattr(dead_letter, "_BATCH", 100)
+    path = tmp_path / "dead.jsonl"
+    writer = DeadLetterWriter(path, "run")
+    with writer.staged() as stage:
+        stage.add("a", {"raw": "x"})
+        mark = stage.mark()
+        stage.add("dropped", {"raw": "y"})
+        stage.rollback(mark)
+        for i in range(30):
+            stage.add(f"r{i}", {"raw": "z" * (250 if i == 20 else i * 7)})
+        assert not path.exists()
+        assert stage.commit() == 31
+        assert stage.commit() == 0  # committed entries are not appended twice
+        stage.add("uncommitted", {"raw": "w"})
+    entries = read_dead_letters(path)
+    assert [e["reason"] for e in entries] == ["a", *(f"r{i}" for i in range(30))]
+    assert len(entries[21]["event"]["raw"]) == 250 and writer.count == 31
+
+
 def test_a_large_file_is_scanned_in_bounded_memory(tmp_path):
     # 200 MB of rows, a bad row, then a quote left open over 64 MB more: the driver's peak
     # memory grows by a few blocks (of 1 MiB here); reading the file whole, by over 264 MB.
@@ -287,7 +335,7 @@ def peak():
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) << 10
 parse_check._BLOCK = 1 << 20
 before = peak()
-found = parse_check.scan_file({str(path)!r}, "csv", 7)
+found = list(parse_check.scan_file({str(path)!r}, "csv", 7))
 print(json.dumps([peak() - before, [(u.line, u.last_line, u.reason, len(u.raw)) for u in found]]))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2],
@@ -371,4 +419,4 @@ def test_a_quote_that_fails_the_job_is_named_across_block_edges(tmp_path, monkey
     for block in range(1, 26):
         monkeypatch.setattr(parse_check, "_BLOCK", block)
         with pytest.raises(InvalidArgumentError, match=r"a[.]csv line 2: a quote is not closed"):
-            scan_file(path, "csv", 7)
+            list(scan_file(path, "csv", 7))

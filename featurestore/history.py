@@ -1,11 +1,13 @@
 """Offline history: every accepted write batch, appended in the online write's transaction.
 
 Each view version has a named database b"h:<name>@<version>" keyed by a big-endian sequence
-number; a value packs one batch's LMDB keys and packed rows. Every row that passed validation
-is logged, including late rows that were stale online (late data still matters to training),
-but not a row stale with the very event time stored (a replay or retry): the earlier write wins
-ties, so no query could select it. Replaying the log rebuilds the online store, and it answers
-point-in-time-correct training queries, by event time or as served.
+number from 1; a value packs one batch's LMDB keys and packed rows. Key 0, once the history has
+been compacted (history_retention), holds its horizon: the earliest label time it still answers.
+Every row that passed validation is logged, including late rows that were stale online (late
+data still matters to training), but not a row stale with the very event time stored (a replay
+or retry): the earlier write wins ties, so no query could select it. Replaying the log rebuilds
+the online store, and it answers point-in-time-correct training queries, by event time or as
+served.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from featurestore.row_codec import (
 if TYPE_CHECKING:
     from featurestore.online_store import OnlineStore
 
+HORIZON_KEY = bytes(8)
+FIRST_RECORD = (1).to_bytes(8, "big")
 REBUILD_ROWS_PER_TXN = 10_000
 """Rows a rebuild changes per write transaction by default: a writer waited 14 ms at most here
 while 1M rows were refilled (0.6-0.8 s when they were replaced in one transaction)."""
@@ -58,17 +62,30 @@ def unpack_batch(blob: bytes) -> tuple[list[bytes], list[bytes]]:
 
 
 @dataclass
+class HistoryRecords:
+    """A view version's history as stored, read in one transaction: its definition's
+    created_us, its horizon (µs, 0 = never compacted), and its records in write order with
+    their sequence numbers."""
+
+    created_us: int
+    horizon_us: int
+    seqs: list[int]
+    blobs: list[bytes]
+
+
+@dataclass
 class HistoryLog:
     """Every logged row of a view version, in write order: LMDB keys, event and write times
-    (µs) and rows."""
+    (µs) and rows; horizon_us is the earliest label time the log still answers (0: any)."""
 
     keys: list[bytes]
     event_us: np.ndarray
     write_us: np.ndarray
     rows: list[bytes]
+    horizon_us: int = 0
 
 
-def _log_of(blobs: Sequence[bytes]) -> HistoryLog:
+def log_of(blobs: Sequence[bytes], horizon_us: int = 0) -> HistoryLog:
     """History records concatenated in write order."""
     keys: list[bytes] = []
     rows: list[bytes] = []
@@ -79,13 +96,14 @@ def _log_of(blobs: Sequence[bytes]) -> HistoryLog:
     # row header bytes 8:24: event_us i64, write_us i64 (see row_codec)
     times = np.frombuffer(b"".join(r[8:24] for r in rows), "<i8").reshape(-1, 2)
     times = times.astype(np.int64)
-    return HistoryLog(keys, times[:, 0], times[:, 1], rows)
+    return HistoryLog(keys, times[:, 0], times[:, 1], rows, horizon_us)
 
 
 def read_log(store: OnlineStore, view: str, version: int = 0) -> HistoryLog:
-    """All history records of a view version, concatenated in write order."""
+    """All history records of a view version, concatenated in write order, with its horizon."""
     fv = store.registry.get_view(view, version)
-    return _log_of(store.history_blobs(fv.name, fv.version))
+    records = store.history_records(fv.name, fv.version)
+    return log_of(records.blobs, records.horizon_us)
 
 
 def history_rows(
@@ -144,7 +162,7 @@ def rebuild_online(
 
     def latest(blobs: list[bytes]) -> list[tuple[bytes, bytes]]:
         nonlocal replayed
-        log = _log_of(blobs)
+        log = log_of(blobs)
         replayed += len(log.keys)
         return _latest_rows(log)
 
@@ -177,6 +195,19 @@ def _label_times(timestamps: object, rows: int) -> np.ndarray:
             f"timestamps: dtype {ts.dtype}; send int64 µs since the epoch (whole numbers)"
         )
     return ts.astype(np.int64)
+
+
+def _check_horizon(ts: np.ndarray, horizon_us: int) -> None:
+    """InvalidArgumentError naming the first label before the log's horizon: history retention
+    dropped rows that such a label could select, so its answer would be wrong."""
+    early = np.flatnonzero(ts < horizon_us)
+    if len(early):
+        row = int(early[0])
+        raise InvalidArgumentError(
+            f"timestamps: row {row} is {int(ts[row])} µs, before the history's horizon "
+            f"{horizon_us} µs ({len(early)} labels are): history retention dropped the rows "
+            f"older labels need; give label times at or after {horizon_us}"
+        )
 
 
 def _feature_names(fv: FeatureView, features: Sequence[str] | None) -> list[str]:
@@ -304,6 +335,7 @@ def point_in_time(
     label (FeatureView.ttl_changes: a label at or after a change's time takes the new TTL, as
     it does a row written by then). version=0 is the latest version today in both modes, so to
     replay serving pass the version that GetOnlineFeatures served at the labels.
+    InvalidArgumentError for a label before the history's horizon (history_retention).
     """
     fv = store.registry.get_view(view, version)
     entity = store.registry.get_entity(fv.entity)
@@ -311,6 +343,7 @@ def point_in_time(
     query_keys = _query_keys(entity, entity_keys)
     ts = _label_times(timestamps, len(query_keys))
     log = read_log(store, fv.name, fv.version)
+    _check_horizon(ts, log.horizon_us)
     ids: dict[bytes, int] = {}
     log_id = np.fromiter((ids.setdefault(k, len(ids)) for k in log.keys), np.int64, len(log.keys))
     query_id = np.fromiter((ids.get(k, -1) for k in query_keys), np.int64, len(ts))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,7 +31,13 @@ from featurestore.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from featurestore.history import REBUILD_ROWS_PER_TXN, pack_batch
+from featurestore.history import (
+    FIRST_RECORD,
+    HORIZON_KEY,
+    REBUILD_ROWS_PER_TXN,
+    HistoryRecords,
+    pack_batch,
+)
 from featurestore.keys import EncodedKeys, encode_keys, key_rows, keys_per_entity
 from featurestore.last_write_wins import (
     key_order,
@@ -903,9 +909,17 @@ class OnlineStore:
 
     def view_bytes(self, view: str, version: int = 0) -> int:
         """Bytes of LMDB pages holding a view version's online rows (0 before its first write)."""
-        self._check_open()
         fv = self.registry.get_view(view, version)
-        name = view_db_name(fv.name, fv.version)
+        return self._db_bytes(view_db_name(fv.name, fv.version))
+
+    def history_bytes(self, view: str, version: int = 0) -> int:
+        """Bytes of LMDB pages holding a view version's history log (0 before its first write):
+        it grows with every accepted row until history retention compacts it."""
+        fv = self.registry.get_view(view, version)
+        return self._db_bytes(history_db_name(fv.name, fv.version))
+
+    def _db_bytes(self, name: bytes) -> int:
+        self._check_open()
         if self._lmdb.existing_db(name) is None:
             return 0
         usable = self._lmdb.handles_cached
@@ -917,18 +931,83 @@ class OnlineStore:
         pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
         return pages * stat["psize"]
 
-    def history_blobs(self, name: str, version: int) -> list[bytes]:
-        """Every history record of a view version, in write order."""
+    def history_records(self, name: str, version: int) -> HistoryRecords:
+        """A view version's history records in write order, with their sequence numbers, its
+        history horizon and its definition's created_us, all read in one transaction."""
         self._check_open()
         db_name = history_db_name(name, version)
-        if self._lmdb.existing_db(db_name) is None:
-            return []
+        self._lmdb.existing_db(db_name)
         usable = self._lmdb.handles_cached
         with self._lmdb.read_txn() as txn:
+            created_us = self.registry.get_view(name, version, txn).created_us
             db = self._lmdb.cached_db(db_name, usable)
             if db is None:
-                return []
-            return [bytes(v) for _, v in txn.cursor(db=db)]
+                return HistoryRecords(created_us, 0, [], [])
+            cur = txn.cursor(db=db)
+            horizon = int.from_bytes(cur.get(HORIZON_KEY) or bytes(8), "big")
+            pairs = list(cur.iternext()) if cur.set_range(FIRST_RECORD) else []
+        seqs = [int.from_bytes(key, "big") for key, _ in pairs]
+        return HistoryRecords(created_us, horizon, seqs, [bytes(v) for _, v in pairs])
+
+    def rewrite_history(
+        self,
+        name: str,
+        version: int,
+        created_us: int,
+        horizon_us: int,
+        chunks: Sequence[Sequence[int]],
+        rewrite: Callable[[int, bytes], bytes | None],
+        stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Move a view version's history horizon forward to horizon_us (never back) and rewrite
+        its records, one write transaction per chunk of sequence numbers: rewrite(seq, record)
+        gives what to store (the same object: leave it; None: delete it). The horizon is set in
+        the first transaction, before any record changes. stop() is asked between transactions.
+        ConflictError if the version was deleted and created again since created_us."""
+        self._check_open()
+        db_name = history_db_name(name, version)
+
+        def work(txn: lmdb.Transaction, chunk: Sequence[int]) -> None:
+            if self.registry.get_view(name, version, txn).created_us != created_us:
+                raise ConflictError(
+                    f"feature view {name!r} v{version} was deleted and re-created while its "
+                    "history was compacted, so the new definition's history was left as it "
+                    "was; run the compaction again"
+                )
+            cur = txn.cursor(db=self._lmdb.db_in_write(db_name, txn))
+            stored = int.from_bytes(cur.get(HORIZON_KEY) or bytes(8), "big")
+            if horizon_us > stored:
+                cur.put(HORIZON_KEY, horizon_us.to_bytes(8, "big"))
+            for seq in chunk:
+                key = seq.to_bytes(8, "big")
+                record = cur.get(key)
+                if record is None:
+                    continue
+                record = bytes(record)
+                new = rewrite(seq, record)
+                if new is None:
+                    cur.delete(key)
+                elif new is not record:
+                    cur.put(key, new)
+
+        self._write_in_turns((partial(work, chunk=chunk) for chunk in chunks or [()]), stop)
+
+    def _write_in_turns(
+        self,
+        works: Iterable[Callable[[lmdb.Transaction], None]],
+        stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Run each work in its own write transaction until stop() says to end."""
+        held = 0.0
+        for work in works:
+            if stop():
+                return
+            # LMDB's writer lock is not fair: taken again at once, it kept the writers queued
+            # during one transaction waiting through the next too; a short step aside lets them in
+            time.sleep(held / 4)
+            began = time.perf_counter()
+            self._lmdb.run_write(work)
+            held = time.perf_counter() - began
 
     def replace_online_rows(
         self,
@@ -969,7 +1048,7 @@ class OnlineStore:
             created_us = self.registry.get_view(name, version, txn).created_us
             db = self._lmdb.cached_db(history, usable)
             cur = txn.cursor(db=db) if db is not None else None
-            records = list(cur.iternext(keys=False)) if cur else []
+            records = list(cur.iternext(keys=False)) if cur and cur.set_range(FIRST_RECORD) else []
             after = int.from_bytes(cur.key(), "big") + 1 if cur and cur.last() else 1
             db = self._lmdb.cached_db(rows_db, usable)
             online = dict(txn.cursor(db=db)) if db is not None else {}
@@ -994,14 +1073,8 @@ class OnlineStore:
             if chunk:
                 _apply_changes(txn, self._lmdb.view_db(name, version, txn), chunk, logged)
 
-        held = 0.0
-        for start in range(0, len(changes), max_rows_per_txn):  # none: nothing to commit
-            # LMDB's writer lock is not fair: taken again at once, it kept the writers queued
-            # during one transaction waiting through the next too; a short step aside lets them in
-            time.sleep(held / 4)
-            began = time.perf_counter()
-            self._lmdb.run_write(partial(work, chunk=changes[start : start + max_rows_per_txn]))
-            held = time.perf_counter() - began
+        steps = range(0, len(changes), max_rows_per_txn)  # none: nothing to commit
+        self._write_in_turns(partial(work, chunk=changes[i : i + max_rows_per_txn]) for i in steps)
 
 
 _KINDS = {

@@ -38,6 +38,7 @@ from server.model_repository import ModelRepository
 from server.overload import OverloadInterceptor
 from server.prediction_servicer import STREAM_METHOD as PREDICT_STREAM
 from server.prediction_servicer import PredictionServicer
+from server.retention import HistoryRetention
 from server.tls import TlsConfig, parse_tls, server_credentials
 from server.worker_stats import WorkerStatistics
 from server.workers import worker_index
@@ -204,6 +205,7 @@ class FeatureServer:
         self.audit_config = sections.audit
         self.models: ModelRepository | None = None
         self.worker_stats: WorkerStatistics | None = None
+        self.retention: HistoryRetention | None = None
 
     async def start(self) -> int:
         """Open the stores and bind the port (ServerLive answers from then on), warm the store and
@@ -240,6 +242,13 @@ class FeatureServer:
             raise
         await self.health.set_all(True)
         log.info("serving", extra=self._where())
+        if self.config.history_retention_seconds > 0 and worker_index() in (None, 0):
+            self.retention = HistoryRetention(
+                self.config.data_dir,
+                self.config.history_retention_seconds,
+                self.config.history_compaction_interval_seconds,
+            )
+            self.retention.start()
         return self.port
 
     async def _load(self) -> None:
@@ -366,6 +375,8 @@ class FeatureServer:
         """Stop serving statistics to sibling workers (the drain is over: the figures are
         final), let audited changes under way end, then unload models, flush pending writes,
         close the store, the metrics endpoint and audit."""
+        if self.retention is not None:
+            await self.retention.stop()
         if self.worker_stats is not None:
             await self.worker_stats.close()
         await self.audit.changes_done()

@@ -4,7 +4,6 @@ from their own packages."""
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -75,82 +74,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_backup(subparsers: argparse._SubParsersAction) -> None:
-    """The `backup` subcommand."""
-    p = subparsers.add_parser(
-        "backup",
-        help="copy the store consistently while servers keep serving",
-        description="Write a consistent copy of the store (registry, online rows of every view "
-        "version, history) into DEST/data.mdb: one LMDB read transaction's snapshot, taken "
-        "while servers keep serving and writing. Restore by serving with --data-dir DEST.",
-    )
-    p.add_argument("dest", type=Path, metavar="DEST", help="a new or empty directory")
-    p.add_argument("--config", type=Path, help="TOML config file to read data_dir from")
-    p.add_argument(
-        "--data-dir", type=Path, help="the store to back up (default: the config's, ./data)"
-    )
-    p.add_argument(
-        "--compact",
-        action="store_true",
-        help="leave out free pages: a smaller file, more CPU (restore from it to shrink a store)",
-    )
-    p.set_defaults(func=cmd_backup)
-
-
-class Stopped(BaseException):
-    """A stop signal (SIGINT, SIGTERM) raised as an exception in the main thread, so a command
-    unwinds through its cleanup; a BaseException, as KeyboardInterrupt is."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stopped(signum: int, frame: object) -> None:
-    """Raise Stopped for the first stop signal and ignore the ones after it, so they cannot cut
-    the cleanup short."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    raise Stopped(signum)
-
-
-def cmd_backup(args: argparse.Namespace) -> int:
-    """Back up the store; print the snapshot's transaction id, bytes and seconds in one line.
-    Exit 2 for a DEST or data dir it refuses, as for a bad flag. A SIGINT or SIGTERM stops it:
-    the partial copy is removed and LMDB's reader slot freed, and it exits 128 + the signal's
-    number, as a shell reports a process the signal killed."""
-    from featurestore.backup import back_up
-    from featurestore.errors import InvalidArgumentError
-    from server.config import ConfigError, load_config
-
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig, handler in previous.items():
-        if handler is not signal.SIG_IGN:  # a SIGINT ignored by the caller (nohup, &) stays so
-            signal.signal(sig, _raise_stopped)
-    try:
-        data_dir = load_config(args.config, {"data_dir": args.data_dir}).data_dir
-        done = back_up(data_dir, args.dest, args.compact)
-    except (ConfigError, InvalidArgumentError) as exc:
-        print(f"featureserve: {exc}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        name = signal.Signals(stop.signum).name
-        print(
-            f"featureserve: backup to DEST {args.dest} stopped by {name}; its partial copy was "
-            "removed (run it again to back up)",
-            file=sys.stderr,
-        )
-        return 128 + stop.signum
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print(
-        f"backed up {data_dir} to {done.path}: transaction {done.txn_id}, {done.size_bytes} "
-        f"bytes{' (compact)' if done.compact else ''}, {done.seconds:.2f} s"
-    )
-    return 0
-
-
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommand registrars of every package, in help order."""
     from benchmarks.cli import register as bench
@@ -158,10 +81,11 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     from clients.feature_cli import register as feature_commands
     from clients.prediction_cli import register as prediction_commands
     from pipelines.cli import register as pipeline_commands
+    from server.store_cli import register as store_commands
 
     return [
         add_serve,
-        add_backup,
+        store_commands,
         client_commands,
         feature_commands,
         prediction_commands,

@@ -39,6 +39,10 @@ class ServerConfig:
     warm_store_seconds: float = 30.0
     watch_model_repo: bool = True
     model_poll_interval_s: float = 1.0
+    history_retention_seconds: int = 0
+    """History rows older than this are compacted away (featurestore.history_retention);
+    0 keeps them all."""
+    history_compaction_interval_seconds: float = 3600.0
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     config_dir: Path | None = None
     """The --config file's folder: relative [tls] paths are read from there."""
@@ -76,6 +80,8 @@ _AT_LEAST = {
     "max_clock_skew_seconds": 0,
     "warm_store_seconds": 0,
     "model_poll_interval_s": 0.05,
+    "history_retention_seconds": 0,
+    "history_compaction_interval_seconds": 1.0,
 }
 """Lower bounds: below them a server would start and then refuse or mishandle every request
 (or, for model_poll_interval_s, keep a core busy polling the model repository)."""

@@ -101,8 +101,10 @@ class ViewObserver:
                 self.resize(store, batch.version or store.registry.get_view(self.view).version)
 
     def resize(self, store: OnlineStore, version: int) -> None:
-        """Show the size of one version of the view on the store-bytes gauge."""
-        self.metrics.store_bytes(store.view_bytes(self.view, version))
+        """Show the size of one version of the view (online rows, history) on the gauges."""
+        self.metrics.store_bytes(
+            store.view_bytes(self.view, version), store.history_bytes(self.view, version)
+        )
         self.sized_version = version
 
     def version_deleted(

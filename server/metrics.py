@@ -122,6 +122,13 @@ VIEW_STORE_BYTES = Gauge(
     ["view"],
     multiprocess_mode="max",
 )
+VIEW_HISTORY_BYTES = Gauge(
+    "featureserve_view_history_bytes",
+    "Bytes the view's history log occupies in LMDB (it grows with every accepted row until "
+    "history retention compacts it).",
+    ["view"],
+    multiprocess_mode="max",
+)
 FEATURE_PSI = Gauge(
     "featureserve_feature_psi",
     "Population stability index of sampled live values against the reference profile.",
@@ -205,6 +212,7 @@ class ViewMetrics:
         "_age",
         "_bytes",
         "_expired",
+        "_history_bytes",
         "_hit",
         "_miss",
         "_rejected",
@@ -223,6 +231,7 @@ class ViewMetrics:
         self._expired = VIEW_LOOKUPS.labels(view, "expired")
         self._age = VIEW_VALUE_AGE.labels(view)
         self._bytes = VIEW_STORE_BYTES.labels(view)
+        self._history_bytes = VIEW_HISTORY_BYTES.labels(view)
 
     def observe_write(self, written: int, stale: int = 0, rejected: int = 0) -> None:
         """Outcome counts of one write batch."""
@@ -246,9 +255,10 @@ class ViewMetrics:
         """Add a sample of value ages in seconds to the age histogram in one vectorised step."""
         add_to_histogram(self._age, ages_s)
 
-    def store_bytes(self, n: int) -> None:
-        """The view's current size on disk."""
-        self._bytes.set(n)
+    def store_bytes(self, online: int, history: int) -> None:
+        """The view's current size on disk: its online rows and its history log."""
+        self._bytes.set(online)
+        self._history_bytes.set(history)
 
     def remove(self) -> None:
         """Drop the view's label values from every view family, so a deleted view leaves no
@@ -258,6 +268,7 @@ class ViewMetrics:
         for result in ("hit", "miss", "expired"):
             forget(VIEW_LOOKUPS, self._view, result)
         forget(VIEW_STORE_BYTES, self._view)
+        forget(VIEW_HISTORY_BYTES, self._view)
 
 
 def forget(family: Counter | Gauge | Histogram, *labels: str) -> None:

@@ -198,7 +198,7 @@ def test_replayed_rows_are_logged_once_and_late_rows_still_are(store):
     yet appended every row to the history again: 3 runs logged 3x the rows."""
     for _ in range(3):
         store.write(batch(["a", "b", "c"], [NOW, NOW - SEC, NOW], [1, 2, 3]), now_us=NOW)
-    assert len(store.history_blobs("spend", 1)) == 1
+    assert len(store.history_records("spend", 1).blobs) == 1
     # a late row for a (logged), a replay of b, and d twice at one event time (the first wins)
     mixed = batch(["a", "b", "d", "d"], [NOW - 5 * SEC, NOW - SEC, NOW, NOW], [4, 5, 6, 7])
     result = store.write(mixed, now_us=NOW)
@@ -636,7 +636,7 @@ def test_rebuild_online_in_many_transactions_keeps_every_write_made_meanwhile(tm
 
         write(ids, [NOW - 100 * SEC] * len(ids), [float(i) for i in range(len(ids))])
         write(ids, [NOW - 50 * SEC] * len(ids), [float(i + 10_000) for i in range(len(ids))])
-        first = dict(zip(*unpack_batch(s.history_blobs("spend", 1)[0]), strict=True))
+        first = dict(zip(*unpack_batch(s.history_records("spend", 1).blobs[0]), strict=True))
         stop = threading.Event()
         errors: list[BaseException] = []
         rng = np.random.default_rng(5)
@@ -673,9 +673,9 @@ def test_rebuild_online_in_many_transactions_keeps_every_write_made_meanwhile(tm
 
                 for _ in range(20):  # until the writer thread got a write in during one
                     tamper(s, damage)
-                    logged = len(s.history_blobs("spend", 1))
+                    logged = len(s.history_records("spend", 1).blobs)
                     rebuild_online(s, "spend", max_rows_per_txn=100)
-                    if len(s.history_blobs("spend", 1)) > logged:
+                    if len(s.history_records("spend", 1).blobs) > logged:
                         break
                 else:
                     pytest.fail("no write landed during any of 20 rebuilds")
@@ -683,7 +683,7 @@ def test_rebuild_online_in_many_transactions_keeps_every_write_made_meanwhile(tm
             stop.set()
             thread.join()
         assert errors == []
-        assert stored_rows(s) == dict(newest_rows(s.history_blobs("spend", 1)))
+        assert stored_rows(s) == dict(newest_rows(s.history_records("spend", 1).blobs))
         got = s.read("spend", {"user_id": np.array(ids, dtype=object)}, now_us=NOW)
         assert got.event_us.tolist() == [expected[k][0] for k in ids]
         assert got.blocks[0].values[:, 0].tolist() == [expected[k][1] for k in ids]

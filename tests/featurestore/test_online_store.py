@@ -625,7 +625,7 @@ def test_a_batch_checked_before_its_view_version_was_re_created_fails_alone(stor
     res = store.read("score", {"user_id": np.array([1, 2, 3])}, now_us=NOW)
     values, statuses = column(res, "score")
     assert values.tolist() == ["", "b", "c"] and statuses.tolist() == [2, 1, 1]
-    assert len(store.history_blobs("score", 1)) == 1
+    assert len(store.history_records("score", 1).blobs) == 1
 
 
 def test_a_batch_checked_before_its_view_version_was_deleted_fails_and_creates_nothing(store):
@@ -762,7 +762,7 @@ def test_a_version_another_process_deleted_and_re_created_is_written_through_a_n
         in_child(config, "-v", "*v")
         assert store.write(one_row("v", "new"), now_us=NOW).written == 1
         assert read_x(store, "v") == ["new"]
-        assert len(store.history_blobs("v", 1)) == 1
+        assert len(store.history_records("v", 1).blobs) == 1
 
 
 def test_handles_of_databases_another_process_deleted_are_freed_once_max_dbs_is_reached(

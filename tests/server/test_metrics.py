@@ -179,13 +179,14 @@ def test_model_and_view_recorders_move_their_families() -> None:
     view.observe_write(written=10, stale=2, rejected=1)
     view.observe_lookup(hits=8, misses=3, expired=1)
     view.observe_ages(np.array([0.5, 30.0, 7200.0]))
-    view.store_bytes(4096)
+    view.store_bytes(4096, 8192)
     assert value("featureserve_view_rows_written_total", view="recorder_view") == 10
     assert value("featureserve_view_rows_stale_total", view="recorder_view") == 2
     assert value("featureserve_view_lookup_rows_total", view="recorder_view", result="miss") == 3
     assert value("featureserve_view_value_age_seconds_bucket", view="recorder_view", le="60.0") == 2
     assert value("featureserve_view_value_age_seconds_count", view="recorder_view") == 3
     assert value("featureserve_view_store_bytes", view="recorder_view") == 4096
+    assert value("featureserve_view_history_bytes", view="recorder_view") == 8192
 
 
 def test_metrics_endpoint_serves_this_process_registry() -> None:
@@ -368,6 +369,7 @@ def test_view_model_and_drift_families_move_with_real_traffic(tmp_path, server_f
     assert hits + misses == 4000 and hits > 0 and misses > 0
     assert samples[key("featureserve_view_value_age_seconds_count", view="stats")] > 0
     assert samples[key("featureserve_view_store_bytes", view="stats")] >= 4096
+    assert samples[key("featureserve_view_history_bytes", view="stats")] >= 4096
     assert key("featureserve_feature_psi", view="stats", feature="x") in samples
     assert samples[key("featureserve_model_rows_total", model="mlp", version="1")] == 3
     assert samples[key("featureserve_model_batch_rows_count", model="mlp", version="1")] == 1
@@ -446,6 +448,7 @@ def test_deleting_a_views_last_version_removes_its_series_and_recreating_starts_
     assert samples[key("featureserve_view_lookup_rows_total", view="gone", result="hit")] == 10
     assert samples[key("featureserve_view_value_age_seconds_count", view="gone")] == 10
     assert samples[key("featureserve_view_store_bytes", view="gone")] >= 4096
+    assert samples[key("featureserve_view_history_bytes", view="gone")] >= 4096
     assert key("featureserve_feature_psi", view="gone", feature="x") in samples
 
 

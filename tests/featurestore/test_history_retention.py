@@ -1,0 +1,225 @@
+"""History retention: a compacted log answers every query at or after its horizon, and every
+rebuild, exactly as the whole log did, beside writers, rebuilds and other compactions."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featurestore.dtypes import DType
+from featurestore.errors import ConflictError, InvalidArgumentError
+from featurestore.history import history_rows, point_in_time, rebuild_online, unpack_batch
+from featurestore.history_retention import compact_history
+from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+
+NOW = 1_800_000_000_000_000
+SEC = 1_000_000
+HORIZON = NOW + 50 * SEC
+USER = Entity("user", (JoinKey("user_id", DType.STRING),))
+VIEW = FeatureView("spend", "user", (Feature("amount", DType.FLOAT64),), ttl_seconds=30)
+KEYS = ["a", "b", "c", "d"]
+
+
+def batch(ids: list[str], events: list[int], amounts: list[float]) -> WriteBatch:
+    return WriteBatch(
+        "spend",
+        {"user_id": np.array(ids, dtype=object)},
+        np.asarray(events, np.int64),
+        {"amount": np.asarray(amounts, np.float64)},
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with OnlineStore(StoreConfig(tmp_path / "db")) as s:
+        s.registry.apply([USER], [VIEW])
+        yield s
+
+
+def write_shuffled(store: OnlineStore, seed: int, batches: int = 80, shuffle: bool = True) -> None:
+    """Batches stamped (write time) over 100 s and committed in another order (as workers do)
+    or in stamp order, with late and future-dated rows, ties of event times and replays."""
+    rng = np.random.default_rng(seed)
+    prepared, stamps = [], []
+    for _ in range(batches):
+        n = int(rng.integers(1, 4))
+        stamp = NOW + int(rng.integers(0, 100)) * SEC
+        ids = [KEYS[int(k)] for k in rng.integers(0, len(KEYS), n)]
+        events = (stamp + rng.integers(-60, 20, n) * SEC).tolist()
+        amounts = rng.integers(0, 5, n).astype(float).tolist()
+        prepared.append(store.prepare(batch(ids, events, amounts), now_us=stamp))
+        stamps.append(stamp)
+    order = rng.permutation(len(prepared)) if shuffle else np.argsort(stamps, kind="stable")
+    order = order.tolist()
+    for start in range(0, len(order), 3):
+        store.write_prepared([prepared[i] for i in order[start : start + 3]])
+
+
+def answers(store: OnlineStore, labels: np.ndarray) -> list[tuple]:
+    """Both modes' answers for every key (and an unknown one) at every label."""
+    keys = [k for k in [*KEYS, "zz"] for _ in labels]
+    ts = np.tile(labels, len(KEYS) + 1)
+    query = {"user_id": np.array(keys, dtype=object)}
+    out = []
+    for as_served in (False, True):
+        got = point_in_time(store, "spend", query, ts, as_served=as_served)
+        out.append((got.event_us.tolist(), got.row_status.tolist(), got.blocks[0].values.tolist()))
+    return out
+
+
+def online_rows(store: OnlineStore) -> list:
+    got = store.read("spend", {"user_id": np.array(KEYS, dtype=object)}, now_us=NOW)
+    return [got.event_us.tolist(), got.blocks[0].values.tolist()]
+
+
+def logged_rows(store: OnlineStore) -> int:
+    return len(history_rows(store, "spend")[1])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("rows_per_txn", [1, 10_000])
+def test_a_compacted_log_answers_every_label_at_or_after_its_horizon_as_before(
+    store, seed, shuffle, rows_per_txn
+):
+    write_shuffled(store, seed, shuffle=shuffle)
+    labels = HORIZON + np.arange(0, 120, 3) * SEC
+    before, online, rows = answers(store, labels), online_rows(store), logged_rows(store)
+    done = compact_history(store, "spend", horizon_us=HORIZON, max_rows_per_txn=rows_per_txn)
+    assert done.rows_before == rows
+    assert 0 < done.rows_dropped < rows
+    assert logged_rows(store) == rows - done.rows_dropped
+    assert answers(store, labels) == before
+    assert rebuild_online(store, "spend") == rows - done.rows_dropped
+    assert online_rows(store) == online
+
+
+def test_a_label_before_the_horizon_is_refused_naming_its_row(store):
+    write_shuffled(store, 4)
+    compact_history(store, "spend", horizon_us=HORIZON)
+    query = {"user_id": np.array(["a", "b", "c"], dtype=object)}
+    with pytest.raises(InvalidArgumentError, match=r"timestamps: row 1 is .* horizon") as exc:
+        point_in_time(store, "spend", query, [HORIZON, HORIZON - 1, HORIZON - 2])
+    assert "2 labels are" in str(exc.value)
+    assert f"at or after {HORIZON}" in str(exc.value)
+
+
+def test_the_horizon_only_moves_forward_and_a_second_run_finds_nothing(store):
+    write_shuffled(store, 5)
+    first = compact_history(store, "spend", horizon_us=HORIZON)
+    again = compact_history(store, "spend", horizon_us=HORIZON - 40 * SEC)
+    assert again.horizon_us == HORIZON
+    assert (again.rows_dropped, again.records_rewritten, again.records_deleted) == (0, 0, 0)
+    assert again.rows_before == first.rows_before - first.rows_dropped
+    assert store.history_records("spend", 1).horizon_us == HORIZON
+
+
+def test_compaction_keeps_the_rows_written_between_its_transactions(store):
+    """Writes committed between two of its write transactions (stop() runs there) are kept,
+    and the online rows stay what the log rebuilds."""
+    write_shuffled(store, 6, shuffle=False)
+    late = iter(range(100))
+
+    def write_meanwhile() -> bool:
+        i = next(late)
+        events = [HORIZON + i * SEC, NOW + i]
+        store.write(batch(["f", "e"], events, [i, i]), now_us=HORIZON + i * SEC)
+        return False
+
+    done = compact_history(
+        store, "spend", horizon_us=HORIZON, max_rows_per_txn=1, stop=write_meanwhile
+    )
+    assert done.rows_dropped > 0
+    writes = next(late)
+    keys, events, _ = history_rows(store, "spend")
+    for i in range(writes):
+        assert ((keys["user_id"] == "f") & (events == HORIZON + i * SEC)).sum() == 1
+    assert (keys["user_id"] == "e").sum() == writes
+    query = {"user_id": np.array(["f", "e"], dtype=object)}
+    online = store.read("spend", query, now_us=NOW)
+    rebuild_online(store, "spend")
+    again = store.read("spend", query, now_us=NOW)
+    newest = [HORIZON + (writes - 1) * SEC, NOW + writes - 1]
+    assert again.event_us.tolist() == online.event_us.tolist() == newest
+
+
+def test_a_compaction_racing_a_later_one_leaves_the_later_ones_answers(store):
+    """A second compaction (later horizon) runs between the first one's transactions: the
+    first skips the records the second rewrote, and the log answers from the later horizon."""
+    write_shuffled(store, 7, shuffle=False)
+    later = HORIZON + 20 * SEC
+    labels = later + np.arange(0, 100, 3) * SEC
+    before = answers(store, labels)
+    ran = []
+
+    def race() -> bool:
+        if not ran:
+            ran.append(compact_history(store, "spend", horizon_us=later))
+        return False
+
+    compact_history(store, "spend", horizon_us=HORIZON, max_rows_per_txn=1, stop=race)
+    assert ran[0].rows_dropped > 0
+    assert store.history_records("spend", 1).horizon_us == later
+    assert answers(store, labels) == before
+
+
+def test_the_last_record_is_emptied_not_deleted_so_numbers_never_go_back(store):
+    """A rebuild reads the records numbered after the last one it saw: a number reused after
+    the last record was deleted would hide a write from it."""
+    store.write(batch(["a"], [NOW], [1.0]), now_us=NOW)
+    store.write(batch(["a"], [NOW + SEC], [2.0]), now_us=NOW + SEC)
+    store.write(batch(["a"], [NOW - SEC], [3.0]), now_us=NOW + 2 * SEC)
+    done = compact_history(store, "spend", horizon_us=NOW + 10 * SEC)
+    assert (done.rows_dropped, done.records_deleted, done.records_rewritten) == (2, 1, 1)
+    records = store.history_records("spend", 1)
+    assert records.seqs == [2, 3]
+    assert [len(unpack_batch(b)[0]) for b in records.blobs] == [1, 0]
+    store.write(batch(["a"], [NOW + 20 * SEC], [4.0]), now_us=NOW + 20 * SEC)
+    assert store.history_records("spend", 1).seqs == [2, 3, 4]
+
+
+def test_rows_written_at_or_after_the_horizon_stop_the_compacted_prefix(store):
+    """Records are compacted only up to the first one holding a row written at or after the
+    horizon: a later record written before it is kept whole (the next run takes it)."""
+    store.write(batch(["a"], [NOW], [1.0]), now_us=NOW)
+    store.write(batch(["a"], [NOW + SEC], [2.0]), now_us=NOW + 30 * SEC)
+    store.write(batch(["a"], [NOW + 2 * SEC], [3.0]), now_us=NOW + 2 * SEC)
+    store.write(batch(["a"], [NOW + 3 * SEC], [4.0]), now_us=NOW + 3 * SEC)
+    done = compact_history(store, "spend", horizon_us=NOW + 10 * SEC)
+    assert done.rows_dropped == 0
+    assert done.records_rewritten == 0
+    later = compact_history(store, "spend", horizon_us=NOW + 40 * SEC)
+    assert later.rows_dropped == 3
+
+
+def test_a_view_deleted_and_created_again_meanwhile_is_a_conflict(store):
+    write_shuffled(store, 8)
+
+    def recreate() -> bool:
+        store.registry.delete_view("spend", 1)
+        store.registry.apply([USER], [VIEW])
+        return False
+
+    with pytest.raises(ConflictError, match="run the compaction again"):
+        compact_history(store, "spend", horizon_us=HORIZON, max_rows_per_txn=1, stop=recreate)
+
+
+def test_an_empty_log_compacts_to_nothing_and_keeps_no_horizon(store):
+    done = compact_history(store, "spend", horizon_us=HORIZON)
+    assert (done.rows_before, done.rows_dropped) == (0, 0)
+    assert store.history_records("spend", 1).horizon_us == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"horizon_us": 0}, "horizon_us: got 0"),
+        ({"horizon_us": 1.5}, "horizon_us: got 1.5"),
+        ({"horizon_us": True}, "horizon_us: got True"),
+        ({"horizon_us": HORIZON, "max_rows_per_txn": 0}, "max_rows_per_txn: got 0"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(store, kwargs, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        compact_history(store, "spend", **kwargs)

@@ -333,15 +333,31 @@ def point_in_time(
     The TTL: by event time, the view's current ttl_seconds for every label (as Feast: a
     training set matches what serving answers from now on); as_served, the TTL in force at each
     label (FeatureView.ttl_changes: a label at or after a change's time takes the new TTL, as
-    it does a row written by then). version=0 is the latest version today in both modes, so to
-    replay serving pass the version that GetOnlineFeatures served at the labels.
-    InvalidArgumentError for a label before the history's horizon (history_retention).
+    it does a row written by then).
+
+    version=0: by event time, the latest version today; as_served, at each label the version a
+    lookup without a version read then (_served_versions), each label answered from that
+    version's log. InvalidArgumentError for a label before the history's horizon
+    (history_retention).
     """
+    if as_served and version == 0:
+        return _as_served_by_version(store, view, entity_keys, timestamps, features)
     fv = store.registry.get_view(view, version)
     entity = store.registry.get_entity(fv.entity)
-    names = _feature_names(fv, features)
     query_keys = _query_keys(entity, entity_keys)
     ts = _label_times(timestamps, len(query_keys))
+    return _replay(store, fv, query_keys, ts, _feature_names(fv, features), as_served)
+
+
+def _replay(
+    store: OnlineStore,
+    fv: FeatureView,
+    query_keys: list[bytes],
+    ts: np.ndarray,
+    names: list[str],
+    as_served: bool,
+) -> PointInTimeResult:
+    """point_in_time over one view version's log."""
     log = read_log(store, fv.name, fv.version)
     _check_horizon(ts, log.horizon_us)
     ids: dict[bytes, int] = {}
@@ -352,3 +368,82 @@ def point_in_time(
     cutoff = _ttl_cutoffs(fv, ts) if as_served else ttl_cutoff(ts, fv.ttl_seconds)
     decoded = decode_rows(DecodePlan(RowLayout(fv), names), rows, cutoff)
     return PointInTimeResult(decoded.event_us, decoded.row_status, decoded.blocks)
+
+
+def _served_versions(
+    store: OnlineStore, latest: FeatureView, ts: np.ndarray
+) -> tuple[list[FeatureView], np.ndarray]:
+    """The view's stored versions and, per label, the index of the one a lookup without a
+    version read then: the highest version number among those created at or before it (the
+    earliest created for a label before any: its log answers NOT_FOUND there)."""
+    stored = store.registry.list_views(latest.name, all_versions=True)
+    versions = [fv for fv in stored if fv.name == latest.name]
+    by_creation = sorted(range(len(versions)), key=lambda i: versions[i].created_us)
+    created = np.array([versions[i].created_us for i in by_creation], np.int64)
+    highest = np.maximum.accumulate([versions[i].version for i in by_creation])
+    index_of = {fv.version: i for i, fv in enumerate(versions)}
+    at = np.maximum(np.searchsorted(created, ts, "right") - 1, 0)
+    return versions, np.array([index_of[int(v)] for v in highest], np.int64)[at]
+
+
+def _as_served_by_version(
+    store: OnlineStore,
+    view: str,
+    entity_keys: dict[str, np.ndarray],
+    timestamps: object,
+    features: Sequence[str] | None,
+) -> PointInTimeResult:
+    """point_in_time(as_served=True, version=0): each label answered from the log of the
+    version a lookup without a version read then. InvalidArgumentError when one of those
+    versions has another entity, or lacks a requested feature or types it otherwise."""
+    latest = store.registry.get_view(view)
+    query_keys = _query_keys(store.registry.get_entity(latest.entity), entity_keys)
+    ts = _label_times(timestamps, len(query_keys))
+    names = _feature_names(latest, features)
+    versions, served = _served_versions(store, latest, ts)
+    wanted = {f.name: (f.dtype, f.vector_length) for f in latest.features}
+    parts = []
+    for i in np.unique(served).tolist():
+        fv, rows = versions[i], np.flatnonzero(served == i)
+        where = f"view {latest.name!r} v{fv.version}, which lookups read at label row {rows[0]}"
+        if fv.entity != latest.entity:
+            raise InvalidArgumentError(
+                f"{where}, is keyed by entity {fv.entity!r}, not {latest.entity!r}; pass "
+                "version= to replay one version"
+            )
+        has = {f.name: (f.dtype, f.vector_length) for f in fv.features}
+        for name in names:
+            if name in wanted and has.get(name) != wanted[name]:
+                raise InvalidArgumentError(
+                    f"features: {name!r} is missing from {where}, or has another type than in "
+                    f"v{latest.version}; leave it out, or pass version= to replay one version"
+                )
+        keys = list(pick(query_keys, rows.tolist()))
+        parts.append((rows, _replay(store, fv, keys, ts[rows], names, True)))
+    if not parts:
+        return _replay(store, latest, [], ts, names, True)
+    return _merged(len(ts), parts)
+
+
+def _merged(n: int, parts: list[tuple[np.ndarray, PointInTimeResult]]) -> PointInTimeResult:
+    """The results of disjoint sets of query rows (their positions) as one result of n rows;
+    their blocks match (same features and types, checked by the caller)."""
+    first = parts[0][1]
+    event_us = np.zeros(n, np.int64)
+    row_status = np.zeros(n, first.row_status.dtype)
+    blocks = [
+        Block(
+            b.dtype,
+            b.features,
+            np.empty((n, *b.values.shape[1:]), b.values.dtype),
+            np.empty((n, *b.statuses.shape[1:]), b.statuses.dtype),
+        )
+        for b in first.blocks
+    ]
+    for rows, part in parts:
+        event_us[rows] = part.event_us
+        row_status[rows] = part.row_status
+        for block, got in zip(blocks, part.blocks, strict=True):
+            block.values[rows] = got.values
+            block.statuses[rows] = got.statuses
+    return PointInTimeResult(event_us, row_status, blocks)

@@ -2,6 +2,7 @@
 point-in-time queries (checked against a brute-force scan)."""
 
 import dataclasses
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -706,3 +707,53 @@ def test_rebuilding_a_view_never_written_commits_nothing(store):
     assert rebuild_online(store, "spend") == 0
     assert store._lmdb.env.info()["last_txnid"] == txnid
     assert store._lmdb.existing_db(history_db_name("spend", 1)) is None
+
+
+def test_as_served_without_a_version_replays_the_version_lookups_read_at_each_label(store):
+    """Lookups without a version read the latest version of their moment: a label from before
+    v2 was created is answered from v1's log, a later one from v2's."""
+    now = time.time_ns() // 1000
+    store.write(batch(["a", "b"], [now - 10 * SEC, now - 10 * SEC], [1, 2]))
+    before_v2 = time.time_ns() // 1000
+    time.sleep(0.002)
+    store.registry.apply([], [dataclasses.replace(VIEW, version=2)])
+    store.write(batch(["a"], [now - 5 * SEC], [3]))
+    after = time.time_ns() // 1000
+    keys = {"user_id": np.array(["a", "b", "a", "b", "a"], dtype=object)}
+    labels = [before_v2, before_v2, after, after, now - 3600 * SEC]
+    got = point_in_time(store, "spend", keys, labels, ["amount"], as_served=True)
+    assert got.blocks[0].values[:4, 0].tolist() == [1.0, 2.0, 3.0, 0.0]
+    # b was never written to v2; the last label is before any version: NOT_FOUND
+    assert got.row_status.tolist() == [1, 1, 1, 2, 2]
+    v2 = point_in_time(store, "spend", keys, labels, ["amount"], as_served=True, version=2)
+    assert v2.row_status.tolist() == [2, 2, 1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("v2", "features", "message"),
+    [
+        (
+            FeatureView("spend", "user", (Feature("amount", DType.FLOAT32),), version=2),
+            ["amount"],
+            "'amount' is missing from view 'spend' v1, which lookups read at label row 0, or "
+            "has another type than in v2",
+        ),
+        (
+            FeatureView("spend", "card", (Feature("amount", DType.FLOAT64),), version=2),
+            ["amount"],
+            "v1, which lookups read at label row 0, is keyed by entity 'user', not 'card'",
+        ),
+    ],
+)
+def test_as_served_without_a_version_refuses_versions_that_cannot_share_a_column(
+    store, v2, features, message
+):
+    card = Entity("card", (JoinKey("user_id", DType.STRING),))
+    label = time.time_ns() // 1000
+    time.sleep(0.002)
+    store.registry.apply([card], [v2])
+    keys = {"user_id": np.array(["a", "b"], dtype=object)}
+    with pytest.raises(InvalidArgumentError, match=re.escape(message)):
+        point_in_time(
+            store, "spend", keys, [label, time.time_ns() // 1000], features, as_served=True
+        )

@@ -16,13 +16,13 @@ stored with the log (key 0) in the first write transaction, before any row goes.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featurestore.errors import InvalidArgumentError
+from featurestore.errors import ConflictError, InvalidArgumentError, NotFoundError
 from featurestore.history import REBUILD_ROWS_PER_TXN, log_of, pack_batch, unpack_batch
 from featurestore.last_write_wins import key_order, newest_per_key, pick
 
@@ -131,7 +131,7 @@ def compact_history(
     rows_before = sum(int.from_bytes(blob[:4], "little") for blob in records.blobs)
     plan = _plan(records.blobs, horizon_us)
     edits = {records.seqs[i]: edit for i, edit in plan.items()}
-    created_us, seqs = records.created_us, records.seqs
+    created_us = records.created_us
     del records, plan
     outcome: dict[int, _Edit | None] = {}  # by record: a rerun transaction overwrites its own
 
@@ -146,16 +146,15 @@ def compact_history(
         keys, rows = unpack_batch(record)
         return pack_batch(pick(keys, edit.keep), pick(rows, edit.keep))
 
-    if seqs:
-        store.rewrite_history(
-            fv.name,
-            fv.version,
-            created_us,
-            horizon_us,
-            _chunks(edits, int(max_rows_per_txn)),
-            rewrite,
-            stop,
-        )
+    store.rewrite_history(
+        fv.name,
+        fv.version,
+        created_us,
+        horizon_us,
+        _chunks(edits, int(max_rows_per_txn)),
+        rewrite,
+        stop,
+    )
     done = [edit for edit in outcome.values() if edit is not None]
     return Compaction(
         fv.name,
@@ -166,3 +165,52 @@ def compact_history(
         sum(edit.keep is not None for edit in done),
         sum(edit.keep is None for edit in done),
     )
+
+
+@dataclass(frozen=True)
+class Recreated:
+    """A view version deleted and created again while it was compacted: the new definition's
+    history is left for the next run."""
+
+    view: str
+    version: int
+
+
+def compact_views(
+    store: OnlineStore,
+    horizon_us: int,
+    view: str | None = None,
+    version: int | None = None,
+    *,
+    max_rows_per_txn: int = REBUILD_ROWS_PER_TXN,
+    stop: Callable[[], bool] = lambda: False,
+) -> Iterator[Compaction | Recreated]:
+    """compact_history of every version of `view` (one version when given; of every view when
+    view is None), yielding each outcome as it ends. NotFoundError for a view or version given
+    that is not registered. Without a view, a version deleted meanwhile is skipped, and one
+    created again meanwhile is reported (Recreated) and passed, so one churning view does not
+    keep the others from being compacted."""
+    if view is not None:
+        store.registry.get_view(view, version or 0)
+    targets = [
+        (fv.name, fv.version)
+        for fv in store.registry.list_views(all_versions=True)
+        if view in (None, fv.name) and version in (None, fv.version)
+    ]
+    for name, number in targets:
+        try:
+            yield compact_history(
+                store,
+                name,
+                number,
+                horizon_us=horizon_us,
+                max_rows_per_txn=max_rows_per_txn,
+                stop=stop,
+            )
+        except NotFoundError:
+            if view is not None:
+                raise
+        except ConflictError:
+            if view is not None:
+                raise
+            yield Recreated(name, number)

@@ -67,6 +67,7 @@ _PORT_KEYS = {"port": "0 picks a free port", "metrics_port": "0 turns /metrics o
 _BETWEEN = {
     "lmdb_max_dbs": (3, 32768, "1 database for the registry plus 2 per view version"),
     "max_message_bytes": (1, 2**31 - 1, "gRPC's largest message"),
+    "history_retention_seconds": (0, 100 * 365 * 86400, "0 keeps all; at most 100 years"),
 }
 """Inclusive bounds. gRPC's message limits are C ints. LMDB sizes every transaction (each
 lookup opens one) by max_dbs: measured here, ~0.5 µs per 1000 slots per read transaction
@@ -80,7 +81,6 @@ _AT_LEAST = {
     "max_clock_skew_seconds": 0,
     "warm_store_seconds": 0,
     "model_poll_interval_s": 0.05,
-    "history_retention_seconds": 0,
     "history_compaction_interval_seconds": 1.0,
 }
 """Lower bounds: below them a server would start and then refuse or mishandle every request

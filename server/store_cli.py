@@ -85,7 +85,10 @@ def _horizon_us(args: argparse.Namespace) -> int:
             keep_s = parse_duration(args.keep)
         except ValueError as exc:
             raise ValueError(f"--keep: {exc}") from None
-        return time.time_ns() // 1000 - keep_s * 1_000_000
+        horizon_us = time.time_ns() // 1000 - keep_s * 1_000_000
+        if horizon_us < 1:
+            raise ValueError(f"--keep: {args.keep} reaches back before 1970; keep less")
+        return horizon_us
     try:
         when = datetime.fromisoformat(args.before)
     except ValueError:
@@ -98,21 +101,30 @@ def _horizon_us(args: argparse.Namespace) -> int:
             f"--before: {args.before} is in the future, so every training query would be "
             "refused; give a past time"
         )
-    return int(when.timestamp()) * 1_000_000 + when.microsecond
+    horizon_us = int(when.timestamp()) * 1_000_000 + when.microsecond
+    if horizon_us < 1:
+        raise ValueError(f"--before: {args.before} is not after 1970-01-01T00:00:00Z")
+    return horizon_us
 
 
 def cmd_compact_history(args: argparse.Namespace) -> int:
     """Compact the chosen view versions' history logs; one line per version. Exit 2 for a bad
     flag; a SIGINT or SIGTERM stops it between two write transactions (what was compacted
     stays so, and the log is consistent) and it exits 128 + the signal's number."""
-    from featurestore.errors import NotFoundError
     from featurestore.history import REBUILD_ROWS_PER_TXN
-    from featurestore.history_retention import compact_history
+    from featurestore.history_retention import Recreated, compact_views
     from featurestore.online_store import OnlineStore, StoreConfig
     from server.config import ConfigError, load_config
 
     if args.version is not None and args.view is None:
         print("featureserve: --version needs a VIEW", file=sys.stderr)
+        return 2
+    if args.version is not None and args.version < 1:
+        print(
+            f"featureserve: --version {args.version}: give a version from 1 (leave it out "
+            "for every version of VIEW)",
+            file=sys.stderr,
+        )
         return 2
     try:
         horizon_us = _horizon_us(args)
@@ -132,22 +144,16 @@ def cmd_compact_history(args: argparse.Namespace) -> int:
             stop_signals_raise(),
             OnlineStore(StoreConfig(data_dir, max_dbs=COMPACT_MAX_DBS)) as store,
         ):
-            if args.view is not None:
-                store.registry.get_view(args.view, args.version or 0)  # NotFoundError naming it
-            targets = [
-                (fv.name, fv.version)
-                for fv in store.registry.list_views(all_versions=True)
-                if args.view in (None, fv.name) and args.version in (None, fv.version)
-            ]
-            for name, version in targets:
-                try:
-                    done = compact_history(
-                        store, name, version, horizon_us=horizon_us, max_rows_per_txn=rows_per_txn
+            for done in compact_views(
+                store, horizon_us, args.view, args.version, max_rows_per_txn=rows_per_txn
+            ):
+                if isinstance(done, Recreated):
+                    print(
+                        f"{done.view} v{done.version}: deleted and created again while it was "
+                        "compacted; its new history is left for the next run",
+                        flush=True,
                     )
-                except NotFoundError:
-                    if args.view is not None:
-                        raise
-                    continue  # deleted since it was listed: nothing left to compact
+                    continue
                 horizon = datetime.fromtimestamp(done.horizon_us / 1e6, UTC).isoformat()
                 print(
                     f"{done.view} v{done.version}: dropped {done.rows_dropped} of "

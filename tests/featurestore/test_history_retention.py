@@ -1,6 +1,7 @@
 """History retention: a compacted log answers every query at or after its horizon, and every
 rebuild, exactly as the whole log did, beside writers, rebuilds and other compactions."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from featurestore.dtypes import DType
 from featurestore.errors import ConflictError, InvalidArgumentError
 from featurestore.history import history_rows, point_in_time, rebuild_online, unpack_batch
-from featurestore.history_retention import compact_history
+from featurestore.history_retention import Recreated, compact_history, compact_views
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 
@@ -205,10 +206,36 @@ def test_a_view_deleted_and_created_again_meanwhile_is_a_conflict(store):
         compact_history(store, "spend", horizon_us=HORIZON, max_rows_per_txn=1, stop=recreate)
 
 
-def test_an_empty_log_compacts_to_nothing_and_keeps_no_horizon(store):
+def test_an_empty_log_compacts_to_nothing_and_still_stores_its_horizon(store):
     done = compact_history(store, "spend", horizon_us=HORIZON)
     assert (done.rows_before, done.rows_dropped) == (0, 0)
-    assert store.history_records("spend", 1).horizon_us == 0
+    assert store.history_records("spend", 1).horizon_us == HORIZON
+    with pytest.raises(InvalidArgumentError, match="before the history's horizon"):
+        point_in_time(store, "spend", {"user_id": np.array(["a"], dtype=object)}, [HORIZON - 1])
+
+
+def test_compacting_every_view_passes_one_created_again_meanwhile(store):
+    """A version deleted and created again during its compaction is reported and passed; the
+    views after it are still compacted."""
+    store.registry.apply([], [dataclasses.replace(VIEW, name="tips")])
+    write_shuffled(store, 9, shuffle=False)
+    tips = batch(["a", "a"], [NOW, NOW + SEC], [1.0, 2.0])
+    store.write(dataclasses.replace(tips, view="tips"), now_us=NOW + SEC)
+    churned = []
+
+    def recreate_spend() -> bool:
+        if not churned:
+            store.registry.delete_view("spend", 1)
+            store.registry.apply([], [VIEW])
+            churned.append(True)
+        return False
+
+    done = list(compact_views(store, HORIZON, max_rows_per_txn=1, stop=recreate_spend))
+    assert done[0] == Recreated("spend", 1)
+    assert (done[1].view, done[1].rows_dropped) == ("tips", 1)
+    with pytest.raises(ConflictError):
+        churned.clear()
+        list(compact_views(store, HORIZON, "spend", stop=recreate_spend))
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,8 @@ def test_top_level_server_table_sections_and_flag_overrides(tmp_path: Path) -> N
         ("model_poll_interval_s = 0\n", "'model_poll_interval_s' is 0.0; it must be at least 0.05"),
         ("model_poll_interval_s = -1.5\n", "'model_poll_interval_s' is -1.5; it must be at least"),
         ("model_poll_interval_s = inf\n", "'model_poll_interval_s' is inf; use a finite number"),
-        ("history_retention_seconds = -1\n", "'history_retention_seconds' is -1; it must be at"),
+        ("history_retention_seconds = -1\n", "'history_retention_seconds' is -1; use 0-3153600000"),
+        ("history_retention_seconds = 9000000000000\n", "0 keeps all; at most 100 years"),
         ("history_retention_seconds = 1.5\n", "'history_retention_seconds' must be int, got float"),
         (
             "history_compaction_interval_seconds = 0.5\n",

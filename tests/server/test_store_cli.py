@@ -144,6 +144,9 @@ def test_a_stop_signal_ends_a_compaction_between_transactions(tmp_path: Path):
         (["--keep", "3 parsecs"], "--keep: bad duration"),
         (["--keep", "1d", "--version", "1"], "--version needs a VIEW"),
         (["--keep", "1d", "--rows-per-txn", "0"], "--rows-per-txn 0: give at least 1"),
+        (["--keep", "100000d"], "--keep: 100000d reaches back before 1970; keep less"),
+        (["--before", "1969-12-31"], "--before: 1969-12-31 is not after 1970-01-01T00:00:00Z"),
+        (["price", "--version", "0", "--keep", "1d"], "--version 0: give a version from 1"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(tmp_path: Path, args, message):

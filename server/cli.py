@@ -82,10 +82,12 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     from clients.prediction_cli import register as prediction_commands
     from pipelines.cli import register as pipeline_commands
     from server.store_cli import register as store_commands
+    from server.training_cli import register as training_commands
 
     return [
         add_serve,
         store_commands,
+        training_commands,
         client_commands,
         feature_commands,
         prediction_commands,

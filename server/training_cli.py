@@ -1,0 +1,259 @@
+"""`featureserve training-set`: feature views joined point-in-time onto a file of labelled rows
+and written as Parquet (Feast's get_historical_features), read from the store's history logs
+beside running servers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from featurestore.dtypes import DType, FeatureStatus
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from featurestore.online_store import OnlineStore
+
+MAX_DBS = 32768
+"""LMDB handle slots: the command may read any view version's log."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """The `training-set` subcommand."""
+    p = subparsers.add_parser(
+        "training-set",
+        help="join features point-in-time onto labelled rows, written as Parquet",
+        description="For each row of LABELS, the value of every referenced feature a training "
+        "example sees at its label time: each view joined on its own entity's join keys, by "
+        "event time (as Feast) or, with --as-served, as GetOnlineFeatures answered then. Reads "
+        "the store's history beside running servers and writes OUT as Parquet: the columns of "
+        "LABELS, one column per feature (null unless present), VIEW__event_timestamp per view "
+        "and FEATURE__status per feature.",
+    )
+    p.add_argument("labels", type=Path, metavar="LABELS", help="CSV or Parquet file")
+    p.add_argument(
+        "--features",
+        required=True,
+        help="comma-separated references: view:feature, view (every feature), view@2:feature",
+    )
+    p.add_argument("--out", type=Path, required=True, help="Parquet file to write")
+    p.add_argument(
+        "--timestamp-column",
+        default="event_timestamp",
+        help="the label time column: a timestamp, int64 µs since the epoch, or ISO 8601 text "
+        "(UTC when without an offset); default event_timestamp",
+    )
+    p.add_argument(
+        "--as-served",
+        action="store_true",
+        help="what GetOnlineFeatures answered at each label time (default: join on event time)",
+    )
+    p.add_argument("--config", type=Path, help="TOML config file to read data_dir from")
+    p.add_argument("--data-dir", type=Path, help="the store (default: the config's, ./data)")
+    p.set_defaults(func=cmd_training_set)
+
+
+class _Refused(Exception):
+    """A flag or input the command refuses (exit 2); the message names it."""
+
+
+def cmd_training_set(args: argparse.Namespace) -> int:
+    """Write the training set; print one line of counts. Exit 2 for a flag or input it
+    refuses, 1 for an unknown view or feature (the store's error)."""
+    from featurestore.online_store import OnlineStore, StoreConfig
+    from featurestore.training_set import training_set
+    from server.config import ConfigError, load_config
+
+    refs = [ref.strip() for ref in args.features.split(",") if ref.strip()]
+    try:
+        data_dir = load_config(args.config, {"data_dir": args.data_dir}).data_dir
+        if not (data_dir / "data.mdb").is_file():
+            raise _Refused(f"--data-dir {data_dir} holds no store (no data.mdb)")
+        if not refs:
+            raise _Refused("--features: give at least one reference, e.g. spend:amount")
+        with OnlineStore(StoreConfig(data_dir, max_dbs=MAX_DBS)) as store:
+            key_types = _join_key_types(store, refs)
+            labels = _read_labels(args.labels, key_types, args.timestamp_column)
+            keys = {name: _key_column(labels, name, dtype) for name, dtype in key_types.items()}
+            ts = _label_micros(labels.column(args.timestamp_column), args.timestamp_column)
+            found = training_set(store, keys, ts, refs, as_served=args.as_served)
+            types = _feature_types(store, list(found.values))
+        table = _output_table(labels, found, types)
+    except (ConfigError, _Refused) as exc:
+        print(f"featureserve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        _write_parquet(table, args.out)
+    except OSError as exc:
+        print(f"featureserve: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    statuses = np.concatenate(list(found.statuses.values()))
+    counts = ", ".join(
+        f"{int((statuses == s).sum())} {s.name.lower()}"
+        for s in FeatureStatus
+        if (statuses == s).any()
+    )
+    print(f"wrote {table.num_rows} rows x {len(found.values)} features to {args.out} ({counts})")
+    return 0
+
+
+def _join_key_types(store: OnlineStore, refs: list[str]) -> dict[str, DType]:
+    """Each join key column the referenced views need, with its type; _Refused when two
+    entities type one column differently."""
+    from featurestore.feature_refs import parse_feature_refs
+
+    types: dict[str, DType] = {}
+    for name, version in parse_feature_refs(refs):
+        entity = store.registry.get_entity(store.registry.get_view(name, version).entity)
+        for key in entity.join_keys:
+            if types.setdefault(key.name, key.dtype) != key.dtype:
+                raise _Refused(
+                    f"--features: join key {key.name!r} is {types[key.name].name} for one view "
+                    f"and {key.dtype.name} for entity {entity.name!r}; one column cannot be both"
+                )
+    return types
+
+
+def _read_labels(path: Path, key_types: dict[str, DType], ts_column: str) -> pa.Table:
+    """LABELS as a table holding every join key column and the timestamp column."""
+    import pyarrow as pa
+
+    try:
+        if path.suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        else:
+            import pyarrow.csv as pcsv
+
+            kinds = {DType.INT64: pa.int64(), DType.STRING: pa.string()}
+            options = pcsv.ConvertOptions(
+                column_types={name: kinds[dtype] for name, dtype in key_types.items()},
+                strings_can_be_null=False,
+            )
+            table = pcsv.read_csv(path, convert_options=options)
+    except (OSError, pa.ArrowException) as exc:
+        raise _Refused(f"LABELS {path}: {exc}") from None
+    for name in [*key_types, ts_column]:
+        if name not in table.column_names:
+            what = "the label time column" if name == ts_column else "a join key column"
+            raise _Refused(
+                f"LABELS {path}: no column {name!r} ({what} the features need); it has "
+                f"{table.column_names}"
+            )
+    return table
+
+
+def _key_column(table: pa.Table, name: str, dtype: DType) -> np.ndarray:
+    """A join key column as the feature store takes it; _Refused for a null or a value of the
+    wrong type, naming the column and the first such row."""
+    import pyarrow as pa
+
+    column = table.column(name)
+    if column.null_count:
+        row = column.is_null().to_numpy(zero_copy_only=False).argmax()
+        raise _Refused(f"LABELS column {name!r} row {row}: a join key value is null")
+    want = pa.int64() if dtype is DType.INT64 else pa.string()
+    try:
+        column = column.cast(want)
+    except pa.ArrowException:
+        raise _Refused(
+            f"LABELS column {name!r}: {column.type} values, expected {dtype.name} join keys"
+        ) from None
+    if dtype is DType.INT64:
+        return column.to_numpy()
+    return np.array(column.to_pylist(), dtype=object)
+
+
+def _label_micros(column: pa.ChunkedArray, name: str) -> np.ndarray:
+    """Label times as int64 µs since the epoch; _Refused naming the column otherwise."""
+    import pyarrow as pa
+
+    if column.null_count:
+        row = column.is_null().to_numpy(zero_copy_only=False).argmax()
+        raise _Refused(f"LABELS column {name!r} row {row}: a label time is null")
+    kind = column.type
+    try:
+        if pa.types.is_integer(kind):
+            return column.cast(pa.int64()).to_numpy()
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            try:
+                column = column.cast(pa.timestamp("us", "UTC"))
+            except pa.ArrowInvalid:
+                column = column.cast(pa.timestamp("us"))
+            kind = column.type
+        if pa.types.is_timestamp(kind):
+            return column.cast(pa.timestamp("us", kind.tz)).cast(pa.int64()).to_numpy()
+    except pa.ArrowException as exc:
+        raise _Refused(f"LABELS column {name!r}: {exc}") from None
+    raise _Refused(
+        f"LABELS column {name!r}: {kind} values; give timestamps, int64 µs since the epoch or "
+        "ISO 8601 text"
+    )
+
+
+def _feature_types(store: OnlineStore, columns: list[str]) -> dict[str, tuple[DType, int]]:
+    """Each output feature column's type and vector length, from its view's definition."""
+    from featurestore.feature_refs import split_ref
+
+    types = {}
+    for i, column in enumerate(columns):
+        (name, version), feature, _ = split_ref(column, i)
+        view = store.registry.get_view(name, version)
+        spec = next(f for f in view.features if f.name == feature)
+        types[column] = (spec.dtype, spec.vector_length)
+    return types
+
+
+def _arrow_values(values: np.ndarray, present: np.ndarray, dtype: DType, length: int) -> pa.Array:
+    """One feature column, null where the value is not PRESENT."""
+    import pyarrow as pa
+
+    missing = ~present
+    if dtype is DType.FLOAT32_VECTOR:  # a list per row: Parquet takes no null of fixed size
+        offsets = np.zeros(len(values) + 1, np.int32)
+        np.cumsum(present * length, out=offsets[1:])
+        flat = pa.array(np.ascontiguousarray(values[present], np.float32).reshape(-1))
+        return pa.ListArray.from_arrays(pa.array(offsets), flat, mask=pa.array(missing))
+    if dtype is DType.STRING:
+        return pa.array(values.tolist(), type=pa.string(), mask=missing)
+    return pa.array(values, mask=missing)
+
+
+def _output_table(labels: pa.Table, found, types: dict[str, tuple[DType, int]]) -> pa.Table:
+    """LABELS' columns, then per feature its values and status, per view its row's event
+    time; _Refused when an output name is already a column of LABELS."""
+    import pyarrow as pa
+
+    columns: dict[str, pa.Array] = {}
+    for ref, values in found.values.items():
+        status = found.statuses[ref]
+        dtype, length = types[ref]
+        columns[ref] = _arrow_values(values, status == FeatureStatus.PRESENT, dtype, length)
+        names = np.array([s.name for s in FeatureStatus], dtype=object)
+        columns[f"{ref}__status"] = pa.array(names[status.astype(np.int64) - 1].tolist())
+    for view, event_us in found.event_us.items():
+        stamps = pa.array(event_us, mask=event_us == 0).cast(pa.timestamp("us", "UTC"))
+        columns[f"{view}__event_timestamp"] = stamps
+    clash = [name for name in columns if name in labels.column_names]
+    if clash:
+        raise _Refused(
+            f"LABELS already has a column {clash[0]!r}, which the output needs; rename it"
+        )
+    for name, array in columns.items():
+        labels = labels.append_column(name, array)
+    return labels
+
+
+def _write_parquet(table: pa.Table, out: Path) -> None:
+    """Write next to OUT and rename over it, so OUT is never a partial file."""
+    import pyarrow.parquet as pq
+
+    partial = out.with_name(f".{out.name}.partial")
+    pq.write_table(table, partial)
+    os.replace(partial, out)

@@ -1,0 +1,184 @@
+"""`featureserve training-set`: a labelled CSV or Parquet file joined point-in-time with views
+of two entities, written as Parquet equal to training_set; refused inputs exit 2 naming them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from featurestore.dtypes import DType, FeatureStatus
+from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
+from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from featurestore.training_set import training_set
+
+NOW = 1_800_000_000_000_000
+SEC = 1_000_000
+USER = Entity("user", (JoinKey("user_id", DType.INT64),))
+SHOP = Entity("shop", (JoinKey("shop", DType.STRING),))
+SPEND = FeatureView(
+    "spend",
+    "user",
+    (Feature("amount", DType.FLOAT64), Feature("vip", DType.BOOL)),
+    ttl_seconds=60,
+)
+RATING = FeatureView(
+    "rating",
+    "shop",
+    (Feature("name", DType.STRING), Feature("vec", DType.FLOAT32_VECTOR, vector_length=2)),
+)
+REFS = ["spend:amount", "rating", "spend:vip"]
+
+
+def featureserve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    with OnlineStore(StoreConfig(tmp_path / "data")) as store:
+        store.registry.apply([USER, SHOP], [SPEND, RATING])
+        for r in range(3):
+            users = np.array([1, 2, 3])
+            store.write(
+                WriteBatch(
+                    "spend",
+                    {"user_id": users},
+                    np.full(3, NOW + r * 100 * SEC),
+                    {"amount": users * 10.0 + r, "vip": users == 2},
+                ),
+                now_us=NOW + r * 100 * SEC,
+            )
+        late = {"amount": np.array([99.0]), "vip": np.array([True])}
+        batch = WriteBatch("spend", {"user_id": np.array([2])}, np.array([NOW + 230 * SEC]), late)
+        store.write(batch, now_us=NOW + 260 * SEC)  # after the label at +250 s
+        shops = np.array(["007", "b"], dtype=object)
+        store.write(
+            WriteBatch(
+                "rating",
+                {"shop": shops},
+                np.full(2, NOW),
+                {"name": np.array(["seven", "bee"], object), "vec": np.ones((2, 2), np.float32)},
+            ),
+            now_us=NOW,
+        )
+    return tmp_path / "data"
+
+
+def labels() -> dict[str, list]:
+    return {
+        "user_id": [1, 2, 3, 9, 1],
+        "shop": ["007", "b", "zz", "007", "b"],
+        "label": [0, 1, 0, 1, 1],
+        "event_timestamp": [NOW + 150 * SEC, NOW + 250 * SEC, NOW - SEC, NOW, NOW + 400 * SEC],
+    }
+
+
+def expected(data: Path, refs: list[str], as_served: bool = False):
+    rows = labels()
+    keys = {
+        "user_id": np.array(rows["user_id"]),
+        "shop": np.array(rows["shop"], dtype=object),
+    }
+    with OnlineStore(StoreConfig(data)) as store:
+        ts = np.array(rows["event_timestamp"])
+        return training_set(store, keys, ts, refs, as_served=as_served)
+
+
+def test_a_csv_of_labels_becomes_a_parquet_training_set(data: Path, tmp_path: Path):
+    rows = labels()
+    iso = [
+        np.datetime_as_string(np.datetime64(t, "us"), unit="us") + "Z"
+        for t in rows["event_timestamp"]
+    ]
+    csv = tmp_path / "labels.csv"
+    columns = [rows["user_id"], rows["shop"], rows["label"], iso]
+    lines = [",".join(map(str, row)) for row in zip(*columns, strict=True)]
+    csv.write_text("user_id,shop,label,event_timestamp\n" + "\n".join(lines) + "\n")
+    out = tmp_path / "train.parquet"
+    done = featureserve(
+        "training-set", str(csv), "--features", ",".join(REFS), "--out", str(out),
+        "--data-dir", str(data),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"wrote 5 rows x 4 features to {out} (")
+    table = pq.read_table(out)
+    assert table.column_names == [
+        "user_id", "shop", "label", "event_timestamp",
+        "spend:amount", "spend:amount__status", "rating:name", "rating:name__status",
+        "rating:vec", "rating:vec__status", "spend:vip", "spend:vip__status",
+        "spend__event_timestamp", "rating__event_timestamp",
+    ]  # fmt: skip
+    assert table.column("shop").to_pylist() == rows["shop"]  # "007" stays text
+    want = expected(data, REFS)
+    for ref, values in want.values.items():
+        present = want.statuses[ref] == FeatureStatus.PRESENT
+        got = table.column(ref).to_pylist()
+        assert [g for g, p in zip(got, present, strict=True) if not p] == [None] * (~present).sum()
+        assert [g for g, p in zip(got, present, strict=True) if p] == values[present].tolist()
+        names = [FeatureStatus(s).name for s in want.statuses[ref]]
+        assert table.column(f"{ref}__status").to_pylist() == names
+    assert table.column("spend:amount").to_pylist() == [11.0, 99.0, None, None, None]
+    assert table.column("spend:amount__status").to_pylist()[3:] == ["NOT_FOUND", "OUTSIDE_MAX_AGE"]
+    stamps = table.column("spend__event_timestamp").cast(pa.int64()).to_pylist()
+    assert stamps == [NOW + 100 * SEC, NOW + 230 * SEC, None, None, NOW + 200 * SEC]
+
+
+def test_parquet_labels_with_timestamp_values_and_as_served(data: Path, tmp_path: Path):
+    rows = labels()
+    table = pa.table(
+        {**rows, "event_timestamp": pa.array(rows["event_timestamp"], pa.timestamp("us", "UTC"))}
+    )
+    source = tmp_path / "labels.parquet"
+    pq.write_table(table, source)
+    out = tmp_path / "served.parquet"
+    done = featureserve(
+        "training-set", str(source), "--features", "spend:amount", "--out", str(out),
+        "--data-dir", str(data), "--as-served",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    served = pq.read_table(out)
+    want = expected(data, ["spend:amount"], as_served=True)
+    statuses = want.statuses["spend:amount"]
+    assert served.column("spend:amount__status").to_pylist() == [
+        FeatureStatus(s).name for s in statuses
+    ]
+    # user 2's row of +230 s was written at +260 s: its label at +250 s was served the +200 one
+    assert served.column("spend:amount").to_pylist()[:2] == [11.0, 22.0]
+
+
+@pytest.mark.parametrize(
+    ("csv", "features", "code", "message"),
+    [
+        ("user_id,t\n1,5\n", "rating:name", 2, "no column 'shop' (a join key column"),
+        ("user_id,shop\n1,a\n", "spend:amount", 2, "no column 'event_timestamp'"),
+        ("user_id,event_timestamp\n,5\n", "spend:amount", 2, "'user_id' row 0: a join key"),
+        ("user_id,event_timestamp\n1,1.5\n", "spend:amount", 2, "double values; give"),
+        ("user_id,event_timestamp\nx,5\n", "spend:amount", 2, "LABELS labels.csv"),
+        (
+            "user_id,event_timestamp,spend:amount\n1,5,0\n",
+            "spend:amount",
+            2,
+            "already has a column 'spend:amount'",
+        ),
+        ("user_id,event_timestamp\n1,5\n", "spend:amout", 1, "amout"),
+        ("user_id,event_timestamp\n1,5\n", " , ", 2, "--features: give at least one"),
+    ],
+)
+def test_refused_inputs_name_what_to_fix(data, tmp_path, monkeypatch, csv, features, code, message):
+    monkeypatch.chdir(tmp_path)
+    Path("labels.csv").write_text(csv)
+    done = featureserve(
+        "training-set", "labels.csv", "--features", features, "--out", "out.parquet",
+        "--data-dir", str(data),
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (code, ""), done.stderr
+    assert message in done.stderr
+    assert not Path("out.parquet").exists()

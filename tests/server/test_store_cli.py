@@ -27,6 +27,7 @@ SEC = 1_000_000
 ITEM = Entity("item", (JoinKey("item_id", DType.INT64),))
 PRICE = FeatureView("price", "item", (Feature("price", DType.FLOAT64),))
 KEYS = np.arange(50)
+RECORDS = 2000
 REPORT = re.compile(
     r"price v1: dropped (?P<dropped>\d+) of (?P<rows>\d+) logged rows \((?P<rewritten>\d+) "
     r"records rewritten, (?P<deleted>\d+) deleted\); horizon \S+\n"
@@ -106,16 +107,23 @@ def test_the_server_compacts_on_its_schedule_and_stops_cleanly(server_factory, t
 
 
 def test_a_stop_signal_ends_a_compaction_between_transactions(tmp_path: Path):
-    """SIGTERM midway: exit 143 with one line, and what is left answers as before."""
+    """SIGTERM midway (RECORDS synced transactions of one record each take seconds): exit 143
+    with one line, and what is left answers as before."""
     data = tmp_path / "data"
     start = time.time_ns() // 1000 - 3600 * SEC
     with OnlineStore(StoreConfig(data)) as store:
         store.registry.apply([ITEM], [PRICE])
-        for r in range(400):
-            batch = WriteBatch(
-                "price", {"item_id": KEYS}, np.full(len(KEYS), start + r), {"price": KEYS + r}
+        batches = [
+            store.prepare(
+                WriteBatch(
+                    "price", {"item_id": KEYS}, np.full(len(KEYS), start + r), {"price": KEYS + r}
+                ),
+                now_us=start + r,
             )
-            store.write(batch, now_us=start + r)
+            for r in range(RECORDS)
+        ]
+        for i in range(0, RECORDS, 100):  # one history record per batch
+            store.write_prepared(batches[i : i + 100])
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "compact-history", "--data-dir", str(data),
          "--keep", "0s", "--rows-per-txn", "1"],
@@ -130,9 +138,9 @@ def test_a_stop_signal_ends_a_compaction_between_transactions(tmp_path: Path):
                                 "compacted stays so (run it again to finish)")  # fmt: skip
     with OnlineStore(StoreConfig(data)) as store:
         records = store.history_records("price", 1)
-        assert 1 < len(records.seqs) < 400
+        assert 1 < len(records.seqs) < RECORDS
         got = point_in_time(store, "price", {"item_id": KEYS}, np.full(50, records.horizon_us))
-        assert got.blocks[0].values[:, 0].tolist() == (KEYS + 399).tolist()
+        assert got.blocks[0].values[:, 0].tolist() == (KEYS + RECORDS - 1).tolist()
         assert rebuild_online(store, "price") > 50
 
 

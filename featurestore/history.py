@@ -400,23 +400,30 @@ def _as_served_by_version(
     query_keys = _query_keys(store.registry.get_entity(latest.entity), entity_keys)
     ts = _label_times(timestamps, len(query_keys))
     names = _feature_names(latest, features)
-    versions, served = _served_versions(store, latest, ts)
     wanted = {f.name: (f.dtype, f.vector_length) for f in latest.features}
+    one_version = "pass version=N (a 'view@N:feature' reference) to replay one version"
+    versions, served = _served_versions(store, latest, ts)
+    older = {f.name for fv in versions for f in fv.features} - set(wanted)
+    for name in names:
+        if name in older:  # a name no version has is NotFoundError, as by event time
+            raise InvalidArgumentError(
+                f"features: {name!r} is not in view {latest.name!r} v{latest.version}, the "
+                f"latest version, which types each column; {one_version}"
+            )
     parts = []
     for i in np.unique(served).tolist():
         fv, rows = versions[i], np.flatnonzero(served == i)
         where = f"view {latest.name!r} v{fv.version}, which lookups read at label row {rows[0]}"
         if fv.entity != latest.entity:
             raise InvalidArgumentError(
-                f"{where}, is keyed by entity {fv.entity!r}, not {latest.entity!r}; pass "
-                "version= to replay one version"
+                f"{where}, is keyed by entity {fv.entity!r}, not {latest.entity!r}; {one_version}"
             )
         has = {f.name: (f.dtype, f.vector_length) for f in fv.features}
         for name in names:
             if name in wanted and has.get(name) != wanted[name]:
                 raise InvalidArgumentError(
                     f"features: {name!r} is missing from {where}, or has another type than in "
-                    f"v{latest.version}; leave it out, or pass version= to replay one version"
+                    f"v{latest.version}; leave it out, or {one_version}"
                 )
         keys = list(pick(query_keys, rows.tolist()))
         parts.append((rows, _replay(store, fv, keys, ts[rows], names, True)))

@@ -65,6 +65,7 @@ class _Refused(Exception):
 def cmd_training_set(args: argparse.Namespace) -> int:
     """Write the training set; print one line of counts. Exit 2 for a flag or input it
     refuses, 1 for an unknown view or feature (the store's error)."""
+    from featurestore.errors import InvalidArgumentError
     from featurestore.online_store import OnlineStore, StoreConfig
     from featurestore.training_set import training_set
     from server.config import ConfigError, load_config
@@ -81,10 +82,14 @@ def cmd_training_set(args: argparse.Namespace) -> int:
             labels = _read_labels(args.labels, key_types, args.timestamp_column)
             keys = {name: _key_column(labels, name, dtype) for name, dtype in key_types.items()}
             ts = _label_micros(labels.column(args.timestamp_column), args.timestamp_column)
-            found = training_set(store, keys, ts, refs, as_served=args.as_served)
+            try:
+                found = training_set(store, keys, ts, refs, as_served=args.as_served)
+            except InvalidArgumentError as exc:  # name the file's column, not the argument
+                where = f"LABELS column {args.timestamp_column!r}: "
+                raise _Refused(str(exc).replace("timestamps: ", where, 1)) from None
             types = _feature_types(store, list(found.values))
         table = _output_table(labels, found, types)
-    except (ConfigError, _Refused) as exc:
+    except (ConfigError, _Refused, InvalidArgumentError) as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 2
     try:
@@ -123,8 +128,12 @@ def _read_labels(path: Path, key_types: dict[str, DType], ts_column: str) -> pa.
     """LABELS as a table holding every join key column and the timestamp column."""
     import pyarrow as pa
 
+    if not path.is_file():
+        raise _Refused(f"LABELS {path}: no such file")
     try:
-        if path.suffix in (".parquet", ".pq"):
+        with path.open("rb") as f:
+            parquet = f.read(4) == b"PAR1"  # the magic, whatever the file's name
+        if parquet:
             import pyarrow.parquet as pq
 
             table = pq.read_table(path)
@@ -140,6 +149,8 @@ def _read_labels(path: Path, key_types: dict[str, DType], ts_column: str) -> pa.
     except (OSError, pa.ArrowException) as exc:
         raise _Refused(f"LABELS {path}: {exc}") from None
     for name in [*key_types, ts_column]:
+        if table.column_names.count(name) > 1:
+            raise _Refused(f"LABELS {path}: two columns are named {name!r}; rename one")
         if name not in table.column_names:
             what = "the label time column" if name == ts_column else "a join key column"
             raise _Refused(
@@ -158,16 +169,28 @@ def _key_column(table: pa.Table, name: str, dtype: DType) -> np.ndarray:
     if column.null_count:
         row = column.is_null().to_numpy(zero_copy_only=False).argmax()
         raise _Refused(f"LABELS column {name!r} row {row}: a join key value is null")
-    want = pa.int64() if dtype is DType.INT64 else pa.string()
-    try:
-        column = column.cast(want)
-    except pa.ArrowException:
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = column.cast(kind.value_type), kind.value_type
+    fits = pa.types.is_integer if dtype is DType.INT64 else _is_text
+    if not fits(kind):
         raise _Refused(
-            f"LABELS column {name!r}: {column.type} values, expected {dtype.name} join keys"
-        ) from None
+            f"LABELS column {name!r}: {kind} values, expected {dtype.name} join keys (integers "
+            "for INT64, text for STRING; no other type is converted)"
+        )
+    try:
+        column = column.cast(pa.int64() if dtype is DType.INT64 else pa.string())
+    except pa.ArrowException as exc:  # a uint64 over the int64 range
+        raise _Refused(f"LABELS column {name!r}: {exc}") from None
     if dtype is DType.INT64:
         return column.to_numpy()
     return np.array(column.to_pylist(), dtype=object)
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _label_micros(column: pa.ChunkedArray, name: str) -> np.ndarray:
@@ -178,14 +201,22 @@ def _label_micros(column: pa.ChunkedArray, name: str) -> np.ndarray:
         row = column.is_null().to_numpy(zero_copy_only=False).argmax()
         raise _Refused(f"LABELS column {name!r} row {row}: a label time is null")
     kind = column.type
+    if len(column) == 0:
+        return np.zeros(0, np.int64)
     try:
         if pa.types.is_integer(kind):
             return column.cast(pa.int64()).to_numpy()
-        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        if _is_text(kind):
             try:
                 column = column.cast(pa.timestamp("us", "UTC"))
-            except pa.ArrowInvalid:
-                column = column.cast(pa.timestamp("us"))
+            except pa.ArrowInvalid as with_offset:
+                try:
+                    column = column.cast(pa.timestamp("us"))
+                except pa.ArrowInvalid as without:
+                    raise _Refused(
+                        f"LABELS column {name!r}: {with_offset}; read as UTC without an "
+                        f"offset: {without}"
+                    ) from None
             kind = column.type
         if pa.types.is_timestamp(kind):
             return column.cast(pa.timestamp("us", kind.tz)).cast(pa.int64()).to_numpy()
@@ -230,22 +261,24 @@ def _output_table(labels: pa.Table, found, types: dict[str, tuple[DType, int]]) 
     time; _Refused when an output name is already a column of LABELS."""
     import pyarrow as pa
 
-    columns: dict[str, pa.Array] = {}
+    names = np.array([s.name for s in FeatureStatus], dtype=object)
+    columns: list[tuple[str, pa.Array]] = []
     for ref, values in found.values.items():
         status = found.statuses[ref]
         dtype, length = types[ref]
-        columns[ref] = _arrow_values(values, status == FeatureStatus.PRESENT, dtype, length)
-        names = np.array([s.name for s in FeatureStatus], dtype=object)
-        columns[f"{ref}__status"] = pa.array(names[status.astype(np.int64) - 1].tolist())
+        columns.append((ref, _arrow_values(values, status == FeatureStatus.PRESENT, dtype, length)))
+        statuses = names[status.astype(np.int64) - 1].tolist()
+        columns.append((f"{ref}__status", pa.array(statuses, type=pa.string())))
     for view, event_us in found.event_us.items():
         stamps = pa.array(event_us, mask=event_us == 0).cast(pa.timestamp("us", "UTC"))
-        columns[f"{view}__event_timestamp"] = stamps
-    clash = [name for name in columns if name in labels.column_names]
-    if clash:
-        raise _Refused(
-            f"LABELS already has a column {clash[0]!r}, which the output needs; rename it"
-        )
-    for name, array in columns.items():
+        columns.append((f"{view}__event_timestamp", stamps))
+    given = set(labels.column_names)
+    taken = set(given)
+    for name, array in columns:
+        if name in taken:
+            whose = "LABELS has" if name in given else "two outputs take"
+            raise _Refused(f"{whose} the column name {name!r}; rename the column or the feature")
+        taken.add(name)
         labels = labels.append_column(name, array)
     return labels
 
@@ -255,5 +288,9 @@ def _write_parquet(table: pa.Table, out: Path) -> None:
     import pyarrow.parquet as pq
 
     partial = out.with_name(f".{out.name}.partial")
-    pq.write_table(table, partial)
-    os.replace(partial, out)
+    try:
+        pq.write_table(table, partial)
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -743,6 +743,12 @@ def test_as_served_without_a_version_replays_the_version_lookups_read_at_each_la
             ["amount"],
             "v1, which lookups read at label row 0, is keyed by entity 'user', not 'card'",
         ),
+        (
+            FeatureView("spend", "user", (Feature("amount", DType.FLOAT64),), version=2),
+            ["note"],
+            "'note' is not in view 'spend' v2, the latest version, which types each column; "
+            "pass version=N (a 'view@N:feature' reference)",
+        ),
     ],
 )
 def test_as_served_without_a_version_refuses_versions_that_cannot_share_a_column(

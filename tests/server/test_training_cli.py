@@ -32,6 +32,7 @@ RATING = FeatureView(
     "shop",
     (Feature("name", DType.STRING), Feature("vec", DType.FLOAT32_VECTOR, vector_length=2)),
 )
+ODD = FeatureView("odd", "user", (Feature("y", DType.FLOAT64), Feature("y__status", DType.FLOAT64)))
 REFS = ["spend:amount", "rating", "spend:vip"]
 
 
@@ -44,7 +45,7 @@ def featureserve(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     with OnlineStore(StoreConfig(tmp_path / "data")) as store:
-        store.registry.apply([USER, SHOP], [SPEND, RATING])
+        store.registry.apply([USER, SHOP], [SPEND, RATING, ODD])
         for r in range(3):
             users = np.array([1, 2, 3])
             store.write(
@@ -166,9 +167,12 @@ def test_parquet_labels_with_timestamp_values_and_as_served(data: Path, tmp_path
             "user_id,event_timestamp,spend:amount\n1,5,0\n",
             "spend:amount",
             2,
-            "already has a column 'spend:amount'",
+            "LABELS has the column name 'spend:amount'",
         ),
         ("user_id,event_timestamp\n1,5\n", "spend:amout", 1, "amout"),
+        ("user_id,event_timestamp\n1,5\n", "odd", 2, "two outputs take the column name 'odd:y__"),
+        ("user_id,user_id,event_timestamp\n1,1,5\n", "spend", 2, "two columns are named 'user"),
+        ("user_id,event_timestamp\ntrue,5\n", "spend", 2, "conversion error to int64"),
         ("user_id,event_timestamp\n1,5\n", " , ", 2, "--features: give at least one"),
     ],
 )
@@ -182,3 +186,50 @@ def test_refused_inputs_name_what_to_fix(data, tmp_path, monkeypatch, csv, featu
     assert (done.returncode, done.stdout) == (code, ""), done.stderr
     assert message in done.stderr
     assert not Path("out.parquet").exists()
+
+
+def test_empty_parquet_and_uppercase_names_and_a_directory_out(data: Path, tmp_path: Path):
+    """A file of no rows gives a typed empty set (shards concatenate); Parquet is known by its
+    magic, not its name; an OUT that cannot be replaced leaves no partial file."""
+    empty = pa.table(
+        {"user_id": pa.array([], pa.int64()), "event_timestamp": pa.array([], pa.int64())}
+    )
+    source = tmp_path / "LABELS.PARQUET"
+    pq.write_table(empty, source)
+    out = tmp_path / "empty.parquet"
+    done = featureserve(
+        "training-set", str(source), "--features", "spend", "--out", str(out),
+        "--data-dir", str(data),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    written = pq.read_table(out)
+    assert written.num_rows == 0
+    assert written.schema.field("spend:amount__status").type == pa.string()
+    (tmp_path / "taken").mkdir()
+    done = featureserve(
+        "training-set", str(source), "--features", "spend", "--out", str(tmp_path / "taken"),
+        "--data-dir", str(data),
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "--out" in done.stderr and done.stderr.count("\n") == 1
+    assert not list(tmp_path.glob(".*partial"))
+    pq.write_table(pa.table({"user_id": [True], "event_timestamp": [5]}), source)
+    done = featureserve(
+        "training-set", str(source), "--features", "spend", "--out", str(out),
+        "--data-dir", str(data),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "'user_id': bool values, expected INT64 join keys" in done.stderr
+
+
+def test_labels_before_the_history_horizon_are_refused_naming_the_column(data: Path, tmp_path):
+    compacted = featureserve("compact-history", "--data-dir", str(data), "--before", "2026-01-01")
+    assert compacted.returncode == 0, compacted.stderr
+    (tmp_path / "old.csv").write_text("user_id,event_timestamp\n1,2025-06-01T00:00:00Z\n")
+    done = featureserve(
+        "training-set", str(tmp_path / "old.csv"), "--features", "spend:amount", "--out",
+        str(tmp_path / "o.parquet"), "--data-dir", str(data),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "LABELS column 'event_timestamp': row 0 is" in done.stderr
+    assert "before the history's horizon" in done.stderr

@@ -968,12 +968,10 @@ class OnlineStore:
         db_name = history_db_name(name, version)
 
         def work(txn: lmdb.Transaction, chunk: Sequence[int]) -> None:
-            if self.registry.get_view(name, version, txn).created_us != created_us:
-                raise ConflictError(
-                    f"feature view {name!r} v{version} was deleted and re-created while its "
-                    "history was compacted, so the new definition's history was left as it "
-                    "was; run the compaction again"
-                )
+            self._same_definition(
+                txn, name, version, created_us, "history was compacted",
+                "history was left as it was", "compaction",
+            )  # fmt: skip
             cur = txn.cursor(db=self._lmdb.db_in_write(db_name, txn))
             stored = int.from_bytes(cur.get(HORIZON_KEY) or bytes(8), "big")
             if horizon_us > stored:
@@ -991,6 +989,24 @@ class OnlineStore:
                     cur.put(key, new)
 
         self._write_in_turns((partial(work, chunk=chunk) for chunk in chunks or [()]), stop)
+
+    def _same_definition(
+        self,
+        txn: lmdb.Transaction,
+        name: str,
+        version: int,
+        created_us: int,
+        while_: str,
+        left: str,
+        job: str,
+    ) -> None:
+        """ConflictError unless the view version is still the definition created at created_us
+        (a long job's later transaction met one deleted and created again)."""
+        if self.registry.get_view(name, version, txn).created_us != created_us:
+            raise ConflictError(
+                f"feature view {name!r} v{version} was deleted and re-created while its "
+                f"{while_}, so the new definition's {left}; run the {job} again"
+            )
 
     def _write_in_turns(
         self,
@@ -1058,12 +1074,10 @@ class OnlineStore:
 
         def work(txn: lmdb.Transaction, chunk: Sequence[tuple[bytes, bytes | None]]) -> None:
             nonlocal after
-            if self.registry.get_view(name, version, txn).created_us != created_us:
-                raise ConflictError(
-                    f"feature view {name!r} v{version} was deleted and re-created while its "
-                    "online rows were rebuilt from its history, so the new definition's rows "
-                    "were left as they were; run the rebuild again"
-                )
+            self._same_definition(
+                txn, name, version, created_us, "online rows were rebuilt from its history",
+                "rows were left as they were", "rebuild",
+            )  # fmt: skip
             cur = txn.cursor(db=self._lmdb.db_in_write(history, txn))
             if cur.set_range(after.to_bytes(8, "big")):
                 _keep_newest(logged, from_history(list(cur.iternext(keys=False))))

@@ -12,14 +12,40 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-COMPACT_MAX_DBS = 32768
-"""LMDB handle slots for compact-history: a store holds at most this many databases."""
+STORE_MAX_DBS = 32768
+"""LMDB handle slots of a command that may open any view version's databases: a store holds
+at most this many."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """The `backup` and `compact-history` subcommands."""
     add_backup(subparsers)
     add_compact_history(subparsers)
+
+
+def add_store_flags(p: argparse.ArgumentParser) -> None:
+    """--config and --data-dir, which name the store a command opens (see open_store_dir)."""
+    p.add_argument("--config", type=Path, help="TOML config file to read data_dir from")
+    p.add_argument("--data-dir", type=Path, help="the store (default: the config's, ./data)")
+
+
+def store_dir(args: argparse.Namespace) -> Path:
+    """The data dir --data-dir or --config names; ConfigError naming the flag or key when it
+    holds no store."""
+    from server.config import ConfigError, load_config
+
+    data_dir = load_config(args.config, {"data_dir": args.data_dir}).data_dir
+    if not (data_dir / "data.mdb").is_file():
+        raise ConfigError(f"--data-dir {data_dir} holds no store (no data.mdb)")
+    return data_dir
+
+
+def _stopped(stop: Stopped, what: str, after: str) -> int:
+    """Say that a stop signal ended `what` and what that left; the exit code a shell reports
+    for a process the signal killed."""
+    name = signal.Signals(stop.signum).name
+    print(f"featureserve: {what} stopped by {name}; {after}", file=sys.stderr)
+    return 128 + stop.signum
 
 
 def add_backup(subparsers: argparse._SubParsersAction) -> None:
@@ -65,8 +91,7 @@ def add_compact_history(subparsers: argparse._SubParsersAction) -> None:
         metavar="TIME",
         help="the horizon as an ISO 8601 time, e.g. 2026-11-01T00:00:00Z (UTC if no offset)",
     )
-    p.add_argument("--config", type=Path, help="TOML config file to read data_dir from")
-    p.add_argument("--data-dir", type=Path, help="the store (default: the config's, ./data)")
+    add_store_flags(p)
     p.add_argument(
         "--rows-per-txn",
         type=int,
@@ -114,7 +139,7 @@ def cmd_compact_history(args: argparse.Namespace) -> int:
     from featurestore.history import REBUILD_ROWS_PER_TXN
     from featurestore.history_retention import Recreated, compact_views
     from featurestore.online_store import OnlineStore, StoreConfig
-    from server.config import ConfigError, load_config
+    from server.config import ConfigError
 
     if args.version is not None and args.view is None:
         print("featureserve: --version needs a VIEW", file=sys.stderr)
@@ -128,12 +153,9 @@ def cmd_compact_history(args: argparse.Namespace) -> int:
         return 2
     try:
         horizon_us = _horizon_us(args)
-        data_dir = load_config(args.config, {"data_dir": args.data_dir}).data_dir
+        data_dir = store_dir(args)
     except (ConfigError, ValueError) as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
-        return 2
-    if not (data_dir / "data.mdb").is_file():
-        print(f"featureserve: --data-dir {data_dir} holds no store (no data.mdb)", file=sys.stderr)
         return 2
     rows_per_txn = REBUILD_ROWS_PER_TXN if args.rows_per_txn is None else args.rows_per_txn
     if rows_per_txn < 1:
@@ -142,7 +164,7 @@ def cmd_compact_history(args: argparse.Namespace) -> int:
     try:
         with (
             stop_signals_raise(),
-            OnlineStore(StoreConfig(data_dir, max_dbs=COMPACT_MAX_DBS)) as store,
+            OnlineStore(StoreConfig(data_dir, max_dbs=STORE_MAX_DBS)) as store,
         ):
             for done in compact_views(
                 store, horizon_us, args.view, args.version, max_rows_per_txn=rows_per_txn
@@ -162,13 +184,11 @@ def cmd_compact_history(args: argparse.Namespace) -> int:
                     flush=True,
                 )
     except Stopped as stop:
-        name = signal.Signals(stop.signum).name
-        print(
-            f"featureserve: compact-history stopped by {name}; the log is consistent and what "
-            "was compacted stays so (run it again to finish)",
-            file=sys.stderr,
+        return _stopped(
+            stop,
+            "compact-history",
+            "the log is consistent and what was compacted stays so (run it again to finish)",
         )
-        return 128 + stop.signum
     return 0
 
 
@@ -221,13 +241,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 2
     except Stopped as stop:
-        name = signal.Signals(stop.signum).name
-        print(
-            f"featureserve: backup to DEST {args.dest} stopped by {name}; its partial copy was "
-            "removed (run it again to back up)",
-            file=sys.stderr,
+        return _stopped(
+            stop,
+            f"backup to DEST {args.dest}",
+            "its partial copy was removed (run it again to back up)",
         )
-        return 128 + stop.signum
     print(
         f"backed up {data_dir} to {done.path}: transaction {done.txn_id}, {done.size_bytes} "
         f"bytes{' (compact)' if done.compact else ''}, {done.seconds:.2f} s"

@@ -13,14 +13,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from featurestore.dtypes import DType, FeatureStatus
+from server.store_cli import STORE_MAX_DBS, add_store_flags, store_dir
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from featurestore.online_store import OnlineStore
-
-MAX_DBS = 32768
-"""LMDB handle slots: the command may read any view version's log."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,8 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="what GetOnlineFeatures answered at each label time (default: join on event time)",
     )
-    p.add_argument("--config", type=Path, help="TOML config file to read data_dir from")
-    p.add_argument("--data-dir", type=Path, help="the store (default: the config's, ./data)")
+    add_store_flags(p)
     p.set_defaults(func=cmd_training_set)
 
 
@@ -68,16 +65,14 @@ def cmd_training_set(args: argparse.Namespace) -> int:
     from featurestore.errors import InvalidArgumentError
     from featurestore.online_store import OnlineStore, StoreConfig
     from featurestore.training_set import training_set
-    from server.config import ConfigError, load_config
+    from server.config import ConfigError
 
     refs = [ref.strip() for ref in args.features.split(",") if ref.strip()]
     try:
-        data_dir = load_config(args.config, {"data_dir": args.data_dir}).data_dir
-        if not (data_dir / "data.mdb").is_file():
-            raise _Refused(f"--data-dir {data_dir} holds no store (no data.mdb)")
+        data_dir = store_dir(args)
         if not refs:
             raise _Refused("--features: give at least one reference, e.g. spend:amount")
-        with OnlineStore(StoreConfig(data_dir, max_dbs=MAX_DBS)) as store:
+        with OnlineStore(StoreConfig(data_dir, max_dbs=STORE_MAX_DBS)) as store:
             key_types = _join_key_types(store, refs)
             labels = _read_labels(args.labels, key_types, args.timestamp_column)
             keys = {name: _key_column(labels, name, dtype) for name, dtype in key_types.items()}

@@ -170,9 +170,7 @@ async def abort(
 ) -> None:
     """End the RPC with the status of a domain error, its message (or `message`, which may
     quote it) as status_message renders it, and where a write failed as trailing metadata."""
-    status = status_for(exc), status_message(exc, message), error_metadata(exc, batch)
-    del exc
-    await context.abort(*status)
+    await context.abort(status_for(exc), status_message(exc, message), error_metadata(exc, batch))
 
 
 def maps_errors(handler):
@@ -184,11 +182,10 @@ def maps_errors(handler):
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
             return await handler(self, request, context)
-        except grpc.aio.AbortError as aborted:
-            raise aborted.with_traceback(None) from None
+        except grpc.aio.AbortError:
+            raise
         except Exception as exc:
             if is_domain_error(exc):
-                exc.__traceback__ = None
                 await abort(context, exc)
             log.exception("%s failed unexpectedly", handler.__qualname__)
             await context.abort(

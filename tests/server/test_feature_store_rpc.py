@@ -790,12 +790,13 @@ def resident_anon_mb(pid: int) -> float:
     raise AssertionError("no RssAnon")
 
 
-def test_aborted_streams_do_not_pile_up_in_the_servers_heap(server_factory) -> None:
-    """An aborted call's AbortError (and the domain error inside it) held the handler's frames,
-    and with them its request and decoded batch, in a reference cycle with grpc.aio's call
-    state: freed only by a full collection, which the server's GC thresholds make rare. Each
-    stream failed on a bad batch kept ~0.8 MB here (~380 MB over 500, never given back while
-    idle); now the heap levels off."""
+def test_failed_calls_do_not_pile_up_in_the_servers_heap(server_factory) -> None:
+    """A call ended by context.abort left its AbortError on grpc.aio's call state, with a
+    traceback through every frame that held the request: a reference cycle freed only by a
+    garbage collection. 1 MB WriteFeatures requests with a bad row kept ~360 KB each (~100 MB
+    over 300 calls, not given back while idle), and streams failed on a bad batch ~0.8 MB each,
+    growing without end under the server's GC thresholds (381 MB over 500). Now unary calls
+    keep nothing and the heap of failed streams levels off (allocator pages, not objects)."""
     server = server_factory()
     wide = FeatureView("wide", "user", tuple(Feature(f"f{i}", DType.FLOAT32) for i in range(32)))
     rng = np.random.default_rng(1)
@@ -803,17 +804,24 @@ def test_aborted_streams_do_not_pile_up_in_the_servers_heap(server_factory) -> N
         c.apply([USER], [wide])
         stub = pb_grpc.FeatureStoreStub(c._channel)
 
-        def failed_streams(n: int) -> None:
-            for _ in range(n):
-                values = {f"f{i}": rng.random(2000, dtype=np.float32) for i in range(32)}
-                values["f0"][7] = np.nan
-                bad = fm.write_request("wide", {"user_id": np.arange(2000)}, NOW_US, values)
-                with pytest.raises(grpc.RpcError) as err:
-                    stub.StreamWriteFeatures(iter([bad]))
-                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        def bad_request(rows: int) -> pb.WriteFeaturesRequest:
+            values = {f"f{i}": rng.random(rows, dtype=np.float32) for i in range(32)}
+            values["f0"][7] = np.nan
+            return fm.write_request("wide", {"user_id": np.arange(rows)}, NOW_US, values)
 
-        failed_streams(100)
-        before = resident_anon_mb(server.proc.pid)
-        failed_streams(500)
-        grown = resident_anon_mb(server.proc.pid) - before
-    assert grown < 150, f"the server's heap grew {grown:.0f} MB over 500 failed streams"
+        def failed(n: int, call: Callable[[pb.WriteFeaturesRequest], object], rows: int) -> float:
+            """The server's heap growth over n failed calls, in MB."""
+            before = resident_anon_mb(server.proc.pid)
+            request = bad_request(rows)
+            for _ in range(n):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(request)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            return resident_anon_mb(server.proc.pid) - before
+
+        unary = failed(300, stub.WriteFeatures, 8000)
+        stream = lambda r: stub.StreamWriteFeatures(iter([r]))  # noqa: E731
+        failed(300, stream, 2000)  # the allocator's pages settle
+        streams = failed(500, stream, 2000)
+    assert unary < 30, f"300 failed 1 MB WriteFeatures grew the server's heap {unary:.0f} MB"
+    assert streams < 60, f"500 more failed streams grew the server's heap {streams:.0f} MB"

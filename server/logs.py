@@ -12,6 +12,15 @@ GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+def _extra(record: logging.LogRecord) -> dict[str, object]:
+    """The fields a log call passed with `extra=`."""
+    return {
+        key: value
+        for key, value in vars(record).items()
+        if key not in _STANDARD and not key.startswith("_")
+    }
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as a JSON line; extra fields passed with `extra=` become keys."""
 
@@ -22,13 +31,29 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            **_extra(record),
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Formats a record as one text line, its `extra=` fields after the message as key=value
+    (values as JSON: text quoted), so text logs say as much as JSON ones."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = " ".join(
+            f"{key}={json.dumps(value, default=str)}" for key, value in _extra(record).items()
+        )
+        if not fields:
+            return line
+        head, newline, rest = line.partition("\n")  # a traceback stays below the line
+        return f"{head} {fields}{newline}{rest}"
 
 
 class DropShutdownCancellations(logging.Filter):
@@ -66,7 +91,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -86,3 +86,22 @@ def test_a_cancellation_grpc_raises_unraisably_at_shutdown_is_not_printed() -> N
     assert len(printed) == 2, done.stderr
     assert 'File "app.py"' in printed[0] and "CancelledError" in printed[0]
     assert "server.pyx.pxi" in printed[1] and "ValueError" in printed[1]
+
+
+def test_text_logs_carry_the_extra_fields_json_logs_do(logging_restored, capsys) -> None:
+    """`--log-format text` dropped every `extra=` field (a compaction's report, an exit code,
+    the serving address); they follow the message as key=value, a traceback below the line."""
+    configure_logging("INFO", "text")
+    log = logging.getLogger("featureserve.retention")
+    log.info("history compacted", extra={"report": "spend v1: dropped 5 of 10", "runs": 3})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("history compaction failed", extra={"exit_code": 1})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith(
+        'INFO featureserve.retention history compacted report="spend v1: dropped 5 of 10" runs=3'
+    )
+    assert lines[1].endswith("ERROR featureserve.retention history compaction failed exit_code=1")
+    assert lines[2] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: boom"

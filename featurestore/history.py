@@ -205,8 +205,9 @@ def _check_horizon(ts: np.ndarray, horizon_us: int) -> None:
         row = int(early[0])
         raise InvalidArgumentError(
             f"timestamps: row {row} is {int(ts[row])} µs, before the history's horizon "
-            f"{horizon_us} µs ({len(early)} labels are): history retention dropped the rows "
-            f"older labels need; give label times at or after {horizon_us}"
+            f"{horizon_us} µs ({len(early)} labels are): history retention compacted the log "
+            f"up to it, so rows older labels need may be gone; give label times at or after "
+            f"{horizon_us}"
         )
 
 

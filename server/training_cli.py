@@ -5,6 +5,7 @@ beside running servers."""
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from pathlib import Path
@@ -136,10 +137,12 @@ def _read_labels(path: Path, key_types: dict[str, DType], ts_column: str) -> pa.
             import pyarrow.csv as pcsv
 
             kinds = {DType.INT64: pa.int64(), DType.STRING: pa.string()}
-            options = pcsv.ConvertOptions(
-                column_types={name: kinds[dtype] for name, dtype in key_types.items()},
-                strings_can_be_null=False,
-            )
+            with path.open(newline="", encoding="utf-8", errors="replace") as f:
+                header = next(csv.reader(f), [])
+            # other columns are copied as written ("007" stays text); the label time is parsed
+            types = {name: pa.string() for name in header if name != ts_column}
+            types.update((name, kinds[dtype]) for name, dtype in key_types.items())
+            options = pcsv.ConvertOptions(column_types=types, strings_can_be_null=False)
             table = pcsv.read_csv(path, convert_options=options)
     except (OSError, pa.ArrowException) as exc:
         raise _Refused(f"LABELS {path}: {exc}") from None

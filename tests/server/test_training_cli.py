@@ -118,6 +118,7 @@ def test_a_csv_of_labels_becomes_a_parquet_training_set(data: Path, tmp_path: Pa
         "spend__event_timestamp", "rating__event_timestamp",
     ]  # fmt: skip
     assert table.column("shop").to_pylist() == rows["shop"]  # "007" stays text
+    assert table.column("label").to_pylist() == [str(label) for label in rows["label"]]
     want = expected(data, REFS)
     for ref, values in want.values.items():
         present = want.statuses[ref] == FeatureStatus.PRESENT

@@ -4,6 +4,7 @@ from their own packages."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.stop_signals import StopSignals
 
         signals = StopSignals().install()
+        # Read as grpc is imported. The server's children (commit process, compactions,
+        # workers) exec at once and never use gRPC across a fork, and gRPC's fork handlers
+        # wrote a non-JSON line into the log at each one.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from clients.channel import ClientError
     from featurestore.errors import FeatureStoreError
 

@@ -101,6 +101,7 @@ def test_the_server_compacts_on_its_schedule_and_stops_cleanly(server_factory, t
         assert got["price:price"].tolist() == (KEYS + 2).tolist()
     assert server.terminate() == 0
     assert not [r for r in server.logs() if r["msg"] == "history compaction failed"]
+    assert [line for line in server.log_lines if not line.startswith("{")] == []  # JSON only
     with OnlineStore(StoreConfig(server.data_dir)) as store:
         assert store.history_records("price", 1).horizon_us > 0
         assert rebuild_online(store, "price") == 50

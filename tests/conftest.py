@@ -92,6 +92,13 @@ class ServerProcess:
         return [json.loads(line) for line in self.log_lines if line.startswith("{")]
 
 
+def featureserve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the `featureserve` command line to its end, capturing its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 def float32_to_bf16(values: np.ndarray) -> np.ndarray:
     """float32 values (finite) as BF16 bit patterns, rounded to nearest, ties to even."""
     u = np.asarray(values, np.float32).view(np.uint32).astype(np.uint64)

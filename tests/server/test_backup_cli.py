@@ -25,7 +25,7 @@ from featurestore.history import history_rows
 from featurestore.online_store import DATA_FILE, OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from server.cli import main
-from tests.conftest import wait_until
+from tests.conftest import featureserve, wait_until
 
 ITEM = Entity("item", (JoinKey("item_id", DType.INT64),))
 SEQ = FeatureView(
@@ -41,12 +41,6 @@ REPORT = re.compile(
     r"backed up (?P<src>\S+) to (?P<path>\S+): transaction (?P<txn>\d+), (?P<bytes>\d+) "
     r"bytes(?P<compact> \(compact\))?, (?P<seconds>[\d.]+) s\n"
 )
-
-
-def featureserve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def seq_columns(seq: int) -> dict[str, object]:

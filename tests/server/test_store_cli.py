@@ -21,7 +21,7 @@ from featurestore.errors import InvalidArgumentError
 from featurestore.history import point_in_time, rebuild_online
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
-from tests.conftest import wait_until
+from tests.conftest import featureserve, wait_until
 
 SEC = 1_000_000
 ITEM = Entity("item", (JoinKey("item_id", DType.INT64),))
@@ -32,12 +32,6 @@ REPORT = re.compile(
     r"price v1: dropped (?P<dropped>\d+) of (?P<rows>\d+) logged rows \((?P<rewritten>\d+) "
     r"records rewritten, (?P<deleted>\d+) deleted\); horizon \S+\n"
 )
-
-
-def featureserve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 def write_rounds(client: FeatureStoreClient, rounds: int) -> int:

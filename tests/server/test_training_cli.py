@@ -3,8 +3,6 @@ of two entities, written as Parquet equal to training_set; refused inputs exit 2
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from featurestore.dtypes import DType, FeatureStatus
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 from featurestore.training_set import training_set
+from tests.conftest import featureserve
 
 NOW = 1_800_000_000_000_000
 SEC = 1_000_000
@@ -34,12 +33,6 @@ RATING = FeatureView(
 )
 ODD = FeatureView("odd", "user", (Feature("y", DType.FLOAT64), Feature("y__status", DType.FLOAT64)))
 REFS = ["spend:amount", "rating", "spend:vip"]
-
-
-def featureserve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 @pytest.fixture

@@ -490,6 +490,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             failures.append((index, exc))
         await settle(pending, 0, response, failures)
         if failures:
+            await request_iterator.aclose()  # stop reading: lets go of the last request
             batch, exc = min(failures, key=lambda failure: failure[0])
             # Each failure's traceback holds this frame, whose locals held the failures: a
             # reference cycle that kept every failed stream's batches until a full collection

@@ -143,8 +143,15 @@ class MessageSizeInterceptor(WrappingInterceptor):
                 return Unusable(_unparseable(method, message_type, len(raw)))
 
         async def checked(requests: AsyncIterator) -> AsyncIterator:
-            async for request in requests:
-                yield usable(request)
+            received = aiter(requests)
+            try:
+                async for request in received:
+                    yield usable(request)
+            finally:
+                # A handler that stops reading early (a stream failed on a bad batch) left
+                # grpc.aio's receiver paused on its last message, in a reference cycle that only
+                # a full collection freed: each failed stream kept its last request.
+                await received.aclose()
 
         def adapt(request: object) -> object:
             if handler.request_streaming:

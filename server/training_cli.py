@@ -137,8 +137,8 @@ def _read_labels(path: Path, key_types: dict[str, DType], ts_column: str) -> pa.
             import pyarrow.csv as pcsv
 
             kinds = {DType.INT64: pa.int64(), DType.STRING: pa.string()}
-            with path.open(newline="", encoding="utf-8", errors="replace") as f:
-                header = next(csv.reader(f), [])
+            with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
+                header = next((row for row in csv.reader(f) if row), [])  # as pyarrow reads it
             # other columns are copied as written ("007" stays text); the label time is parsed
             types = {name: pa.string() for name in header if name != ts_column}
             types.update((name, kinds[dtype]) for name, dtype in key_types.items())
@@ -146,9 +146,10 @@ def _read_labels(path: Path, key_types: dict[str, DType], ts_column: str) -> pa.
             table = pcsv.read_csv(path, convert_options=options)
     except (OSError, pa.ArrowException) as exc:
         raise _Refused(f"LABELS {path}: {exc}") from None
+    twice = sorted({name for name in table.column_names if table.column_names.count(name) > 1})
+    if twice:  # Parquet readers refuse a file with two columns of one name
+        raise _Refused(f"LABELS {path}: two columns are named {twice[0]!r}; rename one")
     for name in [*key_types, ts_column]:
-        if table.column_names.count(name) > 1:
-            raise _Refused(f"LABELS {path}: two columns are named {name!r}; rename one")
         if name not in table.column_names:
             what = "the label time column" if name == ts_column else "a join key column"
             raise _Refused(

@@ -166,6 +166,7 @@ def test_parquet_labels_with_timestamp_values_and_as_served(data: Path, tmp_path
         ("user_id,event_timestamp\n1,5\n", "spend:amout", 1, "amout"),
         ("user_id,event_timestamp\n1,5\n", "odd", 2, "two outputs take the column name 'odd:y__"),
         ("user_id,user_id,event_timestamp\n1,1,5\n", "spend", 2, "two columns are named 'user"),
+        ("user_id,event_timestamp,n,n\n1,5,a,b\n", "spend", 2, "two columns are named 'n'"),
         ("user_id,event_timestamp\ntrue,5\n", "spend", 2, "conversion error to int64"),
         ("user_id,event_timestamp\n1,5\n", " , ", 2, "--features: give at least one"),
     ],
@@ -227,3 +228,17 @@ def test_labels_before_the_history_horizon_are_refused_naming_the_column(data: P
     assert done.returncode == 2
     assert "LABELS column 'event_timestamp': row 0 is" in done.stderr
     assert "before the history's horizon" in done.stderr
+
+
+def test_a_csv_with_a_byte_order_mark_keeps_its_other_columns_as_text(data: Path, tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte order mark (and a blank first line is skipped):
+    the header must still be read as pyarrow reads it, so `007` stays text."""
+    source = tmp_path / "excel.csv"
+    source.write_bytes(b"\xef\xbb\xbf\nnote,user_id,event_timestamp\n007,1,5\n")
+    out = tmp_path / "excel.parquet"
+    done = featureserve(
+        "training-set", str(source), "--features", "spend:amount", "--out", str(out),
+        "--data-dir", str(data),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(out).column("note").to_pylist() == ["007"]

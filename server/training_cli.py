@@ -99,7 +99,8 @@ def cmd_training_set(args: argparse.Namespace) -> int:
         for s in FeatureStatus
         if (statuses == s).any()
     )
-    print(f"wrote {table.num_rows} rows x {len(found.values)} features to {args.out} ({counts})")
+    counted = f" ({counts})" if counts else ""
+    print(f"wrote {table.num_rows} rows x {len(found.values)} features to {args.out}{counted}")
     return 0
 
 

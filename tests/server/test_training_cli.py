@@ -66,6 +66,14 @@ def data(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+def build(labels: str | Path, features: str, out: str | Path, data: Path, *flags: str):
+    """Run `featureserve training-set` to its end."""
+    return featureserve(
+        "training-set", str(labels), "--features", features, "--out", str(out),
+        "--data-dir", str(data), *flags,
+    )  # fmt: skip
+
+
 def labels() -> dict[str, list]:
     return {
         "user_id": [1, 2, 3, 9, 1],
@@ -97,10 +105,7 @@ def test_a_csv_of_labels_becomes_a_parquet_training_set(data: Path, tmp_path: Pa
     lines = [",".join(map(str, row)) for row in zip(*columns, strict=True)]
     csv.write_text("user_id,shop,label,event_timestamp\n" + "\n".join(lines) + "\n")
     out = tmp_path / "train.parquet"
-    done = featureserve(
-        "training-set", str(csv), "--features", ",".join(REFS), "--out", str(out),
-        "--data-dir", str(data),
-    )  # fmt: skip
+    done = build(csv, ",".join(REFS), out, data)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"wrote 5 rows x 4 features to {out} (")
     table = pq.read_table(out)
@@ -134,10 +139,7 @@ def test_parquet_labels_with_timestamp_values_and_as_served(data: Path, tmp_path
     source = tmp_path / "labels.parquet"
     pq.write_table(table, source)
     out = tmp_path / "served.parquet"
-    done = featureserve(
-        "training-set", str(source), "--features", "spend:amount", "--out", str(out),
-        "--data-dir", str(data), "--as-served",
-    )  # fmt: skip
+    done = build(source, "spend:amount", out, data, "--as-served")
     assert done.returncode == 0, done.stderr
     served = pq.read_table(out)
     want = expected(data, ["spend:amount"], as_served=True)
@@ -174,45 +176,34 @@ def test_parquet_labels_with_timestamp_values_and_as_served(data: Path, tmp_path
 def test_refused_inputs_name_what_to_fix(data, tmp_path, monkeypatch, csv, features, code, message):
     monkeypatch.chdir(tmp_path)
     Path("labels.csv").write_text(csv)
-    done = featureserve(
-        "training-set", "labels.csv", "--features", features, "--out", "out.parquet",
-        "--data-dir", str(data),
-    )  # fmt: skip
+    done = build("labels.csv", features, "out.parquet", data)
     assert (done.returncode, done.stdout) == (code, ""), done.stderr
     assert message in done.stderr
     assert not Path("out.parquet").exists()
 
 
 def test_empty_parquet_and_uppercase_names_and_a_directory_out(data: Path, tmp_path: Path):
-    """A file of no rows gives a typed empty set (shards concatenate); Parquet is known by its
-    magic, not its name; an OUT that cannot be replaced leaves no partial file."""
+    """A file of no rows still types the columns it adds; Parquet is known by its magic, not
+    its name; an OUT that cannot be replaced leaves no partial file."""
     empty = pa.table(
         {"user_id": pa.array([], pa.int64()), "event_timestamp": pa.array([], pa.int64())}
     )
     source = tmp_path / "LABELS.PARQUET"
     pq.write_table(empty, source)
     out = tmp_path / "empty.parquet"
-    done = featureserve(
-        "training-set", str(source), "--features", "spend", "--out", str(out),
-        "--data-dir", str(data),
-    )  # fmt: skip
+    done = build(source, "spend", out, data)
     assert done.returncode == 0, done.stderr
+    assert done.stdout == f"wrote 0 rows x 2 features to {out}\n"
     written = pq.read_table(out)
     assert written.num_rows == 0
     assert written.schema.field("spend:amount__status").type == pa.string()
     (tmp_path / "taken").mkdir()
-    done = featureserve(
-        "training-set", str(source), "--features", "spend", "--out", str(tmp_path / "taken"),
-        "--data-dir", str(data),
-    )  # fmt: skip
+    done = build(source, "spend", tmp_path / "taken", data)
     assert done.returncode == 1
     assert "--out" in done.stderr and done.stderr.count("\n") == 1
     assert not list(tmp_path.glob(".*partial"))
     pq.write_table(pa.table({"user_id": [True], "event_timestamp": [5]}), source)
-    done = featureserve(
-        "training-set", str(source), "--features", "spend", "--out", str(out),
-        "--data-dir", str(data),
-    )  # fmt: skip
+    done = build(source, "spend", out, data)
     assert done.returncode == 2
     assert "'user_id': bool values, expected INT64 join keys" in done.stderr
 
@@ -221,10 +212,7 @@ def test_labels_before_the_history_horizon_are_refused_naming_the_column(data: P
     compacted = featureserve("compact-history", "--data-dir", str(data), "--before", "2026-01-01")
     assert compacted.returncode == 0, compacted.stderr
     (tmp_path / "old.csv").write_text("user_id,event_timestamp\n1,2025-06-01T00:00:00Z\n")
-    done = featureserve(
-        "training-set", str(tmp_path / "old.csv"), "--features", "spend:amount", "--out",
-        str(tmp_path / "o.parquet"), "--data-dir", str(data),
-    )  # fmt: skip
+    done = build(tmp_path / "old.csv", "spend:amount", tmp_path / "o.parquet", data)
     assert done.returncode == 2
     assert "LABELS column 'event_timestamp': row 0 is" in done.stderr
     assert "before the history's horizon" in done.stderr
@@ -236,9 +224,6 @@ def test_a_csv_with_a_byte_order_mark_keeps_its_other_columns_as_text(data: Path
     source = tmp_path / "excel.csv"
     source.write_bytes(b"\xef\xbb\xbf\nnote,user_id,event_timestamp\n007,1,5\n")
     out = tmp_path / "excel.parquet"
-    done = featureserve(
-        "training-set", str(source), "--features", "spend:amount", "--out", str(out),
-        "--data-dir", str(data),
-    )  # fmt: skip
+    done = build(source, "spend:amount", out, data)
     assert done.returncode == 0, done.stderr
     assert pq.read_table(out).column("note").to_pylist() == ["007"]

@@ -1,4 +1,5 @@
-"""Convert registry definitions (featurestore.registry dataclasses) to and from protobuf.
+"""Convert registry definitions (featurestore.registry dataclasses: entities, feature views and
+feature services) to and from protobuf.
 
 Both the server's registry RPCs and the client's `apply` use this, so a definition reads
 the same on both sides of the wire.
@@ -10,7 +11,15 @@ from collections.abc import Sequence
 
 from featurestore.dtypes import DType
 from featurestore.errors import InvalidArgumentError
-from featurestore.registry import KEY_DTYPES, ApplyResult, Entity, Feature, FeatureView, JoinKey
+from featurestore.registry import (
+    KEY_DTYPES,
+    ApplyResult,
+    Entity,
+    Feature,
+    FeatureService,
+    FeatureView,
+    JoinKey,
+)
 from protos.featureserve.v1 import feature_store_pb2 as pb
 
 ACTIONS = {
@@ -134,22 +143,64 @@ def view_from_proto(msg: pb.FeatureView, field: str = "view") -> FeatureView:
     )
 
 
+def service_to_proto(service: FeatureService) -> pb.FeatureService:
+    """FeatureService -> featureserve.v1.FeatureService."""
+    where = f"feature service {service.name!r}"
+    return pb.FeatureService(
+        name=service.name,
+        features=list(service.features),
+        description=service.description,
+        owner=service.owner,
+        tags=dict(service.tags),
+        created_us=_fits(service.created_us, INT64, f"{where}: created_us"),
+        updated_us=_fits(service.updated_us, INT64, f"{where}: updated_us"),
+    )
+
+
+def service_from_proto(msg: pb.FeatureService) -> FeatureService:
+    """featureserve.v1.FeatureService -> FeatureService. The output-only times are carried
+    over for readers; Registry.apply ignores them."""
+    return FeatureService(
+        name=msg.name,
+        features=tuple(msg.features),
+        description=msg.description,
+        owner=msg.owner,
+        tags=dict(msg.tags),
+        created_us=msg.created_us,
+        updated_us=msg.updated_us,
+    )
+
+
 def apply_result_to_proto(result: ApplyResult) -> pb.ApplyResult:
     """ApplyResult -> featureserve.v1.ApplyResult."""
-    return pb.ApplyResult(view=result.view, version=result.version, action=ACTIONS[result.action])
+    return pb.ApplyResult(
+        view=result.view,
+        version=result.version,
+        action=ACTIONS[result.action],
+        feature_service=result.feature_service,
+    )
 
 
 def apply_result_from_proto(msg: pb.ApplyResult) -> ApplyResult:
     """featureserve.v1.ApplyResult -> ApplyResult."""
-    return ApplyResult(view=msg.view, version=msg.version, action=ACTION_NAMES[msg.action])
+    return ApplyResult(
+        view=msg.view,
+        version=msg.version,
+        action=ACTION_NAMES[msg.action],
+        feature_service=msg.feature_service,
+    )
 
 
 def apply_request(
-    entities: Sequence[Entity], views: Sequence[FeatureView], dry_run: bool = False
+    entities: Sequence[Entity],
+    views: Sequence[FeatureView],
+    dry_run: bool = False,
+    services: Sequence[FeatureService] = (),
 ) -> pb.ApplyFeatureViewsRequest:
     """An ApplyFeatureViews request."""
     return pb.ApplyFeatureViewsRequest(
         entities=[entity_to_proto(e) for e in entities],
         views=[view_to_proto(v) for v in views],
         dry_run=dry_run,
+        feature_services=[service_to_proto(s) for s in services],
     )

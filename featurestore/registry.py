@@ -1,4 +1,5 @@
-"""Entities and versioned feature views, stored in the online store's LMDB environment.
+"""Entities, versioned feature views and feature services, stored in the online store's LMDB
+environment.
 
 Definitions live in their own named database; a generation counter bumped by every apply and
 delete lets each process keep a parsed in-memory cache and refresh it with one cheap `get`.
@@ -33,6 +34,7 @@ from featurestore.errors import (
     UnavailableError,
     quoted,
 )
+from featurestore.feature_refs import ViewKey, parse_feature_refs, split_ref
 
 T = TypeVar("T")
 
@@ -140,12 +142,37 @@ def close_names(name: str, known: Sequence[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
+class FeatureService:
+    """A named set of feature references read together (Feast's FeatureService): a model's
+    features, looked up by one name. References are GetOnlineFeatures' ("view:feature", "view",
+    "view@2:feature", "view@2"); one without a version reads the latest at each lookup. The
+    registry keeps every stored service resolvable: each view at one version, each feature named
+    once and present in the version it reads. tags is a plain dict; treat it as read-only."""
+
+    name: str
+    features: tuple[str, ...]
+    description: str = ""
+    owner: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    created_us: int = field(default=0, compare=False)
+    updated_us: int = field(default=0, compare=False)
+
+    @cached_property
+    def reads(self) -> dict[ViewKey, list[str] | None]:
+        """The references grouped by (view, version) as parse_feature_refs groups them: what a
+        lookup by this service reads, parsed once per stored definition."""
+        return parse_feature_refs(list(self.features))
+
+
+@dataclass(frozen=True)
 class ApplyResult:
-    """What apply did to one view: action is "created", "updated" or "unchanged"."""
+    """What apply did to one view, or to one feature service (feature_service set, view empty
+    and version 0): action is "created", "updated" or "unchanged"."""
 
     view: str
     version: int
     action: str
+    feature_service: str = ""
 
 
 class TxnSource(Protocol):
@@ -178,6 +205,10 @@ def _entity_key(name: str) -> bytes:
 
 def _view_key(name: str, version: int) -> bytes:
     return b"v\x00" + name.encode() + b"\x00" + version.to_bytes(4, "big")
+
+
+def _service_key(name: str) -> bytes:
+    return b"s\x00" + name.encode()
 
 
 def _entity_to_json(entity: Entity) -> bytes:
@@ -221,6 +252,25 @@ def _view_from_json(raw: bytes) -> FeatureView:
     feats = tuple(Feature(n, DType(t), vl, desc, nan) for n, t, vl, desc, nan in d.pop("features"))
     history = tuple((since, ttl) for since, ttl in d.pop("ttl_history", ()))
     return FeatureView(features=feats, ttl_history=history, **d)
+
+
+def _service_to_json(service: FeatureService) -> bytes:
+    return json.dumps(
+        {
+            "name": service.name,
+            "features": list(service.features),
+            "description": service.description,
+            "owner": service.owner,
+            "tags": dict(service.tags),
+            "created_us": service.created_us,
+            "updated_us": service.updated_us,
+        }
+    ).encode()
+
+
+def _service_from_json(raw: bytes) -> FeatureService:
+    d = json.loads(raw)
+    return FeatureService(features=tuple(d.pop("features")), **d)
 
 
 def _check_name(kind: str, name: object) -> None:
@@ -268,19 +318,15 @@ def check_repeats(
     views: Sequence[FeatureView],
     entity_field: str = "entities",
     view_field: str = "views",
+    services: Sequence[FeatureService] = (),
+    service_field: str = "feature_services",
 ) -> None:
-    """InvalidArgumentError naming both positions of an entity name, or of a view name and
-    version, declared twice in one apply (a view with no version, the latest, clashes with any
-    other declaration of it): applied in turn, the second would merge silently into the first.
-    The fields name the two lists as the caller wrote them."""
-    first_entity: dict[str, int] = {}
-    for i, entity in enumerate(entities):
-        first = first_entity.setdefault(entity.name, i)
-        if first != i:
-            raise InvalidArgumentError(
-                f"{entity_field}[{i}]: entity {quoted(entity.name)} is declared again (first at "
-                f"{entity_field}[{first}]); declare each entity once"
-            )
+    """InvalidArgumentError naming both positions of an entity or feature service name, or of a
+    view name and version, declared twice in one apply (a view with no version, the latest,
+    clashes with any other declaration of it): applied in turn, the second would merge silently
+    into the first. The fields name the lists as the caller wrote them."""
+    _check_names_once([e.name for e in entities], entity_field, "entity")
+    _check_names_once([s.name for s in services], service_field, "feature service")
     by_name: dict[str, list[tuple[int, int]]] = {}
     for i, view in enumerate(views):
         declared = by_name.setdefault(view.name, [])
@@ -301,6 +347,18 @@ def check_repeats(
                     "which the other one may be: give each declaration its own explicit version"
                 )
         declared.append((i, view.version))
+
+
+def _check_names_once(names: Sequence[str], list_field: str, kind: str) -> None:
+    """InvalidArgumentError naming both positions of a name that `names` holds twice."""
+    first_at: dict[str, int] = {}
+    for i, name in enumerate(names):
+        first = first_at.setdefault(name, i)
+        if first != i:
+            raise InvalidArgumentError(
+                f"{list_field}[{i}]: {kind} {quoted(name)} is declared again (first at "
+                f"{list_field}[{first}]); declare each {kind} once"
+            )
 
 
 def _as_version(version: int) -> str:
@@ -357,6 +415,78 @@ def validate_view(view: FeatureView, entity: Entity | None) -> None:
     for key, value in view.tags.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidArgumentError(f"{where}: tags must map str to str, got {key!r}")
+
+
+def validate_service(service: FeatureService) -> None:
+    """Raise InvalidArgumentError naming the bad field of a feature service definition: its
+    name, an empty or malformed reference, a view read at two versions, a feature named twice,
+    or tags that are not str -> str (what needs no registered view to check)."""
+    _check_name("feature service name", service.name)
+    where = f"feature service {service.name!r}"
+    if isinstance(service.features, str) or not service.features:
+        raise InvalidArgumentError(
+            f"{where}: features must list at least one reference, e.g. ['user:age'], got "
+            f"{service.features!r}"
+        )
+    versions: dict[str, tuple[int, int]] = {}
+    named: dict[str, dict[str | None, int]] = {}
+    for i, ref in enumerate(service.features):
+        if not isinstance(ref, str):
+            raise InvalidArgumentError(f"{where}: features[{i}]: expected str, got {ref!r}")
+        try:
+            (view, version), feature, _ = split_ref(ref, i)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{where}: {exc}") from None
+        first_version = versions.setdefault(view, (version, i))
+        if first_version[0] != version:
+            raise InvalidArgumentError(
+                f"{where}: features[{i}] {quoted(ref)} reads view {view!r} "
+                f"{_at_version(version)}, but features[{first_version[1]}] reads it "
+                f"{_at_version(first_version[0])}; a service reads each view at one version"
+            )
+        of_view = named.setdefault(view, {})
+        # a whole-view reference (None) overlaps every other reference to the view
+        overlaps = of_view if feature is None else [k for k in (feature, None) if k in of_view]
+        if overlaps:
+            first = min(of_view[k] for k in overlaps)
+            raise InvalidArgumentError(
+                f"{where}: features[{i}] {quoted(ref)} reads again what features[{first}] "
+                f"{quoted(service.features[first])} reads; name each feature once"
+            )
+        of_view[feature] = i
+    for key, value in service.tags.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgumentError(f"{where}: tags must map str to str, got {key!r}")
+
+
+def _at_version(version: int) -> str:
+    return f"at version {version}" if version else "at its latest version"
+
+
+def service_problem(
+    service: FeatureService, views: Mapping[str, Mapping[int, FeatureView]]
+) -> str | None:
+    """Why `service` cannot be read from `views` (each view name -> its versions), naming its
+    first unresolvable reference and the view version it resolves to; None when it can."""
+    for i, ref in enumerate(service.features):
+        (name, version), feature, _ = split_ref(ref, i)
+        versions = views.get(name)
+        what = f"features[{i}] {quoted(ref)}"
+        if not versions:
+            missing = f"{what}: feature view {name!r} is not registered"
+            return str(NotFoundError(missing, "view", close_names(name, sorted(views))))
+        view = versions.get(version or max(versions))
+        if view is None:
+            return (
+                f"{what}: feature view {name!r} has no version {version}; versions: "
+                f"{', '.join(str(v) for v in sorted(versions))}"
+            )
+        if feature is not None and feature not in view._by_name:
+            which = "" if version else " (its latest)"
+            missing = f"{what}: feature view {name!r} v{view.version}{which} has no feature"
+            close = close_names(feature, sorted(view._by_name))
+            return str(NotFoundError(f"{missing} {feature!r}", "feature", close))
+    return None
 
 
 def _feature_dtype(view: FeatureView, feat: Feature) -> DType:
@@ -421,6 +551,20 @@ def _merge(old: FeatureView, new: FeatureView, latest: int) -> FeatureView | Non
 class _Snapshot:
     entities: dict[str, Entity]
     views: dict[str, dict[int, FeatureView]]
+    services: dict[str, FeatureService] = field(default_factory=dict)
+
+    def broken_service(self, changed: str) -> ConflictError | None:
+        """A ConflictError naming the first stored service that these views no longer resolve
+        (after `changed`, the change to the views being made), and how to keep it readable."""
+        for name in sorted(self.services):
+            problem = service_problem(self.services[name], self.views)
+            if problem is not None:
+                return ConflictError(
+                    f"{changed} would break feature service {name!r}: {problem}; re-apply the "
+                    "service without that reference (or pinned to a version that has it, e.g. "
+                    "'view@1:feature') first, or in the same apply, or delete the service"
+                )
+        return None
 
 
 def _generation(txn: lmdb.Transaction, db: lmdb._Database) -> int:
@@ -439,6 +583,9 @@ def _load_snapshot(txn: lmdb.Transaction, db: lmdb._Database) -> _Snapshot:
         elif key.startswith(b"v\x00"):
             view = _view_from_json(raw)
             snap.views.setdefault(view.name, {})[view.version] = view
+        elif key.startswith(b"s\x00"):
+            service = _service_from_json(raw)
+            snap.services[service.name] = service
     return snap
 
 
@@ -539,23 +686,54 @@ class Registry:
         snap = self._current()
         return [snap.entities[n] for n in sorted(snap.entities)]
 
+    def get_service(self, name: str, txn: lmdb.Transaction | None = None) -> FeatureService:
+        """The feature service `name`; NotFoundError suggests the closest services."""
+        snap = self._current() if txn is None else self._snapshot(txn)
+        service = snap.services.get(name)
+        if service is None:
+            raise NotFoundError(
+                f"feature service {quoted(name)} is not registered",
+                "feature service",
+                close_names(name, sorted(snap.services)),
+                "ListFeatureServices lists the services",
+            )
+        return service
+
+    def list_services(self, name_prefix: str = "") -> list[FeatureService]:
+        """Feature services whose name starts with name_prefix, by name."""
+        snap = self._current()
+        return [snap.services[n] for n in sorted(snap.services) if n.startswith(name_prefix)]
+
     def apply(
-        self, entities: Iterable[Entity], views: Iterable[FeatureView], dry_run: bool = False
+        self,
+        entities: Iterable[Entity],
+        views: Iterable[FeatureView],
+        dry_run: bool = False,
+        services: Iterable[FeatureService] = (),
     ) -> list[ApplyResult]:
-        """Register entities and views atomically, following the versioning rules.
+        """Register entities, views and feature services atomically, following the versioning
+        rules; the results are the views' in order, then the services'.
 
         Per view, version 0 lets the registry decide: same definition -> "unchanged"; only added
         features or metadata changes -> "updated" in place; dropped or retyped features ->
         ConflictError. version = latest+1 creates a new version; older versions stay readable.
-        An entity name, or a view name and version, given twice is an InvalidArgumentError.
+        A service must resolve against the views as this apply leaves them (else
+        InvalidArgumentError naming its reference), and so must every stored service (else
+        ConflictError: a new version that drops a feature a service reads from the latest).
+        An entity or service name, or a view name and version, given twice is an
+        InvalidArgumentError.
         """
         entities = list(entities)
         views = [_normalise(v) for v in views]
+        services = list(services)
         for entity in entities:
             validate_entity(replace(entity, join_keys=tuple(entity.join_keys)))
         for view in views:
             _check_name("feature view name", view.name)
-        check_repeats(entities, views)
+        for service in services:
+            validate_service(service)
+        services = [replace(s, features=tuple(s.features), tags=dict(s.tags)) for s in services]
+        check_repeats(entities, views, services=services)
 
         def work(txn: lmdb.Transaction) -> list[ApplyResult]:
             db = self._env.registry_db()
@@ -581,6 +759,10 @@ class Registry:
                     puts.append((_entity_key(entity.name), _entity_to_json(entity)))
                 snap.entities[entity.name] = entity
             results = [self._plan_view(snap, view, now, puts, new_views) for view in views]
+            results += [self._plan_service(snap, service, now, puts) for service in services]
+            broken = snap.broken_service("this apply") if new_views else None
+            if broken is not None:
+                raise broken
             if new_views:
                 self._check_room(snap)
             if dry_run:
@@ -653,21 +835,58 @@ class Registry:
         puts.append((_view_key(merged.name, merged.version), _view_to_json(merged)))
         return ApplyResult(merged.name, merged.version, "updated")
 
+    @staticmethod
+    def _plan_service(
+        snap: _Snapshot, service: FeatureService, now: int, puts: list[tuple[bytes, bytes]]
+    ) -> ApplyResult:
+        problem = service_problem(service, snap.views)
+        if problem is not None:
+            raise InvalidArgumentError(
+                f"feature service {service.name!r}: {problem}; apply the view (or the feature) "
+                "first or in the same apply, or fix the reference"
+            )
+        old = snap.services.get(service.name)
+        if old == service:
+            return ApplyResult("", 0, "unchanged", old.name)
+        created = now if old is None else old.created_us
+        stored = replace(service, created_us=created, updated_us=now)
+        snap.services[service.name] = stored
+        puts.append((_service_key(stored.name), _service_to_json(stored)))
+        return ApplyResult("", 0, "created" if old is None else "updated", stored.name)
+
     def delete_view(self, name: str, version: int) -> None:
         """Remove one version of a view and delete its databases (online rows and history),
-        freeing their room under max_dbs; NotFoundError if absent."""
+        freeing their room under max_dbs; NotFoundError if absent, ConflictError naming a
+        feature service that reads it (pinned, or through the latest with no older version
+        holding what it reads)."""
 
         def work(txn: lmdb.Transaction) -> None:
             db = self._env.registry_db()
             if version == 0:
                 raise InvalidArgumentError(f"delete_view {name!r}: name the version to delete")
             self.get_view(name, version, txn)
+            snap = _load_snapshot(txn, db)
+            del snap.views[name][version]
+            broken = snap.broken_service(f"deleting feature view {name!r} v{version}")
+            if broken is not None:
+                raise broken
             txn.delete(_view_key(name, version), db=db)
             _bump_generation(txn, db)
             self._env.drop_db(view_db_name(name, version), txn)
             self._env.drop_db(history_db_name(name, version), txn)
 
         self._env.run_write(work, exclusive=True)
+
+    def delete_service(self, name: str) -> None:
+        """Remove one feature service (the views it reads stay); NotFoundError if absent."""
+
+        def work(txn: lmdb.Transaction) -> None:
+            db = self._env.registry_db()
+            self.get_service(name, txn)
+            txn.delete(_service_key(name), db=db)
+            _bump_generation(txn, db)
+
+        self._env.run_write(work)
 
 
 def _bump_generation(txn: lmdb.Transaction, db: lmdb._Database) -> None:

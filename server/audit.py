@@ -34,14 +34,22 @@ log = logging.getLogger("featureserve.audit")
 
 T = TypeVar("T")
 
+
+def apply_target(request: Any) -> str:
+    """An ApplyFeatureViews record's target: the names of its views, then of its services."""
+    names = [v.name for v in request.views] + [s.name for s in request.feature_services]
+    return ",".join(names)
+
+
 UNAUTHENTICATED = "unauthenticated"
 _FS = "/featureserve.v1.FeatureStore/"
 _KS = "/inference.GRPCInferenceService/"
 AUDITED_METHODS: dict[str, tuple[str, Callable[[Any], str] | None]] = {
     _FS + "WriteFeatures": ("write_features", lambda r: r.view),
     _FS + "StreamWriteFeatures": ("write_features", None),
-    _FS + "ApplyFeatureViews": ("apply_feature_views", lambda r: ",".join(v.name for v in r.views)),
+    _FS + "ApplyFeatureViews": ("apply_feature_views", apply_target),
     _FS + "DeleteFeatureView": ("delete_feature_view", lambda r: f"{r.name}@{r.version}"),
+    _FS + "DeleteFeatureService": ("delete_feature_service", lambda r: r.name),
     _KS + "RepositoryModelLoad": ("model_load", lambda r: r.model_name),
     _KS + "RepositoryModelUnload": ("model_unload", lambda r: r.model_name),
 }

@@ -23,12 +23,12 @@ from featurestore.online_store import (
     WriteBatch,
     WriteResult,
 )
-from featurestore.registry import FeatureView
+from featurestore.registry import FeatureService, FeatureView
 from protos import arrays
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import types_pb2
-from server.audit import MAX_MESSAGE_CHARS, AuditLog
+from server.audit import MAX_MESSAGE_CHARS, AuditLog, apply_target
 from server.auth import AuthConfig, Authorizer, schema_scopes
 from server.drift import DriftMonitor
 from server.errors import abort, is_domain_error, maps_errors, status_for
@@ -359,9 +359,33 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         elif found is not None:
             found.version_deleted(self.store, version, remaining)
 
+    def _service(self, name: str) -> FeatureService:
+        """The feature service `name`; NotFoundError suggesting only services the caller may
+        see (every view they read)."""
+        registry = self.store.registry
+        try:
+            return registry.get_service(name)
+        except NotFoundError as exc:
+            if not self.auth.enabled:
+                raise
+            seen = [n for n in exc.suggestions if self._sees_service(registry.get_service(n))]
+            raise NotFoundError(exc.problem, exc.what, seen, exc.listed_by) from None
+
+    def _sees_service(self, service: FeatureService) -> bool:
+        return all(self.auth.sees_view(view) for view, _ in service.reads)
+
     def lookup(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
-        """Read every referenced view for the request's entities (the hot path)."""
-        refs = parse_feature_refs(list(request.features))
+        """Read every referenced view (listed, or those of a feature service) for the request's
+        entities (the hot path)."""
+        if request.feature_service:
+            if request.features:
+                raise InvalidArgumentError(
+                    f"features: {len(request.features)} references sent with feature_service "
+                    f"{request.feature_service!r}; send one or the other"
+                )
+            refs = self._service(request.feature_service).reads
+        else:
+            refs = parse_feature_refs(list(request.features))
         if self.auth.enabled:
             self.auth.require(*{f"read:{view}" for view, _ in refs})
         keys, rows = decode_keys(request.entity_keys, self.max_rows)
@@ -536,13 +560,13 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         ]
         self.auth.require("admin")
         views = [rm.view_from_proto(v, f"views[{i}]") for i, v in enumerate(request.views)]
-        target = ",".join(v.name for v in views)
+        services = [rm.service_from_proto(s) for s in request.feature_services]
         results = await self.audit.change(
             "apply_feature_views",
-            target,
+            apply_target(request),
             context,
             lambda _: asyncio.to_thread(
-                self.store.registry.apply, entities, views, request.dry_run
+                self.store.registry.apply, entities, views, request.dry_run, services
             ),
             dry_run=request.dry_run,
         )
@@ -569,3 +593,33 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         )
         self._view_deleted(request.name, request.version)
         return pb.DeleteFeatureViewResponse()
+
+    @maps_errors
+    async def ListFeatureServices(self, request, context):
+        """The services matching name_prefix whose every view the caller may read or write."""
+        services = self.store.registry.list_services(request.name_prefix)
+        return pb.ListFeatureServicesResponse(
+            feature_services=[rm.service_to_proto(s) for s in services if self._sees_service(s)]
+        )
+
+    @maps_errors
+    async def GetFeatureService(self, request, context):
+        if not request.name:
+            raise InvalidArgumentError("name: empty; name the feature service to fetch")
+        service = self._service(request.name)
+        for view, _ in service.reads:
+            self.auth.require_any(*schema_scopes(view))
+        return rm.service_to_proto(service)
+
+    @maps_errors
+    async def DeleteFeatureService(self, request, context):
+        self.auth.require("admin")
+        if not request.name:
+            raise InvalidArgumentError("name: empty; name the feature service to delete")
+        await self.audit.change(
+            "delete_feature_service",
+            request.name,
+            context,
+            lambda _: asyncio.to_thread(self.store.registry.delete_service, request.name),
+        )
+        return pb.DeleteFeatureServiceResponse()

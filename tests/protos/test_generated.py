@@ -29,7 +29,8 @@ def test_services_have_every_rpc_of_the_contract() -> None:
     }
     assert methods["featureserve.v1.FeatureStore"] == sorted(
         ["GetOnlineFeatures", "WriteFeatures", "StreamWriteFeatures", "ListFeatureViews",
-         "GetFeatureView", "ApplyFeatureViews", "DeleteFeatureView"]
+         "GetFeatureView", "ApplyFeatureViews", "DeleteFeatureView", "ListFeatureServices",
+         "GetFeatureService", "DeleteFeatureService"]
     )  # fmt: skip
     assert methods["featureserve.v1.Prediction"] == ["Predict", "StreamPredict"]
     assert set(methods["inference.GRPCInferenceService"]) >= {

@@ -14,6 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clients import feature_messages as fm
+from clients import registry_messages as rm
+from featurestore.dtypes import DType
+from featurestore.registry import Entity, Feature, FeatureService, FeatureView, JoinKey
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
 from protos.featureserve.v1 import prediction_pb2, prediction_pb2_grpc
@@ -344,6 +348,9 @@ def request_of(rpc: str):
         "GetFeatureView": pb.GetFeatureViewRequest(name="profile"),
         "ApplyFeatureViews": pb.ApplyFeatureViewsRequest(),
         "DeleteFeatureView": pb.DeleteFeatureViewRequest(name="profile", version=9),
+        "ListFeatureServices": pb.ListFeatureServicesRequest(),
+        "GetFeatureService": pb.GetFeatureServiceRequest(name="svc"),
+        "DeleteFeatureService": pb.DeleteFeatureServiceRequest(name="absent"),
         "Predict": prediction_pb2.PredictRequest(model="m1"),
         "StreamPredict": iter([prediction_pb2.PredictRequest(model="m1")]),
         "ServerLive": ks.ServerLiveRequest(),
@@ -371,6 +378,9 @@ MATRIX: dict[str, tuple[str, str | None, str | None]] = {
     "GetFeatureView": ("reader", "inferer", "other"),
     "ApplyFeatureViews": ("admin", "writer", None),
     "DeleteFeatureView": ("admin", "writer", None),
+    "ListFeatureServices": ("reader", "inferer", None),
+    "GetFeatureService": ("writer", "inferer", "other"),
+    "DeleteFeatureService": ("admin", "writer", None),
     "Predict": ("inferer", "reader", "other"),
     "StreamPredict": ("inferer", "reader", "other"),
     "ServerLive": ("reader", None, None),
@@ -387,9 +397,9 @@ MATRIX: dict[str, tuple[str, str | None, str | None]] = {
     "RepositoryModelUnload": ("admin", "inferer", None),
 }
 STUBS = {
-    **dict.fromkeys(list(MATRIX)[:7], pb_grpc.FeatureStoreStub),
-    **dict.fromkeys(list(MATRIX)[7:9], prediction_pb2_grpc.PredictionStub),
-    **dict.fromkeys(list(MATRIX)[9:], ks_grpc.GRPCInferenceServiceStub),
+    **dict.fromkeys(list(MATRIX)[:10], pb_grpc.FeatureStoreStub),
+    **dict.fromkeys(list(MATRIX)[10:12], prediction_pb2_grpc.PredictionStub),
+    **dict.fromkeys(list(MATRIX)[12:], ks_grpc.GRPCInferenceServiceStub),
 }
 CASES = [
     (rpc, case)
@@ -409,6 +419,15 @@ def secured(tmp_path_factory):
     config.write_text(AUTH_TOML)
     server = ServerProcess(base / "data", base / "models", "--config", str(config)).start()
     channel = grpc.insecure_channel(server.target)
+    pb_grpc.FeatureStoreStub(channel).ApplyFeatureViews(
+        rm.apply_request(
+            [Entity("user", (JoinKey("user_id", DType.INT64),))],
+            [FeatureView("profile", "user", (Feature("f", DType.FLOAT32),))],
+            services=[FeatureService("svc", ("profile:f",))],
+        ),
+        metadata=(("authorization", f"Bearer {TOKENS['admin'][0]}"),),
+        timeout=20,
+    )
     yield channel
     channel.close()
     server.kill()
@@ -509,9 +528,6 @@ def serve_with_views(tmp_path: Path, config_text: str, entities: list, views: li
 def test_open_methods_are_open_through_the_servicers_checks(tmp_path: Path) -> None:
     """Methods listed in open_methods answer without a token even where the servicer checks
     a per-view scope (GetFeatureView, ListFeatureViews); unlisted ones stay closed."""
-    from featurestore.dtypes import DType
-    from featurestore.registry import Entity, Feature, FeatureView, JoinKey
-
     opened = ["featureserve.v1.FeatureStore/GetFeatureView",
               "featureserve.v1.FeatureStore/ListFeatureViews",
               "inference.GRPCInferenceService"]  # fmt: skip
@@ -545,8 +561,6 @@ def test_a_write_only_token_reads_the_schema_it_writes_to(tmp_path: Path) -> Non
     import sys
 
     from clients.feature_client import FeatureStoreClient
-    from featurestore.dtypes import DType
-    from featurestore.registry import Entity, Feature, FeatureView, JoinKey
 
     server, admin = serve_with_views(
         tmp_path,
@@ -606,5 +620,62 @@ def test_a_write_only_token_reads_the_schema_it_writes_to(tmp_path: Path) -> Non
             with pytest.raises(grpc.RpcError) as no_read:
                 stub.GetOnlineFeatures(lookup, metadata=writer, timeout=20)
             assert no_read.value.code() == DENIED
+    finally:
+        server.kill()
+
+
+def test_feature_services_show_and_serve_only_what_the_token_may_read(tmp_path: Path) -> None:
+    """A service is listed, fetched and looked up only by a caller who may read every view it
+    reads; a NOT_FOUND's suggestions leave out the services the caller cannot see."""
+    server, admin = serve_with_views(
+        tmp_path,
+        AUTH_TOML,
+        [Entity("user", (JoinKey("user_id", DType.INT64),))],
+        [
+            FeatureView("profile", "user", (Feature("score", DType.FLOAT32),)),
+            FeatureView("secret", "user", (Feature("risk", DType.FLOAT32),)),
+        ],
+    )
+    reader = (("authorization", f"Bearer {TOKENS['reader'][0]}"),)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.FeatureStoreStub(channel)
+            services = [
+                FeatureService("scoring", ("profile:score",)),
+                FeatureService("scoring_plus", ("profile", "secret:risk")),
+            ]
+            stub.ApplyFeatureViews(
+                rm.apply_request([], [], services=services),
+                metadata=(("authorization", f"Bearer {admin.token}"),),
+                timeout=20,
+            )
+            listed = stub.ListFeatureServices(pb.ListFeatureServicesRequest(), metadata=reader)
+            assert [s.name for s in listed.feature_services] == ["scoring"]
+            keys = fm.key_columns({"user_id": [1]})
+            got = stub.GetOnlineFeatures(
+                pb.GetOnlineFeaturesRequest(entity_keys=keys, feature_service="scoring"),
+                metadata=reader,
+            )
+            assert [v.view for v in got.views] == ["profile"]
+            for call in (
+                lambda: stub.GetOnlineFeatures(
+                    pb.GetOnlineFeaturesRequest(entity_keys=keys, feature_service="scoring_plus"),
+                    metadata=reader,
+                ),
+                lambda: stub.GetFeatureService(
+                    pb.GetFeatureServiceRequest(name="scoring_plus"), metadata=reader
+                ),
+            ):
+                with pytest.raises(grpc.RpcError) as denied:
+                    call()
+                assert denied.value.code() == DENIED
+                assert "lacks scope 'read:secret'" in denied.value.details()
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.GetFeatureService(
+                    pb.GetFeatureServiceRequest(name="scoring_plu"), metadata=reader
+                )
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "did you mean 'scoring'?" in missing.value.details()
+            assert "scoring_plus" not in missing.value.details()
     finally:
         server.kill()

@@ -87,13 +87,40 @@ class TtlChange(_message.Message):
     ttl_seconds: int
     def __init__(self, since_us: _Optional[int] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
+class FeatureService(_message.Message):
+    __slots__ = ("name", "features", "description", "owner", "tags", "created_us", "updated_us")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_US_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_US_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    features: _containers.RepeatedScalarFieldContainer[str]
+    description: str
+    owner: str
+    tags: _containers.ScalarMap[str, str]
+    created_us: int
+    updated_us: int
+    def __init__(self, name: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., owner: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., created_us: _Optional[int] = ..., updated_us: _Optional[int] = ...) -> None: ...
+
 class GetOnlineFeaturesRequest(_message.Message):
-    __slots__ = ("entity_keys", "features")
+    __slots__ = ("entity_keys", "features", "feature_service")
     ENTITY_KEYS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
     entity_keys: _containers.RepeatedCompositeFieldContainer[_types_pb2.NamedArray]
     features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, entity_keys: _Optional[_Iterable[_Union[_types_pb2.NamedArray, _Mapping]]] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+    feature_service: str
+    def __init__(self, entity_keys: _Optional[_Iterable[_Union[_types_pb2.NamedArray, _Mapping]]] = ..., features: _Optional[_Iterable[str]] = ..., feature_service: _Optional[str] = ...) -> None: ...
 
 class ViewResult(_message.Message):
     __slots__ = ("view", "version", "event_timestamps", "blocks")
@@ -180,17 +207,19 @@ class DeleteFeatureViewResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ApplyFeatureViewsRequest(_message.Message):
-    __slots__ = ("entities", "views", "dry_run")
+    __slots__ = ("entities", "views", "dry_run", "feature_services")
     ENTITIES_FIELD_NUMBER: _ClassVar[int]
     VIEWS_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SERVICES_FIELD_NUMBER: _ClassVar[int]
     entities: _containers.RepeatedCompositeFieldContainer[Entity]
     views: _containers.RepeatedCompositeFieldContainer[FeatureView]
     dry_run: bool
-    def __init__(self, entities: _Optional[_Iterable[_Union[Entity, _Mapping]]] = ..., views: _Optional[_Iterable[_Union[FeatureView, _Mapping]]] = ..., dry_run: bool = ...) -> None: ...
+    feature_services: _containers.RepeatedCompositeFieldContainer[FeatureService]
+    def __init__(self, entities: _Optional[_Iterable[_Union[Entity, _Mapping]]] = ..., views: _Optional[_Iterable[_Union[FeatureView, _Mapping]]] = ..., dry_run: bool = ..., feature_services: _Optional[_Iterable[_Union[FeatureService, _Mapping]]] = ...) -> None: ...
 
 class ApplyResult(_message.Message):
-    __slots__ = ("view", "version", "action")
+    __slots__ = ("view", "version", "action", "feature_service")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[ApplyResult.Action]
@@ -204,13 +233,43 @@ class ApplyResult(_message.Message):
     VIEW_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
     view: str
     version: int
     action: ApplyResult.Action
-    def __init__(self, view: _Optional[str] = ..., version: _Optional[int] = ..., action: _Optional[_Union[ApplyResult.Action, str]] = ...) -> None: ...
+    feature_service: str
+    def __init__(self, view: _Optional[str] = ..., version: _Optional[int] = ..., action: _Optional[_Union[ApplyResult.Action, str]] = ..., feature_service: _Optional[str] = ...) -> None: ...
 
 class ApplyFeatureViewsResponse(_message.Message):
     __slots__ = ("results",)
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ApplyResult]
     def __init__(self, results: _Optional[_Iterable[_Union[ApplyResult, _Mapping]]] = ...) -> None: ...
+
+class ListFeatureServicesRequest(_message.Message):
+    __slots__ = ("name_prefix",)
+    NAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    name_prefix: str
+    def __init__(self, name_prefix: _Optional[str] = ...) -> None: ...
+
+class ListFeatureServicesResponse(_message.Message):
+    __slots__ = ("feature_services",)
+    FEATURE_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    feature_services: _containers.RepeatedCompositeFieldContainer[FeatureService]
+    def __init__(self, feature_services: _Optional[_Iterable[_Union[FeatureService, _Mapping]]] = ...) -> None: ...
+
+class GetFeatureServiceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteFeatureServiceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteFeatureServiceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

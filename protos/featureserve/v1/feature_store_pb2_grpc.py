@@ -75,6 +75,21 @@ class FeatureStoreStub(object):
                 request_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewRequest.SerializeToString,
                 response_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewResponse.FromString,
                 _registered_method=True)
+        self.ListFeatureServices = channel.unary_unary(
+                '/featureserve.v1.FeatureStore/ListFeatureServices',
+                request_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ListFeatureServicesRequest.SerializeToString,
+                response_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ListFeatureServicesResponse.FromString,
+                _registered_method=True)
+        self.GetFeatureService = channel.unary_unary(
+                '/featureserve.v1.FeatureStore/GetFeatureService',
+                request_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.GetFeatureServiceRequest.SerializeToString,
+                response_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.FeatureService.FromString,
+                _registered_method=True)
+        self.DeleteFeatureService = channel.unary_unary(
+                '/featureserve.v1.FeatureStore/DeleteFeatureService',
+                request_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureServiceRequest.SerializeToString,
+                response_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureServiceResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureStoreServicer(object):
@@ -127,6 +142,28 @@ class FeatureStoreServicer(object):
 
     def DeleteFeatureView(self, request, context):
         """Delete one version of a feature view: its definition, online rows and history.
+        Refused (FAILED_PRECONDITION) while a feature service reads it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFeatureServices(self, request, context):
+        """List the registered feature services (registered and updated with ApplyFeatureViews).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFeatureService(self, request, context):
+        """Fetch one feature service definition.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFeatureService(self, request, context):
+        """Delete one feature service (its definition only: the views it reads stay).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,6 +206,21 @@ def add_FeatureStoreServicer_to_server(servicer, server):
                     servicer.DeleteFeatureView,
                     request_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewRequest.FromString,
                     response_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewResponse.SerializeToString,
+            ),
+            'ListFeatureServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFeatureServices,
+                    request_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ListFeatureServicesRequest.FromString,
+                    response_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ListFeatureServicesResponse.SerializeToString,
+            ),
+            'GetFeatureService': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeatureService,
+                    request_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.GetFeatureServiceRequest.FromString,
+                    response_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.FeatureService.SerializeToString,
+            ),
+            'DeleteFeatureService': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFeatureService,
+                    request_deserializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureServiceRequest.FromString,
+                    response_serializer=protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureServiceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +413,87 @@ class FeatureStore(object):
             '/featureserve.v1.FeatureStore/DeleteFeatureView',
             protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewRequest.SerializeToString,
             protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureViewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFeatureServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureserve.v1.FeatureStore/ListFeatureServices',
+            protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ListFeatureServicesRequest.SerializeToString,
+            protos_dot_featureserve_dot_v1_dot_feature__store__pb2.ListFeatureServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeatureService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureserve.v1.FeatureStore/GetFeatureService',
+            protos_dot_featureserve_dot_v1_dot_feature__store__pb2.GetFeatureServiceRequest.SerializeToString,
+            protos_dot_featureserve_dot_v1_dot_feature__store__pb2.FeatureService.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFeatureService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureserve.v1.FeatureStore/DeleteFeatureService',
+            protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureServiceRequest.SerializeToString,
+            protos_dot_featureserve_dot_v1_dot_feature__store__pb2.DeleteFeatureServiceResponse.FromString,
             options,
             channel_credentials,
             insecure,

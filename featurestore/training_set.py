@@ -12,6 +12,7 @@ import numpy as np
 from featurestore.errors import InvalidArgumentError
 from featurestore.feature_refs import parse_feature_refs, written_view_parts
 from featurestore.history import point_in_time
+from featurestore.registry import FeatureService
 
 if TYPE_CHECKING:
     from featurestore.online_store import OnlineStore
@@ -32,20 +33,20 @@ def training_set(
     store: OnlineStore,
     entity_rows: Mapping[str, np.ndarray],
     timestamps: object,
-    features: Sequence[str],
+    features: Sequence[str] | None = None,
     *,
+    feature_service: str | FeatureService | None = None,
     as_served: bool = False,
 ) -> TrainingSet:
     """For each labelled row (its join key columns in entity_rows, its label time in
     timestamps, int64 µs), the value of every referenced feature a training example sees then:
     point_in_time of each referenced view (version), by event time or as served, each joined
-    on the join keys of its own entity. InvalidArgumentError naming a missing join key column
-    or an empty feature list; NotFoundError naming an unknown view or feature."""
-    if isinstance(features, str) or not features:
-        raise InvalidArgumentError(
-            f"features: got {features!r}; give a list of references, e.g. ['spend:amount']"
-        )
-    refs = list(features)
+    on the join keys of its own entity. The features are the references listed, or those of a
+    feature service as stored (so a model trains on what a lookup by that service serves), with
+    the same columns as its references listed. InvalidArgumentError naming a missing join key
+    column, an empty feature list, or both or neither of features and feature_service;
+    NotFoundError naming an unknown feature service, view or feature."""
+    refs = training_refs(store, features, feature_service)
     found = TrainingSet({}, {}, {})
     for ((name, version), wanted), written in zip(
         parse_feature_refs(refs).items(), written_view_parts(refs), strict=True
@@ -72,6 +73,32 @@ def training_set(
         {ref: found.statuses[ref] for ref in order},
         found.event_us,
     )
+
+
+def training_refs(
+    store: OnlineStore,
+    features: Sequence[str] | None,
+    feature_service: str | FeatureService | None,
+) -> list[str]:
+    """The references to read: `features` as given, or those of the feature service stored
+    under feature_service's name (a FeatureService object's own references are not used)."""
+    if (features is None) == (feature_service is None):
+        raise InvalidArgumentError(
+            "features, feature_service: give exactly one: a list of references, e.g. "
+            "['spend:amount'], or the name of a feature service"
+        )
+    if feature_service is None:
+        if isinstance(features, str) or not features:
+            raise InvalidArgumentError(
+                f"features: got {features!r}; give a list of references, e.g. ['spend:amount']"
+            )
+        return list(features)
+    name = feature_service.name if isinstance(feature_service, FeatureService) else feature_service
+    if not isinstance(name, str):
+        raise InvalidArgumentError(
+            f"feature_service: got {name!r}; give a service name or a FeatureService"
+        )
+    return list(store.registry.get_service(name).features)
 
 
 def _column_order(store: OnlineStore, refs: list[str], columns: Mapping[str, object]) -> list[str]:

@@ -27,18 +27,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "training-set",
         help="join features point-in-time onto labelled rows, written as Parquet",
-        description="For each row of LABELS, the value of every referenced feature a training "
-        "example sees at its label time: each view joined on its own entity's join keys, by "
+        description="For each row of LABELS, the value of every feature referenced (by "
+        "--features, or by the feature service --feature-service names) a training example "
+        "sees at its label time: each view joined on its own entity's join keys, by "
         "event time (as Feast) or, with --as-served, as GetOnlineFeatures answered then. Reads "
         "the store's history beside running servers and writes OUT as Parquet: the columns of "
         "LABELS, one column per feature (null unless present), VIEW__event_timestamp per view "
         "and FEATURE__status per feature.",
     )
     p.add_argument("labels", type=Path, metavar="LABELS", help="CSV or Parquet file")
-    p.add_argument(
+    selection = p.add_mutually_exclusive_group(required=True)
+    selection.add_argument(
         "--features",
-        required=True,
         help="comma-separated references: view:feature, view (every feature), view@2:feature",
+    )
+    selection.add_argument(
+        "--feature-service",
+        metavar="NAME",
+        help="the references of this feature service, with the columns a lookup by it names",
     )
     p.add_argument("--out", type=Path, required=True, help="Parquet file to write")
     p.add_argument(
@@ -62,19 +68,27 @@ class _Refused(Exception):
 
 def cmd_training_set(args: argparse.Namespace) -> int:
     """Write the training set; print one line of counts. Exit 2 for a flag or input it
-    refuses, 1 for an unknown view or feature (the store's error)."""
+    refuses, 1 for an unknown feature service, view or feature (the store's error)."""
     from featurestore.errors import InvalidArgumentError
     from featurestore.online_store import OnlineStore, StoreConfig
-    from featurestore.training_set import training_set
+    from featurestore.training_set import training_refs, training_set
     from server.config import ConfigError
 
-    refs = [ref.strip() for ref in args.features.split(",") if ref.strip()]
+    service = args.feature_service
+    listed = None
+    if args.features is not None:
+        listed = [ref.strip() for ref in args.features.split(",") if ref.strip()]
     try:
         data_dir = store_dir(args)
-        if not refs:
+        if listed == []:
             raise _Refused("--features: give at least one reference, e.g. spend:amount")
+        if service == "":
+            raise _Refused("--feature-service: empty; name a feature service, e.g. fraud")
         with OnlineStore(StoreConfig(data_dir, max_dbs=STORE_MAX_DBS)) as store:
-            key_types = _join_key_types(store, refs)
+            # the service is read once, so the key columns and the features agree
+            refs = training_refs(store, listed, service)
+            flag = "--features" if service is None else "--feature-service"
+            key_types = _join_key_types(store, refs, flag)
             labels = _read_labels(args.labels, key_types, args.timestamp_column)
             keys = {name: _key_column(labels, name, dtype) for name, dtype in key_types.items()}
             ts = _label_micros(labels.column(args.timestamp_column), args.timestamp_column)
@@ -104,9 +118,9 @@ def cmd_training_set(args: argparse.Namespace) -> int:
     return 0
 
 
-def _join_key_types(store: OnlineStore, refs: list[str]) -> dict[str, DType]:
-    """Each join key column the referenced views need, with its type; _Refused when two
-    entities type one column differently."""
+def _join_key_types(store: OnlineStore, refs: list[str], flag: str) -> dict[str, DType]:
+    """Each join key column the referenced views need, with its type; _Refused, naming the
+    flag that chose the views, when two entities type one column differently."""
     from featurestore.feature_refs import parse_feature_refs
 
     types: dict[str, DType] = {}
@@ -115,7 +129,7 @@ def _join_key_types(store: OnlineStore, refs: list[str]) -> dict[str, DType]:
         for key in entity.join_keys:
             if types.setdefault(key.name, key.dtype) != key.dtype:
                 raise _Refused(
-                    f"--features: join key {key.name!r} is {types[key.name].name} for one view "
+                    f"{flag}: join key {key.name!r} is {types[key.name].name} for one view "
                     f"and {key.dtype.name} for entity {entity.name!r}; one column cannot be both"
                 )
     return types

@@ -10,7 +10,7 @@ from featurestore.dtypes import DType
 from featurestore.errors import InvalidArgumentError, NotFoundError
 from featurestore.history import point_in_time
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
-from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from featurestore.registry import Entity, Feature, FeatureService, FeatureView, JoinKey
 from featurestore.training_set import training_set
 
 NOW = 1_800_000_000_000_000
@@ -114,3 +114,60 @@ def test_a_view_named_with_its_version_is_filed_under_the_name_as_written(store)
 def test_bad_requests_name_what_to_fix(store, rows, features, error, message):
     with pytest.raises(error, match=message):
         training_set(store, rows, np.full(3, NOW), features)
+
+
+def assert_same(got, want) -> None:
+    """Two training sets with the same columns, in the same order, holding the same values."""
+    assert list(got.values) == list(want.values) and list(got.event_us) == list(want.event_us)
+    for ref, values in want.values.items():
+        assert got.values[ref].tolist() == values.tolist()
+        assert got.statuses[ref].tolist() == want.statuses[ref].tolist()
+    for view, event_us in want.event_us.items():
+        assert got.event_us[view].tolist() == event_us.tolist()
+
+
+@pytest.mark.parametrize("as_served", [False, True])
+def test_a_feature_service_reads_what_its_references_read(store, as_served):
+    refs = ("rating:stars", "spend", "rating:embedding")
+    store.registry.apply([], [], services=[FeatureService("ranker", refs)])
+    rows, ts = labelled()
+    got = training_set(store, rows, ts, feature_service="ranker", as_served=as_served)
+    # a whole-view reference expands to the view's features in its order, as a lookup names them
+    assert list(got.values) == ["rating:stars", "spend:amount", "spend:note", "rating:embedding"]
+    assert_same(got, training_set(store, rows, ts, list(refs), as_served=as_served))
+
+
+def test_a_service_object_reads_its_stored_definition(store):
+    store.registry.apply([], [], services=[FeatureService("ranker", ("spend@1", "rating:stars"))])
+    rows, ts = labelled(6)
+    stale = FeatureService("ranker", ("spend:amount",))
+    got = training_set(store, rows, ts, feature_service=stale)
+    assert list(got.values) == ["spend@1:amount", "spend@1:note", "rating:stars"]
+    assert list(got.event_us) == ["spend@1", "rating"]
+    assert_same(got, training_set(store, rows, ts, ["spend@1", "rating:stars"]))
+
+
+@pytest.mark.parametrize(
+    ("selection", "error", "message"),
+    [
+        ({"feature_service": "rankr"}, NotFoundError, "feature service 'rankr' is not registered"),
+        (
+            {"feature_service": FeatureService("rankr", ("spend",))},
+            NotFoundError,
+            "'rankr' is not registered; did you mean 'ranker'",
+        ),
+        ({"feature_service": 3}, InvalidArgumentError, "feature_service: got 3"),
+        (
+            {"features": ["spend:amount"], "feature_service": "ranker"},
+            InvalidArgumentError,
+            "features, feature_service: give exactly one",
+        ),
+        ({}, InvalidArgumentError, "features, feature_service: give exactly one"),
+    ],
+)
+def test_a_service_unknown_or_given_with_features_or_neither_is_refused(
+    store, selection, error, message
+):
+    store.registry.apply([], [], services=[FeatureService("ranker", ("spend",))])
+    with pytest.raises(error, match=message):
+        training_set(store, {"user_id": np.arange(3)}, np.full(3, NOW), **selection)

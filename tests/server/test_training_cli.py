@@ -12,7 +12,7 @@ import pytest
 
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
-from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from featurestore.registry import Entity, Feature, FeatureService, FeatureView, JoinKey
 from featurestore.training_set import training_set
 from tests.conftest import featureserve
 
@@ -67,11 +67,15 @@ def data(tmp_path: Path) -> Path:
 
 
 def build(labels: str | Path, features: str, out: str | Path, data: Path, *flags: str):
-    """Run `featureserve training-set` to its end."""
+    """Run `featureserve training-set --features` to its end."""
+    return build_with(labels, out, data, "--features", features, *flags)
+
+
+def build_with(labels: str | Path, out: str | Path, data: Path, *flags: str):
+    """Run `featureserve training-set` with these flags choosing the features."""
     return featureserve(
-        "training-set", str(labels), "--features", features, "--out", str(out),
-        "--data-dir", str(data), *flags,
-    )  # fmt: skip
+        "training-set", str(labels), "--out", str(out), "--data-dir", str(data), *flags
+    )
 
 
 def labels() -> dict[str, list]:
@@ -227,3 +231,76 @@ def test_a_csv_with_a_byte_order_mark_keeps_its_other_columns_as_text(data: Path
     done = build(source, "spend:amount", out, data)
     assert done.returncode == 0, done.stderr
     assert pq.read_table(out).column("note").to_pylist() == ["007"]
+
+
+def labels_csv(path: Path) -> Path:
+    rows = labels()
+    columns = [rows["user_id"], rows["shop"], rows["label"], rows["event_timestamp"]]
+    lines = [",".join(map(str, row)) for row in zip(*columns, strict=True)]
+    path.write_text("user_id,shop,label,event_timestamp\n" + "\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("as_served", [False, True])
+def test_a_feature_service_writes_what_its_references_write(data: Path, tmp_path, as_served):
+    ranker = FeatureService("ranker", ("spend@1:amount", "rating", "spend@1:vip"))
+    with OnlineStore(StoreConfig(data)) as store:
+        store.registry.apply([], [], services=[ranker])
+    source = labels_csv(tmp_path / "labels.csv")
+    flags = ["--as-served"] if as_served else []
+    served = tmp_path / "service.parquet"
+    done = build_with(source, served, data, "--feature-service", "ranker", *flags)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"wrote 5 rows x 4 features to {served} (")
+    listed = tmp_path / "listed.parquet"
+    done = build(source, "spend@1:amount,rating,spend@1:vip", listed, data, *flags)
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(served)
+    assert table.equals(pq.read_table(listed))
+    assert table.column_names[4:] == [
+        "spend@1:amount", "spend@1:amount__status", "rating:name", "rating:name__status",
+        "rating:vec", "rating:vec__status", "spend@1:vip", "spend@1:vip__status",
+        "spend@1__event_timestamp", "rating__event_timestamp",
+    ]  # fmt: skip
+    assert table.column("spend@1:amount").to_pylist()[:2] == (
+        [11.0, 22.0] if as_served else [11.0, 99.0]
+    )
+
+
+ACCOUNT = Entity("account", (JoinKey("user_id", DType.STRING),))
+LEDGER = FeatureView("ledger", "account", (Feature("balance", DType.FLOAT64),))
+
+
+@pytest.mark.parametrize(
+    ("flags", "code", "message"),
+    [
+        (["--feature-service", "rankr"], 1, "feature service 'rankr' is not registered; did you "),
+        (["--feature-service", ""], 2, "--feature-service: empty; name a feature service"),
+        (
+            ["--feature-service", "mixed"],
+            2,
+            "--feature-service: join key 'user_id' is INT64 for one view and STRING",
+        ),
+        (
+            ["--features", "spend", "--feature-service", "ranker"],
+            2,
+            "argument --feature-service: not allowed with argument --features",
+        ),
+        ([], 2, "one of the arguments --features --feature-service is required"),
+    ],
+)
+def test_a_refused_feature_service_names_the_flag(data, tmp_path, flags, code, message):
+    with OnlineStore(StoreConfig(data)) as store:
+        store.registry.apply(
+            [ACCOUNT],
+            [LEDGER],
+            services=[
+                FeatureService("ranker", ("spend",)),
+                FeatureService("mixed", ("spend:amount", "ledger")),
+            ],
+        )
+    out = tmp_path / "out.parquet"
+    done = build_with(labels_csv(tmp_path / "labels.csv"), out, data, *flags)
+    assert (done.returncode, done.stdout) == (code, ""), done.stderr
+    assert message in done.stderr
+    assert not out.exists()

@@ -51,6 +51,7 @@ from featurestore.registry import (
     REGISTRY_DB,
     Entity,
     Feature,
+    FeatureService,
     FeatureView,
     Registry,
     history_db_name,
@@ -846,13 +847,42 @@ class OnlineStore:
         one read txn, so a write committed between two views' reads cannot show in one only,
         and the keys of each entity are encoded once. Views may be of several entities: `keys`
         then holds the join keys of all of them, and each view is read by its entity's."""
+        return self._read_snapshot(lambda txn: reads, keys, now_us)
+
+    def read_service(
+        self,
+        name: str,
+        keys: dict[str, np.ndarray],
+        now_us: int | None = None,
+        visible: Callable[[FeatureService], bool] | None = None,
+    ) -> list[ReadResult]:
+        """read_many of the views the feature service `name` reads, the service resolved in
+        the same read txn as the views: an apply that changes a view and the service together
+        is seen whole or not at all. NotFoundError names an unknown service (or one `visible`
+        refuses, as Registry.get_service answers)."""
+
+        def resolve(txn: lmdb.Transaction) -> list[ViewRead]:
+            service = self.registry.get_service(name, txn, visible)
+            return [
+                ViewRead(view, wanted, version) for (view, version), wanted in service.reads.items()
+            ]
+
+        return self._read_snapshot(resolve, keys, now_us)
+
+    def _read_snapshot(
+        self,
+        resolve: Callable[[lmdb.Transaction], Sequence[ViewRead]],
+        keys: dict[str, np.ndarray],
+        now_us: int | None,
+    ) -> list[ReadResult]:
+        """read_many of the reads `resolve` names in the read txn it is given."""
         self._check_open()
         lmdb_env = self._lmdb
         while True:
             usable = lmdb_env.handles_cached
             txn = lmdb_env.begin_read()
             try:
-                fetched = self._fetch(txn, usable, reads, keys)
+                fetched = self._fetch(txn, usable, resolve(txn), keys)
             except FeatureStoreError as exc:
                 # an aborted read txn keeps its reader slot until it is freed, and the frames
                 # of a failed read (an unknown view) hold it: a domain error needs none of them

@@ -464,16 +464,21 @@ def _at_version(version: int) -> str:
 
 
 def service_problem(
-    service: FeatureService, views: Mapping[str, Mapping[int, FeatureView]]
+    service: FeatureService,
+    views: Mapping[str, Mapping[int, FeatureView]],
+    entities: Mapping[str, Entity],
 ) -> str | None:
-    """Why `service` cannot be read from `views` (each view name -> its versions), naming its
-    first unresolvable reference and the view version it resolves to; None when it can."""
+    """Why `service` cannot be read from `views` (each view name -> its versions) and
+    `entities`, naming its first unresolvable reference and the view version it resolves to;
+    None when it can. Besides a missing view, version or feature, a lookup cannot send one key
+    column typed two ways, so two read entities may not type one join key name differently."""
+    key_types: dict[str, tuple[DType, int, str]] = {}
     for i, ref in enumerate(service.features):
         (name, version), feature, _ = split_ref(ref, i)
         versions = views.get(name)
         what = f"features[{i}] {quoted(ref)}"
         if not versions:
-            missing = f"{what}: feature view {name!r} is not registered"
+            missing = f"{what}: feature view {quoted(name)} is not registered"
             return str(NotFoundError(missing, "view", close_names(name, sorted(views))))
         view = versions.get(version or max(versions))
         if view is None:
@@ -485,7 +490,16 @@ def service_problem(
             which = "" if version else " (its latest)"
             missing = f"{what}: feature view {name!r} v{view.version}{which} has no feature"
             close = close_names(feature, sorted(view._by_name))
-            return str(NotFoundError(f"{missing} {feature!r}", "feature", close))
+            return str(NotFoundError(f"{missing} {quoted(feature)}", "feature", close))
+        for key in entities[view.entity].join_keys:
+            dtype, first, entity = key_types.setdefault(key.name, (key.dtype, i, view.entity))
+            if dtype != key.dtype:
+                return (
+                    f"{what}: feature view {name!r} v{view.version} is keyed by entity "
+                    f"{view.entity!r}, whose join key {key.name!r} is {key.dtype.name}, but "
+                    f"features[{first}] reads entity {entity!r}, whose {key.name!r} is "
+                    f"{dtype.name} (a lookup sends one column per join key name)"
+                )
     return None
 
 
@@ -553,16 +567,15 @@ class _Snapshot:
     views: dict[str, dict[int, FeatureView]]
     services: dict[str, FeatureService] = field(default_factory=dict)
 
-    def broken_service(self, changed: str) -> ConflictError | None:
+    def broken_service(self, changed: str, fix: str) -> ConflictError | None:
         """A ConflictError naming the first stored service that these views no longer resolve
-        (after `changed`, the change to the views being made), and how to keep it readable."""
+        (after `changed`, the change to the views being made) and `fix`, how to keep it
+        readable."""
         for name in sorted(self.services):
-            problem = service_problem(self.services[name], self.views)
+            problem = service_problem(self.services[name], self.views, self.entities)
             if problem is not None:
                 return ConflictError(
-                    f"{changed} would break feature service {name!r}: {problem}; re-apply the "
-                    "service without that reference (or pinned to a version that has it, e.g. "
-                    "'view@1:feature') first, or in the same apply, or delete the service"
+                    f"{changed} would break feature service {name!r}: {problem}; {fix}"
                 )
         return None
 
@@ -686,18 +699,28 @@ class Registry:
         snap = self._current()
         return [snap.entities[n] for n in sorted(snap.entities)]
 
-    def get_service(self, name: str, txn: lmdb.Transaction | None = None) -> FeatureService:
-        """The feature service `name`; NotFoundError suggests the closest services."""
+    def get_service(
+        self,
+        name: str,
+        txn: lmdb.Transaction | None = None,
+        visible: Callable[[FeatureService], bool] | None = None,
+    ) -> FeatureService:
+        """The feature service `name`; NotFoundError suggests the closest services, and
+        InvalidArgumentError says a name no service can have. With `visible`, a service it
+        refuses is answered as not registered, and only those it accepts are suggested (a
+        caller may see only some)."""
         snap = self._current() if txn is None else self._snapshot(txn)
         service = snap.services.get(name)
-        if service is None:
-            raise NotFoundError(
-                f"feature service {quoted(name)} is not registered",
-                "feature service",
-                close_names(name, sorted(snap.services)),
-                "ListFeatureServices lists the services",
-            )
-        return service
+        if service is not None and (visible is None or visible(service)):
+            return service
+        _check_name("feature service name", name)
+        close = close_names(name, sorted(snap.services))
+        raise NotFoundError(
+            f"feature service {quoted(name)} is not registered",
+            "feature service",
+            [n for n in close if visible is None or visible(snap.services[n])],
+            "ListFeatureServices lists the services",
+        )
 
     def list_services(self, name_prefix: str = "") -> list[FeatureService]:
         """Feature services whose name starts with name_prefix, by name."""
@@ -760,7 +783,13 @@ class Registry:
                 snap.entities[entity.name] = entity
             results = [self._plan_view(snap, view, now, puts, new_views) for view in views]
             results += [self._plan_service(snap, service, now, puts) for service in services]
-            broken = snap.broken_service("this apply") if new_views else None
+            broken = None
+            if new_views:
+                broken = snap.broken_service(
+                    "this apply",
+                    "apply the service without that reference, or with it pinned to a version "
+                    "that has it ('view@1:feature'), in this apply or before it",
+                )
             if broken is not None:
                 raise broken
             if new_views:
@@ -839,11 +868,11 @@ class Registry:
     def _plan_service(
         snap: _Snapshot, service: FeatureService, now: int, puts: list[tuple[bytes, bytes]]
     ) -> ApplyResult:
-        problem = service_problem(service, snap.views)
+        problem = service_problem(service, snap.views, snap.entities)
         if problem is not None:
             raise InvalidArgumentError(
-                f"feature service {service.name!r}: {problem}; apply the view (or the feature) "
-                "first or in the same apply, or fix the reference"
+                f"feature service {service.name!r}: {problem}; drop or fix that reference, or "
+                "apply the view or feature it names first or in the same apply"
             )
         old = snap.services.get(service.name)
         if old == service:
@@ -866,8 +895,17 @@ class Registry:
                 raise InvalidArgumentError(f"delete_view {name!r}: name the version to delete")
             self.get_view(name, version, txn)
             snap = _load_snapshot(txn, db)
-            del snap.views[name][version]
-            broken = snap.broken_service(f"deleting feature view {name!r} v{version}")
+            left = snap.views[name]
+            del left[version]
+            if not left:
+                del snap.views[name]
+            others = f"another version of {name!r} ({', '.join(map(str, sorted(left)))})"
+            broken = snap.broken_service(
+                f"deleting feature view {name!r} v{version}",
+                "first apply the service without that reference"
+                + (f" or with it pinned to {others}" if left else "")
+                + ", or delete the service (DeleteFeatureService)",
+            )
             if broken is not None:
                 raise broken
             txn.delete(_view_key(name, version), db=db)

@@ -36,9 +36,10 @@ T = TypeVar("T")
 
 
 def apply_target(request: Any) -> str:
-    """An ApplyFeatureViews record's target: the names of its views, then of its services."""
-    names = [v.name for v in request.views] + [s.name for s in request.feature_services]
-    return ",".join(names)
+    """An ApplyFeatureViews record's target: the names of its views, then of its services,
+    each marked `feature_service:` (a view and a service may share a name)."""
+    services = [f"feature_service:{s.name}" for s in request.feature_services]
+    return ",".join([v.name for v in request.views] + services)
 
 
 UNAUTHENTICATED = "unauthenticated"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -359,17 +360,10 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         elif found is not None:
             found.version_deleted(self.store, version, remaining)
 
-    def _service(self, name: str) -> FeatureService:
-        """The feature service `name`; NotFoundError suggesting only services the caller may
-        see (every view they read)."""
-        registry = self.store.registry
-        try:
-            return registry.get_service(name)
-        except NotFoundError as exc:
-            if not self.auth.enabled:
-                raise
-            seen = [n for n in exc.suggestions if self._sees_service(registry.get_service(n))]
-            raise NotFoundError(exc.problem, exc.what, seen, exc.listed_by) from None
+    def _visible(self) -> Callable[[FeatureService], bool] | None:
+        """With auth on, which feature services the caller may see: those whose every view it
+        may read or write (others are answered as not registered)."""
+        return self._sees_service if self.auth.enabled else None
 
     def _sees_service(self, service: FeatureService) -> bool:
         return all(self.auth.sees_view(view) for view, _ in service.reads)
@@ -377,22 +371,28 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     def lookup(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
         """Read every referenced view (listed, or those of a feature service) for the request's
         entities (the hot path)."""
-        if request.feature_service:
-            if request.features:
-                raise InvalidArgumentError(
-                    f"features: {len(request.features)} references sent with feature_service "
-                    f"{request.feature_service!r}; send one or the other"
-                )
-            refs = self._service(request.feature_service).reads
-        else:
+        service = request.feature_service
+        if service and request.features:
+            raise InvalidArgumentError(
+                f"features: {len(request.features)} references sent with feature_service "
+                f"{service!r}; send one or the other"
+            )
+        if not service:
             refs = parse_feature_refs(list(request.features))
-        if self.auth.enabled:
-            self.auth.require(*{f"read:{view}" for view, _ in refs})
+            if self.auth.enabled:
+                self.auth.require(*{f"read:{view}" for view, _ in refs})
         keys, rows = decode_keys(request.entity_keys, self.max_rows)
         response = pb.GetOnlineFeaturesResponse(rows=rows)
         now_us = time.time_ns() // 1000
-        reads = [ViewRead(view, features, version) for (view, version), features in refs.items()]
-        for result in self.store.read_many(reads, keys, now_us):
+        if service:
+            # resolved in the read's own snapshot, so the scopes are checked on what it read
+            results = self.store.read_service(service, keys, now_us, self._visible())
+            if self.auth.enabled:
+                self.auth.require(*{f"read:{result.view.name}" for result in results})
+        else:
+            reads = [ViewRead(view, wanted, version) for (view, version), wanted in refs.items()]
+            results = self.store.read_many(reads, keys, now_us)
+        for result in results:
             observer = self.observer(result.view.name)
             if observer is not None:
                 observer.lookup(result, now_us)
@@ -606,9 +606,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     async def GetFeatureService(self, request, context):
         if not request.name:
             raise InvalidArgumentError("name: empty; name the feature service to fetch")
-        service = self._service(request.name)
-        for view, _ in service.reads:
-            self.auth.require_any(*schema_scopes(view))
+        service = self.store.registry.get_service(request.name, visible=self._visible())
         return rm.service_to_proto(service)
 
     @maps_errors

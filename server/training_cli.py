@@ -87,8 +87,7 @@ def cmd_training_set(args: argparse.Namespace) -> int:
         with OnlineStore(StoreConfig(data_dir, max_dbs=STORE_MAX_DBS)) as store:
             # the service is read once, so the key columns and the features agree
             refs = training_refs(store, listed, service)
-            flag = "--features" if service is None else "--feature-service"
-            key_types = _join_key_types(store, refs, flag)
+            key_types = _join_key_types(store, refs)
             labels = _read_labels(args.labels, key_types, args.timestamp_column)
             keys = {name: _key_column(labels, name, dtype) for name, dtype in key_types.items()}
             ts = _label_micros(labels.column(args.timestamp_column), args.timestamp_column)
@@ -118,9 +117,9 @@ def cmd_training_set(args: argparse.Namespace) -> int:
     return 0
 
 
-def _join_key_types(store: OnlineStore, refs: list[str], flag: str) -> dict[str, DType]:
-    """Each join key column the referenced views need, with its type; _Refused, naming the
-    flag that chose the views, when two entities type one column differently."""
+def _join_key_types(store: OnlineStore, refs: list[str]) -> dict[str, DType]:
+    """Each join key column the referenced views need, with its type; _Refused when two
+    entities type one column differently (a feature service never reads such views)."""
     from featurestore.feature_refs import parse_feature_refs
 
     types: dict[str, DType] = {}
@@ -129,7 +128,7 @@ def _join_key_types(store: OnlineStore, refs: list[str], flag: str) -> dict[str,
         for key in entity.join_keys:
             if types.setdefault(key.name, key.dtype) != key.dtype:
                 raise _Refused(
-                    f"{flag}: join key {key.name!r} is {types[key.name].name} for one view "
+                    f"--features: join key {key.name!r} is {types[key.name].name} for one view "
                     f"and {key.dtype.name} for entity {entity.name!r}; one column cannot be both"
                 )
     return types

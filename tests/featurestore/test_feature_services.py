@@ -3,9 +3,11 @@ of any apply or delete that would leave a stored service unreadable."""
 
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from featurestore.dtypes import DType
@@ -141,16 +143,18 @@ def test_deleting_a_view_a_service_reads_is_refused(store):
     store.registry.apply([], [], services=[pinned])
     with pytest.raises(
         ConflictError,
-        match=r"deleting feature view 'user_stats' v1 would break "
-        r"feature service 'pinned'",
+        match=r"deleting feature view 'user_stats' v1 would break feature service 'pinned'.*; "
+        r"first apply the service without that reference or with it pinned to another version "
+        r"of 'user_stats' \(2\), or delete the service \(DeleteFeatureService\)\Z",
     ):
         store.registry.delete_view("user_stats", 1)
     # the latest may go while an older version still holds what "fraud" reads
     store.registry.delete_view("user_stats", 2)
     with pytest.raises(
         ConflictError,
-        match=r"deleting feature view 'profile' v1 would break "
-        r"feature service 'fraud'.*'profile' is not registered",
+        match=r"deleting feature view 'profile' v1 would break feature service 'fraud': "
+        r"features\[1\] 'profile': feature view 'profile' is not registered; first apply the "
+        r"service without that reference, or delete the service \(DeleteFeatureService\)\Z",
     ):
         store.registry.delete_view("profile", 1)
     store.registry.delete_service("fraud")
@@ -190,3 +194,73 @@ def test_unknown_service_suggests_close_names(store):
     store.registry.apply([], [], services=[FRAUD])
     with pytest.raises(NotFoundError, match=r"'frud' is not registered; did you mean 'fraud'"):
         store.registry.get_service("frud")
+
+
+def test_a_service_cannot_read_entities_typing_one_join_key_two_ways(store):
+    """A lookup sends one column per join key name: a service reading views of two entities
+    that type `user_id` differently could never be looked up, so it is refused, and so is a
+    new version that would make a stored service do so."""
+    text_user = Entity("text_user", (JoinKey("user_id", DType.STRING),))
+    store.registry.apply([text_user], [FeatureView("tags", "text_user", (COUNTRY,))])
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"feature service 'svc': features\[1\] 'tags': feature view 'tags' v1 is keyed by "
+        r"entity 'text_user', whose join key 'user_id' is STRING, but features\[0\] reads "
+        r"entity 'user', whose 'user_id' is INT64",
+    ):
+        store.registry.apply([], [], services=[FeatureService("svc", ("profile", "tags"))])
+    store.registry.apply([], [], services=[FRAUD])
+    moved = replace(PROFILE, entity="text_user", version=2)
+    with pytest.raises(ConflictError, match=r"this apply would break feature service 'fraud'"):
+        store.registry.apply([], [moved])
+    assert store.registry.get_view("profile").version == 1
+
+
+def test_a_name_no_service_can_have_is_invalid_not_missing(store):
+    with pytest.raises(InvalidArgumentError, match=r"feature service name 'a:b' is not a valid"):
+        store.registry.get_service("a:b")
+
+
+def test_hidden_services_are_not_found_and_not_suggested(store):
+    store.registry.apply([], [], services=[FRAUD, FeatureService("fraud2", ("profile",))])
+    only_fraud2 = lambda service: service.name == "fraud2"  # noqa: E731
+    with pytest.raises(NotFoundError) as missing:
+        store.registry.get_service("fraud", visible=only_fraud2)
+    assert missing.value.suggestions == ("fraud2",)
+    assert store.registry.get_service("fraud2", visible=only_fraud2).name == "fraud2"
+
+
+def test_a_lookup_by_service_sees_a_view_and_its_service_change_together(store):
+    """An apply swaps, in one transaction, a new version of user_stats with and without
+    `clicks` and the service pinned or not; read_service resolves the service in the read's
+    own snapshot, so no read sees the service of one apply with the views of another (with
+    the service read in a snapshot of its own, this failed NOT_FOUND in each of 3 runs)."""
+    keys = {"user_id": np.arange(10)}
+    store.registry.apply([], [], services=[FRAUD])
+    errors: list[Exception] = []
+    reads = 0
+    stop = threading.Event()
+
+    def churn() -> None:
+        try:
+            for _ in range(60):
+                latest = store.registry.get_view("user_stats").version
+                without = replace(STATS, version=latest + 1, features=(COUNTRY,))
+                pinned = replace(FRAUD, features=(f"user_stats@{latest}:clicks", "profile"))
+                store.registry.apply([], [without], services=[pinned])
+                again = replace(STATS, version=latest + 2)
+                store.registry.apply([], [again], services=[FRAUD])
+        finally:
+            stop.set()
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    while not stop.is_set():
+        try:
+            results = store.read_service("fraud", keys)
+            assert [r.view.name for r in results] == ["user_stats", "profile"]
+        except NotFoundError as exc:
+            errors.append(exc)
+        reads += 1
+    writer.join()
+    assert reads > 100 and errors == []

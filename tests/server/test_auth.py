@@ -379,7 +379,7 @@ MATRIX: dict[str, tuple[str, str | None, str | None]] = {
     "ApplyFeatureViews": ("admin", "writer", None),
     "DeleteFeatureView": ("admin", "writer", None),
     "ListFeatureServices": ("reader", "inferer", None),
-    "GetFeatureService": ("writer", "inferer", "other"),
+    "GetFeatureService": ("writer", "inferer", None),
     "DeleteFeatureService": ("admin", "writer", None),
     "Predict": ("inferer", "reader", "other"),
     "StreamPredict": ("inferer", "reader", "other"),
@@ -625,11 +625,12 @@ def test_a_write_only_token_reads_the_schema_it_writes_to(tmp_path: Path) -> Non
 
 
 def test_feature_services_show_and_serve_only_what_the_token_may_read(tmp_path: Path) -> None:
-    """A service is listed, fetched and looked up only by a caller who may read every view it
-    reads; a NOT_FOUND's suggestions leave out the services the caller cannot see."""
+    """A service is listed, fetched and looked up only by a caller who may see every view it
+    reads; to others it is NOT_FOUND as an unknown name, never suggested, so neither its name
+    nor its views leak. A lookup by a visible service still needs read on each view."""
     server, admin = serve_with_views(
         tmp_path,
-        AUTH_TOML,
+        AUTH_TOML + token_toml("mixed", "m-secret", ["read:other", "write:profile"]),
         [Entity("user", (JoinKey("user_id", DType.INT64),))],
         [
             FeatureView("profile", "user", (Feature("score", DType.FLOAT32),)),
@@ -657,25 +658,30 @@ def test_feature_services_show_and_serve_only_what_the_token_may_read(tmp_path: 
                 metadata=reader,
             )
             assert [v.view for v in got.views] == ["profile"]
-            for call in (
-                lambda: stub.GetOnlineFeatures(
-                    pb.GetOnlineFeaturesRequest(entity_keys=keys, feature_service="scoring_plus"),
-                    metadata=reader,
-                ),
-                lambda: stub.GetFeatureService(
-                    pb.GetFeatureServiceRequest(name="scoring_plus"), metadata=reader
-                ),
-            ):
-                with pytest.raises(grpc.RpcError) as denied:
-                    call()
-                assert denied.value.code() == DENIED
-                assert "lacks scope 'read:secret'" in denied.value.details()
-            with pytest.raises(grpc.RpcError) as missing:
-                stub.GetFeatureService(
-                    pb.GetFeatureServiceRequest(name="scoring_plu"), metadata=reader
+            for name in ("scoring_plus", "scoring_plu"):
+                for call in (
+                    lambda n=name: stub.GetOnlineFeatures(
+                        pb.GetOnlineFeaturesRequest(entity_keys=keys, feature_service=n),
+                        metadata=reader,
+                    ),
+                    lambda n=name: stub.GetFeatureService(
+                        pb.GetFeatureServiceRequest(name=n), metadata=reader
+                    ),
+                ):
+                    with pytest.raises(grpc.RpcError) as missing:
+                        call()
+                    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+                    message = missing.value.details()
+                    assert message.startswith(f"feature service '{name}' is not registered")
+                    assert "did you mean 'scoring'?" in message
+                    assert "scoring_plus'?" not in message and "secret" not in message
+            writer = (("authorization", "Bearer m-secret"),)
+            with pytest.raises(grpc.RpcError) as denied:
+                stub.GetOnlineFeatures(
+                    pb.GetOnlineFeaturesRequest(entity_keys=keys, feature_service="scoring"),
+                    metadata=writer,
                 )
-            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-            assert "did you mean 'scoring'?" in missing.value.details()
-            assert "scoring_plus" not in missing.value.details()
+            assert denied.value.code() == DENIED
+            assert "lacks scope 'read:profile'" in denied.value.details()
     finally:
         server.kill()

@@ -267,20 +267,11 @@ def test_a_feature_service_writes_what_its_references_write(data: Path, tmp_path
     )
 
 
-ACCOUNT = Entity("account", (JoinKey("user_id", DType.STRING),))
-LEDGER = FeatureView("ledger", "account", (Feature("balance", DType.FLOAT64),))
-
-
 @pytest.mark.parametrize(
     ("flags", "code", "message"),
     [
         (["--feature-service", "rankr"], 1, "feature service 'rankr' is not registered; did you "),
         (["--feature-service", ""], 2, "--feature-service: empty; name a feature service"),
-        (
-            ["--feature-service", "mixed"],
-            2,
-            "--feature-service: join key 'user_id' is INT64 for one view and STRING",
-        ),
         (
             ["--features", "spend", "--feature-service", "ranker"],
             2,
@@ -291,14 +282,7 @@ LEDGER = FeatureView("ledger", "account", (Feature("balance", DType.FLOAT64),))
 )
 def test_a_refused_feature_service_names_the_flag(data, tmp_path, flags, code, message):
     with OnlineStore(StoreConfig(data)) as store:
-        store.registry.apply(
-            [ACCOUNT],
-            [LEDGER],
-            services=[
-                FeatureService("ranker", ("spend",)),
-                FeatureService("mixed", ("spend:amount", "ledger")),
-            ],
-        )
+        store.registry.apply([], [], services=[FeatureService("ranker", ("spend",))])
     out = tmp_path / "out.parquet"
     done = build_with(labels_csv(tmp_path / "labels.csv"), out, data, *flags)
     assert (done.returncode, done.stdout) == (code, ""), done.stderr

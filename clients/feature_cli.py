@@ -1,4 +1,5 @@
-"""Feature store subcommands: `featureserve apply`, `ingest` and `get`."""
+"""Feature store subcommands: `featureserve apply`, `delete-view`, `delete-service`, `ingest`
+and `get`."""
 
 from __future__ import annotations
 
@@ -16,30 +17,36 @@ import numpy as np
 from clients.channel import ClientError
 from clients.cli import add_connection_flags, client_config
 from clients.feature_client import FeatureStoreClient
+from clients.feature_messages import OnlineFeatures
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.registry import JoinKey
 from protos import arrays
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    """Register the entities and views declared in a features.toml file (with --dry-run, say
-    what would change and write nothing); a file that cannot be used as written exits 2, as
-    other input errors do."""
+    """Register the entities, views and feature services declared in a features.toml file
+    (with --dry-run, say what would change and write nothing); a file that cannot be used as
+    written exits 2, as other input errors do."""
     from featurestore.definitions import load_definitions
     from featurestore.errors import InvalidArgumentError
 
     try:
-        entities, views = load_definitions(args.file, "give the file as apply's FILE argument")
+        defs = load_definitions(args.file, "give the file as apply's FILE argument")
     except InvalidArgumentError as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 2
     with FeatureStoreClient(client_config(args)) as client:
-        results = client.apply(entities, views, dry_run=args.dry_run)
+        results = client.apply(
+            defs.entities, defs.views, dry_run=args.dry_run, feature_services=defs.feature_services
+        )
     for result in results:
         action = result.action
         if args.dry_run and action != "unchanged":
             action = f"would be {action}"
-        print(f"{result.view}@{result.version}: {action}")
+        if result.feature_service:
+            print(f"service {result.feature_service}: {action}")
+        else:
+            print(f"{result.view}@{result.version}: {action}")
     if args.dry_run:
         print("dry run: nothing was written; apply without --dry-run to write")
     return 0
@@ -50,6 +57,14 @@ def cmd_delete_view(args: argparse.Namespace) -> int:
     with FeatureStoreClient(client_config(args)) as client:
         client.delete_feature_view(args.view, args.version)
     print(f"{args.view}@{args.version}: deleted")
+    return 0
+
+
+def cmd_delete_service(args: argparse.Namespace) -> int:
+    """Delete one feature service; the views it reads stay."""
+    with FeatureStoreClient(client_config(args)) as client:
+        client.delete_feature_service(args.name)
+    print(f"service {args.name}: deleted")
     return 0
 
 
@@ -669,38 +684,74 @@ def _keys_of(args: argparse.Namespace, join_keys: list[JoinKey]) -> dict[str, np
     return keys
 
 
-def cmd_get(args: argparse.Namespace) -> int:
-    """Print features of a few entities."""
-    if args.keys is None and not args.entity:
-        print(
-            "featureserve: get needs the entities to look up: give --keys 1,2,3 (keys of the "
-            "view's first join key) or --entity NAME=V1,V2 for each join key, e.g. "
-            f"featureserve get --view {args.view} --keys 1,2,3",
-            file=sys.stderr,
-        )
-        return 2
-    with FeatureStoreClient(client_config(args)) as client:
-        view = client.get_feature_view(args.view, args.version)
-        try:
-            keys = _keys_of(args, _join_keys(client, view))
-        except _InputError as exc:
-            print(f"featureserve: {exc}", file=sys.stderr)
-            return 2
-        ref = f"{args.view}@{view.version}" if args.version else args.view
-        refs = [f"{ref}:{f}" for f in args.features.split(",")] if args.features else [ref]
-        try:
-            result = client.get_online_features(refs, keys)
-        except arrays.ArrayError as exc:
-            print(f"featureserve: --keys/--entity: {exc}", file=sys.stderr)
-            return 2
-    stamps = result.event_timestamps.get(ref, np.zeros(result.rows, dtype=np.int64))
+def _print_view(keys: dict[str, np.ndarray], result: OnlineFeatures, part: str) -> None:
+    """Print one view's features, filed under `part` ("view" or "view@2"): a line per entity
+    with its keys and the view's event time, then a line per feature."""
+    stamps = result.event_timestamps.get(part, np.zeros(result.rows, dtype=np.int64))
+    names = [name for name in result.values if name.startswith(f"{part}:")]
     for row in range(result.rows):
         key_text = ", ".join(f"{k}={v[row]}" for k, v in keys.items())
         print(f"[{key_text}] event_time_us={int(stamps[row])}")
-        for name, values in result.values.items():
+        for name in names:
             status = FeatureStatus(int(result.statuses[name][row])).name
-            shown = values[row] if status == "PRESENT" else "-"
+            shown = result.values[name][row] if status == "PRESENT" else "-"
             print(f"  {name} = {shown} ({status})")
+
+
+def _get_problem(args: argparse.Namespace) -> str | None:
+    """Why get's flags cannot be used together, naming the flags and the fix."""
+    if args.feature_service is not None and (args.version is not None or args.features):
+        return (
+            "--feature-service reads the views, versions and features the service names; "
+            "drop --version and --features (they go with --view)"
+        )
+    if args.keys is None and not args.entity:
+        lookup = (
+            f"--view {args.view}"
+            if args.feature_service is None
+            else f"--feature-service {args.feature_service}"
+        )
+        return (
+            "get needs the entities to look up: give --keys 1,2,3 (keys of the view's first "
+            "join key) or --entity NAME=V1,V2 for each join key, e.g. "
+            f"featureserve get {lookup} --keys 1,2,3"
+        )
+    return None
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """Print features of a few entities: of one view, or of each view a feature service reads,
+    one view after the other."""
+    problem = _get_problem(args)
+    if problem is not None:
+        print(f"featureserve: {problem}", file=sys.stderr)
+        return 2
+    with FeatureStoreClient(client_config(args)) as client:
+        if args.feature_service is None:
+            views = [client.get_feature_view(args.view, args.version or 0)]
+        else:
+            service = client.get_feature_service(args.feature_service)
+            views = [client.get_feature_view(name, version) for name, version in service.reads]
+        join_keys = dict.fromkeys(key for view in views for key in _join_keys(client, view))
+        try:
+            keys = _keys_of(args, list(join_keys))
+        except _InputError as exc:
+            print(f"featureserve: {exc}", file=sys.stderr)
+            return 2
+        try:
+            if args.feature_service is None:
+                ref = f"{args.view}@{views[0].version}" if args.version else args.view
+                refs = [f"{ref}:{f}" for f in args.features.split(",")] if args.features else [ref]
+                result = client.get_online_features(refs, keys)
+                parts = [ref]
+            else:
+                result = client.get_online_features(keys=keys, feature_service=args.feature_service)
+                parts = list(result.versions)
+        except arrays.ArrayError as exc:
+            print(f"featureserve: --keys/--entity: {exc}", file=sys.stderr)
+            return 2
+    for part in parts:
+        _print_view(keys, result, part)
     return 0
 
 
@@ -727,7 +778,7 @@ _VERSION_OR_LATEST = _bounded_int("a view version (0: the latest)", 0, 2**32 - 1
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add apply, delete-view, ingest and get."""
+    """Add apply, delete-view, delete-service, ingest and get."""
     p = subparsers.add_parser(
         "apply",
         help="register entities and feature views from a file",
@@ -748,6 +799,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=_VERSION, required=True, help="the version to delete")
     add_connection_flags(p)
     p.set_defaults(func=cmd_delete_view)
+
+    p = subparsers.add_parser(
+        "delete-service",
+        help="delete a feature service",
+        description="Delete a feature service's definition; the views it reads and their rows "
+        "stay. Needs the admin scope.",
+    )
+    p.add_argument("name", help="feature service")
+    add_connection_flags(p)
+    p.set_defaults(func=cmd_delete_service)
 
     p = subparsers.add_parser(
         "ingest",
@@ -777,12 +838,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_ingest)
 
     p = subparsers.add_parser(
-        "get", help="print online features of some entities", description="Look up online features."
+        "get",
+        help="print online features of some entities",
+        description="Look up online features of one view, or of a feature service (one block "
+        "per view it reads, each printed as for --view).",
     )
-    p.add_argument("--view", required=True, help="feature view")
-    p.add_argument(
-        "--version", type=_VERSION_OR_LATEST, default=0, help="view version (default latest)"
+    lookup = p.add_mutually_exclusive_group(required=True)
+    lookup.add_argument("--view", help="feature view")
+    lookup.add_argument(
+        "--feature-service",
+        metavar="NAME",
+        help="read the features of this feature service (not with --version or --features)",
     )
+    p.add_argument("--version", type=_VERSION_OR_LATEST, help="view version (default latest)")
     p.add_argument(
         "--keys", help="comma-separated keys of the view's (first) join key, read as its type"
     )

@@ -24,7 +24,7 @@ from clients.channel import (
     stalled_error,
     status_error,
 )
-from featurestore.registry import ApplyResult, Entity, FeatureView
+from featurestore.registry import ApplyResult, Entity, FeatureService, FeatureView
 from protos.arrays import ArrayError
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
@@ -282,10 +282,16 @@ class FeatureStoreClient:
             return method(request, timeout=self.config.timeout_s, metadata=self._metadata)
 
     def get_online_features(
-        self, features: Sequence[str], keys: Mapping[str, object]
+        self,
+        features: Sequence[str] | None = None,
+        keys: Mapping[str, object] | None = None,
+        *,
+        feature_service: str | FeatureService | None = None,
     ) -> fm.OnlineFeatures:
-        """Look up `features` ("view:feature", "view", "view@2:feature") for entity `keys`."""
-        request = fm.get_request(list(features), keys)
+        """Look up `features` ("view:feature", "view", "view@2:feature"), or the features of a
+        feature service (by name or FeatureService), for entity `keys`; ValueError unless
+        exactly one of features and feature_service is given."""
+        request = fm.get_request(features, keys, feature_service)
         response = self._call(self._stub.GetOnlineFeatures, request)
         return fm.online_features(response, request.features)
 
@@ -317,10 +323,15 @@ class FeatureStoreClient:
         return StreamWriter(self, buffer, _count(ack_every, "ack_every", "messages per ack"))
 
     def apply(
-        self, entities: Sequence[Entity], views: Sequence[FeatureView], dry_run: bool = False
+        self,
+        entities: Sequence[Entity],
+        views: Sequence[FeatureView],
+        dry_run: bool = False,
+        feature_services: Sequence[FeatureService] = (),
     ) -> list[ApplyResult]:
-        """Register entities and feature views."""
-        request = rm.apply_request(entities, views, dry_run)
+        """Register entities, feature views and feature services; the results are the views',
+        then the services' (feature_service set)."""
+        request = rm.apply_request(entities, views, dry_run, feature_services)
         response = self._call(self._stub.ApplyFeatureViews, request)
         return [rm.apply_result_from_proto(r) for r in response.results]
 
@@ -344,6 +355,23 @@ class FeatureStoreClient:
         """Delete one version of a view (definition, online rows, history); needs `admin`."""
         request = pb.DeleteFeatureViewRequest(name=name, version=version)
         self._call(self._stub.DeleteFeatureView, request)
+
+    def list_feature_services(self, name_prefix: str = "") -> list[FeatureService]:
+        """Registered feature services whose name starts with name_prefix, by name (those
+        whose every view the caller may see)."""
+        request = pb.ListFeatureServicesRequest(name_prefix=name_prefix)
+        response = self._call(self._stub.ListFeatureServices, request)
+        return [rm.service_from_proto(s) for s in response.feature_services]
+
+    def get_feature_service(self, name: str) -> FeatureService:
+        """One feature service definition."""
+        request = pb.GetFeatureServiceRequest(name=name)
+        return rm.service_from_proto(self._call(self._stub.GetFeatureService, request))
+
+    def delete_feature_service(self, name: str) -> None:
+        """Delete one feature service (the views it reads stay); needs `admin`."""
+        request = pb.DeleteFeatureServiceRequest(name=name)
+        self._call(self._stub.DeleteFeatureService, request)
 
     def close(self) -> None:
         """Close the channel; later calls raise ClientError FAILED_PRECONDITION."""
@@ -508,10 +536,16 @@ class AsyncFeatureStoreClient:
             return await method(request, timeout=self.config.timeout_s, metadata=self._metadata)
 
     async def get_online_features(
-        self, features: Sequence[str], keys: Mapping[str, object]
+        self,
+        features: Sequence[str] | None = None,
+        keys: Mapping[str, object] | None = None,
+        *,
+        feature_service: str | FeatureService | None = None,
     ) -> fm.OnlineFeatures:
-        """Look up `features` ("view:feature", "view", "view@2:feature") for entity `keys`."""
-        request = fm.get_request(list(features), keys)
+        """Look up `features` ("view:feature", "view", "view@2:feature"), or the features of a
+        feature service (by name or FeatureService), for entity `keys`; ValueError unless
+        exactly one of features and feature_service is given."""
+        request = fm.get_request(features, keys, feature_service)
         response = await self._call(self._stub.GetOnlineFeatures, request)
         return fm.online_features(response, request.features)
 
@@ -543,10 +577,15 @@ class AsyncFeatureStoreClient:
         return AsyncStreamWriter(self, buffer, _count(ack_every, "ack_every", "messages per ack"))
 
     async def apply(
-        self, entities: Sequence[Entity], views: Sequence[FeatureView], dry_run: bool = False
+        self,
+        entities: Sequence[Entity],
+        views: Sequence[FeatureView],
+        dry_run: bool = False,
+        feature_services: Sequence[FeatureService] = (),
     ) -> list[ApplyResult]:
-        """Register entities and feature views."""
-        request = rm.apply_request(entities, views, dry_run)
+        """Register entities, feature views and feature services; the results are the views',
+        then the services' (feature_service set)."""
+        request = rm.apply_request(entities, views, dry_run, feature_services)
         response = await self._call(self._stub.ApplyFeatureViews, request)
         return [rm.apply_result_from_proto(r) for r in response.results]
 
@@ -570,6 +609,23 @@ class AsyncFeatureStoreClient:
         """Delete one version of a view (definition, online rows, history); needs `admin`."""
         request = pb.DeleteFeatureViewRequest(name=name, version=version)
         await self._call(self._stub.DeleteFeatureView, request)
+
+    async def list_feature_services(self, name_prefix: str = "") -> list[FeatureService]:
+        """Registered feature services whose name starts with name_prefix, by name (those
+        whose every view the caller may see)."""
+        request = pb.ListFeatureServicesRequest(name_prefix=name_prefix)
+        response = await self._call(self._stub.ListFeatureServices, request)
+        return [rm.service_from_proto(s) for s in response.feature_services]
+
+    async def get_feature_service(self, name: str) -> FeatureService:
+        """One feature service definition."""
+        request = pb.GetFeatureServiceRequest(name=name)
+        return rm.service_from_proto(await self._call(self._stub.GetFeatureService, request))
+
+    async def delete_feature_service(self, name: str) -> None:
+        """Delete one feature service (the views it reads stay); needs `admin`."""
+        request = pb.DeleteFeatureServiceRequest(name=name)
+        await self._call(self._stub.DeleteFeatureService, request)
 
     async def close(self) -> None:
         """Close the channel; later calls raise ClientError FAILED_PRECONDITION."""

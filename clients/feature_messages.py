@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from featurestore.feature_refs import written_view_parts
+from featurestore.registry import FeatureService
 from protos import arrays
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import types_pb2
@@ -24,6 +25,8 @@ class OnlineFeatures:
 
     Columns are keyed "view:feature", or "view@N:feature" when the reference named version N;
     event_timestamps and versions (the version read) are keyed "view" or "view@N" likewise.
+    A lookup by feature service keys them "view:feature" and "view", whatever version the
+    service reads (versions says which).
     """
 
     rows: int
@@ -137,9 +140,34 @@ def event_times_us(event_time: object, rows: int) -> np.ndarray:
     return arrays.cast(arr, types_pb2.INT64, "event_time")
 
 
-def get_request(features: list[str], keys: Mapping[str, object]) -> pb.GetOnlineFeaturesRequest:
-    """A GetOnlineFeatures request."""
-    return pb.GetOnlineFeaturesRequest(entity_keys=key_columns(keys), features=list(features))
+def get_request(
+    features: Sequence[str] | None,
+    keys: Mapping[str, object] | None,
+    feature_service: str | FeatureService | None = None,
+) -> pb.GetOnlineFeaturesRequest:
+    """A GetOnlineFeatures request for the references `features` or for a feature service (a
+    FeatureService sends its name: the server reads the definition it holds now); ValueError
+    unless exactly one of the two is given, TypeError without keys."""
+    if keys is None:
+        raise TypeError("get_online_features: keys is required, e.g. {'user_id': [1, 2]}")
+    if (features is None) == (feature_service is None):
+        got = "neither" if features is None else "both"
+        raise ValueError(
+            "get_online_features: give features (references such as 'view:feature') or "
+            f"feature_service (a service's name), exactly one of the two; got {got}"
+        )
+    if feature_service is None:
+        return pb.GetOnlineFeaturesRequest(entity_keys=key_columns(keys), features=list(features))
+    if isinstance(feature_service, FeatureService):
+        feature_service = feature_service.name
+    if not isinstance(feature_service, str) or not feature_service:
+        raise ValueError(
+            f"feature_service: expected a service's name or a FeatureService, got "
+            f"{feature_service!r}; list_feature_services() lists the names"
+        )
+    return pb.GetOnlineFeaturesRequest(
+        entity_keys=key_columns(keys), feature_service=feature_service
+    )
 
 
 def online_features(
@@ -148,10 +176,15 @@ def online_features(
     """Read a GetOnlineFeatures response to the references `features` into NumPy columns.
 
     Columns are keyed by the view part as the caller wrote it, so "v@1:x" and "v@2:x" stay
-    apart while "v:x" keeps its plain key.
+    apart while "v:x" keeps its plain key. With no references (a lookup by feature service)
+    they are keyed by each answered view's name: a service reads each view at one version.
     """
     out = OnlineFeatures(rows=response.rows)
-    for parts, view in zip(written_view_parts(list(features)), response.views, strict=True):
+    if features:
+        view_parts = written_view_parts(list(features))
+    else:
+        view_parts = [[view.view] for view in response.views]
+    for parts, view in zip(view_parts, response.views, strict=True):
         stamps = np.frombuffer(view.event_timestamps, dtype="<i8")
         columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for block in view.blocks:

@@ -1,4 +1,4 @@
-"""Load entities and feature views from a features.toml file.
+"""Load entities, feature views and feature services from a features.toml file.
 
 Format (a `[[pipeline]]` table may sit beside these; pipelines.config reads it)::
 
@@ -21,11 +21,17 @@ Format (a `[[pipeline]]` table may sit beside these; pipelines.config reads it):
     vector_length = 0        # > 0 only for float32_vector
     allow_nan = false
     description = ""
+
+    [[feature_service]]
+    name = "fraud"
+    features = ["user_stats:clicks_7d", "profile"]   # GetOnlineFeatures' references
+    owner = "risk"           # optional, as are description and tags
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +40,18 @@ from featurestore.errors import FeatureStoreError, InvalidArgumentError
 from featurestore.registry import (
     Entity,
     Feature,
+    FeatureService,
     FeatureView,
     JoinKey,
     check_repeats,
     validate_entity,
+    validate_service,
 )
 from featurestore.toml_file import read_toml as read_toml_file
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+)([smhdw])")
-_TOP = {"entity", "feature_view", "pipeline"}
+_TOP = {"entity", "feature_view", "feature_service", "pipeline"}
 _ENTITY = {"name", "join_keys", "description"}
 _JOIN_KEY = {"name", "dtype"}
 _VIEW = {
@@ -58,6 +66,7 @@ _VIEW = {
     "feature",
 }
 _FEATURE = {"name", "dtype", "vector_length", "allow_nan", "description"}
+_SERVICE = {"name", "features", "description", "owner", "tags"}
 _UINT32_MAX = 2**32 - 1
 _INT64_MAX = 2**63 - 1
 
@@ -117,6 +126,15 @@ class _Where:
             ) from None
 
 
+@dataclass(frozen=True)
+class Definitions:
+    """What a features.toml file declares, in file order, ready for Registry.apply."""
+
+    entities: tuple[Entity, ...]
+    views: tuple[FeatureView, ...]
+    feature_services: tuple[FeatureService, ...]
+
+
 def read_toml(path: Path, fix: str) -> dict:
     """A features.toml file's TOML document; InvalidArgumentError naming the file when it
     cannot be read (with `fix`, the caller's way to give another file), is not UTF-8 or is not
@@ -126,13 +144,15 @@ def read_toml(path: Path, fix: str) -> dict:
 
 def load_definitions(
     path: str | Path, fix: str = "give the path of a readable features.toml"
-) -> tuple[list[Entity], list[FeatureView]]:
-    """Parse features.toml into entities and feature views, ready for Registry.apply.
+) -> Definitions:
+    """Parse features.toml into entities, feature views and feature services.
 
     Errors are InvalidArgumentError naming the file and key (for example
-    "features.toml: feature_view[0].feature[2].dtype: ..."); an entity, or a view and version,
-    declared twice is one too. `fix` ends the message for a file that cannot be read: how the
-    caller (a command's argument or flag) takes another path.
+    "features.toml: feature_view[0].feature[2].dtype: ..."); an entity or service, or a view
+    and version, declared twice is one too. Whether a service's references resolve is the
+    registry's to say at apply (the views may be registered already). `fix` ends the message
+    for a file that cannot be read: how the caller (a command's argument or flag) takes
+    another path.
     """
     path = Path(path)
     w = _Where(path)
@@ -142,11 +162,15 @@ def load_definitions(
     views = [
         _view(w, raw, f"feature_view[{i}]") for i, raw in enumerate(_array(w, doc, "feature_view"))
     ]
+    services = [
+        _service(w, raw, f"feature_service[{i}]")
+        for i, raw in enumerate(_array(w, doc, "feature_service"))
+    ]
     try:
-        check_repeats(entities, views, "entity", "feature_view")
+        check_repeats(entities, views, "entity", "feature_view", services, "feature_service")
     except InvalidArgumentError as exc:
         raise InvalidArgumentError(f"{path}: {exc}") from None
-    return entities, views
+    return Definitions(tuple(entities), tuple(views), tuple(services))
 
 
 def _array(w: _Where, table: dict[str, Any], key: str) -> list[Any]:
@@ -193,10 +217,7 @@ def _view(w: _Where, raw: Any, where: str) -> FeatureView:
             raise w.error(f"{where}.ttl", str(exc)) from None
     ttl_key = f"{where}.{'ttl' if 'ttl' in table else 'ttl_seconds'}"
     ttl = w.bounded(ttl, ttl_key, _INT64_MAX, f"give seconds, 0 (no limit) to {_INT64_MAX}")
-    tags = w.get(table, "tags", where, dict, {})
-    for key, value in tags.items():
-        if not isinstance(value, str):
-            raise w.error(f"{where}.tags.{key}", f"expected str, got {type(value).__name__}")
+    tags = _tags(w, table, where)
     features = []
     positions: dict[str, int] = {}
     for j, raw_feature in enumerate(_array(w, table, "feature")):
@@ -239,5 +260,46 @@ def _view(w: _Where, raw: Any, where: str) -> FeatureView:
         ttl_seconds=ttl,
         description=w.get(table, "description", where, str, ""),
         owner=w.get(table, "owner", where, str, ""),
-        tags=dict(tags),
+        tags=tags,
     )
+
+
+def _tags(w: _Where, table: dict[str, Any], where: str) -> dict[str, str]:
+    """The optional `tags` table of a view or service: text values only."""
+    tags = w.get(table, "tags", where, dict, {})
+    for key, value in tags.items():
+        if not isinstance(value, str):
+            raise w.error(f"{where}.tags.{key}", f"expected str, got {type(value).__name__}")
+    return dict(tags)
+
+
+def _service(w: _Where, raw: Any, where: str) -> FeatureService:
+    table = w.table(raw, where, _SERVICE)
+    name = w.get(table, "name", where, str)
+    where = f"{where} ({name})"
+    features = w.get(table, "features", where, list)
+    for j, ref in enumerate(features):
+        if not isinstance(ref, str):
+            raise w.error(
+                f"{where}.features[{j}]",
+                f'expected a reference string such as "view:feature", got {type(ref).__name__}',
+            )
+    if not features:
+        raise w.error(
+            f"{where}.features",
+            'needs at least one reference, e.g. features = ["user_stats:clicks_7d"]',
+        )
+    service = FeatureService(
+        name=name,
+        features=tuple(features),
+        description=w.get(table, "description", where, str, ""),
+        owner=w.get(table, "owner", where, str, ""),
+        tags=_tags(w, table, where),
+    )
+    try:
+        validate_service(service)
+    except InvalidArgumentError as exc:
+        # the registry starts with the service ("feature service 'x': features[1] ..."); the
+        # file names it by its key instead
+        raise w.error(where, str(exc).removeprefix(f"feature service {name!r}: ")) from None
+    return service

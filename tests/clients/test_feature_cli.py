@@ -97,8 +97,8 @@ def served(tmp_path_factory):
 def register(served, view: str, allow_nan: bool = False) -> None:
     """Register a view through the client (the apply command has its own tests)."""
     cli, client = served
-    entities, views = load_definitions(cli.file(f"{view}.toml", features_toml(view, allow_nan)))
-    assert [r.action for r in client.apply(entities, views)] == ["created"]
+    defs = load_definitions(cli.file(f"{view}.toml", features_toml(view, allow_nan)))
+    assert [r.action for r in client.apply(defs.entities, defs.views)] == ["created"]
 
 
 def test_apply_creates_then_reports_unchanged(served) -> None:
@@ -207,8 +207,8 @@ def test_client_apply_names_a_number_its_wire_field_cannot_hold(served) -> None:
     """A definition built in code with a version or vector_length outside uint32 is an
     InvalidArgumentError naming the view and field, before anything is sent."""
     cli, client = served
-    entities, views = load_definitions(cli.file("wire_range.toml", features_toml("wire_range")))
-    view = views[0]
+    defs = load_definitions(cli.file("wire_range.toml", features_toml("wire_range")))
+    view = defs.views[0]
     too_long = dataclasses.replace(view.features[3], vector_length=2**32)
     for bad, field in (
         (
@@ -222,7 +222,7 @@ def test_client_apply_names_a_number_its_wire_field_cannot_hold(served) -> None:
         ),
     ):
         with pytest.raises(InvalidArgumentError) as info:
-            client.apply(entities, [bad])
+            client.apply(defs.entities, [bad])
         assert str(info.value).startswith(field), info.value
     assert client.list_feature_views("wire_range")[1] == []
 
@@ -416,8 +416,8 @@ def sku_toml(view: str) -> str:
 
 def test_numeric_looking_strings_stay_text_in_ingest_and_get(served) -> None:
     cli, client = served
-    entities, views = load_definitions(cli.file("skus.toml", sku_toml("skus")))
-    client.apply(entities, views)
+    defs = load_definitions(cli.file("skus.toml", sku_toml("skus")))
+    client.apply(defs.entities, defs.views)
     path = cli.file(
         "skus.csv",
         "sku_id,event_timestamp,code,qty\n"
@@ -907,8 +907,8 @@ def test_a_csv_row_longer_than_pyarrows_block_is_read(served) -> None:
     length = 700_000
     toml = view_toml("long_rows", "user", "user_id:int64", {"emb": "float32_vector"})
     toml += f"vector_length = {length}\n"
-    entities, views = load_definitions(cli.file("long_rows.toml", toml))
-    client.apply(entities, views)
+    defs = load_definitions(cli.file("long_rows.toml", toml))
+    client.apply(defs.entities, defs.views)
     vector = np.arange(length, dtype=np.float32) % 7 / 4
     cell = " ".join(f"{x:g}" for x in vector)
     path = cli.file(
@@ -943,8 +943,8 @@ def test_ingest_refuses_parquet_numbers_other_than_0_and_1_for_a_bool(
     is a bad cell handled by --policy (Arrow's cast stored them as true)."""
     cli, client = served
     view = f"bools_{kind}"
-    entities, views = load_definitions(cli.file(f"{view}.toml", flags_toml(view)))
-    client.apply(entities, views)
+    defs = load_definitions(cli.file(f"{view}.toml", flags_toml(view)))
+    client.apply(defs.entities, defs.views)
     ids = [701, 702, 703, 704, 705]
     path = cli.base / f"{view}.parquet"
     stamps = pa.array([us("2024-05-01T10:00:00")] * 5, pa.int64())
@@ -1055,8 +1055,8 @@ def test_get_of_a_key_that_is_not_utf8_exits_2_naming_it(served) -> None:
     """A key from non-UTF-8 argv (a lone surrogate in Python) is one line naming the key and
     row, exit 2 (it was a UnicodeEncodeError traceback)."""
     cli, client = served
-    entities, views = load_definitions(cli.file("skus_argv.toml", sku_toml("skus_argv")))
-    client.apply(entities, views)
+    defs = load_definitions(cli.file("skus_argv.toml", sku_toml("skus_argv")))
+    client.apply(defs.entities, defs.views)
     # subprocess encodes the surrogate back to the byte 0xff: the argv the shell would pass
     result = cli.run("get", "--view", "skus_argv", "--entity", "sku_id=ok,\udcff")
     assert result.returncode == 2, result.stdout
@@ -1096,3 +1096,130 @@ def test_output_the_terminal_cannot_encode_is_named_as_such(served) -> None:
         "featureserve: '\\xe9' cannot be printed in this output's encoding (ascii); set "
         "PYTHONIOENCODING=utf-8 or a UTF-8 locale"
     )
+
+
+def service_toml(view: str, features: str) -> str:
+    """features_toml's view, a `{view}_flags` view (bool `active`) and a feature service
+    `{view}_model` reading `features` (a TOML array)."""
+    return (
+        features_toml(view)
+        + f"""
+[[feature_view]]
+name = "{view}_flags"
+entity = "user"
+
+[[feature_view.feature]]
+name = "active"
+dtype = "bool"
+
+[[feature_service]]
+name = "{view}_model"
+features = {features}
+owner = "tests"
+"""
+    )
+
+
+def test_apply_registers_feature_services_and_get_reads_them(served) -> None:
+    cli, client = served
+    features = '["svc_get:score", "svc_get:city", "svc_get_flags"]'
+    path = cli.file("svc_get.toml", service_toml("svc_get", features))
+    applied = cli.run("apply", str(path))
+    assert (applied.returncode, applied.stdout.splitlines()) == (
+        0,
+        ["svc_get@1: created", "svc_get_flags@1: created", "service svc_get_model: created"],
+    )
+    fewer = cli.file("svc_get_fewer.toml", service_toml("svc_get", '["svc_get:score"]'))
+    dry = cli.run("apply", str(fewer), "--dry-run")
+    assert (dry.returncode, dry.stdout.splitlines()) == (
+        0,
+        [
+            "svc_get@1: unchanged",
+            "svc_get_flags@1: unchanged",
+            "service svc_get_model: would be updated",
+            "dry run: nothing was written; apply without --dry-run to write",
+        ],
+    )
+    assert client.get_feature_service("svc_get_model").features == (
+        "svc_get:score",
+        "svc_get:city",
+        "svc_get_flags",
+    )
+    assert cli.run("apply", str(path)).stdout.splitlines()[-1] == "service svc_get_model: unchanged"
+
+    ingest = cli.run("ingest", str(cli.file("svc_get.csv", CSV_ISO)), "--view", "svc_get")
+    assert ingest.returncode == 0, ingest.stderr
+    client.write_features("svc_get_flags", {"user_id": [2]}, 5, {"active": np.array([True])})
+    got = cli.run("get", "--feature-service", "svc_get_model", "--keys", "2,999")
+    assert got.returncode == 0, got.stderr
+    per_view = [
+        cli.run("get", "--view", "svc_get", "--features", "score,city", "--keys", "2,999"),
+        cli.run("get", "--view", "svc_get_flags", "--keys", "2,999"),
+    ]
+    assert got.stdout == "".join(run.stdout for run in per_view)
+    assert got.stdout.splitlines()[:3] == [
+        f"[user_id=2] event_time_us={us('2024-05-01T09:00:00')}",
+        "  svc_get:score = 1.25 (PRESENT)",
+        "  svc_get:city = Oslo (PRESENT)",
+    ]
+    assert got.stdout.splitlines()[6:8] == [
+        "[user_id=2] event_time_us=5",
+        "  svc_get_flags:active = True (PRESENT)",
+    ]
+
+
+def test_get_by_feature_service_refuses_view_flags_and_unknown_services(served) -> None:
+    cli, _ = served
+    path = cli.file("svc_flags.toml", service_toml("svc_flags", '["svc_flags:score"]'))
+    assert cli.run("apply", str(path)).returncode == 0
+    both = cli.run(
+        "get", "--feature-service", "svc_flags_model", "--view", "svc_flags", "--keys", "1"
+    )
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
+    for flag in (["--features", "score"], ["--version", "0"]):
+        result = cli.run("get", "--feature-service", "svc_flags_model", *flag, "--keys", "1")
+        assert result.returncode == 2, result.stdout
+        assert result.stderr.splitlines() == [
+            "featureserve: --feature-service reads the views, versions and features the service "
+            "names; drop --version and --features (they go with --view)"
+        ]
+    no_keys = cli.run("get", "--feature-service", "svc_flags_model")
+    assert no_keys.returncode == 2
+    assert no_keys.stderr.strip().endswith(
+        "featureserve get --feature-service svc_flags_model --keys 1,2,3"
+    )
+    unknown = cli.run("get", "--feature-service", "svc_flags_modl", "--keys", "1")
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("featureserve: NOT_FOUND: feature service 'svc_flags_modl'")
+    assert "did you mean 'svc_flags_model'" in unknown.stderr
+
+
+def test_delete_service_removes_the_service_not_its_views(served) -> None:
+    cli, client = served
+    path = cli.file("svc_del.toml", service_toml("svc_del", '["svc_del_flags"]'))
+    assert cli.run("apply", str(path)).returncode == 0
+    refused = cli.run("delete-view", "svc_del_flags", "--version", "1")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("featureserve: FAILED_PRECONDITION: "), refused.stderr
+    assert "would break feature service 'svc_del_model'" in refused.stderr
+    deleted = cli.run("delete-service", "svc_del_model")
+    assert (deleted.returncode, deleted.stdout) == (0, "service svc_del_model: deleted\n")
+    assert client.list_feature_services("svc_del") == []
+    assert client.get_feature_view("svc_del_flags").version == 1
+    again = cli.run("delete-service", "svc_del_model")
+    assert again.returncode == 1
+    assert again.stderr.startswith("featureserve: NOT_FOUND: feature service 'svc_del_model'")
+    assert cli.run("delete-view", "svc_del_flags", "--version", "1").returncode == 0
+
+
+def test_apply_of_a_bad_feature_service_exits_2_naming_file_and_key(served) -> None:
+    cli, client = served
+    path = cli.file("svc_bad.toml", service_toml("svc_bad", '["svc_bad:score", "svc_bad@1:city"]'))
+    result = cli.run("apply", str(path))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        f"featureserve: {path}: feature_service[0] (svc_bad_model): features[1] 'svc_bad@1:city' "
+        "reads view 'svc_bad' at version 1, but features[0] reads it at its latest version; a "
+        "service reads each view at one version"
+    ]
+    assert client.list_feature_views("svc_bad")[1] == []

@@ -4,6 +4,7 @@ rejects mid-way, versioned references, and the async twin's methods."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import re
 import threading
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from clients import feature_messages as fm
 from clients.channel import ClientConfig, ClientError
 from clients.feature_client import (
     AsyncFeatureStoreClient,
@@ -23,7 +25,7 @@ from clients.feature_client import (
     StreamWriter,
 )
 from featurestore.dtypes import DType, FeatureStatus
-from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from featurestore.registry import Entity, Feature, FeatureService, FeatureView, JoinKey
 from protos.arrays import ArrayError
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
@@ -666,3 +668,155 @@ def test_a_sync_stream_writer_whose_client_closes_says_so(target, client) -> Non
         assert "the client was closed while this call was in flight" in info.value.message
         writes = FeatureStoreClient(ClientConfig(target=target, timeout_s=30))
     writes.close()
+
+
+def service_views(prefix: str) -> tuple[FeatureView, FeatureView, FeatureView]:
+    """`{prefix}_stats` (clicks, country) and `{prefix}_profile` at versions 1 and 2 (age)."""
+    stats_features = (Feature("clicks", DType.FLOAT32), Feature("country", DType.STRING))
+    stats = FeatureView(f"{prefix}_stats", "user", stats_features)
+    profile = FeatureView(f"{prefix}_profile", "user", (Feature("age", DType.INT64),), version=1)
+    return stats, profile, dataclasses.replace(profile, version=2)
+
+
+def service_rows(prefix: str) -> list[tuple[str, int, dict[str, np.ndarray]]]:
+    """(view, version, features) of users 1 and 2 (3 is never written): profile v1 and v2 hold
+    different ages."""
+    stats = {"clicks": np.float32([1.5, 2.5]), "country": np.array(["fr", "no"], dtype=object)}
+    return [
+        (f"{prefix}_stats", 0, stats),
+        (f"{prefix}_profile", 1, {"age": np.array([31, 32])}),
+        (f"{prefix}_profile", 2, {"age": np.array([41, 42])}),
+    ]
+
+
+def assert_same_lookup(by_service, by_refs, renamed: dict[str, str]) -> None:
+    """by_service holds by_refs' columns (renamed: reference key -> service key), values,
+    statuses and event times alike."""
+    assert sorted(by_service.values) == sorted(renamed.values())
+    for ref_name, name in renamed.items():
+        np.testing.assert_array_equal(by_service[name], by_refs[ref_name])
+        np.testing.assert_array_equal(by_service.statuses[name], by_refs.statuses[ref_name])
+        ref_view, view = ref_name.split(":")[0], name.split(":")[0]
+        np.testing.assert_array_equal(
+            by_service.event_timestamps[view], by_refs.event_timestamps[ref_view]
+        )
+
+
+def test_feature_services_round_trip_sync(client) -> None:
+    stats, profile, profile2 = service_views("sync_svc")
+    fraud = FeatureService(
+        "sync_svc_fraud", ("sync_svc_stats:clicks", "sync_svc_profile@1"), "fraud", "risk"
+    )
+    other = FeatureService("sync_svc_other", ("sync_svc_stats",), tags={"tier": "1"})
+    results = client.apply([USER], [stats, profile], feature_services=[fraud, other])
+    assert [(r.view, r.version, r.feature_service, r.action) for r in results] == [
+        ("sync_svc_stats", 1, "", "created"),
+        ("sync_svc_profile", 1, "", "created"),
+        ("", 0, "sync_svc_fraud", "created"),
+        ("", 0, "sync_svc_other", "created"),
+    ]
+    client.apply([USER], [profile2])
+    ids = np.array([2, 1, 3], dtype=np.int64)
+    for view, version, features in service_rows("sync_svc"):
+        client.write_features(view, {"user_id": [1, 2]}, NOW_US, features, version=version)
+
+    assert client.list_feature_services("sync_svc_") == [fraud, other]
+    assert client.list_feature_services("sync_svc_o") == [other]
+    got = client.get_feature_service("sync_svc_fraud")
+    assert got == fraud and got.owner == "risk" and got.created_us == got.updated_us > 0
+
+    by_refs = client.get_online_features(
+        ["sync_svc_stats:clicks", "sync_svc_profile@1:age"], {"user_id": ids}
+    )
+    by_name = client.get_online_features(keys={"user_id": ids}, feature_service="sync_svc_fraud")
+    by_object = client.get_online_features(None, {"user_id": ids}, feature_service=got)
+    renamed = {
+        "sync_svc_stats:clicks": "sync_svc_stats:clicks",
+        "sync_svc_profile@1:age": "sync_svc_profile:age",  # the service pins v1
+    }
+    for found in (by_name, by_object):
+        assert_same_lookup(found, by_refs, renamed)
+        assert found.versions == {"sync_svc_stats": 1, "sync_svc_profile": 1}
+    assert by_name["sync_svc_profile:age"][:2].tolist() == [32, 31]  # v1, not the latest
+    statuses = by_name.statuses["sync_svc_stats:clicks"].tolist()
+    assert statuses == [FeatureStatus.PRESENT] * 2 + [FeatureStatus.NOT_FOUND]
+
+    with pytest.raises(ClientError) as refused:
+        client.delete_feature_view("sync_svc_profile", 1)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "would break feature service 'sync_svc_fraud'" in refused.value.message
+    client.delete_feature_service("sync_svc_fraud")
+    assert client.list_feature_services("sync_svc_") == [other]
+    for call in (
+        lambda: client.get_feature_service("sync_svc_fraud"),
+        lambda: client.get_online_features(keys={"user_id": ids}, feature_service="sync_svc_fraud"),
+        lambda: client.delete_feature_service("sync_svc_fraud"),
+    ):
+        with pytest.raises(ClientError) as missing:
+            call()
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND
+        assert "feature service 'sync_svc_fraud' is not registered" in missing.value.message
+    client.delete_feature_view("sync_svc_profile", 1)  # no service reads it now
+
+
+def test_feature_services_round_trip_async(target) -> None:
+    stats, profile, profile2 = service_views("async_svc")
+    model = FeatureService("async_svc_model", ("async_svc_stats", "async_svc_profile:age"))
+    ids = np.array([1, 2, 3], dtype=np.int64)
+
+    async def run():
+        async with AsyncFeatureStoreClient(ClientConfig(target=target, timeout_s=20)) as c:
+            applied = await c.apply([USER], [stats, profile, profile2], feature_services=[model])
+            for view, version, features in service_rows("async_svc"):
+                await c.write_features(view, {"user_id": [1, 2]}, NOW_US, features, version=version)
+            listed = await c.list_feature_services("async_svc")
+            got = await c.get_feature_service("async_svc_model")
+            by_refs = await c.get_online_features(
+                ["async_svc_stats", "async_svc_profile:age"], {"user_id": ids}
+            )
+            by_name = await c.get_online_features(
+                keys={"user_id": ids}, feature_service="async_svc_model"
+            )
+            by_object = await c.get_online_features(keys={"user_id": ids}, feature_service=got)
+            await c.delete_feature_service("async_svc_model")
+            with pytest.raises(ClientError) as missing:
+                await c.get_online_features(keys={"user_id": ids}, feature_service=model)
+            return applied, listed, got, by_refs, by_name, by_object, missing.value
+
+    applied, listed, got, by_refs, by_name, by_object, missing = asyncio.run(run())
+    assert [(r.feature_service, r.action) for r in applied][-1] == ("async_svc_model", "created")
+    assert listed == [model] and got == model and got.created_us > 0
+    names = ["async_svc_stats:clicks", "async_svc_stats:country", "async_svc_profile:age"]
+    for found in (by_name, by_object):
+        assert_same_lookup(found, by_refs, {name: name for name in names})
+        assert found.versions == {"async_svc_stats": 1, "async_svc_profile": 2}
+    assert by_name["async_svc_profile:age"][:2].tolist() == [41, 42]  # the latest, v2
+    assert missing.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_features_and_feature_service_are_exclusive(target, client) -> None:
+    stats, _, _ = service_views("both_svc")
+    service = FeatureService("both_svc_model", ("both_svc_stats",))
+    client.apply([USER], [stats], feature_services=[service])
+    keys = {"user_id": [1]}
+    for features, feature_service, got in (
+        (["both_svc_stats"], "both_svc_model", "both"),
+        (None, None, "neither"),
+    ):
+        with pytest.raises(ValueError) as info:
+            client.get_online_features(features, keys, feature_service=feature_service)
+        assert "features" in str(info.value) and "feature_service" in str(info.value)
+        assert str(info.value).endswith(f"got {got}")
+    request = pb.GetOnlineFeaturesRequest(
+        entity_keys=[fm.key_columns(keys)[0]],
+        features=["both_svc_stats"],
+        feature_service="both_svc_model",
+    )
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.FeatureStoreStub(channel).GetOnlineFeatures(request, timeout=20)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "send one or the other" in refused.value.details()
+    with pytest.raises(ClientError) as unknown:
+        client.get_online_features(keys=keys, feature_service="both_svc_modle")
+    assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+    assert "did you mean 'both_svc_model'" in unknown.value.message

@@ -1,5 +1,6 @@
 """features.toml loading: the format, durations and errors that name the file and key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from featurestore.definitions import load_definitions, parse_duration
 from featurestore.dtypes import DType
 from featurestore.errors import InvalidArgumentError
+from featurestore.registry import FeatureService
 
 GOOD = """
 [[entity]]
@@ -50,12 +52,13 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_loads_entities_and_views(tmp_path: Path):
-    entities, views = load_definitions(write(tmp_path, GOOD))
-    assert [(k.name, k.dtype) for k in entities[0].join_keys] == [
+    defs = load_definitions(write(tmp_path, GOOD))
+    assert [(k.name, k.dtype) for k in defs.entities[0].join_keys] == [
         ("city", DType.STRING),
         ("driver_id", DType.INT64),
     ]
-    stats, flags = views
+    stats, flags = defs.views
+    assert defs.feature_services == ()
     assert stats.ttl_seconds == 5400 and stats.owner == "ops" and stats.tags == {"tier": "gold"}
     assert stats.features[0].allow_nan and stats.features[1].vector_length == 8
     assert stats.features[1].dtype is DType.FLOAT32_VECTOR
@@ -189,7 +192,7 @@ def test_a_view_or_entity_declared_twice_names_both_positions(tmp_path: Path):
         load_definitions(write(tmp_path, beside_latest))  # no version: the latest, maybe 2
     entity = 'entity = "user"\n'
     two_versions = beside_latest.replace(f"{entity}[[", f"{entity}version = 1\n[[", 1)
-    assert [v.version for v in load_definitions(write(tmp_path, two_versions))[1]] == [1, 2]
+    assert [v.version for v in load_definitions(write(tmp_path, two_versions)).views] == [1, 2]
     twice = GOOD.split("[[feature_view]]")[0] + GOOD
     with pytest.raises(InvalidArgumentError) as info:
         load_definitions(write(tmp_path, twice))
@@ -202,9 +205,9 @@ def test_a_view_or_entity_declared_twice_names_both_positions(tmp_path: Path):
 def test_a_byte_order_mark_is_skipped(tmp_path: Path):
     path = tmp_path / "features.toml"
     path.write_bytes(GOOD.encode("utf-8-sig"))
-    entities, views = load_definitions(path)
-    assert entities[0].name == "trip"
-    assert [v.name for v in views] == ["driver_stats", "driver_flags"]
+    defs = load_definitions(path)
+    assert defs.entities[0].name == "trip"
+    assert [v.name for v in defs.views] == ["driver_stats", "driver_flags"]
 
 
 def test_ttl_given_as_a_number_points_to_ttl_seconds(tmp_path: Path):
@@ -227,4 +230,105 @@ def test_a_feature_repeated_in_a_view_names_both_positions(tmp_path: Path):
     assert str(info.value) == (
         f"{path}: feature_view[0] (dupv).feature[1].name: 'a' repeats feature[0]; give each "
         "feature of a view its own name"
+    )
+
+
+SERVICES = """
+[[feature_service]]
+name = "driver_model"
+features = ["driver_stats:rating", "driver_flags@2"]
+description = "ranks drivers"
+owner = "ops"
+tags = { tier = "gold" }
+
+[[feature_service]]
+name = "rating_only"
+features = ["driver_stats:rating"]
+"""
+
+
+def test_loads_feature_services(tmp_path: Path):
+    defs = load_definitions(write(tmp_path, GOOD + SERVICES))
+    model, rating = defs.feature_services
+    assert model == FeatureService(
+        "driver_model",
+        ("driver_stats:rating", "driver_flags@2"),
+        "ranks drivers",
+        "ops",
+        {"tier": "gold"},
+    )
+    assert rating == FeatureService("rating_only", ("driver_stats:rating",))
+    assert [v.name for v in defs.views] == ["driver_stats", "driver_flags"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        defs.views = ()  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ('"driver_flags@2"]', '"driver_flags@2", 3]'),
+            r"feature_service\[0\] \(driver_model\)\.features\[2\]: expected a reference string "
+            r'such as "view:feature", got int',
+        ),
+        (
+            ('features = ["driver_stats:rating"]', "features = []"),
+            r"feature_service\[1\] \(rating_only\)\.features: needs at least one reference",
+        ),
+        (
+            ('features = ["driver_stats:rating"]', 'features = "driver_stats:rating"'),
+            r"feature_service\[1\] \(rating_only\)\.features: expected list, got str",
+        ),
+        (
+            ('features = ["driver_stats:rating"]\n', ""),
+            r"feature_service\[1\] \(rating_only\)\.features: is required",
+        ),
+        (
+            ('"driver_stats:rating", "driver_flags@2"', '"driver_stats:rating", "driver_flags@"'),
+            r"feature_service\[0\] \(driver_model\): features\[1\]: 'driver_flags@' is not a "
+            r"feature reference; use 'view:feature'",
+        ),
+        (
+            ('"driver_stats:rating", "driver_flags@2"', '"driver_stats", "driver_stats:rating"'),
+            r"feature_service\[0\] \(driver_model\): features\[1\] 'driver_stats:rating' reads "
+            r"again what features\[0\] 'driver_stats' reads; name each feature once",
+        ),
+        (
+            ('"driver_flags@2"]', '"driver_stats@1:x"]'),
+            r"feature_service\[0\] \(driver_model\): features\[1\] 'driver_stats@1:x' reads "
+            r"view 'driver_stats' at version 1, but features\[0\] reads it at its latest",
+        ),
+        (
+            ('tier = "gold"', "tier = 1"),
+            r"feature_service\[0\] \(driver_model\)\.tags\.tier: expected str, got int",
+        ),
+        (
+            ('owner = "ops"\ntags', 'ownr = "ops"\ntags'),
+            r"feature_service\[0\]: unknown key\(s\) \['ownr'\]",
+        ),
+        (
+            ('name = "rating_only"', 'name = "9lives"'),
+            r"feature_service\[1\] \(9lives\): feature service name '9lives' is not a valid name",
+        ),
+        (
+            ('name = "rating_only"', 'name = "driver_model"'),
+            r": feature_service\[1\]: feature service 'driver_model' is declared again \(first at "
+            r"feature_service\[0\]\); declare each feature service once",
+        ),
+    ],
+)
+def test_bad_feature_services_name_file_and_key(tmp_path: Path, edit, message):
+    assert edit[0] in SERVICES, edit
+    path = write(tmp_path, GOOD + SERVICES.replace(*edit))
+    with pytest.raises(InvalidArgumentError, match=message) as info:
+        load_definitions(path)
+    assert str(info.value).startswith(f"{path}: "), info.value
+
+
+def test_feature_service_must_be_an_array_of_tables(tmp_path: Path):
+    path = write(tmp_path, GOOD.replace("[[entity]]", 'feature_service = "x"\n\n[[entity]]'))
+    with pytest.raises(InvalidArgumentError) as info:
+        load_definitions(path)
+    assert str(info.value) == (
+        f"{path}: feature_service: expected an array of tables ([[feature_service]]), got str"
     )

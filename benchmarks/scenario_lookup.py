@@ -4,7 +4,8 @@ The rows are written straight into the LMDB environment before the server starts
 lookup is measured), into a data directory that is kept and reused by later runs of the same
 size. Each client process pre-serializes its requests once and sends raw bytes, so the client's
 protobuf cost stays out of the figures. One variant per --entities value, so --with-baseline
-compares each against the transport floor at its own response size.
+compares each against the transport floor at its own response size, and per --by value: the
+view by reference, or the feature service SERVICE that reads it.
 """
 
 from __future__ import annotations
@@ -26,19 +27,23 @@ from benchmarks.scenarios import (
     ScenarioError,
     ScenarioRun,
     UnaryRequest,
+    comma_choices,
     register_scenario,
 )
 from benchmarks.server_launch import add_ops_argument, launch_for, ops_metadata
 from clients.feature_messages import get_request, online_features
 from featurestore.dtypes import DType, FeatureStatus
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
-from featurestore.registry import Entity, Feature, FeatureView, JoinKey
+from featurestore.registry import Entity, Feature, FeatureService, FeatureView, JoinKey
 from protos.featureserve.v1 import feature_store_pb2 as pb
 
 METHOD = "/featureserve.v1.FeatureStore/GetOnlineFeatures"
 ENTITY = "bench_entity"
 JOIN_KEY = "entity_id"
 VIEW = "bench_lookup"
+SERVICE = "bench_lookup_service"
+"""A feature service reading the whole view: what `--by service` looks up."""
+BY = ("refs", "service")
 MARKER = "bench-lookup.json"
 LOAD_BATCH_ROWS = 100_000
 REQUESTS_PER_CLIENT = 256
@@ -107,17 +112,33 @@ def load_store(data_dir: Path, entities_total: int, features: int, seed: int = 0
     return time.perf_counter() - started
 
 
-def request_bytes(entities: int, entities_total: int, rng: np.random.Generator) -> bytes:
-    """A serialized GetOnlineFeatures request for `entities` random keys and the whole view."""
+def apply_service(data_dir: Path) -> None:
+    """Register SERVICE (reading the whole view) in the loaded store, before a server opens it."""
+    with OnlineStore(StoreConfig(data_dir)) as store:
+        store.registry.apply([], [], services=[FeatureService(SERVICE, (VIEW,))])
+
+
+def request_bytes(
+    entities: int, entities_total: int, rng: np.random.Generator, by: str = "refs"
+) -> bytes:
+    """A serialized GetOnlineFeatures request for `entities` random keys and the whole view,
+    named by reference or (by "service") through SERVICE."""
     ids = rng.integers(0, entities_total, size=entities, dtype=np.int64)
+    if by == "service":
+        return get_request(None, {JOIN_KEY: ids}, SERVICE).SerializeToString()
     return get_request([VIEW], {JOIN_KEY: ids}).SerializeToString()
 
 
 def check_response(
-    target: str, entities: int, entities_total: int, timeout_s: float, metadata: tuple = ()
+    target: str,
+    entities: int,
+    entities_total: int,
+    timeout_s: float,
+    metadata: tuple = (),
+    by: str = "refs",
 ) -> int:
     """Send one lookup, check every value came back PRESENT; returns the response size in bytes."""
-    body = request_bytes(entities, entities_total, np.random.default_rng(1))
+    body = request_bytes(entities, entities_total, np.random.default_rng(1), by)
     with grpc.insecure_channel(target) as channel:
         raw = channel.unary_unary(METHOD)(body, timeout=timeout_s, metadata=metadata)
     features = online_features(pb.GetOnlineFeaturesResponse.FromString(raw), [VIEW])
@@ -162,14 +183,23 @@ class LookupScenario(ScenarioBase):
             default=None,
             help="store directory, loaded once and reused (default: a cache dir under $TMPDIR)",
         )
+        parser.add_argument(
+            "--by",
+            type=comma_choices(BY),
+            default=["refs"],
+            help="name the view by its reference (refs) or through a feature service reading "
+            f"it ({SERVICE}, registered when the harness starts the server); a comma list "
+            "runs one variant each, side by side (default refs)",
+        )
         add_ops_argument(parser)
 
     def variants(self, args: argparse.Namespace) -> list[argparse.Namespace]:
-        """One namespace per (--entities value, --ops value)."""
+        """One namespace per (--entities value, --ops value, --by value)."""
         return [
-            argparse.Namespace(**{**vars(args), "entities": [n], "ops": [o]})
+            argparse.Namespace(**{**vars(args), "entities": [n], "ops": [o], "by": [b]})
             for n in args.entities
             for o in args.ops
+            for b in args.by
         ]
 
     def setup(self, args: argparse.Namespace) -> ScenarioRun:
@@ -184,19 +214,26 @@ class LookupScenario(ScenarioBase):
             "entities_total": args.entities_total,
             "keys": "fixed" if args.generator == "h2load" else "random",
             "ops": args.ops[0],
+            "by": args.by[0],
         }
         server = None
         target = args.target
         if target is None:
             data_dir = args.data_dir or default_data_dir(args.entities_total, args.features)
             params["load_s"] = round(load_store(data_dir, args.entities_total, args.features), 1)
+            apply_service(data_dir)
             models = data_dir / "bench-models"
             models.mkdir(exist_ok=True)
             server = launch_for(args.ops[0], data_dir, models)
             target = server.target
         try:
             response_bytes = check_response(
-                target, entities, args.entities_total, args.timeout, ops_metadata(args.ops[0])
+                target,
+                entities,
+                args.entities_total,
+                args.timeout,
+                ops_metadata(args.ops[0]),
+                args.by[0],
             )
         except BaseException:
             if server is not None:
@@ -215,7 +252,8 @@ class LookupScenario(ScenarioBase):
         rng = np.random.default_rng(os.getpid())
         entities = args.entities[0]
         bodies = [
-            request_bytes(entities, args.entities_total, rng) for _ in range(REQUESTS_PER_CLIENT)
+            request_bytes(entities, args.entities_total, rng, args.by[0])
+            for _ in range(REQUESTS_PER_CLIENT)
         ]
         nxt = itertools.cycle(bodies).__next__
         call = channel.unary_unary(METHOD)
@@ -230,7 +268,8 @@ class LookupScenario(ScenarioBase):
     def unary_request(self, args: argparse.Namespace) -> UnaryRequest | None:
         """One fixed request (the same keys every time) and the token of an ops-on server,
         for h2load."""
-        body = request_bytes(args.entities[0], args.entities_total, np.random.default_rng(2))
+        rng = np.random.default_rng(2)
+        body = request_bytes(args.entities[0], args.entities_total, rng, args.by[0])
         return METHOD, body, ops_metadata(args.ops[0])
 
 

@@ -94,6 +94,8 @@ def test_lookup_runs_one_variant_per_entity_count_beside_the_baseline(tmp_path) 
 
 
 def test_lookup_through_h2load_names_its_one_fixed_request(tmp_path) -> None:
+    """By reference and through the feature service that reads the view, side by side: both
+    answer every lookup in full (the harness checks each response is whole and PRESENT)."""
     runs = _bench(
         tmp_path,
         "lookup",
@@ -102,10 +104,15 @@ def test_lookup_through_h2load_names_its_one_fixed_request(tmp_path) -> None:
         "--data-dir", str(tmp_path / "data"),
         "--concurrency", "2",
         "--generator", "h2load",
+        "--by", "refs,service",
     )  # fmt: skip
-    (record,) = runs
-    _assert_clean(record)
-    assert (record["generator"], record["keys"]) == ("h2load", "fixed")
+    for record in runs:
+        _assert_clean(record)
+    assert [(r["generator"], r["keys"], r["by"]) for r in runs] == [
+        ("h2load", "fixed", "refs"),
+        ("h2load", "fixed", "service"),
+    ]
+    assert runs[0]["response_bytes"] == runs[1]["response_bytes"]
 
 
 def test_lookup_refuses_a_data_dir_loaded_with_another_data_set(tmp_path) -> None:

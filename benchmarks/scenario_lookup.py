@@ -115,7 +115,7 @@ def load_store(data_dir: Path, entities_total: int, features: int, seed: int = 0
 def apply_service(data_dir: Path) -> None:
     """Register SERVICE (reading the whole view) in the loaded store, before a server opens it."""
     with OnlineStore(StoreConfig(data_dir)) as store:
-        store.registry.apply([], [], services=[FeatureService(SERVICE, (VIEW,))])
+        store.registry.apply([], [], feature_services=[FeatureService(SERVICE, (VIEW,))])
 
 
 def request_bytes(

@@ -62,6 +62,9 @@ def cmd_delete_view(args: argparse.Namespace) -> int:
 
 def cmd_delete_service(args: argparse.Namespace) -> int:
     """Delete one feature service; the views it reads stay."""
+    if not args.name:
+        print("featureserve: NAME: empty; name the feature service to delete", file=sys.stderr)
+        return 2
     with FeatureStoreClient(client_config(args)) as client:
         client.delete_feature_service(args.name)
     print(f"service {args.name}: deleted")
@@ -700,6 +703,8 @@ def _print_view(keys: dict[str, np.ndarray], result: OnlineFeatures, part: str) 
 
 def _get_problem(args: argparse.Namespace) -> str | None:
     """Why get's flags cannot be used together, naming the flags and the fix."""
+    if args.feature_service == "":
+        return "--feature-service: empty; name a feature service, e.g. fraud"
     if args.feature_service is not None and (args.version is not None or args.features):
         return (
             "--feature-service reads the views, versions and features the service names; "
@@ -721,7 +726,7 @@ def _get_problem(args: argparse.Namespace) -> str | None:
 
 def cmd_get(args: argparse.Namespace) -> int:
     """Print features of a few entities: of one view, or of each view a feature service reads,
-    one view after the other."""
+    one view after the other, each headed by the view and the version read."""
     problem = _get_problem(args)
     if problem is not None:
         print(f"featureserve: {problem}", file=sys.stderr)
@@ -751,6 +756,8 @@ def cmd_get(args: argparse.Namespace) -> int:
             print(f"featureserve: --keys/--entity: {exc}", file=sys.stderr)
             return 2
     for part in parts:
+        if args.feature_service is not None:
+            print(f"{part}@{result.versions[part]}:")
         _print_view(keys, result, part)
     return 0
 
@@ -774,7 +781,7 @@ def _bounded_int(meaning: str, low: int, high: int | None = None) -> Callable[[s
 
 _ROWS = _bounded_int("rows per message", 1)
 _VERSION = _bounded_int("a view version", 1, 2**32 - 1)
-_VERSION_OR_LATEST = _bounded_int("a view version (0: the latest)", 0, 2**32 - 1)
+VERSION_OR_LATEST = _bounded_int("a view version (0: the latest)", 0, 2**32 - 1)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -819,7 +826,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("file", type=Path, help="CSV or Parquet file")
     p.add_argument("--view", required=True, help="target feature view")
     p.add_argument(
-        "--version", type=_VERSION_OR_LATEST, default=0, help="view version (default latest)"
+        "--version", type=VERSION_OR_LATEST, default=0, help="view version (default latest)"
     )
     p.add_argument(
         "--event-time-column",
@@ -850,7 +857,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="read the features of this feature service (not with --version or --features)",
     )
-    p.add_argument("--version", type=_VERSION_OR_LATEST, help="view version (default latest)")
+    p.add_argument("--version", type=VERSION_OR_LATEST, help="view version (default latest)")
     p.add_argument(
         "--keys", help="comma-separated keys of the view's (first) join key, read as its type"
     )

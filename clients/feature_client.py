@@ -283,14 +283,14 @@ class FeatureStoreClient:
 
     def get_online_features(
         self,
-        features: Sequence[str] | None = None,
+        features: Sequence[str] | FeatureService | None = None,
         keys: Mapping[str, object] | None = None,
         *,
         feature_service: str | FeatureService | None = None,
     ) -> fm.OnlineFeatures:
         """Look up `features` ("view:feature", "view", "view@2:feature"), or the features of a
-        feature service (by name or FeatureService), for entity `keys`; ValueError unless
-        exactly one of features and feature_service is given."""
+        feature service (by name or FeatureService, as feature_service or, as in Feast, as
+        features), for entity `keys`; ValueError unless exactly one of them is given."""
         request = fm.get_request(features, keys, feature_service)
         response = self._call(self._stub.GetOnlineFeatures, request)
         return fm.online_features(response, request.features)
@@ -363,14 +363,14 @@ class FeatureStoreClient:
         response = self._call(self._stub.ListFeatureServices, request)
         return [rm.service_from_proto(s) for s in response.feature_services]
 
-    def get_feature_service(self, name: str) -> FeatureService:
-        """One feature service definition."""
-        request = pb.GetFeatureServiceRequest(name=name)
+    def get_feature_service(self, name: str | FeatureService) -> FeatureService:
+        """One feature service definition, as stored (a FeatureService is looked up by name)."""
+        request = pb.GetFeatureServiceRequest(name=fm.service_name(name, "name"))
         return rm.service_from_proto(self._call(self._stub.GetFeatureService, request))
 
-    def delete_feature_service(self, name: str) -> None:
+    def delete_feature_service(self, name: str | FeatureService) -> None:
         """Delete one feature service (the views it reads stay); needs `admin`."""
-        request = pb.DeleteFeatureServiceRequest(name=name)
+        request = pb.DeleteFeatureServiceRequest(name=fm.service_name(name, "name"))
         self._call(self._stub.DeleteFeatureService, request)
 
     def close(self) -> None:
@@ -537,14 +537,14 @@ class AsyncFeatureStoreClient:
 
     async def get_online_features(
         self,
-        features: Sequence[str] | None = None,
+        features: Sequence[str] | FeatureService | None = None,
         keys: Mapping[str, object] | None = None,
         *,
         feature_service: str | FeatureService | None = None,
     ) -> fm.OnlineFeatures:
         """Look up `features` ("view:feature", "view", "view@2:feature"), or the features of a
-        feature service (by name or FeatureService), for entity `keys`; ValueError unless
-        exactly one of features and feature_service is given."""
+        feature service (by name or FeatureService, as feature_service or, as in Feast, as
+        features), for entity `keys`; ValueError unless exactly one of them is given."""
         request = fm.get_request(features, keys, feature_service)
         response = await self._call(self._stub.GetOnlineFeatures, request)
         return fm.online_features(response, request.features)
@@ -617,14 +617,14 @@ class AsyncFeatureStoreClient:
         response = await self._call(self._stub.ListFeatureServices, request)
         return [rm.service_from_proto(s) for s in response.feature_services]
 
-    async def get_feature_service(self, name: str) -> FeatureService:
-        """One feature service definition."""
-        request = pb.GetFeatureServiceRequest(name=name)
+    async def get_feature_service(self, name: str | FeatureService) -> FeatureService:
+        """One feature service definition, as stored (a FeatureService is looked up by name)."""
+        request = pb.GetFeatureServiceRequest(name=fm.service_name(name, "name"))
         return rm.service_from_proto(await self._call(self._stub.GetFeatureService, request))
 
-    async def delete_feature_service(self, name: str) -> None:
+    async def delete_feature_service(self, name: str | FeatureService) -> None:
         """Delete one feature service (the views it reads stay); needs `admin`."""
-        request = pb.DeleteFeatureServiceRequest(name=name)
+        request = pb.DeleteFeatureServiceRequest(name=fm.service_name(name, "name"))
         await self._call(self._stub.DeleteFeatureService, request)
 
     async def close(self) -> None:

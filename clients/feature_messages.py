@@ -141,7 +141,7 @@ def event_times_us(event_time: object, rows: int) -> np.ndarray:
 
 
 def get_request(
-    features: Sequence[str] | None,
+    features: Sequence[str] | FeatureService | None,
     keys: Mapping[str, object] | None,
     feature_service: str | FeatureService | None = None,
 ) -> pb.GetOnlineFeaturesRequest:
@@ -150,6 +150,8 @@ def get_request(
     unless exactly one of the two is given, TypeError without keys."""
     if keys is None:
         raise TypeError("get_online_features: keys is required, e.g. {'user_id': [1, 2]}")
+    if isinstance(features, FeatureService) and feature_service is None:
+        features, feature_service = None, features  # Feast's features=feature_service
     if (features is None) == (feature_service is None):
         got = "neither" if features is None else "both"
         raise ValueError(
@@ -158,16 +160,21 @@ def get_request(
         )
     if feature_service is None:
         return pb.GetOnlineFeaturesRequest(entity_keys=key_columns(keys), features=list(features))
-    if isinstance(feature_service, FeatureService):
-        feature_service = feature_service.name
-    if not isinstance(feature_service, str) or not feature_service:
-        raise ValueError(
-            f"feature_service: expected a service's name or a FeatureService, got "
-            f"{feature_service!r}; list_feature_services() lists the names"
-        )
     return pb.GetOnlineFeaturesRequest(
-        entity_keys=key_columns(keys), feature_service=feature_service
+        entity_keys=key_columns(keys), feature_service=service_name(feature_service)
     )
+
+
+def service_name(service: object, field: str = "feature_service") -> str:
+    """The name of a feature service given by name or as a FeatureService (whose stored
+    definition the server then reads); ValueError naming `field` for anything else."""
+    name = service.name if isinstance(service, FeatureService) else service
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"{field}: expected a service's name or a FeatureService, got {service!r}; "
+            "list_feature_services() lists the names"
+        )
+    return name
 
 
 def online_features(

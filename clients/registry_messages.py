@@ -144,8 +144,18 @@ def view_from_proto(msg: pb.FeatureView, field: str = "view") -> FeatureView:
 
 
 def service_to_proto(service: FeatureService) -> pb.FeatureService:
-    """FeatureService -> featureserve.v1.FeatureService."""
+    """FeatureService -> featureserve.v1.FeatureService; TypeError naming the field when
+    features is one string (it would go as one reference per character) or tags hold a
+    non-string (protobuf's own error names nothing)."""
     where = f"feature service {service.name!r}"
+    if isinstance(service.features, str):
+        raise TypeError(
+            f"{where}: features is the str {service.features!r}; give a list of references, "
+            f"e.g. ({service.features!r},)"
+        )
+    for key, value in dict(service.tags).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"{where}: tags[{key!r}] = {value!r}; tags map str to str")
     return pb.FeatureService(
         name=service.name,
         features=list(service.features),
@@ -195,12 +205,30 @@ def apply_request(
     entities: Sequence[Entity],
     views: Sequence[FeatureView],
     dry_run: bool = False,
-    services: Sequence[FeatureService] = (),
+    feature_services: Sequence[FeatureService] = (),
 ) -> pb.ApplyFeatureViewsRequest:
-    """An ApplyFeatureViews request."""
+    """An ApplyFeatureViews request; TypeError naming the argument when one is not a list of
+    its definitions (a single FeatureService, or a name, where a list belongs)."""
     return pb.ApplyFeatureViewsRequest(
-        entities=[entity_to_proto(e) for e in entities],
-        views=[view_to_proto(v) for v in views],
+        entities=[entity_to_proto(e) for e in _listed(entities, Entity, "entities")],
+        views=[view_to_proto(v) for v in _listed(views, FeatureView, "views")],
         dry_run=dry_run,
-        feature_services=[service_to_proto(s) for s in services],
+        feature_services=[
+            service_to_proto(s)
+            for s in _listed(feature_services, FeatureService, "feature_services")
+        ],
     )
+
+
+def _listed(items: object, kind: type, argument: str) -> list:
+    """`items` as a list of `kind`, or TypeError naming the argument and the bad item."""
+    if isinstance(items, (kind, str, bytes)):
+        raise TypeError(f"{argument}: give a list of {kind.__name__}, got {items!r:.80}")
+    listed = list(items)
+    for i, item in enumerate(listed):
+        if not isinstance(item, kind):
+            raise TypeError(
+                f"{argument}[{i}]: expected a {kind.__name__}, got {type(item).__name__} "
+                f"{item!r:.80}"
+            )
+    return listed

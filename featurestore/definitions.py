@@ -51,7 +51,9 @@ from featurestore.toml_file import read_toml as read_toml_file
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+)([smhdw])")
-_TOP = {"entity", "feature_view", "feature_service", "pipeline"}
+TOP_LEVEL_KEYS = {"entity", "feature_view", "feature_service", "pipeline"}
+"""The tables a features.toml may hold: this module reads the first three, pipelines.config
+the last, and each accepts the others beside its own."""
 _ENTITY = {"name", "join_keys", "description"}
 _JOIN_KEY = {"name", "dtype"}
 _VIEW = {
@@ -157,7 +159,7 @@ def load_definitions(
     path = Path(path)
     w = _Where(path)
     doc = read_toml(path, fix)
-    w.table(doc, "top level", _TOP)
+    w.table(doc, "top level", TOP_LEVEL_KEYS)
     entities = [_entity(w, raw, f"entity[{i}]") for i, raw in enumerate(_array(w, doc, "entity"))]
     views = [
         _view(w, raw, f"feature_view[{i}]") for i, raw in enumerate(_array(w, doc, "feature_view"))

@@ -732,7 +732,7 @@ class Registry:
         entities: Iterable[Entity],
         views: Iterable[FeatureView],
         dry_run: bool = False,
-        services: Iterable[FeatureService] = (),
+        feature_services: Iterable[FeatureService] = (),
     ) -> list[ApplyResult]:
         """Register entities, views and feature services atomically, following the versioning
         rules; the results are the views' in order, then the services'.
@@ -748,7 +748,7 @@ class Registry:
         """
         entities = list(entities)
         views = [_normalise(v) for v in views]
-        services = list(services)
+        services = list(feature_services)
         for entity in entities:
             validate_entity(replace(entity, join_keys=tuple(entity.join_keys)))
         for view in views:

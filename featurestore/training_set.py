@@ -42,8 +42,9 @@ def training_set(
     timestamps, int64 µs), the value of every referenced feature a training example sees then:
     point_in_time of each referenced view (version), by event time or as served, each joined
     on the join keys of its own entity. The features are the references listed, or those of a
-    feature service as stored (so a model trains on what a lookup by that service serves), with
-    the same columns as its references listed. InvalidArgumentError naming a missing join key
+    feature service as stored, keyed as a lookup by that service keys them (by_view_names), so
+    a model trains on what serving sends it under the same names. InvalidArgumentError naming a
+    missing join key
     column, an empty feature list, or both or neither of features and feature_service;
     NotFoundError naming an unknown feature service, view or feature."""
     refs = training_refs(store, features, feature_service)
@@ -68,10 +69,29 @@ def training_set(
                     found.values[f"{part}:{feature}"] = block.values[:, j]
                     found.statuses[f"{part}:{feature}"] = block.statuses[:, j]
     order = _column_order(store, refs, found.values)
-    return TrainingSet(
+    found = TrainingSet(
         {ref: found.values[ref] for ref in order},
         {ref: found.statuses[ref] for ref in order},
         found.event_us,
+    )
+    return found if feature_service is None else by_view_names(found)
+
+
+def unversioned(name: str) -> str:
+    """A column or view name without the version its reference pinned: "spend@1:amount" ->
+    "spend:amount", "spend@1" -> "spend"."""
+    view_part, sep, feature = name.partition(":")
+    return view_part.partition("@")[0] + sep + feature
+
+
+def by_view_names(found: TrainingSet) -> TrainingSet:
+    """The same columns keyed as a lookup by feature service keys them ("view:feature", event
+    times by "view"), whatever version a reference pins: a service reads each view at one
+    version, so no two names collide."""
+    return TrainingSet(
+        {unversioned(ref): values for ref, values in found.values.items()},
+        {unversioned(ref): statuses for ref, statuses in found.statuses.items()},
+        {unversioned(view): event_us for view, event_us in found.event_us.items()},
     )
 
 

@@ -46,7 +46,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from featurestore.definitions import read_toml
+from featurestore.definitions import TOP_LEVEL_KEYS, read_toml
 from featurestore.dtypes import DType
 from featurestore.errors import InvalidArgumentError
 
@@ -65,7 +65,6 @@ TTL_MARGIN_S = 10
 """Seconds a window's default TTL allows for its firing and the sink's durable write."""
 MAX_TTL_S = 3650 * 86_400
 """The longest ttl_s a window takes (10 years); 0 means no limit."""
-_TOP_KEYS = {"entity", "feature_view", "pipeline"}
 _PIPELINE_KEYS = {
     "name", "format", "entity_column", "event_time_column", "out_of_orderness_s",
     "allowed_lateness_s", "columns", "derived", "window",
@@ -381,7 +380,7 @@ def load_pipelines(path: Path | str) -> list[Pipeline]:
     path = Path(path)
     doc = read_toml(path, "give its path with --definitions")
     try:
-        _table(doc, "top level", _TOP_KEYS)
+        _table(doc, "top level", TOP_LEVEL_KEYS)
         sections = _tables(doc, "pipeline", "pipeline", "[[pipeline]]")
         if not sections:
             raise _fail("top level", "no [[pipeline]] section; see pipelines/config.py")

@@ -81,6 +81,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     from clients.cli import register as client_commands
     from clients.feature_cli import register as feature_commands
     from clients.prediction_cli import register as prediction_commands
+    from clients.registry_cli import register as registry_commands
     from pipelines.cli import register as pipeline_commands
     from server.store_cli import register as store_commands
     from server.training_cli import register as training_commands
@@ -91,6 +92,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
         training_commands,
         client_commands,
         feature_commands,
+        registry_commands,
         prediction_commands,
         pipeline_commands,
         bench,

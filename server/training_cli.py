@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     selection.add_argument(
         "--feature-service",
         metavar="NAME",
-        help="the references of this feature service, with the columns a lookup by it names",
+        help="the references of this feature service; columns are named as a lookup by the "
+        "service names them (view:feature, without a pinned version)",
     )
     p.add_argument("--out", type=Path, required=True, help="Parquet file to write")
     p.add_argument(
@@ -71,7 +72,7 @@ def cmd_training_set(args: argparse.Namespace) -> int:
     refuses, 1 for an unknown feature service, view or feature (the store's error)."""
     from featurestore.errors import InvalidArgumentError
     from featurestore.online_store import OnlineStore, StoreConfig
-    from featurestore.training_set import training_refs, training_set
+    from featurestore.training_set import by_view_names, training_refs, training_set, unversioned
     from server.config import ConfigError
 
     service = args.feature_service
@@ -97,6 +98,9 @@ def cmd_training_set(args: argparse.Namespace) -> int:
                 where = f"LABELS column {args.timestamp_column!r}: "
                 raise _Refused(str(exc).replace("timestamps: ", where, 1)) from None
             types = _feature_types(store, list(found.values))
+        if service is not None:  # named as a lookup by the service names them
+            found = by_view_names(found)
+            types = {unversioned(column): spec for column, spec in types.items()}
         table = _output_table(labels, found, types)
     except (ConfigError, _Refused, InvalidArgumentError) as exc:
         print(f"featureserve: {exc}", file=sys.stderr)

@@ -1156,13 +1156,17 @@ def test_apply_registers_feature_services_and_get_reads_them(served) -> None:
         cli.run("get", "--view", "svc_get", "--features", "score,city", "--keys", "2,999"),
         cli.run("get", "--view", "svc_get_flags", "--keys", "2,999"),
     ]
-    assert got.stdout == "".join(run.stdout for run in per_view)
-    assert got.stdout.splitlines()[:3] == [
+    # each view's block as --view prints it, headed by the view and the version read
+    headers = ["svc_get@1:\n", "svc_get_flags@1:\n"]
+    assert got.stdout == "".join(h + run.stdout for h, run in zip(headers, per_view, strict=True))
+    assert got.stdout.splitlines()[:4] == [
+        "svc_get@1:",
         f"[user_id=2] event_time_us={us('2024-05-01T09:00:00')}",
         "  svc_get:score = 1.25 (PRESENT)",
         "  svc_get:city = Oslo (PRESENT)",
     ]
-    assert got.stdout.splitlines()[6:8] == [
+    assert got.stdout.splitlines()[7:10] == [
+        "svc_get_flags@1:",
         "[user_id=2] event_time_us=5",
         "  svc_get_flags:active = True (PRESENT)",
     ]
@@ -1183,6 +1187,11 @@ def test_get_by_feature_service_refuses_view_flags_and_unknown_services(served) 
             "featureserve: --feature-service reads the views, versions and features the service "
             "names; drop --version and --features (they go with --view)"
         ]
+    for empty in (["get", "--feature-service", "", "--keys", "1"], ["delete-service", ""]):
+        refused = cli.run(*empty)
+        assert (refused.returncode, refused.stdout) == (2, ""), refused.stderr
+        flag = "--feature-service" if empty[0] == "get" else "NAME"
+        assert refused.stderr.startswith(f"featureserve: {flag}: empty; name ")
     no_keys = cli.run("get", "--feature-service", "svc_flags_model")
     assert no_keys.returncode == 2
     assert no_keys.stderr.strip().endswith(

@@ -820,3 +820,36 @@ def test_features_and_feature_service_are_exclusive(target, client) -> None:
         client.get_online_features(keys=keys, feature_service="both_svc_modle")
     assert unknown.value.code == grpc.StatusCode.NOT_FOUND
     assert "did you mean 'both_svc_model'" in unknown.value.message
+
+
+def test_feature_service_slips_raise_before_anything_is_sent(client) -> None:
+    """A service given where a list belongs, references as one string, non-text tags: each a
+    TypeError naming the argument before any call (the string went as one reference per
+    character). A FeatureService stands for its name in get, delete and lookups (Feast passes
+    the service as `features`)."""
+    stats, _, _ = service_views("slip_svc")
+    service = FeatureService("slip_svc_model", ("slip_svc_stats:clicks",))
+    for kwargs, message in (
+        ({"feature_services": service}, "feature_services: give a list of FeatureService"),
+        ({"feature_services": ["slip_svc_model"]}, r"feature_services\[0\]: expected a Feature"),
+        (
+            {"feature_services": [FeatureService("slip_svc_x", "slip_svc_stats:clicks")]},
+            "features is the str 'slip_svc_stats:clicks'; give a list of references",
+        ),
+        (
+            {"feature_services": [FeatureService("slip_svc_x", ("a",), tags={"t": 1})]},
+            r"tags\['t'\] = 1; tags map str to str",
+        ),
+    ):
+        with pytest.raises(TypeError, match=message):
+            client.apply([USER], [stats], **kwargs)
+    assert client.list_feature_services("slip_svc") == []
+    client.apply([USER], [stats], feature_services=[service])
+    assert client.get_feature_service(service).features == ("slip_svc_stats:clicks",)
+    client.write_features(
+        "slip_svc_stats", {"user_id": [1]}, 5, {"clicks": [2.5], "country": ["x"]}
+    )
+    got = client.get_online_features(service, {"user_id": [1]})
+    assert got["slip_svc_stats:clicks"].tolist() == [2.5]
+    client.delete_feature_service(service)
+    assert client.list_feature_services("slip_svc") == []

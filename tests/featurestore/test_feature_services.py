@@ -32,7 +32,7 @@ def store(tmp_path: Path):
 
 
 def test_apply_get_list_and_reads(store):
-    results = store.registry.apply([], [], services=[FRAUD])
+    results = store.registry.apply([], [], feature_services=[FRAUD])
     assert [(r.feature_service, r.view, r.version, r.action) for r in results] == [
         ("fraud", "", 0, "created")
     ]
@@ -41,9 +41,9 @@ def test_apply_get_list_and_reads(store):
     assert got.reads == {("user_stats", 0): ["clicks"], ("profile", 0): None}
     assert store.registry.list_services() == [got]
     assert store.registry.list_services("fr") == [got] and store.registry.list_services("x") == []
-    assert store.registry.apply([], [], services=[FRAUD])[0].action == "unchanged"
+    assert store.registry.apply([], [], feature_services=[FRAUD])[0].action == "unchanged"
     changed = replace(FRAUD, features=("user_stats", "profile:age"), tags={"tier": "1"})
-    assert store.registry.apply([], [], services=[changed])[0].action == "updated"
+    assert store.registry.apply([], [], feature_services=[changed])[0].action == "updated"
     now = store.registry.get_service("fraud")
     assert now.features == ("user_stats", "profile:age") and now.tags == {"tier": "1"}
     assert now.created_us == got.created_us < now.updated_us
@@ -52,7 +52,7 @@ def test_apply_get_list_and_reads(store):
 def test_view_and_its_service_apply_together(store):
     spend = FeatureView("spend", "user", (Feature("total", DType.FLOAT64),))
     service = FeatureService("spend_model", ("spend:total",))
-    results = store.registry.apply([], [spend], services=[service])
+    results = store.registry.apply([], [spend], feature_services=[service])
     assert [(r.view, r.feature_service, r.action) for r in results] == [
         ("spend", "", "created"),
         ("", "spend_model", "created"),
@@ -60,7 +60,8 @@ def test_view_and_its_service_apply_together(store):
 
 
 def test_dry_run_writes_nothing(store):
-    assert store.registry.apply([], [], dry_run=True, services=[FRAUD])[0].action == "created"
+    (result,) = store.registry.apply([], [], dry_run=True, feature_services=[FRAUD])
+    assert result.action == "created"
     with pytest.raises(NotFoundError, match="feature service 'fraud' is not registered"):
         store.registry.get_service("fraud")
 
@@ -87,19 +88,19 @@ def test_dry_run_writes_nothing(store):
 )
 def test_malformed_services_are_refused(store, features, match):
     with pytest.raises(InvalidArgumentError, match=match):
-        store.registry.apply([], [], services=[FeatureService("svc", features)])
+        store.registry.apply([], [], feature_services=[FeatureService("svc", features)])
     assert store.registry.list_services() == []
 
 
 def test_bad_name_and_repeated_service_are_refused(store):
     with pytest.raises(InvalidArgumentError, match="feature service name '9x' is not a valid"):
-        store.registry.apply([], [], services=[FeatureService("9x", ("profile",))])
+        store.registry.apply([], [], feature_services=[FeatureService("9x", ("profile",))])
     with pytest.raises(
         InvalidArgumentError,
         match=r"feature_services\[1\]: feature service 'fraud' is declared again \(first at "
         r"feature_services\[0\]\)",
     ):
-        store.registry.apply([], [], services=[FRAUD, FRAUD])
+        store.registry.apply([], [], feature_services=[FRAUD, FRAUD])
 
 
 @pytest.mark.parametrize(
@@ -118,11 +119,11 @@ def test_unresolvable_references_are_refused(store, ref, match):
     with pytest.raises(
         InvalidArgumentError, match=rf"feature service 'svc': features\[0\].*{match}"
     ):
-        store.registry.apply([], [], services=[FeatureService("svc", (ref,))])
+        store.registry.apply([], [], feature_services=[FeatureService("svc", (ref,))])
 
 
 def test_new_version_dropping_a_read_feature_is_refused_unless_pinned(store):
-    store.registry.apply([], [], services=[FRAUD])
+    store.registry.apply([], [], feature_services=[FRAUD])
     v2 = replace(STATS, version=2, features=(COUNTRY,))
     with pytest.raises(
         ConflictError,
@@ -132,15 +133,15 @@ def test_new_version_dropping_a_read_feature_is_refused_unless_pinned(store):
         store.registry.apply([], [v2])
     assert store.registry.get_view("user_stats").version == 1
     pinned = replace(FRAUD, features=("user_stats@1:clicks", "profile"))
-    results = store.registry.apply([], [v2], services=[pinned])
+    results = store.registry.apply([], [v2], feature_services=[pinned])
     assert [r.action for r in results] == ["created", "updated"]
     assert store.registry.get_service("fraud").reads[("user_stats", 1)] == ["clicks"]
 
 
 def test_deleting_a_view_a_service_reads_is_refused(store):
-    store.registry.apply([], [replace(STATS, version=2)], services=[FRAUD])
+    store.registry.apply([], [replace(STATS, version=2)], feature_services=[FRAUD])
     pinned = FeatureService("pinned", ("user_stats@1:country",))
-    store.registry.apply([], [], services=[pinned])
+    store.registry.apply([], [], feature_services=[pinned])
     with pytest.raises(
         ConflictError,
         match=r"deleting feature view 'user_stats' v1 would break feature service 'pinned'.*; "
@@ -176,7 +177,7 @@ def test_services_survive_reopening_and_other_processes_see_changes(tmp_path: Pa
     """LMDB allows one environment handle per process, so the other process is a child."""
     path = tmp_path / "db"
     with OnlineStore(StoreConfig(path)) as first:
-        first.registry.apply([USER], [STATS, PROFILE], services=[FRAUD])
+        first.registry.apply([USER], [STATS, PROFILE], feature_services=[FRAUD])
     with OnlineStore(StoreConfig(path)) as again:
         assert again.registry.get_service("fraud") == FRAUD
         child = subprocess.run(
@@ -191,7 +192,7 @@ def test_services_survive_reopening_and_other_processes_see_changes(tmp_path: Pa
 
 
 def test_unknown_service_suggests_close_names(store):
-    store.registry.apply([], [], services=[FRAUD])
+    store.registry.apply([], [], feature_services=[FRAUD])
     with pytest.raises(NotFoundError, match=r"'frud' is not registered; did you mean 'fraud'"):
         store.registry.get_service("frud")
 
@@ -208,8 +209,8 @@ def test_a_service_cannot_read_entities_typing_one_join_key_two_ways(store):
         r"entity 'text_user', whose join key 'user_id' is STRING, but features\[0\] reads "
         r"entity 'user', whose 'user_id' is INT64",
     ):
-        store.registry.apply([], [], services=[FeatureService("svc", ("profile", "tags"))])
-    store.registry.apply([], [], services=[FRAUD])
+        store.registry.apply([], [], feature_services=[FeatureService("svc", ("profile", "tags"))])
+    store.registry.apply([], [], feature_services=[FRAUD])
     moved = replace(PROFILE, entity="text_user", version=2)
     with pytest.raises(ConflictError, match=r"this apply would break feature service 'fraud'"):
         store.registry.apply([], [moved])
@@ -222,7 +223,7 @@ def test_a_name_no_service_can_have_is_invalid_not_missing(store):
 
 
 def test_hidden_services_are_not_found_and_not_suggested(store):
-    store.registry.apply([], [], services=[FRAUD, FeatureService("fraud2", ("profile",))])
+    store.registry.apply([], [], feature_services=[FRAUD, FeatureService("fraud2", ("profile",))])
     only_fraud2 = lambda service: service.name == "fraud2"  # noqa: E731
     with pytest.raises(NotFoundError) as missing:
         store.registry.get_service("fraud", visible=only_fraud2)
@@ -236,20 +237,25 @@ def test_a_lookup_by_service_sees_a_view_and_its_service_change_together(store):
     own snapshot, so no read sees the service of one apply with the views of another (with
     the service read in a snapshot of its own, this failed NOT_FOUND in each of 3 runs)."""
     keys = {"user_id": np.arange(10)}
-    store.registry.apply([], [], services=[FRAUD])
+    store.registry.apply([], [], feature_services=[FRAUD])
+    store.read_service("fraud", keys)  # compiles the decoders before the race starts
     errors: list[Exception] = []
     reads = 0
     stop = threading.Event()
 
     def churn() -> None:
         try:
-            for _ in range(60):
+            # at least 60 swaps, and on until the reader has raced 300 reads (bounded: each
+            # swap adds two versions)
+            for swap in range(600):
+                if swap >= 60 and reads >= 300:
+                    break
                 latest = store.registry.get_view("user_stats").version
                 without = replace(STATS, version=latest + 1, features=(COUNTRY,))
                 pinned = replace(FRAUD, features=(f"user_stats@{latest}:clicks", "profile"))
-                store.registry.apply([], [without], services=[pinned])
+                store.registry.apply([], [without], feature_services=[pinned])
                 again = replace(STATS, version=latest + 2)
-                store.registry.apply([], [again], services=[FRAUD])
+                store.registry.apply([], [again], feature_services=[FRAUD])
         finally:
             stop.set()
 
@@ -263,4 +269,4 @@ def test_a_lookup_by_service_sees_a_view_and_its_service_change_together(store):
             errors.append(exc)
         reads += 1
     writer.join()
-    assert reads > 100 and errors == []
+    assert reads >= 300 and errors == []

@@ -11,7 +11,7 @@ from featurestore.errors import InvalidArgumentError, NotFoundError
 from featurestore.history import point_in_time
 from featurestore.online_store import OnlineStore, StoreConfig, WriteBatch
 from featurestore.registry import Entity, Feature, FeatureService, FeatureView, JoinKey
-from featurestore.training_set import training_set
+from featurestore.training_set import by_view_names, training_set
 
 NOW = 1_800_000_000_000_000
 SEC = 1_000_000
@@ -129,7 +129,7 @@ def assert_same(got, want) -> None:
 @pytest.mark.parametrize("as_served", [False, True])
 def test_a_feature_service_reads_what_its_references_read(store, as_served):
     refs = ("rating:stars", "spend", "rating:embedding")
-    store.registry.apply([], [], services=[FeatureService("ranker", refs)])
+    store.registry.apply([], [], feature_services=[FeatureService("ranker", refs)])
     rows, ts = labelled()
     got = training_set(store, rows, ts, feature_service="ranker", as_served=as_served)
     # a whole-view reference expands to the view's features in its order, as a lookup names them
@@ -138,13 +138,18 @@ def test_a_feature_service_reads_what_its_references_read(store, as_served):
 
 
 def test_a_service_object_reads_its_stored_definition(store):
-    store.registry.apply([], [], services=[FeatureService("ranker", ("spend@1", "rating:stars"))])
+    store.registry.apply(
+        [], [], feature_services=[FeatureService("ranker", ("spend@1", "rating:stars"))]
+    )
     rows, ts = labelled(6)
     stale = FeatureService("ranker", ("spend:amount",))
     got = training_set(store, rows, ts, feature_service=stale)
-    assert list(got.values) == ["spend@1:amount", "spend@1:note", "rating:stars"]
-    assert list(got.event_us) == ["spend@1", "rating"]
-    assert_same(got, training_set(store, rows, ts, ["spend@1", "rating:stars"]))
+    # named as a lookup by the service names them: without the pinned version
+    assert list(got.values) == ["spend:amount", "spend:note", "rating:stars"]
+    assert list(got.event_us) == ["spend", "rating"]
+    by_refs = training_set(store, rows, ts, ["spend@1", "rating:stars"])
+    assert list(by_refs.values) == ["spend@1:amount", "spend@1:note", "rating:stars"]
+    assert_same(got, by_view_names(by_refs))
 
 
 @pytest.mark.parametrize(
@@ -168,6 +173,6 @@ def test_a_service_object_reads_its_stored_definition(store):
 def test_a_service_unknown_or_given_with_features_or_neither_is_refused(
     store, selection, error, message
 ):
-    store.registry.apply([], [], services=[FeatureService("ranker", ("spend",))])
+    store.registry.apply([], [], feature_services=[FeatureService("ranker", ("spend",))])
     with pytest.raises(error, match=message):
         training_set(store, {"user_id": np.arange(3)}, np.full(3, NOW), **selection)

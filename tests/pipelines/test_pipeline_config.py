@@ -74,6 +74,18 @@ def test_broken_definitions_name_the_file_and_the_key(case, tmp_path):
     assert expected in message
 
 
+def test_one_file_holds_pipelines_beside_views_and_feature_services(tmp_path):
+    """`featureserve apply` and `pipeline run` read the same features.toml: each accepts the
+    other's tables (a [[feature_service]] used to stop every pipeline of its file)."""
+    from featurestore.definitions import load_definitions
+
+    path = tmp_path / "features.toml"
+    service = '[[feature_service]]\nname = "fraud"\nfeatures = ["card_txn_5m"]\n'
+    path.write_text(EXAMPLE_PIPELINE + service)
+    assert [p.name for p in load_pipelines(path)] == ["card_txn"]
+    assert [s.name for s in load_definitions(path).feature_services] == ["fraud"]
+
+
 def test_hop_slides_in_fractions_of_a_second_divide_exactly(tmp_path):
     path = tmp_path / "features.toml"
     path.write_text(EXAMPLE_PIPELINE.replace(HOP, HOP.replace("300", "0.3").replace("60", "0.1")))

@@ -423,7 +423,7 @@ def secured(tmp_path_factory):
         rm.apply_request(
             [Entity("user", (JoinKey("user_id", DType.INT64),))],
             [FeatureView("profile", "user", (Feature("f", DType.FLOAT32),))],
-            services=[FeatureService("svc", ("profile:f",))],
+            feature_services=[FeatureService("svc", ("profile:f",))],
         ),
         metadata=(("authorization", f"Bearer {TOKENS['admin'][0]}"),),
         timeout=20,
@@ -646,7 +646,7 @@ def test_feature_services_show_and_serve_only_what_the_token_may_read(tmp_path: 
                 FeatureService("scoring_plus", ("profile", "secret:risk")),
             ]
             stub.ApplyFeatureViews(
-                rm.apply_request([], [], services=services),
+                rm.apply_request([], [], feature_services=services),
                 metadata=(("authorization", f"Bearer {admin.token}"),),
                 timeout=20,
             )

@@ -206,6 +206,7 @@ class FeatureServer:
         self.models: ModelRepository | None = None
         self.worker_stats: WorkerStatistics | None = None
         self.retention: HistoryRetention | None = None
+        self.features: FeatureStoreServicer | None = None
 
     async def start(self) -> int:
         """Open the stores and bind the port (ServerLive answers from then on), warm the store and
@@ -247,6 +248,7 @@ class FeatureServer:
                 self.config.data_dir,
                 self.config.history_retention_seconds,
                 self.config.history_compaction_interval_seconds,
+                self.features.refresh_sizes if self.features else None,
             )
             self.retention.start()
         return self.port
@@ -328,16 +330,14 @@ class FeatureServer:
 
     def _register(self, server: InterceptingRegistrar) -> None:
         """Add every service, health and reflection to the server, through the interceptors."""
-        feature_store_pb2_grpc.add_FeatureStoreServicer_to_server(
-            FeatureStoreServicer(
-                self.store,
-                self.committer,
-                self.config.max_entities_per_request,
-                self.authorizer,
-                self.audit,
-            ),
-            server,
+        self.features = FeatureStoreServicer(
+            self.store,
+            self.committer,
+            self.config.max_entities_per_request,
+            self.authorizer,
+            self.audit,
         )
+        feature_store_pb2_grpc.add_FeatureStoreServicer_to_server(self.features, server)
         prediction_pb2_grpc.add_PredictionServicer_to_server(
             PredictionServicer(
                 self.store,

@@ -340,6 +340,15 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             found = self._observers[view] = ViewObserver(view)
         return found
 
+    def refresh_sizes(self) -> None:
+        """Show every registered view's sizes again, as sampled now: a compaction shrank
+        their history logs, which the gauges otherwise learn only at the next sampled write."""
+        for view in self.store.registry.list_views():
+            observer = self.observer(view.name)
+            if observer is not None:
+                with contextlib.suppress(NotFoundError):  # deleted meanwhile
+                    observer.resize(self.store, observer.sized_version or view.version)
+
     def _sweep(self) -> None:
         """Close the observers of views no longer registered (deleted through any worker)."""
         registered = {view.name for view in self.store.registry.list_views()}

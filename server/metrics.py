@@ -120,14 +120,14 @@ VIEW_STORE_BYTES = Gauge(
     "featureserve_view_store_bytes",
     "Bytes the view's LMDB database occupies (the environment is shared by workers).",
     ["view"],
-    multiprocess_mode="max",
+    multiprocess_mode="mostrecent",
 )
 VIEW_HISTORY_BYTES = Gauge(
     "featureserve_view_history_bytes",
     "Bytes the view's history log occupies in LMDB (it grows with every accepted row until "
     "history retention compacts it).",
     ["view"],
-    multiprocess_mode="max",
+    multiprocess_mode="mostrecent",
 )
 FEATURE_PSI = Gauge(
     "featureserve_feature_psi",

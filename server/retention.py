@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("featureserve.retention")
@@ -18,9 +19,16 @@ STOP_WAIT_S = 10.0
 
 class HistoryRetention:
     """Compacts every view version's history to now minus retention_s, now and then every
-    interval_s, until stopped."""
+    interval_s, until stopped; calls on_compacted after each compaction that succeeded (the
+    server shows the views' new sizes)."""
 
-    def __init__(self, data_dir: Path, retention_s: int, interval_s: float) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        retention_s: int,
+        interval_s: float,
+        on_compacted: Callable[[], None] | None = None,
+    ) -> None:
         self.command = [
             sys.executable,
             "-m",
@@ -32,6 +40,7 @@ class HistoryRetention:
             f"{retention_s}s",
         ]
         self.interval_s = interval_s
+        self.on_compacted = on_compacted
         self.runs = 0
         """Compactions that ended with exit code 0."""
         self._child: asyncio.subprocess.Process | None = None
@@ -64,6 +73,8 @@ class HistoryRetention:
         if code == 0:
             self.runs += 1
             log.info("history compacted", extra={"report": out.decode().strip()})
+            if self.on_compacted is not None:
+                self.on_compacted()
         else:
             log.warning(
                 "history compaction failed",

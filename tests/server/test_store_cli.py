@@ -101,6 +101,34 @@ def test_the_server_compacts_on_its_schedule_and_stops_cleanly(server_factory, t
         assert rebuild_online(store, "price") == 50
 
 
+def test_the_history_gauge_follows_a_scheduled_compaction(server_factory, tmp_path):
+    """The history-bytes gauge is sampled on writes; a compaction shrinks the log without one,
+    so the server shows every view's sizes again once its scheduled compaction ends (the gauge
+    kept the size before compaction until the view's next sampled write)."""
+    from tests.conftest import free_port
+    from tests.server.test_metrics import key, scrape
+
+    config = tmp_path / "retention.toml"
+    config.write_text("history_retention_seconds = 1\nhistory_compaction_interval_seconds = 1.0\n")
+    port = free_port()
+    server = server_factory("--config", str(config), "--metrics-port", str(port))
+    gauge = key("featureserve_view_history_bytes", view="price")
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        client.apply([ITEM], [PRICE])
+        write_rounds(client, 17)  # the 1st and the 17th write are sampled
+    full = scrape(port)[gauge]
+
+    def compacted() -> bool:
+        with OnlineStore(StoreConfig(server.data_dir)) as store:
+            return logged_rows(store) == 50
+
+    assert wait_until(compacted, timeout=30, interval=0.5), "\n".join(server.log_lines)
+    with OnlineStore(StoreConfig(server.data_dir)) as store:
+        now = store.history_bytes("price")
+    assert now < full
+    assert wait_until(lambda: scrape(port)[gauge] == now, timeout=10), (scrape(port)[gauge], now)
+
+
 def test_a_stop_signal_ends_a_compaction_between_transactions(tmp_path: Path):
     """SIGTERM midway (RECORDS synced transactions of one record each take seconds): exit 143
     with one line, and what is left answers as before."""

@@ -1,7 +1,7 @@
 """KServe ModelInfer benchmark: batching on/off x small/medium model x concurrency, echo baseline.
 
 python -m benchmarks.infer_bench [--duration S] [--concurrency 1,8,32,64,128] [--json out.json]
-    [--generator python|h2load]
+    [--generator python|h2load] [--response-cache]
 The server runs in a subprocess (its CPU is read from /proc/<pid>/stat): ModelInfer is served by
 the real featureserve server (FeatureServer, as `featureserve serve` runs it: its gRPC options
 and interceptors), the floors by a bare grpc.aio server with the same options in the same process.
@@ -13,12 +13,16 @@ own capacity. Each concurrency measures the echo floor and every model back to b
 ratios share the machine's moment; then the batched medium model runs open loop at fractions of
 its saturated throughput, where the p99 bound applies (a closed loop at c=64 is saturation by
 construction).
+With --response-cache the run instead compares each batched model with its twin that sets
+response_cache = true (the server given RESPONSE_CACHE_BYTES): every point sends one fixed
+request, so every call after the first is answered from the cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import queue
@@ -69,6 +73,15 @@ BENCH_MODELS: dict[str, tuple[Callable, int, str]] = {
     ),
     "medium_off": (medium_model, MEDIUM_WIDTH, "[dynamic_batching]\nenabled = false\n"),
 }
+CACHE_PAIRS = {"small_on": "small_cached", "medium_on": "medium_cached"}
+"""--response-cache: each batched model -> its twin that sets response_cache = true."""
+CACHED_MODELS: dict[str, tuple[Callable, int, str]] = {
+    cached: (build, width, "response_cache = true\n" + config)
+    for model, cached in CACHE_PAIRS.items()
+    for build, width, config in [BENCH_MODELS[model]]
+}
+RESPONSE_CACHE_BYTES = 64 << 20
+"""The --response-cache server's cache: far more than the two fixed answers it holds."""
 
 
 @dataclass
@@ -90,9 +103,10 @@ class PointResult:
     """Open-loop offered requests/s (0 = closed loop at `concurrency`)."""
 
 
-def write_bench_repository(path: Path) -> Path:
-    """The benchmark's model repository (small and medium, batching on and off)."""
-    for name, (build, _, config) in BENCH_MODELS.items():
+def write_bench_repository(path: Path, cached: bool = False) -> Path:
+    """The benchmark's model repository (small and medium, batching on and off; with cached,
+    the CACHED_MODELS too)."""
+    for name, (build, _, config) in (BENCH_MODELS | (CACHED_MODELS if cached else {})).items():
         write_model(path, name, build(), config_toml=config)
     return path
 
@@ -265,7 +279,7 @@ async def measure_point(
         payload = infer_request_bytes("small_on", 32)
         path = FLOORS[target]
     else:
-        payload = infer_request_bytes(target, BENCH_MODELS[target][1])
+        payload = infer_request_bytes(target, (BENCH_MODELS | CACHED_MODELS)[target][1])
         path = INFER_METHOD
         before = await model_counters(stub, target)
     load = Load(target, path, payload, server.process.pid, concurrency, duration_s, warmup_s, rate)
@@ -362,11 +376,19 @@ def handoff_figures(iterations: int = 3000) -> dict[str, float]:
     return asyncio.run(main())
 
 
-async def serve(repo_path: Path, data_dir: Path, port_file: Path) -> None:
+async def serve(
+    repo_path: Path, data_dir: Path, port_file: Path, response_cache_bytes: int = 0
+) -> None:
     """Server-process body: featureserve (server.runner.serve, as `featureserve serve` runs it)
     on one port and the floors (FLOORS) on a bare grpc.aio server with the same gRPC options on
     another; writes "<featureserve port> <floor port>" to port_file once both serve."""
-    config = ServerConfig(port=0, data_dir=data_dir, model_repo=repo_path, log_level="WARNING")
+    config = ServerConfig(
+        port=0,
+        data_dir=data_dir,
+        model_repo=repo_path,
+        log_level="WARNING",
+        response_cache_bytes=response_cache_bytes,
+    )
     configure_logging(config.log_level, config.log_format)
     floor_server = grpc.aio.server(
         options=grpc_options(config),
@@ -403,7 +425,9 @@ async def serve(repo_path: Path, data_dir: Path, port_file: Path) -> None:
         await floor_server.stop(grace=1.0)
 
 
-def start_server_process(repo_path: Path, workdir: Path) -> BenchServer:
+def start_server_process(
+    repo_path: Path, workdir: Path, response_cache_bytes: int = 0
+) -> BenchServer:
     """Start `serve` in a subprocess (its store in workdir/data) and wait for its ports."""
     port_file = workdir / "port"
     proc = subprocess.Popen(
@@ -417,6 +441,8 @@ def start_server_process(repo_path: Path, workdir: Path) -> BenchServer:
             str(workdir / "data"),
             "--port-file",
             str(port_file),
+            "--response-cache-bytes",
+            str(response_cache_bytes),
         ],
     )
     for _ in range(600):
@@ -462,6 +488,48 @@ async def sweep(
         for channel in channels.values():
             await channel.close()
     return results
+
+
+async def cache_sweep(
+    server: BenchServer,
+    concurrencies: list[int],
+    duration_s: float,
+    warmup_s: float,
+    generator: str = "python",
+) -> list[PointResult]:
+    """Each batched model and its cached twin (CACHE_PAIRS) back to back at every concurrency."""
+    results = []
+    channels = {server.infer_address: grpc.aio.insecure_channel(server.infer_address)}
+    try:
+        for concurrency in concurrencies:
+            for target in itertools.chain.from_iterable(CACHE_PAIRS.items()):
+                point = await measure_point(
+                    server, channels, target, concurrency, duration_s, warmup_s, 0.0, generator
+                )
+                print(_row(point), flush=True)
+                results.append(point)
+    finally:
+        await channels[server.infer_address].close()
+    return results
+
+
+def cache_lines(results: list[PointResult]) -> list[str]:
+    """Throughput and server CPU with the cache off and on, side by side per model and
+    concurrency."""
+    by = {(r.target, r.concurrency): r for r in results}
+    lines = []
+    for (target, concurrency), off in by.items():
+        on = by.get((CACHE_PAIRS.get(target), concurrency))
+        if on is None:
+            continue
+        ratio = on.throughput / max(off.throughput, 1e-9)
+        errors = " (errors: see the table)" if off.errors or on.errors else ""
+        lines.append(
+            f"{target} c={concurrency}: cache off {off.throughput:.0f}/s "
+            f"({off.server_cpu_us_per_req:.0f} µs server CPU/req), on {on.throughput:.0f}/s "
+            f"({on.server_cpu_us_per_req:.0f} µs/req) = {ratio:.1f}x{errors}"
+        )
+    return lines
 
 
 async def batch_execution_ms(address: str, model: str) -> float:
@@ -545,28 +613,45 @@ def main(argv: list[str] | None = None) -> None:
         "CPU is ~30 µs per request, not ~100-200; open loop at --rps, latency from the "
         "intended send time)",
     )
+    parser.add_argument(
+        "--response-cache",
+        action="store_true",
+        help="compare the batched small and medium models with the response cache off and on "
+        f"(a {RESPONSE_CACHE_BYTES >> 20} MiB cache; one fixed request, so all but the first "
+        "call hit) instead of the sweep",
+    )
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--response-cache-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        event_loop.run(serve(args.serve, args.data_dir, args.port_file))
+        event_loop.run(serve(args.serve, args.data_dir, args.port_file, args.response_cache_bytes))
         return
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     print(f"closed-loop generator: {args.generator}", flush=True)
-    print("hand-off round trip:", json.dumps(handoff_figures()), flush=True)
+    if not args.response_cache:
+        print("hand-off round trip:", json.dumps(handoff_figures()), flush=True)
+    cache_bytes = RESPONSE_CACHE_BYTES if args.response_cache else 0
     with tempfile.TemporaryDirectory() as tmp:
-        repo = write_bench_repository(Path(tmp) / "models")
-        server = start_server_process(repo, Path(tmp))
+        repo = write_bench_repository(Path(tmp) / "models", cached=args.response_cache)
+        server = start_server_process(repo, Path(tmp), cache_bytes)
         try:
             print(HEADER, flush=True)
-            results = asyncio.run(
-                sweep(server, concurrencies, args.duration, args.warmup, args.generator)
-            )
-            medium_ms = asyncio.run(batch_execution_ms(server.infer_address, "medium_on"))
+            if args.response_cache:
+                results = asyncio.run(
+                    cache_sweep(server, concurrencies, args.duration, args.warmup, args.generator)
+                )
+                lines = cache_lines(results)
+            else:
+                results = asyncio.run(
+                    sweep(server, concurrencies, args.duration, args.warmup, args.generator)
+                )
+                medium_ms = asyncio.run(batch_execution_ms(server.infer_address, "medium_on"))
+                lines = check_targets(results, medium_ms)
         finally:
             server.stop()
-    for line in check_targets(results, medium_ms):
+    for line in lines:
         print(line)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))

@@ -225,6 +225,7 @@ class FeatureServer:
             watch=self.config.watch_model_repo,
             poll_interval_s=self.config.model_poll_interval_s,
             control=worker_index() is None,
+            response_cache_bytes=self.config.response_cache_bytes,
         )
         self.worker_stats = WorkerStatistics.of_this_worker(lambda: local_statistics(self.models))
         # A --workers worker joins the shared port only once loaded: SO_REUSEPORT would hand a

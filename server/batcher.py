@@ -92,10 +92,20 @@ class BatcherStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
     batch_sizes: dict[int, BatchSizeStats] = field(default_factory=dict)
+
+    def count_cache_hit(self, lookup_ns: int, total_ns: int) -> None:
+        """A request answered from the response cache, by Triton's rules: a success (lasting
+        total_ns) that waited in no queue, with no inference or execution counted."""
+        self.cache_hit.add(lookup_ns)
+        self.success.add(total_ns)
+        self.queue.add(0)
+        self.last_inference_ms = int(time.time() * 1000)
 
 
 @dataclass(eq=False, slots=True)

@@ -43,6 +43,9 @@ class ServerConfig:
     """History rows older than this are compacted away (featurestore.history_retention);
     0 keeps them all."""
     history_compaction_interval_seconds: float = 3600.0
+    response_cache_bytes: int = 0
+    """Bytes of model outputs the response cache holds for the models whose config.toml sets
+    response_cache = true (Triton's --cache-config local,size=...); 0 = no cache."""
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     config_dir: Path | None = None
     """The --config file's folder: relative [tls] paths are read from there."""
@@ -68,6 +71,7 @@ _BETWEEN = {
     "lmdb_max_dbs": (3, 32768, "1 database for the registry plus 2 per view version"),
     "max_message_bytes": (1, 2**31 - 1, "gRPC's largest message"),
     "history_retention_seconds": (0, 100 * 365 * 86400, "0 keeps all; at most 100 years"),
+    "response_cache_bytes": (0, 2**40, "0 = no response cache; at most 1 TiB"),
 }
 """Inclusive bounds. gRPC's message limits are C ints. LMDB sizes every transaction (each
 lookup opens one) by max_dbs: measured here, ~0.5 µs per 1000 slots per read transaction

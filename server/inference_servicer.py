@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import numpy as np
@@ -26,6 +27,7 @@ from server.message_size import MessageLimit, Unusable, usable
 from server.model_config import CONFIG_FILENAME, MODEL_FILENAME, ModelConfig, QueuePolicy
 from server.model_repository import LoadedModel, ModelRepository
 from server.ordered_stream import answer_in_order, unparsed
+from server.response_cache import VersionCache
 from server.tensors import (
     TRITON_TYPE_NAMES,
     check_size,
@@ -205,6 +207,19 @@ def build_response(
     return response
 
 
+INFER_DURATIONS = (
+    "success",
+    "fail",
+    "queue",
+    "compute_input",
+    "compute_infer",
+    "compute_output",
+    "cache_hit",
+    "cache_miss",
+)
+"""BatcherStats' durations, each copied to the InferStatistics field of its name."""
+
+
 def _duration(target: pb.StatisticDuration, source: Duration) -> None:
     """Copy a Duration into its proto."""
     target.count = source.count
@@ -221,7 +236,7 @@ def statistics_proto(name: str, version: str, stats: BatcherStats) -> pb.ModelSt
         execution_count=stats.execution_count,
     )
     infer = message.inference_stats
-    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+    for field in INFER_DURATIONS:
         _duration(getattr(infer, field), getattr(stats, field))
     for size in sorted(stats.batch_sizes):
         entry = stats.batch_sizes[size]
@@ -230,6 +245,43 @@ def statistics_proto(name: str, version: str, stats: BatcherStats) -> pb.ModelSt
         _duration(batch.compute_infer, entry.compute_infer)
         _duration(batch.compute_output, entry.compute_output)
     return message
+
+
+class _Lookup(NamedTuple):
+    """A response-cache lookup: the request's key, the ns it took, and the answer on a hit."""
+
+    key: bytes
+    ns: int
+    response: pb.ModelInferResponse | None
+
+
+def _look_up(
+    model: LoadedModel,
+    cache: VersionCache,
+    request_id: str,
+    inputs: dict[str, np.ndarray],
+    outputs: list[str],
+) -> _Lookup:
+    """Look a validated request up in the response cache; a hit is answered with the request's
+    own id and counted as Triton counts one (see BatcherStats.count_cache_hit)."""
+    start = time.perf_counter_ns()
+    key = cache.key(inputs, outputs)
+    cached = cache.get(key)
+    lookup_ns = time.perf_counter_ns() - start
+    if cached is None:
+        return _Lookup(key, lookup_ns, None)
+    response = build_response(model, request_id, cached)
+    model.batcher.stats.count_cache_hit(lookup_ns, time.perf_counter_ns() - start)
+    return _Lookup(key, lookup_ns, response)
+
+
+def _store(
+    model: LoadedModel, cache: VersionCache, lookup: _Lookup, result: dict[str, np.ndarray]
+) -> None:
+    """Store a missed request's result; its lookup and this insert count as one cache_miss."""
+    start = time.perf_counter_ns()
+    cache.put(lookup.key, result)
+    model.batcher.stats.cache_miss.add(lookup.ns + time.perf_counter_ns() - start)
 
 
 def local_statistics(repository: ModelRepository) -> pb.ModelStatisticsResponse:
@@ -259,6 +311,7 @@ def config_proto(config: ModelConfig) -> mc.ModelConfig:
         max_batch_size=config.max_batch_size or 0,
         default_model_filename=MODEL_FILENAME,
     )
+    message.response_cache.enable = config.response_cache
     for spec in config.inputs:
         message.input.add(
             name=spec.name,
@@ -414,12 +467,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None
     ) -> pb.ModelInferResponse:
-        """Validate, batch, and answer one request; domain errors propagate."""
+        """Validate, batch, and answer one request (from the response cache when the version
+        has one: only after auth and validation); domain errors propagate."""
         self.auth.require(f"infer:{request.model_name}")
         model = self.repository.get(request.model_name, request.model_version)
         inputs, rows = decode_inputs(model.config, request)
         outputs = requested_outputs(model, request)
         priority, timeout_us, deadline = schedule_of(request, context)
+        cache = model.cache
+        if cache is not None:
+            lookup = _look_up(model, cache, request.id, inputs, outputs)
+            if lookup.response is not None:
+                return lookup.response
         result = await model.batcher.submit(
             inputs,
             rows,
@@ -428,6 +487,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             timeout_us=timeout_us,
             outputs=outputs,
         )
+        if cache is not None:
+            _store(model, cache, lookup, result)
         return build_response(model, request.id, result)
 
     @maps_errors

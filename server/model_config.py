@@ -159,6 +159,9 @@ class ModelConfig:
     instance_group: InstanceGroupConfig = field(default_factory=InstanceGroupConfig)
     onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    response_cache: bool = False
+    """Answer a request equal to an earlier one from the server's response cache (Triton's
+    response_cache.enable); needs the server's response_cache_bytes > 0."""
     extensions: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -175,7 +178,7 @@ class ModelConfig:
         return next((t for t in self.outputs if t.name == name), None)
 
 
-_TOP_KEYS = {"name", "max_batch_size", "inputs", "outputs"}
+_TOP_KEYS = {"name", "max_batch_size", "inputs", "outputs", "response_cache"}
 _TENSOR_KEYS = {"name", "dtype", "shape", "optional"}
 
 
@@ -280,6 +283,8 @@ def parse_model_config(text: str, *, source: str, default_name: str) -> ModelCon
     values: dict[str, Any] = {"name": name}
     if "max_batch_size" in raw:
         values["max_batch_size"] = _non_negative(source, "max_batch_size", raw["max_batch_size"])
+    if "response_cache" in raw:
+        values["response_cache"] = _typed(source, "response_cache", raw["response_cache"], bool)
     for key in ("inputs", "outputs"):
         if key in raw:
             entries = _typed(source, key, raw[key], list)

@@ -51,6 +51,7 @@ from server.model_config import (
 )
 from server.onnx_runner import OnnxRunner, check_feedable
 from server.prediction_binding import PredictionBinding, compile_binding
+from server.response_cache import ResponseCache, VersionCache
 
 log = logging.getLogger("featureserve.models")
 
@@ -67,8 +68,9 @@ _Stat = tuple[int, int] | None
 
 @dataclass(eq=False)
 class LoadedModel:
-    """One served model version: its completed config, its sessions, its batcher and, when the
-    config binds features for Predict, its compiled binding."""
+    """One served model version: its completed config, its sessions, its batcher, its compiled
+    binding when the config binds features for Predict, and its view of the response cache when
+    the config enables it and the server has one."""
 
     name: str
     version: str
@@ -78,6 +80,7 @@ class LoadedModel:
     path: Path
     output_names: list[str] = field(default_factory=list)
     binding: PredictionBinding | None = None
+    cache: VersionCache | None = None
 
 
 @dataclass
@@ -183,7 +186,9 @@ class ModelRepository:
 
     control=False refuses load() and unload() (FAILED_PRECONDITION): under --workers N each
     process holds its own repository state, so an explicit load or unload would change one worker
-    of N while the files, which every worker's watcher follows, stay the one shared truth."""
+    of N while the files, which every worker's watcher follows, stay the one shared truth.
+    response_cache_bytes > 0 gives the versions whose config sets response_cache = true one
+    shared response cache of that many bytes."""
 
     def __init__(
         self,
@@ -192,8 +197,10 @@ class ModelRepository:
         watch: bool = True,
         poll_interval_s: float = 1.0,
         control: bool = True,
+        response_cache_bytes: int = 0,
     ) -> None:
         self.path = Path(path)
+        self.response_cache = ResponseCache(response_cache_bytes) if response_cache_bytes else None
         self.watch = watch
         self.poll_interval_s = poll_interval_s
         self.control = control
@@ -525,8 +532,9 @@ class ModelRepository:
         served = self._served.setdefault(name, {})
         replaced = served.get(version)
         outputs = [o.name for o in completed.outputs]
+        cache = self._version_cache(name, version, completed)
         served[version] = LoadedModel(
-            name, str(version), completed, runner, batcher, path, outputs, binding
+            name, str(version), completed, runner, batcher, path, outputs, binding, cache
         )
         self._status[key] = VersionStatus(name, str(version), READY)
         log.info(
@@ -550,8 +558,26 @@ class ModelRepository:
         self._status[key] = VersionStatus(name, str(version), UNAVAILABLE, reason)
         log.info("unloaded model %s version %s: %s", name, version, reason)
 
+    def _version_cache(self, name: str, version: int, config: ModelConfig) -> VersionCache | None:
+        """A new load's own view of the response cache, when its config enables it; without a
+        cache on the server, the model serves uncached and a warning says so (as in Triton)."""
+        if not config.response_cache:
+            return None
+        if self.response_cache is None:
+            log.warning(
+                "model %s version %s sets response_cache = true but the server has no response "
+                "cache; serving it uncached: set response_cache_bytes in the server config",
+                name,
+                version,
+            )
+            return None
+        return self.response_cache.for_load()
+
     async def _drain(self, model: LoadedModel) -> None:
-        """Finish a version's queued and running requests, then close its sessions."""
+        """Drop a version's cached answers, finish its queued and running requests, then close
+        its sessions."""
+        if model.cache is not None:
+            model.cache.close()
         await model.batcher.close()
         model.runner.close()
 

@@ -272,6 +272,7 @@ def _look_up(
         return _Lookup(key, lookup_ns, None)
     response = build_response(model, request_id, cached)
     model.batcher.stats.count_cache_hit(lookup_ns, time.perf_counter_ns() - start)
+    model.batcher.metrics.cache_hit.inc()
     return _Lookup(key, lookup_ns, response)
 
 
@@ -282,6 +283,7 @@ def _store(
     start = time.perf_counter_ns()
     cache.put(lookup.key, result)
     model.batcher.stats.cache_miss.add(lookup.ns + time.perf_counter_ns() - start)
+    model.batcher.metrics.cache_miss.inc()
 
 
 def local_statistics(repository: ModelRepository) -> pb.ModelStatisticsResponse:

@@ -93,6 +93,12 @@ MODEL_FAILURES = Counter(
     [*MODEL_LABELS, "reason"],
 )
 FAILURE_REASONS = ("rejected", "timed_out", "cancelled", "error")
+MODEL_RESPONSE_CACHE = Counter(
+    "featureserve_model_response_cache",
+    "Requests of a model with the response cache on, by result: hit (answered from the cache, "
+    "never executed: not in featureserve_model_requests_total) or miss.",
+    [*MODEL_LABELS, "result"],
+)
 AUDIT_FAILURES = Counter(
     "featureserve_audit_failures",
     "Audit records that could not be written (disk full, a file unwritable or not reopenable).",
@@ -164,6 +170,8 @@ class ModelMetrics:
         "_queue",
         "_requests",
         "_rows",
+        "cache_hit",
+        "cache_miss",
         "cancelled",
         "error",
         "rejected",
@@ -183,6 +191,8 @@ class ModelMetrics:
         self.timed_out = MODEL_FAILURES.labels(*labels, "timed_out")
         self.cancelled = MODEL_FAILURES.labels(*labels, "cancelled")
         self.error = MODEL_FAILURES.labels(*labels, "error")
+        self.cache_hit = MODEL_RESPONSE_CACHE.labels(*labels, "hit")
+        self.cache_miss = MODEL_RESPONSE_CACHE.labels(*labels, "miss")
 
     def observe_batch(
         self, requests: int, rows: int, batch_rows: int, queue_s: float, compute_s: float

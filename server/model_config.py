@@ -201,6 +201,24 @@ def _typed(source: str, key: str, value: Any, kind: type) -> Any:
     return value
 
 
+def _response_cache(source: str, value: Any) -> bool:
+    """`response_cache = true`, or Triton's form as a table: `[response_cache] enable = true`."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"enable"})
+        if unknown:
+            raise ModelConfigError(
+                f"{source}: key 'response_cache.{unknown[0]}' is unknown; the table takes only "
+                "enable = true|false (or write response_cache = true at the top)"
+            )
+        return _typed(source, "response_cache.enable", value.get("enable", False), bool)
+    if not isinstance(value, bool):
+        raise ModelConfigError(
+            f"{source}: key 'response_cache' must be bool, got {type(value).__name__}; write "
+            "response_cache = true at the top of config.toml (or [response_cache] enable = true)"
+        )
+    return value
+
+
 def _non_negative(source: str, key: str, value: Any) -> int:
     """An int >= 0, and within the key's _RANGES entry when it has one."""
     _typed(source, key, value, int)
@@ -284,7 +302,7 @@ def parse_model_config(text: str, *, source: str, default_name: str) -> ModelCon
     if "max_batch_size" in raw:
         values["max_batch_size"] = _non_negative(source, "max_batch_size", raw["max_batch_size"])
     if "response_cache" in raw:
-        values["response_cache"] = _typed(source, "response_cache", raw["response_cache"], bool)
+        values["response_cache"] = _response_cache(source, raw["response_cache"])
     for key in ("inputs", "outputs"):
         if key in raw:
             entries = _typed(source, key, raw[key], list)

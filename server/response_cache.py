@@ -21,6 +21,10 @@ import numpy as np
 from server.tensors import encode_raw
 
 _LENGTH = struct.Struct("<Q")
+ENTRY_OVERHEAD_BYTES = 512
+"""Bytes each entry is charged beside its outputs: its key, entry, dict, array headers and LRU
+node (measured with tracemalloc: ~509 bytes for one small output), so response_cache_bytes
+bounds the memory the cache holds, and an answer of empty outputs still takes room."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,8 @@ class ResponseCache:
         self.capacity_bytes = capacity_bytes
         self.used_bytes = 0
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._keys_of: dict[int, set[bytes]] = {}
+        """Each load's keys, so dropping a load touches only its own entries."""
         self._tokens = itertools.count(1)
 
     def __len__(self) -> int:
@@ -65,25 +71,33 @@ class ResponseCache:
 
     def put(self, key: bytes, token: int, outputs: dict[str, np.ndarray]) -> None:
         """Store read-only copies of outputs under key, evicting the least recently used entries
-        to make room; outputs bigger than the whole cache are not stored."""
-        nbytes = outputs_nbytes(outputs)
+        to make room; an entry is charged its output bytes plus ENTRY_OVERHEAD_BYTES, and one
+        bigger than the whole cache is not stored."""
+        nbytes = outputs_nbytes(outputs) + ENTRY_OVERHEAD_BYTES
         if nbytes > self.capacity_bytes:
             return
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.used_bytes -= old.nbytes
+        self._remove(key)
         while self.used_bytes + nbytes > self.capacity_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.used_bytes -= evicted.nbytes
+            self._remove(next(iter(self._entries)))
         # Batch results are views of the whole batch's arrays: copy so an entry holds its own rows.
         owned = {name: _frozen_copy(array) for name, array in outputs.items()}
         self._entries[key] = _Entry(token, owned, nbytes)
+        self._keys_of.setdefault(token, set()).add(key)
         self.used_bytes += nbytes
+
+    def _remove(self, key: bytes) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.used_bytes -= entry.nbytes
+            keys = self._keys_of[entry.token]
+            keys.discard(key)
+            if not keys:
+                del self._keys_of[entry.token]
 
     def drop(self, token: int) -> None:
         """Remove every entry of one load (its version is unloading or was replaced)."""
-        for key in [k for k, e in self._entries.items() if e.token == token]:
-            self.used_bytes -= self._entries.pop(key).nbytes
+        for key in list(self._keys_of.get(token, ())):
+            self._remove(key)
 
 
 def _frozen_copy(array: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from prometheus_client import REGISTRY
 
 from benchmarks.model_zoo import add_sub_model, gather_model, graph_model, write_model
 from protos.inference import grpc_service_pb2 as pb
@@ -21,7 +23,7 @@ from server.config import ConfigError, load_config
 from server.inference_servicer import start_server
 from server.model_config import ModelConfigError, parse_model_config
 from server.model_repository import ModelRepository
-from server.response_cache import ResponseCache
+from server.response_cache import ENTRY_OVERHEAD_BYTES, ResponseCache
 from tests.conftest import featureserve
 from tests.server.test_auth import AUTH_TOML, TOKENS
 from tests.server.test_inference_rpc import infer_request, output
@@ -91,9 +93,16 @@ def test_repeated_request_is_answered_from_cache_with_its_own_id(tmp_path: Path)
     write_model(tmp_path, "m", add_sub_model(WIDTH), config_toml=CACHED)
     inputs = pair()
 
+    def counted(result: str) -> float:
+        labels = {"model": "m", "version": "1", "result": result}
+        return REGISTRY.get_sample_value("featureserve_model_response_cache_total", labels) or 0
+
     async def body(stub, repo) -> None:
+        before = counted("hit"), counted("miss")
         first = await stub.ModelInfer(infer_request("m", inputs, id="first"))
         second = await stub.ModelInfer(infer_request("m", inputs, id="second"))
+        # on /metrics too: hits never reach featureserve_model_requests_total
+        assert (counted("hit") - before[0], counted("miss") - before[1]) == (1, 1)
         assert (first.id, second.id) == ("first", "second")
         for name in ("OUTPUT0", "OUTPUT1"):
             np.testing.assert_array_equal(output(second, name), output(first, name))
@@ -305,36 +314,68 @@ def test_serve_exits_2_naming_response_cache_bytes(tmp_path: Path) -> None:
     assert f"{config}: key 'response_cache_bytes' is -5" in result.stderr
 
 
-def test_model_response_cache_key_must_be_a_bool() -> None:
-    assert parse_model_config(CACHED, source="c.toml", default_name="m").response_cache
-    assert not parse_model_config("", source="c.toml", default_name="m").response_cache
-    with pytest.raises(ModelConfigError) as info:
-        parse_model_config('response_cache = "on"\n', source="c.toml", default_name="m")
-    assert str(info.value) == "c.toml: key 'response_cache' must be bool, got str"
+def test_model_response_cache_key_is_a_bool_or_triton_s_table() -> None:
+    def parsed(text: str) -> bool:
+        return parse_model_config(text, source="c.toml", default_name="m").response_cache
+
+    assert parsed(CACHED) and not parsed("")
+    assert parsed("[response_cache]\nenable = true\n")
+    assert not parsed("[response_cache]\nenable = false\n")
+    for text, message in (
+        ('response_cache = "on"\n', "key 'response_cache' must be bool, got str; write "),
+        ("[response_cache]\nenabled = true\n", "key 'response_cache.enabled' is unknown"),
+        ('[response_cache]\nenable = "yes"\n', "'response_cache.enable' must be bool, got str"),
+    ):
+        with pytest.raises(ModelConfigError, match=re.escape(message)):
+            parse_model_config(text, source="c.toml", default_name="m")
 
 
 def test_lru_evicts_least_recently_used_within_the_byte_bound() -> None:
     row = np.zeros((1, 4), np.float32)  # 16 bytes
-    cache = ResponseCache(48)
+    entry = 16 + ENTRY_OVERHEAD_BYTES
+    cache = ResponseCache(3 * entry)
     version = cache.for_load()
     keys = [version.key({"x": row + i}, ["y"]) for i in range(5)]
     assert len(set(keys)) == 5
     for key in keys[:3]:
         version.put(key, {"y": row})
-    assert (len(cache), cache.used_bytes) == (3, 48)
+    assert (len(cache), cache.used_bytes) == (3, 3 * entry)
     assert version.get(keys[0]) is not None  # now the most recently used
     version.put(keys[3], {"y": row})
     assert version.get(keys[1]) is None and version.get(keys[0]) is not None
     version.put(keys[4], {"y": row})
     assert version.get(keys[2]) is None
-    assert (len(cache), cache.used_bytes) == (3, 48)
+    assert (len(cache), cache.used_bytes) == (3, 3 * entry)
 
-    version.put(keys[1], {"y": np.zeros((1, 13), np.float32)})  # 52 bytes: never stored
-    assert version.get(keys[1]) is None and cache.used_bytes == 48
+    too_big = np.zeros((1, 3 * entry // 4), np.float32)  # over the whole cache: never stored
+    version.put(keys[1], {"y": too_big})
+    assert version.get(keys[1]) is None and cache.used_bytes == 3 * entry
+
+
+def test_empty_answers_are_charged_their_overhead_and_evicted() -> None:
+    """An answer of empty outputs (a filter that found nothing) takes room too: 10,000 of them
+    in a cache of 10 entries' room leave 10 (they were never evicted, and grew without end)."""
+    cache = ResponseCache(10 * ENTRY_OVERHEAD_BYTES)
+    version = cache.for_load()
+    empty = {"y": np.zeros((0,), np.float32)}
+    for i in range(10_000):
+        version.put(version.key({"x": np.full((1, 1), i, np.float32)}, ["y"]), empty)
+    assert (len(cache), cache.used_bytes) == (10, 10 * ENTRY_OVERHEAD_BYTES)
+
+
+def test_closing_a_load_drops_only_its_entries() -> None:
+    cache = ResponseCache(1 << 20)
+    loads = [cache.for_load() for _ in range(3)]
+    for i in range(300):
+        load = loads[i % 3]
+        load.put(load.key({"x": np.full((1, 1), i, np.float32)}, ["y"]), {"y": np.ones(1)})
+    loads[1].close()
+    assert len(cache) == 200
+    assert cache.used_bytes == 200 * (8 + ENTRY_OVERHEAD_BYTES)
 
 
 def test_entries_own_read_only_copies_and_strings_count_their_bytes() -> None:
-    cache = ResponseCache(1 << 10)
+    cache = ResponseCache(1 << 12)
     version = cache.for_load()
     batch = np.arange(8, dtype=np.float32).reshape(4, 2)
     key = version.key({"x": batch[:1]}, ["y"])
@@ -350,7 +391,7 @@ def test_entries_own_read_only_copies_and_strings_count_their_bytes() -> None:
         {"s": np.array(["hé", "llox"], dtype=object).reshape(1, 2)}, ["t"]
     )
     version.put(text_key, {"t": words})
-    assert cache.used_bytes == 8 + (4 + 6) + (4 + 1)
+    assert cache.used_bytes == 8 + (4 + 6) + (4 + 1) + 2 * ENTRY_OVERHEAD_BYTES
 
 
 def test_loads_have_their_own_keys_and_a_closed_load_stores_nothing() -> None:
@@ -362,6 +403,6 @@ def test_loads_have_their_own_keys_and_a_closed_load_stores_nothing() -> None:
     old.put(old.key(inputs, ["y"]), {"y": inputs["x"]})
     new.put(new.key(inputs, ["y"]), {"y": inputs["x"]})
     old.close()
-    assert (len(cache), cache.used_bytes) == (1, 8)
+    assert (len(cache), cache.used_bytes) == (1, 8 + ENTRY_OVERHEAD_BYTES)
     old.put(old.key(inputs, ["y"]), {"y": inputs["x"]})
     assert len(cache) == 1 and new.get(new.key(inputs, ["y"])) is not None

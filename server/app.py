@@ -226,6 +226,8 @@ class FeatureServer:
             poll_interval_s=self.config.model_poll_interval_s,
             control=worker_index() is None,
             response_cache_bytes=self.config.response_cache_bytes,
+            mode=self.config.model_control_mode,
+            startup_models=self.config.startup_models,
         )
         self.worker_stats = WorkerStatistics.of_this_worker(lambda: local_statistics(self.models))
         # A --workers worker joins the shared port only once loaded: SO_REUSEPORT would hand a

@@ -9,11 +9,20 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-SERVE_FLAGS = ("host", "port", "data_dir", "model_repo", "metrics_port")
+SERVE_FLAGS = (
+    "host",
+    "port",
+    "data_dir",
+    "model_repo",
+    "metrics_port",
+    "model_control_mode",
+    "startup_models",
+)
 
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
     """The `serve` subcommand."""
+    from server.config import MODEL_CONTROL_MODES
     from server.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 
     p = subparsers.add_parser(
@@ -27,6 +36,20 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, help="LMDB and history directory (default ./data)")
     p.add_argument("--model-repo", type=Path, help="model repository (default ./models)")
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = off)")
+    p.add_argument(
+        "--model-control-mode",
+        choices=list(MODEL_CONTROL_MODES),
+        help="poll: follow the model repository (default); explicit: load --load-model models, "
+        "then only on RepositoryModelLoad/Unload; none: load every model once",
+    )
+    p.add_argument(
+        "--load-model",
+        dest="startup_models",
+        action="append",
+        metavar="NAME",
+        help="with --model-control-mode explicit: a model to load at start-up (repeatable; "
+        "'*' = every model)",
+    )
     p.add_argument("--log-format", choices=["json", "text"], help="log format (default json)")
     p.add_argument(
         "--event-loop",
@@ -46,21 +69,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Load the config, then run the server until a stop signal (args.signals, installed by
     main; one that came while the server was starting is a clean stop too: exit 0)."""
     from server.app import StartupError
-    from server.config import ConfigError, load_config
+    from server.config import ConfigError, check_workers, load_config
     from server.logs import configure_logging
 
     overrides = {name: getattr(args, name) for name in SERVE_FLAGS}
     overrides["log_format"] = args.log_format
     overrides["event_loop"] = args.event_loop
+    if args.workers < 1:
+        print("featureserve: --workers must be at least 1", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config, overrides)
+        check_workers(config, args.workers)
     except ConfigError as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
-    if args.workers < 1:
-        print("featureserve: --workers must be at least 1", file=sys.stderr)
-        return 2
     try:
         if args.workers > 1:
             from server.workers import run_workers

@@ -39,6 +39,12 @@ class ServerConfig:
     warm_store_seconds: float = 30.0
     watch_model_repo: bool = True
     model_poll_interval_s: float = 1.0
+    model_control_mode: str = "poll"
+    """Triton's --model-control-mode: "poll" follows the folder (watch_model_repo,
+    model_poll_interval_s) and takes RepositoryModelLoad/Unload; "explicit" loads
+    startup_models, then changes only on those RPCs; "none" loads every model once, for good."""
+    startup_models: list[str] = field(default_factory=list)
+    """Triton's --load-model: the models explicit mode loads at start-up; ["*"] = every one."""
     history_retention_seconds: int = 0
     """History rows older than this are compacted away (featurestore.history_retention);
     0 keeps them all."""
@@ -61,10 +67,20 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+MODEL_CONTROL_MODES = ("poll", "explicit", "none")
+POLL, EXPLICIT, NONE = MODEL_CONTROL_MODES
+ALL_MODELS = "*"
+NAME_MAX_BYTES = 255
+"""The longest folder name Linux file systems take (NAME_MAX)."""
+
 _PATH_KEYS = {"data_dir", "model_repo"}
 _SECTIONS = ("auth", "tls", "audit")
 _NOT_KEYS = ("extra", "config_dir")  # set from the file's sections and place, not as keys
-_CHOICES = {"event_loop": tuple(EVENT_LOOPS), "log_format": ("json", "text")}
+_CHOICES = {
+    "event_loop": tuple(EVENT_LOOPS),
+    "log_format": ("json", "text"),
+    "model_control_mode": MODEL_CONTROL_MODES,
+}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _PORT_KEYS = {"port": "0 picks a free port", "metrics_port": "0 turns /metrics off"}
 _BETWEEN = {
@@ -104,11 +120,49 @@ def _check_range(name: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: key '{name}' is {value}; it must be at least {low}")
 
 
+def model_name_problem(name: str) -> str:
+    """Why `name` is not the name of one folder directly in a model repository ("" when it is),
+    so that no model name ever reaches a file outside the repository."""
+    if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES:
+        return f"a folder name has at most {NAME_MAX_BYTES} bytes (UTF-8)"
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        return (
+            "give the name of a folder directly in the model repository, which is not empty, "
+            "'.' or '..' and has no '/'"
+        )
+    return ""
+
+
+def _startup_models(value: Any, source: str) -> list[str]:
+    """startup_models as a list of model names, or ["*"] alone (Triton refuses --load-model=*
+    beside other names too)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"{source}: key 'startup_models' must be a list of model names, such as "
+            '["ranker", "fraud"], or ["*"] for every model'
+        )
+    if ALL_MODELS in value and len(value) > 1:
+        raise ConfigError(
+            f'{source}: key \'startup_models\' lists "*" beside other names; give ["*"] alone '
+            "to load every model, or the names alone"
+        )
+    for name in value:
+        problem = model_name_problem(name) if name != ALL_MODELS else ""
+        if problem:
+            raise ConfigError(
+                f"{source}: key 'startup_models' lists {name[:80]!r}, which is not a model "
+                f"name: {problem}"
+            )
+    return list(dict.fromkeys(value))
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Convert a TOML or flag value to the field's type, naming the key on failure."""
     template = ServerConfig.__dataclass_fields__[name].default
     if name in _PATH_KEYS:
         return Path(value)
+    if name == "startup_models":
+        return _startup_models(value, source)
     expected = type(template)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -131,6 +185,18 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         )
     _check_range(name, value, source)
     return value
+
+
+def check_workers(config: ServerConfig, workers: int) -> None:
+    """Refuse explicit model control under --workers N > 1: RepositoryModelLoad and Unload
+    reach the one worker that takes the call, and no worker watches the folder."""
+    if workers > 1 and config.model_control_mode == EXPLICIT:
+        raise ConfigError(
+            f"key 'model_control_mode' is 'explicit' with --workers {workers}: each worker holds "
+            "its own models, and a RepositoryModelLoad or RepositoryModelUnload would change only "
+            'the worker that takes it; use model_control_mode = "poll" (every worker follows '
+            'the files) or "none", or run one process (--workers 1)'
+        )
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:
@@ -170,6 +236,15 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         raise ConfigError(
             f"{origins['metrics_port']}: key 'metrics_port' is {config.metrics_port}, the same as "
             "'port'; give /metrics another port, or 0 to turn it off"
+        )
+    if config.startup_models and config.model_control_mode != EXPLICIT:
+        raise ConfigError(
+            f"{origins['startup_models']}: key 'startup_models' is given while "
+            f"'model_control_mode' is {config.model_control_mode!r}"
+            f"{' (the default)' if 'model_control_mode' not in origins else ''}: only explicit "
+            "mode loads a chosen set at start-up (poll and none load every model); set "
+            'model_control_mode = "explicit" (--model-control-mode explicit) or drop '
+            "startup_models (--load-model)"
         )
     config.extra = extra
     config.config_dir = Path(path).parent if path is not None else None

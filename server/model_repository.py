@@ -1,6 +1,12 @@
 """Triton-style model repository: models/<name>/config.toml + <version>/model.onnx, hot (un)loading.
 
-A stat-based watcher loads new or changed versions and unloads removed ones without a restart.
+Triton's model control modes (model_control_mode). poll: every model loads at start-up, then a
+stat-based watcher loads new or changed versions and unloads removed ones without a restart, and
+RepositoryModelLoad/Unload work too (Triton refuses them in poll mode; we took them before the
+modes existed and keep them). explicit: only startup_models load at start-up, nothing watches
+the folder, and models change only by RepositoryModelLoad/Unload. none: every model loads at
+start-up and nothing changes them after; both RPCs are refused.
+
 An unloading version stops taking requests and finishes its queued and running ones first.
 A model that fails to load is reported (index, ModelReady false, log) and touches no other model;
 so does a model folder the server cannot read (a symlink loop, a permission error).
@@ -28,11 +34,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from server.batcher import DynamicBatcher
 from server.changes import Changes
+from server.config import (
+    ALL_MODELS,
+    EXPLICIT,
+    NAME_MAX_BYTES,
+    NONE,
+    POLL,
+    ConfigError,
+    model_name_problem,
+)
 from server.errors import (
     ControlRefusedError,
     InvalidRequestError,
@@ -59,8 +75,6 @@ READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
 UNLOADING = "UNLOADING"
-NAME_MAX_BYTES = 255
-"""The longest folder name Linux file systems take (NAME_MAX)."""
 RELOAD_FAILED = "serving the previously loaded version; reload failed: "
 
 _Stat = tuple[int, int] | None
@@ -184,6 +198,8 @@ def _fingerprint(model_dir: Path) -> _Fingerprint:
 class ModelRepository:
     """The models under one folder, loaded per their version policy and kept in sync with it.
 
+    mode is the model control mode (see the module docstring); watch and poll_interval_s apply
+    to poll mode only, startup_models (["*"] = every model) to explicit mode only.
     control=False refuses load() and unload() (FAILED_PRECONDITION): under --workers N each
     process holds its own repository state, so an explicit load or unload would change one worker
     of N while the files, which every worker's watcher follows, stay the one shared truth.
@@ -198,10 +214,14 @@ class ModelRepository:
         poll_interval_s: float = 1.0,
         control: bool = True,
         response_cache_bytes: int = 0,
+        mode: str = POLL,
+        startup_models: Sequence[str] = (),
     ) -> None:
         self.path = Path(path)
         self.response_cache = ResponseCache(response_cache_bytes) if response_cache_bytes else None
-        self.watch = watch
+        self.mode = mode
+        self.startup_models = list(startup_models)
+        self.watch = watch and mode == POLL
         self.poll_interval_s = poll_interval_s
         self.control = control
         self._served: dict[str, dict[int, LoadedModel]] = {}
@@ -217,12 +237,19 @@ class ModelRepository:
         self.ready = False
 
     async def start(self) -> None:
-        """Load every model in the folder, then start the watcher (when watch is on). Unlike a
-        watcher pass, this load is not shielded: a stop during start-up cancels it (at the end
-        of the version loading then), rather than waiting for every model."""
+        """Load every model in the folder (in explicit mode, startup_models), then start the
+        watcher (when watching). Unlike a watcher pass, this load is not shielded: a stop during
+        start-up cancels it (at the end of the version loading then), rather than waiting for
+        every model.
+
+        Raises ConfigError naming a startup_models entry with no model folder, as Triton fails
+        to start on a --load-model it cannot find."""
         if not self.path.is_dir():
             raise ModelNotFoundError(f"model repository {self.path} is not a folder")
-        await self._poll()
+        if self.mode == EXPLICIT and self.startup_models != [ALL_MODELS]:
+            await self._load_startup_models()
+        else:
+            await self._poll()
         self.ready = True
         if self.watch:
             self._watcher = asyncio.create_task(self._watch(), name="model-repository-watcher")
@@ -240,6 +267,23 @@ class ModelRepository:
             for name in list(self._served):
                 for version in list(self._served[name]):
                     await self._unload_version(name, version, "server stopping")
+
+    async def _load_startup_models(self) -> None:
+        """Explicit mode's start-up: load the models startup_models names, and only those."""
+        missing = [
+            name
+            for name in self.startup_models
+            if model_name_problem(name) or not (self.path / name).is_dir()
+        ]
+        if missing:
+            raise ConfigError(
+                f"key 'startup_models' (--load-model) names {', '.join(map(repr, missing))}, "
+                f"which is not a model folder in {self.path}: add {self.path / missing[0]} "
+                "or remove the name"
+            )
+        async with self._lock:
+            for name in self.startup_models:
+                await self._sync(name, force=False)
 
     async def _watch(self) -> None:
         """Poll the folder every poll_interval_s; a failing pass is logged, never fatal: an
@@ -318,20 +362,28 @@ class ModelRepository:
             self._misnamed.pop(name, None)
             for version in list(self._served.get(name, {})):
                 await self._unload_version(name, version, "unloaded by request")
+            if not (self.path / name).is_dir():
+                # Its folder went while it served (explicit and none modes do not watch).
+                self._unloaded.discard(name)
+                self._forget(name)
 
     def _check_control(self, rpc: str, name: str) -> None:
         """Refuse a load or unload this repository does not take (see control), or a model name
         that is not one folder name, so that neither ever reaches outside the repository (a
         symlinked model folder inside it is still a model)."""
-        if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES:
+        problem = model_name_problem(name)
+        if problem:
+            size = len(name.encode("utf-8", "surrogatepass"))
+            shown = f"of {size} bytes" if size > NAME_MAX_BYTES else repr(name)
             raise InvalidRequestError(
-                f"model_name of {len(name.encode('utf-8', 'surrogatepass'))} bytes is not a model "
-                f"name: a folder name has at most {NAME_MAX_BYTES} bytes (UTF-8)"
+                f"model_name {shown} is not a model name: {problem} ({self.path})"
             )
-        if name in ("", ".", "..") or "/" in name or "\0" in name:
-            raise InvalidRequestError(
-                f"model_name {name!r} is not a model name: give the name of a folder directly "
-                f"in {self.path}, which is not empty, '.' or '..' and has no '/'"
+        if self.mode == NONE:
+            raise ControlRefusedError(
+                f"{rpc} of '{name}' is refused: model_control_mode is 'none', which loads the "
+                "models present at start-up and never changes them; set model_control_mode = "
+                '"explicit" to load and unload by RPC (or "poll" to follow the files as well) '
+                "and restart the server"
             )
         if not self.control:
             instead = (
@@ -419,8 +471,12 @@ class ModelRepository:
 
         A model-wide failure (config, no version to serve) is one UNAVAILABLE entry with version
         "" while nothing serves; while versions loaded before still serve, it is their reason.
+        In explicit and none modes a model folder never loaded is one UNAVAILABLE entry with
+        version "" saying how to load it (Triton lists such models too).
         """
         entries = dict(self._status)
+        for name in self._never_loaded():
+            entries[(name, "")] = VersionStatus(name, "", UNAVAILABLE, self._not_loaded_reason())
         for name, folders in self._misnamed.items():
             for folder, reason in folders.items():
                 entries[(name, folder)] = VersionStatus(name, folder, UNAVAILABLE, reason)
@@ -432,6 +488,27 @@ class ModelRepository:
                 key = (name, str(version))
                 entries[key] = VersionStatus(name, key[1], READY, RELOAD_FAILED + reason)
         return [entries[k] for k in sorted(entries, key=lambda k: (k[0], k[1].zfill(20)))]
+
+    def _never_loaded(self) -> list[str]:
+        """Model folders this repository has not tried to load (explicit and none modes); none
+        when the repository folder cannot be read."""
+        if self.mode == POLL:
+            return []
+        tried = {k[0] for k in self._status} | set(self._model_errors) | set(self._misnamed)
+        try:
+            folders = [p.name for p in self.path.iterdir() if p.is_dir()]
+        except OSError:
+            return []
+        return [name for name in folders if name not in tried and name not in self._served]
+
+    def _not_loaded_reason(self) -> str:
+        """Why a model folder of _never_loaded() does not serve, and how to serve it."""
+        if self.mode == EXPLICIT:
+            return "not loaded (model_control_mode is 'explicit'): load it with RepositoryModelLoad"
+        return (
+            "not loaded (model_control_mode is 'none': only the models present at start-up "
+            "load): restart the server to serve it"
+        )
 
     def _entries(self, name: str) -> list[VersionStatus]:
         """The index entries of one model."""

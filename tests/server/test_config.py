@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, ServerConfig, load_config
+from server.config import ConfigError, ServerConfig, check_workers, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -132,3 +132,43 @@ def test_bounds_admit_their_edge_values() -> None:
     assert load_config(None, {"lmdb_max_dbs": 32768}).lmdb_max_dbs == 32768
     assert load_config(None, {"max_message_bytes": 2**31 - 1}).max_message_bytes == 2**31 - 1
     assert load_config(None, {"model_poll_interval_s": 0.05}).model_poll_interval_s == 0.05
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('model_control_mode = "EXPLICIT"\n', "'model_control_mode' is 'EXPLICIT'; use one of"),
+        ('startup_models = "a"\n', "key 'startup_models' must be a list of model names"),
+        ("startup_models = [1]\n", "key 'startup_models' must be a list of model names"),
+        (
+            'model_control_mode = "explicit"\nstartup_models = ["../x"]\n',
+            "key 'startup_models' lists '../x', which is not a model name: give the name of a",
+        ),
+        (
+            'model_control_mode = "explicit"\nstartup_models = ["a", "*"]\n',
+            'lists "*" beside other names; give ["*"] alone',
+        ),
+        (
+            'model_control_mode = "poll"\nstartup_models = ["a"]\n',
+            "key 'startup_models' is given while 'model_control_mode' is 'poll': only explicit",
+        ),
+    ],
+)
+def test_model_control_errors_name_the_keys(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert str(err.value).startswith(str(tmp_path)) and message in str(err.value)
+
+
+def test_model_control_mode_and_startup_models_from_file_and_flags(tmp_path: Path) -> None:
+    assert (load_config().model_control_mode, load_config().startup_models) == ("poll", [])
+    path = write(tmp_path, 'model_control_mode = "explicit"\nstartup_models = ["a", "b", "a"]\n')
+    assert load_config(path).startup_models == ["a", "b"]
+    config = load_config(path, {"startup_models": ["*"], "model_control_mode": None})
+    assert (config.model_control_mode, config.startup_models) == ("explicit", ["*"])
+    config = load_config(None, {"model_control_mode": "none"})
+    assert (config.model_control_mode, config.startup_models) == ("none", [])
+    with pytest.raises(ConfigError, match="with --workers 3: each worker holds its own models"):
+        check_workers(load_config(path), 3)
+    check_workers(load_config(path), 1)
+    check_workers(load_config(None, {"model_control_mode": "none"}), 3)

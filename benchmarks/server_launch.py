@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--log-level", default=DEFAULT_LOG_LEVEL)
     args = parser.parse_args(argv)
-    overrides: dict[str, object] = {name: getattr(args, name) for name in SERVE_FLAGS}
+    # the serve flags this launcher does not take stay as the config file says (None: not given)
+    overrides: dict[str, object] = {name: getattr(args, name, None) for name in SERVE_FLAGS}
     overrides["log_level"] = args.log_level
     config = load_config(args.config, overrides)
     configure_logging(config.log_level, config.log_format)

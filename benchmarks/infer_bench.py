@@ -465,17 +465,13 @@ async def sweep(
 ) -> list[PointResult]:
     """Every target at every concurrency (targets back to back per concurrency), then the
     batched medium model open loop below its saturated rate."""
-    results = []
     addresses = (server.infer_address, server.address(next(iter(FLOORS))))
     channels = {a: grpc.aio.insecure_channel(a) for a in addresses}
     try:
-        for concurrency in concurrencies:
-            for target in [*FLOORS, *BENCH_MODELS]:
-                point = await measure_point(
-                    server, channels, target, concurrency, duration_s, warmup_s, 0.0, generator
-                )
-                print(_row(point), flush=True)
-                results.append(point)
+        targets = [*FLOORS, *BENCH_MODELS]
+        results = await _closed_points(
+            server, channels, targets, concurrencies, duration_s, warmup_s, generator
+        )
         saturated = max(r.throughput for r in results if r.target == "medium_on")
         for fraction in BELOW_SATURATION:
             point = await measure_point(
@@ -498,18 +494,35 @@ async def cache_sweep(
     generator: str = "python",
 ) -> list[PointResult]:
     """Each batched model and its cached twin (CACHE_PAIRS) back to back at every concurrency."""
-    results = []
     channels = {server.infer_address: grpc.aio.insecure_channel(server.infer_address)}
     try:
-        for concurrency in concurrencies:
-            for target in itertools.chain.from_iterable(CACHE_PAIRS.items()):
-                point = await measure_point(
-                    server, channels, target, concurrency, duration_s, warmup_s, 0.0, generator
-                )
-                print(_row(point), flush=True)
-                results.append(point)
+        targets = list(itertools.chain.from_iterable(CACHE_PAIRS.items()))
+        return await _closed_points(
+            server, channels, targets, concurrencies, duration_s, warmup_s, generator
+        )
     finally:
         await channels[server.infer_address].close()
+
+
+async def _closed_points(
+    server: BenchServer,
+    channels: dict[str, grpc.aio.Channel],
+    targets: list[str],
+    concurrencies: list[int],
+    duration_s: float,
+    warmup_s: float,
+    generator: str,
+) -> list[PointResult]:
+    """Every target at every concurrency (targets back to back per concurrency), each point
+    printed as it is measured."""
+    results = []
+    for concurrency in concurrencies:
+        for target in targets:
+            point = await measure_point(
+                server, channels, target, concurrency, duration_s, warmup_s, 0.0, generator
+            )
+            print(_row(point), flush=True)
+            results.append(point)
     return results
 
 

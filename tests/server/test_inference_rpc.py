@@ -3,6 +3,7 @@
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -50,11 +51,12 @@ TYPED = {
 }
 
 
-def serve(tmp_path: Path, body: Body) -> None:
-    """Run body against a fresh server over the models already written under tmp_path."""
+def serve(tmp_path: Path, body: Body, **repository: Any) -> None:
+    """Run body against a fresh server over the models already written under tmp_path (the
+    keyword arguments go to its ModelRepository)."""
 
     async def main() -> None:
-        repo = ModelRepository(tmp_path, watch=False)
+        repo = ModelRepository(tmp_path, watch=False, **repository)
         await repo.start()
         server, port = await start_server(repo)
         try:

@@ -3,7 +3,6 @@ config keys, and the LRU's byte accounting."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -20,13 +19,13 @@ from benchmarks.model_zoo import add_sub_model, gather_model, graph_model, write
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from server.config import ConfigError, load_config
-from server.inference_servicer import start_server
 from server.model_config import ModelConfigError, parse_model_config
 from server.model_repository import ModelRepository
 from server.response_cache import ENTRY_OVERHEAD_BYTES, ResponseCache
 from tests.conftest import featureserve
 from tests.server.test_auth import AUTH_TOML, TOKENS
 from tests.server.test_inference_rpc import infer_request, output
+from tests.server.test_inference_rpc import serve as serve_models
 
 CACHED = "response_cache = true\n"
 WIDTH = 4
@@ -35,19 +34,7 @@ Body = Callable[[pb_grpc.GRPCInferenceServiceStub, ModelRepository], Awaitable[N
 
 def serve(tmp_path: Path, body: Body, cache_bytes: int = 1 << 20) -> None:
     """Run body against a fresh server whose repository has a response cache of cache_bytes."""
-
-    async def main() -> None:
-        repo = ModelRepository(tmp_path, watch=False, response_cache_bytes=cache_bytes)
-        await repo.start()
-        server, port = await start_server(repo)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await body(pb_grpc.GRPCInferenceServiceStub(channel), repo)
-        finally:
-            await server.stop(None)
-            await repo.stop()
-
-    asyncio.run(main())
+    serve_models(tmp_path, body, response_cache_bytes=cache_bytes)
 
 
 def mul_sub_model() -> onnx.ModelProto:

@@ -10,7 +10,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from benchmarks.infer_bench import (
     INFER_METHOD,
     PARSE_METHOD,
+    RESPONSE_CACHE_BYTES,
     PointResult,
+    cache_lines,
+    cache_sweep,
     check_targets,
     infer_request_bytes,
     measure_point,
@@ -19,6 +22,7 @@ from benchmarks.infer_bench import (
     write_bench_repository,
 )
 from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 def test_open_loop_sends_at_the_rate_and_times_from_the_intended_send() -> None:
@@ -130,3 +134,26 @@ def test_model_infer_is_served_by_the_featureserve_server(tmp_path) -> None:
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_batch_size=64" in refused.value.details()
+
+
+def test_the_cache_sweep_sets_each_model_beside_its_cached_twin(tmp_path) -> None:
+    """--response-cache: the twins answer from the cache (h2load repeats one request), and the
+    summary puts each model's throughput off and on side by side."""
+    repo = write_bench_repository(tmp_path / "models", cached=True)
+    server = start_server_process(repo, tmp_path, RESPONSE_CACHE_BYTES)
+    try:
+        results = asyncio.run(cache_sweep(server, [2], 1.0, 0.2, "h2load"))
+        with grpc.insecure_channel(server.infer_address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = pb.ModelStatisticsRequest(name="medium_cached")
+            (stats,) = stub.ModelStatistics(request).model_stats
+    finally:
+        server.stop()
+    # one fixed request body: the first call ran the model, every later one was a hit
+    assert stats.execution_count == 1 and stats.inference_stats.cache_miss.count == 1
+    assert stats.inference_stats.cache_hit.count > 0
+    assert [r.target for r in results] == ["small_on", "small_cached", "medium_on", "medium_cached"]
+    assert all(r.requests > 0 and r.errors == 0 for r in results)
+    lines = cache_lines(results)
+    assert [line.split(":")[0] for line in lines] == ["small_on c=2", "medium_on c=2"]
+    assert all("cache off" in line and "on" in line for line in lines)

@@ -188,14 +188,23 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 def check_workers(config: ServerConfig, workers: int) -> None:
-    """Refuse explicit model control under --workers N > 1: RepositoryModelLoad and Unload
-    reach the one worker that takes the call, and no worker watches the folder."""
-    if workers > 1 and config.model_control_mode == EXPLICIT:
+    """Refuse explicit and none model control under --workers N > 1: each worker holds its own
+    models, no worker watches the folder, so a load or unload would reach the one worker that
+    takes the call, and a worker started again (after a crash) would load the folder as it is
+    then, beside workers serving what it was at start-up."""
+    mode = config.model_control_mode
+    if workers > 1 and mode in (EXPLICIT, NONE):
+        why = (
+            "a RepositoryModelLoad or RepositoryModelUnload would change only the worker that "
+            "takes it"
+            if mode == EXPLICIT
+            else "a worker started again after a crash would load the folder as it is then, "
+            "beside workers serving the models of the group's start"
+        )
         raise ConfigError(
-            f"key 'model_control_mode' is 'explicit' with --workers {workers}: each worker holds "
-            "its own models, and a RepositoryModelLoad or RepositoryModelUnload would change only "
-            'the worker that takes it; use model_control_mode = "poll" (every worker follows '
-            'the files) or "none", or run one process (--workers 1)'
+            f"key 'model_control_mode' is '{mode}' with --workers {workers}: each worker holds "
+            f'its own models, and {why}; use model_control_mode = "poll" (every worker follows '
+            "the files), or run one process (--workers 1)"
         )
 
 

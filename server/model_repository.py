@@ -230,6 +230,8 @@ class ModelRepository:
         self._misnamed: dict[str, dict[str, str]] = {}
         self._fingerprints: dict[str, _Fingerprint] = {}
         self._unloaded: set[str] = set()
+        self._unencodable: set[str] = set()
+        """Folder names that are not UTF-8, skipped (and logged once each)."""
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
         self._changes = Changes()
@@ -310,7 +312,7 @@ class ModelRepository:
         """poll() itself. A model unloaded on request is left alone while its folder exists; once
         the folder is gone, so is the model (a folder made again is a new model)."""
         async with self._lock:
-            on_disk = {p.name for p in self.path.iterdir() if p.is_dir()}
+            on_disk = self._model_folders()
             known = set(self._served) | set(self._fingerprints) | self._unloaded
             for name in sorted(on_disk | known):
                 if name in self._unloaded:
@@ -319,6 +321,28 @@ class ModelRepository:
                         self._forget(name)
                     continue
                 await self._sync(name, force=False)
+
+    def _model_folders(self) -> set[str]:
+        """The model folders in the repository, less those whose name is not UTF-8: no client
+        can send such a name, and listing one failed the whole of RepositoryIndex. Each is
+        logged once."""
+        names = set()
+        for path in self.path.iterdir():
+            if not path.is_dir():
+                continue
+            try:
+                path.name.encode("utf-8")
+            except UnicodeEncodeError:
+                if path.name not in self._unencodable:
+                    self._unencodable.add(path.name)
+                    log.warning(
+                        "model folder %r skipped: its name is not UTF-8, which no client can "
+                        "send; rename it",
+                        path.name,
+                    )
+                continue
+            names.add(path.name)
+        return names
 
     async def load(self, name: str) -> None:
         """Load or reload a model from disk (RepositoryModelLoad); the watcher follows it again.
@@ -334,6 +358,13 @@ class ModelRepository:
         """load() itself."""
         async with self._lock:
             if not (self.path / name).is_dir():
+                serving = self.versions(name)
+                if serving:
+                    raise ModelNotFoundError(
+                        f"model '{name}' still serves version {', '.join(serving)} from memory, "
+                        f"but its folder {self.path / name} is gone: restore the folder to "
+                        "reload it, or call RepositoryModelUnload to stop serving it"
+                    )
                 raise ModelNotFoundError(f"no model folder '{name}' in {self.path}")
             self._unloaded.discard(name)
             failures = await self._sync(name, force=True)
@@ -474,6 +505,10 @@ class ModelRepository:
         In explicit and none modes a model folder never loaded is one UNAVAILABLE entry with
         version "" saying how to load it (Triton lists such models too).
         """
+        if self.mode != POLL:  # no watcher forgets them: a model unloaded, then its folder gone
+            for name in [n for n in self._unloaded if not (self.path / n).is_dir()]:
+                self._unloaded.discard(name)
+                self._forget(name)
         entries = dict(self._status)
         for name in self._never_loaded():
             entries[(name, "")] = VersionStatus(name, "", UNAVAILABLE, self._not_loaded_reason())
@@ -496,7 +531,7 @@ class ModelRepository:
             return []
         tried = {k[0] for k in self._status} | set(self._model_errors) | set(self._misnamed)
         try:
-            folders = [p.name for p in self.path.iterdir() if p.is_dir()]
+            folders = sorted(self._model_folders())
         except OSError:
             return []
         return [name for name in folders if name not in tried and name not in self._served]

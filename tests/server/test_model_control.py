@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from pathlib import Path
@@ -104,10 +105,16 @@ def test_explicit_mode_loads_startup_models_then_changes_only_on_request(
         load(stub, "c")
         assert ready(stub, "c") and index(stub)[("c", "1")][0] == READY
 
-        # A removed folder's model serves until it is unloaded, then leaves the index.
+        # A removed folder's model serves until it is unloaded, then leaves the index; a load
+        # meanwhile says it still serves.
         shutil.rmtree(models / "c")
         time.sleep(WATCHER_WOULD_HAVE_SEEN_IT_S)
         assert infer(stub, "c")[0] == "1"
+        with pytest.raises(grpc.RpcError) as gone:
+            load(stub, "c")
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        still = "model 'c' still serves version 1 from memory, but its folder"
+        assert still in gone.value.details()
         unload(stub, "c")
         assert not ready(stub, "c")
         assert not [key for key in index(stub) if key[0] == "c"]
@@ -115,7 +122,30 @@ def test_explicit_mode_loads_startup_models_then_changes_only_on_request(
         unload(stub, "a")
         assert not ready(stub, "a")
         assert index(stub)[("a", "2")] == (UNAVAILABLE, "unloaded by request")
+        # An unloaded model whose folder goes leaves the index (no watcher does it here); a
+        # folder made again under its name is a model never loaded.
+        shutil.rmtree(models / "a")
+        assert not [key for key in index(stub) if key[0] == "a"]
+        write_model(models, "a", first, version=7)
+        assert [key for key in index(stub) if key[0] == "a"] == [("a", "")]
+        load(stub, "a")
+        assert infer(stub, "a")[0] == "7"
     assert server.terminate() == 0
+
+
+@pytest.mark.parametrize("mode", ["poll", "explicit"])
+def test_a_folder_whose_name_is_not_utf8_is_skipped(tmp_path: Path, server_factory, mode) -> None:
+    """No client can name it, and listing it failed the whole RepositoryIndex (UNKNOWN)."""
+    models = tmp_path / "models"
+    write_model(models, "a", mlp_model(seed=1))
+    os.mkdir(os.fsencode(models) + b"/bad\xff")
+    flags = ["--load-model", "*"] if mode == "explicit" else []
+    server = server_factory("--model-control-mode", mode, *flags, model_repo=models)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert list(index(stub)) == [("a", "1")] and ready(stub, "a")
+    assert server.terminate() == 0
+    assert any("is not UTF-8" in line for line in server.log_lines)
 
 
 def test_none_mode_loads_every_model_once_and_refuses_control(

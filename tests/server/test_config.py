@@ -171,6 +171,6 @@ def test_model_control_mode_and_startup_models_from_file_and_flags(tmp_path: Pat
     with pytest.raises(ConfigError, match="with --workers 3: each worker holds its own models"):
         check_workers(load_config(path), 3)
     check_workers(load_config(path), 1)
-    with pytest.raises(ConfigError, match="'none' with --workers 3: .* a worker started again"):
+    with pytest.raises(ConfigError, match=r"'none' with --workers 3: .* a worker started again"):
         check_workers(load_config(None, {"model_control_mode": "none"}), 3)
     check_workers(load_config(None, {"model_control_mode": "poll"}), 3)

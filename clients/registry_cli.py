@@ -12,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 from clients.cli import add_connection_flags, client_config
 from clients.feature_cli import VERSION_OR_LATEST
 from clients.feature_client import FeatureStoreClient
+from featurestore.definitions import format_duration
 from featurestore.feature_refs import split_ref
 from featurestore.registry import Entity, Feature, FeatureService, FeatureView
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_UNITS = (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
 
 def _iso(us: int, timespec: str = "microseconds") -> str | None:
@@ -28,14 +28,7 @@ def _iso(us: int, timespec: str = "microseconds") -> str | None:
 
 def _ttl_text(seconds: int) -> str:
     """A TTL as features.toml writes it ("1d", "1h30m"), or "none" for 0 (no limit)."""
-    if not seconds:
-        return "none"
-    parts = []
-    for unit, size in _UNITS:
-        count, seconds = divmod(seconds, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts)
+    return format_duration(seconds) if seconds else "none"
 
 
 def _dtype(feature: Feature) -> str:

@@ -82,6 +82,16 @@ def parse_duration(text: str) -> int:
     return sum(int(n) * _UNITS[u] for n, u in parts)
 
 
+def format_duration(seconds: int) -> str:
+    """A whole number of seconds as parse_duration reads it back ("1h30m", "7d"); "0s" for 0."""
+    parts = []
+    for unit, size in sorted(_UNITS.items(), key=lambda item: -item[1]):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or "0s"
+
+
 class _Where:
     """Builds error messages naming the file and the key path."""
 

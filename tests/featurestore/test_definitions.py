@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from featurestore.definitions import load_definitions, parse_duration
+from featurestore.definitions import format_duration, load_definitions, parse_duration
 from featurestore.dtypes import DType
 from featurestore.errors import InvalidArgumentError
 from featurestore.registry import FeatureService
@@ -70,6 +70,12 @@ def test_parse_duration():
     assert parse_duration("2w1d") == 15 * 86400
     with pytest.raises(ValueError, match="bad duration"):
         parse_duration("1 fortnight")
+
+
+@pytest.mark.parametrize("seconds", [0, 1, 90, 5400, 86400, 15 * 86400 + 3661])
+def test_format_duration_reads_back(seconds):
+    assert parse_duration(format_duration(seconds)) == seconds
+    assert format_duration(5400) == "1h30m" and format_duration(0) == "0s"
 
 
 @pytest.mark.parametrize(

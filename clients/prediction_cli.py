@@ -135,7 +135,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"featureserve predict: {exc}", file=sys.stderr)
         return 2
     lineage = result.lineage
-    print(f"model {result.model} version {lineage.model_version}; views {lineage.feature_views}")
+    through = f" through service {lineage.feature_service}" if lineage.feature_service else ""
+    print(
+        f"model {result.model} version {lineage.model_version}; views {lineage.feature_views}"
+        + through
+    )
     errors = {e.row: e.reason for e in result.row_errors}
     for row in range(result.rows):
         key_text = ", ".join(f"{k}={v[row]}" for k, v in keys.items())

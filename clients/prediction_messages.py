@@ -35,12 +35,14 @@ class FeatureFill:
 
 @dataclass
 class Lineage:
-    """Where the scores came from: model version, views read, oldest event time per row (µs)."""
+    """Where the scores came from: model version, views read, oldest event time per row (µs),
+    and the feature service the model reads through (empty when it names its references)."""
 
     model_version: str
     feature_views: list[str]
     oldest_event_us: np.ndarray
     fills: list[FeatureFill] = field(default_factory=list)
+    feature_service: str = ""
 
 
 @dataclass
@@ -110,6 +112,7 @@ def prediction_result(response: pb.PredictResponse) -> PredictionResult:
                 FeatureFill(f.feature, np.frombuffer(f.statuses, np.uint8), f.filled_with)
                 for f in lineage.fills
             ],
+            feature_service=lineage.feature_service,
         ),
     )
     if response.error_code:

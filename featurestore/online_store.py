@@ -855,14 +855,18 @@ class OnlineStore:
         keys: dict[str, np.ndarray],
         now_us: int | None = None,
         visible: Callable[[FeatureService], bool] | None = None,
+        select: Callable[[FeatureService], Sequence[ViewRead]] | None = None,
     ) -> list[ReadResult]:
         """read_many of the views the feature service `name` reads, the service resolved in
         the same read txn as the views: an apply that changes a view and the service together
-        is seen whole or not at all. NotFoundError names an unknown service (or one `visible`
-        refuses, as Registry.get_service answers)."""
+        is seen whole or not at all. select(service) narrows it to the reads a caller needs
+        of it (a model's bound features); by default every reference is read. NotFoundError
+        names an unknown service (or one `visible` refuses, as Registry.get_service answers)."""
 
-        def resolve(txn: lmdb.Transaction) -> list[ViewRead]:
+        def resolve(txn: lmdb.Transaction) -> Sequence[ViewRead]:
             service = self.registry.get_service(name, txn, visible)
+            if select is not None:
+                return select(service)
             return [
                 ViewRead(view, wanted, version) for (view, version), wanted in service.reads.items()
             ]

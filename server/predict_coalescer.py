@@ -323,5 +323,6 @@ def _rows_of(assembled: Assembled, start: int, stop: int) -> Assembled:
         failed_features=assembled.failed_features,
         fills=fills,
         views=assembled.views,
+        service=assembled.service,
         typed={name: column[start:stop] for name, column in assembled.typed.items()},
     )

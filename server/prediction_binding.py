@@ -5,6 +5,8 @@ config.toml:
     [features]
     entity = "user"              # optional: every bound view must belong to this entity
                                  # (without it, the views must still share one entity)
+    service = "fraud"            # optional: read the bound features through this feature
+                                 # service, at the versions it reads (references unpinned)
     input = "x"                  # model input to fill (default: the model's only input)
     outputs = ["a", "b"]         # optional: input column order (default: the chain's outputs,
                                  # every column then read by some transform; or the columns
@@ -41,7 +43,7 @@ from featurestore.errors import ConflictError, InvalidArgumentError, NotFoundErr
 from featurestore.feature_refs import parse_feature_refs
 from featurestore.kernels.encoding import StringVocab
 from featurestore.online_store import OnlineStore, ReadResult, ViewRead
-from featurestore.registry import FeatureView
+from featurestore.registry import FeatureService, FeatureView
 from featurestore.transforms import Transform, compile_chain, transforms_from_config
 from server.model_config import ModelConfig, ModelConfigError
 
@@ -54,7 +56,7 @@ REQUEST_DTYPES: dict[str, DType] = {
 }
 _NUMERIC = (DType.FLOAT32, DType.FLOAT64, DType.INT64, DType.BOOL)
 _INTEGER = (DType.INT64, DType.BOOL)
-_FEATURES_KEYS = {"entity", "input", "outputs", "columns"}
+_FEATURES_KEYS = {"entity", "input", "outputs", "columns", "service"}
 _COLUMN_KEYS = {"feature", "features", "request", "default", "name"}
 _NO_EVENT = np.iinfo(np.int64).max
 _INT64 = np.iinfo(np.int64)
@@ -128,6 +130,7 @@ class Assembled:
     fills: list[Fill] = field(default_factory=list)
     views: list[str] = field(default_factory=list)
     typed: dict[str, np.ndarray] = field(default_factory=dict)
+    service: str = ""
 
 
 def _error(source: str, message: str) -> ModelConfigError:
@@ -232,11 +235,13 @@ class PredictionBinding:
         input_name: str,
         entity: str | None,
         source: str,
+        service: str | None = None,
     ) -> None:
         self.columns = list(columns)
         self.source = source
         self.input_name = input_name
         self.entity = entity
+        self.service = service
         self.names = [c.name for c in self.columns]
         dupes = sorted({n for n in self.names if self.names.count(n) > 1})
         if dupes:
@@ -246,6 +251,13 @@ class PredictionBinding:
         by_view: dict[tuple[str, int], BoundRead] = {}
         for k, c in enumerate(self.columns):
             if isinstance(c, FeatureColumn):
+                if service is not None and c.version:
+                    raise _error(
+                        source,
+                        f"{c.where}: {c.ref!r} pins a version, but features.service {service!r} "
+                        f"decides the versions read; write '{c.view}:{c.feature}' (pin the "
+                        "version in the feature service)",
+                    )
                 read = by_view.get((c.view, c.version))
                 if read is None:
                     read = by_view[(c.view, c.version)] = BoundRead(c.view, c.version, [], [])
@@ -482,6 +494,8 @@ class PredictionBinding:
         the model's binding is not (NOT_FOUND would say the model is unknown); the close names
         it suggests stay on the error's cause, where the server keeps those the caller may see."""
         try:
+            if self.service is not None:
+                return self._read_service(store, keys)
             results = store.read_many(self.store_reads, keys)
         except InvalidArgumentError:
             self._check_entities([store.registry.get_view(r.view, r.version) for r in self.reads])
@@ -496,6 +510,36 @@ class PredictionBinding:
         if self.entity is None and len(results) > 1:
             self._check_entities([r.view for r in results])
         return results
+
+    def _read_service(self, store: OnlineStore, keys: dict[str, np.ndarray]) -> list[ReadResult]:
+        """The bound reads through features.service, resolved in the read's own snapshot: each
+        bound view at the version the service reads it. A service that is not stored, or does
+        not read a bound feature, is FAILED_PRECONDITION naming it."""
+        try:
+            results = store.read_service(self.service, keys, select=self._service_reads)
+        except NotFoundError as exc:
+            raise ConflictError(
+                f"the model's features.service {self.service!r} is not in the feature store "
+                f"({exc.problem}); apply it, or bind another service in {self.source}"
+            ) from None
+        self._check_entities([r.view for r in results])
+        return results
+
+    def _service_reads(self, service: FeatureService) -> list[ViewRead]:
+        """The store reads of the bound features through `service`, in `reads` order."""
+        versions = {view: (version, wanted) for (view, version), wanted in service.reads.items()}
+        reads = []
+        for read in self.reads:
+            version, wanted = versions.get(read.view, (None, None))
+            unread = [f for f in read.features if version is None or (wanted and f not in wanted)]
+            if unread:
+                raise ConflictError(
+                    f"feature service {service.name!r} does not read {read.view}:{unread[0]}, "
+                    f"which the model binds; add it to the service, or bind another service "
+                    f"in {self.source}"
+                )
+            reads.append(ViewRead(read.view, tuple(read.features), version))
+        return reads
 
     def _check_entities(self, views: Sequence[FeatureView]) -> None:
         """Raise ConflictError unless every view belongs to the binding's one entity."""
@@ -526,7 +570,7 @@ class PredictionBinding:
         first_bad = np.full(rows, -1, np.int64)
         failed_status = np.zeros(rows, np.uint8)
         oldest = np.full(rows, _NO_EVENT, np.int64)
-        out = Assembled(block, failed, first_bad, failed_status, oldest)
+        out = Assembled(block, failed, first_bad, failed_status, oldest, service=self.service or "")
         refs = out.failed_features
         for read, result in zip(self.reads, results, strict=True):
             out.views.append(f"{result.view.name}@{result.view.version}")
@@ -657,7 +701,10 @@ def compile_binding(config: ModelConfig, source: str) -> PredictionBinding | Non
             f"{', '.join(repr(n) for n in unfilled)}; serve a model whose other inputs are "
             "optional (ONNX initializers), or call ModelInfer with every input",
         )
-    binding = PredictionBinding(columns, transforms, outputs, input_name, entity, source)
+    service = raw.get("service")
+    if service is not None and (not isinstance(service, str) or not service):
+        raise _error(source, "features.service must be a feature service name")
+    binding = PredictionBinding(columns, transforms, outputs, input_name, entity, source, service)
     if spec.datatype != "FP32" or len(spec.shape) != 2 or spec.shape[0] != -1:
         raise _error(
             source,

@@ -196,6 +196,7 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         lineage = response.lineage
         lineage.model_version = model.version
         lineage.feature_views.extend(assembled.views)
+        lineage.feature_service = assembled.service
         lineage.oldest_event_timestamps = assembled.oldest_event_us.astype("<i8").tobytes()
         for fill in assembled.fills:
             lineage.fills.add(

@@ -51,6 +51,14 @@ def test_no_features_table_means_no_binding() -> None:
         (BINDING.replace('entity = "user"', 'colour = "red"'), "'colour'"),
         ('[[transforms]]\nop = "log1p"\ninputs = ["a"]\n', "needs a [features] table"),
         (BINDING + '[[transforms]]\nop = "log1p"\ninputs = ["other"]\n', "'other'"),
+        (
+            BINDING.replace("[features]", '[features]\nservice = "fraud"').replace(
+                "stats:b", "stats@2:b"
+            ),
+            "'stats@2:b' pins a version, but features.service 'fraud' decides",
+        ),
+        (BINDING.replace("[features]", "[features]\nservice = 3"), "features.service must be"),
+        (BINDING.replace("[features]", '[features]\nservice = ""'), "features.service must be"),
     ],
 )
 def test_bad_configs_fail_at_load_naming_the_field(text: str, message: str) -> None:

@@ -304,7 +304,8 @@ def _queue_policy(target: mc.ModelQueuePolicy, policy: QueuePolicy) -> None:
 
 
 def config_proto(config: ModelConfig) -> mc.ModelConfig:
-    """A ModelConfig as Triton's proto (dims exclude the batch dimension when batching)."""
+    """A ModelConfig as Triton's proto (dims exclude the batch dimension when batching; warmup
+    samples as applied, their defaults filled in)."""
     skip = 1 if config.max_batch_size else 0
     message = mc.ModelConfig(
         name=config.name,
@@ -354,6 +355,15 @@ def config_proto(config: ModelConfig) -> mc.ModelConfig:
         _queue_policy(dynamic.default_queue_policy, batching.default_queue_policy)
         for level, policy in batching.priority_queue_policy:
             _queue_policy(dynamic.priority_queue_policy[level], policy)
+    for sample in config.model_warmup:
+        warmup = message.model_warmup.add(
+            name=sample.name, batch_size=sample.batch_size, count=sample.count
+        )
+        for name, spec in sample.inputs.items():
+            entry = warmup.inputs[name]
+            entry.data_type = mc.DataType.Value(TRITON_TYPE_NAMES[spec.datatype])
+            entry.dims.extend(spec.dims)
+            setattr(entry, spec.data, spec.file or True)
     return message
 
 

@@ -4,6 +4,8 @@
 dimension; when max_batch_size > 0 the first dimension is the batch and must be -1.
 `optional = true` marks an input the model can run without: an ONNX graph input that also has an
 initializer, which ONNX Runtime uses when a request leaves the input out.
+`[[model_warmup]]` tables are Triton's ModelWarmup samples, run at load before the version serves;
+their dims leave the batch dimension out, as in Triton.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.tensors import NUMPY_DTYPES
+from server.tensors import NUMPY_DTYPES, TRITON_TYPE_NAMES
 
 CONFIG_FILENAME = "config.toml"
 MODEL_FILENAME = "model.onnx"
@@ -46,6 +48,12 @@ _RANGES: dict[str, tuple[int, int, str]] = {
     "latest": (1, UINT32_MAX, f"{_PROTO} uint32 num_versions"),
     "priority_levels": (0, MAX_PRIORITY_LEVELS, "each level is a queue every dispatch scans"),
 }
+
+
+# Where a warmup input's data comes from: one of these keys (Triton's oneof input_data_type).
+WARMUP_DATA = ("zero_data", "random_data", "input_data_file")
+# A warmup data_type in our spelling ("FP32") or Triton's ("TYPE_FP32") -> ours.
+_WARMUP_DATATYPES = {**{t: t for t in NUMPY_DTYPES}, **{v: k for k, v in TRITON_TYPE_NAMES.items()}}
 
 
 # The fix for an optional input that cannot be batched: requests then never send it.
@@ -148,6 +156,30 @@ class VersionPolicy:
 
 
 @dataclass(frozen=True)
+class WarmupInput:
+    """One [model_warmup.inputs.<name>] table: the datatype and the dims without the batch
+    dimension (None: the input's, until resolve_warmup fills them in), and where the data comes
+    from: data is one of WARMUP_DATA, file a file in the model folder's warmup/ subfolder."""
+
+    datatype: str | None = None
+    dims: tuple[int, ...] | None = None
+    data: str = "zero_data"
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class WarmupSample:
+    """A [[model_warmup]] table (Triton's ModelWarmup): one request of batch_size rows (0 or 1
+    for a model that does not batch), run count times on every instance before the version is
+    READY, so that no request pays ONNX Runtime's first-run costs."""
+
+    name: str
+    batch_size: int = 1
+    count: int = 1
+    inputs: dict[str, WarmupInput] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything that decides how a model is served."""
 
@@ -162,6 +194,7 @@ class ModelConfig:
     response_cache: bool = False
     """Answer a request equal to an earlier one from the server's response cache (Triton's
     response_cache.enable); needs the server's response_cache_bytes > 0."""
+    model_warmup: tuple[WarmupSample, ...] = ()
     extensions: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -178,7 +211,7 @@ class ModelConfig:
         return next((t for t in self.outputs if t.name == name), None)
 
 
-_TOP_KEYS = {"name", "max_batch_size", "inputs", "outputs", "response_cache"}
+_TOP_KEYS = {"name", "max_batch_size", "inputs", "outputs", "response_cache", "model_warmup"}
 _TENSOR_KEYS = {"name", "dtype", "shape", "optional"}
 
 
@@ -314,6 +347,8 @@ def parse_model_config(text: str, *, source: str, default_name: str) -> ModelCon
         values["dynamic_batching"] = _dynamic_batching(source, raw["dynamic_batching"])
     if "version_policy" in raw:
         values["version_policy"] = _version_policy(source, raw["version_policy"])
+    if "model_warmup" in raw:
+        values["model_warmup"] = _warmup_samples(source, raw["model_warmup"])
     values["extensions"] = {
         key: _typed(source, key, raw[key], list if key in _LIST_EXTENSIONS else dict)
         for key in MODEL_CONFIG_EXTENSIONS
@@ -378,6 +413,153 @@ def _version_policy(source: str, raw: Any) -> VersionPolicy:
             "every version, or latest = N or specific = [...] instead"
         )
     return VersionPolicy(latest=None, all=True)
+
+
+def _warmup_samples(source: str, raw: Any) -> tuple[WarmupSample, ...]:
+    """The [[model_warmup]] tables, each with a name of its own; what depends on the model's inputs
+    and max_batch_size is checked once they are known (resolve_warmup)."""
+    samples: list[WarmupSample] = []
+    for index, table in enumerate(_typed(source, "model_warmup", raw, list)):
+        key = f"model_warmup[{index}]"
+        table = _typed(source, key, table, dict)
+        _check_keys(source, key, table, {"name", "batch_size", "count", "inputs"})
+        name = _typed(source, f"{key}.name", table.get("name", ""), str)
+        if not name:
+            raise ModelConfigError(
+                f"{source}: {key}.name is missing or empty; give the sample a name, "
+                'e.g. name = "zeros" (the load log and errors name samples by it)'
+            )
+        if any(s.name == name for s in samples):
+            raise ModelConfigError(
+                f"{source}: {key}.name '{name}' is already an earlier sample's; give every "
+                "sample its own name"
+            )
+        batch_size = _non_negative(source, f"{key}.batch_size", table.get("batch_size", 1))
+        count = _typed(source, f"{key}.count", table.get("count", 1), int)
+        if not 1 <= count <= UINT32_MAX:
+            raise ModelConfigError(
+                f"{source}: {key}.count must be in [1, {UINT32_MAX}] (runs of the sample on each "
+                f"instance; Triton's count = 0, one run, is count = 1 here), got {count}"
+            )
+        inputs = _typed(source, f"{key}.inputs", table.get("inputs", {}), dict)
+        parsed = {n: _warmup_input(source, f"{key}.inputs.{n}", t) for n, t in inputs.items()}
+        samples.append(WarmupSample(name, batch_size, count, parsed))
+    return tuple(samples)
+
+
+def _warmup_input(source: str, key: str, raw: Any) -> WarmupInput:
+    """One [model_warmup.inputs.<name>] table: optional data_type and dims, and exactly one of
+    zero_data = true, random_data = true, input_data_file = "<file in warmup/>"."""
+    raw = _typed(source, key, raw, dict)
+    _check_keys(source, key, raw, {"data_type", "dims", *WARMUP_DATA})
+    given = [k for k in WARMUP_DATA if k in raw]
+    if len(given) != 1:
+        raise ModelConfigError(
+            f"{source}: {key} needs exactly one of zero_data = true, random_data = true, "
+            f'input_data_file = "<file in the model\'s warmup/ folder>"; it has '
+            f"{', '.join(given) or 'none'}"
+        )
+    data = given[0]
+    file = ""
+    if data == "input_data_file":
+        file = _typed(source, f"{key}.{data}", raw[data], str)
+        if not file or Path(file).is_absolute() or ".." in Path(file).parts:
+            raise ModelConfigError(
+                f"{source}: {key}.{data} '{file}' must name a file inside the model folder's "
+                'warmup/ subfolder, relative to it, e.g. input_data_file = "x.bin"'
+            )
+    elif _typed(source, f"{key}.{data}", raw[data], bool) is not True:
+        raise ModelConfigError(
+            f"{source}: {key}.{data} = false gives the input no data; write {data} = true, or "
+            "use zero_data, random_data or input_data_file instead"
+        )
+    datatype = None
+    if "data_type" in raw:
+        spelled = _typed(source, f"{key}.data_type", raw["data_type"], str)
+        datatype = _WARMUP_DATATYPES.get(spelled)
+        if datatype is None:
+            raise ModelConfigError(
+                f"{source}: {key}.data_type '{spelled}' is not a datatype; use one of "
+                f"{', '.join(NUMPY_DTYPES)} (or Triton's TYPE_ names), or leave it out"
+            )
+    dims = None
+    if "dims" in raw:
+        dims = _int_list(source, f"{key}.dims", raw["dims"])
+        if any(d < 0 for d in dims):
+            raise ModelConfigError(
+                f"{source}: {key}.dims {list(dims)}: each dim is a size >= 0 (the batch "
+                "dimension left out); give sizes, or leave dims out for the input's own"
+            )
+    return WarmupInput(datatype, dims, data, file)
+
+
+def resolve_warmup(config: ModelConfig, *, source: str) -> ModelConfig:
+    """Check each warmup sample against the completed config (inputs, max_batch_size) and fill
+    in what it leaves out: each input's data_type and dims (the input's, -1 read as 1), and zero
+    data for each required input it does not name (optional ones keep their initializers, as in
+    a request that leaves them out)."""
+    samples = tuple(
+        _resolve_sample(source, f"model_warmup[{index}]", sample, config)
+        for index, sample in enumerate(config.model_warmup)
+    )
+    return dataclasses.replace(config, model_warmup=samples)
+
+
+def _resolve_sample(
+    source: str, key: str, sample: WarmupSample, config: ModelConfig
+) -> WarmupSample:
+    """One sample checked and completed (see resolve_warmup)."""
+    limit = config.max_batch_size or 0
+    if limit and not 1 <= sample.batch_size <= limit:
+        raise ModelConfigError(
+            f"{source}: {key}.batch_size {sample.batch_size} is outside [1, "
+            f"max_batch_size={limit}]; a sample is one request, so give it 1 to {limit} rows"
+        )
+    if not limit and sample.batch_size > 1:
+        raise ModelConfigError(
+            f"{source}: {key}.batch_size {sample.batch_size}: model '{config.name}' does not batch "
+            "(max_batch_size = 0), so a sample is one run of its inputs' dims; set batch_size = 1"
+        )
+    for name in sample.inputs:
+        if config.input(name) is None:
+            raise ModelConfigError(
+                f"{source}: {key}.inputs.{name}: model '{config.name}' has no input '{name}'; "
+                f"name one of {', '.join(t.name for t in config.inputs)}"
+            )
+    inputs = {
+        spec.name: _resolve_input(
+            source, f"{key}.inputs.{spec.name}", sample.inputs.get(spec.name), spec, bool(limit)
+        )
+        for spec in config.inputs
+        if spec.name in sample.inputs or not spec.optional
+    }
+    return dataclasses.replace(sample, inputs=inputs)
+
+
+def _resolve_input(
+    source: str, key: str, given: WarmupInput | None, spec: TensorSpec, batched: bool
+) -> WarmupInput:
+    """A sample's input with its datatype and dims filled in (zero data when not given)."""
+    given = given or WarmupInput()
+    if given.datatype not in (None, spec.datatype):
+        raise ModelConfigError(
+            f"{source}: {key}.data_type {given.datatype} differs from input '{spec.name}', which "
+            f'is {spec.datatype}; write data_type = "{spec.datatype}" or leave it out'
+        )
+    if spec.datatype == "BYTES" and given.data == "random_data":
+        raise ModelConfigError(
+            f"{source}: {key}.random_data: input '{spec.name}' is BYTES (strings), for which no "
+            "random data is made; use zero_data = true (empty strings) or input_data_file"
+        )
+    shape = spec.shape[1:] if batched else spec.shape
+    dims = given.dims if given.dims is not None else tuple(1 if d == -1 else d for d in shape)
+    if len(dims) != len(shape) or any(s not in (-1, d) for d, s in zip(dims, shape, strict=True)):
+        raise ModelConfigError(
+            f"{source}: {key}.dims {list(dims)} does not fit input '{spec.name}', whose dims are "
+            f"{list(shape)} (-1 = any size; the batch dimension is left out); set dims to fit, "
+            "or leave dims out"
+        )
+    return WarmupInput(spec.datatype, dims, given.data, given.file)
 
 
 def _check_semantics(source: str, config: ModelConfig) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,6 +65,7 @@ from server.model_config import (
     VersionPolicy,
     complete_config,
     load_model_config,
+    resolve_warmup,
 )
 from server.onnx_runner import OnnxRunner, check_feedable
 from server.prediction_binding import PredictionBinding, compile_binding
@@ -608,7 +610,8 @@ class ModelRepository:
         return failures
 
     async def _load_version(self, name: str, version: int, config: ModelConfig) -> str | None:
-        """Create sessions and a batcher for one version; on success it replaces the old one.
+        """Create sessions and a batcher for one version, run its warmup samples, and on success
+        replace the old one.
 
         Returns the failure, if any; the version loaded before (if any) then keeps serving.
         """
@@ -616,16 +619,19 @@ class ModelRepository:
         previous = self._status.get(key)
         if previous is None or previous.state != READY:
             self._status[key] = VersionStatus(name, str(version), LOADING)
-        path = self.path / name / str(version) / MODEL_FILENAME
+        model_dir = self.path / name
+        path = model_dir / str(version) / MODEL_FILENAME
         try:
             runner = await asyncio.to_thread(
                 OnnxRunner, path, config.onnxruntime, config.instance_group.count
             )
             completed = complete_config(config, runner.inputs, runner.outputs, source=str(path))
+            completed = resolve_warmup(completed, source=str(model_dir / CONFIG_FILENAME))
             check_feedable(completed)
             binding = await asyncio.to_thread(
-                compile_binding, completed, str(self.path / name / CONFIG_FILENAME)
+                compile_binding, completed, str(model_dir / CONFIG_FILENAME)
             )
+            await self._warm_up(name, version, runner, completed)
             cost = await asyncio.to_thread(runner.calibrate, completed)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
@@ -658,6 +664,26 @@ class ModelRepository:
         if replaced is not None:
             await self._drain(replaced)
         return None
+
+    async def _warm_up(
+        self, name: str, version: int, runner: OnnxRunner, config: ModelConfig
+    ) -> None:
+        """Run the version's warmup samples on every instance, off the event loop, and log what
+        ran and how long it took."""
+        if not config.model_warmup:
+            return
+        start = time.perf_counter()
+        runs = await asyncio.to_thread(runner.warm_up, config, self.path / name)
+        log.info(
+            "warmed up model %s version %s in %.1f ms: %d runs of its %d warmup sample(s) on %d "
+            "instance(s)",
+            name,
+            version,
+            (time.perf_counter() - start) * 1e3,
+            runs,
+            len(config.model_warmup),
+            len(runner.sessions),
+        )
 
     async def _unload_version(self, name: str, version: int, reason: str) -> None:
         """Stop routing to a version, let its requests finish, then free it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import time
 from dataclasses import dataclass
@@ -10,12 +11,22 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.model_config import ModelConfig, ModelConfigError, OnnxRuntimeConfig, TensorSpec
-from server.tensors import NUMPY_DTYPES, ONNX_TO_KSERVE, unserved_type
+from server.errors import InvalidRequestError
+from server.model_config import (
+    CONFIG_FILENAME,
+    ModelConfig,
+    ModelConfigError,
+    OnnxRuntimeConfig,
+    TensorSpec,
+    WarmupInput,
+)
+from server.tensors import NUMPY_DTYPES, ONNX_TO_KSERVE, decode_raw, unserved_type
 
 CALIBRATION_RUNS = 5
 CALIBRATION_ROWS = 64
 _ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16 (importing onnx costs every start ~50 ms)
+WARMUP_FOLDER = "warmup"
+"""The model folder's subfolder holding warmup input_data_file files, as in Triton."""
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -49,6 +60,10 @@ def check_feedable(config: ModelConfig) -> None:
             "(ONNX Runtime's Python API takes strings only as NumPy arrays and gives bfloat16 "
             f"only as OrtValues): cast output '{bf16[0]}' to FP32 in the model"
         )
+
+
+class WarmupFailedError(Exception):
+    """A warmup sample failed in ONNX Runtime; the message names the sample and the instance."""
 
 
 def _bits(value: ort.OrtValue) -> np.ndarray:
@@ -90,6 +105,75 @@ def zero_inputs(specs: list[TensorSpec], rows: int) -> dict[str, np.ndarray] | N
         batch = (rows,) if spec.shape and spec.shape[0] == -1 else ()
         feed[spec.name] = np.zeros(batch + tuple(dims), dtype)
     return feed
+
+
+def warmup_feeds(config: ModelConfig, model_dir: Path) -> list[dict[str, np.ndarray]]:
+    """The input arrays of each of config's warmup samples (resolved by resolve_warmup), with
+    input_data_file files read from model_dir/warmup. Random data is seeded, so that a sample
+    that fails does so on every load."""
+    source = model_dir / CONFIG_FILENAME
+    rng = np.random.default_rng(0)
+    feeds = []
+    for index, sample in enumerate(config.model_warmup):
+        rows = (sample.batch_size,) if config.max_batch_size else ()
+        feed = {}
+        for name, spec in sample.inputs.items():
+            shape = rows + spec.dims
+            if spec.data == "input_data_file":
+                key = f"model_warmup[{index}].inputs.{name}.input_data_file"
+                feed[name] = _file_data(f"{source}: {key}", model_dir, name, spec, rows)
+            elif spec.data == "random_data":
+                feed[name] = _random_data(rng, spec.datatype, shape)
+            elif spec.datatype == "BYTES":
+                feed[name] = np.full(shape, "", dtype=object)
+            else:
+                feed[name] = np.zeros(shape, NUMPY_DTYPES[spec.datatype])
+        feeds.append(feed)
+    return feeds
+
+
+def _file_data(
+    where: str, model_dir: Path, name: str, spec: WarmupInput, rows: tuple
+) -> np.ndarray:
+    """An input_data_file's raw little-endian contents (BYTES: 4-byte lengths and UTF-8 bytes)
+    as the batch's array: the file holds all rows, or one row that every row repeats (Triton's
+    reading, whose files hold a single row)."""
+    path = model_dir / WARMUP_FOLDER / spec.file
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelConfigError(
+            f"{where}: cannot read {path}: {exc.strerror or exc}; put the sample's raw "
+            "little-endian data there"
+        ) from None
+    shape = rows + spec.dims
+    try:
+        return decode_raw(name, spec.datatype, shape, raw)
+    except InvalidRequestError as exc:
+        problem = str(exc)
+    if rows and rows[0] > 1:
+        with contextlib.suppress(InvalidRequestError):
+            row = decode_raw(name, spec.datatype, spec.dims, raw)
+            return np.ascontiguousarray(np.broadcast_to(row, shape))
+        problem += f", or one row of dims {list(spec.dims)} that every row repeats"
+    raise ModelConfigError(
+        f"{where}: {path}: {problem}; write the file to match (raw little-endian values in "
+        "row-major order)"
+    )
+
+
+def _random_data(rng: np.random.Generator, datatype: str, shape: tuple) -> np.ndarray:
+    """Random values: floats in [0, 1) (BF16 as their bit patterns), integers over their type's
+    whole range, booleans."""
+    dtype = NUMPY_DTYPES[datatype]
+    if datatype == "BF16":
+        return (rng.random(shape, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    if dtype.kind == "f":
+        return rng.random(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(bool)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
 
 
 class OnnxRunner:
@@ -182,6 +266,28 @@ class OnnxRunner:
             times.append(best * 1e6)
         per_row = max(0.0, (times[1] - times[0]) / (big - 1)) if big > 1 else 0.0
         return RunCost(max(0.0, times[0] - per_row), per_row)
+
+    def warm_up(self, config: ModelConfig, model_dir: Path) -> int:
+        """Run every warmup sample of config count times on every instance, so that no request
+        pays ONNX Runtime's first-run costs on any session; returns the runs made.
+
+        Raises ModelConfigError for a sample's data (an input_data_file missing or of the wrong
+        size), WarmupFailedError for a run that fails, naming the sample and ORT's message."""
+        runs = 0
+        feeds = warmup_feeds(config, model_dir)
+        for index, (sample, feed) in enumerate(zip(config.model_warmup, feeds, strict=True)):
+            for instance in range(len(self.sessions)):
+                try:
+                    for _ in range(sample.count):
+                        self.run(instance, feed)
+                        runs += 1
+                except Exception as exc:
+                    raise WarmupFailedError(
+                        f"{model_dir / CONFIG_FILENAME}: model_warmup[{index}] '{sample.name}' "
+                        f"failed in ONNX Runtime on instance {instance}: {exc}; fix the sample's "
+                        "data or the model"
+                    ) from None
+        return runs
 
     def close(self) -> None:
         """Drop the sessions (ONNX Runtime frees them when unreferenced)."""

@@ -25,8 +25,9 @@ from protos import arrays
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Register the entities, views and feature services declared in a features.toml file
-    (with --dry-run, say what would change and write nothing); a file that cannot be used as
-    written exits 2, as other input errors do."""
+    (with --prune, delete those it does not declare; with --dry-run, say what would change and
+    write nothing); a file that cannot be used as written exits 2, as other input errors do,
+    and so does --prune with a file declaring nothing (it would empty the registry)."""
     from featurestore.definitions import load_definitions
     from featurestore.errors import InvalidArgumentError
 
@@ -35,18 +36,35 @@ def cmd_apply(args: argparse.Namespace) -> int:
     except InvalidArgumentError as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 2
+    if args.prune and not (defs.entities or defs.views or defs.feature_services):
+        print(
+            f"featureserve: {args.file}: declares no entity, feature view or feature service, "
+            "so --prune would delete everything registered; declare what the registry should "
+            "hold, or delete by hand (featureserve delete-view, delete-service)",
+            file=sys.stderr,
+        )
+        return 2
     with FeatureStoreClient(client_config(args)) as client:
         results = client.apply(
-            defs.entities, defs.views, dry_run=args.dry_run, feature_services=defs.feature_services
+            defs.entities,
+            defs.views,
+            dry_run=args.dry_run,
+            feature_services=defs.feature_services,
+            prune=args.prune,
         )
     for result in results:
         action = result.action
         if args.dry_run and action != "unchanged":
             action = f"would be {action}"
-        if result.feature_service:
+        if result.entity:
+            print(f"entity {result.entity}: {action}")
+        elif result.feature_service:
             print(f"service {result.feature_service}: {action}")
         else:
             print(f"{result.view}@{result.version}: {action}")
+    if args.prune:
+        deleted = sum(result.action == "deleted" for result in results)
+        print(f"prune: {deleted} {'would be deleted' if args.dry_run else 'deleted'}")
     if args.dry_run:
         print("dry run: nothing was written; apply without --dry-run to write")
     return 0
@@ -793,6 +811,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", type=Path, help="features.toml")
     p.add_argument("--dry-run", action="store_true", help="validate only, change nothing")
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="also delete the feature services, views (all versions) and unused entities the "
+        "file does not declare (admin scope)",
+    )
     add_connection_flags(p)
     p.set_defaults(func=cmd_apply)
 

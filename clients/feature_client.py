@@ -328,10 +328,12 @@ class FeatureStoreClient:
         views: Sequence[FeatureView],
         dry_run: bool = False,
         feature_services: Sequence[FeatureService] = (),
+        prune: bool = False,
     ) -> list[ApplyResult]:
         """Register entities, feature views and feature services; the results are the views',
-        then the services' (feature_service set)."""
-        request = rm.apply_request(entities, views, dry_run, feature_services)
+        then the services' (feature_service set). prune (admin) also deletes every service,
+        view (all versions) and unused entity not given; their "deleted" results follow."""
+        request = rm.apply_request(entities, views, dry_run, feature_services, prune)
         response = self._call(self._stub.ApplyFeatureViews, request)
         return [rm.apply_result_from_proto(r) for r in response.results]
 
@@ -582,10 +584,12 @@ class AsyncFeatureStoreClient:
         views: Sequence[FeatureView],
         dry_run: bool = False,
         feature_services: Sequence[FeatureService] = (),
+        prune: bool = False,
     ) -> list[ApplyResult]:
         """Register entities, feature views and feature services; the results are the views',
-        then the services' (feature_service set)."""
-        request = rm.apply_request(entities, views, dry_run, feature_services)
+        then the services' (feature_service set). prune (admin) also deletes every service,
+        view (all versions) and unused entity not given; their "deleted" results follow."""
+        request = rm.apply_request(entities, views, dry_run, feature_services, prune)
         response = await self._call(self._stub.ApplyFeatureViews, request)
         return [rm.apply_result_from_proto(r) for r in response.results]
 

@@ -26,6 +26,7 @@ ACTIONS = {
     "created": pb.ApplyResult.CREATED,
     "updated": pb.ApplyResult.UPDATED,
     "unchanged": pb.ApplyResult.UNCHANGED,
+    "deleted": pb.ApplyResult.DELETED,
 }
 ACTION_NAMES = {number: name for name, number in ACTIONS.items()}
 UINT32 = (0, 2**32 - 1)
@@ -188,6 +189,7 @@ def apply_result_to_proto(result: ApplyResult) -> pb.ApplyResult:
         version=result.version,
         action=ACTIONS[result.action],
         feature_service=result.feature_service,
+        entity=result.entity,
     )
 
 
@@ -198,6 +200,7 @@ def apply_result_from_proto(msg: pb.ApplyResult) -> ApplyResult:
         version=msg.version,
         action=ACTION_NAMES[msg.action],
         feature_service=msg.feature_service,
+        entity=msg.entity,
     )
 
 
@@ -206,9 +209,11 @@ def apply_request(
     views: Sequence[FeatureView],
     dry_run: bool = False,
     feature_services: Sequence[FeatureService] = (),
+    prune: bool = False,
 ) -> pb.ApplyFeatureViewsRequest:
-    """An ApplyFeatureViews request; TypeError naming the argument when one is not a list of
-    its definitions (a single FeatureService, or a name, where a list belongs)."""
+    """An ApplyFeatureViews request (prune: delete what it does not declare); TypeError naming
+    the argument when one is not a list of its definitions (a single FeatureService, or a
+    name, where a list belongs)."""
     return pb.ApplyFeatureViewsRequest(
         entities=[entity_to_proto(e) for e in _listed(entities, Entity, "entities")],
         views=[view_to_proto(v) for v in _listed(views, FeatureView, "views")],
@@ -217,6 +222,7 @@ def apply_request(
             service_to_proto(s)
             for s in _listed(feature_services, FeatureService, "feature_services")
         ],
+        prune=prune,
     )
 
 

@@ -167,12 +167,14 @@ class FeatureService:
 @dataclass(frozen=True)
 class ApplyResult:
     """What apply did to one view, or to one feature service (feature_service set, view empty
-    and version 0): action is "created", "updated" or "unchanged"."""
+    and version 0): action is "created", "updated" or "unchanged"; or what a prune deleted
+    (action "deleted"): a view version, a feature service, or an entity (entity set)."""
 
     view: str
     version: int
     action: str
     feature_service: str = ""
+    entity: str = ""
 
 
 class TxnSource(Protocol):
@@ -209,6 +211,15 @@ def _view_key(name: str, version: int) -> bytes:
 
 def _service_key(name: str) -> bytes:
     return b"s\x00" + name.encode()
+
+
+def _result_key(deleted: ApplyResult) -> bytes:
+    """The registry key of what a "deleted" result names."""
+    if deleted.entity:
+        return _entity_key(deleted.entity)
+    if deleted.feature_service:
+        return _service_key(deleted.feature_service)
+    return _view_key(deleted.view, deleted.version)
 
 
 def _entity_to_json(entity: Entity) -> bytes:
@@ -579,6 +590,31 @@ class _Snapshot:
                 )
         return None
 
+    def prune_services(self, declared: set[str]) -> list[ApplyResult]:
+        """Remove the services not `declared`; their "deleted" results, by name."""
+        gone = sorted(set(self.services) - declared)
+        for name in gone:
+            del self.services[name]
+        return [ApplyResult("", 0, "deleted", feature_service=name) for name in gone]
+
+    def prune_views(self, declared: set[str]) -> list[ApplyResult]:
+        """Remove every version of the views whose name is not `declared`; their "deleted"
+        results, by name, then version."""
+        results: list[ApplyResult] = []
+        for name in sorted(set(self.views) - declared):
+            versions = self.views.pop(name)
+            results += [ApplyResult(name, version, "deleted") for version in sorted(versions)]
+        return results
+
+    def prune_entities(self, declared: set[str]) -> list[ApplyResult]:
+        """Remove the entities neither `declared` nor used by a view version left; their
+        "deleted" results, by name."""
+        used = {view.entity for versions in self.views.values() for view in versions.values()}
+        gone = sorted(set(self.entities) - declared - used)
+        for name in gone:
+            del self.entities[name]
+        return [ApplyResult("", 0, "deleted", entity=name) for name in gone]
+
 
 def _generation(txn: lmdb.Transaction, db: lmdb._Database) -> int:
     """The registry's change counter, bumped by every apply and delete."""
@@ -733,9 +769,17 @@ class Registry:
         views: Iterable[FeatureView],
         dry_run: bool = False,
         feature_services: Iterable[FeatureService] = (),
+        prune: bool = False,
     ) -> list[ApplyResult]:
         """Register entities, views and feature services atomically, following the versioning
         rules; the results are the views' in order, then the services'.
+
+        prune makes the registry mirror this apply (as `feast apply` does), in the same
+        transaction: every service not given, every version of every view whose name is not
+        given (definition and databases, as delete_view), and every entity not given that no
+        remaining view version uses are deleted; their "deleted" results follow, views (by
+        name, then version), then services, then entities. A given service that would read a
+        deleted view is a ConflictError, and nothing is written.
 
         Per view, version 0 lets the registry decide: same definition -> "unchanged"; only added
         features or metadata changes -> "updated" in place; dropped or retyped features ->
@@ -783,6 +827,7 @@ class Registry:
                 snap.entities[entity.name] = entity
             results = [self._plan_view(snap, view, now, puts, new_views) for view in views]
             results += [self._plan_service(snap, service, now, puts) for service in services]
+            pruned_services = snap.prune_services({s.name for s in services}) if prune else []
             broken = None
             if new_views:
                 broken = snap.broken_service(
@@ -792,21 +837,41 @@ class Registry:
                 )
             if broken is not None:
                 raise broken
+            pruned_views = snap.prune_views({v.name for v in views}) if prune else []
+            if pruned_views:
+                names = ", ".join(sorted({quoted(r.view) for r in pruned_views}))
+                broken = snap.broken_service(
+                    f"pruning feature views this apply does not declare ({names})",
+                    "declare the view it reads in this apply (prune keeps declared views), "
+                    "or apply the service without that reference",
+                )
+                if broken is not None:
+                    raise broken
+            pruned = pruned_views + pruned_services
+            if prune:
+                pruned += snap.prune_entities({e.name for e in entities})
             if new_views:
                 self._check_room(snap)
+            results += pruned
             if dry_run:
                 return results
             for key, value in puts:
                 txn.put(key, value, db=db)
-            if puts:
+            for result in pruned:
+                txn.delete(_result_key(result), db=db)
+            if puts or pruned:
                 _bump_generation(txn, db)
             if new_views:
                 txn.put(_LAST_CREATED, now.to_bytes(8, "little"), db=db)
+            for result in pruned_views:
+                self._env.drop_db(view_db_name(result.view, result.version), txn)
+                self._env.drop_db(history_db_name(result.view, result.version), txn)
             for view in new_views:
                 self._env.db_in_write(view_db_name(view.name, view.version), txn)
             return results
 
-        return self._env.run_write(work)
+        # deleting a database needs this process's other transactions out of the way
+        return self._env.run_write(work, exclusive=prune and not dry_run)
 
     def _check_room(self, snap: _Snapshot) -> None:
         """ResourceExhaustedError naming lmdb_max_dbs when the stored and planned view versions

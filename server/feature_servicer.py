@@ -24,7 +24,7 @@ from featurestore.online_store import (
     WriteBatch,
     WriteResult,
 )
-from featurestore.registry import FeatureService, FeatureView
+from featurestore.registry import ApplyResult, FeatureService, FeatureView
 from protos import arrays
 from protos.featureserve.v1 import feature_store_pb2 as pb
 from protos.featureserve.v1 import feature_store_pb2_grpc as pb_grpc
@@ -306,6 +306,20 @@ def stream_failure(batch: int, exc: Exception) -> str:
     )
 
 
+def _deleted_target(results: list[ApplyResult]) -> str:
+    """What a prune deleted, as its audit record lists it (apply_target's form): `view@version`,
+    `feature_service:name` and `entity:name`, comma-separated."""
+    return ",".join(_deleted_name(r) for r in results if r.action == "deleted")
+
+
+def _deleted_name(result: ApplyResult) -> str:
+    if result.entity:
+        return f"entity:{result.entity}"
+    if result.feature_service:
+        return f"feature_service:{result.feature_service}"
+    return f"{result.view}@{result.version}"
+
+
 class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     """Serves lookups, writes and the registry of one OnlineStore."""
 
@@ -564,21 +578,41 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
 
     @maps_errors
     async def ApplyFeatureViews(self, request, context):
+        """Apply the request's definitions; with prune, its record lists what was deleted,
+        and each deleted view version's observer state is dropped as DeleteFeatureView does."""
         entities = [
             rm.entity_from_proto(e, f"entities[{i}]") for i, e in enumerate(request.entities)
         ]
         self.auth.require("admin")
         views = [rm.view_from_proto(v, f"views[{i}]") for i, v in enumerate(request.views)]
         services = [rm.service_from_proto(s) for s in request.feature_services]
+
+        async def apply(record: dict) -> list[ApplyResult]:
+            results = await asyncio.to_thread(
+                self.store.registry.apply,
+                entities,
+                views,
+                request.dry_run,
+                services,
+                request.prune,
+            )
+            if request.prune:
+                record["deleted"] = _deleted_target(results)
+            return results
+
+        fields = {"prune": True} if request.prune else {}
         results = await self.audit.change(
             "apply_feature_views",
             apply_target(request),
             context,
-            lambda _: asyncio.to_thread(
-                self.store.registry.apply, entities, views, request.dry_run, services
-            ),
+            apply,
             dry_run=request.dry_run,
+            **fields,
         )
+        if not request.dry_run:
+            for result in results:
+                if result.action == "deleted" and result.view:
+                    self._view_deleted(result.view, result.version)
         return pb.ApplyFeatureViewsResponse(results=[rm.apply_result_to_proto(r) for r in results])
 
     @maps_errors

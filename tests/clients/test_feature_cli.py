@@ -1232,3 +1232,52 @@ def test_apply_of_a_bad_feature_service_exits_2_naming_file_and_key(served) -> N
         "service reads each view at one version"
     ]
     assert client.list_feature_views("svc_bad")[1] == []
+
+
+def test_apply_prune_deletes_what_the_file_no_longer_declares(server_factory, tmp_path) -> None:
+    """--prune prints one line per deletion and a count (--dry-run: what would be deleted,
+    writing nothing); a file declaring nothing is refused before anything is sent, since it
+    would delete everything registered."""
+    server = server_factory()
+    cli = Cli(server.target, tmp_path)
+    driver = (
+        '\n[[entity]]\nname = "driver"\njoin_keys = [{ name = "driver_id", dtype = "string" }]\n'
+    )
+    full = cli.file("full.toml", service_toml("pr", '["pr:score"]') + driver)
+    assert cli.run("apply", str(full)).returncode == 0
+    fewer = cli.file("fewer.toml", features_toml("pr"))
+    deletions = ["pr_flags@1: {}", "service pr_model: {}", "entity driver: {}", "prune: 3 {}"]
+
+    dry = cli.run("apply", str(fewer), "--prune", "--dry-run")
+    assert (dry.returncode, dry.stdout.splitlines()) == (
+        0,
+        [
+            "pr@1: unchanged",
+            *(line.format("would be deleted") for line in deletions),
+            "dry run: nothing was written; apply without --dry-run to write",
+        ],
+    )
+    empty = cli.file("empty.toml", "")
+    refused = cli.run("apply", str(empty), "--prune")
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert refused.stderr == (
+        f"featureserve: {empty}: declares no entity, feature view or feature service, so "
+        "--prune would delete everything registered; declare what the registry should hold, or "
+        "delete by hand (featureserve delete-view, delete-service)\n"
+    )
+    with FeatureStoreClient(ClientConfig(target=server.target, timeout_s=20)) as client:
+        entities, views = client.list_feature_views()
+        assert [v.name for v in views] == ["pr", "pr_flags"]
+        assert [e.name for e in entities] == ["driver", "user"]
+        assert [s.name for s in client.list_feature_services()] == ["pr_model"]
+
+        pruned = cli.run("apply", str(fewer), "--prune")
+        assert (pruned.returncode, pruned.stdout.splitlines()) == (
+            0,
+            ["pr@1: unchanged", *(line.format("deleted") for line in deletions)],
+        )
+        entities, views = client.list_feature_views()
+        assert [v.name for v in views] == ["pr"] and [e.name for e in entities] == ["user"]
+        assert client.list_feature_services() == []
+    again = cli.run("apply", str(fewer), "--prune")
+    assert again.stdout.splitlines() == ["pr@1: unchanged", "prune: 0 deleted"]

@@ -269,6 +269,26 @@ def test_async_client_writes_lists_and_gets_views(target) -> None:
     assert [(f.name, f.dtype) for f in fetched.features] == [("a", DType.INT64)]
 
 
+def test_async_client_prunes_what_the_apply_no_longer_declares(server_factory) -> None:
+    """The async twin sends prune too (own server: a prune deletes every other view)."""
+    server = server_factory()
+    kept, gone = (FeatureView(name, "user", (Feature("a", DType.INT64),)) for name in "kg")
+
+    async def run():
+        async with AsyncFeatureStoreClient(ClientConfig(target=server.target)) as c:
+            await c.apply([USER], [kept, gone])
+            dry = await c.apply([USER], [kept], dry_run=True, prune=True)
+            pruned = await c.apply([USER], [kept], prune=True)
+            return dry, pruned, (await c.list_feature_views())[1]
+
+    dry, pruned, views = asyncio.run(run())
+    assert [(r.view, r.version, r.action) for r in pruned] == [
+        ("k", 1, "unchanged"),
+        ("g", 1, "deleted"),
+    ]
+    assert dry == pruned and [v.name for v in views] == ["k"]
+
+
 def test_unsigned_keys_and_values_over_int64_are_rejected_not_written_to_other_entities(
     client,
 ) -> None:

@@ -164,6 +164,44 @@ def test_deleting_a_view_a_service_reads_is_refused(store):
         store.registry.delete_service("fraud")
 
 
+def test_prune_deletes_undeclared_services_and_refuses_to_break_a_declared_one(store):
+    """Prune deletes the services an apply does not declare (a stored one a new version would
+    break included: it goes rather than blocks), and refuses, writing nothing, to delete a view
+    a declared service reads, naming the service and its reference."""
+    spare = FeatureService("spare", ("profile:age",))
+    store.registry.apply([], [], feature_services=[FRAUD, spare])
+    before = (store.registry.list_views(all_versions=True), store.registry.list_services())
+    with pytest.raises(
+        ConflictError,
+        match=r"pruning feature views this apply does not declare \('profile'\) would break "
+        r"feature service 'fraud': features\[1\] 'profile': feature view 'profile' is not "
+        r"registered; declare the view it reads in this apply \(prune keeps declared views\), "
+        r"or apply the service without that reference\Z",
+    ):
+        store.registry.apply([USER], [STATS], feature_services=[FRAUD], prune=True)
+    assert (store.registry.list_views(all_versions=True), store.registry.list_services()) == (
+        before
+    )
+    results = store.registry.apply([USER], [STATS, PROFILE], feature_services=[FRAUD], prune=True)
+    assert [(r.view, r.feature_service, r.action) for r in results] == [
+        ("user_stats", "", "unchanged"),
+        ("profile", "", "unchanged"),
+        ("", "fraud", "unchanged"),
+        ("", "spare", "deleted"),
+    ]
+    assert [s.name for s in store.registry.list_services()] == ["fraud"]
+    v2 = replace(STATS, version=2, features=(COUNTRY,))
+    with pytest.raises(ConflictError, match="would break feature service 'fraud'"):
+        store.registry.apply([USER], [v2, PROFILE])
+    results = store.registry.apply([USER], [v2, PROFILE], prune=True)
+    assert [(r.view, r.version, r.feature_service, r.action) for r in results] == [
+        ("user_stats", 2, "", "created"),
+        ("profile", 1, "", "unchanged"),
+        ("", 0, "fraud", "deleted"),
+    ]
+    assert store.registry.list_services() == []
+
+
 DELETE_IN_CHILD = """
 import sys
 from featurestore.online_store import OnlineStore, StoreConfig

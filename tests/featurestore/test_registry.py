@@ -453,3 +453,64 @@ def test_a_record_without_ttl_history_reads_as_its_ttl_since_creation(store):
     store.registry.apply([], [view(CLICKS, ttl_seconds=30)])
     updated = store.registry.get_view("user_stats")
     assert updated.ttl_history == ((stored.created_us, 60), (updated.updated_us, 30))
+
+
+def _databases(store) -> set[bytes]:
+    """The names of the named databases the environment holds (the main database's keys)."""
+    with store._lmdb.read_txn() as txn:
+        return {key for key, _ in txn.cursor()}
+
+
+def test_prune_deletes_undeclared_views_all_versions_and_unused_entities(store):
+    """Prune deletes every version of a view the apply does not name (definition, online rows,
+    history) and the entities no remaining version uses; a named view keeps its older versions
+    (and the entity one of them uses). A dry run reports the same and writes nothing."""
+    account = Entity("account", (JoinKey("user_id", DType.INT64),))
+    item = Entity("item", (JoinKey("item_id", DType.INT64),))
+    device = Entity("device", (JoinKey("device_id", DType.STRING),))
+    items = FeatureView("item_stats", "item", (CLICKS,))
+    store.registry.apply([USER, account, item, device], [replace(view(CLICKS), entity="account"), items])
+    store.registry.apply([], [view(CLICKS, version=2), replace(items, version=2)])
+    ids, at = {"item_id": np.array([1, 2])}, np.array([10**15, 10**15])
+    for version in (1, 2):
+        batch = WriteBatch("item_stats", ids, at, {"clicks": np.ones(2)}, version=version)
+        assert store.write(batch).written == 2
+    users = {"user_id": np.array([1])}
+    batch = WriteBatch("user_stats", users, at[:1], {"clicks": np.ones(1)}, version=1)
+    assert store.write(batch).written == 1
+    item_dbs = {
+        name(view, version)
+        for name in (registry.view_db_name, registry.history_db_name)
+        for view, version in (("item_stats", 1), ("item_stats", 2))
+    }
+    assert item_dbs <= _databases(store)
+    before = (store.registry.list_views(all_versions=True), store.registry.list_entities())
+
+    declared = ([USER], [view(CLICKS)])
+    dry = store.registry.apply(*declared, dry_run=True, prune=True)
+    assert [(r.view, r.version, r.action, r.entity) for r in dry] == [
+        ("user_stats", 2, "unchanged", ""),
+        ("item_stats", 1, "deleted", ""),
+        ("item_stats", 2, "deleted", ""),
+        ("", 0, "deleted", "device"),
+        ("", 0, "deleted", "item"),
+    ]
+    assert (store.registry.list_views(all_versions=True), store.registry.list_entities()) == (
+        before
+    )
+    assert item_dbs <= _databases(store)
+
+    assert store.registry.apply(*declared, prune=True) == dry
+    assert [(v.name, v.version) for v in store.registry.list_views(all_versions=True)] == [
+        ("user_stats", 1),
+        ("user_stats", 2),
+    ]
+    assert [e.name for e in store.registry.list_entities()] == ["account", "user"]
+    assert not item_dbs & _databases(store)
+    with pytest.raises(NotFoundError, match="'item_stats' is not registered"):
+        store.read("item_stats", ids)
+    assert store.read("user_stats", users, version=1).blocks[0].values.tolist() == [[1.0]]
+    # the name is free again, and its old rows are gone with the databases
+    assert store.registry.apply([item], [items])[0].action == "created"
+    assert (store.read("item_stats", ids).event_us == 0).all()
+    assert store.registry.apply(*declared, prune=True)[1:] == dry[1:2] + dry[-1:]

@@ -207,38 +207,44 @@ class DeleteFeatureViewResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ApplyFeatureViewsRequest(_message.Message):
-    __slots__ = ("entities", "views", "dry_run", "feature_services")
+    __slots__ = ("entities", "views", "dry_run", "feature_services", "prune")
     ENTITIES_FIELD_NUMBER: _ClassVar[int]
     VIEWS_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SERVICES_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_FIELD_NUMBER: _ClassVar[int]
     entities: _containers.RepeatedCompositeFieldContainer[Entity]
     views: _containers.RepeatedCompositeFieldContainer[FeatureView]
     dry_run: bool
     feature_services: _containers.RepeatedCompositeFieldContainer[FeatureService]
-    def __init__(self, entities: _Optional[_Iterable[_Union[Entity, _Mapping]]] = ..., views: _Optional[_Iterable[_Union[FeatureView, _Mapping]]] = ..., dry_run: bool = ..., feature_services: _Optional[_Iterable[_Union[FeatureService, _Mapping]]] = ...) -> None: ...
+    prune: bool
+    def __init__(self, entities: _Optional[_Iterable[_Union[Entity, _Mapping]]] = ..., views: _Optional[_Iterable[_Union[FeatureView, _Mapping]]] = ..., dry_run: bool = ..., feature_services: _Optional[_Iterable[_Union[FeatureService, _Mapping]]] = ..., prune: bool = ...) -> None: ...
 
 class ApplyResult(_message.Message):
-    __slots__ = ("view", "version", "action", "feature_service")
+    __slots__ = ("view", "version", "action", "feature_service", "entity")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[ApplyResult.Action]
         CREATED: _ClassVar[ApplyResult.Action]
         UPDATED: _ClassVar[ApplyResult.Action]
         UNCHANGED: _ClassVar[ApplyResult.Action]
+        DELETED: _ClassVar[ApplyResult.Action]
     ACTION_UNSPECIFIED: ApplyResult.Action
     CREATED: ApplyResult.Action
     UPDATED: ApplyResult.Action
     UNCHANGED: ApplyResult.Action
+    DELETED: ApplyResult.Action
     VIEW_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_FIELD_NUMBER: _ClassVar[int]
     view: str
     version: int
     action: ApplyResult.Action
     feature_service: str
-    def __init__(self, view: _Optional[str] = ..., version: _Optional[int] = ..., action: _Optional[_Union[ApplyResult.Action, str]] = ..., feature_service: _Optional[str] = ...) -> None: ...
+    entity: str
+    def __init__(self, view: _Optional[str] = ..., version: _Optional[int] = ..., action: _Optional[_Union[ApplyResult.Action, str]] = ..., feature_service: _Optional[str] = ..., entity: _Optional[str] = ...) -> None: ...
 
 class ApplyFeatureViewsResponse(_message.Message):
     __slots__ = ("results",)

@@ -134,7 +134,8 @@ class FeatureStoreServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ApplyFeatureViews(self, request, context):
-        """Register or update entities and feature views.
+        """Register or update entities, feature views and feature services; with prune, also
+        delete those the request no longer declares (admin scope).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -469,7 +469,9 @@ def test_prune_deletes_undeclared_views_all_versions_and_unused_entities(store):
     item = Entity("item", (JoinKey("item_id", DType.INT64),))
     device = Entity("device", (JoinKey("device_id", DType.STRING),))
     items = FeatureView("item_stats", "item", (CLICKS,))
-    store.registry.apply([USER, account, item, device], [replace(view(CLICKS), entity="account"), items])
+    store.registry.apply(
+        [USER, account, item, device], [replace(view(CLICKS), entity="account"), items]
+    )
     store.registry.apply([], [view(CLICKS, version=2), replace(items, version=2)])
     ids, at = {"item_id": np.array([1, 2])}, np.array([10**15, 10**15])
     for version in (1, 2):

@@ -178,16 +178,17 @@ class AuditLog:
         """Record a call of an audited method that auth refused with `code`: the principal
         (None: unauthenticated), and the target `request` names unless `target` is given, cut
         to MAX_REFUSED_TARGET_CHARS (a caller without a token chooses it: a 3 MB view name
-        grew the file by 3 MB per call). An apply's dry_run is kept, as its admitted record
-        keeps it."""
+        grew the file by 3 MB per call). An apply's dry_run and prune are kept, as its admitted
+        record keeps them."""
         action, target_of = AUDITED_METHODS[method]
         if target is None:
             target = target_of(request) if target_of is not None else ""
         extra = len(target) - MAX_REFUSED_TARGET_CHARS
         if extra > 0:
             target = f"{target[:MAX_REFUSED_TARGET_CHARS]}...(+{extra} chars)"
-        if getattr(request, "dry_run", False):  # only ApplyFeatureViewsRequest has it
-            fields["dry_run"] = True
+        for flag in ("dry_run", "prune"):  # only ApplyFeatureViewsRequest has them
+            if getattr(request, flag, False):
+                fields[flag] = True
         self.record(
             action,
             target,

@@ -130,3 +130,5 @@ def test_prune_deletes_exactly_what_the_request_no_longer_declares(
     assert "prune" not in records[0] and records[-1]["deleted"] == ""
     refused = next(r for r in records if r["outcome"] == "FAILED_PRECONDITION")
     assert refused["prune"] is True and "deleted" not in refused
+    denied = next(r for r in records if r["outcome"] == "PERMISSION_DENIED")
+    assert denied["prune"] is True

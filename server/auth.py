@@ -25,6 +25,7 @@ from server.errors import PermissionDeniedError, UnauthenticatedError
 from server.handler_wrapping import WrappingInterceptor, rewrap
 
 if TYPE_CHECKING:
+    from featurestore.registry import FeatureService
     from server.audit import AuditLog
 
 ADMIN = "admin"
@@ -316,6 +317,11 @@ class Authorizer:
     def sees_view(self, view: str) -> bool:
         """Whether the current caller may see `view`'s definition (True when auth is off)."""
         return any(self.allows(scope) for scope in schema_scopes(view))
+
+    def sees_service(self, service: FeatureService) -> bool:
+        """Whether the current caller may see a feature service: every view it reads (a
+        service is no more visible than its views)."""
+        return all(self.sees_view(view) for view, _ in service.reads)
 
     def require(self, *scopes: str, **audit_fields: Any) -> None:
         """Raise UnauthenticatedError / PermissionDeniedError unless the current caller holds

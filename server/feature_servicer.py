@@ -386,10 +386,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     def _visible(self) -> Callable[[FeatureService], bool] | None:
         """With auth on, which feature services the caller may see: those whose every view it
         may read or write (others are answered as not registered)."""
-        return self._sees_service if self.auth.enabled else None
-
-    def _sees_service(self, service: FeatureService) -> bool:
-        return all(self.auth.sees_view(view) for view, _ in service.reads)
+        return self.auth.sees_service if self.auth.enabled else None
 
     def lookup(self, request: pb.GetOnlineFeaturesRequest) -> pb.GetOnlineFeaturesResponse:
         """Read every referenced view (listed, or those of a feature service) for the request's
@@ -642,7 +639,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         """The services matching name_prefix whose every view the caller may read or write."""
         services = self.store.registry.list_services(request.name_prefix)
         return pb.ListFeatureServicesResponse(
-            feature_services=[rm.service_to_proto(s) for s in services if self._sees_service(s)]
+            feature_services=[rm.service_to_proto(s) for s in services if self.auth.sees_service(s)]
         )
 
     @maps_errors

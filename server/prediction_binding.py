@@ -493,9 +493,9 @@ class PredictionBinding:
         the registry does not have is FAILED_PRECONDITION too: the caller's request is fine,
         the model's binding is not (NOT_FOUND would say the model is unknown); the close names
         it suggests stay on the error's cause, where the server keeps those the caller may see."""
+        if self.service is not None:
+            return self._read_service(store, keys)
         try:
-            if self.service is not None:
-                return self._read_service(store, keys)
             results = store.read_many(self.store_reads, keys)
         except InvalidArgumentError:
             self._check_entities([store.registry.get_view(r.view, r.version) for r in self.reads])
@@ -514,14 +514,31 @@ class PredictionBinding:
     def _read_service(self, store: OnlineStore, keys: dict[str, np.ndarray]) -> list[ReadResult]:
         """The bound reads through features.service, resolved in the read's own snapshot: each
         bound view at the version the service reads it. A service that is not stored, or does
-        not read a bound feature, is FAILED_PRECONDITION naming it."""
+        not read a bound feature (a whole-view reference to a version without it), is
+        FAILED_PRECONDITION naming it; keys that do not fit the views read are the caller's
+        INVALID_ARGUMENT, unless those views are not of the binding's entity."""
+        resolved: list[ViewRead] = []
+
+        def select(service: FeatureService) -> list[ViewRead]:
+            resolved[:] = self._service_reads(service)
+            return resolved
+
         try:
-            results = store.read_service(self.service, keys, select=self._service_reads)
+            results = store.read_service(self.service, keys, select=select)
         except NotFoundError as exc:
+            if exc.what == "feature service":
+                problem = f"is not in the feature store ({exc.problem})"
+                fix = "apply it"
+            else:
+                problem = f"does not read a feature the model binds ({exc.problem})"
+                fix = "add the feature to the service, or pin the view to a version that has it"
             raise ConflictError(
-                f"the model's features.service {self.service!r} is not in the feature store "
-                f"({exc.problem}); apply it, or bind another service in {self.source}"
+                f"the model's features.service {self.service!r} {problem}; {fix}, or bind "
+                f"another service in {self.source}"
             ) from None
+        except InvalidArgumentError:
+            self._check_entities([store.registry.get_view(r.view, r.version) for r in resolved])
+            raise
         self._check_entities([r.view for r in results])
         return results
 

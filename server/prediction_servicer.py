@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 from featurestore.dtypes import FeatureStatus
-from featurestore.errors import ConflictError, InvalidArgumentError
+from featurestore.errors import ConflictError, InvalidArgumentError, NotFoundError
 from featurestore.keys import key_rows
 from featurestore.online_store import OnlineStore
 from protos import arrays
@@ -166,6 +166,17 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         scored = await self._coalescer(model).predict(keys, values, rows, outputs, deadline)
         return self._response(request, model, rows, scored.scores, scored.assembled)
 
+    def _shown_service(self, name: str) -> str:
+        """The feature service a lineage names: none to a caller who may not see it, to whom
+        GetFeatureService answers it NOT_FOUND (the binding reads only views it may read)."""
+        if not name or not self.auth.enabled:
+            return name
+        try:
+            service = self.store.registry.get_service(name)
+        except NotFoundError:
+            return ""
+        return name if self.auth.sees_service(service) else ""
+
     def _coalescer(self, model: LoadedModel) -> PredictCoalescer:
         """The model version's coalescer (dropped with the version when it unloads)."""
         coalescer = self._coalescers.get(model)
@@ -196,7 +207,7 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         lineage = response.lineage
         lineage.model_version = model.version
         lineage.feature_views.extend(assembled.views)
-        lineage.feature_service = assembled.service
+        lineage.feature_service = self._shown_service(assembled.service)
         lineage.oldest_event_timestamps = assembled.oldest_event_us.astype("<i8").tobytes()
         for fill in assembled.fills:
             lineage.fills.add(

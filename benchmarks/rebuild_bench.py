@@ -1,9 +1,12 @@
 """Rebuild benchmark: how long writers wait while rebuild_online refills a view from its log.
 
 python -m benchmarks.rebuild_bench [--entities 1000000] [--rows-per-txn 50000] [--healthy]
+    [--memory]
 Loads `entities` rows (one logged row each), empties the view's online rows (unless --healthy),
 then rebuilds it while another process commits a 1-row write every 5 ms (sync on, as served).
-Prints the rebuild time and the longest, p99 and median wait of the writes made meanwhile.
+Prints the rebuild time, the longest, p99 and median wait of the writes made meanwhile and the
+log's size (LMDB pages); --memory adds the rebuild's peak Python memory (traced with
+tracemalloc, which slows it).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import multiprocessing
 import tempfile
 import time
+import tracemalloc
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -45,12 +49,16 @@ def main() -> None:
     parser.add_argument("--entities", type=int, default=1_000_000)
     parser.add_argument("--rows-per-txn", type=int, default=REBUILD_ROWS_PER_TXN)
     parser.add_argument("--healthy", action="store_true", help="leave the online rows as logged")
+    parser.add_argument(
+        "--memory", action="store_true", help="trace the peak Python memory (slower)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "db"
         with OnlineStore(StoreConfig(path)) as store:
             store.registry.apply([USER], [VIEW])
             load(store, args.entities, np.random.default_rng(0))
+            log_bytes = store.history_bytes(VIEW.name)
             if not args.healthy:
                 store.replace_online_rows(VIEW.name, 1, lambda records: [])
             spawn = multiprocessing.get_context("spawn")
@@ -60,9 +68,13 @@ def main() -> None:
             proc.start()
             ready.wait()
             time.sleep(0.5)
+            if args.memory:
+                tracemalloc.start()
             began = time.time()
             replayed = rebuild_online(store, VIEW.name, max_rows_per_txn=args.rows_per_txn)
             ended = time.time()
+            peak = tracemalloc.get_traced_memory()[1] if args.memory else 0
+            tracemalloc.stop()
             time.sleep(0.5)
             stop.set()
             spans = np.array(receive.recv())
@@ -74,7 +86,8 @@ def main() -> None:
         f"rebuild of {replayed} logged rows ({'healthy' if args.healthy else 'emptied'} online "
         f"rows, {args.rows_per_txn} rows/txn): {took:.2f} s; {len(waits)} writes meanwhile, "
         f"longest wait {waits.max() * 1000:.0f} ms, p99 {np.percentile(waits, 99) * 1000:.0f} ms, "
-        f"median {np.median(waits) * 1000:.1f} ms"
+        f"median {np.median(waits) * 1000:.1f} ms; log {log_bytes / 1e6:.1f} MB"
+        + (f", peak Python memory {peak / 1e6:.1f} MB (traced)" if args.memory else "")
     )
 
 

@@ -16,14 +16,22 @@ stored with the log (key 0) in the first write transaction, before any row goes.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from featurestore.errors import ConflictError, InvalidArgumentError, NotFoundError
-from featurestore.history import REBUILD_ROWS_PER_TXN, log_of, pack_batch, unpack_batch
+from featurestore.history import (
+    REBUILD_ROWS_PER_TXN,
+    STREAM_ROWS,
+    grouped,
+    log_of,
+    pack_batch,
+    record_rows,
+)
 from featurestore.last_write_wins import key_order, newest_per_key, pick
 
 if TYPE_CHECKING:
@@ -46,13 +54,15 @@ class Compaction:
 @dataclass(frozen=True)
 class _Edit:
     """A record to change: its length and CRC-32 when planned (a record found changed is left
-    alone: another compaction rewrote it), its row count and the row positions to keep (None:
-    delete it)."""
+    alone: another compaction rewrote it), its row count, the positions of its rows that are
+    their key's newest before the horizon, and whether it goes (nothing kept, and not the last
+    compacted record)."""
 
     size: int
     crc: int
     rows: int
-    keep: list[int] | None
+    newest: list[int]
+    delete: bool
 
 
 def _newest_before(keys: list[bytes], event_us: np.ndarray, horizon_us: int) -> np.ndarray:
@@ -63,44 +73,88 @@ def _newest_before(keys: list[bytes], event_us: np.ndarray, horizon_us: int) -> 
     return early[order[newest_per_key(event_us[early][order], starts)]]
 
 
-def _plan(blobs: list[bytes], horizon_us: int) -> dict[int, _Edit]:
-    """Record index -> edit, for the oldest records whose rows were all written before the
-    horizon; the last of them is emptied rather than deleted, so that the log's last sequence
-    number never goes back (a rebuild reads records logged after the last one it saw)."""
-    counts = [int.from_bytes(blob[:4], "little") for blob in blobs]
-    log = log_of(blobs)
-    ends = np.cumsum(counts)
-    late = np.flatnonzero(log.write_us >= horizon_us)
-    prefix = int(np.searchsorted(ends, late[0], "right")) if len(late) else len(blobs)
-    rows = int(ends[prefix - 1]) if prefix else 0
-    if rows == 0:
-        return {}
-    event_us = log.event_us[:rows]
-    keep = event_us >= horizon_us
-    keep[_newest_before(log.keys[:rows], event_us, horizon_us)] = True
+@dataclass
+class _Scan:
+    """What the plan keeps of a log read record by record: the rows of the whole log; per
+    compacted record (the oldest ones, up to the first holding a row written at or after the
+    horizon) its sequence number, length, CRC-32, row count and rows with an event time at or
+    after the horizon; per key its newest row before the horizon so far (event time, position
+    among the compacted rows), the earliest logged among equal event times."""
+
+    horizon_us: int
+    rows: int = 0
+    compacted_rows: int = 0
+    seqs: array = field(default_factory=lambda: array("q"))
+    sizes: array = field(default_factory=lambda: array("q"))
+    crcs: array = field(default_factory=lambda: array("q"))
+    counts: array = field(default_factory=lambda: array("q"))
+    later: array = field(default_factory=lambda: array("q"))
+    newest: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+
+    def take(self, group: list[tuple[int, bytes]]) -> bool:
+        """Add the group's records up to the first holding a row written at or after the
+        horizon; whether the compacted part may go on past the group."""
+        blobs = [blob for _, blob in group]
+        counts = [record_rows(blob) for blob in blobs]
+        ends = np.cumsum(counts)
+        log = log_of(blobs)
+        late = np.flatnonzero(log.write_us >= self.horizon_us)
+        taken = int(np.searchsorted(ends, late[0], "right")) if len(late) else len(blobs)
+        rows = int(ends[taken - 1]) if taken else 0
+        event_us = log.event_us[:rows]
+        for i in range(taken):
+            self.seqs.append(group[i][0])
+            self.sizes.append(len(blobs[i]))
+            self.crcs.append(zlib.crc32(blobs[i]))
+            self.counts.append(counts[i])
+        # rows with event times at or after the horizon, counted up to each record's end
+        later = np.concatenate(([0], np.cumsum(event_us >= self.horizon_us)))[ends[:taken]]
+        self.later.extend(np.diff(later, prepend=0).tolist())
+        at = _newest_before(log.keys[:rows], event_us, self.horizon_us)
+        for key, event, position in zip(
+            pick(log.keys, at.tolist()),
+            event_us[at].tolist(),
+            (at + self.compacted_rows).tolist(),
+            strict=True,
+        ):
+            held = self.newest.get(key)
+            if held is None or event > held[0]:
+                self.newest[key] = (event, position)
+        self.compacted_rows += rows
+        return taken == len(blobs)
+
+
+def _scan(records: Iterable[tuple[int, bytes]], horizon_us: int) -> _Scan:
+    """Read the log once, a group of records at a time, keeping only what the plan needs."""
+    scan = _Scan(horizon_us)
+    compacting = True
+    for group in grouped(records, lambda record: record_rows(record[1]), STREAM_ROWS):
+        scan.rows += sum(record_rows(blob) for _, blob in group)
+        compacting = compacting and scan.take(group)
+    return scan
+
+
+def _plan(scan: _Scan) -> dict[int, _Edit]:
+    """Sequence number -> edit, for the compacted records that lose rows: a row stays if its
+    event time is at or after the horizon or it is its key's newest before it. The last
+    compacted record is emptied rather than deleted, so that the log's last sequence number
+    never goes back (a rebuild reads records logged after the last one it saw)."""
+    counts = np.asarray(scan.counts, np.int64)
+    starts = np.cumsum(counts) - counts
+    positions = np.sort(np.fromiter((p for _, p in scan.newest.values()), np.int64))
+    holder = np.searchsorted(starts + counts, positions, "right")
+    newest: dict[int, list[int]] = {}
+    for record, row in zip(holder.tolist(), (positions - starts[holder]).tolist(), strict=True):
+        newest.setdefault(record, []).append(row)
     edits: dict[int, _Edit] = {}
-    for i in range(prefix):
-        start = int(ends[i]) - counts[i]
-        kept = np.flatnonzero(keep[start : int(ends[i])]).tolist()
-        if len(kept) < counts[i]:
-            delete = not kept and i < prefix - 1
-            edit = _Edit(len(blobs[i]), zlib.crc32(blobs[i]), counts[i], None if delete else kept)
-            edits[i] = edit
+    last = len(scan.seqs) - 1
+    for i, seq in enumerate(scan.seqs):
+        kept = scan.later[i] + len(newest.get(i, ()))
+        if kept < scan.counts[i]:
+            delete = kept == 0 and i < last
+            rows = scan.counts[i]
+            edits[seq] = _Edit(scan.sizes[i], scan.crcs[i], rows, newest.get(i, []), delete)
     return edits
-
-
-def _chunks(edits: dict[int, _Edit], max_rows: int) -> list[list[int]]:
-    """The edited sequence numbers, grouped so that each group's records hold at most max_rows
-    rows (a bigger record goes alone)."""
-    chunks: list[list[int]] = []
-    rows = max_rows
-    for seq, edit in edits.items():
-        if rows + edit.rows > max_rows:
-            chunks.append([])
-            rows = 0
-        chunks[-1].append(seq)
-        rows += edit.rows
-    return chunks
 
 
 def compact_history(
@@ -116,54 +170,60 @@ def compact_history(
     the epoch) and no rebuild selects; set the log's horizon (it only moves forward: an earlier
     horizon_us compacts up to the stored one).
 
-    The log is read in one read transaction (held in memory while the plan is made, as a
-    rebuild holds it) and rewritten in write transactions of records holding at most
-    max_rows_per_txn rows, so writers wait for one of them at most; stop() is asked between
-    them (the log is consistent after each). Safe beside live writers, rebuilds, queries and
-    another compaction. InvalidArgumentError for a bad horizon_us or max_rows_per_txn.
+    The log is read record by record in one read transaction (writers go on beside it), keeping
+    per key its newest row before the horizon and per compacted record a few numbers, so memory
+    grows with the keys of the compacted part, not with the log's rows or bytes. Then the
+    records that lose rows are rewritten, each record's kept rows worked out as it is, in write
+    transactions of records holding at most max_rows_per_txn rows, so writers wait for one of
+    them at most; stop() is asked between them (the log is consistent after each). Safe beside
+    live writers, rebuilds, queries and another compaction. InvalidArgumentError for a bad
+    horizon_us or max_rows_per_txn.
     """
     for name, value in (("horizon_us", horizon_us), ("max_rows_per_txn", max_rows_per_txn)):
         if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
             raise InvalidArgumentError(f"{name}: got {value!r}; give a whole number of at least 1")
     fv = store.registry.get_view(view, version)
-    records = store.history_records(fv.name, fv.version)
-    horizon_us = max(int(horizon_us), records.horizon_us)
-    rows_before = sum(int.from_bytes(blob[:4], "little") for blob in records.blobs)
-    plan = _plan(records.blobs, horizon_us)
-    edits = {records.seqs[i]: edit for i, edit in plan.items()}
-    created_us = records.created_us
-    del records, plan
-    outcome: dict[int, _Edit | None] = {}  # by record: a rerun transaction overwrites its own
+    with store.history_stream(fv.name, fv.version) as history:
+        horizon_us = max(int(horizon_us), history.horizon_us)
+        scan = _scan(history.records, horizon_us)
+    rows_before, edits = scan.rows, _plan(scan)
+    del scan
+    # by record, the edit made and the rows it kept: a rerun transaction overwrites its own
+    outcome: dict[int, tuple[_Edit, int] | None] = {}
 
     def rewrite(seq: int, record: bytes) -> bytes | None:
         edit = edits[seq]
         if len(record) != edit.size or zlib.crc32(record) != edit.crc:
             outcome[seq] = None
             return record
-        outcome[seq] = edit
-        if edit.keep is None:
+        if edit.delete:
+            outcome[seq] = (edit, 0)
             return None
-        keys, rows = unpack_batch(record)
-        return pack_batch(pick(keys, edit.keep), pick(rows, edit.keep))
+        log = log_of([record])
+        keep = log.event_us >= horizon_us
+        keep[edit.newest] = True
+        kept = np.flatnonzero(keep).tolist()
+        outcome[seq] = (edit, len(kept))
+        return pack_batch(pick(log.keys, kept), pick(log.rows, kept))
 
     store.rewrite_history(
         fv.name,
         fv.version,
-        created_us,
+        history.created_us,
         horizon_us,
-        _chunks(edits, int(max_rows_per_txn)),
+        list(grouped(edits, lambda seq: edits[seq].rows, int(max_rows_per_txn))),
         rewrite,
         stop,
     )
-    done = [edit for edit in outcome.values() if edit is not None]
+    done = [change for change in outcome.values() if change is not None]
     return Compaction(
         fv.name,
         fv.version,
         horizon_us,
         rows_before,
-        sum(edit.rows - len(edit.keep or ()) for edit in done),
-        sum(edit.keep is not None for edit in done),
-        sum(edit.keep is None for edit in done),
+        sum(edit.rows - kept for edit, kept in done),
+        sum(not edit.delete for edit, _ in done),
+        sum(edit.delete for edit, _ in done),
     )
 
 

@@ -36,6 +36,8 @@ from featurestore.history import (
     HORIZON_KEY,
     REBUILD_ROWS_PER_TXN,
     HistoryRecords,
+    HistoryStream,
+    keep_newest,
     pack_batch,
 )
 from featurestore.keys import EncodedKeys, encode_keys, key_rows, keys_per_entity
@@ -967,7 +969,18 @@ class OnlineStore:
 
     def history_records(self, name: str, version: int) -> HistoryRecords:
         """A view version's history records in write order, with their sequence numbers, its
-        history horizon and its definition's created_us, all read in one transaction."""
+        history horizon and its definition's created_us, all read in one transaction (the
+        whole log in memory: history_stream reads it record by record)."""
+        with self.history_stream(name, version) as history:
+            pairs = list(history.records)
+        seqs = [seq for seq, _ in pairs]
+        return HistoryRecords(history.created_us, history.horizon_us, seqs, [v for _, v in pairs])
+
+    @contextmanager
+    def history_stream(self, name: str, version: int) -> Iterator[HistoryStream]:
+        """A view version's history read in one read transaction held open inside the block:
+        its records are copied out of the map one at a time as they are iterated, so the log
+        never has to fit in memory."""
         self._check_open()
         db_name = history_db_name(name, version)
         self._lmdb.existing_db(db_name)
@@ -976,12 +989,13 @@ class OnlineStore:
             created_us = self.registry.get_view(name, version, txn).created_us
             db = self._lmdb.cached_db(db_name, usable)
             if db is None:
-                return HistoryRecords(created_us, 0, [], [])
+                yield HistoryStream(created_us, 0, iter(()))
+                return
             cur = txn.cursor(db=db)
             horizon = int.from_bytes(cur.get(HORIZON_KEY) or bytes(8), "big")
-            pairs = list(cur.iternext()) if cur.set_range(FIRST_RECORD) else []
-        seqs = [int.from_bytes(key, "big") for key, _ in pairs]
-        return HistoryRecords(created_us, horizon, seqs, [bytes(v) for _, v in pairs])
+            pairs = cur.iternext() if cur.set_range(FIRST_RECORD) else iter(())
+            records = ((int.from_bytes(key, "big"), value) for key, value in pairs)
+            yield HistoryStream(created_us, horizon, records)
 
     def rewrite_history(
         self,
@@ -1063,7 +1077,7 @@ class OnlineStore:
         self,
         name: str,
         version: int,
-        from_history: Callable[[list[bytes]], Sequence[tuple[bytes, bytes]]],
+        from_history: Callable[[Iterator[bytes]], Sequence[tuple[bytes, bytes]]],
         max_rows_per_txn: int = REBUILD_ROWS_PER_TXN,
     ) -> None:
         """Make a view version's online rows the (key, row) pairs from_history makes of its
@@ -1071,14 +1085,16 @@ class OnlineStore:
         keys whose row differs, at most max_rows_per_txn of them per write transaction.
 
         One read transaction takes the records and the online rows (one snapshot); from_history
-        reduces the records outside any transaction, and the difference (rows to put, keys to
-        delete) is computed there too. A write logs every row it changes in its own transaction,
-        so a key logged nothing after the snapshot still holds the row the snapshot saw: the
-        difference is still exact for it, and a key outside the difference that was written
-        since already holds the rebuilt row merged with those writes by last-write-wins. Each
-        write transaction merges into its keys' rows the records logged after the snapshot
-        (reduced by from_history as they come), by event time, the earlier logged row winning
-        ties. Between transactions a reader sees each key's old row or its rebuilt one.
+        gets the records as an iterator that copies them out of the map one at a time (it may
+        reduce them as they come, in memory bounded by the keys), and the difference (rows to
+        put, keys to delete) is computed after the read ends. A write logs every row it changes
+        in its own transaction, so a key logged nothing after the snapshot still holds the row
+        the snapshot saw: the difference is still exact for it, and a key outside the
+        difference that was written since already holds the rebuilt row merged with those
+        writes by last-write-wins. Each write transaction merges into its keys' rows the records
+        logged after the snapshot (reduced by from_history as they come), by event time, the
+        earlier logged row winning ties. Between transactions a reader sees each key's old row
+        or its rebuilt one.
         """
         self._check_open()
         if not isinstance(max_rows_per_txn, int) or isinstance(max_rows_per_txn, bool):
@@ -1098,12 +1114,13 @@ class OnlineStore:
             created_us = self.registry.get_view(name, version, txn).created_us
             db = self._lmdb.cached_db(history, usable)
             cur = txn.cursor(db=db) if db is not None else None
-            records = list(cur.iternext(keys=False)) if cur and cur.set_range(FIRST_RECORD) else []
             after = int.from_bytes(cur.key(), "big") + 1 if cur and cur.last() else 1
+            records = cur.iternext(keys=False) if cur and cur.set_range(FIRST_RECORD) else iter(())
+            rebuilt = from_history(records)
             db = self._lmdb.cached_db(rows_db, usable)
             online = dict(txn.cursor(db=db)) if db is not None else {}
-        changes = _difference(online, from_history(records))
-        del online, records  # the snapshot's copies are not needed while writers wait
+        changes = _difference(online, rebuilt)
+        del online, rebuilt  # the snapshot's copies are not needed while writers wait
         logged: dict[bytes, bytes] = {}  # each key's newest row logged after the snapshot
 
         def work(txn: lmdb.Transaction, chunk: Sequence[tuple[bytes, bytes | None]]) -> None:
@@ -1114,7 +1131,7 @@ class OnlineStore:
             )  # fmt: skip
             cur = txn.cursor(db=self._lmdb.db_in_write(history, txn))
             if cur.set_range(after.to_bytes(8, "big")):
-                _keep_newest(logged, from_history(list(cur.iternext(keys=False))))
+                keep_newest(logged, from_history(cur.iternext(keys=False)))
                 cur.last()
                 # committed records: a rerun of this transaction need not read them again
                 after = int.from_bytes(cur.key(), "big") + 1
@@ -1297,14 +1314,6 @@ def _difference(
     changes.extend((key, None) for key in online)
     changes.sort(key=itemgetter(0))
     return changes
-
-
-def _keep_newest(logged: dict[bytes, bytes], rows: Sequence[tuple[bytes, bytes]]) -> None:
-    """Merge rows (one per key, logged after those in `logged`) into logged by last-write-wins:
-    a row replaces its key's kept row only with a newer event time."""
-    kept = stored_events([logged.get(key) for key, _ in rows])
-    newer = stored_events([row for _, row in rows]) > kept
-    logged.update(pair for pair, take in zip(rows, newer.tolist(), strict=True) if take)
 
 
 def _apply_changes(

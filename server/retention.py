@@ -1,7 +1,7 @@
 """Scheduled history retention: every history_compaction_interval_seconds, the server runs
 `featureserve compact-history --keep <history_retention_seconds>s` on its store in a child
-process (the compaction holds a view's log in memory while it plans, and in the server its
-Python would take the GIL from the event loop), and logs what it did."""
+process (in the server, the compaction's Python would take the GIL from the event loop), and
+logs what it did."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from protos.featureserve.v1 import (
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from server.audit import AuditConfig, AuditLog, parse_audit
 from server.auth import Authorizer, parse_auth
-from server.config import ConfigError, ServerConfig, host_port
+from server.config import POLL, ConfigError, ServerConfig, host_port
 from server.event_loop import running_loop_name
 from server.feature_servicer import FeatureStoreServicer
 from server.handler_wrapping import InterceptingRegistrar
@@ -34,6 +34,7 @@ from server.inference_servicer import InferenceServicer, local_statistics
 from server.message_size import MessageLimit, MessageSizeInterceptor
 from server.metrics import MetricsRuntime, start_metrics
 from server.metrics_interceptor import MetricsInterceptor
+from server.model_control import GroupControl
 from server.model_repository import ModelRepository
 from server.overload import OverloadInterceptor
 from server.prediction_servicer import STREAM_METHOD as PREDICT_STREAM
@@ -224,11 +225,12 @@ class FeatureServer:
             model_repo,
             watch=self.config.watch_model_repo,
             poll_interval_s=self.config.model_poll_interval_s,
-            control=worker_index() is None,
+            control=worker_index() is None or self.config.model_control_mode != POLL,
             response_cache_bytes=self.config.response_cache_bytes,
             mode=self.config.model_control_mode,
             startup_models=self.config.startup_models,
         )
+        self.models.group = GroupControl.of_this_worker(self.models)
         self.worker_stats = WorkerStatistics.of_this_worker(lambda: local_statistics(self.models))
         # A --workers worker joins the shared port only once loaded: SO_REUSEPORT would hand a
         # loading worker new connections that the serving ones could answer.
@@ -260,7 +262,7 @@ class FeatureServer:
         """Warm the store (when configured) and load every model in the repository."""
         if self.config.warm_store_seconds > 0:
             await asyncio.to_thread(self._warm_store)
-        await self.models.start()
+        await (self.models.group or self.models).start()
 
     async def _listen(self) -> None:
         """Build the gRPC server with its interceptors and services, bind and start it, not yet
@@ -384,6 +386,8 @@ class FeatureServer:
             await self.worker_stats.close()
         await self.audit.changes_done()
         if self.models is not None:
+            if self.models.group is not None:
+                await self.models.group.stop()
             await self.models.stop()
         if self.committer is not None:
             self.committer.close()

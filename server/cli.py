@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Load the config, then run the server until a stop signal (args.signals, installed by
     main; one that came while the server was starting is a clean stop too: exit 0)."""
     from server.app import StartupError
-    from server.config import ConfigError, check_workers, load_config
+    from server.config import ConfigError, load_config
     from server.logs import configure_logging
 
     overrides = {name: getattr(args, name) for name in SERVE_FLAGS}
@@ -80,7 +80,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         config = load_config(args.config, overrides)
-        check_workers(config, args.workers)
     except ConfigError as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 2

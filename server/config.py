@@ -42,7 +42,10 @@ class ServerConfig:
     model_control_mode: str = "poll"
     """Triton's --model-control-mode: "poll" follows the folder (watch_model_repo,
     model_poll_interval_s) and takes RepositoryModelLoad/Unload; "explicit" loads
-    startup_models, then changes only on those RPCs; "none" loads every model once, for good."""
+    startup_models, then changes only on those RPCs; "none" loads every model once, for good.
+    Under --workers N, explicit and none keep one model state for the group
+    (server/model_control.py): a load or unload changes every worker, and a worker started again
+    serves what the group loaded, never files changed since."""
     startup_models: list[str] = field(default_factory=list)
     """Triton's --load-model: the models explicit mode loads at start-up; ["*"] = every one."""
     history_retention_seconds: int = 0
@@ -185,27 +188,6 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         )
     _check_range(name, value, source)
     return value
-
-
-def check_workers(config: ServerConfig, workers: int) -> None:
-    """Refuse explicit and none model control under --workers N > 1: each worker holds its own
-    models, no worker watches the folder, so a load or unload would reach the one worker that
-    takes the call, and a worker started again (after a crash) would load the folder as it is
-    then, beside workers serving what it was at start-up."""
-    mode = config.model_control_mode
-    if workers > 1 and mode in (EXPLICIT, NONE):
-        why = (
-            "a RepositoryModelLoad or RepositoryModelUnload would change only the worker that "
-            "takes it"
-            if mode == EXPLICIT
-            else "a worker started again after a crash would load the folder as it is then, "
-            "beside workers serving the models of the group's start"
-        )
-        raise ConfigError(
-            f"key 'model_control_mode' is '{mode}' with --workers {workers}: each worker holds "
-            f'its own models, and {why}; use model_control_mode = "poll" (every worker follows '
-            "the files), or run one process (--workers 1)"
-        )
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:

@@ -589,25 +589,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @maps_errors
     async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
-        """Load or reload a model from the repository folder."""
+        """Load or reload a model from the repository folder (in a --workers group sharing one
+        model state, on every worker)."""
         self.auth.require("admin")
 
         async def load(_: dict) -> None:
             reject_load_parameters(request, self.repository.path)
-            await self.repository.load(request.model_name)
+            group = self.repository.group
+            if group is None:
+                await self.repository.load(request.model_name)
+            else:
+                await group.load(request.model_name, context.time_remaining)
 
         await self.audit.change("model_load", request.model_name, context, load)
         return pb.RepositoryModelLoadResponse()
 
     @maps_errors
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
-        """Unload a model; its in-flight requests finish first. "unload_dependents" is accepted
-        and changes nothing (no model depends on another here)."""
+        """Unload a model (in a --workers group sharing one model state, on every worker); its
+        in-flight requests finish first. "unload_dependents" is accepted and changes nothing (no
+        model depends on another here)."""
         self.auth.require("admin")
 
         async def unload(_: dict) -> None:
             check_unload_parameters(request)
-            await self.repository.unload(request.model_name)
+            group = self.repository.group
+            if group is None:
+                await self.repository.unload(request.model_name)
+            else:
+                await group.unload(request.model_name, context.time_remaining)
 
         await self.audit.change("model_unload", request.model_name, context, unload)
         return pb.RepositoryModelUnloadResponse()

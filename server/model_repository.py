@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from server.batcher import DynamicBatcher
 from server.changes import Changes
@@ -70,6 +72,9 @@ from server.model_config import (
 from server.onnx_runner import OnnxRunner, check_feedable
 from server.prediction_binding import PredictionBinding, compile_binding
 from server.response_cache import ResponseCache, VersionCache
+
+if TYPE_CHECKING:
+    from server.model_control import GroupControl
 
 log = logging.getLogger("featureserve.models")
 
@@ -175,6 +180,11 @@ def _unreadable(model_dir: Path, exc: OSError) -> str:
     )
 
 
+def _as_json(fp: _Fingerprint) -> dict[str, Any]:
+    """A fingerprint as JSON values (what a --workers group records of the files it loaded)."""
+    return json.loads(json.dumps(asdict(fp)))
+
+
 def _fingerprint(model_dir: Path) -> _Fingerprint:
     """The stat of config.toml and of every <version>/model.onnx under a model folder, and of
     the model.onnx in folders of ASCII digits that are not versions (01/, 0/).
@@ -202,9 +212,11 @@ class ModelRepository:
 
     mode is the model control mode (see the module docstring); watch and poll_interval_s apply
     to poll mode only, startup_models (["*"] = every model) to explicit mode only.
-    control=False refuses load() and unload() (FAILED_PRECONDITION): under --workers N each
-    process holds its own repository state, so an explicit load or unload would change one worker
-    of N while the files, which every worker's watcher follows, stay the one shared truth.
+    control=False refuses load() and unload() (FAILED_PRECONDITION): under --workers N in poll
+    mode each process holds its own repository state, so a load or unload would change one
+    worker of N while the files, which every worker's watcher follows, stay the one shared truth.
+    In explicit and none modes a --workers group shares one model state instead: group is then
+    its GroupControl (server/model_control.py), through which RepositoryModelLoad/Unload go.
     response_cache_bytes > 0 gives the versions whose config sets response_cache = true one
     shared response cache of that many bytes."""
 
@@ -239,18 +251,22 @@ class ModelRepository:
         self._changes = Changes()
         self._poll_error = ""
         self.ready = False
+        self.group: GroupControl | None = None
 
-    async def start(self) -> None:
+    async def start(self, follow: Callable[[], Awaitable[None]] | None = None) -> None:
         """Load every model in the folder (in explicit mode, startup_models), then start the
         watcher (when watching). Unlike a watcher pass, this load is not shielded: a stop during
         start-up cancels it (at the end of the version loading then), rather than waiting for
-        every model.
+        every model. follow, when given, loads instead (a --workers worker started again
+        follows its group's recorded models, see server/model_control.py).
 
         Raises ConfigError naming a startup_models entry with no model folder, as Triton fails
         to start on a --load-model it cannot find."""
         if not self.path.is_dir():
             raise ModelNotFoundError(f"model repository {self.path} is not a folder")
-        if self.mode == EXPLICIT and self.startup_models != [ALL_MODELS]:
+        if follow is not None:
+            await follow()
+        elif self.mode == EXPLICIT and self.startup_models != [ALL_MODELS]:
             await self._load_startup_models()
         else:
             await self._poll()
@@ -389,16 +405,87 @@ class ModelRepository:
         async with self._lock:
             if not self._served.get(name) and not self._entries(name):
                 raise ModelNotFoundError(f"no model '{name}' in the repository")
-            self._unloaded.add(name)
-            self._fingerprints.pop(name, None)
-            self._model_errors.pop(name, None)
-            self._misnamed.pop(name, None)
-            for version in list(self._served.get(name, {})):
-                await self._unload_version(name, version, "unloaded by request")
-            if not (self.path / name).is_dir():
-                # Its folder went while it served (explicit and none modes do not watch).
-                self._unloaded.discard(name)
-                self._forget(name)
+            await self._drop(name)
+
+    async def _drop(self, name: str) -> None:
+        """Unload every version of a model and leave it alone until it is loaded again."""
+        self._unloaded.add(name)
+        self._fingerprints.pop(name, None)
+        self._model_errors.pop(name, None)
+        self._misnamed.pop(name, None)
+        for version in list(self._served.get(name, {})):
+            await self._unload_version(name, version, "unloaded by request")
+        if not (self.path / name).is_dir():
+            # Its folder went while it served (explicit and none modes do not watch).
+            self._unloaded.discard(name)
+            self._forget(name)
+
+    def loaded_files(self, name: str) -> dict[str, Any] | None:
+        """The fingerprint (as JSON values) of the files the served versions of a model were
+        loaded from, or None when none serves."""
+        fp = self._fingerprints.get(name)
+        return _as_json(fp) if fp is not None and self._served.get(name) else None
+
+    async def follow(self, name: str, files: dict[str, Any] | None) -> str:
+        """Match a model to its --workers group's record: unload it (files None), or serve the
+        files loaded_files() described on the worker that loaded it, and only those. Returns
+        why this worker does not serve it as recorded ("" when it does)."""
+        return await self._changes.run(self._follow(name, files))
+
+    async def _follow(self, name: str, files: dict[str, Any] | None) -> str:
+        """follow() itself."""
+        async with self._lock:
+            if files is None:
+                if name not in self._unloaded:
+                    await self._drop(name)
+                return ""
+            model_dir = self.path / name
+            try:
+                here = _as_json(_fingerprint(model_dir))
+            except OSError as exc:
+                here = {"unreadable": _unreadable(model_dir, exc)}
+            if here != files:
+                return await self._refuse(name, self._changed_since_load(model_dir, here))
+            self._unloaded.discard(name)
+            if self.loaded_files(name) == files and name not in self._model_errors:
+                return ""
+            return "; ".join(await self._sync(name, force=True))
+
+    def _changed_since_load(self, model_dir: Path, here: dict[str, Any]) -> str:
+        """Why a worker does not serve a model folder whose files differ from those its group
+        loaded, and the fix."""
+        removed = not model_dir.is_dir()
+        what = here.get("unreadable") or (
+            f"{model_dir} {'was removed' if removed else 'changed'} after the group's workers "
+            "loaded it"
+        )
+        if self.mode == NONE:
+            fix = (
+                "model_control_mode is 'none', which serves what the group loaded at start-up: "
+                "restart the whole server to serve the files now there"
+            )
+        elif removed:
+            fix = f"restore the folder, or call RepositoryModelUnload for '{model_dir.name}'"
+        else:
+            fix = (
+                f"call RepositoryModelLoad for '{model_dir.name}' to load the files now there "
+                "on every worker"
+            )
+        return (
+            f"not served by this worker: {what}, and serving the files now there would put them "
+            f"beside the ones the other workers serve; {fix}"
+        )
+
+    async def _refuse(self, name: str, reason: str) -> str:
+        """Serve no version of a model, with reason as its one index entry; returns reason."""
+        self._fingerprints.pop(name, None)
+        self._unloaded.discard(name)
+        for version in list(self._served.get(name, {})):
+            await self._unload_version(name, version, reason)
+        for key in [k for k in self._status if k[0] == name]:
+            del self._status[key]
+        self._model_error(name, reason, logging.ERROR)
+        return reason
 
     def _check_control(self, rpc: str, name: str) -> None:
         """Refuse a load or unload this repository does not take (see control), or a model name

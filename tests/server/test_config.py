@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, ServerConfig, check_workers, load_config
+from server.config import ConfigError, ServerConfig, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -168,9 +168,3 @@ def test_model_control_mode_and_startup_models_from_file_and_flags(tmp_path: Pat
     assert (config.model_control_mode, config.startup_models) == ("explicit", ["*"])
     config = load_config(None, {"model_control_mode": "none"})
     assert (config.model_control_mode, config.startup_models) == ("none", [])
-    with pytest.raises(ConfigError, match="with --workers 3: each worker holds its own models"):
-        check_workers(load_config(path), 3)
-    check_workers(load_config(path), 1)
-    with pytest.raises(ConfigError, match=r"'none' with --workers 3: .* a worker started again"):
-        check_workers(load_config(None, {"model_control_mode": "none"}), 3)
-    check_workers(load_config(None, {"model_control_mode": "poll"}), 3)

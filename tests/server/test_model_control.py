@@ -227,11 +227,6 @@ def test_a_missing_startup_model_stops_serve(tmp_path: Path) -> None:
             ["--load-model", "*", "--load-model", "a"],
             "command line: key 'startup_models' lists \"*\" beside other names",
         ),
-        (
-            'model_control_mode = "explicit"\n',
-            ["--workers", "2"],
-            "key 'model_control_mode' is 'explicit' with --workers 2",
-        ),
     ],
 )
 def test_serve_refuses_bad_modes_and_combinations_naming_the_keys(

@@ -1,0 +1,290 @@
+"""explicit and none model control under `featureserve serve --workers N`: one model state for the
+group.
+
+Each worker holds its own models, so a RepositoryModelLoad or RepositoryModelUnload reaches one
+worker of N, and a worker the parent starts again after a crash would load the folder as it is
+then. The group therefore keeps one state file in its private metrics folder (made 0700 by the
+parent, known to every worker, removed with the group): per model, the sequence number of the
+last load or unload, whether it is loaded, and the fingerprint of the files that load read
+(sizes and modification times, model_repository). The worker taking a call changes its own
+models, records the result, and answers once every worker has acknowledged it; every worker
+follows the file (a stat every FOLLOW_INTERVAL_S) and loads a model only when its folder's
+fingerprint is still the recorded one, so no worker ever serves other files than the rest.
+
+Writes go to a temporary file renamed over the state (readers never see a torn file) under an
+flock of STATE_LOCK (no two workers' read-modify-writes interleave). Each worker writes its own
+acknowledgements file, so acks need no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.changes import Changes
+from server.config import NONE, POLL
+from server.errors import ModelLoadError, ModelUnavailableError
+from server.metrics import multiprocess_dir
+from server.model_repository import ModelRepository
+from server.workers import WORKERS_ENV, worker_index
+
+log = logging.getLogger("featureserve.model_control")
+
+STATE_FILE = "model-control.json"
+STATE_LOCK = "model-control.lock"
+ACK_FILE = "model-control-ack-{index}.json"
+FOLLOW_INTERVAL_S = 0.1
+"""How often a worker stats the state file: a change reaches every worker within this."""
+ACK_WAIT_S = 30.0
+"""The longest a load or unload waits for the other workers before answering UNAVAILABLE."""
+ANSWER_MARGIN_S = 0.2
+"""Time kept before the caller's deadline to answer (rather than be cut off by it)."""
+
+TimeRemaining = Callable[[], float | None]
+
+
+@dataclass(frozen=True)
+class Record:
+    """The group's last order for one model: files None means unloaded."""
+
+    seq: int
+    files: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Ack:
+    """What one worker made of a model's record seq: ok, or why not."""
+
+    seq: int
+    ok: bool
+    reason: str = ""
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Replace path with value as JSON, atomically: a reader sees the old file or the new one."""
+    staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    staged.write_text(json.dumps(value))
+    os.replace(staged, path)
+
+
+def _read_json(path: Path) -> Any | None:
+    """path's JSON value, or None when there is no such file."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+class GroupControl:
+    """This worker's side of its group's model state: start-up, the calls it takes, the follower."""
+
+    def __init__(self, repository: ModelRepository, folder: Path, index: int, workers: int) -> None:
+        self.repository = repository
+        self.folder = folder
+        self.index = index
+        self.workers = workers
+        self.state_path = folder / STATE_FILE
+        self._applied: dict[str, int] = {}
+        self._acks: dict[str, Ack] = {}
+        self._seen: tuple[int, int, int] | None = None
+        self._lock = asyncio.Lock()
+        self._changes = Changes()
+        self._follower: asyncio.Task | None = None
+
+    @classmethod
+    def of_this_worker(cls, repository: ModelRepository) -> GroupControl | None:
+        """The group control of a --workers worker in explicit or none mode; None otherwise (a
+        single process, or poll mode, where every worker's watcher follows the files)."""
+        index, folder = worker_index(), multiprocess_dir()
+        workers = int(os.environ.get(WORKERS_ENV, "1"))
+        if index is None or folder is None or workers < 2 or repository.mode == POLL:
+            return None
+        return cls(repository, folder, index, workers)
+
+    async def start(self) -> None:
+        """Load this worker's models and follow the group from then on. With no state yet (the
+        group is starting) it loads as one process does and, if first, records what it loaded;
+        with a state (it was started again) it loads what the state records instead."""
+        records = self._changed_records()
+        if records is None:
+            await self.repository.start()
+            if not self._record_startup():
+                await self._apply(self._changed_records() or {})
+        else:
+            await self.repository.start(follow=lambda: self._apply(records))
+        if self.repository.mode != NONE:  # in none mode the record never changes after start-up
+            self._follower = asyncio.create_task(self._follow(), name="model-control-follower")
+
+    async def stop(self) -> None:
+        """Stop following, and let a load or unload under way finish recording."""
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+        await self._changes.wait()
+
+    async def load(self, name: str, time_remaining: TimeRemaining) -> None:
+        """RepositoryModelLoad for the group: load here, record it, and answer once every worker
+        has loaded the same files."""
+        seq = await self._changes.run(self._change(name, self.repository.load))
+        await self._confirmed(name, seq, "load", time_remaining)
+
+    async def unload(self, name: str, time_remaining: TimeRemaining) -> None:
+        """RepositoryModelUnload for the group: unload here, record it, and answer once every
+        worker has unloaded it."""
+        seq = await self._changes.run(self._change(name, self.repository.unload))
+        await self._confirmed(name, seq, "unload", time_remaining)
+
+    async def _change(self, name: str, change: Callable[[str], Any]) -> int:
+        """Apply a load or unload here and, when it succeeds, record it; returns its seq."""
+        async with self._lock:
+            await change(name)
+            with self._flock():
+                (seq,) = self._add_records({name: self.repository.loaded_files(name)}).values()
+            self._acknowledge({name: Ack(seq, True)})
+        return seq
+
+    async def _confirmed(
+        self, name: str, seq: int, what: str, time_remaining: TimeRemaining
+    ) -> None:
+        """Wait until every worker acknowledged seq (or a later change): UNAVAILABLE naming those
+        that did not within ACK_WAIT_S or the caller's deadline, FAILED_PRECONDITION naming those
+        that failed."""
+        remaining = time_remaining()
+        wait = ACK_WAIT_S if remaining is None else min(ACK_WAIT_S, remaining - ANSWER_MARGIN_S)
+        deadline = time.monotonic() + wait
+        while True:
+            acks = {i: self._ack_of(i, name) for i in range(self.workers)}
+            missing = [i for i, ack in acks.items() if ack is None or ack.seq < seq]
+            if not missing or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(FOLLOW_INTERVAL_S / 2)
+        failed = {i: a.reason for i, a in acks.items() if a and a.seq == seq and not a.ok}
+        unconfirmed = (
+            f"worker {', '.join(map(str, missing))} did not confirm it within "
+            f"{max(wait, 0):.1f} s (starting, stalled or gone) and follows the record when it can"
+        )
+        if failed:
+            reasons = "; ".join(f"worker {i}: {reason}" for i, reason in failed.items())
+            raise ModelLoadError(
+                f"{what} of model '{name}' is recorded for the group and done on worker "
+                f"{self.index}, which took the call, but failed on {reasons}"
+                + (f"; {unconfirmed}" if missing else "")
+            )
+        if missing:
+            raise ModelUnavailableError(
+                f"{what} of model '{name}' is done on worker {self.index}, which took the call, "
+                f"and recorded for the group, but {unconfirmed}: check RepositoryIndex or "
+                "ModelReady on it"
+            )
+
+    async def _follow(self) -> None:
+        """Apply every change of the state file, checked every FOLLOW_INTERVAL_S; a failing pass
+        is logged, never fatal."""
+        while True:
+            await asyncio.sleep(FOLLOW_INTERVAL_S)
+            try:
+                records = self._changed_records()
+                if records is not None:
+                    await self._apply(records)
+            except Exception:
+                log.exception("following the group's model state failed")
+
+    async def _apply(self, records: dict[str, Record]) -> None:
+        """Bring this worker's models in line with records it has not applied yet, and
+        acknowledge each."""
+        async with self._lock:
+            acks = {}
+            for name, record in records.items():
+                if self._applied.get(name) == record.seq:
+                    continue
+                try:
+                    reason = await self.repository.follow(name, record.files)
+                except Exception as exc:  # acknowledged all the same: a caller waits for it
+                    log.exception("model %s: following the group's record failed", name)
+                    reason = f"{type(exc).__name__}: {exc}"
+                acks[name] = Ack(record.seq, not reason, reason)
+            if acks:
+                self._acknowledge(acks)
+
+    def _changed_records(self) -> dict[str, Record] | None:
+        """The state's records when the file changed since the last call (or appeared); None
+        when it did not, or does not exist. A replaced file has a new inode, so no change
+        goes unseen for a coarse modification time."""
+        try:
+            st = self.state_path.stat()
+        except FileNotFoundError:
+            return None
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen == self._seen:
+            return None
+        records = self._read_records()
+        self._seen = seen  # after the read: a read that failed is tried again
+        return records
+
+    def _read_records(self) -> dict[str, Record] | None:
+        """Every model's record in the state file, or None when there is none yet."""
+        state = _read_json(self.state_path)
+        if state is None:
+            return None
+        return {name: Record(r["seq"], r["files"]) for name, r in state["models"].items()}
+
+    def _record_startup(self) -> bool:
+        """Record the models this worker loaded at start-up, unless another worker recorded
+        first (False then)."""
+        with self._flock():
+            if self.state_path.exists():
+                return False
+            loaded = sorted({model.name for model in self.repository.loaded()})
+            seqs = self._add_records({n: self.repository.loaded_files(n) for n in loaded})
+        self._acknowledge({name: Ack(seq, True) for name, seq in seqs.items()})
+        log.info("recorded the group's start-up models", extra={"models": loaded})
+        return True
+
+    def _add_records(self, files: dict[str, dict[str, Any] | None]) -> dict[str, int]:
+        """Record each model as loaded from files (None: unloaded) under a new seq, the caller
+        holding the state lock; returns the seqs."""
+        state = _read_json(self.state_path) or {"seq": 0, "models": {}}
+        seqs = {}
+        for name, loaded in files.items():
+            state["seq"] += 1
+            seqs[name] = state["seq"]
+            state["models"][name] = {
+                "seq": seqs[name],
+                "loaded": loaded is not None,
+                "files": loaded,
+            }
+        _write_json(self.state_path, state)
+        return seqs
+
+    def _acknowledge(self, acks: dict[str, Ack]) -> None:
+        """Publish what this worker made of the records it applied."""
+        self._acks.update(acks)
+        self._applied.update({name: ack.seq for name, ack in acks.items()})
+        path = self.folder / ACK_FILE.format(index=self.index)
+        _write_json(path, {name: [a.seq, a.ok, a.reason] for name, a in self._acks.items()})
+
+    def _ack_of(self, index: int, name: str) -> Ack | None:
+        """Worker index's acknowledgement of a model's latest record it applied, if any."""
+        acks = _read_json(self.folder / ACK_FILE.format(index=index)) or {}
+        return Ack(*acks[name]) if name in acks else None
+
+    @contextlib.contextmanager
+    def _flock(self) -> Iterator[None]:
+        """Hold the group's state lock (held for a read and a small write: microseconds)."""
+        fd = os.open(self.folder / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)

@@ -369,6 +369,8 @@ class FeatureServer:
         """Stop accepting calls, let in-flight ones finish within the grace period, close stores."""
         if self._server is None:
             return
+        if self.models is not None:
+            self.models.stop_warmups()  # a load in flight would hold the drain until it ends
         await self.health.shutdown()
         grace = self.config.grace_seconds if grace is None else grace
         log.info("stopping", extra={"grace_seconds": grace})

@@ -11,6 +11,7 @@ their dims leave the batch dimension out, as in Triton.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,9 @@ _RANGES: dict[str, tuple[int, int, str]] = {
 
 # Where a warmup input's data comes from: one of these keys (Triton's oneof input_data_type).
 WARMUP_DATA = ("zero_data", "random_data", "input_data_file")
+MAX_WARMUP_INPUT_BYTES = 2**31 - 1
+"""The most one warmup input may hold: the largest gRPC message, so no real request is bigger
+(a typo of dims such as 2^40 tried to allocate 4 TiB at load)."""
 # A warmup data_type in our spelling ("FP32") or Triton's ("TYPE_FP32") -> ours.
 _WARMUP_DATATYPES = {**{t: t for t in NUMPY_DTYPES}, **{v: k for k, v in TRITON_TYPE_NAMES.items()}}
 
@@ -463,7 +467,7 @@ def _warmup_input(source: str, key: str, raw: Any) -> WarmupInput:
     file = ""
     if data == "input_data_file":
         file = _typed(source, f"{key}.{data}", raw[data], str)
-        if not file or Path(file).is_absolute() or ".." in Path(file).parts:
+        if not file or "\x00" in file or Path(file).is_absolute() or ".." in Path(file).parts:
             raise ModelConfigError(
                 f"{source}: {key}.{data} '{file}' must name a file inside the model folder's "
                 'warmup/ subfolder, relative to it, e.g. input_data_file = "x.bin"'
@@ -533,6 +537,15 @@ def _resolve_sample(
         for spec in config.inputs
         if spec.name in sample.inputs or not spec.optional
     }
+    for name, given in inputs.items():
+        size = math.prod(given.dims) * (sample.batch_size or 1)
+        if size * NUMPY_DTYPES[given.datatype].itemsize > MAX_WARMUP_INPUT_BYTES:
+            raise ModelConfigError(
+                f"{source}: {key}.inputs.{name}.dims {list(given.dims)} x batch_size "
+                f"{sample.batch_size} takes {size * NUMPY_DTYPES[given.datatype].itemsize} "
+                f"bytes, over the {MAX_WARMUP_INPUT_BYTES} a warmup input may take (no request "
+                "can carry more: gRPC messages stop at 2 GiB); give smaller dims"
+            )
     return dataclasses.replace(sample, inputs=inputs)
 
 

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -252,6 +253,8 @@ class ModelRepository:
         self._poll_error = ""
         self.ready = False
         self.group: GroupControl | None = None
+        self._warmups: set[threading.Event] = set()
+        self._stopping = False
 
     async def start(self, follow: Callable[[], Awaitable[None]] | None = None) -> None:
         """Load every model in the folder (in explicit mode, startup_models), then start the
@@ -275,8 +278,10 @@ class ModelRepository:
             self._watcher = asyncio.create_task(self._watch(), name="model-repository-watcher")
 
     async def stop(self) -> None:
-        """Stop the watcher and unload everything, letting in-flight requests finish."""
+        """Stop the watcher and unload everything, letting in-flight requests finish (a load
+        under way ends first; its warmup runs are cut short)."""
         self.ready = False
+        self.stop_warmups()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -287,6 +292,13 @@ class ModelRepository:
             for name in list(self._served):
                 for version in list(self._served[name]):
                     await self._unload_version(name, version, "server stopping")
+
+    def stop_warmups(self) -> None:
+        """Cut the warmups under way short: their loads fail, so a server that stops does not
+        wait for them (a warmup can run for as long as its config says)."""
+        self._stopping = True
+        for warmup in self._warmups:
+            warmup.set()
 
     async def _load_startup_models(self) -> None:
         """Explicit mode's start-up: load the models startup_models names, and only those."""
@@ -760,7 +772,17 @@ class ModelRepository:
         if not config.model_warmup:
             return
         start = time.perf_counter()
-        runs = await asyncio.to_thread(runner.warm_up, config, self.path / name)
+        stop = threading.Event()
+        if self._stopping:
+            stop.set()
+        self._warmups.add(stop)
+        try:
+            runs = await asyncio.to_thread(runner.warm_up, config, self.path / name, stop)
+        except asyncio.CancelledError:
+            stop.set()  # the thread would run on, and keep the interpreter from exiting
+            raise
+        finally:
+            self._warmups.discard(stop)
         log.info(
             "warmed up model %s version %s in %.1f ms: %d runs of its %d warmup sample(s) on %d "
             "instance(s)",

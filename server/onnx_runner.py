@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,10 @@ def check_feedable(config: ModelConfig) -> None:
 
 class WarmupFailedError(Exception):
     """A warmup sample failed in ONNX Runtime; the message names the sample and the instance."""
+
+
+class WarmupStoppedError(WarmupFailedError):
+    """A warmup was stopped before its runs ended (the server is stopping)."""
 
 
 def _bits(value: ort.OrtValue) -> np.ndarray:
@@ -267,20 +272,30 @@ class OnnxRunner:
         per_row = max(0.0, (times[1] - times[0]) / (big - 1)) if big > 1 else 0.0
         return RunCost(max(0.0, times[0] - per_row), per_row)
 
-    def warm_up(self, config: ModelConfig, model_dir: Path) -> int:
+    def warm_up(self, config: ModelConfig, model_dir: Path, stop: threading.Event) -> int:
         """Run every warmup sample of config count times on every instance, so that no request
-        pays ONNX Runtime's first-run costs on any session; returns the runs made.
+        pays ONNX Runtime's first-run costs on any session; returns the runs made. stop, once
+        set, ends it before the next run (a long warmup must not outlast a server's stop).
 
         Raises ModelConfigError for a sample's data (an input_data_file missing or of the wrong
-        size), WarmupFailedError for a run that fails, naming the sample and ORT's message."""
+        size), WarmupFailedError for a run that fails, naming the sample and ORT's message, or
+        for a warmup stopped."""
         runs = 0
         feeds = warmup_feeds(config, model_dir)
         for index, (sample, feed) in enumerate(zip(config.model_warmup, feeds, strict=True)):
             for instance in range(len(self.sessions)):
                 try:
                     for _ in range(sample.count):
+                        if stop.is_set():
+                            raise WarmupStoppedError(
+                                f"{model_dir / CONFIG_FILENAME}: model_warmup[{index}] "
+                                f"'{sample.name}' stopped after {runs} runs: the load was "
+                                "abandoned (the server is stopping)"
+                            )
                         self.run(instance, feed)
                         runs += 1
+                except WarmupStoppedError:
+                    raise
                 except Exception as exc:
                     raise WarmupFailedError(
                         f"{model_dir / CONFIG_FILENAME}: model_warmup[{index}] '{sample.name}' "

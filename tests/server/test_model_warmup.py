@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -118,6 +121,8 @@ def x_sample(body: str, batch_size: int = 1) -> str:
 
 
 BYTES_MODEL = "strings"
+WIDE_MODEL = "wide"
+"""An FP32 identity model whose rows are of any width."""
 UNBATCHED = "unbatched"
 BAD_SAMPLES = [
     # (model, config.toml, what the reason must say: the key, then the fix)
@@ -216,6 +221,23 @@ BAD_SAMPLES = [
         warmup_toml('name = "a"\n[model_warmup.inputs.INPUT_BYTES]\nrandom_data = true'),
         ["model_warmup[0].inputs.INPUT_BYTES.random_data", "use zero_data = true"],
     ),
+    (
+        "mlp",
+        x_sample('input_data_file = "x\\u0000.bin"'),
+        ["model_warmup[0].inputs.x.input_data_file 'x\x00.bin' must name a file inside"],
+    ),
+    (
+        WIDE_MODEL,
+        warmup_toml(
+            f'name = "a"\nbatch_size = 2\n[model_warmup.inputs.INPUT_FP32]\ndims = [{2**40}]\n'
+            "zero_data = true"
+        ),
+        [
+            f"model_warmup[0].inputs.INPUT_FP32.dims [{2**40}] x batch_size 2 takes "
+            f"{2**43} bytes, over the 2147483647",
+            "give smaller dims",
+        ],
+    ),
 ]
 
 
@@ -223,7 +245,10 @@ BAD_SAMPLES = [
 def test_each_bad_warmup_key_fails_the_load_naming_it(
     tmp_path: Path, model: str, toml: str, needles: list[str]
 ) -> None:
-    onnx_model = identity_model(["BYTES"]) if model == BYTES_MODEL else mlp_model()
+    onnx_model = {
+        BYTES_MODEL: lambda: identity_model(["BYTES"]),
+        WIDE_MODEL: lambda: identity_model(["FP32"], "W"),
+    }.get(model, mlp_model)()
     model_dir = write_model(tmp_path, model, onnx_model, config_toml=toml)
     write_warmup_file(model_dir, "x.bin", np.zeros(7, np.float32))
     write_model(tmp_path, "good", mlp_model())
@@ -318,3 +343,47 @@ def test_a_reload_warms_again_off_the_event_loop(tmp_path: Path, server_factory)
         assert slowest < 0.2, f"ServerLive took {slowest * 1e3:.0f} ms during the warmup"
         stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="medium"), timeout=10)
         assert stats.model_stats[0].inference_count == 0
+
+
+ENDLESS = warmup_toml(f'name = "zeros"\ncount = {2**32 - 1}')
+"""A warmup that would run for hours: only a stop can end it."""
+
+
+def test_a_stop_cuts_a_long_warmup_short(tmp_path: Path, server_factory) -> None:
+    """SIGTERM during a RepositoryModelLoad whose warmup runs on: the server stops within its
+    grace (the warmup thread kept the process alive for good), and the load says why it ended."""
+    write_model(tmp_path / "models", "slow", mlp_model(), config_toml=ENDLESS)
+    server = server_factory("--model-control-mode", "explicit")
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.RepositoryModelLoad.future(
+            pb.RepositoryModelLoadRequest(model_name="slow"), timeout=60
+        )
+        assert not wait_until(call.done, timeout=1.0)  # warming up
+        started = time.monotonic()
+        assert server.terminate(timeout=30) == 0
+    assert time.monotonic() - started < 15
+    stopped = [e["msg"] for e in server.logs() if "stopped after" in e["msg"]]
+    assert stopped and "model_warmup[0] 'zeros' stopped after" in stopped[0], server.log_lines
+
+
+def test_a_stop_during_start_up_cuts_a_long_warmup_short(tmp_path: Path) -> None:
+    """SIGTERM while a start-up load warms up abandons the start-up and exits at once."""
+    write_model(tmp_path / "models", "slow", mlp_model(), config_toml=ENDLESS)
+    cmd = [
+        sys.executable, "-m", "server.cli", "serve", "--port", "0",
+        "--data-dir", str(tmp_path / "data"), "--model-repo", str(tmp_path / "models"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        assert wait_until(lambda: any('"listening"' in line for line in lines), timeout=60)
+        assert wait_until(lambda: False, timeout=1.0) is False  # the load reaches its warmup
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+    reader.join(5)
+    assert any("abandoning start-up" in line for line in lines), lines

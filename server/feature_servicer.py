@@ -13,7 +13,12 @@ import numpy as np
 
 from clients import registry_messages as rm
 from featurestore.dtypes import FeatureStatus
-from featurestore.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from featurestore.errors import (
+    ConflictError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from featurestore.feature_refs import parse_feature_refs
 from featurestore.group_commit import Committer
 from featurestore.online_store import (
@@ -430,15 +435,29 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     async def GetOnlineFeatures(self, request, context):
         return self.lookup(request)
 
-    def _submit(self, batch: WriteBatch) -> asyncio.Future[WriteResult]:
+    def _submit(
+        self, batch: WriteBatch, pins: dict[tuple[str, int], int] | None = None
+    ) -> asyncio.Future[WriteResult]:
         """Prepare a checked batch and queue it for the group commit. A batch of zero rows is
         answered at once, without resolving its view: an empty request, even one naming no
-        view, gets an empty, valid answer."""
+        view, gets an empty, valid answer. pins (a stream's) holds the definition each view
+        version had at the stream's first batch to it: a later batch to one deleted and created
+        again since is ConflictError, as a unary write encoded for a replaced definition is."""
         if not len(batch.event_us):
             empty = asyncio.get_running_loop().create_future()
             empty.set_result(WriteResult(0, 0, 0, []))
             return empty
-        return asyncio.wrap_future(self.committer.submit(self.store.prepare(batch)))
+        prepared = self.store.prepare(batch)
+        if pins is not None:
+            view = prepared.view
+            first = pins.setdefault((view.name, view.version), view.created_us)
+            if first != view.created_us:
+                raise ConflictError(
+                    f"feature view {view.name!r} v{view.version} was deleted and created again "
+                    "during this stream, so the rows its earlier batches wrote went with the "
+                    "deleted view and nothing more is written; resend them on a new stream"
+                )
+        return asyncio.wrap_future(self.committer.submit(prepared))
 
     async def _write(self, request: pb.WriteFeaturesRequest, record: dict) -> WriteResult:
         """Check and commit one WriteFeatures batch, counted in its view's metrics and drift and
@@ -505,6 +524,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         response = pb.WriteFeaturesResponse()
         pending: deque[InFlight] = deque()
         failures: list[tuple[int, Exception]] = []
+        pins: dict[tuple[str, int], int] = {}
         peer = context.peer()
 
         async def record(item: InFlight) -> None:
@@ -520,7 +540,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
                 self.auth.require(f"write:{request.view}", batch=index)
                 try:
                     checked = write_batch(request)
-                    item = InFlight(index, checked, self._submit(checked))
+                    item = InFlight(index, checked, self._submit(checked, pins))
                 except Exception as exc:
                     self._stream_batch_done(peer, index, request.view, exc)
                     raise
@@ -594,7 +614,12 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
                 request.prune,
             )
             if request.prune:
-                record["deleted"] = _deleted_target(results)
+                record["would_delete" if request.dry_run else "deleted"] = _deleted_target(results)
+            if not request.dry_run:
+                # inside the change: it runs to its end when the caller gives up
+                for result in results:
+                    if result.action == "deleted" and result.view:
+                        self._view_deleted(result.view, result.version)
             return results
 
         fields = {"prune": True} if request.prune else {}
@@ -606,10 +631,6 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             dry_run=request.dry_run,
             **fields,
         )
-        if not request.dry_run:
-            for result in results:
-                if result.action == "deleted" and result.view:
-                    self._view_deleted(result.view, result.version)
         return pb.ApplyFeatureViewsResponse(results=[rm.apply_result_to_proto(r) for r in results])
 
     @maps_errors
@@ -623,15 +644,12 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
                 "(ListFeatureViews with all_versions lists them)"
             )
         target = f"{request.name}@{request.version}"
-        await self.audit.change(
-            "delete_feature_view",
-            target,
-            context,
-            lambda _: asyncio.to_thread(
-                self.store.registry.delete_view, request.name, request.version
-            ),
-        )
-        self._view_deleted(request.name, request.version)
+
+        async def delete(_: dict) -> None:
+            await asyncio.to_thread(self.store.registry.delete_view, request.name, request.version)
+            self._view_deleted(request.name, request.version)  # in the change, as in apply
+
+        await self.audit.change("delete_feature_view", target, context, delete)
         return pb.DeleteFeatureViewResponse()
 
     @maps_errors

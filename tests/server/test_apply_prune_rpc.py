@@ -11,7 +11,7 @@ import grpc
 import lmdb
 import numpy as np
 
-from clients.channel import ClientConfig
+from clients.channel import ClientConfig, ClientError
 from clients.feature_client import FeatureStoreClient
 from featurestore.dtypes import DType
 from featurestore.registry import (
@@ -23,7 +23,7 @@ from featurestore.registry import (
     history_db_name,
     view_db_name,
 )
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.server.test_auth import AUTH_TOML, TOKENS
 from tests.server.test_feature_store_rpc import expect_error
 from tests.server.test_metrics import scrape, view_series
@@ -118,13 +118,15 @@ def test_prune_deletes_exactly_what_the_request_no_longer_declares(
         for line in (server.data_dir / "audit.jsonl").read_text().splitlines()
         if '"apply_feature_views"' in line
     ]
-    dry_record, pruned = [r for r in records if r.get("deleted")]
+    (dry_record,) = [r for r in records if r.get("would_delete")]
+    (pruned,) = [r for r in records if r.get("deleted")]
     expected = "gone@1,gone@2,feature_service:reads_gone,entity:item"
-    assert (dry_record["dry_run"], dry_record["prune"], dry_record["deleted"]) == (
+    assert (dry_record["dry_run"], dry_record["prune"], dry_record["would_delete"]) == (
         True,
         True,
         expected,
     )
+    assert "deleted" not in dry_record  # a dry run deletes nothing
     assert (pruned["outcome"], pruned["dry_run"], pruned["prune"]) == ("OK", False, True)
     assert pruned["deleted"] == expected and pruned["target"] == "keep"
     assert "prune" not in records[0] and records[-1]["deleted"] == ""
@@ -132,3 +134,33 @@ def test_prune_deletes_exactly_what_the_request_no_longer_declares(
     assert refused["prune"] is True and "deleted" not in refused
     denied = next(r for r in records if r["outcome"] == "PERMISSION_DENIED")
     assert denied["prune"] is True
+
+
+def test_a_prune_whose_caller_gave_up_still_drops_the_deleted_views_series(
+    server_factory,
+) -> None:
+    """The prune runs to its end when its caller's deadline passes first, and so does the
+    clean-up of the deleted view's metrics (it ran after the change, in the cancelled handler:
+    the series, and the drift reference fitted on deleted rows, stayed)."""
+    port = free_port()
+    server = server_factory("--metrics-port", str(port))
+    config = ClientConfig(target=server.target, timeout_s=20)
+    hit = 0
+    with FeatureStoreClient(config) as client:
+        for deadline in (0.001, 0.002, 0.004, 0.008, 0.016, 0.032) * 3:
+            client.apply([USER, ITEM], [KEEP, GONE])
+            client.write_features("gone", ITEMS, NOW_US, {"x": np.ones(4)})
+            client.get_online_features(["gone:x"], ITEMS)
+            assert view_series(scrape(port), "gone")
+            hurried = ClientConfig(target=server.target, timeout_s=deadline)
+            try:
+                with FeatureStoreClient(hurried) as impatient:
+                    impatient.apply([USER], [KEEP], prune=True)
+                continue
+            except ClientError as exc:
+                assert exc.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            if not wait_until(lambda: not client.list_feature_views("gone")[1], timeout=10):
+                continue  # the call never reached the server: nothing was pruned
+            hit += 1
+            assert wait_until(lambda: not view_series(scrape(port), "gone"), timeout=10)
+    assert hit, "no prune outlived its caller's deadline"

@@ -709,6 +709,37 @@ def test_a_bad_stream_message_ends_the_stream_naming_its_batch(client) -> None:
     )
 
 
+def test_a_stream_spanning_a_delete_and_recreate_of_its_view_fails_there(client) -> None:
+    """Batches written before the view was deleted and created again went with the deleted
+    view: a later batch of the same stream is refused, not acknowledged as if all were kept."""
+    churn = FeatureView("churn", "user", (Feature("x", DType.FLOAT32),))
+    client.apply([], [churn])
+
+    def batch(i: int) -> pb.WriteFeaturesRequest:
+        ids = np.arange(10 * i, 10 * i + 10)
+        return fm.write_request("churn", {"user_id": ids}, NOW_US, {"x": ids.astype(np.float32)})
+
+    def requests() -> Iterator[pb.WriteFeaturesRequest]:
+        yield from (batch(i) for i in range(3))
+        keys = {"user_id": np.arange(30)}
+        assert wait_until(
+            lambda: (client.get_online_features(["churn:x"], keys).statuses["churn:x"] == 1).all()
+        )
+        client.delete_feature_view("churn", 1)
+        client.apply([], [churn])
+        yield from (batch(i) for i in range(3, 6))
+
+    stub = pb_grpc.FeatureStoreStub(client._channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.StreamWriteFeatures(requests())
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "batch 3: feature view 'churn' v1 was deleted and created again during this stream" in (
+        err.value.details()
+    )
+    got = client.get_online_features(["churn:x"], {"user_id": np.arange(60)})
+    assert (got.statuses["churn:x"] == FeatureStatus.NOT_FOUND).all()
+
+
 def commit_process(server_pid: int) -> int:
     """The pid of the server's commit process (started by its first write)."""
     found = [

@@ -370,7 +370,7 @@ class FeatureServer:
         if self._server is None:
             return
         if self.models is not None:
-            self.models.stop_warmups()  # a load in flight would hold the drain until it ends
+            self.models.begin_stop()  # a load in flight would hold the drain until it ends
         await self.health.shutdown()
         grace = self.config.grace_seconds if grace is None else grace
         log.info("stopping", extra={"grace_seconds": grace})

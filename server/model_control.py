@@ -99,6 +99,7 @@ class GroupControl:
         self._lock = asyncio.Lock()
         self._changes = Changes()
         self._follower: asyncio.Task | None = None
+        self._stopping = False
 
     @classmethod
     def of_this_worker(cls, repository: ModelRepository) -> GroupControl | None:
@@ -124,6 +125,10 @@ class GroupControl:
         if self.repository.mode != NONE:  # in none mode the record never changes after start-up
             self._follower = asyncio.create_task(self._follow(), name="model-control-follower")
 
+    def begin_stop(self) -> None:
+        """The worker is stopping: a load or unload waiting for the others answers at once."""
+        self._stopping = True
+
     async def stop(self) -> None:
         """Stop following, and let a load or unload under way finish recording."""
         if self._follower is not None:
@@ -146,11 +151,26 @@ class GroupControl:
         await self._confirmed(name, seq, "unload", time_remaining)
 
     async def _change(self, name: str, change: Callable[[str], Any]) -> int:
-        """Apply a load or unload here and, when it succeeds, record it; returns its seq."""
+        """Apply a load or unload here and, when it succeeds, record it; returns its seq. A load
+        whose files changed on disk while it ran (a redeploy, or another worker's load of newer
+        files) is not recorded: this worker goes back to the group's record, and the caller
+        gets UNAVAILABLE (a retry loads the files now there)."""
         async with self._lock:
             await change(name)
             with self._flock():
-                (seq,) = self._add_records({name: self.repository.loaded_files(name)}).values()
+                loaded = self.repository.loaded_files(name)
+                if loaded is None or loaded == self.repository.folder_files(name):
+                    (seq,) = self._add_records({name: loaded}).values()
+                else:
+                    seq = 0
+            if not seq:
+                record = (self._read_records() or {}).get(name)
+                await self._apply({name: record or Record(0, None)}, force=True)
+                raise ModelUnavailableError(
+                    f"model '{name}' changed on disk while worker {self.index} loaded it (a "
+                    "redeploy, or another load), so its load is not recorded for the group and "
+                    "the worker is back to the group's record; call RepositoryModelLoad again"
+                )
             self._acknowledge({name: Ack(seq, True)})
         return seq
 
@@ -166,13 +186,18 @@ class GroupControl:
         while True:
             acks = {i: self._ack_of(i, name) for i in range(self.workers)}
             missing = [i for i, ack in acks.items() if ack is None or ack.seq < seq]
-            if not missing or time.monotonic() >= deadline:
+            if not missing or time.monotonic() >= deadline or self._stopping:
                 break
             await asyncio.sleep(FOLLOW_INTERVAL_S / 2)
         failed = {i: a.reason for i, a in acks.items() if a and a.seq == seq and not a.ok}
         unconfirmed = (
-            f"worker {', '.join(map(str, missing))} did not confirm it within "
-            f"{max(wait, 0):.1f} s (starting, stalled or gone) and follows the record when it can"
+            f"worker {', '.join(map(str, missing))} did not confirm it "
+            + (
+                f"before worker {self.index} began to stop"
+                if self._stopping
+                else f"within {max(wait, 0):.1f} s (starting, stalled or gone)"
+            )
+            + " and follows the record when it can"
         )
         if failed:
             reasons = "; ".join(f"worker {i}: {reason}" for i, reason in failed.items())
@@ -200,13 +225,13 @@ class GroupControl:
             except Exception:
                 log.exception("following the group's model state failed")
 
-    async def _apply(self, records: dict[str, Record]) -> None:
-        """Bring this worker's models in line with records it has not applied yet, and
-        acknowledge each."""
-        async with self._lock:
+    async def _apply(self, records: dict[str, Record], force: bool = False) -> None:
+        """Bring this worker's models in line with records newer than those it applied (force:
+        with these records whatever it applied), and acknowledge each."""
+        async with contextlib.nullcontext() if force else self._lock:
             acks = {}
             for name, record in records.items():
-                if self._applied.get(name) == record.seq:
+                if not force and record.seq <= self._applied.get(name, 0):
                     continue
                 try:
                     reason = await self.repository.follow(name, record.files)

@@ -281,7 +281,7 @@ class ModelRepository:
         """Stop the watcher and unload everything, letting in-flight requests finish (a load
         under way ends first; its warmup runs are cut short)."""
         self.ready = False
-        self.stop_warmups()
+        self.begin_stop()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -293,12 +293,15 @@ class ModelRepository:
                 for version in list(self._served[name]):
                     await self._unload_version(name, version, "server stopping")
 
-    def stop_warmups(self) -> None:
-        """Cut the warmups under way short: their loads fail, so a server that stops does not
-        wait for them (a warmup can run for as long as its config says)."""
+    def begin_stop(self) -> None:
+        """The server is stopping: cut the warmups under way short (their loads fail, so a
+        server that stops does not wait for them: a warmup can run for as long as its config
+        says), and stop a load or unload of the group waiting for the other workers."""
         self._stopping = True
         for warmup in self._warmups:
             warmup.set()
+        if self.group is not None:
+            self.group.begin_stop()
 
     async def _load_startup_models(self) -> None:
         """Explicit mode's start-up: load the models startup_models names, and only those."""
@@ -398,6 +401,11 @@ class ModelRepository:
                 raise ModelNotFoundError(f"no model folder '{name}' in {self.path}")
             self._unloaded.discard(name)
             failures = await self._sync(name, force=True)
+            if failures and self._stopping:
+                raise ModelUnavailableError(
+                    f"model '{name}': the load was abandoned, the server is stopping: "
+                    f"{'; '.join(failures)}"
+                )
             if failures:
                 serving = self.versions(name)
                 still = f", still serving version {', '.join(serving)}" if serving else ""
@@ -452,16 +460,31 @@ class ModelRepository:
                     await self._drop(name)
                 return ""
             model_dir = self.path / name
-            try:
-                here = _as_json(_fingerprint(model_dir))
-            except OSError as exc:
-                here = {"unreadable": _unreadable(model_dir, exc)}
+            here = self.folder_files(name)
             if here != files:
                 return await self._refuse(name, self._changed_since_load(model_dir, here))
             self._unloaded.discard(name)
             if self.loaded_files(name) == files and name not in self._model_errors:
                 return ""
-            return "; ".join(await self._sync(name, force=True))
+            failures = await self._sync(name, force=True)
+            if not failures:
+                return ""
+            return await self._refuse(
+                name,
+                f"not served by this worker: loading the files the group loaded failed here "
+                f"({'; '.join(failures)}), and serving any version it had would put other files "
+                f"beside the ones the other workers serve; fix the files in {model_dir} and call "
+                "RepositoryModelLoad again",
+            )
+
+    def folder_files(self, name: str) -> dict[str, Any]:
+        """The fingerprint (as JSON values, see loaded_files) of a model folder's files now, or
+        why it cannot be read."""
+        model_dir = self.path / name
+        try:
+            return _as_json(_fingerprint(model_dir))
+        except OSError as exc:
+            return {"unreadable": _unreadable(model_dir, exc)}
 
     def _changed_since_load(self, model_dir: Path, here: dict[str, Any]) -> str:
         """Why a worker does not serve a model folder whose files differ from those its group

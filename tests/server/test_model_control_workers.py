@@ -86,12 +86,19 @@ def kill_worker(server, pid: int) -> int:
     return new
 
 
+@pytest.fixture
+def tmp(tmp_path: Path, monkeypatch) -> Path:
+    """The $TMPDIR of the servers a test starts, where a --workers group makes its metrics
+    folder (and keeps its model state): the test reads the group's files there."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
+
+
 def test_explicit_loads_and_unloads_reach_every_worker_and_a_restarted_one_follows(
-    server_factory, tmp_path: Path, monkeypatch
+    server_factory, tmp_path: Path, tmp: Path
 ) -> None:
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
     models = tmp_path / "models"
     first_c, second_c = mlp_model(seed=3), mlp_model(seed=4)
     write_model(models, "a", mlp_model(seed=1))
@@ -156,11 +163,8 @@ def test_explicit_loads_and_unloads_reach_every_worker_and_a_restarted_one_follo
 
 
 def test_none_mode_a_restarted_worker_serves_only_the_files_the_group_loaded(
-    server_factory, tmp_path: Path, monkeypatch
+    server_factory, tmp_path: Path, tmp: Path
 ) -> None:
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
     models = tmp_path / "models"
     first_a = mlp_model(seed=1)
     write_model(models, "a", first_a)
@@ -228,6 +232,143 @@ def test_a_load_answers_once_every_worker_confirmed_or_names_those_that_did_not(
             assert not repository.is_ready("a")
         finally:
             await group.stop()
+            await repository.stop()
+
+    asyncio.run(main())
+
+
+def warmed(count: int, *extra: str) -> str:
+    """config.toml of a model warmed up count times (a load that takes a while)."""
+    return "\n".join(("[[model_warmup]]", 'name = "zeros"', f"count = {count}", *extra)) + "\n"
+
+
+def two_workers(models: Path, folder: Path) -> tuple[GroupControl, GroupControl]:
+    """Workers 0 and 1 of a group of two, in this process: each its own repository of
+    `models`, one shared state folder."""
+    folder.mkdir(exist_ok=True)
+    groups = []
+    for worker in (0, 1):
+        repository = ModelRepository(models, mode="explicit", startup_models=["m"])
+        repository.group = GroupControl(repository, folder, worker, 2)
+        groups.append(repository.group)
+    return groups[0], groups[1]
+
+
+async def stop_all(*groups: GroupControl) -> None:
+    for group in groups:
+        await group.stop()
+        await group.repository.stop()
+
+
+def test_a_load_whose_files_changed_while_it_ran_is_not_recorded(tmp_path: Path) -> None:
+    """The files changed on disk while worker 0 loaded them: its load is not recorded (it would
+    have ordered every worker to serve files no longer there, after a newer record), the
+    worker goes back to the group's record, and the caller is told to load again, which
+    then reaches both workers."""
+    models = tmp_path / "models"
+    write_model(models, "m", mlp_model(seed=1), config_toml=warmed(1))
+
+    async def main() -> None:
+        a, b = two_workers(models, tmp_path / "group")
+        await a.start()
+        await b.start()
+        try:
+            write_model(models, "m", mlp_model(seed=1), config_toml=warmed(100_000))
+            loading = asyncio.ensure_future(a.load("m", lambda: 30.0))
+            await asyncio.sleep(0.5)  # its files are read at once; it warms up for seconds
+            assert not loading.done()
+            write_model(models, "m", mlp_model(seed=2), config_toml=warmed(1))
+            with pytest.raises(ModelUnavailableError, match="changed on disk while worker 0"):
+                await loading
+            # back to the record (the start-up files), which the folder no longer holds
+            assert not a.repository.is_ready("m")
+            assert b.repository.is_ready("m")
+            await a.load("m", lambda: 30.0)
+            assert a.repository.is_ready("m") and b.repository.is_ready("m")
+            assert a.repository.loaded_files("m") == b.repository.loaded_files("m")
+        finally:
+            await stop_all(a, b)
+
+    asyncio.run(main())
+
+
+def test_a_reload_that_fails_on_a_follower_leaves_it_serving_nothing(tmp_path: Path) -> None:
+    """Worker 1 cannot load what worker 0 loaded (its warmup file, which the fingerprint does
+    not cover, went bad in between): it must not keep serving the old version beside the new
+    one on worker 0, so it serves none, with the reason, and the caller hears which worker."""
+    models = tmp_path / "models"
+    model_dir = write_model(
+        models,
+        "m",
+        mlp_model(seed=1),
+        config_toml=warmed(1, "[model_warmup.inputs.x]", 'input_data_file = "x.bin"'),
+    )
+    (model_dir / "warmup").mkdir()
+    (model_dir / "warmup" / "x.bin").write_bytes(np.zeros(32, np.float32).tobytes())
+
+    async def main() -> None:
+        a, b = two_workers(models, tmp_path / "group")
+        await a.start()
+        await b.start()
+        try:
+            assert a.repository.is_ready("m") and b.repository.is_ready("m")
+            write_model(
+                models,
+                "m",
+                mlp_model(seed=2),
+                config_toml=warmed(1, "[model_warmup.inputs.x]", 'input_data_file = "x.bin"'),
+            )
+            seq = await a._changes.run(a._change("m", a.repository.load))
+            (model_dir / "warmup" / "x.bin").write_bytes(b"bad")  # before worker 1 follows
+            with pytest.raises(ModelLoadError, match=r"failed on worker 1: not served by this"):
+                await a._confirmed("m", seq, "load", lambda: 10.0)
+            assert a.repository.is_ready("m")
+            assert not b.repository.is_ready("m")
+            ((_, reason),) = [(s.state, s.reason) for s in b.repository.index() if s.name == "m"]
+            assert "loading the files the group loaded failed here" in reason
+        finally:
+            await stop_all(a, b)
+
+    asyncio.run(main())
+
+
+def test_a_stop_ends_the_wait_for_the_other_workers(tmp_path: Path) -> None:
+    """A load waiting for a worker that never confirms answers as soon as its own worker begins
+    to stop, rather than holding the drain up to 30 s (and being killed)."""
+    models = tmp_path / "models"
+    write_model(models, "m", mlp_model(seed=1))
+
+    async def main() -> None:
+        a, _ = two_workers(models, tmp_path / "group")
+        await a.start()
+        try:
+            loading = asyncio.ensure_future(a.load("m", lambda: 30.0))
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            a.repository.begin_stop()
+            with pytest.raises(ModelUnavailableError, match="before worker 0 began to stop"):
+                await loading
+            assert time.monotonic() - started < 1.0
+        finally:
+            await stop_all(a)
+
+    asyncio.run(main())
+
+
+def test_a_load_cut_short_by_a_stop_is_unavailable_not_a_file_error(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    write_model(models, "m", mlp_model(seed=1), config_toml=warmed(2**32 - 1))
+
+    async def main() -> None:
+        repository = ModelRepository(models, mode="explicit")
+        await repository.start()
+        try:
+            loading = asyncio.ensure_future(repository.load("m"))
+            await asyncio.sleep(0.5)
+            repository.begin_stop()
+            with pytest.raises(ModelUnavailableError, match="abandoned, the server is stopping"):
+                await loading
+        finally:
             await repository.stop()
 
     asyncio.run(main())

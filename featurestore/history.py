@@ -93,14 +93,15 @@ def grouped(items: Iterable[T], rows: Callable[[T], int], max_rows: int) -> Iter
 
 
 @dataclass
-class HistoryStream:
-    """A view version's history as a read transaction sees it: its definition's created_us, its
-    horizon (µs, 0 = never compacted), and its records in write order as (sequence number,
-    record), each copied out of the map only when the iteration reaches it."""
+class HistoryChunks:
+    """A view version's history read a chunk at a time (OnlineStore.history_chunks): its
+    definition's created_us and horizon (µs, 0 = never compacted) as the first chunk's read
+    transaction saw them, and its chunks of consecutive records in write order as (sequence
+    number, record), each read in its own transaction when the iteration reaches it."""
 
     created_us: int
     horizon_us: int
-    records: Iterator[tuple[int, bytes]]
+    chunks: Iterator[list[tuple[int, bytes]]]
 
 
 @dataclass
@@ -188,10 +189,14 @@ def rebuild_online(
     The log and the online rows are read in one read transaction (writers go on beside it):
     the log is streamed record by record and reduced as it comes to each key's newest row so
     far, so memory grows with the view's keys (as the online rows do), not with the log; the
-    difference from the online rows is computed after the read ends. Only keys whose stored row
-    differs from the rebuilt one are written (or deleted: stored with no logged row), in write
-    transactions of at most max_rows_per_txn rows, so writers wait for one such transaction,
-    not for the whole view (a rebuild of a healthy store writes nothing).
+    difference from the online rows is computed after the read ends. The difference needs one
+    snapshot of both, so that read transaction is held while the whole log is reduced, and
+    LMDB reuses no page that writers free meanwhile until it ends: the data file grows by what
+    they rewrite during that time (compaction, which needs no such snapshot, reads the log in
+    short transactions instead). Only keys whose stored row differs from the rebuilt one are
+    written (or deleted: stored with no logged row), in write transactions of at most
+    max_rows_per_txn rows, so writers wait for one such transaction, not for the whole view
+    (a rebuild of a healthy store writes nothing).
 
     This is exact beside live writers because every change to a view's online rows is logged
     in the transaction that makes it: an accepted row is logged, a row refused stale is logged

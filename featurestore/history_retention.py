@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zlib
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,6 @@ from featurestore.errors import ConflictError, InvalidArgumentError, NotFoundErr
 from featurestore.history import (
     REBUILD_ROWS_PER_TXN,
     STREAM_ROWS,
-    grouped,
     log_of,
     pack_batch,
     record_rows,
@@ -36,6 +35,11 @@ from featurestore.last_write_wins import key_order, newest_per_key, pick
 
 if TYPE_CHECKING:
     from featurestore.online_store import OnlineStore
+
+CHUNK_BYTES = 4 << 20
+"""Bytes of records (and STREAM_ROWS rows) that compaction copies out of the map per read
+transaction at most, reducing each chunk after its transaction ends (a bigger record goes
+alone)."""
 
 
 @dataclass(frozen=True)
@@ -51,20 +55,6 @@ class Compaction:
     records_deleted: int
 
 
-@dataclass(frozen=True)
-class _Edit:
-    """A record to change: its length and CRC-32 when planned (a record found changed is left
-    alone: another compaction rewrote it), its row count, the positions of its rows that are
-    their key's newest before the horizon, and whether it goes (nothing kept, and not the last
-    compacted record)."""
-
-    size: int
-    crc: int
-    rows: int
-    newest: list[int]
-    delete: bool
-
-
 def _newest_before(keys: list[bytes], event_us: np.ndarray, horizon_us: int) -> np.ndarray:
     """Positions of each key's newest row with an event time before the horizon (the earliest
     logged among equal event times)."""
@@ -75,7 +65,7 @@ def _newest_before(keys: list[bytes], event_us: np.ndarray, horizon_us: int) -> 
 
 @dataclass
 class _Scan:
-    """What the plan keeps of a log read record by record: the rows of the whole log; per
+    """What the plan keeps of a log read a chunk at a time: the rows of the whole log; per
     compacted record (the oldest ones, up to the first holding a row written at or after the
     horizon) its sequence number, length, CRC-32, row count and rows with an event time at or
     after the horizon; per key its newest row before the horizon so far (event time, position
@@ -124,37 +114,127 @@ class _Scan:
         return taken == len(blobs)
 
 
-def _scan(records: Iterable[tuple[int, bytes]], horizon_us: int) -> _Scan:
-    """Read the log once, a group of records at a time, keeping only what the plan needs."""
+def _scan(chunks: Iterable[list[tuple[int, bytes]]], horizon_us: int) -> _Scan:
+    """Read the log once, a chunk of records at a time, keeping only what the plan needs."""
     scan = _Scan(horizon_us)
     compacting = True
-    for group in grouped(records, lambda record: record_rows(record[1]), STREAM_ROWS):
-        scan.rows += sum(record_rows(blob) for _, blob in group)
-        compacting = compacting and scan.take(group)
+    for chunk in chunks:
+        scan.rows += sum(record_rows(blob) for _, blob in chunk)
+        compacting = compacting and scan.take(chunk)
     return scan
 
 
-def _plan(scan: _Scan) -> dict[int, _Edit]:
-    """Sequence number -> edit, for the compacted records that lose rows: a row stays if its
-    event time is at or after the horizon or it is its key's newest before it. The last
-    compacted record is emptied rather than deleted, so that the log's last sequence number
-    never goes back (a rebuild reads records logged after the last one it saw)."""
-    counts = np.asarray(scan.counts, np.int64)
-    starts = np.cumsum(counts) - counts
-    positions = np.sort(np.fromiter((p for _, p in scan.newest.values()), np.int64))
-    holder = np.searchsorted(starts + counts, positions, "right")
-    newest: dict[int, list[int]] = {}
-    for record, row in zip(holder.tolist(), (positions - starts[holder]).tolist(), strict=True):
-        newest.setdefault(record, []).append(row)
-    edits: dict[int, _Edit] = {}
-    last = len(scan.seqs) - 1
-    for i, seq in enumerate(scan.seqs):
-        kept = scan.later[i] + len(newest.get(i, ()))
-        if kept < scan.counts[i]:
-            delete = kept == 0 and i < last
-            rows = scan.counts[i]
-            edits[seq] = _Edit(scan.sizes[i], scan.crcs[i], rows, newest.get(i, []), delete)
-    return edits
+class _Chunks(Sequence[list[int]]):
+    """Sequence numbers in consecutive groups holding at most max_rows rows (a bigger record
+    goes alone), each listed only when its write transaction reaches it."""
+
+    def __init__(self, seqs: np.ndarray, rows: np.ndarray, max_rows: int) -> None:
+        self._seqs = seqs
+        self._bounds = array("q", [0])
+        ends = np.cumsum(rows)
+        while self._bounds[-1] < len(seqs):
+            start = self._bounds[-1]
+            limit = min((int(ends[start - 1]) if start else 0) + max_rows, int(ends[-1]))
+            self._bounds.append(max(start + 1, int(np.searchsorted(ends, limit, "right"))))
+
+    def __len__(self) -> int:
+        return len(self._bounds) - 1
+
+    def __getitem__(self, i: int) -> list[int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._seqs[self._bounds[i] : self._bounds[i + 1]].tolist()
+
+
+@dataclass
+class _Edits:
+    """The compacted records that lose rows, as parallel columns in log order (about 50 bytes
+    a record): sequence number; length and CRC-32 when planned (a record found changed is left
+    alone: another compaction rewrote it); rows; position of its first row among the compacted
+    rows; rows it keeps. Also the sorted positions of the compacted rows that are their key's
+    newest before the horizon, the last compacted record's number, and per record whether it
+    was changed as planned (each run of its transaction sets it again)."""
+
+    horizon_us: int
+    seqs: np.ndarray
+    sizes: np.ndarray
+    crcs: np.ndarray
+    rows: np.ndarray
+    starts: np.ndarray
+    kept: np.ndarray
+    newest: np.ndarray
+    last_seq: int
+    done: bytearray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.done = bytearray(len(self.seqs))
+
+    def goes(self) -> np.ndarray:
+        """Per record, whether it is deleted: it keeps nothing and is not the last compacted
+        record (emptied instead, so that the log's last sequence number never goes back: a
+        rebuild reads records logged after the last one it saw)."""
+        return (self.kept == 0) & (self.seqs != self.last_seq)
+
+    def rewrite(self, seq: int, record: bytes) -> bytes | None:
+        """What to store for the record numbered seq (see OnlineStore.rewrite_history): its
+        rows with event times at or after the horizon and those that are their key's newest
+        before it; None if it goes; the record itself if it changed since it was planned."""
+        i = int(np.searchsorted(self.seqs, seq))
+        planned = len(record) == self.sizes[i] and zlib.crc32(record) == self.crcs[i]
+        self.done[i] = bool(planned)
+        if not planned:
+            return record
+        if self.kept[i] == 0 and seq != self.last_seq:
+            return None
+        log = log_of([record])
+        keep = log.event_us >= self.horizon_us
+        start = int(self.starts[i])
+        lo, hi = np.searchsorted(self.newest, [start, start + int(self.rows[i])]).tolist()
+        keep[self.newest[lo:hi] - start] = True
+        kept = np.flatnonzero(keep).tolist()
+        return pack_batch(pick(log.keys, kept), pick(log.rows, kept))
+
+    def outcome(self) -> tuple[int, int, int]:
+        """Rows dropped, records rewritten and records deleted by the changes made."""
+        done = np.frombuffer(self.done, np.bool_)
+        goes = self.goes()
+        dropped = int((self.rows - self.kept)[done].sum())
+        return dropped, int((done & ~goes).sum()), int((done & goes).sum())
+
+
+def _filtered(column: array, lose: np.ndarray) -> np.ndarray:
+    """A scan column's values at the records that lose rows; the column is emptied (freed)."""
+    values = np.frombuffer(column, np.int64)[lose]
+    del column[:]
+    return values
+
+
+def _plan(scan: _Scan) -> _Edits:
+    """The edits of the compacted records that lose rows: a row stays if its event time is at
+    or after the horizon or it is its key's newest before it. Consumes the scan, emptying its
+    columns as they are filtered, so the peak stays near the scan's own size."""
+    newest = np.sort(np.fromiter((p for _, p in scan.newest.values()), np.int64, len(scan.newest)))
+    scan.newest.clear()
+    rows = np.frombuffer(scan.counts, np.int64)
+    ends = np.cumsum(rows)
+    kept = np.frombuffer(scan.later, np.int64)  # scan.later becomes the rows kept
+    np.add.at(kept, np.searchsorted(ends, newest, "right"), 1)
+    lose = kept < rows
+    ends -= rows
+    starts = ends[lose]
+    del rows, ends, kept  # the views of the columns: _filtered empties them
+    last_seq = scan.seqs[-1] if scan.seqs else 0
+    return _Edits(
+        scan.horizon_us,
+        _filtered(scan.seqs, lose),
+        _filtered(scan.sizes, lose),
+        _filtered(scan.crcs, lose),
+        _filtered(scan.counts, lose),
+        starts,
+        _filtered(scan.later, lose),
+        newest,
+        last_seq,
+    )
 
 
 def compact_history(
@@ -170,61 +250,38 @@ def compact_history(
     the epoch) and no rebuild selects; set the log's horizon (it only moves forward: an earlier
     horizon_us compacts up to the stored one).
 
-    The log is read record by record in one read transaction (writers go on beside it), keeping
-    per key its newest row before the horizon and per compacted record a few numbers, so memory
-    grows with the keys of the compacted part, not with the log's rows or bytes. Then the
-    records that lose rows are rewritten, each record's kept rows worked out as it is, in write
-    transactions of records holding at most max_rows_per_txn rows, so writers wait for one of
-    them at most; stop() is asked between them (the log is consistent after each). Safe beside
-    live writers, rebuilds, queries and another compaction. InvalidArgumentError for a bad
+    The log is read in chunks (STREAM_ROWS rows, CHUNK_BYTES at most), each copied out in its
+    own short read transaction and reduced after it ends, so no snapshot pins the pages
+    writers free meanwhile; records logged meanwhile are read too, and a record another
+    compaction changed between chunks is left alone when found changed at rewrite. It keeps
+    per key its newest row before the horizon and per compacted record a few numbers in
+    columns (about 40 bytes; about 50 for those that lose rows), not an object per record.
+    Then the records that lose rows are rewritten, each record's kept rows worked out as it
+    is, in write transactions of records holding at most max_rows_per_txn rows, so writers
+    wait for one of them at most; stop() is asked between them (the log is consistent after
+    each). Safe beside live writers, rebuilds, queries and another compaction. ConflictError
+    if the version is deleted and created again meanwhile; InvalidArgumentError for a bad
     horizon_us or max_rows_per_txn.
     """
     for name, value in (("horizon_us", horizon_us), ("max_rows_per_txn", max_rows_per_txn)):
         if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
             raise InvalidArgumentError(f"{name}: got {value!r}; give a whole number of at least 1")
     fv = store.registry.get_view(view, version)
-    with store.history_stream(fv.name, fv.version) as history:
-        horizon_us = max(int(horizon_us), history.horizon_us)
-        scan = _scan(history.records, horizon_us)
+    history = store.history_chunks(fv.name, fv.version, STREAM_ROWS, CHUNK_BYTES)
+    horizon_us = max(int(horizon_us), history.horizon_us)
+    scan = _scan(history.chunks, horizon_us)
     rows_before, edits = scan.rows, _plan(scan)
     del scan
-    # by record, the edit made and the rows it kept: a rerun transaction overwrites its own
-    outcome: dict[int, tuple[_Edit, int] | None] = {}
-
-    def rewrite(seq: int, record: bytes) -> bytes | None:
-        edit = edits[seq]
-        if len(record) != edit.size or zlib.crc32(record) != edit.crc:
-            outcome[seq] = None
-            return record
-        if edit.delete:
-            outcome[seq] = (edit, 0)
-            return None
-        log = log_of([record])
-        keep = log.event_us >= horizon_us
-        keep[edit.newest] = True
-        kept = np.flatnonzero(keep).tolist()
-        outcome[seq] = (edit, len(kept))
-        return pack_batch(pick(log.keys, kept), pick(log.rows, kept))
-
     store.rewrite_history(
         fv.name,
         fv.version,
         history.created_us,
         horizon_us,
-        list(grouped(edits, lambda seq: edits[seq].rows, int(max_rows_per_txn))),
-        rewrite,
+        _Chunks(edits.seqs, edits.rows, int(max_rows_per_txn)),
+        edits.rewrite,
         stop,
     )
-    done = [change for change in outcome.values() if change is not None]
-    return Compaction(
-        fv.name,
-        fv.version,
-        horizon_us,
-        rows_before,
-        sum(edit.rows - kept for edit, kept in done),
-        sum(not edit.delete for edit, _ in done),
-        sum(edit.delete for edit, _ in done),
-    )
+    return Compaction(fv.name, fv.version, horizon_us, rows_before, *edits.outcome())
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,11 @@ from featurestore.history import (
     FIRST_RECORD,
     HORIZON_KEY,
     REBUILD_ROWS_PER_TXN,
+    HistoryChunks,
     HistoryRecords,
-    HistoryStream,
     keep_newest,
     pack_batch,
+    record_rows,
 )
 from featurestore.keys import EncodedKeys, encode_keys, key_rows, keys_per_entity
 from featurestore.last_write_wins import (
@@ -970,17 +971,7 @@ class OnlineStore:
     def history_records(self, name: str, version: int) -> HistoryRecords:
         """A view version's history records in write order, with their sequence numbers, its
         history horizon and its definition's created_us, all read in one transaction (the
-        whole log in memory: history_stream reads it record by record)."""
-        with self.history_stream(name, version) as history:
-            pairs = list(history.records)
-        seqs = [seq for seq, _ in pairs]
-        return HistoryRecords(history.created_us, history.horizon_us, seqs, [v for _, v in pairs])
-
-    @contextmanager
-    def history_stream(self, name: str, version: int) -> Iterator[HistoryStream]:
-        """A view version's history read in one read transaction held open inside the block:
-        its records are copied out of the map one at a time as they are iterated, so the log
-        never has to fit in memory."""
+        whole log in memory: history_chunks reads it a bounded chunk at a time)."""
         self._check_open()
         db_name = history_db_name(name, version)
         self._lmdb.existing_db(db_name)
@@ -989,13 +980,61 @@ class OnlineStore:
             created_us = self.registry.get_view(name, version, txn).created_us
             db = self._lmdb.cached_db(db_name, usable)
             if db is None:
-                yield HistoryStream(created_us, 0, iter(()))
-                return
+                return HistoryRecords(created_us, 0, [], [])
             cur = txn.cursor(db=db)
             horizon = int.from_bytes(cur.get(HORIZON_KEY) or bytes(8), "big")
-            pairs = cur.iternext() if cur.set_range(FIRST_RECORD) else iter(())
-            records = ((int.from_bytes(key, "big"), value) for key, value in pairs)
-            yield HistoryStream(created_us, horizon, records)
+            pairs = list(cur.iternext()) if cur.set_range(FIRST_RECORD) else []
+        seqs = [int.from_bytes(key, "big") for key, _ in pairs]
+        return HistoryRecords(created_us, horizon, seqs, [value for _, value in pairs])
+
+    def history_chunks(
+        self, name: str, version: int, max_rows: int, max_bytes: int
+    ) -> HistoryChunks:
+        """A view version's history as chunks of consecutive records (sequence number, record),
+        each holding at most max_rows rows and max_bytes bytes (a bigger record goes alone) and
+        copied out of the map in its own short read transaction, the next one resuming after
+        the last number read: no snapshot is held while the caller reduces a chunk, so LMDB
+        can reuse the pages writers free meanwhile, and records committed meanwhile are read
+        too. The first transaction reads the horizon, the definition's created_us and the
+        first chunk; each later one raises compaction's ConflictError (its reader) if the
+        version was deleted and created again since, NotFoundError if it was deleted."""
+        self._check_open()
+        db_name = history_db_name(name, version)
+        self._lmdb.existing_db(db_name)
+        usable = self._lmdb.handles_cached
+
+        def read(txn: lmdb.Transaction, start: bytes) -> list[tuple[int, bytes]]:
+            db = self._lmdb.cached_db(db_name, usable)
+            cur = txn.cursor(db=db) if db is not None else None
+            chunk: list[tuple[int, bytes]] = []
+            if cur is None or not cur.set_range(start):
+                return chunk
+            rows = size = 0
+            for key, record in cur.iternext():
+                rows, size = rows + record_rows(record), size + len(record)
+                if chunk and (rows > max_rows or size > max_bytes):
+                    break
+                chunk.append((int.from_bytes(key, "big"), record))
+            return chunk
+
+        with self._lmdb.read_txn() as txn:
+            created_us = self.registry.get_view(name, version, txn).created_us
+            db = self._lmdb.cached_db(db_name, usable)
+            horizon = txn.get(HORIZON_KEY, bytes(8), db) if db is not None else bytes(8)
+            first = read(txn, FIRST_RECORD)
+
+        def chunks() -> Iterator[list[tuple[int, bytes]]]:
+            chunk = first
+            while chunk:
+                yield chunk
+                with self._lmdb.read_txn() as txn:
+                    self._same_definition(
+                        txn, name, version, created_us, "history was read",
+                        "history was left as it was", "compaction",
+                    )  # fmt: skip
+                    chunk = read(txn, (chunk[-1][0] + 1).to_bytes(8, "big"))
+
+        return HistoryChunks(created_us, int.from_bytes(horizon, "big"), chunks())
 
     def rewrite_history(
         self,

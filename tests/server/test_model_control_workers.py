@@ -86,6 +86,21 @@ def kill_worker(server, pid: int) -> int:
     return new
 
 
+def old_files_or_refused(target: str, model_dir: Path, loaded, fix: str) -> list[grpc.RpcError]:
+    """On fresh channels, some workers answer with the files the group loaded (`loaded`) and
+    the others refuse UNAVAILABLE, naming the changed folder and the fix (returned); none
+    serves other files."""
+    answers = on_fresh_channels(target, lambda stub: infer(stub, model_dir.name))
+    refusals = [a for a in answers if isinstance(a, grpc.RpcError)]
+    served_old = [a for a in answers if not isinstance(a, grpc.RpcError)]
+    assert refusals and served_old, answers
+    assert all(np.allclose(y, reference(loaded)) for _, y in served_old)
+    for refusal in refusals:
+        assert refusal.code() == grpc.StatusCode.UNAVAILABLE
+        assert str(model_dir) in refusal.details() and fix in refusal.details()
+    return refusals
+
+
 @pytest.fixture
 def tmp(tmp_path: Path, monkeypatch) -> Path:
     """The $TMPDIR of the servers a test starts, where a --workers group makes its metrics
@@ -140,14 +155,7 @@ def test_explicit_loads_and_unloads_reach_every_worker_and_a_restarted_one_follo
     refusing = kill_worker(server, survivor)
     assert set(served(folder, refusing)) == {"a"}
     assert set(served(folder, restarted)) == {"a", "c"}
-    answers = on_fresh_channels(server.target, lambda stub: infer(stub, "c"))
-    refusals = [a for a in answers if isinstance(a, grpc.RpcError)]
-    served_c = [a for a in answers if not isinstance(a, grpc.RpcError)]
-    assert refusals and served_c, answers
-    assert all(np.allclose(y, reference(first_c)) for _, y in served_c)
-    for refusal in refusals:
-        assert refusal.code() == grpc.StatusCode.UNAVAILABLE
-        assert str(models / "c") in refusal.details() and "RepositoryModelLoad" in refusal.details()
+    refusals = old_files_or_refused(server.target, models / "c", first_c, "RepositoryModelLoad")
     indexes = on_fresh_channels(server.target, index)
     refused = [i[("c", "")] for i in indexes if ("c", "") in i]
     assert refused and all(i[("c", "1")][0] == READY for i in indexes if ("c", "") not in i)
@@ -179,15 +187,7 @@ def test_none_mode_a_restarted_worker_serves_only_the_files_the_group_loaded(
     restarted = kill_worker(server, workers[0])
     assert set(served(folder, restarted)) == {"b"}
     assert set(served(folder, workers[1])) == {"a", "b"}
-    answers = on_fresh_channels(server.target, lambda stub: infer(stub, "a"))
-    refusals = [a for a in answers if isinstance(a, grpc.RpcError)]
-    served_a = [a for a in answers if not isinstance(a, grpc.RpcError)]
-    assert refusals and served_a, answers
-    assert all(np.allclose(y, reference(first_a)) for _, y in served_a)
-    for refusal in refusals:
-        assert refusal.code() == grpc.StatusCode.UNAVAILABLE
-        assert str(models / "a") in refusal.details()
-        assert "restart the whole server" in refusal.details()
+    old_files_or_refused(server.target, models / "a", first_a, "restart the whole server")
     assert not any(on_fresh_channels(server.target, lambda stub: ready(stub, "d")))
     with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as err:
         load(pb_grpc.GRPCInferenceServiceStub(channel), "a")

@@ -19,6 +19,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +28,7 @@ from featurestore.errors import ConflictError, InvalidArgumentError, NotFoundErr
 from featurestore.history import (
     REBUILD_ROWS_PER_TXN,
     STREAM_ROWS,
+    grouped,
     log_of,
     pack_batch,
     record_rows,
@@ -125,17 +127,14 @@ def _scan(chunks: Iterable[list[tuple[int, bytes]]], horizon_us: int) -> _Scan:
 
 
 class _Chunks(Sequence[list[int]]):
-    """Sequence numbers in consecutive groups holding at most max_rows rows (a bigger record
-    goes alone), each listed only when its write transaction reaches it."""
+    """Sequence numbers in the consecutive groups `grouped` makes of them by rows (at most
+    max_rows rows, a bigger record alone), kept as group bounds and each listed only when its
+    write transaction reaches it."""
 
     def __init__(self, seqs: np.ndarray, rows: np.ndarray, max_rows: int) -> None:
         self._seqs = seqs
-        self._bounds = array("q", [0])
-        ends = np.cumsum(rows)
-        while self._bounds[-1] < len(seqs):
-            start = self._bounds[-1]
-            limit = min((int(ends[start - 1]) if start else 0) + max_rows, int(ends[-1]))
-            self._bounds.append(max(start + 1, int(np.searchsorted(ends, limit, "right"))))
+        sizes = (len(group) for group in grouped(rows, int, max_rows))
+        self._bounds = array("q", accumulate(sizes, initial=0))
 
     def __len__(self) -> int:
         return len(self._bounds) - 1

@@ -11,21 +11,18 @@ models, records the result, and answers once every worker has acknowledged it; e
 follows the file (a stat every FOLLOW_INTERVAL_S) and loads a model only when its folder's
 fingerprint is still the recorded one, so no worker ever serves other files than the rest.
 
-Writes go to a temporary file renamed over the state (readers never see a torn file) under an
-flock of STATE_LOCK (no two workers' read-modify-writes interleave). Each worker writes its own
-acknowledgements file, so acks need no lock.
+The state is a group_file.GroupFile (atomic replacement, an flock around read-modify-writes,
+followed by a stat). Each worker writes its own acknowledgements file, so acks need no lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,14 +30,14 @@ from typing import Any
 from server.changes import Changes
 from server.config import NONE, POLL
 from server.errors import ModelLoadError, ModelUnavailableError
+from server.group_file import GroupFile, read_json, write_json
 from server.metrics import multiprocess_dir
 from server.model_repository import ModelRepository
 from server.workers import WORKERS_ENV, worker_index
 
 log = logging.getLogger("featureserve.model_control")
 
-STATE_FILE = "model-control.json"
-STATE_LOCK = "model-control.lock"
+STATE_STEM = "model-control"
 ACK_FILE = "model-control-ack-{index}.json"
 FOLLOW_INTERVAL_S = 0.1
 """How often a worker stats the state file: a change reaches every worker within this."""
@@ -69,21 +66,6 @@ class Ack:
     reason: str = ""
 
 
-def _write_json(path: Path, value: Any) -> None:
-    """Replace path with value as JSON, atomically: a reader sees the old file or the new one."""
-    staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    staged.write_text(json.dumps(value))
-    os.replace(staged, path)
-
-
-def _read_json(path: Path) -> Any | None:
-    """path's JSON value, or None when there is no such file."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-
-
 class GroupControl:
     """This worker's side of its group's model state: start-up, the calls it takes, the follower."""
 
@@ -92,10 +74,9 @@ class GroupControl:
         self.folder = folder
         self.index = index
         self.workers = workers
-        self.state_path = folder / STATE_FILE
+        self.state = GroupFile(folder, STATE_STEM)
         self._applied: dict[str, int] = {}
         self._acks: dict[str, Ack] = {}
-        self._seen: tuple[int, int, int] | None = None
         self._lock = asyncio.Lock()
         self._changes = Changes()
         self._follower: asyncio.Task | None = None
@@ -157,7 +138,7 @@ class GroupControl:
         gets UNAVAILABLE (a retry loads the files now there)."""
         async with self._lock:
             await change(name)
-            with self._flock():
+            with self.state.locked():
                 loaded = self.repository.loaded_files(name)
                 if loaded is None or loaded == self.repository.folder_files(name):
                     (seq,) = self._add_records({name: loaded}).values()
@@ -244,22 +225,16 @@ class GroupControl:
 
     def _changed_records(self) -> dict[str, Record] | None:
         """The state's records when the file changed since the last call (or appeared); None
-        when it did not, or does not exist. A replaced file has a new inode, so no change
-        goes unseen for a coarse modification time."""
-        try:
-            st = self.state_path.stat()
-        except FileNotFoundError:
-            return None
-        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if seen == self._seen:
-            return None
-        records = self._read_records()
-        self._seen = seen  # after the read: a read that failed is tried again
-        return records
+        when it did not, or does not exist."""
+        return self._records(self.state.changed())
 
     def _read_records(self) -> dict[str, Record] | None:
         """Every model's record in the state file, or None when there is none yet."""
-        state = _read_json(self.state_path)
+        return self._records(self.state.read())
+
+    @staticmethod
+    def _records(state: dict[str, Any] | None) -> dict[str, Record] | None:
+        """The records of a state file's value (None: no state)."""
         if state is None:
             return None
         return {name: Record(r["seq"], r["files"]) for name, r in state["models"].items()}
@@ -267,8 +242,8 @@ class GroupControl:
     def _record_startup(self) -> bool:
         """Record the models this worker loaded at start-up, unless another worker recorded
         first (False then)."""
-        with self._flock():
-            if self.state_path.exists():
+        with self.state.locked():
+            if self.state.path.exists():
                 return False
             loaded = sorted({model.name for model in self.repository.loaded()})
             seqs = self._add_records({n: self.repository.loaded_files(n) for n in loaded})
@@ -279,7 +254,7 @@ class GroupControl:
     def _add_records(self, files: dict[str, dict[str, Any] | None]) -> dict[str, int]:
         """Record each model as loaded from files (None: unloaded) under a new seq, the caller
         holding the state lock; returns the seqs."""
-        state = _read_json(self.state_path) or {"seq": 0, "models": {}}
+        state = self.state.read() or {"seq": 0, "models": {}}
         seqs = {}
         for name, loaded in files.items():
             state["seq"] += 1
@@ -289,7 +264,7 @@ class GroupControl:
                 "loaded": loaded is not None,
                 "files": loaded,
             }
-        _write_json(self.state_path, state)
+        self.state.write(state)
         return seqs
 
     def _acknowledge(self, acks: dict[str, Ack]) -> None:
@@ -297,19 +272,9 @@ class GroupControl:
         self._acks.update(acks)
         self._applied.update({name: ack.seq for name, ack in acks.items()})
         path = self.folder / ACK_FILE.format(index=self.index)
-        _write_json(path, {name: [a.seq, a.ok, a.reason] for name, a in self._acks.items()})
+        write_json(path, {name: [a.seq, a.ok, a.reason] for name, a in self._acks.items()})
 
     def _ack_of(self, index: int, name: str) -> Ack | None:
         """Worker index's acknowledgement of a model's latest record it applied, if any."""
-        acks = _read_json(self.folder / ACK_FILE.format(index=index)) or {}
+        acks = read_json(self.folder / ACK_FILE.format(index=index)) or {}
         return Ack(*acks[name]) if name in acks else None
-
-    @contextlib.contextmanager
-    def _flock(self) -> Iterator[None]:
-        """Hold the group's state lock (held for a read and a small write: microseconds)."""
-        fd = os.open(self.folder / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)

@@ -31,8 +31,9 @@ from server.handler_wrapping import InterceptingRegistrar
 from server.health import Health
 from server.inference_servicer import STREAM_METHOD as MODEL_STREAM
 from server.inference_servicer import InferenceServicer, local_statistics
+from server.log_settings import LogControl, LogSettings
 from server.message_size import MessageLimit, MessageSizeInterceptor
-from server.metrics import MetricsRuntime, start_metrics
+from server.metrics import MetricsRuntime, multiprocess_dir, start_metrics
 from server.metrics_interceptor import MetricsInterceptor
 from server.model_control import GroupControl
 from server.model_repository import ModelRepository
@@ -40,6 +41,7 @@ from server.overload import OverloadInterceptor
 from server.prediction_servicer import STREAM_METHOD as PREDICT_STREAM
 from server.prediction_servicer import PredictionServicer
 from server.retention import HistoryRetention
+from server.shared_memory import SharedMemoryRegistry
 from server.tls import TlsConfig, parse_tls, server_credentials
 from server.worker_stats import WorkerStatistics
 from server.workers import worker_index
@@ -208,6 +210,13 @@ class FeatureServer:
         self.worker_stats: WorkerStatistics | None = None
         self.retention: HistoryRetention | None = None
         self.features: FeatureStoreServicer | None = None
+        # A --workers group shares its shared-memory registrations and log settings through
+        # its folder (see shared_memory and log_settings).
+        group_folder = multiprocess_dir() if worker_index() is not None else None
+        self.regions = SharedMemoryRegistry(group_folder)
+        self.logs = LogControl(
+            LogSettings.of_level(config.log_level, config.log_format), group_folder
+        )
 
     async def start(self) -> int:
         """Open the stores and bind the port (ServerLive answers from then on), warm the store and
@@ -231,6 +240,7 @@ class FeatureServer:
             startup_models=self.config.startup_models,
         )
         self.models.group = GroupControl.of_this_worker(self.models)
+        self.logs.start()
         self.worker_stats = WorkerStatistics.of_this_worker(lambda: local_statistics(self.models))
         # A --workers worker joins the shared port only once loaded: SO_REUSEPORT would hand a
         # loading worker new connections that the serving ones could answer.
@@ -355,7 +365,13 @@ class FeatureServer:
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
-                self.models, self.authorizer, self.audit, self.message_limit, self.worker_stats
+                self.models,
+                self.authorizer,
+                self.audit,
+                self.message_limit,
+                self.worker_stats,
+                self.regions,
+                self.logs,
             ),
             server,
         )
@@ -391,6 +407,8 @@ class FeatureServer:
             if self.models.group is not None:
                 await self.models.group.stop()
             await self.models.stop()
+        self.regions.close()
+        await self.logs.stop()
         if self.committer is not None:
             self.committer.close()
         if self.store is not None:

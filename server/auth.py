@@ -75,6 +75,10 @@ METHOD_SCOPES: dict[str, str | tuple[str, ...]] = {
     _KS + "ModelStreamInfer": INFER,
     _KS + "RepositoryModelLoad": ADMIN,
     _KS + "RepositoryModelUnload": ADMIN,
+    _KS + "SystemSharedMemoryStatus": AUTHENTICATED,
+    _KS + "SystemSharedMemoryRegister": ADMIN,
+    _KS + "SystemSharedMemoryUnregister": ADMIN,
+    _KS + "LogSettings": ADMIN,
 }
 """Scope class each method needs (a tuple: any one of them) before the servicer's per-name
 check; unlisted methods need admin, so a method added later is closed until someone classifies

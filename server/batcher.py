@@ -107,6 +107,15 @@ class BatcherStats:
         self.queue.add(0)
         self.last_inference_ms = int(time.time() * 1000)
 
+    def count_undelivered(self, ns: int, hit: bool) -> None:
+        """A request already counted as a success (and a cache hit when hit) whose response
+        then failed (its outputs could not be written to shared memory): a failure lasting ns
+        instead. Its own share of the moved durations is not kept, so their mean is taken."""
+        for moved in (self.success, self.cache_hit) if hit else (self.success,):
+            moved.ns -= moved.ns // moved.count
+            moved.count -= 1
+        self.fail.add(ns)
+
 
 @dataclass(eq=False, slots=True)
 class _Request:

@@ -4,7 +4,9 @@ from their own packages."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import resource
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +67,22 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def raise_open_files_limit() -> None:
+    """Raise this process's soft open-file limit (RLIMIT_NOFILE, often 1024) to its hard limit,
+    as network servers do, so connections and shared-memory regions meet their own limits
+    first; workers inherit it. A limit that cannot be raised is left as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):
+        return
+    logging.getLogger("featureserve.server").info(
+        "raised the open-file limit (RLIMIT_NOFILE) from %d to %d", soft, hard
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the config, then run the server until a stop signal (args.signals, installed by
     main; one that came while the server was starting is a clean stop too: exit 0)."""
@@ -84,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
+    raise_open_files_limit()
     try:
         if args.workers > 1:
             from server.workers import run_workers

@@ -60,6 +60,24 @@ class InferenceFailedError(ServerError):
     """Executing this request's rows failed (ONNX Runtime, or outputs without the batch rows)."""
 
 
+class RegionExistsError(ServerError):
+    """SystemSharedMemoryRegister of a region name already registered (Triton's rule)."""
+
+
+class RegionNotFoundError(ServerError):
+    """SystemSharedMemoryStatus of a region name nobody registered."""
+
+
+class RegionChangedError(ServerError):
+    """The shared-memory region a request's output goes to was unregistered (or registered
+    again) while the request ran."""
+
+
+class SharedMemoryLimitError(ServerError):
+    """A shared-memory request over one of the server's limits: the regions it registers, the
+    descriptors it may open, or max_message_bytes for a BYTES input read from a region."""
+
+
 class PermissionDeniedError(ServerError):
     """The caller's token lacks the scope the RPC needs."""
 
@@ -84,6 +102,10 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     ControlRefusedError: grpc.StatusCode.FAILED_PRECONDITION,
     InferenceFailedError: grpc.StatusCode.INTERNAL,
+    RegionExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    RegionNotFoundError: grpc.StatusCode.NOT_FOUND,
+    RegionChangedError: grpc.StatusCode.FAILED_PRECONDITION,
+    SharedMemoryLimitError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
 }

@@ -85,15 +85,56 @@ def drop_shutdown_cancellations(unraisable: sys.UnraisableHookArgs) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+class Severities(logging.Filter):
+    """Passes the records of the severities enabled (DEBUG, INFO, WARNING, ERROR; CRITICAL
+    counts as ERROR): Triton's log_info / log_warning / log_error switch each on its own."""
+
+    def __init__(self, enabled: dict[int, bool]) -> None:
+        super().__init__()
+        self.enabled = enabled
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        level = min(record.levelno - record.levelno % 10, logging.ERROR)
+        return self.enabled.get(level, True)
+
+
+class ServerHandler(logging.StreamHandler):
+    """The stderr handler configure_logging installs, and the one LogSettings changes."""
+
+    def __init__(self, enabled: dict[int, bool], fmt: str) -> None:
+        super().__init__(sys.stderr)
+        self.severities = Severities(enabled)
+        self.addFilter(self.severities)
+        self.setFormatter(formatter(fmt))
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    """The formatter of a log_format: "json" or "text"."""
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
+def enabled_severities(level: str) -> dict[int, bool]:
+    """The severities a `log_level` enables: it and those above it."""
+    lowest = logging.getLevelName(level.upper())
+    return {n: n >= lowest for n in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)}
+
+
+def set_output(enabled: dict[int, bool], fmt: str) -> None:
+    """Write the records of the enabled severities, formatted as fmt ("json" or "text"), through
+    the handler configure_logging installed (a process without one keeps its logging)."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, ServerHandler):
+            handler.severities.enabled = dict(enabled)
+            handler.setFormatter(formatter(fmt))
+            on = [level for level, wanted in enabled.items() if wanted]
+            root.setLevel(min(on) if on else logging.CRITICAL + 1)
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Route the root logger to stderr in JSON (or plain text with fmt="text")."""
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [ServerHandler(enabled_severities(level), fmt)]
     root.setLevel(level.upper())
     cygrpc = logging.getLogger(GRPC_AIO_LOGGER)
     if not any(isinstance(f, DropShutdownCancellations) for f in cygrpc.filters):

@@ -6,18 +6,24 @@ dimension; when max_batch_size > 0 the first dimension is the batch and must be 
 initializer, which ONNX Runtime uses when a request leaves the input out.
 `[[model_warmup]]` tables are Triton's ModelWarmup samples, run at load before the version serves;
 their dims leave the batch dimension out, as in Triton.
+`label_filename = "labels.txt"` on an output names its class labels, a file in the model folder
+read at load, for Triton's classification extension (server/classification.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.classification import CLASSIFIABLE_DATATYPES
 from server.tensors import NUMPY_DTYPES, TRITON_TYPE_NAMES
+
+log = logging.getLogger("featureserve.model_config")
 
 CONFIG_FILENAME = "config.toml"
 MODEL_FILENAME = "model.onnx"
@@ -70,12 +76,16 @@ class ModelConfigError(Exception):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output: name, KServe datatype and full shape (-1 = variable)."""
+    """One input or output: name, KServe datatype and full shape (-1 = variable). An output may
+    name a labels file in the model folder (label_filename, Triton's field): its lines, read at
+    load, are the class labels of the classification extension (server/classification.py)."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
     optional: bool = False
+    label_filename: str = ""
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -217,6 +227,7 @@ class ModelConfig:
 
 _TOP_KEYS = {"name", "max_batch_size", "inputs", "outputs", "response_cache", "model_warmup"}
 _TENSOR_KEYS = {"name", "dtype", "shape", "optional"}
+_OUTPUT_KEYS = _TENSOR_KEYS | {"label_filename"}
 
 
 def _check_keys(source: str, table: str, raw: dict[str, Any], allowed: set[str]) -> None:
@@ -304,7 +315,7 @@ def _dataclass_from(source: str, table: str, raw: Any, cls: type, base: Any = No
 def _tensor(source: str, key: str, raw: Any) -> TensorSpec:
     """One [[inputs]] / [[outputs]] entry."""
     raw = _typed(source, key, raw, dict)
-    _check_keys(source, key, raw, _TENSOR_KEYS)
+    _check_keys(source, key, raw, _OUTPUT_KEYS if key == "outputs" else _TENSOR_KEYS)
     for required in ("name", "dtype", "shape"):
         if required not in raw:
             raise ModelConfigError(f"{source}: {key} entry lacks '{required}'")
@@ -318,7 +329,25 @@ def _tensor(source: str, key: str, raw: Any) -> TensorSpec:
     if any(d < -1 for d in shape):
         raise ModelConfigError(f"{source}: {key} '{name}' shape {list(shape)}: dims are -1 or >= 0")
     optional = _typed(source, f"{key}.optional", raw.get("optional", False), bool)
-    return TensorSpec(name, datatype, shape, optional)
+    label_filename = _typed(source, f"{key}.label_filename", raw.get("label_filename", ""), str)
+    if "label_filename" in raw and not _inside_folder(label_filename):
+        raise ModelConfigError(
+            f"{source}: {key} '{name}' label_filename '{label_filename}' must name a file inside "
+            'the model folder, relative to it, e.g. label_filename = "labels.txt"'
+        )
+    if label_filename and datatype not in CLASSIFIABLE_DATATYPES:
+        raise ModelConfigError(
+            f"{source}: {key} '{name}' has label_filename but is {datatype}; labels serve the "
+            f"classification of {', '.join(CLASSIFIABLE_DATATYPES)} outputs only: remove "
+            "label_filename"
+        )
+    return TensorSpec(name, datatype, shape, optional, label_filename)
+
+
+def _inside_folder(file: str) -> bool:
+    """Whether a file name from config.toml stays inside the folder it is relative to."""
+    path = Path(file)
+    return bool(file) and "\x00" not in file and not path.is_absolute() and ".." not in path.parts
 
 
 def parse_model_config(text: str, *, source: str, default_name: str) -> ModelConfig:
@@ -467,7 +496,7 @@ def _warmup_input(source: str, key: str, raw: Any) -> WarmupInput:
     file = ""
     if data == "input_data_file":
         file = _typed(source, f"{key}.{data}", raw[data], str)
-        if not file or "\x00" in file or Path(file).is_absolute() or ".." in Path(file).parts:
+        if not _inside_folder(file):
             raise ModelConfigError(
                 f"{source}: {key}.{data} '{file}' must name a file inside the model folder's "
                 'warmup/ subfolder, relative to it, e.g. input_data_file = "x.bin"'
@@ -643,7 +672,39 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         text = path.read_text()
     except FileNotFoundError:
         text = ""
-    return parse_model_config(text, source=str(path), default_name=model_dir.name)
+    config = parse_model_config(text, source=str(path), default_name=model_dir.name)
+    outputs = tuple(_with_labels(str(path), model_dir, spec) for spec in config.outputs)
+    return dataclasses.replace(config, outputs=outputs)
+
+
+def _with_labels(source: str, model_dir: Path, spec: TensorSpec) -> TensorSpec:
+    """The output with its labels file read: UTF-8, one label per line (as Triton reads it, an
+    empty line is a class without a label; a trailing newline and CRLF endings are ignored)."""
+    if not spec.label_filename:
+        return spec
+    path = model_dir / spec.label_filename
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ModelConfigError(
+            f"{source}: output '{spec.name}' label_filename: {path} does not exist; put the "
+            "labels there, one per line, or fix the name (it is relative to the model folder)"
+        ) from None
+    except OSError as exc:
+        raise ModelConfigError(
+            f"{source}: output '{spec.name}' label_filename: {path} cannot be read: "
+            f"{exc.strerror or exc}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ModelConfigError(
+            f"{source}: output '{spec.name}' label_filename: {path} is not UTF-8 (byte "
+            f"{exc.start}); save the labels file as UTF-8"
+        ) from None
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    while lines and lines[-1] == "":
+        lines.pop()
+    labels = tuple(lines)
+    return dataclasses.replace(spec, labels=labels)
 
 
 def complete_config(
@@ -678,7 +739,32 @@ def complete_config(
         config, inputs=tuple(declared_in), outputs=tuple(declared_out), max_batch_size=max_batch
     )
     _check_semantics(source, completed)
+    _check_label_counts(source, completed)
     return completed
+
+
+def _check_label_counts(source: str, config: ModelConfig) -> None:
+    """Warn when an output whose rows have a fixed number of classes (all of a row's elements,
+    as Triton classifies it) has another number of labels: Triton loads such a model (an
+    ImageNet labels file often has a 'background' line more), so it loads here too."""
+    skip = 1 if config.max_batch_size else 0
+    for spec in config.outputs:
+        row = spec.shape[skip:]
+        if not spec.label_filename or -1 in row:
+            continue
+        classes = math.prod(row)
+        if classes != len(spec.labels):
+            log.warning(
+                "%s: output '%s' label_filename '%s' holds %d labels, but each row of the output "
+                "has %d classes (dims %s): classes past the file's end get no label, and labels "
+                "past the row's classes are never used; give one label per class, one per line",
+                source,
+                spec.name,
+                spec.label_filename,
+                len(spec.labels),
+                classes,
+                list(row),
+            )
 
 
 def _batchable(tensor: TensorSpec) -> bool:

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -124,6 +125,7 @@ class _Fingerprint:
     config: _Stat
     versions: dict[int, _Stat] = field(default_factory=dict)
     misnamed: dict[str, _Stat] = field(default_factory=dict)
+    side: dict[str, _Stat] = field(default_factory=dict)
     unreadable: str = ""
 
 
@@ -187,15 +189,21 @@ def _as_json(fp: _Fingerprint) -> dict[str, Any]:
 
 
 def _fingerprint(model_dir: Path) -> _Fingerprint:
-    """The stat of config.toml and of every <version>/model.onnx under a model folder, and of
-    the model.onnx in folders of ASCII digits that are not versions (01/, 0/).
+    """The stat of config.toml and of every <version>/model.onnx under a model folder, of the
+    model.onnx in folders of ASCII digits that are not versions (01/, 0/), and of the files the
+    config may name beside them (a labels file, warmup/ data): every other file of the folder,
+    dotfiles (an editor's swap file) excepted, so editing one reloads the model as a changed
+    config.toml does.
 
     Raises OSError when one of them exists but cannot be read (a symlink loop, permissions).
     """
     fp = _Fingerprint(_stat(model_dir / CONFIG_FILENAME))
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for child in model_dir.iterdir():
+            if child.name.startswith(".") or child.name == CONFIG_FILENAME:
+                continue
             if not (child.name.isascii() and child.name.isdecimal()):
+                fp.side.update(_side_files(model_dir, child))
                 continue
             stat = _stat(child / MODEL_FILENAME)
             if stat is None:
@@ -206,6 +214,35 @@ def _fingerprint(model_dir: Path) -> _Fingerprint:
             else:
                 fp.versions[version] = stat
     return fp
+
+
+def _side_files(model_dir: Path, child: Path) -> dict[str, _Stat]:
+    """The stat of child, a file of a model folder beside its versions, or of every file under
+    it (dotfiles excepted), by their paths relative to the folder. A file or folder that cannot
+    be read counts as changed when that changes, without failing the fingerprint: nothing may
+    name it (config.toml reports the files it names when it reads them)."""
+    if not child.is_dir():
+        return {child.name: _side_stat(child)}
+    found: dict[str, _Stat] = {}
+
+    def unreadable(exc: OSError) -> None:
+        found[str(Path(exc.filename or child).relative_to(model_dir))] = (-1, exc.errno or 0)
+
+    for root, dirs, files in os.walk(child, onerror=unreadable):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith("."):
+                path = Path(root, name)
+                found[str(path.relative_to(model_dir))] = _side_stat(path)
+    return found
+
+
+def _side_stat(path: Path) -> _Stat:
+    """_stat, or (-1, errno) for a file that cannot be read (a symlink loop, permissions)."""
+    try:
+        return _stat(path)
+    except OSError as exc:
+        return -1, exc.errno or 0
 
 
 class ModelRepository:
@@ -705,7 +742,7 @@ class ModelRepository:
             self._model_error(name, str(exc), logging.ERROR)
             return [str(exc)]
         failures: list[str] = []
-        config_changed = force or old is None or old.config != fp.config
+        config_changed = force or old is None or (old.config, old.side) != (fp.config, fp.side)
         targets = config.version_policy.select(list(fp.versions))
         if targets:
             self._model_errors.pop(name, None)

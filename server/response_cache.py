@@ -6,6 +6,11 @@ A key is a blake2b digest of the loaded version's load token, the requested outp
 decoded input's name, dtype, shape and bytes, so raw and typed contents of the same values share
 an entry, and a version loaded again (a new model.onnx under the same number) never reads the
 entries of its earlier load. It lives on the event loop: no locks.
+
+Inputs sent in shared memory are keyed like any other, by the bytes copied out of their regions
+when the request was decoded (never by region name and offset, whose bytes the client can
+rewrite), and the servicer writes a hit's outputs into the request's own regions: such requests
+are cached with the same guarantee.
 """
 
 from __future__ import annotations

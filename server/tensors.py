@@ -118,36 +118,41 @@ def check_size(name: str, datatype: str, shape: tuple[int, ...]) -> None:
         )
 
 
-def decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
-    """A raw_input_contents entry as an array; the byte length must match shape x dtype."""
+def decode_raw(
+    name: str, datatype: str, shape: tuple[int, ...], raw: bytes, source: str = "raw contents"
+) -> np.ndarray:
+    """A raw_input_contents entry (or a tensor's bytes from elsewhere, which messages call
+    `source`) as an array; the byte length must match shape x dtype."""
     count = element_count(shape)
     if datatype == "BYTES":
-        return _decode_bytes_raw(name, shape, count, raw)
+        return _decode_bytes_raw(name, shape, count, raw, source)
     dtype = NUMPY_DTYPES[datatype]
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise InvalidRequestError(
-            f"input '{name}': raw contents hold {len(raw)} bytes, but shape {list(shape)} of "
+            f"input '{name}': {source} hold {len(raw)} bytes, but shape {list(shape)} of "
             f"{datatype} needs {expected} bytes ({count} x {dtype.itemsize})"
         )
     array = np.frombuffer(raw, dtype=dtype)
     if datatype == "BOOL":
-        _check_bool_bytes(name, array)
+        _check_bool_bytes(name, array, source)
     return array.reshape(shape)
 
 
-def _check_bool_bytes(name: str, array: np.ndarray) -> None:
+def _check_bool_bytes(name: str, array: np.ndarray, source: str) -> None:
     """NumPy reinterprets any byte as a bool without normalising it, so only 0 and 1 are valid."""
     octets = array.view(np.uint8)
     if octets.size and octets.max() > 1:
         index = int(np.argmax(octets > 1))
         raise InvalidRequestError(
-            f"input '{name}': BOOL raw contents element {index} is byte {octets[index]}; "
+            f"input '{name}': BOOL {source} element {index} is byte {octets[index]}; "
             f"each BOOL element is one byte, 0 (false) or 1 (true)"
         )
 
 
-def _decode_bytes_raw(name: str, shape: tuple[int, ...], count: int, raw: bytes) -> np.ndarray:
+def _decode_bytes_raw(
+    name: str, shape: tuple[int, ...], count: int, raw: bytes, source: str
+) -> np.ndarray:
     """BYTES raw contents: each element is a 4-byte little-endian length and its bytes."""
     items: list[str] = []
     view = memoryview(raw)
@@ -155,33 +160,34 @@ def _decode_bytes_raw(name: str, shape: tuple[int, ...], count: int, raw: bytes)
     while offset < len(raw):
         if offset + 4 > len(raw):
             raise InvalidRequestError(
-                f"input '{name}': BYTES raw contents end inside the length of element "
+                f"input '{name}': BYTES {source} end inside the length of element "
                 f"{len(items)}; each element needs a 4-byte little-endian length prefix"
             )
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += 4
         if offset + length > len(raw):
             raise InvalidRequestError(
-                f"input '{name}': BYTES element {len(items)} declares {length} bytes but only "
-                f"{len(raw) - offset} remain"
+                f"input '{name}': BYTES {source} element {len(items)} declares {length} bytes "
+                f"but only {len(raw) - offset} remain"
             )
-        items.append(_to_text(name, bytes(view[offset : offset + length]), len(items)))
+        items.append(_to_text(name, bytes(view[offset : offset + length]), len(items), source))
         offset += length
     if len(items) != count:
         raise InvalidRequestError(
-            f"input '{name}': raw contents hold {len(items)} BYTES elements, "
+            f"input '{name}': {source} hold {len(items)} BYTES elements, "
             f"shape {list(shape)} needs {count}"
         )
     return _object_array(items, shape)
 
 
-def _to_text(name: str, value: bytes, index: int) -> str:
-    """ONNX Runtime string tensors hold text: BYTES elements must be UTF-8."""
+def _to_text(name: str, value: bytes, index: int, source: str = "contents") -> str:
+    """ONNX Runtime string tensors hold text: BYTES elements (of `source`) must be UTF-8."""
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequestError(
-            f"input '{name}': BYTES element {index} is not UTF-8; ONNX string tensors hold text"
+            f"input '{name}': BYTES {source} element {index} is not UTF-8; ONNX string tensors "
+            "hold text"
         ) from None
 
 

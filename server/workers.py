@@ -320,12 +320,17 @@ def _die_with_parent() -> None:
 def worker_main() -> int:
     """Entry point of a worker: read the config from stdin, serve until SIGTERM."""
     from server.app import StartupError
+    from server.log_settings import LogControl, LogSettings
     from server.logs import configure_logging
+    from server.metrics import multiprocess_dir
     from server.runner import run
 
     _die_with_parent()
     config: ServerConfig = pickle.loads(sys.stdin.buffer.read())
     configure_logging(config.log_level, config.log_format)
+    # a worker started again writes as its group does (LogSettings) from its first record
+    start_up = LogSettings.of_level(config.log_level, config.log_format)
+    LogControl(start_up, multiprocess_dir()).current()
     log.info("worker starting", extra={"worker": worker_index(), "pid": os.getpid()})
     try:
         run(config)

@@ -315,11 +315,18 @@ def test_validation_errors_name_the_tensor(tmp_path: Path) -> None:
     unknown_output.outputs.add(name="OUTPUT9")
     cases.append((unknown_output, grpc.StatusCode.INVALID_ARGUMENT, "unknown output 'OUTPUT9'"))
     top_k = infer_request("simple", {"INPUT0": a, "INPUT1": a})
-    top_k.outputs.add(name="OUTPUT0").parameters["classification"].int64_param = 3
-    cases.append((top_k, grpc.StatusCode.INVALID_ARGUMENT, "'classification' (class_count)"))
+    top_k.outputs.add(name="OUTPUT0").parameters["classification"].int64_param = 0
+    cases.append((top_k, grpc.StatusCode.INVALID_ARGUMENT, "parameter 'classification' is 0"))
+    twice = infer_request("simple", {"INPUT0": a, "INPUT1": a})
+    twice.outputs.add(name="OUTPUT0")
+    twice.outputs.add(name="OUTPUT0").parameters["classification"].int64_param = 2
+    cases.append((twice, grpc.StatusCode.INVALID_ARGUMENT, "output 'OUTPUT0' is requested twice"))
+    top_k_in = infer_request("simple", {"INPUT0": a, "INPUT1": a})
+    top_k_in.inputs[0].parameters["classification"].int64_param = 3
+    cases.append((top_k_in, grpc.StatusCode.INVALID_ARGUMENT, "applies to requested outputs"))
     shm_out = infer_request("simple", {"INPUT0": a, "INPUT1": a})
     shm_out.outputs.add(name="OUTPUT0").parameters["shared_memory_region"].string_param = "r0"
-    cases.append((shm_out, grpc.StatusCode.INVALID_ARGUMENT, "shared-memory extensions"))
+    cases.append((shm_out, grpc.StatusCode.INVALID_ARGUMENT, "needs parameter 'shared_memory_byte"))
     shm_in = pb.ModelInferRequest(model_name="simple")
     for name in ("INPUT0", "INPUT1"):
         tensor = shm_in.inputs.add(name=name, datatype="FP32", shape=[2, 4])

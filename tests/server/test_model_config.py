@@ -90,6 +90,10 @@ def test_full_config_parses_every_section() -> None:
         ("[onnxruntime]\nthreads = 1", "[onnxruntime] 'threads'"),
         ("[labels]\na = 1", "'labels'"),
         ('[[inputs]]\nname = "x"\ndtype = "FP32"\nshape = [-1]\nformat = "nchw"', "'format'"),
+        (
+            '[[inputs]]\nname = "x"\ndtype = "FP32"\nshape = [-1]\nlabel_filename = "l.txt"',
+            "[inputs] 'label_filename'",
+        ),
     ],
 )
 def test_unknown_keys_fail_naming_key_and_file(text: str, needle: str) -> None:
@@ -113,6 +117,20 @@ def test_unknown_keys_fail_naming_key_and_file(text: str, needle: str) -> None:
         ("[version_policy]\nlatest = 1\nall = true", "exactly one"),
         ("[version_policy]\nall = false", "version_policy.all = false selects nothing"),
         ('name = "other"', "differs"),
+        (
+            '[[outputs]]\nname="y"\ndtype="FP32"\nshape=[4]\nlabel_filename=3',
+            "key 'outputs.label_filename' must be str, got int",
+        ),
+        (
+            '[[outputs]]\nname="y"\ndtype="BYTES"\nshape=[4]\nlabel_filename="l.txt"',
+            "outputs 'y' has label_filename but is BYTES; labels serve the classification of "
+            "UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP32, FP64 outputs only: "
+            "remove label_filename",
+        ),
+        (
+            '[[outputs]]\nname="y"\ndtype="FP32"\nshape=[4]\nlabel_filename="a/../../l.txt"',
+            "label_filename 'a/../../l.txt' must name a file inside the model folder",
+        ),
     ],
 )
 def test_invalid_values_fail_with_the_field(text: str, needle: str) -> None:

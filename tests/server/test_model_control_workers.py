@@ -293,9 +293,10 @@ def test_a_load_whose_files_changed_while_it_ran_is_not_recorded(tmp_path: Path)
 
 
 def test_a_reload_that_fails_on_a_follower_leaves_it_serving_nothing(tmp_path: Path) -> None:
-    """Worker 1 cannot load what worker 0 loaded (its warmup file, which the fingerprint does
-    not cover, went bad in between): it must not keep serving the old version beside the new
-    one on worker 0, so it serves none, with the reason, and the caller hears which worker."""
+    """Worker 1 cannot load what worker 0 loaded (the model file went bad in between, keeping
+    its size and modification time, which is all the fingerprint compares): it must not keep
+    serving the old version beside the new one on worker 0, so it serves none, with the
+    reason, and the caller hears which worker."""
     models = tmp_path / "models"
     model_dir = write_model(
         models,
@@ -319,7 +320,10 @@ def test_a_reload_that_fails_on_a_follower_leaves_it_serving_nothing(tmp_path: P
                 config_toml=warmed(1, "[model_warmup.inputs.x]", 'input_data_file = "x.bin"'),
             )
             seq = await a._changes.run(a._change("m", a.repository.load))
-            (model_dir / "warmup" / "x.bin").write_bytes(b"bad")  # before worker 1 follows
+            onnx_file = model_dir / "1" / "model.onnx"  # bad before worker 1 follows
+            st = onnx_file.stat()
+            onnx_file.write_bytes(b"\0" * st.st_size)
+            os.utime(onnx_file, ns=(st.st_atime_ns, st.st_mtime_ns))
             with pytest.raises(ModelLoadError, match=r"failed on worker 1: not served by this"):
                 await a._confirmed("m", seq, "load", lambda: 10.0)
             assert a.repository.is_ready("m")

@@ -122,6 +122,35 @@ def test_watcher_loads_new_versions_and_unloads_removed_ones(tmp_path: Path) -> 
     asyncio.run(main())
 
 
+def test_files_beside_the_versions_are_watched_and_an_unreadable_one_blocks_nothing(
+    tmp_path: Path,
+) -> None:
+    """Editing a file config.toml may name (notes/readme.txt here) reloads the model; a symlink
+    loop beside the versions, which nothing names, neither fails the load nor the watcher."""
+    model_dir = write_model(tmp_path, "mlp", mlp_model(seed=1))
+    (model_dir / "loop").symlink_to("loop")
+    (model_dir / "notes").mkdir()
+    (model_dir / "notes" / "readme.txt").write_text("v1")
+    (model_dir / ".swap").write_text("ignored")
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, watch=True, poll_interval_s=0.05)
+        await repo.start()
+        try:
+            assert repo.is_ready("mlp")
+            first = repo.get("mlp")
+            (model_dir / ".swap").write_text("still ignored")
+            await asyncio.sleep(0.3)
+            assert repo.get("mlp") is first
+            (model_dir / "notes" / "readme.txt").write_text("v2, longer")
+            await wait_for(lambda: repo.get("mlp") is not first)
+            assert repo.is_ready("mlp")
+        finally:
+            await repo.stop()
+
+    asyncio.run(main())
+
+
 def test_model_without_a_servable_version_is_reported_logged_once_and_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

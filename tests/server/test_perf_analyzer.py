@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.model_zoo import mlp_model, write_model
+from tests.conftest import free_port
 from tests.server.cached_venv import cached_venv
+from tests.server.test_metrics import scrape
 
 PERF_ANALYZER = ["tritonclient[grpc]==2.51.0", "nvidia-cuda-runtime-cu12==12.9.79"]
 """perf_analyzer ships in this tritonclient wheel; its binary links the CUDA runtime library."""
@@ -66,3 +68,31 @@ def test_perf_analyzer_sweep_with_server_breakdown(server_factory, tmp_path: Pat
         assert int(inferences) == int(succeeded) > 0
         assert 0 < int(executions) <= int(inferences)
         assert int(queue_us) > 0 and int(infer_us) > 0
+
+
+def test_perf_analyzer_with_system_shared_memory(server_factory, tmp_path: Path) -> None:
+    """`--shared-memory system`: perf_analyzer registers its own regions, sends every input and
+    output through them, and unregisters them at its end."""
+    binary, env = perf_analyzer()
+    models = tmp_path / "models"
+    write_model(models, "mlp", mlp_model())
+    metrics_port = free_port()
+    server = server_factory("--metrics-port", str(metrics_port), model_repo=models)
+    command = [
+        str(binary), "-m", "mlp", "-u", server.target, "-i", "grpc", "--shared-memory", "system",
+        "--concurrency-range", "2", "--measurement-interval", "500", "-s", "50",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "error" not in done.stdout.lower(), done.stdout
+    (succeeded,) = re.findall(r"Successful request count: (\d+)", done.stdout)
+    assert int(succeeded) > 0
+    calls = {
+        (dict(labels)["method"].rsplit("/", 1)[1], dict(labels)["code"]): count
+        for (name, labels), count in scrape(metrics_port).items()
+        if name == "featureserve_rpc_requests_total"
+    }
+    assert calls[("SystemSharedMemoryRegister", "OK")] > 0, calls
+    assert calls[("SystemSharedMemoryUnregister", "OK")] > 0, calls
+    assert calls[("ModelInfer", "OK")] >= int(succeeded), calls
+    assert {code for _, code in calls} == {"OK"}, calls

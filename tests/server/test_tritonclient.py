@@ -50,6 +50,11 @@ ins[0].set_data_from_numpy(a)
 ins[1].set_data_from_numpy(np.ones_like(a))
 simple = client.infer("simple", ins)
 out["simple"] = [simple.as_numpy("OUTPUT0").tolist(), simple.as_numpy("OUTPUT1").tolist()]
+top2 = [grpcclient.InferRequestedOutput("OUTPUT0", class_count=2)]
+top = client.infer("simple", ins, outputs=top2)
+out["classes"] = [[v.decode() for v in row] for row in top.as_numpy("OUTPUT0")]
+out["log_set"] = client.update_log_settings({"log_verbose_level": 1}, as_json=True)
+out["log_get"] = client.get_log_settings(as_json=True)
 
 half = grpcclient.InferInput("x", [2, 2], "BF16")
 half.set_data_from_numpy(np.array([[1.5, -2.0], [0.15625, 1e30]], ml_dtypes.bfloat16))
@@ -176,6 +181,10 @@ def test_tritonclient_sync_async_and_stream(tmp_path: Path) -> None:
     a = np.arange(32, dtype=np.float32).reshape(2, 16)
     np.testing.assert_array_equal(out["simple"][0], a + 1)
     np.testing.assert_array_equal(out["simple"][1], a - 1)
+    assert out["classes"] == [["16.000000:15", "15.000000:14"], ["32.000000:15", "31.000000:14"]]
+    for settings in (out["log_set"]["settings"], out["log_get"]["settings"]):
+        assert settings["log_verbose_level"] == {"uint32_param": 1}
+        assert settings["log_format"] == {"string_param": "json"}
     for stream, ids in (
         (out["stream"], ["0", "1", "2"]),
         (out["async_stream"], ["a0", "a1", "a2"]),

@@ -924,12 +924,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 async def start_server(
-    repository: ModelRepository, address: str = "127.0.0.1:0"
+    repository: ModelRepository, address: str = "127.0.0.1:0", limit: MessageLimit | None = None
 ) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with only the inference service (tests, benchmarks); returns it and its
     port. The caller starts and stops the repository."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(repository), server)
+    servicer = InferenceServicer(repository, limit=limit)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port(address)
     await server.start()
     return server, port

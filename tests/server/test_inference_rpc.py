@@ -28,6 +28,7 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
 from server.inference_servicer import start_server
+from server.message_size import MessageLimit
 from server.model_repository import ModelRepository
 from server.tensors import NUMPY_DTYPES, bf16_to_float32, encode_bytes_elements
 from tests.conftest import float32_to_bf16
@@ -51,14 +52,14 @@ TYPED = {
 }
 
 
-def serve(tmp_path: Path, body: Body, **repository: Any) -> None:
-    """Run body against a fresh server over the models already written under tmp_path (the
-    keyword arguments go to its ModelRepository)."""
+def serve(tmp_path: Path, body: Body, limit: MessageLimit | None = None, **repository: Any) -> None:
+    """Run body against a fresh server over the models already written under tmp_path (under
+    `limit`; the other keyword arguments go to its ModelRepository)."""
 
     async def main() -> None:
         repo = ModelRepository(tmp_path, watch=False, **repository)
         await repo.start()
-        server, port = await start_server(repo)
+        server, port = await start_server(repo, limit=limit)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 await body(pb_grpc.GRPCInferenceServiceStub(channel), repo)

@@ -23,9 +23,7 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from server import shared_memory as shm_module
 from server.errors import ServerError, status_for
-from server.inference_servicer import InferenceServicer
 from server.message_size import MessageLimit
-from server.model_repository import ModelRepository
 from server.shared_memory import BYTE_SIZE, OFFSET, REGION, SHM_DIR, SharedMemoryRegistry
 from server.tensors import encode_bytes_elements
 from tests.conftest import wait_until
@@ -617,29 +615,6 @@ def test_a_request_whose_outputs_cannot_be_written_counts_as_failed(
     serve(tmp_path, body, response_cache_bytes=1 << 20)
 
 
-def serve_limited(tmp_path: Path, body, max_message_bytes: int) -> None:
-    """serve(), with the inference service alone under a max_message_bytes."""
-
-    async def main() -> None:
-        repo = ModelRepository(tmp_path, watch=False)
-        await repo.start()
-        server = grpc.aio.server()
-        limit = MessageLimit(max_message_bytes, 1000)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(repo, limit=limit), server
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await body(pb_grpc.GRPCInferenceServiceStub(channel), repo)
-        finally:
-            await server.stop(None)
-            await repo.stop()
-
-    asyncio.run(main())
-
-
 def test_an_input_byte_size_is_checked_before_its_bytes_are_read(tmp_path: Path) -> None:
     """A 64 MiB byte_size for a 32-byte FP32 tensor is refused naming both sizes (it was read
     whole first); a BYTES input's byte_size may be at most max_message_bytes."""
@@ -670,7 +645,7 @@ def test_an_input_byte_size_is_checked_before_its_bytes_are_read(tmp_path: Path)
         ) in error.details()
 
     try:
-        serve_limited(tmp_path, body, 4096)
+        serve(tmp_path, body, limit=MessageLimit(4096, 1000))
     finally:
         os.close(fd)
         path.unlink()

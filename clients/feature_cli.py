@@ -750,12 +750,20 @@ def cmd_get(args: argparse.Namespace) -> int:
         print(f"featureserve: {problem}", file=sys.stderr)
         return 2
     with FeatureStoreClient(client_config(args)) as client:
+        projections = ()
         if args.feature_service is None:
             views = [client.get_feature_view(args.view, args.version or 0)]
         else:
             service = client.get_feature_service(args.feature_service)
             views = [client.get_feature_view(name, version) for name, version in service.reads]
+            projections = service.projections
         join_keys = dict.fromkeys(key for view in views for key in _join_keys(client, view))
+        for projection in projections:  # keyed by the columns its join_key_map names
+            view = client.get_feature_view(*projection.view_key)
+            join_keys.update(
+                (JoinKey(projection.column(key.name), key.dtype), None)
+                for key in _join_keys(client, view)
+            )
         try:
             keys = _keys_of(args, list(join_keys))
         except _InputError as exc:
@@ -774,7 +782,9 @@ def cmd_get(args: argparse.Namespace) -> int:
             print(f"featureserve: --keys/--entity: {exc}", file=sys.stderr)
             return 2
     for part in parts:
-        if args.feature_service is not None:
+        if part in result.projection_of:
+            print(f"{part} ({result.projection_of[part]}@{result.versions[part]}):")
+        elif args.feature_service is not None:
             print(f"{part}@{result.versions[part]}:")
         _print_view(keys, result, part)
     return 0

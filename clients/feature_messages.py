@@ -26,7 +26,8 @@ class OnlineFeatures:
     Columns are keyed "view:feature", or "view@N:feature" when the reference named version N;
     event_timestamps and versions (the version read) are keyed "view" or "view@N" likewise.
     A lookup by feature service keys them "view:feature" and "view", whatever version the
-    service reads (versions says which).
+    service reads (versions says which), and its projections' "alias:feature" and "alias";
+    projection_of maps each such alias to the view it read.
     """
 
     rows: int
@@ -34,6 +35,7 @@ class OnlineFeatures:
     statuses: dict[str, np.ndarray] = field(default_factory=dict)
     event_timestamps: dict[str, np.ndarray] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
+    projection_of: dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.values[name]
@@ -184,7 +186,9 @@ def online_features(
 
     Columns are keyed by the view part as the caller wrote it, so "v@1:x" and "v@2:x" stay
     apart while "v:x" keeps its plain key. With no references (a lookup by feature service)
-    they are keyed by each answered view's name: a service reads each view at one version.
+    they are keyed by each answered ViewResult.view: a view's name, a projection's alias (a
+    service reads each view at one version by reference, and its aliases are no such view's
+    name).
     """
     out = OnlineFeatures(rows=response.rows)
     if features:
@@ -192,6 +196,8 @@ def online_features(
     else:
         view_parts = [[view.view] for view in response.views]
     for parts, view in zip(view_parts, response.views, strict=True):
+        if view.projection_of:
+            out.projection_of[view.view] = view.projection_of
         stamps = np.frombuffer(view.event_timestamps, dtype="<i8")
         columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for block in view.blocks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from itertools import zip_longest
 
 import numpy as np
 
@@ -89,20 +90,28 @@ def _request_values(items: list[str]) -> dict[str, np.ndarray]:
     return values
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
+_KEY_TYPES = ("auto", "int64", "string")
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, tuple[str, str]]:
+    """Each NAME[:TYPE]=V1,V2 as NAME -> (TYPE, or "" when not given, and the values); a name
+    given twice (whatever its TYPE) is an error."""
     out = {}
     for item in items:
-        name, sep, values = item.partition("=")
+        spec, sep, values = item.partition("=")
+        name, _, key_type = spec.partition(":")
         if not sep or not name:
-            raise _InputError(f"{flag} {item!r}: use NAME=V1,V2")
+            raise _InputError(f"{flag} {item!r}: use NAME=V1,V2 (NAME:TYPE=V1,V2 to type it)")
+        if key_type and key_type not in _KEY_TYPES[1:]:
+            raise _InputError(f"{flag} {spec}: TYPE is int64 or string, got {key_type!r}")
         if name in out:
             raise _InputError(f"{flag} {name}= is given twice; give it once")
-        out[name] = values
+        out[name] = (key_type, values)
     return out
 
 
 def _keys(text: str, key_type: str, flag: str, name: str) -> np.ndarray:
-    """Comma-separated keys: int64 or strings as --key-type says (auto: all integers is
+    """Comma-separated keys: int64 or strings as `key_type` says (auto: all integers is
     int64)."""
     if key_type == "auto":
         return _key_values(text, flag)
@@ -113,7 +122,10 @@ def _keys(text: str, key_type: str, flag: str, name: str) -> np.ndarray:
 def _inputs(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The keys and request values of the command line, typed; _InputError for bad ones."""
     entities = _pairs(args.entity, "--entity")
-    keys = {k: _keys(v, args.key_type, "--entity", k) for k, v in entities.items()}
+    keys = {
+        name: _keys(text, key_type or args.key_type, "--entity", name)
+        for name, (key_type, text) in entities.items()
+    }
     if args.keys is not None:
         if args.join_key in keys:
             raise _InputError(
@@ -136,10 +148,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     lineage = result.lineage
     through = f" through service {lineage.feature_service}" if lineage.feature_service else ""
-    print(
-        f"model {result.model} version {lineage.model_version}; views {lineage.feature_views}"
-        + through
-    )
+    views = [
+        f"{view} as {alias}" if alias else view
+        for view, alias in zip_longest(lineage.feature_views, lineage.feature_view_aliases)
+    ]
+    print(f"model {result.model} version {lineage.model_version}; views {views}" + through)
     errors = {e.row: e.reason for e in result.row_errors}
     for row in range(result.rows):
         key_text = ", ".join(f"{k}={v[row]}" for k, v in keys.items())
@@ -168,16 +181,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--join-key", default="user_id", help="join key that --keys fills")
     p.add_argument(
         "--key-type",
-        choices=["auto", "int64", "string"],
+        choices=_KEY_TYPES,
         default="auto",
-        help="type of the key values (auto: all integers is int64; string keeps '007')",
+        help="type of the key values (auto: all integers is int64; string keeps '007'); "
+        "--entity NAME:TYPE=... sets one column's",
     )
     p.add_argument(
         "--entity",
         action="append",
         default=[],
-        metavar="NAME=V1,V2",
-        help="keys of one join key (repeat for composite keys)",
+        metavar="NAME[:TYPE]=V1,V2",
+        help="keys of one key column (repeat for composite keys and each projection's columns); "
+        "TYPE int64 or string overrides --key-type for this column",
     )
     p.add_argument(
         "--value",

@@ -36,13 +36,16 @@ class FeatureFill:
 @dataclass
 class Lineage:
     """Where the scores came from: model version, views read, oldest event time per row (µs),
-    and the feature service the model reads through (empty when it names its references)."""
+    and the feature service the model reads through (empty when it names its references);
+    feature_view_aliases is empty unless a view was read through a projection of that service,
+    then one per feature_views entry (the alias, "" for a view read by its own name)."""
 
     model_version: str
     feature_views: list[str]
     oldest_event_us: np.ndarray
     fills: list[FeatureFill] = field(default_factory=list)
     feature_service: str = ""
+    feature_view_aliases: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -113,6 +116,7 @@ def prediction_result(response: pb.PredictResponse) -> PredictionResult:
                 for f in lineage.fills
             ],
             feature_service=lineage.feature_service,
+            feature_view_aliases=list(lineage.feature_view_aliases),
         ),
     )
     if response.error_code:

@@ -103,7 +103,8 @@ def _view_json(view: FeatureView) -> dict:
 
 
 def _views_read(service: FeatureService) -> list[str]:
-    """The views a service reads, "view" (latest) or "view@N" (pinned), in reference order."""
+    """The views a service's references read, "view" (latest) or "view@N" (pinned), in
+    reference order (its projections are listed apart)."""
     return [name if version == 0 else f"{name}@{version}" for name, version in service.reads]
 
 
@@ -113,6 +114,15 @@ def _service_json(service: FeatureService) -> dict:
         "name": service.name,
         "features": list(service.features),
         "views": _views_read(service),
+        "projections": [
+            {
+                "view": p.view,
+                "alias": p.alias,
+                "features": list(p.features),
+                "join_key_map": dict(p.join_key_map),
+            }
+            for p in service.projections
+        ],
         "description": service.description,
         "owner": service.owner,
         "tags": dict(sorted(service.tags.items())),
@@ -142,11 +152,13 @@ def _view_row(view: FeatureView) -> tuple:
 
 
 def _service_row(service: FeatureService) -> tuple:
-    """A service's row of `list services`."""
+    """A service's row of `list services`: REFERENCES counts its projections too, and VIEWS
+    lists each projection as "view as alias"."""
+    projected = [f"{p.view} as {p.alias}" for p in service.projections]
     return (
         service.name,
-        len(service.features),
-        ", ".join(_views_read(service)),
+        len(service.features) + len(service.projections),
+        ", ".join(_views_read(service) + projected),
         service.owner,
         _iso(service.updated_us, "seconds"),
     )
@@ -261,14 +273,36 @@ def _resolved(service: FeatureService, client: FeatureStoreClient) -> list[dict]
     return out
 
 
+def _resolved_projections(service: FeatureService, client: FeatureStoreClient) -> list[dict]:
+    """Each projection of the service in order, with the view version it reads now, the
+    features it reads there and the request column of each join key."""
+    out = []
+    for p in service.projections:
+        view = client.get_feature_view(*p.view_key)
+        entities, _ = client.list_feature_views(view.name)
+        entity = next(e for e in entities if e.name == view.entity)
+        out.append(
+            {
+                "alias": p.alias,
+                "view": p.view_key[0],
+                "pinned_version": p.view_key[1] or None,
+                "version": view.version,
+                "features": list(p.features) or [f.name for f in view.features],
+                "key_columns": {k.name: p.column(k.name) for k in entity.join_keys},
+            }
+        )
+    return out
+
+
 def cmd_describe_service(args: argparse.Namespace) -> int:
     """Print every field of one feature service, and each of its references with the view
     version it resolves to now and the features it reads."""
     with FeatureStoreClient(client_config(args)) as client:
         service = client.get_feature_service(args.name)
         references = _resolved(service, client)
+        projections = _resolved_projections(service, client)
     if args.json:
-        _emit({**_service_json(service), "references": references})
+        _emit({**_service_json(service), "references": references, "projection_reads": projections})
         return 0
     print(f"feature service {service.name}")
     _fields(
@@ -289,6 +323,21 @@ def cmd_describe_service(args: argparse.Namespace) -> int:
         ],
         indent="    ",
     )
+    if projections:
+        print(f"  projections ({len(projections)}):")
+        _table(
+            ("ALIAS", "READS", "FEATURES", "KEY COLUMNS"),
+            [
+                (
+                    p["alias"],
+                    f"{p['view']}@{p['version']}",
+                    ", ".join(p["features"]),
+                    ", ".join(f"{key}={column}" for key, column in p["key_columns"].items()),
+                )
+                for p in projections
+            ],
+            indent="    ",
+        )
     return 0
 
 

@@ -7,7 +7,7 @@ the same on both sides of the wire.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from featurestore.dtypes import DType
 from featurestore.errors import InvalidArgumentError
@@ -16,6 +16,7 @@ from featurestore.registry import (
     ApplyResult,
     Entity,
     Feature,
+    FeatureProjection,
     FeatureService,
     FeatureView,
     JoinKey,
@@ -146,13 +147,18 @@ def view_from_proto(msg: pb.FeatureView, field: str = "view") -> FeatureView:
 
 def service_to_proto(service: FeatureService) -> pb.FeatureService:
     """FeatureService -> featureserve.v1.FeatureService; TypeError naming the field when
-    features is one string (it would go as one reference per character) or tags hold a
-    non-string (protobuf's own error names nothing)."""
+    features is one string (it would go as one reference per character) or no list, tags hold
+    a non-string, or a projection a wrong type (protobuf's own error names nothing)."""
     where = f"feature service {service.name!r}"
     if isinstance(service.features, str):
         raise TypeError(
             f"{where}: features is the str {service.features!r}; give a list of references, "
             f"e.g. ({service.features!r},)"
+        )
+    if not isinstance(service.features, Iterable):
+        raise TypeError(
+            f"{where}: features is {service.features!r:.80}; give a list of references "
+            "(empty when projections are given)"
         )
     for key, value in dict(service.tags).items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -165,6 +171,51 @@ def service_to_proto(service: FeatureService) -> pb.FeatureService:
         tags=dict(service.tags),
         created_us=_fits(service.created_us, INT64, f"{where}: created_us"),
         updated_us=_fits(service.updated_us, INT64, f"{where}: updated_us"),
+        projections=[
+            _projection_to_proto(p, f"{where}: projections[{j}]")
+            for j, p in enumerate(
+                _listed(service.projections, FeatureProjection, f"{where}: projections")
+            )
+        ],
+    )
+
+
+def _projection_to_proto(projection: FeatureProjection, where: str) -> pb.FeatureProjection:
+    """FeatureProjection -> featureserve.v1.FeatureProjection; TypeError naming the field
+    (`where`.view, .alias, .features, .join_key_map) when it holds the wrong type: protobuf's
+    own error names nothing, and a None view or alias would go as ''."""
+    for name in ("view", "alias"):
+        value = getattr(projection, name)
+        if not isinstance(value, str):
+            raise TypeError(f"{where}.{name}: expected str, got {type(value).__name__} {value!r}")
+    features = projection.features
+    if isinstance(features, str):
+        raise TypeError(
+            f"{where}.features: the str {features!r}; give a list of feature names, e.g. "
+            f"({features!r},)"
+        )
+    if not isinstance(features, list | tuple) or not all(isinstance(f, str) for f in features):
+        raise TypeError(
+            f"{where}.features: {features!r:.80}; give a list of feature names (empty: every "
+            "feature)"
+        )
+    key_map = projection.join_key_map
+    if not isinstance(key_map, Mapping):
+        raise TypeError(
+            f"{where}.join_key_map: {key_map!r:.80}; give a dict of join key -> request column "
+            "(empty: every join key read from the column of its own name)"
+        )
+    for key, column in key_map.items():
+        if not isinstance(key, str) or not isinstance(column, str):
+            raise TypeError(
+                f"{where}.join_key_map[{key!r}] = {column!r}; it maps a join key to a "
+                "request column, str to str"
+            )
+    return pb.FeatureProjection(
+        view=projection.view,
+        alias=projection.alias,
+        features=list(projection.features),
+        join_key_map=dict(projection.join_key_map),
     )
 
 
@@ -179,6 +230,10 @@ def service_from_proto(msg: pb.FeatureService) -> FeatureService:
         tags=dict(msg.tags),
         created_us=msg.created_us,
         updated_us=msg.updated_us,
+        projections=tuple(
+            FeatureProjection(p.view, p.alias, tuple(p.features), dict(p.join_key_map))
+            for p in msg.projections
+        ),
     )
 
 
@@ -228,7 +283,7 @@ def apply_request(
 
 def _listed(items: object, kind: type, argument: str) -> list:
     """`items` as a list of `kind`, or TypeError naming the argument and the bad item."""
-    if isinstance(items, (kind, str, bytes)):
+    if isinstance(items, (kind, str, bytes)) or not isinstance(items, Iterable):
         raise TypeError(f"{argument}: give a list of {kind.__name__}, got {items!r:.80}")
     listed = list(items)
     for i, item in enumerate(listed):

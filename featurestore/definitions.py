@@ -26,6 +26,12 @@ Format (a `[[pipeline]]` table may sit beside these; pipelines.config reads it):
     name = "fraud"
     features = ["user_stats:clicks_7d", "profile"]   # GetOnlineFeatures' references
     owner = "risk"           # optional, as are description and tags
+
+    [[feature_service.projection]]                   # optional: a view read under an alias
+    view = "location_stats"  # or "location_stats@2"
+    alias = "origin"         # names its results, as a view's name names a plain read's
+    features = ["avg_amount"]                        # optional (default: every feature)
+    join_key_map = { location_id = "origin_id" }     # join key -> request column (optional)
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from featurestore.errors import FeatureStoreError, InvalidArgumentError
 from featurestore.registry import (
     Entity,
     Feature,
+    FeatureProjection,
     FeatureService,
     FeatureView,
     JoinKey,
@@ -68,7 +75,8 @@ _VIEW = {
     "feature",
 }
 _FEATURE = {"name", "dtype", "vector_length", "allow_nan", "description"}
-_SERVICE = {"name", "features", "description", "owner", "tags"}
+_SERVICE = {"name", "features", "description", "owner", "tags", "projection"}
+_PROJECTION = {"view", "alias", "features", "join_key_map"}
 _UINT32_MAX = 2**32 - 1
 _INT64_MAX = 2**63 - 1
 
@@ -289,17 +297,17 @@ def _service(w: _Where, raw: Any, where: str) -> FeatureService:
     table = w.table(raw, where, _SERVICE)
     name = w.get(table, "name", where, str)
     where = f"{where} ({name})"
-    features = w.get(table, "features", where, list)
-    for j, ref in enumerate(features):
-        if not isinstance(ref, str):
-            raise w.error(
-                f"{where}.features[{j}]",
-                f'expected a reference string such as "view:feature", got {type(ref).__name__}',
-            )
-    if not features:
+    projections = [
+        _projection(w, raw_projection, f"{where}.projection[{j}]")
+        for j, raw_projection in enumerate(_array(w, table, "projection"))
+    ]
+    features = w.get(table, "features", where, list, [] if projections else None)
+    _strings(w, features, f"{where}.features", 'a reference string such as "view:feature"')
+    if not features and not projections:
         raise w.error(
             f"{where}.features",
-            'needs at least one reference, e.g. features = ["user_stats:clicks_7d"]',
+            'needs at least one reference, e.g. features = ["user_stats:clicks_7d"] (or a '
+            "[[feature_service.projection]])",
         )
     service = FeatureService(
         name=name,
@@ -307,6 +315,7 @@ def _service(w: _Where, raw: Any, where: str) -> FeatureService:
         description=w.get(table, "description", where, str, ""),
         owner=w.get(table, "owner", where, str, ""),
         tags=_tags(w, table, where),
+        projections=tuple(projections),
     )
     try:
         validate_service(service)
@@ -315,3 +324,30 @@ def _service(w: _Where, raw: Any, where: str) -> FeatureService:
         # file names it by its key instead
         raise w.error(where, str(exc).removeprefix(f"feature service {name!r}: ")) from None
     return service
+
+
+def _strings(w: _Where, values: list[Any], where: str, expected: str) -> None:
+    """Refuse an entry of `values` that is not a string, naming it and what it should be."""
+    for j, value in enumerate(values):
+        if not isinstance(value, str):
+            raise w.error(f"{where}[{j}]", f"expected {expected}, got {type(value).__name__}")
+
+
+def _projection(w: _Where, raw: Any, where: str) -> FeatureProjection:
+    """One [[feature_service.projection]] table (the registry checks it against the views)."""
+    table = w.table(raw, where, _PROJECTION)
+    features = w.get(table, "features", where, list, [])
+    _strings(w, features, f"{where}.features", "a feature name")
+    key_map = w.get(table, "join_key_map", where, dict, {})
+    for key, column in key_map.items():
+        if not isinstance(column, str):
+            raise w.error(
+                f"{where}.join_key_map.{key}",
+                f"expected the request column's name, got {type(column).__name__}",
+            )
+    return FeatureProjection(
+        view=w.get(table, "view", where, str),
+        alias=w.get(table, "alias", where, str),
+        features=tuple(features),
+        join_key_map=dict(key_map),
+    )

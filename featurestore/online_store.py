@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -56,6 +56,7 @@ from featurestore.registry import (
     Feature,
     FeatureService,
     FeatureView,
+    JoinKey,
     Registry,
     history_db_name,
     view_db_name,
@@ -506,11 +507,40 @@ class _Plan:
 
 @dataclass(frozen=True, slots=True)
 class ViewRead:
-    """One view of a multi-view read: its name, version (0 = latest) and features (None = all)."""
+    """One view of a multi-view read: its name, version (0 = latest) and features (None = all).
+    A feature service's projection also has its alias and join_key_map (join key -> the key
+    column that carries it; None: every join key is read from the column of its own name)."""
 
     view: str
     features: Sequence[str] | None = None
     version: int = 0
+    alias: str = ""
+    join_key_map: Mapping[str, str] | None = None
+
+    @staticmethod
+    def of_service(service: FeatureService) -> list[ViewRead]:
+        """What a lookup by `service` reads: its references grouped by view, then each of its
+        projections, in order."""
+        reads = [
+            ViewRead(view, wanted, version) for (view, version), wanted in service.reads.items()
+        ]
+        for p in service.projections:
+            name, version = p.view_key
+            reads.append(ViewRead(name, p.features or None, version, p.alias, p.join_key_map))
+        return reads
+
+    def projected_entity(self, entity: Entity) -> Entity:
+        """`entity` with its join keys named by the key columns this projection takes them
+        from: what encodes and checks its keys."""
+        key_map = self.join_key_map or {}
+        keys = tuple(JoinKey(key_map.get(k.name, k.name), k.dtype) for k in entity.join_keys)
+        return Entity(f"{entity.name} as projection {self.alias}", keys)
+
+    def described(self, fv: FeatureView) -> str:
+        """This read of `fv` as errors about its keys name it: the view version, and the alias
+        of a projection."""
+        view = f"feature view {fv.name!r} v{fv.version}"
+        return f"projection {self.alias!r} ({view})" if self.alias else view
 
 
 @dataclass(slots=True)
@@ -863,16 +893,13 @@ class OnlineStore:
         """read_many of the views the feature service `name` reads, the service resolved in
         the same read txn as the views: an apply that changes a view and the service together
         is seen whole or not at all. select(service) narrows it to the reads a caller needs
-        of it (a model's bound features); by default every reference is read. NotFoundError
-        names an unknown service (or one `visible` refuses, as Registry.get_service answers)."""
+        of it (a model's bound features); by default every reference and projection is read
+        (ViewRead.of_service). NotFoundError names an unknown service (or one `visible`
+        refuses, as Registry.get_service answers)."""
 
         def resolve(txn: lmdb.Transaction) -> Sequence[ViewRead]:
             service = self.registry.get_service(name, txn, visible)
-            if select is not None:
-                return select(service)
-            return [
-                ViewRead(view, wanted, version) for (view, version), wanted in service.reads.items()
-            ]
+            return (select or ViewRead.of_service)(service)
 
         return self._read_snapshot(resolve, keys, now_us)
 
@@ -913,24 +940,28 @@ class OnlineStore:
     ) -> list[_Fetched]:
         """The stored rows of each read in txn; rows None where this process held no handle to
         the view's database when txn began (`usable`: handles_cached before it began). Views of
-        several entities are each read by their own entity's join-key columns of `keys`."""
+        several entities are each read by their own entity's join-key columns of `keys`, and a
+        projection by the columns its join_key_map names."""
         planned = []
         for read in reads:
             fv = self.registry.get_view(read.view, read.version, txn)
-            planned.append((fv, self._plan(fv, read.features)))
+            plan = self._plan(fv, read.features)
+            entity = (
+                plan.entity if read.join_key_map is None else read.projected_entity(plan.entity)
+            )
+            planned.append((read, fv, plan, entity))
         split = None
-        if len({fv.entity for fv, _ in planned}) > 1:
+        if len({entity.name for _, _, _, entity in planned}) > 1:
             split = keys_per_entity(
-                [(f"feature view {fv.name!r} v{fv.version}", plan.entity) for fv, plan in planned],
-                keys,
+                [(read.described(fv), entity) for read, fv, _, entity in planned], keys
             )
         encoded: dict[str, list[bytes]] = {}
         fetched = []
-        for fv, plan in planned:
-            entity_keys = encoded.get(fv.entity)
+        for _, fv, plan, entity in planned:
+            entity_keys = encoded.get(entity.name)
             if entity_keys is None:
-                columns = keys if split is None else split[fv.entity]
-                entity_keys = encoded[fv.entity] = encode_keys(plan.entity, columns).keys
+                columns = keys if split is None else split[entity.name]
+                entity_keys = encoded[entity.name] = encode_keys(entity, columns).keys
                 if len(entity_keys) > self.config.max_entities_per_read:
                     raise ResourceExhaustedError(
                         f"read of {len(entity_keys)} entities is over max_entities_per_read="

@@ -142,12 +142,39 @@ def close_names(name: str, known: Sequence[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
+class FeatureProjection:
+    """One view read by a feature service under an alias, keyed by request columns of its own
+    (Feast's with_name / with_join_key_map): a service can read one view twice, e.g. the
+    origin's and the destination's location stats. view is "view" (the latest at each lookup)
+    or "view@2"; features () reads every feature; join_key_map maps a join key of the view's
+    entity to the request column that carries it (keys not mapped keep their own name). Results
+    carry the alias where a plain read carries the view's name. join_key_map is a plain dict;
+    treat it as read-only."""
+
+    view: str
+    alias: str
+    features: tuple[str, ...] = ()
+    join_key_map: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def view_key(self) -> ViewKey:
+        """(view, version) of `view`; version 0 is the latest."""
+        name, _, version = self.view.partition("@")
+        return name, int(version or 0)
+
+    def column(self, join_key: str) -> str:
+        """The request column that carries `join_key` for this projection."""
+        return self.join_key_map.get(join_key, join_key)
+
+
+@dataclass(frozen=True)
 class FeatureService:
     """A named set of feature references read together (Feast's FeatureService): a model's
     features, looked up by one name. References are GetOnlineFeatures' ("view:feature", "view",
-    "view@2:feature", "view@2"); one without a version reads the latest at each lookup. The
-    registry keeps every stored service resolvable: each view at one version, each feature named
-    once and present in the version it reads. tags is a plain dict; treat it as read-only."""
+    "view@2:feature", "view@2"); one without a version reads the latest at each lookup.
+    Projections read views under an alias by request columns of their own. The registry keeps
+    every stored service resolvable: each view at one version, each feature named once and
+    present in the version it reads. tags is a plain dict; treat it as read-only."""
 
     name: str
     features: tuple[str, ...]
@@ -156,12 +183,22 @@ class FeatureService:
     tags: dict[str, str] = field(default_factory=dict)
     created_us: int = field(default=0, compare=False)
     updated_us: int = field(default=0, compare=False)
+    projections: tuple[FeatureProjection, ...] = ()
 
     @cached_property
     def reads(self) -> dict[ViewKey, list[str] | None]:
         """The references grouped by (view, version) as parse_feature_refs groups them: what a
-        lookup by this service reads, parsed once per stored definition."""
+        lookup by this service reads, parsed once per stored definition (its projections are
+        read besides)."""
         return parse_feature_refs(list(self.features))
+
+    @cached_property
+    def view_names(self) -> frozenset[str]:
+        """Every view the service reads, by a reference or a projection: what a caller must
+        see to see the service."""
+        return frozenset(
+            [name for name, _ in self.reads] + [p.view_key[0] for p in self.projections]
+        )
 
 
 @dataclass(frozen=True)
@@ -266,22 +303,31 @@ def _view_from_json(raw: bytes) -> FeatureView:
 
 
 def _service_to_json(service: FeatureService) -> bytes:
-    return json.dumps(
-        {
-            "name": service.name,
-            "features": list(service.features),
-            "description": service.description,
-            "owner": service.owner,
-            "tags": dict(service.tags),
-            "created_us": service.created_us,
-            "updated_us": service.updated_us,
-        }
-    ).encode()
+    """A service's stored record. "projections" is left out when there are none, so a build
+    from before projections (whose FeatureService takes no such field) still reads it."""
+    d: dict = {
+        "name": service.name,
+        "features": list(service.features),
+        "description": service.description,
+        "owner": service.owner,
+        "tags": dict(service.tags),
+        "created_us": service.created_us,
+        "updated_us": service.updated_us,
+    }
+    if service.projections:
+        d["projections"] = [
+            [p.view, p.alias, list(p.features), dict(p.join_key_map)] for p in service.projections
+        ]
+    return json.dumps(d).encode()
 
 
 def _service_from_json(raw: bytes) -> FeatureService:
     d = json.loads(raw)
-    return FeatureService(features=tuple(d.pop("features")), **d)
+    projections = tuple(
+        FeatureProjection(view, alias, tuple(features), key_map)
+        for view, alias, features, key_map in d.pop("projections", ())
+    )
+    return FeatureService(features=tuple(d.pop("features")), projections=projections, **d)
 
 
 def _check_name(kind: str, name: object) -> None:
@@ -431,13 +477,21 @@ def validate_view(view: FeatureView, entity: Entity | None) -> None:
 def validate_service(service: FeatureService) -> None:
     """Raise InvalidArgumentError naming the bad field of a feature service definition: its
     name, an empty or malformed reference, a view read at two versions, a feature named twice,
-    or tags that are not str -> str (what needs no registered view to check)."""
+    tags that are not str -> str, or a malformed projection (what needs no registered view to
+    check)."""
     _check_name("feature service name", service.name)
     where = f"feature service {service.name!r}"
-    if isinstance(service.features, str) or not service.features:
+    if not isinstance(service.projections, list | tuple):
+        raise InvalidArgumentError(
+            f"{where}: projections: expected a list of FeatureProjection (empty: none), got "
+            f"{type(service.projections).__name__} {service.projections!r:.80}"
+        )
+    if not isinstance(service.features, list | tuple) or not (
+        service.features or service.projections
+    ):
         raise InvalidArgumentError(
             f"{where}: features must list at least one reference, e.g. ['user:age'], got "
-            f"{service.features!r}"
+            f"{service.features!r} (or projections one projection)"
         )
     versions: dict[str, tuple[int, int]] = {}
     named: dict[str, dict[str | None, int]] = {}
@@ -468,50 +522,225 @@ def validate_service(service: FeatureService) -> None:
     for key, value in service.tags.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidArgumentError(f"{where}: tags must map str to str, got {key!r}")
+    aliases: dict[str, int] = {}
+    for j, projection in enumerate(service.projections):
+        _check_projection(f"{where}: projections[{j}]", projection, set(versions))
+        first = aliases.setdefault(projection.alias, j)
+        if first != j:
+            raise InvalidArgumentError(
+                f"{where}: projections[{j}]: alias {projection.alias!r} is the alias of "
+                f"projections[{first}] too; give each projection its own alias"
+            )
+
+
+def _check_projection(at: str, projection: object, plain_views: set[str]) -> None:
+    """InvalidArgumentError naming the bad field of one projection of a service (`at`):
+    its view reference, alias (a name, and none of `plain_views`, the views the service's
+    references read, whose results carry their view's name), features or join_key_map."""
+    if not isinstance(projection, FeatureProjection):
+        raise InvalidArgumentError(
+            f"{at}: expected a FeatureProjection, got {type(projection).__name__}"
+        )
+    view = projection.view
+    name, at_sign, version = view.partition("@") if isinstance(view, str) else ("", "", "")
+    if not _NAME.match(name) or (at_sign and not (version.isascii() and version.isdecimal())):
+        raise InvalidArgumentError(
+            f"{at}.view: {view!r} is not a view reference; use 'view' or 'view@VERSION', "
+            "VERSION in ASCII digits (0: the latest)"
+        )
+    _check_name(f"{at}.alias", projection.alias)
+    if projection.alias in plain_views:
+        raise InvalidArgumentError(
+            f"{at}: alias {projection.alias!r} is a view the service's features read, and "
+            "results are named by view or alias; choose another alias"
+        )
+    features = projection.features
+    if not isinstance(features, list | tuple) or not all(
+        isinstance(f, str) and f for f in features
+    ):
+        raise InvalidArgumentError(
+            f"{at}.features: {features!r}; give a list of feature names (empty: every feature)"
+        )
+    twice = next((f for k, f in enumerate(features) if f in features[:k]), None)
+    if twice is not None:
+        raise InvalidArgumentError(f"{at}.features: {twice!r} is named twice; name it once")
+    key_map = projection.join_key_map
+    if not isinstance(key_map, Mapping):
+        raise InvalidArgumentError(
+            f"{at}.join_key_map: {key_map!r}; give a table of join key -> request column"
+        )
+    for key, column in key_map.items():
+        if not isinstance(key, str):
+            raise InvalidArgumentError(f"{at}.join_key_map: key {key!r} is not a join key name")
+        _check_name(f"{at}.join_key_map[{key!r}]", column)
 
 
 def _at_version(version: int) -> str:
     return f"at version {version}" if version else "at its latest version"
 
 
+@dataclass(frozen=True)
+class ServiceProblem:
+    """Why a feature service cannot be read: message names its first unresolvable read;
+    projection is that read's index in service.projections, None for a reference (the fix
+    differs: a projection is pinned by its `view`, a reference by 'view@1:feature')."""
+
+    message: str
+    projection: int | None = None
+
+
 def service_problem(
     service: FeatureService,
     views: Mapping[str, Mapping[int, FeatureView]],
     entities: Mapping[str, Entity],
-) -> str | None:
+) -> ServiceProblem | None:
     """Why `service` cannot be read from `views` (each view name -> its versions) and
-    `entities`, naming its first unresolvable reference and the view version it resolves to;
-    None when it can. Besides a missing view, version or feature, a lookup cannot send one key
-    column typed two ways, so two read entities may not type one join key name differently."""
-    key_types: dict[str, tuple[DType, int, str]] = {}
+    `entities`, naming its first unresolvable reference or projection and the view version it
+    resolves to; None when it can. Besides a missing view, version or feature, a lookup cannot
+    send one key column typed two ways, so two read entities may not type one request column
+    differently (a join key's own name, or the column a projection maps it to)."""
+    key_types = _KeyColumns()
     for i, ref in enumerate(service.features):
         (name, version), feature, _ = split_ref(ref, i)
-        versions = views.get(name)
         what = f"features[{i}] {quoted(ref)}"
-        if not versions:
-            missing = f"{what}: feature view {quoted(name)} is not registered"
-            return str(NotFoundError(missing, "view", close_names(name, sorted(views))))
-        view = versions.get(version or max(versions))
-        if view is None:
-            return (
-                f"{what}: feature view {name!r} has no version {version}; versions: "
-                f"{', '.join(str(v) for v in sorted(versions))}"
-            )
+        view = _resolved_view(what, views, name, version)
+        if isinstance(view, str):
+            return ServiceProblem(view)
         if feature is not None and feature not in view._by_name:
-            which = "" if version else " (its latest)"
-            missing = f"{what}: feature view {name!r} v{view.version}{which} has no feature"
-            close = close_names(feature, sorted(view._by_name))
-            return str(NotFoundError(f"{missing} {quoted(feature)}", "feature", close))
-        for key in entities[view.entity].join_keys:
-            dtype, first, entity = key_types.setdefault(key.name, (key.dtype, i, view.entity))
+            return ServiceProblem(_missing_feature(what, view, version, feature))
+        entity = entities[view.entity]
+        problem = key_types.add(
+            what, f"features[{i}]", view, {k.name: k.name for k in entity.join_keys}, entity
+        )
+        if problem is not None:
+            return ServiceProblem(problem)
+    for j, projection in enumerate(service.projections):
+        problem = _projection_problem(projection, f"projections[{j}]", views, entities, key_types)
+        if problem is not None:
+            return ServiceProblem(problem, j)
+    return None
+
+
+def _projection_problem(
+    projection: FeatureProjection,
+    at: str,
+    views: Mapping[str, Mapping[int, FeatureView]],
+    entities: Mapping[str, Entity],
+    key_types: _KeyColumns,
+) -> str | None:
+    """Why the projection `at` of a service cannot be read (see service_problem)."""
+    name, version = projection.view_key
+    what = f"{at} ({projection.alias})"
+    view = _resolved_view(what, views, name, version)
+    if isinstance(view, str):
+        return view
+    for feature in projection.features:
+        if feature not in view._by_name:
+            return _missing_feature(what, view, version, feature)
+    entity = entities[view.entity]
+    key_names = [k.name for k in entity.join_keys]
+    unknown = next((k for k in projection.join_key_map if k not in key_names), None)
+    if unknown is not None:
+        return (
+            f"{what}: join_key_map key {quoted(unknown)} is not a join key of entity "
+            f"{entity.name!r}, which feature view {name!r} v{view.version} is keyed by "
+            f"(join keys: {', '.join(key_names)})"
+        )
+    columns = {key: projection.column(key) for key in key_names}
+    return key_types.add(what, what, view, columns, entity)
+
+
+def _pin_hint(
+    service: FeatureService,
+    j: int,
+    views: Mapping[str, Mapping[int, FeatureView]],
+    entities: Mapping[str, Entity],
+) -> str | None:
+    """How to pin projection j of `service` to the latest other version of its view that
+    mends it (`view = "name@N"` in its TOML table), or None when no version does."""
+    projection = service.projections[j]
+    name, pinned = projection.view_key
+    for version in sorted(views.get(name, ()), reverse=True):
+        if version == pinned:
+            continue
+        ref = f"{name}@{version}"
+        tried = list(service.projections)
+        tried[j] = replace(projection, view=ref)
+        problem = service_problem(replace(service, projections=tuple(tried)), views, entities)
+        if problem is None or problem.projection != j:
+            return f'view = "{ref}" in its [[feature_service.projection]]'
+    return None
+
+
+def _resolved_view(
+    what: str, views: Mapping[str, Mapping[int, FeatureView]], name: str, version: int
+) -> FeatureView | str:
+    """The view version `what` (a reference or projection) reads, or why none is stored."""
+    versions = views.get(name)
+    if not versions:
+        missing = f"{what}: feature view {quoted(name)} is not registered"
+        return str(NotFoundError(missing, "view", close_names(name, sorted(views))))
+    view = versions.get(version or max(versions))
+    if view is None:
+        return (
+            f"{what}: feature view {name!r} has no version {version}; versions: "
+            f"{', '.join(str(v) for v in sorted(versions))}"
+        )
+    return view
+
+
+def _missing_feature(what: str, view: FeatureView, version: int, feature: str) -> str:
+    """Why `what` cannot read `feature` from `view` (read pinned to `version`, or latest)."""
+    which = "" if version else " (its latest)"
+    missing = f"{what}: feature view {view.name!r} v{view.version}{which} has no feature"
+    close = close_names(feature, sorted(view._by_name))
+    return str(NotFoundError(f"{missing} {quoted(feature)}", "feature", close))
+
+
+class _KeyColumns:
+    """The request columns a service's reads take their keys from, each with its type and
+    the first read that uses it: one column cannot carry keys of two types."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[DType, str, str, str]] = {}
+
+    def add(
+        self,
+        what: str,
+        label: str,
+        view: FeatureView,
+        columns: Mapping[str, str],
+        entity: Entity,
+    ) -> str | None:
+        """Record the columns (join key -> request column) a read of `view` (`what`, named
+        `label` by later messages) uses; why not, when a column is typed two ways or carries
+        two join keys."""
+        used: dict[str, str] = {}
+        for key in entity.join_keys:
+            column = columns[key.name]
+            other = used.setdefault(column, key.name)
+            if other != key.name:
+                return (
+                    f"{what}: join keys {other!r} and {key.name!r} of entity {entity.name!r} "
+                    f"are both read from request column {column!r}; map each to its own column"
+                )
+            dtype, first, first_entity, first_key = self._first.setdefault(
+                column, (key.dtype, label, entity.name, key.name)
+            )
             if dtype != key.dtype:
                 return (
-                    f"{what}: feature view {name!r} v{view.version} is keyed by entity "
-                    f"{view.entity!r}, whose join key {key.name!r} is {key.dtype.name}, but "
-                    f"features[{first}] reads entity {entity!r}, whose {key.name!r} is "
-                    f"{dtype.name} (a lookup sends one column per join key name)"
+                    f"{what}: feature view {view.name!r} v{view.version} is keyed by entity "
+                    f"{entity.name!r}, whose join key {_keyed(key.name, column)} is "
+                    f"{key.dtype.name}, but {first} reads entity {first_entity!r}, whose "
+                    f"{_keyed(first_key, column)} is {dtype.name} (a lookup sends one column "
+                    "per join key name)"
                 )
-    return None
+        return None
+
+
+def _keyed(key: str, column: str) -> str:
+    """A join key as a message names it, with the request column it is read from if another."""
+    return repr(key) if key == column else f"{key!r} (request column {column!r})"
 
 
 def _feature_dtype(view: FeatureView, feat: Feature) -> DType:
@@ -578,15 +807,22 @@ class _Snapshot:
     views: dict[str, dict[int, FeatureView]]
     services: dict[str, FeatureService] = field(default_factory=dict)
 
-    def broken_service(self, changed: str, fix: str) -> ConflictError | None:
+    def broken_service(
+        self, changed: str, fix: str, projection_fix: Callable[[str | None], str]
+    ) -> ConflictError | None:
         """A ConflictError naming the first stored service that these views no longer resolve
-        (after `changed`, the change to the views being made) and `fix`, how to keep it
-        readable."""
+        (after `changed`, the change to the views being made) and how to keep it readable:
+        `fix` for a reference, projection_fix(pin) for a projection (pin: how to pin it to a
+        version that mends it, None if none does)."""
         for name in sorted(self.services):
-            problem = service_problem(self.services[name], self.views, self.entities)
+            service = self.services[name]
+            problem = service_problem(service, self.views, self.entities)
             if problem is not None:
+                if problem.projection is not None:
+                    pin = _pin_hint(service, problem.projection, self.views, self.entities)
+                    fix = projection_fix(pin)
                 return ConflictError(
-                    f"{changed} would break feature service {name!r}: {problem}; {fix}"
+                    f"{changed} would break feature service {name!r}: {problem.message}; {fix}"
                 )
         return None
 
@@ -799,7 +1035,18 @@ class Registry:
             _check_name("feature view name", view.name)
         for service in services:
             validate_service(service)
-        services = [replace(s, features=tuple(s.features), tags=dict(s.tags)) for s in services]
+        services = [
+            replace(
+                s,
+                features=tuple(s.features),
+                tags=dict(s.tags),
+                projections=tuple(
+                    replace(p, features=tuple(p.features), join_key_map=dict(p.join_key_map))
+                    for p in s.projections
+                ),
+            )
+            for s in services
+        ]
         check_repeats(entities, views, services=services)
 
         def work(txn: lmdb.Transaction) -> list[ApplyResult]:
@@ -834,6 +1081,11 @@ class Registry:
                     "this apply",
                     "apply the service without that reference, or with it pinned to a version "
                     "that has it ('view@1:feature'), in this apply or before it",
+                    lambda pin: (
+                        "apply the service with that projection "
+                        + (f"pinned to a version that has what it reads ({pin}) or " if pin else "")
+                        + "reading other features, or without it, in this apply or before it"
+                    ),
                 )
             if broken is not None:
                 raise broken
@@ -844,6 +1096,10 @@ class Registry:
                     f"pruning feature views this apply does not declare ({names})",
                     "declare the view it reads in this apply (prune keeps declared views), "
                     "or apply the service without that reference",
+                    lambda _: (
+                        "declare the view it reads in this apply (prune keeps declared "
+                        "views), or apply the service without that projection"
+                    ),
                 )
                 if broken is not None:
                     raise broken
@@ -935,9 +1191,15 @@ class Registry:
     ) -> ApplyResult:
         problem = service_problem(service, snap.views, snap.entities)
         if problem is not None:
+            if problem.projection is None:
+                fix = "drop or fix that reference"
+            else:
+                pin = _pin_hint(service, problem.projection, snap.views, snap.entities)
+                fix = f"pin that projection to a version that has it ({pin}), " if pin else ""
+                fix += "fix its view, features or join_key_map, or drop it"
             raise InvalidArgumentError(
-                f"feature service {service.name!r}: {problem}; drop or fix that reference, or "
-                "apply the view or feature it names first or in the same apply"
+                f"feature service {service.name!r}: {problem.message}; {fix}, or apply the "
+                "view or feature it names first or in the same apply"
             )
         old = snap.services.get(service.name)
         if old == service:
@@ -970,6 +1232,11 @@ class Registry:
                 "first apply the service without that reference"
                 + (f" or with it pinned to {others}" if left else "")
                 + ", or delete the service (DeleteFeatureService)",
+                lambda pin: (
+                    "first apply the service without that projection"
+                    + (f" or with it pinned to another version ({pin})" if pin else "")
+                    + ", or delete the service (DeleteFeatureService)"
+                ),
             )
             if broken is not None:
                 raise broken

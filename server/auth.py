@@ -323,9 +323,9 @@ class Authorizer:
         return any(self.allows(scope) for scope in schema_scopes(view))
 
     def sees_service(self, service: FeatureService) -> bool:
-        """Whether the current caller may see a feature service: every view it reads (a
-        service is no more visible than its views)."""
-        return all(self.sees_view(view) for view, _ in service.reads)
+        """Whether the current caller may see a feature service: every view it reads, by a
+        reference or a projection (a service is no more visible than its views)."""
+        return all(self.sees_view(view) for view in service.view_names)
 
     def require(self, *scopes: str, **audit_fields: Any) -> None:
         """Raise UnauthenticatedError / PermissionDeniedError unless the current caller holds

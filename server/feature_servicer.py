@@ -410,22 +410,32 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         response = pb.GetOnlineFeaturesResponse(rows=rows)
         now_us = time.time_ns() // 1000
         if service:
+            reads: list[ViewRead] = []
+
+            def select(resolved: FeatureService) -> list[ViewRead]:
+                reads[:] = ViewRead.of_service(resolved)
+                return reads
+
             # resolved in the read's own snapshot, so the scopes are checked on what it read
-            results = self.store.read_service(service, keys, now_us, self._visible())
+            results = self.store.read_service(service, keys, now_us, self._visible(), select)
             if self.auth.enabled:
                 self.auth.require(*{f"read:{result.view.name}" for result in results})
         else:
             reads = [ViewRead(view, wanted, version) for (view, version), wanted in refs.items()]
             results = self.store.read_many(reads, keys, now_us)
-        for result in results:
+        for read, result in zip(reads, results, strict=True):
             observer = self.observer(result.view.name)
             if observer is not None:
                 observer.lookup(result, now_us)
+            # a projection's results are named by its alias, so clients that key by `view`
+            # keep two projections of one view apart
             out = response.views.add(
-                view=result.view.name,
+                view=read.alias or result.view.name,
                 version=result.view.version,
                 event_timestamps=result.event_us.astype("<i8", copy=False).tobytes(),
             )
+            if read.alias:
+                out.projection_of = result.view.name
             for block in result.blocks:
                 msg = out.blocks.add(features=block.features, statuses=block.statuses.tobytes())
                 arrays.to_array(block.values, int(block.dtype), out=msg.values)

@@ -191,8 +191,8 @@ class PredictCoalescer:
                 name: np.concatenate([r.values[name] for r in group]) for name in group[0].values
             }
             rows = sum(r.rows for r in group)
-        results = binding.read(self.store, keys)
-        assembled = binding.assemble(results, values, rows)
+        results, aliases = binding.read_named(self.store, keys)
+        assembled = binding.assemble(results, values, rows, aliases)
         tensor = binding.transform(assembled.block, assembled.typed)
         outputs = union_outputs(r.outputs for r in group)
         deadlines = [r.deadline for r in group]
@@ -324,5 +324,6 @@ def _rows_of(assembled: Assembled, start: int, stop: int) -> Assembled:
         fills=fills,
         views=assembled.views,
         service=assembled.service,
+        aliases=assembled.aliases,
         typed={name: column[start:stop] for name, column in assembled.typed.items()},
     )

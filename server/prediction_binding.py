@@ -6,7 +6,8 @@ config.toml:
     entity = "user"              # optional: every bound view must belong to this entity
                                  # (without it, the views must still share one entity)
     service = "fraud"            # optional: read the bound features through this feature
-                                 # service, at the versions it reads (references unpinned)
+                                 # service, at the versions it reads (references unpinned);
+                                 # "alias:feature" then reads the service's projection alias
     input = "x"                  # model input to fill (default: the model's only input)
     outputs = ["a", "b"]         # optional: input column order (default: the chain's outputs,
                                  # every column then read by some transform; or the columns
@@ -32,7 +33,7 @@ after the model loads); everything else is checked here so a bad config never se
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,9 @@ class Assembled:
     views: list[str] = field(default_factory=list)
     typed: dict[str, np.ndarray] = field(default_factory=dict)
     service: str = ""
+    aliases: list[str] = field(default_factory=list)
+    """Per view, the projection alias it was read under ("" for a plain read); empty when
+    nothing was read through a projection."""
 
 
 def _error(source: str, message: str) -> ModelConfigError:
@@ -419,13 +423,16 @@ class PredictionBinding:
         return self._run(block)
 
     def _block_maps(self, read: BoundRead, result: ReadResult) -> list[_BlockMap]:
-        """How a view's blocks map to columns; built once per view version and definition."""
+        """How a view's blocks map to columns; built once per bound read and definition read
+        (the view read is named: a projection's alias may name another view from one apply to
+        the next, with the same version and update time)."""
         fv: FeatureView = result.view
-        key = (read.view, read.version, fv.version, fv.updated_us)
+        key = (read.view, read.version, fv.name, fv.version, fv.updated_us)
         maps = self._maps.get(key)
         if maps is not None:
             return maps
-        self._check_entities([fv])
+        if self.service is None:  # through a service, every read checks the plain views
+            self._check_entities([fv])
         column_of = dict(zip(read.features, read.columns, strict=True))
         maps = []
         for block in result.blocks:
@@ -487,12 +494,20 @@ class PredictionBinding:
         return maps
 
     def read(self, store: OnlineStore, keys: dict[str, np.ndarray]) -> list[ReadResult]:
-        """One ReadResult per bound read, from one snapshot. Views of another entity than
-        features.entity, or of several entities when it is not set, are FAILED_PRECONDITION
-        naming them: one set of keys cannot address them all. A bound view, version or feature
-        the registry does not have is FAILED_PRECONDITION too: the caller's request is fine,
-        the model's binding is not (NOT_FOUND would say the model is unknown); the close names
-        it suggests stay on the error's cause, where the server keeps those the caller may see."""
+        """One ReadResult per bound read, from one snapshot (read_named without the aliases)."""
+        return self.read_named(store, keys)[0]
+
+    def read_named(
+        self, store: OnlineStore, keys: dict[str, np.ndarray]
+    ) -> tuple[list[ReadResult], list[str]]:
+        """One ReadResult per bound read, from one snapshot, and per read the projection
+        alias it was read under ("" for a plain read; an empty list when there is none).
+        Views of another entity than features.entity, or of several entities when it is not
+        set, are FAILED_PRECONDITION naming them: one set of keys cannot address them all. A
+        bound view, version or feature the registry does not have is FAILED_PRECONDITION
+        too: the caller's request is fine, the model's binding is not (NOT_FOUND would say
+        the model is unknown); the close names it suggests stay on the error's cause, where
+        the server keeps those the caller may see."""
         if self.service is not None:
             return self._read_service(store, keys)
         try:
@@ -509,14 +524,19 @@ class PredictionBinding:
             ) from missing
         if self.entity is None and len(results) > 1:
             self._check_entities([r.view for r in results])
-        return results
+        return results, []
 
-    def _read_service(self, store: OnlineStore, keys: dict[str, np.ndarray]) -> list[ReadResult]:
+    def _read_service(
+        self, store: OnlineStore, keys: dict[str, np.ndarray]
+    ) -> tuple[list[ReadResult], list[str]]:
         """The bound reads through features.service, resolved in the read's own snapshot: each
         bound view at the version the service reads it. A service that is not stored, or does
         not read a bound feature (a whole-view reference to a version without it), is
-        FAILED_PRECONDITION naming it; keys that do not fit the views read are the caller's
-        INVALID_ARGUMENT, unless those views are not of the binding's entity."""
+        FAILED_PRECONDITION naming it; keys that do not fit the views read (a projection's
+        mapped columns included) are the caller's INVALID_ARGUMENT, unless those views are not
+        of the binding's entity. A projection is keyed by its own columns, so features.entity
+        and the one-entity rule hold for the views read by their own join keys only. Returns
+        read_named's results and aliases."""
         resolved: list[ViewRead] = []
 
         def select(service: FeatureService) -> list[ViewRead]:
@@ -537,26 +557,39 @@ class PredictionBinding:
                 f"another service in {self.source}"
             ) from None
         except InvalidArgumentError:
-            self._check_entities([store.registry.get_view(r.view, r.version) for r in resolved])
+            plain = [r for r in resolved if not r.alias]
+            self._check_entities([store.registry.get_view(r.view, r.version) for r in plain])
             raise
-        self._check_entities([r.view for r in results])
-        return results
+        plain = [r.view for r, read in zip(results, resolved, strict=True) if not read.alias]
+        self._check_entities(plain)
+        aliases = [read.alias for read in resolved]
+        return results, aliases if any(aliases) else []
 
     def _service_reads(self, service: FeatureService) -> list[ViewRead]:
-        """The store reads of the bound features through `service`, in `reads` order."""
-        versions = {view: (version, wanted) for (view, version), wanted in service.reads.items()}
+        """The store reads of the bound features through `service`, in `reads` order. A bound
+        name that is one of its projections' aliases reads that projection: its view and
+        version, keyed by the request columns its join_key_map names."""
+        names = _names_through(service)
         reads = []
         for read in self.reads:
-            version, wanted = versions.get(read.view, (None, None))
-            unread = [f for f in read.features if version is None or (wanted and f not in wanted)]
+            view, version, alias, key_map, wanted = names.get(read.view, _UNREAD)
+            unread = [f for f in read.features if not view or (wanted and f not in wanted)]
             if unread:
                 raise ConflictError(
                     f"feature service {service.name!r} does not read {read.view}:{unread[0]}, "
                     f"which the model binds; add it to the service, or bind another service "
                     f"in {self.source}"
                 )
-            reads.append(ViewRead(read.view, tuple(read.features), version))
+            reads.append(ViewRead(view, tuple(read.features), version, alias, key_map))
         return reads
+
+    def views_through(self, service: FeatureService | None) -> set[str]:
+        """The views the bound reads read through `service` as _service_reads resolves them (a
+        projection's alias stands for its view): what a caller needs read scopes for. A bound
+        name `service` does not read, or every name when it is None (not stored), stands for
+        no view: the read refuses the binding whatever the caller's scopes."""
+        names = _names_through(service) if service is not None else {}
+        return {names[r.view][0] for r in self.reads if r.view in names}
 
     def _check_entities(self, views: Sequence[FeatureView]) -> None:
         """Raise ConflictError unless every view belongs to the binding's one entity."""
@@ -577,17 +610,30 @@ class PredictionBinding:
             )
 
     def assemble(
-        self, results: Sequence[ReadResult], request_values: dict[str, np.ndarray], rows: int
+        self,
+        results: Sequence[ReadResult],
+        request_values: dict[str, np.ndarray],
+        rows: int,
+        aliases: Sequence[str] = (),
     ) -> Assembled:
         """The float64 rows x columns block from one ReadResult per read (in `reads` order) and
         the decoded request values; non-present values take their default, and rows missing a
-        required feature are marked failed (first_bad indexes failed_features, with its status)."""
+        required feature are marked failed (first_bad indexes failed_features, with its status).
+        `aliases` are read_named's, kept for the lineage."""
         block = np.empty((rows, len(self.columns)), np.float64)
         failed = np.zeros(rows, np.bool_)
         first_bad = np.full(rows, -1, np.int64)
         failed_status = np.zeros(rows, np.uint8)
         oldest = np.full(rows, _NO_EVENT, np.int64)
-        out = Assembled(block, failed, first_bad, failed_status, oldest, service=self.service or "")
+        out = Assembled(
+            block,
+            failed,
+            first_bad,
+            failed_status,
+            oldest,
+            service=self.service or "",
+            aliases=list(aliases),
+        )
         refs = out.failed_features
         for read, result in zip(self.reads, results, strict=True):
             out.views.append(f"{result.view.name}@{result.view.version}")
@@ -619,6 +665,26 @@ class PredictionBinding:
             if column.name in self.typed:
                 out.typed[column.name] = values
         return out
+
+
+_Through = tuple[str, int, str, Mapping[str, str] | None, Sequence[str] | None]
+"""How a service reads a name: (view, version, alias or "", join_key_map, the features read
+there or None for all)."""
+_UNREAD: _Through = ("", 0, "", None, None)
+"""What _names_through gives a name its service does not read."""
+
+
+def _names_through(service: FeatureService) -> dict[str, _Through]:
+    """How `service` reads each name a binding may use: a view it references, or one of its
+    projections' aliases (the registry keeps the two apart)."""
+    names: dict[str, _Through] = {
+        view: (view, version, "", None, wanted or None)
+        for (view, version), wanted in service.reads.items()
+    }
+    for p in service.projections:
+        view, version = p.view_key
+        names[p.alias] = (view, version, p.alias, p.join_key_map, p.features or None)
+    return names
 
 
 def _check_all_used(

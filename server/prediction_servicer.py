@@ -148,7 +148,10 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         model = self.models.get(request.model, request.model_version)
         binding = model.binding
         if self.auth.enabled and binding is not None:
-            self.auth.require(*{f"read:{r.view}" for r in binding.reads})
+            if binding.service is None:
+                self.auth.require(*{f"read:{r.view}" for r in binding.reads})
+            else:
+                self.auth.require(*self._service_read_scopes(binding))
         if binding is None:
             raise ConflictError(
                 f"model {model.name!r} binds no features; add [features] to its config.toml, "
@@ -164,7 +167,21 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         remaining = context.time_remaining() if context is not None else None
         deadline = None if remaining is None else time.monotonic() + remaining
         scored = await self._coalescer(model).predict(keys, values, rows, outputs, deadline)
+        if self.auth.enabled and binding.service is not None:
+            # the service may have changed since the check above: these are the views read
+            self.auth.require(*{f"read:{v.rpartition('@')[0]}" for v in scored.assembled.views})
         return self._response(request, model, rows, scored.scores, scored.assembled)
+
+    def _service_read_scopes(self, binding: PredictionBinding) -> set[str]:
+        """read:<view> for each view the binding reads through its feature service as stored
+        now: a projection's alias stands for its view, so an alias is never a scope. A bound
+        name the service does not read, or a service not stored, needs no scope: the read
+        refuses the binding FAILED_PRECONDITION for every caller that may run the model."""
+        try:
+            service = self.store.registry.get_service(binding.service)
+        except NotFoundError:
+            service = None
+        return {f"read:{view}" for view in binding.views_through(service)}
 
     def _shown_service(self, name: str) -> str:
         """The feature service a lineage names: none to a caller who may not see it, to whom
@@ -207,6 +224,7 @@ class PredictionServicer(pb_grpc.PredictionServicer):
         lineage = response.lineage
         lineage.model_version = model.version
         lineage.feature_views.extend(assembled.views)
+        lineage.feature_view_aliases.extend(assembled.aliases)
         lineage.feature_service = self._shown_service(assembled.service)
         lineage.oldest_event_timestamps = assembled.oldest_event_us.astype("<i8").tobytes()
         for fill in assembled.fills:

@@ -17,9 +17,12 @@ from featurestore.dtypes import DType, FeatureStatus
 from server.store_cli import STORE_MAX_DBS, add_store_flags, store_dir
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import pyarrow as pa
 
     from featurestore.online_store import OnlineStore
+    from featurestore.registry import FeatureProjection
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,8 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     selection.add_argument(
         "--feature-service",
         metavar="NAME",
-        help="the references of this feature service; columns are named as a lookup by the "
-        "service names them (view:feature, without a pinned version)",
+        help="the references and projections of this feature service; columns are named as a "
+        "lookup by the service names them (view:feature, without a pinned version; "
+        "alias:feature for a projection, joined on the LABELS columns its join_key_map names)",
     )
     p.add_argument("--out", type=Path, required=True, help="Parquet file to write")
     p.add_argument(
@@ -72,7 +76,15 @@ def cmd_training_set(args: argparse.Namespace) -> int:
     refuses, 1 for an unknown feature service, view or feature (the store's error)."""
     from featurestore.errors import InvalidArgumentError
     from featurestore.online_store import OnlineStore, StoreConfig
-    from featurestore.training_set import by_view_names, training_refs, training_set, unversioned
+    from featurestore.training_set import (
+        TrainingSet,
+        by_view_names,
+        merged,
+        projected,
+        training_inputs,
+        training_set,
+        unversioned,
+    )
     from server.config import ConfigError
 
     service = args.feature_service
@@ -87,20 +99,26 @@ def cmd_training_set(args: argparse.Namespace) -> int:
             raise _Refused("--feature-service: empty; name a feature service, e.g. fraud")
         with OnlineStore(StoreConfig(data_dir, max_dbs=STORE_MAX_DBS)) as store:
             # the service is read once, so the key columns and the features agree
-            refs = training_refs(store, listed, service)
-            key_types = _join_key_types(store, refs)
-            labels = _read_labels(args.labels, key_types, args.timestamp_column)
+            refs, projections = training_inputs(store, listed, service)
+            key_types, readers = _join_key_types(store, refs, projections)
+            labels = _read_labels(args.labels, key_types, readers, args.timestamp_column)
             keys = {name: _key_column(labels, name, dtype) for name, dtype in key_types.items()}
             ts = _label_micros(labels.column(args.timestamp_column), args.timestamp_column)
             try:
-                found = training_set(store, keys, ts, refs, as_served=args.as_served)
+                found = (
+                    training_set(store, keys, ts, refs, as_served=args.as_served)
+                    if refs  # a service may read by projections only
+                    else TrainingSet({}, {}, {})
+                )
+                by_alias = projected(store, projections, keys, ts, as_served=args.as_served)
             except InvalidArgumentError as exc:  # name the file's column, not the argument
                 where = f"LABELS column {args.timestamp_column!r}: "
                 raise _Refused(str(exc).replace("timestamps: ", where, 1)) from None
             types = _feature_types(store, list(found.values))
+            alias_types = _projection_types(store, projections)
         if service is not None:  # named as a lookup by the service names them
-            found = by_view_names(found)
-            types = {unversioned(column): spec for column, spec in types.items()}
+            found = merged(by_view_names(found), by_alias)
+            types = {unversioned(column): spec for column, spec in types.items()} | alias_types
         table = _output_table(labels, found, types)
     except (ConfigError, _Refused, InvalidArgumentError) as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
@@ -121,25 +139,56 @@ def cmd_training_set(args: argparse.Namespace) -> int:
     return 0
 
 
-def _join_key_types(store: OnlineStore, refs: list[str]) -> dict[str, DType]:
-    """Each join key column the referenced views need, with its type; _Refused when two
-    entities type one column differently (a feature service never reads such views)."""
+def _join_key_types(
+    store: OnlineStore, refs: list[str], projections: Sequence[FeatureProjection] = ()
+) -> tuple[dict[str, DType], dict[str, str]]:
+    """Each key column the referenced views need (a join key's own name, or the column a
+    projection maps it to), with its type, and with the first read that needs it (as a
+    message names it); _Refused when two entities type one column differently (a feature
+    service never reads such views)."""
     from featurestore.feature_refs import parse_feature_refs
 
+    reads = [(key, {}, "") for key in parse_feature_refs(refs)]
+    reads += [(p.view_key, p.join_key_map, p.alias) for p in projections]
     types: dict[str, DType] = {}
-    for name, version in parse_feature_refs(refs):
+    readers: dict[str, str] = {}
+    for (name, version), key_map, alias in reads:
         entity = store.registry.get_entity(store.registry.get_view(name, version).entity)
         for key in entity.join_keys:
-            if types.setdefault(key.name, key.dtype) != key.dtype:
+            column = key_map.get(key.name, key.name)
+            if types.setdefault(column, key.dtype) != key.dtype:
                 raise _Refused(
-                    f"--features: join key {key.name!r} is {types[key.name].name} for one view "
+                    f"--features: join key {column!r} is {types[column].name} for one view "
                     f"and {key.dtype.name} for entity {entity.name!r}; one column cannot be both"
                 )
+            readers.setdefault(
+                column,
+                f"projection {alias!r} needs, for join key {key.name!r} of feature view {name!r}"
+                if alias
+                else f"feature view {name!r} needs",
+            )
+    return types, readers
+
+
+def _projection_types(
+    store: OnlineStore, projections: Sequence[FeatureProjection]
+) -> dict[str, tuple[DType, int]]:
+    """Each "alias:feature" column a feature service's projections may output, with its type
+    and vector length."""
+    types = {}
+    for projection in projections:
+        view = store.registry.get_view(*projection.view_key)
+        types.update(
+            (f"{projection.alias}:{f.name}", (f.dtype, f.vector_length)) for f in view.features
+        )
     return types
 
 
-def _read_labels(path: Path, key_types: dict[str, DType], ts_column: str) -> pa.Table:
-    """LABELS as a table holding every join key column and the timestamp column."""
+def _read_labels(
+    path: Path, key_types: dict[str, DType], readers: dict[str, str], ts_column: str
+) -> pa.Table:
+    """LABELS as a table holding every join key column and the timestamp column; a missing
+    key column is named with the read that needs it (readers: column -> that read)."""
     import pyarrow as pa
 
     if not path.is_file():
@@ -169,10 +218,13 @@ def _read_labels(path: Path, key_types: dict[str, DType], ts_column: str) -> pa.
         raise _Refused(f"LABELS {path}: two columns are named {twice[0]!r}; rename one")
     for name in [*key_types, ts_column]:
         if name not in table.column_names:
-            what = "the label time column" if name == ts_column else "a join key column"
+            what = (
+                "the label time column the features need"
+                if name == ts_column
+                else f"a join key column {readers[name]}"
+            )
             raise _Refused(
-                f"LABELS {path}: no column {name!r} ({what} the features need); it has "
-                f"{table.column_names}"
+                f"LABELS {path}: no column {name!r} ({what}); it has {table.column_names}"
             )
     return table
 

@@ -88,7 +88,7 @@ class TtlChange(_message.Message):
     def __init__(self, since_us: _Optional[int] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class FeatureService(_message.Message):
-    __slots__ = ("name", "features", "description", "owner", "tags", "created_us", "updated_us")
+    __slots__ = ("name", "features", "description", "owner", "tags", "created_us", "updated_us", "projections")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class FeatureService(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     CREATED_US_FIELD_NUMBER: _ClassVar[int]
     UPDATED_US_FIELD_NUMBER: _ClassVar[int]
+    PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     features: _containers.RepeatedScalarFieldContainer[str]
     description: str
@@ -110,7 +111,27 @@ class FeatureService(_message.Message):
     tags: _containers.ScalarMap[str, str]
     created_us: int
     updated_us: int
-    def __init__(self, name: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., owner: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., created_us: _Optional[int] = ..., updated_us: _Optional[int] = ...) -> None: ...
+    projections: _containers.RepeatedCompositeFieldContainer[FeatureProjection]
+    def __init__(self, name: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., owner: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., created_us: _Optional[int] = ..., updated_us: _Optional[int] = ..., projections: _Optional[_Iterable[_Union[FeatureProjection, _Mapping]]] = ...) -> None: ...
+
+class FeatureProjection(_message.Message):
+    __slots__ = ("view", "alias", "features", "join_key_map")
+    class JoinKeyMapEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    JOIN_KEY_MAP_FIELD_NUMBER: _ClassVar[int]
+    view: str
+    alias: str
+    features: _containers.RepeatedScalarFieldContainer[str]
+    join_key_map: _containers.ScalarMap[str, str]
+    def __init__(self, view: _Optional[str] = ..., alias: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., join_key_map: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetOnlineFeaturesRequest(_message.Message):
     __slots__ = ("entity_keys", "features", "feature_service")
@@ -123,16 +144,18 @@ class GetOnlineFeaturesRequest(_message.Message):
     def __init__(self, entity_keys: _Optional[_Iterable[_Union[_types_pb2.NamedArray, _Mapping]]] = ..., features: _Optional[_Iterable[str]] = ..., feature_service: _Optional[str] = ...) -> None: ...
 
 class ViewResult(_message.Message):
-    __slots__ = ("view", "version", "event_timestamps", "blocks")
+    __slots__ = ("view", "version", "event_timestamps", "blocks", "projection_of")
     VIEW_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EVENT_TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_OF_FIELD_NUMBER: _ClassVar[int]
     view: str
     version: int
     event_timestamps: bytes
     blocks: _containers.RepeatedCompositeFieldContainer[_types_pb2.FeatureBlock]
-    def __init__(self, view: _Optional[str] = ..., version: _Optional[int] = ..., event_timestamps: _Optional[bytes] = ..., blocks: _Optional[_Iterable[_Union[_types_pb2.FeatureBlock, _Mapping]]] = ...) -> None: ...
+    projection_of: str
+    def __init__(self, view: _Optional[str] = ..., version: _Optional[int] = ..., event_timestamps: _Optional[bytes] = ..., blocks: _Optional[_Iterable[_Union[_types_pb2.FeatureBlock, _Mapping]]] = ..., projection_of: _Optional[str] = ...) -> None: ...
 
 class GetOnlineFeaturesResponse(_message.Message):
     __slots__ = ("rows", "views")

@@ -15,23 +15,23 @@ _sym_db = _symbol_database.Default()
 from protos.featureserve.v1 import types_pb2 as protos_dot_featureserve_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/featureserve/v1/prediction.proto\x12\x0f\x66\x65\x61tureserve.v1\x1a\"protos/featureserve/v1/types.proto\"\xc2\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x30\n\x0b\x65ntity_keys\x18\x03 \x03(\x0b\x32\x1b.featureserve.v1.NamedArray\x12\x33\n\x0erequest_values\x18\x04 \x03(\x0b\x32\x1b.featureserve.v1.NamedArray\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07outputs\x18\x06 \x03(\t\"E\n\x0b\x46\x65\x61tureFill\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x10\n\x08statuses\x18\x02 \x01(\x0c\x12\x13\n\x0b\x66illed_with\x18\x03 \x01(\t\"\x9e\x01\n\x07Lineage\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x15\n\rfeature_views\x18\x02 \x03(\t\x12\x1f\n\x17oldest_event_timestamps\x18\x03 \x01(\x0c\x12+\n\x05\x66ills\x18\x04 \x03(\x0b\x32\x1c.featureserve.v1.FeatureFill\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x05 \x01(\t\"\x8b\x02\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12,\n\x07outputs\x18\x04 \x03(\x0b\x32\x1b.featureserve.v1.NamedArray\x12\x14\n\x0crow_statuses\x18\x05 \x01(\x0c\x12-\n\nrow_errors\x18\x06 \x03(\x0b\x32\x19.featureserve.v1.RowError\x12)\n\x07lineage\x18\x07 \x01(\x0b\x32\x18.featureserve.v1.Lineage\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x12\x15\n\rerror_message\x18\t \x01(\t*;\n\tRowStatus\x12\x1a\n\x16ROW_STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\x32\xb2\x01\n\nPrediction\x12L\n\x07Predict\x12\x1f.featureserve.v1.PredictRequest\x1a .featureserve.v1.PredictResponse\x12V\n\rStreamPredict\x12\x1f.featureserve.v1.PredictRequest\x1a .featureserve.v1.PredictResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/featureserve/v1/prediction.proto\x12\x0f\x66\x65\x61tureserve.v1\x1a\"protos/featureserve/v1/types.proto\"\xc2\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x30\n\x0b\x65ntity_keys\x18\x03 \x03(\x0b\x32\x1b.featureserve.v1.NamedArray\x12\x33\n\x0erequest_values\x18\x04 \x03(\x0b\x32\x1b.featureserve.v1.NamedArray\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07outputs\x18\x06 \x03(\t\"E\n\x0b\x46\x65\x61tureFill\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x10\n\x08statuses\x18\x02 \x01(\x0c\x12\x13\n\x0b\x66illed_with\x18\x03 \x01(\t\"\xbc\x01\n\x07Lineage\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x15\n\rfeature_views\x18\x02 \x03(\t\x12\x1f\n\x17oldest_event_timestamps\x18\x03 \x01(\x0c\x12+\n\x05\x66ills\x18\x04 \x03(\x0b\x32\x1c.featureserve.v1.FeatureFill\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x05 \x01(\t\x12\x1c\n\x14\x66\x65\x61ture_view_aliases\x18\x06 \x03(\t\"\x8b\x02\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12,\n\x07outputs\x18\x04 \x03(\x0b\x32\x1b.featureserve.v1.NamedArray\x12\x14\n\x0crow_statuses\x18\x05 \x01(\x0c\x12-\n\nrow_errors\x18\x06 \x03(\x0b\x32\x19.featureserve.v1.RowError\x12)\n\x07lineage\x18\x07 \x01(\x0b\x32\x18.featureserve.v1.Lineage\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x12\x15\n\rerror_message\x18\t \x01(\t*;\n\tRowStatus\x12\x1a\n\x16ROW_STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\x32\xb2\x01\n\nPrediction\x12L\n\x07Predict\x12\x1f.featureserve.v1.PredictRequest\x1a .featureserve.v1.PredictResponse\x12V\n\rStreamPredict\x12\x1f.featureserve.v1.PredictRequest\x1a .featureserve.v1.PredictResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.featureserve.v1.prediction_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROWSTATUS']._serialized_start=795
-  _globals['_ROWSTATUS']._serialized_end=854
+  _globals['_ROWSTATUS']._serialized_start=825
+  _globals['_ROWSTATUS']._serialized_end=884
   _globals['_PREDICTREQUEST']._serialized_start=97
   _globals['_PREDICTREQUEST']._serialized_end=291
   _globals['_FEATUREFILL']._serialized_start=293
   _globals['_FEATUREFILL']._serialized_end=362
   _globals['_LINEAGE']._serialized_start=365
-  _globals['_LINEAGE']._serialized_end=523
-  _globals['_PREDICTRESPONSE']._serialized_start=526
-  _globals['_PREDICTRESPONSE']._serialized_end=793
-  _globals['_PREDICTION']._serialized_start=857
-  _globals['_PREDICTION']._serialized_end=1035
+  _globals['_LINEAGE']._serialized_end=553
+  _globals['_PREDICTRESPONSE']._serialized_start=556
+  _globals['_PREDICTRESPONSE']._serialized_end=823
+  _globals['_PREDICTION']._serialized_start=887
+  _globals['_PREDICTION']._serialized_end=1065
 # @@protoc_insertion_point(module_scope)

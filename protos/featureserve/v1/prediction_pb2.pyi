@@ -43,18 +43,20 @@ class FeatureFill(_message.Message):
     def __init__(self, feature: _Optional[str] = ..., statuses: _Optional[bytes] = ..., filled_with: _Optional[str] = ...) -> None: ...
 
 class Lineage(_message.Message):
-    __slots__ = ("model_version", "feature_views", "oldest_event_timestamps", "fills", "feature_service")
+    __slots__ = ("model_version", "feature_views", "oldest_event_timestamps", "fills", "feature_service", "feature_view_aliases")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURE_VIEWS_FIELD_NUMBER: _ClassVar[int]
     OLDEST_EVENT_TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     FILLS_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_VIEW_ALIASES_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     feature_views: _containers.RepeatedScalarFieldContainer[str]
     oldest_event_timestamps: bytes
     fills: _containers.RepeatedCompositeFieldContainer[FeatureFill]
     feature_service: str
-    def __init__(self, model_version: _Optional[str] = ..., feature_views: _Optional[_Iterable[str]] = ..., oldest_event_timestamps: _Optional[bytes] = ..., fills: _Optional[_Iterable[_Union[FeatureFill, _Mapping]]] = ..., feature_service: _Optional[str] = ...) -> None: ...
+    feature_view_aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_version: _Optional[str] = ..., feature_views: _Optional[_Iterable[str]] = ..., oldest_event_timestamps: _Optional[bytes] = ..., fills: _Optional[_Iterable[_Union[FeatureFill, _Mapping]]] = ..., feature_service: _Optional[str] = ..., feature_view_aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("request_id", "model", "rows", "outputs", "row_statuses", "row_errors", "lineage", "error_code", "error_message")

@@ -43,6 +43,7 @@ from server.prediction_servicer import PredictionServicer
 from server.retention import HistoryRetention
 from server.shared_memory import SharedMemoryRegistry
 from server.tls import TlsConfig, parse_tls, server_credentials
+from server.tracing import TraceConfig, TraceControl, parse_trace
 from server.worker_stats import WorkerStatistics
 from server.workers import worker_index
 
@@ -145,12 +146,14 @@ def open_store(config: StoreConfig) -> OnlineStore:
 
 @dataclass(frozen=True)
 class Sections:
-    """The [auth], [tls] and [audit] tables parsed, with the TLS credentials read and checked."""
+    """The [auth], [tls], [audit] and [trace] tables parsed, with the TLS credentials read and
+    checked."""
 
     authorizer: Authorizer
     tls: TlsConfig | None
     credentials: grpc.ServerCredentials | None
     audit: AuditConfig
+    trace: TraceConfig
 
 
 def parse_sections(config: ServerConfig) -> Sections:
@@ -162,6 +165,7 @@ def parse_sections(config: ServerConfig) -> Sections:
             tls,
             server_credentials(tls) if tls is not None else None,
             parse_audit(config.extra.get("audit")),
+            parse_trace(config.extra.get("trace")),
         )
     except ConfigError as exc:
         raise StartupError(str(exc)) from None
@@ -177,6 +181,14 @@ def open_audit(config: AuditConfig, data_dir: Path) -> AuditLog:
         ) from None
 
 
+def trace_file_error(path: Path, exc: OSError) -> StartupError:
+    """The start-up error of a trace file that cannot be opened."""
+    return StartupError(
+        f"[trace] trace_file {path}: {exc.strerror}; set [trace] trace_file (--trace-file) to "
+        "a writable file"
+    )
+
+
 def preflight(config: ServerConfig) -> None:
     """What start() refuses up to opening the store, checked once by the parent of a worker
     group, so a bad config is reported in one line rather than once per worker."""
@@ -184,6 +196,11 @@ def preflight(config: ServerConfig) -> None:
     data_dir = ensure_writable_dir(config.data_dir, "data dir")
     ensure_writable_dir(config.model_repo, "model repository")
     open_audit(sections.audit, data_dir).close()
+    trace_path = sections.trace.path(data_dir)
+    try:
+        sections.trace.check_file(trace_path)
+    except OSError as exc:
+        raise trace_file_error(trace_path, exc) from None
     open_store(store_config(config)).close()
 
 
@@ -217,6 +234,9 @@ class FeatureServer:
         self.logs = LogControl(
             LogSettings.of_level(config.log_level, config.log_format), group_folder
         )
+        self.tracing = TraceControl(
+            sections.trace, sections.trace.path(config.data_dir), group_folder, worker_index()
+        )
 
     async def start(self) -> int:
         """Open the stores and bind the port (ServerLive answers from then on), warm the store and
@@ -227,6 +247,10 @@ class FeatureServer:
         if worker_index() is None:
             check_port_free(self.config.host, self.config.port)
         self.audit = open_audit(self.audit_config, self.config.data_dir)
+        try:
+            self.tracing.start()
+        except OSError as exc:
+            raise trace_file_error(self.tracing.path, exc) from None
         settings = store_config(self.config)
         self.store = open_store(settings)
         self.committer = CommitProcess(settings)
@@ -372,6 +396,7 @@ class FeatureServer:
                 self.worker_stats,
                 self.regions,
                 self.logs,
+                self.tracing,
             ),
             server,
         )
@@ -409,6 +434,7 @@ class FeatureServer:
             await self.models.stop()
         self.regions.close()
         await self.logs.stop()
+        await self.tracing.stop()
         if self.committer is not None:
             self.committer.close()
         if self.store is not None:

@@ -87,24 +87,20 @@ def _timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
 
-class AuditLog:
-    """Appends audit records to a file; each record is one write() of one line to an O_APPEND
-    descriptor, so lines from several worker processes never interleave. path None: disabled.
-    Like logging.handlers.WatchedFileHandler, a file renamed (logrotate) or removed is reopened
-    at `path` before the next record, so records never go to a file nobody reads."""
+class AppendFile:
+    """An O_APPEND descriptor of `path` that follows the path: like
+    logging.handlers.WatchedFileHandler, a file renamed (logrotate) or removed is reopened at
+    `path` before the next write, so records never go to a file nobody reads. One write() per
+    call, so whole lines from several processes never interleave."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None
-        self._last_failure_log = -FAILURE_LOG_INTERVAL_S
-        self._changes = Changes()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._open()
 
-    def _open(self) -> None:
-        """Open (creating) the file at path in place of any descriptor held now."""
+    def open(self) -> None:
+        """Open (creating) the file at path in place of any descriptor held now (OSError when
+        it cannot be)."""
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         fd = os.open(self.path, flags, 0o640)
         if self._fd is not None:
@@ -113,16 +109,39 @@ class AuditLog:
         stat = os.fstat(fd)
         self._identity = (stat.st_dev, stat.st_ino)
 
-    def _reopen_if_moved(self) -> None:
-        """Reopen the path when the file there is no longer the one held open (it was renamed
-        or removed); one stat() per record. Raises OSError when it cannot be reopened."""
+    def write(self, data: bytes) -> None:
+        """Append data in one write(), first reopening the path when the file there is no
+        longer the one held open (one stat() per call); OSError when either fails."""
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
-            self._open()
-            return
-        if (stat.st_dev, stat.st_ino) != self._identity:
-            self._open()
+            self.open()
+        else:
+            if (stat.st_dev, stat.st_ino) != self._identity:
+                self.open()
+        os.write(self._fd, data)
+
+    def close(self) -> None:
+        """Close the descriptor (if open)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class AuditLog:
+    """Appends audit records to a file (an AppendFile: one write() of one line per record, so
+    lines from several worker processes never interleave, and a file renamed or removed is
+    reopened at `path` before the next record). path None: disabled."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._file: AppendFile | None = None
+        self._last_failure_log = -FAILURE_LOG_INTERVAL_S
+        self._changes = Changes()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = AppendFile(path)
+            self._file.open()
 
     @classmethod
     def from_config(cls, config: AuditConfig, data_dir: Path) -> AuditLog:
@@ -141,7 +160,7 @@ class AuditLog:
         **fields: Any,
     ) -> None:
         """Write one record; principal defaults to the current caller's token name."""
-        if self._fd is None:
+        if self._file is None:
             return
         if principal is None:
             caller = current_principal()
@@ -155,14 +174,13 @@ class AuditLog:
             **fields,
         }
         try:
-            self._reopen_if_moved()
-            os.write(self._fd, (json.dumps(entry, default=str) + "\n").encode())
+            self._file.write((json.dumps(entry, default=str) + "\n").encode())
         except OSError as exc:
             self._failed(exc)
 
     def audits(self, method: str) -> bool:
         """Whether calls of `method` are recorded (and so are refused ones)."""
-        return self._fd is not None and method in AUDITED_METHODS
+        return self._file is not None and method in AUDITED_METHODS
 
     def refused(
         self,
@@ -269,6 +287,6 @@ class AuditLog:
 
     def close(self) -> None:
         """Close the file."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -79,6 +79,7 @@ METHOD_SCOPES: dict[str, str | tuple[str, ...]] = {
     _KS + "SystemSharedMemoryRegister": ADMIN,
     _KS + "SystemSharedMemoryUnregister": ADMIN,
     _KS + "LogSettings": ADMIN,
+    _KS + "TraceSetting": ADMIN,
 }
 """Scope class each method needs (a tuple: any one of them) before the servicer's per-name
 check; unlisted methods need admin, so a method added later is closed until someone classifies

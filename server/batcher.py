@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from server.metrics import ModelMetrics
 from server.model_config import ModelConfig, QueuePolicy
 from server.onnx_runner import RunCost
 from server.precise_timer import PRECISE_TIMER, PreciseHandle
+
+if TYPE_CHECKING:
+    from server.tracing import Trace
 
 log = logging.getLogger("featureserve.batcher")
 
@@ -139,6 +143,8 @@ class _Request:
     limit: str = ""
     """What set the deadline when a queue timeout did (empty: the caller's deadline), to name
     in the error of a request dropped for it."""
+    trace: Trace | None = None
+    """Where its timestamps go when it is traced (server/tracing.py)."""
 
 
 @dataclass(slots=True)
@@ -163,6 +169,8 @@ class _Outcome:
     """When the batch failed and its requests then ran one by one: each one's run time."""
     ran: bool = True
     """Whether the failed batch reached ONNX Runtime (one more execution) or failed joining."""
+    start_ns: int = 0
+    """time.perf_counter_ns() when the batch started (0: the batch failed)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -315,6 +323,7 @@ class DynamicBatcher:
         deadline: float | None = None,
         timeout_us: int | None = None,
         outputs: list[str] | None = None,
+        trace: Trace | None = None,
     ) -> dict[str, np.ndarray]:
         """Queue rows for batched execution and return exactly this request's output rows.
 
@@ -323,6 +332,8 @@ class DynamicBatcher:
         deadline: time.monotonic() at which the caller is gone: the request is dropped unexecuted,
         whatever its level's timeout_action.
         timeout_us: the request's own queue timeout, applied as its level's policy allows.
+        trace: gets the request's queue start now and its compute timestamps once its batch
+        ran.
         A request cancelled while queued leaves its queue at once, freeing its max_queue_size slot.
         While the version unloads, only requests of holders (see hold) are still taken.
         Raises QueueFullError, RequestTimeoutError, InferenceFailedError, ModelUnavailableError.
@@ -345,8 +356,19 @@ class DynamicBatcher:
             limit = level.timeout_limit(timeout)
         future = self._loop.create_future()
         request = _Request(
-            inputs, rows, outputs, deadline, late, future, now, _batch_key(inputs), limit=limit
+            inputs,
+            rows,
+            outputs,
+            deadline,
+            late,
+            future,
+            now,
+            _batch_key(inputs),
+            limit=limit,
+            trace=trace,
         )
+        if trace is not None:
+            trace.queue_start = int(now * 1e9)
         level.waiting.append(request)
         self._queued += 1
         self._queued_rows += rows
@@ -670,7 +692,7 @@ class DynamicBatcher:
                 return failed
             return self._run_each(instance, batch, failed) if retry else failed
         t3 = time.perf_counter_ns()
-        return _Outcome(results, t1 - t0, t2 - t1, t3 - t2)
+        return _Outcome(results, t1 - t0, t2 - t1, t3 - t2, start_ns=t0)
 
     def _run_each(self, instance: int, batch: list[_Request], failed: _Outcome) -> _Outcome:
         """The failed batch `failed` (its stage times) with its requests run one by one."""
@@ -731,6 +753,13 @@ class DynamicBatcher:
         ok = ok_rows = 0
         for request, result in zip(batch, outcome.results, strict=True):
             total_ns = int((now - request.enqueued) * 1e9)
+            if request.trace is not None:
+                request.trace.ran(
+                    outcome.start_ns,
+                    outcome.input_ns,
+                    outcome.infer_ns,
+                    outcome.output_ns,
+                )
             if isinstance(result, BaseException):
                 stats.fail.add(total_ns)
                 if not request.future.done():

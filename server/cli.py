@@ -20,6 +20,8 @@ SERVE_FLAGS = (
     "model_control_mode",
     "startup_models",
 )
+TRACE_FLAGS = ("trace_file", "trace_level", "trace_rate")
+"""Flags that set keys of the config's [trace] table."""
 
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +55,18 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
         "'*' = every model)",
     )
     p.add_argument("--log-format", choices=["json", "text"], help="log format (default json)")
+    p.add_argument(
+        "--trace-file",
+        help="[trace] trace_file: where request traces go (default DATA_DIR/trace.jsonl)",
+    )
+    p.add_argument(
+        "--trace-level",
+        choices=["OFF", "TIMESTAMPS"],
+        help="[trace] trace_level: TIMESTAMPS traces sampled requests (default OFF)",
+    )
+    p.add_argument(
+        "--trace-rate", type=int, help="[trace] trace_rate: trace 1 in N requests (default 1000)"
+    )
     p.add_argument(
         "--event-loop",
         choices=list(EVENT_LOOPS),
@@ -96,8 +110,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("featureserve: --workers must be at least 1", file=sys.stderr)
         return 2
+    trace = {name: getattr(args, name) for name in TRACE_FLAGS}
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, {"trace": trace})
     except ConfigError as exc:
         print(f"featureserve: {exc}", file=sys.stderr)
         return 2

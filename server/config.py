@@ -77,7 +77,7 @@ NAME_MAX_BYTES = 255
 """The longest folder name Linux file systems take (NAME_MAX)."""
 
 _PATH_KEYS = {"data_dir", "model_repo"}
-_SECTIONS = ("auth", "tls", "audit")
+_SECTIONS = ("auth", "tls", "audit", "trace")
 _NOT_KEYS = ("extra", "config_dir")  # set from the file's sections and place, not as keys
 _CHOICES = {
     "event_loop": tuple(EVENT_LOOPS),
@@ -190,8 +190,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:
-    """Read `path` (a TOML file whose top-level keys are ServerConfig fields) and apply overrides.
+def load_config(
+    path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    section_overrides: dict[str, dict[str, Any]] | None = None,
+) -> ServerConfig:
+    """Read `path` (a TOML file whose top-level keys are ServerConfig fields) and apply overrides
+    (section_overrides: keys of a section's table, such as the --trace-* flags' [trace] keys;
+    the section's parser checks them at start-up).
 
     Unknown keys are an error naming the key and the file, so a typo never silently
     falls back to a default.
@@ -237,6 +243,10 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             'model_control_mode = "explicit" (--model-control-mode explicit) or drop '
             "startup_models (--load-model)"
         )
+    for section, keys in (section_overrides or {}).items():
+        given = {key: value for key, value in keys.items() if value is not None}
+        if given:
+            extra[section] = {**extra.get(section, {}), **given}
     config.extra = extra
     config.config_dir = Path(path).parent if path is not None else None
     return config

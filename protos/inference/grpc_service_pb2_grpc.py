@@ -120,6 +120,11 @@ class GRPCInferenceServiceStub(object):
                 request_serializer=protos_dot_inference_dot_grpc__service__pb2.LogSettingsRequest.SerializeToString,
                 response_deserializer=protos_dot_inference_dot_grpc__service__pb2.LogSettingsResponse.FromString,
                 _registered_method=True)
+        self.TraceSetting = channel.unary_unary(
+                '/inference.GRPCInferenceService/TraceSetting',
+                request_serializer=protos_dot_inference_dot_grpc__service__pb2.TraceSettingRequest.SerializeToString,
+                response_deserializer=protos_dot_inference_dot_grpc__service__pb2.TraceSettingResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer(object):
@@ -239,6 +244,14 @@ class GRPCInferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TraceSetting(self, request, context):
+        """Read the trace settings, globally or of one model, and change those the request names
+        (Triton's trace extension).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -321,6 +334,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.LogSettings,
                     request_deserializer=protos_dot_inference_dot_grpc__service__pb2.LogSettingsRequest.FromString,
                     response_serializer=protos_dot_inference_dot_grpc__service__pb2.LogSettingsResponse.SerializeToString,
+            ),
+            'TraceSetting': grpc.unary_unary_rpc_method_handler(
+                    servicer.TraceSetting,
+                    request_deserializer=protos_dot_inference_dot_grpc__service__pb2.TraceSettingRequest.FromString,
+                    response_serializer=protos_dot_inference_dot_grpc__service__pb2.TraceSettingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -756,6 +774,33 @@ class GRPCInferenceService(object):
             '/inference.GRPCInferenceService/LogSettings',
             protos_dot_inference_dot_grpc__service__pb2.LogSettingsRequest.SerializeToString,
             protos_dot_inference_dot_grpc__service__pb2.LogSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TraceSetting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/TraceSetting',
+            protos_dot_inference_dot_grpc__service__pb2.TraceSettingRequest.SerializeToString,
+            protos_dot_inference_dot_grpc__service__pb2.TraceSettingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,21 @@ def test_top_level_server_table_sections_and_flag_overrides(tmp_path: Path) -> N
     assert config.extra == {"auth": {"enabled": False}, "tls": {"cert_file": "c.pem"}}
 
 
+def test_flags_of_a_section_override_its_file_keys(tmp_path: Path) -> None:
+    """The --trace-* flags land in the [trace] table over the file's keys (None: not given)."""
+    path = write(tmp_path, '[trace]\ntrace_rate = 10\ntrace_file = "t.jsonl"\n')
+    flags = {"trace_rate": 1, "trace_level": "TIMESTAMPS", "trace_file": None}
+    config = load_config(path, None, {"trace": flags})
+    assert config.extra["trace"] == {
+        "trace_rate": 1,
+        "trace_level": "TIMESTAMPS",
+        "trace_file": "t.jsonl",
+    }
+    assert "trace" not in load_config(None, None, {"trace": {"trace_rate": None}}).extra
+    with pytest.raises(ConfigError, match=r"\[trace\] must be a table"):
+        load_config(write(tmp_path, "trace = 1\n"))
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -14,7 +14,7 @@ from benchmarks.model_zoo import add_sub_model, graph_model, mlp_model, write_mo
 from server.inference_servicer import start_server
 from server.model_repository import ModelRepository
 from server.tensors import bf16_to_float32
-from tests.conftest import float32_to_bf16
+from tests.conftest import float32_to_bf16, wait_until
 from tests.server.cached_venv import cached_venv
 
 TRITONCLIENT = ["tritonclient[grpc]==2.73.0", "numpy"]
@@ -197,3 +197,48 @@ def test_tritonclient_sync_async_and_stream(tmp_path: Path) -> None:
     assert out["bf16"] == [(2 * bf16).tolist(), bf16.tolist(), "BF16"]
     stats = out["stats"]["model_stats"][0]
     assert int(stats["inference_count"]) == 3 + 4 * 3 + 3 + 3
+
+
+TRACE_SCRIPT = r"""
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+client = grpcclient.InferenceServerClient(sys.argv[1])
+out = {"extensions": client.get_server_metadata(as_json=True)["extensions"]}
+wanted = {"trace_level": ["TIMESTAMPS"], "trace_rate": "1"}
+out["set"] = client.update_trace_settings("mlp", wanted, as_json=True)["settings"]
+out["get"] = client.get_trace_settings("mlp", as_json=True)["settings"]
+out["global"] = client.get_trace_settings(as_json=True)["settings"]
+inp = grpcclient.InferInput("x", [1, 32], "FP32")
+inp.set_data_from_numpy(np.ones((1, 32), np.float32))
+client.infer("mlp", [inp], request_id="traced")
+out["cleared"] = client.update_trace_settings("mlp", {"trace_level": None}, as_json=True)
+print(json.dumps(out))
+"""
+
+
+def test_tritonclient_trace_settings(tmp_path: Path, server_factory) -> None:
+    """update_trace_settings / get_trace_settings per model and globally; the request traced
+    as it set is in the trace file."""
+    python = cached_venv("tritonclient-venv", TRITONCLIENT) / "bin" / "python"
+    write_model(tmp_path / "models", "mlp", mlp_model())
+    server = server_factory()
+    script = tmp_path / "trace.py"
+    script.write_text(TRACE_SCRIPT)
+    done = subprocess.run(
+        [str(python), str(script), server.target], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert "trace" in out["extensions"]
+    for settings in (out["set"], out["get"]):
+        assert settings["trace_level"] == {"value": ["TIMESTAMPS"]}
+        assert settings["trace_rate"] == {"value": ["1"]}
+        assert settings["trace_count"] == {"value": ["-1"]}
+    assert out["global"]["trace_level"] == {"value": ["OFF"]}
+    assert out["cleared"]["settings"]["trace_level"] == {"value": ["OFF"]}
+    trace_file = tmp_path / "data" / "trace.jsonl"
+    assert wait_until(lambda: trace_file.exists() and trace_file.read_text())
+    (record,) = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    assert record["request_id"] == "traced" and record["model_name"] == "mlp"

@@ -8,13 +8,20 @@ coarse modification time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("featureserve.group_file")
+
+FOLLOW_INTERVAL_S = 0.25
+"""How often a Follower checks: a group-wide setting reaches every worker within this."""
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -71,3 +78,31 @@ class GroupFile:
             yield
         finally:
             os.close(fd)
+
+
+class Follower:
+    """Runs `check` (a worker following a group file) every FOLLOW_INTERVAL_S on the event loop
+    until stopped; a failing check is logged, never fatal."""
+
+    def __init__(self, check: Callable[[], None], what: str) -> None:
+        self._check = check
+        self._what = what
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start following (on the running event loop)."""
+        self._task = asyncio.create_task(self._run(), name=f"{self._what} follower")
+
+    async def stop(self) -> None:
+        """Stop following."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(FOLLOW_INTERVAL_S)
+            try:
+                self._check()
+            except Exception:
+                log.exception("following the group's %s failed", self._what)

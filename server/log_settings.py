@@ -9,7 +9,6 @@ records; featureserve has one verbose level), `log_format` ("json" or "text") an
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -18,12 +17,10 @@ from pathlib import Path
 
 from server import logs
 from server.errors import InvalidRequestError
-from server.group_file import GroupFile
+from server.group_file import Follower, GroupFile
 
 log = logging.getLogger("featureserve.log_settings")
 
-FOLLOW_INTERVAL_S = 0.25
-"""How often a worker checks the group's settings: a change reaches every worker within this."""
 GROUP_STEM = "log-settings"
 SettingValue = bool | int | str
 FORMATS = ("json", "text")
@@ -108,7 +105,7 @@ class LogControl:
     def __init__(self, settings: LogSettings, group_folder: Path | None = None) -> None:
         self.settings = settings
         self._group = GroupFile(group_folder, GROUP_STEM) if group_folder is not None else None
-        self._follower: asyncio.Task | None = None
+        self._follower = Follower(self._follow_once, "log settings")
 
     def current(self) -> LogSettings:
         """The settings in force (in a group: its latest, applied here first)."""
@@ -134,21 +131,11 @@ class LogControl:
         and follow them from then on."""
         if self._group is not None:
             self._follow_once()
-            self._follower = asyncio.create_task(self._follow(), name="log-settings-follower")
+            self._follower.start()
 
     async def stop(self) -> None:
         """Stop following the group's settings."""
-        if self._follower is not None:
-            self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
-
-    async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(FOLLOW_INTERVAL_S)
-            try:
-                self._follow_once()
-            except Exception:
-                log.exception("following the group's log settings failed")
+        await self._follower.stop()
 
     def _follow_once(self) -> None:
         if self._group is not None and (stored := self._group.changed()) is not None:

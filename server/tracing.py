@@ -31,7 +31,7 @@ from typing import Any
 from server.audit import AppendFile
 from server.config import ConfigError
 from server.errors import InvalidRequestError, status_for
-from server.group_file import GroupFile
+from server.group_file import Follower, GroupFile
 
 log = logging.getLogger("featureserve.tracing")
 
@@ -39,8 +39,6 @@ OFF, TIMESTAMPS, TENSORS = "OFF", "TIMESTAMPS", "TENSORS"
 KNOWN = ("trace_file", "trace_level", "trace_rate", "trace_count", "log_frequency")
 DEFAULT_FILE = "trace.jsonl"
 GROUP_STEM = "trace-settings"
-FOLLOW_INTERVAL_S = 0.25
-"""How often a worker checks the group's settings: a change reaches every worker within this."""
 _BOUNDS = {
     "trace_rate": (1, 2**32 - 1, "1 traces every request"),
     "trace_count": (-1, 2**31 - 1, "-1 = no limit"),
@@ -350,7 +348,7 @@ class TraceControl:
         self._global = _Scope(config.settings, ("", 0), config.settings.trace_count)
         self._models: dict[str, _Scope] = {}
         self._next_id = _first_id()
-        self._follower: asyncio.Task | None = None
+        self._follower = Follower(self._follow_once, "trace settings")
 
     def start(self) -> None:
         """Take the group's settings, open the file when they trace (OSError names it) and
@@ -359,13 +357,11 @@ class TraceControl:
         self._refresh_active()
         self._apply(self._stored())
         if self._group is not None:
-            self._follower = asyncio.create_task(self._follow(), name="trace-settings-follower")
+            self._follower.start()
 
     async def stop(self) -> None:
         """Stop following the group and write the records still held."""
-        if self._follower is not None:
-            self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
+        await self._follower.stop()
         await asyncio.to_thread(self._writer.close)
 
     def begin(
@@ -525,14 +521,6 @@ class TraceControl:
 
     def _refresh_active(self) -> None:
         self.active = self._global.on or any(s.on for s in self._models.values())
-
-    async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(FOLLOW_INTERVAL_S)
-            try:
-                self._follow_once()
-            except Exception:
-                log.exception("following the group's trace settings failed")
 
     def _follow_once(self) -> None:
         if self._group is not None and (stored := self._group.changed()) is not None:

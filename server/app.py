@@ -227,8 +227,8 @@ class FeatureServer:
         self.worker_stats: WorkerStatistics | None = None
         self.retention: HistoryRetention | None = None
         self.features: FeatureStoreServicer | None = None
-        # A --workers group shares its shared-memory registrations and log settings through
-        # its folder (see shared_memory and log_settings).
+        # A --workers group shares its shared-memory registrations, log and trace settings
+        # through its folder (see shared_memory, log_settings and tracing).
         group_folder = multiprocess_dir() if worker_index() is not None else None
         self.regions = SharedMemoryRegistry(group_folder)
         self.logs = LogControl(

@@ -191,7 +191,7 @@ class PredictCoalescer:
                 name: np.concatenate([r.values[name] for r in group]) for name in group[0].values
             }
             rows = sum(r.rows for r in group)
-        results, aliases = binding.read_named(self.store, keys)
+        results, aliases = binding.read(self.store, keys)
         assembled = binding.assemble(results, values, rows, aliases)
         tensor = binding.transform(assembled.block, assembled.typed)
         outputs = union_outputs(r.outputs for r in group)

@@ -493,11 +493,7 @@ class PredictionBinding:
         self._maps[key] = maps
         return maps
 
-    def read(self, store: OnlineStore, keys: dict[str, np.ndarray]) -> list[ReadResult]:
-        """One ReadResult per bound read, from one snapshot (read_named without the aliases)."""
-        return self.read_named(store, keys)[0]
-
-    def read_named(
+    def read(
         self, store: OnlineStore, keys: dict[str, np.ndarray]
     ) -> tuple[list[ReadResult], list[str]]:
         """One ReadResult per bound read, from one snapshot, and per read the projection
@@ -536,7 +532,7 @@ class PredictionBinding:
         mapped columns included) are the caller's INVALID_ARGUMENT, unless those views are not
         of the binding's entity. A projection is keyed by its own columns, so features.entity
         and the one-entity rule hold for the views read by their own join keys only. Returns
-        read_named's results and aliases."""
+        read's results and aliases."""
         resolved: list[ViewRead] = []
 
         def select(service: FeatureService) -> list[ViewRead]:
@@ -619,7 +615,7 @@ class PredictionBinding:
         """The float64 rows x columns block from one ReadResult per read (in `reads` order) and
         the decoded request values; non-present values take their default, and rows missing a
         required feature are marked failed (first_bad indexes failed_features, with its status).
-        `aliases` are read_named's, kept for the lineage."""
+        `aliases` are read's, kept for the lineage."""
         block = np.empty((rows, len(self.columns)), np.float64)
         failed = np.zeros(rows, np.bool_)
         first_bad = np.full(rows, -1, np.int64)

@@ -350,7 +350,7 @@ def test_a_vocabulary_of_the_other_type_than_a_feature_is_refused_when_read(
     store = _profile_store(tmp_path)
     b = keyed([column], None, (column.split('"')[1], vocabulary))
     with pytest.raises(ConflictError) as info:
-        b.assemble(b.read(store, {"id": np.array([1, 2])}), {}, 2)
+        b.assemble(b.read(store, {"id": np.array([1, 2])})[0], {}, 2)
     assert message in str(info.value)
     store.close()
 
@@ -359,10 +359,11 @@ def test_an_empty_vocabulary_reads_a_column_of_either_type(tmp_path) -> None:
     """An empty vocabulary sends every value to the out-of-vocabulary column, whatever its type."""
     store = _profile_store(tmp_path)
     b = keyed([K, CITY], "string", ("k", []), ("profile:city", []))
-    out = b.assemble(b.read(store, {"id": np.array([1, 2])}), {"k": np.array(["x", ""], object)}, 2)
+    results, _ = b.read(store, {"id": np.array([1, 2])})
+    out = b.assemble(results, {"k": np.array(["x", ""], object)}, 2)
     np.testing.assert_array_equal(b.transform(out.block, out.typed), np.ones((2, 2), np.float32))
     b = keyed([K, N], "int64", ("k", []), ("profile:n", []))
-    out = b.assemble(b.read(store, {"id": np.array([1, 2])}), {"k": np.array([3, 4])}, 2)
+    out = b.assemble(b.read(store, {"id": np.array([1, 2])})[0], {"k": np.array([3, 4])}, 2)
     np.testing.assert_array_equal(b.transform(out.block, out.typed), np.ones((2, 2), np.float32))
     store.close()
 
@@ -389,7 +390,7 @@ def test_views_of_two_entities_are_refused_naming_them(tmp_path) -> None:
             f"'{other.split(':')[0]}' of entity '{entity}')"
         ) in str(info.value) and "set features.entity" in str(info.value)
     same = binding(head.format("stats:a").replace('"stats:a", "stats:a"', '"stats:a"'), width=1)
-    assert len(same.read(store, {"id": np.array([1, 2])})) == 1
+    assert len(same.read(store, {"id": np.array([1, 2])})[0]) == 1
     store.close()
 
 

@@ -4,6 +4,7 @@ from their own packages."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import resource
@@ -132,38 +133,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Subcommand registrars of every package, in help order."""
-    from benchmarks.cli import register as bench
-    from clients.cli import register as client_commands
-    from clients.feature_cli import register as feature_commands
-    from clients.prediction_cli import register as prediction_commands
-    from clients.registry_cli import register as registry_commands
-    from pipelines.cli import register as pipeline_commands
-    from server.store_cli import register as store_commands
-    from server.training_cli import register as training_commands
-
-    return [
-        add_serve,
-        store_commands,
-        training_commands,
-        client_commands,
-        feature_commands,
-        registry_commands,
-        prediction_commands,
-        pipeline_commands,
-        bench,
-    ]
+COMMAND_MODULES = {
+    "backup": "server.store_cli",
+    "compact-history": "server.store_cli",
+    "training-set": "server.training_cli",
+    "health": "clients.cli",
+    "apply": "clients.feature_cli",
+    "delete-view": "clients.feature_cli",
+    "delete-service": "clients.feature_cli",
+    "ingest": "clients.feature_cli",
+    "get": "clients.feature_cli",
+    "list": "clients.registry_cli",
+    "describe": "clients.registry_cli",
+    "predict": "clients.prediction_cli",
+    "pipeline": "pipelines.cli",
+    "bench": "benchmarks.cli",
+}
+"""The module whose register() adds each command besides serve, in help order. A command line
+imports only its command's module: importing them all (the server, PyFlink's pandas, the
+benchmarks) cost every client command ~1.5 s before it parsed its first flag."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full command-line parser."""
+def _registrars(command: str | None) -> list[Callable[[argparse._SubParsersAction], None]]:
+    """The registrar of `command` (serve's own, or its module's), or of every command when it
+    is none of them (the overview help, or a typo that argparse answers with the choices)."""
+    if command == "serve":
+        return [add_serve]
+    if command in COMMAND_MODULES:
+        return [importlib.import_module(COMMAND_MODULES[command]).register]
+    modules = dict.fromkeys(COMMAND_MODULES.values())
+    return [add_serve, *(importlib.import_module(module).register for module in modules)]
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser: of `command` alone when it names one, else of every command."""
     parser = argparse.ArgumentParser(
         prog="featureserve",
         description="Serve ML features and batched ONNX predictions over gRPC.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in _registrars():
+    for register in _registrars(command):
         register(subparsers)
     return parser
 
@@ -185,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from clients.channel import ClientError
     from featurestore.errors import FeatureStoreError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     if signals is not None:
         args.signals = signals
     try:

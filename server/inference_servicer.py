@@ -67,7 +67,6 @@ EXTENSIONS = [
     "logging",
     "trace",
 ]
-PLATFORM = "onnxruntime_onnx"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 UNLOAD_DEPENDENTS = "unload_dependents"
 STREAM_WINDOW = 256
@@ -191,14 +190,11 @@ def _queue_policy(target: mc.ModelQueuePolicy, policy: QueuePolicy) -> None:
 
 def config_proto(config: ModelConfig) -> mc.ModelConfig:
     """A ModelConfig as Triton's proto (dims exclude the batch dimension when batching; warmup
-    samples as applied, their defaults filled in)."""
+    samples as applied, their defaults filled in; an ensemble with its ensemble_scheduling
+    steps and no backend, instances or batching of its own, as Triton reports one)."""
     skip = 1 if config.max_batch_size else 0
     message = mc.ModelConfig(
-        name=config.name,
-        platform=PLATFORM,
-        backend="onnxruntime",
-        max_batch_size=config.max_batch_size or 0,
-        default_model_filename=MODEL_FILENAME,
+        name=config.name, platform=config.platform, max_batch_size=config.max_batch_size or 0
     )
     message.response_cache.enable = config.response_cache
     for spec in config.inputs:
@@ -215,18 +211,23 @@ def config_proto(config: ModelConfig) -> mc.ModelConfig:
             dims=spec.shape[skip:],
             label_filename=spec.label_filename,
         )
+    _version_policy(message.version_policy, config)
+    if config.ensemble:
+        for step in config.ensemble:
+            message.ensemble_scheduling.step.add(
+                model_name=step.model_name,
+                model_version=step.model_version,
+                input_map=step.input_map,
+                output_map=step.output_map,
+            )
+        return message
+    message.backend = "onnxruntime"
+    message.default_model_filename = MODEL_FILENAME
     message.instance_group.add(
         name=f"{config.name}_0",
         count=config.instance_group.count,
         kind=mc.ModelInstanceGroup.KIND_CPU,
     )
-    policy = config.version_policy
-    if policy.all:
-        message.version_policy.all.SetInParent()
-    elif policy.specific:
-        message.version_policy.specific.versions.extend(policy.specific)
-    else:
-        message.version_policy.latest.num_versions = policy.latest or 1
     if config.batching:
         batching = config.dynamic_batching
         dynamic = message.dynamic_batching
@@ -252,6 +253,17 @@ def config_proto(config: ModelConfig) -> mc.ModelConfig:
             entry.dims.extend(spec.dims)
             setattr(entry, spec.data, spec.file or True)
     return message
+
+
+def _version_policy(target: mc.ModelVersionPolicy, config: ModelConfig) -> None:
+    """Copy a config's VersionPolicy into Triton's ModelVersionPolicy."""
+    policy = config.version_policy
+    if policy.all:
+        target.all.SetInParent()
+    elif policy.specific:
+        target.specific.versions.extend(policy.specific)
+    else:
+        target.latest.num_versions = policy.latest or 1
 
 
 def _first_unaccepted(method: str, parameters: Mapping, accepted: dict[str, str]) -> str | None:
@@ -292,9 +304,9 @@ def reject_load_parameters(request: pb.RepositoryModelLoadRequest, repository: P
     )
 
 
-def check_unload_parameters(request: pb.RepositoryModelUnloadRequest) -> None:
-    """Accept Triton's "unload_dependents" (a bool_param, which changes nothing: no model here
-    depends on another, as there are no ensembles); any other parameter is INVALID_ARGUMENT."""
+def unload_dependents(request: pb.RepositoryModelUnloadRequest) -> bool:
+    """Triton's "unload_dependents" (a bool_param; absent = false): whether unloading an
+    ensemble unloads its composing models too. Any other parameter is INVALID_ARGUMENT."""
     accepted = {UNLOAD_DEPENDENTS: "bool_param"}
     key = _first_unaccepted("RepositoryModelUnload", request.parameters, accepted)
     if key is not None:
@@ -302,6 +314,8 @@ def check_unload_parameters(request: pb.RepositoryModelUnloadRequest) -> None:
             f"RepositoryModelUnload: parameter '{key}' is not supported; it takes only "
             f"'{UNLOAD_DEPENDENTS}' (a bool_param), so remove '{key}' and unload again"
         )
+    parameter = request.parameters.get(UNLOAD_DEPENDENTS)
+    return bool(parameter and parameter.bool_param)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -354,7 +368,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.auth.require(f"infer:{request.name}")
         model = self.repository.get(request.name, request.version)
         response = pb.ModelMetadataResponse(
-            name=model.name, versions=self.repository.versions(model.name), platform=PLATFORM
+            name=model.name,
+            versions=self.repository.versions(model.name),
+            platform=model.config.platform,
         )
         for spec in model.config.inputs:
             response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
@@ -626,17 +642,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @maps_errors
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
         """Unload a model (in a --workers group sharing one model state, on every worker); its
-        in-flight requests finish first. "unload_dependents" is accepted and changes nothing (no
-        model depends on another here)."""
+        in-flight requests finish first. With "unload_dependents" true, an ensemble's composing
+        models are unloaded too."""
         self.auth.require("admin")
 
         async def unload(_: dict) -> None:
-            check_unload_parameters(request)
+            dependents = unload_dependents(request)
             group = self.repository.group
             if group is None:
-                await self.repository.unload(request.model_name)
+                await self.repository.unload(request.model_name, dependents)
             else:
-                await group.unload(request.model_name, context.time_remaining)
+                await group.unload(request.model_name, context.time_remaining, dependents)
 
         await self.audit.change("model_unload", request.model_name, context, unload)
         return pb.RepositoryModelUnloadResponse()

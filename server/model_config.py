@@ -8,6 +8,9 @@ initializer, which ONNX Runtime uses when a request leaves the input out.
 their dims leave the batch dimension out, as in Triton.
 `label_filename = "labels.txt"` on an output names its class labels, a file in the model folder
 read at load, for Triton's classification extension (server/classification.py).
+`platform = "ensemble"` makes the folder an ensemble (Triton's): no model.onnx, declared inputs and
+outputs, and `[[ensemble_scheduling.step]]` tables chaining composing models (server/ensemble.py);
+parse_model_config checks the steps' structure, the load checks them against the composing models.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ log = logging.getLogger("featureserve.model_config")
 
 CONFIG_FILENAME = "config.toml"
 MODEL_FILENAME = "model.onnx"
+ONNX_PLATFORM = "onnxruntime_onnx"
+ENSEMBLE_PLATFORM = "ensemble"
+LATEST_VERSION = -1
+"""A step's model_version that follows the composing model's highest served version."""
 DEFAULT_MAX_BATCH_SIZE = 64
 
 # Top-level tables that other parts of the server own (Predict's feature bindings and transforms);
@@ -194,10 +201,27 @@ class WarmupSample:
 
 
 @dataclass(frozen=True)
+class EnsembleStep:
+    """One [[ensemble_scheduling.step]] (Triton's ModelEnsembling.Step): the composing model and
+    version (LATEST_VERSION = its highest served), and which ensemble tensor feeds each of its
+    inputs and which ensemble tensor each of its outputs becomes."""
+
+    model_name: str
+    model_version: int = LATEST_VERSION
+    input_map: dict[str, str] = field(default_factory=dict)
+    output_map: dict[str, str] = field(default_factory=dict)
+
+    def label(self, index: int) -> str:
+        """How messages name the step."""
+        return f"ensemble_scheduling.step[{index}] (model '{self.model_name}')"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything that decides how a model is served."""
 
     name: str
+    platform: str = ONNX_PLATFORM
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     max_batch_size: int | None = None
@@ -210,6 +234,8 @@ class ModelConfig:
     response_cache.enable); needs the server's response_cache_bytes > 0."""
     model_warmup: tuple[WarmupSample, ...] = ()
     extensions: dict[str, Any] = field(default_factory=dict)
+    ensemble: tuple[EnsembleStep, ...] = ()
+    """The steps of an ensemble (platform "ensemble"); empty for an ONNX model."""
 
     @property
     def batching(self) -> bool:
@@ -225,7 +251,25 @@ class ModelConfig:
         return next((t for t in self.outputs if t.name == name), None)
 
 
-_TOP_KEYS = {"name", "max_batch_size", "inputs", "outputs", "response_cache", "model_warmup"}
+_TOP_KEYS = {
+    "name",
+    "platform",
+    "max_batch_size",
+    "inputs",
+    "outputs",
+    "response_cache",
+    "model_warmup",
+}
+_ENSEMBLE_KEY = "ensemble_scheduling"
+# Keys an ensemble has no use for: it runs no session and batches nothing itself (each step joins
+# its composing model's batcher), and Predict's bindings are not served on ensembles.
+_NOT_FOR_ENSEMBLES = (
+    "dynamic_batching",
+    "instance_group",
+    "onnxruntime",
+    "model_warmup",
+    *sorted(MODEL_CONFIG_EXTENSIONS),
+)
 _TENSOR_KEYS = {"name", "dtype", "shape", "optional"}
 _OUTPUT_KEYS = _TENSOR_KEYS | {"label_filename"}
 
@@ -357,14 +401,18 @@ def parse_model_config(text: str, *, source: str, default_name: str) -> ModelCon
     except tomllib.TOMLDecodeError as exc:
         raise ModelConfigError(f"{source}: not valid TOML: {exc}") from None
     sections = {"instance_group": InstanceGroupConfig, "onnxruntime": OnnxRuntimeConfig}
-    own = {"dynamic_batching", "version_policy"}
+    own = {"dynamic_batching", "version_policy", _ENSEMBLE_KEY}
     _check_keys(source, "", raw, _TOP_KEYS | set(sections) | own | MODEL_CONFIG_EXTENSIONS)
     name = _typed(source, "name", raw.get("name", default_name), str)
     if name != default_name:
         raise ModelConfigError(
             f"{source}: name '{name}' differs from its folder '{default_name}'; make them equal"
         )
-    values: dict[str, Any] = {"name": name}
+    platform = _platform(source, raw)
+    values: dict[str, Any] = {"name": name, "platform": platform}
+    if platform == ENSEMBLE_PLATFORM:
+        values["max_batch_size"] = 0
+        values["ensemble"] = _ensemble_steps(source, raw[_ENSEMBLE_KEY])
     if "max_batch_size" in raw:
         values["max_batch_size"] = _non_negative(source, "max_batch_size", raw["max_batch_size"])
     if "response_cache" in raw:
@@ -389,7 +437,165 @@ def parse_model_config(text: str, *, source: str, default_name: str) -> ModelCon
     }
     config = ModelConfig(**values)
     _check_semantics(source, config)
+    if platform == ENSEMBLE_PLATFORM:
+        check_ensemble(source, config)
     return config
+
+
+def _platform(source: str, raw: dict[str, Any]) -> str:
+    """The model's platform: ONNX_PLATFORM (the default) or ENSEMBLE_PLATFORM, whose keys differ
+    (an ensemble needs ensemble_scheduling and its tensors, and takes no session settings)."""
+    platform = _typed(source, "platform", raw.get("platform", ONNX_PLATFORM), str)
+    if platform not in (ONNX_PLATFORM, ENSEMBLE_PLATFORM):
+        raise ModelConfigError(
+            f"{source}: platform '{platform}' is not served here; use \"{ONNX_PLATFORM}\" (the "
+            f'default: a model.onnx in each version folder) or "{ENSEMBLE_PLATFORM}"'
+        )
+    if platform == ONNX_PLATFORM:
+        if _ENSEMBLE_KEY in raw:
+            raise ModelConfigError(
+                f"{source}: key '{_ENSEMBLE_KEY}' belongs to ensembles; add platform = "
+                f'"{ENSEMBLE_PLATFORM}" (and drop model.onnx), or remove [{_ENSEMBLE_KEY}]'
+            )
+        return platform
+    for key in _NOT_FOR_ENSEMBLES:
+        if key in raw:
+            raise ModelConfigError(
+                f"{source}: key '{key}' does not apply to an ensemble (platform = "
+                f'"{ENSEMBLE_PLATFORM}"): its steps run on their composing models, which hold '
+                f"their own settings (and Predict is not served on ensembles); remove '{key}'"
+            )
+    for key in (_ENSEMBLE_KEY, "inputs", "outputs"):
+        if key not in raw:
+            what = "[[ensemble_scheduling.step]] tables" if key == _ENSEMBLE_KEY else f"[[{key}]]"
+            raise ModelConfigError(
+                f"{source}: an ensemble needs key '{key}' (there is no model file to take it "
+                f"from); declare its {what}"
+            )
+    for entry in _typed(source, "inputs", raw["inputs"], list):
+        if isinstance(entry, dict) and entry.get("optional"):
+            raise ModelConfigError(
+                f"{source}: ensemble input '{entry.get('name')}' is optional = true, which "
+                "ensembles do not take here; remove optional (every request sends the input)"
+            )
+    return platform
+
+
+def _ensemble_steps(source: str, raw: Any) -> tuple[EnsembleStep, ...]:
+    """[[ensemble_scheduling.step]] tables, each typed (structure: check_ensemble)."""
+    raw = _typed(source, _ENSEMBLE_KEY, raw, dict)
+    _check_keys(source, _ENSEMBLE_KEY, raw, {"step"})
+    tables = _typed(source, f"{_ENSEMBLE_KEY}.step", raw.get("step", []), list)
+    if not tables:
+        raise ModelConfigError(
+            f"{source}: {_ENSEMBLE_KEY} has no step; add [[{_ENSEMBLE_KEY}.step]] tables, each "
+            "with model_name, input_map and output_map"
+        )
+    return tuple(_ensemble_step(source, index, table) for index, table in enumerate(tables))
+
+
+def _ensemble_step(source: str, index: int, raw: Any) -> EnsembleStep:
+    """One step: model_name, model_version (-1 or absent: the latest served), and the maps."""
+    key = f"{_ENSEMBLE_KEY}.step[{index}]"
+    raw = _typed(source, key, raw, dict)
+    _check_keys(source, key, raw, {"model_name", "model_version", "input_map", "output_map"})
+    model = _typed(source, f"{key}.model_name", raw.get("model_name", ""), str)
+    if not model:
+        raise ModelConfigError(
+            f"{source}: {key} has no model_name; name the composing model it runs"
+        )
+    version = _typed(source, f"{key}.model_version", raw.get("model_version", -1), int)
+    if version != LATEST_VERSION and not 1 <= version <= 2**63 - 1:
+        raise ModelConfigError(
+            f"{source}: {key}.model_version {version}: give a version from 1, or -1 (or leave it "
+            "out) for the latest served version"
+        )
+    maps = {}
+    for part in ("input_map", "output_map"):
+        table = _typed(source, f"{key}.{part}", raw.get(part, {}), dict)
+        if not table:
+            side = "input" if part == "input_map" else "output"
+            raise ModelConfigError(
+                f"{source}: {key}.{part} is missing or empty; map at least one of model "
+                f"'{model}''s {side}s, e.g. {part} = {{ {side.upper()}0 = \"tensor\" }}"
+            )
+        maps[part] = {
+            _typed(source, f"{key}.{part}", k, str): _typed(source, f"{key}.{part}.{k}", v, str)
+            for k, v in table.items()
+        }
+    return EnsembleStep(model, version, maps["input_map"], maps["output_map"])
+
+
+def check_ensemble(source: str, config: ModelConfig) -> None:
+    """An ensemble's structure, as Triton checks it (no repository needed): every tensor a step
+    reads is an ensemble input or some step's output, each tensor is written once, never over an
+    ensemble input, every ensemble input is read and every ensemble output written, and the steps
+    form no cycle."""
+    inputs = {t.name for t in config.inputs}
+    producer: dict[str, int] = {}
+    for index, step in enumerate(config.ensemble):
+        for output, tensor in step.output_map.items():
+            where = f'{source}: {step.label(index)} output_map {output} = "{tensor}"'
+            if tensor in inputs:
+                raise ModelConfigError(
+                    f"{where}: '{tensor}' is an ensemble input, which no step may write; map "
+                    "the output to a tensor of its own"
+                )
+            if tensor in producer:
+                first = config.ensemble[producer[tensor]].label(producer[tensor])
+                raise ModelConfigError(
+                    f"{where}: {first} already writes '{tensor}'; an ensemble tensor is written "
+                    "by one step only, so give one of them another tensor name"
+                )
+            producer[tensor] = index
+    read = set()
+    for index, step in enumerate(config.ensemble):
+        for name, tensor in step.input_map.items():
+            read.add(tensor)
+            if tensor not in inputs and tensor not in producer:
+                raise ModelConfigError(
+                    f'{source}: {step.label(index)} input_map {name} = "{tensor}": no '
+                    f"ensemble input and no step output is called '{tensor}'; map the input to "
+                    f"one of {', '.join(sorted(inputs | set(producer)))}"
+                )
+    for spec in config.inputs:
+        if spec.name not in read:
+            raise ModelConfigError(
+                f"{source}: ensemble input '{spec.name}' is not used by any step; map it in a "
+                "step's input_map, or remove it from [[inputs]]"
+            )
+    for spec in config.outputs:
+        if spec.name not in producer:
+            raise ModelConfigError(
+                f"{source}: ensemble output '{spec.name}' is written by no step; map a step's "
+                f'output to it (output_map = {{ OUTPUT0 = "{spec.name}" }}) or remove it from '
+                "[[outputs]]"
+            )
+    _check_acyclic(source, config, producer)
+
+
+def _check_acyclic(source: str, config: ModelConfig, producer: dict[str, int]) -> None:
+    """Refuse steps that wait on each other (a cycle), naming the steps in it."""
+    state: dict[int, str] = {}
+
+    def visit(index: int, path: list[int]) -> None:
+        if state.get(index) == "done":
+            return
+        if state.get(index) == "open":
+            cycle = [*path[path.index(index) :], index]
+            steps = " -> ".join(config.ensemble[i].label(i) for i in cycle)
+            raise ModelConfigError(
+                f"{source}: the steps form a cycle, so none of them can start: {steps}; break it "
+                "by feeding one of them from an ensemble input or an earlier step"
+            )
+        state[index] = "open"
+        for tensor in config.ensemble[index].input_map.values():
+            if tensor in producer:
+                visit(producer[tensor], [*path, index])
+        state[index] = "done"
+
+    for index in range(len(config.ensemble)):
+        visit(index, [])
 
 
 def _dynamic_batching(source: str, raw: Any) -> DynamicBatchingConfig:

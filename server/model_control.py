@@ -125,25 +125,30 @@ class GroupControl:
         seq = await self._changes.run(self._change(name, self.repository.load))
         await self._confirmed(name, seq, "load", time_remaining)
 
-    async def unload(self, name: str, time_remaining: TimeRemaining) -> None:
-        """RepositoryModelUnload for the group: unload here, record it, and answer once every
-        worker has unloaded it."""
-        seq = await self._changes.run(self._change(name, self.repository.unload))
+    async def unload(
+        self, name: str, time_remaining: TimeRemaining, dependents: bool = False
+    ) -> None:
+        """RepositoryModelUnload for the group: unload here (with dependents, an ensemble's
+        composing models too), record it, and answer once every worker has unloaded it."""
+
+        async def unload(model: str) -> None:
+            await self.repository.unload(model, dependents)
+
+        seq = await self._changes.run(self._change(name, unload))
         await self._confirmed(name, seq, "unload", time_remaining)
 
     async def _change(self, name: str, change: Callable[[str], Any]) -> int:
-        """Apply a load or unload here and, when it succeeds, record it; returns its seq. A load
-        whose files changed on disk while it ran (a redeploy, or another worker's load of newer
-        files) is not recorded: this worker goes back to the group's record, and the caller
-        gets UNAVAILABLE (a retry loads the files now there)."""
+        """Apply a load or unload here and record every model it loaded or unloaded (an
+        ensemble's composing models too, even when the ensemble's own load fails); returns the
+        named model's seq. A load whose files changed on disk while it ran (a redeploy, or
+        another worker's load of newer files) is not recorded: this worker goes back to the
+        group's record, and the caller gets UNAVAILABLE (a retry loads the files now there)."""
         async with self._lock:
-            await change(name)
-            with self.state.locked():
-                loaded = self.repository.loaded_files(name)
-                if loaded is None or loaded == self.repository.folder_files(name):
-                    (seq,) = self._add_records({name: loaded}).values()
-                else:
-                    seq = 0
+            try:
+                await change(name)
+            finally:
+                seqs = self._record(self.repository.changed)
+            seq = seqs.get(name, 0)
             if not seq:
                 record = (self._read_records() or {}).get(name)
                 await self._apply({name: record or Record(0, None)}, force=True)
@@ -152,8 +157,22 @@ class GroupControl:
                     "redeploy, or another load), so its load is not recorded for the group and "
                     "the worker is back to the group's record; call RepositoryModelLoad again"
                 )
-            self._acknowledge({name: Ack(seq, True)})
         return seq
+
+    def _record(self, names: list[str]) -> dict[str, int]:
+        """Record the models a change here loaded or unloaded, in that order, each unless its
+        files changed on disk since it loaded; acknowledge them and return their seqs."""
+        if not names:
+            return {}
+        with self.state.locked():
+            files = {}
+            for name in names:
+                loaded = self.repository.loaded_files(name)
+                if loaded is None or loaded == self.repository.folder_files(name):
+                    files[name] = loaded
+            seqs = self._add_records(files) if files else {}
+        self._acknowledge({name: Ack(seq, True) for name, seq in seqs.items()})
+        return seqs
 
     async def _confirmed(
         self, name: str, seq: int, what: str, time_remaining: TimeRemaining
@@ -211,7 +230,8 @@ class GroupControl:
         with these records whatever it applied), and acknowledge each."""
         async with contextlib.nullcontext() if force else self._lock:
             acks = {}
-            for name, record in records.items():
+            # In the order recorded: an ensemble's composing models before the ensemble.
+            for name, record in sorted(records.items(), key=lambda item: item[1].seq):
                 if not force and record.seq <= self._applied.get(name, 0):
                     continue
                 try:
@@ -245,7 +265,8 @@ class GroupControl:
         with self.state.locked():
             if self.state.path.exists():
                 return False
-            loaded = sorted({model.name for model in self.repository.loaded()})
+            ensemble = {m.name: bool(m.config.ensemble) for m in self.repository.loaded()}
+            loaded = sorted(ensemble, key=lambda name: (ensemble[name], name))  # ensembles last
             seqs = self._add_records({n: self.repository.loaded_files(n) for n in loaded})
         self._acknowledge({name: Ack(seq, True) for name, seq in seqs.items()})
         log.info("recorded the group's start-up models", extra={"models": loaded})

@@ -27,6 +27,13 @@ request can never reach a file outside the repository.
 
 A change (a load, an unload, a watcher pass) runs to its end even when whoever awaits it is
 cancelled (a client's deadline, the server stopping; see server/changes.py).
+
+An ensemble (platform "ensemble", server/ensemble.py) is a folder with config.toml and empty
+version folders. Passes load ensembles after the other models, and whenever a model loads, the
+ensembles that run it are checked again: one that failed loads, one that no longer fits stops
+serving. RepositoryModelLoad of an ensemble first loads its composing models that do not serve.
+While a composing model does not serve, its ensembles are UNAVAILABLE (requests, ModelReady,
+RepositoryIndex) naming it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import logging
 import os
 import threading
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -54,6 +62,14 @@ from server.config import (
     ConfigError,
     model_name_problem,
 )
+from server.ensemble import (
+    EnsembleLoadError,
+    EnsembleScheduler,
+    check_no_cycle,
+    check_steps,
+    composing_models,
+    step_version,
+)
 from server.errors import (
     ControlRefusedError,
     InvalidRequestError,
@@ -64,6 +80,7 @@ from server.errors import (
 from server.metrics import ModelMetrics
 from server.model_config import (
     CONFIG_FILENAME,
+    ENSEMBLE_PLATFORM,
     MODEL_FILENAME,
     ModelConfig,
     VersionPolicy,
@@ -93,13 +110,14 @@ _Stat = tuple[int, int] | None
 class LoadedModel:
     """One served model version: its completed config, its sessions, its batcher, its compiled
     binding when the config binds features for Predict, and its view of the response cache when
-    the config enables it and the server has one."""
+    the config enables it and the server has one. An ensemble has no sessions (runner None) and
+    an EnsembleScheduler as its batcher."""
 
     name: str
     version: str
     config: ModelConfig
-    runner: OnnxRunner
-    batcher: DynamicBatcher
+    runner: OnnxRunner | None
+    batcher: DynamicBatcher | EnsembleScheduler
     path: Path
     output_names: list[str] = field(default_factory=list)
     binding: PredictionBinding | None = None
@@ -127,6 +145,8 @@ class _Fingerprint:
     misnamed: dict[str, _Stat] = field(default_factory=dict)
     side: dict[str, _Stat] = field(default_factory=dict)
     unreadable: str = ""
+    folders: list[int] = field(default_factory=list)
+    """Every version folder, model.onnx or not (an ensemble's versions are empty folders)."""
 
 
 def _version_number(text: str) -> int | None:
@@ -157,9 +177,16 @@ def _stat(path: Path) -> _Stat:
     return st.st_mtime_ns, st.st_size
 
 
-def _no_servable_version(model_dir: Path, policy: VersionPolicy, found: list[int]) -> str:
+def _no_servable_version(
+    model_dir: Path, policy: VersionPolicy, found: list[int], ensemble: bool = False
+) -> str:
     """Why a model has nothing to serve, and the fix. Only `specific` can select none of the
     versions on disk: latest and all select at least one whenever there is one."""
+    if not found and ensemble:
+        return (
+            f"no version directory (1/, 2/, ...) in {model_dir}; an ensemble's versions are "
+            f"empty folders: create {model_dir / '1'}"
+        )
     if not found:
         return (
             f"no version directory (1/, 2/, ...) holding {MODEL_FILENAME} in {model_dir}; "
@@ -172,6 +199,21 @@ def _no_servable_version(model_dir: Path, policy: VersionPolicy, found: list[int
         f"existing version; found {have}: list one of them in specific, or add "
         f"{model_dir / str(policy.specific[0]) / MODEL_FILENAME}"
     )
+
+
+_STATE_WORDS = {
+    LOADING: "is still loading",
+    UNLOADING: "is unloading",
+    UNAVAILABLE: "is unavailable",
+}
+
+
+def _state_sentence(status: VersionStatus) -> str:
+    """An index entry that does not serve, as words for a message ("version 1 is unavailable:
+    <reason>")."""
+    who = f"version {status.version}" if status.version else "it"
+    text = f"{who} {_STATE_WORDS.get(status.state, status.state.lower())}"
+    return f"{text}: {status.reason}" if status.reason else text
 
 
 def _unreadable(model_dir: Path, exc: OSError) -> str:
@@ -206,14 +248,35 @@ def _fingerprint(model_dir: Path) -> _Fingerprint:
                 fp.side.update(_side_files(model_dir, child))
                 continue
             stat = _stat(child / MODEL_FILENAME)
+            version = _version_number(child.name)
+            if version is not None and child.is_dir():
+                fp.folders.append(version)
             if stat is None:
                 continue
-            version = _version_number(child.name)
             if version is None:
                 fp.misnamed[child.name] = stat
             else:
                 fp.versions[version] = stat
+    fp.folders.sort()
     return fp
+
+
+def _available(config: ModelConfig, fp: _Fingerprint) -> dict[int, _Stat]:
+    """The versions a model folder offers: those holding model.onnx, or for an ensemble every
+    version folder."""
+    if config.ensemble:
+        return dict.fromkeys(fp.folders)
+    return fp.versions
+
+
+def _declares_ensemble(model_dir: Path) -> bool:
+    """Whether a model folder's config.toml says platform = "ensemble" (False when it cannot
+    be read: its load reports why)."""
+    try:
+        raw = tomllib.loads((model_dir / CONFIG_FILENAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return raw.get("platform") == ENSEMBLE_PLATFORM
 
 
 def _side_files(model_dir: Path, child: Path) -> dict[str, _Stat]:
@@ -292,6 +355,13 @@ class ModelRepository:
         self.group: GroupControl | None = None
         self._warmups: set[threading.Event] = set()
         self._stopping = False
+        self._ensembles: dict[str, ModelConfig] = {}
+        """The config of every ensemble folder last read, served or not."""
+        self._loaded_now: set[str] = set()
+        """Models loaded since their ensembles were last checked again (_refresh_ensembles)."""
+        self.changed: list[str] = []
+        """The models the last load() or unload() loaded or unloaded, composing models before
+        the ensembles that run them (what a --workers group records for its other workers)."""
 
     async def start(self, follow: Callable[[], Awaitable[None]] | None = None) -> None:
         """Load every model in the folder (in explicit mode, startup_models), then start the
@@ -354,8 +424,10 @@ class ModelRepository:
                 "or remove the name"
             )
         async with self._lock:
-            for name in self.startup_models:
+            for name in sorted(self.startup_models, key=self._ensemble_last):
+                await self._load_composing(name, set())
                 await self._sync(name, force=False)
+            await self._refresh_ensembles()
 
     async def _watch(self) -> None:
         """Poll the folder every poll_interval_s; a failing pass is logged, never fatal: an
@@ -384,13 +456,60 @@ class ModelRepository:
         async with self._lock:
             on_disk = self._model_folders()
             known = set(self._served) | set(self._fingerprints) | self._unloaded
-            for name in sorted(on_disk | known):
+            for name in sorted(on_disk | known, key=self._ensemble_last):
                 if name in self._unloaded:
                     if name not in on_disk:
                         self._unloaded.discard(name)
                         self._forget(name)
                     continue
                 await self._sync(name, force=False)
+            await self._refresh_ensembles()
+
+    def _ensemble_last(self, name: str) -> tuple[bool, str]:
+        """Sort key that puts ensembles after the models they may run, then by name."""
+        if name in self._ensembles:
+            return True, name
+        return name not in self._fingerprints and _declares_ensemble(self.path / name), name
+
+    async def _load_composing(self, name: str, seen: set[str]) -> None:
+        """Before an explicit load of an ensemble: load its composing models that do not serve
+        (and theirs, for an ensemble of ensembles), as Triton does. Their failures show in their
+        own entries, and in the ensemble's."""
+        seen.add(name)
+        if not _declares_ensemble(self.path / name):
+            return
+        try:
+            config = load_model_config(self.path / name)
+        except Exception:
+            return  # the ensemble's own load reports it
+        for model in composing_models(config):
+            if model in seen or self._served.get(model) or not (self.path / model).is_dir():
+                continue
+            self._unloaded.discard(model)
+            await self._load_composing(model, seen)
+            await self._sync(model, force=True)
+            if self._served.get(model):
+                self.changed.append(model)
+
+    async def _refresh_ensembles(self) -> None:
+        """Check again the ensembles that run a model loaded since the last check: one that does
+        not serve loads (force), a served one that no longer fits its composing models stops
+        serving with the reason. An ensemble that loads can let others load in turn."""
+        while self._loaded_now:
+            changed, self._loaded_now = self._loaded_now, set()
+            for name, config in sorted(self._ensembles.items()):
+                if name in self._unloaded or not changed & set(composing_models(config)):
+                    continue
+                served = self._served.get(name)
+                if not served:
+                    await self._sync(name, force=True)
+                    continue
+                for version, model in list(served.items()):
+                    try:
+                        check_steps(model.config, self._composing)
+                    except EnsembleLoadError as exc:
+                        reason = f"{self.path / name / CONFIG_FILENAME}: {exc}"
+                        await self._ensemble_failed(name, version, reason)
 
     def _model_folders(self) -> set[str]:
         """The model folders in the repository, less those whose name is not UTF-8: no client
@@ -421,6 +540,7 @@ class ModelRepository:
         change) when anything the policy selects failed, as Triton's load does, even while the
         versions loaded before keep serving: the caller learns its new files are not served.
         """
+        self.changed = []
         self._check_control("RepositoryModelLoad", name)
         await self._changes.run(self._load(name))
 
@@ -437,7 +557,9 @@ class ModelRepository:
                     )
                 raise ModelNotFoundError(f"no model folder '{name}' in {self.path}")
             self._unloaded.discard(name)
+            await self._load_composing(name, set())
             failures = await self._sync(name, force=True)
+            await self._refresh_ensembles()
             if failures and self._stopping:
                 raise ModelUnavailableError(
                     f"model '{name}': the load was abandoned, the server is stopping: "
@@ -450,19 +572,36 @@ class ModelRepository:
                     f"model '{name}' failed to load{still}: {'; '.join(failures)}; fix its files "
                     f"in {self.path / name} and call RepositoryModelLoad again"
                 )
+            self.changed.append(name)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, dependents: bool = False) -> None:
         """Unload every version of a model (RepositoryModelUnload); the watcher leaves it alone
-        while its folder exists."""
+        while its folder exists. With dependents (Triton's unload_dependents), an ensemble's
+        composing models are unloaded too, those another served ensemble runs excepted."""
+        self.changed = []
         self._check_control("RepositoryModelUnload", name)
-        await self._changes.run(self._unload(name))
+        await self._changes.run(self._unload(name, dependents))
 
-    async def _unload(self, name: str) -> None:
+    async def _unload(self, name: str, dependents: bool) -> None:
         """unload() itself."""
         async with self._lock:
             if not self._served.get(name) and not self._entries(name):
                 raise ModelNotFoundError(f"no model '{name}' in the repository")
+            config = self._ensembles.get(name)
             await self._drop(name)
+            self.changed.append(name)
+            if not dependents or config is None:
+                return
+            in_use = {
+                model
+                for other, other_config in self._ensembles.items()
+                if self._served.get(other)
+                for model in composing_models(other_config)
+            }
+            for model in composing_models(config):
+                if model not in in_use and self._served.get(model):
+                    await self._drop(model)
+                    self.changed.append(model)
 
     async def _drop(self, name: str) -> None:
         """Unload every version of a model and leave it alone until it is loaded again."""
@@ -490,7 +629,9 @@ class ModelRepository:
         return await self._changes.run(self._follow(name, files))
 
     async def _follow(self, name: str, files: dict[str, Any] | None) -> str:
-        """follow() itself."""
+        """follow() itself. The ensembles that run a model it loads are checked again, as
+        after load() on the worker that took the call, so every worker of the group ends with
+        the same ensembles serving."""
         async with self._lock:
             if files is None:
                 if name not in self._unloaded:
@@ -504,6 +645,7 @@ class ModelRepository:
             if self.loaded_files(name) == files and name not in self._model_errors:
                 return ""
             failures = await self._sync(name, force=True)
+            await self._refresh_ensembles()
             if not failures:
                 return ""
             return await self._refuse(
@@ -613,9 +755,15 @@ class ModelRepository:
                         "this model's versions included (ServerReady is false); retry once it "
                         "is ready"
                     )
-                return versions[max(versions)]
+                model = versions[max(versions)]
+                if model.config.ensemble:
+                    self._check_composing(model)
+                return model
             if number in versions:
-                return versions[number]
+                model = versions[number]
+                if model.config.ensemble:
+                    self._check_composing(model)
+                return model
         entries = self._entries(name)
         if version and number is None and (versions or entries):
             raise ModelNotFoundError(
@@ -628,7 +776,7 @@ class ModelRepository:
         ]
         if failed:
             what = f"model '{name}'" + (f" version {version}" if version else "")
-            reasons = "; ".join(f"{s.state} {s.reason}".strip() for s in failed)
+            reasons = "; ".join(_state_sentence(s) for s in failed)
             raise ModelUnavailableError(f"{what} is not ready: {reasons}")
         if not self.ready:
             raise ModelUnavailableError(
@@ -641,6 +789,38 @@ class ModelRepository:
                 f"{', '.join(str(v) for v in sorted(versions or {})) or 'none'}"
             )
         raise ModelNotFoundError(f"no model '{name}' in the repository")
+
+    def _check_composing(self, model: LoadedModel) -> None:
+        """Raise ModelUnavailableError when a composing model of a served ensemble does not
+        serve (unloaded, or failed since)."""
+        gap = self._composing_gap(model.config)
+        if gap:
+            raise ModelUnavailableError(f"model '{model.name}' is not ready: {gap}")
+
+    def _composing_gap(self, config: ModelConfig, seen: frozenset[str] = frozenset()) -> str:
+        """Why a served ensemble cannot run now: the first step whose model does not serve the
+        step's version, or is an ensemble that cannot run ("" when every one can). seen: the
+        ensembles followed to this one, so that a cycle (refused at load) ends here."""
+        seen = seen | {config.name}
+        for index, step in enumerate(config.ensemble):
+            versions = self._served.get(step.model_name) or {}
+            wanted = step_version(step)
+            model = versions.get(int(wanted)) if wanted else versions.get(max(versions, default=0))
+            inner = ""
+            if model is not None and model.config.ensemble:
+                inner = (
+                    f"it runs '{config.name}' in turn, a cycle across ensembles"
+                    if step.model_name in seen
+                    else self._composing_gap(model.config, seen)
+                )
+            if model is None or inner:
+                version = f" version {wanted}" if wanted else ""
+                why = f"not ready ({inner})" if inner else "not served"
+                return (
+                    f"{step.label(index)}: composing model '{step.model_name}'{version} is {why}; "
+                    f"load '{step.model_name}' to serve the ensemble again"
+                )
+        return ""
 
     def is_ready(self, name: str, version: str = "") -> bool:
         """Whether get(name, version) would succeed."""
@@ -683,6 +863,13 @@ class ModelRepository:
             for version in served or {}:
                 key = (name, str(version))
                 entries[key] = VersionStatus(name, key[1], READY, RELOAD_FAILED + reason)
+        for name in self._ensembles:
+            for version, model in self._served.get(name, {}).items():
+                gap = self._composing_gap(model.config)
+                if gap:
+                    entries[(name, str(version))] = VersionStatus(
+                        name, str(version), UNAVAILABLE, gap
+                    )
         return [entries[k] for k in sorted(entries, key=lambda k: (k[0], k[1].zfill(20)))]
 
     def _never_loaded(self) -> list[str]:
@@ -741,28 +928,36 @@ class ModelRepository:
         except Exception as exc:
             self._model_error(name, str(exc), logging.ERROR)
             return [str(exc)]
+        if config.ensemble:
+            self._ensembles[name] = config
+        else:
+            self._ensembles.pop(name, None)
         failures: list[str] = []
         config_changed = force or old is None or (old.config, old.side) != (fp.config, fp.side)
-        targets = config.version_policy.select(list(fp.versions))
+        available = _available(config, fp)
+        before = _available(config, old) if old is not None else {}
+        targets = config.version_policy.select(list(available))
         if targets:
             self._model_errors.pop(name, None)
         else:
-            reason = _no_servable_version(model_dir, config.version_policy, list(fp.versions))
+            reason = _no_servable_version(
+                model_dir, config.version_policy, list(available), bool(config.ensemble)
+            )
             reason = "; ".join([reason, *self._misnamed.get(name, {}).values()])
             self._model_error(name, reason, logging.WARNING)
             failures.append(reason)
         for version in targets:
-            changed = old is None or old.versions.get(version) != fp.versions[version]
+            changed = version not in before or before[version] != available[version]
             if version not in served or config_changed or changed:
                 failure = await self._load_version(name, version, config)
                 if failure:
                     failures.append(f"version {version}: {failure}")
         for key in [k for k in self._status if k[0] == name]:
-            if int(key[1]) not in fp.versions and int(key[1]) not in served:
+            if int(key[1]) not in available and int(key[1]) not in served:
                 del self._status[key]
         any_target_ready = any(v in served for v in targets)
         for version in list(served):
-            gone = version not in fp.versions
+            gone = version not in available
             if gone or (version not in targets and any_target_ready):
                 reason = "version removed" if gone else "outside the version policy"
                 await self._unload_version(name, version, reason)
@@ -778,6 +973,8 @@ class ModelRepository:
         previous = self._status.get(key)
         if previous is None or previous.state != READY:
             self._status[key] = VersionStatus(name, str(version), LOADING)
+        if config.ensemble:
+            return await self._load_ensemble(name, version, config, previous)
         model_dir = self.path / name
         path = model_dir / str(version) / MODEL_FILENAME
         try:
@@ -806,23 +1003,99 @@ class ModelRepository:
             cost=cost,
         )
         batcher.start()
-        served = self._served.setdefault(name, {})
-        replaced = served.get(version)
         outputs = [o.name for o in completed.outputs]
         cache = self._version_cache(name, version, completed)
-        served[version] = LoadedModel(
+        model = LoadedModel(
             name, str(version), completed, runner, batcher, path, outputs, binding, cache
         )
-        self._status[key] = VersionStatus(name, str(version), READY)
-        log.info(
-            "loaded model %s version %s (%s)",
-            name,
-            version,
-            f"{cost.fixed_us:.0f} µs + {cost.per_row_us:.1f} µs/row" if cost else "not timed",
-        )
+        timed = f"{cost.fixed_us:.0f} µs + {cost.per_row_us:.1f} µs/row" if cost else "not timed"
+        await self._serve(model, timed)
+        return None
+
+    async def _serve(self, model: LoadedModel, note: str) -> None:
+        """Route a loaded version's requests to it, then drain the one it replaces."""
+        version = int(model.version)
+        served = self._served.setdefault(model.name, {})
+        replaced = served.get(version)
+        served[version] = model
+        self._status[(model.name, model.version)] = VersionStatus(model.name, model.version, READY)
+        self._loaded_now.add(model.name)
+        self._renew_ensemble_caches(model.name)
+        log.info("loaded model %s version %s (%s)", model.name, version, note)
         if replaced is not None:
             await self._drain(replaced)
+
+    async def _load_ensemble(
+        self, name: str, version: int, config: ModelConfig, previous: VersionStatus | None
+    ) -> str | None:
+        """Check an ensemble version's steps against the composing models served now and serve
+        it; returns the failure, if any (a served version then stops serving: it would run
+        models that no longer fit it)."""
+        try:
+            check_no_cycle(name, config, self._ensemble_config)
+            check_steps(config, self._composing)
+        except EnsembleLoadError as exc:
+            reason = f"{self.path / name / CONFIG_FILENAME}: {exc}"
+            await self._ensemble_failed(name, version, reason, previous)
+            return reason
+        scheduler = EnsembleScheduler(
+            config, self.get, name=f"{name}:{version}", metrics=ModelMetrics(name, version)
+        )
+        outputs = [o.name for o in config.outputs]
+        cache = self._version_cache(name, version, config)
+        model = LoadedModel(
+            name, str(version), config, None, scheduler, self.path / name / str(version),
+            outputs, None, cache,
+        )  # fmt: skip
+        await self._serve(model, f"ensemble of {', '.join(composing_models(config))}")
         return None
+
+    def _ensemble_config(self, name: str) -> ModelConfig | None:
+        """A model's ensemble config as last read, or read now when its folder was not read yet;
+        None when it is not an ensemble (or its config cannot be read: its load reports why)."""
+        config = self._ensembles.get(name)
+        unread = config is None and name not in self._fingerprints
+        if unread and _declares_ensemble(self.path / name):
+            with contextlib.suppress(Exception):
+                config = load_model_config(self.path / name)
+        return config
+
+    def _composing(self, name: str, version: str) -> LoadedModel:
+        """get() for an ensemble's step, NOT_FOUND naming the repository when the step's model
+        has no folder there (rather than "still loading" while the server starts)."""
+        if not self._served.get(name) and not (self.path / name).is_dir():
+            raise ModelNotFoundError(f"there is no model folder '{name}' in {self.path}")
+        return self.get(name, version)
+
+    def _renew_ensemble_caches(self, name: str) -> None:
+        """A version of model `name` loads or unloads: the served ensembles that run it (through
+        other ensembles too) get a fresh view of the response cache, dropping their cached
+        answers, so none answers from the model's old file (requests under way store nothing)."""
+        for versions in self._served.values():
+            for model in versions.values():
+                if model.cache is not None and self._runs(model.config, name, set()):
+                    model.cache.close()
+                    model.cache = self._version_cache(model.name, int(model.version), model.config)
+
+    def _runs(self, config: ModelConfig, name: str, seen: set[str]) -> bool:
+        """Whether an ensemble's steps run model `name`, directly or through other ensembles."""
+        for model in composing_models(config):
+            if model == name:
+                return True
+            inner = None if model in seen else self._ensembles.get(model)
+            seen.add(model)
+            if inner is not None and self._runs(inner, name, seen):
+                return True
+        return False
+
+    async def _ensemble_failed(
+        self, name: str, version: int, reason: str, previous: VersionStatus | None = None
+    ) -> None:
+        """Record an ensemble version whose steps do not fit, unloading it if it served."""
+        key = (name, str(version))
+        previous = previous or self._status.get(key)
+        await self._unload_version(name, version, reason)
+        self._version_failed(name, version, reason, previous)
 
     async def _warm_up(
         self, name: str, version: int, runner: OnnxRunner, config: ModelConfig
@@ -859,6 +1132,7 @@ class ModelRepository:
         model = self._served.get(name, {}).pop(version, None)
         if model is None:
             return
+        self._renew_ensemble_caches(name)
         key = (name, str(version))
         self._status[key] = VersionStatus(name, str(version), UNLOADING, reason)
         await self._drain(model)
@@ -886,7 +1160,8 @@ class ModelRepository:
         if model.cache is not None:
             model.cache.close()
         await model.batcher.close()
-        model.runner.close()
+        if model.runner is not None:
+            model.runner.close()
 
     def _version_failed(
         self, name: str, version: int, reason: str, previous: VersionStatus | None
@@ -934,5 +1209,6 @@ class ModelRepository:
         self._fingerprints.pop(name, None)
         self._model_errors.pop(name, None)
         self._misnamed.pop(name, None)
+        self._ensembles.pop(name, None)
         for key in [k for k in self._status if k[0] == name]:
             del self._status[key]

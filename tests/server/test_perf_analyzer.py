@@ -96,3 +96,30 @@ def test_perf_analyzer_with_system_shared_memory(server_factory, tmp_path: Path)
     assert calls[("SystemSharedMemoryUnregister", "OK")] > 0, calls
     assert calls[("ModelInfer", "OK")] >= int(succeeded), calls
     assert {code for _, code in calls} == {"OK"}, calls
+
+
+def test_perf_analyzer_on_an_ensemble(server_factory, tmp_path: Path) -> None:
+    """perf_analyzer reads the ensemble's ensemble_scheduling to find its composing model and
+    breaks the server time down from that model's ModelStatistics."""
+    binary, env = perf_analyzer()
+    models = tmp_path / "models"
+    write_model(models, "mlp", mlp_model())
+    (models / "ens" / "1").mkdir(parents=True)
+    (models / "ens" / "config.toml").write_text(
+        'platform = "ensemble"\nmax_batch_size = 8\n'
+        '[[inputs]]\nname = "features"\ndtype = "FP32"\nshape = [-1, 32]\n'
+        '[[outputs]]\nname = "score"\ndtype = "FP32"\nshape = [-1, 1]\n'
+        '[[ensemble_scheduling.step]]\nmodel_name = "mlp"\n'
+        'input_map = { x = "features" }\noutput_map = { y = "score" }\n'
+    )
+    server = server_factory(model_repo=models)
+    command = [
+        str(binary), "-m", "ens", "-u", server.target, "-i", "grpc",
+        "--concurrency-range", "2", "--measurement-interval", "500", "-s", "50",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "error" not in done.stdout.lower(), done.stdout
+    ensemble, composing = re.findall(r"Successful request count: (\d+)", done.stdout)
+    assert int(ensemble) == int(composing) > 0, done.stdout
+    assert "Composing models: \n  mlp, version: 1" in done.stdout, done.stdout

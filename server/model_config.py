@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from server.classification import CLASSIFIABLE_DATATYPES
+from server.config import model_name_problem
 from server.tensors import NUMPY_DTYPES, TRITON_TYPE_NAMES
 
 log = logging.getLogger("featureserve.model_config")
@@ -503,6 +504,12 @@ def _ensemble_step(source: str, index: int, raw: Any) -> EnsembleStep:
     if not model:
         raise ModelConfigError(
             f"{source}: {key} has no model_name; name the composing model it runs"
+        )
+    problem = model_name_problem(model)
+    if problem:
+        raise ModelConfigError(
+            f"{source}: {key}.model_name {model[:80]!r} is not a model name (a step runs only "
+            f"models of this repository): {problem}"
         )
     version = _typed(source, f"{key}.model_version", raw.get("model_version", -1), int)
     if version != LATEST_VERSION and not 1 <= version <= 2**63 - 1:

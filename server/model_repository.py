@@ -29,11 +29,11 @@ A change (a load, an unload, a watcher pass) runs to its end even when whoever a
 cancelled (a client's deadline, the server stopping; see server/changes.py).
 
 An ensemble (platform "ensemble", server/ensemble.py) is a folder with config.toml and empty
-version folders. Passes load ensembles after the other models, and whenever a model loads, the
-ensembles that run it are checked again: one that failed loads, one that no longer fits stops
-serving. RepositoryModelLoad of an ensemble first loads its composing models that do not serve.
-While a composing model does not serve, its ensembles are UNAVAILABLE (requests, ModelReady,
-RepositoryIndex) naming it.
+version folders. Passes load ensembles after the other models, and whenever a model loads or
+unloads a version, the ensembles that run it are checked again: one that failed loads, one whose
+steps no longer fit the versions they now resolve to stops serving. RepositoryModelLoad of an
+ensemble first loads its composing models that do not serve. While a composing model does not
+serve, its ensembles are UNAVAILABLE (requests, ModelReady, RepositoryIndex) naming it.
 """
 
 from __future__ import annotations
@@ -357,8 +357,9 @@ class ModelRepository:
         self._stopping = False
         self._ensembles: dict[str, ModelConfig] = {}
         """The config of every ensemble folder last read, served or not."""
-        self._loaded_now: set[str] = set()
-        """Models loaded since their ensembles were last checked again (_refresh_ensembles)."""
+        self._versions_changed: set[str] = set()
+        """Models that loaded or unloaded a version since their ensembles were last checked
+        again (_refresh_ensembles): the version a step resolves to may have changed."""
         self.changed: list[str] = []
         """The models the last load() or unload() loaded or unloaded, composing models before
         the ensembles that run them (what a --workers group records for its other workers)."""
@@ -483,7 +484,8 @@ class ModelRepository:
         except Exception:
             return  # the ensemble's own load reports it
         for model in composing_models(config):
-            if model in seen or self._served.get(model) or not (self.path / model).is_dir():
+            skip = model in seen or self._served.get(model) or model_name_problem(model)
+            if skip or not (self.path / model).is_dir():
                 continue
             self._unloaded.discard(model)
             await self._load_composing(model, seen)
@@ -492,11 +494,13 @@ class ModelRepository:
                 self.changed.append(model)
 
     async def _refresh_ensembles(self) -> None:
-        """Check again the ensembles that run a model loaded since the last check: one that does
-        not serve loads (force), a served one that no longer fits its composing models stops
-        serving with the reason. An ensemble that loads can let others load in turn."""
-        while self._loaded_now:
-            changed, self._loaded_now = self._loaded_now, set()
+        """Check again the ensembles that run a model that loaded or unloaded a version since the
+        last check: one that does not serve loads (force); a served one whose steps all find
+        their version served but no longer fit it stops serving with the reason (one whose step
+        finds none stays, UNAVAILABLE naming it, until the model serves again). An ensemble that
+        loads or stops can change others in turn."""
+        while self._versions_changed:
+            changed, self._versions_changed = self._versions_changed, set()
             for name, config in sorted(self._ensembles.items()):
                 if name in self._unloaded or not changed & set(composing_models(config)):
                     continue
@@ -505,6 +509,8 @@ class ModelRepository:
                     await self._sync(name, force=True)
                     continue
                 for version, model in list(served.items()):
+                    if self._composing_gap(model.config):
+                        continue
                     try:
                         check_steps(model.config, self._composing)
                     except EnsembleLoadError as exc:
@@ -576,8 +582,9 @@ class ModelRepository:
 
     async def unload(self, name: str, dependents: bool = False) -> None:
         """Unload every version of a model (RepositoryModelUnload); the watcher leaves it alone
-        while its folder exists. With dependents (Triton's unload_dependents), an ensemble's
-        composing models are unloaded too, those another served ensemble runs excepted."""
+        while its folder exists. With dependents (Triton's unload_dependents), what an ensemble
+        runs is unloaded too, through nested ensembles, those another served ensemble runs
+        excepted."""
         self.changed = []
         self._check_control("RepositoryModelUnload", name)
         await self._changes.run(self._unload(name, dependents))
@@ -590,18 +597,28 @@ class ModelRepository:
             config = self._ensembles.get(name)
             await self._drop(name)
             self.changed.append(name)
-            if not dependents or config is None:
-                return
+            if dependents and config is not None:
+                await self._drop_dependents(config)
+            await self._refresh_ensembles()
+
+    async def _drop_dependents(self, config: ModelConfig) -> None:
+        """Unload what an unloaded ensemble runs, directly or through nested ensembles, level by
+        level (what a load of it brought in), except the models a served ensemble still runs;
+        which those are is computed again after each level, once its ensembles are gone."""
+        level = composing_models(config)
+        while level:
             in_use = {
                 model
                 for other, other_config in self._ensembles.items()
                 if self._served.get(other)
-                for model in composing_models(other_config)
+                for model in self._run_by(other_config, set())
             }
-            for model in composing_models(config):
-                if model not in in_use and self._served.get(model):
-                    await self._drop(model)
-                    self.changed.append(model)
+            dropped = [m for m in level if m not in in_use and self._served.get(m)]
+            for model in dropped:
+                await self._drop(model)
+                self.changed.append(model)
+            inner = [self._ensembles[m] for m in dropped if m in self._ensembles]
+            level = list(dict.fromkeys(m for c in inner for m in composing_models(c)))
 
     async def _drop(self, name: str) -> None:
         """Unload every version of a model and leave it alone until it is loaded again."""
@@ -636,6 +653,7 @@ class ModelRepository:
             if files is None:
                 if name not in self._unloaded:
                     await self._drop(name)
+                    await self._refresh_ensembles()
                 return ""
             model_dir = self.path / name
             here = self.folder_files(name)
@@ -778,7 +796,8 @@ class ModelRepository:
             what = f"model '{name}'" + (f" version {version}" if version else "")
             reasons = "; ".join(_state_sentence(s) for s in failed)
             raise ModelUnavailableError(f"{what} is not ready: {reasons}")
-        if not self.ready:
+        if not self.ready and (not entries or any(s.state == LOADING for s in entries)):
+            # Not reached yet, or its versions still load: the version may be one of them.
             raise ModelUnavailableError(
                 f"model '{name}': the server is still loading its model repository "
                 "(ServerReady is false); retry once it is ready"
@@ -1019,7 +1038,7 @@ class ModelRepository:
         replaced = served.get(version)
         served[version] = model
         self._status[(model.name, model.version)] = VersionStatus(model.name, model.version, READY)
-        self._loaded_now.add(model.name)
+        self._versions_changed.add(model.name)
         self._renew_ensemble_caches(model.name)
         log.info("loaded model %s version %s (%s)", model.name, version, note)
         if replaced is not None:
@@ -1073,20 +1092,19 @@ class ModelRepository:
         answers, so none answers from the model's old file (requests under way store nothing)."""
         for versions in self._served.values():
             for model in versions.values():
-                if model.cache is not None and self._runs(model.config, name, set()):
+                if model.cache is not None and name in self._run_by(model.config, set()):
                     model.cache.close()
                     model.cache = self._version_cache(model.name, int(model.version), model.config)
 
-    def _runs(self, config: ModelConfig, name: str, seen: set[str]) -> bool:
-        """Whether an ensemble's steps run model `name`, directly or through other ensembles."""
+    def _run_by(self, config: ModelConfig, seen: set[str]) -> set[str]:
+        """The models an ensemble's steps run, directly or through other ensembles, added to
+        seen (the models found so far, so that a cycle ends)."""
         for model in composing_models(config):
-            if model == name:
-                return True
             inner = None if model in seen else self._ensembles.get(model)
             seen.add(model)
-            if inner is not None and self._runs(inner, name, seen):
-                return True
-        return False
+            if inner is not None:
+                self._run_by(inner, seen)
+        return seen
 
     async def _ensemble_failed(
         self, name: str, version: int, reason: str, previous: VersionStatus | None = None
@@ -1132,6 +1150,7 @@ class ModelRepository:
         model = self._served.get(name, {}).pop(version, None)
         if model is None:
             return
+        self._versions_changed.add(name)
         self._renew_ensemble_caches(name)
         key = (name, str(version))
         self._status[key] = VersionStatus(name, str(version), UNLOADING, reason)

@@ -3,6 +3,7 @@ execution through their batchers, and the RPCs, over a real server on the loopba
 
 import asyncio
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -376,6 +377,14 @@ SCALED = [("scaled", "FP32", [-1, 4])]
             ensemble_toml([("scale", {}, {"OUTPUT0": "scaled"})], RAW, SCALED),
             ["step[0].input_map is missing or empty", "map at least one"],
         ),
+        (
+            ensemble_toml([("../outside/scale", *GOOD_STEPS[0][1:])], RAW, SCALED),
+            ["step[0].model_name '../outside/scale' is not a model name", "has no '/'"],
+        ),
+        (
+            ensemble_toml([(".", *GOOD_STEPS[0][1:])], RAW, SCALED),
+            ["step[0].model_name '.' is not a model name", "not empty, '.' or '..'"],
+        ),
     ],
 )
 def test_structural_config_errors_name_the_step_the_tensor_and_the_fix(config, expected) -> None:
@@ -478,12 +487,60 @@ def test_an_ensemble_loads_once_its_composing_model_serves(tmp_path: Path) -> No
     asyncio.run(main())
 
 
+def test_a_steps_version_is_checked_again_whenever_the_version_it_resolves_to_changes(
+    tmp_path: Path,
+) -> None:
+    """Poll mode, scale serving every version: 1 does not fit pipe (OUTPUT0 is [N, 3]), 2
+    does. Removing 2 stops pipe, naming the misfit; a version 3 that fits brings it back. A step
+    pinned to a version that does not exist says so from start-up on, with no retry advice."""
+    narrow = [helper.make_node("MatMul", ["INPUT0", "W"], ["OUTPUT0"])]
+    tensor = helper.make_tensor_value_info
+    narrow_model = graph_model(
+        narrow,
+        [tensor("INPUT0", TensorProto.FLOAT, ["N", 4])],
+        [tensor("OUTPUT0", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(W, "W")],
+    ).SerializeToString()
+    every = "[version_policy]\nall = true\n"
+    write_model(tmp_path, "scale", narrow_model, config_toml=every)
+    write_model(tmp_path, "scale", scale_model(), version=2)
+    write_model(tmp_path, "clf", clf_model())
+    write_ensemble(tmp_path, "pipe", PIPE)
+    pinned = PIPE.replace('model_name = "scale"', 'model_name = "scale"\nmodel_version = 7')
+    write_ensemble(tmp_path, "pinned", pinned)
+
+    async def main() -> None:
+        repo = ModelRepository(tmp_path, watch=False)
+        await repo.start()
+        try:
+            index = {s.name: s for s in repo.index()}
+            assert "model 'scale' has no version '7'; served: 1, 2" in index["pinned"].reason
+            assert "fix model_name / model_version" in index["pinned"].reason
+            assert "retry" not in index["pinned"].reason
+            assert repo.is_ready("pipe")
+            shutil.rmtree(tmp_path / "scale" / "2")
+            await repo.poll()
+            (entry,) = [s for s in repo.index() if s.name == "pipe"]
+            assert entry.state == "UNAVAILABLE" and "shapes differ" in entry.reason, entry
+            assert not repo.is_ready("pipe")
+            write_model(tmp_path, "scale", scale_model(), version=3)
+            await repo.poll()
+            assert repo.is_ready("pipe")
+        finally:
+            await repo.stop()
+
+    asyncio.run(main())
+
+
 def test_unloading_a_composing_model_makes_the_ensemble_unavailable(tmp_path: Path) -> None:
     """Explicit mode: loading an ensemble loads its composing models; unloading one of them
     makes the ensemble UNAVAILABLE naming it until it loads again; unload_dependents unloads
-    the composing models with the ensemble."""
+    the composing models with the ensemble, through nested ensembles too."""
     write_composing(tmp_path)
     write_ensemble(tmp_path, "pipe", PIPE)
+    scores = [("scores", "FP32", [-1, 3])]
+    runs_pipe = [("pipe", {"raw": "raw"}, {"scores": "scores"})]
+    write_ensemble(tmp_path, "outer", ensemble_toml(runs_pipe, RAW, scores))
     x = np.ones((2, 4), np.float32)
 
     async def body(stub, repo) -> None:
@@ -510,6 +567,12 @@ def test_unloading_a_composing_model_makes_the_ensemble_unavailable(tmp_path: Pa
         assert all(repo.is_ready(m) for m in ("pipe", "scale", "clf"))
         await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="pipe"))
         assert not repo.is_ready("pipe") and repo.is_ready("scale") and repo.is_ready("clf")
+        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="outer"))
+        assert all(repo.is_ready(m) for m in ("outer", "pipe", "scale", "clf"))
+        request = pb.RepositoryModelUnloadRequest(model_name="outer")
+        request.parameters["unload_dependents"].bool_param = True
+        await stub.RepositoryModelUnload(request)
+        assert not any(repo.is_ready(m) for m in ("outer", "pipe", "scale", "clf"))
 
     serve(tmp_path, body, mode="explicit", startup_models=["pipe"])
 

@@ -1,7 +1,7 @@
 """KServe ModelInfer benchmark: batching on/off x small/medium model x concurrency, echo baseline.
 
 python -m benchmarks.infer_bench [--duration S] [--concurrency 1,8,32,64,128] [--json out.json]
-    [--generator python|h2load] [--response-cache]
+    [--generator python|h2load] [--response-cache | --ensemble]
 The server runs in a subprocess (its CPU is read from /proc/<pid>/stat): ModelInfer is served by
 the real featureserve server (FeatureServer, as `featureserve serve` runs it: its gRPC options
 and interceptors), the floors by a bare grpc.aio server with the same options in the same process.
@@ -16,6 +16,8 @@ construction).
 With --response-cache the run instead compares each batched model with its twin that sets
 response_cache = true (the server given RESPONSE_CACHE_BYTES): every point sends one fixed
 request, so every call after the first is answered from the cache.
+With --ensemble it compares each batched model with a one-step ensemble that runs it (the same
+batcher behind one more scheduling hop): what an ensemble step costs in throughput and server CPU.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from server import event_loop
 from server.app import grpc_options
 from server.config import ServerConfig
 from server.logs import configure_logging
+from server.model_config import DEFAULT_MAX_BATCH_SIZE
 from server.runner import serve as serve_featureserve
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -82,6 +85,23 @@ CACHED_MODELS: dict[str, tuple[Callable, int, str]] = {
 }
 RESPONSE_CACHE_BYTES = 64 << 20
 """The --response-cache server's cache: far more than the two fixed answers it holds."""
+ENSEMBLE_PAIRS = {"small_on": "small_ensemble", "medium_on": "medium_ensemble"}
+"""--ensemble: each batched model -> a one-step ensemble that runs it."""
+TWIN_OF = {twin: model for pairs in (CACHE_PAIRS, ENSEMBLE_PAIRS) for model, twin in pairs.items()}
+"""Every twin -> the bench model it runs, whose request it takes."""
+
+
+@dataclass(frozen=True)
+class Twins:
+    """A comparison run: each batched model beside its twin, back to back at every
+    concurrency, summed up as `labels` (the model's, the twin's)."""
+
+    pairs: dict[str, str]
+    labels: tuple[str, str]
+
+
+CACHE_TWINS = Twins(CACHE_PAIRS, ("cache off", "on"))
+ENSEMBLE_TWINS = Twins(ENSEMBLE_PAIRS, ("direct", "ensemble"))
 
 
 @dataclass
@@ -103,12 +123,30 @@ class PointResult:
     """Open-loop offered requests/s (0 = closed loop at `concurrency`)."""
 
 
-def write_bench_repository(path: Path, cached: bool = False) -> Path:
+def write_bench_repository(path: Path, cached: bool = False, ensembles: bool = False) -> Path:
     """The benchmark's model repository (small and medium, batching on and off; with cached,
-    the CACHED_MODELS too)."""
+    the CACHED_MODELS too; with ensembles, the ENSEMBLE_PAIRS' ensembles)."""
     for name, (build, _, config) in (BENCH_MODELS | (CACHED_MODELS if cached else {})).items():
         write_model(path, name, build(), config_toml=config)
+    for model, ensemble in ENSEMBLE_PAIRS.items() if ensembles else ():
+        (path / ensemble / "1").mkdir(parents=True, exist_ok=True)
+        (path / ensemble / "config.toml").write_text(_one_step_ensemble(model))
     return path
+
+
+def _one_step_ensemble(model: str) -> str:
+    """The config.toml of an ensemble whose one step runs `model` on its x, answering its y."""
+    build, width, _ = BENCH_MODELS[model]
+    (output,) = build().graph.output
+    out_width = output.type.tensor_type.shape.dim[1].dim_value
+    return (
+        'platform = "ensemble"\n'
+        f"max_batch_size = {DEFAULT_MAX_BATCH_SIZE}\n"
+        f'[[inputs]]\nname = "x"\ndtype = "FP32"\nshape = [-1, {width}]\n'
+        f'[[outputs]]\nname = "y"\ndtype = "FP32"\nshape = [-1, {out_width}]\n'
+        f'[[ensemble_scheduling.step]]\nmodel_name = "{model}"\n'
+        'input_map = { x = "x" }\noutput_map = { y = "y" }\n'
+    )
 
 
 def infer_request_bytes(model: str, width: int, rows: int = 1, seed: int = 0) -> bytes:
@@ -279,7 +317,7 @@ async def measure_point(
         payload = infer_request_bytes("small_on", 32)
         path = FLOORS[target]
     else:
-        payload = infer_request_bytes(target, (BENCH_MODELS | CACHED_MODELS)[target][1])
+        payload = infer_request_bytes(target, BENCH_MODELS[TWIN_OF.get(target, target)][1])
         path = INFER_METHOD
         before = await model_counters(stub, target)
     load = Load(target, path, payload, server.process.pid, concurrency, duration_s, warmup_s, rate)
@@ -486,17 +524,18 @@ async def sweep(
     return results
 
 
-async def cache_sweep(
+async def twin_sweep(
     server: BenchServer,
+    twins: Twins,
     concurrencies: list[int],
     duration_s: float,
     warmup_s: float,
     generator: str = "python",
 ) -> list[PointResult]:
-    """Each batched model and its cached twin (CACHE_PAIRS) back to back at every concurrency."""
+    """Each batched model and its twin back to back at every concurrency."""
     channels = {server.infer_address: grpc.aio.insecure_channel(server.infer_address)}
     try:
-        targets = list(itertools.chain.from_iterable(CACHE_PAIRS.items()))
+        targets = list(itertools.chain.from_iterable(twins.pairs.items()))
         return await _closed_points(
             server, channels, targets, concurrencies, duration_s, warmup_s, generator
         )
@@ -526,21 +565,23 @@ async def _closed_points(
     return results
 
 
-def cache_lines(results: list[PointResult]) -> list[str]:
-    """Throughput and server CPU with the cache off and on, side by side per model and
-    concurrency."""
+def twin_lines(results: list[PointResult], twins: Twins) -> list[str]:
+    """Throughput and server CPU of each model and its twin, side by side per concurrency."""
     by = {(r.target, r.concurrency): r for r in results}
+    mine, theirs = twins.labels
     lines = []
-    for (target, concurrency), off in by.items():
-        on = by.get((CACHE_PAIRS.get(target), concurrency))
-        if on is None:
+    for (target, concurrency), model in by.items():
+        twin = by.get((twins.pairs.get(target), concurrency))
+        if twin is None:
             continue
-        ratio = on.throughput / max(off.throughput, 1e-9)
-        errors = " (errors: see the table)" if off.errors or on.errors else ""
+        ratio = twin.throughput / max(model.throughput, 1e-9)
+        extra = twin.server_cpu_us_per_req - model.server_cpu_us_per_req
+        errors = " (errors: see the table)" if model.errors or twin.errors else ""
         lines.append(
-            f"{target} c={concurrency}: cache off {off.throughput:.0f}/s "
-            f"({off.server_cpu_us_per_req:.0f} µs server CPU/req), on {on.throughput:.0f}/s "
-            f"({on.server_cpu_us_per_req:.0f} µs/req) = {ratio:.1f}x{errors}"
+            f"{target} c={concurrency}: {mine} {model.throughput:.0f}/s "
+            f"({model.server_cpu_us_per_req:.0f} µs server CPU/req), {theirs} "
+            f"{twin.throughput:.0f}/s ({twin.server_cpu_us_per_req:.0f} µs/req, {extra:+.0f}) "
+            f"= {ratio:.2f}x{errors}"
         )
     return lines
 
@@ -633,6 +674,12 @@ def main(argv: list[str] | None = None) -> None:
         f"(a {RESPONSE_CACHE_BYTES >> 20} MiB cache; one fixed request, so all but the first "
         "call hit) instead of the sweep",
     )
+    parser.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="compare the batched small and medium models with a one-step ensemble that runs "
+        "each (what an ensemble step costs) instead of the sweep",
+    )
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
@@ -641,21 +688,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         event_loop.run(serve(args.serve, args.data_dir, args.port_file, args.response_cache_bytes))
         return
+    if args.response_cache and args.ensemble:
+        parser.error("--response-cache and --ensemble are two runs: give one of them")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    twins = CACHE_TWINS if args.response_cache else ENSEMBLE_TWINS if args.ensemble else None
     print(f"closed-loop generator: {args.generator}", flush=True)
-    if not args.response_cache:
+    if twins is None:
         print("hand-off round trip:", json.dumps(handoff_figures()), flush=True)
     cache_bytes = RESPONSE_CACHE_BYTES if args.response_cache else 0
     with tempfile.TemporaryDirectory() as tmp:
-        repo = write_bench_repository(Path(tmp) / "models", cached=args.response_cache)
+        repo = write_bench_repository(
+            Path(tmp) / "models", cached=args.response_cache, ensembles=args.ensemble
+        )
         server = start_server_process(repo, Path(tmp), cache_bytes)
         try:
             print(HEADER, flush=True)
-            if args.response_cache:
+            if twins is not None:
                 results = asyncio.run(
-                    cache_sweep(server, concurrencies, args.duration, args.warmup, args.generator)
+                    twin_sweep(
+                        server, twins, concurrencies, args.duration, args.warmup, args.generator
+                    )
                 )
-                lines = cache_lines(results)
+                lines = twin_lines(results, twins)
             else:
                 results = asyncio.run(
                     sweep(server, concurrencies, args.duration, args.warmup, args.generator)

@@ -8,17 +8,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.infer_bench import (
+    CACHE_TWINS,
+    ENSEMBLE_TWINS,
     INFER_METHOD,
     PARSE_METHOD,
     RESPONSE_CACHE_BYTES,
     PointResult,
-    cache_lines,
-    cache_sweep,
     check_targets,
     infer_request_bytes,
     measure_point,
     open_loop,
     start_server_process,
+    twin_lines,
+    twin_sweep,
     write_bench_repository,
 )
 from protos.inference import grpc_service_pb2 as pb
@@ -136,24 +138,35 @@ def test_model_infer_is_served_by_the_featureserve_server(tmp_path) -> None:
     assert "max_batch_size=64" in refused.value.details()
 
 
-def test_the_cache_sweep_sets_each_model_beside_its_cached_twin(tmp_path) -> None:
+def test_the_twin_sweeps_set_each_model_beside_its_cached_twin_and_its_ensemble(tmp_path) -> None:
     """--response-cache: the twins answer from the cache (h2load repeats one request), and the
-    summary puts each model's throughput off and on side by side."""
-    repo = write_bench_repository(tmp_path / "models", cached=True)
+    summary puts each model's throughput off and on side by side. --ensemble: the one-step
+    ensembles answer through their model's batcher, summed up beside it."""
+    repo = write_bench_repository(tmp_path / "models", cached=True, ensembles=True)
     server = start_server_process(repo, tmp_path, RESPONSE_CACHE_BYTES)
     try:
-        results = asyncio.run(cache_sweep(server, [2], 1.0, 0.2, "h2load"))
+        results = asyncio.run(twin_sweep(server, CACHE_TWINS, [2], 1.0, 0.2, "h2load"))
+        ensembled = asyncio.run(twin_sweep(server, ENSEMBLE_TWINS, [2], 0.5, 0.1, "h2load"))
         with grpc.insecure_channel(server.infer_address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             request = pb.ModelStatisticsRequest(name="medium_cached")
             (stats,) = stub.ModelStatistics(request).model_stats
+            request = pb.ModelStatisticsRequest(name="small_ensemble")
+            (ensemble_stats,) = stub.ModelStatistics(request).model_stats
     finally:
         server.stop()
     # one fixed request body: the first call ran the model, every later one was a hit
     assert stats.execution_count == 1 and stats.inference_stats.cache_miss.count == 1
     assert stats.inference_stats.cache_hit.count > 0
     assert [r.target for r in results] == ["small_on", "small_cached", "medium_on", "medium_cached"]
-    assert all(r.requests > 0 and r.errors == 0 for r in results)
-    lines = cache_lines(results)
+    assert all(r.requests > 0 and r.errors == 0 for r in results + ensembled)
+    lines = twin_lines(results, CACHE_TWINS)
     assert [line.split(":")[0] for line in lines] == ["small_on c=2", "medium_on c=2"]
     assert all("cache off" in line and "on" in line for line in lines)
+    assert [r.target for r in ensembled] == [
+        "small_on", "small_ensemble", "medium_on", "medium_ensemble"
+    ]  # fmt: skip
+    assert ensemble_stats.inference_stats.success.count >= ensembled[1].requests
+    lines = twin_lines(ensembled, ENSEMBLE_TWINS)
+    assert [line.split(":")[0] for line in lines] == ["small_on c=2", "medium_on c=2"]
+    assert all("direct" in line and "ensemble" in line for line in lines)

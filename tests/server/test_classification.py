@@ -19,6 +19,7 @@ from server.inference_servicer import start_server
 from server.model_config import TensorSpec
 from server.model_repository import READY, ModelRepository
 from server.tensors import decode_raw
+from tests.server.test_model_repository import with_repository
 
 LABELS = ("cat", "", "dog:brown", "émeu")
 
@@ -182,20 +183,6 @@ def labelled_model(
     return write_model(repository, name, identity_model(["FP32"], width), config_toml=config)
 
 
-def load(repository: Path, check) -> None:
-    """Start a real ModelRepository over the folder, run check(repo), stop it."""
-
-    async def main() -> None:
-        repo = ModelRepository(repository, watch=False)
-        await repo.start()
-        try:
-            await check(repo)
-        finally:
-            await repo.stop()
-
-    asyncio.run(main())
-
-
 def test_labels_load_with_the_model_and_classify_its_served_output(tmp_path: Path) -> None:
     model_dir = labelled_model(tmp_path, "good", "labels.txt")
     (model_dir / "labels.txt").write_text("cat\r\n\r\ndog:brown\nemu\n", encoding="utf-8")
@@ -218,7 +205,7 @@ def test_labels_load_with_the_model_and_classify_its_served_output(tmp_path: Pat
         nested_output = repo.get("nested").config.output("OUTPUT_FP32")
         assert nested_output.labels == ("émeu", "狗", "gato", "ñu")
 
-    load(tmp_path, check)
+    with_repository(tmp_path, check)
 
 
 def test_a_missing_labels_file_fails_the_models_load_naming_it(tmp_path: Path) -> None:
@@ -230,7 +217,7 @@ def test_a_missing_labels_file_fails_the_models_load_naming_it(tmp_path: Path) -
         assert str(tmp_path / "missing" / "labels.txt") + " does not exist" in reason
         assert "output 'OUTPUT_FP32' label_filename" in reason
 
-    load(tmp_path, check)
+    with_repository(tmp_path, check)
 
 
 def test_a_label_count_other_than_the_class_count_loads_with_a_warning(
@@ -253,7 +240,7 @@ def test_a_label_count_other_than_the_class_count_loads_with_a_warning(
         assert repo.get("loose").config.output("OUTPUT_FP32").labels == ("a", "b")
 
     with caplog.at_level(logging.WARNING, logger="featureserve.model_config"):
-        load(tmp_path, check)
+        with_repository(tmp_path, check)
     (warning,) = [r.getMessage() for r in caplog.records if "label_filename" in r.getMessage()]
     assert "output 'OUTPUT_FP32' label_filename 'labels.txt' holds 3 labels" in warning
     assert "each row of the output has 4 classes (dims [4])" in warning
@@ -274,7 +261,7 @@ def test_a_labels_file_outside_the_model_folder_is_refused_at_load(
         ) in reason
         assert not repo.is_ready("outside")
 
-    load(tmp_path, check)
+    with_repository(tmp_path, check)
 
 
 def classes_request(x: np.ndarray, k: int) -> pb.ModelInferRequest:

@@ -22,6 +22,7 @@ from server.model_control import GroupControl
 from server.model_repository import ModelRepository
 from tests.server.cached_venv import cached_venv
 from tests.server.test_inference_rpc import infer_request, output, serve
+from tests.server.test_model_repository import with_repository
 from tests.server.test_tritonclient import TRITONCLIENT, BackgroundServer
 
 RNG = np.random.default_rng(7)
@@ -445,46 +446,36 @@ def test_load_mismatches_fail_only_that_ensemble(tmp_path: Path) -> None:
         write_ensemble(tmp_path, name, ensemble_toml(steps, inputs, outputs, batch))
     write_ensemble(tmp_path, "pipe", PIPE)
 
-    async def main() -> None:
-        repo = ModelRepository(tmp_path, watch=False)
-        await repo.start()
-        try:
-            index = {(s.name, s.version): s for s in repo.index()}
-            for name, (*_, expected) in cases.items():
-                entry = index[(name, "1")]
-                assert entry.state == "UNAVAILABLE", entry
-                for part in expected:
-                    assert part in entry.reason, entry.reason
-                assert not repo.is_ready(name)
-            with pytest.raises(ModelUnavailableError) as caught:
-                repo.get("bad_dtype")
-            message = str(caught.value)
-            assert message.startswith("model 'bad_dtype' is not ready: version 1 is unavailable: ")
-            assert "UNAVAILABLE" not in message
-            assert repo.is_ready("pipe") and repo.is_ready("scale") and repo.is_ready("fixed")
-        finally:
-            await repo.stop()
+    async def check(repo: ModelRepository) -> None:
+        index = {(s.name, s.version): s for s in repo.index()}
+        for name, (*_, expected) in cases.items():
+            entry = index[(name, "1")]
+            assert entry.state == "UNAVAILABLE", entry
+            for part in expected:
+                assert part in entry.reason, entry.reason
+            assert not repo.is_ready(name)
+        with pytest.raises(ModelUnavailableError) as caught:
+            repo.get("bad_dtype")
+        message = str(caught.value)
+        assert message.startswith("model 'bad_dtype' is not ready: version 1 is unavailable: ")
+        assert "UNAVAILABLE" not in message
+        assert repo.is_ready("pipe") and repo.is_ready("scale") and repo.is_ready("fixed")
 
-    asyncio.run(main())
+    with_repository(tmp_path, check)
 
 
 def test_an_ensemble_loads_once_its_composing_model_serves(tmp_path: Path) -> None:
     write_model(tmp_path, "clf", clf_model())
     write_ensemble(tmp_path, "pipe", PIPE)
 
-    async def main() -> None:
-        repo = ModelRepository(tmp_path, watch=False)
-        await repo.start()
-        try:
-            (entry,) = [s for s in repo.index() if s.name == "pipe"]
-            assert entry.state == "UNAVAILABLE" and "no model folder 'scale'" in entry.reason
-            write_model(tmp_path, "scale", scale_model())
-            await repo.poll()
-            assert repo.is_ready("pipe")
-        finally:
-            await repo.stop()
+    async def check(repo: ModelRepository) -> None:
+        (entry,) = [s for s in repo.index() if s.name == "pipe"]
+        assert entry.state == "UNAVAILABLE" and "no model folder 'scale'" in entry.reason
+        write_model(tmp_path, "scale", scale_model())
+        await repo.poll()
+        assert repo.is_ready("pipe")
 
-    asyncio.run(main())
+    with_repository(tmp_path, check)
 
 
 def test_a_steps_version_is_checked_again_whenever_the_version_it_resolves_to_changes(
@@ -509,27 +500,22 @@ def test_a_steps_version_is_checked_again_whenever_the_version_it_resolves_to_ch
     pinned = PIPE.replace('model_name = "scale"', 'model_name = "scale"\nmodel_version = 7')
     write_ensemble(tmp_path, "pinned", pinned)
 
-    async def main() -> None:
-        repo = ModelRepository(tmp_path, watch=False)
-        await repo.start()
-        try:
-            index = {s.name: s for s in repo.index()}
-            assert "model 'scale' has no version '7'; served: 1, 2" in index["pinned"].reason
-            assert "fix model_name / model_version" in index["pinned"].reason
-            assert "retry" not in index["pinned"].reason
-            assert repo.is_ready("pipe")
-            shutil.rmtree(tmp_path / "scale" / "2")
-            await repo.poll()
-            (entry,) = [s for s in repo.index() if s.name == "pipe"]
-            assert entry.state == "UNAVAILABLE" and "shapes differ" in entry.reason, entry
-            assert not repo.is_ready("pipe")
-            write_model(tmp_path, "scale", scale_model(), version=3)
-            await repo.poll()
-            assert repo.is_ready("pipe")
-        finally:
-            await repo.stop()
+    async def check(repo: ModelRepository) -> None:
+        index = {s.name: s for s in repo.index()}
+        assert "model 'scale' has no version '7'; served: 1, 2" in index["pinned"].reason
+        assert "fix model_name / model_version" in index["pinned"].reason
+        assert "retry" not in index["pinned"].reason
+        assert repo.is_ready("pipe")
+        shutil.rmtree(tmp_path / "scale" / "2")
+        await repo.poll()
+        (entry,) = [s for s in repo.index() if s.name == "pipe"]
+        assert entry.state == "UNAVAILABLE" and "shapes differ" in entry.reason, entry
+        assert not repo.is_ready("pipe")
+        write_model(tmp_path, "scale", scale_model(), version=3)
+        await repo.poll()
+        assert repo.is_ready("pipe")
 
-    asyncio.run(main())
+    with_repository(tmp_path, check)
 
 
 def test_unloading_a_composing_model_makes_the_ensemble_unavailable(tmp_path: Path) -> None:
@@ -588,25 +574,20 @@ def test_a_cycle_across_ensembles_is_refused_and_nothing_recurses(tmp_path: Path
     runs_self = [("myself", {"raw": "raw"}, {"scaled": "scaled"})]
     write_ensemble(tmp_path, "myself", ensemble_toml(runs_self, RAW, scaled))
 
-    async def main() -> None:
-        repo = ModelRepository(tmp_path, watch=False)
-        await repo.start()
-        try:
-            assert repo.is_ready("outer")
-            (entry,) = [s for s in repo.index() if s.name == "myself"]
-            assert "steps form a cycle across ensembles: myself -> myself" in entry.reason
-            runs_outer = [("outer", {"raw": "raw"}, {"scaled": "scaled"})]
-            write_ensemble(tmp_path, "inner", ensemble_toml(runs_outer, RAW, scaled))
-            await repo.poll()
-            index = {s.name: s for s in repo.index()}
-            assert "cycle across ensembles: inner -> outer -> inner" in index["inner"].reason
-            assert "fix the step of 'outer' that runs 'inner'" in index["inner"].reason
-            assert not repo.is_ready("inner") and not repo.is_ready("outer")
-            assert repo.is_ready("scale")
-        finally:
-            await repo.stop()
+    async def check(repo: ModelRepository) -> None:
+        assert repo.is_ready("outer")
+        (entry,) = [s for s in repo.index() if s.name == "myself"]
+        assert "steps form a cycle across ensembles: myself -> myself" in entry.reason
+        runs_outer = [("outer", {"raw": "raw"}, {"scaled": "scaled"})]
+        write_ensemble(tmp_path, "inner", ensemble_toml(runs_outer, RAW, scaled))
+        await repo.poll()
+        index = {s.name: s for s in repo.index()}
+        assert "cycle across ensembles: inner -> outer -> inner" in index["inner"].reason
+        assert "fix the step of 'outer' that runs 'inner'" in index["inner"].reason
+        assert not repo.is_ready("inner") and not repo.is_ready("outer")
+        assert repo.is_ready("scale")
 
-    asyncio.run(main())
+    with_repository(tmp_path, check)
 
 
 def test_the_response_cache_of_an_ensemble_drops_a_reloaded_composing_models_answers(

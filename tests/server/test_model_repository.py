@@ -5,6 +5,7 @@ import logging
 import re
 import shutil
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -34,6 +35,20 @@ def reference(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """Output y of ONNX Runtime run directly on x, to compare served results with."""
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(["y"], {"x": x})[0]
+
+
+def with_repository(repository: Path, check: Callable[[ModelRepository], Awaitable[None]]) -> None:
+    """Start a real ModelRepository over the folder (no watcher), run check(repo), stop it."""
+
+    async def main() -> None:
+        repo = ModelRepository(repository, watch=False)
+        await repo.start()
+        try:
+            await check(repo)
+        finally:
+            await repo.stop()
+
+    asyncio.run(main())
 
 
 def repository_logs(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:

@@ -5,8 +5,9 @@ composing model and names its outputs as ensemble tensors. check_steps holds the
 the composing models served now (at load); EnsembleScheduler runs requests: each step starts as
 soon as its inputs exist (independent steps concurrently) and joins its composing version's own
 dynamic batcher, so ensemble traffic batches with direct traffic. It has the interface of
-DynamicBatcher that the servicers use (submit, stats, metrics, close), so the response cache,
-classification, shared memory and tracing treat an ensemble as any model.
+DynamicBatcher that the servicers use (submit, hold, release, room, stats, metrics, close), so
+Predict, the response cache, classification, shared memory and tracing treat an ensemble as any
+model.
 """
 
 from __future__ import annotations
@@ -236,6 +237,7 @@ class EnsembleScheduler:
         self._all_outputs = [t.name for t in config.outputs]
         self._plans: dict[tuple[str, ...], _Plan] = {}
         self._running = 0
+        self._holds = 0
         self._closed = False
         self._drained = asyncio.Event()
 
@@ -243,12 +245,33 @@ class EnsembleScheduler:
         """Nothing to start (DynamicBatcher's interface): the steps run on the composing models'
         batchers."""
 
+    def room(self, priority: int | None = None) -> int | None:
+        """None: an ensemble has no queue of its own; each step's batcher enforces its own
+        max_queue_size (a full one fails that step RESOURCE_EXHAUSTED)."""
+        return None
+
+    def hold(self) -> None:
+        """As DynamicBatcher.hold: keep the version open for a request that submits later (a
+        Predict waiting for its group); raises ModelUnavailableError once the version unloads."""
+        if self._closed:
+            raise ModelUnavailableError(f"model '{self.name}' is unloading; retry")
+        self._holds += 1
+
+    def release(self, count: int = 1) -> None:
+        """End `count` holds taken with hold()."""
+        self._holds -= count
+        self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        """Signal close() once nothing runs or is held."""
+        if self._closed and not self._running and not self._holds:
+            self._drained.set()
+
     async def close(self) -> None:
-        """Stop taking requests and wait for the running ones to end."""
+        """Stop taking requests and wait for the running and held ones to end."""
         self._closed = True
-        if self._running:
-            self._drained.clear()
-            await self._drained.wait()
+        self._maybe_drained()
+        await self._drained.wait()
 
     async def submit(
         self,
@@ -264,8 +287,9 @@ class EnsembleScheduler:
         """Run the steps that the requested outputs (None = all) need and return those outputs.
         Each step joins its composing model's batcher with this request's priority, deadline
         and timeout. A failing step fails the request with its status, its message prefixed by
-        the ensemble and the step; the other steps under way are cancelled."""
-        if self._closed:
+        the ensemble and the step; the other steps under way are cancelled. While the version
+        unloads, only requests of holders (see hold) are still taken."""
+        if self._closed and not self._holds:
             raise ModelUnavailableError(f"model '{self.name}' is unloading; retry")
         wanted = outputs if outputs is not None else self._all_outputs
         started = time.monotonic_ns()
@@ -282,8 +306,7 @@ class EnsembleScheduler:
             raise
         finally:
             self._running -= 1
-            if self._closed and not self._running:
-                self._drained.set()
+            self._maybe_drained()
         elapsed = time.monotonic_ns() - started
         if trace is not None:
             trace.ran(started, 0, elapsed, 0)

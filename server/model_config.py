@@ -11,6 +11,7 @@ read at load, for Triton's classification extension (server/classification.py).
 `platform = "ensemble"` makes the folder an ensemble (Triton's): no model.onnx, declared inputs and
 outputs, and `[[ensemble_scheduling.step]]` tables chaining composing models (server/ensemble.py);
 parse_model_config checks the steps' structure, the load checks them against the composing models.
+An ensemble may carry Predict's binding tables as an ONNX model does, filling one of its inputs.
 """
 
 from __future__ import annotations
@@ -263,14 +264,8 @@ _TOP_KEYS = {
 }
 _ENSEMBLE_KEY = "ensemble_scheduling"
 # Keys an ensemble has no use for: it runs no session and batches nothing itself (each step joins
-# its composing model's batcher), and Predict's bindings are not served on ensembles.
-_NOT_FOR_ENSEMBLES = (
-    "dynamic_batching",
-    "instance_group",
-    "onnxruntime",
-    "model_warmup",
-    *sorted(MODEL_CONFIG_EXTENSIONS),
-)
+# its composing model's batcher). Predict's bindings apply: they fill an ensemble input.
+_NOT_FOR_ENSEMBLES = ("dynamic_batching", "instance_group", "onnxruntime", "model_warmup")
 _TENSOR_KEYS = {"name", "dtype", "shape", "optional"}
 _OUTPUT_KEYS = _TENSOR_KEYS | {"label_filename"}
 
@@ -464,7 +459,7 @@ def _platform(source: str, raw: dict[str, Any]) -> str:
             raise ModelConfigError(
                 f"{source}: key '{key}' does not apply to an ensemble (platform = "
                 f'"{ENSEMBLE_PLATFORM}"): its steps run on their composing models, which hold '
-                f"their own settings (and Predict is not served on ensembles); remove '{key}'"
+                f"their own settings; remove '{key}'"
             )
     for key in (_ENSEMBLE_KEY, "inputs", "outputs"):
         if key not in raw:

@@ -1047,14 +1047,24 @@ class ModelRepository:
     async def _load_ensemble(
         self, name: str, version: int, config: ModelConfig, previous: VersionStatus | None
     ) -> str | None:
-        """Check an ensemble version's steps against the composing models served now and serve
-        it; returns the failure, if any (a served version then stops serving: it would run
-        models that no longer fit it)."""
+        """Compile an ensemble version's Predict binding against its declared inputs, check its
+        steps against the composing models served now and serve it; returns the failure, if any.
+        A binding error leaves a served version serving (as an ONNX model's); steps that do not
+        fit stop it (it would run models that no longer fit it)."""
+        source = self.path / name / CONFIG_FILENAME
+        try:
+            binding = await asyncio.to_thread(compile_binding, config, str(source))
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if str(source) not in reason:
+                reason = f"{source}: {reason}"
+            self._version_failed(name, version, reason, previous)
+            return reason
         try:
             check_no_cycle(name, config, self._ensemble_config)
             check_steps(config, self._composing)
         except EnsembleLoadError as exc:
-            reason = f"{self.path / name / CONFIG_FILENAME}: {exc}"
+            reason = f"{source}: {exc}"
             await self._ensemble_failed(name, version, reason, previous)
             return reason
         scheduler = EnsembleScheduler(
@@ -1064,7 +1074,7 @@ class ModelRepository:
         cache = self._version_cache(name, version, config)
         model = LoadedModel(
             name, str(version), config, None, scheduler, self.path / name / str(version),
-            outputs, None, cache,
+            outputs, binding, cache,
         )  # fmt: skip
         await self._serve(model, f"ensemble of {', '.join(composing_models(config))}")
         return None

@@ -363,8 +363,8 @@ SCALED = [("scaled", "FP32", [-1, 4])]
             ["key 'dynamic_batching' does not apply to an ensemble", "remove 'dynamic_batching'"],
         ),
         (
-            ensemble_toml(GOOD_STEPS, RAW, SCALED, extra="[features]"),
-            ["key 'features' does not apply to an ensemble", "Predict is not served"],
+            ensemble_toml(GOOD_STEPS, RAW, SCALED, extra="[onnxruntime]"),
+            ["key 'onnxruntime' does not apply to an ensemble", "remove 'onnxruntime'"],
         ),
         (
             ensemble_toml(GOOD_STEPS, RAW, SCALED).replace("ensemble", "tensorrt_plan", 1),

@@ -1,0 +1,232 @@
+"""Predict and StreamPredict on an ensemble (features -> transforms -> scale -> clf), over one real
+server in explicit mode (real LMDB, real ONNX Runtime): scores equal the reference path step by
+step, lineage, defaults and failed rows, the stream, a composing model unloaded, the ensemble
+unloaded under waiting groups, and a binding error failing the ensemble's load."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from benchmarks.model_zoo import write_model
+from clients.channel import ClientConfig, ClientError
+from clients.feature_client import FeatureStoreClient
+from clients.prediction_client import AsyncPredictionClient, PredictionClient
+from clients.prediction_messages import predict_request
+from featurestore.dtypes import FeatureStatus
+from featurestore.transforms import apply_chain, transforms_from_config
+from protos.inference import grpc_service_pb2 as ipb
+from protos.inference import grpc_service_pb2_grpc as ipb_grpc
+from tests.server.test_ensemble import (
+    clf_model,
+    ensemble_toml,
+    run_onnx,
+    scale_model,
+    write_ensemble,
+)
+from tests.server.test_prediction_rpc import (
+    MEANS,
+    STATS_DEFAULT,
+    STDS,
+    _toml_value,
+    populate,
+    start_server,
+)
+
+REFS = ["user_stats:f0", "user_stats:f1", "risk:score"]
+OUTPUTS = [*REFS, "amount"]
+TRANSFORMS = [
+    {"op": "standardize", "inputs": REFS[:2], "params": {"mean": MEANS[:2], "std": STDS[:2]}},
+    {"op": "min_max_scale", "inputs": ["amount"], "params": {"lo": 0, "hi": 500}},
+]
+STEPS = [
+    ("scale", {"INPUT0": "raw"}, {"OUTPUT0": "scaled"}),
+    ("clf", {"x": "scaled"}, {"y": "scores"}),
+]
+QUEUE_DELAY_US = 100_000
+"""scale's queue delay: long enough that an unload finds Predict groups waiting in it."""
+
+
+def binding(input_name: str = "raw") -> str:
+    """Predict's tables for the ensemble: two stats features (defaults), a required risk score
+    and a request-time amount, transformed into the ensemble's FP32 [-1, 4] input."""
+    lines = [
+        "[features]",
+        'entity = "user"',
+        f'input = "{input_name}"',
+        f"outputs = {_toml_value(OUTPUTS)}",
+        "[[features.columns]]",
+        f"features = {_toml_value(REFS[:2])}",
+        f"default = {STATS_DEFAULT}",
+        "[[features.columns]]",
+        'feature = "risk:score"',
+        "[[features.columns]]",
+        'request = "amount"',
+        "[request_values]",
+        'amount = "float64"',
+    ]
+    for t in TRANSFORMS:
+        lines += ["[[transforms]]", *(f"{k} = {_toml_value(v)}" for k, v in t.items())]
+    return "\n".join(lines)
+
+
+def ensemble(input_name: str = "raw") -> str:
+    """max_batch_size 16: a Predict of more entities goes to the ensemble in chunks."""
+    scores = [("scores", "FP32", [-1, 3])]
+    return ensemble_toml(STEPS, [("raw", "FP32", [-1, 4])], scores, 16, binding(input_name))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    base = tmp_path_factory.mktemp("predict_ensemble")
+    models = base / "models"
+    delay = f"[dynamic_batching]\nmax_queue_delay_us = {QUEUE_DELAY_US}\n"
+    write_model(models, "scale", scale_model(), config_toml=delay)
+    write_model(models, "clf", clf_model())
+    write_ensemble(models, "ens", ensemble())
+    write_ensemble(models, "badens", ensemble(input_name="nope"))
+    server, target = start_server(base, model_control_mode="explicit", startup_models=["*"])
+    ids = np.arange(1, 81, dtype=np.int64)
+    facts = populate(target, ids)
+    yield {"server": server, "target": target, "ids": ids, **facts}
+    server.shutdown()
+
+
+def reference(target: str, ids: np.ndarray, amount: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GetOnlineFeatures + the NumPy reference transforms + ONNX Runtime run step by step: the
+    scores (zeros where risk:score is missing) and which rows are scored."""
+    with FeatureStoreClient(ClientConfig(target=target)) as client:
+        got = client.get_online_features(REFS, {"user_id": ids})
+    ok = got.statuses["risk:score"] == FeatureStatus.PRESENT
+    columns = {
+        ref: np.where(got.statuses[ref] == FeatureStatus.PRESENT, got[ref], STATS_DEFAULT)[ok]
+        for ref in REFS
+    }
+    columns = {k: v.astype(np.float64) for k, v in columns.items()}
+    columns["amount"] = amount[ok]
+    x = apply_chain(transforms_from_config(TRANSFORMS), columns, OUTPUTS, use_reference=True)
+    scaled = run_onnx(scale_model(), {"INPUT0": x})
+    scores = np.zeros((len(ids), 3), np.float32)
+    scores[ok] = run_onnx(clf_model(), {"x": scaled})
+    return scores, ok
+
+
+def pick(served) -> tuple[np.ndarray, int, int]:
+    """30 entities with every feature, then one without stats (defaults) and one without its
+    required risk score: 32 rows, two chunks of the ensemble's max_batch_size."""
+    full = np.flatnonzero(served["has_stats"] & ~served["expired"] & served["has_risk"])[:30]
+    no_stats = np.flatnonzero(~served["has_stats"] & served["has_risk"])[0]
+    no_risk = np.flatnonzero(~served["has_risk"])[0]
+    return served["ids"][[*full, no_stats, no_risk]], 30, 31
+
+
+def test_predict_on_an_ensemble_equals_lookup_plus_reference_plus_each_step(served) -> None:
+    ids, defaulted, failed = pick(served)
+    amount = np.random.default_rng(2).random(len(ids)) * 600
+    with PredictionClient(ClientConfig(target=served["target"])) as client:
+        result = client.predict("ens", {"user_id": ids}, {"amount": amount}, request_id="e1")
+    expected, ok = reference(served["target"], ids, amount)
+    assert result.request_id == "e1" and result.model == "ens" and result.rows == len(ids)
+    np.testing.assert_array_equal(result.scores["scores"], expected)
+    assert ok.sum() == len(ids) - 1 and not ok[failed]
+    np.testing.assert_array_equal(result.ok, ok)
+    assert [e.row for e in result.row_errors] == [failed]
+    assert result.row_errors[0].column == "risk:score"
+    assert result.lineage.model_version == "1"
+    assert result.lineage.feature_views == ["user_stats@1", "risk@1"]
+    fills = {f.feature: f for f in result.lineage.fills}
+    assert fills["user_stats:f0"].filled_with == f"default={STATS_DEFAULT}"
+    assert fills["user_stats:f0"].statuses[defaulted] == FeatureStatus.NOT_FOUND
+    assert fills["risk:score"].filled_with == "required: row not scored"
+
+
+def test_stream_predict_on_an_ensemble_keeps_order_and_answers_an_error_in_stream(
+    served,
+) -> None:
+    ids = served["ids"]
+    requests = [
+        predict_request(
+            "ens",
+            {"user_id": ids[k : k + 3]},
+            {"amount": np.full(3, float(k), np.float32 if k == 5 else np.float64)},
+            request_id=f"s{k}",
+        )
+        for k in range(12)
+    ]
+    with PredictionClient(ClientConfig(target=served["target"])) as client:
+        results = list(client.stream(requests, timeout_s=60))
+        unary = client.predict("ens", {"user_id": ids[:3]}, {"amount": np.zeros(3)})
+    assert [r.request_id for r in results] == [f"s{k}" for k in range(12)]
+    error = results[5].error
+    assert error is not None and error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "amount" in error.message and "FLOAT32" in error.message
+    assert all(r.error is None for k, r in enumerate(results) if k != 5)
+    np.testing.assert_array_equal(results[0].scores["scores"], unary.scores["scores"])
+    for k in (1, 11):
+        expected, _ = reference(served["target"], ids[k : k + 3], np.full(3, float(k)))
+        np.testing.assert_array_equal(results[k].scores["scores"], expected)
+
+
+def test_a_binding_error_fails_the_ensembles_load_naming_the_field(served) -> None:
+    keys, values = {"user_id": served["ids"][:2]}, {"amount": np.ones(2)}
+    with (
+        PredictionClient(ClientConfig(target=served["target"])) as client,
+        pytest.raises(ClientError) as info,
+    ):
+        client.predict("badens", keys, values)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "features.input 'nope' is not a model input (raw)" in info.value.message
+    assert "badens/config.toml" in info.value.message
+
+
+def test_composing_model_and_ensemble_unloads(served) -> None:
+    """A composing model unloaded: Predict UNAVAILABLE naming it, served again once it loads.
+    The ensemble unloaded while Predict groups wait in a step's queue: they finish, later ones
+    are UNAVAILABLE, and the unload returns (the groups' holds end)."""
+    ids = served["ids"][:4]
+    keys, values = {"user_id": ids}, {"amount": np.ones(4)}
+    repository = served["server"].models
+
+    async def main() -> None:
+        async with (
+            grpc.aio.insecure_channel(served["target"]) as channel,
+            AsyncPredictionClient(ClientConfig(target=served["target"])) as client,
+        ):
+            stub = ipb_grpc.GRPCInferenceServiceStub(channel)
+            await stub.RepositoryModelUnload(ipb.RepositoryModelUnloadRequest(model_name="clf"))
+            with pytest.raises(ClientError) as info:
+                await client.predict("ens", keys, values)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "composing model 'clf' is not served" in info.value.message
+            await stub.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(model_name="clf"))
+            before = await client.predict("ens", keys, values)
+            assert before.ok.all()
+
+            calls = [asyncio.ensure_future(client.predict("ens", keys, values)) for _ in range(8)]
+            scale = repository.get("scale").batcher
+            for _ in range(400):
+                if scale.queued:
+                    break
+                await asyncio.sleep(0.005)
+            assert scale.queued, "no Predict group reached the ensemble's first step"
+            unload = ipb.RepositoryModelUnloadRequest(model_name="ens")
+            await asyncio.wait_for(stub.RepositoryModelUnload(unload), 20)
+            outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 20)
+            answered = [o for o in outcomes if not isinstance(o, BaseException)]
+            assert answered, outcomes
+            for result in answered:
+                np.testing.assert_array_equal(result.scores["scores"], before.scores["scores"])
+            for failure in (o for o in outcomes if isinstance(o, BaseException)):
+                assert isinstance(failure, ClientError), failure
+                assert failure.code == grpc.StatusCode.UNAVAILABLE, failure
+            with pytest.raises(ClientError) as info:
+                await client.predict("ens", keys, values)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            await stub.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(model_name="ens"))
+            again = await client.predict("ens", keys, values)
+            np.testing.assert_array_equal(again.scores["scores"], before.scores["scores"])
+
+    asyncio.run(main())

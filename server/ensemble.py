@@ -94,6 +94,13 @@ def check_steps(config: ModelConfig, resolve: Resolve) -> None:
                 f"ensemble does (max_batch_size = {config.max_batch_size}); set the ensemble's "
                 "max_batch_size = 0 and give its tensors full shapes"
             )
+        if limit and not config.max_batch_size and "features" in config.extensions:
+            raise EnsembleLoadError(
+                f"{where}: model '{step.model_name}' takes at most {limit} rows a request, but "
+                "the ensemble does not batch (max_batch_size = 0), so Predict, which splits a "
+                "group by the ensemble's max_batch_size, would send it every row at once; set "
+                f"the ensemble's max_batch_size to {limit} or less"
+            )
         if config.max_batch_size > limit > 0:
             raise EnsembleLoadError(
                 f"{where}: the ensemble's max_batch_size = {config.max_batch_size} exceeds model "
@@ -246,9 +253,19 @@ class EnsembleScheduler:
         batchers."""
 
     def room(self, priority: int | None = None) -> int | None:
-        """None: an ensemble has no queue of its own; each step's batcher enforces its own
-        max_queue_size (a full one fails that step RESOURCE_EXHAUSTED)."""
-        return None
+        """The least free room of the steps' queues now (None: none has a limit): an ensemble
+        has no queue of its own, so Predict sends its chunks in waves that every step can take.
+        A step whose model does not serve is left to submit, which names it."""
+        rooms = []
+        for step in self.config.ensemble:
+            try:
+                model = self._resolve(step.model_name, step_version(step))
+            except ServerError:
+                continue
+            room = model.batcher.room(priority)
+            if room is not None:
+                rooms.append(room)
+        return min(rooms, default=None)
 
     def hold(self) -> None:
         """As DynamicBatcher.hold: keep the version open for a request that submits later (a
@@ -386,7 +403,8 @@ class EnsembleScheduler:
         try:
             model = self._resolve(step.model_name, step_version(step))
             feed = {name: tensors[tensor] for name, tensor in step.input_map.items()}
-            step_rows = _rows(model.config, feed)
+            declared = {name: self.config.input(tensor) for name, tensor in step.input_map.items()}
+            step_rows = _rows(model.config, feed, declared)
             if deadline is not None and time.monotonic() >= deadline:
                 raise RequestTimeoutError(
                     "the caller's deadline passed before the step could start; give the call a "
@@ -425,17 +443,32 @@ class EnsembleScheduler:
             )
 
 
-def _rows(composing: ModelConfig, feed: dict[str, np.ndarray]) -> int:
+def _rows(
+    composing: ModelConfig, feed: dict[str, np.ndarray], declared: dict[str, TensorSpec | None]
+) -> int:
     """The rows a step sends its composing model (1 for one that does not batch), its inputs
-    checked against the model's shapes first (an ensemble tensor's -1 may be fixed there)."""
+    checked against the model's shapes first (an ensemble tensor's -1 may be fixed there).
+    declared holds the ensemble input feeding each (None: a step's output). A caller's tensor
+    that the ensemble's looser shape let through is INVALID_ARGUMENT; any other misfit means the
+    composing model was reloaded with another signature after the ensemble's check (the
+    repository is checking it again), so the request is UNAVAILABLE, to retry."""
     for name, array in feed.items():
         spec = composing.input(name)
-        if not _fits(array.shape, spec.shape):
+        if spec is not None and _fits(array.shape, spec.shape):
+            continue
+        source = declared[name]
+        if spec is not None and source is not None and _fits(source.shape, spec.shape):
             raise InvalidRequestError(
-                f"input '{name}' of model '{composing.name}' gets shape {list(array.shape)}, "
-                f"which does not fit its {list(spec.shape)} (-1 = any size); send tensors of "
-                "that shape"
+                f"input '{name}' of model '{composing.name}' gets shape {list(array.shape)} "
+                f"from ensemble input '{source.name}', which does not fit its "
+                f"{list(spec.shape)} (-1 = any size); send tensors of that shape"
             )
+        takes = f"takes {list(spec.shape)}" if spec is not None else f"has no input '{name}'"
+        raise ModelUnavailableError(
+            f"model '{composing.name}' now {takes}, not the {list(array.shape)} the ensemble "
+            "feeds it: it was reloaded with another signature and the ensemble is being checked "
+            "again; retry"
+        )
     if not composing.max_batch_size:
         return 1
     return next(iter(feed.values())).shape[0]

@@ -774,11 +774,16 @@ def compile_binding(config: ModelConfig, source: str) -> PredictionBinding | Non
         raise _error(source, f"features.input {input_name!r} is not a model input ({names})")
     unfilled = [name for name in required if name != input_name]
     if unfilled:
+        fix = (
+            "an ensemble's inputs cannot be optional, so remove the others from its [[inputs]] "
+            "(a step's output can feed what they fed)"
+            if config.ensemble
+            else "serve a model whose other inputs are optional (ONNX initializers)"
+        )
         raise _error(
             source,
             f"Predict fills only features.input {input_name!r}, but the model also requires "
-            f"{', '.join(repr(n) for n in unfilled)}; serve a model whose other inputs are "
-            "optional (ONNX initializers), or call ModelInfer with every input",
+            f"{', '.join(repr(n) for n in unfilled)}; {fix}, or call ModelInfer with every input",
         )
     service = raw.get("service")
     if service is not None and (not isinstance(service, str) or not service):

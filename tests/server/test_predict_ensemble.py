@@ -10,8 +10,9 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.model_zoo import write_model
+from benchmarks.model_zoo import graph_model, write_model
 from clients.channel import ClientConfig, ClientError
 from clients.feature_client import FeatureStoreClient
 from clients.prediction_client import AsyncPredictionClient, PredictionClient
@@ -73,10 +74,27 @@ def binding(input_name: str = "raw") -> str:
     return "\n".join(lines)
 
 
-def ensemble(input_name: str = "raw") -> str:
-    """max_batch_size 16: a Predict of more entities goes to the ensemble in chunks."""
+def ensemble(
+    input_name: str = "raw", max_batch_size: int = 16, steps: tuple[str, str] = ("scale", "clf")
+) -> str:
+    """max_batch_size 16: a Predict of more entities goes to the ensemble in chunks. steps
+    names the two composing models (a scale model, then a classifier)."""
     scores = [("scores", "FP32", [-1, 3])]
-    return ensemble_toml(STEPS, [("raw", "FP32", [-1, 4])], scores, 16, binding(input_name))
+    renamed = [(model, *maps) for model, (_, *maps) in zip(steps, STEPS, strict=True)]
+    raw = [("raw", "FP32", [-1, 4])]
+    return ensemble_toml(renamed, raw, scores, max_batch_size, binding(input_name))
+
+
+def wide_clf_model() -> bytes:
+    """clf's signature with another width: x FP32 [N, 5] -> y [N, 3]."""
+    tensor = helper.make_tensor_value_info
+    weights = numpy_helper.from_array(np.ones((5, 3), np.float32), "W")
+    return graph_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [tensor("x", TensorProto.FLOAT, ["N", 5])],
+        [tensor("y", TensorProto.FLOAT, ["N", 3])],
+        [weights],
+    ).SerializeToString()
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +106,21 @@ def served(tmp_path_factory):
     write_model(models, "clf", clf_model())
     write_ensemble(models, "ens", ensemble())
     write_ensemble(models, "badens", ensemble(input_name="nope"))
+    inputs = [("raw", "FP32", [-1, 4]), ("aux", "FP32", [-1, 4])]
+    steps = [*STEPS, ("scale", {"INPUT0": "aux"}, {"OUTPUT0": "aux_scaled"})]
+    scores = [("scores", "FP32", [-1, 3])]
+    write_ensemble(models, "ens2in", ensemble_toml(steps, inputs, scores, 16, binding()))
+    # A first step that batches 4 rows and queues 2 requests: Predict must send waves.
+    small_queue = (
+        "max_batch_size = 4\n[dynamic_batching]\nmax_queue_size = 2\nmax_queue_delay_us = 2000\n"
+    )
+    write_model(models, "scaleq", scale_model(), config_toml=small_queue)
+    write_ensemble(models, "ensq", ensemble(max_batch_size=4, steps=("scaleq", "clf")))
+    write_ensemble(models, "ens0", ensemble(max_batch_size=0))
+    # Its own classifier, reloaded with another signature while a Predict waits in scaler.
+    write_model(models, "scaler", scale_model(), config_toml=delay)
+    write_model(models, "clfr", clf_model())
+    write_ensemble(models, "ensr", ensemble(steps=("scaler", "clfr")))
     server, target = start_server(base, model_control_mode="explicit", startup_models=["*"])
     ids = np.arange(1, 81, dtype=np.int64)
     facts = populate(target, ids)
@@ -180,6 +213,12 @@ def test_a_binding_error_fails_the_ensembles_load_naming_the_field(served) -> No
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     assert "features.input 'nope' is not a model input (raw)" in info.value.message
     assert "badens/config.toml" in info.value.message
+    with (
+        PredictionClient(ClientConfig(target=served["target"])) as client,
+        pytest.raises(ClientError) as info,
+    ):
+        client.predict("ens2in", keys, values)
+    assert "also requires 'aux'; an ensemble's inputs cannot be optional" in info.value.message
 
 
 def test_composing_model_and_ensemble_unloads(served) -> None:
@@ -228,5 +267,66 @@ def test_composing_model_and_ensemble_unloads(served) -> None:
             await stub.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(model_name="ens"))
             again = await client.predict("ens", keys, values)
             np.testing.assert_array_equal(again.scores["scores"], before.scores["scores"])
+
+    asyncio.run(main())
+
+
+def test_a_large_predict_goes_in_waves_that_every_steps_queue_takes(served) -> None:
+    """40 entities in chunks of 4 through a first step whose queue holds 2: the chunks go in
+    waves of the steps' free room, as to a plain model, not all at once into a full queue."""
+    ids = served["ids"][:40]
+    amount = np.random.default_rng(3).random(len(ids)) * 600
+    with PredictionClient(ClientConfig(target=served["target"])) as client:
+        result = client.predict("ensq", {"user_id": ids}, {"amount": amount})
+    expected, ok = reference(served["target"], ids, amount)
+    np.testing.assert_array_equal(result.ok, ok)
+    np.testing.assert_array_equal(result.scores["scores"], expected)
+
+
+def test_a_bound_ensemble_that_does_not_batch_over_batching_steps_is_refused(served) -> None:
+    keys, values = {"user_id": served["ids"][:2]}, {"amount": np.ones(2)}
+    with (
+        PredictionClient(ClientConfig(target=served["target"])) as client,
+        pytest.raises(ClientError) as info,
+    ):
+        client.predict("ens0", keys, values)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "does not batch (max_batch_size = 0)" in info.value.message
+    assert "set the ensemble's max_batch_size to 64 or less" in info.value.message
+
+
+def test_a_step_whose_model_changed_signature_under_a_waiting_predict_is_unavailable(
+    served, tmp_path
+) -> None:
+    """A Predict waits in scaler's queue while clfr is reloaded taking [N, 5]: the request is
+    UNAVAILABLE (which clients retry), not INVALID_ARGUMENT (which told the caller to fix a
+    valid request), and the ensemble stops serving, naming why."""
+    keys, values = {"user_id": served["ids"][:4]}, {"amount": np.ones(4)}
+    repository = served["server"].models
+
+    async def main() -> None:
+        async with (
+            grpc.aio.insecure_channel(served["target"]) as channel,
+            AsyncPredictionClient(ClientConfig(target=served["target"])) as client,
+        ):
+            call = asyncio.ensure_future(client.predict("ensr", keys, values))
+            scaler = repository.get("scaler").batcher
+            for _ in range(400):
+                if scaler.queued:
+                    break
+                await asyncio.sleep(0.005)
+            assert scaler.queued, "the Predict never reached the ensemble's first step"
+            write_model(repository.path, "clfr", wide_clf_model())
+            stub = ipb_grpc.GRPCInferenceServiceStub(channel)
+            await stub.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(model_name="clfr"))
+            with pytest.raises(ClientError) as info:
+                await asyncio.wait_for(call, 20)
+            # The client retries UNAVAILABLE: its last attempt finds the ensemble stopped.
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE, info.value
+            assert "ensr" in info.value.message and "[-1, 5]" in info.value.message
+            with pytest.raises(ClientError) as info:
+                await client.predict("ensr", keys, values)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "shapes differ" in info.value.message
 
     asyncio.run(main())

@@ -86,23 +86,24 @@ def _toml_value(v) -> str:
     return repr(v)
 
 
-def scorer_config(transforms: list[dict] = TRANSFORMS, extra: str = "") -> str:
-    """The test model's config: 29 + 1 stats features (defaults), a required risk score and a
-    request-time amount, standardized/clipped/scaled to the MLP's 32 inputs."""
+def binding_lines(
+    input_name: str, outputs: list[str], stats: list[str], transforms: list[dict]
+) -> list[str]:
+    """Predict's tables binding user features to input_name: the stats features (defaulted),
+    user_stats:n_tx (default 3) when outputs read it, a required risk score and a request-time
+    float64 amount, then the transforms."""
     lines = [
-        "max_batch_size = 256",
-        "[dynamic_batching]",
-        "max_queue_delay_us = 500",
         "[features]",
         'entity = "user"',
-        'input = "x"',
-        f"outputs = {_toml_value(OUTPUTS)}",
+        f'input = "{input_name}"',
+        f"outputs = {_toml_value(outputs)}",
         "[[features.columns]]",
-        f"features = {_toml_value(STATS_REFS)}",
+        f"features = {_toml_value(stats)}",
         f"default = {STATS_DEFAULT}",
-        "[[features.columns]]",
-        'feature = "user_stats:n_tx"',
-        "default = 3",
+    ]
+    if "user_stats:n_tx" in outputs:
+        lines += ["[[features.columns]]", 'feature = "user_stats:n_tx"', "default = 3"]
+    lines += [
         "[[features.columns]]",
         'feature = "risk:score"',
         "[[features.columns]]",
@@ -112,6 +113,18 @@ def scorer_config(transforms: list[dict] = TRANSFORMS, extra: str = "") -> str:
     ]
     for t in transforms:
         lines += ["[[transforms]]", *(f"{k} = {_toml_value(v)}" for k, v in t.items())]
+    return lines
+
+
+def scorer_config(transforms: list[dict] = TRANSFORMS, extra: str = "") -> str:
+    """The test model's config: 29 + 1 stats features (defaults), a required risk score and a
+    request-time amount, standardized/clipped/scaled to the MLP's 32 inputs."""
+    lines = [
+        "max_batch_size = 256",
+        "[dynamic_batching]",
+        "max_queue_delay_us = 500",
+        *binding_lines("x", OUTPUTS, STATS_REFS, transforms),
+    ]
     return "\n".join(lines) + "\n" + extra
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -62,12 +63,14 @@ def _fits(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b, strict=True))
 
 
-def check_steps(config: ModelConfig, resolve: Resolve) -> None:
+def check_steps(config: ModelConfig, resolve: Resolve) -> dict[int, ModelConfig]:
     """Hold each step against its composing model as served now: served, every mapped tensor
     exists there with the ensemble tensor's datatype and a compatible shape, and batching agrees
     (the ensemble's max_batch_size at most the composing model's; a composing model that does not
-    batch needs an ensemble that does not either). Raises EnsembleLoadError naming the step, the
-    model, the tensor and the fix."""
+    batch needs an ensemble that does not either). Returns the composing config each step was
+    checked against, by step index; raises EnsembleLoadError naming the step, the model, the
+    tensor and the fix."""
+    checked: dict[int, ModelConfig] = {}
     shapes: dict[str, TensorSpec] = {t.name: t for t in config.inputs}
     declared = {t.name: t for t in config.outputs}
     for index in plan_order(config):
@@ -86,7 +89,7 @@ def check_steps(config: ModelConfig, resolve: Resolve) -> None:
                 f"'{step.model_name}' (the ensemble loads once it serves), or fix model_name / "
                 "model_version"
             ) from None
-        composing = model.config
+        composing = checked[index] = model.config
         limit = composing.max_batch_size or 0
         if config.max_batch_size and not limit:
             raise EnsembleLoadError(
@@ -94,12 +97,14 @@ def check_steps(config: ModelConfig, resolve: Resolve) -> None:
                 f"ensemble does (max_batch_size = {config.max_batch_size}); set the ensemble's "
                 "max_batch_size = 0 and give its tensors full shapes"
             )
-        if limit and not config.max_batch_size and "features" in config.extensions:
+        rows = row_limit(composing, resolve)
+        if rows and not config.max_batch_size and "features" in config.extensions:
             raise EnsembleLoadError(
-                f"{where}: model '{step.model_name}' takes at most {limit} rows a request, but "
-                "the ensemble does not batch (max_batch_size = 0), so Predict, which splits a "
-                "group by the ensemble's max_batch_size, would send it every row at once; set "
-                f"the ensemble's max_batch_size to {limit} or less"
+                f"{where}: model '{step.model_name}' takes at most {rows} rows a request (its "
+                "own max_batch_size, or its steps' through a nested ensemble), but the ensemble "
+                "does not batch (max_batch_size = 0), so Predict, which splits a group by the "
+                "ensemble's max_batch_size, would send it every row at once; set the "
+                f"ensemble's max_batch_size to {rows} or less"
             )
         if config.max_batch_size > limit > 0:
             raise EnsembleLoadError(
@@ -121,6 +126,22 @@ def check_steps(config: ModelConfig, resolve: Resolve) -> None:
                     f"{where}: model '{step.model_name}''s input '{spec.name}' is not in "
                     f'input_map; map it to an ensemble tensor ({spec.name} = "<tensor>")'
                 )
+    return checked
+
+
+def row_limit(config: ModelConfig, resolve: Resolve) -> int:
+    """The most rows one request to this model may carry (0: no limit): its max_batch_size, or
+    for an ensemble that does not batch, the least of its steps' limits (nested ensembles too;
+    cycles are refused before this runs). A step whose model does not serve counts no limit."""
+    if config.max_batch_size or not config.ensemble:
+        return config.max_batch_size or 0
+    limits = []
+    for step in config.ensemble:
+        try:
+            limits.append(row_limit(resolve(step.model_name, step_version(step)).config, resolve))
+        except ServerError:
+            continue
+    return min((n for n in limits if n), default=0)
 
 
 def check_no_cycle(
@@ -235,12 +256,17 @@ class EnsembleScheduler:
         *,
         name: str,
         metrics: ModelMetrics,
+        checked: dict[int, ModelConfig],
     ) -> None:
         self.config = config
         self.name = name
         self.metrics = metrics
         self.stats = BatcherStats()
         self._resolve = resolve
+        self.checked = checked
+        """The composing config each step was last checked against (check_steps), by index: a
+        step whose model serves another config was reloaded after the check."""
+        self._uses = Counter((s.model_name, step_version(s)) for s in config.ensemble)
         self._all_outputs = [t.name for t in config.outputs]
         self._plans: dict[tuple[str, ...], _Plan] = {}
         self._running = 0
@@ -253,18 +279,20 @@ class EnsembleScheduler:
         batchers."""
 
     def room(self, priority: int | None = None) -> int | None:
-        """The least free room of the steps' queues now (None: none has a limit): an ensemble
-        has no queue of its own, so Predict sends its chunks in waves that every step can take.
-        A step whose model does not serve is left to submit, which names it."""
+        """The requests this ensemble can take now (None: no step's queue has a limit): the
+        least free room of its composing models' queues, each divided by the steps that submit
+        to it (one request puts that many there). An ensemble has no queue of its own, so
+        Predict sends its chunks in waves that every step can take. A step whose model does not
+        serve is left to submit, which names it."""
         rooms = []
-        for step in self.config.ensemble:
+        for (name, version), uses in self._uses.items():
             try:
-                model = self._resolve(step.model_name, step_version(step))
+                model = self._resolve(name, version)
             except ServerError:
                 continue
             room = model.batcher.room(priority)
             if room is not None:
-                rooms.append(room)
+                rooms.append(room // uses)
         return min(rooms, default=None)
 
     def hold(self) -> None:
@@ -403,8 +431,8 @@ class EnsembleScheduler:
         try:
             model = self._resolve(step.model_name, step_version(step))
             feed = {name: tensors[tensor] for name, tensor in step.input_map.items()}
-            declared = {name: self.config.input(tensor) for name, tensor in step.input_map.items()}
-            step_rows = _rows(model.config, feed, declared)
+            reloaded = model.config is not self.checked.get(index, model.config)
+            step_rows = _rows(model.config, feed, reloaded)
             if deadline is not None and time.monotonic() >= deadline:
                 raise RequestTimeoutError(
                     "the caller's deadline passed before the step could start; give the call a "
@@ -443,31 +471,27 @@ class EnsembleScheduler:
             )
 
 
-def _rows(
-    composing: ModelConfig, feed: dict[str, np.ndarray], declared: dict[str, TensorSpec | None]
-) -> int:
+def _rows(composing: ModelConfig, feed: dict[str, np.ndarray], reloaded: bool) -> int:
     """The rows a step sends its composing model (1 for one that does not batch), its inputs
-    checked against the model's shapes first (an ensemble tensor's -1 may be fixed there).
-    declared holds the ensemble input feeding each (None: a step's output). A caller's tensor
-    that the ensemble's looser shape let through is INVALID_ARGUMENT; any other misfit means the
-    composing model was reloaded with another signature after the ensemble's check (the
-    repository is checking it again), so the request is UNAVAILABLE, to retry."""
+    checked against the model's shapes first (an ensemble tensor's -1 may be fixed there). A
+    misfit is the caller's tensor, which the ensemble's looser shapes let through
+    (INVALID_ARGUMENT), unless the model was reloaded after the ensemble's check: then the
+    repository is checking the ensemble again and the request is UNAVAILABLE, to retry."""
     for name, array in feed.items():
         spec = composing.input(name)
         if spec is not None and _fits(array.shape, spec.shape):
             continue
-        source = declared[name]
-        if spec is not None and source is not None and _fits(source.shape, spec.shape):
-            raise InvalidRequestError(
-                f"input '{name}' of model '{composing.name}' gets shape {list(array.shape)} "
-                f"from ensemble input '{source.name}', which does not fit its "
-                f"{list(spec.shape)} (-1 = any size); send tensors of that shape"
+        if reloaded or spec is None:
+            takes = f"takes {list(spec.shape)}" if spec is not None else f"has no input '{name}'"
+            raise ModelUnavailableError(
+                f"model '{composing.name}' now {takes}, not the {list(array.shape)} the ensemble "
+                "feeds it: it was reloaded with another signature and the ensemble is being "
+                "checked again; retry"
             )
-        takes = f"takes {list(spec.shape)}" if spec is not None else f"has no input '{name}'"
-        raise ModelUnavailableError(
-            f"model '{composing.name}' now {takes}, not the {list(array.shape)} the ensemble "
-            "feeds it: it was reloaded with another signature and the ensemble is being checked "
-            "again; retry"
+        raise InvalidRequestError(
+            f"input '{name}' of model '{composing.name}' gets shape {list(array.shape)}, which "
+            f"does not fit its {list(spec.shape)} (-1 = any size); send ensemble inputs that "
+            "give it that shape"
         )
     if not composing.max_batch_size:
         return 1

@@ -512,7 +512,7 @@ class ModelRepository:
                     if self._composing_gap(model.config):
                         continue
                     try:
-                        check_steps(model.config, self._composing)
+                        model.batcher.checked = check_steps(model.config, self._composing)
                     except EnsembleLoadError as exc:
                         reason = f"{self.path / name / CONFIG_FILENAME}: {exc}"
                         await self._ensemble_failed(name, version, reason)
@@ -1062,13 +1062,17 @@ class ModelRepository:
             return reason
         try:
             check_no_cycle(name, config, self._ensemble_config)
-            check_steps(config, self._composing)
+            checked = check_steps(config, self._composing)
         except EnsembleLoadError as exc:
             reason = f"{source}: {exc}"
             await self._ensemble_failed(name, version, reason, previous)
             return reason
         scheduler = EnsembleScheduler(
-            config, self.get, name=f"{name}:{version}", metrics=ModelMetrics(name, version)
+            config,
+            self.get,
+            name=f"{name}:{version}",
+            metrics=ModelMetrics(name, version),
+            checked=checked,
         )
         outputs = [o.name for o in config.outputs]
         cache = self._version_cache(name, version, config)

@@ -22,12 +22,14 @@ from featurestore.transforms import apply_chain, transforms_from_config
 from protos.inference import grpc_service_pb2 as ipb
 from protos.inference import grpc_service_pb2_grpc as ipb_grpc
 from tests.server.test_ensemble import (
+    RAW,
     clf_model,
     ensemble_toml,
     run_onnx,
     scale_model,
     write_ensemble,
 )
+from tests.server.test_inference_rpc import infer_request
 from tests.server.test_prediction_rpc import (
     MEANS,
     STATS_DEFAULT,
@@ -68,6 +70,16 @@ def ensemble(
     return ensemble_toml(renamed, raw, scores, max_batch_size, binding(input_name))
 
 
+def dynamic_identity_model() -> bytes:
+    """x FP32 [N, D] -> y = x, any width."""
+    tensor = helper.make_tensor_value_info
+    return graph_model(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        [tensor("x", TensorProto.FLOAT, ["N", "D"])],
+        [tensor("y", TensorProto.FLOAT, ["N", "D"])],
+    ).SerializeToString()
+
+
 def wide_clf_model() -> bytes:
     """clf's signature with another width: x FP32 [N, 5] -> y [N, 3]."""
     tensor = helper.make_tensor_value_info
@@ -100,6 +112,23 @@ def served(tmp_path_factory):
     write_model(models, "scaleq", scale_model(), config_toml=small_queue)
     write_ensemble(models, "ensq", ensemble(max_batch_size=4, steps=("scaleq", "clf")))
     write_ensemble(models, "ens0", ensemble(max_batch_size=0))
+    scores = [("scores", "FP32", [-1, 3])]
+    write_ensemble(models, "inner0", ensemble_toml(STEPS, RAW, scores, 0))
+    runs_inner0 = [("inner0", {"raw": "raw"}, {"scores": "scores"})]
+    write_ensemble(models, "outer0", ensemble_toml(runs_inner0, RAW, scores, 0, binding()))
+    # Two steps on scaleq: one request of the ensemble puts two in its queue of 2.
+    fan = [("scaleq", {"INPUT0": "raw"}, {"OUTPUT0": "twice"}), *STEPS]
+    fan[1] = ("scaleq", *STEPS[0][1:])
+    fan_outputs = [*scores, ("twice", "FP32", [-1, 4])]
+    write_ensemble(models, "fanq", ensemble_toml(fan, RAW, fan_outputs, 4, binding()))
+    # A width-keeping step ahead of scale, under an input declared [-1, -1].
+    write_model(models, "dynid", dynamic_identity_model())
+    loose = [
+        ("dynid", {"x": "raw"}, {"y": "same"}),
+        ("scale", {"INPUT0": "same"}, {"OUTPUT0": "scaled"}),
+    ]
+    any_width, scaled = [("raw", "FP32", [-1, -1])], [("scaled", "FP32", [-1, 4])]
+    write_ensemble(models, "loose", ensemble_toml(loose, any_width, scaled, 16))
     # Its own classifier, reloaded with another signature while a Predict waits in scaler.
     write_model(models, "scaler", scale_model(), config_toml=delay)
     write_model(models, "clfr", clf_model())
@@ -201,6 +230,7 @@ def test_stream_predict_on_an_ensemble_keeps_order_and_answers_an_error_in_strea
         ("badens", ["features.input 'nope' is not a model input (raw)", "badens/config.toml"]),
         ("ens2in", ["also requires 'aux'; an ensemble's inputs cannot be optional"]),
         ("ens0", ["does not batch (max_batch_size = 0)", "max_batch_size to 64 or less"]),
+        ("outer0", ["model 'inner0'", "through a nested ensemble", "max_batch_size to 64 or less"]),
     ],
 )
 def test_a_bound_ensemble_that_fails_its_load_answers_unavailable_naming_the_fix(
@@ -263,16 +293,31 @@ def test_composing_model_and_ensemble_unloads(served) -> None:
     asyncio.run(main())
 
 
-def test_a_large_predict_goes_in_waves_that_every_steps_queue_takes(served) -> None:
-    """40 entities in chunks of 4 through a first step whose queue holds 2: the chunks go in
-    waves of the steps' free room, as to a plain model, not all at once into a full queue."""
+@pytest.mark.parametrize("model", ["ensq", "fanq"])
+def test_a_large_predict_goes_in_waves_that_every_steps_queue_takes(served, model: str) -> None:
+    """40 entities in chunks of 4 through a first step whose queue holds 2 (fanq: two steps on
+    it, so one chunk puts two requests there): the chunks go in waves of the steps' free room,
+    as to a plain model, not all at once into a full queue."""
     ids = served["ids"][:40]
     amount = np.random.default_rng(3).random(len(ids)) * 600
     with PredictionClient(ClientConfig(target=served["target"])) as client:
-        result = client.predict("ensq", {"user_id": ids}, {"amount": amount})
+        result = client.predict(model, {"user_id": ids}, {"amount": amount})
     expected, ok = reference(served["target"], ids, amount)
     np.testing.assert_array_equal(result.ok, ok)
     np.testing.assert_array_equal(result.scores["scores"], expected)
+
+
+def test_a_callers_tensor_a_looser_ensemble_input_let_through_is_invalid_argument(served) -> None:
+    """raw is declared [-1, -1]; dynid keeps its width, which scale refuses: the caller's
+    tensor is at fault (INVALID_ARGUMENT), not a reload (UNAVAILABLE, which clients retry)."""
+    with grpc.insecure_channel(served["target"]) as channel:
+        stub = ipb_grpc.GRPCInferenceServiceStub(channel)
+        x = np.ones((3, 4), np.float32)
+        stub.ModelInfer(infer_request("loose", {"raw": x}), timeout=10)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(infer_request("loose", {"raw": np.ones((3, 5), np.float32)}))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'INPUT0' of model 'scale' gets shape [3, 5]" in caught.value.details()
 
 
 def test_a_step_whose_model_changed_signature_under_a_waiting_predict_is_unavailable(

@@ -374,7 +374,7 @@ class EnsembleScheduler:
         stats.inference_count += rows
         stats.execution_count += 1
         stats.last_inference_ms = int(time.time() * 1000)
-        self.metrics.observe_batch(1, rows, rows, 0.0, elapsed_ns / 1e9)
+        self.metrics.observe_requests(1, rows)
 
     async def _run(
         self,

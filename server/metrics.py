@@ -206,6 +206,12 @@ class ModelMetrics:
         self._queue.observe(queue_s)
         self._compute.observe(compute_s)
 
+    def observe_requests(self, requests: int, rows: int) -> None:
+        """Requests that succeeded without a batch of this model's own (an ensemble's: its
+        steps' batches, queue and compute count on its composing models)."""
+        self._requests.inc(requests)
+        self._rows.inc(rows)
+
     def fail(self, reason: str, requests: int = 1) -> None:
         """Requests that failed; reason is one of FAILURE_REASONS."""
         getattr(self, reason).inc(requests)

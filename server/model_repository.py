@@ -360,6 +360,8 @@ class ModelRepository:
         self._versions_changed: set[str] = set()
         """Models that loaded or unloaded a version since their ensembles were last checked
         again (_refresh_ensembles): the version a step resolves to may have changed."""
+        self._gaps: dict[tuple[str, str], str] = {}
+        """Why each served ensemble version cannot run, as last logged ("" once it can)."""
         self.changed: list[str] = []
         """The models the last load() or unload() loaded or unloaded, composing models before
         the ensembles that run them (what a --workers group records for its other workers)."""
@@ -509,13 +511,26 @@ class ModelRepository:
                     await self._sync(name, force=True)
                     continue
                 for version, model in list(served.items()):
-                    if self._composing_gap(model.config):
+                    if self._log_gap(model):
                         continue
                     try:
                         model.batcher.checked = check_steps(model.config, self._composing)
                     except EnsembleLoadError as exc:
                         reason = f"{self.path / name / CONFIG_FILENAME}: {exc}"
                         await self._ensemble_failed(name, version, reason)
+
+    def _log_gap(self, model: LoadedModel) -> str:
+        """Why a served ensemble version cannot run now ("" when it can), logged when that
+        changes: a composing model's versions changing stops or restarts it without a load."""
+        gap = self._composing_gap(model.config)
+        key = (model.name, model.version)
+        if gap != self._gaps.get(key, ""):
+            if gap:
+                log.warning("model %s version %s is not ready: %s", *key, gap)
+            else:
+                log.info("model %s version %s serves again: its composing models serve", *key)
+        self._gaps[key] = gap
+        return gap
 
     def _model_folders(self) -> set[str]:
         """The model folders in the repository, less those whose name is not UTF-8: no client
@@ -832,12 +847,19 @@ class ModelRepository:
                     if step.model_name in seen
                     else self._composing_gap(model.config, seen)
                 )
-            if model is None or inner:
-                version = f" version {wanted}" if wanted else ""
-                why = f"not ready ({inner})" if inner else "not served"
+            where = f"{step.label(index)}: composing model '{step.model_name}'"
+            if inner:
+                return f"{where} is not ready ({inner})"
+            if model is None and versions:
+                served = ", ".join(str(v) for v in sorted(versions))
                 return (
-                    f"{step.label(index)}: composing model '{step.model_name}'{version} is {why}; "
-                    f"load '{step.model_name}' to serve the ensemble again"
+                    f"{where} version {wanted} is not served (it serves {served}); fix the "
+                    f"step's model_version, or the version_policy of '{step.model_name}'"
+                )
+            if model is None:
+                return (
+                    f"{where} is not served; load '{step.model_name}' (or restore its files) to "
+                    "serve the ensemble again"
                 )
         return ""
 
@@ -1164,6 +1186,7 @@ class ModelRepository:
         model = self._served.get(name, {}).pop(version, None)
         if model is None:
             return
+        self._gaps.pop((name, str(version)), None)
         self._versions_changed.add(name)
         self._renew_ensemble_caches(name)
         key = (name, str(version))

@@ -3,6 +3,7 @@ execution through their batchers, and the RPCs, over a real server on the loopba
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from prometheus_client import REGISTRY
 
 from benchmarks.model_zoo import gather_model, graph_model, write_model
 from protos.inference import grpc_service_pb2 as pb
@@ -661,3 +663,54 @@ def test_a_workers_group_loads_rechecks_and_unloads_ensembles_on_every_worker(
                 await group.repository.stop()
 
     asyncio.run(main())
+
+
+def test_prometheus_counts_an_ensembles_requests_and_its_steps_batches_on_their_models(
+    server,
+) -> None:
+    """An ensemble runs no batch of its own: its requests and rows count on it, its steps'
+    batches and ONNX Runtime time on the composing models only."""
+
+    def sample(family: str, model: str) -> float:
+        labels = {"model": model, "version": "1"}
+        return REGISTRY.get_sample_value(family, labels) or 0.0
+
+    families = ["featureserve_model_requests_total", "featureserve_model_batches_total"]
+    before = {(f, m): sample(f, m) for f in families for m in ("pipe", "clf")}
+    channel, stub = stub_of(server)
+    with channel:
+        for _ in range(5):
+            stub.ModelInfer(infer_request("pipe", {"raw": np.ones((2, 4), np.float32)}))
+    grew = {key: sample(*key) - value for key, value in before.items()}
+    assert grew[("featureserve_model_requests_total", "pipe")] == 5
+    assert grew[("featureserve_model_batches_total", "pipe")] == 0
+    assert grew[("featureserve_model_batches_total", "clf")] >= 1
+
+
+def test_a_step_pinned_to_a_version_the_policy_drops_logs_the_stop_and_the_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """scale serves 1 and 2; pin1 runs scale version 1. A version_policy that drops 1 stops
+    pin1 (logged once, naming the versions served and the fix); restoring it restarts it."""
+    write_model(tmp_path, "scale", scale_model(), config_toml="[version_policy]\nall = true\n")
+    write_model(tmp_path, "scale", scale_model(), version=2)
+    write_model(tmp_path, "clf", clf_model())
+    write_ensemble(tmp_path, "pin1", PIPE.replace('"scale"', '"scale"\nmodel_version = 1', 1))
+
+    async def check(repo: ModelRepository) -> None:
+        assert repo.is_ready("pin1")
+        (tmp_path / "scale" / "config.toml").write_text("[version_policy]\nlatest = 1\n")
+        with caplog.at_level(logging.INFO, logger="featureserve.models"):
+            await repo.poll()
+            (entry,) = [s for s in repo.index() if s.name == "pin1"]
+            assert entry.state == "UNAVAILABLE"
+            assert "version 1 is not served (it serves 2)" in entry.reason
+            assert "fix the step's model_version, or the version_policy of 'scale'" in entry.reason
+            (tmp_path / "scale" / "config.toml").write_text("[version_policy]\nall = true\n")
+            await repo.poll()
+            assert repo.is_ready("pin1")
+        lines = [r.getMessage() for r in caplog.records if "pin1" in r.getMessage()]
+        assert len([line for line in lines if "is not ready" in line]) == 1, lines
+        assert len([line for line in lines if "serves again" in line]) == 1, lines
+
+    with_repository(tmp_path, check)

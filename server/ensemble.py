@@ -268,7 +268,7 @@ class EnsembleScheduler:
         step whose model serves another config was reloaded after the check."""
         self._uses = Counter((s.model_name, step_version(s)) for s in config.ensemble)
         self._all_outputs = [t.name for t in config.outputs]
-        self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._plans: dict[frozenset[str], _Plan] = {}
         self._running = 0
         self._holds = 0
         self._closed = False
@@ -359,8 +359,9 @@ class EnsembleScheduler:
         return {name: tensors[name] for name in wanted}
 
     def _plan(self, outputs: list[str]) -> _Plan:
-        """The (cached) plan of a request for these outputs."""
-        key = tuple(outputs)
+        """The (cached) plan of a request for these outputs: keyed by the set, not the order a
+        caller names them in, so the cache holds at most one plan per subset of the outputs."""
+        key = frozenset(outputs)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = _Plan(self.config, outputs)

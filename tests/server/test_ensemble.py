@@ -187,6 +187,13 @@ def test_chain_and_fan_out_equal_onnxruntime_step_by_step(server) -> None:
         only = stub.ModelInfer(request)
         assert [o.name for o in only.outputs] == ["doubled"]
         assert statistics(stub, "clf").execution_count == before
+        # Both outputs named in either order: answered in the order named, the same values.
+        for names in (["direct", "doubled"], ["doubled", "direct"]):
+            request = infer_request("fan", {"raw": x}, outputs=[{"name": n} for n in names])
+            both = stub.ModelInfer(request)
+            assert [o.name for o in both.outputs] == names
+            np.testing.assert_array_equal(output(both, "doubled"), scaled)
+            np.testing.assert_array_equal(output(both, "direct"), output(fan, "direct"))
         # Classification works on an ensemble output as on any model's.
         request = infer_request("pipe", {"raw": x[:1]})
         request.outputs.add(name="scores").parameters["classification"].int64_param = 1
